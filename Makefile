@@ -1,0 +1,50 @@
+# Every target sets up .venv itself first (fresh machine: nothing to install by hand).
+#   make demo    the main job (sliding-window inference demo; the PROMISE12 pipeline demo once it lands)
+#   make test    ruff + the test suite (Triton kernels run through the interpreter on CPU-only machines)
+#   make bench   the benchmarks this machine can run, results under bench/results/
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip -q --disable-pip-version-check
+
+# A CUDA build of torch already installed for $(PYTHON) is kept as it is: the venv then sees the system
+# packages and none of the CPU pins (torch, triton, numpy) are installed over it.
+CUDA_TORCH := $(shell $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.version.cuda and torch.cuda.is_available() else 1)" >/dev/null 2>&1 && echo yes)
+SOURCES    := $(shell find prostate_kernels models csrc -name '*.py' -o -name '*.cpp' -o -name '*.h') setup.py pyproject.toml
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.deps: requirements/cpu.txt requirements/dev.txt
+ifeq ($(CUDA_TORCH),yes)
+	@echo "CUDA torch found for $(PYTHON): keeping it (venv with system site packages)"
+	test -x $(PY) || $(PYTHON) -m venv --system-site-packages $(VENV)
+	$(PIP) install -r requirements/dev.txt
+else
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -r requirements/cpu.txt -r requirements/dev.txt
+endif
+	touch $@
+
+# The package (and its C++ extension) is rebuilt only when a source changed.
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	$(PIP) install --no-build-isolation --no-deps .
+	touch $@
+
+demo: setup
+	$(PY) examples/sliding_window_demo.py --out demo_out
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+# bin/pytest, not `python -m pytest`: the current directory stays off sys.path, so the tests import the
+# installed package (with its compiled _C), not the source tree.
+test: lint
+	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q
+
+bench: setup
+	$(PY) bench/bench_sliding_window.py
+
+clean:
+	rm -rf build *.egg-info $(VENV) demo_out .pytest_cache .ruff_cache

@@ -1,0 +1,140 @@
+"""Shared benchmark plumbing: environment record, interleaved median timing, result files.
+
+Rules (DESIGN.md section 7): providers are timed side by side in one process on the same inputs, in
+interleaved rounds (so that a slow spell of a shared machine hits every provider alike), after a
+warm-up, and reported as medians; outputs are checked before anything is timed.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def git_sha() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict[str, str]:
+    """Device, versions, git sha and date: the header of every result file."""
+    env = {
+        "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device_name(),
+        "torch": torch.__version__,
+        "torch_threads": str(torch.get_num_threads()),
+        "python": platform.python_version(),
+        "git_sha": git_sha(),
+    }
+    for module in ("triton", "monai"):
+        try:
+            env[module] = __import__(module).__version__
+        except ImportError:
+            env[module] = "not installed"
+    return env
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def time_once(fn: Callable[[], object]) -> float:
+    """Seconds for one call (synchronising CUDA around it)."""
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return time.perf_counter() - start
+
+
+def interleaved_medians(
+    cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 2
+) -> dict[str, dict]:
+    """Median, min and max seconds per case, running every case once per round, in turn."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            samples[name].append(time_once(fn))
+    return {
+        name: {"median": statistics.median(s), "min": min(s), "max": max(s), "runs": len(s)}
+        for name, s in samples.items()
+    }
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def write_results(
+    name: str,
+    env: dict[str, str],
+    columns: list[str],
+    rows: list[dict],
+    notes: list[str],
+    out_dir: Path | None = None,
+) -> tuple[Path, Path]:
+    """Writes <date>-<device>-<name>.md and .csv; returns their paths."""
+    out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{env['date'][:10]}-{slug(env['device'])[:40]}-{name}"
+    csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row.get(c, "") for c in columns})
+    lines = [f"# {name}", ""]
+    lines += [f"- {key}: {value}" for key, value in env.items()]
+    lines += ["", markdown_table(columns, rows), ""]
+    lines += [f"- {note}" for note in notes]
+    md_path.write_text("\n".join(lines) + "\n")
+    return md_path, csv_path
+
+
+def markdown_table(columns: list[str], rows: list[dict]) -> str:
+    out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    out += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(out)

@@ -1,0 +1,22 @@
+"""prostate_kernels: fused GPU kernels and memory-efficient layers for 3D prostate segmentation in MRI.
+
+Public API (importing is cheap: no Triton compilation, no SimpleITK, no GPU query at import time):
+    sliding_window_inference   overlap-weighted sliding-window inference (C++ / Triton stitching)
+    set_backend, get_backend, use_backend   choose Triton kernels, the PyTorch twin, or "auto"
+    HAS_EXT                    whether the C++ extension prostate_kernels._C loaded
+"""
+
+from prostate_kernels._ext import HAS_EXT
+from prostate_kernels.backend import get_backend, set_backend, use_backend
+from prostate_kernels.inference import sliding_window_inference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HAS_EXT",
+    "__version__",
+    "get_backend",
+    "set_backend",
+    "sliding_window_inference",
+    "use_backend",
+]

@@ -1,0 +1,274 @@
+"""Sliding-window inference over whole volumes, with overlap-weighted blending and test-time mirroring.
+
+Same arguments and the same window placement as MONAI's `sliding_window_inference`, so the same call
+gives the same result; the stitching (window gather, weighting, accumulation, normalisation) runs in
+the C++ extension on the CPU and in Triton kernels on CUDA, always accumulating in float32.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from prostate_kernels.ops.window_ops import window_ops_for
+from prostate_kernels.windows import MODES, importance_map, window_starts
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+PADDING_MODES = ("constant", "reflect", "replicate", "circular")
+
+
+def sliding_window_inference(
+    inputs: torch.Tensor,
+    roi_size: Sequence[int | None] | int,
+    sw_batch_size: int,
+    predictor: Predictor,
+    overlap: Sequence[float] | float = 0.5,
+    mode: str = "constant",
+    sigma_scale: Sequence[float] | float = 0.125,
+    padding_mode: str = "constant",
+    cval: float = 0.0,
+    sw_device: torch.device | str | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    flip_axes: Sequence[int] = (),
+) -> torch.Tensor:
+    """Runs `predictor` on overlapping windows of `inputs` and blends the window predictions.
+
+    Args:
+        inputs: (N, C, D, H, W) floating tensor (or (N, C, H, W) with a 2-element roi_size).
+        roi_size: window size per spatial axis, e.g. (16, 64, 64) for the paper's 64x64x16 patch; an int
+            applies to every axis; None takes that axis' full size. Volumes smaller than the window are
+            padded (half before, half after, as MONAI) and the result is cropped back.
+        sw_batch_size: windows per predictor call (windows of different images may share a call).
+        predictor: maps (B, C, *roi) windows to (B, K, *roi) predictions (any float dtype). The windows
+            tensor it receives is a buffer reused for the next batch: clone it to keep it.
+        overlap: fraction of the window shared by neighbours along each axis, in [0, 1).
+        mode: "constant" (equal weights) or "gaussian" (sigma = sigma_scale * roi, minimum clamped).
+        sigma_scale: Gaussian sigma as a fraction of the window, one value or one per axis.
+        padding_mode, cval: how inputs smaller than the window are padded (torch.nn.functional.pad).
+        sw_device: device the predictor runs on (default: inputs' device).
+        device: device of the stitched output (default: inputs' device).
+        progress: show a tqdm bar over windows.
+        flip_axes: spatial axes (0 = first spatial axis) to mirror for test-time augmentation: every
+            non-empty combination of them is predicted too (flipped in, flipped back) and all
+            predictions are averaged, as nnU-Net does; () disables it.
+
+    Returns:
+        (N, K, D, H, W) float32 on `device`: sum over windows of prediction x importance, divided by
+        the sum of importances at each voxel. Runs under torch.no_grad(): the result has no gradient.
+    """
+    _check_inputs(inputs)
+    spatial_dims = inputs.dim() - 2
+    image_size = tuple(inputs.shape[2:])
+    roi = _per_axis_roi(roi_size, image_size)
+    overlaps = _per_axis(overlap, spatial_dims, "overlap")
+    if not all(0.0 <= o < 1.0 for o in overlaps):
+        raise ValueError(f"overlap {overlap} must be in [0, 1) on every axis")
+    sigmas = _per_axis(sigma_scale, spatial_dims, "sigma_scale")
+    if mode == "gaussian" and not all(s > 0 for s in sigmas):
+        raise ValueError(f"sigma_scale {sigma_scale} must be > 0 on every axis")
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {MODES}")
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode {padding_mode!r} is not one of {PADDING_MODES}")
+    if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
+        raise ValueError(f"sw_batch_size {sw_batch_size!r} must be a positive int")
+    if not callable(predictor):
+        raise TypeError(f"predictor must be callable, got {type(predictor).__name__}")
+    flips = _check_flip_axes(flip_axes, spatial_dims)
+    sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
+    device = torch.device(device) if device is not None else inputs.device
+
+    if spatial_dims == 2:  # run 2-D as 3-D with a unit first axis: the same windows and weights as 2-D
+        result = sliding_window_inference(
+            inputs.unsqueeze(2),
+            (1, *roi),
+            sw_batch_size,
+            _lift_2d(predictor),
+            (0.0, *overlaps),
+            mode,
+            (1.0, *sigmas),
+            padding_mode,
+            cval,
+            sw_device,
+            device,
+            progress,
+            tuple(a + 1 for a in flips),
+        )
+        return result.squeeze(2)
+
+    if flips:
+        predictor = _mirrored(predictor, flips)
+    with torch.no_grad():
+        return _stitch(
+            inputs,
+            roi,
+            sw_batch_size,
+            predictor,
+            overlaps,
+            mode,
+            sigmas,
+            padding_mode,
+            cval,
+            sw_device,
+            device,
+            progress,
+        )
+
+
+def _stitch(
+    inputs,
+    roi,
+    sw_batch_size,
+    predictor,
+    overlaps,
+    mode,
+    sigmas,
+    padding_mode,
+    cval,
+    sw_device,
+    device,
+    progress,
+) -> torch.Tensor:
+    """The 3-D sliding-window loop: gather -> predict -> weighted accumulate -> normalise -> crop."""
+    padded, crop = _pad_to_roi(inputs, roi, padding_mode, cval)
+    batch, padded_size = padded.shape[0], tuple(padded.shape[2:])
+    per_image = window_starts(padded_size, roi, overlaps)  # (W, 3) z, y, x
+    num_windows = per_image.shape[0] * batch
+    image_index = torch.arange(batch).repeat_interleave(per_image.shape[0])[:, None]
+    starts = torch.cat([image_index, per_image.repeat(batch, 1)], dim=1)  # (N*W, 4): n, z, y, x; image-major
+    starts_in, starts_out = starts.to(padded.device), starts.to(device)
+    gather_ops, stitch_ops = window_ops_for(padded.device), window_ops_for(device)
+
+    importance = importance_map(roi, mode, sigmas, device=device)
+
+    # One window buffer serves every batch (fresh multi-MB buffers cost page faults on each batch);
+    # the predictor must not keep its input past the call.
+    buffer = padded.new_empty((min(sw_batch_size, num_windows), padded.shape[1], *roi))
+    output = None
+    bar = _progress_bar(num_windows) if progress else None
+    for first in range(0, num_windows, sw_batch_size):
+        last = min(first + sw_batch_size, num_windows)
+        windows = gather_ops.gather(padded, starts_in[first:last], list(roi), buffer[: last - first]).to(
+            sw_device
+        )
+        prediction = _checked_prediction(predictor(windows), last - first, roi)
+        if output is None:
+            output = torch.zeros(
+                (batch, prediction.shape[1], *padded_size), dtype=torch.float32, device=device
+            )
+        stitch_ops.accumulate_(
+            output, None, prediction.to(device).contiguous(), starts_out[first:last], importance
+        )
+        if bar is not None:
+            bar.update(last - first)
+    if bar is not None:
+        bar.close()
+    # Every image has the same windows, so the division by the weight map needs only their positions.
+    stitch_ops.normalize_by_positions_(output, per_image.to(device), importance)
+    return output[(slice(None), slice(None), *crop)]
+
+
+def _check_inputs(inputs: object) -> None:
+    if not isinstance(inputs, torch.Tensor):
+        raise TypeError(f"inputs must be a torch.Tensor, got {type(inputs).__name__}")
+    if inputs.dim() not in (4, 5):
+        raise ValueError(f"inputs must be (N, C, D, H, W) (or (N, C, H, W)), got shape {tuple(inputs.shape)}")
+    if not inputs.is_floating_point():
+        raise TypeError(f"inputs must be a floating-point tensor, got {inputs.dtype}")
+    if inputs.numel() == 0:
+        raise ValueError(f"inputs is empty: shape {tuple(inputs.shape)}")
+
+
+def _per_axis_roi(roi_size: Sequence[int | None] | int, image_size: tuple[int, ...]) -> tuple[int, ...]:
+    sizes = [roi_size] * len(image_size) if isinstance(roi_size, int) else list(roi_size)
+    if len(sizes) != len(image_size):
+        raise ValueError(
+            f"roi_size {tuple(sizes)} has {len(sizes)} dims, expected {len(image_size)} for inputs of "
+            f"spatial size {image_size}"
+        )
+    roi = tuple(full if r is None else r for r, full in zip(sizes, image_size, strict=True))
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in roi):
+        raise ValueError(f"roi_size {tuple(sizes)} must hold positive ints (or None for a full axis)")
+    return roi
+
+
+def _per_axis(value: Sequence[float] | float, dims: int, name: str) -> tuple[float, ...]:
+    values = [value] * dims if isinstance(value, (int, float)) else list(value)
+    if len(values) != dims:
+        raise ValueError(f"{name} {value} must be one number or {dims} numbers")
+    return tuple(float(v) for v in values)
+
+
+def _check_flip_axes(flip_axes: Sequence[int], spatial_dims: int) -> tuple[int, ...]:
+    axes = tuple(flip_axes)
+    if any(not isinstance(a, int) or isinstance(a, bool) or not 0 <= a < spatial_dims for a in axes):
+        raise ValueError(f"flip_axes {axes} must be spatial axes in [0, {spatial_dims})")
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"flip_axes {axes} repeats an axis")
+    return axes
+
+
+def _pad_to_roi(inputs: torch.Tensor, roi: tuple[int, ...], padding_mode: str, cval: float):
+    """inputs padded up to at least roi per axis (MONAI's split: half before), and the crop undoing it."""
+    before_after = []
+    for size, r in zip(inputs.shape[2:], roi, strict=True):
+        missing = max(r - size, 0)
+        before_after.append((missing // 2, missing - missing // 2))
+    crop = tuple(slice(b, b + s) for (b, _), s in zip(before_after, inputs.shape[2:], strict=True))
+    if not any(b or a for b, a in before_after):
+        return inputs.contiguous(), crop
+    pad = [p for b, a in reversed(before_after) for p in (b, a)]  # F.pad lists the last axis first
+    if padding_mode == "constant":
+        return F.pad(inputs, pad, mode="constant", value=cval).contiguous(), crop
+    return F.pad(inputs, pad, mode=padding_mode).contiguous(), crop
+
+
+def _checked_prediction(prediction: object, windows: int, roi: tuple[int, ...]) -> torch.Tensor:
+    if not isinstance(prediction, torch.Tensor):
+        raise TypeError(f"predictor must return a torch.Tensor, got {type(prediction).__name__}")
+    expected = f"({windows}, K, {', '.join(map(str, roi))})"
+    if (
+        prediction.dim() != 2 + len(roi)
+        or prediction.shape[0] != windows
+        or tuple(prediction.shape[2:]) != roi
+    ):
+        raise ValueError(
+            f"predictor returned shape {tuple(prediction.shape)} for {windows} windows; expected {expected}"
+        )
+    if not prediction.is_floating_point():
+        raise TypeError(f"predictor must return a floating-point tensor, got {prediction.dtype}")
+    return prediction
+
+
+def _mirrored(predictor: Predictor, flip_axes: tuple[int, ...]) -> Predictor:
+    """Averages predictor over the input and its mirror images along every combination of flip_axes."""
+    dims = [a + 2 for a in flip_axes]  # spatial axis -> tensor axis of (B, C, D, H, W)
+    combos = [c for r in range(1, len(dims) + 1) for c in itertools.combinations(dims, r)]
+
+    def predict(windows: torch.Tensor) -> torch.Tensor:
+        total = _checked_prediction(predictor(windows), windows.shape[0], tuple(windows.shape[2:])).float()
+        for axes in combos:
+            total += torch.flip(predictor(torch.flip(windows, axes)), axes).float()
+        return total / (len(combos) + 1)
+
+    return predict
+
+
+def _lift_2d(predictor: Predictor) -> Predictor:
+    """A 2-D predictor seen as a 3-D one whose first spatial axis has size 1."""
+
+    def predict(windows: torch.Tensor) -> torch.Tensor:
+        prediction = predictor(windows.squeeze(2))
+        return prediction.unsqueeze(2) if isinstance(prediction, torch.Tensor) else prediction
+
+    return predict
+
+
+def _progress_bar(total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="sliding window", unit="win")

@@ -1,0 +1,65 @@
+"""Readable PyTorch twins of every op: the test oracle, the CPU fallback and the benchmark baseline.
+
+Each twin computes exactly the function of its fast path (same arguments, same shapes, same float32
+accumulation) with plain tensor operations. Argument checking happens before dispatch, in ops/.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# ---------------------------------------------------------------------------------------------
+# Sliding-window stitching. Shapes: volume/output (N, C, D, H, W); weight (N, 1, D, H, W) float32;
+# windows (B, C, rd, rh, rw); starts (B, 4) int64 rows (n, z, y, x); importance (rd, rh, rw) float32.
+# ---------------------------------------------------------------------------------------------
+
+
+def _window_index(start: torch.Tensor, roi: tuple[int, int, int]) -> tuple[int, slice, slice, slice, slice]:
+    n, z, y, x = (int(v) for v in start)
+    rd, rh, rw = roi
+    return n, slice(None), slice(z, z + rd), slice(y, y + rh), slice(x, x + rw)
+
+
+def window_gather(
+    volume: torch.Tensor, starts: torch.Tensor, roi: list[int], out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, C, *roi) windows copied out of `volume` at `starts` (into `out` when given)."""
+    rd, rh, rw = roi
+    if out is None:
+        out = volume.new_empty((starts.shape[0], volume.shape[1], rd, rh, rw))
+    for b, start in enumerate(starts.cpu()):
+        out[b] = volume[_window_index(start, (rd, rh, rw))]
+    return out
+
+
+def window_accumulate_(
+    output: torch.Tensor,
+    weight: torch.Tensor | None,
+    windows: torch.Tensor,
+    starts: torch.Tensor,
+    importance: torch.Tensor,
+) -> None:
+    """output[window] += windows[b] * importance (float32); weight[window] += importance, in batch order."""
+    roi = tuple(windows.shape[2:])
+    for b, start in enumerate(starts.cpu()):
+        index = _window_index(start, roi)
+        output[index] += windows[b].float() * importance
+        if weight is not None:
+            weight[index] += importance
+
+
+def window_normalize_(output: torch.Tensor, weight: torch.Tensor) -> None:
+    """output /= weight (broadcast over images when weight has batch 1); voxels of weight <= 0 become 0."""
+    covered = weight > 0
+    output.copy_(torch.where(covered, output / torch.where(covered, weight, 1.0), 0.0))
+
+
+def window_normalize_by_positions_(
+    output: torch.Tensor, positions: torch.Tensor, importance: torch.Tensor
+) -> None:
+    """output /= the weight map of windows at positions (P, 3) rows (z, y, x), shared by every image."""
+    weight = torch.zeros((1, 1, *output.shape[2:]), dtype=torch.float32, device=output.device)
+    roi = tuple(importance.shape)
+    for z, y, x in positions.cpu().tolist():
+        weight[_window_index(torch.tensor([0, z, y, x]), roi)] += importance
+    window_normalize_(output, weight)

@@ -1,0 +1,24 @@
+"""Test set-up: Triton kernels run through the interpreter on machines without a GPU.
+
+TRITON_INTERPRET must be set before Triton is first imported, hence here, at collection time.
+Every test that changes the kernel backend does it through `use_backend` (restored afterwards).
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from prostate_kernels import get_backend  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _backend_is_restored():
+    """Fails a test that leaves the process-wide backend changed."""
+    before = get_backend()
+    yield
+    assert get_backend() == before, f"test left the backend at {get_backend()!r} (was {before!r})"

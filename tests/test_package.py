@@ -1,0 +1,111 @@
+"""The installed package: cheap import, the C++ extension and its fallback, backend selection."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import prostate_kernels
+from prostate_kernels import backend
+
+
+def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-W", "always", "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=120,
+    )
+
+
+def test_extension_is_built():
+    """CI builds _C; a silently failed build would otherwise pass every test on the fallback path."""
+    if os.environ.get("PROSTATE_KERNELS_NO_EXT") == "1":
+        pytest.skip("built without the extension on purpose")
+    from prostate_kernels._ext import LOAD_ERROR
+
+    assert prostate_kernels.HAS_EXT, f"prostate_kernels._C did not load: {LOAD_ERROR}"
+
+
+def test_import_is_cheap():
+    result = run_python(
+        """
+        import sys
+        import torch
+        before = set(sys.modules)
+        import prostate_kernels
+        added = {m.split(".")[0] for m in set(sys.modules) - before}
+        print(",".join(sorted(added & {"triton", "SimpleITK", "monai", "matplotlib", "tqdm", "numpy"})))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"import prostate_kernels imported {result.stdout.strip()}"
+
+
+def test_missing_extension_falls_back_with_one_warning():
+    result = run_python(
+        """
+        import sys, warnings
+        sys.modules["prostate_kernels._C"] = None  # as if _C were not built
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import prostate_kernels
+            import prostate_kernels.inference
+        import torch
+        ours = [w for w in caught if "prostate_kernels._C" in str(w.message)]
+        print(prostate_kernels.HAS_EXT, len(ours))
+        x = torch.randn(1, 1, 6, 9, 9)
+        out = prostate_kernels.sliding_window_inference(x, (4, 6, 6), 2, lambda w: w)
+        print(float((out - x).abs().max()))
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    has_ext, warnings_seen, error = result.stdout.split()
+    assert has_ext == "False" and warnings_seen == "1"
+    assert float(error) < 1e-6
+
+
+def test_set_backend_rejects_unknown_names():
+    with pytest.raises(ValueError, match="'cuda'"):
+        prostate_kernels.set_backend("cuda")
+
+
+def test_use_backend_restores_after_an_exception():
+    before = prostate_kernels.get_backend()
+    with pytest.raises(RuntimeError, match="inside"):
+        with prostate_kernels.use_backend("torch"):
+            assert prostate_kernels.get_backend() == "torch"
+            raise RuntimeError("inside")
+    assert prostate_kernels.get_backend() == before
+
+
+def test_auto_backend_resolution():
+    with prostate_kernels.use_backend("auto"):
+        assert backend.resolve(torch.device("cuda")) == "triton"
+        assert backend.resolve(torch.device("cpu"), has_cpu_extension=True) == "cpp"
+        assert backend.resolve(torch.device("cpu"), has_cpu_extension=False) == "torch"
+    with prostate_kernels.use_backend("torch"):
+        assert backend.resolve(torch.device("cuda")) == "torch"
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error():
+    result = run_python(
+        """
+        import torch, prostate_kernels
+        with prostate_kernels.use_backend("triton"):
+            try:
+                prostate_kernels.sliding_window_inference(torch.zeros(1, 1, 4, 4, 4), 4, 1, lambda w: w)
+            except RuntimeError as e:
+                print("RuntimeError:", e)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert "TRITON_INTERPRET=1" in result.stdout
