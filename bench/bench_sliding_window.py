@@ -139,6 +139,7 @@ def main() -> None:
                 "ours_ms": f"{ours * 1e3:.1f}",
                 "ours_min_max_ms": f"{t['ours']['min'] * 1e3:.1f}-{t['ours']['max'] * 1e3:.1f}",
                 "monai_ms": f"{monai * 1e3:.1f}",
+                "monai_min_max_ms": f"{t['monai']['min'] * 1e3:.1f}-{t['monai']['max'] * 1e3:.1f}",
                 "twin_ms": f"{t['pytorch twin']['median'] * 1e3:.1f}" if "pytorch twin" in t else "",
                 "floor_ms": f"{floor * 1e3:.1f}",
                 "speedup_vs_monai": f"{monai / ours:.2f}",
