@@ -57,10 +57,13 @@ def section(name: str, columns: list[str]) -> str:
 def main() -> None:
     text = README.read_text()
     for name, columns in SHOWN.items():
-        pattern = re.compile(rf"(<!-- bench:{re.escape(name)} -->\n).*?(\n<!-- /bench:{re.escape(name)} -->)", re.S)
+        pattern = re.compile(
+            rf"(<!-- bench:{re.escape(name)} -->\n).*?(\n<!-- /bench:{re.escape(name)} -->)", re.S
+        )
         if not pattern.search(text):
             raise SystemExit(f"README.md has no <!-- bench:{name} --> section")
-        text = pattern.sub(lambda m: m.group(1) + section(name, columns) + m.group(2), text)
+        body = section(name, columns)
+        text = pattern.sub(lambda m, body=body: m.group(1) + body + m.group(2), text)
     README.write_text(text)
     print(f"updated {README}")
 
