@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -62,100 +63,90 @@ def sliding_window_inference(
     """
     _check_inputs(inputs)
     spatial_dims = inputs.dim() - 2
-    image_size = tuple(inputs.shape[2:])
-    roi = _per_axis_roi(roi_size, image_size)
+    if not callable(predictor):
+        raise TypeError(f"predictor must be callable, got {type(predictor).__name__}")
+    flips = _check_flip_axes(flip_axes, spatial_dims)
+    plan = _plan(inputs, roi_size, sw_batch_size, overlap, mode, sigma_scale, padding_mode, cval,
+                 sw_device, device, progress)  # fmt: skip
+    if spatial_dims == 2:  # 2-D runs as 3-D with a unit first axis: the same windows and weights
+        plan = replace(plan, roi=(1, *plan.roi), overlaps=(0.0, *plan.overlaps), sigmas=(1.0, *plan.sigmas))
+        inputs, predictor, flips = inputs.unsqueeze(2), _lift_2d(predictor), tuple(a + 1 for a in flips)
+    if flips:
+        predictor = _mirrored(predictor, flips)
+    with torch.no_grad():
+        result = _stitch(inputs, predictor, plan)
+    return result.squeeze(2) if spatial_dims == 2 else result
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """Validated, per-axis settings of one sliding-window run."""
+
+    roi: tuple[int, ...]
+    sw_batch_size: int
+    overlaps: tuple[float, ...]
+    mode: str
+    sigmas: tuple[float, ...]
+    padding_mode: str
+    cval: float
+    sw_device: torch.device
+    device: torch.device
+    progress: bool
+
+
+def _plan(inputs, roi_size, sw_batch_size, overlap, mode, sigma_scale, padding_mode, cval,
+          sw_device, device, progress) -> _Plan:  # fmt: skip
+    """Checks the arguments (ValueError naming the value) and expands them per spatial axis."""
+    spatial_dims = inputs.dim() - 2
+    roi = _per_axis_roi(roi_size, tuple(inputs.shape[2:]))
     overlaps = _per_axis(overlap, spatial_dims, "overlap")
     if not all(0.0 <= o < 1.0 for o in overlaps):
         raise ValueError(f"overlap {overlap} must be in [0, 1) on every axis")
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {MODES}")
     sigmas = _per_axis(sigma_scale, spatial_dims, "sigma_scale")
     if mode == "gaussian" and not all(s > 0 for s in sigmas):
         raise ValueError(f"sigma_scale {sigma_scale} must be > 0 on every axis")
-    if mode not in MODES:
-        raise ValueError(f"mode {mode!r} is not one of {MODES}")
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode {padding_mode!r} is not one of {PADDING_MODES}")
     if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
         raise ValueError(f"sw_batch_size {sw_batch_size!r} must be a positive int")
-    if not callable(predictor):
-        raise TypeError(f"predictor must be callable, got {type(predictor).__name__}")
-    flips = _check_flip_axes(flip_axes, spatial_dims)
-    sw_device = torch.device(sw_device) if sw_device is not None else inputs.device
-    device = torch.device(device) if device is not None else inputs.device
-
-    if spatial_dims == 2:  # run 2-D as 3-D with a unit first axis: the same windows and weights as 2-D
-        result = sliding_window_inference(
-            inputs.unsqueeze(2),
-            (1, *roi),
-            sw_batch_size,
-            _lift_2d(predictor),
-            (0.0, *overlaps),
-            mode,
-            (1.0, *sigmas),
-            padding_mode,
-            cval,
-            sw_device,
-            device,
-            progress,
-            tuple(a + 1 for a in flips),
-        )
-        return result.squeeze(2)
-
-    if flips:
-        predictor = _mirrored(predictor, flips)
-    with torch.no_grad():
-        return _stitch(
-            inputs,
-            roi,
-            sw_batch_size,
-            predictor,
-            overlaps,
-            mode,
-            sigmas,
-            padding_mode,
-            cval,
-            sw_device,
-            device,
-            progress,
-        )
+    return _Plan(
+        roi=roi,
+        sw_batch_size=sw_batch_size,
+        overlaps=overlaps,
+        mode=mode,
+        sigmas=sigmas,
+        padding_mode=padding_mode,
+        cval=float(cval),
+        sw_device=torch.device(sw_device) if sw_device is not None else inputs.device,
+        device=torch.device(device) if device is not None else inputs.device,
+        progress=progress,
+    )
 
 
-def _stitch(
-    inputs,
-    roi,
-    sw_batch_size,
-    predictor,
-    overlaps,
-    mode,
-    sigmas,
-    padding_mode,
-    cval,
-    sw_device,
-    device,
-    progress,
-) -> torch.Tensor:
+def _stitch(inputs: torch.Tensor, predictor: Predictor, plan: _Plan) -> torch.Tensor:
     """The 3-D sliding-window loop: gather -> predict -> weighted accumulate -> normalise -> crop."""
-    padded, crop = _pad_to_roi(inputs, roi, padding_mode, cval)
+    roi, device = plan.roi, plan.device
+    padded, crop = _pad_to_roi(inputs, roi, plan.padding_mode, plan.cval)
     batch, padded_size = padded.shape[0], tuple(padded.shape[2:])
-    per_image = window_starts(padded_size, roi, overlaps)  # (W, 3) z, y, x
+    per_image = window_starts(padded_size, roi, plan.overlaps)  # (W, 3) z, y, x
     num_windows = per_image.shape[0] * batch
     image_index = torch.arange(batch).repeat_interleave(per_image.shape[0])[:, None]
     starts = torch.cat([image_index, per_image.repeat(batch, 1)], dim=1)  # (N*W, 4): n, z, y, x; image-major
     starts_in, starts_out = starts.to(padded.device), starts.to(device)
     gather_ops, stitch_ops = window_ops_for(padded.device), window_ops_for(device)
-
-    importance = importance_map(roi, mode, sigmas, device=device)
+    importance = importance_map(roi, plan.mode, plan.sigmas, device=device)
 
     # One window buffer serves every batch (fresh multi-MB buffers cost page faults on each batch);
     # the predictor must not keep its input past the call.
-    buffer = padded.new_empty((min(sw_batch_size, num_windows), padded.shape[1], *roi))
+    buffer = padded.new_empty((min(plan.sw_batch_size, num_windows), padded.shape[1], *roi))
     output = None
-    bar = _progress_bar(num_windows) if progress else None
-    for first in range(0, num_windows, sw_batch_size):
-        last = min(first + sw_batch_size, num_windows)
-        windows = gather_ops.gather(padded, starts_in[first:last], list(roi), buffer[: last - first]).to(
-            sw_device
-        )
-        prediction = _checked_prediction(predictor(windows), last - first, roi)
+    bar = _progress_bar(num_windows) if plan.progress else None
+    for first in range(0, num_windows, plan.sw_batch_size):
+        last = min(first + plan.sw_batch_size, num_windows)
+        windows = gather_ops.gather(padded, starts_in[first:last], list(roi), buffer[: last - first])
+        prediction = _checked_prediction(predictor(windows.to(plan.sw_device)), last - first, roi)
         if output is None:
             output = torch.zeros(
                 (batch, prediction.shape[1], *padded_size), dtype=torch.float32, device=device
