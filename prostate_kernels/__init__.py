@@ -2,10 +2,13 @@
 
 Public API (importing is cheap: no Triton compilation, no SimpleITK, no GPU query at import time):
     sliding_window_inference   overlap-weighted sliding-window inference (C++ / Triton stitching)
+    nn.BNReLUConv3d            fused BatchNorm -> ReLU -> Conv3d (the dense layer), drop-in module
+    functional                 the ops as functions (bn_relu_conv3d, window_* stitching ops)
     set_backend, get_backend, use_backend   choose Triton kernels, the PyTorch twin, or "auto"
     HAS_EXT                    whether the C++ extension prostate_kernels._C loaded
 """
 
+from prostate_kernels import functional, nn
 from prostate_kernels._ext import HAS_EXT
 from prostate_kernels.backend import get_backend, set_backend, use_backend
 from prostate_kernels.inference import sliding_window_inference
@@ -15,7 +18,9 @@ __version__ = "0.1.0"
 __all__ = [
     "HAS_EXT",
     "__version__",
+    "functional",
     "get_backend",
+    "nn",
     "set_backend",
     "sliding_window_inference",
     "use_backend",

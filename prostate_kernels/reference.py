@@ -63,3 +63,30 @@ def window_normalize_by_positions_(
     for z, y, x in positions.cpu().tolist():
         weight[_window_index(torch.tensor([0, z, y, x]), roi)] += importance
     window_normalize_(output, weight)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dense layer: BatchNorm3d -> ReLU -> Conv3d, exactly as the eager nn.Sequential computes it.
+# ---------------------------------------------------------------------------------------------
+
+
+def bn_relu_conv3d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+    stride: tuple[int, int, int],
+    padding: tuple[int, int, int],
+    dilation: tuple[int, int, int],
+) -> torch.Tensor:
+    """conv3d(relu(batch_norm(x))): batch statistics when training (running ones updated), else running."""
+    z = torch.nn.functional.batch_norm(
+        x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps
+    )
+    return torch.nn.functional.conv3d(torch.relu(z), weight, bias, stride, padding, dilation)

@@ -1,0 +1,212 @@
+"""Dense layer BN -> ReLU -> Conv3d(3x3x3, 16): fused Triton vs eager Sequential vs torch.compile.
+
+Shapes: Tiramisu 3D p3a's dense layers (bench/shapes.py), batch 2, channels-last input. Per shape and
+provider: median time of forward, backward (of a retained graph) and forward+backward, TFLOP/s, memory
+kept after forward (output + what autograd saved), and the fraction of the floor: max(FLOPs over the
+measured bf16 matmul rate, bytes over the measured copy bandwidth), measured in the same run.
+
+    python bench/bench_bn_relu_conv3d.py                  # GPU: bf16, all 12 shapes
+    python bench/bench_bn_relu_conv3d.py --device cpu     # CPU: float32, eager and compile only
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, interleaved_medians, markdown_table, write_results  # noqa: E402
+from shapes import GROWTH, DenseLayerShape, benchmark_dense_layers  # noqa: E402
+
+from prostate_kernels.nn import BNReLUConv3d  # noqa: E402
+
+BATCH = 2
+TARGET_VS_EAGER = 1.5  # forward+backward, full-resolution shapes, GPU bf16
+TARGET_VS_COMPILE = 1.2
+
+
+def sequential(c_in: int) -> nn.Sequential:
+    return nn.Sequential(
+        OrderedDict(
+            norm=nn.BatchNorm3d(c_in),
+            relu=nn.ReLU(inplace=True),
+            conv=nn.Conv3d(c_in, GROWTH, 3, padding=1, bias=False),
+        )
+    )
+
+
+def make_providers(shape: DenseLayerShape, device: str, dtype: torch.dtype, with_compile: bool) -> dict:
+    torch.manual_seed(0)
+    eager = sequential(shape.c_in).to(device=device, dtype=dtype)
+    modules = {"eager": eager}
+    if device == "cuda":
+        modules["fused triton"] = BNReLUConv3d.from_sequential(eager)
+    if with_compile:
+        twin = sequential(shape.c_in).to(device=device, dtype=dtype)
+        twin.load_state_dict(eager.state_dict())
+        modules["torch.compile"] = torch.compile(twin, dynamic=False)
+    return modules
+
+
+def flops_and_bytes(shape: DenseLayerShape, itemsize: int) -> tuple[float, float, float, float]:
+    """(forward FLOPs, backward FLOPs, forward bytes, backward bytes) of the ideal fused layer.
+
+    Forward: read x twice (batch statistics, then the conv), write y. Backward: read x, gy; write gx
+    (and read it once more for the batch-statistics term); weight and bias traffic is negligible.
+    """
+    voxels = BATCH * shape.size[0] * shape.size[1] * shape.size[2]
+    fwd_flops = 2.0 * voxels * GROWTH * 27 * shape.c_in
+    x_bytes, y_bytes = voxels * shape.c_in * itemsize, voxels * GROWTH * itemsize
+    return fwd_flops, 2 * fwd_flops, 2 * x_bytes + y_bytes, 3 * x_bytes + y_bytes + x_bytes
+
+
+def measure_peaks(device: str) -> tuple[float, float]:
+    """(bf16 matmul FLOP/s, copy bytes/s) measured here, for the floor."""
+    if device != "cuda":
+        return float("nan"), float("nan")
+    from triton.testing import do_bench
+
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ a, warmup=25, rep=200, return_mode="median")
+    src = torch.empty(2**28, device=device, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    ms_copy = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
+    return 2 * 8192**3 / (ms * 1e-3), 2 * src.numel() / (ms_copy * 1e-3)
+
+
+def time_cases(cases: dict, device: str, rounds: int) -> dict[str, float]:
+    """Median seconds of each case."""
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return {
+            name: do_bench(fn, warmup=10, rep=60, return_mode="median") * 1e-3 for name, fn in cases.items()
+        }
+    return {name: t["median"] for name, t in interleaved_medians(cases, rounds, warmup=1).items()}
+
+
+def bench_shape(
+    shape: DenseLayerShape, device: str, dtype: torch.dtype, with_compile: bool, rounds: int, peaks
+):
+    modules = make_providers(shape, device, dtype, with_compile)
+    x = torch.randn((BATCH, shape.c_in, *shape.size), device=device, dtype=dtype)
+    x = x.to(memory_format=torch.channels_last_3d).requires_grad_(True)
+    gy = torch.randn((BATCH, GROWTH, *shape.size), device=device, dtype=dtype)
+    fwd_flops, bwd_flops, fwd_bytes, bwd_bytes = flops_and_bytes(shape, x.element_size())
+    reference = modules["eager"](x)
+    rows = []
+    for name, module in modules.items():
+        out = module(x)  # warm-up / compile, and the output check
+        err = ((out.float() - reference.float()).abs().max() / reference.float().abs().max()).item()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            kept = module(x)
+            kept_mb = (torch.cuda.memory_allocated() - before) / 2**20
+            del kept
+        else:
+            kept_mb = float("nan")
+        retained = module(x)
+
+        def backward_only(retained=retained):
+            x.grad = None
+            retained.backward(gy, retain_graph=True)
+
+        def both(module=module):
+            x.grad = None
+            module(x).backward(gy)
+
+        t = time_cases(
+            {"fwd": lambda module=module: module(x), "bwd": backward_only, "both": both}, device, rounds
+        )
+        floor_fwd = max(fwd_flops / peaks[0], fwd_bytes / peaks[1])
+        floor_both = max((fwd_flops + bwd_flops) / peaks[0], (fwd_bytes + bwd_bytes) / peaks[1])
+        rows.append(
+            {
+                "shape": shape.label,
+                "provider": name,
+                "fwd_ms": f"{t['fwd'] * 1e3:.3f}",
+                "bwd_ms": f"{t['bwd'] * 1e3:.3f}",
+                "fwd_bwd_ms": f"{t['both'] * 1e3:.3f}",
+                "fwd_bwd_tflops": f"{(fwd_flops + bwd_flops) / t['both'] / 1e12:.2f}",
+                "floor_fraction_fwd_bwd": f"{floor_both / t['both']:.2f}" if device == "cuda" else "",
+                "floor_fraction_fwd": f"{floor_fwd / t['fwd']:.2f}" if device == "cuda" else "",
+                "kept_after_fwd_MB": f"{kept_mb:.1f}",
+                "max_rel_err_vs_eager": f"{err:.1e}",
+            }
+        )
+        del retained
+    base = {r["provider"]: float(r["fwd_bwd_ms"]) for r in rows}
+    for row in rows:
+        row["speedup_vs_eager"] = f"{base['eager'] / float(row['fwd_bwd_ms']):.2f}"
+        if "torch.compile" in base:
+            row["speedup_vs_compile"] = f"{base['torch.compile'] / float(row['fwd_bwd_ms']):.2f}"
+    return rows
+
+
+def main(argv: list[str] | None = None, out_dir: Path | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
+    parser.add_argument(
+        "--all-shapes", action="store_true", help="on CPU too (slow): default is the 4x16x16 ones"
+    )
+    parser.add_argument(
+        "--compile-full-res-only",
+        action="store_true",
+        help="torch.compile only the 16x64x64 shapes (compile time)",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="CPU: interleaved rounds per median")
+    parser.add_argument("--out-dir", type=Path, default=out_dir)
+    args = parser.parse_args(argv)
+
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    shapes = benchmark_dense_layers()
+    if device != "cuda" and not args.all_shapes:
+        shapes = [s for s in shapes if s.size == (4, 16, 16)][:2]
+    peaks = measure_peaks(device)
+    env = environment()
+    env["dtype"] = str(dtype)
+    if device == "cuda":
+        env["measured_bf16_matmul_TFLOPs"] = f"{peaks[0] / 1e12:.0f}"
+        env["measured_copy_GBps"] = f"{peaks[1] / 1e9:.0f}"
+    rows = []
+    for shape in shapes:
+        with_compile = not args.no_compile and (not args.compile_full_res_only or shape.size == (16, 64, 64))
+        shape_rows = bench_shape(shape, device, dtype, with_compile, args.rounds, peaks)
+        rows += shape_rows
+        print(markdown_table(list(shape_rows[0]), shape_rows), flush=True)
+    notes = [
+        f"batch {BATCH}, growth {GROWTH}, 3x3x3 conv, padding 1, training mode, channels-last input, {dtype}",
+        "bwd = backward of a retained graph; fwd_bwd = a fresh forward + backward",
+        "kept_after_fwd_MB: CUDA memory still allocated after a forward (output + saved for backward)",
+    ]
+    if device != "cuda":
+        notes.append(
+            "the fused Triton provider needs a CUDA GPU: on this machine only eager and torch.compile ran"
+        )
+    else:
+        full = [r for r in rows if r["provider"] == "fused triton" and "16x64x64" in r["shape"]]
+        met_eager = all(float(r["speedup_vs_eager"]) >= TARGET_VS_EAGER for r in full)
+        met_compile = all(float(r.get("speedup_vs_compile", "nan")) >= TARGET_VS_COMPILE for r in full)
+        notes.append(
+            f"targets on the full-resolution shapes (fwd+bwd): >= {TARGET_VS_EAGER}x eager: "
+            f"{'met' if met_eager else 'MISSED'}; >= {TARGET_VS_COMPILE}x torch.compile: "
+            f"{'met' if met_compile else 'MISSED'}"
+        )
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    md, csv_path = write_results(f"bn_relu_conv3d-{device}", env, columns, rows, notes, args.out_dir)
+    print(f"\nwritten: {md}\n         {csv_path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Correctness of every kernel on CUDA against a float64 reference, for bench/gpu_suite.py.
+
+Each check returns rows {"check", "result" (PASS/FAIL), "detail"}; a failing comparison is reported,
+not raised, so that one broken kernel does not hide the others.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+import torch
+
+from prostate_kernels import functional, reference, sliding_window_inference, use_backend
+from prostate_kernels.ops.window_ops import window_ops_for
+
+
+def _row(check: str, ok: bool, detail: str) -> dict:
+    return {"check": check, "result": "PASS" if ok else "FAIL", "detail": detail}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+def check_sliding_window(device: str = "cuda") -> list[dict]:
+    rows = []
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for mode in ("constant", "gaussian"):
+        x = torch.randn((2, 2, 13, 37, 29), generator=g).to(device)
+
+        def predictor(w):
+            return torch.cat([torch.sigmoid(w), w.cumsum(-1) / w.shape[-1]], dim=1)
+
+        ours = sliding_window_inference(x, (8, 16, 16), 3, predictor, overlap=0.5, mode=mode)
+        with use_backend("torch"):
+            expected = sliding_window_inference(x, (8, 16, 16), 3, predictor, overlap=0.5, mode=mode)
+        err = (ours - expected).abs().max().item()
+        rows.append(
+            _row(f"sliding_window {mode} (Triton) vs PyTorch twin", err < 1e-5, f"max abs err {err:.1e}")
+        )
+    rng = random.Random(0)
+    ops, worst = window_ops_for(torch.device(device)), 0.0
+    for _ in range(50):
+        n, c = rng.randint(1, 3), rng.randint(1, 3)
+        size = [rng.randint(1, 40) for _ in range(3)]
+        roi = [rng.randint(1, s) for s in size]
+        b = rng.randint(1, 20)
+        starts = torch.tensor(
+            [
+                [rng.randrange(n)] + [rng.randint(0, s - r) for s, r in zip(size, roi, strict=True)]
+                for _ in range(b)
+            ]
+        ).to(device)
+        windows = torch.randn((b, c, *roi), device=device)
+        importance = torch.rand(roi, device=device) + 0.1
+        out, out64 = (
+            torch.zeros((n, c, *size), device=device),
+            torch.zeros((n, c, *size), device=device).double(),
+        )
+        weight, weight64 = (
+            torch.zeros((n, 1, *size), device=device),
+            torch.zeros((n, 1, *size), device=device).double(),
+        )
+        ops.accumulate_(out, weight, windows, starts, importance)
+        reference.window_accumulate_(out64, weight64, windows.double(), starts, importance.double())
+        gathered = ops.gather(torch.randn((n, c, *size), device=device), starts, roi)
+        worst = max(
+            worst, (out.double() - out64).abs().max().item(), (weight.double() - weight64).abs().max().item()
+        )
+        assert gathered.shape == (b, c, *roi)
+    rows.append(
+        _row("window ops (Triton, 50 random cases) vs float64", worst < 1e-4, f"max abs err {worst:.1e}")
+    )
+    return rows
+
+
+def _dense_layer_case(n, c_in, c_out, size, stride, padding, dilation, bias, channel_slice, device, dtype, g):
+    if channel_slice:
+        buffer = torch.randn((n, c_in + 9, *size), generator=g).to(memory_format=torch.channels_last_3d)
+        x = buffer[:, 3 : 3 + c_in]
+    else:
+        x = torch.randn((n, c_in, *size), generator=g).to(memory_format=torch.channels_last_3d)
+    x = (x * 1.5 + 0.3).to(device=device, dtype=dtype)
+    params = {
+        "weight": torch.randn((c_out, c_in, 3, 3, 3), generator=g) / (27 * c_in) ** 0.5,
+        "bias": torch.randn((c_out,), generator=g) if bias else None,
+        "bn_weight": torch.rand((c_in,), generator=g) + 0.5,
+        "bn_bias": torch.randn((c_in,), generator=g) * 0.5,
+        "running_mean": torch.zeros(c_in),
+        "running_var": torch.ones(c_in),
+    }
+    return (
+        x,
+        {k: (v.to(device) if v is not None else None) for k, v in params.items()},
+        (stride, padding, dilation),
+    )
+
+
+def _run_dense_layer(x, params, conv, training, backend, dtype, gy=None):
+    x = x.detach().to(dtype).requires_grad_(True) if x.dtype != dtype else x.detach().requires_grad_(True)
+
+    def cast(k, v):  # conv parameters in the compute dtype, BN parameters float32 (float64 for the reference)
+        return (
+            v.detach()
+            .clone()
+            .to(dtype if k in ("weight", "bias") or dtype == torch.float64 else torch.float32)
+        )
+
+    p = {k: cast(k, v) for k, v in params.items() if v is not None}
+    for k in ("weight", "bias", "bn_weight", "bn_bias"):
+        if k in p:
+            p[k].requires_grad_(True)
+    with use_backend(backend):
+        y = functional.bn_relu_conv3d(
+            x, p["weight"], p.get("bias"), p["bn_weight"], p["bn_bias"], p["running_mean"], p["running_var"],
+            training, 0.1, 1e-5, *conv,
+        )  # fmt: skip
+    gy = torch.randn_like(y, dtype=torch.float32) if gy is None else gy
+    y.backward(gy.to(y.dtype))
+    out = {"y": y, "grad_x": x.grad, "running_mean": p["running_mean"], "running_var": p["running_var"]}
+    out.update({f"grad_{k}": p[k].grad for k in ("weight", "bias", "bn_weight", "bn_bias") if k in p})
+    return out, gy
+
+
+DENSE_CASES = [  # (name, n, c_in, c_out, size, stride, padding, dilation, bias, channel_slice)
+    ("odd sizes", 2, 5, 16, (5, 7, 9), 1, 1, 1, False, False),
+    ("stride 2 + bias", 1, 40, 7, (6, 5, 7), 2, 1, 1, True, False),
+    ("dilation 2", 2, 19, 16, (7, 6, 9), 1, 2, 2, False, False),
+    ("channel slice, 100 ch", 2, 100, 16, (8, 16, 16), 1, 1, 1, False, True),
+]
+
+
+def check_bn_relu_conv3d(device: str = "cuda") -> list[dict]:
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False  # float32 checks: IEEE dots in the kernels
+    try:
+        for name, *spec in DENSE_CASES:
+            x, params, conv = _dense_layer_case(
+                *spec[:4], *spec[4:7], spec[7], spec[8], device, torch.float32, g
+            )
+            for training in (True, False):
+                got, gy = _run_dense_layer(x, params, conv, training, "triton", torch.float32)
+                exp, _ = _run_dense_layer(x, params, conv, training, "torch", torch.float64, gy)
+                errs = {k: _rel(got[k], v) for k, v in exp.items()}
+                worst = max(errs, key=errs.get)
+                rows.append(
+                    _row(
+                        f"bn_relu_conv3d fp32 {name} {'train' if training else 'eval'} vs float64",
+                        errs[worst] < 1e-4,
+                        f"worst {worst} rel {errs[worst]:.1e} over {len(errs)} tensors",
+                    )
+                )
+        for dtype in (torch.bfloat16, torch.float16):
+            x, params, conv = _dense_layer_case(
+                2, 100, 16, (8, 16, 16), 1, 1, 1, False, True, device, dtype, g
+            )
+            ours, gy = _run_dense_layer(x, params, conv, True, "triton", dtype)
+            eager, _ = _run_dense_layer(x, params, conv, True, "torch", dtype, gy)
+            exact, _ = _run_dense_layer(x, params, conv, True, "torch", torch.float64, gy)
+            ratios = {k: _rel(ours[k], exact[k]) / max(_rel(eager[k], exact[k]), 1e-30) for k in exact}
+            worst = max(ratios, key=ratios.get)
+            rows.append(
+                _row(
+                    f"bn_relu_conv3d {dtype} error / eager's error",
+                    ratios[worst] <= 2.0,
+                    f"worst {worst}: {ratios[worst]:.2f}x eager's error",
+                )
+            )
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    return rows
+
+
+CHECKS: list[tuple[str, Callable[[str], list[dict]]]] = [
+    ("sliding window", check_sliding_window),
+    ("bn_relu_conv3d", check_bn_relu_conv3d),
+]

@@ -1,0 +1,377 @@
+"""Triton kernels of the fused BatchNorm -> ReLU -> Conv3d layer. Launchers: ops/bn_relu_conv3d.py.
+
+Notation: x (N, C_in, D, H, W) the raw input; s, t (C_in,) float32 the BatchNorm scale and shift
+(s = gamma * rstd, t = beta - mean * s); a = relu(s * x + t) the normalised activation, which no kernel
+ever writes to memory: each one recomputes it from x while loading its tile. y (N, C_out, Do, Ho, Wo)
+the conv output; gy its gradient. All tensors are addressed through their strides (any layout, channel
+slices of a larger buffer included), with int64 offsets.
+
+Implicit GEMM: M = voxels, N = channels, K = taps x channels. Layout: with channels-last tensors
+(channel stride 1) the K dimension of every tile is contiguous in memory, so tile loads are coalesced
+along K and the dense block's shared buffer can be read as channel slices without copies; NCDHW works
+too (then loads are contiguous along M).
+
+Dot operands are cast to DOT_DTYPE (float16/bfloat16 on the GPU for half inputs, float32 in the
+interpreter, where bfloat16 dots are wrong); accumulation is always float32.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def bn_relu_conv3d_fwd_kernel(
+    x_ptr,  # (N, C_in, D, H, W), strides sx*
+    w_ptr,  # (taps, C_in, C_out) contiguous, DOT_DTYPE: w[tap, ci, co] = weight[co, ci, kd, kh, kw]
+    bias_ptr,  # (C_out,) or unused
+    scale_ptr,  # (C_in,) float32
+    shift_ptr,  # (C_in,) float32
+    y_ptr,  # (N, C_out, Do, Ho, Wo), strides sy*
+    M,  # N * Do * Ho * Wo
+    C_in,
+    C_out,
+    D,
+    H,
+    W,
+    Do,
+    Ho,
+    Wo,
+    sxn,
+    sxc,
+    sxd,
+    sxh,
+    sxw,
+    syn,
+    syc,
+    syd,
+    syh,
+    syw,
+    std,
+    sth,
+    stw,
+    pdd,
+    pdh,
+    pdw,
+    dld,
+    dlh,
+    dlw,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    ow = offs_m % Wo
+    oh = (offs_m // Wo) % Ho
+    od = (offs_m // (Wo * Ho)) % Do
+    n = offs_m // (Wo * Ho * Do)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < C_out
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in tl.static_range(KD * KH * KW):
+        kd = tap // (KH * KW)
+        kh = (tap // KW) % KH
+        kw = tap % KW
+        i_d = od * std - pdd + kd * dld
+        i_h = oh * sth - pdh + kh * dlh
+        i_w = ow * stw - pdw + kw * dlw
+        valid = mask_m & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
+        row = n * sxn + i_d * sxd + i_h * sxh + i_w * sxw
+        for c0 in range(0, C_in, BLOCK_K):
+            offs_k = c0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < C_in
+            a_mask = valid[:, None] & mask_k[None, :]
+            a = tl.load(x_ptr + row[:, None] + offs_k.to(tl.int64)[None, :] * sxc, mask=a_mask, other=0.0)
+            scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
+            shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
+            a = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+            a = tl.where(a_mask, a, 0.0)  # padding is zero *after* BN + ReLU, as in the Sequential
+            w_rows = (tap * C_in + offs_k).to(tl.int64) * C_out
+            w = tl.load(
+                w_ptr + w_rows[:, None] + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0
+            )
+            acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = n * syn + od * syd + oh * syh + ow * syw
+    y_mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(
+        y_ptr + out[:, None] + offs_n.to(tl.int64)[None, :] * syc, acc.to(y_ptr.dtype.element_ty), mask=y_mask
+    )
+
+
+@triton.jit
+def bn_relu_conv3d_dgrad_kernel(
+    gy_ptr,  # (N, C_out, Do, Ho, Wo), strides sg*
+    w_ptr,  # (taps, C_out, C_in) contiguous, DOT_DTYPE: w[tap, co, ci] = weight[co, ci, kd, kh, kw]
+    x_ptr,  # (N, C_in, D, H, W), strides sx*
+    scale_ptr,  # (C_in,) float32
+    shift_ptr,  # (C_in,) float32
+    mean_ptr,  # (C_in,) float32: the mean that normalised x (batch or running)
+    rstd_ptr,  # (C_in,) float32
+    gz_ptr,  # (M, C_in) float32 scratch: gradient w.r.t. s * x + t (STORE_GZ)
+    gx_ptr,  # (N, C_in, D, H, W), strides sd*: grad of x (when not STORE_GZ)
+    dgamma_ptr,  # (C_in,) float32, accumulated with atomics: sum of gz * xhat
+    dbeta_ptr,  # (C_in,) float32, accumulated with atomics: sum of gz
+    M,  # N * D * H * W (input voxels)
+    C_in,
+    C_out,
+    D,
+    H,
+    W,
+    Do,
+    Ho,
+    Wo,
+    sgn,
+    sgc,
+    sgd,
+    sgh,
+    sgw,
+    sxn,
+    sxc,
+    sxd,
+    sxh,
+    sxw,
+    sdn,
+    sdc,
+    sdd,
+    sdh,
+    sdw,
+    std,
+    sth,
+    stw,
+    pdd,
+    pdh,
+    pdw,
+    dld,
+    dlh,
+    dlw,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    STORE_GZ: tl.constexpr,  # training: keep gz for the batch-statistics pass; eval: write gx = gz * s
+    ACCUMULATE: tl.constexpr,  # add into gx instead of overwriting it
+    BN_GRADS: tl.constexpr,  # accumulate dgamma and dbeta
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # block of C_in (the output of this GEMM)
+    BLOCK_K: tl.constexpr,  # block of C_out (the reduction)
+):
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    w_ = offs_m % W
+    h_ = (offs_m // W) % H
+    d_ = (offs_m // (W * H)) % D
+    n = offs_m // (W * H * D)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < C_in
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tap in tl.static_range(KD * KH * KW):
+        kd = tap // (KH * KW)
+        kh = (tap // KW) % KH
+        kw = tap % KW
+        # output voxel o with o * stride = i + pad - k * dilation, when that is a whole, in-range o
+        nd = d_ + pdd - kd * dld
+        nh = h_ + pdh - kh * dlh
+        nw = w_ + pdw - kw * dlw
+        o_d = nd // std
+        o_h = nh // sth
+        o_w = nw // stw
+        valid = mask_m & (nd >= 0) & (nh >= 0) & (nw >= 0)
+        valid = valid & (nd % std == 0) & (nh % sth == 0) & (nw % stw == 0)
+        valid = valid & (o_d < Do) & (o_h < Ho) & (o_w < Wo)
+        row = n * sgn + o_d * sgd + o_h * sgh + o_w * sgw
+        for c0 in range(0, C_out, BLOCK_K):
+            offs_k = c0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < C_out
+            g = tl.load(
+                gy_ptr + row[:, None] + offs_k.to(tl.int64)[None, :] * sgc,
+                mask=valid[:, None] & mask_k[None, :],
+                other=0.0,
+            )
+            w_rows = (tap * C_out + offs_k).to(tl.int64) * C_in
+            w = tl.load(
+                w_ptr + w_rows[:, None] + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0
+            )
+            acc = tl.dot(g.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+
+    # Epilogue: through the ReLU mask (recomputed from x) and the BatchNorm affine map.
+    mask = mask_m[:, None] & mask_n[None, :]
+    x_row = n * sxn + d_ * sxd + h_ * sxh + w_ * sxw
+    x = tl.load(x_ptr + x_row[:, None] + offs_n.to(tl.int64)[None, :] * sxc, mask=mask, other=0.0).to(
+        tl.float32
+    )
+    scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
+    shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0)
+    gz = tl.where(mask & (x * scale[None, :] + shift[None, :] > 0.0), acc, 0.0)
+    if BN_GRADS:
+        mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0)
+        rstd = tl.load(rstd_ptr + offs_n, mask=mask_n, other=0.0)
+        xhat = (x - mean[None, :]) * rstd[None, :]
+        tl.atomic_add(dbeta_ptr + offs_n, tl.sum(gz, axis=0), mask=mask_n)
+        tl.atomic_add(dgamma_ptr + offs_n, tl.sum(gz * xhat, axis=0), mask=mask_n)
+    if STORE_GZ:
+        tl.store(gz_ptr + offs_m[:, None] * C_in + offs_n[None, :], gz, mask=mask)
+    else:
+        gx = gz * scale[None, :]
+        dst = (
+            gx_ptr + (n * sdn + d_ * sdd + h_ * sdh + w_ * sdw)[:, None] + offs_n.to(tl.int64)[None, :] * sdc
+        )
+        if ACCUMULATE:
+            gx += tl.load(dst, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dst, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_backward_finalize_kernel(
+    gz_ptr,  # (M, C) float32: gradient w.r.t. s * x + t
+    x_ptr,  # (N, C, D, H, W), strides sx*
+    gx_ptr,  # (N, C, D, H, W), strides sd*
+    scale_ptr,  # (C,) float32
+    mean_ptr,  # (C,) float32 batch mean
+    rstd_ptr,  # (C,) float32 batch rstd
+    dgamma_ptr,  # (C,) float32: sum of gz * xhat over all M voxels
+    dbeta_ptr,  # (C,) float32: sum of gz
+    M,
+    C,
+    D,
+    H,
+    W,
+    sxn,
+    sxc,
+    sxd,
+    sxh,
+    sxw,
+    sdn,
+    sdc,
+    sdd,
+    sdh,
+    sdw,
+    ACCUMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # Training-mode BatchNorm backward: gx = s * (gz - mean(gz) - xhat * mean(gz * xhat)).
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    mask = (offs_m < M)[:, None] & mask_c[None, :]
+    w_ = offs_m % W
+    h_ = (offs_m // W) % H
+    d_ = (offs_m // (W * H)) % D
+    n = offs_m // (W * H * D)
+    gz = tl.load(gz_ptr + offs_m[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+    x_row = n * sxn + d_ * sxd + h_ * sxh + w_ * sxw
+    x = tl.load(x_ptr + x_row[:, None] + offs_c.to(tl.int64)[None, :] * sxc, mask=mask, other=0.0).to(
+        tl.float32
+    )
+    scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
+    mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0)
+    rstd = tl.load(rstd_ptr + offs_c, mask=mask_c, other=0.0)
+    mean_gz = tl.load(dbeta_ptr + offs_c, mask=mask_c, other=0.0) / M
+    mean_gz_xhat = tl.load(dgamma_ptr + offs_c, mask=mask_c, other=0.0) / M
+    xhat = (x - mean[None, :]) * rstd[None, :]
+    gx = scale[None, :] * (gz - mean_gz[None, :] - xhat * mean_gz_xhat[None, :])
+    dst = gx_ptr + (n * sdn + d_ * sdd + h_ * sdh + w_ * sdw)[:, None] + offs_c.to(tl.int64)[None, :] * sdc
+    if ACCUMULATE:
+        gx += tl.load(dst, mask=mask, other=0.0).to(tl.float32)
+    tl.store(dst, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_relu_conv3d_wgrad_kernel(
+    x_ptr,  # (N, C_in, D, H, W), strides sx*
+    gy_ptr,  # (N, C_out, Do, Ho, Wo), strides sg*
+    scale_ptr,  # (C_in,) float32
+    shift_ptr,  # (C_in,) float32
+    gw_ptr,  # (taps, C_in, C_out) float32, accumulated with atomics
+    gb_ptr,  # (C_out,) float32, accumulated with atomics (HAS_BIAS)
+    M,  # N * Do * Ho * Wo (output voxels: the reduction)
+    M_PER_SPLIT,  # output voxels per program along grid axis 2
+    C_in,
+    C_out,
+    D,
+    H,
+    W,
+    Do,
+    Ho,
+    Wo,
+    sxn,
+    sxc,
+    sxd,
+    sxh,
+    sxw,
+    sgn,
+    sgc,
+    sgd,
+    sgh,
+    sgw,
+    std,
+    sth,
+    stw,
+    pdd,
+    pdh,
+    pdw,
+    dld,
+    dlh,
+    dlw,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # voxels per step (the reduction)
+    BLOCK_CI: tl.constexpr,
+    BLOCK_CO: tl.constexpr,
+):
+    # grid: (taps * ci_blocks, co_blocks, splits of M). gw[tap] = a_tap^T @ gy over this split's voxels.
+    ci_blocks = tl.cdiv(C_in, BLOCK_CI)
+    tap = tl.program_id(0) // ci_blocks
+    pid_ci = tl.program_id(0) % ci_blocks
+    kd = tap // (KH * KW)
+    kh = (tap // KW) % KH
+    kw = tap % KW
+    offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    offs_co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    mask_ci = offs_ci < C_in
+    mask_co = offs_co < C_out
+    scale = tl.load(scale_ptr + offs_ci, mask=mask_ci, other=0.0)
+    shift = tl.load(shift_ptr + offs_ci, mask=mask_ci, other=0.0)
+    acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+    g_sum = tl.zeros((BLOCK_CO,), dtype=tl.float32)
+    m_start = tl.program_id(2).to(tl.int64) * M_PER_SPLIT
+    m_end = tl.minimum(m_start + M_PER_SPLIT, M)
+    for m0 in range(m_start, m_end, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < m_end
+        ow = offs_m % Wo
+        oh = (offs_m // Wo) % Ho
+        od = (offs_m // (Wo * Ho)) % Do
+        n = offs_m // (Wo * Ho * Do)
+        i_d = od * std - pdd + kd * dld
+        i_h = oh * sth - pdh + kh * dlh
+        i_w = ow * stw - pdw + kw * dlw
+        valid = mask_m & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
+        a_mask = valid[:, None] & mask_ci[None, :]
+        x_row = n * sxn + i_d * sxd + i_h * sxh + i_w * sxw
+        a = tl.load(x_ptr + x_row[:, None] + offs_ci.to(tl.int64)[None, :] * sxc, mask=a_mask, other=0.0)
+        a = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+        a = tl.where(a_mask, a, 0.0)
+        g_row = n * sgn + od * sgd + oh * sgh + ow * sgw
+        g_mask = mask_m[:, None] & mask_co[None, :]
+        g = tl.load(gy_ptr + g_row[:, None] + offs_co.to(tl.int64)[None, :] * sgc, mask=g_mask, other=0.0)
+        acc = tl.dot(tl.trans(a.to(DOT_DTYPE)), g.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            g_sum += tl.sum(g.to(tl.float32), axis=0)
+    gw_rows = (tap * C_in + offs_ci).to(tl.int64) * C_out
+    tl.atomic_add(gw_ptr + gw_rows[:, None] + offs_co[None, :], acc, mask=mask_ci[:, None] & mask_co[None, :])
+    if HAS_BIAS:
+        if (tap == 0) & (pid_ci == 0):
+            tl.atomic_add(gb_ptr + offs_co, g_sum, mask=mask_co)

@@ -1,0 +1,92 @@
+"""Per-channel batch statistics (mean, biased variance) of a (N, C, D, H, W) tensor of any strides.
+
+One Triton pass reads the input once: each program reduces a block of BLOCK_M voxels x BLOCK_C channels
+to a partial (mean, M2) with a two-step centred sum over its tile (no E[x^2] - E[x]^2 cancellation);
+the partials are merged exactly with Chan's formula in float64 (a [programs, C] array, tiny next to x).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_M = 256
+BLOCK_C = 32
+
+
+@triton.jit
+def _channel_stats_partial_kernel(
+    x_ptr,  # (N, C, D, H, W), strides sx*
+    mean_ptr,  # (P, C) float32: mean of each program's voxels
+    m2_ptr,  # (P, C) float32: sum of squared deviations from that mean
+    M,  # N * D * H * W
+    C,
+    D,
+    H,
+    W,
+    sxn,
+    sxc,
+    sxd,
+    sxh,
+    sxw,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask_m = offs_m < M
+    mask = mask_m[:, None] & (offs_c < C)[None, :]
+    w = offs_m % W
+    h = (offs_m // W) % H
+    d = (offs_m // (W * H)) % D
+    n = offs_m // (W * H * D)
+    row = n * sxn + d * sxd + h * sxh + w * sxw
+    x = tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=mask, other=0.0).to(tl.float32)
+    count = tl.minimum(M - pid_m.to(tl.int64) * BLOCK_M, BLOCK_M).to(tl.float32)
+    mean = tl.sum(x, axis=0) / count
+    dev = tl.where(mask, x - mean[None, :], 0.0)
+    m2 = tl.sum(dev * dev, axis=0)
+    out = pid_m.to(tl.int64) * C + offs_c
+    tl.store(mean_ptr + out, mean, mask=offs_c < C)
+    tl.store(m2_ptr + out, m2, mask=offs_c < C)
+
+
+def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) per channel of x (N, C, D, H, W), both float32 (C,)."""
+    n, c, d, h, w = x.shape
+    m = n * d * h * w
+    programs = triton.cdiv(m, BLOCK_M)
+    means = torch.empty((programs, c), dtype=torch.float32, device=x.device)
+    m2s = torch.empty_like(means)
+    grid = (programs, triton.cdiv(c, BLOCK_C))
+    _channel_stats_partial_kernel[grid](
+        x, means, m2s, m, c, d, h, w, *x.stride(), BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C
+    )
+    counts = torch.full((programs, 1), float(BLOCK_M), dtype=torch.float64, device=x.device)
+    counts[-1] = m - (programs - 1) * BLOCK_M
+    means64, m2s64 = means.double(), m2s.double()
+    mean = (counts * means64).sum(0) / m
+    m2 = m2s64.sum(0) + (counts * (means64 - mean) ** 2).sum(0)
+    return mean.float(), (m2 / m).float()
+
+
+def update_running_stats_(
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance."""
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        if running_var is not None:
+            unbiased = var * (count / (count - 1))
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+__all__ = ["channel_stats", "update_running_stats_"]

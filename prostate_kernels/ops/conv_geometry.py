@@ -1,0 +1,77 @@
+"""Geometry of a 3D convolution: per-axis kernel, stride, padding, dilation; output size; checks."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+Triple = tuple[int, int, int]
+
+
+def _triple(value: int | Sequence[int], name: str) -> Triple:
+    values = (value,) * 3 if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
+    if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{name} {value!r} must be an int or 3 ints (D, H, W)")
+    return values  # type: ignore[return-value]
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Per-axis (D, H, W) settings of a conv3d with zero padding."""
+
+    kernel: Triple
+    stride: Triple
+    padding: Triple
+    dilation: Triple
+
+    @property
+    def taps(self) -> int:
+        return self.kernel[0] * self.kernel[1] * self.kernel[2]
+
+    def output_size(self, size: Sequence[int]) -> Triple:
+        """(Do, Ho, Wo) of an input of spatial size (D, H, W): PyTorch's formula."""
+        out = tuple(
+            (s + 2 * p - d * (k - 1) - 1) // st + 1
+            for s, k, st, p, d in zip(
+                size, self.kernel, self.stride, self.padding, self.dilation, strict=True
+            )
+        )
+        if min(out) < 1:
+            raise ValueError(
+                f"input of spatial size {tuple(size)} is too small for kernel {self.kernel} with padding "
+                f"{self.padding} and dilation {self.dilation}: output size would be {out}"
+            )
+        return out  # type: ignore[return-value]
+
+
+def conv_geometry(
+    kernel: Sequence[int],
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+) -> ConvGeometry:
+    """Checked ConvGeometry; padding may be "same" (stride 1, odd kernel) or "valid"."""
+    kernel = _triple(tuple(kernel), "kernel_size")
+    stride = _triple(stride, "stride")
+    dilation = _triple(dilation, "dilation")
+    if min(kernel) < 1:
+        raise ValueError(f"kernel_size {kernel} must be positive")
+    if min(stride) < 1:
+        raise ValueError(f"stride {stride} must be positive")
+    if min(dilation) < 1:
+        raise ValueError(f"dilation {dilation} must be positive")
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = 0
+        elif padding == "same":
+            if stride != (1, 1, 1):
+                raise ValueError(f"padding='same' needs stride 1, got stride {stride}")
+            if any(k % 2 == 0 for k in kernel):
+                raise ValueError(f"padding='same' with an even kernel_size {kernel} is not supported")
+            padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
+        else:
+            raise ValueError(f"padding {padding!r} must be an int, 3 ints, 'same' or 'valid'")
+    padding = _triple(padding, "padding")
+    if min(padding) < 0:
+        raise ValueError(f"padding {padding} must be >= 0")
+    return ConvGeometry(kernel, stride, padding, dilation)

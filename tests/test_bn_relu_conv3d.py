@@ -1,0 +1,336 @@
+"""Fused BN -> ReLU -> Conv3d: the Triton kernels (interpreter on CPU) against a float64 reference.
+
+Every check covers the output and all gradients (x, conv weight and bias, BN weight and bias) and the
+running statistics. The reference is the eager PyTorch Sequential computed in float64.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from prostate_kernels import functional, reference, use_backend
+from prostate_kernels.nn import BNReLUConv3d
+
+# float32 kernels against float64: sums of up to 27 * C_in float32 products; relative to the largest
+# magnitude of each compared tensor, a few 1e-6 (measured ~5e-7); 2e-5 leaves room, not slack for bugs.
+RTOL32 = 2e-5
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    n: int
+    c_in: int
+    c_out: int
+    size: tuple[int, int, int]
+    kernel: tuple[int, int, int] = (3, 3, 3)
+    stride: int = 1
+    padding: int | tuple[int, int, int] = 1
+    dilation: int = 1
+    bias: bool = False
+    layout: str = "contiguous"  # "contiguous" | "channel_slice" | "transposed"
+
+
+CASES = [
+    Case("odd-sizes", 2, 5, 16, (5, 7, 9)),
+    Case("stride2-n1-bias", 1, 20, 7, (6, 5, 7), stride=2, bias=True),
+    Case("dilation2", 2, 3, 16, (7, 6, 5), padding=2, dilation=2),
+    Case("channel-slice", 2, 7, 16, (4, 5, 6), layout="channel_slice"),
+    Case("non-contiguous", 2, 4, 16, (4, 5, 6), layout="transposed"),
+    Case("anisotropic-kernel-2-k-blocks", 1, 40, 16, (3, 6, 5), kernel=(1, 3, 3), padding=(0, 1, 1)),
+]
+
+
+def make_input(case: Case, generator: torch.Generator, dtype=torch.float32) -> torch.Tensor:
+    """x of shape (N, C_in, *size) laid out as the case says (a view, never a copy)."""
+    n, c, size = case.n, case.c_in, case.size
+    if case.layout == "channel_slice":  # channels [2, 2 + C) of a channels-last buffer with 12 channels
+        buffer = torch.randn((n, 12, *size), generator=generator).to(memory_format=torch.channels_last_3d)
+        x = buffer[:, 2 : 2 + c]
+        assert x.stride(1) == 1 and not x.is_contiguous()
+    elif case.layout == "transposed":
+        x = torch.randn((n, c, size[2], size[1], size[0]), generator=generator).transpose(2, 4)
+        assert not x.is_contiguous()
+    else:
+        x = torch.randn((n, c, *size), generator=generator)
+    return (x * 1.5 + 0.3).to(dtype)  # non-zero mean: the BN statistics matter
+
+
+def make_params(case: Case, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    fan_in = case.c_in * case.kernel[0] * case.kernel[1] * case.kernel[2]
+    return {
+        "weight": torch.randn((case.c_out, case.c_in, *case.kernel), generator=generator) / fan_in**0.5,
+        "bias": torch.randn((case.c_out,), generator=generator) if case.bias else None,
+        "bn_weight": torch.rand((case.c_in,), generator=generator) + 0.5,
+        "bn_bias": torch.randn((case.c_in,), generator=generator) * 0.5,
+        "running_mean": torch.randn((case.c_in,), generator=generator) * 0.1,
+        "running_var": torch.rand((case.c_in,), generator=generator) + 0.5,
+    }
+
+
+def run(x, params, case: Case, training: bool, backend: str, dtype=None, grad_out=None):
+    """Output, grads (x, weight, bias, bn_weight, bn_bias) and running stats of one step."""
+    dtype = dtype or x.dtype
+    x = x.detach().clone() if x.is_contiguous() else x.detach()  # keep the view's strides
+    x = x.to(dtype) if x.dtype != dtype else x
+    x.requires_grad_(True)
+
+    def cast(k, v):  # conv parameters in the compute dtype, BatchNorm parameters and statistics in float32
+        return v.detach().clone().to(dtype if k in ("weight", "bias") else torch.float32)
+
+    p = {k: cast(k, v) for k, v in params.items() if v is not None}
+    if dtype == torch.float64:
+        p = {k: v.double() for k, v in p.items()}
+    for k in ("weight", "bias", "bn_weight", "bn_bias"):
+        if k in p:
+            p[k].requires_grad_(True)
+    with use_backend(backend):
+        y = functional.bn_relu_conv3d(
+            x, p["weight"], p.get("bias"), p["bn_weight"], p["bn_bias"], p["running_mean"], p["running_var"],
+            training, 0.1, 1e-5, case.stride, case.padding, case.dilation,
+        )  # fmt: skip
+    gy = (
+        grad_out if grad_out is not None else torch.randn(y.shape, generator=torch.Generator().manual_seed(9))
+    )
+    y.backward(gy.to(y.dtype))
+    out = {"y": y, "grad_x": x.grad}
+    out.update({f"grad_{k}": p[k].grad for k in ("weight", "bias", "bn_weight", "bn_bias") if k in p})
+    out.update(running_mean=p["running_mean"], running_var=p["running_var"])
+    return out, gy
+
+
+def max_rel_error(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return (
+        (got.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-12)
+    ).item()
+
+
+# training on every case; eval on the contiguous ones (keeps the interpreter time down)
+MODES = [(c, True) for c in CASES] + [(c, False) for c in CASES if c.layout == "contiguous"]
+
+
+@pytest.mark.parametrize(
+    "case,training", MODES, ids=lambda v: v.name if isinstance(v, Case) else ("eval", "train")[v]
+)
+def test_triton_matches_float64_reference(case: Case, training: bool):
+    g = torch.Generator().manual_seed(0)
+    x, params = make_input(case, g), make_params(case, g)
+    got, gy = run(x, params, case, training, "triton")
+    expected, _ = run(x, params, case, training, "torch", dtype=torch.float64, grad_out=gy)
+    assert got["y"].dtype == torch.float32 and got["grad_x"].shape == x.shape
+    for key, value in expected.items():
+        assert key in got and got[key] is not None, key
+        err = max_rel_error(got[key], value)
+        assert err < RTOL32, f"{key}: relative error {err:.2e}"
+
+
+def test_running_statistics_after_two_training_steps():
+    """Module path, momentum 0.1 and momentum=None (cumulative average), num_batches_tracked."""
+    for momentum in (0.1, None):
+        torch.manual_seed(3)
+        fused = BNReLUConv3d(6, 16, momentum=momentum, bias=True)
+        eager = nn.Sequential(
+            OrderedDict(
+                norm=nn.BatchNorm3d(6, momentum=momentum), relu=nn.ReLU(), conv=nn.Conv3d(6, 16, 3, padding=1)
+            )
+        ).double()
+        eager.load_state_dict({k: v.double() for k, v in fused.state_dict().items()})
+        for step in range(2):
+            x = torch.randn((2, 6, 4, 5, 6), generator=torch.Generator().manual_seed(step)) + step
+            with use_backend("triton"):
+                fused(x).square().mean().backward()
+            eager(x.double()).square().mean().backward()
+        for name in ("running_mean", "running_var"):
+            err = max_rel_error(getattr(fused.norm, name), getattr(eager.norm, name))
+            assert err < RTOL32, f"momentum={momentum} {name}: {err:.2e}"
+        assert fused.norm.num_batches_tracked.item() == eager.norm.num_batches_tracked.item() == 2
+        assert max_rel_error(fused.conv.weight.grad, eager.conv.weight.grad) < RTOL32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_error_is_comparable_to_pytorch(dtype):
+    """Error against float64 at most 2x that of eager PyTorch in the same dtype (the CPU's own
+    float16/bfloat16 conv3d), plus 2 units in the last place of the output dtype: the Triton
+    interpreter rounds float32 -> bfloat16 with up to 2 ulp error where GPUs round to nearest."""
+    case = CASES[0]
+    g = torch.Generator().manual_seed(1)
+    x, params = make_input(case, g), make_params(case, g)
+    x_low = x.to(dtype)
+    ours, gy = run(x_low, params, case, True, "triton", dtype=dtype)
+    eager, _ = run(x_low, params, case, True, "torch", dtype=dtype, grad_out=gy)
+    exact, _ = run(x_low, params, case, True, "torch", dtype=torch.float64, grad_out=gy.to(dtype))
+    ulp = torch.finfo(dtype).eps
+    for key in ("y", "grad_x", "grad_weight", "grad_bn_weight", "grad_bn_bias"):
+        assert ours[key].dtype == eager[key].dtype, key
+        ours_err, eager_err = max_rel_error(ours[key], exact[key]), max_rel_error(eager[key], exact[key])
+        assert ours_err <= 2 * eager_err + 2 * ulp, f"{key}: ours {ours_err:.2e} vs eager {eager_err:.2e}"
+
+
+def test_autocast_matches_eager_autocast():
+    """Under autocast the conv runs in the autocast dtype, BatchNorm in float32, as in the Sequential."""
+    case = CASES[0]
+    g = torch.Generator().manual_seed(2)
+    x, params = make_input(case, g), make_params(case, g)
+    outputs = {}
+    for backend in ("triton", "torch"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs[backend], _ = run(x, params, case, True, backend)
+    assert outputs["triton"]["y"].dtype == outputs["torch"]["y"].dtype == torch.bfloat16
+    assert outputs["triton"]["grad_x"].dtype == torch.float32
+    for key in ("y", "grad_x", "grad_weight", "running_mean", "running_var"):
+        err = max_rel_error(outputs["triton"][key], outputs["torch"][key])
+        assert err < 2e-2, f"{key}: {err:.2e}"  # both round operands to bfloat16 (eps 7.8e-3)
+
+
+def test_nothing_but_the_input_and_channel_vectors_is_saved_for_backward():
+    case = CASES[0]
+    g = torch.Generator().manual_seed(4)
+    x, params = make_input(case, g), make_params(case, g)
+    x.requires_grad_(True)
+    w = params["weight"].requires_grad_(True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        with use_backend("triton"):
+            functional.bn_relu_conv3d(
+                x, w, None, params["bn_weight"], params["bn_bias"], params["running_mean"],
+                params["running_var"], True,
+            )  # fmt: skip
+    big = [t for t in saved if t.numel() > case.c_in]
+    assert {t.data_ptr() for t in big} == {x.data_ptr(), w.data_ptr()}, [tuple(t.shape) for t in big]
+
+
+def test_forward_writes_every_output_element():
+    from prostate_kernels.ops.bn_relu_conv3d import conv_forward
+    from prostate_kernels.ops.conv_geometry import conv_geometry
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn((2, 5, 5, 7, 9), generator=g)
+    w = torch.randn((16, 5, 3, 3, 3), generator=g)
+    geometry = conv_geometry((3, 3, 3), 1, 1, 1)
+    out = torch.full((2, 16, 5, 7, 9), float("nan"))
+    with use_backend("triton"):
+        conv_forward(x, w, None, torch.ones(5), torch.zeros(5), geometry, torch.float32, out=out)
+    assert not out.isnan().any()
+    expected = torch.nn.functional.conv3d(x.relu(), w, padding=1)
+    assert max_rel_error(out, expected) < RTOL32
+
+
+# ---------------------------------------------------------------------------------------- module
+
+
+def _sequential(c_in=6, c_out=16, **conv):
+    return nn.Sequential(
+        OrderedDict(
+            norm=nn.BatchNorm3d(c_in), relu=nn.ReLU(inplace=True), conv=nn.Conv3d(c_in, c_out, 3, **conv)
+        )
+    )
+
+
+def test_state_dict_loads_both_ways_and_cpu_path_equals_sequential():
+    torch.manual_seed(5)
+    seq = _sequential(padding=1, bias=False)
+    fused = BNReLUConv3d(6, 16)
+    assert set(fused.state_dict()) == set(seq.state_dict())
+    fused.load_state_dict(seq.state_dict())
+    seq.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 6, 4, 5, 6)
+    assert torch.equal(fused(x), seq(x))  # "auto" on the CPU runs the PyTorch twin: identical
+    assert torch.equal(fused.norm.running_mean, seq.norm.running_mean)
+    fused.eval(), seq.eval()
+    assert torch.equal(fused(x), seq(x))
+
+
+def test_from_sequential_copies_weights_settings_and_mode():
+    torch.manual_seed(6)
+    seq = _sequential(padding=2, dilation=2, bias=True).eval()
+    fused = BNReLUConv3d.from_sequential(seq)
+    assert not fused.training and fused.conv.dilation == (2, 2, 2) and fused.out_channels == 16
+    x = torch.randn(1, 6, 6, 6, 6)
+    with use_backend("triton"):
+        assert max_rel_error(fused(x), seq(x)) < RTOL32
+    assert fused.conv.weight.data_ptr() != seq.conv.weight.data_ptr()  # a copy: seq untouched
+
+
+def test_from_sequential_rejects_other_structures():
+    with pytest.raises(ValueError, match="BatchNorm3d, ReLU, Conv3d"):
+        BNReLUConv3d.from_sequential(nn.Sequential(nn.ReLU(), nn.BatchNorm3d(4), nn.Conv3d(4, 4, 3)))
+    with pytest.raises(ValueError, match="groups=2"):
+        BNReLUConv3d.from_sequential(
+            nn.Sequential(nn.BatchNorm3d(4), nn.ReLU(), nn.Conv3d(4, 4, 3, groups=2))
+        )
+    with pytest.raises(ValueError, match="'reflect'"):
+        BNReLUConv3d.from_sequential(
+            nn.Sequential(nn.BatchNorm3d(4), nn.ReLU(), nn.Conv3d(4, 4, 3, padding=1, padding_mode="reflect"))
+        )
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+
+def _good():
+    return dict(
+        x=torch.randn(2, 4, 5, 5, 5),
+        weight=torch.randn(8, 4, 3, 3, 3),
+        bias=None,
+        bn_weight=torch.ones(4),
+        bn_bias=torch.zeros(4),
+        running_mean=torch.zeros(4),
+        running_var=torch.ones(4),
+        training=True,
+    )
+
+
+BAD = [
+    (dict(x=torch.randn(4, 5, 5, 5)), ValueError, r"x must be 5-D .* \(4, 5, 5, 5\)"),
+    (dict(weight=torch.randn(8, 4, 3, 3)), ValueError, r"weight must be 5-D .* \(8, 4, 3, 3\)"),
+    (dict(weight=torch.randn(8, 3, 3, 3, 3)), ValueError, r"expects 3 input channels but x .* has 4"),
+    (dict(bias=torch.randn(7)), ValueError, r"bias must have shape \(8,\), got \(7,\)"),
+    (dict(bn_weight=torch.ones(5)), ValueError, r"bn_weight must have shape \(4,\), got \(5,\)"),
+    (dict(running_var=None), ValueError, r"both running_mean and running_var"),
+    (dict(x=torch.randn(2, 4, 5, 5, 5).long()), TypeError, r"floating point, got torch.int64"),
+    (dict(weight=torch.randn(8, 4, 3, 3, 3).double()), TypeError, r"weight dtype torch.float64"),
+    (dict(weight=torch.randn(8, 4, 2, 2, 2), padding="same"), ValueError, r"even kernel_size \(2, 2, 2\)"),
+    (dict(stride=2, padding="same"), ValueError, r"'same' needs stride 1"),
+    (dict(padding=-1), ValueError, r"padding \(-1, -1, -1\)"),
+    (dict(dilation=0), ValueError, r"dilation \(0, 0, 0\)"),
+    (dict(x=torch.randn(1, 4, 2, 2, 2), padding=0), ValueError, r"output size would be \(0, 0, 0\)"),
+    (dict(x=torch.randn(1, 4, 1, 1, 1)), ValueError, r"more than 1 value per channel"),
+    (dict(momentum=1.5), ValueError, r"momentum 1.5"),
+    (dict(eps=0.0), ValueError, r"eps 0.0"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("overrides,error,pattern", BAD)
+def test_bad_arguments_raise_naming_them(backend, overrides, error, pattern):
+    args = _good()
+    args.update(overrides)
+    with use_backend(backend), pytest.raises(error, match=pattern):
+        functional.bn_relu_conv3d(**args)
+
+
+def test_triton_rejects_float64_with_a_clear_error():
+    args = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in _good().items()}
+    with use_backend("triton"), pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        functional.bn_relu_conv3d(**args)
+    with use_backend("torch"):  # the PyTorch twin takes float64
+        assert functional.bn_relu_conv3d(**args).dtype == torch.float64
+
+
+def test_reference_is_the_eager_sequential():
+    """The twin is literally the Sequential's computation (guards the oracle itself)."""
+    torch.manual_seed(7)
+    seq = _sequential(padding=1, bias=True)
+    x = torch.randn(2, 6, 4, 4, 4)
+    p = dict(seq.named_parameters())
+    rm, rv = seq.norm.running_mean.clone(), seq.norm.running_var.clone()
+    got = reference.bn_relu_conv3d(
+        x, p["conv.weight"], p["conv.bias"], p["norm.weight"], p["norm.bias"], rm, rv, True, 0.1, 1e-5,
+        (1, 1, 1), (1, 1, 1), (1, 1, 1),
+    )  # fmt: skip
+    assert torch.equal(got, seq(x)) and torch.equal(rm, seq.norm.running_mean)
