@@ -169,9 +169,27 @@ def check_bn_relu_conv3d(device: str = "cuda") -> list[dict]:
                     f"worst {worst}: {ratios[worst]:.2f}x eager's error",
                 )
             )
+        rows.append(_check_int64_offsets(device))
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     return rows
+
+
+def _check_int64_offsets(device: str) -> dict:
+    """Every 108th channel of a 2.7e9-element buffer: x spans 2.8e9 elements, so its offsets need int64."""
+    buffer = torch.zeros((1, 2600, 16, 256, 256), device=device, dtype=torch.bfloat16)
+    g = torch.Generator(device=device).manual_seed(1)
+    x = buffer[:, ::108]  # 25 channels, channel stride 108 * 2^20
+    x.normal_(generator=g)
+    w = torch.randn((16, 25, 3, 3, 3), device=device, dtype=torch.bfloat16, generator=g) / 15
+    args = (None, torch.ones(25, device=device), torch.zeros(25, device=device), None, None, True)
+    with use_backend("triton"):
+        y = functional.bn_relu_conv3d(x, w, *args)
+    with use_backend("torch"):
+        expected = functional.bn_relu_conv3d(x.float(), w.float(), *args)
+    err = _rel(y, expected)
+    del buffer
+    return _row("bn_relu_conv3d on a slice past 2^31 elements (bf16)", err < 2e-2, f"rel err {err:.1e}")
 
 
 CHECKS: list[tuple[str, Callable[[str], list[dict]]]] = [

@@ -220,6 +220,26 @@ def test_forward_writes_every_output_element():
     assert max_rel_error(out, expected) < RTOL32
 
 
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["train", "eval"])
+def test_input_gradient_writes_every_element(batch_stats):
+    from prostate_kernels.ops.bn_relu_conv3d import conv_input_grad
+    from prostate_kernels.ops.conv_geometry import conv_geometry
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn((2, 5, 4, 5, 6), generator=g)
+    gy = torch.randn((2, 16, 4, 5, 6), generator=g)
+    w = torch.randn((16, 5, 3, 3, 3), generator=g)
+    mean, rstd = x.mean((0, 2, 3, 4)), x.var((0, 2, 3, 4), unbiased=False).add(1e-5).rsqrt()
+    scale, shift = rstd, -mean * rstd
+    poisoned = torch.full_like(x, float("nan"))
+    with use_backend("triton"):
+        grad_x, _, _ = conv_input_grad(
+            x, gy, w, scale, shift, mean, rstd, conv_geometry((3, 3, 3), 1, 1, 1), torch.float32, batch_stats,
+            grad_input=poisoned,
+        )  # fmt: skip
+    assert grad_x.data_ptr() == poisoned.data_ptr() and not grad_x.isnan().any()
+
+
 # ---------------------------------------------------------------------------------------- module
 
 
