@@ -46,6 +46,7 @@ test: lint
 bench: setup
 	$(PY) bench/bench_sliding_window.py
 	$(PY) bench/bench_bn_relu_conv3d.py
+	$(PY) bench/bench_dense_block.py
 
 clean:
 	rm -rf build *.egg-info $(VENV) demo_out .pytest_cache .ruff_cache

@@ -76,6 +76,7 @@ def main() -> None:
     sections = [
         ("sliding window timing", _sliding_window_timing),
         ("bn_relu_conv3d timing", _bn_relu_conv3d_timing),
+        ("dense block timing and memory", _dense_block_timing),
     ]
     for name, section in sections:
         if time.time() - t0 > BUDGET_S:
@@ -107,6 +108,14 @@ def _bn_relu_conv3d_timing(out: Path) -> str:
     fused = [r for r in rows if r["provider"] == "fused triton" and "16x64x64" in r["shape"]]
     speedups = ", ".join(f"{r['speedup_vs_eager']}x/{r.get('speedup_vs_compile', '-')}x" for r in fused)
     return f"full-res fwd+bwd speed-up vs eager/compile: {speedups}"
+
+
+def _dense_block_timing(out: Path) -> str:
+    import bench_dense_block
+
+    rows = bench_dense_block.main(["--device", "cuda"], out_dir=out)
+    target = [r for r in rows if r["block"].startswith("12-layer") and r["variant"] == "ours"][0]
+    return f"12-layer block: time {target['time_vs_naive']}x naive, peak {target['memory_vs_naive']}x naive"
 
 
 if __name__ == "__main__":

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from prostate_kernels import functional
+from prostate_kernels import backend, functional, reference
+from prostate_kernels.ops.dense_block import BlockSpec, LayerSpec, dense_block
+from prostate_kernels.ops.seeded_dropout import draw_seeds, dropout_scale
 
-__all__ = ["BNReLUConv3d"]
+__all__ = ["BNReLUConv3d", "DenseBlock3d"]
+
+
+@dataclass(frozen=True)
+class BatchNormStep:
+    """What one forward of a BatchNorm does with statistics (see BNReLUConv3d.batch_norm_step)."""
+
+    running_mean: torch.Tensor | None  # updated in place when batch_stats (None: not tracked)
+    running_var: torch.Tensor | None
+    batch_stats: bool  # normalise with the batch's own statistics (else with the running ones)
+    momentum: float
 
 
 class BNReLUConv3d(nn.Module):
@@ -48,29 +61,38 @@ class BNReLUConv3d(nn.Module):
         return self.conv.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.batch_norm_step()
+        return functional.bn_relu_conv3d(
+            x,
+            self.conv.weight,
+            self.conv.bias,
+            self.norm.weight,
+            self.norm.bias,
+            bn.running_mean,
+            bn.running_var,
+            bn.batch_stats,
+            bn.momentum,
+            self.norm.eps,
+            self.conv.stride,
+            self.conv.padding,
+            self.conv.dilation,
+        )
+
+    def batch_norm_step(self) -> BatchNormStep:
+        """The running-statistics bookkeeping of nn.BatchNorm3d.forward, step for step: increments
+        num_batches_tracked in training and says which statistics this forward uses and updates."""
         norm = self.norm
-        # The running-statistics bookkeeping of nn.BatchNorm3d.forward, step for step.
         momentum = 0.0 if norm.momentum is None else norm.momentum
         if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
             norm.num_batches_tracked.add_(1)
             if norm.momentum is None:
                 momentum = 1.0 / float(norm.num_batches_tracked)
-        batch_stats = norm.training or (norm.running_mean is None and norm.running_var is None)
         use_running = not norm.training or norm.track_running_stats
-        return functional.bn_relu_conv3d(
-            x,
-            self.conv.weight,
-            self.conv.bias,
-            norm.weight,
-            norm.bias,
-            norm.running_mean if use_running else None,
-            norm.running_var if use_running else None,
-            batch_stats,
-            momentum,
-            norm.eps,
-            self.conv.stride,
-            self.conv.padding,
-            self.conv.dilation,
+        return BatchNormStep(
+            running_mean=norm.running_mean if use_running else None,
+            running_var=norm.running_var if use_running else None,
+            batch_stats=norm.training or (norm.running_mean is None and norm.running_var is None),
+            momentum=momentum,
         )
 
     @classmethod
@@ -101,3 +123,101 @@ class BNReLUConv3d(nn.Module):
         fused.conv = copy.deepcopy(conv)
         fused.train(sequential.training)
         return fused
+
+
+class DenseBlock3d(nn.Module):
+    """FC-DenseNet dense block: each layer is BN -> ReLU -> conv 3x3x3 (growth_rate) -> dropout and reads
+    the concatenation of the block input and every earlier layer's features.
+
+    Output: that whole concatenation (return_input=True, the down path of Tiramisu) or only the new
+    features (return_input=False, the up path); `out_channels` says how many channels.
+
+    memory_efficient=True keeps one shared buffer instead of concatenating at every layer, computes each
+    channel's batch statistics once, and saves nothing per layer for backward (see ops/dense_block.py);
+    memory_efficient=False is the naive torch.cat block (the reference and the benchmark baseline). Both
+    have the same state_dict (layers.<i>.norm.*, layers.<i>.conv.*) and, given the same torch seed, the
+    same dropout masks.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        growth_rate: int = 16,
+        num_layers: int = 4,
+        dropout: float = 0.2,
+        return_input: bool = True,
+        memory_efficient: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, value in (
+            ("in_channels", in_channels),
+            ("growth_rate", growth_rate),
+            ("num_layers", num_layers),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"DenseBlock3d: {name} {value!r} must be a positive int")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"DenseBlock3d: dropout {dropout!r} must be in [0, 1)")
+        self.in_channels, self.growth_rate, self.dropout = in_channels, growth_rate, float(dropout)
+        self.return_input, self.memory_efficient = return_input, memory_efficient
+        self.layers = nn.ModuleList(
+            BNReLUConv3d(in_channels + i * growth_rate, growth_rate) for i in range(num_layers)
+        )
+        new = num_layers * growth_rate
+        self.out_channels = in_channels + new if return_input else new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != self.in_channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"DenseBlock3d expects (N, {self.in_channels}, D, H, W) input, got {shape}")
+        steps = [layer.batch_norm_step() for layer in self.layers]
+        p = self.dropout if self.training else 0.0
+        seeds = tuple(draw_seeds(len(self.layers))) if p > 0 else (0,) * len(self.layers)
+        if self.memory_efficient:
+            out = self._efficient(x, steps, seeds, p)
+        else:
+            out = self._naive(x, steps, seeds, p)
+        return out if self.return_input or not self.memory_efficient else out[:, self.in_channels :]
+
+    def _efficient(self, x, steps, seeds, p) -> torch.Tensor:
+        engine = "triton" if backend.resolve(x.device) == "triton" else "torch"
+        compute_dtype = x.dtype
+        if torch.is_autocast_enabled(x.device.type):
+            compute_dtype = torch.get_autocast_dtype(x.device.type)
+        spec = BlockSpec(
+            in_channels=self.in_channels,
+            growth=self.growth_rate,
+            layers=tuple(
+                LayerSpec(s.batch_stats, s.momentum, layer.norm.eps, s.running_mean is not None)
+                for s, layer in zip(steps, self.layers, strict=True)
+            ),
+            dropout=p,
+            seeds=seeds,
+            engine=engine,
+            compute_dtype=compute_dtype,
+        )
+        params = []
+        for step, layer in zip(steps, self.layers, strict=True):
+            params += [
+                layer.conv.weight,
+                layer.norm.weight,
+                layer.norm.bias,
+                step.running_mean,
+                step.running_var,
+            ]
+        return dense_block(x, spec, params)
+
+    def _naive(self, x, steps, seeds, p) -> torch.Tensor:
+        """torch.cat at every layer, eager BN -> ReLU -> conv, the same seeded dropout masks."""
+        features = [x]
+        for step, layer, seed in zip(steps, self.layers, seeds, strict=True):
+            inputs = torch.cat(features, dim=1)
+            y = reference.bn_relu_conv3d(
+                inputs, layer.conv.weight, layer.conv.bias, layer.norm.weight, layer.norm.bias,
+                step.running_mean, step.running_var, step.batch_stats, step.momentum, layer.norm.eps,
+                layer.conv.stride, layer.conv.padding, layer.conv.dilation,
+            )  # fmt: skip
+            if p > 0:
+                y = (y * dropout_scale(seed, tuple(y.shape), p, y.device)).to(y.dtype)
+            features.append(y)
+        return torch.cat(features if self.return_input else features[1:], dim=1)

@@ -58,6 +58,7 @@ _wgrad = triton.autotune(
 
 FINALIZE_BLOCK_M = 64
 FINALIZE_BLOCK_C = 32
+SCRATCH_BYTES = 64 * 2**20  # bound of the float32 gz scratch of the training-mode input gradient
 
 
 def _block_for(channels: int) -> int:
@@ -173,16 +174,36 @@ def conv_input_grad(
     """(grad of x, sum over voxels of gz * xhat, sum of gz), gz the gradient w.r.t. the BN output.
 
     batch_stats: x was normalised with its own batch statistics (training mode), so the gradient also
-    flows through mean and variance. grad_input: write (or, with accumulate, add) the result there.
+    flows through mean and variance; this needs a float32 scratch of gz, bounded by SCRATCH_BYTES by
+    working on blocks of input channels in turn. grad_input: write (or, with accumulate, add) there.
     """
     n, c_in, d, h, w = x.shape
-    _, c_out, do, ho, wo = gy.shape
     m = n * d * h * w
     if grad_input is None:
         grad_input = torch.empty_like(x, memory_format=torch.preserve_format)
     dgamma = torch.zeros((c_in,), dtype=torch.float32, device=x.device)
     dbeta = torch.zeros_like(dgamma)
-    gz = torch.empty((m, c_in), dtype=torch.float32, device=x.device) if batch_stats else dgamma
+    chunk = c_in
+    if batch_stats and m * c_in * 4 > SCRATCH_BYTES:
+        chunk = max(64, SCRATCH_BYTES // (m * 4) // 64 * 64)
+    gz = torch.empty((m, min(chunk, c_in)), dtype=torch.float32, device=x.device) if batch_stats else dgamma
+    for c0 in range(0, c_in, chunk):
+        c = slice(c0, min(c0 + chunk, c_in))
+        _input_grad_block(
+            x[:, c], gy, weight[:, c], scale[c], shift[c], mean[c], rstd[c], geometry, compute_dtype,
+            batch_stats, grad_input[:, c], accumulate, gz, dgamma[c], dbeta[c],
+        )  # fmt: skip
+    return grad_input, dgamma, dbeta
+
+
+def _input_grad_block(
+    x, gy, weight, scale, shift, mean, rstd, geometry, compute_dtype, batch_stats, grad_input, accumulate,
+    gz, dgamma, dbeta,
+) -> None:  # fmt: skip
+    """conv_input_grad on one block of input channels (x, weight, vectors and grad_input sliced alike)."""
+    n, c_in, d, h, w = x.shape
+    _, c_out, do, ho, wo = gy.shape
+    m = n * d * h * w
     dot_dtype, precision = _dot_setup(compute_dtype)
     # (C_out, C_in, kd, kh, kw) -> (taps, C_out, C_in)
     w_taps = weight.permute(2, 3, 4, 0, 1).reshape(geometry.taps, c_out, c_in).to(compute_dtype).contiguous()
@@ -205,7 +226,6 @@ def conv_input_grad(
             *x.stride(), *grad_input.stride(), ACCUMULATE=accumulate,
             BLOCK_M=FINALIZE_BLOCK_M, BLOCK_C=FINALIZE_BLOCK_C,
         )  # fmt: skip
-    return grad_input, dgamma, dbeta
 
 
 def batch_norm_affine(

@@ -1,0 +1,213 @@
+"""Dense blocks: shared-storage (ours) vs naive torch.cat vs torch.utils.checkpoint (efficient_densenet).
+
+Tiramisu 3D p3a's seven blocks at the paper's patch (batch 2, 16x64x64 input), plus the 12-layer block
+(48 in, growth 16) of the memory target. GPU: forward+backward time (median) and peak memory
+(max_memory_allocated above the block's inputs and parameters). CPU: the bytes kept for backward
+(unique storages seen by saved_tensors_hooks, plus the output), which is what decides the peak.
+Also writes a plot of kept memory against the number of layers (ours linear, naive quadratic).
+
+    python bench/bench_dense_block.py [--device cuda|cpu] [--out-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.utils.checkpoint as cp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import RESULTS_DIR, environment, markdown_table, write_results  # noqa: E402
+from shapes import FIRST_CONV, GROWTH, PATCH, TIRAMISU_P3A_LAYERS  # noqa: E402
+
+from prostate_kernels import reference  # noqa: E402
+from prostate_kernels.nn import DenseBlock3d  # noqa: E402
+
+BATCH = 2
+TARGET_TIME_VS_NAIVE = 1.0
+TARGET_MEMORY_VS_NAIVE = 1 / 5
+
+
+def p3a_blocks() -> list[tuple[str, int, int, tuple[int, int, int], bool]]:
+    """(name, in_channels, layers, size, return_input) of each dense block of Tiramisu 3D p3a."""
+    layers, n_pool = TIRAMISU_P3A_LAYERS, len(TIRAMISU_P3A_LAYERS) // 2
+    blocks, skips, channels, size = [], [], FIRST_CONV, PATCH
+    for i in range(n_pool):
+        blocks.append((f"down{i + 1}", channels, layers[i], size, True))
+        channels += layers[i] * GROWTH
+        skips.append((channels, size))
+        size = tuple(s // 2 for s in size)
+    blocks.append(("bottleneck", channels, layers[n_pool], size, False))
+    new = layers[n_pool] * GROWTH
+    for i in range(n_pool):
+        skip, size = skips[n_pool - 1 - i]
+        last = i == n_pool - 1
+        blocks.append((f"up{i + 1}", skip + new, layers[n_pool + 1 + i], size, last))
+        new = layers[n_pool + 1 + i] * GROWTH
+    return blocks
+
+
+class CheckpointedBlock(torch.nn.Module):
+    """The efficient_densenet recipe: each layer's cat -> BN -> ReLU -> conv runs under
+    torch.utils.checkpoint and is recomputed in backward (its BN running statistics update twice)."""
+
+    def __init__(self, block: DenseBlock3d) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        features = [x]
+        for layer in self.block.layers:
+            step = layer.batch_norm_step()
+
+            def bottleneck(*inputs, layer=layer, step=step):
+                return reference.bn_relu_conv3d(
+                    torch.cat(inputs, 1), layer.conv.weight, None, layer.norm.weight, layer.norm.bias,
+                    step.running_mean, step.running_var, step.batch_stats, step.momentum, layer.norm.eps,
+                    (1, 1, 1), (1, 1, 1), (1, 1, 1),
+                )  # fmt: skip
+
+            y = cp.checkpoint(bottleneck, *features, use_reentrant=False)
+            features.append(torch.nn.functional.dropout(y, self.block.dropout, self.training))
+        return torch.cat(features if self.block.return_input else features[1:], 1)
+
+
+def variants(c_in: int, layers: int, return_input: bool, device, dtype) -> dict[str, torch.nn.Module]:
+    torch.manual_seed(0)
+    ours = DenseBlock3d(c_in, GROWTH, layers, dropout=0.2, return_input=return_input).to(device, dtype)
+    naive = copy.deepcopy(ours)
+    naive.memory_efficient = False
+    return {"ours": ours, "naive": naive, "checkpoint": CheckpointedBlock(copy.deepcopy(naive))}
+
+
+def saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """Unique storages autograd keeps for backward plus the output (model state and input excluded)."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = module(x)
+    storages[y.untyped_storage().data_ptr()] = y.untyped_storage().nbytes()
+    state = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers(), x]}
+    return sum(n for ptr, n in storages.items() if ptr not in state)
+
+
+def cuda_time_and_peak(module: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    from triton.testing import do_bench
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        module(x).float().square().mean().backward()
+
+    step()
+    ms = do_bench(step, warmup=5, rep=50, return_mode="median")
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return ms, (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def bench(device: str) -> list[dict]:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    cases = [*p3a_blocks(), ("12-layer block (target)", 48, 12, PATCH, True)]
+    rows = []
+    for name, c_in, layers, size, return_input in cases:
+        x = torch.randn((BATCH, c_in, *size), device=device, dtype=dtype).to(
+            memory_format=torch.channels_last_3d
+        )
+        x.requires_grad_(True)
+        result = {}
+        for variant, module in variants(c_in, layers, return_input, device, dtype).items():
+            if device == "cuda":
+                ms, peak = cuda_time_and_peak(module, x)
+                result[variant] = {"time_ms": ms, "memory_MiB": peak}
+            else:
+                result[variant] = {"memory_MiB": saved_bytes(module, x) / 2**20}
+        for variant, r in result.items():
+            row = {
+                "block": name,
+                "in": c_in,
+                "layers": layers,
+                "size": "x".join(map(str, size)),
+                "variant": variant,
+            }
+            if "time_ms" in r:
+                row["fwd_bwd_ms"] = f"{r['time_ms']:.2f}"
+                row["time_vs_naive"] = f"{r['time_ms'] / result['naive']['time_ms']:.2f}"
+            row["memory_MiB" if device == "cuda" else "kept_for_backward_MiB"] = f"{r['memory_MiB']:.1f}"
+            row["memory_vs_naive"] = f"{r['memory_MiB'] / result['naive']['memory_MiB']:.3f}"
+            rows.append(row)
+        print(markdown_table(list(rows[-1]), rows[-3:]), flush=True)
+    return rows
+
+
+def memory_curve(device: str, out_dir: Path) -> Path:
+    """Kept-for-backward MiB against the number of layers (48 in, growth 16, batch 2, 8x32x32), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    counts, curves = [1, 2, 4, 6, 8, 10, 12], {"ours": [], "naive": []}
+    for layers in counts:
+        mods = variants(48, layers, True, "cpu", torch.float32)
+        x = torch.randn((BATCH, 48, 8, 32, 32), requires_grad=True)
+        for variant in curves:
+            curves[variant].append(saved_bytes(mods[variant], x) / 2**20)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for variant, values in curves.items():
+        ax.plot(counts, values, marker="o", label=variant)
+    ax.set_xlabel("layers in the dense block (48 in, growth 16)")
+    ax.set_ylabel("MiB kept for backward (batch 2, 8x32x32)")
+    ax.set_title("Dense block memory: shared buffer vs torch.cat")
+    ax.legend()
+    fig.tight_layout()
+    path = out_dir / "dense_block_memory_vs_layers.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None, out_dir: Path | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out-dir", type=Path, default=out_dir or RESULTS_DIR)
+    args = parser.parse_args(argv)
+    env = environment()
+    rows = bench(args.device)
+    notes = [
+        "ours: shared buffer, statistics once, nothing per layer saved; naive: torch.cat per layer "
+        "(MONAI-style); checkpoint: torch.utils.checkpoint around cat -> BN -> ReLU -> conv (recomputed)",
+        f"batch {BATCH}, growth {GROWTH}, dropout 0.2, training mode, "
+        + (
+            "bf16, peak = max_memory_allocated during one forward+backward above the inputs"
+            if args.device == "cuda"
+            else "float32; kept_for_backward = saved tensors' unique storages + output"
+        ),  # fmt: skip
+    ]
+    if args.device == "cuda":
+        target = [r for r in rows if r["block"].startswith("12-layer") and r["variant"] == "ours"][0]
+        notes.append(
+            f"targets (12-layer block): time <= {TARGET_TIME_VS_NAIVE}x naive: {target['time_vs_naive']} "
+            f"({'met' if float(target['time_vs_naive']) <= TARGET_TIME_VS_NAIVE else 'MISSED'}); memory <= "
+            f"1/5 naive: {target['memory_vs_naive']} "
+            f"({'met' if float(target['memory_vs_naive']) <= TARGET_MEMORY_VS_NAIVE else 'MISSED'})"
+        )
+    md, csv_path = write_results(f"dense_block-{args.device}", env, list(rows[0]), rows, notes, args.out_dir)
+    plot = memory_curve(args.device, args.out_dir)
+    print(f"\nwritten: {md}\n         {csv_path}\n         {plot}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Memory-efficient dense block: one shared buffer, per-channel statistics computed once, no recompute.
+
+Buffer B (N, C0 + L*k, D, H, W), channels-last: the input is copied into channels [0, C0); layer l reads
+channels [0, C_l) (C_l = C0 + l*k) through BN -> ReLU -> conv and writes its k new channels (after
+dropout) into [C_l, C_l + k). The block's output *is* B (or its new channels, a view).
+
+Batch statistics of a channel are computed once, when the channel is copied in or produced, and serve
+every later layer (each layer keeps its own BN affine parameters and running statistics, updated once
+per forward). Backward walks the layers in reverse and accumulates into one gradient buffer G shaped
+like B. Saved for backward: B, per-channel mean and variance, the dropout seeds; nothing per layer.
+
+Two engines run the same walk: Triton kernels (the fused layer of ops/bn_relu_conv3d.py: the normalised
+activation is recomputed inside the conv tiles, so backward needs no extra pass) and the PyTorch twin
+(CPU and fallback: backward recomputes each layer's BN -> ReLU -> conv with autograd, one layer at a
+time, so it too keeps nothing but B).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from prostate_kernels.ops.conv_geometry import ConvGeometry, conv_geometry
+from prostate_kernels.ops.seeded_dropout import dropout_scale
+
+GEOMETRY = conv_geometry((3, 3, 3), 1, 1, 1)  # every dense layer: 3x3x3 conv, padding 1
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One dense layer's BatchNorm settings for this forward (see nn.BNReLUConv3d.batch_norm_step)."""
+
+    batch_stats: bool
+    momentum: float
+    eps: float
+    update_running: bool
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    in_channels: int
+    growth: int
+    layers: tuple[LayerSpec, ...]
+    dropout: float  # 0 in eval mode
+    seeds: tuple[int, ...]  # one dropout seed per layer
+    engine: str  # "triton" | "torch"
+    compute_dtype: torch.dtype  # dtype of the convolutions' operands (the autocast dtype under autocast)
+
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels + len(self.layers) * self.growth
+
+    def width(self, layer: int) -> int:
+        """C_l: channels layer `layer` reads."""
+        return self.in_channels + layer * self.growth
+
+
+def dense_block(x: torch.Tensor, spec: BlockSpec, params: list[torch.Tensor]) -> torch.Tensor:
+    """The whole block (N, C0 + L*k, D, H, W). params: per layer (conv weight, bn weight, bn bias,
+    running mean, running var), flattened; running statistics may be None when not tracked."""
+    with torch.autocast(x.device.type, enabled=False):  # spec.compute_dtype already says what autocast wants
+        return _DenseBlockFunction.apply(x, spec, *params)
+
+
+class _DenseBlockFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, spec: BlockSpec, *params):
+        engine = _ENGINES[spec.engine]
+        n, c0, *size = x.shape
+        buffer = torch.empty(
+            (n, spec.out_channels, *size),
+            dtype=x.dtype,
+            device=x.device,
+            memory_format=torch.channels_last_3d,
+        )
+        buffer[:, :c0].copy_(x)
+        mean, var = engine.stats(x) if _any_batch_stats(spec) else (None, None)
+        for layer, layer_spec in enumerate(spec.layers):
+            weight, gamma, beta, running_mean, running_var = params[5 * layer : 5 * layer + 5]
+            c_l = spec.width(layer)
+            x_l = buffer[:, :c_l]
+            if layer_spec.batch_stats:
+                mu, sigma2 = mean[:c_l], var[:c_l]
+                if layer_spec.update_running:
+                    _update_running(running_mean, running_var, mu, sigma2, x_l, layer_spec.momentum)
+            else:
+                mu, sigma2 = _stat_dtype(running_mean), _stat_dtype(running_var)
+            new = buffer[:, c_l : c_l + spec.growth]
+            engine.layer_forward(
+                x_l, weight, gamma, beta, mu, sigma2, layer_spec.eps, spec.compute_dtype, out=new
+            )
+            if spec.dropout > 0:
+                new.mul_(dropout_scale(spec.seeds[layer], tuple(new.shape), spec.dropout, x.device))
+            if _any_batch_stats(spec) and layer + 1 < len(spec.layers):
+                new_mean, new_var = engine.stats(new)
+                mean, var = torch.cat([mean, new_mean]), torch.cat([var, new_var])
+        ctx.spec = spec
+        ctx.save_for_backward(buffer, mean, var, *params)
+        return buffer
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output):
+        spec: BlockSpec = ctx.spec
+        engine = _ENGINES[spec.engine]
+        buffer, mean, var, *params = ctx.saved_tensors
+        grad = grad_output.to(buffer.dtype).clone(memory_format=torch.channels_last_3d)  # G, accumulated into
+        param_grads: list[torch.Tensor | None] = [None] * len(params)
+        for layer in reversed(range(len(spec.layers))):
+            layer_spec = spec.layers[layer]
+            weight, gamma, beta, running_mean, running_var = params[5 * layer : 5 * layer + 5]
+            c_l = spec.width(layer)
+            grad_new = grad[:, c_l : c_l + spec.growth]
+            if spec.dropout > 0:
+                scale = dropout_scale(spec.seeds[layer], tuple(grad_new.shape), spec.dropout, grad.device)
+                grad_new = (grad_new * scale).to(grad.dtype)
+            if layer_spec.batch_stats:
+                mu, sigma2 = mean[:c_l], var[:c_l]
+            else:
+                mu, sigma2 = _stat_dtype(running_mean), _stat_dtype(running_var)
+            g_w, g_gamma, g_beta = engine.layer_backward(
+                buffer[:, :c_l], grad_new, weight, gamma, beta, mu, sigma2, layer_spec, spec.compute_dtype,
+                grad_input=grad[:, :c_l],
+            )  # fmt: skip
+            param_grads[5 * layer : 5 * layer + 3] = [g_w, g_gamma, g_beta]
+        grad_x = grad[:, : spec.in_channels]
+        return (grad_x, None, *param_grads)
+
+
+def _any_batch_stats(spec: BlockSpec) -> bool:
+    return any(layer.batch_stats for layer in spec.layers)
+
+
+def _update_running(running_mean, running_var, mean, var, x, momentum) -> None:
+    from prostate_kernels.ops.channel_stats import update_running_stats_
+
+    update_running_stats_(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+
+
+# --------------------------------------------------------------------------------------- engines
+
+
+def _affine(gamma, beta, mean, var, eps):
+    """(scale, shift, rstd) per channel in the statistics' dtype (float32, or float64 for float64 x)."""
+    rstd = torch.rsqrt(var + eps)
+    scale = gamma.to(mean.dtype) * rstd if gamma is not None else rstd
+    shift = (beta.to(mean.dtype) if beta is not None else torch.zeros_like(mean)) - mean * scale
+    return scale, shift, rstd
+
+
+class _TritonEngine:
+    """Layers on the fused Triton kernels: the normalised activation is never written."""
+
+    @staticmethod
+    def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        from prostate_kernels.ops.channel_stats import channel_stats
+
+        return channel_stats(x)
+
+    @staticmethod
+    def layer_forward(x, weight, gamma, beta, mean, var, eps, compute_dtype, out) -> None:
+        from prostate_kernels.ops.bn_relu_conv3d import conv_forward
+
+        scale, shift, _ = _affine(gamma, beta, mean, var, eps)
+        conv_forward(x, weight, None, scale, shift, GEOMETRY, compute_dtype, out=out)
+
+    @staticmethod
+    def layer_backward(
+        x, grad_new, weight, gamma, beta, mean, var, layer_spec: LayerSpec, compute_dtype, grad_input
+    ):
+        from prostate_kernels.ops.bn_relu_conv3d import conv_input_grad, conv_weight_grad
+
+        scale, shift, rstd = _affine(gamma, beta, mean, var, layer_spec.eps)
+        g_w, _ = conv_weight_grad(x, grad_new, scale, shift, GEOMETRY, compute_dtype, with_bias=False)
+        _, d_gamma, d_beta = conv_input_grad(
+            x, grad_new, weight, scale, shift, mean, rstd, GEOMETRY, compute_dtype, layer_spec.batch_stats,
+            grad_input=grad_input, accumulate=True,
+        )  # fmt: skip
+        return (
+            g_w.to(weight.dtype),
+            d_gamma.to(gamma.dtype) if gamma is not None else None,
+            d_beta.to(beta.dtype) if beta is not None else None,
+        )
+
+
+class _TorchEngine:
+    """The PyTorch twin: plain ops; backward recomputes one layer at a time under autograd."""
+
+    @staticmethod
+    def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        var, mean = torch.var_mean(_stat_dtype(x), dim=(0, 2, 3, 4), unbiased=False)
+        return mean, var
+
+    @staticmethod
+    def _conv(a: torch.Tensor, weight: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
+        g = GEOMETRY
+        return F.conv3d(a.to(compute_dtype), weight.to(compute_dtype), None, g.stride, g.padding, g.dilation)
+
+    @staticmethod
+    def layer_forward(x, weight, gamma, beta, mean, var, eps, compute_dtype, out) -> None:
+        scale, shift, _ = _affine(gamma, beta, mean, var, eps)  # the shared statistics, no update here
+        a = torch.relu(_stat_dtype(x) * scale[:, None, None, None] + shift[:, None, None, None])
+        out.copy_(_TorchEngine._conv(a, weight, compute_dtype))
+
+    @staticmethod
+    def layer_backward(
+        x, grad_new, weight, gamma, beta, mean, var, layer_spec: LayerSpec, compute_dtype, grad_input
+    ):
+        leaves = [
+            t.detach().requires_grad_(True) if t is not None else None for t in (x, weight, gamma, beta)
+        ]
+        x_, w_, g_, b_ = leaves
+        with torch.enable_grad():
+            if (
+                layer_spec.batch_stats
+            ):  # statistics of x recomputed so that autograd sees their dependence on x
+                z = F.batch_norm(_stat_dtype(x_), None, None, g_, b_, True, 0.0, layer_spec.eps)
+            else:
+                z = F.batch_norm(_stat_dtype(x_), mean, var, g_, b_, False, 0.0, layer_spec.eps)
+            y = _TorchEngine._conv(torch.relu(z), w_, compute_dtype)
+            wanted = [t for t in leaves if t is not None]
+            grads = iter(torch.autograd.grad(y, wanted, grad_new.to(y.dtype)))
+        g_x, g_w, g_gamma, g_beta = (next(grads) if t is not None else None for t in leaves)
+        grad_input.add_(g_x)
+        return g_w, g_gamma, g_beta
+
+
+def _stat_dtype(x: torch.Tensor) -> torch.Tensor:
+    """x in the precision of BatchNorm's arithmetic: float64 stays, everything else float32."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+_ENGINES = {"triton": _TritonEngine, "torch": _TorchEngine}
+
+
+__all__ = ["GEOMETRY", "BlockSpec", "ConvGeometry", "LayerSpec", "dense_block"]

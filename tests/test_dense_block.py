@@ -1,0 +1,165 @@
+"""DenseBlock3d: the shared-storage block against the naive torch.cat block.
+
+The naive block in float64 is the reference: output, input gradient, every parameter gradient and the
+running statistics after several training steps; dropout on (both draw the same seeded masks) and off;
+eval mode; return_input both ways; odd sizes. The efficient block runs on the PyTorch twin (float64,
+so the comparison is tight) and on the Triton kernels (float32, through the interpreter).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from prostate_kernels import use_backend
+from prostate_kernels.nn import DenseBlock3d
+
+# per engine: (dtype of the efficient block, relative tolerance against float64 and why)
+ENGINES = {
+    "torch": (torch.float64, 1e-10),  # same float64 arithmetic, other summation order
+    "triton": (torch.float32, 3e-5),  # float32 kernels: sums of up to 27 * C float32 products
+}
+
+
+def _step(block, x, seed, weights):
+    """One training step's output, input gradient (a fixed non-uniform loss), with torch seeded."""
+    torch.manual_seed(seed)
+    x = x.detach().clone().requires_grad_(True)
+    y = block(x)
+    (y * weights.to(y.dtype)).sum().backward()
+    return y.detach(), x.grad
+
+
+def _rel(got, expected) -> float:
+    return (
+        (got.double() - expected.double()).abs().max() / expected.double().abs().max().clamp_min(1e-30)
+    ).item()
+
+
+def _compare(eff, naive, rtol, label):
+    for name, p in naive.named_parameters():
+        got = dict(eff.named_parameters())[name].grad
+        assert _rel(got, p.grad) < rtol, f"{label}: grad of {name}"
+    for name, b in naive.named_buffers():
+        got = dict(eff.named_buffers())[name]
+        err = _rel(got, b) if b.is_floating_point() else float(not torch.equal(got, b))
+        assert err < rtol, f"{label}: buffer {name}"
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("return_input", [True, False])
+def test_efficient_block_equals_naive_block(engine, dropout, return_input):
+    dtype, rtol = ENGINES[engine]
+    torch.manual_seed(0)
+    efficient = DenseBlock3d(5, growth_rate=4, num_layers=3, dropout=dropout, return_input=return_input)
+    naive = copy.deepcopy(efficient).double()
+    naive.memory_efficient = False
+    efficient = efficient.to(dtype)
+    g = torch.Generator().manual_seed(1)
+    for step in range(3):  # running statistics after several steps
+        x = torch.randn((2, 5, 3, 5, 4), generator=g, dtype=torch.float64) * (1 + step) + 0.5
+        weights = torch.randn((2, efficient.out_channels, 3, 5, 4), generator=g, dtype=torch.float64)
+        for block in (efficient, naive):
+            for p in block.parameters():
+                p.grad = None
+        with use_backend(engine):
+            y, gx = _step(efficient, x.to(dtype), step, weights)
+        y_ref, gx_ref = _step(naive, x, step, weights)
+        label = f"step {step}"
+        assert y.shape == y_ref.shape == (2, efficient.out_channels, 3, 5, 4)
+        assert _rel(y, y_ref) < rtol, f"{label}: output"
+        assert _rel(gx, gx_ref) < rtol, f"{label}: input grad"
+        _compare(efficient, naive, rtol, label)
+    if dropout:  # the masks really drop: some new features are exactly zero
+        assert (y[:, -4:] == 0).float().mean().item() > 0.1
+    efficient.eval(), naive.eval()
+    with use_backend(engine), torch.no_grad():
+        y_eval = efficient(x.to(dtype))
+    assert _rel(y_eval, naive(x).detach()) < rtol, "eval mode"
+
+
+def test_output_is_the_shared_buffer_and_guards_it():
+    block = DenseBlock3d(6, growth_rate=4, num_layers=2, dropout=0.0)
+    x = torch.randn(1, 6, 3, 4, 5, requires_grad=True)
+    y = block(x)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(y[:, :6], x)  # the input was copied in once
+    y.mul_(2)  # the buffer is saved for backward: changing it in place must not go unnoticed
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def _saved_bytes(block: DenseBlock3d, x: torch.Tensor) -> int:
+    """Bytes of the unique storages autograd keeps for backward, plus the output's (model state, i.e.
+    parameters and buffers such as running statistics, and the input itself are not counted)."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = block(x)
+    storages[y.untyped_storage().data_ptr()] = y.untyped_storage().nbytes()
+    params = {t.untyped_storage().data_ptr() for t in [*block.parameters(), *block.buffers()]}
+    return sum(
+        n for ptr, n in storages.items() if ptr not in params and ptr != x.untyped_storage().data_ptr()
+    )
+
+
+def test_saved_memory_is_at_most_a_quarter_of_the_naive_block():
+    torch.manual_seed(0)
+    efficient = DenseBlock3d(48, growth_rate=16, num_layers=12, dropout=0.2)
+    naive = copy.deepcopy(efficient)
+    naive.memory_efficient = False
+    x = torch.randn(1, 48, 4, 8, 8, requires_grad=True)
+    ours, theirs = _saved_bytes(efficient, x), _saved_bytes(naive, x)
+    print(f"\n12-layer block, 48 in, growth 16: kept for backward {ours / 2**20:.2f} MiB (efficient) "
+          f"vs {theirs / 2**20:.2f} MiB (naive), ratio {ours / theirs:.3f}")  # fmt: skip
+    assert ours <= theirs / 4
+    buffer_bytes = 1 * (48 + 12 * 16) * 4 * 8 * 8 * 4
+    assert ours < 1.01 * buffer_bytes  # the buffer and per-channel vectors, nothing per layer
+
+
+def test_state_dicts_are_interchangeable():
+    efficient = DenseBlock3d(8, growth_rate=4, num_layers=3)
+    naive = DenseBlock3d(8, growth_rate=4, num_layers=3, memory_efficient=False)
+    assert set(efficient.state_dict()) == set(naive.state_dict())
+    assert (
+        "layers.2.norm.running_var" in efficient.state_dict()
+        and "layers.0.conv.weight" in efficient.state_dict()
+    )
+    naive.load_state_dict(efficient.state_dict())
+    efficient.eval(), naive.eval()
+    x = torch.randn(1, 8, 3, 3, 3)
+    assert torch.allclose(efficient(x), naive(x), atol=1e-6)
+
+
+def test_out_channels():
+    assert DenseBlock3d(48, 16, 4).out_channels == 112
+    assert DenseBlock3d(48, 16, 4, return_input=False).out_channels == 64
+
+
+@pytest.mark.parametrize(
+    "kwargs,pattern",
+    [
+        (dict(in_channels=0), "in_channels 0"),
+        (dict(in_channels=4, growth_rate=-1), "growth_rate -1"),
+        (dict(in_channels=4, num_layers=1.5), "num_layers 1.5"),
+        (dict(in_channels=4, dropout=1.0), "dropout 1.0"),
+    ],
+)
+def test_bad_settings_raise(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        DenseBlock3d(**kwargs)
+
+
+def test_bad_input_raises():
+    block = DenseBlock3d(4, growth_rate=4, num_layers=1)
+    with pytest.raises(ValueError, match=r"\(N, 4, D, H, W\) input, got \(1, 5, 3, 3, 3\)"):
+        block(torch.randn(1, 5, 3, 3, 3))
+    with pytest.raises(ValueError, match=r"got \(4, 3, 3, 3\)"):
+        block(torch.randn(4, 3, 3, 3))
