@@ -28,7 +28,15 @@ SHOWN = {  # result name -> columns shown in the README
         "target_2x_monai",
         "target_1.5x_floor",
     ],
-    "dense_block-cpu": ["block", "in", "layers", "size", "variant", "kept_for_backward_MiB", "memory_vs_naive"],
+    "dense_block-cpu": [
+        "block",
+        "in",
+        "layers",
+        "size",
+        "variant",
+        "kept_for_backward_MiB",
+        "memory_vs_naive",
+    ],
 }
 
 
