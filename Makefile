@@ -47,6 +47,7 @@ bench: setup
 	$(PY) bench/bench_sliding_window.py
 	$(PY) bench/bench_bn_relu_conv3d.py
 	$(PY) bench/bench_dense_block.py
+	$(PY) bench/bench_depthwise.py
 
 clean:
 	rm -rf build *.egg-info $(VENV) demo_out .pytest_cache .ruff_cache

@@ -235,8 +235,61 @@ def check_dense_block(device: str = "cuda") -> list[dict]:
     ]
 
 
+def check_depthwise(device: str = "cuda") -> list[dict]:
+    """Depthwise conv (forward, input and weight grads) and the fused separable block vs float64."""
+    from prostate_kernels.nn import SeparableConv3d
+
+    rows, g = [], torch.Generator().manual_seed(0)
+    for c, size, stride, dilation, channels_last in (
+        (37, (7, 9, 11), 1, 1, True),
+        (128, (8, 16, 16), 2, 2, True),
+        (64, (6, 20, 20), 1, 12, False),
+        (40, (5, 9, 13), (1, 2, 2), (1, 3, 6), True),
+    ):
+        x = torch.randn((2, c, *size), generator=g).to(device)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last_3d)
+        w, b = torch.randn((c, 1, 3, 3, 3), generator=g).to(device), torch.randn(c, generator=g).to(device)
+        gy = None
+        results = {}
+        for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+            xi, wi, bi = (t.detach().to(dtype).requires_grad_(True) for t in (x, w, b))
+            with use_backend(backend):
+                y = functional.depthwise_conv3d(xi, wi, bi, stride, dilation, dilation)
+            gy = torch.randn_like(y, dtype=torch.float32) if gy is None else gy
+            y.backward(gy.to(dtype))
+            results[backend] = {"y": y, "grad_x": xi.grad, "grad_w": wi.grad, "grad_b": bi.grad}
+        errs = {k: _rel(results["triton"][k], v) for k, v in results["torch"].items()}
+        worst = max(errs, key=errs.get)
+        rows.append(
+            _row(
+                f"depthwise C={c} {size} stride {stride} dilation {dilation} vs float64",
+                errs[worst] < 1e-5,
+                f"worst {worst} rel {errs[worst]:.1e}",
+            )
+        )
+    torch.manual_seed(0)
+    module = SeparableConv3d(96, 80, dilation=(2, 6, 6), depth_activation=True).to(device).eval()
+    x = torch.randn((2, 96, 8, 16, 16), device=device).to(memory_format=torch.channels_last_3d)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.no_grad(), use_backend("triton"):
+            fused = module(x)
+        with torch.no_grad():
+            import copy
+
+            exact = copy.deepcopy(module).double().reference_inference(x.double())
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32[1]
+    err = _rel(fused, exact)
+    rows.append(_row("fused separable inference vs float64 unfused", err < 1e-5, f"rel {err:.1e}"))
+    return rows
+
+
 CHECKS: list[tuple[str, Callable[[str], list[dict]]]] = [
     ("sliding window", check_sliding_window),
     ("bn_relu_conv3d", check_bn_relu_conv3d),
     ("dense block", check_dense_block),
+    ("depthwise", check_depthwise),
 ]

@@ -77,6 +77,7 @@ def main() -> None:
         ("sliding window timing", _sliding_window_timing),
         ("bn_relu_conv3d timing", _bn_relu_conv3d_timing),
         ("dense block timing and memory", _dense_block_timing),
+        ("depthwise timing", _depthwise_timing),
     ]
     for name, section in sections:
         if time.time() - t0 > BUDGET_S:
@@ -116,6 +117,17 @@ def _dense_block_timing(out: Path) -> str:
     rows = bench_dense_block.main(["--device", "cuda"], out_dir=out)
     target = [r for r in rows if r["block"].startswith("12-layer") and r["variant"] == "ours"][0]
     return f"12-layer block: time {target['time_vs_naive']}x naive, peak {target['memory_vs_naive']}x naive"
+
+
+def _depthwise_timing(out: Path) -> str:
+    import bench_depthwise
+
+    rows = bench_depthwise.main(["--device", "cuda", "--quick"], out_dir=out)
+    ours = [float(r["fwd_bwd_speedup_vs_best_pytorch"]) for r in rows if r["provider"].startswith("ours")]
+    floor = [float(r["fwd_floor_fraction"]) for r in rows if r["provider"].startswith("ours")]
+    return (
+        f"fwd+bwd speed-up vs PyTorch {min(ours):.2f}-{max(ours):.2f}x; fwd floor fraction {min(floor):.2f}+"
+    )
 
 
 if __name__ == "__main__":

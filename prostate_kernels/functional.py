@@ -17,6 +17,7 @@ from prostate_kernels.ops.window_ops import (
 
 __all__ = [
     "bn_relu_conv3d",
+    "depthwise_conv3d",
     "window_accumulate_",
     "window_gather",
     "window_normalize_",
@@ -144,3 +145,52 @@ def _check_bn_relu_conv3d_args(
             f"got x of shape {tuple(x.shape)}"
         )
     return geometry
+
+
+def depthwise_conv3d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
+) -> torch.Tensor:
+    """F.conv3d(x, weight, bias, stride, padding, dilation, groups=C) for weight (C, 1, kD, kH, kW).
+
+    Per-axis stride, padding and dilation (atrous rates of 36 and more are fine). On CUDA (backend
+    "auto" or "triton") tiled Triton kernels run forward and backward; elsewhere PyTorch's conv3d.
+    """
+    op = "depthwise_conv3d"
+    for name, value in (("x", x), ("weight", weight)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if x.dim() != 5:
+        raise ValueError(f"{op}: x must be 5-D (N, C, D, H, W), got shape {tuple(x.shape)}")
+    c = x.shape[1]
+    if weight.dim() != 5 or weight.shape[0] != c or weight.shape[1] != 1:
+        raise ValueError(f"{op}: weight must have shape ({c}, 1, kD, kH, kW) for x with {c} channels, "
+                         f"got {tuple(weight.shape)}")  # fmt: skip
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c,)):
+        shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"{op}: bias must have shape ({c},), got {shape}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: x must be floating point, got {x.dtype}")
+    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise TypeError(f"{op}: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    geometry = conv_geometry(weight.shape[2:], stride, padding, dilation)
+    geometry.output_size(x.shape[2:])
+    if backend.resolve(x.device) == "triton":
+        if x.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"{op}: the Triton kernels take float32, float16 or bfloat16 x, got {x.dtype}")
+        from prostate_kernels.ops.depthwise_conv3d import DepthwiseConv3dFunction
+
+        if torch.is_autocast_enabled(x.device.type):  # conv3d autocasts to the autocast dtype: do the same
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        with torch.autocast(x.device.type, enabled=False):
+            return DepthwiseConv3dFunction.apply(x, weight, bias, geometry)
+    return reference.depthwise_conv3d(x, weight, bias, geometry.stride, geometry.padding, geometry.dilation)

@@ -90,3 +90,43 @@ def bn_relu_conv3d(
         x, running_mean, running_var, bn_weight, bn_bias, training, momentum, eps
     )
     return torch.nn.functional.conv3d(torch.relu(z), weight, bias, stride, padding, dilation)
+
+
+# ---------------------------------------------------------------------------------------------
+# Depthwise and separable convolution (DeepLabv3+ SepConv), as the eager layers compute them.
+# ---------------------------------------------------------------------------------------------
+
+
+def depthwise_conv3d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, int, int],
+    padding: tuple[int, int, int],
+    dilation: tuple[int, int, int],
+) -> torch.Tensor:
+    """conv3d with groups = C and weight (C, 1, kD, kH, kW)."""
+    return torch.nn.functional.conv3d(x, weight, bias, stride, padding, dilation, groups=x.shape[1])
+
+
+def separable_inference(
+    x: torch.Tensor,
+    depthwise_weight: torch.Tensor,
+    bn1: tuple[torch.Tensor, torch.Tensor],
+    pointwise_weight: torch.Tensor,
+    bn2: tuple[torch.Tensor, torch.Tensor],
+    stride: tuple[int, int, int],
+    padding: tuple[int, int, int],
+    dilation: tuple[int, int, int],
+    depth_activation: bool,
+) -> torch.Tensor:
+    """[ReLU] -> depthwise -> BN [-> ReLU] -> 1x1x1 -> BN [-> ReLU], BatchNorms as (scale, shift)."""
+
+    def affine(t, bn):
+        return t * bn[0].to(t.dtype)[:, None, None, None] + bn[1].to(t.dtype)[:, None, None, None]
+
+    h = x if depth_activation else torch.relu(x)
+    h = affine(depthwise_conv3d(h, depthwise_weight, None, stride, padding, dilation), bn1)
+    h = torch.relu(h) if depth_activation else h
+    h = affine(torch.nn.functional.conv3d(h, pointwise_weight), bn2)
+    return torch.relu(h) if depth_activation else h

@@ -1,4 +1,4 @@
-"""Drop-in modules built on the fused ops (state_dicts compatible with the eager modules they replace)."""
+"""The dense layer (BN -> ReLU -> Conv3d) and the dense block of FC-DenseNet / Tiramisu 3D."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from prostate_kernels import backend, functional, reference
 from prostate_kernels.ops.dense_block import BlockSpec, LayerSpec, dense_block
 from prostate_kernels.ops.seeded_dropout import draw_seeds, dropout_scale
 
-__all__ = ["BNReLUConv3d", "DenseBlock3d"]
+__all__ = ["BNReLUConv3d", "BatchNormStep", "DenseBlock3d"]
 
 
 @dataclass(frozen=True)

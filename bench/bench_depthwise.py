@@ -1,0 +1,173 @@
+"""3D depthwise atrous conv: ours (Triton) vs PyTorch conv3d(groups=C), contiguous and channels-last,
+and the fused separable inference block (depthwise + BN + ReLU + pointwise + BN) vs its unfused twin.
+
+Grid: C in {128, 256, 728}, spatial (16, 64, 64), (8, 32, 32), (4, 16, 16), dilation in {1, 2, 6, 12}
+(padding = dilation), 3x3x3, batch 2. Medians of forward and forward+backward; the forward's fraction of
+the memory floor (bytes read + written over the copy bandwidth measured in the same run).
+
+    python bench/bench_depthwise.py [--device cuda|cpu] [--quick] [--out-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, interleaved_medians, markdown_table, write_results  # noqa: E402
+
+from prostate_kernels import functional, use_backend  # noqa: E402
+from prostate_kernels.nn import SeparableConv3d  # noqa: E402
+
+BATCH = 2
+CHANNELS = (128, 256, 728)
+SIZES = ((16, 64, 64), (8, 32, 32), (4, 16, 16))
+DILATIONS = (1, 2, 6, 12)
+TARGET_VS_PYTORCH = 5.0  # forward + backward
+TARGET_FLOOR_FRACTION = 0.7  # forward
+
+
+def copy_bandwidth(device: str) -> float:
+    if device != "cuda":
+        return float("nan")
+    from triton.testing import do_bench
+
+    src = torch.empty(2**28, device=device, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    return (
+        2 * src.numel() / (do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median") * 1e-3)
+    )
+
+
+def median_seconds(cases: dict, device: str, rounds: int) -> dict[str, float]:
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return {k: do_bench(fn, warmup=10, rep=50, return_mode="median") * 1e-3 for k, fn in cases.items()}
+    return {k: v["median"] for k, v in interleaved_medians(cases, rounds, warmup=1).items()}
+
+
+def bench_depthwise(
+    c: int, size, dilation: int, device: str, dtype, rounds: int, bandwidth: float
+) -> list[dict]:
+    g = torch.Generator(device="cpu").manual_seed(0)
+    x = torch.randn((BATCH, c, *size), generator=g).to(device=device, dtype=dtype)
+    w = (torch.randn((c, 1, 3, 3, 3), generator=g) / 5).to(device=device, dtype=dtype).requires_grad_(True)
+    inputs = {
+        "ours (channels-last)": ("triton", x.to(memory_format=torch.channels_last_3d)),
+        "conv3d groups=C contiguous": ("torch", x.contiguous()),
+        "conv3d groups=C channels-last": ("torch", x.to(memory_format=torch.channels_last_3d)),
+    }
+    if device != "cuda":
+        del inputs["ours (channels-last)"]
+    reference = F.conv3d(x.float(), w.float(), None, 1, dilation, dilation, groups=c)
+    rows = []
+    for name, (backend, xi) in inputs.items():
+        xi = xi.detach().requires_grad_(True)
+
+        def fwd(xi=xi, backend=backend):
+            with use_backend(backend):
+                return functional.depthwise_conv3d(xi, w, None, 1, dilation, dilation)
+
+        y = fwd()
+        err = ((y.float() - reference).abs().max() / reference.abs().max()).item()
+        gy = torch.randn_like(y)
+
+        def both(fwd=fwd, gy=gy):
+            fwd().backward(gy)
+
+        t = median_seconds({"fwd": fwd, "both": both}, device, rounds)
+        moved = 2 * x.numel() * x.element_size()  # read x once, write y once (weights negligible)
+        rows.append(
+            {
+                "C": c,
+                "size": "x".join(map(str, size)),
+                "dilation": dilation,
+                "provider": name,
+                "fwd_ms": f"{t['fwd'] * 1e3:.3f}",
+                "fwd_bwd_ms": f"{t['both'] * 1e3:.3f}",
+                "fwd_floor_fraction": f"{moved / bandwidth / t['fwd']:.2f}" if device == "cuda" else "",
+                "max_rel_err": f"{err:.1e}",
+            }
+        )
+    base = min(float(r["fwd_bwd_ms"]) for r in rows if r["provider"].startswith("conv3d"))
+    for r in rows:
+        r["fwd_bwd_speedup_vs_best_pytorch"] = f"{base / float(r['fwd_bwd_ms']):.2f}"
+    return rows
+
+
+def bench_separable(c: int, size, dilation: int, device: str, dtype, rounds: int) -> dict:
+    torch.manual_seed(0)
+    module = (
+        SeparableConv3d(c, c, dilation=dilation, depth_activation=True).to(device=device, dtype=dtype).eval()
+    )
+    x = torch.randn((BATCH, c, *size), device=device, dtype=dtype).to(memory_format=torch.channels_last_3d)
+    with torch.no_grad():
+        cases = {"unfused twin": lambda: module.reference_inference(x)}
+        if device == "cuda":
+            cases["fused kernel"] = lambda: module(x)
+            err = ((module(x).float() - cases["unfused twin"]().float()).abs().max()).item()
+        t = median_seconds(cases, device, rounds)
+    row = {"C": c, "size": "x".join(map(str, size)), "dilation": dilation}
+    row.update({f"{k}_ms": f"{v * 1e3:.3f}" for k, v in t.items()})
+    if device == "cuda":
+        row["speedup"] = f"{t['unfused twin'] / t['fused kernel']:.2f}"
+        row["max_abs_err"] = f"{err:.1e}"
+    return row
+
+
+def main(argv: list[str] | None = None, out_dir: Path | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="C in {128, 728}, dilation in {1, 12}")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out-dir", type=Path, default=out_dir)
+    args = parser.parse_args(argv)
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    channels, sizes, dilations = CHANNELS, SIZES, DILATIONS
+    if args.quick:
+        channels, dilations = (128, 728), (1, 12)
+    if device != "cuda":  # PyTorch's CPU depthwise conv3d is slow: the smallest grid only
+        channels, sizes, dilations = (128,), ((4, 16, 16),), (1, 6)
+    bandwidth = copy_bandwidth(device)
+    rows = []
+    for c in channels:
+        for size in sizes:
+            for dilation in dilations:
+                new = bench_depthwise(c, size, dilation, device, dtype, args.rounds, bandwidth)
+                rows += new
+                print(markdown_table(list(new[0]), new), flush=True)
+    separable = [bench_separable(c, SIZES[1], 6, device, dtype, args.rounds) for c in channels]
+    env = environment()
+    if device == "cuda":
+        env["measured_copy_GBps"] = f"{bandwidth / 1e9:.0f}"
+    notes = [
+        f"batch {BATCH}, 3x3x3, padding = dilation, {dtype}; fwd_bwd = forward + backward (input and weight)"
+    ]
+    if device == "cuda":
+        ours = [r for r in rows if r["provider"].startswith("ours")]
+        speed = min(float(r["fwd_bwd_speedup_vs_best_pytorch"]) for r in ours)
+        floor = min(float(r["fwd_floor_fraction"]) for r in ours)
+        notes.append(
+            f"targets: fwd+bwd >= {TARGET_VS_PYTORCH}x PyTorch: worst {speed:.2f}x "
+            f"({'met' if speed >= TARGET_VS_PYTORCH else 'MISSED'}); fwd >= {TARGET_FLOOR_FRACTION:.0%} of "
+            f"the floor: worst {floor:.2f} ({'met' if floor >= TARGET_FLOOR_FRACTION else 'MISSED'})"
+        )
+    else:
+        notes.append("ours needs a CUDA GPU: on this machine only PyTorch's conv3d(groups=C) ran")
+    notes.append("fused separable block (eval, no grad), C -> C, 8x32x32, dilation 6:\n\n" + markdown_table(
+        list(separable[0]), separable))  # fmt: skip
+    md, csv_path = write_results(f"depthwise-{device}", env, list(rows[0]), rows, notes, args.out_dir)
+    print(f"\nwritten: {md}\n         {csv_path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

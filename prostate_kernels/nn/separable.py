@@ -1,0 +1,202 @@
+"""Depthwise-separable atrous convolution in 3D: DepthwiseConv3d, SeparableConv3d, ASPP3d (DeepLabv3+).
+
+The paper could not build DeepLabv3+ in 3D for want of a 3D separable convolution; these are its 3D
+counterparts of the Keras layers it used (SepConv_BN and the ASPP of the Keras DeepLabv3+ port).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from prostate_kernels import backend, functional, reference
+from prostate_kernels.ops.conv_geometry import conv_geometry
+
+__all__ = ["ASPP3d", "DepthwiseConv3d", "SeparableConv3d"]
+
+Rate = int | tuple[int, int, int]
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class DepthwiseConv3d(nn.Conv3d):
+    """nn.Conv3d(channels, channels, kernel_size, groups=channels) on the tiled depthwise kernels (on CUDA;
+    PyTorch's conv3d elsewhere). Same parameters and state_dict as that Conv3d."""
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int | tuple[int, int, int] = 3,
+        stride: int | tuple[int, int, int] = 1,
+        padding: int | tuple[int, int, int] | str = 0,
+        dilation: int | tuple[int, int, int] = 1,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(
+            channels, channels, kernel_size, stride, padding, dilation, groups=channels, bias=bias
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return functional.depthwise_conv3d(
+            x, self.weight, self.bias, self.stride, self.padding, self.dilation
+        )
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv3d) -> DepthwiseConv3d:
+        """The drop-in for an existing depthwise Conv3d (groups == in == out channels), weights copied."""
+        if conv.groups != conv.in_channels or conv.out_channels != conv.in_channels:
+            raise ValueError(
+                "from_conv expects a depthwise Conv3d (groups == in == out channels), "
+                f"got in={conv.in_channels} "
+                f"out={conv.out_channels} groups={conv.groups}"
+            )
+        if conv.padding_mode != "zeros":
+            raise ValueError(f"from_conv: padding_mode {conv.padding_mode!r} is not supported (only 'zeros')")
+        module = cls(
+            conv.in_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.bias is not None,
+        )
+        module.load_state_dict(conv.state_dict())
+        return module.to(device=conv.weight.device, dtype=conv.weight.dtype)
+
+
+def _same_padding(kernel: tuple[int, int, int], dilation: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Keras' SepConv padding: (effective kernel - 1) / 2 on each side, stride 1 or 2 alike (odd kernels)."""
+    return tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
+
+
+def _triple(value: Rate, name: str) -> tuple[int, int, int]:
+    values = (value,) * 3 if isinstance(value, int) else tuple(value)
+    if len(values) != 3 or not all(isinstance(v, int) and v >= 1 for v in values):
+        raise ValueError(f"{name} {value!r} must be a positive int or 3 positive ints (D, H, W)")
+    return values  # type: ignore[return-value]
+
+
+def _eval_affine(bn: nn.BatchNorm3d, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of an eval-mode BatchNorm from its running statistics, in `dtype`."""
+    scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.to(dtype)
+    shift = -bn.running_mean.to(dtype) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias.to(dtype)
+    return scale.contiguous(), shift.contiguous()
+
+
+class SeparableConv3d(nn.Module):
+    """Depthwise (atrous) conv -> BN -> pointwise 1x1x1 -> BN, the 3D twin of DeepLabv3+'s SepConv_BN.
+
+    depth_activation=False: ReLU before the depthwise conv (Keras' default); True: ReLU after each BN.
+    Padding keeps the size at stride 1 ((k - 1) * dilation / 2 per side). Per-axis stride and dilation
+    are allowed: the slice axis of an MRI patch is short (16 slices in the paper), so a rate such as
+    (2, 12, 12) keeps its taps inside the volume. In inference (eval mode, no autograd) on CUDA the four
+    steps run as one kernel that never writes the depthwise output.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int, int] = 3,
+        stride: int | tuple[int, int, int] = 1,
+        dilation: Rate = 1,
+        depth_activation: bool = False,
+        eps: float = 1e-3,
+        momentum: float = 0.1,
+    ) -> None:
+        super().__init__()
+        kernel = _triple(kernel_size, "kernel_size")
+        if any(k % 2 == 0 for k in kernel):
+            raise ValueError(f"SeparableConv3d: kernel_size {kernel} must be odd (the padding is symmetric)")
+        dilation = _triple(dilation, "dilation")
+        self.depth_activation = depth_activation
+        self.depthwise = DepthwiseConv3d(
+            in_channels, kernel, stride, _same_padding(kernel, dilation), dilation, False
+        )
+        self.depthwise_bn = nn.BatchNorm3d(in_channels, eps=eps, momentum=momentum)
+        self.pointwise = nn.Conv3d(in_channels, out_channels, 1, bias=False)
+        self.pointwise_bn = nn.BatchNorm3d(out_channels, eps=eps, momentum=momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fusable(x):
+            from prostate_kernels.ops.depthwise_conv3d import separable_inference
+
+            d = self.depthwise
+            geometry = conv_geometry(d.kernel_size, d.stride, d.padding, d.dilation)
+            return separable_inference(
+                x, d.weight, _eval_affine(self.depthwise_bn), self.pointwise.weight,
+                _eval_affine(self.pointwise_bn), geometry, self.depth_activation,
+            )  # fmt: skip
+        h = x if self.depth_activation else torch.relu(x)
+        h = self.depthwise_bn(self.depthwise(h))
+        h = torch.relu(h) if self.depth_activation else h
+        h = self.pointwise_bn(self.pointwise(h))
+        return torch.relu(h) if self.depth_activation else h
+
+    def _fusable(self, x: torch.Tensor) -> bool:
+        """Eval mode without autograd or autocast, on the Triton backend, BatchNorms with running stats."""
+        return (
+            not self.training
+            and not torch.is_grad_enabled()
+            and x.dim() == 5
+            and x.dtype in _FUSED_DTYPES
+            and self.pointwise.weight.dtype == x.dtype
+            and not torch.is_autocast_enabled(x.device.type)
+            and self.depthwise_bn.running_mean is not None
+            and self.pointwise_bn.running_mean is not None
+            and backend.resolve(x.device) == "triton"
+        )
+
+    def reference_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """The unfused eval-mode computation (PyTorch twin of the fused kernel)."""
+        d = self.depthwise
+        dtype = torch.promote_types(x.dtype, torch.float32)  # BatchNorm arithmetic: float32, or float64
+        return reference.separable_inference(
+            x, d.weight, _eval_affine(self.depthwise_bn, dtype), self.pointwise.weight,
+            _eval_affine(self.pointwise_bn, dtype), d.stride, d.padding, d.dilation, self.depth_activation,
+        )  # fmt: skip
+
+
+class ASPP3d(nn.Module):
+    """Atrous spatial pyramid pooling (DeepLabv3+) in 3D: image pooling, a 1x1x1 branch and one separable
+    atrous branch per rate, concatenated in that order, projected by 1x1x1 conv -> BN -> ReLU -> dropout.
+
+    rates: one per atrous branch, each an int or a per-axis (D, H, W) triple; with few slices, give the
+    slice axis a smaller rate, e.g. rates=((1, 6, 6), (2, 12, 12), (3, 18, 18)).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int = 256,
+        rates: Sequence[Rate] = (6, 12, 18),
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        rates = [_triple(r, "rate") for r in rates]
+        self.rates = tuple(rates)
+        self.pool_conv = nn.Conv3d(in_channels, out_channels, 1, bias=False)
+        self.pool_bn = nn.BatchNorm3d(out_channels, eps=1e-5)
+        self.conv1x1 = nn.Conv3d(in_channels, out_channels, 1, bias=False)
+        self.conv1x1_bn = nn.BatchNorm3d(out_channels, eps=1e-5)
+        self.atrous = nn.ModuleList(
+            SeparableConv3d(in_channels, out_channels, 3, dilation=r, depth_activation=True, eps=1e-5)
+            for r in rates
+        )
+        self.project = nn.Conv3d((2 + len(rates)) * out_channels, out_channels, 1, bias=False)
+        self.project_bn = nn.BatchNorm3d(out_channels, eps=1e-5)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 5:
+            raise ValueError(f"ASPP3d expects (N, C, D, H, W) input, got shape {tuple(x.shape)}")
+        pooled = torch.relu(self.pool_bn(self.pool_conv(x.mean(dim=(2, 3, 4), keepdim=True))))
+        branches = [pooled.expand(-1, -1, *x.shape[2:]), torch.relu(self.conv1x1_bn(self.conv1x1(x)))]
+        branches += [branch(x) for branch in self.atrous]
+        h = torch.relu(self.project_bn(self.project(torch.cat(branches, dim=1))))
+        return self.dropout(h)

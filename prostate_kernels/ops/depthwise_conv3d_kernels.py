@@ -1,0 +1,329 @@
+"""Triton kernels of the 3D depthwise (atrous) convolution and the fused separable inference block.
+
+Depthwise: y[n, c, o] = sum over taps k of w[c, k] * x[n, c, o * stride - pad + k * dilation] (+ b[c]).
+Every kernel tiles (BLOCK_M voxels) x (BLOCK_C channels) and addresses tensors through their strides,
+with int64 offsets. In channels-last tensors a tile's channels are contiguous (coalesced loads); in
+NCDHW its voxels are. The taps re-read each tile shifted by the dilation: the tile and its halo come
+from DRAM once and from L1/L2 for the other taps (Triton gives no explicit control of shared memory, so
+the reuse is the hardware cache's). Accumulation is float32 whatever the input dtype.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _voxel(offs, S0, S1, S2):
+    """Split flat voxel indices over (N, S0, S1, S2) into (n, i0, i1, i2)."""
+    i2 = offs % S2
+    i1 = (offs // S2) % S1
+    i0 = (offs // (S2 * S1)) % S0
+    n = offs // (S2 * S1 * S0)
+    return n, i0, i1, i2
+
+
+@triton.jit
+def depthwise_conv3d_fwd_kernel(
+    x_ptr,  # (N, C, D, H, W), strides sx*
+    w_ptr,  # (C, taps) contiguous
+    b_ptr,  # (C,) or unused
+    y_ptr,  # (N, C, Do, Ho, Wo), strides sy*
+    M,  # N * Do * Ho * Wo
+    C,
+    D,
+    H,
+    W,
+    Do,
+    Ho,
+    Wo,
+    sxn,
+    sxc,
+    sxd,
+    sxh,
+    sxw,
+    syn,
+    syc,
+    syd,
+    syh,
+    syw,
+    std,
+    sth,
+    stw,
+    pdd,
+    pdh,
+    pdw,
+    dld,
+    dlh,
+    dlw,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask_m = offs_m < M
+    mask_c = offs_c < C
+    n, od, oh, ow = _voxel(offs_m, Do, Ho, Wo)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for tap in tl.static_range(KD * KH * KW):
+        i_d = od * std - pdd + (tap // (KH * KW)) * dld
+        i_h = oh * sth - pdh + ((tap // KW) % KH) * dlh
+        i_w = ow * stw - pdw + (tap % KW) * dlw
+        valid = mask_m & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
+        row = n * sxn + i_d * sxd + i_h * sxh + i_w * sxw
+        x = tl.load(
+            x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=valid[:, None] & mask_c[None, :], other=0.0
+        )
+        w = tl.load(w_ptr + offs_c * (KD * KH * KW) + tap, mask=mask_c, other=0.0)
+        acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+    out = n * syn + od * syd + oh * syh + ow * syw
+    mask = mask_m[:, None] & mask_c[None, :]
+    tl.store(y_ptr + out[:, None] + offs_c[None, :] * syc, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def depthwise_conv3d_dgrad_kernel(
+    gy_ptr,  # (N, C, Do, Ho, Wo), strides sg*
+    w_ptr,  # (C, taps) contiguous
+    gx_ptr,  # (N, C, D, H, W), strides sd*
+    M,  # N * D * H * W (input voxels)
+    C,
+    D,
+    H,
+    W,
+    Do,
+    Ho,
+    Wo,
+    sgn,
+    sgc,
+    sgd,
+    sgh,
+    sgw,
+    sdn,
+    sdc,
+    sdd,
+    sdh,
+    sdw,
+    std,
+    sth,
+    stw,
+    pdd,
+    pdh,
+    pdw,
+    dld,
+    dlh,
+    dlw,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # gx[i] = sum over taps of w[tap] * gy[o] where o * stride = i + pad - tap * dilation (the transposed
+    # depthwise conv: the flipped kernel in gather form, which also covers stride 2).
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask_m = offs_m < M
+    mask_c = offs_c < C
+    n, i_d, i_h, i_w = _voxel(offs_m, D, H, W)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for tap in tl.static_range(KD * KH * KW):
+        nd = i_d + pdd - (tap // (KH * KW)) * dld
+        nh = i_h + pdh - ((tap // KW) % KH) * dlh
+        nw = i_w + pdw - (tap % KW) * dlw
+        o_d = nd // std
+        o_h = nh // sth
+        o_w = nw // stw
+        valid = mask_m & (nd >= 0) & (nh >= 0) & (nw >= 0)
+        valid = valid & (nd % std == 0) & (nh % sth == 0) & (nw % stw == 0)
+        valid = valid & (o_d < Do) & (o_h < Ho) & (o_w < Wo)
+        row = n * sgn + o_d * sgd + o_h * sgh + o_w * sgw
+        g = tl.load(
+            gy_ptr + row[:, None] + offs_c[None, :] * sgc, mask=valid[:, None] & mask_c[None, :], other=0.0
+        )
+        w = tl.load(w_ptr + offs_c * (KD * KH * KW) + tap, mask=mask_c, other=0.0)
+        acc += g.to(tl.float32) * w.to(tl.float32)[None, :]
+    dst = n * sdn + i_d * sdd + i_h * sdh + i_w * sdw
+    mask = mask_m[:, None] & mask_c[None, :]
+    tl.store(gx_ptr + dst[:, None] + offs_c[None, :] * sdc, acc.to(gx_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def depthwise_conv3d_wgrad_kernel(
+    x_ptr,  # (N, C, D, H, W), strides sx*
+    gy_ptr,  # (N, C, Do, Ho, Wo), strides sg*
+    partial_ptr,  # (programs_m, taps + 1, C) float32: this program's sums; row `taps` is the bias's
+    M,  # N * Do * Ho * Wo (the reduction)
+    M_PER_PROGRAM,
+    C,
+    D,
+    H,
+    W,
+    Do,
+    Ho,
+    Wo,
+    sxn,
+    sxc,
+    sxd,
+    sxh,
+    sxw,
+    sgn,
+    sgc,
+    sgd,
+    sgh,
+    sgw,
+    std,
+    sth,
+    stw,
+    pdd,
+    pdh,
+    pdw,
+    dld,
+    dlh,
+    dlw,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    # Block partial sums: each program reduces its M_PER_PROGRAM voxels for every tap; the launcher
+    # adds the programs' partials (a deterministic final reduction, no atomics, no per-weight blocks).
+    pid_m = tl.program_id(0).to(tl.int64)
+    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    mask_c = offs_c < C
+    m_start = pid_m * M_PER_PROGRAM
+    m_end = tl.minimum(m_start + M_PER_PROGRAM, M)
+    for tap in tl.static_range(KD * KH * KW):
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < m_end
+            n, od, oh, ow = _voxel(offs_m, Do, Ho, Wo)
+            g_row = n * sgn + od * sgd + oh * sgh + ow * sgw
+            g_mask = mask_m[:, None] & mask_c[None, :]
+            g = tl.load(gy_ptr + g_row[:, None] + offs_c[None, :] * sgc, mask=g_mask, other=0.0).to(
+                tl.float32
+            )
+            i_d = od * std - pdd + (tap // (KH * KW)) * dld
+            i_h = oh * sth - pdh + ((tap // KW) % KH) * dlh
+            i_w = ow * stw - pdw + (tap % KW) * dlw
+            valid = mask_m & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
+            x_row = n * sxn + i_d * sxd + i_h * sxh + i_w * sxw
+            x_mask = valid[:, None] & mask_c[None, :]
+            x = tl.load(x_ptr + x_row[:, None] + offs_c[None, :] * sxc, mask=x_mask, other=0.0).to(tl.float32)
+            acc += tl.sum(g * x, axis=0)
+        tl.store(partial_ptr + (pid_m * (KD * KH * KW + 1) + tap) * C + offs_c, acc, mask=mask_c)
+    if HAS_BIAS:
+        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for m0 in range(m_start, m_end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < m_end
+            n, od, oh, ow = _voxel(offs_m, Do, Ho, Wo)
+            g_row = n * sgn + od * sgd + oh * sgh + ow * sgw
+            g_mask = mask_m[:, None] & mask_c[None, :]
+            g = tl.load(gy_ptr + g_row[:, None] + offs_c[None, :] * sgc, mask=g_mask, other=0.0).to(
+                tl.float32
+            )
+            acc += tl.sum(g, axis=0)
+        tl.store(partial_ptr + (pid_m * (KD * KH * KW + 1) + KD * KH * KW) * C + offs_c, acc, mask=mask_c)
+
+
+@triton.jit
+def separable_conv3d_inference_kernel(
+    x_ptr,  # (N, C_in, D, H, W), strides sx*
+    dw_ptr,  # (C_in, taps) contiguous: depthwise weight
+    s1_ptr,  # (C_in,) float32: depthwise BatchNorm scale (running statistics)
+    t1_ptr,  # (C_in,) float32: its shift
+    pw_ptr,  # (C_in, C_out) contiguous, DOT_DTYPE: pointwise weight, transposed
+    s2_ptr,  # (C_out,) float32: pointwise BatchNorm scale
+    t2_ptr,  # (C_out,) float32
+    y_ptr,  # (N, C_out, Do, Ho, Wo), strides sy*
+    M,
+    C_in,
+    C_out,
+    D,
+    H,
+    W,
+    Do,
+    Ho,
+    Wo,
+    sxn,
+    sxc,
+    sxd,
+    sxh,
+    sxw,
+    syn,
+    syc,
+    syd,
+    syh,
+    syw,
+    std,
+    sth,
+    stw,
+    pdd,
+    pdh,
+    pdw,
+    dld,
+    dlh,
+    dlw,
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    RELU_IN: tl.constexpr,  # ReLU before the depthwise (SepConv with depth_activation=False)
+    RELU_MID: tl.constexpr,  # ReLU after each BatchNorm (depth_activation=True)
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # block of C_out
+    BLOCK_K: tl.constexpr,  # block of C_in
+):
+    # [ReLU] -> depthwise -> BN [-> ReLU] -> pointwise -> BN [-> ReLU]; the depthwise result of a tile
+    # lives in registers only and feeds the pointwise GEMM directly.
+    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    n, od, oh, ow = _voxel(offs_m, Do, Ho, Wo)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < C_out
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, C_in, BLOCK_K):
+        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        mask_k = offs_k < C_in
+        depth = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+        for tap in tl.static_range(KD * KH * KW):
+            i_d = od * std - pdd + (tap // (KH * KW)) * dld
+            i_h = oh * sth - pdh + ((tap // KW) % KH) * dlh
+            i_w = ow * stw - pdw + (tap % KW) * dlw
+            valid = mask_m & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
+            row = n * sxn + i_d * sxd + i_h * sxh + i_w * sxw
+            x_mask = valid[:, None] & mask_k[None, :]
+            x = tl.load(x_ptr + row[:, None] + offs_k[None, :] * sxc, mask=x_mask, other=0.0).to(tl.float32)
+            if RELU_IN:
+                x = tl.maximum(x, 0.0)  # padding zeros stay zero
+            w = tl.load(dw_ptr + offs_k * (KD * KH * KW) + tap, mask=mask_k, other=0.0).to(tl.float32)
+            depth += x * w[None, :]
+        s1 = tl.load(s1_ptr + offs_k, mask=mask_k, other=0.0)
+        t1 = tl.load(t1_ptr + offs_k, mask=mask_k, other=0.0)
+        depth = depth * s1[None, :] + t1[None, :]
+        if RELU_MID:
+            depth = tl.maximum(depth, 0.0)
+        depth = tl.where(mask_k[None, :], depth, 0.0)
+        pw_mask = mask_k[:, None] & mask_n[None, :]
+        pw = tl.load(pw_ptr + offs_k[:, None] * C_out + offs_n[None, :], mask=pw_mask, other=0.0)
+        acc = tl.dot(depth.to(DOT_DTYPE), pw.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+    s2 = tl.load(s2_ptr + offs_n, mask=mask_n, other=0.0)
+    t2 = tl.load(t2_ptr + offs_n, mask=mask_n, other=0.0)
+    acc = acc * s2[None, :] + t2[None, :]
+    if RELU_MID:
+        acc = tl.maximum(acc, 0.0)
+    out = n * syn + od * syd + oh * syh + ow * syw
+    mask = mask_m[:, None] & mask_n[None, :]
+    tl.store(
+        y_ptr + out[:, None] + offs_n.to(tl.int64)[None, :] * syc, acc.to(y_ptr.dtype.element_ty), mask=mask
+    )

@@ -1,0 +1,283 @@
+"""3D depthwise-separable atrous convolution: Triton kernels (interpreter on CPU) against float64."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch import nn
+
+from prostate_kernels import functional, reference, use_backend
+from prostate_kernels.nn import ASPP3d, DepthwiseConv3d, SeparableConv3d
+
+# float32 depthwise sums of 27 products against float64: ~1e-7 relative to the largest value (measured
+# 2e-7); the bound leaves room for other shapes, not for a wrong tap or a missed voxel.
+RTOL32 = 2e-6
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    c: int
+    size: tuple[int, int, int]
+    stride: int | tuple[int, int, int] = 1
+    padding: int | tuple[int, int, int] = 1
+    dilation: int | tuple[int, int, int] = 1
+    layout: str = "contiguous"  # | "channels_last" | "transposed"
+    bias: bool = True
+
+
+CASES = [
+    Case("dilation1-odd", 5, (5, 7, 9)),
+    Case("dilation2", 37, (6, 5, 7), padding=2, dilation=2),  # 37 channels: not a multiple of any block
+    Case("dilation4", 3, (7, 6, 9), padding=4, dilation=4, layout="channels_last"),
+    Case("dilation12", 6, (5, 5, 5), padding=12, dilation=12, bias=False),
+    Case("stride2", 9, (7, 8, 9), stride=2),
+    Case("per-axis", 4, (5, 9, 8), stride=(1, 2, 2), padding=(1, 2, 3), dilation=(1, 2, 3)),
+    Case("non-contiguous", 7, (4, 6, 5), layout="transposed"),
+]
+
+
+def make_input(case: Case, g: torch.Generator, dtype=torch.float32) -> torch.Tensor:
+    size = case.size
+    if case.layout == "transposed":
+        x = torch.randn((2, case.c, size[2], size[1], size[0]), generator=g).transpose(2, 4)
+    else:
+        x = torch.randn((2, case.c, *size), generator=g)
+        if case.layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last_3d)
+    return x.to(dtype)
+
+
+def run(case: Case, x, w, b, backend: str, dtype, gy=None):
+    x = x.detach().to(dtype).requires_grad_(True)
+    w = w.detach().to(dtype).requires_grad_(True)
+    b = b.detach().to(dtype).requires_grad_(True) if b is not None else None
+    with use_backend(backend):
+        y = functional.depthwise_conv3d(x, w, b, case.stride, case.padding, case.dilation)
+    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)) if gy is None else gy
+    y.backward(gy.to(y.dtype))
+    return {"y": y, "grad_x": x.grad, "grad_w": w.grad, "grad_b": b.grad if b is not None else None}, gy
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_triton_matches_float64(case: Case):
+    g = torch.Generator().manual_seed(0)
+    x = make_input(case, g)
+    w = torch.randn((case.c, 1, 3, 3, 3), generator=g)
+    b = torch.randn((case.c,), generator=g) if case.bias else None
+    got, gy = run(case, x, w, b, "triton", torch.float32)
+    expected, _ = run(case, x, w, b, "torch", torch.float64, gy)
+    assert got["y"].shape == expected["y"].shape
+    for key, value in expected.items():
+        if value is None:
+            assert got[key] is None
+            continue
+        assert rel(got[key], value) < RTOL32, f"{key}: {rel(got[key], value):.1e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_error_is_comparable_to_pytorch(dtype):
+    """Error against float64 at most 2x PyTorch's own conv3d(groups=C) error in the same dtype, plus
+    2 ulp of the dtype (the interpreter's float32 -> bfloat16 rounding is up to 2 ulp off)."""
+    case = CASES[1]
+    g = torch.Generator().manual_seed(1)
+    x, w, b = (
+        make_input(case, g),
+        torch.randn((case.c, 1, 3, 3, 3), generator=g),
+        torch.randn(case.c, generator=g),
+    )
+    ours, gy = run(case, x, w, b, "triton", dtype)
+    eager, _ = run(case, x, w, b, "torch", dtype, gy)
+    exact, _ = run(case, x.to(dtype), w.to(dtype), b.to(dtype), "torch", torch.float64, gy.to(dtype))
+    for key in exact:
+        assert ours[key].dtype == dtype
+        bound = 2 * rel(eager[key], exact[key]) + 2 * torch.finfo(dtype).eps
+        assert rel(ours[key], exact[key]) <= bound, key
+
+
+def test_forward_writes_every_output_element():
+    """Poisoned output memory: the kernel must overwrite all of it."""
+    from prostate_kernels.ops import depthwise_conv3d as ops
+    from prostate_kernels.ops.conv_geometry import conv_geometry
+
+    x = torch.randn((2, 5, 5, 6, 7))
+    w = torch.randn((5, 1, 3, 3, 3))
+    poisoned = torch.full((2, 5, 5, 6, 7), float("nan"))
+    with use_backend("triton"):
+        y = ops.depthwise_forward(x, w, None, conv_geometry((3, 3, 3), 1, 1, 1), out=poisoned)
+    assert y.data_ptr() == poisoned.data_ptr() and not y.isnan().any()
+    assert rel(y, torch.nn.functional.conv3d(x, w, None, 1, 1, 1, groups=5)) < RTOL32
+
+
+# ---------------------------------------------------------------------------------------- modules
+
+
+def test_depthwise_module_is_a_drop_in_for_grouped_conv3d():
+    conv = nn.Conv3d(6, 6, 3, stride=2, padding=2, dilation=2, groups=6)
+    module = DepthwiseConv3d.from_conv(conv)
+    assert set(module.state_dict()) == set(conv.state_dict())
+    x = torch.randn(1, 6, 7, 8, 9)
+    with use_backend("triton"):
+        assert rel(module(x), conv(x)) < RTOL32
+    with pytest.raises(ValueError, match="groups=1"):
+        DepthwiseConv3d.from_conv(nn.Conv3d(6, 6, 3))
+
+
+def plain_separable(module: SeparableConv3d) -> nn.Module:
+    """The same SepConv built from torch.nn layers only, with module's weights."""
+    d = module.depthwise
+    layers = [] if module.depth_activation else [nn.ReLU()]
+    layers += [
+        nn.Conv3d(
+            d.in_channels, d.in_channels, d.kernel_size, d.stride, d.padding, d.dilation, d.in_channels, False
+        ),
+        nn.BatchNorm3d(d.in_channels, eps=module.depthwise_bn.eps),
+    ]
+    layers += [nn.ReLU()] if module.depth_activation else []
+    layers += [nn.Conv3d(d.in_channels, module.pointwise.out_channels, 1, bias=False)]
+    layers += [nn.BatchNorm3d(module.pointwise.out_channels, eps=module.pointwise_bn.eps)]
+    layers += [nn.ReLU()] if module.depth_activation else []
+    plain = nn.Sequential(*layers)
+    convs = [m for m in plain if isinstance(m, nn.Conv3d)]
+    bns = [m for m in plain if isinstance(m, nn.BatchNorm3d)]
+    convs[0].load_state_dict(module.depthwise.state_dict())
+    convs[1].load_state_dict(module.pointwise.state_dict())
+    bns[0].load_state_dict(module.depthwise_bn.state_dict())
+    bns[1].load_state_dict(module.pointwise_bn.state_dict())
+    return plain.to(module.pointwise.weight.dtype)
+
+
+def plain_separable_forward(module: SeparableConv3d, x: torch.Tensor) -> torch.Tensor:
+    """module's SepConv computed with torch layers only (gradients land on module's parameters)."""
+    d = module.depthwise
+    h = x if module.depth_activation else torch.relu(x)
+    h = torch.nn.functional.conv3d(h, d.weight, None, d.stride, d.padding, d.dilation, groups=d.in_channels)
+    h = module.depthwise_bn(h)
+    h = torch.relu(h) if module.depth_activation else h
+    h = module.pointwise_bn(module.pointwise(h))
+    return torch.relu(h) if module.depth_activation else h
+
+
+@pytest.mark.parametrize("depth_activation", [False, True])
+def test_separable_conv_matches_plain_layers_in_training(depth_activation):
+    torch.manual_seed(2)
+    module = SeparableConv3d(6, 16, dilation=(1, 2, 2), stride=(1, 2, 2), depth_activation=depth_activation)
+    plain = plain_separable(module).double()
+    x = torch.randn(2, 6, 5, 8, 9, dtype=torch.float64)
+    with use_backend("triton"):
+        y = module(x.float())
+    y_ref = plain(x)
+    gy = torch.randn_like(y_ref)
+    y.backward(gy.float())
+    y_ref.backward(gy)
+    assert rel(y, y_ref) < 1e-5
+    assert rel(module.depthwise.weight.grad, plain[1 if not depth_activation else 0].weight.grad) < 1e-5
+    assert (
+        rel(
+            module.depthwise_bn.running_var,
+            [m for m in plain if isinstance(m, nn.BatchNorm3d)][0].running_var,
+        )
+        < 1e-6
+    )
+
+
+@pytest.mark.parametrize("depth_activation", [False, True])
+def test_fused_inference_kernel_matches_unfused(depth_activation):
+    torch.manual_seed(3)
+    module = SeparableConv3d(40, 24, dilation=2, depth_activation=depth_activation)  # 40: two channel blocks
+    with torch.no_grad():  # non-trivial running statistics
+        for bn in (module.depthwise_bn, module.pointwise_bn):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.5, 0.5)
+    module.eval()
+    x = torch.randn(2, 40, 5, 6, 7)
+    assert not module._fusable(x)  # on the CPU "auto" runs the twin
+    with torch.no_grad(), use_backend("triton"):
+        assert module._fusable(x)
+        fused = module(x)
+    with torch.no_grad():
+        unfused = copy.deepcopy(module).double().reference_inference(x.double())
+        eager = plain_separable(module).eval().double()(x.double())
+    assert rel(unfused, eager) < 1e-12  # the twin is the eager stack
+    assert rel(fused, unfused) < 1e-5
+
+
+def test_aspp_matches_plain_layers():
+    torch.manual_seed(4)
+    aspp = ASPP3d(8, 16, rates=((1, 2, 2), 3, (2, 1, 4)))
+    x = torch.randn(2, 8, 5, 6, 7)
+    gy = torch.randn(2, 16, 5, 6, 7)
+
+    def plain_forward(m: ASPP3d, x):
+        pooled = torch.relu(m.pool_bn(m.pool_conv(x.mean(dim=(2, 3, 4), keepdim=True)))).expand(
+            -1, -1, *x.shape[2:]
+        )
+        branches = [pooled, torch.relu(m.conv1x1_bn(m.conv1x1(x)))]
+        branches += [plain_separable_forward(b, x) for b in m.atrous]
+        return torch.relu(m.project_bn(m.project(torch.cat(branches, 1))))
+
+    aspp.dropout.p = 0.0  # compare the deterministic part
+    twin = ASPP3d(8, 16, rates=((1, 2, 2), 3, (2, 1, 4))).double()
+    twin.load_state_dict(aspp.state_dict())
+    with use_backend("triton"):
+        y = aspp(x)
+    y_ref = plain_forward(twin, x.double())
+    y.backward(gy)
+    y_ref.backward(gy.double())
+    assert y.shape == (2, 16, 5, 6, 7)
+    assert rel(y, y_ref) < 1e-5
+    for (name, p), (_, q) in zip(aspp.named_parameters(), twin.named_parameters(), strict=True):
+        assert rel(p.grad, q.grad) < 1e-4, name
+
+
+def test_aspp_default_configuration():
+    aspp = ASPP3d(2048)
+    assert aspp.rates == ((6, 6, 6), (12, 12, 12), (18, 18, 18)) and aspp.project.in_channels == 5 * 256
+    assert aspp.atrous[0].depthwise.padding == (6, 6, 6) and aspp.atrous[0].depth_activation
+    assert aspp.dropout.p == 0.1
+
+
+# ------------------------------------------------------------------------------------- bad input
+
+BAD = [
+    (dict(x=torch.randn(2, 4, 5, 5)), ValueError, r"x must be 5-D"),
+    (dict(weight=torch.randn(4, 2, 3, 3, 3)), ValueError, r"weight must have shape \(4, 1, kD, kH, kW\)"),
+    (dict(weight=torch.randn(5, 1, 3, 3, 3)), ValueError, r"for x with 4 channels, got \(5, 1, 3, 3, 3\)"),
+    (dict(bias=torch.randn(3)), ValueError, r"bias must have shape \(4,\), got \(3,\)"),
+    (dict(x=torch.randn(2, 4, 5, 5, 5).int()), TypeError, r"floating point, got torch.int32"),
+    (dict(dilation=0), ValueError, r"dilation \(0, 0, 0\)"),
+    (dict(stride=(1, 0, 1)), ValueError, r"stride \(1, 0, 1\)"),
+    (dict(padding=(1, 1)), ValueError, r"padding \(1, 1\)"),
+    (dict(dilation=12, padding=0), ValueError, r"output size would be"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("overrides,error,pattern", BAD)
+def test_bad_arguments_raise(backend, overrides, error, pattern):
+    args = dict(x=torch.randn(2, 4, 5, 5, 5), weight=torch.randn(4, 1, 3, 3, 3), bias=None, padding=1)
+    args.update(overrides)
+    with use_backend(backend), pytest.raises(error, match=pattern):
+        functional.depthwise_conv3d(**args)
+
+
+def test_separable_settings_are_checked():
+    with pytest.raises(ValueError, match=r"kernel_size \(2, 2, 2\) must be odd"):
+        SeparableConv3d(4, 8, kernel_size=2)
+    with pytest.raises(ValueError, match=r"dilation \(1, 0\)"):
+        SeparableConv3d(4, 8, dilation=(1, 0))
+
+
+def test_twin_is_grouped_conv3d():
+    x, w = torch.randn(1, 3, 4, 4, 4), torch.randn(3, 1, 3, 3, 3)
+    expected = torch.nn.functional.conv3d(x, w, None, 1, 1, 1, groups=3)
+    assert torch.equal(reference.depthwise_conv3d(x, w, None, (1, 1, 1), (1, 1, 1), (1, 1, 1)), expected)
