@@ -48,6 +48,7 @@ bench: setup
 	$(PY) bench/bench_bn_relu_conv3d.py
 	$(PY) bench/bench_dense_block.py
 	$(PY) bench/bench_depthwise.py
+	$(PY) bench/bench_models.py
 
 clean:
 	rm -rf build *.egg-info $(VENV) demo_out .pytest_cache .ruff_cache

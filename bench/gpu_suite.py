@@ -39,6 +39,9 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--skip-build", action="store_true")
+    parser.add_argument(
+        "--only", default="", help="comma-separated words: run only timing sections naming one"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     t0, log, summary = time.time(), [], []
@@ -78,8 +81,12 @@ def main() -> None:
         ("bn_relu_conv3d timing", _bn_relu_conv3d_timing),
         ("dense block timing and memory", _dense_block_timing),
         ("depthwise timing", _depthwise_timing),
+        ("models and patch ladder", _models_timing),
     ]
+    wanted = [w.strip() for w in args.only.split(",") if w.strip()]
     for name, section in sections:
+        if wanted and not any(w in name for w in wanted):
+            continue
         if time.time() - t0 > BUDGET_S:
             summary.append({"section": name, "result": "SKIPPED", "detail": "time budget spent"})
             continue
@@ -117,6 +124,13 @@ def _dense_block_timing(out: Path) -> str:
     rows = bench_dense_block.main(["--device", "cuda"], out_dir=out)
     target = [r for r in rows if r["block"].startswith("12-layer") and r["variant"] == "ours"][0]
     return f"12-layer block: time {target['time_vs_naive']}x naive, peak {target['memory_vs_naive']}x naive"
+
+
+def _models_timing(out: Path) -> str:
+    import bench_models
+
+    rows = bench_models.main(["--device", "cuda"], out_dir=out)
+    return bench_models.ladder_summary(rows, "trains")
 
 
 def _depthwise_timing(out: Path) -> str:

@@ -37,6 +37,7 @@ SHOWN = {  # result name -> columns shown in the README
         "kept_for_backward_MiB",
         "memory_vs_naive",
     ],
+    "patch_ladder-cpu": ["variant", "patch", "voxels", "kept_for_backward_GiB"],
 }
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Literal
 
 import torch
@@ -74,3 +74,20 @@ def resolve(device: torch.device, has_cpu_extension: bool = False) -> str:
     if device.type == "cpu" and has_cpu_extension:
         return "cpp"
     return "torch"
+
+
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
+    """The dtype autocast casts convolutions to on `device`, or None when autocast is off there
+    (devices without autocast support, such as "meta", count as off)."""
+    if device.type not in ("cuda", "cpu", "xpu", "mps"):
+        return None
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def autocast_off(device: torch.device):
+    """Context that disables autocast on `device` (a no-op on devices without autocast, e.g. "meta")."""
+    if device.type not in ("cuda", "cpu", "xpu", "mps"):
+        return nullcontext()
+    return torch.autocast(device.type, enabled=False)

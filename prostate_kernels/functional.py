@@ -110,7 +110,7 @@ def _check_bn_relu_conv3d_args(
         raise TypeError(
             f"bn_relu_conv3d: the Triton kernels take float32, float16 or bfloat16 x, got {x.dtype}"
         )
-    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+    if weight.dtype != x.dtype and backend.autocast_dtype(x.device) is None:
         raise TypeError(f"bn_relu_conv3d: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
     for name, value, size in (
         ("bias", bias, c_out),
@@ -175,7 +175,7 @@ def depthwise_conv3d(
         raise ValueError(f"{op}: bias must have shape ({c},), got {shape}")
     if not x.is_floating_point():
         raise TypeError(f"{op}: x must be floating point, got {x.dtype}")
-    if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+    if weight.dtype != x.dtype and backend.autocast_dtype(x.device) is None:
         raise TypeError(f"{op}: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None and t.device != x.device:
@@ -187,10 +187,10 @@ def depthwise_conv3d(
             raise TypeError(f"{op}: the Triton kernels take float32, float16 or bfloat16 x, got {x.dtype}")
         from prostate_kernels.ops.depthwise_conv3d import DepthwiseConv3dFunction
 
-        if torch.is_autocast_enabled(x.device.type):  # conv3d autocasts to the autocast dtype: do the same
-            dtype = torch.get_autocast_dtype(x.device.type)
+        dtype = backend.autocast_dtype(x.device)
+        if dtype is not None:  # conv3d autocasts to the autocast dtype: do the same
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(x.device.type, enabled=False):
+        with backend.autocast_off(x.device):
             return DepthwiseConv3dFunction.apply(x, weight, bias, geometry)
     return reference.depthwise_conv3d(x, weight, bias, geometry.stride, geometry.padding, geometry.dilation)

@@ -181,9 +181,7 @@ class DenseBlock3d(nn.Module):
 
     def _efficient(self, x, steps, seeds, p) -> torch.Tensor:
         engine = "triton" if backend.resolve(x.device) == "triton" else "torch"
-        compute_dtype = x.dtype
-        if torch.is_autocast_enabled(x.device.type):
-            compute_dtype = torch.get_autocast_dtype(x.device.type)
+        compute_dtype = backend.autocast_dtype(x.device) or x.dtype
         spec = BlockSpec(
             in_channels=self.in_channels,
             growth=self.growth_rate,

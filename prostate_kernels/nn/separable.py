@@ -146,7 +146,7 @@ class SeparableConv3d(nn.Module):
             and x.dim() == 5
             and x.dtype in _FUSED_DTYPES
             and self.pointwise.weight.dtype == x.dtype
-            and not torch.is_autocast_enabled(x.device.type)
+            and backend.autocast_dtype(x.device) is None
             and self.depthwise_bn.running_mean is not None
             and self.pointwise_bn.running_mean is not None
             and backend.resolve(x.device) == "triton"
@@ -167,7 +167,8 @@ class ASPP3d(nn.Module):
     atrous branch per rate, concatenated in that order, projected by 1x1x1 conv -> BN -> ReLU -> dropout.
 
     rates: one per atrous branch, each an int or a per-axis (D, H, W) triple; with few slices, give the
-    slice axis a smaller rate, e.g. rates=((1, 6, 6), (2, 12, 12), (3, 18, 18)).
+    slice axis a smaller rate, e.g. rates=((1, 6, 6), (2, 12, 12), (3, 18, 18)). kernel_size (1, 3, 3)
+    makes the atrous branches 2-D convolutions of each slice (how the 2-D DeepLabv3+ runs on these layers).
     """
 
     def __init__(
@@ -176,6 +177,7 @@ class ASPP3d(nn.Module):
         out_channels: int = 256,
         rates: Sequence[Rate] = (6, 12, 18),
         dropout: float = 0.1,
+        kernel_size: int | tuple[int, int, int] = 3,
     ) -> None:
         super().__init__()
         rates = [_triple(r, "rate") for r in rates]
@@ -185,7 +187,9 @@ class ASPP3d(nn.Module):
         self.conv1x1 = nn.Conv3d(in_channels, out_channels, 1, bias=False)
         self.conv1x1_bn = nn.BatchNorm3d(out_channels, eps=1e-5)
         self.atrous = nn.ModuleList(
-            SeparableConv3d(in_channels, out_channels, 3, dilation=r, depth_activation=True, eps=1e-5)
+            SeparableConv3d(
+                in_channels, out_channels, kernel_size, dilation=r, depth_activation=True, eps=1e-5
+            )
             for r in rates
         )
         self.project = nn.Conv3d((2 + len(rates)) * out_channels, out_channels, 1, bias=False)

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from prostate_kernels.backend import triton_interpreting
+from prostate_kernels import backend
+from prostate_kernels.backend import autocast_dtype, triton_interpreting
 from prostate_kernels.ops import bn_relu_conv3d_kernels as kernels
 from prostate_kernels.ops.channel_stats import channel_stats, update_running_stats_
 from prostate_kernels.ops.conv_geometry import ConvGeometry
@@ -307,11 +308,11 @@ def bn_relu_conv3d_triton(
     """Entry of the Triton path (arguments already checked); handles autocast like the eager Sequential:
     BatchNorm and ReLU in x's dtype, the conv's operands and output in the autocast dtype."""
     compute_dtype = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
-        compute_dtype = torch.get_autocast_dtype(x.device.type)
+    if autocast_dtype(x.device) is not None:
+        compute_dtype = autocast_dtype(x.device)
         weight = weight.to(compute_dtype)
         bias = bias.to(compute_dtype) if bias is not None else None
-    with torch.autocast(x.device.type, enabled=False):
+    with backend.autocast_off(x.device):
         return FusedBNReLUConv3d.apply(
             x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
             geometry, compute_dtype,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from prostate_kernels import backend
 from prostate_kernels.ops.conv_geometry import ConvGeometry, conv_geometry
 from prostate_kernels.ops.seeded_dropout import dropout_scale
 
@@ -60,7 +61,7 @@ class BlockSpec:
 def dense_block(x: torch.Tensor, spec: BlockSpec, params: list[torch.Tensor]) -> torch.Tensor:
     """The whole block (N, C0 + L*k, D, H, W). params: per layer (conv weight, bn weight, bn bias,
     running mean, running var), flattened; running statistics may be None when not tracked."""
-    with torch.autocast(x.device.type, enabled=False):  # spec.compute_dtype already says what autocast wants
+    with backend.autocast_off(x.device):  # spec.compute_dtype already says what autocast wants
         return _DenseBlockFunction.apply(x, spec, *params)
 
 

@@ -1,0 +1,206 @@
+"""The paper's networks: training-step time and peak memory, fused layers vs eager PyTorch vs
+torch.compile, and the patch-size ladder of Tiramisu 3D p3a (ours vs the naive torch.cat model).
+
+GPU (bf16 autocast, batch 2, Adam, BCE-with-logits loss): per model at the paper's patch, median step
+time and max_memory_allocated; the ladder (16,64,64) -> (16,128,128) -> (32,128,128) -> (32,256,256):
+does one training step fit, and the largest that does, ours vs naive.
+CPU: the saved-bytes measure of the ladder instead (bytes autograd keeps for backward plus the output),
+measured at 8x32x32 and scaled by the voxel count (every saved tensor is activation-sized).
+
+    python bench/bench_models.py [--device cuda|cpu] [--out-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, markdown_table, write_results  # noqa: E402
+from prostate_kernels.models import build_model  # noqa: E402
+
+from prostate_kernels import use_backend  # noqa: E402
+
+BATCH = 2
+PAPER_PATCH = {  # model -> input shape without the batch (channels, *spatial)
+    "unet3d": (1, 16, 256, 256),
+    "deeplabv3plus_2d": (13, 256, 256),
+    "deeplabv3plus_3d": (1, 16, 128, 128),
+    "tiramisu3d_p3a": (1, 16, 64, 64),
+    "tiramisu3d_p3b": (1, 16, 64, 64),
+    "tiramisu3d_p4a": (1, 16, 64, 64),
+}
+LADDER = ((16, 64, 64), (16, 128, 128), (32, 128, 128), (32, 256, 256))
+TARGET_VOXELS_VS_NAIVE = 8
+
+
+def variant(name: str, kind: str, device: str) -> tuple[torch.nn.Module, str]:
+    """(model, backend): "ours" the library's layers, "eager" plain PyTorch, "compile" torch.compile of it."""
+    torch.manual_seed(0)
+    kwargs = {} if kind == "ours" or not name.startswith("tiramisu") else {"memory_efficient": False}
+    model = build_model(name, **kwargs).to(device)
+    if kind == "compile":
+        return torch.compile(model), "torch"
+    return model, ("auto" if kind == "ours" else "torch")
+
+
+def train_step_fn(model, backend: str, x: torch.Tensor, y: torch.Tensor):
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def step():
+        with use_backend(backend), torch.autocast(x.device.type, dtype=torch.bfloat16):
+            loss = loss_fn(model(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def cuda_step(model, backend, shape) -> tuple[float, float]:
+    """(median ms, peak MiB) of a training step, or raises torch.OutOfMemoryError."""
+    from triton.testing import do_bench
+
+    x = torch.randn((BATCH, *shape), device="cuda")
+    y = (torch.rand((BATCH, 1, *shape[1:]), device="cuda") > 0.5).float()
+    step = train_step_fn(model, backend, x, y)
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() / 2**20
+    return do_bench(step, warmup=3, rep=30, return_mode="median"), peak
+
+
+def gpu_models() -> list[dict]:
+    rows = []
+    for name, shape in PAPER_PATCH.items():
+        for kind in ("ours", "eager", "compile"):
+            row = {"model": name, "input": "x".join(map(str, shape[1:])), "variant": kind}
+            try:
+                model, backend = variant(name, kind, "cuda")
+                ms, peak = cuda_step(model, backend, shape)
+                row.update(step_ms=f"{ms:.1f}", peak_MiB=f"{peak:.0f}")
+            except torch.OutOfMemoryError:
+                row.update(step_ms="OOM", peak_MiB="OOM")
+            finally:
+                torch.cuda.empty_cache()
+            rows.append(row)
+        print(markdown_table(list(rows[-1]), rows[-3:]), flush=True)
+    return rows
+
+
+def gpu_ladder() -> list[dict]:
+    rows = []
+    for kind in ("ours", "eager"):
+        for patch in LADDER:
+            row = {
+                "variant": kind,
+                "patch": "x".join(map(str, patch)),
+                "voxels": patch[0] * patch[1] * patch[2],
+            }
+            try:
+                model, backend = variant("tiramisu3d_p3a", kind, "cuda")
+                ms, peak = cuda_step(model, backend, (1, *patch))
+                row.update(trains="yes", step_ms=f"{ms:.0f}", peak_MiB=f"{peak:.0f}")
+            except torch.OutOfMemoryError:
+                row.update(trains="OOM", step_ms="", peak_MiB="")
+            finally:
+                model = None
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def saved_bytes(model: torch.nn.Module, backend: str, x: torch.Tensor) -> int:
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), use_backend(backend):
+        y = model(x)
+    storages[y.untyped_storage().data_ptr()] = y.untyped_storage().nbytes()
+    state = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x]}
+    return sum(n for ptr, n in storages.items() if ptr not in state)
+
+
+def cpu_ladder() -> list[dict]:
+    base = (8, 32, 32)
+    base_voxels = base[0] * base[1] * base[2]
+    x = torch.randn((BATCH, 1, *base), requires_grad=True)
+    measured = {kind: saved_bytes(*variant("tiramisu3d_p3a", kind, "cpu"), x) for kind in ("ours", "eager")}
+    rows = []
+    for kind, nbytes in measured.items():
+        for patch in LADDER:
+            voxels = patch[0] * patch[1] * patch[2]
+            rows.append(
+                {
+                    "variant": kind,
+                    "patch": "x".join(map(str, patch)),
+                    "voxels": voxels,
+                    "kept_for_backward_GiB": f"{nbytes * voxels / base_voxels / 2**30:.2f}",
+                }
+            )
+    return rows
+
+
+def ladder_summary(rows: list[dict], key: str) -> str:
+    """Largest patch of ours in the memory naive needs at the paper's patch (CPU) or that trains (GPU)."""
+    if key == "trains":
+        best = {k: max((r["voxels"] for r in rows if r["variant"] == k and r["trains"] == "yes"), default=0)
+                for k in ("ours", "eager")}  # fmt: skip
+        ratio = best["ours"] / best["eager"] if best["eager"] else float("inf")
+        return (f"largest trainable patch: ours {best['ours']} voxels, naive {best['eager']} voxels, ratio "
+                f"{ratio:.0f}x (target >= {TARGET_VOXELS_VS_NAIVE}x: "
+                f"{'met' if ratio >= TARGET_VOXELS_VS_NAIVE else 'MISSED'})")  # fmt: skip
+    budget = float(next(r for r in rows if r["variant"] == "eager")[key])  # naive at the paper's patch
+    fits = [r for r in rows if r["variant"] == "ours" and float(r[key]) <= budget]
+    largest = max(fits, key=lambda r: r["voxels"]) if fits else None
+    ratio = largest["voxels"] / rows[0]["voxels"] if largest else 0
+    return (f"within the {budget:.2f} GiB naive keeps at 16x64x64, ours fits up to {largest['patch']} "
+            f"({ratio:.0f}x the voxels; target >= {TARGET_VOXELS_VS_NAIVE}x: "
+            f"{'met' if ratio >= TARGET_VOXELS_VS_NAIVE else 'MISSED'})")  # fmt: skip
+
+
+def main(argv: list[str] | None = None, out_dir: Path | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out-dir", type=Path, default=out_dir)
+    args = parser.parse_args(argv)
+    env = environment()
+    if args.device == "cuda":
+        rows = gpu_models()
+        write_results(
+            "models-cuda", env, list(rows[0]), rows, [f"batch {BATCH}, bf16 autocast, Adam"], args.out_dir
+        )
+        ladder = gpu_ladder()
+        summary = ladder_summary(ladder, "trains")
+    else:
+        ladder = cpu_ladder()
+        summary = ladder_summary(ladder, "kept_for_backward_GiB")
+    notes = [
+        "Tiramisu 3D p3a, batch 2; ours = memory-efficient dense blocks on fused layers, eager = torch.cat",
+        summary,
+    ]
+    if args.device != "cuda":
+        notes.append("CPU: kept-for-backward bytes measured at 8x32x32 and scaled by voxel count")
+    md, csv_path = write_results(
+        f"patch_ladder-{args.device}", env, list(ladder[0]), ladder, notes, args.out_dir
+    )
+    print(markdown_table(list(ladder[0]), ladder))
+    print(f"\n{summary}\nwritten: {md}\n         {csv_path}")
+    return ladder
+
+
+if __name__ == "__main__":
+    main()

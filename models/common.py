@@ -1,0 +1,46 @@
+"""Helpers shared by the networks: size checks and parameter counting conventions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+CONVENTIONS = ("torch", "keras", "conv")
+
+
+def check_divisible(x: torch.Tensor, factors: Sequence[int], model: str) -> None:
+    """ValueError unless x is (N, C, D, H, W) with each spatial size a multiple of its factor."""
+    if x.dim() != 2 + len(factors):
+        raise ValueError(f"{model} expects a {2 + len(factors)}-D input, got shape {tuple(x.shape)}")
+    size = tuple(x.shape[2:])
+    if any(s % f for s, f in zip(size, factors, strict=True)):
+        raise ValueError(
+            f"{model}: input spatial size {size} must be a multiple of {tuple(factors)} "
+            "(its total downsampling)"
+        )
+
+
+def count_parameters(model: nn.Module, convention: str = "torch") -> int:
+    """Parameters of `model` counted three ways.
+
+    "torch": every parameter. "keras": parameters plus BatchNorm moving mean and variance (Keras counts
+    4 values per BatchNorm channel; the paper's Table 1 uses it). "conv": weights and biases of the
+    convolutions and transposed convolutions only (no BatchNorm).
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention {convention!r} is not one of {CONVENTIONS}")
+    if convention == "torch":
+        return sum(p.numel() for p in model.parameters())
+    if convention == "keras":
+        stats = sum(
+            m.running_mean.numel() + m.running_var.numel()
+            for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+        )
+        return sum(p.numel() for p in model.parameters()) + stats
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+    return sum(
+        p.numel() for m in model.modules() if isinstance(m, convs) for p in m.parameters(recurse=False)
+    )

@@ -1,0 +1,163 @@
+"""The paper's networks: Table 1's parameter counts, shapes, forward/backward on both backends."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from prostate_kernels.models import MODEL_NAMES, build_model, count_parameters
+
+from prostate_kernels import use_backend
+from prostate_kernels.nn import DenseBlock3d
+
+
+def on_meta(name: str, **overrides):
+    with torch.device("meta"):
+        return build_model(name, **overrides)
+
+
+@pytest.mark.parametrize(
+    "name,convention,expected",
+    [
+        ("unet3d", "keras", 1_605_381),
+        ("tiramisu3d_p4a", "conv", 49_382_353),
+        ("tiramisu3d_p3a", "conv", 22_962_289),  # Table 1 prints 22,692,289: two digits swapped
+        ("tiramisu3d_p3b", "conv", 23_487_169),
+    ],
+)
+def test_parameter_counts_reproduce_table_1(name, convention, expected):
+    assert count_parameters(on_meta(name), convention) == expected
+
+
+def test_deeplab_2d_parameter_count_is_within_0_05_percent_of_table_1():
+    count = count_parameters(on_meta("deeplabv3plus_2d"), "keras")
+    assert abs(count - 41_253_023) / 41_253_023 < 5e-4, count
+    # the Keras port's own total (3 inputs, 21 classes) is reproduced exactly
+    assert (
+        count_parameters(on_meta("deeplabv3plus_2d", in_channels=3, out_channels=21), "keras") == 41_258_213
+    )
+
+
+def test_count_parameters_conventions():
+    model = on_meta("unet3d")
+    torch_count = count_parameters(model, "torch")
+    assert torch_count < count_parameters(model, "keras")
+    assert count_parameters(model, "conv") < torch_count
+    with pytest.raises(ValueError, match="'tf'"):
+        count_parameters(model, "tf")
+
+
+PAPER_SIZES = {  # the paper's inputs (D, H, W), batch 2
+    "unet3d": (2, 1, 16, 256, 256),
+    "deeplabv3plus_2d": (2, 13, 256, 256),
+    "deeplabv3plus_3d": (2, 1, 16, 256, 256),
+    "tiramisu3d_p4a": (2, 1, 16, 64, 64),
+    "tiramisu3d_p3a": (2, 1, 16, 64, 64),
+    "tiramisu3d_p3b": (2, 1, 16, 64, 64),
+    "tiramisu3d_tiny": (2, 1, 16, 64, 64),
+}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_paper_size_forward_shapes_on_meta(name):
+    model = on_meta(name).eval()
+    shape = PAPER_SIZES[name]
+    with torch.no_grad():
+        out = model(torch.empty(shape, device="meta"))
+    assert tuple(out.shape) == (shape[0], 1, *shape[2:])
+
+
+SMALL = {  # CPU-affordable: (overrides, input shape)
+    "unet3d": ({}, (2, 1, 8, 16, 16)),
+    "deeplabv3plus_2d": ({"middle_blocks": 2}, (2, 13, 32, 32)),
+    "deeplabv3plus_3d": ({"middle_blocks": 2}, (2, 1, 4, 32, 32)),
+    "tiramisu3d_p4a": ({}, (2, 1, 16, 16, 16)),
+    "tiramisu3d_p3a": ({}, (2, 1, 8, 8, 8)),
+    "tiramisu3d_p3b": ({}, (2, 1, 8, 8, 8)),
+    "tiramisu3d_tiny": ({}, (2, 1, 4, 8, 8)),
+}
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_forward_and_backward_on_cpu(name):
+    overrides, shape = SMALL[name]
+    torch.manual_seed(0)
+    model = build_model(name, **overrides)
+    x = torch.randn(shape)
+    y = model(x)
+    assert y.shape == (shape[0], 1, *shape[2:]) and torch.isfinite(y).all()
+    y.square().mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(g.abs().sum().item() for g in grads) > 0
+
+
+TRITON_TINY = {
+    "tiramisu3d_tiny": ({}, (2, 1, 4, 8, 8)),
+    "deeplabv3plus_3d": ({"width": 1 / 32, "middle_blocks": 1}, (2, 1, 4, 16, 16)),
+    "deeplabv3plus_2d": ({"width": 1 / 32, "middle_blocks": 1, "in_channels": 3}, (2, 3, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("name", list(TRITON_TINY))
+def test_triton_path_equals_pytorch_path(name):
+    """Tiny configurations through the interpreter: outputs and gradients agree with the twin, in
+    training (dropout off: model.eval() on dropouts only) and in eval mode (DeepLab: fused kernels)."""
+    overrides, shape = TRITON_TINY[name]
+    torch.manual_seed(1)
+    model = build_model(name, **overrides)
+    for m in model.modules():  # a deterministic training step: dropout off, BatchNorm in training mode
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        elif isinstance(m, DenseBlock3d):
+            m.dropout = 0.0
+    twin = copy.deepcopy(model)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    with use_backend("triton"):
+        y = model(x)
+    y_ref = twin(x)
+    scale = y_ref.abs().max().item()
+    assert (y - y_ref).abs().max().item() <= 1e-4 * scale
+    y.square().mean().backward()
+    y_ref.square().mean().backward()
+    for (pname, p), (_, q) in zip(model.named_parameters(), twin.named_parameters(), strict=True):
+        assert (p.grad - q.grad).abs().max().item() <= 1e-3 * q.grad.abs().max().item() + 1e-7, pname
+    model.eval(), twin.eval()
+    with torch.no_grad():
+        with use_backend("triton"):
+            y = model(x)
+        y_ref = twin(x)
+    assert (y - y_ref).abs().max().item() <= 1e-4 * y_ref.abs().max().item() + 1e-6
+
+
+def test_state_dict_round_trip_between_paths():
+    torch.manual_seed(3)
+    fused = build_model("tiramisu3d_tiny")
+    naive = build_model("tiramisu3d_tiny", memory_efficient=False)
+    naive.load_state_dict(fused.state_dict())
+    fused.load_state_dict(naive.state_dict())
+    fused.eval(), naive.eval()
+    x = torch.randn(1, 1, 4, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), naive(x), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "name,shape,multiple",
+    [
+        ("unet3d", (1, 1, 8, 12, 16), r"\(8, 8, 8\)"),
+        ("tiramisu3d_tiny", (1, 1, 6, 8, 8), r"\(4, 4, 4\)"),
+        ("deeplabv3plus_2d", (1, 13, 40, 32), r"\(16, 16\)"),
+        ("deeplabv3plus_3d", (1, 1, 6, 32, 32), r"\(4, 16, 16\)"),
+    ],
+)
+def test_sizes_that_are_not_multiples_of_the_downsampling_raise(name, shape, multiple):
+    model = on_meta(name).eval()
+    with pytest.raises(ValueError, match=multiple):
+        model(torch.empty(shape, device="meta"))
+
+
+def test_build_model_rejects_unknown_names():
+    with pytest.raises(ValueError, match="'vnet'.*unet3d"):
+        build_model("vnet")
