@@ -1,5 +1,6 @@
 # Every target sets up .venv itself first (fresh machine: nothing to install by hand).
-#   make demo    the main job (sliding-window inference demo; the PROMISE12 pipeline demo once it lands)
+#   make demo    the main job: phantoms -> train -> predict -> PROMISE12 evaluation into demo_out/
+#                (MODEL=name picks another network, e.g. on a GPU: make demo MODEL=tiramisu3d_p3a)
 #   make test    ruff + the test suite (Triton kernels run through the interpreter on CPU-only machines)
 #   make bench   the benchmarks this machine can run, results under bench/results/
 PYTHON ?= python3
@@ -33,7 +34,7 @@ $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
 	touch $@
 
 demo: setup
-	$(PY) examples/sliding_window_demo.py --out demo_out
+	$(PY) -m prostate_kernels demo --out demo_out $(if $(MODEL),--model $(MODEL))
 
 lint: setup
 	$(VENV)/bin/ruff check .

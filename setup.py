@@ -16,7 +16,13 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).parent
-PACKAGES = ["prostate_kernels", "prostate_kernels.ops", "prostate_kernels.nn", "prostate_kernels.models"]
+PACKAGES = [
+    "prostate_kernels",
+    "prostate_kernels.ops",
+    "prostate_kernels.nn",
+    "prostate_kernels.data",
+    "prostate_kernels.models",
+]
 PACKAGE_DIR = {"prostate_kernels.models": "models"}
 
 

@@ -61,7 +61,7 @@ class Tiramisu3D(nn.Module):
         if len(layers) < 3 or len(layers) % 2 == 0:
             raise ValueError(f"layers_per_block {layers} must have 2 * n_pool + 1 >= 3 entries")
         n_pool = len(layers) // 2
-        self.n_pool, self.downsampling = n_pool, 2**n_pool
+        self.n_pool, self.downsampling = n_pool, (2**n_pool,) * 3  # per axis (D, H, W)
         self.first_conv = nn.Conv3d(in_channels, first_conv_filters, 3, padding=1, bias=False)
         self.down_blocks, self.transitions_down = nn.ModuleList(), nn.ModuleList()
         channels, skip_channels = first_conv_filters, []
@@ -88,7 +88,7 @@ class Tiramisu3D(nn.Module):
         self.head = nn.Conv3d(new, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_divisible(x, (self.downsampling,) * 3, "Tiramisu3D")
+        check_divisible(x, self.downsampling, "Tiramisu3D")
         x = self.first_conv(x)
         skips = []
         for block, transition in zip(self.down_blocks, self.transitions_down, strict=True):

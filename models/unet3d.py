@@ -65,10 +65,10 @@ class UNet3D(nn.Module):
             self.up.append(UNetBlock(channels // 2 + f, f, dropout))
             channels = f
         self.head = nn.Conv3d(channels, 1, 1)
-        self.downsampling = 2 ** (len(filters) - 1)
+        self.downsampling = (2 ** (len(filters) - 1),) * 3  # per axis (D, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_divisible(x, (self.downsampling,) * 3, "UNet3D")
+        check_divisible(x, self.downsampling, "UNet3D")
         skips = []
         for block in self.down:
             x = block(x)

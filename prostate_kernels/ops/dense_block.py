@@ -74,7 +74,7 @@ class _DenseBlockFunction(torch.autograd.Function):
             (n, spec.out_channels, *size),
             dtype=x.dtype,
             device=x.device,
-            memory_format=torch.channels_last_3d,
+            memory_format=engine.buffer_format,
         )
         buffer[:, :c0].copy_(x)
         mean, var = engine.stats(x) if _any_batch_stats(spec) else (None, None)
@@ -107,7 +107,7 @@ class _DenseBlockFunction(torch.autograd.Function):
         spec: BlockSpec = ctx.spec
         engine = _ENGINES[spec.engine]
         buffer, mean, var, *params = ctx.saved_tensors
-        grad = grad_output.to(buffer.dtype).clone(memory_format=torch.channels_last_3d)  # G, accumulated into
+        grad = grad_output.to(buffer.dtype).clone(memory_format=engine.buffer_format)  # G, accumulated into
         param_grads: list[torch.Tensor | None] = [None] * len(params)
         for layer in reversed(range(len(spec.layers))):
             layer_spec = spec.layers[layer]
@@ -154,6 +154,8 @@ def _affine(gamma, beta, mean, var, eps):
 class _TritonEngine:
     """Layers on the fused Triton kernels: the normalised activation is never written."""
 
+    buffer_format = torch.channels_last_3d  # channel slices are K-contiguous for the implicit GEMM
+
     @staticmethod
     def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         from prostate_kernels.ops.channel_stats import channel_stats
@@ -187,7 +189,11 @@ class _TritonEngine:
 
 
 class _TorchEngine:
-    """The PyTorch twin: plain ops; backward recomputes one layer at a time under autograd."""
+    """The PyTorch twin: plain ops. Backward recomputes one layer's BN -> ReLU (cheap, elementwise) and
+    takes the conv's gradients from aten's convolution_backward, so no convolution is recomputed."""
+
+    # CPU convolutions prefer NCDHW, and there a channel slice of one image is contiguous
+    buffer_format = torch.contiguous_format
 
     @staticmethod
     def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,37 +201,35 @@ class _TorchEngine:
         return mean, var
 
     @staticmethod
-    def _conv(a: torch.Tensor, weight: torch.Tensor, compute_dtype: torch.dtype) -> torch.Tensor:
-        g = GEOMETRY
-        return F.conv3d(a.to(compute_dtype), weight.to(compute_dtype), None, g.stride, g.padding, g.dilation)
-
-    @staticmethod
     def layer_forward(x, weight, gamma, beta, mean, var, eps, compute_dtype, out) -> None:
-        scale, shift, _ = _affine(gamma, beta, mean, var, eps)  # the shared statistics, no update here
-        a = torch.relu(_stat_dtype(x) * scale[:, None, None, None] + shift[:, None, None, None])
-        out.copy_(_TorchEngine._conv(a, weight, compute_dtype))
+        # normalise with the shared statistics (given as running ones: nothing is updated here)
+        a = F.batch_norm(
+            _stat_dtype(x), mean, var, _as(gamma, mean), _as(beta, mean), False, 0.0, eps
+        ).relu_()
+        g = GEOMETRY
+        out.copy_(
+            F.conv3d(a.to(compute_dtype), weight.to(compute_dtype), None, g.stride, g.padding, g.dilation)
+        )
 
     @staticmethod
-    def layer_backward(
-        x, grad_new, weight, gamma, beta, mean, var, layer_spec: LayerSpec, compute_dtype, grad_input
-    ):
-        leaves = [
-            t.detach().requires_grad_(True) if t is not None else None for t in (x, weight, gamma, beta)
-        ]
-        x_, w_, g_, b_ = leaves
+    def layer_backward(x, grad_new, weight, gamma, beta, mean, var, layer_spec, compute_dtype, grad_input):
+        x_, g_, b_ = (t.detach().requires_grad_(True) if t is not None else None for t in (x, gamma, beta))
         with torch.enable_grad():
-            if (
-                layer_spec.batch_stats
-            ):  # statistics of x recomputed so that autograd sees their dependence on x
+            if layer_spec.batch_stats:  # the statistics of x, recomputed: autograd sees their dependence on x
                 z = F.batch_norm(_stat_dtype(x_), None, None, g_, b_, True, 0.0, layer_spec.eps)
             else:
                 z = F.batch_norm(_stat_dtype(x_), mean, var, g_, b_, False, 0.0, layer_spec.eps)
-            y = _TorchEngine._conv(torch.relu(z), w_, compute_dtype)
-            wanted = [t for t in leaves if t is not None]
-            grads = iter(torch.autograd.grad(y, wanted, grad_new.to(y.dtype)))
-        g_x, g_w, g_gamma, g_beta = (next(grads) if t is not None else None for t in leaves)
+            a = torch.relu(z)
+        g = GEOMETRY
+        grad_a, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad_new.to(compute_dtype), a.detach().to(compute_dtype), weight.detach().to(compute_dtype), None,
+            list(g.stride), list(g.padding), list(g.dilation), False, [0, 0, 0], 1, [True, True, False],
+        )  # fmt: skip
+        wanted = [t for t in (x_, g_, b_) if t is not None]
+        grads = iter(torch.autograd.grad(a, wanted, grad_a.to(a.dtype)))
+        g_x, g_gamma, g_beta = (next(grads) if t is not None else None for t in (x_, g_, b_))
         grad_input.add_(g_x)
-        return g_w, g_gamma, g_beta
+        return grad_w.to(weight.dtype), g_gamma, g_beta
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -237,3 +241,7 @@ _ENGINES = {"triton": _TritonEngine, "torch": _TorchEngine}
 
 
 __all__ = ["GEOMETRY", "BlockSpec", "ConvGeometry", "LayerSpec", "dense_block"]
+
+
+def _as(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return t.to(like.dtype) if t is not None else None

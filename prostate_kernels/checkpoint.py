@@ -1,0 +1,58 @@
+"""Checkpoints: written atomically (temporary file, fsync, rename), read with weights_only=True.
+
+A checkpoint is a dict of tensors and plain Python values only: the model's name and constructor
+arguments, its state_dict, the optimizer's and scheduler's state, every rank's RNG states and the
+iteration, so that training resumes exactly where it stopped and prediction rebuilds the model alone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prostate_kernels.data.errors import DataError
+
+FORMAT = "prostate_kernels/1"
+
+
+def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
+    """Writes `state` to `path` without ever leaving a truncated file there."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": FORMAT, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic: readers see the old checkpoint or the new one, never a part
+    finally:
+        tmp.unlink(missing_ok=True)  # only left behind if the write failed
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint written by save_checkpoint; DataError naming the file for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(path, "checkpoint not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file
+        reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:150]}"
+        raise DataError(path, f"not a readable checkpoint ({reason})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise DataError(path, f"not a prostate_kernels checkpoint (expected format {FORMAT!r})")
+    return state
+
+
+def load_model_weights(model: torch.nn.Module, state_dict: dict, path: str | Path, name: str) -> None:
+    """load_state_dict with a one-line DataError when the weights belong to another network."""
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[0]
+        raise DataError(path, f"weights do not fit model {name!r} ({first[:160]})") from None

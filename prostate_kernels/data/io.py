@@ -1,0 +1,130 @@
+"""Reading and writing medical volumes through SimpleITK (.mhd/.raw, .nii/.nii.gz, .nrrd, ...).
+
+Arrays are (D, H, W) = (slices, rows, columns); spacing, origin and direction are kept in SimpleITK's
+(x, y, z) order, so a written prediction overlays its input exactly in 3D Slicer or ITK-SNAP.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from prostate_kernels.data.errors import DataError
+
+GEOMETRY_TOLERANCE = 1e-4  # relative, on spacing/origin/direction, when comparing an image with its mask
+
+
+@dataclass
+class Volume:
+    array: np.ndarray  # (D, H, W)
+    spacing: tuple[float, float, float]  # mm, SimpleITK order (x, y, z)
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]  # 9 values, row-major 3x3
+    path: Path | None = None
+
+    def like(self, array: np.ndarray) -> Volume:
+        """A volume with this one's geometry and another array of the same shape."""
+        if tuple(array.shape) != tuple(self.array.shape):
+            raise ValueError(f"array shape {array.shape} differs from the volume's {self.array.shape}")
+        return Volume(array, self.spacing, self.origin, self.direction)
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """Spacing in array order (D, H, W)."""
+        return (self.spacing[2], self.spacing[1], self.spacing[0])
+
+
+def _sitk():
+    import SimpleITK as sitk  # imported here: `import prostate_kernels` must not need SimpleITK
+
+    return sitk
+
+
+def read_volume(path: str | Path) -> Volume:
+    """A 3-D scalar image; DataError naming the file for anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(path, "file not found")
+    if path.is_dir():
+        raise DataError(path, "is a directory, expected an image file")
+    sitk = _sitk()
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        reason = next((line.strip() for line in str(exc).splitlines() if "rror" in line), str(exc).strip())
+        raise DataError(path, f"cannot read image ({reason[:200]})") from None
+    if image.GetDimension() != 3:
+        raise DataError(path, f"expected a 3-D image, got a {image.GetDimension()}-D one")
+    if image.GetNumberOfComponentsPerPixel() != 1:
+        raise DataError(
+            path, f"expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} components"
+        )
+    array = sitk.GetArrayFromImage(image)
+    if min(array.shape) < 1:
+        raise DataError(path, f"empty image of size {array.shape}")
+    return Volume(
+        array, tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()), path
+    )
+
+
+def write_volume(volume: Volume, path: str | Path) -> Path:
+    """Writes `volume` with its geometry (compressed for .gz); creates the parent directory."""
+    sitk = _sitk()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = volume.array
+    if array.dtype == np.bool_:
+        array = array.astype(np.uint8)
+    image = sitk.GetImageFromArray(array)
+    image.SetSpacing(volume.spacing)
+    image.SetOrigin(volume.origin)
+    image.SetDirection(volume.direction)
+    sitk.WriteImage(image, str(path), useCompression=path.name.endswith(".gz"))
+    return path
+
+
+def check_image(volume: Volume) -> None:
+    """DataError if the intensities cannot be z-scored: NaN or infinite values, constant intensity."""
+    array = volume.array
+    if not np.isfinite(array).all():
+        raise DataError(volume.path, "image contains NaN or infinite values")
+    if array.max() == array.min():
+        raise DataError(volume.path, f"image has constant intensity {array.min()}: nothing to segment")
+
+
+def read_mask(path: str | Path, image: Volume | None = None, label: int | None = None) -> Volume:
+    """A binary mask (uint8 0/1): voxels equal to `label`, or non-zero when label is None.
+
+    With `image` given, size and geometry must match it. An empty mask is a DataError.
+    """
+    mask = read_volume(path)
+    if image is not None:
+        check_same_grid(image, mask)
+    values = mask.array
+    binary = (values == label) if label is not None else (values != 0)
+    if not binary.any():
+        what = f"label {label}" if label is not None else "foreground"
+        raise DataError(path, f"mask has no {what} voxels (values present: {_some_values(values)})")
+    return mask.like(binary.astype(np.uint8))
+
+
+def check_same_grid(image: Volume, mask: Volume) -> None:
+    """DataError if mask and image differ in size, spacing, origin or direction."""
+    if mask.array.shape != image.array.shape:
+        raise DataError(mask.path, f"size {mask.array.shape[::-1]} differs from image {image.path} "
+                                   f"size {image.array.shape[::-1]} (x, y, z)")  # fmt: skip
+    for name in ("spacing", "origin", "direction"):
+        a, b = np.asarray(getattr(image, name)), np.asarray(getattr(mask, name))
+        if not np.allclose(
+            a, b, rtol=GEOMETRY_TOLERANCE, atol=GEOMETRY_TOLERANCE * max(1.0, np.abs(a).max())
+        ):
+            raise DataError(mask.path, f"{name} {tuple(np.round(b, 4))} differs from image {image.path} "
+                                       f"{name} {tuple(np.round(a, 4))}")  # fmt: skip
+
+
+def _some_values(array: np.ndarray) -> str:
+    values = np.unique(array)
+    shown = ", ".join(str(v) for v in values[:8])
+    return shown + (", ..." if len(values) > 8 else "")

@@ -1,0 +1,114 @@
+"""Synthetic T2-weighted pelvis phantoms with exact prostate masks, written with PROMISE12 names.
+
+Each phantom: a body ellipse of fat and muscle texture; a bright fluid bladder above the gland and a
+dark rectum behind it (hard negatives); two femoral heads; the gland, a lobed ellipsoid (radius
+modulated by low-order harmonics of angle and height) of random size, shape, position, in-plane
+rotation and contrast, brighter at its rim (peripheral zone) than at its centre; a smooth multiplicative
+bias field; Rician noise; anisotropic spacing around 0.6 x 0.6 x 3.6 mm. The mask is the gland exactly
+(voxel centres inside the lobed surface). Deterministic in the seed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from prostate_kernels.data.io import Volume, write_volume
+
+DEFAULT_SHAPE = (24, 128, 128)  # (D, H, W)
+
+
+@dataclass(frozen=True)
+class Phantom:
+    image: Volume
+    mask: Volume
+
+
+def make_phantom(seed: int, shape: tuple[int, int, int] = DEFAULT_SHAPE) -> Phantom:
+    rng = np.random.default_rng(seed)
+    d, h, w = shape
+    spacing = (rng.uniform(0.55, 0.65), rng.uniform(0.55, 0.65), rng.uniform(3.2, 4.0))  # (x, y, z) mm
+    sz, sy, sx = spacing[2], spacing[1], spacing[0]
+    # physical coordinates in mm, centred on the volume
+    z = (np.arange(d) - (d - 1) / 2)[:, None, None] * sz
+    y = (np.arange(h) - (h - 1) / 2)[None, :, None] * sy
+    x = (np.arange(w) - (w - 1) / 2)[None, None, :] * sx
+    half_y, half_x = h * sy / 2, w * sx / 2
+
+    image = np.zeros(shape, dtype=np.float64)
+    body = (y / (0.95 * half_y)) ** 2 + (x / (0.98 * half_x)) ** 2 < 1
+    texture = _smooth_noise(rng, shape, 4) * 0.08
+    image += body * (0.32 + texture)
+    for side in (-1, 1):  # femoral heads: dark cortical ring, grey marrow
+        cx = side * 0.72 * half_x
+        r = np.sqrt((x - cx) ** 2 + (y - 0.05 * half_y) ** 2 + (z / 1.6) ** 2)
+        image = np.where(r < 14, 0.25, image)
+        image = np.where((r >= 14) & (r < 16), 0.05, image)
+
+    # gland: centre, radii (mm), in-plane rotation, lobes
+    centre = np.array([rng.uniform(-6, 6), rng.uniform(-6, 6) + 4, rng.uniform(-8, 8)])  # (z, y, x)
+    scale = rng.uniform(0.8, 1.2)
+    radii = np.array([rng.uniform(13, 17), rng.uniform(10, 13), rng.uniform(13, 18)]) * scale  # (z, y, x)
+    theta = rng.uniform(-0.3, 0.3)
+    zz, yy, xx = z - centre[0], y - centre[1], x - centre[2]
+    yr = np.cos(theta) * yy - np.sin(theta) * xx
+    xr = np.sin(theta) * yy + np.cos(theta) * xx
+    angle = np.arctan2(yr, xr)
+    lobes = 1 + rng.uniform(0.03, 0.12) * np.cos(2 * angle + rng.uniform(0, np.pi))
+    lobes = lobes + rng.uniform(0.0, 0.06) * np.cos(3 * angle) + rng.uniform(-0.08, 0.08) * (zz / radii[0])
+    rho = np.sqrt((zz / radii[0]) ** 2 + (yr / radii[1]) ** 2 + (xr / radii[2]) ** 2) / lobes
+    gland = rho < 1.0
+
+    # bladder above-front, rectum behind
+    bladder_c = centre + np.array([radii[0] * 0.9 + 10, -radii[1] * 0.6, 0])
+    bladder = ((z - bladder_c[0]) / 22) ** 2 + ((y - bladder_c[1]) / 20) ** 2 + (
+        (x - bladder_c[2]) / 28
+    ) ** 2 < 1
+    rectum_c = centre + np.array([-4, radii[1] + 11, rng.uniform(-3, 3)])
+    rectum = ((z - rectum_c[0]) / 30) ** 2 + ((y - rectum_c[1]) / 9) ** 2 + ((x - rectum_c[2]) / 12) ** 2 < 1
+    image = np.where(bladder & body, 0.85 + texture, image)
+    image = np.where(rectum & body & ~gland, 0.12 + 0.5 * texture, image)
+
+    contrast = rng.uniform(0.16, 0.3)
+    rim = np.clip((rho - 0.55) / 0.45, 0, 1)  # peripheral zone brighter than the central gland
+    gland_intensity = 0.32 + contrast * (0.4 + 0.8 * rim) + 0.6 * texture
+    image = np.where(gland, gland_intensity, image)
+    capsule = (rho >= 1.0) & (rho < 1.08)  # thin dark capsule around the gland
+    image = np.where(capsule & body, image * 0.75, image)
+
+    bias = 1 + 0.25 * (x / half_x) * rng.uniform(-1, 1) + 0.25 * (y / half_y) * rng.uniform(-1, 1)
+    bias = bias + 0.1 * (z / (d * sz / 2)) * rng.uniform(-1, 1)
+    image = image * bias
+    sigma = rng.uniform(0.02, 0.04)
+    image = np.sqrt((image + rng.normal(0, sigma, shape)) ** 2 + rng.normal(0, sigma, shape) ** 2)  # Rician
+    image = (image * 1000).astype(np.int16)  # scanner-like integer intensities
+
+    origin = (-(w - 1) / 2 * sx, -(h - 1) / 2 * sy, -(d - 1) / 2 * sz)
+    direction = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    image_volume = Volume(image, spacing, origin, direction)
+    return Phantom(image_volume, image_volume.like(gland.astype(np.uint8)))
+
+
+def write_phantoms(out_dir: str | Path, n: int = 8, seed: int = 0, shape=DEFAULT_SHAPE) -> list[Path]:
+    """n phantoms as out_dir/CaseNN.mhd (+ .raw) and CaseNN_segmentation.mhd; returns the image paths."""
+    out_dir = Path(out_dir)
+    paths = []
+    for i in range(n):
+        phantom = make_phantom(seed * 100_003 + i, shape)
+        name = f"Case{i:02d}"
+        paths.append(write_volume(phantom.image, out_dir / f"{name}.mhd"))
+        write_volume(phantom.mask, out_dir / f"{name}_segmentation.mhd")
+    return paths
+
+
+def _smooth_noise(rng: np.random.Generator, shape, factor: int) -> np.ndarray:
+    """Smooth random texture in [-1, 1]: coarse noise upsampled by nearest-neighbour and box-blurred."""
+    coarse = rng.uniform(-1, 1, tuple(max(2, s // factor) for s in shape))
+    reps = [int(np.ceil(s / c)) for s, c in zip(shape, coarse.shape, strict=True)]
+    fine = np.repeat(np.repeat(np.repeat(coarse, reps[0], 0), reps[1], 1), reps[2], 2)
+    fine = fine[: shape[0], : shape[1], : shape[2]]
+    for axis in (1, 2):
+        fine = (np.roll(fine, 1, axis) + fine + np.roll(fine, -1, axis)) / 3
+    return fine

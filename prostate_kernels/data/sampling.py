@@ -1,0 +1,113 @@
+"""Per-volume z-score and the paper's class-balanced patch sampling.
+
+Half the patch centres of every batch lie on prostate voxels and half on background, as the paper
+samples; optional random flips. Sampling is a pure function of (seed, rank, iteration): a batch can be
+drawn again exactly (resumed training continues with the very batches it would have seen), in any
+DataLoader worker, without state to save.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+
+def zscore(array: np.ndarray) -> np.ndarray:
+    """(array - mean) / std as float32 (std > 0: check_image rejects constant images)."""
+    array = array.astype(np.float32)
+    return (array - array.mean()) / array.std()
+
+
+@dataclass
+class TrainingCase:
+    image: np.ndarray  # (D, H, W) float32, z-scored
+    mask: np.ndarray  # (D, H, W) uint8 0/1
+    foreground: np.ndarray  # flat indices of mask voxels
+    name: str = ""
+
+
+def training_case(image: np.ndarray, mask: np.ndarray, name: str = "") -> TrainingCase:
+    return TrainingCase(zscore(image), mask.astype(np.uint8), np.flatnonzero(mask), name)
+
+
+class PatchSampler:
+    """Batches of patches (B, C, d, h, w) and masks (B, 1, d, h, w).
+
+    slices: 0 for 3-D patches of size `patch`; k > 0 for the 2-D networks' slice stacks: k neighbouring
+    slices as channels (B, k, h, w) with the centre slice's mask (B, 1, h, w) (`patch` is then (k, h, w)).
+    """
+
+    def __init__(
+        self,
+        cases: list[TrainingCase],
+        patch: tuple[int, int, int],
+        batch: int,
+        seed: int = 0,
+        rank: int = 0,
+        flips: bool = True,
+        slices: int = 0,
+    ) -> None:
+        if not cases:
+            raise ValueError("PatchSampler needs at least one case")
+        self.cases, self.patch, self.batch = cases, tuple(patch), batch
+        self.seed, self.rank, self.flips, self.slices = seed, rank, flips, slices
+
+    def draw(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.rank, iteration])
+        images, masks = [], []
+        for i in range(self.batch):
+            case = self.cases[rng.integers(len(self.cases))]
+            centre = self._centre(case, rng, on_prostate=i % 2 == 0)
+            image, mask = _crop(case.image, centre, self.patch), _crop(case.mask, centre, self.patch)
+            if self.flips:
+                for axis in (0, 1, 2):
+                    if rng.random() < 0.5:
+                        image, mask = np.flip(image, axis), np.flip(mask, axis)
+            images.append(np.ascontiguousarray(image))
+            masks.append(np.ascontiguousarray(mask))
+        x, y = torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks).astype(np.float32))
+        if self.slices:  # (B, k, h, w) slice stack, centre slice's mask (B, 1, h, w)
+            return x, y[:, self.slices // 2][:, None]
+        return x[:, None], y[:, None]
+
+    @staticmethod
+    def _centre(case: TrainingCase, rng: np.random.Generator, on_prostate: bool) -> tuple[int, int, int]:
+        shape = case.mask.shape
+        if on_prostate:
+            return tuple(
+                int(v) for v in np.unravel_index(case.foreground[rng.integers(len(case.foreground))], shape)
+            )
+        for _ in range(100):  # background: uniform over the volume, retried off the gland
+            centre = tuple(int(rng.integers(s)) for s in shape)
+            if not case.mask[centre]:
+                return centre
+        return centre
+
+
+def _crop(volume: np.ndarray, centre: tuple[int, int, int], patch: tuple[int, int, int]) -> np.ndarray:
+    """patch-sized block of `volume` centred on `centre`, zero-filled where it leaves the volume."""
+    out = np.zeros(patch, dtype=volume.dtype)
+    src, dst = [], []
+    for c, p, s in zip(centre, patch, volume.shape, strict=True):
+        start = c - p // 2
+        lo, hi = max(start, 0), min(start + p, s)
+        src.append(slice(lo, hi))
+        dst.append(slice(lo - start, hi - start))
+    out[tuple(dst)] = volume[tuple(src)]
+    return out
+
+
+class IterationDataset(Dataset):
+    """Item i is the batch of iteration first + i (for a DataLoader with batch_size=None)."""
+
+    def __init__(self, sampler: PatchSampler, first: int, last: int) -> None:
+        self.sampler, self.first, self.last = sampler, first, last
+
+    def __len__(self) -> int:
+        return max(0, self.last - self.first)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sampler.draw(self.first + index)

@@ -1,0 +1,76 @@
+"""Whole-volume prediction with a network: sliding windows, test-time mirroring, the 2-D slice stacks.
+
+predict_probabilities takes a z-scored (D, H, W) array and returns float32 probabilities (D, H, W).
+3-D networks run sliding windows of the training patch; 2-D networks trained on stacks of k slices
+predict slice by slice, each from its k neighbours (edge slices repeated at the volume's ends).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from prostate_kernels.inference import sliding_window_inference
+
+
+def predict_probabilities(
+    model: torch.nn.Module,
+    image: np.ndarray,
+    patch: tuple[int, int, int],
+    slices: int = 0,
+    device: torch.device | str = "cpu",
+    overlap: float = 0.5,
+    mode: str = "gaussian",
+    tta: bool = False,
+    sw_batch_size: int = 4,
+    amp_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    device = torch.device(device)
+
+    def predictor(windows: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            return torch.sigmoid(model(windows.to(device)).float())
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+            if slices:
+                return _slice_stacks(
+                    volume, predictor, patch, slices, overlap, mode, tta, sw_batch_size, device
+                )
+            prob = sliding_window_inference(
+                volume[None, None], patch, sw_batch_size, predictor, overlap=overlap, mode=mode,
+                sw_device=device, device="cpu", progress=progress, flip_axes=(0, 1, 2) if tta else (),
+            )  # fmt: skip
+            return prob[0, 0].numpy()
+    finally:
+        model.train(was_training)
+
+
+def _slice_stacks(volume, predictor, patch, slices, overlap, mode, tta, sw_batch_size, device) -> np.ndarray:
+    """Each slice z predicted from slices [z - k//2, z + k//2] as channels, in-plane sliding windows."""
+    half = slices // 2
+    padded = torch.cat([volume[:1].expand(half, -1, -1), volume, volume[-1:].expand(half, -1, -1)])
+    out = np.empty(volume.shape, dtype=np.float32)
+    for z in range(volume.shape[0]):
+        stack = padded[z : z + slices][None]  # (1, k, H, W)
+        prob = sliding_window_inference(
+            stack.contiguous(), patch[1:], sw_batch_size, predictor, overlap=overlap, mode=mode,
+            sw_device=device, device="cpu", flip_axes=(0, 1) if tta else (),
+        )  # fmt: skip
+        out[z] = prob[0, 0].numpy()
+    return out
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest face-connected component of a binary (D, H, W) mask (SimpleITK's filters)."""
+    import SimpleITK as sitk
+
+    if not mask.any():
+        return mask
+    components = sitk.ConnectedComponent(sitk.GetImageFromArray(mask.astype(np.uint8)), False)
+    largest = sitk.RelabelComponent(components, sortByObjectSize=True) == 1
+    return sitk.GetArrayFromImage(largest).astype(np.uint8)

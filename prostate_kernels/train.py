@@ -1,0 +1,395 @@
+"""Training on PROMISE12-style data: balanced patches, Adam, checkpoints that resume exactly, DDP.
+
+    prostate-kernels train --data DIR --model tiramisu3d_p3a --iters 20000 --out runs/p3a
+    torchrun --nproc-per-node 4 -m prostate_kernels train ...          (DistributedDataParallel)
+
+The last `val_cases` cases (in name order) are held out and scored by sliding-window Dice every
+`val_every` iterations. Every checkpoint (atomic; model, optimizer, scheduler, every rank's RNG state,
+iteration) lets `--resume` continue exactly where training stopped: the batches are a pure function of
+(seed, rank, iteration), so a resumed run sees the same data, dropout and updates as an unbroken one.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from prostate_kernels.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
+from prostate_kernels.data import DataError, check_image, discover_cases, read_mask, read_volume
+from prostate_kernels.data.sampling import IterationDataset, PatchSampler, training_case, zscore
+from prostate_kernels.models import build_model
+from prostate_kernels.predict import predict_probabilities
+
+EPOCH_ITERS = 100  # iterations per "epoch" for the epoch-based schedules (patches are sampled, not swept)
+
+
+@dataclass(frozen=True)
+class PaperSettings:
+    """A network's training defaults from the paper (sections 4.2-4.4)."""
+
+    patch: tuple[int, int, int]  # (D, H, W); for 2-D networks (slices, H, W)
+    batch: int
+    lr: float
+    decay: tuple[str, float, int]  # ("time", rate, 0): lr / (1 + rate * it); ("step", factor, epochs)
+    slices: int = 0  # > 0: a 2-D network fed stacks of this many slices as channels
+
+
+PAPER = {
+    "unet3d": PaperSettings((16, 256, 256), 2, 1e-3, ("time", 1e-4, 0)),
+    "deeplabv3plus_2d": PaperSettings((13, 256, 256), 3, 1e-4, ("step", 0.5, 50), slices=13),
+    "deeplabv3plus_3d": PaperSettings((16, 128, 128), 2, 1e-4, ("step", 0.5, 50)),
+    "tiramisu3d_p4a": PaperSettings((16, 64, 64), 2, 1e-4, ("time", 1e-4, 0)),
+    "tiramisu3d_p3a": PaperSettings((16, 64, 64), 2, 1e-4, ("time", 1e-4, 0)),
+    "tiramisu3d_p3b": PaperSettings((16, 64, 64), 2, 1e-4, ("time", 1e-4, 0)),
+    "tiramisu3d_tiny": PaperSettings((16, 32, 32), 8, 2e-3, ("time", 1e-3, 0)),  # CPU demo, not the paper
+}
+LOSSES = ("bce", "dice", "bce+dice")
+AMP = ("auto", "bf16", "fp16", "off")
+
+
+@dataclass
+class TrainConfig:
+    data: Path
+    out: Path
+    model: str = "tiramisu3d_p3a"
+    patch: tuple[int, int, int] | None = None  # default: the paper's, per model
+    batch: int | None = None
+    iters: int = 1000
+    loss: str = "bce"
+    lr: float | None = None
+    weight_decay: float = 1e-4
+    amp: str = "auto"  # bf16 on CUDA, off on the CPU
+    val_every: int = 100
+    val_cases: int = 2
+    checkpoint_every: int | None = None  # default: val_every
+    resume: bool = False
+    label: int | None = None
+    seed: int = 0
+    workers: int = 0
+    flips: bool = True
+    progress: bool = True
+    model_kwargs: dict = field(default_factory=dict)
+
+    def settings(self) -> PaperSettings:
+        if self.model not in PAPER:
+            raise DataError(None, f"unknown model {self.model!r}; choose one of {', '.join(PAPER)}")
+        return PAPER[self.model]
+
+
+def check_config(config: TrainConfig) -> None:
+    """DataError naming the first bad setting."""
+    settings = config.settings()
+    if config.loss not in LOSSES:
+        raise DataError(None, f"--loss {config.loss!r} is not one of {LOSSES}")
+    if config.amp not in AMP:
+        raise DataError(None, f"--amp {config.amp!r} is not one of {AMP}")
+    for name in ("iters", "val_every"):
+        if getattr(config, name) < 1:
+            raise DataError(None, f"--{name.replace('_', '-')} {getattr(config, name)} must be >= 1")
+    if config.batch is not None and config.batch < 1:
+        raise DataError(None, f"--batch {config.batch} must be >= 1")
+    patch = config.patch or settings.patch
+    if len(patch) != 3 or min(patch) < 1:
+        raise DataError(None, f"--patch {patch} must be 3 positive sizes (D H W)")
+    model = build_model(config.model, **_model_kwargs(config))
+    factors = (1, *model.downsampling[1:]) if settings.slices else model.downsampling
+    if any(p % f for p, f in zip(patch, factors, strict=True)):
+        raise DataError(
+            None, f"--patch {tuple(patch)} must be a multiple of {tuple(factors)} for {config.model}"
+        )
+    if settings.slices and patch[0] != settings.slices:
+        raise DataError(None, f"--patch depth {patch[0]} must be {settings.slices} slices for {config.model}")
+
+
+def _model_kwargs(config: TrainConfig) -> dict:
+    slices = config.settings().slices
+    return {**({"in_channels": slices} if slices else {}), **config.model_kwargs}
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+@dataclass
+class HeldOut:
+    name: str
+    image: np.ndarray  # z-scored
+    mask: np.ndarray
+
+
+def load_cases(config: TrainConfig, log) -> tuple[list, list[HeldOut]]:
+    """(training cases, held-out cases); unreadable cases are reported and skipped."""
+    cases = discover_cases(config.data, require_labels=True)
+    loaded, problems = [], []
+    for case in cases:
+        try:
+            image = read_volume(case.image)
+            check_image(image)
+            mask = read_mask(case.label, image, config.label)
+            loaded.append((case.name, image.array, mask.array))
+        except DataError as exc:
+            problems.append(str(exc))
+    for problem in problems:
+        log(f"skipped: {problem}")
+    if len(loaded) <= config.val_cases:
+        raise DataError(
+            config.data, f"{len(loaded)} usable cases, need more than --val-cases {config.val_cases}"
+        )
+    n_train = len(loaded) - config.val_cases
+    train = [training_case(img, msk, name) for name, img, msk in loaded[:n_train]]
+    held = [HeldOut(name, zscore(img), msk) for name, img, msk in loaded[n_train:]]
+    return train, held
+
+
+# -------------------------------------------------------------------------------------- training
+
+
+def train(config: TrainConfig, log=print) -> Path:
+    """Trains, validates and checkpoints into config.out; returns the path of the last checkpoint."""
+    check_config(config)
+    rank, world, device = _setup_distributed()
+    settings = config.settings()
+    patch = tuple(config.patch or settings.patch)
+    batch, lr = config.batch or settings.batch, config.lr if config.lr is not None else settings.lr
+    amp_dtype = _amp_dtype(config.amp, device)
+    out = Path(config.out)
+    ckpt_path = out / "checkpoint.pt"
+    ckpt_every = config.checkpoint_every or config.val_every
+
+    train_cases, held_out = load_cases(config, log if rank == 0 else (lambda *_: None))
+    torch.manual_seed(config.seed * 1000 + rank)
+    model = build_model(config.model, **_model_kwargs(config)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings.decay))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    start, best = 0, -1.0
+    if config.resume and ckpt_path.exists():
+        start, best = _restore(ckpt_path, model, optimizer, scheduler, scaler, rank, config.model)
+        log(f"resumed from {ckpt_path} at iteration {start}") if rank == 0 else None
+    elif rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+
+    sampler = PatchSampler(train_cases, patch, batch, config.seed, rank, config.flips, settings.slices)
+    loader = torch.utils.data.DataLoader(
+        IterationDataset(sampler, start, config.iters), batch_size=None, num_workers=config.workers,
+        pin_memory=device.type == "cuda",
+        generator=torch.Generator().manual_seed(config.seed),  # its seed draw must not touch the global RNG
+    )  # fmt: skip
+    metrics = _MetricsLog(out / "metrics.csv", start) if rank == 0 else None
+    bar = _bar(start, config.iters) if rank == 0 and config.progress else None
+    loss_fn = _loss(config.loss)
+    window, log_every = [], max(1, config.val_every // 5)
+    tic = time.time()
+    for it, (x, y) in enumerate(loader, start=start + 1):
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = loss_fn(net(x).float(), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        window.append(loss.item())
+        val_dice = None
+        if it % config.val_every == 0 or it == config.iters:
+            if rank == 0:
+                val_dice = validate(model, held_out, patch, settings.slices, device, amp_dtype)
+            _barrier(world)
+        if rank == 0 and (it % log_every == 0 or val_dice is not None):
+            metrics.write(it, float(np.mean(window)), scheduler.get_last_lr()[0], val_dice, time.time() - tic)
+            window = []
+        is_best = val_dice is not None and val_dice > best  # (val_dice exists on rank 0 only)
+        best = val_dice if is_best else best
+        periodic = it % ckpt_every == 0 or it == config.iters
+        rng = _gather_rng(world) if periodic else None  # a collective: every rank takes part
+        if rank == 0 and (periodic or is_best):
+            state = _state(
+                config, model, optimizer, scheduler, scaler, rng or _gather_rng(1), it, best, patch
+            )
+            if periodic:
+                save_checkpoint(state, ckpt_path)
+            if is_best:
+                save_checkpoint(state, out / "best.pt")
+        if periodic:
+            _barrier(world)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{loss.item():.4f}", **({"dice": f"{val_dice:.3f}"} if val_dice is not None else {})
+            )
+    if bar is not None:
+        bar.close()
+    if rank == 0 and (out / "metrics.csv").exists():
+        from prostate_kernels.plots import plot_training_curve
+
+        plot_training_curve(out / "metrics.csv", out / "training_curve.png")
+    if world > 1:
+        dist.destroy_process_group()
+    return ckpt_path
+
+
+def validate(model, held_out: list[HeldOut], patch, slices, device, amp_dtype) -> float:
+    """Mean Dice of thresholded sliding-window predictions on the held-out cases."""
+    dices = []
+    for case in held_out:
+        prob = predict_probabilities(model, case.image, patch, slices, device, amp_dtype=amp_dtype)
+        pred, ref = prob > 0.5, case.mask.astype(bool)
+        dices.append(2 * (pred & ref).sum() / max(pred.sum() + ref.sum(), 1))
+    return float(np.mean(dices))
+
+
+# --------------------------------------------------------------------------------------- helpers
+
+
+def _schedule(decay: tuple[str, float, int]):
+    kind, rate, epochs = decay
+    if kind == "time":  # Keras' `decay`: lr / (1 + decay * iterations)
+        return _TimeDecay(rate)
+    return _StepDecay(rate, epochs * EPOCH_ITERS)
+
+
+class _TimeDecay:
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+
+    def __call__(self, it: int) -> float:
+        return 1.0 / (1.0 + self.rate * it)
+
+
+class _StepDecay:
+    def __init__(self, factor: float, every: int) -> None:
+        self.factor, self.every = factor, every
+
+    def __call__(self, it: int) -> float:
+        return self.factor ** (it // self.every)
+
+
+def _loss(name: str):
+    bce = torch.nn.BCEWithLogitsLoss()
+
+    def soft_dice(logits, y):
+        p = torch.sigmoid(logits)
+        return 1 - (2 * (p * y).sum() + 1) / (p.sum() + y.sum() + 1)
+
+    return {
+        "bce": bce,
+        "dice": soft_dice,
+        "bce+dice": lambda logits, y: bce(logits, y) + soft_dice(logits, y),
+    }[name]
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def _setup_distributed() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+        rank = dist.get_rank()
+        if torch.cuda.is_available():
+            local = int(os.environ.get("LOCAL_RANK", rank))
+            torch.cuda.set_device(local)
+            return rank, world, torch.device("cuda", local)
+        return rank, world, torch.device("cpu")
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        dist.barrier()
+
+
+def _gather_rng(world: int) -> dict:
+    """Every rank's torch RNG states (CPU, and CUDA where present), gathered on all ranks."""
+    mine = {
+        "cpu": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+    if world == 1:
+        return {"ranks": [mine]}
+    states = [None] * world
+    dist.all_gather_object(states, mine)
+    return {"ranks": states}
+
+
+def _state(config, model, optimizer, scheduler, scaler, rng, it, best, patch) -> dict:
+    settings = config.settings()
+    return {
+        "model": config.model,
+        "model_kwargs": _model_kwargs(config),
+        "patch": list(patch),
+        "slices": settings.slices,
+        "label": config.label,
+        "iteration": it,
+        "best_val_dice": best,
+        "state_dict": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+        "rng": rng,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(config).items()},
+    }
+
+
+def _restore(path, model, optimizer, scheduler, scaler, rank, name) -> tuple[int, float]:
+    state = load_checkpoint(path)
+    if state["model"] != name:
+        raise DataError(path, f"checkpoint of model {state['model']!r}, not {name!r}")
+    load_model_weights(model, state["state_dict"], path, name)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    ranks = state["rng"]["ranks"]
+    if rank < len(ranks):
+        torch.set_rng_state(ranks[rank]["cpu"])
+        if torch.cuda.is_available() and ranks[rank]["cuda"]:
+            torch.cuda.set_rng_state_all(ranks[rank]["cuda"])
+    return int(state["iteration"]), float(state["best_val_dice"])
+
+
+class _MetricsLog:
+    """metrics.csv; on resume, rows after the checkpoint's iteration are dropped (they will be redone)."""
+
+    COLUMNS = ("iteration", "loss", "lr", "val_dice", "seconds")
+
+    def __init__(self, path: Path, start: int) -> None:
+        self.path = path
+        rows = []
+        if start and path.exists():
+            rows = [r for r in csv.DictReader(path.open()) if int(r["iteration"]) <= start]
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, it: int, loss: float, lr: float, val_dice: float | None, seconds: float) -> None:
+        with self.path.open("a", newline="") as f:
+            csv.writer(f).writerow(
+                [
+                    it,
+                    f"{loss:.6f}",
+                    f"{lr:.3e}",
+                    "" if val_dice is None else f"{val_dice:.4f}",
+                    f"{seconds:.1f}",
+                ]
+            )
+
+
+def _bar(start: int, total: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
+
+
+__all__ = ["PAPER", "PaperSettings", "TrainConfig", "check_config", "train", "validate"]

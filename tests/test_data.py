@@ -1,0 +1,165 @@
+"""Data layer: SimpleITK I/O with geometry, clear errors, dataset discovery, phantoms, patch sampling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from prostate_kernels.data import (
+    DataError,
+    Volume,
+    check_image,
+    discover_cases,
+    read_mask,
+    read_volume,
+    write_volume,
+)
+from prostate_kernels.data.phantoms import make_phantom, write_phantoms
+from prostate_kernels.data.sampling import PatchSampler, training_case, zscore
+
+GEOMETRY = dict(spacing=(0.6, 0.55, 3.6), origin=(-12.5, 30.25, 7.0), direction=(0, 1, 0, -1, 0, 0, 0, 0, 1))
+
+
+def volume(array) -> Volume:
+    return Volume(
+        np.asarray(array), GEOMETRY["spacing"], GEOMETRY["origin"], tuple(map(float, GEOMETRY["direction"]))
+    )
+
+
+@pytest.mark.parametrize("ext", [".mhd", ".nii.gz", ".nrrd"])
+def test_write_then_read_keeps_array_and_geometry(tmp_path, ext):
+    array = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    path = write_volume(volume(array), tmp_path / f"case{ext}")
+    back = read_volume(path)
+    assert np.array_equal(back.array, array) and back.array.shape == (4, 5, 6)
+    assert np.allclose(back.spacing, GEOMETRY["spacing"]) and np.allclose(back.origin, GEOMETRY["origin"])
+    assert np.allclose(back.direction, GEOMETRY["direction"])
+    assert back.spacing_zyx == pytest.approx((3.6, 0.55, 0.6))
+
+
+def test_read_errors_name_the_file_and_the_problem(tmp_path):
+    with pytest.raises(DataError, match=r"missing\.mhd: file not found"):
+        read_volume(tmp_path / "missing.mhd")
+    with pytest.raises(DataError, match="is a directory"):
+        read_volume(tmp_path)
+    corrupt = tmp_path / "corrupt.mhd"
+    corrupt.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 4\nElementType = MET_NOPE\n")
+    with pytest.raises(DataError, match=r"corrupt\.mhd: cannot read image"):
+        read_volume(corrupt)
+    import SimpleITK as sitk
+
+    sitk.WriteImage(sitk.Image(5, 5, sitk.sitkUInt8), str(tmp_path / "flat.nii.gz"))
+    with pytest.raises(DataError, match=r"flat\.nii\.gz: expected a 3-D image, got a 2-D one"):
+        read_volume(tmp_path / "flat.nii.gz")
+    sitk.WriteImage(sitk.Image([3, 3, 3, 2], sitk.sitkUInt8), str(tmp_path / "series.nii.gz"))
+    with pytest.raises(DataError, match=r"series\.nii\.gz: expected a 3-D image, got a 4-D one"):
+        read_volume(tmp_path / "series.nii.gz")
+
+
+def test_images_that_cannot_be_normalised_are_rejected(tmp_path):
+    nan = np.ones((3, 4, 5), np.float32)
+    nan[1, 2, 3] = np.nan
+    with pytest.raises(DataError, match="NaN"):
+        check_image(read_volume(write_volume(volume(nan), tmp_path / "nan.mhd")))  # (NIfTI stores NaN as 0)
+    with pytest.raises(DataError, match="constant intensity 7"):
+        check_image(read_volume(write_volume(volume(np.full((3, 4, 5), 7, np.int16)), tmp_path / "c.nii.gz")))
+
+
+def test_masks_are_checked_against_their_image(tmp_path):
+    image = read_volume(
+        write_volume(volume(np.random.default_rng(0).random((4, 5, 6))), tmp_path / "img.nii.gz")
+    )
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[1:3, 2:4, 2:5] = 5
+    labels[0, 0, 0] = 1
+    mask = read_mask(write_volume(volume(labels), tmp_path / "lab.nii.gz"), image, label=5)
+    assert mask.array.sum() == 12 and set(np.unique(mask.array)) == {0, 1}
+    with pytest.raises(
+        DataError, match=r"lab\.nii\.gz: mask has no label 3 voxels \(values present: 0, 1, 5\)"
+    ):
+        read_mask(tmp_path / "lab.nii.gz", image, label=3)
+    small = write_volume(volume(labels[:, :4]), tmp_path / "small.nii.gz")
+    with pytest.raises(DataError, match=r"small\.nii\.gz: size \(6, 4, 4\) differs from image"):
+        read_mask(small, image)
+    moved = volume(labels)
+    moved.origin = (0.0, 0.0, 0.0)
+    with pytest.raises(DataError, match="origin"):
+        read_mask(write_volume(moved, tmp_path / "moved.nii.gz"), image)
+    with pytest.raises(DataError, match="no foreground voxels"):
+        read_mask(write_volume(volume(np.zeros((4, 5, 6), np.uint8)), tmp_path / "empty.nii.gz"), image)
+
+
+def test_discovery_of_promise12_and_decathlon_layouts(tmp_path):
+    write_phantoms(tmp_path / "p12", n=3, shape=(6, 16, 16))
+    (tmp_path / "p12" / "notes.txt").write_text("ignored")
+    cases = discover_cases(tmp_path / "p12", require_labels=True)
+    assert [c.name for c in cases] == ["Case00", "Case01", "Case02"]
+    assert cases[1].label.name == "Case01_segmentation.mhd"
+    dec = tmp_path / "Task05_Prostate"
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (dec / folder).mkdir(parents=True)
+    ph = make_phantom(0, (6, 16, 16))
+    write_volume(ph.image, dec / "imagesTr" / "prostate_00.nii.gz")
+    write_volume(ph.mask, dec / "labelsTr" / "prostate_00.nii.gz")
+    write_volume(ph.image, dec / "imagesTs" / "prostate_99.nii.gz")
+    cases = discover_cases(dec)
+    assert [(c.name, c.label is not None) for c in cases] == [("prostate_00", True), ("prostate_99", False)]
+    with pytest.raises(DataError, match="no reference segmentation for prostate_99"):
+        discover_cases(dec, require_labels=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no cases found"):
+        discover_cases(tmp_path / "empty")
+
+
+def test_phantoms_are_deterministic_anisotropic_and_exactly_masked(tmp_path):
+    a, b = make_phantom(3), make_phantom(3)
+    assert np.array_equal(a.image.array, b.image.array) and np.array_equal(a.mask.array, b.mask.array)
+    assert not np.array_equal(make_phantom(4).mask.array, a.mask.array)
+    x, y, z = a.image.spacing
+    assert 0.5 < x < 0.7 and 0.5 < y < 0.7 and 3.0 < z < 4.1
+    assert 1000 < a.mask.array.sum() < 0.2 * a.mask.array.size
+    assert a.image.array[a.mask.array > 0].mean() > a.image.array[a.mask.array == 0].mean()
+    paths = write_phantoms(tmp_path, n=2, shape=(6, 16, 16))
+    assert [p.name for p in paths] == ["Case00.mhd", "Case01.mhd"]
+    assert (tmp_path / "Case01_segmentation.mhd").exists() and (tmp_path / "Case01.raw").exists()
+
+
+def _sampler(**kwargs) -> PatchSampler:
+    ph = make_phantom(1, (12, 40, 40))
+    case = training_case(ph.image.array, ph.mask.array, "c")
+    return PatchSampler([case], kwargs.pop("patch", (4, 8, 8)), 6, **kwargs)
+
+
+def test_sampling_is_balanced_and_a_function_of_the_iteration():
+    sampler = _sampler(flips=False)
+    x, y = sampler.draw(7)
+    assert x.shape == (6, 1, 4, 8, 8) and y.shape == (6, 1, 4, 8, 8) and x.dtype == y.dtype
+    centres = y[:, 0, 2, 4, 4]
+    assert centres[0::2].eq(1).all() and centres[1::2].eq(0).all()  # half on the gland, half off
+    x2, y2 = sampler.draw(7)
+    assert x.equal(x2) and y.equal(y2)
+    assert not x.equal(sampler.draw(8)[0])
+    assert not x.equal(_sampler(flips=False, rank=1).draw(7)[0])
+
+
+def test_slice_stacks_for_2d_networks():
+    x, y = _sampler(patch=(5, 8, 8), slices=5).draw(0)
+    assert x.shape == (6, 5, 8, 8) and y.shape == (6, 1, 8, 8)
+
+
+def test_zscore():
+    z = zscore(np.array([1.0, 2.0, 3.0, 4.0]))
+    assert z.dtype == np.float32 and abs(z.mean()) < 1e-6 and abs(z.std() - 1) < 1e-6
+
+
+def test_shared_real_case_reads_with_its_geometry():
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "hipmri-case018-week7"
+    if not path.is_dir():
+        pytest.skip(f"real case not present at {path}")
+    image = read_volume(path / "Case_018_Week7_LFOV.nii.gz")
+    assert image.array.shape == (128, 256, 256)
+    assert image.spacing == pytest.approx((1.6797, 1.6797, 1.56), abs=1e-3)
+    mask = read_mask(path / "Case_018_Week7_SEMANTIC_LFOV.nii.gz", image, label=5)
+    assert mask.array.sum() == 8804

@@ -1,0 +1,201 @@
+"""The CLI end to end on tiny phantoms: train, resume, predict, evaluate; DDP; bad input; the real case."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from prostate_kernels.checkpoint import load_checkpoint, save_checkpoint
+from prostate_kernels.cli import main
+from prostate_kernels.data import Volume, read_volume, write_volume
+
+SHAPE = ("8", "32", "32")
+PATCH = ["--patch", "8", "32", "32"]
+REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "hipmri-case018-week7"
+
+
+def train_args(data: Path, out: Path, iters: int, *extra: str) -> list[str]:
+    return ["train", "--data", str(data), "--out", str(out), "--model", "tiramisu3d_tiny", *PATCH,
+            "--batch", "2", "--iters", str(iters), "--val-every", "3", "--val-cases", "1", "--no-progress",
+            "--loss", "bce+dice", *extra]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("phantoms")
+    assert main(["phantoms", "--out", str(out), "--n", "4", "--shape", *SHAPE]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(phantoms, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("run")
+    assert main(train_args(phantoms, run, 6, "--checkpoint-every", "3")) == 0
+    return run
+
+
+def test_training_writes_checkpoints_metrics_and_curve(trained):
+    state = load_checkpoint(trained / "checkpoint.pt")
+    assert state["model"] == "tiramisu3d_tiny" and state["iteration"] == 6 and state["patch"] == [8, 32, 32]
+    rows = list(csv.DictReader((trained / "metrics.csv").open()))
+    assert [r["iteration"] for r in rows if r["val_dice"]] == ["3", "6"]
+    assert (trained / "training_curve.png").stat().st_size > 1000 and (trained / "best.pt").exists()
+
+
+def test_resume_gives_the_weights_of_an_uninterrupted_run(phantoms, trained, tmp_path):
+    assert main(train_args(phantoms, tmp_path, 3)) == 0  # "killed" after its checkpoint at iteration 3
+    assert main(train_args(phantoms, tmp_path, 6, "--resume")) == 0
+    resumed = load_checkpoint(tmp_path / "checkpoint.pt")["state_dict"]
+    unbroken = load_checkpoint(trained / "checkpoint.pt")["state_dict"]
+    assert resumed.keys() == unbroken.keys()
+    assert all(torch.equal(resumed[k], unbroken[k]) for k in resumed)
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    assert [int(r["iteration"]) for r in rows] == sorted({int(r["iteration"]) for r in rows})  # no duplicates
+
+
+def test_predict_and_evaluate(phantoms, trained, tmp_path, capsys):
+    out = tmp_path / "pred"
+    args = ["predict", "--checkpoint", str(trained / "checkpoint.pt"), "--input", str(phantoms), "--output",
+            str(out), "--save-probabilities", "--largest-component", "--tta"]  # fmt: skip
+    assert main(args) == 0
+    image, mask = read_volume(phantoms / "Case01.mhd"), read_volume(out / "Case01_segmentation.mhd")
+    assert mask.array.shape == image.array.shape and mask.spacing == pytest.approx(image.spacing)
+    assert set(np.unique(mask.array)) <= {0, 1}
+    prob = read_volume(out / "Case01_probabilities.mhd").array
+    assert prob.dtype == np.float32 and 0 <= prob.min() and prob.max() <= 1
+    assert main(["evaluate", "--pred", str(out), "--ref", str(phantoms), "--out", str(tmp_path / "ev")]) == 0
+    rows = list(csv.DictReader((tmp_path / "ev" / "evaluation.csv").open()))
+    assert [r["case"] for r in rows] == ["Case00", "Case01", "Case02", "Case03"]
+    assert {"dice", "hd95_mm", "abd_mm", "rvd_percent", "apex_dice", "base_dice"} <= set(rows[0])
+    assert (tmp_path / "ev" / "Case02_overlay.png").exists()
+    assert "mean" in capsys.readouterr().out
+
+
+def test_ddp_with_two_gloo_processes(phantoms, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "prostate_kernels",
+           *train_args(phantoms, tmp_path, 2)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["iteration"] == 2 and len(state["rng"]["ranks"]) == 2
+    assert not torch.equal(state["rng"]["ranks"][0]["cpu"], state["rng"]["ranks"][1]["cpu"])
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prostate_kernels", *args], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+
+
+def test_user_errors_are_one_line_with_status_2(tmp_path, phantoms, trained):
+    result = run_cli("train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == f"error: {tmp_path / 'nowhere'}: not a directory"
+    not_ours = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(3)}, not_ours)
+    result = run_cli(
+        "predict", "--checkpoint", str(not_ours), "--input", str(phantoms), "--output", str(tmp_path)
+    )
+    assert result.returncode == 2 and "not a prostate_kernels checkpoint" in result.stderr
+    assert "Traceback" not in result.stderr
+    state = load_checkpoint(trained / "checkpoint.pt")
+    save_checkpoint({**state, "model": "unet3d"}, tmp_path / "wrong_model.pt")
+    result = run_cli("predict", "--checkpoint", str(tmp_path / "wrong_model.pt"), "--input", str(phantoms),
+                     "--output", str(tmp_path))  # fmt: skip
+    assert result.returncode == 2 and "weights do not fit model 'unet3d'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    result = run_cli("phantoms", "--out", str(tmp_path), "--n", "0")
+    assert result.returncode == 2 and "--n 0" in result.stderr
+
+
+def test_a_bad_case_does_not_stop_the_others(phantoms, trained, tmp_path):
+    data = tmp_path / "mixed"
+    data.mkdir()
+    for name in ("Case00.mhd", "Case00.raw"):
+        (data / name).write_bytes((phantoms / name).read_bytes())
+    (data / "Case01.mhd").write_text(
+        "ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_NOPE\n"
+    )
+    result = run_cli("predict", "--checkpoint", str(trained / "checkpoint.pt"), "--input", str(data),
+                     "--output", str(tmp_path / "out"))  # fmt: skip
+    assert result.returncode == 2 and "Case01.mhd: cannot read image" in result.stderr
+    assert (tmp_path / "out" / "Case00_segmentation.mhd").exists()
+    # evaluation: a prediction whose grid differs from its reference is reported, the others scored
+    ref = read_volume(phantoms / "Case00_segmentation.mhd")
+    write_volume(ref.like(ref.array), tmp_path / "ev" / "Case00_segmentation.mhd")
+    cropped = Volume(ref.array[:, :16], ref.spacing, ref.origin, ref.direction)
+    write_volume(cropped, tmp_path / "ev" / "Case01_segmentation.mhd")
+    result = run_cli("evaluate", "--pred", str(tmp_path / "ev"), "--ref", str(phantoms))
+    assert result.returncode == 2 and "Case01_segmentation.mhd: size" in result.stderr
+    assert "Case00" in result.stdout
+
+
+def test_constant_image_and_empty_mask_in_training_data_are_skipped_with_a_message(
+    phantoms, tmp_path, capsys
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        for ext in (".mhd", ".raw", "_segmentation.mhd", "_segmentation.raw"):
+            (data / f"Case0{i}{ext}").write_bytes((phantoms / f"Case0{i}{ext}").read_bytes())
+    image = read_volume(data / "Case02.mhd")
+    write_volume(image.like(np.full_like(image.array, 5)), data / "Case02.mhd")
+    assert main(train_args(data, tmp_path / "run", 1)) == 0
+    assert "Case02.mhd: image has constant intensity 5" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------- real case
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason=f"the real case is not present at {REAL}")
+def test_real_case_prediction_keeps_geometry_and_evaluates_label_5(trained, tmp_path):
+    image_path = REAL / "Case_018_Week7_LFOV.nii.gz"
+    out = tmp_path / "pred"
+    args = ["predict", "--checkpoint", str(trained / "checkpoint.pt"), "--input", str(image_path),
+            "--output", str(out), "--overlap", "0"]  # fmt: skip
+    assert main(args) == 0
+    image, pred = read_volume(image_path), read_volume(out / "Case_018_Week7_LFOV_segmentation.nii.gz")
+    assert pred.array.shape == image.array.shape == (128, 256, 256)
+    for name in ("spacing", "origin", "direction"):
+        assert np.allclose(getattr(pred, name), getattr(image, name), atol=1e-5), name
+    prediction = out / "Case_018_Week7_LFOV_segmentation.nii.gz"
+    reference = REAL / "Case_018_Week7_SEMANTIC_LFOV.nii.gz"
+    args = [
+        "evaluate",
+        "--pred",
+        str(prediction),
+        "--ref",
+        str(reference),
+        "--label",
+        "5",
+        "--out",
+        str(tmp_path),
+    ]
+    assert main(args) == 0
+    rows = list(csv.DictReader((tmp_path / "evaluation.csv").open()))
+    assert len(rows) == 1 and 0.0 <= float(rows[0]["dice"]) <= 1.0
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = save_checkpoint({"iteration": 1, "weights": torch.ones(3)}, tmp_path / "checkpoint.pt")
+
+    def dies_half_way(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint({"iteration": 2, "weights": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["iteration"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left over
