@@ -34,7 +34,7 @@ $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
 	touch $@
 
 demo: setup
-	$(PY) -m prostate_kernels demo --out demo_out $(if $(MODEL),--model $(MODEL))
+	$(VENV)/bin/prostate-kernels demo --out demo_out $(if $(MODEL),--model $(MODEL))
 
 lint: setup
 	$(VENV)/bin/ruff check .

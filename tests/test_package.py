@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ def run_python(code: str, **env: str) -> subprocess.CompletedProcess:
         [sys.executable, "-W", "always", "-c", textwrap.dedent(code)],
         capture_output=True,
         text=True,
+        cwd=Path(__file__).resolve().parent,  # not the source tree: `-c` puts the cwd first on sys.path
         env=full_env,
         timeout=120,
     )

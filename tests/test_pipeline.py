@@ -82,7 +82,7 @@ def test_ddp_with_two_gloo_processes(phantoms, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "prostate_kernels",
            *train_args(phantoms, tmp_path, 2)]  # fmt: skip
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["iteration"] == 2 and len(state["rng"]["ranks"]) == 2
@@ -93,8 +93,9 @@ def test_ddp_with_two_gloo_processes(phantoms, tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
+    # run outside the source tree: `python -m` puts the current directory first on sys.path
     return subprocess.run([sys.executable, "-m", "prostate_kernels", *args], capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+                          timeout=300, cwd=Path(__file__).resolve().parent)  # fmt: skip
 
 
 def test_user_errors_are_one_line_with_status_2(tmp_path, phantoms, trained):
