@@ -45,11 +45,7 @@ test: lint
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q
 
 bench: setup
-	$(PY) bench/bench_sliding_window.py
-	$(PY) bench/bench_bn_relu_conv3d.py
-	$(PY) bench/bench_dense_block.py
-	$(PY) bench/bench_depthwise.py
-	$(PY) bench/bench_models.py
+	$(PY) bench/run_all.py
 
 clean:
 	rm -rf build *.egg-info $(VENV) demo_out .pytest_cache .ruff_cache

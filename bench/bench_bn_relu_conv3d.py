@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, interleaved_medians, markdown_table, write_results  # noqa: E402
+from common import BenchResult, environment, interleaved_medians, markdown_table  # noqa: E402
 from shapes import GROWTH, DenseLayerShape, benchmark_dense_layers  # noqa: E402
 
 from prostate_kernels.nn import BNReLUConv3d  # noqa: E402
@@ -149,39 +149,17 @@ def bench_shape(
     return rows
 
 
-def main(argv: list[str] | None = None, out_dir: Path | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile provider")
-    parser.add_argument(
-        "--all-shapes", action="store_true", help="on CPU too (slow): default is the 4x16x16 ones"
-    )
-    parser.add_argument(
-        "--compile-full-res-only",
-        action="store_true",
-        help="torch.compile only the 16x64x64 shapes (compile time)",
-    )
-    parser.add_argument("--rounds", type=int, default=5, help="CPU: interleaved rounds per median")
-    parser.add_argument("--out-dir", type=Path, default=out_dir)
-    args = parser.parse_args(argv)
-
-    device = args.device
+def run(device: str, compile_mode: str = "all", all_shapes: bool = False, rounds: int = 5) -> BenchResult:
+    """compile_mode: "all" shapes, "full-res" (the 16x64x64 ones: compile time) or "none"."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     shapes = benchmark_dense_layers()
-    if device != "cuda" and not args.all_shapes:
+    if device != "cuda" and not all_shapes:
         shapes = [s for s in shapes if s.size == (4, 16, 16)][:2]
     peaks = measure_peaks(device)
-    env = environment()
-    env["dtype"] = str(dtype)
-    if device == "cuda":
-        env["measured_bf16_matmul_TFLOPs"] = f"{peaks[0] / 1e12:.0f}"
-        env["measured_copy_GBps"] = f"{peaks[1] / 1e9:.0f}"
     rows = []
     for shape in shapes:
-        with_compile = not args.no_compile and (not args.compile_full_res_only or shape.size == (16, 64, 64))
-        shape_rows = bench_shape(shape, device, dtype, with_compile, args.rounds, peaks)
+        with_compile = compile_mode == "all" or (compile_mode == "full-res" and shape.size == (16, 64, 64))
+        shape_rows = bench_shape(shape, device, dtype, with_compile, rounds, peaks)
         rows += shape_rows
         print(markdown_table(list(shape_rows[0]), shape_rows), flush=True)
     notes = [
@@ -193,19 +171,35 @@ def main(argv: list[str] | None = None, out_dir: Path | None = None) -> list[dic
         notes.append(
             "the fused Triton provider needs a CUDA GPU: on this machine only eager and torch.compile ran"
         )
-    else:
-        full = [r for r in rows if r["provider"] == "fused triton" and "16x64x64" in r["shape"]]
-        met_eager = all(float(r["speedup_vs_eager"]) >= TARGET_VS_EAGER for r in full)
-        met_compile = all(float(r.get("speedup_vs_compile", "nan")) >= TARGET_VS_COMPILE for r in full)
-        notes.append(
-            f"targets on the full-resolution shapes (fwd+bwd): >= {TARGET_VS_EAGER}x eager: "
-            f"{'met' if met_eager else 'MISSED'}; >= {TARGET_VS_COMPILE}x torch.compile: "
-            f"{'met' if met_compile else 'MISSED'}"
-        )
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    md, csv_path = write_results(f"bn_relu_conv3d-{device}", env, columns, rows, notes, args.out_dir)
+        return BenchResult("bn_relu_conv3d", rows, notes, "fused Triton path not measured (needs a GPU)")
+    notes.append(f"measured here: bf16 matmul {peaks[0] / 1e12:.0f} TFLOP/s, copy {peaks[1] / 1e9:.0f} GB/s")
+    full = [r for r in rows if r["provider"] == "fused triton" and "16x64x64" in r["shape"]]
+    met_eager = all(float(r["speedup_vs_eager"]) >= TARGET_VS_EAGER for r in full)
+    met_compile = all(float(r.get("speedup_vs_compile", "nan")) >= TARGET_VS_COMPILE for r in full)
+    notes.append(
+        f"targets on the full-resolution shapes (fwd+bwd): >= {TARGET_VS_EAGER}x eager: "
+        f"{'met' if met_eager else 'MISSED'}; >= {TARGET_VS_COMPILE}x torch.compile: "
+        f"{'met' if met_compile else 'MISSED'}"
+    )
+    speedups = ", ".join(f"{r['speedup_vs_eager']}x/{r.get('speedup_vs_compile', '-')}x" for r in full)
+    return BenchResult("bn_relu_conv3d", rows, notes, f"full-res fwd+bwd vs eager/compile: {speedups}")
+
+
+def main(argv: list[str] | None = None) -> BenchResult:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", default="all", choices=("all", "full-res", "none"),
+                        help="shapes that get the torch.compile provider (compiling takes time)")  # fmt: skip
+    parser.add_argument("--all-shapes", action="store_true", help="on the CPU too (slow; default: 4x16x16)")
+    parser.add_argument("--rounds", type=int, default=5, help="CPU: interleaved rounds per median")
+    parser.add_argument("--out-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    result = run(args.device, args.compile, args.all_shapes, args.rounds)
+    md, csv_path = result.write(environment(), args.device, args.out_dir)
     print(f"\nwritten: {md}\n         {csv_path}")
-    return rows
+    return result
 
 
 if __name__ == "__main__":

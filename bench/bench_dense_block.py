@@ -20,7 +20,7 @@ import torch
 import torch.utils.checkpoint as cp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, environment, markdown_table, write_results  # noqa: E402
+from common import RESULTS_DIR, BenchResult, environment, markdown_table  # noqa: E402
 from shapes import FIRST_CONV, GROWTH, PATCH, TIRAMISU_P3A_LAYERS  # noqa: E402
 
 from prostate_kernels import reference  # noqa: E402
@@ -149,7 +149,7 @@ def bench(device: str) -> list[dict]:
     return rows
 
 
-def memory_curve(device: str, out_dir: Path) -> Path:
+def memory_curve(path: Path) -> Path:
     """Kept-for-backward MiB against the number of layers (48 in, growth 16, batch 2, 8x32x32), as a PNG."""
     import matplotlib
 
@@ -170,43 +170,51 @@ def memory_curve(device: str, out_dir: Path) -> Path:
     ax.set_title("Dense block memory: shared buffer vs torch.cat")
     ax.legend()
     fig.tight_layout()
-    path = out_dir / "dense_block_memory_vs_layers.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
-def main(argv: list[str] | None = None, out_dir: Path | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out-dir", type=Path, default=out_dir or RESULTS_DIR)
-    args = parser.parse_args(argv)
-    env = environment()
-    rows = bench(args.device)
+def run(device: str) -> BenchResult:
+    rows = bench(device)
     notes = [
         "ours: shared buffer, statistics once, nothing per layer saved; naive: torch.cat per layer "
         "(MONAI-style); checkpoint: torch.utils.checkpoint around cat -> BN -> ReLU -> conv (recomputed)",
         f"batch {BATCH}, growth {GROWTH}, dropout 0.2, training mode, "
         + (
             "bf16, peak = max_memory_allocated during one forward+backward above the inputs"
-            if args.device == "cuda"
+            if device == "cuda"
             else "float32; kept_for_backward = saved tensors' unique storages + output"
         ),  # fmt: skip
     ]
-    if args.device == "cuda":
+    if device == "cuda":
         target = [r for r in rows if r["block"].startswith("12-layer") and r["variant"] == "ours"][0]
+        time_ok = float(target["time_vs_naive"]) <= TARGET_TIME_VS_NAIVE
+        memory_ok = float(target["memory_vs_naive"]) <= TARGET_MEMORY_VS_NAIVE
         notes.append(
             f"targets (12-layer block): time <= {TARGET_TIME_VS_NAIVE}x naive: {target['time_vs_naive']} "
-            f"({'met' if float(target['time_vs_naive']) <= TARGET_TIME_VS_NAIVE else 'MISSED'}); memory <= "
-            f"1/5 naive: {target['memory_vs_naive']} "
-            f"({'met' if float(target['memory_vs_naive']) <= TARGET_MEMORY_VS_NAIVE else 'MISSED'})"
+            f"({'met' if time_ok else 'MISSED'}); memory <= 1/5 naive: {target['memory_vs_naive']} "
+            f"({'met' if memory_ok else 'MISSED'})"
         )
-    md, csv_path = write_results(f"dense_block-{args.device}", env, list(rows[0]), rows, notes, args.out_dir)
-    plot = memory_curve(args.device, args.out_dir)
+    target = [r for r in rows if r["block"].startswith("12-layer") and r["variant"] == "ours"][0]
+    summary = f"12-layer block: memory {target['memory_vs_naive']}x naive"
+    if "time_vs_naive" in target:
+        summary += f", time {target['time_vs_naive']}x naive"
+    return BenchResult("dense_block", rows, notes, summary)
+
+
+def main(argv: list[str] | None = None) -> BenchResult:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    args = parser.parse_args(argv)
+    result = run(args.device)
+    md, csv_path = result.write(environment(), args.device, args.out_dir)
+    plot = memory_curve(Path(args.out_dir) / "dense_block_memory_vs_layers.png")
     print(f"\nwritten: {md}\n         {csv_path}\n         {plot}")
-    return rows
+    return result
 
 
 if __name__ == "__main__":

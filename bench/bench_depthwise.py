@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, interleaved_medians, markdown_table, write_results  # noqa: E402
+from common import BenchResult, environment, interleaved_medians, markdown_table  # noqa: E402
 
 from prostate_kernels import functional, use_backend  # noqa: E402
 from prostate_kernels.nn import SeparableConv3d  # noqa: E402
@@ -120,19 +120,10 @@ def bench_separable(c: int, size, dilation: int, device: str, dtype, rounds: int
     return row
 
 
-def main(argv: list[str] | None = None, out_dir: Path | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="C in {128, 728}, dilation in {1, 12}")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out-dir", type=Path, default=out_dir)
-    args = parser.parse_args(argv)
-    device = args.device
+def run(device: str, quick: bool = False, rounds: int = 5) -> BenchResult:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     channels, sizes, dilations = CHANNELS, SIZES, DILATIONS
-    if args.quick:
+    if quick:
         channels, dilations = (128, 728), (1, 12)
     if device != "cuda":  # PyTorch's CPU depthwise conv3d is slow: the smallest grid only
         channels, sizes, dilations = (128,), ((4, 16, 16),), (1, 6)
@@ -141,17 +132,15 @@ def main(argv: list[str] | None = None, out_dir: Path | None = None) -> list[dic
     for c in channels:
         for size in sizes:
             for dilation in dilations:
-                new = bench_depthwise(c, size, dilation, device, dtype, args.rounds, bandwidth)
+                new = bench_depthwise(c, size, dilation, device, dtype, rounds, bandwidth)
                 rows += new
                 print(markdown_table(list(new[0]), new), flush=True)
-    separable = [bench_separable(c, SIZES[1], 6, device, dtype, args.rounds) for c in channels]
-    env = environment()
-    if device == "cuda":
-        env["measured_copy_GBps"] = f"{bandwidth / 1e9:.0f}"
+    separable = [bench_separable(c, SIZES[1], 6, device, dtype, rounds) for c in channels]
     notes = [
         f"batch {BATCH}, 3x3x3, padding = dilation, {dtype}; fwd_bwd = forward + backward (input and weight)"
     ]
     if device == "cuda":
+        notes.append(f"measured copy bandwidth here: {bandwidth / 1e9:.0f} GB/s")
         ours = [r for r in rows if r["provider"].startswith("ours")]
         speed = min(float(r["fwd_bwd_speedup_vs_best_pytorch"]) for r in ours)
         floor = min(float(r["fwd_floor_fraction"]) for r in ours)
@@ -162,11 +151,31 @@ def main(argv: list[str] | None = None, out_dir: Path | None = None) -> list[dic
         )
     else:
         notes.append("ours needs a CUDA GPU: on this machine only PyTorch's conv3d(groups=C) ran")
-    notes.append("fused separable block (eval, no grad), C -> C, 8x32x32, dilation 6:\n\n" + markdown_table(
-        list(separable[0]), separable))  # fmt: skip
-    md, csv_path = write_results(f"depthwise-{device}", env, list(rows[0]), rows, notes, args.out_dir)
+    notes.append("fused separable block (eval, no grad), C -> C, 8x32x32, dilation 6:\n\n"
+                 + markdown_table(list(separable[0]), separable))  # fmt: skip
+    if device != "cuda":
+        return BenchResult("depthwise", rows, notes, "ours not measured (needs a GPU)")
+    return BenchResult(
+        "depthwise",
+        rows,
+        notes,
+        f"fwd+bwd vs PyTorch: worst {speed:.2f}x; fwd floor fraction worst {floor:.2f}",
+    )
+
+
+def main(argv: list[str] | None = None) -> BenchResult:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="C in {128, 728}, dilation in {1, 12}")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    result = run(args.device, args.quick, args.rounds)
+    md, csv_path = result.write(environment(), args.device, args.out_dir)
     print(f"\nwritten: {md}\n         {csv_path}")
-    return rows
+    return result
 
 
 if __name__ == "__main__":

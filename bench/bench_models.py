@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, markdown_table, write_results  # noqa: E402
+from common import BenchResult, environment, markdown_table  # noqa: E402
 from prostate_kernels.models import build_model  # noqa: E402
 
 from prostate_kernels import use_backend  # noqa: E402
@@ -170,18 +170,15 @@ def ladder_summary(rows: list[dict], key: str) -> str:
             f"{'met' if ratio >= TARGET_VOXELS_VS_NAIVE else 'MISSED'})")  # fmt: skip
 
 
-def main(argv: list[str] | None = None, out_dir: Path | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out-dir", type=Path, default=out_dir)
-    args = parser.parse_args(argv)
-    env = environment()
-    if args.device == "cuda":
+def run(device: str) -> list[BenchResult]:
+    """[models (GPU only), patch ladder]."""
+    results = []
+    if device == "cuda":
         rows = gpu_models()
-        write_results(
-            "models-cuda", env, list(rows[0]), rows, [f"batch {BATCH}, bf16 autocast, Adam"], args.out_dir
+        results.append(
+            BenchResult(
+                "models", rows, [f"batch {BATCH}, bf16 autocast, Adam, BCE loss"], _speed_summary(rows)
+            )
         )
         ladder = gpu_ladder()
         summary = ladder_summary(ladder, "trains")
@@ -189,17 +186,41 @@ def main(argv: list[str] | None = None, out_dir: Path | None = None) -> list[dic
         ladder = cpu_ladder()
         summary = ladder_summary(ladder, "kept_for_backward_GiB")
     notes = [
-        "Tiramisu 3D p3a, batch 2; ours = memory-efficient dense blocks on fused layers, eager = torch.cat",
-        summary,
+        "Tiramisu 3D p3a, batch 2; ours = memory-efficient dense blocks (fused layers), eager = torch.cat"
     ]
-    if args.device != "cuda":
+    notes.append(summary)
+    if device != "cuda":
         notes.append("CPU: kept-for-backward bytes measured at 8x32x32 and scaled by voxel count")
-    md, csv_path = write_results(
-        f"patch_ladder-{args.device}", env, list(ladder[0]), ladder, notes, args.out_dir
+    results.append(BenchResult("patch_ladder", ladder, notes, summary))
+    return results
+
+
+def _speed_summary(rows: list[dict]) -> str:
+    """Training-step speed-up of ours over eager per model."""
+    step = {(r["model"], r["variant"]): r["step_ms"] for r in rows}
+    parts = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        ours, eager = step.get((model, "ours")), step.get((model, "eager"))
+        if ours and eager and "OOM" not in (ours, eager):
+            parts.append(f"{model} {float(eager) / float(ours):.2f}x")
+    return "training step vs eager: " + ", ".join(parts)
+
+
+def main(argv: list[str] | None = None) -> list[BenchResult]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    print(markdown_table(list(ladder[0]), ladder))
-    print(f"\n{summary}\nwritten: {md}\n         {csv_path}")
-    return ladder
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    env = environment()
+    results = run(args.device)
+    for result in results:
+        md, csv_path = result.write(env, args.device, args.out_dir)
+        print(markdown_table(list(result.rows[0]), result.rows))
+        print(f"\nwritten: {md}\n         {csv_path}")
+    print(results[-1].summary)
+    return results
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, interleaved_medians, markdown_table, write_results  # noqa: E402
+from common import BenchResult, environment, interleaved_medians, markdown_table  # noqa: E402
 
 import prostate_kernels  # noqa: E402
 from prostate_kernels import sliding_window_inference, use_backend  # noqa: E402
@@ -127,61 +127,75 @@ def check_outputs(x: torch.Tensor) -> list[str]:
     return notes
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out-dir", type=Path, default=None)
-    args = parser.parse_args()
-
+def run(device: str = "cpu", rounds: int = 15) -> BenchResult:
     torch.manual_seed(0)
-    x = torch.randn(VOLUME, device=args.device)
-    env = environment()
-    env["extension"] = "loaded" if prostate_kernels.HAS_EXT else "NOT loaded (pure-PyTorch path)"
-    notes = check_outputs(x)
+    x = torch.randn(VOLUME, device=device)
+    notes = [f"extension: {'loaded' if prostate_kernels.HAS_EXT else 'NOT loaded (pure-PyTorch path)'}"]
+    notes += check_outputs(x)
     windows, copy_twice = floor_case(x)
-
     rows = []
     for mode in MODES:
         for batch in BATCH_SIZES:
             cases = providers(x, mode, batch)
             cases["floor (2 copies)"] = copy_twice
-            t = interleaved_medians(cases, args.rounds)
-            floor, ours = t["floor (2 copies)"]["median"], t["ours"]["median"]
-            monai = t["monai"]["median"] if "monai" in t else None
-            row = {
-                "device": args.device,
-                "mode": mode,
-                "sw_batch_size": batch,
-                "windows": windows,
-                "ours_ms": f"{ours * 1e3:.1f}",
-                "ours_min_max_ms": f"{t['ours']['min'] * 1e3:.1f}-{t['ours']['max'] * 1e3:.1f}",
-                "monai_ms": f"{monai * 1e3:.1f}" if monai else "not installed",
-                "monai_min_max_ms": f"{t['monai']['min'] * 1e3:.1f}-{t['monai']['max'] * 1e3:.1f}"
-                if monai
-                else "",
-                "twin_ms": f"{t['pytorch twin']['median'] * 1e3:.1f}" if "pytorch twin" in t else "",
-                "floor_ms": f"{floor * 1e3:.1f}",
-                "speedup_vs_monai": f"{monai / ours:.2f}" if monai else "",
-                "ours_over_floor": f"{ours / floor:.2f}",
-                "target_2x_monai": ("met" if monai / ours >= TARGET_VS_MONAI else "MISSED")
-                if monai
-                else "n/a",
-                "target_1.5x_floor": "met" if ours / floor <= TARGET_VS_FLOOR else "MISSED",
-            }
-            rows.append(row)
-            print(markdown_table(list(row), [row]).splitlines()[-1], flush=True)
+            t = interleaved_medians(cases, rounds)
+            rows.append(_row(t, device, mode, batch, windows))
+            print(markdown_table(list(rows[-1]), rows[-1:]).splitlines()[-1], flush=True)
+    phases = _phase_rows(x, copy_twice, rounds)
+    notes += [
+        f"volume {VOLUME}, roi {ROI}, overlap {OVERLAP}, identity predictor; medians of {rounds} "
+        "interleaved rounds after 2 warm-up calls; min-max shows the machine's spread",
+        f"floor = two contiguous copies of {windows} x {ROI[0]}x{ROI[1]}x{ROI[2]} float32 (gather + scatter)",
+        "phases of ours, timed alone (same rounds as a fresh floor measurement):\n\n"
+        + markdown_table(list(phases[0]), phases)
+        + "\n",
+    ]
+    return BenchResult("sliding_window", rows, notes, _summary(rows))
 
-    phase_rows = []
+
+def _summary(rows: list[dict]) -> str:
+    def span(key):
+        values = [float(r[key]) for r in rows if r.get(key) not in (None, "")]
+        return f"{min(values):.2f}-{max(values):.2f}" if values else "n/a"
+
+    return (f"speed-up vs MONAI {span('speedup_vs_monai')}x (target >= {TARGET_VS_MONAI}); ours / copy floor "
+            f"{span('ours_over_floor')} (target <= {TARGET_VS_FLOOR})")  # fmt: skip
+
+
+def _row(t: dict, device: str, mode: str, batch: int, windows: int) -> dict:
+    floor, ours = t["floor (2 copies)"]["median"], t["ours"]["median"]
+    monai = t["monai"]["median"] if "monai" in t else None
+
+    def spread(name):
+        return f"{t[name]['min'] * 1e3:.1f}-{t[name]['max'] * 1e3:.1f}" if name in t else ""
+
+    return {
+        "device": device,
+        "mode": mode,
+        "sw_batch_size": batch,
+        "windows": windows,
+        "ours_ms": f"{ours * 1e3:.1f}",
+        "ours_min_max_ms": spread("ours"),
+        "monai_ms": f"{monai * 1e3:.1f}" if monai else "not installed",
+        "monai_min_max_ms": spread("monai"),
+        "twin_ms": f"{t['pytorch twin']['median'] * 1e3:.1f}" if "pytorch twin" in t else "",
+        "floor_ms": f"{floor * 1e3:.1f}",
+        "speedup_vs_monai": f"{monai / ours:.2f}" if monai else "",
+        "ours_over_floor": f"{ours / floor:.2f}",
+        "target_2x_monai": ("met" if monai / ours >= TARGET_VS_MONAI else "MISSED") if monai else "n/a",
+        "target_1.5x_floor": "met" if ours / floor <= TARGET_VS_FLOOR else "MISSED",
+    }
+
+
+def _phase_rows(x: torch.Tensor, copy_twice, rounds: int) -> list[dict]:
+    rows = []
     for batch in BATCH_SIZES:
         cases = phase_cases(x, "gaussian", batch)
         cases["floor (2 copies)"] = copy_twice
-        t = interleaved_medians(cases, args.rounds)
+        t = interleaved_medians(cases, rounds)
         floor = t.pop("floor (2 copies)")["median"]
         for name, stats in t.items():
-            phase_rows.append(
+            rows.append(
                 {
                     "sw_batch_size": batch,
                     "phase (gaussian)": name.removeprefix("phase: "),
@@ -189,21 +203,22 @@ def main() -> None:
                     "fraction_of_floor": f"{stats['median'] / floor:.2f}",
                 }
             )
-    print()
-    print(markdown_table(list(phase_rows[0]), phase_rows))
-    notes.append("phases of ours, timed alone (same rounds as a fresh floor measurement):")
-    notes.append("\n" + markdown_table(list(phase_rows[0]), phase_rows) + "\n")
+    return rows
 
-    columns = list(rows[0])
-    notes += [
-        f"volume {VOLUME}, roi {ROI}, overlap {OVERLAP}, identity predictor; medians of {args.rounds} "
-        "interleaved rounds after 2 warm-up calls; min-max of ours shows the machine's spread",
-        f"floor = two contiguous copies of {windows} x {ROI[0]}x{ROI[1]}x{ROI[2]} float32 (gather + scatter)",
-    ]
-    md, csv_path = write_results(f"sliding_window-{args.device}", env, columns, rows, notes, args.out_dir)
-    print()
-    print(markdown_table(columns, rows))
+
+def main(argv: list[str] | None = None) -> BenchResult:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=15)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    result = run(args.device, args.rounds)
+    md, csv_path = result.write(environment(), args.device, args.out_dir)
+    print(markdown_table(list(result.rows[0]), result.rows))
     print(f"\nwritten: {md}\n         {csv_path}")
+    return result
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -60,6 +61,7 @@ def environment() -> dict[str, str]:
     env = {
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "device": device_name(),
+        "device_kind": "cuda" if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "torch_threads": str(torch.get_num_threads()),
         "python": platform.python_version(),
@@ -138,3 +140,49 @@ def markdown_table(columns: list[str], rows: list[dict]) -> str:
     out = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     out += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
     return "\n".join(out)
+
+
+@dataclass
+class BenchResult:
+    """What a benchmark's run() returns: its rows and the notes that qualify them."""
+
+    name: str  # e.g. "sliding_window"
+    rows: list[dict]
+    notes: list[str] = field(default_factory=list)
+    summary: str = ""  # one line for the summary table: the key figures and targets
+
+    def write(self, env: dict[str, str], device: str, out_dir: Path | None = None) -> tuple[Path, Path]:
+        columns = list(dict.fromkeys(k for r in self.rows for k in r))
+        return write_results(f"{self.name}-{device}", env, columns, self.rows, self.notes, out_dir)
+
+
+def write_combined(
+    results: list[BenchResult], env: dict[str, str], out_dir: Path | None = None
+) -> tuple[Path, Path]:
+    """One run of every benchmark: <date>-<device>.md (a section per benchmark) and .csv (all rows, with
+    a `benchmark` column); returns their paths."""
+    out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stem = f"{env['date'][:10]}-{slug(env['device'])[:40]}"
+    csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
+    columns = ["benchmark", *dict.fromkeys(k for r in results for row in r.rows for k in row)]
+    with csv_path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for result in results:
+            for row in result.rows:
+                writer.writerow({"benchmark": result.name, **row})
+    lines = (
+        ["# Benchmarks", ""] + [f"- {key}: {value}" for key, value in env.items()] + ["", "## Summary", ""]
+    )
+    lines += [
+        markdown_table(
+            ["benchmark", "summary"], [{"benchmark": r.name, "summary": r.summary} for r in results]
+        )
+    ]
+    for result in results:
+        columns = list(dict.fromkeys(k for row in result.rows for k in row))
+        lines += ["", f"## {result.name}", "", markdown_table(columns, result.rows), ""]
+        lines += [f"- {note}" for note in result.notes]
+    md_path.write_text("\n".join(lines) + "\n")
+    return md_path, csv_path

@@ -76,14 +76,22 @@ def main() -> None:
          "detail": f"{len(check_rows) - len(failed)}/{len(check_rows)} checks pass"}
     )  # fmt: skip
 
-    sections = [
-        ("sliding window timing", _sliding_window_timing),
-        ("bn_relu_conv3d timing", _bn_relu_conv3d_timing),
-        ("dense block timing and memory", _dense_block_timing),
-        ("depthwise timing", _depthwise_timing),
-        ("models and patch ladder", _models_timing),
+    import bench_bn_relu_conv3d
+    import bench_dense_block
+    import bench_depthwise
+    import bench_models
+    import bench_sliding_window
+    from run_all import write_all
+
+    sections = [  # most important first: later ones are skipped when the time budget is spent
+        ("bn_relu_conv3d", lambda: [bench_bn_relu_conv3d.run("cuda", compile_mode="full-res")]),
+        ("dense_block", lambda: [bench_dense_block.run("cuda")]),
+        ("depthwise", lambda: [bench_depthwise.run("cuda", quick=True)]),
+        ("sliding_window", lambda: [bench_sliding_window.run("cuda", rounds=10)]),
+        ("models", lambda: bench_models.run("cuda")),
     ]
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
+    results = []
     for name, section in sections:
         if wanted and not any(w in name for w in wanted):
             continue
@@ -91,57 +99,24 @@ def main() -> None:
             summary.append({"section": name, "result": "SKIPPED", "detail": "time budget spent"})
             continue
         try:
-            summary.append({"section": name, "result": "DONE", "detail": section(args.out)})
-        except Exception:  # noqa: BLE001
+            produced = section()
+            results += produced
+            for result in produced:
+                summary.append({"section": result.name, "result": "DONE", "detail": result.summary})
+        except Exception:  # noqa: BLE001 - a crash is a result to report
             summary.append(
                 {"section": name, "result": "FAIL", "detail": traceback.format_exc(limit=3)[-300:]}
+            )
+    if results:
+        try:
+            write_all(results, args.out, memory_curve=False)
+        except Exception:  # noqa: BLE001
+            summary.append(
+                {"section": "results", "result": "FAIL", "detail": traceback.format_exc(limit=3)[-300:]}
             )
     (args.out / "gpu_suite.log").write_text("\n".join(log))
     print(f"\ngpu_suite finished in {time.time() - t0:.0f} s on {env['device']}\n")
     print(markdown_table(["section", "result", "detail"], summary))
-
-
-def _sliding_window_timing(out: Path) -> str:
-    import bench_sliding_window
-
-    sys.argv = ["bench_sliding_window.py", "--device", "cuda", "--rounds", "10", "--out-dir", str(out)]
-    bench_sliding_window.main()
-    return "see sliding_window-cuda results"
-
-
-def _bn_relu_conv3d_timing(out: Path) -> str:
-    import bench_bn_relu_conv3d
-
-    rows = bench_bn_relu_conv3d.main(["--device", "cuda", "--compile-full-res-only"], out_dir=out)
-    fused = [r for r in rows if r["provider"] == "fused triton" and "16x64x64" in r["shape"]]
-    speedups = ", ".join(f"{r['speedup_vs_eager']}x/{r.get('speedup_vs_compile', '-')}x" for r in fused)
-    return f"full-res fwd+bwd speed-up vs eager/compile: {speedups}"
-
-
-def _dense_block_timing(out: Path) -> str:
-    import bench_dense_block
-
-    rows = bench_dense_block.main(["--device", "cuda"], out_dir=out)
-    target = [r for r in rows if r["block"].startswith("12-layer") and r["variant"] == "ours"][0]
-    return f"12-layer block: time {target['time_vs_naive']}x naive, peak {target['memory_vs_naive']}x naive"
-
-
-def _models_timing(out: Path) -> str:
-    import bench_models
-
-    rows = bench_models.main(["--device", "cuda"], out_dir=out)
-    return bench_models.ladder_summary(rows, "trains")
-
-
-def _depthwise_timing(out: Path) -> str:
-    import bench_depthwise
-
-    rows = bench_depthwise.main(["--device", "cuda", "--quick"], out_dir=out)
-    ours = [float(r["fwd_bwd_speedup_vs_best_pytorch"]) for r in rows if r["provider"].startswith("ours")]
-    floor = [float(r["fwd_floor_fraction"]) for r in rows if r["provider"].startswith("ours")]
-    return (
-        f"fwd+bwd speed-up vs PyTorch {min(ours):.2f}-{max(ours):.2f}x; fwd floor fraction {min(floor):.2f}+"
-    )
 
 
 if __name__ == "__main__":

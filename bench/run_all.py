@@ -1,0 +1,81 @@
+"""`make bench`: every benchmark this machine can run, into one results file, plots and a summary.
+
+CPU: the PyTorch providers, the sliding-window stitching, the saved-bytes memory studies. GPU: all of it.
+Writes bench/results/<date>-<device>.md and .csv (device, versions, git sha, shapes, medians, ratios,
+fractions of the floor) and PNG plots beside them, refreshes README.md's tables, prints the summary.
+
+    python bench/run_all.py [--out-dir DIR] [--no-readme]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import bench_bn_relu_conv3d  # noqa: E402
+import bench_dense_block  # noqa: E402
+import bench_depthwise  # noqa: E402
+import bench_models  # noqa: E402
+import bench_sliding_window  # noqa: E402
+from common import RESULTS_DIR, BenchResult, environment, markdown_table, slug, write_combined  # noqa: E402
+from plots import ladder_plot, speedup_plot  # noqa: E402
+
+
+def run_all(device: str) -> list[BenchResult]:
+    cuda = device == "cuda"
+    results = [
+        bench_sliding_window.run(device, rounds=15),
+        bench_bn_relu_conv3d.run(device, compile_mode="full-res" if cuda else "all"),
+        bench_dense_block.run(device),
+        bench_depthwise.run(device, quick=cuda),
+        *bench_models.run(device),
+    ]
+    return results
+
+
+def write_all(results: list[BenchResult], out_dir: Path, memory_curve: bool = True) -> list[Path]:
+    """Combined md/csv and the plots (memory_curve: the CPU saved-bytes curve of the dense block)."""
+    env = environment()
+    md, csv_path = write_combined(results, env, out_dir)
+    stem = f"{env['date'][:10]}-{slug(env['device'])[:40]}"
+    written = [md, csv_path]
+    speedups = speedup_plot(results, out_dir / f"{stem}-speedup.png")
+    written += [speedups] if speedups else []
+    ladder = next((r for r in results if r.name == "patch_ladder"), None)
+    if ladder is not None:
+        written.append(ladder_plot(ladder, out_dir / f"{stem}-patch_ladder.png"))
+    if memory_curve:
+        written.append(bench_dense_block.memory_curve(out_dir / f"{stem}-dense_block_memory.png"))
+    return written
+
+
+def summary(results: list[BenchResult]) -> str:
+    return markdown_table(
+        ["benchmark", "summary"], [{"benchmark": r.name, "summary": r.summary} for r in results]
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    parser.add_argument("--no-readme", action="store_true", help="leave README.md's tables as they are")
+    args = parser.parse_args(argv)
+    results = run_all(args.device)
+    written = write_all(results, args.out_dir)
+    if not args.no_readme:
+        import update_readme
+
+        update_readme.main()
+    print("\nwritten:\n  " + "\n  ".join(map(str, written)))
+    print("\n" + summary(results))
+
+
+if __name__ == "__main__":
+    main()
