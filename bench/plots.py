@@ -69,12 +69,16 @@ def ladder_plot(result: BenchResult, path: Path) -> Path:
             peaks = [float(r["peak_MiB"]) / 1024 if r["trains"] == "yes" else float("nan") for r in rows]
             ax.plot(voxels, peaks, marker="o", label=f"{variant} (missing point: out of memory)")
             ax.set_ylabel("peak GiB of a training step")
-    for r in result.rows:
-        if r["variant"] == variants[0]:
-            ax.annotate(r["patch"], (int(r["voxels"]), 0), fontsize=7, rotation=30)
+    first = result.rows[0]
+    if "kept_for_backward_GiB" in first:  # the budget: what the naive model keeps at the paper's patch
+        naive = next(r for r in result.rows if r["variant"] != "ours")
+        ax.axhline(float(naive["kept_for_backward_GiB"]), color="grey", linestyle="--", linewidth=0.8,
+                   label=f"naive at {naive['patch']}")  # fmt: skip
+    ax.set_xticks([int(r["voxels"]) for r in result.rows if r["variant"] == variants[0]])
+    ax.set_xticklabels([r["patch"] for r in result.rows if r["variant"] == variants[0]], fontsize=7)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("patch voxels (batch 2)")
+    ax.set_xlabel("patch (D x H x W), batch 2")
     ax.set_title("Tiramisu 3D p3a: patch size vs memory")
     ax.legend(fontsize=8)
     fig.tight_layout()
