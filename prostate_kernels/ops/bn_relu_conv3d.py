@@ -11,27 +11,16 @@ from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 
 from prostate_kernels import backend
-from prostate_kernels.backend import autocast_dtype, triton_interpreting
+from prostate_kernels.backend import autocast_dtype
 from prostate_kernels.ops import bn_relu_conv3d_kernels as kernels
 from prostate_kernels.ops.channel_stats import channel_stats, update_running_stats_
 from prostate_kernels.ops.conv_geometry import ConvGeometry
-
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-_INTERPRET = triton_interpreting()
-
-
-def _configs(options: list[dict], warps_stages: list[tuple[int, int]]) -> list[triton.Config]:
-    """Autotuning candidates on the GPU; the first one alone in the interpreter (it cannot benchmark)."""
-    if _INTERPRET:
-        return [triton.Config(options[0], num_warps=4)]
-    return [triton.Config(o, num_warps=w, num_stages=s) for o in options for w, s in warps_stages]
-
+from prostate_kernels.ops.launch import autotune_configs, conv_args, dot_setup, output_like
 
 _fwd = triton.autotune(
-    configs=_configs(
+    configs=autotune_configs(
         [{"BLOCK_M": 128, "BLOCK_K": 32}, {"BLOCK_M": 64, "BLOCK_K": 32}, {"BLOCK_M": 128, "BLOCK_K": 64}],
         [(4, 3), (8, 3)],
     ),
@@ -39,7 +28,7 @@ _fwd = triton.autotune(
 )(kernels.bn_relu_conv3d_fwd_kernel)
 
 _dgrad = triton.autotune(
-    configs=_configs(
+    configs=autotune_configs(
         [{"BLOCK_M": 128, "BLOCK_K": 16}, {"BLOCK_M": 64, "BLOCK_K": 16}, {"BLOCK_M": 128, "BLOCK_K": 32}],
         [(4, 3), (8, 3)],
     ),
@@ -49,7 +38,7 @@ _dgrad = triton.autotune(
 )(kernels.bn_relu_conv3d_dgrad_kernel)
 
 _wgrad = triton.autotune(
-    configs=_configs(
+    configs=autotune_configs(
         [{"BLOCK_M": 128, "BLOCK_CI": 32}, {"BLOCK_M": 64, "BLOCK_CI": 32}, {"BLOCK_M": 64, "BLOCK_CI": 64}],
         [(4, 3), (8, 3)],
     ),
@@ -67,25 +56,6 @@ def _block_for(channels: int) -> int:
     return max(16, min(64, triton.next_power_of_2(channels)))
 
 
-def _dot_setup(dtype: torch.dtype) -> tuple[tl.dtype, str]:
-    """(DOT_DTYPE, INPUT_PRECISION): half inputs keep their dtype; float32 follows cuDNN's TF32 flag."""
-    if _INTERPRET:
-        return tl.float32, "ieee"  # the interpreter computes bfloat16 dots wrongly
-    if dtype == torch.float32:
-        return tl.float32, "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
-    return _TL_DTYPES[dtype], "ieee"
-
-
-def _conv_args(g: ConvGeometry) -> tuple[int, ...]:
-    return (*g.stride, *g.padding, *g.dilation)
-
-
-def _output_like(x: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """Channels-last output when x is channels-last (channel stride 1), NCDHW otherwise."""
-    fmt = torch.channels_last_3d if x.stride(1) == 1 and x.shape[1] > 1 else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype, device=x.device, memory_format=fmt)
-
-
 def conv_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -101,8 +71,8 @@ def conv_forward(
     c_out = weight.shape[0]
     do, ho, wo = geometry.output_size((d, h, w))
     if out is None:
-        out = _output_like(x, (n, c_out, do, ho, wo), compute_dtype)
-    dot_dtype, precision = _dot_setup(compute_dtype)
+        out = output_like(x, (n, c_out, do, ho, wo), compute_dtype)
+    dot_dtype, precision = dot_setup(compute_dtype)
     # (C_out, C_in, kd, kh, kw) -> (taps, C_in, C_out): each K-row of the weight tile is contiguous
     w_taps = weight.permute(2, 3, 4, 1, 0).reshape(geometry.taps, c_in, c_out).to(compute_dtype).contiguous()
     m = n * do * ho * wo
@@ -113,7 +83,7 @@ def conv_forward(
 
     _fwd[grid](
         x, w_taps, bias if bias is not None else scale, scale, shift, out,
-        m, c_in, c_out, d, h, w, do, ho, wo, *x.stride(), *out.stride(), *_conv_args(geometry),
+        m, c_in, c_out, d, h, w, do, ho, wo, *x.stride(), *out.stride(), *conv_args(geometry),
         KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], HAS_BIAS=bias is not None,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, BLOCK_N=block_n,
     )  # fmt: skip
@@ -135,7 +105,7 @@ def conv_weight_grad(
     m = n * do * ho * wo
     gw = torch.zeros((geometry.taps, c_in, c_out), dtype=torch.float32, device=x.device)
     gb = torch.zeros((c_out,), dtype=torch.float32, device=x.device) if with_bias else gw
-    dot_dtype, precision = _dot_setup(compute_dtype)
+    dot_dtype, precision = dot_setup(compute_dtype)
     block_co = _block_for(c_out)
     # Split the voxel reduction so that the grid fills the GPU (each split adds its share atomically).
     tiles = geometry.taps * triton.cdiv(c_in, 64) * triton.cdiv(c_out, block_co)
@@ -149,7 +119,7 @@ def conv_weight_grad(
 
     _wgrad[grid](
         x, gy, scale, shift, gw, gb, m, m_per_split, c_in, c_out, d, h, w, do, ho, wo,
-        *x.stride(), *gy.stride(), *_conv_args(geometry),
+        *x.stride(), *gy.stride(), *conv_args(geometry),
         KH=geometry.kernel[1], KW=geometry.kernel[2], HAS_BIAS=with_bias,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, BLOCK_CO=block_co,
     )  # fmt: skip
@@ -205,7 +175,7 @@ def _input_grad_block(
     n, c_in, d, h, w = x.shape
     _, c_out, do, ho, wo = gy.shape
     m = n * d * h * w
-    dot_dtype, precision = _dot_setup(compute_dtype)
+    dot_dtype, precision = dot_setup(compute_dtype)
     # (C_out, C_in, kd, kh, kw) -> (taps, C_out, C_in)
     w_taps = weight.permute(2, 3, 4, 0, 1).reshape(geometry.taps, c_out, c_in).to(compute_dtype).contiguous()
     block_n = _block_for(c_in)
@@ -216,7 +186,7 @@ def _input_grad_block(
     _dgrad[grid](
         gy, w_taps, x, scale, shift, mean, rstd, gz, grad_input, dgamma, dbeta,
         m, c_in, c_out, d, h, w, do, ho, wo, *gy.stride(), *x.stride(), *grad_input.stride(),
-        *_conv_args(geometry), KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2],
+        *conv_args(geometry), KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2],
         STORE_GZ=batch_stats, ACCUMULATE=accumulate, BN_GRADS=True,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, BLOCK_N=block_n,
     )  # fmt: skip

@@ -8,19 +8,11 @@ from __future__ import annotations
 import torch
 import triton
 
-from prostate_kernels.backend import triton_interpreting
 from prostate_kernels.ops import depthwise_conv3d_kernels as kernels
-from prostate_kernels.ops.bn_relu_conv3d import _dot_setup
 from prostate_kernels.ops.conv_geometry import ConvGeometry
+from prostate_kernels.ops.launch import autotune_configs, conv_args, dot_setup, output_like
 
-_INTERPRET = triton_interpreting()
 WGRAD_BLOCK_M = 64
-
-
-def _configs(options: list[dict]) -> list[triton.Config]:
-    if _INTERPRET:  # one config: the interpreter cannot benchmark
-        return [triton.Config(options[0], num_warps=4)]
-    return [triton.Config(o, num_warps=w, num_stages=2) for o in options for w in (4, 8)]
 
 
 # Tiles for channels-last (wide in C) and NCDHW (wide in M) tensors; the autotuner keys on the strides'
@@ -32,27 +24,20 @@ _TILES = [
     {"BLOCK_M": 256, "BLOCK_C": 4},
     {"BLOCK_M": 128, "BLOCK_C": 8},
 ]
-_fwd = triton.autotune(_configs(_TILES), key=["M", "C", "KD", "KH", "KW", "sxc", "syc"])(
-    kernels.depthwise_conv3d_fwd_kernel
-)
-_dgrad = triton.autotune(_configs(_TILES), key=["M", "C", "KD", "KH", "KW", "sgc", "sdc"])(
-    kernels.depthwise_conv3d_dgrad_kernel
-)
+_WARPS_STAGES = [(4, 2), (8, 2)]
+_fwd = triton.autotune(
+    autotune_configs(_TILES, _WARPS_STAGES), key=["M", "C", "KD", "KH", "KW", "sxc", "syc"]
+)(kernels.depthwise_conv3d_fwd_kernel)
+_dgrad = triton.autotune(
+    autotune_configs(_TILES, _WARPS_STAGES), key=["M", "C", "KD", "KH", "KW", "sgc", "sdc"]
+)(kernels.depthwise_conv3d_dgrad_kernel)
 _separable = triton.autotune(
-    _configs(
-        [{"BLOCK_M": 64, "BLOCK_K": 32}, {"BLOCK_M": 128, "BLOCK_K": 32}, {"BLOCK_M": 64, "BLOCK_K": 64}]
+    autotune_configs(
+        [{"BLOCK_M": 64, "BLOCK_K": 32}, {"BLOCK_M": 128, "BLOCK_K": 32}, {"BLOCK_M": 64, "BLOCK_K": 64}],
+        _WARPS_STAGES,
     ),
     key=["M", "C_in", "C_out", "KD", "KH", "KW"],
 )(kernels.separable_conv3d_inference_kernel)
-
-
-def _conv_args(g: ConvGeometry) -> tuple[int, ...]:
-    return (*g.stride, *g.padding, *g.dilation)
-
-
-def _output_like(x: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    fmt = torch.channels_last_3d if x.stride(1) == 1 and x.shape[1] > 1 else torch.contiguous_format
-    return torch.empty(shape, dtype=dtype, device=x.device, memory_format=fmt)
 
 
 def depthwise_forward(
@@ -61,7 +46,7 @@ def depthwise_forward(
     """Depthwise conv of x (N, C, D, H, W), written into `out` (any strides) when given."""
     n, c, d, h, w = x.shape
     do, ho, wo = geometry.output_size((d, h, w))
-    y = _output_like(x, (n, c, do, ho, wo), x.dtype) if out is None else out
+    y = output_like(x, (n, c, do, ho, wo), x.dtype) if out is None else out
     m = n * do * ho * wo
     w_taps = weight.reshape(c, geometry.taps).contiguous()
 
@@ -70,7 +55,7 @@ def depthwise_forward(
 
     _fwd[grid](
         x, w_taps, bias if bias is not None else w_taps, y, m, c, d, h, w, do, ho, wo,
-        *x.stride(), *y.stride(), *_conv_args(geometry),
+        *x.stride(), *y.stride(), *conv_args(geometry),
         KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], HAS_BIAS=bias is not None,
     )  # fmt: skip
     return y
@@ -87,7 +72,7 @@ def depthwise_input_grad(gy, weight, x_shape, x_like: torch.Tensor, geometry: Co
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
 
     _dgrad[grid](
-        gy, w_taps, gx, m, c, d, h, w, do, ho, wo, *gy.stride(), *gx.stride(), *_conv_args(geometry),
+        gy, w_taps, gx, m, c, d, h, w, do, ho, wo, *gy.stride(), *gx.stride(), *conv_args(geometry),
         KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2],
     )  # fmt: skip
     return gx
@@ -108,7 +93,7 @@ def depthwise_weight_grad(
     grid = (programs, triton.cdiv(c, block_c))
     kernels.depthwise_conv3d_wgrad_kernel[grid](
         x, gy, partial, m, per_program, c, d, h, w, do, ho, wo, *x.stride(), *gy.stride(),
-        *_conv_args(geometry),
+        *conv_args(geometry),
         KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], HAS_BIAS=with_bias,
         BLOCK_M=WGRAD_BLOCK_M, BLOCK_C=block_c,
     )  # fmt: skip
@@ -152,9 +137,9 @@ def separable_inference(
     n, c_in, d, h, w = x.shape
     c_out = pointwise_weight.shape[0]
     do, ho, wo = geometry.output_size((d, h, w))
-    y = _output_like(x, (n, c_out, do, ho, wo), x.dtype)
+    y = output_like(x, (n, c_out, do, ho, wo), x.dtype)
     m = n * do * ho * wo
-    dot_dtype, precision = _dot_setup(x.dtype)
+    dot_dtype, precision = dot_setup(x.dtype)
     pw = pointwise_weight.reshape(c_out, c_in).t().to(x.dtype).contiguous()  # (C_in, C_out)
     block_n = max(16, min(128, triton.next_power_of_2(c_out)))
 
@@ -163,7 +148,7 @@ def separable_inference(
 
     _separable[grid](
         x, depthwise_weight.reshape(c_in, geometry.taps).contiguous(), bn1[0], bn1[1], pw, bn2[0], bn2[1], y,
-        m, c_in, c_out, d, h, w, do, ho, wo, *x.stride(), *y.stride(), *_conv_args(geometry),
+        m, c_in, c_out, d, h, w, do, ho, wo, *x.stride(), *y.stride(), *conv_args(geometry),
         KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2],
         RELU_IN=not depth_activation, RELU_MID=depth_activation,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, BLOCK_N=block_n,

@@ -23,6 +23,31 @@ def _voxel(offs, S0, S1, S2):
 
 
 @triton.jit
+def _depthwise_taps(
+    x_ptr, w_ptr, n, od, oh, ow, mask_m, offs_c, mask_c, D, H, W, sxn, sxc, sxd, sxh, sxw,
+    std, sth, stw, pdd, pdh, pdw, dld, dlh, dlw,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, RELU_IN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """float32 (BLOCK_M, BLOCK_C) depthwise sums at output voxels (n, od, oh, ow), channels offs_c;
+    w_ptr is (C, taps) contiguous; RELU_IN applies ReLU to x first (zero padding stays zero)."""
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for tap in tl.static_range(KD * KH * KW):
+        i_d = od * std - pdd + (tap // (KH * KW)) * dld
+        i_h = oh * sth - pdh + ((tap // KW) % KH) * dlh
+        i_w = ow * stw - pdw + (tap % KW) * dlw
+        valid = mask_m & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
+        row = n * sxn + i_d * sxd + i_h * sxh + i_w * sxw
+        x_mask = valid[:, None] & mask_c[None, :]
+        x = tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=x_mask, other=0.0).to(tl.float32)
+        if RELU_IN:
+            x = tl.maximum(x, 0.0)
+        w = tl.load(w_ptr + offs_c * (KD * KH * KW) + tap, mask=mask_c, other=0.0).to(tl.float32)
+        acc += x * w[None, :]
+    return acc
+
+
+@triton.jit
 def depthwise_conv3d_fwd_kernel(
     x_ptr,  # (N, C, D, H, W), strides sx*
     w_ptr,  # (C, taps) contiguous
@@ -67,18 +92,10 @@ def depthwise_conv3d_fwd_kernel(
     mask_m = offs_m < M
     mask_c = offs_c < C
     n, od, oh, ow = _voxel(offs_m, Do, Ho, Wo)
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for tap in tl.static_range(KD * KH * KW):
-        i_d = od * std - pdd + (tap // (KH * KW)) * dld
-        i_h = oh * sth - pdh + ((tap // KW) % KH) * dlh
-        i_w = ow * stw - pdw + (tap % KW) * dlw
-        valid = mask_m & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
-        row = n * sxn + i_d * sxd + i_h * sxh + i_w * sxw
-        x = tl.load(
-            x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=valid[:, None] & mask_c[None, :], other=0.0
-        )
-        w = tl.load(w_ptr + offs_c * (KD * KH * KW) + tap, mask=mask_c, other=0.0)
-        acc += x.to(tl.float32) * w.to(tl.float32)[None, :]
+    acc = _depthwise_taps(
+        x_ptr, w_ptr, n, od, oh, ow, mask_m, offs_c, mask_c, D, H, W, sxn, sxc, sxd, sxh, sxw,
+        std, sth, stw, pdd, pdh, pdw, dld, dlh, dlw, KD, KH, KW, False, BLOCK_M, BLOCK_C,
+    )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
     out = n * syn + od * syd + oh * syh + ow * syw
@@ -295,19 +312,10 @@ def separable_conv3d_inference_kernel(
     for k0 in range(0, C_in, BLOCK_K):
         offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         mask_k = offs_k < C_in
-        depth = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-        for tap in tl.static_range(KD * KH * KW):
-            i_d = od * std - pdd + (tap // (KH * KW)) * dld
-            i_h = oh * sth - pdh + ((tap // KW) % KH) * dlh
-            i_w = ow * stw - pdw + (tap % KW) * dlw
-            valid = mask_m & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
-            row = n * sxn + i_d * sxd + i_h * sxh + i_w * sxw
-            x_mask = valid[:, None] & mask_k[None, :]
-            x = tl.load(x_ptr + row[:, None] + offs_k[None, :] * sxc, mask=x_mask, other=0.0).to(tl.float32)
-            if RELU_IN:
-                x = tl.maximum(x, 0.0)  # padding zeros stay zero
-            w = tl.load(dw_ptr + offs_k * (KD * KH * KW) + tap, mask=mask_k, other=0.0).to(tl.float32)
-            depth += x * w[None, :]
+        depth = _depthwise_taps(
+            x_ptr, dw_ptr, n, od, oh, ow, mask_m, offs_k, mask_k, D, H, W, sxn, sxc, sxd, sxh, sxw,
+            std, sth, stw, pdd, pdh, pdw, dld, dlh, dlw, KD, KH, KW, RELU_IN, BLOCK_M, BLOCK_K,
+        )  # fmt: skip
         s1 = tl.load(s1_ptr + offs_k, mask=mask_k, other=0.0)
         t1 = tl.load(t1_ptr + offs_k, mask=mask_k, other=0.0)
         depth = depth * s1[None, :] + t1[None, :]
