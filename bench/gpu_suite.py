@@ -6,7 +6,9 @@
 2. checks every kernel on CUDA against its reference (bench/gpu_checks.py);
 3. times the ops against eager PyTorch and torch.compile (the bench_* scripts' GPU sections);
 4. writes results (markdown + CSV) into DIR and prints one summary table last.
-A section that fails is reported in the table, never allowed to hide the others.
+A section that fails is reported in the table, never allowed to hide the others. Timing sections run
+most important first and are skipped once BUDGET_S has passed (a first call also pays for Triton's
+compiles and autotuning); `--only bn_relu_conv3d,dense_block` in a second call runs the rest.
 """
 
 from __future__ import annotations
