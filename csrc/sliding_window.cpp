@@ -162,14 +162,18 @@ at::Tensor window_gather(const at::Tensor& volume, const at::Tensor& starts, std
   const int64_t esize = volume.element_size();
   const char* src = static_cast<const char*>(volume.data_ptr());
   char* dst = static_cast<char*>(windows.data_ptr());
-  // One task per (b, c, z) window plane; rows are contiguous runs of rw elements.
+  // One task per window plane (wz, b, c), wz-major: the threads split the planes [0, rd) the way
+  // window_accumulate_ splits the output planes of a batch of windows at one height, so each thread
+  // writes the window rows it will read back (no cache lines moving between cores in between).
+  // Rows are contiguous runs of rw elements.
   at::parallel_for(0, B * C * rd, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t wz = task % rd, c = (task / rd) % C, b = task / (rd * C);
+      const int64_t wz = task / (B * C), b = (task / C) % B, c = task % C;
       const Start& s = st[b];
+      const int64_t plane = (b * C + c) * rd + wz;  // destination plane in (B, C, rd, rh, rw)
       for (int64_t wy = 0; wy < rh; ++wy) {
         const int64_t from = (((s.n * C + c) * D + s.z + wz) * H + s.y + wy) * W + s.x;
-        const int64_t to = (task * rh + wy) * rw;
+        const int64_t to = (plane * rh + wy) * rw;
         std::memcpy(dst + to * esize, src + from * esize, static_cast<size_t>(rw * esize));
       }
     }
