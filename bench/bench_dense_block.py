@@ -20,7 +20,7 @@ import torch
 import torch.utils.checkpoint as cp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, BenchResult, environment, markdown_table  # noqa: E402
+from common import RESULTS_DIR, BenchResult, environment, markdown_table, saved_bytes  # noqa: E402
 from shapes import FIRST_CONV, GROWTH, PATCH, TIRAMISU_P3A_LAYERS  # noqa: E402
 
 from prostate_kernels import reference  # noqa: E402
@@ -81,21 +81,6 @@ def variants(c_in: int, layers: int, return_input: bool, device, dtype) -> dict[
     naive = copy.deepcopy(ours)
     naive.memory_efficient = False
     return {"ours": ours, "naive": naive, "checkpoint": CheckpointedBlock(copy.deepcopy(naive))}
-
-
-def saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
-    """Unique storages autograd keeps for backward plus the output (model state and input excluded)."""
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = module(x)
-    storages[y.untyped_storage().data_ptr()] = y.untyped_storage().nbytes()
-    state = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers(), x]}
-    return sum(n for ptr, n in storages.items() if ptr not in state)
 
 
 def cuda_time_and_peak(module: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BenchResult, environment, markdown_table  # noqa: E402
+from common import BenchResult, environment, markdown_table, saved_bytes  # noqa: E402
 from prostate_kernels.models import build_model  # noqa: E402
 
 from prostate_kernels import use_backend  # noqa: E402
@@ -118,25 +118,15 @@ def gpu_ladder() -> list[dict]:
     return rows
 
 
-def saved_bytes(model: torch.nn.Module, backend: str, x: torch.Tensor) -> int:
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), use_backend(backend):
-        y = model(x)
-    storages[y.untyped_storage().data_ptr()] = y.untyped_storage().nbytes()
-    state = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(), x]}
-    return sum(n for ptr, n in storages.items() if ptr not in state)
-
-
 def cpu_ladder() -> list[dict]:
     base = (8, 32, 32)
     base_voxels = base[0] * base[1] * base[2]
     x = torch.randn((BATCH, 1, *base), requires_grad=True)
-    measured = {kind: saved_bytes(*variant("tiramisu3d_p3a", kind, "cpu"), x) for kind in ("ours", "eager")}
+    measured = {}
+    for kind in ("ours", "eager"):
+        model, backend = variant("tiramisu3d_p3a", kind, "cpu")
+        with use_backend(backend):
+            measured[kind] = saved_bytes(model, x)
     rows = []
     for kind, nbytes in measured.items():
         for patch in LADDER:

@@ -186,3 +186,19 @@ def write_combined(
         lines += [f"- {note}" for note in result.notes]
     md_path.write_text("\n".join(lines) + "\n")
     return md_path, csv_path
+
+
+def saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the unique storages autograd keeps for backward of module(x), plus the output's
+    (model state, i.e. parameters and buffers, and the input itself are not counted)."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = module(x)
+    storages[y.untyped_storage().data_ptr()] = y.untyped_storage().nbytes()
+    state = {t.untyped_storage().data_ptr() for t in [*module.parameters(), *module.buffers(), x]}
+    return sum(n for ptr, n in storages.items() if ptr not in state)

@@ -98,7 +98,8 @@ def check_config(config: TrainConfig) -> None:
     patch = config.patch or settings.patch
     if len(patch) != 3 or min(patch) < 1:
         raise DataError(None, f"--patch {patch} must be 3 positive sizes (D H W)")
-    model = build_model(config.model, **_model_kwargs(config))
+    with torch.device("meta"):  # only its downsampling is needed: no weights allocated
+        model = build_model(config.model, **_model_kwargs(config))
     factors = (1, *model.downsampling[1:]) if settings.slices else model.downsampling
     if any(p % f for p, f in zip(patch, factors, strict=True)):
         raise DataError(
