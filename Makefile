@@ -33,7 +33,10 @@ $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
 	$(PIP) install --no-build-isolation --no-deps .
 	touch $@
 
+# The demo writes only into a new or empty directory; demo_out/ of an earlier `make demo` (it holds the
+# demo's marker file) is replaced, any other demo_out/ is refused by the command itself.
 demo: setup
+	@if [ -f demo_out/.prostate-kernels-demo ]; then echo "replacing demo_out/ (an earlier make demo's output)"; rm -rf demo_out; fi
 	$(VENV)/bin/prostate-kernels demo --out demo_out $(if $(MODEL),--model $(MODEL))
 
 lint: setup

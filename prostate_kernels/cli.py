@@ -11,6 +11,15 @@ import argparse
 import sys
 from pathlib import Path
 
+from prostate_kernels.cli_args import (
+    OneLineParser,
+    device_name,
+    non_negative_float,
+    non_negative_int,
+    overlap_fraction,
+    positive_float,
+    positive_int,
+)
 from prostate_kernels.data.errors import DataError
 
 EXIT_USER_ERROR = 2
@@ -24,76 +33,117 @@ def main(argv: list[str] | None = None) -> int:
     except DataError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as exc:  # a file system refusal (read-only, full, not a directory): one line
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="prostate-kernels", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="prostate-kernels", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("phantoms", help="write synthetic T2-like pelvis volumes with exact prostate masks")
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--n", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shape", type=int, nargs=3, metavar=("D", "H", "W"), default=None)
+    p.add_argument("--n", type=positive_int, default=8)
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--shape", type=positive_int, nargs=3, metavar=("D", "H", "W"), default=None)
     p.set_defaults(run=_phantoms)
 
     p = sub.add_parser("train", help="train a network on PROMISE12-style data")
     p.add_argument("--data", type=Path, required=True)
     p.add_argument("--model", default="tiramisu3d_p3a")
-    p.add_argument("--patch", type=int, nargs=3, metavar=("D", "H", "W"), default=None)
-    p.add_argument("--batch", type=int, default=None)
-    p.add_argument("--iters", type=int, default=1000)
+    p.add_argument("--patch", type=positive_int, nargs=3, metavar=("D", "H", "W"), default=None)
+    p.add_argument("--batch", type=positive_int, default=None)
+    p.add_argument("--iters", type=positive_int, default=1000)
     p.add_argument("--loss", default="bce", choices=("bce", "dice", "bce+dice"))
-    p.add_argument("--lr", type=float, default=None, help="default: the paper's for the model")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--lr", type=positive_float, default=None, help="default: the paper's for the model")
+    p.add_argument("--weight-decay", type=non_negative_float, default=1e-4)
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
-    p.add_argument("--val-every", type=int, default=100)
-    p.add_argument("--val-cases", type=int, default=2, help="held-out cases (the last ones by name)")
-    p.add_argument("--checkpoint-every", type=int, default=None)
-    p.add_argument("--out", type=Path, required=True, help="run directory")
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--label", type=int, default=None, help="use this label of multi-label masks")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--val-every", type=positive_int, default=100)
+    p.add_argument(
+        "--val-cases",
+        type=non_negative_int,
+        default=2,
+        help="held-out cases (the last ones by name); 0: no validation and no best.pt",
+    )
+    p.add_argument("--checkpoint-every", type=positive_int, default=None)
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="run directory: new or empty, or an earlier run's with --resume",
+    )
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument(
+        "--label",
+        type=int,
+        default=None,
+        help="use this label of multi-label masks (required when a mask holds several)",
+    )
+    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--workers", type=non_negative_int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_train)
 
     p = sub.add_parser("predict", help="segment volumes with a trained checkpoint")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--input", type=Path, required=True, help="an image file or a directory of them")
-    p.add_argument("--output", type=Path, required=True)
-    p.add_argument("--overlap", type=float, default=0.5)
+    p.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help="directory for <name>_segmentation files; existing files are never replaced",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files of an earlier prediction (never an input image or a reference mask)",
+    )
+    p.add_argument("--overlap", type=overlap_fraction, default=0.5)
     p.add_argument("--mode", default="gaussian", choices=("constant", "gaussian"))
     p.add_argument("--tta", action="store_true", help="average mirrored predictions")
     p.add_argument("--save-probabilities", action="store_true")
     p.add_argument("--largest-component", action="store_true")
-    p.add_argument("--device", default=None)
+    p.add_argument(
+        "--device", type=device_name, default=None, help="cpu, cuda or cuda:N (default: cuda if any)"
+    )
     p.set_defaults(run=_predict)
 
     p = sub.add_parser("evaluate", help="PROMISE12 measures of predictions against references")
     p.add_argument("--pred", type=Path, required=True, help="a mask file or a directory of them")
     p.add_argument("--ref", type=Path, required=True, help="a mask file or a directory of them")
-    p.add_argument("--label", type=int, default=None, help="reference label to score (e.g. 5)")
+    p.add_argument(
+        "--label",
+        type=int,
+        default=None,
+        help="reference label to score (e.g. 5); required when a reference holds several",
+    )
     p.add_argument("--images", type=Path, default=None, help="where the images are, for overlays")
     p.add_argument("--out", type=Path, default=None, help="CSV and overlays (default: the --pred directory)")
+    p.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="exit 0 even when references have no prediction (they still score as failures)",
+    )
     p.set_defaults(run=_evaluate)
 
     p = sub.add_parser("demo", help="phantoms -> train -> predict -> evaluate, into one directory")
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--model", default="tiramisu3d_tiny")
-    p.add_argument("--iters", type=int, default=None)
+    p.add_argument("--iters", type=positive_int, default=None)
     p.set_defaults(run=_demo)
     return parser
 
 
 def _phantoms(args) -> int:
     from prostate_kernels.data.phantoms import DEFAULT_SHAPE, write_phantoms
+    from prostate_kernels.safe_files import require_empty_directory
 
-    if args.n < 1:
-        raise DataError(None, f"--n {args.n} must be >= 1")
+    require_empty_directory(args.out, "--out")
     paths = write_phantoms(args.out, args.n, args.seed, tuple(args.shape or DEFAULT_SHAPE))
     print(f"wrote {len(paths)} phantoms to {args.out}")
     return 0
@@ -103,12 +153,25 @@ def _train(args) -> int:
     from prostate_kernels.train import TrainConfig, train
 
     config = TrainConfig(
-        data=args.data, out=args.out, model=args.model, patch=tuple(args.patch) if args.patch else None,
-        batch=args.batch, iters=args.iters, loss=args.loss, lr=args.lr, weight_decay=args.weight_decay,
-        amp=args.amp, val_every=args.val_every, val_cases=args.val_cases,
-        checkpoint_every=args.checkpoint_every, resume=args.resume, label=args.label, seed=args.seed,
-        workers=args.workers, progress=not args.no_progress,
-    )  # fmt: skip
+        data=args.data,
+        out=args.out,
+        model=args.model,
+        patch=tuple(args.patch) if args.patch else None,
+        batch=args.batch,
+        iters=args.iters,
+        loss=args.loss,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        amp=args.amp,
+        val_every=args.val_every,
+        val_cases=args.val_cases,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        label=args.label,
+        seed=args.seed,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
     checkpoint = train(config)
     print(f"checkpoint: {checkpoint}")
     return 0
@@ -118,16 +181,29 @@ def _predict(args) -> int:
     from prostate_kernels.pipeline import predict_files
 
     failures = predict_files(
-        args.checkpoint, args.input, args.output, overlap=args.overlap, mode=args.mode, tta=args.tta,
-        save_probabilities=args.save_probabilities, largest=args.largest_component, device=args.device,
-    )  # fmt: skip
+        args.checkpoint,
+        args.input,
+        args.output,
+        overlap=args.overlap,
+        mode=args.mode,
+        tta=args.tta,
+        save_probabilities=args.save_probabilities,
+        largest=args.largest_component,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
     return _report(failures)
 
 
 def _evaluate(args) -> int:
     from prostate_kernels.pipeline import evaluate_files
 
-    failures = evaluate_files(args.pred, args.ref, args.label, args.images, args.out)
+    failures, missing = evaluate_files(args.pred, args.ref, args.label, args.images, args.out)
+    if missing and not args.allow_missing:
+        failures.append(
+            f"{len(missing)} reference(s) without a prediction, scored as failures: "
+            f"{', '.join(missing)} (--allow-missing to accept)"
+        )
     return _report(failures)
 
 

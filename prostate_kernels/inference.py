@@ -8,6 +8,8 @@ the C++ extension on the CPU and in Triton kernels on CUDA, always accumulating 
 from __future__ import annotations
 
 import itertools
+import numbers
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
@@ -34,15 +36,17 @@ def sliding_window_inference(
     sw_device: torch.device | str | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
-    flip_axes: Sequence[int] = (),
+    flip_axes: Sequence[int] | int = (),
 ) -> torch.Tensor:
     """Runs `predictor` on overlapping windows of `inputs` and blends the window predictions.
 
     Args:
         inputs: (N, C, D, H, W) floating tensor (or (N, C, H, W) with a 2-element roi_size).
         roi_size: window size per spatial axis, e.g. (16, 64, 64) for the paper's 64x64x16 patch; an int
-            applies to every axis; None takes that axis' full size. Volumes smaller than the window are
-            padded (half before, half after, as MONAI) and the result is cropped back.
+            applies to every axis; None takes that axis' full size. Python, numpy or torch integers.
+            Volumes smaller than the window are padded (half before, half after, as MONAI) and the
+            result is cropped back; "reflect" and "circular" padding wider than the volume itself are
+            applied in steps (each step at most the current size - 1, as numpy.pad does).
         sw_batch_size: windows per predictor call (windows of different images may share a call).
         predictor: maps (B, C, *roi) windows to (B, K, *roi) predictions (any float dtype). The windows
             tensor it receives is a buffer reused for the next batch: clone it to keep it.
@@ -53,7 +57,7 @@ def sliding_window_inference(
         sw_device: device the predictor runs on (default: inputs' device).
         device: device of the stitched output (default: inputs' device).
         progress: show a tqdm bar over windows.
-        flip_axes: spatial axes (0 = first spatial axis) to mirror for test-time augmentation: every
+        flip_axes: spatial axis or axes (0 = first spatial axis) to mirror for test-time augmentation: every
             non-empty combination of them is predicted too (flipped in, flipped back) and all
             predictions are averaged, as nnU-Net does; () disables it.
 
@@ -175,29 +179,53 @@ def _check_inputs(inputs: object) -> None:
 
 
 def _per_axis_roi(roi_size: Sequence[int | None] | int, image_size: tuple[int, ...]) -> tuple[int, ...]:
-    sizes = [roi_size] * len(image_size) if isinstance(roi_size, int) else list(roi_size)
+    single = _as_int(roi_size) is not None or (isinstance(roi_size, torch.Tensor) and roi_size.dim() == 0)
+    sizes = [roi_size] * len(image_size) if single else _as_list(roi_size, "roi_size")
     if len(sizes) != len(image_size):
         raise ValueError(
             f"roi_size {tuple(sizes)} has {len(sizes)} dims, expected {len(image_size)} for inputs of "
             f"spatial size {image_size}"
         )
-    roi = tuple(full if r is None else r for r, full in zip(sizes, image_size, strict=True))
-    if not all(isinstance(r, int) and not isinstance(r, bool) and r > 0 for r in roi):
+    roi = tuple(full if r is None else _as_int(r) for r, full in zip(sizes, image_size, strict=True))
+    if not all(r is not None and r > 0 for r in roi):
         raise ValueError(f"roi_size {tuple(sizes)} must hold positive ints (or None for a full axis)")
     return roi
 
 
+def _as_int(value: object) -> int | None:
+    """A Python, numpy or torch integer as int; None for anything else (bools and floats included)."""
+    if isinstance(value, (bool, float)) or (isinstance(value, torch.Tensor) and value.is_floating_point()):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def _as_list(value: object, name: str) -> list:
+    """A sequence (list, tuple, numpy array, 1-D tensor) as a list; TypeError naming it otherwise."""
+    sequence = isinstance(value, (Sequence, torch.Tensor)) or hasattr(value, "__array__")
+    if isinstance(value, (str, bytes)) or not sequence:
+        raise TypeError(f"{name} {value!r} must be a number or a sequence of numbers")
+    return list(value)
+
+
 def _per_axis(value: Sequence[float] | float, dims: int, name: str) -> tuple[float, ...]:
-    values = [value] * dims if isinstance(value, (int, float)) else list(value)
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    values = [value] * dims if is_number else _as_list(value, name)
     if len(values) != dims:
         raise ValueError(f"{name} {value} must be one number or {dims} numbers")
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+        raise TypeError(f"{name} {value!r} must be a number or a sequence of numbers")
     return tuple(float(v) for v in values)
 
 
-def _check_flip_axes(flip_axes: Sequence[int], spatial_dims: int) -> tuple[int, ...]:
-    axes = tuple(flip_axes)
-    if any(not isinstance(a, int) or isinstance(a, bool) or not 0 <= a < spatial_dims for a in axes):
-        raise ValueError(f"flip_axes {axes} must be spatial axes in [0, {spatial_dims})")
+def _check_flip_axes(flip_axes: Sequence[int] | int, spatial_dims: int) -> tuple[int, ...]:
+    single = _as_int(flip_axes)
+    raw = (single,) if single is not None else tuple(_as_list(flip_axes, "flip_axes"))
+    axes = tuple(_as_int(a) for a in raw)
+    if any(a is None or not 0 <= a < spatial_dims for a in axes):
+        raise ValueError(f"flip_axes {raw} must be spatial axes in [0, {spatial_dims})")
     if len(set(axes)) != len(axes):
         raise ValueError(f"flip_axes {axes} repeats an axis")
     return axes
@@ -212,10 +240,31 @@ def _pad_to_roi(inputs: torch.Tensor, roi: tuple[int, ...], padding_mode: str, c
     crop = tuple(slice(b, b + s) for (b, _), s in zip(before_after, inputs.shape[2:], strict=True))
     if not any(b or a for b, a in before_after):
         return inputs.contiguous(), crop
-    pad = [p for b, a in reversed(before_after) for p in (b, a)]  # F.pad lists the last axis first
     if padding_mode == "constant":
+        pad = [p for b, a in reversed(before_after) for p in (b, a)]  # F.pad lists the last axis first
         return F.pad(inputs, pad, mode="constant", value=cval).contiguous(), crop
-    return F.pad(inputs, pad, mode=padding_mode).contiguous(), crop
+    return _pad_in_steps(inputs, before_after, padding_mode).contiguous(), crop
+
+
+def _pad_in_steps(inputs: torch.Tensor, before_after: list[tuple[int, int]], mode: str) -> torch.Tensor:
+    """F.pad in `mode`, in as many steps as needed: reflect pads at most size - 1 and circular at most
+    size per side and step (F.pad's limits); replicate has none and takes one step."""
+    remaining = [list(pair) for pair in before_after]
+    padded = inputs
+    while any(b or a for b, a in remaining):
+        step = []
+        for axis, (b, a) in enumerate(remaining):
+            size = padded.shape[2 + axis]
+            limit = {"reflect": size - 1, "circular": size}.get(mode, max(b, a))
+            take = (min(b, limit), min(a, limit))
+            remaining[axis] = [b - take[0], a - take[1]]
+            step.append(take)
+        if not any(b or a for b, a in step):
+            raise ValueError(
+                f"padding_mode {mode!r} cannot pad an axis of size 1 (use 'replicate' or 'constant')"
+            )
+        padded = F.pad(padded, [p for b, a in reversed(step) for p in (b, a)], mode=mode)
+    return padded
 
 
 def _checked_prediction(prediction: object, windows: int, roi: tuple[int, ...]) -> torch.Tensor:
@@ -241,9 +290,14 @@ def _mirrored(predictor: Predictor, flip_axes: tuple[int, ...]) -> Predictor:
     combos = [c for r in range(1, len(dims) + 1) for c in itertools.combinations(dims, r)]
 
     def predict(windows: torch.Tensor) -> torch.Tensor:
-        total = _checked_prediction(predictor(windows), windows.shape[0], tuple(windows.shape[2:])).float()
+        count, roi = windows.shape[0], tuple(windows.shape[2:])
+        total = _checked_prediction(predictor(windows), count, roi).float()
         for axes in combos:
-            total += torch.flip(predictor(torch.flip(windows, axes)), axes).float()
+            mirrored = _checked_prediction(predictor(torch.flip(windows, axes)), count, roi)
+            if mirrored.shape[1] != total.shape[1]:
+                raise ValueError(f"predictor returned {mirrored.shape[1]} channels for windows mirrored "
+                                 f"along {axes}, {total.shape[1]} for the unmirrored ones")  # fmt: skip
+            total += torch.flip(mirrored, axes).float()
         return total / (len(combos) + 1)
 
     return predict

@@ -5,7 +5,13 @@ average boundary distance (mean over both surfaces' distances); relative volume 
 100 * (V_pred - V_ref) / V_ref in %. Also on the apex and base thirds of the gland: the reference's
 slice range split in three, apex = the lowest slice indices, base = the highest (array order along D;
 which end is anatomically the apex depends on how the scan was stored). Surface distances come from
-SimpleITK's Maurer distance maps with the image spacing, surfaces from its label-contour filter.
+SimpleITK's Maurer distance maps with the image spacing, surfaces from its label-contour filter; the
+volume's border counts as surface (a segmentation that fills the whole volume has the volume's outer
+shell as its surface), so distances are defined for any non-empty segmentation.
+
+An empty prediction (or an empty reference) has no surface at all: its HD95 and ABD are the worst
+distance the volume holds, its diagonal in mm (`worst_distance`), so that such a case is scored as the
+failure it is instead of dropped from a mean as NaN.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ REGIONS = ("whole", "apex", "base")
 @dataclass(frozen=True)
 class Measures:
     dice: float
-    hd95_mm: float  # nan when either segmentation is empty
+    hd95_mm: float  # worst_distance when either segmentation is empty
     abd_mm: float
     rvd_percent: float
 
@@ -34,16 +40,29 @@ class Measures:
         }
 
 
-def measures(pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, float, float]) -> Measures:
-    """Measures of binary (D, H, W) arrays with voxel spacing (dz, dy, dx) in mm."""
+def worst_distance(shape: tuple[int, ...], spacing_zyx) -> float:
+    """The volume's diagonal in mm: no two voxels of it are farther apart."""
+    return float(math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing_zyx, strict=True))))
+
+
+def measures(
+    pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, float, float], worst: float | None = None
+) -> Measures:
+    """Measures of binary (D, H, W) arrays with voxel spacing (dz, dy, dx) in mm.
+
+    worst: HD95 and ABD when either segmentation is empty (default: worst_distance of this volume).
+    """
     pred, ref = pred.astype(bool), ref.astype(bool)
     if pred.shape != ref.shape:
         raise ValueError(f"prediction shape {pred.shape} differs from reference shape {ref.shape}")
     v_pred, v_ref = int(pred.sum()), int(ref.sum())
     dice = 2 * int((pred & ref).sum()) / (v_pred + v_ref) if v_pred + v_ref else 1.0
     rvd = 100.0 * (v_pred - v_ref) / v_ref if v_ref else math.nan
+    if v_pred == 0 and v_ref == 0:
+        return Measures(dice, 0.0, 0.0, rvd)
     if v_pred == 0 or v_ref == 0:
-        return Measures(dice, math.nan, math.nan, rvd)
+        worst = worst_distance(pred.shape, spacing_zyx) if worst is None else worst
+        return Measures(dice, worst, worst, rvd)
     d_pred_to_ref = _surface_distances(pred, ref, spacing_zyx)
     d_ref_to_pred = _surface_distances(ref, pred, spacing_zyx)
     hd95 = max(float(np.percentile(d_pred_to_ref, 95)), float(np.percentile(d_ref_to_pred, 95)))
@@ -53,7 +72,8 @@ def measures(pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, float,
 
 def promise12_measures(pred: np.ndarray, ref: np.ndarray, spacing_zyx) -> dict[str, float]:
     """Measures on the whole gland and on its apex and base thirds (flat dict, e.g. "apex_dice")."""
-    out = measures(pred, ref, spacing_zyx).as_dict()
+    worst = worst_distance(ref.shape, spacing_zyx)
+    out = measures(pred, ref, spacing_zyx, worst).as_dict()
     slices = np.flatnonzero(ref.any(axis=(1, 2)))
     if len(slices) == 0:
         raise ValueError("the reference segmentation is empty")
@@ -61,7 +81,7 @@ def promise12_measures(pred: np.ndarray, ref: np.ndarray, spacing_zyx) -> dict[s
     third = (last - first) / 3
     for region, (lo, hi) in (("apex", (first, first + third)), ("base", (last - third, last))):
         lo, hi = int(math.floor(lo)), int(math.ceil(hi))
-        out.update(measures(pred[lo:hi], ref[lo:hi], spacing_zyx).as_dict(f"{region}_"))
+        out.update(measures(pred[lo:hi], ref[lo:hi], spacing_zyx, worst).as_dict(f"{region}_"))
     return out
 
 
@@ -72,10 +92,11 @@ def hausdorff(pred: np.ndarray, ref: np.ndarray, spacing_zyx, percentile: float 
 
 
 def _contour(array: np.ndarray, spacing: tuple[float, ...]):
-    """SimpleITK image of the surface voxels of a binary array (face-connected label contour)."""
+    """SimpleITK image of the surface voxels of a binary array (face-connected label contour), on the
+    array padded by one background voxel per side: voxels on the volume's border are surface too."""
     import SimpleITK as sitk
 
-    image = sitk.GetImageFromArray(array.astype(np.uint8))
+    image = sitk.GetImageFromArray(np.pad(array.astype(np.uint8), 1))
     image.SetSpacing(spacing)
     return sitk.LabelContour(image, fullyConnected=False)
 

@@ -5,8 +5,8 @@ Each step works case by case: a bad case is recorded (returned as a message) and
 
 from __future__ import annotations
 
+import contextlib
 import csv
-import math
 import time
 from pathlib import Path
 
@@ -27,6 +27,7 @@ from prostate_kernels.data.sampling import zscore
 from prostate_kernels.metrics import promise12_measures
 from prostate_kernels.models import build_model
 from prostate_kernels.predict import largest_component, predict_probabilities
+from prostate_kernels.safe_files import companions, output_directory, refuse_existing, require_empty_directory
 
 SUMMARY_COLUMNS = ("dice", "hd95_mm", "abd_mm", "rvd_percent", "apex_dice", "base_dice")
 
@@ -59,12 +60,26 @@ def load_trained_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn
     for key in ("model", "state_dict", "patch"):
         if key not in state:
             raise DataError(checkpoint, f"checkpoint lacks {key!r}")
+    _check_patch_and_slices(state, checkpoint)
     try:
         model = build_model(state["model"], **state.get("model_kwargs", {}))
     except (ValueError, TypeError) as exc:
         raise DataError(checkpoint, f"cannot build its model ({exc})") from None
     load_model_weights(model, state["state_dict"], checkpoint, state["model"])
     return model.to(device).eval(), state
+
+
+def _check_patch_and_slices(state: dict, checkpoint: Path) -> None:
+    """A checkpoint's patch is 3 positive ints, its slices a non-negative int: else a DataError."""
+    patch, slices = state["patch"], state.get("slices", 0)
+    if (
+        not isinstance(patch, (list, tuple))
+        or len(patch) != 3
+        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in patch)
+    ):
+        raise DataError(checkpoint, f"malformed checkpoint: patch {patch!r} is not 3 positive ints")
+    if not isinstance(slices, int) or isinstance(slices, bool) or slices < 0:
+        raise DataError(checkpoint, f"malformed checkpoint: slices {slices!r} is not an int >= 0")
 
 
 def predict_files(
@@ -77,14 +92,25 @@ def predict_files(
     save_probabilities: bool = False,
     largest: bool = False,
     device: str | None = None,
+    overwrite: bool = False,
 ) -> list[str]:
-    """Writes <name>_segmentation (and <name>_probabilities) with each input's geometry; returns failures."""
+    """Writes <name>_segmentation (and <name>_probabilities) with each input's geometry; returns failures.
+
+    Never writes over an input image or a reference mask; over other existing files only with
+    `overwrite` (files of an earlier prediction). Checked for every case before anything is written.
+    """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(None, f"device {device!r} is not available: torch sees no CUDA device here")
+    images = list_images(inputs)
+    targets = {path: _targets(path, Path(output), save_probabilities) for path in images}
+    _check_targets(targets, Path(inputs), overwrite)
     model, state = load_trained_model(checkpoint, dev)
+    output_directory(output, "--output")
     patch, slices = tuple(state["patch"]), int(state.get("slices", 0))
     amp = torch.bfloat16 if dev.type == "cuda" else None
     failures = []
-    for path in list_images(inputs):
+    for path in images:
         try:
             start = time.time()
             image = read_volume(path)
@@ -94,30 +120,83 @@ def predict_files(
             mask = (prob > 0.5).astype(np.uint8)
             if largest:
                 mask = largest_component(mask)
-            name, ext = stem(path), suffix(path)
-            write_volume(image.like(mask), Path(output) / f"{name}_segmentation{ext}")
-            if save_probabilities:
-                write_volume(image.like(prob.astype(np.float32)), Path(output) / f"{name}_probabilities{ext}")
+            segmentation, probabilities = targets[path]
+            write_volume(image.like(mask), segmentation)
+            if probabilities is not None:
+                write_volume(image.like(prob.astype(np.float32)), probabilities)
             print(f"{path.name}: {int(mask.sum())} voxels segmented in {time.time() - start:.1f} s")
         except DataError as exc:
             failures.append(str(exc))
     return failures
 
 
+def _targets(image: Path, output: Path, save_probabilities: bool) -> tuple[Path, Path | None]:
+    name, ext = stem(image), suffix(image)
+    probabilities = output / f"{name}_probabilities{ext}" if save_probabilities else None
+    return output / f"{name}_segmentation{ext}", probabilities
+
+
+def _check_targets(targets: dict[Path, tuple[Path, Path | None]], inputs: Path, overwrite: bool) -> None:
+    """DataError before anything is written: two inputs writing one file, a target that is an input or
+    a reference, an existing target (unless `overwrite`)."""
+    protected = {p.resolve() for p in targets}
+    if inputs.is_dir():
+        with contextlib.suppress(DataError):
+            protected |= {c.label.resolve() for c in discover_cases(inputs) if c.label is not None}
+    files = [f for pair in targets.values() for t in pair if t is not None for f in companions(t)]
+    seen = set()
+    for file in files:
+        key = file.resolve()
+        if key in protected and file.exists():
+            raise DataError(file, "is an input image or a reference mask: predict never writes over it; "
+                                  "choose another --output directory")  # fmt: skip
+        if key in seen:
+            raise DataError(
+                file, "two inputs would write this same file; predict them into separate --output"
+            )
+        seen.add(key)
+    if not overwrite:
+        refuse_existing(files, "predict never replaces existing files: choose a new --output directory, "
+                               "or pass --overwrite to replace an earlier prediction")  # fmt: skip
+
+
 # -------------------------------------------------------------------------------------- evaluate
 
 
-def _pairs(pred: Path, ref: Path) -> list[tuple[Path, Path]]:
-    if pred.is_file() and ref.is_file():
-        return [(pred, ref)]
-    if not pred.is_dir():
-        raise DataError(pred, "no such file or directory" if not pred.exists() else "expected a directory")
+def _reference_cases(ref: Path) -> list[tuple[str, Path]]:
+    """(case name, reference mask) pairs: a dataset's labelled cases, else every image in `ref`."""
     if not ref.is_dir():
         raise DataError(ref, "no such file or directory" if not ref.exists() else "expected a directory")
-    preds = [p for p in sorted(pred.iterdir()) if _is_image(p) and "_probabilities" not in p.name]
-    if not preds:
-        raise DataError(pred, "no prediction masks found")
-    return [(p, ref / p.name) for p in preds]
+    try:
+        cases = [(case.name, case.label) for case in discover_cases(ref) if case.label is not None]
+    except DataError:
+        cases = []
+    if not cases:
+        cases = [(stem(p).removesuffix("_segmentation"), p) for p in sorted(ref.iterdir()) if _is_image(p)]
+    if not cases:
+        raise DataError(ref, "no reference masks found")
+    return cases
+
+
+def _prediction_for(name: str, reference: Path, pred: Path) -> Path | None:
+    """<name>_segmentation<ext> in `pred` (any image suffix), else a file named like the reference."""
+    for ext in (suffix(reference), *IMAGE_SUFFIXES):
+        candidate = pred / f"{name}_segmentation{ext}"
+        if candidate.is_file():
+            return candidate
+    same_name = pred / reference.name
+    return same_name if same_name.is_file() else None
+
+
+def _pairs(pred: Path, ref: Path) -> list[tuple[str, Path, Path | None]]:
+    """(case, reference, prediction or None when missing) for every reference."""
+    if pred.is_file() and ref.is_file():
+        return [(stem(pred).removesuffix("_segmentation"), ref, pred)]
+    if not pred.is_dir():
+        raise DataError(pred, "no such file or directory" if not pred.exists() else "expected a directory")
+    return [
+        (name, reference, _prediction_for(name, reference, pred)) for name, reference in _reference_cases(ref)
+    ]
 
 
 def _image_for(mask_path: Path, *folders: Path | None) -> Path | None:
@@ -134,34 +213,72 @@ def _image_for(mask_path: Path, *folders: Path | None) -> Path | None:
 
 
 def evaluate_files(pred: Path, ref: Path, label: int | None = None, images: Path | None = None,
-                   out: Path | None = None) -> list[str]:  # fmt: skip
-    """PROMISE12 measures per case: a table on screen, evaluation.csv and overlays in `out`."""
-    from prostate_kernels.plots import plot_overlay
+                   out: Path | None = None) -> tuple[list[str], list[str]]:  # fmt: skip
+    """PROMISE12 measures per reference case: a table on screen, evaluation.csv and overlays in `out`.
 
+    Every reference is scored: a missing or unusable prediction as an empty one (Dice 0, the worst
+    distances), so the means never leave a case out. Returns (failure messages, missing case names).
+    """
     pred, ref = Path(pred), Path(ref)
+    if images is not None and not Path(images).is_dir():
+        raise DataError(images, "--images: no such directory")
     out = Path(out) if out is not None else (pred if pred.is_dir() else pred.parent)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, failures = [], []
-    for pred_path, ref_path in _pairs(pred, ref):
+    rows, failures, missing = [], [], []
+    pairs = _pairs(pred, ref)
+    for case, ref_path, pred_path in pairs:
         try:
             reference = read_mask(ref_path, None, label)
-            prediction = read_volume(pred_path)
-            check_same_grid(reference, prediction)
-            measures = promise12_measures(prediction.array != 0, reference.array, reference.spacing_zyx)
-            rows.append({"case": stem(pred_path).removesuffix("_segmentation"), **measures})
-            image_path = _image_for(pred_path, images, ref if ref.is_dir() else ref.parent)
-            if image_path is not None:
-                image = read_volume(image_path)
-                case = rows[-1]["case"]
-                plot_overlay(image.array, prediction.array != 0, reference.array, out / f"{case}_overlay.png",
-                             title=f"{rows[-1]['case']}: Dice {measures['dice']:.3f}")  # fmt: skip
         except DataError as exc:
             failures.append(str(exc))
+            continue
+        prediction, status = None, "missing"
+        if pred_path is not None:
+            try:
+                prediction = read_volume(pred_path)
+                check_same_grid(reference, prediction)
+                status = "ok"
+            except DataError as exc:
+                failures.append(str(exc))
+                prediction, status = None, "unusable"
+        else:
+            missing.append(case)
+        predicted = prediction.array != 0 if prediction is not None else np.zeros(reference.array.shape, bool)
+        if status == "ok" and not predicted.any():
+            status = "empty"
+        measures = promise12_measures(predicted, reference.array, reference.spacing_zyx)
+        rows.append({"case": case, "status": status, **measures})
+        if prediction is not None:
+            _overlay(case, predicted, reference, pred_path, images, ref, out, measures["dice"], failures)
+    if pred.is_dir() and rows:
+        scored = {prediction.resolve() for _, _, prediction in pairs if prediction is not None}
+        extra = [p.name for p in sorted(pred.iterdir())
+                 if _is_image(p) and "_segmentation" in p.name and p.resolve() not in scored]  # fmt: skip
+        if extra:
+            print(f"not scored (no reference): {', '.join(extra)}")
     if rows:
+        output_directory(out, "--out")
         _write_csv(rows, out / "evaluation.csv")
         print(summary_table(rows))
         print(f"\nper-case measures: {out / 'evaluation.csv'}")
-    return failures
+    return failures, missing
+
+
+def _overlay(case, predicted, reference, pred_path, images, ref, out, dice, failures) -> None:
+    """An overlay PNG when the case's image is found and lies on the reference's grid."""
+    from prostate_kernels.plots import plot_overlay
+
+    image_path = _image_for(pred_path, images, ref if ref.is_dir() else ref.parent)
+    if image_path is None:
+        return
+    try:
+        image = read_volume(image_path)
+        check_same_grid(reference, image)
+    except DataError as exc:
+        failures.append(f"{exc} (no overlay for {case})")
+        return
+    output_directory(out, "--out")
+    plot_overlay(image.array, predicted, reference.array, out / f"{case}_overlay.png",
+                 title=f"{case}: Dice {dice:.3f}")  # fmt: skip
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:
@@ -174,15 +291,21 @@ def _write_csv(rows: list[dict], path: Path) -> None:
 
 
 def summary_table(rows: list[dict]) -> str:
-    """Plain-text table of the main measures per case and their mean."""
-    header = f"{'case':<16}" + "".join(f"{c:>13}" for c in SUMMARY_COLUMNS)
+    """Plain-text table of the main measures per case, their mean and median over every case (NaN
+    included: a NaN makes the mean NaN rather than leaving the case out), and the failed cases."""
+    header = f"{'case':<16}{'status':>9}" + "".join(f"{c:>13}" for c in SUMMARY_COLUMNS)
     lines = [header, "-" * len(header)]
     for row in rows:
-        lines.append(f"{row['case']:<16}" + "".join(f"{row[c]:>13.3f}" for c in SUMMARY_COLUMNS))
-    means = [np.nanmean([row[c] for row in rows]) if any(not math.isnan(row[c]) for row in rows) else math.nan
-             for c in SUMMARY_COLUMNS]  # fmt: skip
+        values = "".join(f"{row[c]:>13.3f}" for c in SUMMARY_COLUMNS)
+        lines.append(f"{row['case']:<16}{row['status']:>9}" + values)
     lines.append("-" * len(header))
-    lines.append(f"{'mean':<16}" + "".join(f"{m:>13.3f}" for m in means))
+    for name, reduce in (("mean", np.mean), ("median", np.median)):
+        values = "".join(f"{float(reduce([row[c] for row in rows])):>13.3f}" for c in SUMMARY_COLUMNS)
+        lines.append(f"{name:<16}{'':>9}" + values)
+    failed = [row["case"] for row in rows if row["status"] != "ok"]
+    which = f" ({', '.join(failed)})" if failed else ""
+    lines.append(f"{len(rows)} cases, {len(failed)} failed{which}: a missing, unusable or empty prediction "
+                 "scores Dice 0 and the worst distance")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -190,30 +313,34 @@ def summary_table(rows: list[dict]) -> str:
 
 
 DEMO_ITERS = {"tiramisu3d_tiny": 480}  # ~4 min on 2 CPU cores
+DEMO_MARKER = ".prostate-kernels-demo"  # says "a demo wrote this directory" (make demo may replace it)
 
 
 def run_demo(out: Path, model: str = "tiramisu3d_tiny", iters: int | None = None) -> list[str]:
     """Phantoms -> training -> prediction of held-out phantoms -> PROMISE12 evaluation, all in `out`."""
     from prostate_kernels.data.phantoms import write_phantoms
     from prostate_kernels.plots import plot_training_curve
-    from prostate_kernels.train import TrainConfig, train
+    from prostate_kernels.train import TrainConfig, check_config, train
 
     out = Path(out)
     start = time.time()
     train_dir, test_dir = out / "data" / "train", out / "data" / "test"
+    iters = iters if iters is not None else DEMO_ITERS.get(model, 1000)
+    config = TrainConfig(data=train_dir, out=out / "run", model=model, iters=iters, loss="bce+dice",
+                         val_every=max(1, iters // 6))  # fmt: skip
+    check_config(config)  # before anything is written
+    require_empty_directory(out, "--out")
+    (out / DEMO_MARKER).write_text("written by prostate-kernels demo: this directory is its output\n")
     write_phantoms(train_dir, n=10, seed=1)
     write_phantoms(test_dir, n=3, seed=2)
     print(f"[demo] phantoms: 10 for training (2 of them for validation), 3 held out -> {out / 'data'}")
-    iters = iters or DEMO_ITERS.get(model, 1000)
-    config = TrainConfig(data=train_dir, out=out / "run", model=model, iters=iters, loss="bce+dice",
-                         val_every=max(1, iters // 6))  # fmt: skip
     checkpoint = train(config)
     best = out / "run" / "best.pt"
     checkpoint = best if best.exists() else checkpoint
     plot_training_curve(out / "run" / "metrics.csv", out / "training_curve.png")
     print(f"[demo] trained {model} for {iters} iterations; using {checkpoint.name}")
     failures = predict_files(checkpoint, test_dir, out / "predictions", largest=True)
-    failures += evaluate_files(out / "predictions", test_dir, None, None, out)
+    failures += evaluate_files(out / "predictions", test_dir, None, None, out)[0]
     print(
         f"[demo] done in {time.time() - start:.0f} s: overlays, training_curve.png, evaluation.csv in {out}"
     )

@@ -12,6 +12,7 @@ iteration) lets `--resume` continue exactly where training stopped: the batches 
 from __future__ import annotations
 
 import csv
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,9 @@ from prostate_kernels.data import DataError, check_image, discover_cases, read_m
 from prostate_kernels.data.sampling import IterationDataset, PatchSampler, training_case, zscore
 from prostate_kernels.models import build_model
 from prostate_kernels.predict import predict_probabilities
+from prostate_kernels.safe_files import RunLock, output_directory, remove_stale_temporaries
 
+RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.csv", "training_curve.png")  # what a run writes
 EPOCH_ITERS = 100  # iterations per "epoch" for the epoch-based schedules (patches are sampled, not swept)
 
 
@@ -95,6 +98,13 @@ def check_config(config: TrainConfig) -> None:
             raise DataError(None, f"--{name.replace('_', '-')} {getattr(config, name)} must be >= 1")
     if config.batch is not None and config.batch < 1:
         raise DataError(None, f"--batch {config.batch} must be >= 1")
+    for name in ("val_cases", "workers"):
+        if getattr(config, name) < 0:
+            raise DataError(None, f"--{name.replace('_', '-')} {getattr(config, name)} must be >= 0")
+    if config.lr is not None and not (math.isfinite(config.lr) and config.lr > 0):
+        raise DataError(None, f"--lr {config.lr} must be a finite number > 0")
+    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
+        raise DataError(None, f"--weight-decay {config.weight_decay} must be a finite number >= 0")
     patch = config.patch or settings.patch
     if len(patch) != 3 or min(patch) < 1:
         raise DataError(None, f"--patch {patch} must be 3 positive sizes (D H W)")
@@ -133,6 +143,8 @@ def load_cases(config: TrainConfig, log) -> tuple[list, list[HeldOut]]:
             image = read_volume(case.image)
             check_image(image)
             mask = read_mask(case.label, image, config.label)
+            if mask.array.all():
+                raise DataError(case.label, "mask covers every voxel: no background to learn from")
             loaded.append((case.name, image.array, mask.array))
         except DataError as exc:
             problems.append(str(exc))
@@ -152,9 +164,36 @@ def load_cases(config: TrainConfig, log) -> tuple[list, list[HeldOut]]:
 
 
 def train(config: TrainConfig, log=print) -> Path:
-    """Trains, validates and checkpoints into config.out; returns the path of the last checkpoint."""
+    """Trains, validates and checkpoints into config.out; returns the path of the last checkpoint.
+
+    config.out must be new or empty, or (with config.resume) an earlier run's directory; rank 0 holds
+    an exclusive lock on it for the whole run, so two trainings never write into one directory.
+    """
     check_config(config)
+    out = Path(config.out)
+    if out.exists() and not out.is_dir():
+        raise DataError(out, "--out is an existing file, expected a run directory")
     rank, world, device = _setup_distributed()
+    if rank != 0:
+        _check_run_directory(out, config.resume)
+        return _train(config, rank, world, device, log)
+    output_directory(out, "--out")
+    with RunLock(out):
+        _check_run_directory(out, config.resume)
+        for tmp in remove_stale_temporaries(out):
+            log(f"removed {tmp.name}, left by a checkpoint write that was killed")
+        return _train(config, rank, world, device, log)
+
+
+def _check_run_directory(out: Path, resume: bool) -> None:
+    """DataError when `out` holds an earlier run and we were not asked to resume it."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not resume:
+        raise DataError(out, f"holds an earlier training run ({', '.join(found)}): pass --resume to continue "
+                             "it, or choose a new --out")  # fmt: skip
+
+
+def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log) -> Path:
     settings = config.settings()
     patch = tuple(config.patch or settings.patch)
     batch, lr = config.batch or settings.batch, config.lr if config.lr is not None else settings.lr
@@ -173,8 +212,10 @@ def train(config: TrainConfig, log=print) -> Path:
     if config.resume and ckpt_path.exists():
         start, best = _restore(ckpt_path, model, optimizer, scheduler, scaler, rank, config.model)
         log(f"resumed from {ckpt_path} at iteration {start}") if rank == 0 else None
-    elif rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    elif config.resume and rank == 0:
+        log(f"no {ckpt_path.name} in {out} yet: starting from iteration 0")
+    if not held_out and rank == 0:
+        log("no held-out cases (--val-cases 0): no validation, no best.pt; predict with checkpoint.pt")
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     sampler = PatchSampler(train_cases, patch, batch, config.seed, rank, config.flips, settings.slices)
@@ -192,6 +233,9 @@ def train(config: TrainConfig, log=print) -> Path:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = loss_fn(net(x).float(), y)
+        if not _finite_on_every_rank(loss, world):
+            stopped = f"loss is {loss.item()} at iteration {it}: training stopped (a smaller --lr may help)"
+            raise DataError(None, f"{stopped}; {_last_checkpoint(ckpt_path)}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -199,7 +243,7 @@ def train(config: TrainConfig, log=print) -> Path:
         scheduler.step()
         window.append(loss.item())
         val_dice = None
-        if it % config.val_every == 0 or it == config.iters:
+        if held_out and (it % config.val_every == 0 or it == config.iters):
             if rank == 0:
                 val_dice = validate(model, held_out, patch, settings.slices, device, amp_dtype)
             _barrier(world)
@@ -211,6 +255,7 @@ def train(config: TrainConfig, log=print) -> Path:
         periodic = it % ckpt_every == 0 or it == config.iters
         rng = _gather_rng(world) if periodic else None  # a collective: every rank takes part
         if rank == 0 and (periodic or is_best):
+            _check_finite_weights(model, it, ckpt_path)
             state = _state(
                 config, model, optimizer, scheduler, scaler, rng or _gather_rng(1), it, best, patch
             )
@@ -234,6 +279,29 @@ def train(config: TrainConfig, log=print) -> Path:
     if world > 1:
         dist.destroy_process_group()
     return ckpt_path
+
+
+def _finite_on_every_rank(loss: torch.Tensor, world: int) -> bool:
+    """Whether the loss is finite on every rank (a collective when world > 1: all ranks stop together)."""
+    finite = torch.isfinite(loss.detach()).to(torch.float32)
+    if world > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
+
+
+def _check_finite_weights(model: torch.nn.Module, it: int, ckpt_path: Path) -> None:
+    """DataError before a checkpoint with NaN or infinite weights could replace a good one."""
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise DataError(None, f"weights became non-finite at iteration {it} ({bad[0]}, {len(bad)} tensors): "
+                              f"training stopped; {_last_checkpoint(ckpt_path)}")  # fmt: skip
+
+
+def _last_checkpoint(ckpt_path: Path) -> str:
+    """Where the last good weights are, for the messages of a stopped run (only finite ones are saved)."""
+    if ckpt_path.exists():
+        return f"{ckpt_path} keeps the last checkpoint, written before it and finite"
+    return f"no checkpoint was written to {ckpt_path.parent} before it"
 
 
 def validate(model, held_out: list[HeldOut], patch, slices, device, amp_dtype) -> float:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from prostate_kernels.metrics import hausdorff, measures, promise12_measures
+from prostate_kernels.metrics import hausdorff, measures, promise12_measures, worst_distance
 
 SPACING = (2.0, 0.5, 0.5)  # (dz, dy, dx) mm: anisotropic like an MRI
 
@@ -55,9 +55,21 @@ def test_relative_volume_difference_sign_and_size():
     assert m.hd95_mm == pytest.approx(2.0, abs=0.5)  # concentric: 2 mm everywhere
 
 
-def test_empty_prediction():
+def test_empty_prediction_scores_the_worst_distance_not_nan():
     m = measures(np.zeros((40, 100, 100), bool), sphere((40, 25, 25), 10), SPACING)
-    assert m.dice == 0.0 and math.isnan(m.hd95_mm) and m.rvd_percent == -100.0
+    diagonal = math.sqrt((40 * 2.0) ** 2 + (100 * 0.5) ** 2 + (100 * 0.5) ** 2)
+    assert m.dice == 0.0 and m.rvd_percent == -100.0
+    assert m.hd95_mm == m.abd_mm == pytest.approx(diagonal) == worst_distance((40, 100, 100), SPACING)
+
+
+def test_a_segmentation_filling_the_volume_has_the_border_as_surface():
+    """An untrained network predicts all ones: the distances are those to the volume's outer shell."""
+    ref = sphere((40, 25, 25), 10)
+    m = measures(np.ones_like(ref), ref, SPACING)
+    assert m.dice == pytest.approx(2 * ref.sum() / (ref.size + ref.sum()))
+    assert math.isfinite(m.hd95_mm) and math.isfinite(m.abd_mm) and m.hd95_mm > 10
+    out = promise12_measures(np.ones_like(ref), ref, SPACING)
+    assert all(math.isfinite(v) for v in out.values())
 
 
 def test_apex_and_base_thirds():

@@ -116,7 +116,7 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, phantoms, trained):
     assert result.returncode == 2 and "weights do not fit model 'unet3d'" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     result = run_cli("phantoms", "--out", str(tmp_path), "--n", "0")
-    assert result.returncode == 2 and "--n 0" in result.stderr
+    assert result.returncode == 2 and "argument --n: 0 must be >= 1" in result.stderr
 
 
 def test_a_bad_case_does_not_stop_the_others(phantoms, trained, tmp_path):

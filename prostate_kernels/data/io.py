@@ -6,12 +6,13 @@ Arrays are (D, H, W) = (slices, rows, columns); spacing, origin and direction ar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from prostate_kernels.data.errors import DataError
+from prostate_kernels.data.integrity import captured_stderr, check_complete, itk_reason
 
 GEOMETRY_TOLERANCE = 1e-4  # relative, on spacing/origin/direction, when comparing an image with its mask
 
@@ -43,18 +44,23 @@ def _sitk():
 
 
 def read_volume(path: str | Path) -> Volume:
-    """A 3-D scalar image; DataError naming the file for anything else."""
+    """A 3-D scalar image; DataError naming the file for anything else (truncated files included)."""
     path = Path(path)
     if not path.exists():
         raise DataError(path, "file not found")
     if path.is_dir():
         raise DataError(path, "is a directory, expected an image file")
     sitk = _sitk()
-    try:
-        image = sitk.ReadImage(str(path))
-    except RuntimeError as exc:
-        reason = next((line.strip() for line in str(exc).splitlines() if "rror" in line), str(exc).strip())
-        raise DataError(path, f"cannot read image ({reason[:200]})") from None
+    check_complete(path)
+    with captured_stderr() as itk_said:  # ITK prints its own complaints there: they go into our message
+        try:
+            image = sitk.ReadImage(str(path))
+        except RuntimeError as exc:
+            error = exc
+        else:
+            error = None
+    if error is not None:
+        raise DataError(path, f"cannot read image ({itk_reason(str(error), itk_said())})") from None
     if image.GetDimension() != 3:
         raise DataError(path, f"expected a 3-D image, got a {image.GetDimension()}-D one")
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -81,7 +87,15 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
     image.SetSpacing(volume.spacing)
     image.SetOrigin(volume.origin)
     image.SetDirection(volume.direction)
-    sitk.WriteImage(image, str(path), useCompression=path.name.endswith(".gz"))
+    with captured_stderr() as itk_said:
+        try:
+            sitk.WriteImage(image, str(path), useCompression=path.name.endswith(".gz"))
+        except RuntimeError as exc:
+            error = exc
+        else:
+            error = None
+    if error is not None:
+        raise DataError(path, f"cannot write image ({itk_reason(str(error), itk_said())})") from None
     return path
 
 
@@ -103,28 +117,39 @@ def read_mask(path: str | Path, image: Volume | None = None, label: int | None =
     if image is not None:
         check_same_grid(image, mask)
     values = mask.array
+    if label is None:
+        labels = np.unique(values)
+        labels = labels[labels != 0]
+        if len(labels) > 1:
+            raise DataError(path, f"mask holds {len(labels)} labels ({_some_values(labels)}): "
+                                  "pass --label to choose the one to use")  # fmt: skip
     binary = (values == label) if label is not None else (values != 0)
     if not binary.any():
         what = f"label {label}" if label is not None else "foreground"
         raise DataError(path, f"mask has no {what} voxels (values present: {_some_values(values)})")
-    return mask.like(binary.astype(np.uint8))
+    return replace(mask.like(binary.astype(np.uint8)), path=mask.path)
 
 
 def check_same_grid(image: Volume, mask: Volume) -> None:
-    """DataError if mask and image differ in size, spacing, origin or direction."""
+    """DataError (naming `mask`'s file and `image`'s) if they differ in size, spacing, origin or direction."""
+    other = f"image {image.path}" if image.path is not None else "the image"
     if mask.array.shape != image.array.shape:
-        raise DataError(mask.path, f"size {mask.array.shape[::-1]} differs from image {image.path} "
-                                   f"size {image.array.shape[::-1]} (x, y, z)")  # fmt: skip
+        raise DataError(mask.path, f"size {_plain(mask.array.shape[::-1])} differs from {other} "
+                                   f"size {_plain(image.array.shape[::-1])} (x, y, z)")  # fmt: skip
     for name in ("spacing", "origin", "direction"):
         a, b = np.asarray(getattr(image, name)), np.asarray(getattr(mask, name))
         if not np.allclose(
             a, b, rtol=GEOMETRY_TOLERANCE, atol=GEOMETRY_TOLERANCE * max(1.0, np.abs(a).max())
         ):
-            raise DataError(mask.path, f"{name} {tuple(np.round(b, 4))} differs from image {image.path} "
-                                       f"{name} {tuple(np.round(a, 4))}")  # fmt: skip
+            raise DataError(mask.path, f"{name} {_plain(b)} differs from {other} {name} {_plain(a)}")
+
+
+def _plain(values) -> str:
+    """(0.5, 0.5, 3) for numbers of any numpy or Python type, rounded to 4 decimals."""
+    return "(" + ", ".join(f"{round(float(v), 4):g}" for v in values) + ")"
 
 
 def _some_values(array: np.ndarray) -> str:
     values = np.unique(array)
-    shown = ", ".join(str(v) for v in values[:8])
+    shown = ", ".join(f"{v.item():g}" for v in values[:8])
     return shown + (", ..." if len(values) > 8 else "")

@@ -16,9 +16,14 @@ from torch.utils.data import Dataset
 
 
 def zscore(array: np.ndarray) -> np.ndarray:
-    """(array - mean) / std as float32 (std > 0: check_image rejects constant images)."""
-    array = array.astype(np.float32)
-    return (array - array.mean()) / array.std()
+    """(array - mean) / std as float32 (std > 0: check_image rejects constant images).
+
+    Computed in float64 on the array divided by its largest magnitude, so intensities up to the
+    float64 range (1e37 in a float32 image, say) neither overflow the sums nor the squares."""
+    array = array.astype(np.float64)
+    scale = np.abs(array).max()
+    array = array / scale if scale > 0 else array
+    return ((array - array.mean()) / array.std()).astype(np.float32)
 
 
 @dataclass

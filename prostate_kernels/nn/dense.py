@@ -167,17 +167,39 @@ class DenseBlock3d(nn.Module):
         self.out_channels = in_channels + new if return_input else new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != self.in_channels:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"DenseBlock3d expects (N, {self.in_channels}, D, H, W) input, got {shape}")
+        self._check_input(x)
         steps = [layer.batch_norm_step() for layer in self.layers]
         p = self.dropout if self.training else 0.0
         seeds = tuple(draw_seeds(len(self.layers))) if p > 0 else (0,) * len(self.layers)
-        if self.memory_efficient:
+        # An empty batch takes the naive path, as nn.BatchNorm3d does: an empty output, statistics untouched.
+        if self.memory_efficient and x.shape[0] > 0:
             out = self._efficient(x, steps, seeds, p)
         else:
             out = self._naive(x, steps, seeds, p)
         return out if self.return_input or not self.memory_efficient else out[:, self.in_channels :]
+
+    def _check_input(self, x: object) -> None:
+        """ValueError/TypeError naming the value, before any statistic is touched."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != self.in_channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"DenseBlock3d expects (N, {self.in_channels}, D, H, W) input, got {shape}")
+        if not x.is_floating_point():
+            raise TypeError(f"DenseBlock3d: x must be floating point, got {x.dtype}")
+        weight = self.layers[0].conv.weight
+        if x.dtype != weight.dtype and backend.autocast_dtype(x.device) is None:
+            raise TypeError(
+                f"DenseBlock3d: x dtype {x.dtype} differs from the block's parameters ({weight.dtype}): "
+                f"convert one of them (x.to({weight.dtype}) or block.to({x.dtype}))"
+            )
+        if x.device != weight.device:
+            raise ValueError(
+                f"DenseBlock3d: x is on {x.device} but the block's parameters on {weight.device}"
+            )
+        if self.training and x.shape[0] > 0 and x[:, 0].numel() <= 1:
+            raise ValueError(
+                "DenseBlock3d: training needs more than 1 value per channel for the batch statistics, "
+                f"got input size {tuple(x.shape)}"
+            )
 
     def _efficient(self, x, steps, seeds, p) -> torch.Tensor:
         engine = "triton" if backend.resolve(x.device) == "triton" else "torch"

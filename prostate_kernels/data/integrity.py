@@ -1,0 +1,115 @@
+"""Is a medical image file whole, and what did ITK say when it was not?
+
+SimpleITK reads a truncated .nii or .nii.gz without complaint (the missing voxels come back as zeros,
+measured with SimpleITK 2.5.7), so `check_complete` reads the whole gzip stream and compares the data
+size with what the NIfTI header promises. ITK's own errors are multi-line (a C++ source location, then
+"ITK ERROR: Class(0x...): what", then "Reason: ...") and some readers print to stderr besides raising:
+`itk_reason` turns both into one readable line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import re
+import struct
+import sys
+import tempfile
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from prostate_kernels.data.errors import DataError
+
+_CHUNK = 1 << 20
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+_SOURCE_LOCATION = re.compile(r"^\S+\.(cxx|cpp|h|hxx):\d+:?$")
+_ITK_PREFIX = re.compile(r"^(ITK ERROR|sitk::ERROR|ERROR):\s*(\w+\(0x[0-9a-fA-F]+\):\s*)?", re.IGNORECASE)
+
+
+def check_complete(path: Path) -> None:
+    """DataError if `path` is a gzip file that ends early or is corrupt, or a NIfTI file (plain or
+    gzipped) holding fewer bytes than its header's voxel data needs."""
+    name = path.name.lower()
+    if not name.endswith(".gz") and not name.endswith(_NIFTI_SUFFIXES):
+        return
+    opener = gzip.open if name.endswith(".gz") else open
+    head, size = b"", 0
+    try:
+        with opener(path, "rb") as stream:
+            while chunk := stream.read(_CHUNK):
+                if len(head) < 540:
+                    head += chunk[: 540 - len(head)]
+                size += len(chunk)
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataError(path, f"truncated or corrupt gzip stream ({exc})") from None
+    if name.endswith(_NIFTI_SUFFIXES):
+        needed = _nifti_bytes(head)
+        if needed is not None and size < needed:
+            raise DataError(path, f"truncated file: {size} bytes of NIfTI data, its header needs {needed}")
+
+
+def _nifti_bytes(head: bytes) -> int | None:
+    """vox_offset + voxels * bytes per voxel from a NIfTI-1 or NIfTI-2 header; None if not NIfTI."""
+    if len(head) < 348:
+        return None
+    for order in "<>":
+        (sizeof_hdr,) = struct.unpack(order + "i", head[:4])
+        if sizeof_hdr == 348:  # NIfTI-1: dim int16[8] at 40, bitpix int16 at 72, vox_offset float32 at 108
+            dims = struct.unpack(order + "8h", head[40:56])
+            (bitpix,) = struct.unpack(order + "h", head[72:74])
+            (offset,) = struct.unpack(order + "f", head[108:112])
+            return _needed(dims, bitpix, int(offset))
+        if sizeof_hdr == 540 and len(head) >= 540:  # NIfTI-2: bitpix at 14, dim int64[8] at 16, offset 168
+            (bitpix,) = struct.unpack(order + "h", head[14:16])
+            dims = struct.unpack(order + "8q", head[16:80])
+            (offset,) = struct.unpack(order + "q", head[168:176])
+            return _needed(dims, bitpix, offset)
+    return None
+
+
+def _needed(dims: tuple[int, ...], bitpix: int, offset: int) -> int | None:
+    rank = dims[0]
+    if not 1 <= rank <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1 : rank + 1]):
+        return None  # a header ITK will reject with its own message
+    voxels = 1
+    for d in dims[1 : rank + 1]:
+        voxels *= d
+    return max(offset, 348) + voxels * bitpix // 8
+
+
+def itk_reason(message: str, printed: str = "") -> str:
+    """One line from an ITK exception text and what ITK printed to stderr meanwhile: the meaningful
+    lines whole (no source locations, no object addresses), joined by "; "."""
+    lines = []
+    for raw in (printed + "\n" + message).splitlines():
+        line = raw.strip()
+        if not line or line.startswith("Exception thrown in") or _SOURCE_LOCATION.match(line):
+            continue
+        if printed.strip() and line.startswith("Reason:"):
+            continue  # errno left over from an earlier call; what ITK printed says more
+        line = _ITK_PREFIX.sub("", line)
+        line = re.sub(r"^(Reason|Description):\s*", "", line).rstrip(".")
+        line = re.sub(r"\s+", " ", line)
+        if line and line not in lines:
+            lines.append(line)
+    return "; ".join(lines) or "no reason given"
+
+
+@contextlib.contextmanager
+def captured_stderr() -> Iterator[Callable[[], str]]:
+    """Redirects file descriptor 2 (where ITK's C++ code prints) into a temporary file for the block;
+    yields a function that returns what was printed."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        text = ""
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lambda: text
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            text = sink.read().decode("utf-8", "replace")

@@ -1,0 +1,133 @@
+"""Where commands write: never over a file they did not create in this run, one writer per run directory.
+
+Every command that writes (phantoms, train, predict, evaluate, demo) goes through these helpers, so the
+rule "a command never overwrites what it did not create" (DESIGN.md section 9) lives in one place:
+- `output_directory`: a directory to write into (created if missing); a DataError for a file in its
+  place or a directory that cannot be created.
+- `require_empty_directory`: for commands that create a whole dataset or run tree at once.
+- `refuse_existing`: the files a command is about to write must not exist yet.
+- `RunLock`: an exclusive lock file (pid and host) on a training run directory; a lock left by a dead
+  process on this host is taken over with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from prostate_kernels.data.errors import DataError
+
+LOCK_NAME = ".prostate-kernels.lock"
+
+
+def output_directory(path: str | Path, flag: str) -> Path:
+    """`path` as an existing directory (created with its parents when missing)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DataError(path, f"{flag} is an existing file, expected a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(path, f"cannot create the {flag} directory ({exc.strerror})") from None
+    return path
+
+
+def require_empty_directory(path: str | Path, flag: str) -> Path:
+    """`path` as a new or empty directory; DataError if it holds anything (nothing is overwritten)."""
+    path = Path(path)
+    if path.is_dir() and any(path.iterdir()):
+        raise DataError(path, f"{flag} is not empty: this command writes only into a new or empty directory")
+    return output_directory(path, flag)
+
+
+def refuse_existing(paths: Iterable[Path], hint: str) -> None:
+    """DataError naming the existing files among `paths` (up to three of them)."""
+    existing = [str(p) for p in paths if p.exists()]
+    if not existing:
+        return
+    others = ""
+    if len(existing) > 1:
+        more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
+        others = f" (so do {', '.join(existing[1:3])}{more})"
+    raise DataError(existing[0], f"exists already{others}; {hint}")
+
+
+def companions(path: Path) -> list[Path]:
+    """The files SimpleITK writes for `path`: a MetaImage header writes its voxel file beside it."""
+    if path.name.lower().endswith(".mhd"):
+        return [path, path.with_suffix(".raw"), path.with_suffix(".zraw")]
+    return [path]
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Deletes `.NAME.tmp-PID` files of checkpoint writes killed half way (call it while holding the
+    directory's RunLock: no other writer is then alive); returns what it removed."""
+    removed = []
+    for tmp in directory.glob(".*.tmp-*"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+
+
+class RunLock:
+    """Exclusive lock on a run directory: the file LOCK_NAME created with O_EXCL, holding "pid host".
+
+    Held: DataError naming the holder. Left by a process that is no longer running on this host: taken
+    over with a warning. Released (the file removed) on exit if it is still ours.
+    """
+
+    def __init__(self, directory: Path, warn: Callable[[str], None] | None = None) -> None:
+        self.path = Path(directory) / LOCK_NAME
+        self.me = f"{os.getpid()} {socket.gethostname()}"
+        self.warn = warn or (lambda message: print(f"warning: {message}", file=sys.stderr))
+
+    def __enter__(self) -> RunLock:
+        for _ in range(2):  # a second try after taking over a stale lock
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            except OSError as exc:
+                reason = f"cannot write into the run directory ({exc.strerror})"
+                raise DataError(self.path.parent, reason) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(self.me + "\n")
+            return self
+        raise DataError(self.path.parent, "could not take the run directory's lock")
+
+    def __exit__(self, *exc) -> None:
+        with contextlib.suppress(OSError):
+            if self.path.read_text().strip() == self.me:
+                self.path.unlink()
+
+    def _take_over_if_stale(self) -> None:
+        try:
+            holder = self.path.read_text().split()
+        except FileNotFoundError:
+            return  # released meanwhile: try again
+        pid = int(holder[0]) if holder and holder[0].isdigit() else None
+        host = holder[1] if len(holder) > 1 else None
+        if pid is not None and host == socket.gethostname() and not _running(pid):
+            self.warn(f"{self.path}: taking over the lock of process {pid}, which is no longer running")
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            return
+        who = f"process {pid} on {host}" if pid is not None else "another process"
+        raise DataError(self.path.parent, f"run directory is in use by {who} (lock file {self.path.name}; "
+                                          "delete it if that process is gone)")  # fmt: skip
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
