@@ -1,0 +1,59 @@
+"""Running the installed `prostate-kernels` console script the way a user does, and tiny datasets for it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from prostate_kernels.cli import main
+
+TESTS = Path(__file__).resolve().parent
+SHAPE = ("8", "32", "32")
+PATCH = ["--patch", "8", "32", "32"]
+
+
+def console_script() -> list[str]:
+    """The installed console script beside this Python (a venv's bin/), else `python -m prostate_kernels`."""
+    script = Path(sys.executable).parent / "prostate-kernels"
+    if script.is_file():
+        return [str(script)]
+    found = shutil.which("prostate-kernels")
+    return [found] if found else [sys.executable, "-m", "prostate_kernels"]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """The command run outside the source tree (the installed package is what runs)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([*console_script(), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, cwd=TESTS, env=env)  # fmt: skip
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
+    """Exit status 2, no traceback, one line on stderr holding every fragment; returns that line."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr and len(lines) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def train_args(data: Path, out: Path, iters: int, *extra: str) -> list[str]:
+    return ["train", "--data", str(data), "--out", str(out), "--model", "tiramisu3d_tiny", *PATCH,
+            "--batch", "2", "--iters", str(iters), "--val-every", "2", "--val-cases", "1", "--no-progress",
+            *extra]  # fmt: skip
+
+
+def make_phantoms(out: Path, n: int = 3) -> Path:
+    assert main(["phantoms", "--out", str(out), "--n", str(n), "--shape", *SHAPE]) == 0
+    return out
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under `directory` with its bytes (to show that nothing was changed)."""
+    return {
+        str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
+    }

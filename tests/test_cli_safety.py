@@ -1,0 +1,227 @@
+"""The CLI as a careless or hostile user meets it: no data lost, one-line errors with status 2.
+
+Each test goes through the installed console script; the numbers refer to the items of the reliability
+issue (data loss 1-4, crashes 6-7, leftovers 16).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from cli_helpers import assert_one_line_error, console_script, make_phantoms, run_cli, snapshot, train_args
+
+from prostate_kernels.checkpoint import load_checkpoint, save_checkpoint
+from prostate_kernels.cli import main
+from prostate_kernels.safe_files import LOCK_NAME
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_phantoms(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    assert main(train_args(data, run, 2)) == 0
+    return run
+
+
+# ------------------------------------------------------------------------------- data loss (1-4)
+
+
+def test_predict_into_the_dataset_never_replaces_its_references(data, trained):
+    before = snapshot(data)
+    result = run_cli("predict", "--checkpoint", trained / "checkpoint.pt", "--input", data, "--output", data)
+    assert_one_line_error(result, "Case00_segmentation.mhd", "input image or a reference mask")
+    result = run_cli("predict", "--checkpoint", trained / "checkpoint.pt", "--input", data, "--output", data,
+                     "--overwrite")  # fmt: skip
+    assert_one_line_error(result, "input image or a reference mask")
+    assert snapshot(data) == before
+
+
+def test_predict_refuses_existing_files_and_replaces_its_own_with_overwrite(data, trained, tmp_path):
+    out = tmp_path / "pred"
+    args = ["predict", "--checkpoint", trained / "checkpoint.pt", "--input", data, "--output", out]
+    assert run_cli(*args).returncode == 0
+    first = snapshot(out)
+    assert set(first) == {f"Case0{i}_segmentation.{e}" for i in range(3) for e in ("mhd", "raw")}
+    assert_one_line_error(run_cli(*args), "exists already", "--overwrite")
+    assert snapshot(out) == first
+    assert run_cli(*args, "--overwrite").returncode == 0
+
+
+def test_train_refuses_an_earlier_run_without_resume(data, trained):
+    before = snapshot(trained)
+    result = run_cli(*train_args(data, trained, 2))
+    assert_one_line_error(result, str(trained), "checkpoint.pt", "--resume")
+    assert snapshot(trained) == before
+
+
+def test_a_run_directory_in_use_is_refused_and_a_stale_lock_taken_over(data, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / LOCK_NAME).write_text(f"{holder.pid} {os.uname().nodename}\n")
+        result = run_cli(*train_args(data, run, 1))
+        assert_one_line_error(result, f"in use by process {holder.pid}")
+        assert not (run / "checkpoint.pt").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    result = run_cli(*train_args(data, run, 1))  # the holder is gone: its lock is stale
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"taking over the lock of process {holder.pid}" in result.stderr
+    assert not (run / LOCK_NAME).exists() and (run / "checkpoint.pt").exists()
+
+
+def test_two_trainings_into_one_directory_at_once(data, tmp_path):
+    run = tmp_path / "run"
+    procs = [subprocess.Popen([*console_script(), *train_args(data, run, 2)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(2)]  # fmt: skip
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 2], results  # one trained, the other was refused (lock or the earlier run)
+    refused = next(err for code, err in results if code == 2)
+    assert "in use by process" in refused or "holds an earlier training run" in refused
+    assert load_checkpoint(run / "checkpoint.pt")["iteration"] == 2
+
+
+def test_phantoms_refuse_a_directory_that_holds_anything(tmp_path):
+    (tmp_path / "Case00.mhd").write_text("mine")
+    assert_one_line_error(run_cli("phantoms", "--out", tmp_path, "--n", "1"), "not empty")
+    assert (tmp_path / "Case00.mhd").read_text() == "mine"
+
+
+# ---------------------------------------------------------------------------------- crashes (6-7)
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--lr", "-1"], "argument --lr: -1.0 must be a finite number > 0"),
+        (["--lr", "nan"], "argument --lr: nan"),
+        (["--lr", "inf"], "argument --lr: inf"),
+        (["--weight-decay", "-0.1"], "argument --weight-decay: -0.1"),
+        (["--workers", "-1"], "argument --workers: -1 must be >= 0"),
+        (["--val-cases", "-1"], "argument --val-cases: -1"),
+        (["--iters", "0"], "argument --iters: 0 must be >= 1"),
+        (["--seed", "-3"], "argument --seed: -3"),
+        (["--lr", "fast"], "argument --lr: 'fast' is not a number"),
+    ],
+)
+def test_bad_training_settings_are_refused_before_anything_runs(tmp_path, args, fragment):
+    result = run_cli("train", "--data", tmp_path, "--out", tmp_path / "run", *args)
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--overlap", "1"], "argument --overlap: 1.0 must be in [0, 1)"),
+        (["--overlap", "nan"], "argument --overlap: nan"),
+        (["--device", "gpu0"], "argument --device: 'gpu0' is not a device"),
+        (["--device", "meta"], "only cpu and cuda devices are supported"),
+    ],
+)
+def test_bad_prediction_settings(tmp_path, args, fragment):
+    result = run_cli(
+        "predict", "--checkpoint", tmp_path / "c.pt", "--input", tmp_path, "--output", tmp_path, *args
+    )
+    assert_one_line_error(result, fragment)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cuda_without_cuda_says_the_device_is_unavailable(data, trained, tmp_path):
+    result = run_cli("predict", "--checkpoint", trained / "checkpoint.pt", "--input", data,
+                     "--output", tmp_path / "p", "--device", "cuda")  # fmt: skip
+    line = assert_one_line_error(result, "'cuda' is not available")
+    assert "checkpoint" not in line
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["phantoms", "--shape", "0", "32", "32"], "argument --shape: 0 must be >= 1"),
+        (["phantoms", "--seed", "-1"], "argument --seed: -1 must be >= 0"),
+        (["demo", "--iters", "0"], "argument --iters: 0 must be >= 1"),
+    ],
+)
+def test_bad_phantom_and_demo_settings(tmp_path, args, fragment):
+    assert_one_line_error(run_cli(*args, "--out", tmp_path / "out"), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_path_that_is_a_file(data, trained, tmp_path):
+    file = tmp_path / "taken"
+    file.write_text("a user's file")
+    checkpoint = trained / "checkpoint.pt"
+    assert_one_line_error(run_cli(*train_args(data, file, 1)), "existing file")
+    assert_one_line_error(run_cli("predict", "--checkpoint", checkpoint, "--input", data, "--output", file),
+                          "existing file")  # fmt: skip
+    assert_one_line_error(run_cli("phantoms", "--out", file, "--n", "1"), "existing file")
+    pred = tmp_path / "pred"
+    assert run_cli("predict", "--checkpoint", checkpoint, "--input", data, "--output", pred).returncode == 0
+    assert_one_line_error(run_cli("evaluate", "--pred", pred, "--ref", data, "--out", file), "existing file")
+    assert file.read_text() == "a user's file"
+
+
+def test_an_output_directory_that_cannot_be_created(data, trained, tmp_path):
+    """A path below a regular file fails for every user (root included, for whom chmod changes nothing)."""
+    (tmp_path / "file").write_text("x")
+    below = tmp_path / "file" / "out"
+    checkpoint = trained / "checkpoint.pt"
+    assert_one_line_error(run_cli(*train_args(data, below, 1)), str(below))
+    assert_one_line_error(run_cli("predict", "--checkpoint", checkpoint, "--input", data, "--output", below),
+                          str(below))  # fmt: skip
+    assert_one_line_error(run_cli("phantoms", "--out", below, "--n", "1"), str(below))
+    assert_one_line_error(run_cli("demo", "--out", below), str(below))
+
+
+@pytest.mark.parametrize("field, value", [("patch", [8, 32]), ("patch", [8, -32, 32]), ("slices", -1),
+                                          ("slices", "13"), ("patch", "8 32 32")])  # fmt: skip
+def test_a_checkpoint_with_a_malformed_patch_or_slices(data, trained, tmp_path, field, value):
+    state = load_checkpoint(trained / "checkpoint.pt")
+    save_checkpoint({**state, field: value}, tmp_path / "bad.pt")
+    result = run_cli(
+        "predict", "--checkpoint", tmp_path / "bad.pt", "--input", data, "--output", tmp_path / "p"
+    )
+    assert_one_line_error(result, "malformed checkpoint", field)
+    assert not (tmp_path / "p").exists()
+
+
+# ------------------------------------------------------------------------------------ leftovers (16)
+
+
+def test_resume_removes_temporaries_of_a_killed_checkpoint_write(data, tmp_path):
+    run = tmp_path / "run"
+    assert run_cli(*train_args(data, run, 1)).returncode == 0
+    (run / ".checkpoint.pt.tmp-99999").write_bytes(b"half a checkpoint")
+    result = run_cli(*train_args(data, run, 2, "--resume"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "removed .checkpoint.pt.tmp-99999" in result.stdout
+    assert not list(run.glob(".*.tmp-*"))
+
+
+def test_demo_checks_its_settings_before_writing_anything(tmp_path):
+    assert_one_line_error(run_cli("demo", "--out", tmp_path / "d", "--model", "resnet"), "unknown model")
+    assert not (tmp_path / "d").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    assert_one_line_error(run_cli("demo", "--out", tmp_path / "full"), "not empty")
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["notes.txt"]
+
+
+def test_a_failed_evaluation_leaves_no_empty_output_and_missing_images_are_reported(data, tmp_path):
+    result = run_cli("evaluate", "--pred", tmp_path / "none", "--ref", data, "--out", tmp_path / "ev")
+    assert_one_line_error(result, "none")
+    assert not (tmp_path / "ev").exists()
+    result = run_cli("evaluate", "--pred", data, "--ref", data, "--images", tmp_path / "nowhere")
+    assert_one_line_error(result, "nowhere", "--images")

@@ -1,0 +1,212 @@
+"""Data and evaluation under careless input: truncated files, multi-label masks, all-ones predictions,
+missing predictions, huge intensities, ITK's own messages (items 5, 8-10, 12, 14, 15 of the reliability
+issue)."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import math
+
+import numpy as np
+import pytest
+from cli_helpers import assert_one_line_error, make_phantoms, run_cli, train_args
+
+from prostate_kernels.data import DataError, Volume, read_mask, read_volume, write_volume
+from prostate_kernels.data.integrity import itk_reason
+from prostate_kernels.data.sampling import zscore
+
+GEOMETRY = dict(
+    spacing=(0.6, 0.55, 3.6), origin=(-12.5, 30.25, 7.0), direction=(1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0)
+)
+
+
+def volume(array) -> Volume:
+    return Volume(np.asarray(array), **GEOMETRY)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_phantoms(tmp_path_factory.mktemp("data"))
+
+
+# ------------------------------------------------------------------------------ truncated files (8)
+
+
+@pytest.mark.parametrize("ext", [".nii.gz", ".nii"])
+def test_a_truncated_nifti_is_reported_not_read_as_zeros(tmp_path, ext):
+    path = write_volume(
+        volume(np.random.default_rng(0).random((20, 30, 40), dtype=np.float32)), tmp_path / f"a{ext}"
+    )
+    whole = path.read_bytes()
+    path.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match="truncated") as caught:
+        read_volume(path)
+    assert str(path) in str(caught.value)
+
+
+def test_a_nifti_cut_inside_its_gzip_stream_but_closed_properly_is_reported(tmp_path):
+    """A whole gzip stream of too few bytes: only the header's size says the data is short."""
+    path = write_volume(volume(np.ones((20, 30, 40), np.float32)), tmp_path / "a.nii.gz")
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[: len(raw) - 1000]))
+    with pytest.raises(DataError, match=r"truncated file: \d+ bytes of NIfTI data, its header needs \d+"):
+        read_volume(path)
+
+
+def test_a_truncated_training_image_is_skipped_with_its_name(data, tmp_path):
+    copy = tmp_path / "data"
+    copy.mkdir()
+    for p in data.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    image = read_volume(copy / "Case01.mhd")
+    write_volume(image, copy / "Case01.nii.gz")
+    (copy / "Case01.mhd").unlink()
+    (copy / "Case01.raw").unlink()
+    write_volume(read_volume(copy / "Case01_segmentation.mhd"), copy / "Case01_segmentation.nii.gz")
+    whole = (copy / "Case01.nii.gz").read_bytes()
+    (copy / "Case01.nii.gz").write_bytes(whole[: len(whole) // 2])
+    result = run_cli(*train_args(copy, tmp_path / "run", 1))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "skipped: " in result.stdout and "Case01.nii.gz: truncated" in result.stdout
+
+
+# ------------------------------------------------------------------------------ ITK messages (14)
+
+
+def test_itk_errors_are_one_whole_line_with_our_file_name_and_itk_prints_nothing(tmp_path, capfd):
+    path = write_volume(
+        volume(np.ones((4, 5, 6), np.float32)), tmp_path / ("a-long-directory-name" * 8) / "x.mhd"
+    )
+    raw = path.with_suffix(".raw")
+    raw.write_bytes(raw.read_bytes()[:10])
+    with pytest.raises(DataError) as caught:
+        read_volume(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: cannot read image (") and "data not read completely" in message
+    assert "\n" not in message and "0x" not in message and ".cxx" not in message
+    out, err = capfd.readouterr()
+    assert "data not read completely" not in err + out  # ITK's own print went into our message
+
+
+def test_itk_reason_keeps_the_meaningful_lines():
+    text = ("Exception thrown in SimpleITK ImageFileReader_Execute: /tmp/SimpleITK-build/ITK/Modules/IO/Meta/"
+            "src/itkMetaImageIO.cxx:490:\nITK ERROR: MetaImageIO(0x5589a57fc650): File cannot be read: "
+            "/data/x.mhd for reading.\nReason: No such file or directory")  # fmt: skip
+    assert itk_reason(text) == "File cannot be read: /data/x.mhd for reading; No such file or directory"
+    assert itk_reason('sitk::ERROR: Unable to determine ImageIO reader for "/a.nii"') == (
+        'Unable to determine ImageIO reader for "/a.nii"'
+    )
+
+
+# --------------------------------------------------------------------------- geometry messages (15)
+
+
+def test_geometry_messages_print_plain_numbers_and_name_the_reference(tmp_path):
+    image = read_volume(
+        write_volume(volume(np.random.default_rng(0).random((4, 5, 6))), tmp_path / "img.nii.gz")
+    )
+    moved = Volume(np.ones((4, 5, 6), np.uint8), GEOMETRY["spacing"], (0.0, 0.0, 1.5), GEOMETRY["direction"])
+    path = write_volume(moved, tmp_path / "mask.nii.gz")
+    with pytest.raises(DataError) as caught:
+        read_mask(path, image)
+    message = str(caught.value)
+    assert "np.float" not in message and "None" not in message
+    assert f"origin (0, 0, 1.5) differs from image {image.path} origin (-12.5, 30.25, 7)" in message
+
+
+# ------------------------------------------------------------------------- multi-label masks (9)
+
+
+def test_a_multi_label_mask_without_label_is_refused_with_its_labels(tmp_path):
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[1:3, 1:3, 1:3], labels[0, 0, 0] = 2, 1
+    path = write_volume(volume(labels), tmp_path / "ref.nii.gz")
+    with pytest.raises(DataError, match=r"mask holds 2 labels \(1, 2\): pass --label"):
+        read_mask(path)
+    assert read_mask(path, label=2).array.sum() == 8
+
+
+def test_evaluate_against_a_multi_label_reference_needs_label(tmp_path):
+    labels = np.zeros((6, 8, 8), np.uint8)
+    labels[1:4, 2:6, 2:6], labels[4, 2:6, 2:6] = 1, 2
+    ref = write_volume(volume(labels), tmp_path / "ref" / "Case00_segmentation.nii.gz")
+    pred = write_volume(
+        volume((labels == 1).astype(np.uint8)), tmp_path / "pred" / "Case00_segmentation.nii.gz"
+    )
+    assert_one_line_error(run_cli("evaluate", "--pred", pred, "--ref", ref), "2 labels (1, 2)", "--label")
+    result = run_cli("evaluate", "--pred", pred, "--ref", ref, "--label", "1", "--out", tmp_path / "ev")
+    assert result.returncode == 0, result.stderr
+    assert float(next(csv.DictReader((tmp_path / "ev" / "evaluation.csv").open()))["dice"]) == 1.0
+
+
+# ----------------------------------------------------------- all-ones and missing predictions (5, 10)
+
+
+def test_an_all_ones_prediction_and_a_probability_map_are_scored(data, tmp_path):
+    pred = tmp_path / "pred"
+    reference = read_volume(data / "Case00_segmentation.mhd")
+    write_volume(reference.like(np.ones_like(reference.array)), pred / "Case00_segmentation.mhd")
+    image = read_volume(data / "Case01.mhd")  # an image passed as a mask: every voxel non-zero
+    write_volume(image.like(image.array.astype(np.float32) + 1), pred / "Case01_segmentation.mhd")
+    reference = read_volume(data / "Case02_segmentation.mhd")
+    probabilities = np.random.default_rng(0).random(reference.array.shape).astype(np.float32)
+    write_volume(reference.like(probabilities), pred / "Case02_segmentation.mhd")
+    result = run_cli("evaluate", "--pred", pred, "--ref", data, "--out", tmp_path / "ev")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = list(csv.DictReader((tmp_path / "ev" / "evaluation.csv").open()))
+    assert [r["case"] for r in rows] == ["Case00", "Case01", "Case02"]
+    for row in rows:
+        assert row["status"] == "ok" and 0 < float(row["dice"]) < 1
+        assert all(math.isfinite(float(row[k])) for k in row if k not in ("case", "status"))
+
+
+def test_missing_predictions_are_failures_in_the_summary_and_the_exit_status(data, tmp_path):
+    pred = tmp_path / "pred"
+    reference = read_volume(data / "Case00_segmentation.mhd")
+    write_volume(reference, pred / "Case00_segmentation.mhd")  # perfect; Case01 and Case02 are missing
+    result = run_cli("evaluate", "--pred", pred, "--ref", data, "--out", tmp_path / "ev")
+    assert_one_line_error(result, "2 reference(s) without a prediction", "Case01, Case02", "--allow-missing")
+    rows = list(csv.DictReader((tmp_path / "ev" / "evaluation.csv").open()))
+    assert [(r["case"], r["status"], float(r["dice"])) for r in rows] == [
+        ("Case00", "ok", 1.0), ("Case01", "missing", 0.0), ("Case02", "missing", 0.0)
+    ]  # fmt: skip
+    mean_line = next(line for line in result.stdout.splitlines() if line.startswith("mean"))
+    assert float(mean_line.split()[1]) == pytest.approx(1 / 3, abs=1e-3)  # not 1.0: nothing dropped
+    assert "3 cases, 2 failed (Case01, Case02)" in result.stdout
+    allowed = run_cli("evaluate", "--pred", pred, "--ref", data, "--out", tmp_path / "ev2", "--allow-missing")
+    assert allowed.returncode == 0 and "2 failed" in allowed.stdout
+
+
+def test_evaluate_images_of_another_size_are_reported_and_the_case_still_scored(data, tmp_path):
+    pred = tmp_path / "pred"
+    write_volume(read_volume(data / "Case00_segmentation.mhd"), pred / "Case00_segmentation.mhd")
+    image = read_volume(data / "Case00.mhd")
+    write_volume(Volume(image.array[:, :16], image.spacing, image.origin, image.direction),
+                 tmp_path / "images" / "Case00.mhd")  # fmt: skip
+    result = run_cli("evaluate", "--pred", pred, "--ref", data, "--images", tmp_path / "images",
+                     "--out", tmp_path / "ev", "--allow-missing")  # fmt: skip
+    line = assert_one_line_error(result, "Case00.mhd: size", "no overlay for Case00")
+    assert "Traceback" not in line and (tmp_path / "ev" / "evaluation.csv").exists()
+
+
+# ----------------------------------------------------------------- training data checks (12)
+
+
+def test_zscore_of_huge_intensities_is_finite():
+    array = np.array([[[1e37, 3e37], [2e37, -1e37]]], dtype=np.float32)
+    z = zscore(array)
+    assert np.isfinite(z).all() and z.dtype == np.float32
+    assert z.mean() == pytest.approx(0, abs=1e-6) and z.std() == pytest.approx(1, rel=1e-5)
+
+
+def test_an_all_foreground_training_mask_is_skipped_with_a_message(data, tmp_path):
+    copy = tmp_path / "data"
+    copy.mkdir()
+    for p in data.iterdir():
+        (copy / p.name).write_bytes(p.read_bytes())
+    mask = read_volume(copy / "Case00_segmentation.mhd")
+    write_volume(mask.like(np.ones_like(mask.array)), copy / "Case00_segmentation.mhd")
+    result = run_cli(*train_args(copy, tmp_path / "run", 1))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Case00_segmentation.mhd: mask covers every voxel" in result.stdout

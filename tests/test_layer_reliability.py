@@ -1,0 +1,123 @@
+"""Layers and sliding-window inference under careless input (items 13 and 17 of the reliability issue)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from prostate_kernels import sliding_window_inference
+from prostate_kernels.nn import DenseBlock3d
+
+# ----------------------------------------------------------------------------- DenseBlock3d (13)
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_an_empty_batch_leaves_the_statistics_as_batchnorm_does(memory_efficient):
+    block = DenseBlock3d(4, 2, 3, dropout=0.0, memory_efficient=memory_efficient).train()
+    norm = torch.nn.BatchNorm3d(4).train()
+    y = block(torch.randn(0, 4, 3, 5, 4))
+    norm(torch.randn(0, 4, 3, 5, 4))
+    assert y.shape == (0, 10, 3, 5, 4)
+    for layer in block.layers:
+        assert torch.equal(layer.norm.running_mean, torch.zeros_like(layer.norm.running_mean))
+        assert torch.equal(layer.norm.running_var, torch.ones_like(layer.norm.running_var))
+        assert layer.norm.num_batches_tracked == norm.num_batches_tracked == 1
+    x = torch.randn(2, 4, 3, 5, 4)
+    assert torch.isfinite(block.eval()(x)).all()
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_one_value_per_channel_in_training_is_a_value_error(memory_efficient):
+    block = DenseBlock3d(4, 2, 2, memory_efficient=memory_efficient).train()
+    with pytest.raises(ValueError, match=r"more than 1 value per channel.*\(1, 4, 1, 1, 1\)"):
+        block(torch.randn(1, 4, 1, 1, 1))
+    assert all(layer.norm.num_batches_tracked == 0 for layer in block.layers)  # refused before any step
+    assert block.eval()(torch.randn(1, 4, 1, 1, 1)).shape == (1, 8, 1, 1, 1)
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_integer_and_mismatched_float_inputs_fail_up_front(memory_efficient):
+    block = DenseBlock3d(4, 2, 2, memory_efficient=memory_efficient).train()
+    with pytest.raises(TypeError, match="x must be floating point, got torch.int64"):
+        block(torch.randint(0, 5, (2, 4, 3, 3, 3)))
+    with pytest.raises(
+        TypeError, match=r"x dtype torch.float64 differs from the block's parameters \(torch.float32\)"
+    ):
+        block(torch.randn(2, 4, 3, 3, 3, dtype=torch.float64))
+    assert all(layer.norm.num_batches_tracked == 0 for layer in block.layers)
+
+
+# ------------------------------------------------------------------ sliding_window_inference (17)
+
+
+def doubled(windows: torch.Tensor) -> torch.Tensor:
+    return windows * 2
+
+
+def test_roi_size_takes_numpy_and_torch_integers_and_flip_axes_an_int():
+    x = torch.randn(1, 1, 5, 6, 7)
+    out = sliding_window_inference(x, (np.int64(4), torch.tensor(4), np.int32(5)), 2, doubled, flip_axes=1)
+    assert torch.allclose(out, 2 * x)
+    out = sliding_window_inference(x, np.int16(4), 2, doubled, flip_axes=np.int64(0))
+    assert torch.allclose(out, 2 * x)
+
+
+@pytest.mark.parametrize("bad", [4.0, True, torch.tensor(4.0), "4"])
+def test_roi_size_rejects_non_integers(bad):
+    with pytest.raises((ValueError, TypeError), match="roi_size"):
+        sliding_window_inference(torch.randn(1, 1, 5, 6, 7), (bad, 4, 4), 1, doubled)
+
+
+@pytest.mark.parametrize("overlap", ["0.5", None, b"1", {"a": 1}])
+def test_an_overlap_of_the_wrong_type_is_a_type_error_naming_it(overlap):
+    with pytest.raises(TypeError, match=r"overlap .* must be a number or a sequence of numbers"):
+        sliding_window_inference(torch.randn(1, 1, 5, 6, 7), 4, 1, doubled, overlap=overlap)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "circular"])
+def test_padding_wider_than_the_volume_is_applied_in_steps(mode):
+    x = torch.randn(1, 2, 3, 4, 5).double()  # float32 values: exact in both dtypes
+    roi = (16, 13, 20)  # more than twice every axis
+
+    def check_window(windows):
+        expected = torch.from_numpy(
+            np.pad(
+                x.numpy(),
+                [(0, 0), (0, 0), (6, 7), (4, 5), (7, 8)],
+                mode="wrap" if mode == "circular" else mode,
+            )
+        )
+        assert torch.equal(windows[0].double(), expected[0])
+        return windows
+
+    out = sliding_window_inference(x.float(), roi, 1, check_window, padding_mode=mode)
+    assert out.shape == (1, 2, 3, 4, 5) and torch.allclose(out.double(), x, atol=1e-6)
+
+
+def test_reflect_padding_of_a_single_slice_names_the_limit():
+    with pytest.raises(ValueError, match="cannot pad an axis of size 1"):
+        sliding_window_inference(torch.randn(1, 1, 1, 6, 7), (4, 6, 7), 1, doubled, padding_mode="reflect")
+
+
+def test_a_mirrored_prediction_of_the_wrong_shape_is_reported():
+    calls = []
+
+    def changes_shape_when_mirrored(windows):
+        calls.append(1)
+        return windows if len(calls) == 1 else windows[:, :, :, :2]
+
+    with pytest.raises(ValueError, match=r"predictor returned shape \(1, 1, 4, 2, 4\) for 1 windows"):
+        sliding_window_inference(
+            torch.randn(1, 1, 4, 4, 4), 4, 1, changes_shape_when_mirrored, flip_axes=(1,)
+        )
+
+    def changes_channels_when_mirrored(windows):
+        calls.append(1)
+        return windows if len(calls) % 2 else torch.cat([windows, windows], 1)
+
+    calls.clear()
+    with pytest.raises(ValueError, match="2 channels for windows mirrored along"):
+        sliding_window_inference(
+            torch.randn(1, 1, 4, 4, 4), 4, 1, changes_channels_when_mirrored, flip_axes=(0,)
+        )

@@ -1,0 +1,78 @@
+"""Training that goes wrong stops cleanly and keeps its last good checkpoint (items 11-12 of the
+reliability issue)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import make_phantoms, run_cli, train_args
+
+import prostate_kernels.train as training
+from prostate_kernels.checkpoint import load_checkpoint
+from prostate_kernels.data import DataError
+from prostate_kernels.safe_files import LOCK_NAME
+from prostate_kernels.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_phantoms(tmp_path_factory.mktemp("data"))
+
+
+def config(data: Path, out: Path, **overrides) -> TrainConfig:
+    settings = dict(model="tiramisu3d_tiny", patch=(8, 32, 32), batch=2, iters=4, val_every=2, val_cases=1,
+                    checkpoint_every=1, progress=False)  # fmt: skip
+    return TrainConfig(data=data, out=out, **{**settings, **overrides})
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_finite_checkpoint(data, tmp_path, monkeypatch):
+    real_loss = training._loss
+
+    def nan_from_the_third_call(name):
+        loss_fn, calls = real_loss(name), []
+
+        def loss(logits, y):
+            calls.append(1)
+            value = loss_fn(logits, y)
+            return value * float("nan") if len(calls) >= 3 else value
+
+        return loss
+
+    monkeypatch.setattr(training, "_loss", nan_from_the_third_call)
+    with pytest.raises(DataError, match=r"loss is nan at iteration 3: training stopped") as caught:
+        train(config(data, tmp_path / "run"))
+    assert "keeps the last checkpoint" in str(caught.value)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["iteration"] == 2
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert all(torch.isfinite(v).all() for v in best["state_dict"].values() if v.is_floating_point())
+    assert not (tmp_path / "run" / LOCK_NAME).exists()  # the lock went with the run
+
+
+def test_nan_at_the_first_iteration_says_that_no_checkpoint_exists(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "_loss", lambda name: lambda logits, y: logits.sum() * float("nan"))
+    with pytest.raises(DataError, match=r"iteration 1: .*no checkpoint was written"):
+        train(config(data, tmp_path / "run"))
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("inf")
+    with pytest.raises(DataError, match=r"weights became non-finite at iteration 7 \(weight, 1 tensors\)"):
+        training._check_finite_weights(model, 7, tmp_path / "checkpoint.pt")
+
+
+def test_no_validation_cases_trains_without_validation_or_best(data, tmp_path):
+    run = tmp_path / "run"
+    args = train_args(data, run, 2)
+    args[args.index("--val-cases") + 1] = "0"
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "no held-out cases (--val-cases 0)" in result.stdout
+    assert "Mean of empty slice" not in result.stderr and "Warning" not in result.stderr
+    assert (run / "checkpoint.pt").exists() and not (run / "best.pt").exists()
+    assert load_checkpoint(run / "checkpoint.pt")["iteration"] == 2
