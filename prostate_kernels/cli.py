@@ -113,7 +113,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_predict)
 
-    p = sub.add_parser("evaluate", help="PROMISE12 measures of predictions against references")
+    p = sub.add_parser(
+        "evaluate",
+        help="PROMISE12 measures of predictions against references",
+        description="PROMISE12 measures of predictions against references: Dice, HD95 (the larger of the two "
+        "directed 95th percentiles of surface distances, mm), ABD (mm), RVD (%), on the whole gland and its "
+        "apex and base thirds. Every reference is scored: a missing, unreadable or empty prediction scores "
+        "Dice 0 and the volume's diagonal as its distances.",
+    )
     p.add_argument("--pred", type=Path, required=True, help="a mask file or a directory of them")
     p.add_argument("--ref", type=Path, required=True, help="a mask file or a directory of them")
     p.add_argument(
