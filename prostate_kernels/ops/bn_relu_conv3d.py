@@ -17,14 +17,21 @@ from prostate_kernels.backend import autocast_dtype
 from prostate_kernels.ops import bn_relu_conv3d_kernels as kernels
 from prostate_kernels.ops.channel_stats import channel_stats, update_running_stats_
 from prostate_kernels.ops.conv_geometry import ConvGeometry
-from prostate_kernels.ops.launch import autotune_configs, conv_args, dot_setup, output_like
+from prostate_kernels.ops.launch import (
+    autotune_configs,
+    check_voxels,
+    conv_args,
+    dot_setup,
+    needs_int64,
+    output_like,
+)
 
 _fwd = triton.autotune(
     configs=autotune_configs(
         [{"BLOCK_M": 128, "BLOCK_K": 32}, {"BLOCK_M": 64, "BLOCK_K": 32}, {"BLOCK_M": 128, "BLOCK_K": 64}],
         [(4, 3), (8, 3)],
     ),
-    key=["C_in", "C_out", "M", "KD", "KH", "KW", "DOT_DTYPE"],
+    key=["C_in", "C_out", "M", "KD", "KH", "KW", "DOT_DTYPE", "INT64"],
 )(kernels.bn_relu_conv3d_fwd_kernel)
 
 _dgrad = triton.autotune(
@@ -32,7 +39,7 @@ _dgrad = triton.autotune(
         [{"BLOCK_M": 128, "BLOCK_K": 16}, {"BLOCK_M": 64, "BLOCK_K": 16}, {"BLOCK_M": 128, "BLOCK_K": 32}],
         [(4, 3), (8, 3)],
     ),
-    key=["C_in", "C_out", "M", "KD", "KH", "KW", "DOT_DTYPE", "STORE_GZ"],
+    key=["C_in", "C_out", "M", "KD", "KH", "KW", "DOT_DTYPE", "STORE_GZ", "INT64"],
     reset_to_zero=["dgamma_ptr", "dbeta_ptr"],
     restore_value=["gx_ptr"],
 )(kernels.bn_relu_conv3d_dgrad_kernel)
@@ -42,8 +49,7 @@ _wgrad = triton.autotune(
         [{"BLOCK_M": 128, "BLOCK_CI": 32}, {"BLOCK_M": 64, "BLOCK_CI": 32}, {"BLOCK_M": 64, "BLOCK_CI": 64}],
         [(4, 3), (8, 3)],
     ),
-    key=["C_in", "C_out", "M", "KH", "KW", "DOT_DTYPE"],
-    reset_to_zero=["gw_ptr", "gb_ptr"],
+    key=["C_in", "C_out", "M", "KH", "KW", "DOT_DTYPE", "INT64"],
 )(kernels.bn_relu_conv3d_wgrad_kernel)
 
 FINALIZE_BLOCK_M = 64
@@ -76,6 +82,7 @@ def conv_forward(
     # (C_out, C_in, kd, kh, kw) -> (taps, C_in, C_out): each K-row of the weight tile is contiguous
     w_taps = weight.permute(2, 3, 4, 1, 0).reshape(geometry.taps, c_in, c_out).to(compute_dtype).contiguous()
     m = n * do * ho * wo
+    check_voxels("bn_relu_conv3d", m, n * d * h * w)
     block_n = _block_for(c_out)
 
     def grid(meta):
@@ -85,7 +92,7 @@ def conv_forward(
         x, w_taps, bias if bias is not None else scale, scale, shift, out,
         m, c_in, c_out, d, h, w, do, ho, wo, *x.stride(), *out.stride(), *conv_args(geometry),
         KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], HAS_BIAS=bias is not None,
-        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, BLOCK_N=block_n,
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=needs_int64(x, out), BLOCK_N=block_n,
     )  # fmt: skip
     return out
 
@@ -103,8 +110,6 @@ def conv_weight_grad(
     n, c_in, d, h, w = x.shape
     _, c_out, do, ho, wo = gy.shape
     m = n * do * ho * wo
-    gw = torch.zeros((geometry.taps, c_in, c_out), dtype=torch.float32, device=x.device)
-    gb = torch.zeros((c_out,), dtype=torch.float32, device=x.device) if with_bias else gw
     dot_dtype, precision = dot_setup(compute_dtype)
     block_co = _block_for(c_out)
     # Split the voxel reduction so that the grid fills the GPU (each split adds its share atomically).
@@ -113,19 +118,23 @@ def conv_weight_grad(
     splits = max(1, min(triton.cdiv(target, tiles), triton.cdiv(m, 256)))
     m_per_split = triton.cdiv(triton.cdiv(m, splits), 256) * 256  # a multiple of every BLOCK_M
     splits = triton.cdiv(m, m_per_split)
+    # Each split writes its partial sums (every element: the splits cover M, every tile is stored).
+    gw = torch.empty((splits, geometry.taps, c_in, c_out), dtype=torch.float32, device=x.device)
+    gb = torch.empty((splits, c_out), dtype=torch.float32, device=x.device) if with_bias else gw
 
     def grid(meta):
         return (geometry.taps * triton.cdiv(c_in, meta["BLOCK_CI"]), triton.cdiv(c_out, block_co), splits)
 
     _wgrad[grid](
-        x, gy, scale, shift, gw, gb, m, m_per_split, c_in, c_out, d, h, w, do, ho, wo,
+        x, gy, scale, shift, gw, gb, m, m_per_split, gw[0].numel(), c_in, c_out, d, h, w, do, ho, wo,
         *x.stride(), *gy.stride(), *conv_args(geometry),
         KH=geometry.kernel[1], KW=geometry.kernel[2], HAS_BIAS=with_bias,
-        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, BLOCK_CO=block_co,
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=needs_int64(x, gy, extra=(gw.numel(),)),
+        BLOCK_CO=block_co,
     )  # fmt: skip
     kd, kh, kw = geometry.kernel
-    grad_weight = gw.reshape(kd, kh, kw, c_in, c_out).permute(4, 3, 0, 1, 2)
-    return grad_weight, (gb if with_bias else None)
+    grad_weight = gw.sum(0).reshape(kd, kh, kw, c_in, c_out).permute(4, 3, 0, 1, 2)
+    return grad_weight, (gb.sum(0) if with_bias else None)
 
 
 def conv_input_grad(
@@ -179,6 +188,7 @@ def _input_grad_block(
     # (C_out, C_in, kd, kh, kw) -> (taps, C_out, C_in)
     w_taps = weight.permute(2, 3, 4, 0, 1).reshape(geometry.taps, c_out, c_in).to(compute_dtype).contiguous()
     block_n = _block_for(c_in)
+    int64 = needs_int64(gy, x, grad_input, extra=(m * c_in,))  # m * c_in: the gz scratch
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_in, block_n))
@@ -188,13 +198,13 @@ def _input_grad_block(
         m, c_in, c_out, d, h, w, do, ho, wo, *gy.stride(), *x.stride(), *grad_input.stride(),
         *conv_args(geometry), KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2],
         STORE_GZ=batch_stats, ACCUMULATE=accumulate, BN_GRADS=True,
-        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, BLOCK_N=block_n,
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=int64, BLOCK_N=block_n,
     )  # fmt: skip
     if batch_stats:
         grid2 = (triton.cdiv(m, FINALIZE_BLOCK_M), triton.cdiv(c_in, FINALIZE_BLOCK_C))
         kernels.bn_backward_finalize_kernel[grid2](
             gz, x, grad_input, scale, mean, rstd, dgamma, dbeta, m, c_in, d, h, w,
-            *x.stride(), *grad_input.stride(), ACCUMULATE=accumulate,
+            *x.stride(), *grad_input.stride(), ACCUMULATE=accumulate, INT64=int64,
             BLOCK_M=FINALIZE_BLOCK_M, BLOCK_C=FINALIZE_BLOCK_C,
         )  # fmt: skip
 

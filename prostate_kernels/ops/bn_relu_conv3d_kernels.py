@@ -4,7 +4,10 @@ Notation: x (N, C_in, D, H, W) the raw input; s, t (C_in,) float32 the BatchNorm
 (s = gamma * rstd, t = beta - mean * s); a = relu(s * x + t) the normalised activation, which no kernel
 ever writes to memory: each one recomputes it from x while loading its tile. y (N, C_out, Do, Ho, Wo)
 the conv output; gy its gradient. All tensors are addressed through their strides (any layout, channel
-slices of a larger buffer included), with int64 offsets.
+slices of a larger buffer included). Voxel indices are int32 (fewer than 2**31 voxels, checked by the
+launchers); element offsets are int32 too, or int64 when INT64 (a tensor of the launch spans 2**31
+elements or more; see triton_index.py). The taps are a runtime loop: unrolled, their
+address tiles stayed live together and spilled registers.
 
 Implicit GEMM: M = voxels, N = channels, K = taps x channels. Layout: with channels-last tensors
 (channel stride 1) the K dimension of every tile is contiguous in memory, so tile loads are coalesced
@@ -17,6 +20,8 @@ interpreter, where bfloat16 dots are wrong); accumulation is always float32.
 
 import triton
 import triton.language as tl
+
+from prostate_kernels.ops.triton_index import block_offsets, voxel, voxel_offsets, widen
 
 
 @triton.jit
@@ -61,20 +66,18 @@ def bn_relu_conv3d_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    INT64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = block_offsets(tl.program_id(0), BLOCK_M)
     mask_m = offs_m < M
-    ow = offs_m % Wo
-    oh = (offs_m // Wo) % Ho
-    od = (offs_m // (Wo * Ho)) % Do
-    n = offs_m // (Wo * Ho * Do)
+    n, od, oh, ow = voxel(offs_m, Do, Ho, Wo)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < C_out
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in tl.static_range(KD * KH * KW):
+    for tap in range(KD * KH * KW):
         kd = tap // (KH * KW)
         kh = (tap // KW) % KH
         kw = tap % KW
@@ -82,27 +85,29 @@ def bn_relu_conv3d_fwd_kernel(
         i_h = oh * sth - pdh + kh * dlh
         i_w = ow * stw - pdw + kw * dlw
         valid = mask_m & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
-        row = n * sxn + i_d * sxd + i_h * sxh + i_w * sxw
+        row = voxel_offsets(n, i_d, i_h, i_w, sxn, sxd, sxh, sxw, INT64)
         for c0 in range(0, C_in, BLOCK_K):
             offs_k = c0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < C_in
             a_mask = valid[:, None] & mask_k[None, :]
-            a = tl.load(x_ptr + row[:, None] + offs_k.to(tl.int64)[None, :] * sxc, mask=a_mask, other=0.0)
+            a = tl.load(x_ptr + row[:, None] + widen(offs_k, INT64)[None, :] * sxc, mask=a_mask, other=0.0)
             scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
             shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
             a = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
             a = tl.where(a_mask, a, 0.0)  # padding is zero *after* BN + ReLU, as in the Sequential
-            w_rows = (tap * C_in + offs_k).to(tl.int64) * C_out
+            w_rows = widen(tap * C_in + offs_k, INT64) * C_out
             w = tl.load(
                 w_ptr + w_rows[:, None] + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0
             )
             acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = n * syn + od * syd + oh * syh + ow * syw
+    out = voxel_offsets(n, od, oh, ow, syn, syd, syh, syw, INT64)
     y_mask = mask_m[:, None] & mask_n[None, :]
     tl.store(
-        y_ptr + out[:, None] + offs_n.to(tl.int64)[None, :] * syc, acc.to(y_ptr.dtype.element_ty), mask=y_mask
+        y_ptr + out[:, None] + widen(offs_n, INT64)[None, :] * syc,
+        acc.to(y_ptr.dtype.element_ty),
+        mask=y_mask,
     )
 
 
@@ -160,20 +165,18 @@ def bn_relu_conv3d_dgrad_kernel(
     BN_GRADS: tl.constexpr,  # accumulate dgamma and dbeta
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    INT64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # block of C_in (the output of this GEMM)
     BLOCK_K: tl.constexpr,  # block of C_out (the reduction)
 ):
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = block_offsets(tl.program_id(0), BLOCK_M)
     mask_m = offs_m < M
-    w_ = offs_m % W
-    h_ = (offs_m // W) % H
-    d_ = (offs_m // (W * H)) % D
-    n = offs_m // (W * H * D)
+    n, d_, h_, w_ = voxel(offs_m, D, H, W)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < C_in
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in tl.static_range(KD * KH * KW):
+    for tap in range(KD * KH * KW):
         kd = tap // (KH * KW)
         kh = (tap // KW) % KH
         kw = tap % KW
@@ -187,16 +190,16 @@ def bn_relu_conv3d_dgrad_kernel(
         valid = mask_m & (nd >= 0) & (nh >= 0) & (nw >= 0)
         valid = valid & (nd % std == 0) & (nh % sth == 0) & (nw % stw == 0)
         valid = valid & (o_d < Do) & (o_h < Ho) & (o_w < Wo)
-        row = n * sgn + o_d * sgd + o_h * sgh + o_w * sgw
+        row = voxel_offsets(n, o_d, o_h, o_w, sgn, sgd, sgh, sgw, INT64)
         for c0 in range(0, C_out, BLOCK_K):
             offs_k = c0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < C_out
             g = tl.load(
-                gy_ptr + row[:, None] + offs_k.to(tl.int64)[None, :] * sgc,
+                gy_ptr + row[:, None] + widen(offs_k, INT64)[None, :] * sgc,
                 mask=valid[:, None] & mask_k[None, :],
                 other=0.0,
             )
-            w_rows = (tap * C_out + offs_k).to(tl.int64) * C_in
+            w_rows = widen(tap * C_out + offs_k, INT64) * C_in
             w = tl.load(
                 w_ptr + w_rows[:, None] + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0
             )
@@ -204,8 +207,8 @@ def bn_relu_conv3d_dgrad_kernel(
 
     # Epilogue: through the ReLU mask (recomputed from x) and the BatchNorm affine map.
     mask = mask_m[:, None] & mask_n[None, :]
-    x_row = n * sxn + d_ * sxd + h_ * sxh + w_ * sxw
-    x = tl.load(x_ptr + x_row[:, None] + offs_n.to(tl.int64)[None, :] * sxc, mask=mask, other=0.0).to(
+    x_row = voxel_offsets(n, d_, h_, w_, sxn, sxd, sxh, sxw, INT64)
+    x = tl.load(x_ptr + x_row[:, None] + widen(offs_n, INT64)[None, :] * sxc, mask=mask, other=0.0).to(
         tl.float32
     )
     scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
@@ -218,11 +221,13 @@ def bn_relu_conv3d_dgrad_kernel(
         tl.atomic_add(dbeta_ptr + offs_n, tl.sum(gz, axis=0), mask=mask_n)
         tl.atomic_add(dgamma_ptr + offs_n, tl.sum(gz * xhat, axis=0), mask=mask_n)
     if STORE_GZ:
-        tl.store(gz_ptr + offs_m[:, None] * C_in + offs_n[None, :], gz, mask=mask)
+        tl.store(gz_ptr + widen(offs_m, INT64)[:, None] * C_in + offs_n[None, :], gz, mask=mask)
     else:
         gx = gz * scale[None, :]
         dst = (
-            gx_ptr + (n * sdn + d_ * sdd + h_ * sdh + w_ * sdw)[:, None] + offs_n.to(tl.int64)[None, :] * sdc
+            gx_ptr
+            + voxel_offsets(n, d_, h_, w_, sdn, sdd, sdh, sdw, INT64)[:, None]
+            + widen(offs_n, INT64)[None, :] * sdc
         )
         if ACCUMULATE:
             gx += tl.load(dst, mask=mask, other=0.0).to(tl.float32)
@@ -255,21 +260,19 @@ def bn_backward_finalize_kernel(
     sdh,
     sdw,
     ACCUMULATE: tl.constexpr,
+    INT64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     # Training-mode BatchNorm backward: gx = s * (gz - mean(gz) - xhat * mean(gz * xhat)).
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = block_offsets(tl.program_id(0), BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     mask = (offs_m < M)[:, None] & mask_c[None, :]
-    w_ = offs_m % W
-    h_ = (offs_m // W) % H
-    d_ = (offs_m // (W * H)) % D
-    n = offs_m // (W * H * D)
-    gz = tl.load(gz_ptr + offs_m[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
-    x_row = n * sxn + d_ * sxd + h_ * sxh + w_ * sxw
-    x = tl.load(x_ptr + x_row[:, None] + offs_c.to(tl.int64)[None, :] * sxc, mask=mask, other=0.0).to(
+    n, d_, h_, w_ = voxel(offs_m, D, H, W)
+    gz = tl.load(gz_ptr + widen(offs_m, INT64)[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+    x_row = voxel_offsets(n, d_, h_, w_, sxn, sxd, sxh, sxw, INT64)
+    x = tl.load(x_ptr + x_row[:, None] + widen(offs_c, INT64)[None, :] * sxc, mask=mask, other=0.0).to(
         tl.float32
     )
     scale = tl.load(scale_ptr + offs_c, mask=mask_c, other=0.0)
@@ -279,7 +282,11 @@ def bn_backward_finalize_kernel(
     mean_gz_xhat = tl.load(dgamma_ptr + offs_c, mask=mask_c, other=0.0) / M
     xhat = (x - mean[None, :]) * rstd[None, :]
     gx = scale[None, :] * (gz - mean_gz[None, :] - xhat * mean_gz_xhat[None, :])
-    dst = gx_ptr + (n * sdn + d_ * sdd + h_ * sdh + w_ * sdw)[:, None] + offs_c.to(tl.int64)[None, :] * sdc
+    dst = (
+        gx_ptr
+        + voxel_offsets(n, d_, h_, w_, sdn, sdd, sdh, sdw, INT64)[:, None]
+        + widen(offs_c, INT64)[None, :] * sdc
+    )
     if ACCUMULATE:
         gx += tl.load(dst, mask=mask, other=0.0).to(tl.float32)
     tl.store(dst, gx.to(gx_ptr.dtype.element_ty), mask=mask)
@@ -291,10 +298,11 @@ def bn_relu_conv3d_wgrad_kernel(
     gy_ptr,  # (N, C_out, Do, Ho, Wo), strides sg*
     scale_ptr,  # (C_in,) float32
     shift_ptr,  # (C_in,) float32
-    gw_ptr,  # (taps, C_in, C_out) float32, accumulated with atomics
-    gb_ptr,  # (C_out,) float32, accumulated with atomics (HAS_BIAS)
+    gw_ptr,  # (splits, taps, C_in, C_out) float32: each split's partial sums (the launcher adds them)
+    gb_ptr,  # (splits, C_out) float32: each split's partial bias gradient (HAS_BIAS)
     M,  # N * Do * Ho * Wo (output voxels: the reduction)
     M_PER_SPLIT,  # output voxels per program along grid axis 2
+    GW_SPLIT_STRIDE,  # taps * C_in * C_out
     C_in,
     C_out,
     D,
@@ -327,11 +335,15 @@ def bn_relu_conv3d_wgrad_kernel(
     HAS_BIAS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    INT64: tl.constexpr,
     BLOCK_M: tl.constexpr,  # voxels per step (the reduction)
     BLOCK_CI: tl.constexpr,
     BLOCK_CO: tl.constexpr,
 ):
-    # grid: (taps * ci_blocks, co_blocks, splits of M). gw[tap] = a_tap^T @ gy over this split's voxels.
+    # grid: (taps * ci_blocks, co_blocks, splits of M). gw[split, tap] = a_tap^T @ gy over the split's voxels.
+    # Plain stores of partial sums, no atomics: an atomic add of the (BLOCK_CI, BLOCK_CO) accumulator
+    # spilled registers (measured: 96 registers without spills vs 255 and 552 B spilled with it) and made
+    # the result depend on the order of the splits.
     ci_blocks = tl.cdiv(C_in, BLOCK_CI)
     tap = tl.program_id(0) // ci_blocks
     pid_ci = tl.program_id(0) % ci_blocks
@@ -346,32 +358,30 @@ def bn_relu_conv3d_wgrad_kernel(
     shift = tl.load(shift_ptr + offs_ci, mask=mask_ci, other=0.0)
     acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
     g_sum = tl.zeros((BLOCK_CO,), dtype=tl.float32)
-    m_start = tl.program_id(2).to(tl.int64) * M_PER_SPLIT
+    m_start = tl.program_id(2) * M_PER_SPLIT  # voxel indices are int32 (launch.check_voxels)
     m_end = tl.minimum(m_start + M_PER_SPLIT, M)
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
-        ow = offs_m % Wo
-        oh = (offs_m // Wo) % Ho
-        od = (offs_m // (Wo * Ho)) % Do
-        n = offs_m // (Wo * Ho * Do)
+        n, od, oh, ow = voxel(offs_m, Do, Ho, Wo)
         i_d = od * std - pdd + kd * dld
         i_h = oh * sth - pdh + kh * dlh
         i_w = ow * stw - pdw + kw * dlw
         valid = mask_m & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
         a_mask = valid[:, None] & mask_ci[None, :]
-        x_row = n * sxn + i_d * sxd + i_h * sxh + i_w * sxw
-        a = tl.load(x_ptr + x_row[:, None] + offs_ci.to(tl.int64)[None, :] * sxc, mask=a_mask, other=0.0)
+        x_row = voxel_offsets(n, i_d, i_h, i_w, sxn, sxd, sxh, sxw, INT64)
+        a = tl.load(x_ptr + x_row[:, None] + widen(offs_ci, INT64)[None, :] * sxc, mask=a_mask, other=0.0)
         a = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
         a = tl.where(a_mask, a, 0.0)
-        g_row = n * sgn + od * sgd + oh * sgh + ow * sgw
+        g_row = voxel_offsets(n, od, oh, ow, sgn, sgd, sgh, sgw, INT64)
         g_mask = mask_m[:, None] & mask_co[None, :]
-        g = tl.load(gy_ptr + g_row[:, None] + offs_co.to(tl.int64)[None, :] * sgc, mask=g_mask, other=0.0)
+        g = tl.load(gy_ptr + g_row[:, None] + widen(offs_co, INT64)[None, :] * sgc, mask=g_mask, other=0.0)
         acc = tl.dot(tl.trans(a.to(DOT_DTYPE)), g.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
         if HAS_BIAS:
             g_sum += tl.sum(g.to(tl.float32), axis=0)
-    gw_rows = (tap * C_in + offs_ci).to(tl.int64) * C_out
-    tl.atomic_add(gw_ptr + gw_rows[:, None] + offs_co[None, :], acc, mask=mask_ci[:, None] & mask_co[None, :])
+    split = tl.program_id(2)
+    gw_rows = widen(split, INT64) * GW_SPLIT_STRIDE + (tap * C_in + offs_ci) * C_out
+    tl.store(gw_ptr + gw_rows[:, None] + offs_co[None, :], acc, mask=mask_ci[:, None] & mask_co[None, :])
     if HAS_BIAS:
         if (tap == 0) & (pid_ci == 0):
-            tl.atomic_add(gb_ptr + offs_co, g_sum, mask=mask_co)
+            tl.store(gb_ptr + split * C_out + offs_co, g_sum, mask=mask_co)

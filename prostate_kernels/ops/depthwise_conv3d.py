@@ -10,7 +10,14 @@ import triton
 
 from prostate_kernels.ops import depthwise_conv3d_kernels as kernels
 from prostate_kernels.ops.conv_geometry import ConvGeometry
-from prostate_kernels.ops.launch import autotune_configs, conv_args, dot_setup, output_like
+from prostate_kernels.ops.launch import (
+    autotune_configs,
+    check_voxels,
+    conv_args,
+    dot_setup,
+    needs_int64,
+    output_like,
+)
 
 WGRAD_BLOCK_M = 64
 
@@ -26,17 +33,17 @@ _TILES = [
 ]
 _WARPS_STAGES = [(4, 2), (8, 2)]
 _fwd = triton.autotune(
-    autotune_configs(_TILES, _WARPS_STAGES), key=["M", "C", "KD", "KH", "KW", "sxc", "syc"]
+    autotune_configs(_TILES, _WARPS_STAGES), key=["M", "C", "KD", "KH", "KW", "sxc", "syc", "INT64"]
 )(kernels.depthwise_conv3d_fwd_kernel)
 _dgrad = triton.autotune(
-    autotune_configs(_TILES, _WARPS_STAGES), key=["M", "C", "KD", "KH", "KW", "sgc", "sdc"]
+    autotune_configs(_TILES, _WARPS_STAGES), key=["M", "C", "KD", "KH", "KW", "sgc", "sdc", "INT64"]
 )(kernels.depthwise_conv3d_dgrad_kernel)
 _separable = triton.autotune(
     autotune_configs(
         [{"BLOCK_M": 64, "BLOCK_K": 32}, {"BLOCK_M": 128, "BLOCK_K": 32}, {"BLOCK_M": 64, "BLOCK_K": 64}],
         _WARPS_STAGES,
     ),
-    key=["M", "C_in", "C_out", "KD", "KH", "KW"],
+    key=["M", "C_in", "C_out", "KD", "KH", "KW", "INT64"],
 )(kernels.separable_conv3d_inference_kernel)
 
 
@@ -48,6 +55,7 @@ def depthwise_forward(
     do, ho, wo = geometry.output_size((d, h, w))
     y = output_like(x, (n, c, do, ho, wo), x.dtype) if out is None else out
     m = n * do * ho * wo
+    check_voxels("depthwise_conv3d", m, n * d * h * w)
     w_taps = weight.reshape(c, geometry.taps).contiguous()
 
     def grid(meta):
@@ -57,6 +65,7 @@ def depthwise_forward(
         x, w_taps, bias if bias is not None else w_taps, y, m, c, d, h, w, do, ho, wo,
         *x.stride(), *y.stride(), *conv_args(geometry),
         KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], HAS_BIAS=bias is not None,
+        INT64=needs_int64(x, y),
     )  # fmt: skip
     return y
 
@@ -73,7 +82,7 @@ def depthwise_input_grad(gy, weight, x_shape, x_like: torch.Tensor, geometry: Co
 
     _dgrad[grid](
         gy, w_taps, gx, m, c, d, h, w, do, ho, wo, *gy.stride(), *gx.stride(), *conv_args(geometry),
-        KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2],
+        KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], INT64=needs_int64(gy, gx),
     )  # fmt: skip
     return gx
 
@@ -95,7 +104,7 @@ def depthwise_weight_grad(
         x, gy, partial, m, per_program, c, d, h, w, do, ho, wo, *x.stride(), *gy.stride(),
         *conv_args(geometry),
         KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], HAS_BIAS=with_bias,
-        BLOCK_M=WGRAD_BLOCK_M, BLOCK_C=block_c,
+        INT64=needs_int64(x, gy, extra=(partial.numel(),)), BLOCK_M=WGRAD_BLOCK_M, BLOCK_C=block_c,
     )  # fmt: skip
     sums = partial.sum(dim=0)  # (taps + 1, C): the final reduction over programs
     grad_w = sums[: geometry.taps].t().reshape(c, 1, *geometry.kernel)
@@ -139,6 +148,7 @@ def separable_inference(
     do, ho, wo = geometry.output_size((d, h, w))
     y = output_like(x, (n, c_out, do, ho, wo), x.dtype)
     m = n * do * ho * wo
+    check_voxels("separable_conv3d", m, n * d * h * w)
     dot_dtype, precision = dot_setup(x.dtype)
     pw = pointwise_weight.reshape(c_out, c_in).t().to(x.dtype).contiguous()  # (C_in, C_out)
     block_n = max(16, min(128, triton.next_power_of_2(c_out)))
@@ -151,6 +161,6 @@ def separable_inference(
         m, c_in, c_out, d, h, w, do, ho, wo, *x.stride(), *y.stride(), *conv_args(geometry),
         KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2],
         RELU_IN=not depth_activation, RELU_MID=depth_activation,
-        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, BLOCK_N=block_n,
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=needs_int64(x, y), BLOCK_N=block_n,
     )  # fmt: skip
     return y

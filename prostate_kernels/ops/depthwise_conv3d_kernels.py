@@ -1,45 +1,40 @@
 """Triton kernels of the 3D depthwise (atrous) convolution and the fused separable inference block.
 
 Depthwise: y[n, c, o] = sum over taps k of w[c, k] * x[n, c, o * stride - pad + k * dilation] (+ b[c]).
-Every kernel tiles (BLOCK_M voxels) x (BLOCK_C channels) and addresses tensors through their strides,
-with int64 offsets. In channels-last tensors a tile's channels are contiguous (coalesced loads); in
-NCDHW its voxels are. The taps re-read each tile shifted by the dilation: the tile and its halo come
-from DRAM once and from L1/L2 for the other taps (Triton gives no explicit control of shared memory, so
-the reuse is the hardware cache's). Accumulation is float32 whatever the input dtype.
+Every kernel tiles (BLOCK_M voxels) x (BLOCK_C channels) and addresses tensors through their strides:
+int32 voxel indices, int32 element offsets or int64 ones when INT64 (see triton_index.py); the taps are
+a runtime loop (unrolled, their tiles stayed live together and spilled registers). In channels-last
+tensors a tile's channels are contiguous (coalesced loads); in NCDHW its voxels are. The taps re-read
+each tile shifted by the dilation: the tile and its halo come from DRAM once and from L1/L2 for the
+other taps (Triton gives no explicit control of shared memory, so the reuse is the hardware cache's).
+Accumulation is float32 whatever the input dtype.
 """
 
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _voxel(offs, S0, S1, S2):
-    """Split flat voxel indices over (N, S0, S1, S2) into (n, i0, i1, i2)."""
-    i2 = offs % S2
-    i1 = (offs // S2) % S1
-    i0 = (offs // (S2 * S1)) % S0
-    n = offs // (S2 * S1 * S0)
-    return n, i0, i1, i2
+from prostate_kernels.ops.triton_index import block_offsets, voxel, voxel_offsets, widen
 
 
 @triton.jit
 def _depthwise_taps(
     x_ptr, w_ptr, n, od, oh, ow, mask_m, offs_c, mask_c, D, H, W, sxn, sxc, sxd, sxh, sxw,
     std, sth, stw, pdd, pdh, pdw, dld, dlh, dlw,
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, RELU_IN: tl.constexpr,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, RELU_IN: tl.constexpr, INT64: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """float32 (BLOCK_M, BLOCK_C) depthwise sums at output voxels (n, od, oh, ow), channels offs_c;
     w_ptr is (C, taps) contiguous; RELU_IN applies ReLU to x first (zero padding stays zero)."""
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for tap in tl.static_range(KD * KH * KW):
+    column = widen(offs_c, INT64) * sxc
+    for tap in range(KD * KH * KW):
         i_d = od * std - pdd + (tap // (KH * KW)) * dld
         i_h = oh * sth - pdh + ((tap // KW) % KH) * dlh
         i_w = ow * stw - pdw + (tap % KW) * dlw
         valid = mask_m & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
-        row = n * sxn + i_d * sxd + i_h * sxh + i_w * sxw
+        row = voxel_offsets(n, i_d, i_h, i_w, sxn, sxd, sxh, sxw, INT64)
         x_mask = valid[:, None] & mask_c[None, :]
-        x = tl.load(x_ptr + row[:, None] + offs_c[None, :] * sxc, mask=x_mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row[:, None] + column[None, :], mask=x_mask, other=0.0).to(tl.float32)
         if RELU_IN:
             x = tl.maximum(x, 0.0)
         w = tl.load(w_ptr + offs_c * (KD * KH * KW) + tap, mask=mask_c, other=0.0).to(tl.float32)
@@ -84,23 +79,26 @@ def depthwise_conv3d_fwd_kernel(
     KH: tl.constexpr,
     KW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    INT64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    offs_m = block_offsets(tl.program_id(0), BLOCK_M)
+    offs_c = block_offsets(tl.program_id(1), BLOCK_C)
     mask_m = offs_m < M
     mask_c = offs_c < C
-    n, od, oh, ow = _voxel(offs_m, Do, Ho, Wo)
+    n, od, oh, ow = voxel(offs_m, Do, Ho, Wo)
     acc = _depthwise_taps(
         x_ptr, w_ptr, n, od, oh, ow, mask_m, offs_c, mask_c, D, H, W, sxn, sxc, sxd, sxh, sxw,
-        std, sth, stw, pdd, pdh, pdw, dld, dlh, dlw, KD, KH, KW, False, BLOCK_M, BLOCK_C,
+        std, sth, stw, pdd, pdh, pdw, dld, dlh, dlw, KD, KH, KW, False, INT64, BLOCK_M, BLOCK_C,
     )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    out = n * syn + od * syd + oh * syh + ow * syw
+    out = voxel_offsets(n, od, oh, ow, syn, syd, syh, syw, INT64)
     mask = mask_m[:, None] & mask_c[None, :]
-    tl.store(y_ptr + out[:, None] + offs_c[None, :] * syc, acc.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        y_ptr + out[:, None] + widen(offs_c, INT64)[None, :] * syc, acc.to(y_ptr.dtype.element_ty), mask=mask
+    )
 
 
 @triton.jit
@@ -138,18 +136,19 @@ def depthwise_conv3d_dgrad_kernel(
     KD: tl.constexpr,
     KH: tl.constexpr,
     KW: tl.constexpr,
+    INT64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     # gx[i] = sum over taps of w[tap] * gy[o] where o * stride = i + pad - tap * dilation (the transposed
     # depthwise conv: the flipped kernel in gather form, which also covers stride 2).
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    offs_m = block_offsets(tl.program_id(0), BLOCK_M)
+    offs_c = block_offsets(tl.program_id(1), BLOCK_C)
     mask_m = offs_m < M
     mask_c = offs_c < C
-    n, i_d, i_h, i_w = _voxel(offs_m, D, H, W)
+    n, i_d, i_h, i_w = voxel(offs_m, D, H, W)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for tap in tl.static_range(KD * KH * KW):
+    for tap in range(KD * KH * KW):
         nd = i_d + pdd - (tap // (KH * KW)) * dld
         nh = i_h + pdh - ((tap // KW) % KH) * dlh
         nw = i_w + pdw - (tap % KW) * dlw
@@ -159,15 +158,21 @@ def depthwise_conv3d_dgrad_kernel(
         valid = mask_m & (nd >= 0) & (nh >= 0) & (nw >= 0)
         valid = valid & (nd % std == 0) & (nh % sth == 0) & (nw % stw == 0)
         valid = valid & (o_d < Do) & (o_h < Ho) & (o_w < Wo)
-        row = n * sgn + o_d * sgd + o_h * sgh + o_w * sgw
+        row = voxel_offsets(n, o_d, o_h, o_w, sgn, sgd, sgh, sgw, INT64)
         g = tl.load(
-            gy_ptr + row[:, None] + offs_c[None, :] * sgc, mask=valid[:, None] & mask_c[None, :], other=0.0
+            gy_ptr + row[:, None] + widen(offs_c, INT64)[None, :] * sgc,
+            mask=valid[:, None] & mask_c[None, :],
+            other=0.0,
         )
         w = tl.load(w_ptr + offs_c * (KD * KH * KW) + tap, mask=mask_c, other=0.0)
         acc += g.to(tl.float32) * w.to(tl.float32)[None, :]
-    dst = n * sdn + i_d * sdd + i_h * sdh + i_w * sdw
+    dst = voxel_offsets(n, i_d, i_h, i_w, sdn, sdd, sdh, sdw, INT64)
     mask = mask_m[:, None] & mask_c[None, :]
-    tl.store(gx_ptr + dst[:, None] + offs_c[None, :] * sdc, acc.to(gx_ptr.dtype.element_ty), mask=mask)
+    tl.store(
+        gx_ptr + dst[:, None] + widen(offs_c, INT64)[None, :] * sdc,
+        acc.to(gx_ptr.dtype.element_ty),
+        mask=mask,
+    )
 
 
 @triton.jit
@@ -207,34 +212,37 @@ def depthwise_conv3d_wgrad_kernel(
     KH: tl.constexpr,
     KW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    INT64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     # Block partial sums: each program reduces its M_PER_PROGRAM voxels for every tap; the launcher
     # adds the programs' partials (a deterministic final reduction, no atomics, no per-weight blocks).
-    pid_m = tl.program_id(0).to(tl.int64)
-    offs_c = (tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)
+    pid_m = tl.program_id(0)
+    offs_c = block_offsets(tl.program_id(1), BLOCK_C)
     mask_c = offs_c < C
     m_start = pid_m * M_PER_PROGRAM
     m_end = tl.minimum(m_start + M_PER_PROGRAM, M)
-    for tap in tl.static_range(KD * KH * KW):
+    for tap in range(KD * KH * KW):
         acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
         for m0 in range(m_start, m_end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             mask_m = offs_m < m_end
-            n, od, oh, ow = _voxel(offs_m, Do, Ho, Wo)
-            g_row = n * sgn + od * sgd + oh * sgh + ow * sgw
+            n, od, oh, ow = voxel(offs_m, Do, Ho, Wo)
+            g_row = voxel_offsets(n, od, oh, ow, sgn, sgd, sgh, sgw, INT64)
             g_mask = mask_m[:, None] & mask_c[None, :]
-            g = tl.load(gy_ptr + g_row[:, None] + offs_c[None, :] * sgc, mask=g_mask, other=0.0).to(
-                tl.float32
-            )
+            g = tl.load(
+                gy_ptr + g_row[:, None] + widen(offs_c, INT64)[None, :] * sgc, mask=g_mask, other=0.0
+            ).to(tl.float32)
             i_d = od * std - pdd + (tap // (KH * KW)) * dld
             i_h = oh * sth - pdh + ((tap // KW) % KH) * dlh
             i_w = ow * stw - pdw + (tap % KW) * dlw
             valid = mask_m & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
-            x_row = n * sxn + i_d * sxd + i_h * sxh + i_w * sxw
+            x_row = voxel_offsets(n, i_d, i_h, i_w, sxn, sxd, sxh, sxw, INT64)
             x_mask = valid[:, None] & mask_c[None, :]
-            x = tl.load(x_ptr + x_row[:, None] + offs_c[None, :] * sxc, mask=x_mask, other=0.0).to(tl.float32)
+            x = tl.load(
+                x_ptr + x_row[:, None] + widen(offs_c, INT64)[None, :] * sxc, mask=x_mask, other=0.0
+            ).to(tl.float32)
             acc += tl.sum(g * x, axis=0)
         tl.store(partial_ptr + (pid_m * (KD * KH * KW + 1) + tap) * C + offs_c, acc, mask=mask_c)
     if HAS_BIAS:
@@ -242,12 +250,12 @@ def depthwise_conv3d_wgrad_kernel(
         for m0 in range(m_start, m_end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             mask_m = offs_m < m_end
-            n, od, oh, ow = _voxel(offs_m, Do, Ho, Wo)
-            g_row = n * sgn + od * sgd + oh * sgh + ow * sgw
+            n, od, oh, ow = voxel(offs_m, Do, Ho, Wo)
+            g_row = voxel_offsets(n, od, oh, ow, sgn, sgd, sgh, sgw, INT64)
             g_mask = mask_m[:, None] & mask_c[None, :]
-            g = tl.load(gy_ptr + g_row[:, None] + offs_c[None, :] * sgc, mask=g_mask, other=0.0).to(
-                tl.float32
-            )
+            g = tl.load(
+                gy_ptr + g_row[:, None] + widen(offs_c, INT64)[None, :] * sgc, mask=g_mask, other=0.0
+            ).to(tl.float32)
             acc += tl.sum(g, axis=0)
         tl.store(partial_ptr + (pid_m * (KD * KH * KW + 1) + KD * KH * KW) * C + offs_c, acc, mask=mask_c)
 
@@ -297,24 +305,25 @@ def separable_conv3d_inference_kernel(
     RELU_MID: tl.constexpr,  # ReLU after each BatchNorm (depth_activation=True)
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    INT64: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # block of C_out
     BLOCK_K: tl.constexpr,  # block of C_in
 ):
     # [ReLU] -> depthwise -> BN [-> ReLU] -> pointwise -> BN [-> ReLU]; the depthwise result of a tile
     # lives in registers only and feeds the pointwise GEMM directly.
-    offs_m = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = block_offsets(tl.program_id(0), BLOCK_M)
     mask_m = offs_m < M
-    n, od, oh, ow = _voxel(offs_m, Do, Ho, Wo)
+    n, od, oh, ow = voxel(offs_m, Do, Ho, Wo)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < C_out
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, C_in, BLOCK_K):
-        offs_k = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < C_in
         depth = _depthwise_taps(
             x_ptr, dw_ptr, n, od, oh, ow, mask_m, offs_k, mask_k, D, H, W, sxn, sxc, sxd, sxh, sxw,
-            std, sth, stw, pdd, pdh, pdw, dld, dlh, dlw, KD, KH, KW, RELU_IN, BLOCK_M, BLOCK_K,
+            std, sth, stw, pdd, pdh, pdw, dld, dlh, dlw, KD, KH, KW, RELU_IN, INT64, BLOCK_M, BLOCK_K,
         )  # fmt: skip
         s1 = tl.load(s1_ptr + offs_k, mask=mask_k, other=0.0)
         t1 = tl.load(t1_ptr + offs_k, mask=mask_k, other=0.0)
@@ -330,8 +339,8 @@ def separable_conv3d_inference_kernel(
     acc = acc * s2[None, :] + t2[None, :]
     if RELU_MID:
         acc = tl.maximum(acc, 0.0)
-    out = n * syn + od * syd + oh * syh + ow * syw
+    out = voxel_offsets(n, od, oh, ow, syn, syd, syh, syw, INT64)
     mask = mask_m[:, None] & mask_n[None, :]
     tl.store(
-        y_ptr + out[:, None] + offs_n.to(tl.int64)[None, :] * syc, acc.to(y_ptr.dtype.element_ty), mask=mask
+        y_ptr + out[:, None] + widen(offs_n, INT64)[None, :] * syc, acc.to(y_ptr.dtype.element_ty), mask=mask
     )

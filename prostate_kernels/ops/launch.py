@@ -10,6 +10,7 @@ from prostate_kernels.backend import triton_interpreting
 from prostate_kernels.ops.conv_geometry import ConvGeometry
 
 INTERPRET = triton_interpreting()
+INT32_SPAN = 2**31 - 2**24  # offsets below this fit int32 with room for a tile past the end
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
@@ -38,3 +39,22 @@ def output_like(x: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> 
     """Channels-last output when x is channels-last (channel stride 1), NCDHW otherwise."""
     fmt = torch.channels_last_3d if x.stride(1) == 1 and x.shape[1] > 1 else torch.contiguous_format
     return torch.empty(shape, dtype=dtype, device=x.device, memory_format=fmt)
+
+
+def needs_int64(*tensors: torch.Tensor, extra: tuple[int, ...] = ()) -> bool:
+    """Whether a kernel over these tensors needs int64 offsets: some tensor spans (its largest element
+    offset, from its sizes and strides) or holds INT32_SPAN elements or more, or some extra bound does."""
+    for t in tensors:
+        span = sum(
+            (size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True) if size > 0
+        )
+        if span >= INT32_SPAN or t.numel() >= INT32_SPAN:
+            return True
+    return any(value >= INT32_SPAN for value in extra)
+
+
+def check_voxels(op: str, *counts: int) -> None:
+    """ValueError when a launch would index more voxels than int32 holds (the kernels' voxel indices)."""
+    for count in counts:
+        if count >= INT32_SPAN:
+            raise ValueError(f"{op}: {count} voxels in one call; at most {INT32_SPAN - 1} are supported")

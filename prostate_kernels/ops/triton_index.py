@@ -1,0 +1,42 @@
+"""Index arithmetic shared by every Triton kernel: tile offsets, their width, and the voxel decode.
+
+Voxel indices are int32 always (launch.check_voxels). INT64 (a constexpr each launcher sets with
+launch.needs_int64) says whether some tensor of the launch spans 2**31 elements or more: then indices
+are widened to int64 just before they multiply a stride. Otherwise offsets stay int32: half the
+registers of int64 ones in every (BLOCK_M, BLOCK_K) address tile.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def block_offsets(pid, BLOCK: tl.constexpr):
+    """pid * BLOCK + arange(BLOCK): voxel or row indices, int32 (launch.check_voxels keeps them below
+    2**31, so that no kernel divides int64 values: 64-bit division is a subroutine with a stack frame,
+    whose spills ptxas reports)."""
+    return pid * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def widen(index, INT64: tl.constexpr):
+    """`index` as int64 when INT64 (before it multiplies a stride), unchanged otherwise."""
+    if INT64:
+        index = index.to(tl.int64)
+    return index
+
+
+@triton.jit
+def voxel(offs, S0, S1, S2):
+    """Split flat voxel indices over (N, S0, S1, S2) into (n, i0, i1, i2), in offs' integer type."""
+    i2 = offs % S2
+    i1 = (offs // S2) % S1
+    i0 = (offs // (S2 * S1)) % S0
+    n = offs // (S2 * S1 * S0)
+    return n, i0, i1, i2
+
+
+@triton.jit
+def voxel_offsets(n, i0, i1, i2, sn, s0, s1, s2, INT64: tl.constexpr):
+    """Element offset of voxel (n, i0, i1, i2) with strides (sn, s0, s1, s2); int64 when INT64."""
+    return widen(n, INT64) * sn + widen(i0, INT64) * s0 + widen(i1, INT64) * s1 + widen(i2, INT64) * s2

@@ -1,0 +1,330 @@
+"""`make gpu-compile`: compile every Triton kernel of the library for H100/H200 (sm_90a) and A100 (sm_80)
+on this CPU machine, and report registers, spills and shared memory per variant.
+
+    python tools/gpu_compile.py --out bench/results          # the full sweep (every autotune config)
+    python tools/gpu_compile.py --quick                       # CI: each kernel x dot path, default config, sm_90a
+
+What is compiled: every launch the library makes (captured by tools/compile_capture.py, on meta
+tensors) while it runs Tiramisu 3D p3a (training step) and DeepLabv3+ 3D (training step and inference)
+at 16x64x64, batch 2, channels-last and NCDHW, the dense layer, dense block and separable layer on
+tensors past 2**31 elements (the int64-offset launches), and sliding-window inference; once per dot
+path: float32 with TF32, float32 IEEE, bfloat16 and float16 autocast; each launch with every autotune
+config its autotuner can choose. Triton's own compiler and its bundled ptxas do the work: no GPU.
+
+Exit status: 1 if any variant fails to compile (and, with --strict, if any spills registers or needs
+more shared memory than its target has), else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import io
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from compile_capture import ARCHES, RECORDER, Variant, capturing, dot_path  # noqa: E402
+from ptxas_log import parse_ptxas_log  # noqa: E402
+
+SHARED_MEMORY_LIMIT = {90: 232_448, 80: 166_912}  # bytes per block (opt-in maximum), H100 and A100
+DOT_PATHS = ("fp32-tf32", "fp32-ieee", "bf16", "fp16")
+PATCH = (16, 64, 64)
+
+
+@dataclass
+class Result:
+    variant: Variant
+    ok: bool
+    registers: int = 0
+    spill_bytes: int = 0
+    shared: int = 0
+    seconds: float = 0.0
+    error: str = ""
+
+    @property
+    def over_shared(self) -> bool:
+        return self.ok and self.shared > SHARED_MEMORY_LIMIT[self.variant.arch]
+
+    @property
+    def verdict(self) -> str:
+        if not self.ok:
+            return "FAILED"
+        if self.spill_bytes:
+            return "SPILLS"
+        return "OVER SMEM" if self.over_shared else "ok"
+
+
+# ------------------------------------------------------------------------------------- workloads
+
+
+@contextlib.contextmanager
+def _dot_settings(path: str):
+    """The process state under which the library picks a dot path: cuDNN's TF32 flag, CPU autocast."""
+    import torch
+
+    previous = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = path == "fp32-tf32"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(path)
+    try:
+        with dot_path(path), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
+
+
+def run_workloads(paths=DOT_PATHS, log=print) -> None:
+    """Drives the library through every launch it makes (recorded, not run; meta tensors) per dot path."""
+    import torch
+
+    from prostate_kernels import sliding_window_inference
+    from prostate_kernels.models import build_model
+
+    with torch.device("meta"):  # dropout 0: its masks need a generator, which meta tensors lack
+        networks = {"tiramisu3d_p3a": build_model("tiramisu3d_p3a", dropout=0.0),
+                    "deeplabv3plus_3d": build_model("deeplabv3plus_3d")}  # fmt: skip
+    for path in paths:
+        start = time.time()
+        for layout in (torch.contiguous_format, torch.channels_last_3d):
+            for model in networks.values():
+                model = model.to(memory_format=layout)
+                x = torch.empty(2, 1, *PATCH, device="meta").to(memory_format=layout)
+                with _dot_settings(path):
+                    model.train()
+                    model(x).float().sum().backward()
+                    model.eval()
+                    with torch.no_grad():
+                        model(x)
+                model.zero_grad(set_to_none=True)
+            with _dot_settings(path):
+                run_int64_workloads(layout)
+        log(f"  captured {path} in {time.time() - start:.1f} s ({len(RECORDER.variants)} variants so far)")
+    with dot_path("fp32"):
+        sliding_window_inference(torch.randn(1, 2, 20, 70, 70), (16, 64, 64), 4, lambda w: w, mode="gaussian")
+
+
+def run_int64_workloads(layout) -> None:
+    """The layers on tensors past 2**31 elements (meta: nothing allocated), for the int64 launches."""
+    import torch
+
+    from prostate_kernels.nn import BNReLUConv3d, DenseBlock3d, SeparableConv3d
+
+    with torch.device("meta"):
+        layers = [
+            (BNReLUConv3d(64, 16), (1, 64, 64, 1024, 512)),  # 2.1e9 elements
+            (DenseBlock3d(48, 16, 2, dropout=0.0), (2, 48, 64, 512, 512)),  # buffer 2.7e9
+            (SeparableConv3d(128, 128, 3, dilation=(1, 2, 2)), (1, 128, 64, 512, 512)),  # 2.1e9
+        ]
+    for layer, shape in layers:
+        layer = layer.to(memory_format=layout)
+        x = torch.empty(shape, device="meta", requires_grad=True).to(memory_format=layout)
+        layer.train()
+        layer(x).float().sum().backward()
+        layer.eval()
+        with torch.no_grad():
+            layer(x)
+
+
+# ----------------------------------------------------------------------------------- compilation
+
+
+_VARIANTS: list = []  # (Variant, (fn, signature, constexprs, attrs, options)); inherited by forked workers
+
+
+def compile_variant(index: int) -> Result:
+    """Compiles one variant with Triton for its target; ptxas's log gives registers and spills."""
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource
+
+    variant, (fn, signature, constexprs, attrs, options) = _VARIANTS[index]
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True  # a cached kernel would skip ptxas and its log
+    printed = io.StringIO()
+    start = time.perf_counter()
+    try:
+        with contextlib.redirect_stdout(printed):
+            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs),
+                                    target=GPUTarget("cuda", variant.arch, 32), options=dict(options.__dict__))  # fmt: skip
+        report = parse_ptxas_log(printed.getvalue())
+    except Exception as exc:  # noqa: BLE001 - every failure is reported as the variant's result
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        return Result(
+            variant,
+            ok=False,
+            seconds=time.perf_counter() - start,
+            error=f"{type(exc).__name__}: {first[:200]}",
+        )
+    return Result(variant, ok=True, registers=report.registers, spill_bytes=max(report.spill_stores, report.spill_loads),
+                  shared=int(kernel.metadata.shared), seconds=time.perf_counter() - start)  # fmt: skip
+
+
+def compile_all(variants: list, jobs: int, log=print) -> list[Result]:
+    _VARIANTS[:] = variants
+    results = []
+    start = time.time()
+    context = multiprocessing.get_context("fork")
+    with context.Pool(jobs) as pool:
+        for i, result in enumerate(pool.imap(compile_variant, range(len(variants)), chunksize=1)):
+            results.append(result)
+            if result.verdict != "ok" or (i + 1) % 25 == 0 or i + 1 == len(variants):
+                note = f"  {result.verdict}: {describe(result)}" if result.verdict != "ok" else ""
+                log(f"[{i + 1}/{len(variants)}] {time.time() - start:.0f} s{note}")
+    return results
+
+
+def describe(result: Result) -> str:
+    v = result.variant
+    what = f"{v.kernel} [{v.config}] {v.path} {ARCHES[v.arch]}{' int64' if v.int64 else ''}"
+    if not result.ok:
+        return f"{what}: {result.error}"
+    return f"{what}: {result.registers} registers, {result.spill_bytes} B spilled, {result.shared} B shared"
+
+
+def select(variants: dict, quick: bool, arches: tuple[int, ...]) -> list:
+    chosen, seen = [], set()
+    for variant, payload in variants.items():
+        if variant.arch not in arches:
+            continue
+        if quick:
+            key = (variant.kernel, variant.path)
+            if not variant.default_config or variant.int64 or key in seen:
+                continue
+            seen.add(key)
+        chosen.append((variant, payload))
+    chosen.sort(key=lambda vp: (vp[0].kernel, vp[0].arch, vp[0].path, vp[0].config, vp[0].int64))
+    return chosen
+
+
+# ---------------------------------------------------------------------------------------- report
+
+
+COLUMNS = ("kernel", "config", "dtype", "arch", "int64", "registers", "spill_bytes", "shared_bytes",
+           "shared_limit", "compile_s", "verdict", "error")  # fmt: skip
+
+
+def rows(results: list[Result]) -> list[dict]:
+    return [
+        {
+            "kernel": r.variant.kernel,
+            "config": r.variant.config,
+            "dtype": r.variant.path,
+            "arch": ARCHES[r.variant.arch],
+            "int64": "yes" if r.variant.int64 else "no",
+            "registers": r.registers,
+            "spill_bytes": r.spill_bytes,
+            "shared_bytes": r.shared,
+            "shared_limit": SHARED_MEMORY_LIMIT[r.variant.arch],
+            "compile_s": f"{r.seconds:.1f}",
+            "verdict": r.verdict,
+            "error": r.error,
+        }  # fmt: skip
+        for r in results
+    ]
+
+
+def summary(results: list[Result]) -> str:
+    kernels = sorted({r.variant.kernel for r in results})
+    failed = [r for r in results if not r.ok]
+    spilling = [r for r in results if r.ok and r.spill_bytes]
+    over = [r for r in results if r.over_shared]
+    return (f"{len(kernels)} kernels, {len(results)} variants: {len(failed)} failed to compile, "
+            f"{len(spilling)} spill registers, {len(over)} need more shared memory than their target has")  # fmt: skip
+
+
+def write_report(results: list[Result], out: Path, quick: bool, seconds: float) -> Path:
+    import torch
+    import triton
+
+    out.mkdir(parents=True, exist_ok=True)
+    date = datetime.date.today().isoformat()
+    stem = out / f"{date}-compile-report{'-quick' if quick else ''}"
+    table = rows(results)
+    with open(f"{stem}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(table)
+    sha = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    lines = [
+        f"# Triton compile report ({'quick: default configs, sm_90a' if quick else 'full sweep'})",
+        "",
+        f"`python tools/gpu_compile.py{' --quick' if quick else ''}` on {platform.node()} (no GPU: Triton's "
+        f"compiler and bundled ptxas), {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
+        f"torch {torch.__version__}, triton {triton.__version__}, git {sha or 'unknown'}; {seconds:.0f} s.",
+        "",
+        f"**Summary: {summary(results)}.**",
+        "",
+        "Per kernel (worst variant):",
+        "",
+        "| kernel | variants | max registers | max spill B | max shared B | failed | spilling | over smem |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for kernel in sorted({r.variant.kernel for r in results}):
+        mine = [r for r in results if r.variant.kernel == kernel]
+        ok = [r for r in mine if r.ok]
+        lines.append(
+            f"| {kernel} | {len(mine)} | {max((r.registers for r in ok), default=0)} | "
+            f"{max((r.spill_bytes for r in ok), default=0)} | {max((r.shared for r in ok), default=0)} | "
+            f"{sum(not r.ok for r in mine)} | {sum(r.ok and r.spill_bytes > 0 for r in mine)} | "
+            f"{sum(r.over_shared for r in mine)} |"
+        )
+    lines += [
+        "",
+        "Every variant:",
+        "",
+        "| " + " | ".join(COLUMNS[:-1]) + " |",
+        "|" + "---|" * (len(COLUMNS) - 1),
+    ]
+    lines += ["| " + " | ".join(str(row[c]) for c in COLUMNS[:-1]) + " |" for row in table]
+    errors = [r for r in results if not r.ok]
+    if errors:
+        lines += ["", "Errors:", ""] + [f"- {describe(r)}" for r in errors]
+    Path(f"{stem}.md").write_text("\n".join(lines) + "\n")
+    return Path(f"{stem}.md")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="each kernel x dot path at its default config, sm_90a"
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="also fail on spills and shared memory overruns"
+    )
+    parser.add_argument("--arch", type=int, nargs="+", choices=sorted(ARCHES), default=None)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--out", type=Path, default=None, help="write <date>-compile-report[-quick].md/.csv here"
+    )
+    args = parser.parse_args(argv)
+    arches = tuple(args.arch or ((90,) if args.quick else (90, 80)))
+    start = time.time()
+    print("capturing the library's launches (no kernel runs)")
+    with capturing():
+        run_workloads()
+    variants = select(RECORDER.variants, args.quick, arches)
+    print(f"{RECORDER.launches} launches -> {len(variants)} variants to compile on {args.jobs} process(es)")
+    results = compile_all(variants, max(1, args.jobs))
+    print(summary(results))
+    if args.out is not None:
+        print(f"report: {write_report(results, args.out, args.quick, time.time() - start)}")
+    bad = [r for r in results if not r.ok or (args.strict and r.verdict != "ok")]
+    for r in bad[:20]:
+        print(f"{r.verdict}: {describe(r)}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
