@@ -3,6 +3,8 @@
 #                (MODEL=name picks another network, e.g. on a GPU: make demo MODEL=tiramisu3d_p3a)
 #   make test    ruff + the test suite (Triton kernels run through the interpreter on CPU-only machines)
 #   make bench   the benchmarks this machine can run, results under bench/results/
+#   make gpu-compile  every Triton kernel x autotune config x dot path compiled for sm_90a and sm_80 (no GPU
+#                needed): registers, spills, shared memory -> bench/results/<date>-compile-report.md
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +15,7 @@ PIP    := $(PY) -m pip -q --disable-pip-version-check
 CUDA_TORCH := $(shell $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.version.cuda and torch.cuda.is_available() else 1)" >/dev/null 2>&1 && echo yes)
 SOURCES    := $(shell find prostate_kernels models csrc -name '*.py' -o -name '*.cpp' -o -name '*.h') setup.py pyproject.toml
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint compile-gate gpu-compile bench clean
 
 setup: $(VENV)/.installed
 
@@ -44,8 +46,17 @@ lint: setup
 
 # bin/pytest, not `python -m pytest`: the current directory stays off sys.path, so the tests import the
 # installed package (with its compiled _C), not the source tree.
-test: lint
+# The compile gate: each kernel x dot path at its default config, compiled for sm_90a by Triton's own
+# compiler (the interpreter never compiles); fails on a compile error, a register spill or a shared
+# memory overrun. It must not run under TRITON_INTERPRET.
+compile-gate: setup
+	env -u TRITON_INTERPRET $(PY) tools/gpu_compile.py --quick --strict
+
+test: lint compile-gate
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q
+
+gpu-compile: setup
+	env -u TRITON_INTERPRET $(PY) tools/gpu_compile.py --out bench/results
 
 bench: setup
 	$(PY) bench/run_all.py

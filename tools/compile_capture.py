@@ -34,7 +34,7 @@ class Variant:
     options: tuple  # ((name, value), ...) of the backend options that differ from its defaults
     config: str  # "BLOCK_M=64 BLOCK_K=32 warps=4 stages=3"
     path: str  # dot path of the run that launched it: fp32-tf32, fp32-ieee, bf16, fp16
-    default_config: bool  # the autotuner's first config (or a kernel without autotuning)
+    default_config: bool  # the autotuner's first config after its pruning (or a kernel without autotuning)
     int64: bool = False  # int64 offsets: INT64 set, or an argument typed i64 (tensors past 2**31 elements)
 
 
@@ -111,10 +111,10 @@ def capturing() -> Iterator[Recorder]:
         _record(self, args, kwargs, default, config_kwargs)
 
     def autotune_run(self, *args, **kwargs):
-        self.nargs = dict(zip(self.arg_names, args))
+        self.nargs = dict(zip(self.arg_names, args, strict=False))
         for index, config in enumerate(self.prune_configs(kwargs)):
             self.fn.run(*args, **kwargs, **config.all_kwargs(), __config_kwargs=config.kwargs,
-                        __default_config=index == 0 and config is self.configs[0])  # fmt: skip
+                        __default_config=index == 0)  # fmt: skip
         self.nargs = None
 
     saved = (jit.JITFunction.run, autotuner.Autotuner.run, backend.triton_interpreting)

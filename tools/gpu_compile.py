@@ -1,8 +1,8 @@
 """`make gpu-compile`: compile every Triton kernel of the library for H100/H200 (sm_90a) and A100 (sm_80)
 on this CPU machine, and report registers, spills and shared memory per variant.
 
-    python tools/gpu_compile.py --out bench/results          # the full sweep (every autotune config)
-    python tools/gpu_compile.py --quick                       # CI: each kernel x dot path, default config, sm_90a
+    python tools/gpu_compile.py --out bench/results   # the full sweep (every autotune config)
+    python tools/gpu_compile.py --quick                # CI: each kernel x dot path, default config, sm_90a
 
 What is compiled: every launch the library makes (captured by tools/compile_capture.py, on meta
 tensors) while it runs Tiramisu 3D p3a (training step) and DeepLabv3+ 3D (training step and inference)
@@ -85,9 +85,9 @@ def _dot_settings(path: str):
 def run_workloads(paths=DOT_PATHS, log=print) -> None:
     """Drives the library through every launch it makes (recorded, not run; meta tensors) per dot path."""
     import torch
+    from prostate_kernels.models import build_model
 
     from prostate_kernels import sliding_window_inference
-    from prostate_kernels.models import build_model
 
     with torch.device("meta"):  # dropout 0: its masks need a generator, which meta tensors lack
         networks = {"tiramisu3d_p3a": build_model("tiramisu3d_p3a", dropout=0.0),
@@ -154,8 +154,9 @@ def compile_variant(index: int) -> Result:
     start = time.perf_counter()
     try:
         with contextlib.redirect_stdout(printed):
-            kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs),
-                                    target=GPUTarget("cuda", variant.arch, 32), options=dict(options.__dict__))  # fmt: skip
+            source = ASTSource(fn, signature, constexprs, attrs)
+            target = GPUTarget("cuda", variant.arch, 32)
+            kernel = triton.compile(source, target=target, options=dict(options.__dict__))
         report = parse_ptxas_log(printed.getvalue())
     except Exception as exc:  # noqa: BLE001 - every failure is reported as the variant's result
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
@@ -165,7 +166,8 @@ def compile_variant(index: int) -> Result:
             seconds=time.perf_counter() - start,
             error=f"{type(exc).__name__}: {first[:200]}",
         )
-    return Result(variant, ok=True, registers=report.registers, spill_bytes=max(report.spill_stores, report.spill_loads),
+    spilled = max(report.spill_stores, report.spill_loads)
+    return Result(variant, ok=True, registers=report.registers, spill_bytes=spilled,
                   shared=int(kernel.metadata.shared), seconds=time.perf_counter() - start)  # fmt: skip
 
 
@@ -238,8 +240,10 @@ def summary(results: list[Result]) -> str:
     failed = [r for r in results if not r.ok]
     spilling = [r for r in results if r.ok and r.spill_bytes]
     over = [r for r in results if r.over_shared]
-    return (f"{len(kernels)} kernels, {len(results)} variants: {len(failed)} failed to compile, "
-            f"{len(spilling)} spill registers, {len(over)} need more shared memory than their target has")  # fmt: skip
+    counts = f"{len(failed)} failed to compile, {len(spilling)} spill registers"
+    return (
+        f"{len(kernels)} kernels, {len(results)} variants: {counts}, {len(over)} exceed their shared memory"
+    )
 
 
 def write_report(results: list[Result], out: Path, quick: bool, seconds: float) -> Path:
@@ -254,9 +258,9 @@ def write_report(results: list[Result], out: Path, quick: bool, seconds: float) 
         writer = csv.DictWriter(f, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(table)
-    sha = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    repo = Path(__file__).resolve().parents[1]
+    git = ["git", "rev-parse", "--short", "HEAD"]
+    sha = subprocess.run(git, capture_output=True, text=True, cwd=repo).stdout.strip()
     lines = [
         f"# Triton compile report ({'quick: default configs, sm_90a' if quick else 'full sweep'})",
         "",

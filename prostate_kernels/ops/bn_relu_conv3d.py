@@ -24,7 +24,16 @@ from prostate_kernels.ops.launch import (
     dot_setup,
     needs_int64,
     output_like,
+    prune_spilling,
 )
+
+# Configs that spill registers at some launch, measured by `make gpu-compile` (every launch of Tiramisu
+# 3D p3a and DeepLabv3+ 3D, every dot path, int32 and int64 offsets, sm_90a and sm_80; report:
+# bench/results/2026-11-27-compile-report.md), as (block sizes..., num_warps): pruned at those launches.
+_FWD_SPILLS = {(128, 16, 64, 4), (128, 16, 64, 8), (128, 64, 64, 4)}  # (BLOCK_M, BLOCK_N, BLOCK_K, warps)
+_DGRAD_SPILLS = {(128, 64, 16, 4), (128, 64, 16, 8), (64, 64, 16, 4), (128, 32, 32, 4), (128, 64, 32, 4),
+                 (128, 64, 32, 8)}  # fmt: skip
+_WGRAD_SPILLS = {(128, 32, 16, 8), (64, 64, 16, 4), (64, 64, 16, 8)}  # (BLOCK_M, BLOCK_CI, BLOCK_CO, warps)
 
 _fwd = triton.autotune(
     configs=autotune_configs(
@@ -32,6 +41,7 @@ _fwd = triton.autotune(
         [(4, 3), (8, 3)],
     ),
     key=["C_in", "C_out", "M", "KD", "KH", "KW", "DOT_DTYPE", "INT64"],
+    prune_configs_by={"early_config_prune": prune_spilling(_FWD_SPILLS, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))},
 )(kernels.bn_relu_conv3d_fwd_kernel)
 
 _dgrad = triton.autotune(
@@ -42,6 +52,7 @@ _dgrad = triton.autotune(
     key=["C_in", "C_out", "M", "KD", "KH", "KW", "DOT_DTYPE", "STORE_GZ", "INT64"],
     reset_to_zero=["dgamma_ptr", "dbeta_ptr"],
     restore_value=["gx_ptr"],
+    prune_configs_by={"early_config_prune": prune_spilling(_DGRAD_SPILLS, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))},
 )(kernels.bn_relu_conv3d_dgrad_kernel)
 
 _wgrad = triton.autotune(
@@ -50,6 +61,9 @@ _wgrad = triton.autotune(
         [(4, 3), (8, 3)],
     ),
     key=["C_in", "C_out", "M", "KH", "KW", "DOT_DTYPE", "INT64"],
+    prune_configs_by={
+        "early_config_prune": prune_spilling(_WGRAD_SPILLS, ("BLOCK_M", "BLOCK_CI", "BLOCK_CO"))
+    },
 )(kernels.bn_relu_conv3d_wgrad_kernel)
 
 FINALIZE_BLOCK_M = 64

@@ -17,6 +17,7 @@ from prostate_kernels.ops.launch import (
     dot_setup,
     needs_int64,
     output_like,
+    prune_spilling,
 )
 
 WGRAD_BLOCK_M = 64
@@ -38,12 +39,24 @@ _fwd = triton.autotune(
 _dgrad = triton.autotune(
     autotune_configs(_TILES, _WARPS_STAGES), key=["M", "C", "KD", "KH", "KW", "sgc", "sdc", "INT64"]
 )(kernels.depthwise_conv3d_dgrad_kernel)
+# Separable configs that spill registers at some launch (measured by `make gpu-compile`, see
+# bench/results/2026-11-27-compile-report.md), as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps).
+_SEPARABLE_SPILLS = {
+    (128, 128, 32, 4),
+    (128, 128, 32, 8),
+    (64, 128, 32, 4),
+    (64, 128, 32, 8),
+    (64, 128, 64, 4),
+}
 _separable = triton.autotune(
     autotune_configs(
         [{"BLOCK_M": 64, "BLOCK_K": 32}, {"BLOCK_M": 128, "BLOCK_K": 32}, {"BLOCK_M": 64, "BLOCK_K": 64}],
         _WARPS_STAGES,
     ),
     key=["M", "C_in", "C_out", "KD", "KH", "KW", "INT64"],
+    prune_configs_by={
+        "early_config_prune": prune_spilling(_SEPARABLE_SPILLS, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    },
 )(kernels.separable_conv3d_inference_kernel)
 
 

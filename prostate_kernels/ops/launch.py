@@ -58,3 +58,23 @@ def check_voxels(op: str, *counts: int) -> None:
     for count in counts:
         if count >= INT32_SPAN:
             raise ValueError(f"{op}: {count} voxels in one call; at most {INT32_SPAN - 1} are supported")
+
+
+def prune_spilling(spilling: set[tuple[int, ...]], names: tuple[str, ...]):
+    """An `early_config_prune` for triton.autotune that drops the configs `make gpu-compile` measured to
+    spill registers (on sm_90a or sm_80, in some dot path or offset width) at this launch's block sizes.
+
+    spilling: tuples of the values of `names` (block sizes, from the config or the launch's keyword
+    arguments) followed by num_warps. At least one config always remains (the last one, if every
+    candidate is listed: the lists are written so that this does not happen at measured launches).
+    """
+
+    def prune(configs, named_args, **kwargs):
+        def key(config):
+            values = {**kwargs, **config.kwargs}
+            return (*(values.get(name) for name in names), config.num_warps)
+
+        kept = [c for c in configs if key(c) not in spilling]
+        return kept or configs[-1:]
+
+    return prune

@@ -1,0 +1,65 @@
+"""The int64-offset path of every conv kernel (INT64, chosen for tensors past 2**31 elements) computes
+what the int32 path computes: forced on small tensors through the interpreter, against float64.
+
+Huge tensors themselves are checked on a GPU (bench/gpu_checks.py); here the kernels' INT64 branches,
+which no small tensor would otherwise reach, are run and compared.
+"""
+
+from __future__ import annotations
+
+import pytest
+import test_bn_relu_conv3d as dense
+import test_depthwise_conv3d as depthwise
+import torch
+
+from prostate_kernels.ops import bn_relu_conv3d, depthwise_conv3d
+from prostate_kernels.ops.launch import INT32_SPAN, check_voxels, needs_int64
+
+
+@pytest.fixture
+def force_int64(monkeypatch):
+    seen = []
+
+    def always(*tensors, extra=()):
+        seen.append(True)
+        return True
+
+    monkeypatch.setattr(bn_relu_conv3d, "needs_int64", always)
+    monkeypatch.setattr(depthwise_conv3d, "needs_int64", always)
+    return seen
+
+
+@pytest.mark.parametrize("case", [dense.CASES[1], dense.CASES[3]], ids=lambda c: c.name)
+def test_dense_layer_with_int64_offsets(force_int64, case):
+    g = torch.Generator().manual_seed(0)
+    x, params = dense.make_input(case, g), dense.make_params(case, g)
+    got, gy = dense.run(x, params, case, True, "triton")
+    expected, _ = dense.run(x, params, case, True, "torch", dtype=torch.float64, grad_out=gy)
+    assert force_int64  # the launchers asked, and were told int64
+    for key, value in expected.items():
+        assert dense.max_rel_error(got[key], value) < dense.RTOL32, key
+
+
+@pytest.mark.parametrize("case", [depthwise.CASES[2], depthwise.CASES[4]], ids=lambda c: c.name)
+def test_depthwise_with_int64_offsets(force_int64, case):
+    g = torch.Generator().manual_seed(0)
+    x = depthwise.make_input(case, g)
+    w = torch.randn((case.c, 1, 3, 3, 3), generator=g)
+    b = torch.randn((case.c,), generator=g) if case.bias else None
+    got, gy = depthwise.run(case, x, w, b, "triton", torch.float32)
+    expected, _ = depthwise.run(case, x, w, b, "torch", torch.float64, gy)
+    assert force_int64
+    for key, value in expected.items():
+        if value is not None:
+            assert depthwise.rel(got[key], value) < depthwise.RTOL32, key
+
+
+def test_needs_int64_looks_at_spans_not_only_sizes():
+    small = torch.empty(4, 5, device="meta")
+    assert not needs_int64(small)
+    assert needs_int64(torch.empty(2**31, device="meta"))
+    # 3 elements, but 2**31 apart: a strided view of a huge buffer
+    assert needs_int64(torch.empty(1, device="meta").as_strided((3,), (2**30,)))
+    assert needs_int64(small, extra=(INT32_SPAN,))
+    with pytest.raises(ValueError, match=r"depthwise_conv3d: 2147483647 voxels in one call"):
+        check_voxels("depthwise_conv3d", 2**31 - 1)
