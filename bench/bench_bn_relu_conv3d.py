@@ -21,6 +21,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BenchResult, environment, interleaved_medians, markdown_table  # noqa: E402
+from floors import DeviceRates, Work, measure_rates  # noqa: E402
 from shapes import GROWTH, DenseLayerShape, benchmark_dense_layers  # noqa: E402
 
 from prostate_kernels.nn import BNReLUConv3d  # noqa: E402
@@ -53,8 +54,8 @@ def make_providers(shape: DenseLayerShape, device: str, dtype: torch.dtype, with
     return modules
 
 
-def flops_and_bytes(shape: DenseLayerShape, itemsize: int) -> tuple[float, float, float, float]:
-    """(forward FLOPs, backward FLOPs, forward bytes, backward bytes) of the ideal fused layer.
+def layer_work(shape: DenseLayerShape, itemsize: int) -> tuple[Work, Work]:
+    """(forward, backward) FLOPs and bytes of the ideal fused layer.
 
     Forward: read x twice (batch statistics, then the conv), write y. Backward: read x, gy; write gx
     (and read it once more for the batch-statistics term); weight and bias traffic is negligible.
@@ -62,21 +63,7 @@ def flops_and_bytes(shape: DenseLayerShape, itemsize: int) -> tuple[float, float
     voxels = BATCH * shape.size[0] * shape.size[1] * shape.size[2]
     fwd_flops = 2.0 * voxels * GROWTH * 27 * shape.c_in
     x_bytes, y_bytes = voxels * shape.c_in * itemsize, voxels * GROWTH * itemsize
-    return fwd_flops, 2 * fwd_flops, 2 * x_bytes + y_bytes, 3 * x_bytes + y_bytes + x_bytes
-
-
-def measure_peaks(device: str) -> tuple[float, float]:
-    """(bf16 matmul FLOP/s, copy bytes/s) measured here, for the floor."""
-    if device != "cuda":
-        return float("nan"), float("nan")
-    from triton.testing import do_bench
-
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    ms = do_bench(lambda: a @ a, warmup=25, rep=200, return_mode="median")
-    src = torch.empty(2**28, device=device, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    ms_copy = do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median")
-    return 2 * 8192**3 / (ms * 1e-3), 2 * src.numel() / (ms_copy * 1e-3)
+    return Work(fwd_flops, 2 * x_bytes + y_bytes), Work(2 * fwd_flops, 3 * x_bytes + y_bytes + x_bytes)
 
 
 def time_cases(cases: dict, device: str, rounds: int) -> dict[str, float]:
@@ -91,13 +78,18 @@ def time_cases(cases: dict, device: str, rounds: int) -> dict[str, float]:
 
 
 def bench_shape(
-    shape: DenseLayerShape, device: str, dtype: torch.dtype, with_compile: bool, rounds: int, peaks
+    shape: DenseLayerShape,
+    device: str,
+    dtype: torch.dtype,
+    with_compile: bool,
+    rounds: int,
+    rates: DeviceRates,
 ):
     modules = make_providers(shape, device, dtype, with_compile)
     x = torch.randn((BATCH, shape.c_in, *shape.size), device=device, dtype=dtype)
     x = x.to(memory_format=torch.channels_last_3d).requires_grad_(True)
     gy = torch.randn((BATCH, GROWTH, *shape.size), device=device, dtype=dtype)
-    fwd_flops, bwd_flops, fwd_bytes, bwd_bytes = flops_and_bytes(shape, x.element_size())
+    forward, backward = layer_work(shape, x.element_size())
     reference = modules["eager"](x)
     rows = []
     for name, module in modules.items():
@@ -124,8 +116,6 @@ def bench_shape(
         t = time_cases(
             {"fwd": lambda module=module: module(x), "bwd": backward_only, "both": both}, device, rounds
         )
-        floor_fwd = max(fwd_flops / peaks[0], fwd_bytes / peaks[1])
-        floor_both = max((fwd_flops + bwd_flops) / peaks[0], (fwd_bytes + bwd_bytes) / peaks[1])
         rows.append(
             {
                 "shape": shape.label,
@@ -133,9 +123,9 @@ def bench_shape(
                 "fwd_ms": f"{t['fwd'] * 1e3:.3f}",
                 "bwd_ms": f"{t['bwd'] * 1e3:.3f}",
                 "fwd_bwd_ms": f"{t['both'] * 1e3:.3f}",
-                "fwd_bwd_tflops": f"{(fwd_flops + bwd_flops) / t['both'] / 1e12:.2f}",
-                "floor_fraction_fwd_bwd": f"{floor_both / t['both']:.2f}" if device == "cuda" else "",
-                "floor_fraction_fwd": f"{floor_fwd / t['fwd']:.2f}" if device == "cuda" else "",
+                "fwd_bwd_tflops": f"{(forward + backward).flops / t['both'] / 1e12:.2f}",
+                **(forward + backward).columns(rates, dtype, t["both"], "fwd_bwd"),
+                **forward.columns(rates, dtype, t["fwd"], "fwd"),
                 "kept_after_fwd_MB": f"{kept_mb:.1f}",
                 "max_rel_err_vs_eager": f"{err:.1e}",
             }
@@ -155,24 +145,25 @@ def run(device: str, compile_mode: str = "all", all_shapes: bool = False, rounds
     shapes = benchmark_dense_layers()
     if device != "cuda" and not all_shapes:
         shapes = [s for s in shapes if s.size == (4, 16, 16)][:2]
-    peaks = measure_peaks(device)
+    rates = measure_rates(device)
     rows = []
     for shape in shapes:
         with_compile = compile_mode == "all" or (compile_mode == "full-res" and shape.size == (16, 64, 64))
-        shape_rows = bench_shape(shape, device, dtype, with_compile, rounds, peaks)
+        shape_rows = bench_shape(shape, device, dtype, with_compile, rounds, rates)
         rows += shape_rows
         print(markdown_table(list(shape_rows[0]), shape_rows), flush=True)
     notes = [
         f"batch {BATCH}, growth {GROWTH}, 3x3x3 conv, padding 1, training mode, channels-last input, {dtype}",
         "bwd = backward of a retained graph; fwd_bwd = a fresh forward + backward",
         "kept_after_fwd_MB: CUDA memory still allocated after a forward (output + saved for backward)",
+        "floor = max(FLOPs / matmul rate, bytes / copy bandwidth), both measured in this run on this device; "
+        f"of_floor = floor / measured time; {rates.describe()}",
     ]
     if device != "cuda":
         notes.append(
             "the fused Triton provider needs a CUDA GPU: on this machine only eager and torch.compile ran"
         )
         return BenchResult("bn_relu_conv3d", rows, notes, "fused Triton path not measured (needs a GPU)")
-    notes.append(f"measured here: bf16 matmul {peaks[0] / 1e12:.0f} TFLOP/s, copy {peaks[1] / 1e9:.0f} GB/s")
     full = [r for r in rows if r["provider"] == "fused triton" and "16x64x64" in r["shape"]]
     met_eager = all(float(r["speedup_vs_eager"]) >= TARGET_VS_EAGER for r in full)
     met_compile = all(float(r.get("speedup_vs_compile", "nan")) >= TARGET_VS_COMPILE for r in full)

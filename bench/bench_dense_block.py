@@ -21,6 +21,7 @@ import torch.utils.checkpoint as cp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, BenchResult, environment, markdown_table, saved_bytes  # noqa: E402
+from floors import Work, measure_rates  # noqa: E402
 from shapes import FIRST_CONV, GROWTH, PATCH, TIRAMISU_P3A_LAYERS  # noqa: E402
 
 from prostate_kernels import reference  # noqa: E402
@@ -83,6 +84,19 @@ def variants(c_in: int, layers: int, return_input: bool, device, dtype) -> dict[
     return {"ours": ours, "naive": naive, "checkpoint": CheckpointedBlock(copy.deepcopy(naive))}
 
 
+def block_work(c_in: int, layers: int, size: tuple[int, int, int], itemsize: int) -> Work:
+    """FLOPs and bytes of one forward + backward of the block at the floor. Layer l (C_l = c_in + l * 16
+    channels in): forward reads C_l channels and writes 16; backward reads C_l and the 16 of its output
+    gradient, and adds into C_l gradient channels (read + write); the conv FLOPs are 3x the forward's."""
+    voxels = BATCH * size[0] * size[1] * size[2]
+    flops = nbytes = 0.0
+    for layer in range(layers):
+        c_l = c_in + layer * GROWTH
+        flops += 3 * 2.0 * voxels * GROWTH * 27 * c_l
+        nbytes += voxels * itemsize * ((c_l + GROWTH) + (c_l + GROWTH + 2 * c_l))
+    return Work(flops, nbytes)
+
+
 def cuda_time_and_peak(module: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
     from triton.testing import do_bench
 
@@ -103,6 +117,7 @@ def cuda_time_and_peak(module: torch.nn.Module, x: torch.Tensor) -> tuple[float,
 def bench(device: str) -> list[dict]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     cases = [*p3a_blocks(), ("12-layer block (target)", 48, 12, PATCH, True)]
+    rates = measure_rates(device) if device == "cuda" else None
     rows = []
     for name, c_in, layers, size, return_input in cases:
         x = torch.randn((BATCH, c_in, *size), device=device, dtype=dtype).to(
@@ -127,6 +142,8 @@ def bench(device: str) -> list[dict]:
             if "time_ms" in r:
                 row["fwd_bwd_ms"] = f"{r['time_ms']:.2f}"
                 row["time_vs_naive"] = f"{r['time_ms'] / result['naive']['time_ms']:.2f}"
+            work = block_work(c_in, layers, size, x.element_size())
+            row.update(work.columns(rates, dtype, r.get("time_ms", float("nan")) * 1e-3, "fwd_bwd"))
             row["memory_MiB" if device == "cuda" else "kept_for_backward_MiB"] = f"{r['memory_MiB']:.1f}"
             row["memory_vs_naive"] = f"{r['memory_MiB'] / result['naive']['memory_MiB']:.3f}"
             rows.append(row)
@@ -171,6 +188,9 @@ def run(device: str) -> BenchResult:
             if device == "cuda"
             else "float32; kept_for_backward = saved tensors' unique storages + output"
         ),  # fmt: skip
+        "gflop / mb_moved: FLOPs and bytes of one forward + backward at the floor (block_work); on a GPU "
+        "floor_ms = max(FLOPs / bf16 matmul rate, bytes / copy bandwidth) measured in the same run, "
+        "of_floor = floor / measured time",
     ]
     if device == "cuda":
         target = [r for r in rows if r["block"].startswith("12-layer") and r["variant"] == "ours"][0]

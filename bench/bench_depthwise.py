@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BenchResult, environment, interleaved_medians, markdown_table  # noqa: E402
+from floors import DeviceRates, Work, measure_rates  # noqa: E402
 
 from prostate_kernels import functional, use_backend  # noqa: E402
 from prostate_kernels.nn import SeparableConv3d  # noqa: E402
@@ -31,16 +32,14 @@ TARGET_VS_PYTORCH = 5.0  # forward + backward
 TARGET_FLOOR_FRACTION = 0.7  # forward
 
 
-def copy_bandwidth(device: str) -> float:
-    if device != "cuda":
-        return float("nan")
-    from triton.testing import do_bench
+def depthwise_work(x: torch.Tensor, taps: int = 27) -> tuple[Work, Work]:
+    """(forward, forward + backward) FLOPs and bytes at stride 1 (output size = input size).
 
-    src = torch.empty(2**28, device=device, dtype=torch.uint8)
-    dst = torch.empty_like(src)
-    return (
-        2 * src.numel() / (do_bench(lambda: dst.copy_(src), warmup=25, rep=200, return_mode="median") * 1e-3)
-    )
+    Forward: read x, write y. Backward: read gy and w for the input gradient and write gx; read x and gy
+    again for the weight gradient. Weights are negligible.
+    """
+    flops, nbytes = 2.0 * x.numel() * taps, x.numel() * x.element_size()
+    return Work(flops, 2 * nbytes), Work(3 * flops, 2 * nbytes + 3 * nbytes + 2 * nbytes)
 
 
 def median_seconds(cases: dict, device: str, rounds: int) -> dict[str, float]:
@@ -52,7 +51,7 @@ def median_seconds(cases: dict, device: str, rounds: int) -> dict[str, float]:
 
 
 def bench_depthwise(
-    c: int, size, dilation: int, device: str, dtype, rounds: int, bandwidth: float
+    c: int, size, dilation: int, device: str, dtype, rounds: int, rates: DeviceRates
 ) -> list[dict]:
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn((BATCH, c, *size), generator=g).to(device=device, dtype=dtype)
@@ -81,7 +80,7 @@ def bench_depthwise(
             fwd().backward(gy)
 
         t = median_seconds({"fwd": fwd, "both": both}, device, rounds)
-        moved = 2 * x.numel() * x.element_size()  # read x once, write y once (weights negligible)
+        forward, forward_backward = depthwise_work(x)
         rows.append(
             {
                 "C": c,
@@ -90,7 +89,8 @@ def bench_depthwise(
                 "provider": name,
                 "fwd_ms": f"{t['fwd'] * 1e3:.3f}",
                 "fwd_bwd_ms": f"{t['both'] * 1e3:.3f}",
-                "fwd_floor_fraction": f"{moved / bandwidth / t['fwd']:.2f}" if device == "cuda" else "",
+                **forward.columns(rates, dtype, t["fwd"], "fwd"),
+                **forward_backward.columns(rates, dtype, t["both"], "fwd_bwd"),
                 "max_rel_err": f"{err:.1e}",
             }
         )
@@ -127,23 +127,24 @@ def run(device: str, quick: bool = False, rounds: int = 5) -> BenchResult:
         channels, dilations = (128, 728), (1, 12)
     if device != "cuda":  # PyTorch's CPU depthwise conv3d is slow: the smallest grid only
         channels, sizes, dilations = (128,), ((4, 16, 16),), (1, 6)
-    bandwidth = copy_bandwidth(device)
+    rates = measure_rates(device)
     rows = []
     for c in channels:
         for size in sizes:
             for dilation in dilations:
-                new = bench_depthwise(c, size, dilation, device, dtype, rounds, bandwidth)
+                new = bench_depthwise(c, size, dilation, device, dtype, rounds, rates)
                 rows += new
                 print(markdown_table(list(new[0]), new), flush=True)
     separable = [bench_separable(c, SIZES[1], 6, device, dtype, rounds) for c in channels]
     notes = [
-        f"batch {BATCH}, 3x3x3, padding = dilation, {dtype}; fwd_bwd = forward + backward (input and weight)"
+        f"batch {BATCH}, 3x3x3, padding = dilation, {dtype}; fwd_bwd = forward + backward (input and weight)",
+        "floor = max(FLOPs / matmul rate, bytes / copy bandwidth), both measured in this run on this device; "
+        f"of_floor = floor / measured time; {rates.describe()}",
     ]
     if device == "cuda":
-        notes.append(f"measured copy bandwidth here: {bandwidth / 1e9:.0f} GB/s")
         ours = [r for r in rows if r["provider"].startswith("ours")]
         speed = min(float(r["fwd_bwd_speedup_vs_best_pytorch"]) for r in ours)
-        floor = min(float(r["fwd_floor_fraction"]) for r in ours)
+        floor = min(float(r["of_floor_fwd"]) for r in ours)
         notes.append(
             f"targets: fwd+bwd >= {TARGET_VS_PYTORCH}x PyTorch: worst {speed:.2f}x "
             f"({'met' if speed >= TARGET_VS_PYTORCH else 'MISSED'}); fwd >= {TARGET_FLOOR_FRACTION:.0%} of "
