@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BenchResult, environment, markdown_table, saved_bytes  # noqa: E402
+from floors import Work, measure_rates  # noqa: E402
 from prostate_kernels.models import build_model  # noqa: E402
 
 from prostate_kernels import use_backend  # noqa: E402
@@ -61,6 +62,29 @@ def train_step_fn(model, backend: str, x: torch.Tensor, y: torch.Tensor):
     return step
 
 
+def step_flops(name: str, shape: tuple[int, ...]) -> float:
+    """FLOPs of one forward + backward of the plain-PyTorch network on (BATCH, *shape), counted by
+    torch.utils.flop_counter on the meta device (nothing computed): the compute floor of a step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # dropout 0 (its seeded masks need a generator, which meta tensors lack; it adds no FLOPs worth counting)
+    kwargs = {"memory_efficient": False, "dropout": 0.0} if name.startswith("tiramisu") else {}
+    with torch.device("meta"):
+        model = build_model(name, **kwargs)
+        x = torch.empty((BATCH, *shape))
+    with use_backend("torch"), FlopCounterMode(display=False) as counter:
+        model(x).float().sum().backward()
+    return float(counter.get_total_flops())
+
+
+def floor_columns(name: str, shape, rates, ms: float) -> dict:
+    """gflop, floor_ms (FLOPs over the bf16 matmul rate measured in this run) and of_floor; the bytes a
+    whole network moves are not modelled, so this floor is the compute one only."""
+    columns = Work(step_flops(name, shape), 0.0).columns(rates, torch.bfloat16, ms * 1e-3)
+    columns.pop("mb_moved")
+    return columns
+
+
 def cuda_step(model, backend, shape) -> tuple[float, float]:
     """(median ms, peak MiB) of a training step, or raises torch.OutOfMemoryError."""
     from triton.testing import do_bench
@@ -78,6 +102,7 @@ def cuda_step(model, backend, shape) -> tuple[float, float]:
 
 
 def gpu_models() -> list[dict]:
+    rates = measure_rates("cuda")
     rows = []
     for name, shape in PAPER_PATCH.items():
         for kind in ("ours", "eager", "compile"):
@@ -85,7 +110,9 @@ def gpu_models() -> list[dict]:
             try:
                 model, backend = variant(name, kind, "cuda")
                 ms, peak = cuda_step(model, backend, shape)
-                row.update(step_ms=f"{ms:.1f}", peak_MiB=f"{peak:.0f}")
+                row.update(
+                    step_ms=f"{ms:.1f}", peak_MiB=f"{peak:.0f}", **floor_columns(name, shape, rates, ms)
+                )
             except torch.OutOfMemoryError:
                 row.update(step_ms="OOM", peak_MiB="OOM")
             finally:

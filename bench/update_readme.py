@@ -68,7 +68,7 @@ SHOWN = {  # benchmark -> columns shown in the README (rows: all)
         "of_floor_fwd",
         "fwd_bwd_speedup_vs_best_pytorch",
     ],
-    "models": ["model", "input", "variant", "step_ms", "peak_MiB"],
+    "models": ["model", "input", "variant", "step_ms", "peak_MiB", "gflop", "of_floor"],
     "patch_ladder": ["variant", "patch", "voxels", "kept_for_backward_GiB", "trains", "peak_MiB"],
 }
 UNMEASURED_WITHOUT_GPU = (
