@@ -2,9 +2,12 @@
 
 Dice; 95% Hausdorff distance (the larger of the two directed 95th percentiles of surface distances);
 average boundary distance (mean over both surfaces' distances); relative volume difference
-100 * (V_pred - V_ref) / V_ref in %. Also on the apex and base thirds of the gland: the reference's
-slice range split in three, apex = the lowest slice indices, base = the highest (array order along D;
-which end is anatomically the apex depends on how the scan was stored). Surface distances come from
+100 * (V_pred - V_ref) / V_ref in % and its absolute value (aRVD). Also on the apex and base thirds of
+the gland (Litjens et al. 2014): the reference's extent along the patient's superior-inferior axis split
+in three, base = the superior third, apex = the inferior third. That axis comes from the image's
+direction cosines (ITK's LPS: physical +z is superior): the array axis whose direction is closest to
+physical z, in the sense that points superior, so a volume stored with its slices in the other order,
+or stored sagittally, gives the same apex and base values. Surface distances come from
 SimpleITK's Maurer distance maps with the image spacing, surfaces from its label-contour filter; the
 volume's border counts as surface (a segmentation that fills the whole volume has the volume's outer
 shell as its surface), so distances are defined for any non-empty segmentation.
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 REGIONS = ("whole", "apex", "base")
+IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,7 @@ class Measures:
             f"{prefix}hd95_mm": self.hd95_mm,
             f"{prefix}abd_mm": self.abd_mm,
             f"{prefix}rvd_percent": self.rvd_percent,
+            f"{prefix}abs_rvd_percent": abs(self.rvd_percent),
         }
 
 
@@ -70,10 +75,30 @@ def measures(
     return Measures(dice, hd95, abd, rvd)
 
 
-def promise12_measures(pred: np.ndarray, ref: np.ndarray, spacing_zyx) -> dict[str, float]:
-    """Measures on the whole gland and on its apex and base thirds (flat dict, e.g. "apex_dice")."""
+def superior_axis(direction=IDENTITY) -> tuple[int, int]:
+    """(array axis, sign) of the patient's superior-inferior axis: the array axis (0 = D, 1 = H, 2 = W)
+    whose physical direction has the largest z component, and +1 when increasing that index moves
+    superior (LPS: +z is superior), -1 when it moves inferior.
+
+    direction: SimpleITK's 9 values, row-major; column j is the physical direction of index axis j
+    (x, y, z), and index axis j is array axis 2 - j.
+    """
+    z_of_index_axes = np.asarray(direction, dtype=float).reshape(3, 3)[2]
+    j = int(np.argmax(np.abs(z_of_index_axes)))
+    return 2 - j, (1 if z_of_index_axes[j] > 0 else -1)
+
+
+def promise12_measures(
+    pred: np.ndarray, ref: np.ndarray, spacing_zyx, direction=IDENTITY
+) -> dict[str, float]:
+    """Measures on the whole gland and on its apex and base thirds (flat dict, e.g. "apex_dice"); the
+    thirds are taken along the superior-inferior axis that `direction` (SimpleITK's) gives."""
     worst = worst_distance(ref.shape, spacing_zyx)
     out = measures(pred, ref, spacing_zyx, worst).as_dict()
+    axis, sign = superior_axis(direction)
+    # the superior-inferior axis first, increasing towards superior: apex at low indices, base at high
+    pred, ref = np.moveaxis(pred, axis, 0)[::sign], np.moveaxis(ref, axis, 0)[::sign]
+    spacing = (spacing_zyx[axis], *(s for a, s in enumerate(spacing_zyx) if a != axis))
     slices = np.flatnonzero(ref.any(axis=(1, 2)))
     if len(slices) == 0:
         raise ValueError("the reference segmentation is empty")
@@ -81,7 +106,7 @@ def promise12_measures(pred: np.ndarray, ref: np.ndarray, spacing_zyx) -> dict[s
     third = (last - first) / 3
     for region, (lo, hi) in (("apex", (first, first + third)), ("base", (last - third, last))):
         lo, hi = int(math.floor(lo)), int(math.ceil(hi))
-        out.update(measures(pred[lo:hi], ref[lo:hi], spacing_zyx, worst).as_dict(f"{region}_"))
+        out.update(measures(pred[lo:hi], ref[lo:hi], spacing, worst).as_dict(f"{region}_"))
     return out
 
 

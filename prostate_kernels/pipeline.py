@@ -29,7 +29,7 @@ from prostate_kernels.models import build_model
 from prostate_kernels.predict import largest_component, predict_probabilities
 from prostate_kernels.safe_files import companions, output_directory, refuse_existing, require_empty_directory
 
-SUMMARY_COLUMNS = ("dice", "hd95_mm", "abd_mm", "rvd_percent", "apex_dice", "base_dice")
+SUMMARY_COLUMNS = ("dice", "hd95_mm", "abd_mm", "rvd_percent", "abs_rvd_percent", "apex_dice", "base_dice")
 
 
 # --------------------------------------------------------------------------------------- predict
@@ -245,7 +245,7 @@ def evaluate_files(pred: Path, ref: Path, label: int | None = None, images: Path
         predicted = prediction.array != 0 if prediction is not None else np.zeros(reference.array.shape, bool)
         if status == "ok" and not predicted.any():
             status = "empty"
-        measures = promise12_measures(predicted, reference.array, reference.spacing_zyx)
+        measures = promise12_measures(predicted, reference.array, reference.spacing_zyx, reference.direction)
         rows.append({"case": case, "status": status, **measures})
         if prediction is not None:
             _overlay(case, predicted, reference, pred_path, images, ref, out, measures["dice"], failures)
@@ -293,14 +293,14 @@ def _write_csv(rows: list[dict], path: Path) -> None:
 def summary_table(rows: list[dict]) -> str:
     """Plain-text table of the main measures per case, their mean and median over every case (NaN
     included: a NaN makes the mean NaN rather than leaving the case out), and the failed cases."""
-    header = f"{'case':<16}{'status':>9}" + "".join(f"{c:>13}" for c in SUMMARY_COLUMNS)
+    header = f"{'case':<16}{'status':>9}" + "".join(f"{c:>16}" for c in SUMMARY_COLUMNS)
     lines = [header, "-" * len(header)]
     for row in rows:
-        values = "".join(f"{row[c]:>13.3f}" for c in SUMMARY_COLUMNS)
+        values = "".join(f"{row[c]:>16.3f}" for c in SUMMARY_COLUMNS)
         lines.append(f"{row['case']:<16}{row['status']:>9}" + values)
     lines.append("-" * len(header))
     for name, reduce in (("mean", np.mean), ("median", np.median)):
-        values = "".join(f"{float(reduce([row[c] for row in rows])):>13.3f}" for c in SUMMARY_COLUMNS)
+        values = "".join(f"{float(reduce([row[c] for row in rows])):>16.3f}" for c in SUMMARY_COLUMNS)
         lines.append(f"{name:<16}{'':>9}" + values)
     failed = [row["case"] for row in rows if row["status"] != "ok"]
     which = f" ({', '.join(failed)})" if failed else ""

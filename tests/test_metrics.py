@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from prostate_kernels.metrics import hausdorff, measures, promise12_measures, worst_distance
+from prostate_kernels.metrics import hausdorff, measures, promise12_measures, superior_axis, worst_distance
 
 SPACING = (2.0, 0.5, 0.5)  # (dz, dy, dx) mm: anisotropic like an MRI
 
@@ -82,3 +82,24 @@ def test_apex_and_base_thirds():
     assert {"apex_hd95_mm", "base_abd_mm", "apex_rvd_percent"} <= set(out)
     with pytest.raises(ValueError, match="empty"):
         promise12_measures(pred, np.zeros_like(ref), SPACING)
+
+
+def test_apex_and_base_follow_the_patient_axis_not_the_array_order():
+    """Base = superior third, apex = inferior third, from the direction cosines (LPS: +z superior): the
+    same gland stored with its slices reversed, or sagittally, scores the same apex and base."""
+    ref = sphere((40, 25, 25), 12)
+    pred = ref.copy()
+    slices = np.flatnonzero(ref.any(axis=(1, 2)))
+    pred[slices[0] : slices[0] + 3] = False  # lose the inferior end (index z increases superior)
+    axial = promise12_measures(pred, ref, SPACING)
+    assert axial["base_dice"] == 1.0 and axial["apex_dice"] < 0.9
+    reversed_slices = (1.0, 0, 0, 0, 1.0, 0, 0, 0, -1.0)  # index z now points inferior
+    flipped = promise12_measures(pred[::-1], ref[::-1], SPACING, reversed_slices)
+    sagittal = (0, 0, 1.0, 0, 1.0, 0, 1.0, 0, 0)  # index x (array axis 2) points superior
+    stored_sagittally = promise12_measures(np.moveaxis(pred, 0, 2), np.moveaxis(ref, 0, 2),
+                                           (SPACING[1], SPACING[2], SPACING[0]), sagittal)  # fmt: skip
+    for key, value in axial.items():
+        assert flipped[key] == pytest.approx(value, abs=1e-9), key
+        assert stored_sagittally[key] == pytest.approx(value, abs=1e-9), key
+    assert superior_axis(reversed_slices) == (0, -1) and superior_axis(sagittal) == (2, 1)
+    assert axial["abs_rvd_percent"] == abs(axial["rvd_percent"]) > 0
