@@ -43,7 +43,8 @@ def sliding_window_inference(
     Args:
         inputs: (N, C, D, H, W) floating tensor (or (N, C, H, W) with a 2-element roi_size).
         roi_size: window size per spatial axis, e.g. (16, 64, 64) for the paper's 64x64x16 patch; an int
-            applies to every axis; None takes that axis' full size. Python, numpy or torch integers.
+            applies to every axis; None or a value <= 0 takes that axis' full size (as MONAI's
+            fall_back_tuple). Python, numpy or torch integers.
             Volumes smaller than the window are padded (half before, half after, as MONAI) and the
             result is cropped back; "reflect" and "circular" padding wider than the volume itself are
             applied in steps (each step at most the current size - 1, as numpy.pad does).
@@ -186,10 +187,18 @@ def _per_axis_roi(roi_size: Sequence[int | None] | int, image_size: tuple[int, .
             f"roi_size {tuple(sizes)} has {len(sizes)} dims, expected {len(image_size)} for inputs of "
             f"spatial size {image_size}"
         )
-    roi = tuple(full if r is None else _as_int(r) for r, full in zip(sizes, image_size, strict=True))
+    roi = tuple(_fall_back(r, full) for r, full in zip(sizes, image_size, strict=True))
     if not all(r is not None and r > 0 for r in roi):
-        raise ValueError(f"roi_size {tuple(sizes)} must hold positive ints (or None for a full axis)")
+        raise ValueError(f"roi_size {tuple(sizes)} must hold ints (<= 0 or None for a full axis)")
     return roi
+
+
+def _fall_back(value: object, full: int) -> int | None:
+    """MONAI's fall_back_tuple for one axis: None or an int <= 0 means the whole axis."""
+    size = _as_int(value)
+    if value is None or (size is not None and size <= 0):
+        return full
+    return size
 
 
 def _as_int(value: object) -> int | None:

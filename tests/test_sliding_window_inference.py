@@ -239,8 +239,8 @@ BAD_CALLS = [
     (dict(inputs=torch.zeros(8, 8, 8)), ValueError, "(8, 8, 8)"),
     (dict(inputs=[1.0]), TypeError, "list"),
     (dict(inputs=torch.zeros(1, 1, 8, 8, 8, dtype=torch.int64)), TypeError, "int64"),
-    (dict(roi_size=(0, 4, 4)), ValueError, "(0, 4, 4)"),
-    (dict(roi_size=(4, -2, 4)), ValueError, "(4, -2, 4)"),
+    (dict(roi_size=(4.5, 4, 4)), ValueError, "(4.5, 4, 4)"),
+    (dict(roi_size=(4, "4", 4)), ValueError, "(4, '4', 4)"),
     (dict(roi_size=(4, 4)), ValueError, "(4, 4)"),
     (dict(overlap=1.0), ValueError, "overlap 1.0"),
     (dict(overlap=-0.1), ValueError, "overlap -0.1"),
@@ -266,3 +266,19 @@ def test_bad_input_raises_naming_the_value(overrides, error, needle):
     with pytest.raises(error) as info:
         sliding_window_inference(**kwargs)
     assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("roi", [(4, -1, 7), (0, 8, 0), (-3, -3, -3), (None, 5, -1)])
+def test_non_positive_roi_entries_take_the_whole_axis_as_monai(roi):
+    """MONAI's fall_back_tuple: an entry <= 0 (or None) is that axis' full size."""
+    x = torch.randn((2, 2, 11, 20, 18), generator=torch.Generator().manual_seed(5))
+    full = tuple(s if r is None or r <= 0 else r for r, s in zip(roi, x.shape[2:], strict=True))
+    ours = sliding_window_inference(x, roi, 3, two_channel_predictor, overlap=0.5, mode="gaussian")
+    expected = reference_sliding_window(x, full, two_channel_predictor, 0.5, "gaussian")
+    assert (ours.double() - expected).abs().max().item() < ATOL
+    monai_inferers = pytest.importorskip("monai.inferers")
+    if None not in roi:
+        theirs = monai_inferers.sliding_window_inference(
+            x, roi, 3, two_channel_predictor, overlap=0.5, mode="gaussian"
+        )
+        assert (ours - theirs).abs().max().item() < ATOL
