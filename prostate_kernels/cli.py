@@ -90,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_train)
 
     p = sub.add_parser("predict", help="segment volumes with a trained checkpoint")
-    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--checkpoint", type=Path, nargs="+", required=True,
+                   help="one checkpoint, or several (folds) whose probabilities are averaged")  # fmt: skip
     p.add_argument("--input", type=Path, required=True, help="an image file or a directory of them")
     p.add_argument(
         "--output",

@@ -83,7 +83,7 @@ def _check_patch_and_slices(state: dict, checkpoint: Path) -> None:
 
 
 def predict_files(
-    checkpoint: Path,
+    checkpoint: Path | list[Path],
     inputs: Path,
     output: Path,
     overlap: float = 0.5,
@@ -98,6 +98,7 @@ def predict_files(
 
     Never writes over an input image or a reference mask; over other existing files only with
     `overwrite` (files of an earlier prediction). Checked for every case before anything is written.
+    Several checkpoints (folds): their probabilities are averaged, each model on its own patch.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -105,9 +106,9 @@ def predict_files(
     images = list_images(inputs)
     targets = {path: _targets(path, Path(output), save_probabilities) for path in images}
     _check_targets(targets, Path(inputs), overwrite)
-    model, state = load_trained_model(checkpoint, dev)
+    checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    ensemble = [load_trained_model(path, dev) for path in checkpoints]
     output_directory(output, "--output")
-    patch, slices = tuple(state["patch"]), int(state.get("slices", 0))
     amp = torch.bfloat16 if dev.type == "cuda" else None
     failures = []
     for path in images:
@@ -115,8 +116,22 @@ def predict_files(
             start = time.time()
             image = read_volume(path)
             check_image(image)
-            prob = predict_probabilities(model, zscore(image.array), patch, slices, dev, overlap, mode, tta,
-                                         amp_dtype=amp)  # fmt: skip
+            volume = zscore(image.array)
+            probs = [
+                predict_probabilities(
+                    model,
+                    volume,
+                    tuple(state["patch"]),
+                    int(state.get("slices", 0)),
+                    dev,
+                    overlap,
+                    mode,
+                    tta,
+                    amp_dtype=amp,
+                )  # fmt: skip
+                for model, state in ensemble
+            ]
+            prob = np.mean(probs, axis=0, dtype=np.float32)
             mask = (prob > 0.5).astype(np.uint8)
             if largest:
                 mask = largest_component(mask)

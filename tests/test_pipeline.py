@@ -200,3 +200,19 @@ def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_intact(tmp_pat
     monkeypatch.undo()
     assert load_checkpoint(path)["iteration"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left over
+
+
+def test_several_checkpoints_average_their_probabilities(phantoms, trained, tmp_path):
+    state = load_checkpoint(trained / "checkpoint.pt")
+    other = {k: (v * 0.8 if v.is_floating_point() else v) for k, v in state["state_dict"].items()}
+    save_checkpoint({**state, "state_dict": other}, tmp_path / "other.pt")
+    case = phantoms / "Case01.mhd"
+    outs = {}
+    for name, checkpoints in (("a", [trained / "checkpoint.pt"]), ("b", [tmp_path / "other.pt"]),
+                              ("ab", [trained / "checkpoint.pt", tmp_path / "other.pt"])):  # fmt: skip
+        args = ["predict", "--checkpoint", *map(str, checkpoints), "--input", str(case),
+                "--output", str(tmp_path / name), "--save-probabilities"]  # fmt: skip
+        assert main(args) == 0
+        outs[name] = read_volume(tmp_path / name / "Case01_probabilities.mhd").array
+    assert not np.allclose(outs["a"], outs["b"])
+    assert np.allclose(outs["ab"], (outs["a"] + outs["b"]) / 2, atol=1e-6)
