@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="use this label of multi-label masks (required when a mask holds several)",
     )
+    p.add_argument("--spacing", type=positive_float, nargs=3, metavar=("Z", "Y", "X"), default=None,
+                   help="resample every case to this spacing (mm) first; predict does too")  # fmt: skip
     p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--workers", type=non_negative_int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -176,6 +178,7 @@ def _train(args) -> int:
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         label=args.label,
+        spacing=tuple(args.spacing) if args.spacing else None,
         seed=args.seed,
         workers=args.workers,
         progress=not args.no_progress,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import math
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from prostate_kernels.data import (
     write_volume,
 )
 from prostate_kernels.data.cases import IMAGE_SUFFIXES, discover_cases, stem, suffix
+from prostate_kernels.data.resample import resample_onto, resample_to_spacing
 from prostate_kernels.data.sampling import zscore
 from prostate_kernels.metrics import promise12_measures
 from prostate_kernels.models import build_model
@@ -80,6 +82,19 @@ def _check_patch_and_slices(state: dict, checkpoint: Path) -> None:
         raise DataError(checkpoint, f"malformed checkpoint: patch {patch!r} is not 3 positive ints")
     if not isinstance(slices, int) or isinstance(slices, bool) or slices < 0:
         raise DataError(checkpoint, f"malformed checkpoint: slices {slices!r} is not an int >= 0")
+    spacing = state.get("spacing")
+    if spacing is not None and (
+        not isinstance(spacing, (list, tuple))
+        or len(spacing) != 3
+        or not all(_positive_number(v) for v in spacing)
+    ):
+        raise DataError(checkpoint, f"malformed checkpoint: spacing {spacing!r} is not 3 sizes > 0 (mm)")
+
+
+def _positive_number(value: object) -> bool:
+    return (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
 
 
 def predict_files(
@@ -116,19 +131,8 @@ def predict_files(
             start = time.time()
             image = read_volume(path)
             check_image(image)
-            volume = zscore(image.array)
             probs = [
-                predict_probabilities(
-                    model,
-                    volume,
-                    tuple(state["patch"]),
-                    int(state.get("slices", 0)),
-                    dev,
-                    overlap,
-                    mode,
-                    tta,
-                    amp_dtype=amp,
-                )  # fmt: skip
+                _model_probabilities(model, state, image, dev, overlap, mode, tta, amp)
                 for model, state in ensemble
             ]
             prob = np.mean(probs, axis=0, dtype=np.float32)
@@ -143,6 +147,17 @@ def predict_files(
         except DataError as exc:
             failures.append(str(exc))
     return failures
+
+
+def _model_probabilities(model, state: dict, image, device, overlap, mode, tta, amp) -> np.ndarray:
+    """Probabilities on `image`'s own grid; a model trained at a spacing sees the image resampled to it,
+    and its probabilities are resampled back (linearly) onto the image's grid."""
+    spacing = state.get("spacing")
+    grid = resample_to_spacing(image, spacing) if spacing is not None else image
+    patch, slices = tuple(state["patch"]), int(state.get("slices", 0))
+    prob = predict_probabilities(model, zscore(grid.array), patch, slices, device, overlap, mode, tta,
+                                 amp_dtype=amp)  # fmt: skip
+    return resample_onto(grid.like(prob), image) if spacing is not None else prob
 
 
 def _targets(image: Path, output: Path, save_probabilities: bool) -> tuple[Path, Path | None]:

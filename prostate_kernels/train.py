@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from prostate_kernels.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from prostate_kernels.data import DataError, check_image, discover_cases, read_mask, read_volume
+from prostate_kernels.data.resample import resample_to_spacing
 from prostate_kernels.data.sampling import IterationDataset, PatchSampler, training_case, zscore
 from prostate_kernels.models import build_model
 from prostate_kernels.predict import predict_probabilities
@@ -74,6 +75,7 @@ class TrainConfig:
     checkpoint_every: int | None = None  # default: val_every
     resume: bool = False
     label: int | None = None
+    spacing: tuple[float, float, float] | None = None  # (Z, Y, X) mm: resample every case to it first
     seed: int = 0
     workers: int = 0
     flips: bool = True
@@ -103,6 +105,10 @@ def check_config(config: TrainConfig) -> None:
             raise DataError(None, f"--{name.replace('_', '-')} {getattr(config, name)} must be >= 0")
     if config.lr is not None and not (math.isfinite(config.lr) and config.lr > 0):
         raise DataError(None, f"--lr {config.lr} must be a finite number > 0")
+    if config.spacing is not None and (
+        len(config.spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in config.spacing)
+    ):
+        raise DataError(None, f"--spacing {tuple(config.spacing)} must be 3 finite sizes > 0 (Z Y X, mm)")
     if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
         raise DataError(None, f"--weight-decay {config.weight_decay} must be a finite number >= 0")
     patch = config.patch or settings.patch
@@ -143,6 +149,9 @@ def load_cases(config: TrainConfig, log) -> tuple[list, list[HeldOut]]:
             image = read_volume(case.image)
             check_image(image)
             mask = read_mask(case.label, image, config.label)
+            if config.spacing is not None:  # images linearly, masks by nearest neighbour
+                image = resample_to_spacing(image, config.spacing)
+                mask = resample_to_spacing(mask, config.spacing, nearest=True)
             if mask.array.all():
                 raise DataError(case.label, "mask covers every voxel: no background to learn from")
             loaded.append((case.name, image.array, mask.array))
@@ -399,6 +408,7 @@ def _state(config, model, optimizer, scheduler, scaler, rng, it, best, patch) ->
         "model_kwargs": _model_kwargs(config),
         "patch": list(patch),
         "slices": settings.slices,
+        "spacing": list(config.spacing) if config.spacing is not None else None,
         "label": config.label,
         "iteration": it,
         "best_val_dice": best,

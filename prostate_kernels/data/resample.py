@@ -1,0 +1,59 @@
+"""Resampling volumes to a target spacing and back onto their own grid (SimpleITK's Resample).
+
+Training at a fixed spacing (`train --spacing Z Y X`) resamples images linearly and masks by nearest
+neighbour; prediction resamples each input to the checkpoint's spacing and the probabilities back onto
+the input's own grid, so the output keeps the input's size, spacing, origin and direction exactly.
+Spacings here are in array order (Z, Y, X) mm, as on the command line; Volume keeps SimpleITK's (x, y, z).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+
+from prostate_kernels.data.io import Volume
+
+
+def _sitk():
+    import SimpleITK as sitk  # imported here: `import prostate_kernels` must not need SimpleITK
+
+    return sitk
+
+
+def _image(volume: Volume, dtype) -> object:
+    sitk = _sitk()
+    image = sitk.GetImageFromArray(np.ascontiguousarray(volume.array, dtype=dtype))
+    image.SetSpacing(tuple(float(s) for s in volume.spacing))
+    image.SetOrigin(tuple(float(o) for o in volume.origin))
+    image.SetDirection(tuple(float(d) for d in volume.direction))
+    return image
+
+
+def resample_to_spacing(
+    volume: Volume, spacing_zyx: tuple[float, float, float], nearest: bool = False
+) -> Volume:
+    """`volume` on a grid of `spacing_zyx` covering the same extent (same origin and direction; each size
+    rounded, at least 1). Linear interpolation (float32), or nearest neighbour (masks, dtype kept)."""
+    sitk = _sitk()
+    target = tuple(float(s) for s in spacing_zyx[::-1])  # (x, y, z)
+    dtype = volume.array.dtype if nearest else np.float32
+    image = _image(volume, dtype)
+    size = [
+        max(1, int(round(n * s / t)))
+        for n, s, t in zip(image.GetSize(), image.GetSpacing(), target, strict=True)
+    ]
+    interpolator = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
+    out = sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), target,
+                        image.GetDirection(), 0.0, image.GetPixelID())  # fmt: skip
+    return replace(volume, array=sitk.GetArrayFromImage(out), spacing=target)
+
+
+def resample_onto(volume: Volume, grid: Volume) -> np.ndarray:
+    """`volume`'s values (float32, linear) at the voxel centres of `grid`: an array of grid's shape."""
+    sitk = _sitk()
+    empty = Volume(np.zeros(grid.array.shape, np.uint8), grid.spacing, grid.origin, grid.direction)
+    reference = _image(empty, np.uint8)
+    out = sitk.Resample(_image(volume, np.float32), reference, sitk.Transform(), sitk.sitkLinear, 0.0,
+                        sitk.sitkFloat32)  # fmt: skip
+    return sitk.GetArrayFromImage(out)
