@@ -9,11 +9,10 @@ too, before a GPU run.
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
+from common import interleaved_medians
 
 COPY_BYTES = 2**28  # 256 MiB each way: far past every cache
 MATMUL_SIZE = {"cuda": 8192, "cpu": 1024}  # torch.mm of n x n; 8192^2 keeps a GPU's tensor cores busy
@@ -55,18 +54,13 @@ class Work:
         return out
 
 
-def _seconds(fn, device: str, repeats: int = 5) -> float:
+def _seconds(fn, device: str) -> float:
+    """Median seconds of fn: triton's do_bench on a GPU, common.interleaved_medians on the CPU."""
     if device == "cuda":
         from triton.testing import do_bench
 
         return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
-    fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+    return interleaved_medians({"fn": fn}, rounds=5, warmup=1)["fn"]["median"]
 
 
 def measure_rates(device: str, dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> DeviceRates:

@@ -57,3 +57,11 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()
     }
+
+
+def copy_dataset(source: Path, target: Path) -> Path:
+    """A copy of a flat dataset directory (to damage one case without touching the shared fixture)."""
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        (target / path.name).write_bytes(path.read_bytes())
+    return target

@@ -10,7 +10,7 @@ import math
 
 import numpy as np
 import pytest
-from cli_helpers import assert_one_line_error, make_phantoms, run_cli, train_args
+from cli_helpers import assert_one_line_error, copy_dataset, make_phantoms, run_cli, train_args
 
 from prostate_kernels.data import DataError, Volume, read_mask, read_volume, write_volume
 from prostate_kernels.data.integrity import itk_reason
@@ -55,10 +55,7 @@ def test_a_nifti_cut_inside_its_gzip_stream_but_closed_properly_is_reported(tmp_
 
 
 def test_a_truncated_training_image_is_skipped_with_its_name(data, tmp_path):
-    copy = tmp_path / "data"
-    copy.mkdir()
-    for p in data.iterdir():
-        (copy / p.name).write_bytes(p.read_bytes())
+    copy = copy_dataset(data, tmp_path / "data")
     image = read_volume(copy / "Case01.mhd")
     write_volume(image, copy / "Case01.nii.gz")
     (copy / "Case01.mhd").unlink()
@@ -201,10 +198,7 @@ def test_zscore_of_huge_intensities_is_finite():
 
 
 def test_an_all_foreground_training_mask_is_skipped_with_a_message(data, tmp_path):
-    copy = tmp_path / "data"
-    copy.mkdir()
-    for p in data.iterdir():
-        (copy / p.name).write_bytes(p.read_bytes())
+    copy = copy_dataset(data, tmp_path / "data")
     mask = read_volume(copy / "Case00_segmentation.mhd")
     write_volume(mask.like(np.ones_like(mask.array)), copy / "Case00_segmentation.mhd")
     result = run_cli(*train_args(copy, tmp_path / "run", 1))

@@ -48,6 +48,7 @@ class Recorder:
 
 
 RECORDER = Recorder()
+_BINDERS: dict = {}  # (JITFunction, arch) -> (backend, binder)
 
 
 def _freeze(value):
@@ -72,8 +73,10 @@ def _record(fn, args, kwargs, default_config: bool, config_kwargs: dict) -> None
     kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
     RECORDER.launches += 1
     for arch in ARCHES:
-        backend = make_backend(GPUTarget("cuda", arch, 32))
-        binder = create_function_from_signature(fn.signature, fn.params, backend)
+        if (fn, arch) not in _BINDERS:  # one backend and binder per kernel and target, as Triton caches them
+            backend = make_backend(GPUTarget("cuda", arch, 32))
+            _BINDERS[fn, arch] = backend, create_function_from_signature(fn.signature, fn.params, backend)
+        backend, binder = _BINDERS[fn, arch]
         all_kwargs = {**kwargs, "debug": False}
         bound_args, specialization, options = binder(*args, **all_kwargs)
         options, signature, constexprs, attrs = fn._pack_args(backend, all_kwargs, bound_args, specialization,

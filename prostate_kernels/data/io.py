@@ -37,10 +37,31 @@ class Volume:
         return (self.spacing[2], self.spacing[1], self.spacing[0])
 
 
-def _sitk():
+def simpleitk():
     import SimpleITK as sitk  # imported here: `import prostate_kernels` must not need SimpleITK
 
     return sitk
+
+
+def to_sitk(volume: Volume, dtype=None):
+    """A SimpleITK image of `volume` with its geometry (the array cast to `dtype` when given)."""
+    sitk = simpleitk()
+    array = volume.array if dtype is None else np.ascontiguousarray(volume.array, dtype=dtype)
+    image = sitk.GetImageFromArray(array.astype(np.uint8) if array.dtype == np.bool_ else array)
+    image.SetSpacing(tuple(float(v) for v in volume.spacing))
+    image.SetOrigin(tuple(float(v) for v in volume.origin))
+    image.SetDirection(tuple(float(v) for v in volume.direction))
+    return image
+
+
+def _itk_call(action: str, path: Path, call):
+    """call() with ITK's own stderr captured; a RuntimeError becomes one DataError line naming `path`."""
+    with captured_stderr() as itk_said:  # ITK prints its own complaints there: they go into our message
+        try:
+            return call()
+        except RuntimeError as exc:
+            error = exc
+    raise DataError(path, f"cannot {action} image ({itk_reason(str(error), itk_said())})") from None
 
 
 def read_volume(path: str | Path) -> Volume:
@@ -50,17 +71,9 @@ def read_volume(path: str | Path) -> Volume:
         raise DataError(path, "file not found")
     if path.is_dir():
         raise DataError(path, "is a directory, expected an image file")
-    sitk = _sitk()
+    sitk = simpleitk()
     check_complete(path)
-    with captured_stderr() as itk_said:  # ITK prints its own complaints there: they go into our message
-        try:
-            image = sitk.ReadImage(str(path))
-        except RuntimeError as exc:
-            error = exc
-        else:
-            error = None
-    if error is not None:
-        raise DataError(path, f"cannot read image ({itk_reason(str(error), itk_said())})") from None
+    image = _itk_call("read", path, lambda: sitk.ReadImage(str(path)))
     if image.GetDimension() != 3:
         raise DataError(path, f"expected a 3-D image, got a {image.GetDimension()}-D one")
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -77,25 +90,13 @@ def read_volume(path: str | Path) -> Volume:
 
 def write_volume(volume: Volume, path: str | Path) -> Path:
     """Writes `volume` with its geometry (compressed for .gz); creates the parent directory."""
-    sitk = _sitk()
+    sitk = simpleitk()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    array = volume.array
-    if array.dtype == np.bool_:
-        array = array.astype(np.uint8)
-    image = sitk.GetImageFromArray(array)
-    image.SetSpacing(volume.spacing)
-    image.SetOrigin(volume.origin)
-    image.SetDirection(volume.direction)
-    with captured_stderr() as itk_said:
-        try:
-            sitk.WriteImage(image, str(path), useCompression=path.name.endswith(".gz"))
-        except RuntimeError as exc:
-            error = exc
-        else:
-            error = None
-    if error is not None:
-        raise DataError(path, f"cannot write image ({itk_reason(str(error), itk_said())})") from None
+    image = to_sitk(volume)
+    _itk_call(
+        "write", path, lambda: sitk.WriteImage(image, str(path), useCompression=path.name.endswith(".gz"))
+    )
     return path
 
 

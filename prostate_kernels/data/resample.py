@@ -12,22 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from prostate_kernels.data.io import Volume
-
-
-def _sitk():
-    import SimpleITK as sitk  # imported here: `import prostate_kernels` must not need SimpleITK
-
-    return sitk
-
-
-def _image(volume: Volume, dtype) -> object:
-    sitk = _sitk()
-    image = sitk.GetImageFromArray(np.ascontiguousarray(volume.array, dtype=dtype))
-    image.SetSpacing(tuple(float(s) for s in volume.spacing))
-    image.SetOrigin(tuple(float(o) for o in volume.origin))
-    image.SetDirection(tuple(float(d) for d in volume.direction))
-    return image
+from prostate_kernels.data.io import Volume, simpleitk, to_sitk
 
 
 def resample_to_spacing(
@@ -35,10 +20,10 @@ def resample_to_spacing(
 ) -> Volume:
     """`volume` on a grid of `spacing_zyx` covering the same extent (same origin and direction; each size
     rounded, at least 1). Linear interpolation (float32), or nearest neighbour (masks, dtype kept)."""
-    sitk = _sitk()
+    sitk = simpleitk()
     target = tuple(float(s) for s in spacing_zyx[::-1])  # (x, y, z)
     dtype = volume.array.dtype if nearest else np.float32
-    image = _image(volume, dtype)
+    image = to_sitk(volume, dtype)
     size = [
         max(1, int(round(n * s / t)))
         for n, s, t in zip(image.GetSize(), image.GetSpacing(), target, strict=True)
@@ -51,9 +36,9 @@ def resample_to_spacing(
 
 def resample_onto(volume: Volume, grid: Volume) -> np.ndarray:
     """`volume`'s values (float32, linear) at the voxel centres of `grid`: an array of grid's shape."""
-    sitk = _sitk()
+    sitk = simpleitk()
     empty = Volume(np.zeros(grid.array.shape, np.uint8), grid.spacing, grid.origin, grid.direction)
-    reference = _image(empty, np.uint8)
-    out = sitk.Resample(_image(volume, np.float32), reference, sitk.Transform(), sitk.sitkLinear, 0.0,
+    reference = to_sitk(empty)
+    out = sitk.Resample(to_sitk(volume, np.float32), reference, sitk.Transform(), sitk.sitkLinear, 0.0,
                         sitk.sitkFloat32)  # fmt: skip
     return sitk.GetArrayFromImage(out)
