@@ -139,12 +139,25 @@ def bench_shape(
     return rows
 
 
-def run(device: str, compile_mode: str = "all", all_shapes: bool = False, rounds: int = 5) -> BenchResult:
-    """compile_mode: "all" shapes, "full-res" (the 16x64x64 ones: compile time) or "none"."""
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+def run(
+    device: str,
+    compile_mode: str = "all",
+    all_shapes: bool = False,
+    rounds: int = 5,
+    dtype: torch.dtype | None = None,
+    full_res_only: bool = False,
+) -> BenchResult:
+    """compile_mode: "all" shapes, "full-res" (the 16x64x64 ones: compile time) or "none".
+    dtype: bfloat16 on CUDA, float32 on the CPU by default; float32 on CUDA follows cuDNN's TF32 flag."""
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     shapes = benchmark_dense_layers()
     if device != "cuda" and not all_shapes:
         shapes = [s for s in shapes if s.size == (4, 16, 16)][:2]
+    if full_res_only:
+        shapes = [s for s in shapes if s.size == (16, 64, 64)]
+    name = (
+        "bn_relu_conv3d" if device != "cuda" or dtype == torch.bfloat16 else f"bn_relu_conv3d_{_short(dtype)}"
+    )
     rates = measure_rates(device)
     rows = []
     for shape in shapes:
@@ -153,7 +166,8 @@ def run(device: str, compile_mode: str = "all", all_shapes: bool = False, rounds
         rows += shape_rows
         print(markdown_table(list(shape_rows[0]), shape_rows), flush=True)
     notes = [
-        f"batch {BATCH}, growth {GROWTH}, 3x3x3 conv, padding 1, training mode, channels-last input, {dtype}",
+        f"batch {BATCH}, growth {GROWTH}, 3x3x3 conv, padding 1, training mode, channels-last input, "
+        f"{_short(dtype)}",
         "bwd = backward of a retained graph; fwd_bwd = a fresh forward + backward",
         "kept_after_fwd_MB: CUDA memory still allocated after a forward (output + saved for backward)",
         "floor = max(FLOPs / matmul rate, bytes / copy bandwidth), both measured in this run on this device; "
@@ -163,7 +177,7 @@ def run(device: str, compile_mode: str = "all", all_shapes: bool = False, rounds
         notes.append(
             "the fused Triton provider needs a CUDA GPU: on this machine only eager and torch.compile ran"
         )
-        return BenchResult("bn_relu_conv3d", rows, notes, "fused Triton path not measured (needs a GPU)")
+        return BenchResult(name, rows, notes, "fused Triton path not measured (needs a GPU)")
     full = [r for r in rows if r["provider"] == "fused triton" and "16x64x64" in r["shape"]]
     met_eager = all(float(r["speedup_vs_eager"]) >= TARGET_VS_EAGER for r in full)
     met_compile = all(float(r.get("speedup_vs_compile", "nan")) >= TARGET_VS_COMPILE for r in full)
@@ -173,7 +187,13 @@ def run(device: str, compile_mode: str = "all", all_shapes: bool = False, rounds
         f"{'met' if met_compile else 'MISSED'}"
     )
     speedups = ", ".join(f"{r['speedup_vs_eager']}x/{r.get('speedup_vs_compile', '-')}x" for r in full)
-    return BenchResult("bn_relu_conv3d", rows, notes, f"full-res fwd+bwd vs eager/compile: {speedups}")
+    return BenchResult(name, rows, notes, f"full-res fwd+bwd vs eager/compile: {speedups}")
+
+
+def _short(dtype: torch.dtype) -> str:
+    if dtype == torch.float32:
+        return "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
 
 
 def main(argv: list[str] | None = None) -> BenchResult:

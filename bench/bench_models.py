@@ -13,6 +13,7 @@ measured at 8x32x32 and scaled by the voxel count (every saved tensor is activat
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -101,11 +102,12 @@ def cuda_step(model, backend, shape) -> tuple[float, float]:
     return do_bench(step, warmup=3, rep=30, return_mode="median"), peak
 
 
-def gpu_models() -> list[dict]:
+def gpu_models(names=tuple(PAPER_PATCH), kinds=("ours", "eager", "compile")) -> list[dict]:
     rates = measure_rates("cuda")
     rows = []
-    for name, shape in PAPER_PATCH.items():
-        for kind in ("ours", "eager", "compile"):
+    for name in names:
+        shape = PAPER_PATCH[name]
+        for kind in kinds:
             row = {"model": name, "input": "x".join(map(str, shape[1:])), "variant": kind}
             try:
                 model, backend = variant(name, kind, "cuda")
@@ -118,27 +120,36 @@ def gpu_models() -> list[dict]:
             finally:
                 torch.cuda.empty_cache()
             rows.append(row)
-        print(markdown_table(list(rows[-1]), rows[-3:]), flush=True)
+        print(markdown_table(list(rows[-1]), rows[-len(kinds) :]), flush=True)
     return rows
 
 
 def gpu_ladder() -> list[dict]:
     rows = []
     for kind in ("ours", "eager"):
-        for patch in LADDER:
+        out_of_memory = False
+        for patch in LADDER:  # increasing voxel counts: past the first OOM, larger patches are not run
             row = {
                 "variant": kind,
                 "patch": "x".join(map(str, patch)),
                 "voxels": patch[0] * patch[1] * patch[2],
             }
+            if out_of_memory:
+                rows.append(
+                    {**row, "trains": "OOM (not run: a smaller patch was)", "step_ms": "", "peak_MiB": ""}
+                )
+                continue
+            model = None
             try:
                 model, backend = variant("tiramisu3d_p3a", kind, "cuda")
                 ms, peak = cuda_step(model, backend, (1, *patch))
                 row.update(trains="yes", step_ms=f"{ms:.0f}", peak_MiB=f"{peak:.0f}")
             except torch.OutOfMemoryError:
                 row.update(trains="OOM", step_ms="", peak_MiB="")
+                out_of_memory = True
             finally:
                 model = None
+                gc.collect()
                 torch.cuda.empty_cache()
             rows.append(row)
             print(row, flush=True)
@@ -187,28 +198,33 @@ def ladder_summary(rows: list[dict], key: str) -> str:
             f"{'met' if ratio >= TARGET_VOXELS_VS_NAIVE else 'MISSED'})")  # fmt: skip
 
 
-def run(device: str) -> list[BenchResult]:
-    """[models (GPU only), patch ladder]."""
+def run(
+    device: str, names=tuple(PAPER_PATCH), kinds=("ours", "eager", "compile"), ladder: bool = True
+) -> list[BenchResult]:
+    """[models (GPU only: `names` x `kinds`; none when names is empty), patch ladder (if `ladder`)]."""
     results = []
-    if device == "cuda":
-        rows = gpu_models()
+    if device == "cuda" and names:
+        rows = gpu_models(names, kinds)
         results.append(
             BenchResult(
                 "models", rows, [f"batch {BATCH}, bf16 autocast, Adam, BCE loss"], _speed_summary(rows)
             )
         )
-        ladder = gpu_ladder()
-        summary = ladder_summary(ladder, "trains")
+    if not ladder:
+        return results
+    if device == "cuda":
+        rows = gpu_ladder()
+        summary = ladder_summary(rows, "trains")
     else:
-        ladder = cpu_ladder()
-        summary = ladder_summary(ladder, "kept_for_backward_GiB")
+        rows = cpu_ladder()
+        summary = ladder_summary(rows, "kept_for_backward_GiB")
     notes = [
         "Tiramisu 3D p3a, batch 2; ours = memory-efficient dense blocks (fused layers), eager = torch.cat"
     ]
     notes.append(summary)
     if device != "cuda":
         notes.append("CPU: kept-for-backward bytes measured at 8x32x32 and scaled by voxel count")
-    results.append(BenchResult("patch_ladder", ladder, notes, summary))
+    results.append(BenchResult("patch_ladder", rows, notes, summary))
     return results
 
 

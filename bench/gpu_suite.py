@@ -1,19 +1,26 @@
-"""Everything a lent GPU should run, in one call of under 8 minutes on a fresh machine with no network.
+"""Everything a lent GPU should run, on a fresh machine with no network, in calls of a few minutes.
 
-    python3 bench/gpu_suite.py --out DIR
+    python3 bench/gpu_suite.py --out DIR [--budget-s 300] [--only a,b] [--skip-build] [--skip-checks]
+    python3 bench/gpu_suite.py --merge DIR1/results.json DIR2/results.json --out bench/results
 
 1. builds the package and its C++ extension in place (pip install --no-build-isolation --no-deps -e .);
-2. checks every kernel on CUDA against its reference (bench/gpu_checks.py);
-3. times the ops against eager PyTorch and torch.compile (the bench_* scripts' GPU sections);
-4. writes results (markdown + CSV) into DIR and prints one summary table last.
-A section that fails is reported in the table, never allowed to hide the others. Timing sections run
-most important first and are skipped once BUDGET_S has passed (a first call also pays for Triton's
-compiles and autotuning); `--only bn_relu_conv3d,dense_block` in a second call runs the rest.
+2. in the background, fills Triton's cache: tools/gpu_compile.py --warm-cache compiles every captured
+   launch variant on all CPU cores, so the autotuners find most kernels compiled (waited for, at most
+   WARM_CACHE_WAIT_S, before anything is timed);
+3. checks every kernel on CUDA against its float64 reference (bench/gpu_checks.py);
+4. times the ops and the networks against eager PyTorch and torch.compile (the bench_* GPU sections),
+   most important first; a section that would start after --budget-s seconds is skipped (named in the
+   summary), and a second call with --only runs the rest on the warm machine;
+5. writes results into DIR after every section (markdown, CSV, plots, and results.json that --merge
+   turns into one set of result files for the calls of one session) and prints one summary table last.
+A section that fails is reported in the table, never allowed to hide the others.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import subprocess
 import sys
 import time
@@ -23,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "bench"))
 
-BUDGET_S = 7 * 60  # sections after this much wall time are skipped, so the call ends inside 8 minutes
+WARM_CACHE_WAIT_S = 180
 
 
 def build(log: list[str]) -> dict:
@@ -35,20 +42,107 @@ def build(log: list[str]) -> dict:
     return {"section": "build", "result": "PASS" if ok else "FAIL", "detail": f"{time.time() - start:.0f} s"}
 
 
+def start_cache_warming(out: Path) -> tuple[subprocess.Popen, float]:
+    jobs = max(1, (os.cpu_count() or 2) - 2)
+    cmd = [sys.executable, str(ROOT / "tools" / "gpu_compile.py"), "--warm-cache", "--arch", "90",
+           "--jobs", str(jobs)]  # fmt: skip
+    log = (out / "gpu_suite.log").open("a")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT), time.time()
+
+
+def finish_cache_warming(proc: subprocess.Popen, started: float) -> dict:
+    try:
+        rc = proc.wait(timeout=max(1.0, WARM_CACHE_WAIT_S - (time.time() - started)))
+        result = "DONE" if rc == 0 else f"FAIL (exit {rc})"
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        result = "STOPPED"
+    return {"section": "warm Triton cache", "result": result, "detail": f"{time.time() - started:.0f} s"}
+
+
+def timing_sections() -> list[tuple[str, object]]:
+    """(name, callable -> list[BenchResult]), most important first."""
+    import bench_bn_relu_conv3d
+    import bench_dense_block
+    import bench_depthwise
+    import bench_models
+    import bench_sliding_window
+    import torch
+
+    def dense_layer_fp32():
+        torch.backends.cudnn.allow_tf32 = False  # IEEE float32: eager, compile and ours alike
+        return [bench_bn_relu_conv3d.run("cuda", "full-res", dtype=torch.float32, full_res_only=True)]
+
+    return [
+        ("bn_relu_conv3d", lambda: [bench_bn_relu_conv3d.run("cuda", compile_mode="full-res")]),
+        ("dense_block", lambda: [bench_dense_block.run("cuda")]),
+        ("depthwise", lambda: [bench_depthwise.run("cuda", quick=True)]),
+        ("models", lambda: bench_models.run("cuda", ("tiramisu3d_p3a",), ("ours", "eager"), ladder=False)),
+        ("patch_ladder", lambda: bench_models.run("cuda", (), ladder=True)),
+        ("sliding_window", lambda: [bench_sliding_window.run("cuda", rounds=10)]),
+        ("dense_layer_fp32", dense_layer_fp32),
+        ("models_compile", lambda: renamed(
+            bench_models.run("cuda", ("tiramisu3d_p3a",), ("compile",), ladder=False), "models_compile")),
+        ("models_all", lambda: renamed(
+            bench_models.run("cuda", tuple(bench_models.PAPER_PATCH)[:3], ladder=False), "models_others")),
+    ]  # fmt: skip
+
+
+def renamed(results: list, name: str) -> list:
+    for result in results:
+        result.name = name
+    return results
+
+
+def save(results: list, env: dict, out: Path) -> None:
+    """results.json (for --merge) and the combined result files, rewritten after every section."""
+    from run_all import write_all
+
+    payload = {"env": env, "results": [vars(r) for r in results]}
+    (out / "results.json").write_text(json.dumps(payload, indent=1))
+    write_all(results, out, memory_curve=False, env=env)
+
+
+def merge(paths: list[Path], out: Path) -> None:
+    """One set of result files from the results.json of several calls (the first call's env header,
+    with the git sha of each call noted when they differ)."""
+    from common import BenchResult
+
+    payloads = [json.loads(p.read_text()) for p in paths]
+    env = dict(payloads[0]["env"])
+    shas = list(dict.fromkeys(p["env"]["git_sha"] for p in payloads))
+    env["git_sha"] = ", ".join(shas)
+    env["calls"] = ", ".join(p["env"]["date"] for p in payloads)
+    results = [BenchResult(**r) for p in payloads for r in p["results"]]
+    from run_all import write_all
+
+    for path in write_all(results, out, memory_curve=False, env=env):
+        print(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--skip-build", action="store_true")
+    parser.add_argument("--skip-checks", action="store_true")
+    parser.add_argument("--no-warm-cache", action="store_true")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="no timing section starts after this")
+    parser.add_argument("--git-sha", default="", help="the sha of the tree (the device copy has no .git)")
     parser.add_argument(
         "--only", default="", help="comma-separated words: run only timing sections naming one"
     )
+    parser.add_argument("--merge", type=Path, nargs="+", help="results.json files to merge into --out")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     t0, log, summary = time.time(), [], []
     if not args.skip_build:
         summary.append(build(log))
+    warming = None if args.no_warm_cache else start_cache_warming(args.out)
 
     import torch
     from common import environment, markdown_table, write_results
@@ -58,65 +152,56 @@ def main() -> None:
 
     env = environment()
     env["extension"] = "loaded" if prostate_kernels.HAS_EXT else "NOT loaded"
+    if args.git_sha:
+        env["git_sha"] = args.git_sha
     print(env, flush=True)
     if not torch.cuda.is_available():
         raise SystemExit("gpu_suite: no CUDA device")
 
-    check_rows = []
-    for name, check in CHECKS:
-        try:
-            rows = check("cuda")
-        except Exception:  # noqa: BLE001 - a crash is a result to report
-            rows = [{"check": name, "result": "FAIL", "detail": traceback.format_exc(limit=3)[-300:]}]
-        check_rows += rows
-        for row in rows:
-            print(row, flush=True)
-    write_results("gpu-correctness", env, ["check", "result", "detail"], check_rows, [], args.out)
-    failed = [r for r in check_rows if r["result"] != "PASS"]
-    summary.append(
-        {"section": "correctness", "result": "PASS" if not failed else "FAIL",
-         "detail": f"{len(check_rows) - len(failed)}/{len(check_rows)} checks pass"}
-    )  # fmt: skip
+    if not args.skip_checks:
+        check_rows = []
+        for name, check in CHECKS:
+            start = time.time()
+            try:
+                rows = check("cuda")
+            except Exception:  # noqa: BLE001 - a crash is a result to report
+                rows = [{"check": name, "result": "FAIL", "detail": traceback.format_exc(limit=3)[-300:]}]
+            check_rows += rows
+            for row in rows:
+                print(row, flush=True)
+            print(f"[{time.time() - t0:.0f} s] checks {name}: {time.time() - start:.0f} s", flush=True)
+        write_results("gpu-correctness", env, ["check", "result", "detail"], check_rows, [], args.out)
+        failed = [r for r in check_rows if r["result"] != "PASS"]
+        summary.append(
+            {"section": "correctness", "result": "PASS" if not failed else "FAIL",
+             "detail": f"{len(check_rows) - len(failed)}/{len(check_rows)} checks pass"}
+        )  # fmt: skip
+    if warming is not None:
+        summary.append(finish_cache_warming(*warming))
+        print(summary[-1], flush=True)
 
-    import bench_bn_relu_conv3d
-    import bench_dense_block
-    import bench_depthwise
-    import bench_models
-    import bench_sliding_window
-    from run_all import write_all
-
-    sections = [  # most important first: later ones are skipped when the time budget is spent
-        ("bn_relu_conv3d", lambda: [bench_bn_relu_conv3d.run("cuda", compile_mode="full-res")]),
-        ("dense_block", lambda: [bench_dense_block.run("cuda")]),
-        ("depthwise", lambda: [bench_depthwise.run("cuda", quick=True)]),
-        ("sliding_window", lambda: [bench_sliding_window.run("cuda", rounds=10)]),
-        ("models", lambda: bench_models.run("cuda")),
-    ]
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
     results = []
-    for name, section in sections:
-        if wanted and not any(w in name for w in wanted):
+    for name, section in timing_sections():
+        if wanted and not any(w == name for w in wanted):
             continue
-        if time.time() - t0 > BUDGET_S:
+        if time.time() - t0 > args.budget_s:
             summary.append({"section": name, "result": "SKIPPED", "detail": "time budget spent"})
             continue
+        start = time.time()
         try:
             produced = section()
             results += produced
             for result in produced:
                 summary.append({"section": result.name, "result": "DONE", "detail": result.summary})
+            save(results, env, args.out)
         except Exception:  # noqa: BLE001 - a crash is a result to report
             summary.append(
                 {"section": name, "result": "FAIL", "detail": traceback.format_exc(limit=3)[-300:]}
             )
-    if results:
-        try:
-            write_all(results, args.out, memory_curve=False)
-        except Exception:  # noqa: BLE001
-            summary.append(
-                {"section": "results", "result": "FAIL", "detail": traceback.format_exc(limit=3)[-300:]}
-            )
-    (args.out / "gpu_suite.log").write_text("\n".join(log))
+        torch.cuda.empty_cache()
+        print(f"[{time.time() - t0:.0f} s] section {name}: {time.time() - start:.0f} s", flush=True)
+    (args.out / "gpu_suite.log").open("a").write("\n".join(log))
     print(f"\ngpu_suite finished in {time.time() - t0:.0f} s on {env['device']}\n")
     print(markdown_table(["section", "result", "detail"], summary))
 

@@ -37,9 +37,12 @@ def run_all(device: str) -> list[BenchResult]:
     return results
 
 
-def write_all(results: list[BenchResult], out_dir: Path, memory_curve: bool = True) -> list[Path]:
-    """Combined md/csv and the plots (memory_curve: the CPU saved-bytes curve of the dense block)."""
-    env = environment()
+def write_all(
+    results: list[BenchResult], out_dir: Path, memory_curve: bool = True, env: dict | None = None
+) -> list[Path]:
+    """Combined md/csv and the plots (memory_curve: the CPU saved-bytes curve of the dense block);
+    env: the header (device, versions, sha, date) of the run that measured them, default this one."""
+    env = env or environment()
     md, csv_path = write_combined(results, env, out_dir)
     stem = f"{env['date'][:10]}-{slug(env['device'])[:40]}"
     written = [md, csv_path]

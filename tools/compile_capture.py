@@ -120,14 +120,18 @@ def capturing() -> Iterator[Recorder]:
                         __default_config=index == 0)  # fmt: skip
         self.nargs = None
 
+    from prostate_kernels.ops.launch import BucketedAutotuner
+
     saved = (jit.JITFunction.run, autotuner.Autotuner.run, backend.triton_interpreting)
     jit.JITFunction.run, autotuner.Autotuner.run = jit_run, autotune_run
+    BucketedAutotuner.remember = False  # every launch with every config its autotuner may choose
     backend.triton_interpreting = lambda: True  # resolve() then lets "triton" run on CPU tensors
     try:
         with backend.use_backend("triton"):
             yield RECORDER
     finally:
         jit.JITFunction.run, autotuner.Autotuner.run, backend.triton_interpreting = saved
+        BucketedAutotuner.remember = True
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from prostate_kernels.ops.channel_stats import channel_stats, update_running_sta
 from prostate_kernels.ops.conv_geometry import ConvGeometry
 from prostate_kernels.ops.launch import (
     autotune_configs,
+    bucketed_autotune,
     check_voxels,
     conv_args,
     dot_setup,
@@ -35,32 +36,35 @@ _DGRAD_SPILLS = {(128, 64, 16, 4), (128, 64, 16, 8), (64, 64, 16, 4), (128, 32, 
                  (128, 64, 32, 8)}  # fmt: skip
 _WGRAD_SPILLS = {(128, 32, 16, 8), (64, 64, 16, 4), (64, 64, 16, 8)}  # (BLOCK_M, BLOCK_CI, BLOCK_CO, warps)
 
-_fwd = triton.autotune(
-    configs=autotune_configs(
+_fwd = bucketed_autotune(
+    autotune_configs(
         [{"BLOCK_M": 128, "BLOCK_K": 32}, {"BLOCK_M": 64, "BLOCK_K": 32}, {"BLOCK_M": 128, "BLOCK_K": 64}],
         [(4, 3), (8, 3)],
     ),
     key=["C_in", "C_out", "M", "KD", "KH", "KW", "DOT_DTYPE", "INT64"],
+    bucketed=("C_in", "M"),
     prune_configs_by={"early_config_prune": prune_spilling(_FWD_SPILLS, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))},
 )(kernels.bn_relu_conv3d_fwd_kernel)
 
-_dgrad = triton.autotune(
-    configs=autotune_configs(
+_dgrad = bucketed_autotune(
+    autotune_configs(
         [{"BLOCK_M": 128, "BLOCK_K": 16}, {"BLOCK_M": 64, "BLOCK_K": 16}, {"BLOCK_M": 128, "BLOCK_K": 32}],
         [(4, 3), (8, 3)],
     ),
     key=["C_in", "C_out", "M", "KD", "KH", "KW", "DOT_DTYPE", "STORE_GZ", "INT64"],
+    bucketed=("C_in", "M"),
     reset_to_zero=["dgamma_ptr", "dbeta_ptr"],
     restore_value=["gx_ptr"],
     prune_configs_by={"early_config_prune": prune_spilling(_DGRAD_SPILLS, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))},
 )(kernels.bn_relu_conv3d_dgrad_kernel)
 
-_wgrad = triton.autotune(
-    configs=autotune_configs(
+_wgrad = bucketed_autotune(
+    autotune_configs(
         [{"BLOCK_M": 128, "BLOCK_CI": 32}, {"BLOCK_M": 64, "BLOCK_CI": 32}, {"BLOCK_M": 64, "BLOCK_CI": 64}],
         [(4, 3), (8, 3)],
     ),
     key=["C_in", "C_out", "M", "KH", "KW", "DOT_DTYPE", "INT64"],
+    bucketed=("C_in", "M"),
     prune_configs_by={
         "early_config_prune": prune_spilling(_WGRAD_SPILLS, ("BLOCK_M", "BLOCK_CI", "BLOCK_CO"))
     },

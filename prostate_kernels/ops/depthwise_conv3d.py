@@ -12,6 +12,7 @@ from prostate_kernels.ops import depthwise_conv3d_kernels as kernels
 from prostate_kernels.ops.conv_geometry import ConvGeometry
 from prostate_kernels.ops.launch import (
     autotune_configs,
+    bucketed_autotune,
     check_voxels,
     conv_args,
     dot_setup,
@@ -33,11 +34,11 @@ _TILES = [
     {"BLOCK_M": 128, "BLOCK_C": 8},
 ]
 _WARPS_STAGES = [(4, 2), (8, 2)]
-_fwd = triton.autotune(
-    autotune_configs(_TILES, _WARPS_STAGES), key=["M", "C", "KD", "KH", "KW", "sxc", "syc", "INT64"]
+_fwd = bucketed_autotune(
+    autotune_configs(_TILES, _WARPS_STAGES), ["M", "C", "KD", "KH", "KW", "sxc", "syc", "INT64"], ("M",)
 )(kernels.depthwise_conv3d_fwd_kernel)
-_dgrad = triton.autotune(
-    autotune_configs(_TILES, _WARPS_STAGES), key=["M", "C", "KD", "KH", "KW", "sgc", "sdc", "INT64"]
+_dgrad = bucketed_autotune(
+    autotune_configs(_TILES, _WARPS_STAGES), ["M", "C", "KD", "KH", "KW", "sgc", "sdc", "INT64"], ("M",)
 )(kernels.depthwise_conv3d_dgrad_kernel)
 # Separable configs that spill registers at some launch (measured by `make gpu-compile`, see
 # bench/results/2026-11-27-compile-report.md), as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps).
@@ -48,12 +49,13 @@ _SEPARABLE_SPILLS = {
     (64, 128, 32, 8),
     (64, 128, 64, 4),
 }
-_separable = triton.autotune(
+_separable = bucketed_autotune(
     autotune_configs(
         [{"BLOCK_M": 64, "BLOCK_K": 32}, {"BLOCK_M": 128, "BLOCK_K": 32}, {"BLOCK_M": 64, "BLOCK_K": 64}],
         _WARPS_STAGES,
     ),
     key=["M", "C_in", "C_out", "KD", "KH", "KW", "INT64"],
+    bucketed=("M",),
     prune_configs_by={
         "early_config_prune": prune_spilling(_SEPARABLE_SPILLS, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
     },

@@ -1,0 +1,83 @@
+"""BucketedAutotuner: one autotuning per size bucket, the bucket's winner launched directly afterwards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import triton
+
+from prostate_kernels.ops.launch import BucketedAutotuner
+
+
+class FakeKernel:
+    def __init__(self, launches: list) -> None:
+        self.launches = launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append(("direct", args, kwargs))
+
+
+class FakeTuner:
+    """The parts of triton's Autotuner that BucketedAutotuner uses; best_config follows the first arg."""
+
+    arg_names = ["x", "C_in", "M", "KD"]
+    keys = ["C_in", "M", "KD"]
+
+    def __init__(self) -> None:
+        self.launches: list = []
+        self.fn = FakeKernel(self.launches)
+
+    def __getitem__(self, grid):
+        def run(*args, **kwargs):
+            self.best_config = triton.Config({"BLOCK_M": 64 if args[1] < 40 else 128}, num_warps=4)
+            self.launches.append(("tuned", args, kwargs))
+
+        return run
+
+
+def test_one_autotuning_per_bucket_then_the_winner_directly():
+    tuner = FakeTuner()
+    tuned = BucketedAutotuner(tuner, ("C_in", "M"))
+    x16, x32 = torch.zeros(1, dtype=torch.float16), torch.zeros(1)
+    tuned[(1,)](x16, 33, 1000, 3)  # bucket (64, 1024, 3, float16): autotuned
+    tuned[(1,)](x16, 60, 600, 3)  # same bucket: direct, with the winner of C_in=33
+    tuned[(1,)](x16, 65, 600, 3)  # C_in bucket 128: autotuned
+    tuned[(1,)](x32, 60, 600, 3)  # another dtype: autotuned
+    tuned[(1,)](x16, 60, 600, 1)  # KD is not bucketed: autotuned
+    kinds = [launch[0] for launch in tuner.launches]
+    assert kinds == ["tuned", "direct", "tuned", "tuned", "tuned"]
+    direct = tuner.launches[1][2]
+    assert direct["BLOCK_M"] == 64 and direct["num_warps"] == 4  # C_in=33's winner, not C_in=60's (128)
+
+
+def test_capture_mode_sends_every_launch_through_the_autotuner(monkeypatch):
+    tuner = FakeTuner()
+    tuned = BucketedAutotuner(tuner, ("M",))
+    monkeypatch.setattr(BucketedAutotuner, "remember", False)
+    for _ in range(3):
+        tuned[(1,)](torch.zeros(1), 8, 100, 3)
+    assert [launch[0] for launch in tuner.launches] == ["tuned"] * 3
+
+
+def test_a_bucketed_name_must_be_an_autotune_key():
+    with pytest.raises(ValueError, match="sxc"):
+        BucketedAutotuner(FakeTuner(), ("sxc",))
+
+
+def test_fused_layer_in_one_bucket_matches_the_reference_at_each_shape():
+    """Two launches sharing a bucket (C_in 33 and 40, M about 2000): the second one runs the first one's
+    config directly and still computes its own shape right."""
+    from prostate_kernels import functional, use_backend
+
+    g = torch.Generator().manual_seed(0)
+    for c_in, size in ((33, (4, 9, 13)), (40, (5, 8, 11))):
+        x = torch.randn((2, c_in, *size), generator=g)
+        w = torch.randn((16, c_in, 3, 3, 3), generator=g) / (27 * c_in) ** 0.5
+        gamma, beta = torch.rand(c_in, generator=g) + 0.5, torch.randn(c_in, generator=g)
+        with use_backend("triton"):
+            ours = functional.bn_relu_conv3d(x, w, None, gamma, beta, None, None, True)
+        with use_backend("torch"):
+            expected = functional.bn_relu_conv3d(
+                x.double(), w.double(), None, gamma.double(), beta.double(), None, None, True
+            )
+        assert (ours.double() - expected).abs().max() < 1e-4
