@@ -141,7 +141,11 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     t0, log, summary = time.time(), [], []
     if not args.skip_build:
-        summary.append(build(log))
+        built = build(log)
+        print(built, flush=True)
+        (args.out / "gpu_suite.log").open("a").write("\n".join(log))
+        # a fresh interpreter: the editable install's path hook is read at start-up only
+        os.execv(sys.executable, [sys.executable, *sys.argv, "--skip-build"])
     warming = None if args.no_warm_cache else start_cache_warming(args.out)
 
     import torch
