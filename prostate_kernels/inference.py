@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from prostate_kernels.ops.window_ops import window_ops_for
+from prostate_kernels.ops.window_ops import check_starts, window_ops_for
 from prostate_kernels.windows import MODES, importance_map, window_starts
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -139,8 +139,12 @@ def _stitch(inputs: torch.Tensor, predictor: Predictor, plan: _Plan) -> torch.Te
     num_windows = per_image.shape[0] * batch
     image_index = torch.arange(batch).repeat_interleave(per_image.shape[0])[:, None]
     starts = torch.cat([image_index, per_image.repeat(batch, 1)], dim=1)  # (N*W, 4): n, z, y, x; image-major
+    # every window's bounds checked once here, on the host: the ops in the loop skip that check, which
+    # on a GPU would wait for the device twice per batch of windows
+    check_starts("sliding_window_inference", starts, (batch, 1, *padded_size), roi)
     starts_in, starts_out = starts.to(padded.device), starts.to(device)
-    gather_ops, stitch_ops = window_ops_for(padded.device), window_ops_for(device)
+    gather_ops = window_ops_for(padded.device, starts_checked=True)
+    stitch_ops = window_ops_for(device, starts_checked=True)
     importance = importance_map(roi, plan.mode, plan.sigmas, device=device)
 
     # One window buffer serves every batch (fresh multi-MB buffers cost page faults on each batch);

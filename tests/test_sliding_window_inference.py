@@ -282,3 +282,41 @@ def test_non_positive_roi_entries_take_the_whole_axis_as_monai(roi):
             x, roi, 3, two_channel_predictor, overlap=0.5, mode="gaussian"
         )
         assert (ours - theirs).abs().max().item() < ATOL
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_window_bounds_are_checked_once_on_the_host_not_per_batch(backend, monkeypatch):
+    """Reading starts' values on a GPU waits for the device: the loop's ops check only their layout, after
+    one bounds check of every window on the host (the result is unchanged)."""
+    import prostate_kernels.inference as inference
+    import prostate_kernels.ops.window_ops as window_ops
+
+    calls = []
+    original = window_ops.check_starts
+
+    def counting(op, starts, volume_shape, roi, bounds=True):
+        calls.append((op, bounds, starts.device.type))
+        return original(op, starts, volume_shape, roi, bounds)
+
+    monkeypatch.setattr(window_ops, "check_starts", counting)
+    monkeypatch.setattr(inference, "check_starts", counting)
+    x = torch.randn((2, 2, 9, 13, 11), generator=torch.Generator().manual_seed(5))
+    expected = sliding_window_inference(x, (4, 8, 6), 3, two_channel_predictor, mode="gaussian")
+    calls.clear()
+    with use_backend(backend):
+        got = sliding_window_inference(x, (4, 8, 6), 3, two_channel_predictor, mode="gaussian")
+    assert (got - expected).abs().max().item() < 1e-6
+    bounds_checked = [c for c in calls if c[1]]
+    loop_ops = [c for c in calls if c[0] in ("window_gather", "window_accumulate_")]
+    assert bounds_checked[0][0] == "sliding_window_inference" and bounds_checked[0][2] == "cpu"
+    assert len(loop_ops) >= 4 and not any(bounds for _, bounds, _ in loop_ops)  # several batches, no reads
+    assert [c[0] for c in bounds_checked] == ["sliding_window_inference", "window_normalize_by_positions_"]
+
+
+def test_window_ops_still_refuse_starts_outside_the_volume_when_called_directly():
+    from prostate_kernels.ops.window_ops import window_ops_for
+
+    with use_backend("torch"):
+        ops = window_ops_for(torch.device("cpu"))
+        with pytest.raises(ValueError, match="reaches outside the volume"):
+            ops.gather(torch.zeros((1, 1, 4, 4, 4)), torch.tensor([[0, 3, 0, 0]]), [2, 2, 2])

@@ -75,14 +75,20 @@ def check_roi(op: str, roi: Sequence[int]) -> list[int]:
     return list(roi)
 
 
-def check_starts(op: str, starts: object, volume_shape: Sequence[int], roi: Sequence[int]) -> torch.Tensor:
-    """starts (B, 4) int64 with every window inside the volume (N, C, D, H, W), or ValueError/TypeError."""
+def check_starts(
+    op: str, starts: object, volume_shape: Sequence[int], roi: Sequence[int], bounds: bool = True
+) -> torch.Tensor:
+    """starts (B, 4) int64 with every window inside the volume (N, C, D, H, W), or ValueError/TypeError.
+
+    bounds=False checks the layout only: the bounds check reads the values, which on a GPU waits for
+    the device (sliding_window_inference checks all its starts once on the host instead).
+    """
     starts = _check_tensor(op, "starts", starts, 2, "(B, 4) rows (n, z, y, x)")
     if starts.shape[1] != 4:
         raise ValueError(f"{op}: starts must have shape (B, 4) rows (n, z, y, x), got {tuple(starts.shape)}")
     if starts.dtype != torch.int64:
         raise TypeError(f"{op}: starts must be int64, got {starts.dtype}")
-    if starts.shape[0] == 0:
+    if starts.shape[0] == 0 or not bounds:
         return starts
     n, _, d, h, w = volume_shape
     upper = torch.tensor([n - 1, d - roi[0], h - roi[1], w - roi[2]], device=starts.device)
@@ -113,6 +119,7 @@ def _check_accumulate_args(
     windows: torch.Tensor,
     starts: torch.Tensor,
     importance: torch.Tensor,
+    bounds: bool = True,
 ) -> None:
     op = "window_accumulate_"
     _check_tensor(op, "output", output, 5, "(N, C, D, H, W)")
@@ -131,7 +138,7 @@ def _check_accumulate_args(
         raise ValueError(
             f"{op}: importance has shape {tuple(importance.shape)} but windows are {tuple(windows.shape[2:])}"
         )
-    starts = check_starts(op, starts, output.shape, windows.shape[2:])
+    starts = check_starts(op, starts, output.shape, windows.shape[2:], bounds)
     if starts.shape[0] != windows.shape[0]:
         raise ValueError(f"{op}: starts has {starts.shape[0]} rows but there are {windows.shape[0]} windows")
     _check_same_device(op, "output", output, windows=windows, starts=starts, importance=importance)
@@ -193,21 +200,22 @@ class WindowOps(NamedTuple):
     normalize_by_positions_: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
-def _checked(impl) -> WindowOps:
-    """impl's functions behind the Python checks (for the Triton kernels and the PyTorch twin)."""
+def _checked(impl, starts_checked: bool = False) -> WindowOps:
+    """impl's functions behind the Python checks (for the Triton kernels and the PyTorch twin);
+    starts_checked: the caller has checked every window's bounds already (layout is still checked)."""
 
     def gather(volume, starts, roi, out=None):
         op = "window_gather"
         _check_tensor(op, "volume", volume, 5, "(N, C, D, H, W)")
         roi = check_roi(op, roi)
-        starts = check_starts(op, starts, volume.shape, roi)
+        starts = check_starts(op, starts, volume.shape, roi, bounds=not starts_checked)
         _check_same_device(op, "volume", volume, starts=starts)
         if out is not None:
             _check_gather_out(op, out, volume, (starts.shape[0], volume.shape[1], *roi))
         return impl.window_gather(volume, starts, roi, out)
 
     def accumulate_(output, weight, windows, starts, importance):
-        _check_accumulate_args(output, weight, windows, starts, importance)
+        _check_accumulate_args(output, weight, windows, starts, importance, bounds=not starts_checked)
         impl.window_accumulate_(output, weight, windows, starts, importance)
 
     def normalize_(output, weight):
@@ -221,18 +229,22 @@ def _checked(impl) -> WindowOps:
     return WindowOps(gather, accumulate_, normalize_, normalize_by_positions_)
 
 
-def window_ops_for(device: torch.device) -> WindowOps:
-    """The implementation the current backend picks for tensors on `device` (see backend.py)."""
+def window_ops_for(device: torch.device, starts_checked: bool = False) -> WindowOps:
+    """The implementation the current backend picks for tensors on `device` (see backend.py).
+
+    starts_checked=True: the caller has checked every start it will pass against the volume's bounds
+    (check_starts on a host copy), so the ops skip that check, which would wait for a GPU on every call.
+    """
     choice = backend.resolve(device, has_cpu_extension=_C is not None)
-    if choice == "cpp":  # the extension validates its own arguments
+    if choice == "cpp":  # the extension validates its own arguments (on the host: no device to wait for)
         return WindowOps(
             _C.window_gather, _C.window_accumulate_, _C.window_normalize_, _C.window_normalize_by_positions_
         )
     if choice == "triton":
         from prostate_kernels.ops import window_accumulate  # imports Triton on first use only
 
-        return _checked(window_accumulate)
-    return _checked(reference)
+        return _checked(window_accumulate, starts_checked)
+    return _checked(reference, starts_checked)
 
 
 # ------------------------------------------------------------------------------------------- ops
