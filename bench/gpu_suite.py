@@ -67,6 +67,7 @@ def timing_sections() -> list[tuple[str, object]]:
     import bench_depthwise
     import bench_models
     import bench_sliding_window
+    import gpu_profile
     import torch
 
     def dense_layer_fp32():
@@ -75,6 +76,7 @@ def timing_sections() -> list[tuple[str, object]]:
 
     return [
         ("bn_relu_conv3d", lambda: [bench_bn_relu_conv3d.run("cuda", compile_mode="full-res")]),
+        ("profile", lambda: [gpu_profile.run()]),
         ("dense_block", lambda: [bench_dense_block.run("cuda")]),
         ("depthwise", lambda: [bench_depthwise.run("cuda", quick=True)]),
         ("models", lambda: bench_models.run("cuda", ("tiramisu3d_p3a",), ("ours", "eager"), ladder=False)),
