@@ -3,6 +3,8 @@
 #                (MODEL=name picks another network, e.g. on a GPU: make demo MODEL=tiramisu3d_p3a)
 #   make test    ruff + the test suite (Triton kernels run through the interpreter on CPU-only machines)
 #   make bench   the benchmarks this machine can run, results under bench/results/
+#   make real    accuracy on real MRI: train on 40 cases of ../shared/data/real/mrus-prostate, score the
+#                other 10 -> bench/results/<date>-real-<device>.md (skips when ../shared is absent)
 #   make gpu-compile  every Triton kernel x autotune config x dot path compiled for sm_90a and sm_80 (no GPU
 #                needed): registers, spills, shared memory -> bench/results/<date>-compile-report.md
 PYTHON ?= python3
@@ -15,7 +17,7 @@ PIP    := $(PY) -m pip -q --disable-pip-version-check
 CUDA_TORCH := $(shell $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.version.cuda and torch.cuda.is_available() else 1)" >/dev/null 2>&1 && echo yes)
 SOURCES    := $(shell find prostate_kernels models csrc -name '*.py' -o -name '*.cpp' -o -name '*.h') setup.py pyproject.toml
 
-.PHONY: setup demo test lint compile-gate gpu-compile bench clean
+.PHONY: setup demo test lint compile-gate gpu-compile bench real clean
 
 setup: $(VENV)/.installed
 
@@ -54,6 +56,9 @@ compile-gate: setup
 
 test: lint compile-gate
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q
+
+real: setup
+	$(PY) bench/real_data.py
 
 gpu-compile: setup
 	env -u TRITON_INTERPRET $(PY) tools/gpu_compile.py --out bench/results

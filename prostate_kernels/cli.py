@@ -62,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", default="bce", choices=("bce", "dice", "bce+dice"))
     p.add_argument("--lr", type=positive_float, default=None, help="default: the paper's for the model")
     p.add_argument("--weight-decay", type=non_negative_float, default=1e-4)
+    p.add_argument("--schedule", default="paper", choices=("paper", "poly"),
+                   help="learning-rate decay: the paper's for the model, or poly: (1 - it/iters)^0.9",
+                   )  # fmt: skip
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                   help="random rotation (+-15 deg about the slice axis), scaling (+-10%%) and intensity "
+                   "scaling/shift, besides the flips")  # fmt: skip
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
     p.add_argument("--val-every", type=positive_int, default=100)
     p.add_argument(
@@ -172,6 +178,8 @@ def _train(args) -> int:
         loss=args.loss,
         lr=args.lr,
         weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        augment=args.augment,
         amp=args.amp,
         val_every=args.val_every,
         val_cases=args.val_cases,

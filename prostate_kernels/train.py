@@ -55,6 +55,7 @@ PAPER = {
     "tiramisu3d_tiny": PaperSettings((16, 32, 32), 8, 2e-3, ("time", 1e-3, 0)),  # CPU demo, not the paper
 }
 LOSSES = ("bce", "dice", "bce+dice")
+SCHEDULES = ("paper", "poly")  # the paper's decay per model; nnU-Net's poly: lr * (1 - it / iters) ** 0.9
 AMP = ("auto", "bf16", "fp16", "off")
 
 
@@ -69,6 +70,7 @@ class TrainConfig:
     loss: str = "bce"
     lr: float | None = None
     weight_decay: float = 1e-4
+    schedule: str = "paper"
     amp: str = "auto"  # bf16 on CUDA, off on the CPU
     val_every: int = 100
     val_cases: int = 2
@@ -79,6 +81,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0
     flips: bool = True
+    augment: bool = False  # rotation, scaling and intensity augmentation (data/sampling.py)
     progress: bool = True
     model_kwargs: dict = field(default_factory=dict)
 
@@ -95,6 +98,8 @@ def check_config(config: TrainConfig) -> None:
         raise DataError(None, f"--loss {config.loss!r} is not one of {LOSSES}")
     if config.amp not in AMP:
         raise DataError(None, f"--amp {config.amp!r} is not one of {AMP}")
+    if config.schedule not in SCHEDULES:
+        raise DataError(None, f"--schedule {config.schedule!r} is not one of {SCHEDULES}")
     for name in ("iters", "val_every"):
         if getattr(config, name) < 1:
             raise DataError(None, f"--{name.replace('_', '-')} {getattr(config, name)} must be >= 1")
@@ -215,7 +220,8 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
     torch.manual_seed(config.seed * 1000 + rank)
     model = build_model(config.model, **_model_kwargs(config)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(settings.decay))
+    decay = ("poly", 0.9, config.iters) if config.schedule == "poly" else settings.decay
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(decay))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start, best = 0, -1.0
     if config.resume and ckpt_path.exists():
@@ -227,7 +233,9 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
         log("no held-out cases (--val-cases 0): no validation, no best.pt; predict with checkpoint.pt")
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
-    sampler = PatchSampler(train_cases, patch, batch, config.seed, rank, config.flips, settings.slices)
+    sampler = PatchSampler(
+        train_cases, patch, batch, config.seed, rank, config.flips, settings.slices, config.augment
+    )
     loader = torch.utils.data.DataLoader(
         IterationDataset(sampler, start, config.iters), batch_size=None, num_workers=config.workers,
         pin_memory=device.type == "cuda",
@@ -330,7 +338,19 @@ def _schedule(decay: tuple[str, float, int]):
     kind, rate, epochs = decay
     if kind == "time":  # Keras' `decay`: lr / (1 + decay * iterations)
         return _TimeDecay(rate)
+    if kind == "poly":  # ("poly", power, iterations)
+        return _PolyDecay(rate, epochs)
     return _StepDecay(rate, epochs * EPOCH_ITERS)
+
+
+class _PolyDecay:
+    """nnU-Net's schedule: (1 - it / iters) ** power, reaching 0 at the last iteration."""
+
+    def __init__(self, power: float, iters: int) -> None:
+        self.power, self.iters = power, iters
+
+    def __call__(self, it: int) -> float:
+        return max(0.0, 1.0 - it / self.iters) ** self.power
 
 
 class _TimeDecay:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from prostate_kernels.data import (
     DataError,
@@ -163,3 +164,29 @@ def test_shared_real_case_reads_with_its_geometry():
     assert image.spacing == pytest.approx((1.6797, 1.6797, 1.56), abs=1e-3)
     mask = read_mask(path / "Case_018_Week7_SEMANTIC_LFOV.nii.gz", image, label=5)
     assert mask.array.sum() == 8804
+
+
+def test_augmentation_moves_image_and_mask_together_and_keeps_the_mask_binary():
+    """augmented(): the same rotation and scaling for image and mask (an image equal to its mask still
+    thresholds to the augmented mask), intensities scaled and shifted within their ranges."""
+    from prostate_kernels.data.sampling import augmented
+
+    mask = np.zeros((12, 24, 40), np.uint8)
+    mask[3:9, 5:15, 8:30] = 1
+    image = mask.astype(np.float32)
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        image_out, mask_out = augmented(image, mask, rng)
+        assert image_out.shape == mask.shape and mask_out.dtype == np.uint8
+        assert set(np.unique(mask_out)) <= {0, 1}
+        assert 0.6 < mask_out.sum() / mask.sum() < 1.4  # scaling 0.9-1.1 per axis, rotation keeps volume
+        agree = ((image_out > 0.5) == (mask_out == 1)).mean()
+        assert agree > 0.97, agree
+        assert not np.array_equal(mask_out, mask)  # something moved
+
+
+def test_sampler_with_augmentation_is_reproducible():
+    a, b = _sampler(augment=True).draw(7), _sampler(augment=True).draw(7)
+    plain = _sampler().draw(7)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], plain[0])

@@ -216,3 +216,25 @@ def test_several_checkpoints_average_their_probabilities(phantoms, trained, tmp_
         outs[name] = read_volume(tmp_path / name / "Case01_probabilities.mhd").array
     assert not np.allclose(outs["a"], outs["b"])
     assert np.allclose(outs["ab"], (outs["a"] + outs["b"]) / 2, atol=1e-6)
+
+
+def test_poly_schedule_and_augmentation_resume_exactly_and_decay_to_zero(phantoms, tmp_path):
+    extra = ("--schedule", "poly", "--augment")
+    assert main(train_args(phantoms, tmp_path / "a", 6, *extra)) == 0
+    assert main(train_args(phantoms, tmp_path / "b", 3, *extra)) == 0
+    assert main(train_args(phantoms, tmp_path / "b", 6, *extra, "--resume")) == 0
+    unbroken = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["state_dict"]
+    resumed = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["state_dict"]
+    assert all(torch.equal(resumed[k], unbroken[k]) for k in unbroken)
+    lrs = {
+        int(r["iteration"]): float(r["lr"]) for r in csv.DictReader((tmp_path / "a" / "metrics.csv").open())
+    }
+    assert lrs[6] == 0.0 and lrs[3] > 0.0  # (1 - it/iters)^0.9 reaches 0 at the last iteration
+    config = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["config"]
+    assert config["schedule"] == "poly" and config["augment"] is True
+
+
+def test_unknown_schedule_is_one_line_error(phantoms, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(train_args(phantoms, tmp_path / "run", 2, "--schedule", "cosine"))
+    assert exit_info.value.code == 2 and "--schedule" in capsys.readouterr().err

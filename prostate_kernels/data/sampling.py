@@ -1,18 +1,28 @@
 """Per-volume z-score and the paper's class-balanced patch sampling.
 
 Half the patch centres of every batch lie on prostate voxels and half on background, as the paper
-samples; optional random flips. Sampling is a pure function of (seed, rank, iteration): a batch can be
+samples; optional random flips, and optional augmentation (`augment`): a rotation about the slice axis
+(within +-ROTATION_DEGREES), an isotropic scaling (1 +- SCALE_RANGE) and an intensity scaling and shift
+of the z-scored image (1 +- INTENSITY_SCALE, +-INTENSITY_SHIFT), as nnU-Net's and MONAI's defaults do
+in kind. Sampling is a pure function of (seed, rank, iteration): a batch can be
 drawn again exactly (resumed training continues with the very batches it would have seen), in any
 DataLoader worker, without state to save.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
+
+ROTATION_DEGREES = 15.0
+SCALE_RANGE = 0.1
+INTENSITY_SCALE = 0.1
+INTENSITY_SHIFT = 0.1
 
 
 def zscore(array: np.ndarray) -> np.ndarray:
@@ -54,11 +64,13 @@ class PatchSampler:
         rank: int = 0,
         flips: bool = True,
         slices: int = 0,
+        augment: bool = False,
     ) -> None:
         if not cases:
             raise ValueError("PatchSampler needs at least one case")
         self.cases, self.patch, self.batch = cases, tuple(patch), batch
         self.seed, self.rank, self.flips, self.slices = seed, rank, flips, slices
+        self.augment = augment
 
     def draw(self, iteration: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.rank, iteration])
@@ -71,8 +83,11 @@ class PatchSampler:
                 for axis in (0, 1, 2):
                     if rng.random() < 0.5:
                         image, mask = np.flip(image, axis), np.flip(mask, axis)
-            images.append(np.ascontiguousarray(image))
-            masks.append(np.ascontiguousarray(mask))
+            image, mask = np.ascontiguousarray(image), np.ascontiguousarray(mask)
+            if self.augment:
+                image, mask = augmented(image, mask, rng)
+            images.append(image)
+            masks.append(mask)
         x, y = torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks).astype(np.float32))
         if self.slices:  # (B, k, h, w) slice stack, centre slice's mask (B, 1, h, w)
             return x, y[:, self.slices // 2][:, None]
@@ -90,6 +105,28 @@ class PatchSampler:
             if not case.mask[centre]:
                 return centre
         return centre
+
+
+def augmented(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A patch (D, H, W) rotated about the D (slice) axis, scaled about its centre (image linearly, mask
+    by nearest neighbour, zero outside), then the image's intensities scaled and shifted."""
+    angle = math.radians(rng.uniform(-ROTATION_DEGREES, ROTATION_DEGREES))
+    scale = rng.uniform(1 - SCALE_RANGE, 1 + SCALE_RANGE)
+    d, h, w = image.shape
+    c, s = math.cos(angle), math.sin(angle)
+    # affine_grid's normalised coordinates (x along W, y along H, z along D) map output to input; the
+    # rotation is in voxel units, so the off-diagonal terms carry the H/W aspect ratio
+    theta = torch.tensor(
+        [[c, -s * h / w, 0.0, 0.0], [s * w / h, c, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]], dtype=torch.float32
+    )
+    theta[:, :3] /= scale
+    grid = F.affine_grid(theta[None], [1, 1, d, h, w], align_corners=False)
+    volumes = torch.from_numpy(np.stack([image.astype(np.float32), mask.astype(np.float32)]))[:, None]
+    image_out = F.grid_sample(volumes[:1], grid, mode="bilinear", align_corners=False)[0, 0]
+    mask_out = F.grid_sample(volumes[1:], grid, mode="nearest", align_corners=False)[0, 0]
+    gain = rng.uniform(1 - INTENSITY_SCALE, 1 + INTENSITY_SCALE)
+    offset = rng.uniform(-INTENSITY_SHIFT, INTENSITY_SHIFT)
+    return (image_out.numpy() * gain + offset).astype(image.dtype), mask_out.numpy().astype(mask.dtype)
 
 
 def _crop(volume: np.ndarray, centre: tuple[int, int, int], patch: tuple[int, int, int]) -> np.ndarray:
