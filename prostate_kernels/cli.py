@@ -59,15 +59,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--patch", type=positive_int, nargs=3, metavar=("D", "H", "W"), default=None)
     p.add_argument("--batch", type=positive_int, default=None)
     p.add_argument("--iters", type=positive_int, default=1000)
-    p.add_argument("--loss", default="bce", choices=("bce", "dice", "bce+dice"))
+    p.add_argument("--loss", default="bce+dice", choices=("bce", "dice", "bce+dice"),
+                   help="default bce+dice: +0.03 held-out Dice over bce on real MRI (README)")  # fmt: skip
     p.add_argument("--lr", type=positive_float, default=None, help="default: the paper's for the model")
     p.add_argument("--weight-decay", type=non_negative_float, default=1e-4)
     p.add_argument("--schedule", default="paper", choices=("paper", "poly"),
                    help="learning-rate decay: the paper's for the model, or poly: (1 - it/iters)^0.9",
                    )  # fmt: skip
-    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
-                   help="random rotation (+-15 deg about the slice axis), scaling (+-10%%) and intensity "
-                   "scaling/shift, besides the flips")  # fmt: skip
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                   help="random rotation (+-15 deg about the slice axis), scaling (+-10%%) and "
+                   "intensity scaling/shift, besides the flips (on by default: +0.04 held-out Dice on "
+                   "real MRI)")  # fmt: skip
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
     p.add_argument("--val-every", type=positive_int, default=100)
     p.add_argument(
@@ -114,9 +116,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overlap", type=overlap_fraction, default=0.5)
     p.add_argument("--mode", default="gaussian", choices=("constant", "gaussian"))
-    p.add_argument("--tta", action="store_true", help="average mirrored predictions")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                   help="average the predictions of the volume mirrored along each axis (8 passes; on by "
+                   "default: +0.02 held-out Dice on real MRI, README)")  # fmt: skip
     p.add_argument("--save-probabilities", action="store_true")
-    p.add_argument("--largest-component", action="store_true")
+    p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=True,
+                   help="keep the largest connected component (one gland; on by default)")  # fmt: skip
     p.add_argument(
         "--device", type=device_name, default=None, help="cpu, cuda or cuda:N (default: cuda if any)"
     )

@@ -16,6 +16,7 @@ import contextlib
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -107,10 +108,14 @@ class RunLock:
                 self.path.unlink()
 
     def _take_over_if_stale(self) -> None:
-        try:
-            holder = self.path.read_text().split()
-        except FileNotFoundError:
-            return  # released meanwhile: try again
+        for _ in range(40):  # a lock just created is empty until its holder writes "pid host" into it
+            try:
+                holder = self.path.read_text().split()
+            except FileNotFoundError:
+                return  # released meanwhile: try again
+            if holder:
+                break
+            time.sleep(0.05)
         pid = int(holder[0]) if holder and holder[0].isdigit() else None
         host = holder[1] if len(holder) > 1 else None
         if pid is not None and host == socket.gethostname() and not _running(pid):

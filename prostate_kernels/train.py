@@ -67,7 +67,7 @@ class TrainConfig:
     patch: tuple[int, int, int] | None = None  # default: the paper's, per model
     batch: int | None = None
     iters: int = 1000
-    loss: str = "bce"
+    loss: str = "bce+dice"
     lr: float | None = None
     weight_decay: float = 1e-4
     schedule: str = "paper"
@@ -81,7 +81,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 0
     flips: bool = True
-    augment: bool = False  # rotation, scaling and intensity augmentation (data/sampling.py)
+    augment: bool = True  # rotation, scaling and intensity augmentation (data/sampling.py)
     progress: bool = True
     model_kwargs: dict = field(default_factory=dict)
 
@@ -226,6 +226,9 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
     start, best = 0, -1.0
     if config.resume and ckpt_path.exists():
         start, best = _restore(ckpt_path, model, optimizer, scheduler, scaler, rank, config.model)
+        for decay in scheduler.lr_lambdas:  # poly's horizon is this run's --iters, not the saved one's
+            if isinstance(decay, _PolyDecay):
+                decay.iters = config.iters
         log(f"resumed from {ckpt_path} at iteration {start}") if rank == 0 else None
     elif config.resume and rank == 0:
         log(f"no {ckpt_path.name} in {out} yet: starting from iteration 0")

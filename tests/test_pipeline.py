@@ -218,10 +218,24 @@ def test_several_checkpoints_average_their_probabilities(phantoms, trained, tmp_
     assert np.allclose(outs["ab"], (outs["a"] + outs["b"]) / 2, atol=1e-6)
 
 
-def test_poly_schedule_and_augmentation_resume_exactly_and_decay_to_zero(phantoms, tmp_path):
+def test_poly_schedule_and_augmentation_resume_exactly_and_decay_to_zero(phantoms, tmp_path, monkeypatch):
+    """A 6-iteration run killed after its checkpoint at iteration 3 and resumed ends with the weights of an
+    uninterrupted one (poly's horizon is the run's --iters; augmentation is a function of the iteration)."""
+    from prostate_kernels.data.sampling import PatchSampler
+
     extra = ("--schedule", "poly", "--augment")
     assert main(train_args(phantoms, tmp_path / "a", 6, *extra)) == 0
-    assert main(train_args(phantoms, tmp_path / "b", 3, *extra)) == 0
+    draw = PatchSampler.draw
+
+    def killed_after_iteration_3(self, iteration):
+        if iteration == 3:  # the batch of iteration 4: the checkpoint of iteration 3 is written
+            raise KeyboardInterrupt
+        return draw(self, iteration)
+
+    monkeypatch.setattr(PatchSampler, "draw", killed_after_iteration_3)
+    assert main(train_args(phantoms, tmp_path / "b", 6, *extra)) != 0
+    monkeypatch.setattr(PatchSampler, "draw", draw)
+    assert load_checkpoint(tmp_path / "b" / "checkpoint.pt")["iteration"] == 3
     assert main(train_args(phantoms, tmp_path / "b", 6, *extra, "--resume")) == 0
     unbroken = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["state_dict"]
     resumed = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["state_dict"]
