@@ -314,8 +314,31 @@ def check_depthwise(device: str = "cuda") -> list[dict]:
     return rows
 
 
+def check_predict_stitching(device: str = "cuda") -> list[dict]:
+    """predict_probabilities with the windows stitched on the GPU vs the same network on the CPU."""
+    import numpy as np
+    from prostate_kernels.models import build_model
+
+    from prostate_kernels.predict import predict_probabilities
+
+    torch.manual_seed(0)
+    model = build_model("unet3d", filters=(8, 16)).eval()
+    image = np.random.default_rng(0).standard_normal((20, 40, 44)).astype(np.float32)
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        gpu = predict_probabilities(model.to(device), image, (16, 32, 32), device=device, tta=True)
+        cpu = predict_probabilities(model.cpu(), image, (16, 32, 32), device="cpu", tta=True)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    err = float(np.abs(gpu - cpu).max())
+    return [_row("predict_probabilities stitched on the GPU vs on the CPU (mirroring)", err < 1e-4,
+                 f"max abs err {err:.1e}")]  # fmt: skip
+
+
 CHECKS: list[tuple[str, Callable[[str], list[dict]]]] = [
     ("sliding window", check_sliding_window),
+    ("predict stitching", check_predict_stitching),
     ("bn_relu_conv3d", check_bn_relu_conv3d),
     ("dense block", check_dense_block),
     ("depthwise", check_depthwise),

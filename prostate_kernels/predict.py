@@ -1,11 +1,16 @@
 """Whole-volume prediction with a network: sliding windows, test-time mirroring, the 2-D slice stacks.
 
 predict_probabilities takes a z-scored (D, H, W) array and returns float32 probabilities (D, H, W).
-3-D networks run sliding windows of the training patch; 2-D networks trained on stacks of k slices
-predict slice by slice, each from its k neighbours (edge slices repeated at the volume's ends).
+3-D networks run sliding windows of the training patch, stitched on the network's device (on a GPU, on
+the CPU if the volume's buffers do not fit there); 2-D networks trained on stacks of k slices predict
+slice by slice, each from its k neighbours (edge slices repeated at the volume's ends), stitched on the
+CPU.
 """
 
 from __future__ import annotations
+
+import sys
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -41,13 +46,43 @@ def predict_probabilities(
                 return _slice_stacks(
                     volume, predictor, patch, slices, overlap, mode, tta, sw_batch_size, device
                 )
-            prob = sliding_window_inference(
-                volume[None, None], patch, sw_batch_size, predictor, overlap=overlap, mode=mode,
-                sw_device=device, device="cpu", progress=progress, flip_axes=(0, 1, 2) if tta else (),
-            )  # fmt: skip
-            return prob[0, 0].numpy()
+
+            def stitch(on: torch.device) -> torch.Tensor:
+                return sliding_window_inference(
+                    volume[None, None].to(on), patch, sw_batch_size, predictor, overlap=overlap,
+                    mode=mode, sw_device=device, device=on, progress=progress,
+                    flip_axes=(0, 1, 2) if tta else (),
+                )  # fmt: skip
+
+            return stitched_on_device_or_cpu(stitch, device)[0, 0].cpu().numpy()
     finally:
         model.train(was_training)
+
+
+_FELL_BACK: set[str] = set()  # devices whose out-of-memory fall-back has been announced
+
+
+def stitched_on_device_or_cpu(
+    stitch: Callable[[torch.device], torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """stitch(device): the volume, its output and weight buffers on the GPU (stitched by the Triton
+    kernels); if they do not fit (out-of-memory), stitch(cpu) instead, the windows still predicted on
+    the GPU, and say so once per device (MONAI issue 6200 and nnU-Net PR 2980 do the same)."""
+    if device.type == "cpu":
+        return stitch(device)
+    try:
+        return stitch(device)
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if str(device) not in _FELL_BACK:
+            _FELL_BACK.add(str(device))
+            print(
+                f"warning: the volume's stitching buffers do not fit on {device}: stitching on the CPU "
+                "(windows are still predicted on the GPU)",
+                file=sys.stderr,
+            )
+        return stitch(torch.device("cpu"))
 
 
 def _slice_stacks(volume, predictor, patch, slices, overlap, mode, tta, sw_batch_size, device) -> np.ndarray:
