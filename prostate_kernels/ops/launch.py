@@ -47,14 +47,19 @@ class BucketedAutotuner:
         if unknown:
             raise ValueError(f"bucketed arguments {sorted(unknown)} are not autotune keys {tuner.keys}")
         self.chosen: dict[tuple, triton.Config] = {}
+        position = {name: i for i, name in enumerate(tuner.arg_names)}
+        # (name, position among the arguments, bucketed) per key: read without building a dict per launch
+        self._keys = [(k, position[k], k in bucketed) for k in tuner.keys]
 
     def bucket(self, args: tuple, kwargs: dict) -> tuple:
-        named = {**dict(zip(self.tuner.arg_names, args, strict=False)), **kwargs}
-        sizes = tuple(
-            triton.next_power_of_2(named[k]) if k in self.bucketed and named[k] > 0 else named[k]
-            for k in self.tuner.keys
-        )
-        return sizes + tuple(str(v.dtype) for v in named.values() if hasattr(v, "dtype"))
+        """The launch's key: the autotune keys (bucketed ones rounded up to a power of two) and the
+        dtypes of its tensor arguments (passed positionally by every launcher)."""
+        key = []
+        for name, index, bucketed in self._keys:
+            value = args[index] if index < len(args) else kwargs[name]
+            key.append(triton.next_power_of_2(value) if bucketed and value > 0 else value)
+        key.extend(a.dtype for a in args if isinstance(a, torch.Tensor))
+        return tuple(key)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
