@@ -33,13 +33,17 @@ sys.path.insert(0, str(ROOT / "bench"))
 WARM_CACHE_WAIT_S = 180
 
 
-def build(log: list[str]) -> dict:
+def build(out: Path) -> None:
+    """pip install -e . (the C++ extension built against this machine's torch); pip's output goes to
+    gpu_suite.log; SystemExit when it fails (nothing else can run)."""
     start = time.time()
     cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e", str(ROOT)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    log.append(proc.stdout[-4000:] + proc.stderr[-4000:])
-    ok = proc.returncode == 0
-    return {"section": "build", "result": "PASS" if ok else "FAIL", "detail": f"{time.time() - start:.0f} s"}
+    with (out / "gpu_suite.log").open("a") as log:
+        log.write(proc.stdout[-4000:] + proc.stderr[-4000:] + "\n")
+    if proc.returncode != 0:
+        raise SystemExit(f"gpu_suite: the build failed (exit {proc.returncode}); see {out / 'gpu_suite.log'}")
+    print(f"build: {time.time() - start:.0f} s", flush=True)
 
 
 def start_cache_warming(out: Path) -> tuple[subprocess.Popen, float]:
@@ -141,11 +145,9 @@ def main() -> None:
         merge(args.merge, args.out)
         return
     args.out.mkdir(parents=True, exist_ok=True)
-    t0, log, summary = time.time(), [], []
+    t0, summary = time.time(), []
     if not args.skip_build:
-        built = build(log)
-        print(built, flush=True)
-        (args.out / "gpu_suite.log").open("a").write("\n".join(log))
+        build(args.out)
         # a fresh interpreter: the editable install's path hook is read at start-up only
         os.execv(sys.executable, [sys.executable, *sys.argv, "--skip-build"])
     warming = None if args.no_warm_cache else start_cache_warming(args.out)
@@ -207,7 +209,6 @@ def main() -> None:
             )
         torch.cuda.empty_cache()
         print(f"[{time.time() - t0:.0f} s] section {name}: {time.time() - start:.0f} s", flush=True)
-    (args.out / "gpu_suite.log").open("a").write("\n".join(log))
     print(f"\ngpu_suite finished in {time.time() - t0:.0f} s on {env['device']}\n")
     print(markdown_table(["section", "result", "detail"], summary))
 

@@ -42,7 +42,7 @@ class BucketedAutotuner:
     remember = True  # tools/compile_capture.py sets False: every launch then goes through the autotuner
 
     def __init__(self, tuner, bucketed: tuple[str, ...]) -> None:
-        self.tuner, self.bucketed = tuner, bucketed
+        self.tuner = tuner
         unknown = set(bucketed) - set(tuner.keys)
         if unknown:
             raise ValueError(f"bucketed arguments {sorted(unknown)} are not autotune keys {tuner.keys}")
