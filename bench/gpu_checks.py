@@ -166,6 +166,7 @@ def check_bn_relu_conv3d(device: str = "cuda") -> list[dict]:
             for channels_last in (True, False):
                 rows.append(_check_reduced_precision(dtype, channels_last, device, g))
         if device == "cuda":
+            rows.append(_tf32_diagnostic(device, g))
             rows.append(_check_int64_offsets(device))
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
@@ -200,6 +201,35 @@ def _check_reduced_precision(dtype, channels_last: bool, device: str, g) -> dict
         ratios[worst] <= 2.0,
         f"worst {worst}: {ratios[worst]:.2f}x eager's error ({_rel(ours[worst], exact[worst]):.1e})",
     )
+
+
+def _tf32_diagnostic(device: str, g) -> dict:
+    """INFO, not a check: does eager (cuDNN) use TF32 in this layer's backward at all? Eager's error
+    against float64 with cuDNN's TF32 flag on and off; equal errors mean that cuDNN picked no TF32
+    algorithm there, and then "ours within 2x eager's TF32 error" compares TF32 against IEEE float32."""
+    x, params, conv = _dense_layer_case(*P3A_LAYER[:4], *P3A_LAYER[4:7], P3A_LAYER[7], P3A_LAYER[8],
+                                        device, torch.float32, g, True)  # fmt: skip
+    errors = {}
+    for tf32 in (True, False):
+        torch.backends.cudnn.allow_tf32 = tf32
+        try:
+            ours, gy = _run_dense_layer(x, params, conv, True, "triton", torch.float32)
+            eager, _ = _run_dense_layer(x, params, conv, True, "torch", torch.float32, gy)
+        finally:
+            torch.backends.cudnn.allow_tf32 = False
+        exact, _ = _run_dense_layer(x, params, conv, True, "torch", torch.float64, gy)
+        errors[tf32] = {k: (_rel(ours[k], exact[k]), _rel(eager[k], exact[k])) for k in exact}
+    detail = "; ".join(
+        f"{k}: ours {errors[True][k][0]:.1e}/{errors[False][k][0]:.1e}, "
+        f"eager {errors[True][k][1]:.1e}/{errors[False][k][1]:.1e}"
+        for k in ("y", "grad_x", "grad_weight", "grad_bn_weight", "grad_bn_bias")
+        if k in errors[True]
+    )
+    return {
+        "check": "TF32 diagnostic (rel error vs float64, TF32 on/off)",
+        "result": "INFO",
+        "detail": detail,
+    }
 
 
 def _check_int64_offsets(device: str) -> dict:

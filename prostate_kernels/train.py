@@ -145,10 +145,13 @@ class HeldOut:
     mask: np.ndarray
 
 
-def load_cases(config: TrainConfig, log) -> tuple[list, list[HeldOut]]:
-    """(training cases, held-out cases); unreadable cases are reported and skipped."""
-    cases = discover_cases(config.data, require_labels=True)
-    loaded, problems = [], []
+def load_cases(config: TrainConfig, log, arrays: list | None = None) -> tuple[list, list[HeldOut]]:
+    """(training cases, held-out cases); unreadable cases are reported and skipped.
+
+    arrays: (name, image, mask) triples already in memory, used as they are instead of config.data's
+    files (no resampling: they are taken to be at the training resolution already)."""
+    cases = [] if arrays is not None else discover_cases(config.data, require_labels=True)
+    loaded, problems = list(arrays or []), []
     for case in cases:
         try:
             image = read_volume(case.image)
@@ -177,8 +180,11 @@ def load_cases(config: TrainConfig, log) -> tuple[list, list[HeldOut]]:
 # -------------------------------------------------------------------------------------- training
 
 
-def train(config: TrainConfig, log=print) -> Path:
+def train(config: TrainConfig, log=print, arrays: list | None = None) -> Path:
     """Trains, validates and checkpoints into config.out; returns the path of the last checkpoint.
+
+    arrays: train on these (name, image (D, H, W), mask (D, H, W)) triples instead of reading
+    config.data (bench/real_cv.py: cases packed once, on a machine without SimpleITK).
 
     config.out must be new or empty, or (with config.resume) an earlier run's directory; rank 0 holds
     an exclusive lock on it for the whole run, so two trainings never write into one directory.
@@ -190,13 +196,13 @@ def train(config: TrainConfig, log=print) -> Path:
     rank, world, device = _setup_distributed()
     if rank != 0:
         _check_run_directory(out, config.resume)
-        return _train(config, rank, world, device, log)
+        return _train(config, rank, world, device, log, arrays)
     output_directory(out, "--out")
     with RunLock(out):
         _check_run_directory(out, config.resume)
         for tmp in remove_stale_temporaries(out):
             log(f"removed {tmp.name}, left by a checkpoint write that was killed")
-        return _train(config, rank, world, device, log)
+        return _train(config, rank, world, device, log, arrays)
 
 
 def _check_run_directory(out: Path, resume: bool) -> None:
@@ -207,7 +213,7 @@ def _check_run_directory(out: Path, resume: bool) -> None:
                              "it, or choose a new --out")  # fmt: skip
 
 
-def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log) -> Path:
+def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log, arrays=None) -> Path:
     settings = config.settings()
     patch = tuple(config.patch or settings.patch)
     batch, lr = config.batch or settings.batch, config.lr if config.lr is not None else settings.lr
@@ -216,7 +222,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
     ckpt_path = out / "checkpoint.pt"
     ckpt_every = config.checkpoint_every or config.val_every
 
-    train_cases, held_out = load_cases(config, log if rank == 0 else (lambda *_: None))
+    train_cases, held_out = load_cases(config, log if rank == 0 else (lambda *_: None), arrays)
     torch.manual_seed(config.seed * 1000 + rank)
     model = build_model(config.model, **_model_kwargs(config)).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)

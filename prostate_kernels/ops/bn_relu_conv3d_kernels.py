@@ -6,8 +6,8 @@ ever writes to memory: each one recomputes it from x while loading its tile. y (
 the conv output; gy its gradient. All tensors are addressed through their strides (any layout, channel
 slices of a larger buffer included). Voxel indices are int32 (fewer than 2**31 voxels, checked by the
 launchers); element offsets are int32 too, or int64 when INT64 (a tensor of the launch spans 2**31
-elements or more; see triton_index.py). The taps are a runtime loop: unrolled, their
-address tiles stayed live together and spilled registers.
+elements or more; see triton_index.py). The K dimension (taps x channel blocks) is one runtime loop,
+the tap varying fastest: unrolled taps kept their address tiles live together and spilled registers.
 
 Implicit GEMM: M = voxels, N = channels, K = taps x channels. Layout: with channels-last tensors
 (channel stride 1) the K dimension of every tile is contiguous in memory, so tile loads are coalesced
@@ -77,7 +77,13 @@ def bn_relu_conv3d_fwd_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < C_out
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in range(KD * KH * KW):
+    # One flat K loop over (channel block, tap), the tap varying fastest: consecutive steps read the same
+    # channels at neighbouring voxels (the 27 taps of one channel block touch a few KB, kept in L1), and
+    # num_stages pipelines the loads of the whole loop (a tap loop around a channel loop pipelined only
+    # the inner loop, a single step at C_in <= BLOCK_K).
+    TAPS = KD * KH * KW  # constexpr
+    for k in range(TAPS * tl.cdiv(C_in, BLOCK_K)):
+        tap = k % TAPS
         kd = tap // (KH * KW)
         kh = (tap // KW) % KH
         kw = tap % KW
@@ -86,20 +92,19 @@ def bn_relu_conv3d_fwd_kernel(
         i_w = ow * stw - pdw + kw * dlw
         valid = mask_m & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
         row = voxel_offsets(n, i_d, i_h, i_w, sxn, sxd, sxh, sxw, INT64)
-        for c0 in range(0, C_in, BLOCK_K):
-            offs_k = c0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < C_in
-            a_mask = valid[:, None] & mask_k[None, :]
-            a = tl.load(x_ptr + row[:, None] + widen(offs_k, INT64)[None, :] * sxc, mask=a_mask, other=0.0)
-            scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
-            shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
-            a = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
-            a = tl.where(a_mask, a, 0.0)  # padding is zero *after* BN + ReLU, as in the Sequential
-            w_rows = widen(tap * C_in + offs_k, INT64) * C_out
-            w = tl.load(
-                w_ptr + w_rows[:, None] + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0
-            )
-            acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        offs_k = (k // TAPS) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C_in
+        a_mask = valid[:, None] & mask_k[None, :]
+        a = tl.load(x_ptr + row[:, None] + widen(offs_k, INT64)[None, :] * sxc, mask=a_mask, other=0.0)
+        scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
+        shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
+        a = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+        a = tl.where(a_mask, a, 0.0)  # padding is zero *after* BN + ReLU, as in the Sequential
+        w_rows = widen(tap * C_in + offs_k, INT64) * C_out
+        w = tl.load(
+            w_ptr + w_rows[:, None] + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0
+        )
+        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = voxel_offsets(n, od, oh, ow, syn, syd, syh, syw, INT64)
@@ -176,7 +181,11 @@ def bn_relu_conv3d_dgrad_kernel(
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < C_in
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for tap in range(KD * KH * KW):
+    # One flat K loop over (C_out block, tap), the tap varying fastest, as in the forward kernel (with
+    # the usual C_out <= BLOCK_K this is the tap loop itself, now pipelined by num_stages).
+    TAPS = KD * KH * KW  # constexpr
+    for k in range(TAPS * tl.cdiv(C_out, BLOCK_K)):
+        tap = k % TAPS
         kd = tap // (KH * KW)
         kh = (tap // KW) % KH
         kw = tap % KW
@@ -191,19 +200,18 @@ def bn_relu_conv3d_dgrad_kernel(
         valid = valid & (nd % std == 0) & (nh % sth == 0) & (nw % stw == 0)
         valid = valid & (o_d < Do) & (o_h < Ho) & (o_w < Wo)
         row = voxel_offsets(n, o_d, o_h, o_w, sgn, sgd, sgh, sgw, INT64)
-        for c0 in range(0, C_out, BLOCK_K):
-            offs_k = c0 + tl.arange(0, BLOCK_K)
-            mask_k = offs_k < C_out
-            g = tl.load(
-                gy_ptr + row[:, None] + widen(offs_k, INT64)[None, :] * sgc,
-                mask=valid[:, None] & mask_k[None, :],
-                other=0.0,
-            )
-            w_rows = widen(tap * C_out + offs_k, INT64) * C_in
-            w = tl.load(
-                w_ptr + w_rows[:, None] + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0
-            )
-            acc = tl.dot(g.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        offs_k = (k // TAPS) * BLOCK_K + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < C_out
+        g = tl.load(
+            gy_ptr + row[:, None] + widen(offs_k, INT64)[None, :] * sgc,
+            mask=valid[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        w_rows = widen(tap * C_out + offs_k, INT64) * C_in
+        w = tl.load(
+            w_ptr + w_rows[:, None] + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0
+        )
+        acc = tl.dot(g.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
 
     # Epilogue: through the ReLU mask (recomputed from x) and the BatchNorm affine map.
     mask = mask_m[:, None] & mask_n[None, :]
