@@ -1,8 +1,9 @@
 """Copies the newest benchmark results into README.md (no hand-copied numbers).
 
 The section between `<!-- bench:results -->` and `<!-- /bench:results -->` is rebuilt from the newest
-combined results file (bench/run_all.py's <date>-<device>.csv/.md) of each device kind: the device, date,
-versions and git sha of the run, its summary table and the main table of each benchmark; and a line
+combined results files (bench/run_all.py's <date>-<device>[-runN].csv/.md) of each device kind: each
+benchmark's main table from the newest run that measured it, with that run's device, date, versions,
+git sha and summary rows; and a line
 saying which figures are still unmeasured on a GPU when no GPU run has been committed.
 
     python bench/update_readme.py
@@ -87,39 +88,57 @@ def header(md_path: Path) -> dict[str, str]:
     return fields
 
 
-def newest_runs() -> dict[str, Path]:
-    """The newest combined results csv per device kind ("cpu", "cuda")."""
-    runs: dict[str, Path] = {}
-    for path in sorted(RESULTS_DIR.glob("*.csv"), key=lambda p: (p.name[:10], p.stat().st_mtime)):
+def runs_by_kind() -> dict[str, list[Path]]:
+    """The combined results csv files per device kind ("cpu", "cuda"), newest first: by date, then by
+    name (a later run of one day on one device is saved as <date>-<device>-run2, -run3, ...)."""
+    runs: dict[str, list[Path]] = {}
+    for path in sorted(RESULTS_DIR.glob("*.csv"), key=lambda p: (p.name[:10], _run_number(p)), reverse=True):
         with path.open() as f:
             if "benchmark" not in (next(csv.reader(f), []) or []):
                 continue
-        kind = header(path.with_suffix(".md")).get("device_kind", "cpu")
-        runs[kind] = path
+        runs.setdefault(header(path.with_suffix(".md")).get("device_kind", "cpu"), []).append(path)
     return runs
 
 
-def section(path: Path) -> str:
-    env = header(path.with_suffix(".md"))
-    rows = list(csv.DictReader(path.open()))
-    versions = f"torch {env.get('torch')}, triton {env.get('triton')}, git {env.get('git_sha')}"
-    lines = [
-        f"Measured on {env.get('device')} ({env.get('date')}), {versions}: `bench/results/{path.stem}.md`."
-    ]
-    summary = re.search(r"## Summary\n\n(.*?)\n\n", path.with_suffix(".md").read_text(), re.S)
-    if summary:
-        lines += ["", summary.group(1)]
-    for name, columns in SHOWN.items():
-        subset = [r for r in rows if r["benchmark"] == name]
-        if not subset:
+def _run_number(path: Path) -> int:
+    match = re.search(r"-run(\d+)$", path.stem)
+    return int(match.group(1)) if match else 1
+
+
+def section(paths: list[Path]) -> str:
+    """Each benchmark from the newest of `paths` (runs of one device kind, newest first) that has it;
+    every run used is named with its device, date, versions and git sha, and its summary rows."""
+    used: dict[Path, list[str]] = {}
+    for name in SHOWN:
+        path = next((p for p in paths if any(r["benchmark"] == name for r in csv.DictReader(p.open()))), None)
+        if path is not None:
+            used.setdefault(path, []).append(name)
+    lines = []
+    for path, names in used.items():
+        env = header(path.with_suffix(".md"))
+        versions = f"torch {env.get('torch')}, triton {env.get('triton')}, git {env.get('git_sha')}"
+        lines += [
+            f"{', '.join(names)}: measured on {env.get('device')} ({env.get('date')}), {versions}: "
+            f"`bench/results/{path.stem}.md`.",
+            "",
+        ]
+        summary = re.search(r"## Summary\n\n(.*?)\n\n", path.with_suffix(".md").read_text(), re.S)
+        if summary:  # its header, separator and the rows of the benchmarks taken from this run
+            table = summary.group(1).splitlines()
+            rows = table[:2] + [r for r in table[2:] if r.split("|")[1].strip() in names]
+            lines += ["\n".join(rows), ""]
+    for name in SHOWN:
+        path = next((p for p, names in used.items() if name in names), None)
+        if path is None:
             continue
-        shown = [c for c in columns if any(r.get(c) for r in subset)]
-        lines += ["", f"**{name}**", "", markdown_table(shown, subset)]
-    return "\n".join(lines)
+        subset = [r for r in csv.DictReader(path.open()) if r["benchmark"] == name]
+        shown = [c for c in SHOWN[name] if any(r.get(c) for r in subset)]
+        lines += [f"**{name}** (`{path.stem}`)", "", markdown_table(shown, subset), ""]
+    return "\n".join(lines).rstrip()
 
 
 def main() -> None:
-    runs = newest_runs()
+    runs = runs_by_kind()
     parts = [section(runs[kind]) for kind in ("cuda", "cpu") if kind in runs]
     if "cuda" not in runs:
         parts.append(f"Not measured on a GPU yet: {UNMEASURED_WITHOUT_GPU}.")
