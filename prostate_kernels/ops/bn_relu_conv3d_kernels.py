@@ -15,12 +15,14 @@ along K and the dense block's shared buffer can be read as channel slices withou
 too (then loads are contiguous along M).
 
 Dot operands are cast to DOT_DTYPE (float16/bfloat16 on the GPU for half inputs, float32 in the
-interpreter, where bfloat16 dots are wrong); accumulation is always float32.
+interpreter, where bfloat16 dots are wrong), and rounded to nearest for TF32 dots (dot_operands.py);
+accumulation is always float32.
 """
 
 import triton
 import triton.language as tl
 
+from prostate_kernels.ops.dot_operands import dot_operand
 from prostate_kernels.ops.triton_index import block_offsets, voxel, voxel_offsets, widen
 
 
@@ -104,7 +106,12 @@ def bn_relu_conv3d_fwd_kernel(
         w = tl.load(
             w_ptr + w_rows[:, None] + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0
         )
-        acc = tl.dot(a.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(
+            dot_operand(a, DOT_DTYPE, INPUT_PRECISION),
+            dot_operand(w, DOT_DTYPE, INPUT_PRECISION),
+            acc,
+            input_precision=INPUT_PRECISION,
+        )
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = voxel_offsets(n, od, oh, ow, syn, syd, syh, syw, INT64)
@@ -211,7 +218,12 @@ def bn_relu_conv3d_dgrad_kernel(
         w = tl.load(
             w_ptr + w_rows[:, None] + offs_n[None, :], mask=mask_k[:, None] & mask_n[None, :], other=0.0
         )
-        acc = tl.dot(g.to(DOT_DTYPE), w.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(
+            dot_operand(g, DOT_DTYPE, INPUT_PRECISION),
+            dot_operand(w, DOT_DTYPE, INPUT_PRECISION),
+            acc,
+            input_precision=INPUT_PRECISION,
+        )
 
     # Epilogue: through the ReLU mask (recomputed from x) and the BatchNorm affine map.
     mask = mask_m[:, None] & mask_n[None, :]
@@ -384,7 +396,12 @@ def bn_relu_conv3d_wgrad_kernel(
         g_row = voxel_offsets(n, od, oh, ow, sgn, sgd, sgh, sgw, INT64)
         g_mask = mask_m[:, None] & mask_co[None, :]
         g = tl.load(gy_ptr + g_row[:, None] + widen(offs_co, INT64)[None, :] * sgc, mask=g_mask, other=0.0)
-        acc = tl.dot(tl.trans(a.to(DOT_DTYPE)), g.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(
+            tl.trans(dot_operand(a, DOT_DTYPE, INPUT_PRECISION)),
+            dot_operand(g, DOT_DTYPE, INPUT_PRECISION),
+            acc,
+            input_precision=INPUT_PRECISION,
+        )
         if HAS_BIAS:
             g_sum += tl.sum(g.to(tl.float32), axis=0)
     split = tl.program_id(2)

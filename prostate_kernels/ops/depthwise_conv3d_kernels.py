@@ -13,6 +13,7 @@ Accumulation is float32 whatever the input dtype.
 import triton
 import triton.language as tl
 
+from prostate_kernels.ops.dot_operands import dot_operand
 from prostate_kernels.ops.triton_index import block_offsets, voxel, voxel_offsets, widen
 
 
@@ -333,7 +334,12 @@ def separable_conv3d_inference_kernel(
         depth = tl.where(mask_k[None, :], depth, 0.0)
         pw_mask = mask_k[:, None] & mask_n[None, :]
         pw = tl.load(pw_ptr + offs_k[:, None] * C_out + offs_n[None, :], mask=pw_mask, other=0.0)
-        acc = tl.dot(depth.to(DOT_DTYPE), pw.to(DOT_DTYPE), acc, input_precision=INPUT_PRECISION)
+        acc = tl.dot(
+            dot_operand(depth, DOT_DTYPE, INPUT_PRECISION),
+            dot_operand(pw, DOT_DTYPE, INPUT_PRECISION),
+            acc,
+            input_precision=INPUT_PRECISION,
+        )
     s2 = tl.load(s2_ptr + offs_n, mask=mask_n, other=0.0)
     t2 = tl.load(t2_ptr + offs_n, mask=mask_n, other=0.0)
     acc = acc * s2[None, :] + t2[None, :]
