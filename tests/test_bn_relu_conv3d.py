@@ -205,7 +205,7 @@ def test_nothing_but_the_input_and_channel_vectors_is_saved_for_backward():
 
 
 def test_forward_writes_every_output_element():
-    from prostate_kernels.ops.bn_relu_conv3d import conv_forward
+    from prostate_kernels.ops.bn_relu_conv3d_triton import conv_forward
     from prostate_kernels.ops.conv_geometry import conv_geometry
 
     g = torch.Generator().manual_seed(5)
@@ -222,7 +222,7 @@ def test_forward_writes_every_output_element():
 
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["train", "eval"])
 def test_input_gradient_writes_every_element(batch_stats):
-    from prostate_kernels.ops.bn_relu_conv3d import conv_input_grad
+    from prostate_kernels.ops.bn_relu_conv3d_triton import conv_input_grad
     from prostate_kernels.ops.conv_geometry import conv_geometry
 
     g = torch.Generator().manual_seed(6)
@@ -358,7 +358,7 @@ def test_reference_is_the_eager_sequential():
 
 def test_training_input_gradient_in_channel_blocks_equals_one_pass(monkeypatch):
     """A small scratch bound forces the gz scratch to be processed 64 channels at a time."""
-    from prostate_kernels.ops import bn_relu_conv3d as ops
+    from prostate_kernels.ops import bn_relu_conv3d_triton as ops
 
     case = Case("many-channels", 2, 70, 16, (3, 4, 5))
     g = torch.Generator().manual_seed(8)

@@ -104,7 +104,7 @@ def test_half_precision_error_is_comparable_to_pytorch(dtype):
 
 def test_forward_writes_every_output_element():
     """Poisoned output memory: the kernel must overwrite all of it."""
-    from prostate_kernels.ops import depthwise_conv3d as ops
+    from prostate_kernels.ops import depthwise_conv3d_triton as ops
     from prostate_kernels.ops.conv_geometry import conv_geometry
 
     x = torch.randn((2, 5, 5, 6, 7))

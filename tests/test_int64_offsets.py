@@ -12,7 +12,7 @@ import test_bn_relu_conv3d as dense
 import test_depthwise_conv3d as depthwise
 import torch
 
-from prostate_kernels.ops import bn_relu_conv3d, depthwise_conv3d
+from prostate_kernels.ops import bn_relu_conv3d_triton, depthwise_conv3d_triton
 from prostate_kernels.ops.launch import INT32_SPAN, check_voxels, needs_int64
 
 
@@ -24,8 +24,8 @@ def force_int64(monkeypatch):
         seen.append(True)
         return True
 
-    monkeypatch.setattr(bn_relu_conv3d, "needs_int64", always)
-    monkeypatch.setattr(depthwise_conv3d, "needs_int64", always)
+    monkeypatch.setattr(bn_relu_conv3d_triton, "needs_int64", always)
+    monkeypatch.setattr(depthwise_conv3d_triton, "needs_int64", always)
     return seen
 
 

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from prostate_kernels import backend, functional, reference
-from prostate_kernels.ops.dense_block import BlockSpec, LayerSpec, dense_block
+from prostate_kernels import functional, reference
+from prostate_kernels.ops.dense_block import DenseLayerParams, LayerSpec, check_input, dense_block
 from prostate_kernels.ops.seeded_dropout import draw_seeds, dropout_scale
 
 __all__ = ["BNReLUConv3d", "BatchNormStep", "DenseBlock3d"]
@@ -63,20 +63,10 @@ class BNReLUConv3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bn = self.batch_norm_step()
         return functional.bn_relu_conv3d(
-            x,
-            self.conv.weight,
-            self.conv.bias,
-            self.norm.weight,
-            self.norm.bias,
-            bn.running_mean,
-            bn.running_var,
-            bn.batch_stats,
-            bn.momentum,
-            self.norm.eps,
-            self.conv.stride,
-            self.conv.padding,
-            self.conv.dilation,
-        )
+            x, self.conv.weight, self.conv.bias, self.norm.weight, self.norm.bias, bn.running_mean,
+            bn.running_var, training=bn.batch_stats, momentum=bn.momentum, eps=self.norm.eps,
+            stride=self.conv.stride, padding=self.conv.padding, dilation=self.conv.dilation,
+        )  # fmt: skip
 
     def batch_norm_step(self) -> BatchNormStep:
         """The running-statistics bookkeeping of nn.BatchNorm3d.forward, step for step: increments
@@ -167,7 +157,7 @@ class DenseBlock3d(nn.Module):
         self.out_channels = in_channels + new if return_input else new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input(x)
+        check_input(x, self.in_channels, self.layers[0].conv.weight, self.training)
         steps = [layer.batch_norm_step() for layer in self.layers]
         p = self.dropout if self.training else 0.0
         seeds = tuple(draw_seeds(len(self.layers))) if p > 0 else (0,) * len(self.layers)
@@ -178,54 +168,18 @@ class DenseBlock3d(nn.Module):
             out = self._naive(x, steps, seeds, p)
         return out if self.return_input or not self.memory_efficient else out[:, self.in_channels :]
 
-    def _check_input(self, x: object) -> None:
-        """ValueError/TypeError naming the value, before any statistic is touched."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != self.in_channels:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"DenseBlock3d expects (N, {self.in_channels}, D, H, W) input, got {shape}")
-        if not x.is_floating_point():
-            raise TypeError(f"DenseBlock3d: x must be floating point, got {x.dtype}")
-        weight = self.layers[0].conv.weight
-        if x.dtype != weight.dtype and backend.autocast_dtype(x.device) is None:
-            raise TypeError(
-                f"DenseBlock3d: x dtype {x.dtype} differs from the block's parameters ({weight.dtype}): "
-                f"convert one of them (x.to({weight.dtype}) or block.to({x.dtype}))"
-            )
-        if x.device != weight.device:
-            raise ValueError(
-                f"DenseBlock3d: x is on {x.device} but the block's parameters on {weight.device}"
-            )
-        if self.training and x.shape[0] > 0 and x[:, 0].numel() <= 1:
-            raise ValueError(
-                "DenseBlock3d: training needs more than 1 value per channel for the batch statistics, "
-                f"got input size {tuple(x.shape)}"
-            )
-
     def _efficient(self, x, steps, seeds, p) -> torch.Tensor:
-        engine = "triton" if backend.resolve(x.device) == "triton" else "torch"
-        compute_dtype = backend.autocast_dtype(x.device) or x.dtype
-        spec = BlockSpec(
-            in_channels=self.in_channels,
-            growth=self.growth_rate,
-            layers=tuple(
-                LayerSpec(s.batch_stats, s.momentum, layer.norm.eps, s.running_mean is not None)
-                for s, layer in zip(steps, self.layers, strict=True)
-            ),
-            dropout=p,
-            seeds=seeds,
-            engine=engine,
-            compute_dtype=compute_dtype,
-        )
-        params = []
-        for step, layer in zip(steps, self.layers, strict=True):
-            params += [
-                layer.conv.weight,
-                layer.norm.weight,
-                layer.norm.bias,
-                step.running_mean,
-                step.running_var,
-            ]
-        return dense_block(x, spec, params)
+        layers = [
+            DenseLayerParams(
+                layer.conv.weight, layer.norm.weight, layer.norm.bias, s.running_mean, s.running_var
+            )
+            for s, layer in zip(steps, self.layers, strict=True)
+        ]
+        specs = [
+            LayerSpec(s.batch_stats, s.momentum, layer.norm.eps, s.running_mean is not None)
+            for s, layer in zip(steps, self.layers, strict=True)
+        ]
+        return dense_block(x, self.growth_rate, layers, specs, p, seeds)
 
     def _naive(self, x, steps, seeds, p) -> torch.Tensor:
         """torch.cat at every layer, eager BN -> ReLU -> conv, the same seeded dropout masks."""

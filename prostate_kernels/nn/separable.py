@@ -11,13 +11,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from prostate_kernels import backend, functional, reference
-from prostate_kernels.ops.conv_geometry import conv_geometry
+from prostate_kernels import functional, reference
+from prostate_kernels.ops.batch_norm import fold_batch_norm
+from prostate_kernels.ops.conv_geometry import conv_geometry, triple
+from prostate_kernels.ops.depthwise_conv3d import fused_separable_applies, separable_inference
 
 __all__ = ["ASPP3d", "DepthwiseConv3d", "SeparableConv3d"]
 
 Rate = int | tuple[int, int, int]
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class DepthwiseConv3d(nn.Conv3d):
@@ -70,21 +71,11 @@ def _same_padding(kernel: tuple[int, int, int], dilation: tuple[int, int, int]) 
     return tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
 
 
-def _triple(value: Rate, name: str) -> tuple[int, int, int]:
-    values = (value,) * 3 if isinstance(value, int) else tuple(value)
-    if len(values) != 3 or not all(isinstance(v, int) and v >= 1 for v in values):
-        raise ValueError(f"{name} {value!r} must be a positive int or 3 positive ints (D, H, W)")
-    return values  # type: ignore[return-value]
-
-
 def _eval_affine(bn: nn.BatchNorm3d, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) of an eval-mode BatchNorm from its running statistics, in `dtype`."""
-    scale = torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-    if bn.weight is not None:
-        scale = scale * bn.weight.to(dtype)
-    shift = -bn.running_mean.to(dtype) * scale
-    if bn.bias is not None:
-        shift = shift + bn.bias.to(dtype)
+    scale, shift, _ = fold_batch_norm(
+        bn.running_mean.to(dtype), bn.running_var.to(dtype), bn.weight, bn.bias, bn.eps
+    )
     return scale.contiguous(), shift.contiguous()
 
 
@@ -110,10 +101,10 @@ class SeparableConv3d(nn.Module):
         momentum: float = 0.1,
     ) -> None:
         super().__init__()
-        kernel = _triple(kernel_size, "kernel_size")
+        kernel = triple(kernel_size, "kernel_size", positive=True)
         if any(k % 2 == 0 for k in kernel):
             raise ValueError(f"SeparableConv3d: kernel_size {kernel} must be odd (the padding is symmetric)")
-        dilation = _triple(dilation, "dilation")
+        dilation = triple(dilation, "dilation", positive=True)
         self.depth_activation = depth_activation
         self.depthwise = DepthwiseConv3d(
             in_channels, kernel, stride, _same_padding(kernel, dilation), dilation, False
@@ -124,8 +115,6 @@ class SeparableConv3d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fusable(x):
-            from prostate_kernels.ops.depthwise_conv3d import separable_inference
-
             d = self.depthwise
             geometry = conv_geometry(d.kernel_size, d.stride, d.padding, d.dilation)
             return separable_inference(
@@ -139,17 +128,13 @@ class SeparableConv3d(nn.Module):
         return torch.relu(h) if self.depth_activation else h
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        """Eval mode without autograd or autocast, on the Triton backend, BatchNorms with running stats."""
+        """Eval mode without autograd, BatchNorms with running stats, and what the op needs of x."""
         return (
             not self.training
             and not torch.is_grad_enabled()
-            and x.dim() == 5
-            and x.dtype in _FUSED_DTYPES
-            and self.pointwise.weight.dtype == x.dtype
-            and backend.autocast_dtype(x.device) is None
             and self.depthwise_bn.running_mean is not None
             and self.pointwise_bn.running_mean is not None
-            and backend.resolve(x.device) == "triton"
+            and fused_separable_applies(x, self.pointwise.weight)
         )
 
     def reference_inference(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,7 +165,7 @@ class ASPP3d(nn.Module):
         kernel_size: int | tuple[int, int, int] = 3,
     ) -> None:
         super().__init__()
-        rates = [_triple(r, "rate") for r in rates]
+        rates = [triple(r, "rate", positive=True) for r in rates]
         self.rates = tuple(rates)
         self.pool_conv = nn.Conv3d(in_channels, out_channels, 1, bias=False)
         self.pool_bn = nn.BatchNorm3d(out_channels, eps=1e-5)

@@ -1,318 +1,140 @@
-"""Fused BatchNorm -> ReLU -> Conv3d: launchers of the Triton kernels and the autograd.Function.
+"""The fused BatchNorm -> ReLU -> Conv3d op (the dense layer): its one public entry.
 
-Forward: batch statistics (training) -> conv whose loads apply scale/shift + ReLU. Backward: weight
-and bias gradients (one kernel), input gradient through conv, ReLU mask and BatchNorm with the
-per-channel reductions in its epilogue (one kernel), then, in training mode, the batch-statistics term
-(one elementwise kernel). Saved for backward: the input x itself and per-channel vectors, nothing else.
-Arguments are validated by functional.bn_relu_conv3d before they get here.
+bn_relu_conv3d() validates its arguments (errors name the offending value), picks the implementation
+(backend.resolve: the Triton kernels of bn_relu_conv3d_triton.py, or the PyTorch twin in reference.py),
+applies autocast and dispatches. The Triton side is imported on first use, so that importing the package
+stays cheap.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-import triton
 
-from prostate_kernels import backend
-from prostate_kernels.backend import autocast_dtype
-from prostate_kernels.ops import bn_relu_conv3d_kernels as kernels
-from prostate_kernels.ops.channel_stats import channel_stats, update_running_stats_
-from prostate_kernels.ops.conv_geometry import ConvGeometry
-from prostate_kernels.ops.launch import (
-    autotune_configs,
-    bucketed_autotune,
-    check_voxels,
-    conv_args,
-    dot_setup,
-    needs_int64,
-    output_like,
-    prune_spilling,
-)
+from prostate_kernels import backend, reference
+from prostate_kernels.ops.conv_geometry import ConvGeometry, conv_geometry
 
-# Configs that spill registers at some launch, measured by `make gpu-compile` (every launch of Tiramisu
-# 3D p3a and DeepLabv3+ 3D, every dot path, int32 and int64 offsets, sm_90a and sm_80; report:
-# bench/results/2026-11-27-compile-report.md), as (block sizes..., num_warps): pruned at those launches.
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps); the flat K loop added the last two (8 B spilled on sm_80)
-_FWD_SPILLS = {(128, 16, 64, 4), (128, 16, 64, 8), (128, 64, 64, 4), (128, 16, 32, 4), (128, 64, 32, 8)}
-_DGRAD_SPILLS = {(128, 64, 16, 4), (128, 64, 16, 8), (64, 64, 16, 4), (128, 32, 32, 4), (128, 64, 32, 4),
-                 (128, 64, 32, 8)}  # fmt: skip
-_WGRAD_SPILLS = {(128, 32, 16, 8), (64, 64, 16, 4), (64, 64, 16, 8)}  # (BLOCK_M, BLOCK_CI, BLOCK_CO, warps)
-
-_fwd = bucketed_autotune(
-    autotune_configs(
-        [{"BLOCK_M": 128, "BLOCK_K": 32}, {"BLOCK_M": 64, "BLOCK_K": 32}, {"BLOCK_M": 128, "BLOCK_K": 64}],
-        [(4, 3), (8, 3)],
-    ),
-    key=["C_in", "C_out", "M", "KD", "KH", "KW", "DOT_DTYPE", "INT64"],
-    bucketed=("C_in", "M"),
-    prune_configs_by={"early_config_prune": prune_spilling(_FWD_SPILLS, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))},
-)(kernels.bn_relu_conv3d_fwd_kernel)
-
-_dgrad = bucketed_autotune(
-    autotune_configs(
-        [{"BLOCK_M": 128, "BLOCK_K": 16}, {"BLOCK_M": 64, "BLOCK_K": 16}, {"BLOCK_M": 128, "BLOCK_K": 32}],
-        [(4, 3), (8, 3)],
-    ),
-    key=["C_in", "C_out", "M", "KD", "KH", "KW", "DOT_DTYPE", "STORE_GZ", "INT64"],
-    bucketed=("C_in", "M"),
-    reset_to_zero=["dgamma_ptr", "dbeta_ptr"],
-    restore_value=["gx_ptr"],
-    prune_configs_by={"early_config_prune": prune_spilling(_DGRAD_SPILLS, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))},
-)(kernels.bn_relu_conv3d_dgrad_kernel)
-
-_wgrad = bucketed_autotune(
-    autotune_configs(
-        [{"BLOCK_M": 128, "BLOCK_CI": 32}, {"BLOCK_M": 64, "BLOCK_CI": 32}, {"BLOCK_M": 64, "BLOCK_CI": 64}],
-        [(4, 3), (8, 3)],
-    ),
-    key=["C_in", "C_out", "M", "KH", "KW", "DOT_DTYPE", "INT64"],
-    bucketed=("C_in", "M"),
-    prune_configs_by={
-        "early_config_prune": prune_spilling(_WGRAD_SPILLS, ("BLOCK_M", "BLOCK_CI", "BLOCK_CO"))
-    },
-)(kernels.bn_relu_conv3d_wgrad_kernel)
-
-FINALIZE_BLOCK_M = 64
-FINALIZE_BLOCK_C = 32
-SCRATCH_BYTES = 64 * 2**20  # bound of the float32 gz scratch of the training-mode input gradient
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton kernels take
 
 
-def _block_for(channels: int) -> int:
-    """A dot-compatible (>= 16, power of two) block covering up to 64 channels."""
-    return max(16, min(64, triton.next_power_of_2(channels)))
-
-
-def conv_forward(
+def bn_relu_conv3d(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    geometry: ConvGeometry,
-    compute_dtype: torch.dtype,
-    out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """y = conv3d(relu(x * scale + shift), weight) + bias, written into `out` (any strides) when given."""
-    n, c_in, d, h, w = x.shape
-    c_out = weight.shape[0]
-    do, ho, wo = geometry.output_size((d, h, w))
-    if out is None:
-        out = output_like(x, (n, c_out, do, ho, wo), compute_dtype)
-    dot_dtype, precision = dot_setup(compute_dtype)
-    # (C_out, C_in, kd, kh, kw) -> (taps, C_in, C_out): each K-row of the weight tile is contiguous
-    w_taps = weight.permute(2, 3, 4, 1, 0).reshape(geometry.taps, c_in, c_out).to(compute_dtype).contiguous()
-    m = n * do * ho * wo
-    check_voxels("bn_relu_conv3d", m, n * d * h * w)
-    block_n = _block_for(c_out)
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, block_n))
-
-    _fwd[grid](
-        x, w_taps, bias if bias is not None else scale, scale, shift, out,
-        m, c_in, c_out, d, h, w, do, ho, wo, *x.stride(), *out.stride(), *conv_args(geometry),
-        KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], HAS_BIAS=bias is not None,
-        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=needs_int64(x, out), BLOCK_N=block_n,
-    )  # fmt: skip
-    return out
-
-
-def conv_weight_grad(
-    x: torch.Tensor,
-    gy: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    geometry: ConvGeometry,
-    compute_dtype: torch.dtype,
-    with_bias: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(grad of weight (C_out, C_in, kd, kh, kw) float32, grad of bias (C_out,) float32 or None)."""
-    n, c_in, d, h, w = x.shape
-    _, c_out, do, ho, wo = gy.shape
-    m = n * do * ho * wo
-    dot_dtype, precision = dot_setup(compute_dtype)
-    block_co = _block_for(c_out)
-    # Split the voxel reduction so that the grid fills the GPU (each split adds its share atomically).
-    tiles = geometry.taps * triton.cdiv(c_in, 64) * triton.cdiv(c_out, block_co)
-    target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-    splits = max(1, min(triton.cdiv(target, tiles), triton.cdiv(m, 256)))
-    m_per_split = triton.cdiv(triton.cdiv(m, splits), 256) * 256  # a multiple of every BLOCK_M
-    splits = triton.cdiv(m, m_per_split)
-    # Each split writes its partial sums (every element: the splits cover M, every tile is stored).
-    gw = torch.empty((splits, geometry.taps, c_in, c_out), dtype=torch.float32, device=x.device)
-    gb = torch.empty((splits, c_out), dtype=torch.float32, device=x.device) if with_bias else gw
-
-    def grid(meta):
-        return (geometry.taps * triton.cdiv(c_in, meta["BLOCK_CI"]), triton.cdiv(c_out, block_co), splits)
-
-    _wgrad[grid](
-        x, gy, scale, shift, gw, gb, m, m_per_split, gw[0].numel(), c_in, c_out, d, h, w, do, ho, wo,
-        *x.stride(), *gy.stride(), *conv_args(geometry),
-        KH=geometry.kernel[1], KW=geometry.kernel[2], HAS_BIAS=with_bias,
-        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=needs_int64(x, gy, extra=(gw.numel(),)),
-        BLOCK_CO=block_co,
-    )  # fmt: skip
-    kd, kh, kw = geometry.kernel
-    grad_weight = gw.sum(0).reshape(kd, kh, kw, c_in, c_out).permute(4, 3, 0, 1, 2)
-    return grad_weight, (gb.sum(0) if with_bias else None)
-
-
-def conv_input_grad(
-    x: torch.Tensor,
-    gy: torch.Tensor,
-    weight: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
-    geometry: ConvGeometry,
-    compute_dtype: torch.dtype,
-    batch_stats: bool,
-    grad_input: torch.Tensor | None = None,
-    accumulate: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad of x, sum over voxels of gz * xhat, sum of gz), gz the gradient w.r.t. the BN output.
-
-    batch_stats: x was normalised with its own batch statistics (training mode), so the gradient also
-    flows through mean and variance; this needs a float32 scratch of gz, bounded by SCRATCH_BYTES by
-    working on blocks of input channels in turn. grad_input: write (or, with accumulate, add) there.
-    """
-    n, c_in, d, h, w = x.shape
-    m = n * d * h * w
-    if grad_input is None:
-        grad_input = torch.empty_like(x, memory_format=torch.preserve_format)
-    dgamma = torch.zeros((c_in,), dtype=torch.float32, device=x.device)
-    dbeta = torch.zeros_like(dgamma)
-    chunk = c_in
-    if batch_stats and m * c_in * 4 > SCRATCH_BYTES:
-        chunk = max(64, SCRATCH_BYTES // (m * 4) // 64 * 64)
-    gz = torch.empty((m, min(chunk, c_in)), dtype=torch.float32, device=x.device) if batch_stats else dgamma
-    for c0 in range(0, c_in, chunk):
-        c = slice(c0, min(c0 + chunk, c_in))
-        _input_grad_block(
-            x[:, c], gy, weight[:, c], scale[c], shift[c], mean[c], rstd[c], geometry, compute_dtype,
-            batch_stats, grad_input[:, c], accumulate, gz, dgamma[c], dbeta[c],
-        )  # fmt: skip
-    return grad_input, dgamma, dbeta
-
-
-def _input_grad_block(
-    x, gy, weight, scale, shift, mean, rstd, geometry, compute_dtype, batch_stats, grad_input, accumulate,
-    gz, dgamma, dbeta,
-) -> None:  # fmt: skip
-    """conv_input_grad on one block of input channels (x, weight, vectors and grad_input sliced alike)."""
-    n, c_in, d, h, w = x.shape
-    _, c_out, do, ho, wo = gy.shape
-    m = n * d * h * w
-    dot_dtype, precision = dot_setup(compute_dtype)
-    # (C_out, C_in, kd, kh, kw) -> (taps, C_out, C_in)
-    w_taps = weight.permute(2, 3, 4, 0, 1).reshape(geometry.taps, c_out, c_in).to(compute_dtype).contiguous()
-    block_n = _block_for(c_in)
-    int64 = needs_int64(gy, x, grad_input, extra=(m * c_in,))  # m * c_in: the gz scratch
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_in, block_n))
-
-    _dgrad[grid](
-        gy, w_taps, x, scale, shift, mean, rstd, gz, grad_input, dgamma, dbeta,
-        m, c_in, c_out, d, h, w, do, ho, wo, *gy.stride(), *x.stride(), *grad_input.stride(),
-        *conv_args(geometry), KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2],
-        STORE_GZ=batch_stats, ACCUMULATE=accumulate, BN_GRADS=True,
-        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=int64, BLOCK_N=block_n,
-    )  # fmt: skip
-    if batch_stats:
-        grid2 = (triton.cdiv(m, FINALIZE_BLOCK_M), triton.cdiv(c_in, FINALIZE_BLOCK_C))
-        kernels.bn_backward_finalize_kernel[grid2](
-            gz, x, grad_input, scale, mean, rstd, dgamma, dbeta, m, c_in, d, h, w,
-            *x.stride(), *grad_input.stride(), ACCUMULATE=accumulate, INT64=int64,
-            BLOCK_M=FINALIZE_BLOCK_M, BLOCK_C=FINALIZE_BLOCK_C,
-        )  # fmt: skip
-
-
-def batch_norm_affine(
-    x: torch.Tensor,
     bn_weight: torch.Tensor | None,
     bn_bias: torch.Tensor | None,
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
     training: bool,
-    momentum: float,
-    eps: float,
-) -> tuple[torch.Tensor, ...]:
-    """(scale, shift, mean, rstd) float32 per channel; updates the running statistics once if training."""
-    if training:
-        mean, var = channel_stats(x)
-        count = x.numel() // x.shape[1]
-        update_running_stats_(running_mean, running_var, mean, var, count, momentum)
-    else:
-        mean, var = running_mean.float(), running_var.float()
-    rstd = torch.rsqrt(var + eps)
-    gamma = bn_weight.float() if bn_weight is not None else torch.ones_like(mean)
-    beta = bn_bias.float() if bn_bias is not None else torch.zeros_like(mean)
-    scale = gamma * rstd
-    shift = beta - mean * scale
-    return scale, shift, mean, rstd
-
-
-class FusedBNReLUConv3d(torch.autograd.Function):
-    """y = conv3d(relu(batch_norm(x)), weight, bias) with Triton kernels; nothing but x is saved."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        x,
-        weight,
-        bias,
-        bn_weight,
-        bn_bias,
-        running_mean,
-        running_var,
-        training: bool,
-        momentum: float,
-        eps: float,
-        geometry: ConvGeometry,
-        compute_dtype: torch.dtype,
-    ):
-        scale, shift, mean, rstd = batch_norm_affine(
-            x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps
-        )
-        y = conv_forward(x, weight, bias, scale, shift, geometry, compute_dtype)
-        ctx.save_for_backward(x, weight, scale, shift, mean, rstd)
-        ctx.geometry, ctx.compute_dtype, ctx.training = geometry, compute_dtype, training
-        ctx.has_bias, ctx.bn_dtype = bias is not None, (bn_weight if bn_weight is not None else scale).dtype
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        x, weight, scale, shift, mean, rstd = ctx.saved_tensors
-        need_x, need_w, need_b, need_gamma, need_beta = ctx.needs_input_grad[:5]
-        grad_x = grad_w = grad_b = grad_gamma = grad_beta = None
-        if need_w or need_b:
-            gw, gb = conv_weight_grad(x, gy, scale, shift, ctx.geometry, ctx.compute_dtype, ctx.has_bias)
-            grad_w = gw.to(weight.dtype) if need_w else None
-            grad_b = gb.to(weight.dtype) if need_b and gb is not None else None
-        if need_x or need_gamma or need_beta:
-            gx, dgamma, dbeta = conv_input_grad(
-                x, gy, weight, scale, shift, mean, rstd, ctx.geometry, ctx.compute_dtype, ctx.training
-            )
-            grad_x = gx if need_x else None
-            grad_gamma = dgamma.to(ctx.bn_dtype) if need_gamma else None
-            grad_beta = dbeta.to(ctx.bn_dtype) if need_beta else None
-        return grad_x, grad_w, grad_b, grad_gamma, grad_beta, None, None, None, None, None, None, None
-
-
-def bn_relu_conv3d_triton(
-    x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps, geometry
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 1,
+    dilation: int | Sequence[int] = 1,
 ) -> torch.Tensor:
-    """Entry of the Triton path (arguments already checked); handles autocast like the eager Sequential:
-    BatchNorm and ReLU in x's dtype, the conv's operands and output in the autocast dtype."""
-    compute_dtype = x.dtype
-    if autocast_dtype(x.device) is not None:
-        compute_dtype = autocast_dtype(x.device)
+    """conv3d(relu(batch_norm(x)), weight, bias): the dense layer BN -> ReLU -> Conv3d in one op.
+
+    Same semantics as `nn.Sequential(nn.BatchNorm3d, nn.ReLU, nn.Conv3d)`: in training, per-channel
+    batch mean and biased variance normalise x and running_mean/running_var (if given) are updated once
+    with `momentum` and the unbiased variance; otherwise the running statistics normalise. Zero padding
+    applies to the normalised activation. On CUDA (backend "auto" or "triton") the normalised activation
+    is never written to memory, in forward or backward; elsewhere the PyTorch twin runs.
+
+    Args:
+        x: (N, C_in, D, H, W) float32/float16/bfloat16, any strides (a channel slice of a larger
+            channels-last buffer is read in place; channels-last is the fast layout).
+        weight: (C_out, C_in, kD, kH, kW); bias: (C_out,) or None.
+        bn_weight, bn_bias: (C_in,) BatchNorm affine parameters or None (no affine).
+        running_mean, running_var: (C_in,) or None (then batch statistics are always used).
+        training: normalise with the batch's statistics and update the running ones (F.batch_norm's
+            `training`; nn.BNReLUConv3d passes what nn.BatchNorm3d would: see its batch_norm_step).
+    """
+    geometry = _check_bn_relu_conv3d_args(
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+        stride, padding, dilation,
+    )  # fmt: skip
+    batch_stats = training or running_mean is None
+    if backend.resolve(x.device) == "triton":
+        from prostate_kernels.ops.bn_relu_conv3d_triton import FusedBNReLUConv3d
+
+        # autocast as the eager Sequential does it: BatchNorm and ReLU in x's dtype, the conv's operands
+        # and output in the autocast dtype
+        compute_dtype = backend.autocast_dtype(x.device) or x.dtype
         weight = weight.to(compute_dtype)
         bias = bias.to(compute_dtype) if bias is not None else None
-    with backend.autocast_off(x.device):
-        return FusedBNReLUConv3d.apply(
-            x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
-            geometry, compute_dtype,
-        )  # fmt: skip
+        with backend.autocast_off(x.device):
+            return FusedBNReLUConv3d.apply(
+                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, batch_stats, momentum, eps,
+                geometry, compute_dtype,
+            )  # fmt: skip
+    return reference.bn_relu_conv3d(
+        x, weight, bias, bn_weight, bn_bias, running_mean, running_var, batch_stats, momentum, eps,
+        geometry.stride, geometry.padding, geometry.dilation,
+    )  # fmt: skip
+
+
+def _check_bn_relu_conv3d_args(
+    x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
+    stride, padding, dilation,
+) -> ConvGeometry:  # fmt: skip
+    """ValueError/TypeError naming the offending argument; returns the conv geometry."""
+    for name, value in (("x", x), ("weight", weight)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"bn_relu_conv3d: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if x.dim() != 5:
+        raise ValueError(f"bn_relu_conv3d: x must be 5-D (N, C_in, D, H, W), got shape {tuple(x.shape)}")
+    if weight.dim() != 5:
+        raise ValueError(
+            f"bn_relu_conv3d: weight must be 5-D (C_out, C_in, kD, kH, kW), got shape {tuple(weight.shape)}"
+        )
+    c_in, c_out = x.shape[1], weight.shape[0]
+    if weight.shape[1] != c_in:
+        raise ValueError(
+            f"bn_relu_conv3d: weight {tuple(weight.shape)} expects {weight.shape[1]} input channels but x "
+            f"{tuple(x.shape)} has {c_in} (grouped convolution is not supported)"
+        )
+    if not x.is_floating_point():
+        raise TypeError(f"bn_relu_conv3d: x must be floating point, got {x.dtype}")
+    if backend.resolve(x.device) == "triton" and x.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"bn_relu_conv3d: the Triton kernels take float32, float16 or bfloat16 x, got {x.dtype}"
+        )
+    if weight.dtype != x.dtype and backend.autocast_dtype(x.device) is None:
+        raise TypeError(f"bn_relu_conv3d: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    for name, value, size in (
+        ("bias", bias, c_out),
+        ("bn_weight", bn_weight, c_in),
+        ("bn_bias", bn_bias, c_in),
+        ("running_mean", running_mean, c_in),
+        ("running_var", running_var, c_in),
+    ):
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(
+                f"bn_relu_conv3d: {name} must be a torch.Tensor or None, got {type(value).__name__}"
+            )
+        if tuple(value.shape) != (size,):
+            raise ValueError(f"bn_relu_conv3d: {name} must have shape ({size},), got {tuple(value.shape)}")
+        if value.device != x.device:
+            raise ValueError(f"bn_relu_conv3d: {name} is on {value.device} but x is on {x.device}")
+    if weight.device != x.device:
+        raise ValueError(f"bn_relu_conv3d: weight is on {weight.device} but x is on {x.device}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("bn_relu_conv3d: give both running_mean and running_var, or neither")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"bn_relu_conv3d: momentum {momentum!r} must be a number in [0, 1]")
+    if not eps > 0:
+        raise ValueError(f"bn_relu_conv3d: eps {eps!r} must be > 0")
+    geometry = conv_geometry(weight.shape[2:], stride, padding, dilation)
+    geometry.output_size(x.shape[2:])
+    if (training or running_mean is None) and x.numel() // max(c_in, 1) <= 1:
+        raise ValueError(
+            "bn_relu_conv3d: batch statistics need more than 1 value per channel, "
+            f"got x of shape {tuple(x.shape)}"
+        )
+    return geometry
+
+
+__all__ = ["KERNEL_DTYPES", "bn_relu_conv3d"]

@@ -174,7 +174,6 @@ def bn_relu_conv3d_dgrad_kernel(
     KW: tl.constexpr,
     STORE_GZ: tl.constexpr,  # training: keep gz for the batch-statistics pass; eval: write gx = gz * s
     ACCUMULATE: tl.constexpr,  # add into gx instead of overwriting it
-    BN_GRADS: tl.constexpr,  # accumulate dgamma and dbeta
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     INT64: tl.constexpr,
@@ -234,12 +233,11 @@ def bn_relu_conv3d_dgrad_kernel(
     scale = tl.load(scale_ptr + offs_n, mask=mask_n, other=0.0)
     shift = tl.load(shift_ptr + offs_n, mask=mask_n, other=0.0)
     gz = tl.where(mask & (x * scale[None, :] + shift[None, :] > 0.0), acc, 0.0)
-    if BN_GRADS:
-        mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0)
-        rstd = tl.load(rstd_ptr + offs_n, mask=mask_n, other=0.0)
-        xhat = (x - mean[None, :]) * rstd[None, :]
-        tl.atomic_add(dbeta_ptr + offs_n, tl.sum(gz, axis=0), mask=mask_n)
-        tl.atomic_add(dgamma_ptr + offs_n, tl.sum(gz * xhat, axis=0), mask=mask_n)
+    mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0)
+    rstd = tl.load(rstd_ptr + offs_n, mask=mask_n, other=0.0)
+    xhat = (x - mean[None, :]) * rstd[None, :]
+    tl.atomic_add(dbeta_ptr + offs_n, tl.sum(gz, axis=0), mask=mask_n)
+    tl.atomic_add(dgamma_ptr + offs_n, tl.sum(gz * xhat, axis=0), mask=mask_n)
     if STORE_GZ:
         tl.store(gz_ptr + widen(offs_m, INT64)[:, None] * C_in + offs_n[None, :], gz, mask=mask)
     else:

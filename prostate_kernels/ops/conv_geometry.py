@@ -8,10 +8,15 @@ from dataclasses import dataclass
 Triple = tuple[int, int, int]
 
 
-def _triple(value: int | Sequence[int], name: str) -> Triple:
+def triple(value: int | Sequence[int], name: str, positive: bool = False) -> Triple:
+    """(D, H, W) from an int or 3 ints (bools are not ints here); ValueError naming `name` otherwise, or
+    when `positive` and some value is below 1."""
     values = (value,) * 3 if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
     if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ValueError(f"{name} {value!r} must be an int or 3 ints (D, H, W)")
+        kind = "a positive int or 3 positive ints" if positive else "an int or 3 ints"
+        raise ValueError(f"{name} {value!r} must be {kind} (D, H, W)")
+    if positive and min(values) < 1:
+        raise ValueError(f"{name} {value!r} must be a positive int or 3 positive ints (D, H, W)")
     return values  # type: ignore[return-value]
 
 
@@ -51,9 +56,9 @@ def conv_geometry(
     dilation: int | Sequence[int] = 1,
 ) -> ConvGeometry:
     """Checked ConvGeometry; padding may be "same" (stride 1, odd kernel) or "valid"."""
-    kernel = _triple(tuple(kernel), "kernel_size")
-    stride = _triple(stride, "stride")
-    dilation = _triple(dilation, "dilation")
+    kernel = triple(tuple(kernel), "kernel_size")
+    stride = triple(stride, "stride")
+    dilation = triple(dilation, "dilation")
     if min(kernel) < 1:
         raise ValueError(f"kernel_size {kernel} must be positive")
     if min(stride) < 1:
@@ -71,7 +76,7 @@ def conv_geometry(
             padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
         else:
             raise ValueError(f"padding {padding!r} must be an int, 3 ints, 'same' or 'valid'")
-    padding = _triple(padding, "padding")
+    padding = triple(padding, "padding")
     if min(padding) < 0:
         raise ValueError(f"padding {padding} must be >= 0")
     return ConvGeometry(kernel, stride, padding, dilation)

@@ -9,24 +9,42 @@ every later layer (each layer keeps its own BN affine parameters and running sta
 per forward). Backward walks the layers in reverse and accumulates into one gradient buffer G shaped
 like B. Saved for backward: B, per-channel mean and variance, the dropout seeds; nothing per layer.
 
-Two engines run the same walk: Triton kernels (the fused layer of ops/bn_relu_conv3d.py: the normalised
-activation is recomputed inside the conv tiles, so backward needs no extra pass) and the PyTorch twin
-(CPU and fallback: backward recomputes each layer's BN -> ReLU -> conv with autograd, one layer at a
-time, so it too keeps nothing but B).
+Two engines run the same walk: Triton kernels (the fused layer of ops/bn_relu_conv3d_triton.py: the
+normalised activation is recomputed inside the conv tiles, so backward needs no extra pass) and the
+PyTorch twin (CPU and fallback: backward recomputes one layer's BN -> ReLU at a time and takes the conv's
+gradients from aten's convolution_backward, so no convolution is recomputed and it too keeps nothing but
+B).
+
+Entry: dense_block() (input checks: check_input(), called by nn.DenseBlock3d before it touches any
+running statistic); it picks the engine (backend.resolve) and the convolutions' dtype (autocast).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from prostate_kernels import backend
+from prostate_kernels.ops.batch_norm import fold_batch_norm
 from prostate_kernels.ops.conv_geometry import ConvGeometry, conv_geometry
 from prostate_kernels.ops.seeded_dropout import dropout_scale
 
 GEOMETRY = conv_geometry((3, 3, 3), 1, 1, 1)  # every dense layer: 3x3x3 conv, padding 1
+
+
+class DenseLayerParams(NamedTuple):
+    """One dense layer's tensors: its conv weight (k, C_l, 3, 3, 3), BatchNorm affine parameters and
+    running statistics (C_l,) (None: not tracked, or no affine parameters)."""
+
+    weight: torch.Tensor
+    bn_weight: torch.Tensor | None
+    bn_bias: torch.Tensor | None
+    running_mean: torch.Tensor | None
+    running_var: torch.Tensor | None
 
 
 @dataclass(frozen=True)
@@ -58,11 +76,54 @@ class BlockSpec:
         return self.in_channels + layer * self.growth
 
 
-def dense_block(x: torch.Tensor, spec: BlockSpec, params: list[torch.Tensor]) -> torch.Tensor:
-    """The whole block (N, C0 + L*k, D, H, W). params: per layer (conv weight, bn weight, bn bias,
-    running mean, running var), flattened; running statistics may be None when not tracked."""
+def check_input(x: object, in_channels: int, weight: torch.Tensor, training: bool) -> None:
+    """ValueError/TypeError naming the value: x must be (N, in_channels, D, H, W), floating point, in the
+    dtype and on the device of the block's parameters (`weight`, any layer's conv weight); training
+    needs more than one value per channel for the batch statistics."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != in_channels:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"DenseBlock3d expects (N, {in_channels}, D, H, W) input, got {shape}")
+    if not x.is_floating_point():
+        raise TypeError(f"DenseBlock3d: x must be floating point, got {x.dtype}")
+    if x.dtype != weight.dtype and backend.autocast_dtype(x.device) is None:
+        raise TypeError(
+            f"DenseBlock3d: x dtype {x.dtype} differs from the block's parameters ({weight.dtype}): "
+            f"convert one of them (x.to({weight.dtype}) or block.to({x.dtype}))"
+        )
+    if x.device != weight.device:
+        raise ValueError(f"DenseBlock3d: x is on {x.device} but the block's parameters on {weight.device}")
+    if training and x.shape[0] > 0 and x[:, 0].numel() <= 1:
+        raise ValueError(
+            "DenseBlock3d: training needs more than 1 value per channel for the batch statistics, "
+            f"got input size {tuple(x.shape)}"
+        )
+
+
+def dense_block(
+    x: torch.Tensor,
+    growth: int,
+    layers: Sequence[DenseLayerParams],
+    specs: Sequence[LayerSpec],
+    dropout: float,
+    seeds: Sequence[int],
+) -> torch.Tensor:
+    """The whole memory-efficient block (N, C0 + L*k, D, H, W) on the backend's engine, the convolutions
+    in the autocast dtype when autocast is on. x: checked by check_input; specs: each layer's BatchNorm
+    step; dropout: 0 in eval mode; seeds: one dropout seed per layer."""
+    spec = BlockSpec(
+        in_channels=x.shape[1], growth=growth, layers=tuple(specs), dropout=dropout, seeds=tuple(seeds),
+        engine="triton" if backend.resolve(x.device) == "triton" else "torch",
+        compute_dtype=backend.autocast_dtype(x.device) or x.dtype,
+    )  # fmt: skip
+    params = [tensor for layer in layers for tensor in layer]
     with backend.autocast_off(x.device):  # spec.compute_dtype already says what autocast wants
         return _DenseBlockFunction.apply(x, spec, *params)
+
+
+def _layer(params: Sequence[torch.Tensor | None], layer: int) -> DenseLayerParams:
+    """Layer `layer`'s tensors out of the flat argument list of _DenseBlockFunction."""
+    width = len(DenseLayerParams._fields)
+    return DenseLayerParams(*params[width * layer : width * (layer + 1)])
 
 
 class _DenseBlockFunction(torch.autograd.Function):
@@ -79,7 +140,7 @@ class _DenseBlockFunction(torch.autograd.Function):
         buffer[:, :c0].copy_(x)
         mean, var = engine.stats(x) if _any_batch_stats(spec) else (None, None)
         for layer, layer_spec in enumerate(spec.layers):
-            weight, gamma, beta, running_mean, running_var = params[5 * layer : 5 * layer + 5]
+            weight, gamma, beta, running_mean, running_var = _layer(params, layer)
             c_l = spec.width(layer)
             x_l = buffer[:, :c_l]
             if layer_spec.batch_stats:
@@ -111,7 +172,7 @@ class _DenseBlockFunction(torch.autograd.Function):
         param_grads: list[torch.Tensor | None] = [None] * len(params)
         for layer in reversed(range(len(spec.layers))):
             layer_spec = spec.layers[layer]
-            weight, gamma, beta, running_mean, running_var = params[5 * layer : 5 * layer + 5]
+            weight, gamma, beta, running_mean, running_var = _layer(params, layer)
             c_l = spec.width(layer)
             grad_new = grad[:, c_l : c_l + spec.growth]
             if spec.dropout > 0:
@@ -125,7 +186,12 @@ class _DenseBlockFunction(torch.autograd.Function):
                 buffer[:, :c_l], grad_new, weight, gamma, beta, mu, sigma2, layer_spec, spec.compute_dtype,
                 grad_input=grad[:, :c_l],
             )  # fmt: skip
-            param_grads[5 * layer : 5 * layer + 3] = [g_w, g_gamma, g_beta]
+            width = len(DenseLayerParams._fields)
+            param_grads[width * layer : width * layer + 3] = [
+                g_w,
+                g_gamma,
+                g_beta,
+            ]  # weight, bn_weight, bn_bias
         grad_x = grad[:, : spec.in_channels]
         return (grad_x, None, *param_grads)
 
@@ -143,14 +209,6 @@ def _update_running(running_mean, running_var, mean, var, x, momentum) -> None:
 # --------------------------------------------------------------------------------------- engines
 
 
-def _affine(gamma, beta, mean, var, eps):
-    """(scale, shift, rstd) per channel in the statistics' dtype (float32, or float64 for float64 x)."""
-    rstd = torch.rsqrt(var + eps)
-    scale = gamma.to(mean.dtype) * rstd if gamma is not None else rstd
-    shift = (beta.to(mean.dtype) if beta is not None else torch.zeros_like(mean)) - mean * scale
-    return scale, shift, rstd
-
-
 class _TritonEngine:
     """Layers on the fused Triton kernels: the normalised activation is never written."""
 
@@ -164,18 +222,18 @@ class _TritonEngine:
 
     @staticmethod
     def layer_forward(x, weight, gamma, beta, mean, var, eps, compute_dtype, out) -> None:
-        from prostate_kernels.ops.bn_relu_conv3d import conv_forward
+        from prostate_kernels.ops.bn_relu_conv3d_triton import conv_forward
 
-        scale, shift, _ = _affine(gamma, beta, mean, var, eps)
+        scale, shift, _ = fold_batch_norm(mean, var, gamma, beta, eps)
         conv_forward(x, weight, None, scale, shift, GEOMETRY, compute_dtype, out=out)
 
     @staticmethod
     def layer_backward(
         x, grad_new, weight, gamma, beta, mean, var, layer_spec: LayerSpec, compute_dtype, grad_input
     ):
-        from prostate_kernels.ops.bn_relu_conv3d import conv_input_grad, conv_weight_grad
+        from prostate_kernels.ops.bn_relu_conv3d_triton import conv_input_grad, conv_weight_grad
 
-        scale, shift, rstd = _affine(gamma, beta, mean, var, layer_spec.eps)
+        scale, shift, rstd = fold_batch_norm(mean, var, gamma, beta, layer_spec.eps)
         g_w, _ = conv_weight_grad(x, grad_new, scale, shift, GEOMETRY, compute_dtype, with_bias=False)
         _, d_gamma, d_beta = conv_input_grad(
             x, grad_new, weight, scale, shift, mean, rstd, GEOMETRY, compute_dtype, layer_spec.batch_stats,
@@ -240,7 +298,15 @@ def _stat_dtype(x: torch.Tensor) -> torch.Tensor:
 _ENGINES = {"triton": _TritonEngine, "torch": _TorchEngine}
 
 
-__all__ = ["GEOMETRY", "BlockSpec", "ConvGeometry", "LayerSpec", "dense_block"]
+__all__ = [
+    "GEOMETRY",
+    "BlockSpec",
+    "ConvGeometry",
+    "DenseLayerParams",
+    "LayerSpec",
+    "check_input",
+    "dense_block",
+]
 
 
 def _as(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:

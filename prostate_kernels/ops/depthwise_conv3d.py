@@ -1,150 +1,81 @@
-"""3D depthwise (atrous) convolution on Triton: launchers, autograd.Function, fused separable inference.
+"""3D depthwise (atrous) convolution, and the fused separable inference: their public entries.
 
-Arguments are validated by functional.depthwise_conv3d / nn.SeparableConv3d before they get here.
+depthwise_conv3d() validates, picks the implementation (the Triton kernels of depthwise_conv3d_triton.py
+or PyTorch's grouped conv3d, reference.py), applies autocast and dispatches; fused_separable_applies()
+says whether SeparableConv3d's eval-mode forward can run as the one fused kernel (separable_inference).
+The Triton side is imported on first use.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
-import triton
 
-from prostate_kernels.ops import depthwise_conv3d_kernels as kernels
-from prostate_kernels.ops.conv_geometry import ConvGeometry
-from prostate_kernels.ops.launch import (
-    autotune_configs,
-    bucketed_autotune,
-    check_voxels,
-    conv_args,
-    dot_setup,
-    needs_int64,
-    output_like,
-    prune_spilling,
-)
-
-WGRAD_BLOCK_M = 64
+from prostate_kernels import backend, reference
+from prostate_kernels.ops.bn_relu_conv3d import KERNEL_DTYPES
+from prostate_kernels.ops.conv_geometry import ConvGeometry, conv_geometry
 
 
-# Tiles for channels-last (wide in C) and NCDHW (wide in M) tensors; the autotuner keys on the strides'
-# layout through C and the dtype.
-_TILES = [
-    {"BLOCK_M": 64, "BLOCK_C": 32},
-    {"BLOCK_M": 32, "BLOCK_C": 64},
-    {"BLOCK_M": 16, "BLOCK_C": 128},
-    {"BLOCK_M": 256, "BLOCK_C": 4},
-    {"BLOCK_M": 128, "BLOCK_C": 8},
-]
-_WARPS_STAGES = [(4, 2), (8, 2)]
-_fwd = bucketed_autotune(
-    autotune_configs(_TILES, _WARPS_STAGES), ["M", "C", "KD", "KH", "KW", "sxc", "syc", "INT64"], ("M",)
-)(kernels.depthwise_conv3d_fwd_kernel)
-_dgrad = bucketed_autotune(
-    autotune_configs(_TILES, _WARPS_STAGES), ["M", "C", "KD", "KH", "KW", "sgc", "sdc", "INT64"], ("M",)
-)(kernels.depthwise_conv3d_dgrad_kernel)
-# Separable configs that spill registers at some launch (measured by `make gpu-compile`, see
-# bench/results/2026-11-27-compile-report.md), as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps).
-_SEPARABLE_SPILLS = {
-    (128, 128, 32, 4),
-    (128, 128, 32, 8),
-    (64, 128, 32, 4),
-    (64, 128, 32, 8),
-    (64, 128, 64, 4),
-}
-_separable = bucketed_autotune(
-    autotune_configs(
-        [{"BLOCK_M": 64, "BLOCK_K": 32}, {"BLOCK_M": 128, "BLOCK_K": 32}, {"BLOCK_M": 64, "BLOCK_K": 64}],
-        _WARPS_STAGES,
-    ),
-    key=["M", "C_in", "C_out", "KD", "KH", "KW", "INT64"],
-    bucketed=("M",),
-    prune_configs_by={
-        "early_config_prune": prune_spilling(_SEPARABLE_SPILLS, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-    },
-)(kernels.separable_conv3d_inference_kernel)
-
-
-def depthwise_forward(
-    x, weight, bias, geometry: ConvGeometry, out: torch.Tensor | None = None
+def depthwise_conv3d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | Sequence[int] = 1,
+    padding: int | Sequence[int] | str = 0,
+    dilation: int | Sequence[int] = 1,
 ) -> torch.Tensor:
-    """Depthwise conv of x (N, C, D, H, W), written into `out` (any strides) when given."""
-    n, c, d, h, w = x.shape
-    do, ho, wo = geometry.output_size((d, h, w))
-    y = output_like(x, (n, c, do, ho, wo), x.dtype) if out is None else out
-    m = n * do * ho * wo
-    check_voxels("depthwise_conv3d", m, n * d * h * w)
-    w_taps = weight.reshape(c, geometry.taps).contiguous()
+    """F.conv3d(x, weight, bias, stride, padding, dilation, groups=C) for weight (C, 1, kD, kH, kW).
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
+    Per-axis stride, padding and dilation (atrous rates of 36 and more are fine). On CUDA (backend
+    "auto" or "triton") tiled Triton kernels run forward and backward; elsewhere PyTorch's conv3d.
+    """
+    op = "depthwise_conv3d"
+    for name, value in (("x", x), ("weight", weight)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(value).__name__}")
+    if x.dim() != 5:
+        raise ValueError(f"{op}: x must be 5-D (N, C, D, H, W), got shape {tuple(x.shape)}")
+    c = x.shape[1]
+    if weight.dim() != 5 or weight.shape[0] != c or weight.shape[1] != 1:
+        raise ValueError(f"{op}: weight must have shape ({c}, 1, kD, kH, kW) for x with {c} channels, "
+                         f"got {tuple(weight.shape)}")  # fmt: skip
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c,)):
+        shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"{op}: bias must have shape ({c},), got {shape}")
+    if not x.is_floating_point():
+        raise TypeError(f"{op}: x must be floating point, got {x.dtype}")
+    if weight.dtype != x.dtype and backend.autocast_dtype(x.device) is None:
+        raise TypeError(f"{op}: weight dtype {weight.dtype} differs from x dtype {x.dtype}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+    geometry = conv_geometry(weight.shape[2:], stride, padding, dilation)
+    geometry.output_size(x.shape[2:])
+    if backend.resolve(x.device) == "triton":
+        if x.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"{op}: the Triton kernels take float32, float16 or bfloat16 x, got {x.dtype}")
+        from prostate_kernels.ops.depthwise_conv3d_triton import DepthwiseConv3dFunction
 
-    _fwd[grid](
-        x, w_taps, bias if bias is not None else w_taps, y, m, c, d, h, w, do, ho, wo,
-        *x.stride(), *y.stride(), *conv_args(geometry),
-        KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], HAS_BIAS=bias is not None,
-        INT64=needs_int64(x, y),
-    )  # fmt: skip
-    return y
-
-
-def depthwise_input_grad(gy, weight, x_shape, x_like: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
-    n, c, d, h, w = x_shape
-    _, _, do, ho, wo = gy.shape
-    gx = torch.empty_like(x_like, memory_format=torch.preserve_format)
-    m = n * d * h * w
-    w_taps = weight.reshape(c, geometry.taps).contiguous()
-
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
-
-    _dgrad[grid](
-        gy, w_taps, gx, m, c, d, h, w, do, ho, wo, *gy.stride(), *gx.stride(), *conv_args(geometry),
-        KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], INT64=needs_int64(gy, gx),
-    )  # fmt: skip
-    return gx
-
-
-def depthwise_weight_grad(
-    x, gy, geometry: ConvGeometry, with_bias: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(grad of weight (C, 1, kD, kH, kW) float32, grad of bias (C,) float32 or None)."""
-    n, c, d, h, w = x.shape
-    _, _, do, ho, wo = gy.shape
-    m = n * do * ho * wo
-    block_c = 64 if x.stride(1) == 1 else 16
-    # enough programs to fill the GPU; each one's gy chunk (M_PER_PROGRAM x BLOCK_C) stays in L2 across taps
-    per_program = max(WGRAD_BLOCK_M, min(4096, triton.cdiv(m, 256)) // WGRAD_BLOCK_M * WGRAD_BLOCK_M)
-    programs = triton.cdiv(m, per_program)
-    partial = torch.empty((programs, geometry.taps + 1, c), dtype=torch.float32, device=x.device)
-    grid = (programs, triton.cdiv(c, block_c))
-    kernels.depthwise_conv3d_wgrad_kernel[grid](
-        x, gy, partial, m, per_program, c, d, h, w, do, ho, wo, *x.stride(), *gy.stride(),
-        *conv_args(geometry),
-        KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], HAS_BIAS=with_bias,
-        INT64=needs_int64(x, gy, extra=(partial.numel(),)), BLOCK_M=WGRAD_BLOCK_M, BLOCK_C=block_c,
-    )  # fmt: skip
-    sums = partial.sum(dim=0)  # (taps + 1, C): the final reduction over programs
-    grad_w = sums[: geometry.taps].t().reshape(c, 1, *geometry.kernel)
-    return grad_w, (sums[geometry.taps] if with_bias else None)
+        dtype = backend.autocast_dtype(x.device)
+        if dtype is not None:  # conv3d autocasts to the autocast dtype: do the same
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        with backend.autocast_off(x.device):
+            return DepthwiseConv3dFunction.apply(x, weight, bias, geometry)
+    return reference.depthwise_conv3d(x, weight, bias, geometry.stride, geometry.padding, geometry.dilation)
 
 
-class DepthwiseConv3dFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, geometry: ConvGeometry):
-        ctx.save_for_backward(x, weight)
-        ctx.geometry, ctx.has_bias = geometry, bias is not None
-        return depthwise_forward(x, weight, bias, geometry)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = depthwise_input_grad(gy, weight, x.shape, x, ctx.geometry) if need_x else None
-        grad_w = grad_b = None
-        if need_w or need_b:
-            gw, gb = depthwise_weight_grad(x, gy, ctx.geometry, ctx.has_bias)
-            grad_w = gw.to(weight.dtype) if need_w else None
-            grad_b = gb.to(weight.dtype) if need_b and gb is not None else None
-        return grad_x, grad_w, grad_b, None
+def fused_separable_applies(x: torch.Tensor, pointwise_weight: torch.Tensor) -> bool:
+    """Whether the fused separable inference kernel can take x: the Triton backend, a kernel dtype shared
+    with the weights, autocast off (the module also requires eval mode, no autograd, running stats)."""
+    return (
+        x.dim() == 5
+        and x.dtype in KERNEL_DTYPES
+        and pointwise_weight.dtype == x.dtype
+        and backend.autocast_dtype(x.device) is None
+        and backend.resolve(x.device) == "triton"
+    )
 
 
 def separable_inference(
@@ -156,26 +87,13 @@ def separable_inference(
     geometry: ConvGeometry,
     depth_activation: bool,
 ) -> torch.Tensor:
-    """[ReLU] -> depthwise -> BN [-> ReLU] -> 1x1x1 -> BN [-> ReLU] in one kernel (eval-mode BatchNorms
-    given as float32 (scale, shift)); the depthwise output is never written."""
-    n, c_in, d, h, w = x.shape
-    c_out = pointwise_weight.shape[0]
-    do, ho, wo = geometry.output_size((d, h, w))
-    y = output_like(x, (n, c_out, do, ho, wo), x.dtype)
-    m = n * do * ho * wo
-    check_voxels("separable_conv3d", m, n * d * h * w)
-    dot_dtype, precision = dot_setup(x.dtype)
-    pw = pointwise_weight.reshape(c_out, c_in).t().to(x.dtype).contiguous()  # (C_in, C_out)
-    block_n = max(16, min(128, triton.next_power_of_2(c_out)))
+    """[ReLU] -> depthwise -> BN [-> ReLU] -> 1x1x1 -> BN [-> ReLU] as one Triton kernel (eval-mode
+    BatchNorms as float32 (scale, shift)); only where fused_separable_applies(x, pointwise_weight)."""
+    from prostate_kernels.ops import depthwise_conv3d_triton
 
-    def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, block_n))
+    return depthwise_conv3d_triton.separable_inference(
+        x, depthwise_weight, bn1, pointwise_weight, bn2, geometry, depth_activation
+    )
 
-    _separable[grid](
-        x, depthwise_weight.reshape(c_in, geometry.taps).contiguous(), bn1[0], bn1[1], pw, bn2[0], bn2[1], y,
-        m, c_in, c_out, d, h, w, do, ho, wo, *x.stride(), *y.stride(), *conv_args(geometry),
-        KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2],
-        RELU_IN=not depth_activation, RELU_MID=depth_activation,
-        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=needs_int64(x, y), BLOCK_N=block_n,
-    )  # fmt: skip
-    return y
+
+__all__ = ["depthwise_conv3d", "fused_separable_applies", "separable_inference"]

@@ -1,0 +1,181 @@
+"""3D depthwise (atrous) convolution on Triton: launchers, autograd.Function, fused separable inference.
+
+The ops' entries (validation, backend, autocast) are in ops/depthwise_conv3d.py; arguments are checked there.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from prostate_kernels.ops import depthwise_conv3d_kernels as kernels
+from prostate_kernels.ops.conv_geometry import ConvGeometry
+from prostate_kernels.ops.launch import (
+    autotune_configs,
+    bucketed_autotune,
+    check_voxels,
+    conv_args,
+    dot_setup,
+    needs_int64,
+    output_like,
+    prune_spilling,
+)
+
+WGRAD_BLOCK_M = 64
+
+
+# Tiles for channels-last (wide in C) and NCDHW (wide in M) tensors; the autotuner keys on the strides'
+# layout through C and the dtype.
+_TILES = [
+    {"BLOCK_M": 64, "BLOCK_C": 32},
+    {"BLOCK_M": 32, "BLOCK_C": 64},
+    {"BLOCK_M": 16, "BLOCK_C": 128},
+    {"BLOCK_M": 256, "BLOCK_C": 4},
+    {"BLOCK_M": 128, "BLOCK_C": 8},
+]
+_WARPS_STAGES = [(4, 2), (8, 2)]
+_fwd = bucketed_autotune(
+    autotune_configs(_TILES, _WARPS_STAGES), ["M", "C", "KD", "KH", "KW", "sxc", "syc", "INT64"], ("M",)
+)(kernels.depthwise_conv3d_fwd_kernel)
+_dgrad = bucketed_autotune(
+    autotune_configs(_TILES, _WARPS_STAGES), ["M", "C", "KD", "KH", "KW", "sgc", "sdc", "INT64"], ("M",)
+)(kernels.depthwise_conv3d_dgrad_kernel)
+# Separable configs that spill registers at some launch (measured by `make gpu-compile`, see
+# bench/results/2026-11-27-compile-report.md), as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps).
+_SEPARABLE_SPILLS = {
+    (128, 128, 32, 4),
+    (128, 128, 32, 8),
+    (64, 128, 32, 4),
+    (64, 128, 32, 8),
+    (64, 128, 64, 4),
+}
+_separable = bucketed_autotune(
+    autotune_configs(
+        [{"BLOCK_M": 64, "BLOCK_K": 32}, {"BLOCK_M": 128, "BLOCK_K": 32}, {"BLOCK_M": 64, "BLOCK_K": 64}],
+        _WARPS_STAGES,
+    ),
+    key=["M", "C_in", "C_out", "KD", "KH", "KW", "INT64"],
+    bucketed=("M",),
+    prune_configs_by={
+        "early_config_prune": prune_spilling(_SEPARABLE_SPILLS, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+    },
+)(kernels.separable_conv3d_inference_kernel)
+
+
+def depthwise_forward(
+    x, weight, bias, geometry: ConvGeometry, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Depthwise conv of x (N, C, D, H, W), written into `out` (any strides) when given."""
+    n, c, d, h, w = x.shape
+    do, ho, wo = geometry.output_size((d, h, w))
+    y = output_like(x, (n, c, do, ho, wo), x.dtype) if out is None else out
+    m = n * do * ho * wo
+    check_voxels("depthwise_conv3d", m, n * d * h * w)
+    w_taps = weight.reshape(c, geometry.taps).contiguous()
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
+
+    _fwd[grid](
+        x, w_taps, bias if bias is not None else w_taps, y, m, c, d, h, w, do, ho, wo,
+        *x.stride(), *y.stride(), *conv_args(geometry),
+        KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], HAS_BIAS=bias is not None,
+        INT64=needs_int64(x, y),
+    )  # fmt: skip
+    return y
+
+
+def depthwise_input_grad(gy, weight, x_shape, x_like: torch.Tensor, geometry: ConvGeometry) -> torch.Tensor:
+    n, c, d, h, w = x_shape
+    _, _, do, ho, wo = gy.shape
+    gx = torch.empty_like(x_like, memory_format=torch.preserve_format)
+    m = n * d * h * w
+    w_taps = weight.reshape(c, geometry.taps).contiguous()
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
+
+    _dgrad[grid](
+        gy, w_taps, gx, m, c, d, h, w, do, ho, wo, *gy.stride(), *gx.stride(), *conv_args(geometry),
+        KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], INT64=needs_int64(gy, gx),
+    )  # fmt: skip
+    return gx
+
+
+def depthwise_weight_grad(
+    x, gy, geometry: ConvGeometry, with_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(grad of weight (C, 1, kD, kH, kW) float32, grad of bias (C,) float32 or None)."""
+    n, c, d, h, w = x.shape
+    _, _, do, ho, wo = gy.shape
+    m = n * do * ho * wo
+    block_c = 64 if x.stride(1) == 1 else 16
+    # enough programs to fill the GPU; each one's gy chunk (M_PER_PROGRAM x BLOCK_C) stays in L2 across taps
+    per_program = max(WGRAD_BLOCK_M, min(4096, triton.cdiv(m, 256)) // WGRAD_BLOCK_M * WGRAD_BLOCK_M)
+    programs = triton.cdiv(m, per_program)
+    partial = torch.empty((programs, geometry.taps + 1, c), dtype=torch.float32, device=x.device)
+    grid = (programs, triton.cdiv(c, block_c))
+    kernels.depthwise_conv3d_wgrad_kernel[grid](
+        x, gy, partial, m, per_program, c, d, h, w, do, ho, wo, *x.stride(), *gy.stride(),
+        *conv_args(geometry),
+        KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], HAS_BIAS=with_bias,
+        INT64=needs_int64(x, gy, extra=(partial.numel(),)), BLOCK_M=WGRAD_BLOCK_M, BLOCK_C=block_c,
+    )  # fmt: skip
+    sums = partial.sum(dim=0)  # (taps + 1, C): the final reduction over programs
+    grad_w = sums[: geometry.taps].t().reshape(c, 1, *geometry.kernel)
+    return grad_w, (sums[geometry.taps] if with_bias else None)
+
+
+class DepthwiseConv3dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, geometry: ConvGeometry):
+        ctx.save_for_backward(x, weight)
+        ctx.geometry, ctx.has_bias = geometry, bias is not None
+        return depthwise_forward(x, weight, bias, geometry)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = depthwise_input_grad(gy, weight, x.shape, x, ctx.geometry) if need_x else None
+        grad_w = grad_b = None
+        if need_w or need_b:
+            gw, gb = depthwise_weight_grad(x, gy, ctx.geometry, ctx.has_bias)
+            grad_w = gw.to(weight.dtype) if need_w else None
+            grad_b = gb.to(weight.dtype) if need_b and gb is not None else None
+        return grad_x, grad_w, grad_b, None
+
+
+def separable_inference(
+    x: torch.Tensor,
+    depthwise_weight: torch.Tensor,
+    bn1: tuple[torch.Tensor, torch.Tensor],
+    pointwise_weight: torch.Tensor,
+    bn2: tuple[torch.Tensor, torch.Tensor],
+    geometry: ConvGeometry,
+    depth_activation: bool,
+) -> torch.Tensor:
+    """[ReLU] -> depthwise -> BN [-> ReLU] -> 1x1x1 -> BN [-> ReLU] in one kernel (eval-mode BatchNorms
+    given as float32 (scale, shift)); the depthwise output is never written."""
+    n, c_in, d, h, w = x.shape
+    c_out = pointwise_weight.shape[0]
+    do, ho, wo = geometry.output_size((d, h, w))
+    y = output_like(x, (n, c_out, do, ho, wo), x.dtype)
+    m = n * do * ho * wo
+    check_voxels("separable_conv3d", m, n * d * h * w)
+    dot_dtype, precision = dot_setup(x.dtype)
+    pw = pointwise_weight.reshape(c_out, c_in).t().to(x.dtype).contiguous()  # (C_in, C_out)
+    block_n = max(16, min(128, triton.next_power_of_2(c_out)))
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, block_n))
+
+    _separable[grid](
+        x, depthwise_weight.reshape(c_in, geometry.taps).contiguous(), bn1[0], bn1[1], pw, bn2[0], bn2[1], y,
+        m, c_in, c_out, d, h, w, do, ho, wo, *x.stride(), *y.stride(), *conv_args(geometry),
+        KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2],
+        RELU_IN=not depth_activation, RELU_MID=depth_activation,
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=needs_int64(x, y), BLOCK_N=block_n,
+    )  # fmt: skip
+    return y
