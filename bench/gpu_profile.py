@@ -58,7 +58,8 @@ def profile(name: str, step, repeats: int = 5) -> list[dict]:
         end.record()
         torch.cuda.synchronize()
     wall_ms = start.elapsed_time(end) / repeats
-    events = [e for e in prof.key_averages() if e.device_time_total > 0 and e.device_type.name == "CUDA"]
+    averages = prof.key_averages()
+    events = [e for e in averages if e.device_time_total > 0 and e.device_type.name == "CUDA"]
     events.sort(key=lambda e: e.device_time_total, reverse=True)
     gpu_ms = sum(e.device_time_total for e in events) / 1e3 / repeats
     rows = []
@@ -74,7 +75,56 @@ def profile(name: str, step, repeats: int = 5) -> list[dict]:
                 "step_kernel_ms": f"{gpu_ms:.3f}",
             }
         )
+    # The host side: where the CPU time of a step goes (self time per op, launches included), for the
+    # steps whose wall time is far above their kernel time.
+    host = sorted((e for e in averages if e.device_type.name == "CPU"), key=lambda e: e.self_cpu_time_total)
+    host_ms = sum(e.self_cpu_time_total for e in host) / 1e3 / repeats
+    for e in reversed(host[-TOP:]):
+        rows.append(
+            {
+                "case": f"{name} (host)",
+                "kernel": e.key[:70],
+                "calls_per_step": e.count // repeats,
+                "cuda_ms_per_step": f"{e.self_cpu_time_total / 1e3 / repeats:.3f}",  # self CPU ms here
+                "share_of_kernel_time": f"{e.self_cpu_time_total / 1e3 / repeats / host_ms:.2f}",
+                "step_wall_ms": f"{wall_ms:.3f}",
+                "step_kernel_ms": f"{host_ms:.3f}",  # the host's total self CPU ms per step here
+            }
+        )
     return rows
+
+
+def python_profile(name: str, step, repeats: int = 50) -> list[dict]:
+    """Where the host's Python time of a step goes (cProfile, top functions by own time, the Triton launch
+    path and our launchers included): torch.profiler sees aten ops only. cProfile slows Python down, so
+    the shares are what to read, not the milliseconds."""
+    import cProfile
+    import pstats
+
+    for _ in range(2):
+        step()
+    torch.cuda.synchronize()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(repeats):
+        step()
+    profiler.disable()
+    torch.cuda.synchronize()
+    stats = pstats.Stats(profiler).stats  # (file, line, function) -> (calls, _, own s, cumulative s, _)
+    total = sum(v[2] for v in stats.values())
+    top = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:TOP]
+    return [
+        {
+            "case": f"{name} (python)",
+            "kernel": f"{Path(f).name}:{line} {fn}"[:70],
+            "calls_per_step": v[0] // repeats,
+            "cuda_ms_per_step": f"{v[2] * 1e3 / repeats:.3f}",  # own Python ms here
+            "share_of_kernel_time": f"{v[2] / total:.2f}",
+            "step_wall_ms": "",
+            "step_kernel_ms": f"{total * 1e3 / repeats:.3f}",  # all Python ms per step (under cProfile)
+        }
+        for (f, line, fn), v in top
+    ]
 
 
 def run() -> BenchResult:
@@ -83,13 +133,20 @@ def run() -> BenchResult:
         rows += profile(
             f"dense layer C_in={c_in} {'x'.join(map(str, size))} bf16", _dense_layer_step(c_in, size)
         )
+    rows += python_profile("dense layer C_in=288 4x16x16 bf16", _dense_layer_step(288, (4, 16, 16)))
     rows += profile("tiramisu3d_p3a step 16x64x64 bf16", _p3a_step(), repeats=3)
     notes = [
         "torch.profiler, CUDA kernel time per step (after 2 warm-up steps); step_wall_ms: CUDA events around "
-        "the profiled steps; wall much above kernel time = the GPU waits for the host (launch overhead)"
+        "the profiled steps; wall much above kernel time = the GPU waits for the host (launch overhead)",
+        "(host) rows: the CPU side of the same steps, self CPU time per op (Triton launches appear as their "
+        "kernel's name on the CPU); there cuda_ms_per_step holds self CPU ms, step_kernel_ms the host total",
+        "(python) rows: cProfile of 50 steps, own time per Python function (Triton's launch path and our "
+        "launchers included); cuda_ms_per_step holds own Python ms, step_kernel_ms all Python ms per step",
     ]
     summary = "; ".join(
-        f"{case}: wall {r['step_wall_ms']} ms, kernels {r['step_kernel_ms']} ms"
+        f"{case}: wall {r['step_wall_ms']} ms, "
+        + ("host self CPU" if case.endswith("(host)") else "kernels")
+        + f" {r['step_kernel_ms']} ms"
         for case, r in {r["case"]: r for r in rows}.items()
     )
     return BenchResult("profile", rows, notes, summary)
