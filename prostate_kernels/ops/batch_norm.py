@@ -1,7 +1,8 @@
 """BatchNorm folded into a per-channel affine map: batch_norm(x) = x * scale + shift.
 
 The one place where (mean, var, gamma, beta, eps) become (scale, shift): the fused layer, the dense
-block's engines and the fused separable inference all normalise through it.
+block's engines and the fused separable inference all normalise through it; and the one running-
+statistics update of nn.BatchNorm3d's (the fused layer and the dense block both use it).
 """
 
 from __future__ import annotations
@@ -25,4 +26,21 @@ def fold_batch_norm(
     return scale, shift, rstd
 
 
-__all__ = ["fold_batch_norm"]
+def update_running_stats_(
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: int,
+    momentum: float,
+) -> None:
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance."""
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        if running_var is not None:
+            unbiased = var * (count / (count - 1))
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+
+
+__all__ = ["fold_batch_norm", "update_running_stats_"]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from prostate_kernels import backend, reference
+from prostate_kernels.ops.batch_norm import update_running_stats_
 from prostate_kernels.ops.conv_geometry import ConvGeometry, conv_geometry
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton kernels take
@@ -56,7 +57,7 @@ def bn_relu_conv3d(
     )  # fmt: skip
     batch_stats = training or running_mean is None
     if backend.resolve(x.device) == "triton":
-        from prostate_kernels.ops.bn_relu_conv3d_triton import FusedBNReLUConv3d
+        from prostate_kernels.ops.bn_relu_conv3d_triton import bn_relu_conv3d_forward
 
         # autocast as the eager Sequential does it: BatchNorm and ReLU in x's dtype, the conv's operands
         # and output in the autocast dtype
@@ -64,10 +65,13 @@ def bn_relu_conv3d(
         weight = weight.to(compute_dtype)
         bias = bias.to(compute_dtype) if bias is not None else None
         with backend.autocast_off(x.device):
-            return FusedBNReLUConv3d.apply(
-                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, batch_stats, momentum, eps,
-                geometry, compute_dtype,
+            y, _, _, mean, _, var = bn_relu_conv3d_forward(
+                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, batch_stats, float(eps),
+                list(geometry.stride), list(geometry.padding), list(geometry.dilation), compute_dtype,
             )  # fmt: skip
+        if batch_stats:
+            update_running_stats_(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+        return y
     return reference.bn_relu_conv3d(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, batch_stats, momentum, eps,
         geometry.stride, geometry.padding, geometry.dilation,

@@ -1,4 +1,4 @@
-"""Fused BatchNorm -> ReLU -> Conv3d: launchers of the Triton kernels and the autograd.Function.
+"""Fused BatchNorm -> ReLU -> Conv3d: launchers of the Triton kernels and the custom ops over them.
 
 Forward: batch statistics (training) -> conv whose loads apply scale/shift + ReLU. Backward: weight
 and bias gradients (one kernel), input gradient through conv, ReLU mask and BatchNorm with the
@@ -14,7 +14,7 @@ import triton
 
 from prostate_kernels.ops import bn_relu_conv3d_kernels as kernels
 from prostate_kernels.ops.batch_norm import fold_batch_norm
-from prostate_kernels.ops.channel_stats import channel_stats, update_running_stats_
+from prostate_kernels.ops.channel_stats import channel_stats
 from prostate_kernels.ops.conv_geometry import ConvGeometry
 from prostate_kernels.ops.launch import (
     autotune_configs,
@@ -233,64 +233,137 @@ def batch_norm_affine(
     bn_bias: torch.Tensor | None,
     running_mean: torch.Tensor | None,
     running_var: torch.Tensor | None,
-    training: bool,
-    momentum: float,
+    batch_stats: bool,
     eps: float,
 ) -> tuple[torch.Tensor, ...]:
-    """(scale, shift, mean, rstd) float32 per channel; updates the running statistics once if training."""
-    if training:
+    """(scale, shift, mean, rstd, var) float32 per channel, from x's batch statistics or the running ones
+    (new tensors either way; the running statistics are updated by the op's entry, not here)."""
+    if batch_stats:
         mean, var = channel_stats(x)
-        count = x.numel() // x.shape[1]
-        update_running_stats_(running_mean, running_var, mean, var, count, momentum)
     else:
-        mean, var = running_mean.float(), running_var.float()
+        mean = running_mean.to(torch.float32, copy=True)
+        var = running_var.to(torch.float32, copy=True)
     scale, shift, rstd = fold_batch_norm(mean, var, bn_weight, bn_bias, eps)
-    return scale, shift, mean, rstd
+    return scale, shift, mean, rstd, var
 
 
-class FusedBNReLUConv3d(torch.autograd.Function):
-    """y = conv3d(relu(batch_norm(x)), weight, bias) with Triton kernels; nothing but x is saved."""
+# ---------------------------------------------------------------------------------------------------
+# The op as torch.library custom ops (forward and backward, with fake kernels and autograd), so that
+# torch.compile traces through it (the ops are opaque nodes in its graph) instead of breaking the graph.
+# Conv settings travel as int lists (the kernel size is the weight's); a gradient that is not wanted
+# comes back as an empty tensor (custom ops cannot return None).
 
-    @staticmethod
-    def forward(
-        ctx,
-        x,
-        weight,
-        bias,
-        bn_weight,
-        bn_bias,
-        running_mean,
-        running_var,
-        training: bool,
-        momentum: float,
-        eps: float,
-        geometry: ConvGeometry,
-        compute_dtype: torch.dtype,
-    ):
-        scale, shift, mean, rstd = batch_norm_affine(
-            x, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps
-        )
-        y = conv_forward(x, weight, bias, scale, shift, geometry, compute_dtype)
-        ctx.save_for_backward(x, weight, scale, shift, mean, rstd)
-        ctx.geometry, ctx.compute_dtype, ctx.training = geometry, compute_dtype, training
-        ctx.has_bias, ctx.bn_dtype = bias is not None, (bn_weight if bn_weight is not None else scale).dtype
-        return y
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        x, weight, scale, shift, mean, rstd = ctx.saved_tensors
-        need_x, need_w, need_b, need_gamma, need_beta = ctx.needs_input_grad[:5]
-        grad_x = grad_w = grad_b = grad_gamma = grad_beta = None
-        if need_w or need_b:
-            gw, gb = conv_weight_grad(x, gy, scale, shift, ctx.geometry, ctx.compute_dtype, ctx.has_bias)
-            grad_w = gw.to(weight.dtype) if need_w else None
-            grad_b = gb.to(weight.dtype) if need_b and gb is not None else None
-        if need_x or need_gamma or need_beta:
-            gx, dgamma, dbeta = conv_input_grad(
-                x, gy, weight, scale, shift, mean, rstd, ctx.geometry, ctx.compute_dtype, ctx.training
-            )
-            grad_x = gx if need_x else None
-            grad_gamma = dgamma.to(ctx.bn_dtype) if need_gamma else None
-            grad_beta = dbeta.to(ctx.bn_dtype) if need_beta else None
-        return grad_x, grad_w, grad_b, grad_gamma, grad_beta, None, None, None, None, None, None, None
+def _geometry(weight: torch.Tensor, stride, padding, dilation) -> ConvGeometry:
+    return ConvGeometry(tuple(weight.shape[2:]), tuple(stride), tuple(padding), tuple(dilation))
+
+
+@torch.library.custom_op("prostate_kernels::bn_relu_conv3d_forward", mutates_args=())
+def bn_relu_conv3d_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    running_mean: torch.Tensor | None,
+    running_var: torch.Tensor | None,
+    batch_stats: bool,
+    eps: float,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    compute_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, scale, shift, mean, rstd, var): y = conv3d(relu(x * scale + shift), weight) + bias in
+    compute_dtype; the per-channel float32 vectors are what backward needs (and var, with mean, what the
+    entry updates the running statistics with). Functional: nothing is written in place, which is what
+    lets autograd be registered on it."""
+    scale, shift, mean, rstd, var = batch_norm_affine(
+        x, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps
+    )
+    geometry = _geometry(weight, stride, padding, dilation)
+    y = conv_forward(x, weight, bias, scale, shift, geometry, compute_dtype)
+    return y, scale, shift, mean, rstd, var
+
+
+@bn_relu_conv3d_forward.register_fake
+def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, stride, padding,
+      dilation, compute_dtype):  # fmt: skip
+    n, c_in, *size = x.shape
+    out_size = _geometry(weight, stride, padding, dilation).output_size(size)
+    y = output_like(x, (n, weight.shape[0], *out_size), compute_dtype)
+    return (y, *(x.new_empty((c_in,), dtype=torch.float32) for _ in range(5)))
+
+
+@torch.library.custom_op("prostate_kernels::bn_relu_conv3d_backward", mutates_args=())
+def bn_relu_conv3d_backward(
+    gy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    batch_stats: bool,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    compute_dtype: torch.dtype,
+    has_bias: bool,
+    bn_dtype: torch.dtype,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad x, grad weight, grad bias, grad bn weight, grad bn bias), each empty where needs[i] is False
+    (needs: those five, in that order)."""
+    geometry = _geometry(weight, stride, padding, dilation)
+    grads = [x.new_empty((0,)) for _ in range(5)]  # distinct tensors: outputs of a custom op never alias
+    if needs[1] or needs[2]:
+        gw, gb = conv_weight_grad(x, gy, scale, shift, geometry, compute_dtype, has_bias)
+        if needs[1]:
+            grads[1] = gw.to(weight.dtype)
+        if needs[2] and gb is not None:
+            grads[2] = gb.to(weight.dtype)
+    if needs[0] or needs[3] or needs[4]:
+        gx, dgamma, dbeta = conv_input_grad(x, gy, weight, scale, shift, mean, rstd, geometry, compute_dtype,
+                                            batch_stats)  # fmt: skip
+        if needs[0]:
+            grads[0] = gx
+        if needs[3]:
+            grads[3] = dgamma.to(bn_dtype)
+        if needs[4]:
+            grads[4] = dbeta.to(bn_dtype)
+    return tuple(grads)
+
+
+@bn_relu_conv3d_backward.register_fake
+def _(gy, x, weight, scale, shift, mean, rstd, batch_stats, stride, padding, dilation, compute_dtype,
+      has_bias, bn_dtype, needs):  # fmt: skip
+    c_out, c_in = weight.shape[:2]
+    wanted = (
+        torch.empty_like(x, memory_format=torch.preserve_format),
+        weight.new_empty(weight.shape),
+        weight.new_empty((c_out if has_bias else 0,)),
+        x.new_empty((c_in,), dtype=bn_dtype),
+        x.new_empty((c_in,), dtype=bn_dtype),
+    )
+    return tuple(t if need else x.new_empty((0,)) for t, need in zip(wanted, needs, strict=True))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, bn_weight, _, _, _, batch_stats, _, stride, padding, dilation, compute_dtype = inputs
+    _, scale, shift, mean, rstd, _ = output
+    ctx.save_for_backward(x, weight, scale, shift, mean, rstd)
+    ctx.settings = (batch_stats, stride, padding, dilation, compute_dtype, bias is not None,
+                    bn_weight.dtype if bn_weight is not None else torch.float32)  # fmt: skip
+
+
+def _backward(ctx, gy, *_vectors):
+    x, weight, scale, shift, mean, rstd = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:5])
+    grads = torch.ops.prostate_kernels.bn_relu_conv3d_backward(
+        gy, x, weight, scale, shift, mean, rstd, *ctx.settings, needs
+    )
+    return (*(g if need else None for g, need in zip(grads, needs, strict=True)), *([None] * 8))
+
+
+bn_relu_conv3d_forward.register_autograd(_backward, setup_context=_setup_context)

@@ -72,21 +72,4 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.float(), (m2 / m).float()
 
 
-def update_running_stats_(
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    mean: torch.Tensor,
-    var: torch.Tensor,
-    count: int,
-    momentum: float,
-) -> None:
-    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance."""
-    with torch.no_grad():
-        if running_mean is not None:
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        if running_var is not None:
-            unbiased = var * (count / (count - 1))
-            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-
-
-__all__ = ["channel_stats", "update_running_stats_"]
+__all__ = ["channel_stats"]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from prostate_kernels import backend
-from prostate_kernels.ops.batch_norm import fold_batch_norm
+from prostate_kernels.ops.batch_norm import fold_batch_norm, update_running_stats_
 from prostate_kernels.ops.conv_geometry import ConvGeometry, conv_geometry
 from prostate_kernels.ops.seeded_dropout import dropout_scale
 
@@ -201,8 +201,6 @@ def _any_batch_stats(spec: BlockSpec) -> bool:
 
 
 def _update_running(running_mean, running_var, mean, var, x, momentum) -> None:
-    from prostate_kernels.ops.channel_stats import update_running_stats_
-
     update_running_stats_(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
 
 

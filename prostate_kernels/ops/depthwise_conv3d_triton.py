@@ -1,4 +1,4 @@
-"""3D depthwise (atrous) convolution on Triton: launchers, autograd.Function, fused separable inference.
+"""3D depthwise (atrous) convolution on Triton: launchers, custom ops, fused separable inference.
 
 The ops' entries (validation, backend, autocast) are in ops/depthwise_conv3d.py; arguments are checked there.
 """
@@ -126,25 +126,81 @@ def depthwise_weight_grad(
     return grad_w, (sums[geometry.taps] if with_bias else None)
 
 
-class DepthwiseConv3dFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, geometry: ConvGeometry):
-        ctx.save_for_backward(x, weight)
-        ctx.geometry, ctx.has_bias = geometry, bias is not None
-        return depthwise_forward(x, weight, bias, geometry)
+# The op as torch.library custom ops with fake kernels and autograd (see bn_relu_conv3d_triton.py): opaque
+# nodes that torch.compile traces through. A gradient that is not wanted comes back as an empty tensor.
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, gy):
-        x, weight = ctx.saved_tensors
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_x = depthwise_input_grad(gy, weight, x.shape, x, ctx.geometry) if need_x else None
-        grad_w = grad_b = None
-        if need_w or need_b:
-            gw, gb = depthwise_weight_grad(x, gy, ctx.geometry, ctx.has_bias)
-            grad_w = gw.to(weight.dtype) if need_w else None
-            grad_b = gb.to(weight.dtype) if need_b and gb is not None else None
-        return grad_x, grad_w, grad_b, None
+
+def _geometry(weight: torch.Tensor, stride, padding, dilation) -> ConvGeometry:
+    return ConvGeometry(tuple(weight.shape[2:]), tuple(stride), tuple(padding), tuple(dilation))
+
+
+@torch.library.custom_op("prostate_kernels::depthwise_conv3d_forward", mutates_args=())
+def depthwise_conv3d_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+) -> torch.Tensor:
+    return depthwise_forward(x, weight, bias, _geometry(weight, stride, padding, dilation))
+
+
+@depthwise_conv3d_forward.register_fake
+def _(x, weight, bias, stride, padding, dilation):
+    n, c, *size = x.shape
+    return output_like(x, (n, c, *_geometry(weight, stride, padding, dilation).output_size(size)), x.dtype)
+
+
+@torch.library.custom_op("prostate_kernels::depthwise_conv3d_backward", mutates_args=())
+def depthwise_conv3d_backward(
+    gy: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    has_bias: bool,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad x, grad weight, grad bias), each empty where needs[i] is False."""
+    geometry = _geometry(weight, stride, padding, dilation)
+    grads = [x.new_empty((0,)) for _ in range(3)]
+    if needs[0]:
+        grads[0] = depthwise_input_grad(gy, weight, x.shape, x, geometry)
+    if needs[1] or needs[2]:
+        gw, gb = depthwise_weight_grad(x, gy, geometry, has_bias)
+        if needs[1]:  # both are views of one sum: copies, since a custom op's outputs never alias
+            grads[1] = gw.to(weight.dtype, copy=True)
+        if needs[2] and gb is not None:
+            grads[2] = gb.to(weight.dtype, copy=True)
+    return tuple(grads)
+
+
+@depthwise_conv3d_backward.register_fake
+def _(gy, x, weight, stride, padding, dilation, has_bias, needs):
+    wanted = (
+        torch.empty_like(x, memory_format=torch.preserve_format),
+        weight.new_empty(weight.shape),
+        weight.new_empty((weight.shape[0] if has_bias else 0,)),
+    )
+    return tuple(t if need else x.new_empty((0,)) for t, need in zip(wanted, needs, strict=True))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, stride, padding, dilation = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.settings = (stride, padding, dilation, bias is not None)
+
+
+def _backward(ctx, gy):
+    x, weight = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:3])
+    grads = torch.ops.prostate_kernels.depthwise_conv3d_backward(gy, x, weight, *ctx.settings, needs)
+    return (*(g if need else None for g, need in zip(grads, needs, strict=True)), None, None, None)
+
+
+depthwise_conv3d_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
 def separable_inference(
