@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from prostate_kernels.models import Tiramisu3D, build_model
 
 from prostate_kernels import use_backend
-from prostate_kernels.nn import BNReLUConv3d, DepthwiseConv3d
+from prostate_kernels.nn import BNReLUConv3d, DenseBlock3d, DepthwiseConv3d, SeparableConv3d
 from prostate_kernels.ops import bn_relu_conv3d_triton, depthwise_conv3d_triton  # noqa: F401 - registers the ops
 
 
@@ -83,3 +84,51 @@ def test_compiled_model_computes_what_eager_does(training):
         torch.testing.assert_close(
             b_c, b_e, rtol=1e-5, atol=1e-6, msg=name
         )  # running statistics updated alike
+
+
+@pytest.mark.parametrize(("name", "batch"), [("tiramisu3d_p3a", 1), ("deeplabv3plus_3d", 2)])
+def test_the_networks_compile_without_graph_breaks_on_the_cpu_path(name, batch):
+    """Training mode (batch statistics, dropout seeds drawn in the graph), the default backend: on the CPU
+    the dense blocks' PyTorch engine and the PyTorch twins of the other ops."""
+    torch._dynamo.reset()
+    model = build_model(name)
+    explanation = torch._dynamo.explain(model)(torch.randn((batch, 1, 16, 32, 32)))
+    assert explanation.graph_break_count == 0, [str(r.reason)[:200] for r in explanation.break_reasons]
+    assert explanation.graph_count == 1
+    ops = {str(n.target) for graph in explanation.graphs for n in graph.graph.nodes}
+    if name.startswith("tiramisu"):
+        assert "prostate_kernels.dense_block_forward.default" in ops
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_compiled_tiramisu_trains_like_eager(backend):
+    """A small Tiramisu 3D (one pooling level, 1-layer dense blocks: every kind of block and layer) without
+    dropout (its masks come from the random stream, which compiled code may draw differently): one
+    training step compiled (aot_eager, fullgraph) gives eager's gradients and running statistics."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = Tiramisu3D((1, 1, 1), growth_rate=4, first_conv_filters=8, dropout=0.0)
+    compiled = Tiramisu3D((1, 1, 1), growth_rate=4, first_conv_filters=8, dropout=0.0)
+    compiled.load_state_dict(eager.state_dict())
+    x = torch.randn((2, 1, 4, 6, 8), generator=torch.Generator().manual_seed(4))
+    with use_backend(backend):
+        eager(x).square().mean().backward()
+        torch.compile(compiled, backend="aot_eager", fullgraph=True)(x).square().mean().backward()
+    for (name, p_e), p_c in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(p_c.grad, p_e.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for (name, b_e), b_c in zip(eager.named_buffers(), compiled.buffers(), strict=True):
+        torch.testing.assert_close(b_c, b_e, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_dropout_and_fused_separable_inference_compile_on_the_triton_path():
+    torch._dynamo.reset()
+    block = DenseBlock3d(4, growth_rate=4, num_layers=2, dropout=0.2)
+    with use_backend("triton"):
+        explanation = torch._dynamo.explain(block)(torch.randn((2, 4, 3, 4, 5)))
+    assert explanation.graph_break_count == 0, [str(r.reason)[:200] for r in explanation.break_reasons]
+    separable = SeparableConv3d(4, 6, dilation=2).eval()
+    with use_backend("triton"), torch.no_grad():
+        explanation = torch._dynamo.explain(separable)(torch.randn((1, 4, 5, 6, 7)))
+    assert explanation.graph_break_count == 0, [str(r.reason)[:200] for r in explanation.break_reasons]
+    ops = {str(n.target) for graph in explanation.graphs for n in graph.graph.nodes}
+    assert "prostate_kernels.separable_conv3d_inference.default" in ops

@@ -160,7 +160,7 @@ class DenseBlock3d(nn.Module):
         check_input(x, self.in_channels, self.layers[0].conv.weight, self.training)
         steps = [layer.batch_norm_step() for layer in self.layers]
         p = self.dropout if self.training else 0.0
-        seeds = tuple(draw_seeds(len(self.layers))) if p > 0 else (0,) * len(self.layers)
+        seeds = draw_seeds(len(self.layers)) if p > 0 else torch.zeros(len(self.layers), dtype=torch.int64)
         # An empty batch takes the naive path, as nn.BatchNorm3d does: an empty output, statistics untouched.
         if self.memory_efficient and x.shape[0] > 0:
             out = self._efficient(x, steps, seeds, p)
@@ -184,7 +184,7 @@ class DenseBlock3d(nn.Module):
     def _naive(self, x, steps, seeds, p) -> torch.Tensor:
         """torch.cat at every layer, eager BN -> ReLU -> conv, the same seeded dropout masks."""
         features = [x]
-        for step, layer, seed in zip(steps, self.layers, seeds, strict=True):
+        for step, layer, seed in zip(steps, self.layers, seeds.tolist(), strict=True):
             inputs = torch.cat(features, dim=1)
             y = reference.bn_relu_conv3d(
                 inputs, layer.conv.weight, layer.conv.bias, layer.norm.weight, layer.norm.bias,

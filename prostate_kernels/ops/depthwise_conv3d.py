@@ -94,8 +94,9 @@ def separable_inference(
     from prostate_kernels.ops import depthwise_conv3d_triton
 
     return depthwise_conv3d_triton.separable_inference(
-        x, depthwise_weight, bn1, pointwise_weight, bn2, geometry, depth_activation
-    )
+        x, depthwise_weight, *bn1, pointwise_weight, *bn2, list(geometry.stride), list(geometry.padding),
+        list(geometry.dilation), depth_activation,
+    )  # fmt: skip
 
 
 __all__ = ["depthwise_conv3d", "fused_separable_applies", "separable_inference"]

@@ -203,17 +203,25 @@ def _backward(ctx, gy):
 depthwise_conv3d_forward.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.library.custom_op("prostate_kernels::separable_conv3d_inference", mutates_args=())
 def separable_inference(
     x: torch.Tensor,
     depthwise_weight: torch.Tensor,
-    bn1: tuple[torch.Tensor, torch.Tensor],
+    bn1_scale: torch.Tensor,
+    bn1_shift: torch.Tensor,
     pointwise_weight: torch.Tensor,
-    bn2: tuple[torch.Tensor, torch.Tensor],
-    geometry: ConvGeometry,
+    bn2_scale: torch.Tensor,
+    bn2_shift: torch.Tensor,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
     depth_activation: bool,
 ) -> torch.Tensor:
     """[ReLU] -> depthwise -> BN [-> ReLU] -> 1x1x1 -> BN [-> ReLU] in one kernel (eval-mode BatchNorms
-    given as float32 (scale, shift)); the depthwise output is never written."""
+    given as float32 (scale, shift)); the depthwise output is never written. A custom op (inference only:
+    no autograd) so that torch.compile traces through it."""
+    geometry = _geometry(depthwise_weight, stride, padding, dilation)
+    bn1, bn2 = (bn1_scale, bn1_shift), (bn2_scale, bn2_shift)
     n, c_in, d, h, w = x.shape
     c_out = pointwise_weight.shape[0]
     do, ho, wo = geometry.output_size((d, h, w))
@@ -235,3 +243,11 @@ def separable_inference(
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=needs_int64(x, y), BLOCK_N=block_n,
     )  # fmt: skip
     return y
+
+
+@separable_inference.register_fake
+def _(x, depthwise_weight, bn1_scale, bn1_shift, pointwise_weight, bn2_scale, bn2_shift, stride, padding,
+      dilation, depth_activation):  # fmt: skip
+    n, _, *size = x.shape
+    out_size = _geometry(depthwise_weight, stride, padding, dilation).output_size(size)
+    return output_like(x, (n, pointwise_weight.shape[0], *out_size), x.dtype)

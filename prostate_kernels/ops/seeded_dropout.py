@@ -11,9 +11,10 @@ from __future__ import annotations
 import torch
 
 
-def draw_seeds(count: int) -> list[int]:
-    """`count` seeds from torch's global CPU generator (so torch.manual_seed makes runs repeatable)."""
-    return torch.randint(0, 2**62, (count,), dtype=torch.int64).tolist()
+def draw_seeds(count: int) -> torch.Tensor:
+    """(count,) int64 seeds from torch's global CPU generator (so torch.manual_seed makes runs repeatable);
+    a tensor, so that torch.compile traces the draw instead of breaking the graph on a .tolist()."""
+    return torch.randint(0, 2**62, (count,), dtype=torch.int64)
 
 
 def dropout_scale(seed: int, shape: tuple[int, ...], p: float, device: torch.device) -> torch.Tensor:
