@@ -97,6 +97,21 @@ def _record(fn, args, kwargs, default_config: bool, config_kwargs: dict) -> None
             RECORDER.variants[variant] = (fn, signature, constexprs, attrs, options)
 
 
+def _real_kernels_on_meta() -> None:
+    """The library's torch.library custom ops run their real implementation on meta tensors (their
+    launchers, and so the launches to record), instead of their fake kernels, with autograd kept: every
+    CustomOpDef of the ops' Triton modules gets its own function as its "meta" kernel. For the rest of
+    this process (the capture tools run in their own)."""
+    import importlib
+
+    from torch._library.custom_ops import CustomOpDef
+
+    for module in ("bn_relu_conv3d_triton", "depthwise_conv3d_triton", "dense_block"):
+        namespace = vars(importlib.import_module(f"prostate_kernels.ops.{module}"))
+        for op in (v for v in namespace.values() if isinstance(v, CustomOpDef)):
+            op.register_kernel("meta")(op._init_fn)
+
+
 @contextlib.contextmanager
 def capturing() -> Iterator[Recorder]:
     """Within the block, Triton launches are recorded instead of run (CPU tensors, backend "triton")."""
@@ -122,6 +137,7 @@ def capturing() -> Iterator[Recorder]:
 
     from prostate_kernels.ops.launch import BucketedAutotuner
 
+    _real_kernels_on_meta()
     saved = (jit.JITFunction.run, autotuner.Autotuner.run, backend.triton_interpreting)
     jit.JITFunction.run, autotuner.Autotuner.run = jit_run, autotune_run
     BucketedAutotuner.remember = False  # every launch with every config its autotuner may choose
