@@ -16,6 +16,7 @@ import torch
 
 from prostate_kernels.checkpoint import load_checkpoint, load_model_weights
 from prostate_kernels.data import (
+    ConfigError,
     DataError,
     check_image,
     check_same_grid,
@@ -117,7 +118,7 @@ def predict_files(
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(None, f"device {device!r} is not available: torch sees no CUDA device here")
+        raise ConfigError(f"device {device!r} is not available: torch sees no CUDA device here")
     images = list_images(inputs)
     targets = {path: _targets(path, Path(output), save_probabilities) for path in images}
     _check_targets(targets, Path(inputs), overwrite)

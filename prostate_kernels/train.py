@@ -23,7 +23,15 @@ import torch
 import torch.distributed as dist
 
 from prostate_kernels.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
-from prostate_kernels.data import DataError, check_image, discover_cases, read_mask, read_volume
+from prostate_kernels.data import (
+    ConfigError,
+    DataError,
+    TrainingStopped,
+    check_image,
+    discover_cases,
+    read_mask,
+    read_volume,
+)
 from prostate_kernels.data.resample import resample_to_spacing
 from prostate_kernels.data.sampling import IterationDataset, PatchSampler, training_case, zscore
 from prostate_kernels.models import build_model
@@ -87,7 +95,7 @@ class TrainConfig:
 
     def settings(self) -> PaperSettings:
         if self.model not in PAPER:
-            raise DataError(None, f"unknown model {self.model!r}; choose one of {', '.join(PAPER)}")
+            raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(PAPER)}")
         return PAPER[self.model]
 
 
@@ -95,39 +103,37 @@ def check_config(config: TrainConfig) -> None:
     """DataError naming the first bad setting."""
     settings = config.settings()
     if config.loss not in LOSSES:
-        raise DataError(None, f"--loss {config.loss!r} is not one of {LOSSES}")
+        raise ConfigError(f"--loss {config.loss!r} is not one of {LOSSES}")
     if config.amp not in AMP:
-        raise DataError(None, f"--amp {config.amp!r} is not one of {AMP}")
+        raise ConfigError(f"--amp {config.amp!r} is not one of {AMP}")
     if config.schedule not in SCHEDULES:
-        raise DataError(None, f"--schedule {config.schedule!r} is not one of {SCHEDULES}")
+        raise ConfigError(f"--schedule {config.schedule!r} is not one of {SCHEDULES}")
     for name in ("iters", "val_every"):
         if getattr(config, name) < 1:
-            raise DataError(None, f"--{name.replace('_', '-')} {getattr(config, name)} must be >= 1")
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)} must be >= 1")
     if config.batch is not None and config.batch < 1:
-        raise DataError(None, f"--batch {config.batch} must be >= 1")
+        raise ConfigError(f"--batch {config.batch} must be >= 1")
     for name in ("val_cases", "workers"):
         if getattr(config, name) < 0:
-            raise DataError(None, f"--{name.replace('_', '-')} {getattr(config, name)} must be >= 0")
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)} must be >= 0")
     if config.lr is not None and not (math.isfinite(config.lr) and config.lr > 0):
-        raise DataError(None, f"--lr {config.lr} must be a finite number > 0")
+        raise ConfigError(f"--lr {config.lr} must be a finite number > 0")
     if config.spacing is not None and (
         len(config.spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in config.spacing)
     ):
-        raise DataError(None, f"--spacing {tuple(config.spacing)} must be 3 finite sizes > 0 (Z Y X, mm)")
+        raise ConfigError(f"--spacing {tuple(config.spacing)} must be 3 finite sizes > 0 (Z Y X, mm)")
     if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
-        raise DataError(None, f"--weight-decay {config.weight_decay} must be a finite number >= 0")
+        raise ConfigError(f"--weight-decay {config.weight_decay} must be a finite number >= 0")
     patch = config.patch or settings.patch
     if len(patch) != 3 or min(patch) < 1:
-        raise DataError(None, f"--patch {patch} must be 3 positive sizes (D H W)")
+        raise ConfigError(f"--patch {patch} must be 3 positive sizes (D H W)")
     with torch.device("meta"):  # only its downsampling is needed: no weights allocated
         model = build_model(config.model, **_model_kwargs(config))
     factors = (1, *model.downsampling[1:]) if settings.slices else model.downsampling
     if any(p % f for p, f in zip(patch, factors, strict=True)):
-        raise DataError(
-            None, f"--patch {tuple(patch)} must be a multiple of {tuple(factors)} for {config.model}"
-        )
+        raise ConfigError(f"--patch {tuple(patch)} must be a multiple of {tuple(factors)} for {config.model}")
     if settings.slices and patch[0] != settings.slices:
-        raise DataError(None, f"--patch depth {patch[0]} must be {settings.slices} slices for {config.model}")
+        raise ConfigError(f"--patch depth {patch[0]} must be {settings.slices} slices for {config.model}")
 
 
 def _model_kwargs(config: TrainConfig) -> dict:
@@ -261,7 +267,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
             loss = loss_fn(net(x).float(), y)
         if not _finite_on_every_rank(loss, world):
             stopped = f"loss is {loss.item()} at iteration {it}: training stopped (a smaller --lr may help)"
-            raise DataError(None, f"{stopped}; {_last_checkpoint(ckpt_path)}")
+            raise TrainingStopped(f"{stopped}; {_last_checkpoint(ckpt_path)}")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)
@@ -319,7 +325,7 @@ def _check_finite_weights(model: torch.nn.Module, it: int, ckpt_path: Path) -> N
     """DataError before a checkpoint with NaN or infinite weights could replace a good one."""
     bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
     if bad:
-        raise DataError(None, f"weights became non-finite at iteration {it} ({bad[0]}, {len(bad)} tensors): "
+        raise TrainingStopped(f"weights became non-finite at iteration {it} ({bad[0]}, {len(bad)} tensors): "
                               f"training stopped; {_last_checkpoint(ckpt_path)}")  # fmt: skip
 
 

@@ -4,7 +4,7 @@ Nothing here knows a network. SimpleITK is imported only when a file is read or 
 """
 
 from prostate_kernels.data.cases import Case, discover_cases
-from prostate_kernels.data.errors import DataError
+from prostate_kernels.data.errors import ConfigError, DataError, TrainingStopped
 from prostate_kernels.data.io import (
     Volume,
     check_image,
@@ -16,7 +16,9 @@ from prostate_kernels.data.io import (
 
 __all__ = [
     "Case",
+    "ConfigError",
     "DataError",
+    "TrainingStopped",
     "Volume",
     "check_image",
     "check_same_grid",

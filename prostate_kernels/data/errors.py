@@ -1,4 +1,5 @@
-"""User-facing data errors: one line naming the file and the problem (the CLI prints it, exit status 2)."""
+"""User-facing errors: one line naming the file (or the setting) and the problem (the CLI prints it, exit
+status 2)."""
 
 from __future__ import annotations
 
@@ -11,3 +12,19 @@ class DataError(ValueError):
     def __init__(self, path: str | Path | None, problem: str) -> None:
         self.path, self.problem = (str(path) if path is not None else None), problem
         super().__init__(f"{path}: {problem}" if path is not None else problem)
+
+
+class ConfigError(DataError):
+    """A bad setting (a command-line option, a TrainConfig field, a device): the message names it. A
+    DataError, so that the CLI reports it the same way (one line, exit status 2)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(None, problem)
+
+
+class TrainingStopped(DataError):
+    """Training stopped on a non-finite loss or non-finite weights; the message says where the last good
+    checkpoint is."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(None, problem)
