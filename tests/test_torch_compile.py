@@ -63,6 +63,11 @@ def test_a_model_of_the_fused_ops_compiles_without_graph_breaks():
         explanation = torch._dynamo.explain(_model())(x)
     assert explanation.graph_break_count == 0, [str(r.reason)[:200] for r in explanation.break_reasons]
     assert explanation.graph_count == 1
+    ops = {str(n.target) for graph in explanation.graphs for n in graph.graph.nodes}
+    assert {
+        "prostate_kernels.bn_relu_conv3d_forward.default",
+        "prostate_kernels.depthwise_conv3d_forward.default",
+    } <= ops
 
 
 @pytest.mark.parametrize("training", [True, False])

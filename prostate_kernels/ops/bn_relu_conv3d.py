@@ -57,7 +57,7 @@ def bn_relu_conv3d(
     )  # fmt: skip
     batch_stats = training or running_mean is None
     if backend.resolve(x.device) == "triton":
-        from prostate_kernels.ops.bn_relu_conv3d_triton import bn_relu_conv3d_forward
+        from prostate_kernels.ops import bn_relu_conv3d_triton as triton_side
 
         # autocast as the eager Sequential does it: BatchNorm and ReLU in x's dtype, the conv's operands
         # and output in the autocast dtype
@@ -65,10 +65,23 @@ def bn_relu_conv3d(
         weight = weight.to(compute_dtype)
         bias = bias.to(compute_dtype) if bias is not None else None
         with backend.autocast_off(x.device):
-            y, _, _, mean, _, var = bn_relu_conv3d_forward(
-                x, weight, bias, bn_weight, bn_bias, running_mean, running_var, batch_stats, float(eps),
-                list(geometry.stride), list(geometry.padding), list(geometry.dilation), compute_dtype,
-            )  # fmt: skip
+            conv = (list(geometry.stride), list(geometry.padding), list(geometry.dilation), compute_dtype)
+            inputs = (
+                x,
+                weight,
+                bias,
+                bn_weight,
+                bn_bias,
+                running_mean,
+                running_var,
+                batch_stats,
+                float(eps),
+                *conv,
+            )
+            if torch.compiler.is_compiling():  # the custom op: an opaque node torch.compile can trace
+                y, _, _, mean, _, var = triton_side.bn_relu_conv3d_forward(*inputs)
+            else:  # eager: the same functions with less dispatch on the host
+                y, _, _, mean, _, var = triton_side.FusedBNReLUConv3d.apply(*inputs)
         if batch_stats:
             update_running_stats_(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
         return y
