@@ -141,10 +141,10 @@ def _layer(params: Sequence[torch.Tensor | None], layer: int) -> DenseLayerParam
     return DenseLayerParams(*params[width * layer : width * (layer + 1)])
 
 
-def _spec(x, params, growth, batch_stats, eps, dropout, seeds, engine, compute_dtype) -> BlockSpec:
+def _spec(in_channels, growth, batch_stats, eps, dropout, seeds, engine, compute_dtype) -> BlockSpec:
     seeds = tuple(seeds.tolist())  # inside the custom ops: torch.compile never traces this
     return BlockSpec(
-        x.shape[1], growth, tuple(batch_stats), tuple(eps), dropout, seeds, engine, compute_dtype
+        in_channels, growth, tuple(batch_stats), tuple(eps), dropout, seeds, engine, compute_dtype
     )
 
 
@@ -168,7 +168,7 @@ def dense_block_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(buffer B, mean, var): B (N, C0 + L*k, D, H, W); mean and var the batch statistics of B's first
     C0 + (L-1)*k channels (empty when no layer uses batch statistics)."""
-    spec = _spec(x, params, growth, batch_stats, eps, dropout, seeds, engine, compute_dtype)
+    spec = _spec(x.shape[1], growth, batch_stats, eps, dropout, seeds, engine, compute_dtype)
     buffer, mean, var = _forward(x, spec, params)
     empty = x.new_empty((0,), dtype=torch.float32)
     return buffer, mean if mean is not None else empty, var if var is not None else empty.clone()
@@ -201,8 +201,8 @@ def dense_block_backward(
     compute_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(grad x, [grad weight, grad bn weight, grad bn bias] per layer), each missing one empty."""
-    x_like = buffer.new_empty((buffer.shape[0], buffer.shape[1] - len(eps) * growth, *buffer.shape[2:]))
-    spec = _spec(x_like, params, growth, batch_stats, eps, dropout, seeds, engine, compute_dtype)
+    in_channels = buffer.shape[1] - len(eps) * growth
+    spec = _spec(in_channels, growth, batch_stats, eps, dropout, seeds, engine, compute_dtype)
     grad_x, grads = _backward(grad_output, spec, buffer, mean if mean.numel() else None, var, params)
     empty = buffer.new_empty((0,))
     return grad_x.clone(), [g if g is not None else empty.clone() for g in grads]
