@@ -23,6 +23,7 @@ bench/results/<date>-real-cv-<device>.md/.csv and README's "Accuracy on real MRI
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
 import subprocess
@@ -59,7 +60,9 @@ def fold_of(index: int) -> int:
 def pack(data: Path, out: Path) -> None:
     from prostate_kernels.data import discover_cases, read_mask, read_volume
     from prostate_kernels.data.resample import resample_to_spacing
+    from prostate_kernels.safe_files import refuse_existing
 
+    refuse_existing([out], "pack writes a new file: remove it or choose another --out")
     cases = sorted(discover_cases(data, require_labels=True), key=lambda c: c.name)
     if len(cases) != N_CASES:
         raise SystemExit(f"real_cv: expected {N_CASES} cases in {data}, found {len(cases)}")
@@ -246,11 +249,8 @@ def score(data: Path, predictions: Path, results: Path, readme: bool) -> Path:
         info["fold_mean_dice"] = ", ".join(f"{d:.3f}" for d in fold_dice)
         info["failed_cases"] = sum(r["status"] != "ok" for r in model_rows)
     env = environment()
-    env.update({k: v for k, v in report.get("env", {}).items()})
     stem = f"{env['date'][:10]}-real-cv-{slug(report.get('device', 'gpu'))[:40]}"
     results.mkdir(parents=True, exist_ok=True)
-    import csv
-
     with (results / f"{stem}.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -1,7 +1,9 @@
-"""Running the installed `prostate-kernels` console script the way a user does, and tiny datasets for it."""
+"""Running the installed `prostate-kernels` console script the way a user does, and tiny datasets for it;
+running a probe script of tests/ in a fresh process without the Triton interpreter."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -65,3 +67,14 @@ def copy_dataset(source: Path, target: Path) -> Path:
     for path in source.iterdir():
         (target / path.name).write_bytes(path.read_bytes())
     return target
+
+
+def run_probe(name: str) -> dict:
+    """The JSON last printed by tests/<name> run in a fresh process without TRITON_INTERPRET: Triton's
+    real compiler only runs there (a process that interpreted kernels cannot compile any)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run(
+        [sys.executable, str(TESTS / name)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -3,9 +3,6 @@ reported as failed (the gate can fail). The gate itself is a command (`make gpu-
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,6 +13,7 @@ if not TOOLS.is_dir():
     pytest.skip(f"tools/ is not beside the tests ({TOOLS})", allow_module_level=True)
 sys.path.insert(0, str(TOOLS))
 
+from cli_helpers import run_probe  # noqa: E402
 from ptxas_log import parse_ptxas_log  # noqa: E402
 
 LOG = """ptxas info    : 0 bytes gmem
@@ -46,11 +44,7 @@ def test_the_parser_reads_registers_and_spills():
 
 def test_a_kernel_compiles_and_a_broken_one_fails_the_gate():
     """Triton's real compiler and ptxas, in a fresh process without the interpreter."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    probe = Path(__file__).resolve().parent / "compile_gate_probe.py"
-    done = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_probe("compile_gate_probe.py")
     good, broken = report["results"]
     assert good["ok"] and good["verdict"] == "ok", good["error"]
     assert 0 < good["registers"] <= 255 and good["spill_bytes"] == 0

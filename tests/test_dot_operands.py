@@ -7,17 +7,9 @@ accuracy is checked on a GPU by bench/gpu_checks.py (TF32 error within 2x eager'
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
+from cli_helpers import run_probe
 
 
 def test_tf32_operands_are_rounded_by_cvt_rna_and_ieee_operands_untouched():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    probe = Path(__file__).resolve().parent / "dot_operands_probe.py"
-    done = subprocess.run([sys.executable, str(probe)], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    counts = run_probe("dot_operands_probe.py")
     assert counts["tf32"] >= 2 and counts["ieee"] == 0

@@ -7,12 +7,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from test_real_data_script import _decathlon
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import real_cv  # noqa: E402
 
 from prostate_kernels.checkpoint import load_checkpoint  # noqa: E402
+from prostate_kernels.data import DataError  # noqa: E402
 from prostate_kernels.data.phantoms import make_phantom  # noqa: E402
 from prostate_kernels.train import TrainConfig, train  # noqa: E402
 
@@ -32,6 +34,10 @@ def test_pack_holds_every_case_by_name_resampled_to_the_training_spacing(tmp_pat
         images[7].shape == masks[7].shape == (2, 2, 3)
     )  # 4x5x6 voxels of 1.5 mm at 3 mm (resample_to_spacing)
     assert np.allclose(images[7], 7.0) and set(np.unique(masks[7])) <= {0, 1}
+    before = (tmp_path / "pack.npz").read_bytes()
+    with pytest.raises(DataError, match="exists already"):  # never written over
+        real_cv.pack(data, tmp_path / "pack.npz")
+    assert (tmp_path / "pack.npz").read_bytes() == before
 
 
 def test_train_on_arrays_reads_no_files(tmp_path):

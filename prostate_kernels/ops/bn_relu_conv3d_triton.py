@@ -254,10 +254,6 @@ def batch_norm_affine(
 # comes back as an empty tensor (custom ops cannot return None).
 
 
-def _geometry(weight: torch.Tensor, stride, padding, dilation) -> ConvGeometry:
-    return ConvGeometry(tuple(weight.shape[2:]), tuple(stride), tuple(padding), tuple(dilation))
-
-
 def forward_impl(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -280,7 +276,7 @@ def forward_impl(
     scale, shift, mean, rstd, var = batch_norm_affine(
         x, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps
     )
-    geometry = _geometry(weight, stride, padding, dilation)
+    geometry = ConvGeometry.of_weight(weight, stride, padding, dilation)
     y = conv_forward(x, weight, bias, scale, shift, geometry, compute_dtype)
     return y, scale, shift, mean, rstd, var
 
@@ -294,7 +290,7 @@ bn_relu_conv3d_forward = torch.library.custom_op(
 def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, stride, padding,
       dilation, compute_dtype):  # fmt: skip
     n, c_in, *size = x.shape
-    out_size = _geometry(weight, stride, padding, dilation).output_size(size)
+    out_size = ConvGeometry.of_weight(weight, stride, padding, dilation).output_size(size)
     y = output_like(x, (n, weight.shape[0], *out_size), compute_dtype)
     return (y, *(x.new_empty((c_in,), dtype=torch.float32) for _ in range(5)))
 
@@ -303,7 +299,7 @@ def backward_impl(gy, x, weight, scale, shift, mean, rstd, batch_stats, stride, 
                   compute_dtype, has_bias, bn_dtype, needs) -> list[torch.Tensor | None]:  # fmt: skip
     """[grad x, grad weight, grad bias, grad bn weight, grad bn bias], None where needs[i] is False (needs:
     those five, in that order) or where there is no such parameter."""
-    geometry = _geometry(weight, stride, padding, dilation)
+    geometry = ConvGeometry.of_weight(weight, stride, padding, dilation)
     grads: list[torch.Tensor | None] = [None] * 5
     if needs[1] or needs[2]:
         gw, gb = conv_weight_grad(x, gy, scale, shift, geometry, compute_dtype, has_bias)

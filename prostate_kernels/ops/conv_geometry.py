@@ -29,6 +29,12 @@ class ConvGeometry:
     padding: Triple
     dilation: Triple
 
+    @classmethod
+    def of_weight(cls, weight, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):
+        """The geometry of a conv whose kernel is weight's (C_out, C_in, kD, kH, kW), settings already
+        checked by conv_geometry (the custom ops: their fake kernels may see symbolic sizes)."""
+        return cls(tuple(weight.shape[2:]), tuple(stride), tuple(padding), tuple(dilation))
+
     @property
     def taps(self) -> int:
         return self.kernel[0] * self.kernel[1] * self.kernel[2]

@@ -135,10 +135,12 @@ def dense_block(
     return buffer
 
 
+_WIDTH = len(DenseLayerParams._fields)  # tensors per layer in the custom ops' flat parameter list
+
+
 def _layer(params: Sequence[torch.Tensor | None], layer: int) -> DenseLayerParams:
     """Layer `layer`'s tensors out of the flat parameter list of the custom ops."""
-    width = len(DenseLayerParams._fields)
-    return DenseLayerParams(*params[width * layer : width * (layer + 1)])
+    return DenseLayerParams(*params[_WIDTH * layer : _WIDTH * (layer + 1)])
 
 
 def _spec(in_channels, growth, batch_stats, eps, dropout, seeds, engine, compute_dtype) -> BlockSpec:
@@ -205,7 +207,7 @@ def dense_block_backward(
     spec = _spec(in_channels, growth, batch_stats, eps, dropout, seeds, engine, compute_dtype)
     grad_x, grads = _backward(grad_output, spec, buffer, mean if mean.numel() else None, var, params)
     empty = buffer.new_empty((0,))
-    return grad_x.clone(), [g if g is not None else empty.clone() for g in grads]
+    return grad_x, [g if g is not None else empty.clone() for g in grads]
 
 
 @dense_block_backward.register_fake
@@ -228,8 +230,7 @@ def _setup_context(ctx, inputs, output) -> None:
     buffer, mean, var = output
     # a layer normalised by its batch statistics needs no running statistics in backward; they are not
     # saved (the entry updates them in place after this op)
-    width = len(DenseLayerParams._fields)
-    params = [None if i % width >= 3 and batch_stats[i // width] else p for i, p in enumerate(params)]
+    params = [None if i % _WIDTH >= 3 and batch_stats[i // _WIDTH] else p for i, p in enumerate(params)]
     ctx.save_for_backward(buffer, mean, var, seeds, *(p for p in params if p is not None))
     ctx.present = [p is not None for p in params]
     ctx.settings = (growth, batch_stats, eps, dropout)
@@ -243,12 +244,11 @@ def _backward_autograd(ctx, grad_output, _grad_mean, _grad_var):
     grad_x, grads = torch.ops.prostate_kernels.dense_block_backward(
         grad_output, buffer, mean, var, params, *ctx.settings, seeds, ctx.engine, ctx.compute_dtype
     )
-    width = len(DenseLayerParams._fields)
     param_grads: list[torch.Tensor | None] = [None] * len(params)
     for layer in range(len(ctx.settings[2])):
         for i in range(3):  # weight, bn_weight, bn_bias; no gradient for the running statistics
-            if params[width * layer + i] is not None:
-                param_grads[width * layer + i] = grads[3 * layer + i]
+            if params[_WIDTH * layer + i] is not None:
+                param_grads[_WIDTH * layer + i] = grads[3 * layer + i]
     return grad_x, param_grads, None, None, None, None, None, None, None
 
 

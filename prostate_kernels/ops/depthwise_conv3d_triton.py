@@ -130,10 +130,6 @@ def depthwise_weight_grad(
 # nodes that torch.compile traces through. A gradient that is not wanted comes back as an empty tensor.
 
 
-def _geometry(weight: torch.Tensor, stride, padding, dilation) -> ConvGeometry:
-    return ConvGeometry(tuple(weight.shape[2:]), tuple(stride), tuple(padding), tuple(dilation))
-
-
 @torch.library.custom_op("prostate_kernels::depthwise_conv3d_forward", mutates_args=())
 def depthwise_conv3d_forward(
     x: torch.Tensor,
@@ -143,13 +139,15 @@ def depthwise_conv3d_forward(
     padding: list[int],
     dilation: list[int],
 ) -> torch.Tensor:
-    return depthwise_forward(x, weight, bias, _geometry(weight, stride, padding, dilation))
+    return depthwise_forward(x, weight, bias, ConvGeometry.of_weight(weight, stride, padding, dilation))
 
 
 @depthwise_conv3d_forward.register_fake
 def _(x, weight, bias, stride, padding, dilation):
     n, c, *size = x.shape
-    return output_like(x, (n, c, *_geometry(weight, stride, padding, dilation).output_size(size)), x.dtype)
+    return output_like(
+        x, (n, c, *ConvGeometry.of_weight(weight, stride, padding, dilation).output_size(size)), x.dtype
+    )
 
 
 @torch.library.custom_op("prostate_kernels::depthwise_conv3d_backward", mutates_args=())
@@ -164,7 +162,7 @@ def depthwise_conv3d_backward(
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad x, grad weight, grad bias), each empty where needs[i] is False."""
-    geometry = _geometry(weight, stride, padding, dilation)
+    geometry = ConvGeometry.of_weight(weight, stride, padding, dilation)
     grads = [x.new_empty((0,)) for _ in range(3)]
     if needs[0]:
         grads[0] = depthwise_input_grad(gy, weight, x.shape, x, geometry)
@@ -220,7 +218,7 @@ def separable_inference(
     """[ReLU] -> depthwise -> BN [-> ReLU] -> 1x1x1 -> BN [-> ReLU] in one kernel (eval-mode BatchNorms
     given as float32 (scale, shift)); the depthwise output is never written. A custom op (inference only:
     no autograd) so that torch.compile traces through it."""
-    geometry = _geometry(depthwise_weight, stride, padding, dilation)
+    geometry = ConvGeometry.of_weight(depthwise_weight, stride, padding, dilation)
     bn1, bn2 = (bn1_scale, bn1_shift), (bn2_scale, bn2_shift)
     n, c_in, d, h, w = x.shape
     c_out = pointwise_weight.shape[0]
@@ -249,5 +247,5 @@ def separable_inference(
 def _(x, depthwise_weight, bn1_scale, bn1_shift, pointwise_weight, bn2_scale, bn2_shift, stride, padding,
       dilation, depth_activation):  # fmt: skip
     n, _, *size = x.shape
-    out_size = _geometry(depthwise_weight, stride, padding, dilation).output_size(size)
+    out_size = ConvGeometry.of_weight(depthwise_weight, stride, padding, dilation).output_size(size)
     return output_like(x, (n, pointwise_weight.shape[0], *out_size), x.dtype)
