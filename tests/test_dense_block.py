@@ -49,12 +49,17 @@ def _compare(eff, naive, rtol, label):
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))
-@pytest.mark.parametrize("dropout", [0.0, 0.3])
-@pytest.mark.parametrize("return_input", [True, False])
-def test_efficient_block_equals_naive_block(engine, dropout, return_input):
+@pytest.mark.parametrize(
+    "dropout,return_input,bn_size",
+    [(0.0, True, 0), (0.3, True, 0), (0.0, False, 0), (0.3, False, 0), (0.0, True, 2), (0.3, False, 3)],
+)
+def test_efficient_block_equals_naive_block(engine, dropout, return_input, bn_size):
+    """bn_size > 0: DenseNet-BC layers (the bottleneck output is recomputed in backward)."""
     dtype, rtol = ENGINES[engine]
     torch.manual_seed(0)
-    efficient = DenseBlock3d(5, growth_rate=4, num_layers=3, dropout=dropout, return_input=return_input)
+    efficient = DenseBlock3d(
+        5, growth_rate=4, num_layers=3, dropout=dropout, return_input=return_input, bn_size=bn_size
+    )
     naive = copy.deepcopy(efficient).double()
     naive.memory_efficient = False
     efficient = efficient.to(dtype)
@@ -126,6 +131,34 @@ def test_saved_memory_is_at_most_a_quarter_of_the_naive_block():
     assert ours < 1.01 * buffer_bytes  # the buffer and per-channel vectors, nothing per layer
 
 
+def test_bottleneck_block_keeps_no_bottleneck_output():
+    """A DenseNet-BC block keeps what a plain one keeps: the buffer and per-channel vectors (T, 4x the
+    growth per layer, is recomputed); the naive BC block keeps every layer's cat, T and activations."""
+    torch.manual_seed(0)
+    efficient = DenseBlock3d(32, growth_rate=8, num_layers=6, dropout=0.0, bn_size=4)
+    naive = copy.deepcopy(efficient)
+    naive.memory_efficient = False
+    x = torch.randn(1, 32, 4, 8, 8, requires_grad=True)
+    ours, theirs = _saved_bytes(efficient, x), _saved_bytes(naive, x)
+    print(f"\nBC block 32 in, growth 8, bn_size 4, 6 layers: kept {ours / 2**20:.3f} MiB vs "
+          f"{theirs / 2**20:.3f} MiB naive, ratio {ours / theirs:.3f}")  # fmt: skip
+    buffer_bytes = 1 * (32 + 6 * 8) * 4 * 8 * 8 * 4
+    vector_bytes = (
+        4 * 2 * ((32 + 5 * 8) + 6 * 32) + 8 * 6
+    )  # mean and var of B's channels and of each T; seeds
+    assert ours <= buffer_bytes + vector_bytes
+    assert ours <= theirs / 5
+
+
+def test_bottleneck_block_layout():
+    block = DenseBlock3d(8, growth_rate=4, num_layers=2, bn_size=4)
+    keys = set(block.state_dict())
+    assert "layers.1.bottleneck.conv.weight" in keys and "layers.1.conv.norm.running_var" in keys
+    assert block.layers[1].bottleneck.conv.weight.shape == (16, 12, 1, 1, 1)
+    assert block.layers[1].conv.conv.weight.shape == (4, 16, 3, 3, 3)
+    assert block.out_channels == 16 and block.bottleneck_channels == 16
+
+
 def test_state_dicts_are_interchangeable():
     efficient = DenseBlock3d(8, growth_rate=4, num_layers=3)
     naive = DenseBlock3d(8, growth_rate=4, num_layers=3, memory_efficient=False)
@@ -152,6 +185,7 @@ def test_out_channels():
         (dict(in_channels=4, growth_rate=-1), "growth_rate -1"),
         (dict(in_channels=4, num_layers=1.5), "num_layers 1.5"),
         (dict(in_channels=4, dropout=1.0), "dropout 1.0"),
+        (dict(in_channels=4, bn_size=-2), "bn_size -2 must be an int >= 0"),
     ],
 )
 def test_bad_settings_raise(kwargs, pattern):

@@ -9,6 +9,8 @@ aot_eager backend, which runs the ops' real kernels (Inductor would need a C++ c
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from prostate_kernels.models import Tiramisu3D, build_model
@@ -118,6 +120,27 @@ def test_a_compiled_tiramisu_trains_like_eager(backend):
     with use_backend(backend):
         eager(x).square().mean().backward()
         torch.compile(compiled, backend="aot_eager", fullgraph=True)(x).square().mean().backward()
+    for (name, p_e), p_c in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(p_c.grad, p_e.grad, rtol=0, atol=0, msg=name)
+    for (name, b_e), b_c in zip(eager.named_buffers(), compiled.buffers(), strict=True):
+        torch.testing.assert_close(b_c, b_e, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_compiled_densenet_bc_block_trains_like_eager(backend):
+    """The bottleneck (DenseNet-BC) block through torch.compile (aot_eager, fullgraph): the same output,
+    gradients and running statistics (of both BatchNorms of every layer) as eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = DenseBlock3d(4, growth_rate=4, num_layers=2, dropout=0.0, bn_size=2)
+    compiled = copy.deepcopy(eager)
+    x = torch.randn((2, 4, 3, 4, 5), generator=torch.Generator().manual_seed(5))
+    with use_backend(backend):
+        y_eager = eager(x)
+        y_eager.square().mean().backward()
+        y_compiled = torch.compile(compiled, backend="aot_eager", fullgraph=True)(x)
+        y_compiled.square().mean().backward()
+    torch.testing.assert_close(y_compiled, y_eager, rtol=0, atol=0)
     for (name, p_e), p_c in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(p_c.grad, p_e.grad, rtol=0, atol=0, msg=name)
     for (name, b_e), b_c in zip(eager.named_buffers(), compiled.buffers(), strict=True):

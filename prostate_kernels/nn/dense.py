@@ -4,25 +4,69 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from prostate_kernels import functional, reference
-from prostate_kernels.ops.dense_block import DenseLayerParams, LayerSpec, check_input, dense_block
+from prostate_kernels.ops.dense_block import UnitParams, UnitSpec, check_input, dense_block
 from prostate_kernels.ops.seeded_dropout import draw_seeds, dropout_scale
 
-__all__ = ["BNReLUConv3d", "BatchNormStep", "DenseBlock3d"]
+__all__ = [
+    "BNReLUConv3d",
+    "BatchNormStep",
+    "BottleneckDenseLayer3d",
+    "DenseBlock3d",
+    "DenseUnit",
+    "apply_bn_relu_conv",
+    "batch_norm_step",
+]
 
 
 @dataclass(frozen=True)
 class BatchNormStep:
-    """What one forward of a BatchNorm does with statistics (see BNReLUConv3d.batch_norm_step)."""
+    """What one forward of a BatchNorm does with statistics (see batch_norm_step)."""
 
     running_mean: torch.Tensor | None  # updated in place when batch_stats (None: not tracked)
     running_var: torch.Tensor | None
     batch_stats: bool  # normalise with the batch's own statistics (else with the running ones)
     momentum: float
+
+
+def batch_norm_step(norm: nn.BatchNorm3d) -> BatchNormStep:
+    """The running-statistics bookkeeping of nn.BatchNorm3d.forward, step for step: increments
+    num_batches_tracked in training and says which statistics this forward uses and updates."""
+    momentum = 0.0 if norm.momentum is None else norm.momentum
+    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
+        norm.num_batches_tracked.add_(1)
+        if norm.momentum is None:
+            momentum = 1.0 / float(norm.num_batches_tracked)
+    use_running = not norm.training or norm.track_running_stats
+    return BatchNormStep(
+        running_mean=norm.running_mean if use_running else None,
+        running_var=norm.running_var if use_running else None,
+        batch_stats=norm.training or (norm.running_mean is None and norm.running_var is None),
+        momentum=momentum,
+    )
+
+
+def apply_bn_relu_conv(norm: nn.BatchNorm3d, conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
+    """conv(relu(norm(x))) as one fused op, with norm's and conv's parameters and settings and
+    nn.BatchNorm3d's bookkeeping (running statistics, num_batches_tracked)."""
+    bn = batch_norm_step(norm)
+    return functional.bn_relu_conv3d(
+        x, conv.weight, conv.bias, norm.weight, norm.bias, bn.running_mean, bn.running_var,
+        training=bn.batch_stats, momentum=bn.momentum, eps=norm.eps, stride=conv.stride,
+        padding=conv.padding, dilation=conv.dilation,
+    )  # fmt: skip
+
+
+class DenseUnit(NamedTuple):
+    """One BatchNorm3d -> ReLU -> Conv3d of a dense layer, as the modules that hold its parameters."""
+
+    norm: nn.BatchNorm3d
+    conv: nn.Conv3d
 
 
 class BNReLUConv3d(nn.Module):
@@ -61,29 +105,15 @@ class BNReLUConv3d(nn.Module):
         return self.conv.out_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bn = self.batch_norm_step()
-        return functional.bn_relu_conv3d(
-            x, self.conv.weight, self.conv.bias, self.norm.weight, self.norm.bias, bn.running_mean,
-            bn.running_var, training=bn.batch_stats, momentum=bn.momentum, eps=self.norm.eps,
-            stride=self.conv.stride, padding=self.conv.padding, dilation=self.conv.dilation,
-        )  # fmt: skip
+        return apply_bn_relu_conv(self.norm, self.conv, x)
 
     def batch_norm_step(self) -> BatchNormStep:
-        """The running-statistics bookkeeping of nn.BatchNorm3d.forward, step for step: increments
-        num_batches_tracked in training and says which statistics this forward uses and updates."""
-        norm = self.norm
-        momentum = 0.0 if norm.momentum is None else norm.momentum
-        if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
-            norm.num_batches_tracked.add_(1)
-            if norm.momentum is None:
-                momentum = 1.0 / float(norm.num_batches_tracked)
-        use_running = not norm.training or norm.track_running_stats
-        return BatchNormStep(
-            running_mean=norm.running_mean if use_running else None,
-            running_var=norm.running_var if use_running else None,
-            batch_stats=norm.training or (norm.running_mean is None and norm.running_var is None),
-            momentum=momentum,
-        )
+        """batch_norm_step(self.norm): this forward's running-statistics bookkeeping."""
+        return batch_norm_step(self.norm)
+
+    def units(self) -> tuple[DenseUnit, ...]:
+        """As a dense layer: one unit."""
+        return (DenseUnit(self.norm, self.conv),)
 
     @classmethod
     def from_sequential(cls, sequential: nn.Sequential) -> BNReLUConv3d:
@@ -115,18 +145,38 @@ class BNReLUConv3d(nn.Module):
         return fused
 
 
-class DenseBlock3d(nn.Module):
-    """FC-DenseNet dense block: each layer is BN -> ReLU -> conv 3x3x3 (growth_rate) -> dropout and reads
-    the concatenation of the block input and every earlier layer's features.
+class BottleneckDenseLayer3d(nn.Module):
+    """A DenseNet-BC layer: BN -> ReLU -> conv 1x1x1 (bottleneck channels) -> BN -> ReLU -> conv 3x3x3
+    (growth_rate), as two BNReLUConv3d: `bottleneck` and `conv`."""
 
-    Output: that whole concatenation (return_input=True, the down path of Tiramisu) or only the new
-    features (return_input=False, the up path); `out_channels` says how many channels.
+    def __init__(self, in_channels: int, bottleneck: int, growth_rate: int) -> None:
+        super().__init__()
+        self.bottleneck = BNReLUConv3d(in_channels, bottleneck, kernel_size=1, padding=0)
+        self.conv = BNReLUConv3d(bottleneck, growth_rate, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.bottleneck(x))
+
+    def units(self) -> tuple[DenseUnit, ...]:
+        return (*self.bottleneck.units(), *self.conv.units())
+
+
+class DenseBlock3d(nn.Module):
+    """Dense block: each layer reads the concatenation of the block input and every earlier layer's
+    features and adds growth_rate new ones (after dropout).
+
+    bn_size=0: FC-DenseNet / Tiramisu layers, BN -> ReLU -> conv 3x3x3 (layers.<i>: BNReLUConv3d).
+    bn_size>0: DenseNet-BC layers, BN -> ReLU -> conv 1x1x1 (bn_size * growth_rate channels) -> BN ->
+    ReLU -> conv 3x3x3 (layers.<i>: BottleneckDenseLayer3d), as in DenseNet-121/169/201.
+
+    Output: that whole concatenation (return_input=True, the down path of Tiramisu; DenseNet) or only the
+    new features (return_input=False, the up path); `out_channels` says how many channels.
 
     memory_efficient=True keeps one shared buffer instead of concatenating at every layer, computes each
-    channel's batch statistics once, and saves nothing per layer for backward (see ops/dense_block.py);
-    memory_efficient=False is the naive torch.cat block (the reference and the benchmark baseline). Both
-    have the same state_dict (layers.<i>.norm.*, layers.<i>.conv.*) and, given the same torch seed, the
-    same dropout masks.
+    channel's batch statistics once, and saves nothing per layer for backward (a BC layer's bottleneck
+    output is recomputed; see ops/dense_block.py); memory_efficient=False is the naive torch.cat block
+    (the reference and the benchmark baseline). Both have the same state_dict and, given the same torch
+    seed, the same dropout masks.
     """
 
     def __init__(
@@ -137,60 +187,73 @@ class DenseBlock3d(nn.Module):
         dropout: float = 0.2,
         return_input: bool = True,
         memory_efficient: bool = True,
+        bn_size: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (
-            ("in_channels", in_channels),
-            ("growth_rate", growth_rate),
-            ("num_layers", num_layers),
+        for name, value, least in (
+            ("in_channels", in_channels, 1),
+            ("growth_rate", growth_rate, 1),
+            ("num_layers", num_layers, 1),
+            ("bn_size", bn_size, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"DenseBlock3d: {name} {value!r} must be a positive int")
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                kind = "a positive int" if least else "an int >= 0"
+                raise ValueError(f"DenseBlock3d: {name} {value!r} must be {kind}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"DenseBlock3d: dropout {dropout!r} must be in [0, 1)")
         self.in_channels, self.growth_rate, self.dropout = in_channels, growth_rate, float(dropout)
         self.return_input, self.memory_efficient = return_input, memory_efficient
-        self.layers = nn.ModuleList(
-            BNReLUConv3d(in_channels + i * growth_rate, growth_rate) for i in range(num_layers)
-        )
+        self.bottleneck_channels = bn_size * growth_rate  # W, 0: plain layers
+        widths = [in_channels + i * growth_rate for i in range(num_layers)]
+        if bn_size:
+            layers = (BottleneckDenseLayer3d(c, self.bottleneck_channels, growth_rate) for c in widths)
+        else:
+            layers = (BNReLUConv3d(c, growth_rate) for c in widths)
+        self.layers = nn.ModuleList(layers)
         new = num_layers * growth_rate
         self.out_channels = in_channels + new if return_input else new
 
+    def dense_units(self) -> list[tuple[DenseUnit, ...]]:
+        """Per layer, its units in order (one: plain; two: bottleneck then 3x3x3). A subclass that keeps
+        its layers' modules elsewhere (optimize's adopted blocks) overrides this."""
+        return [layer.units() for layer in self.layers]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_input(x, self.in_channels, self.layers[0].conv.weight, self.training)
-        steps = [layer.batch_norm_step() for layer in self.layers]
+        layers = self.dense_units()
+        check_input(x, self.in_channels, layers[0][0].conv.weight, self.training)
+        steps = [tuple(batch_norm_step(unit.norm) for unit in units) for units in layers]
         p = self.dropout if self.training else 0.0
-        seeds = draw_seeds(len(self.layers)) if p > 0 else torch.zeros(len(self.layers), dtype=torch.int64)
+        seeds = draw_seeds(len(layers)) if p > 0 else torch.zeros(len(layers), dtype=torch.int64)
         # An empty batch takes the naive path, as nn.BatchNorm3d does: an empty output, statistics untouched.
         if self.memory_efficient and x.shape[0] > 0:
-            out = self._efficient(x, steps, seeds, p)
+            out = self._efficient(x, layers, steps, seeds, p)
         else:
-            out = self._naive(x, steps, seeds, p)
+            out = self._naive(x, layers, steps, seeds, p)
         return out if self.return_input or not self.memory_efficient else out[:, self.in_channels :]
 
-    def _efficient(self, x, steps, seeds, p) -> torch.Tensor:
-        layers = [
-            DenseLayerParams(
-                layer.conv.weight, layer.norm.weight, layer.norm.bias, s.running_mean, s.running_var
-            )
-            for s, layer in zip(steps, self.layers, strict=True)
+    def _efficient(self, x, layers, steps, seeds, p) -> torch.Tensor:
+        pairs = [
+            (u, s) for units, ss in zip(layers, steps, strict=True) for u, s in zip(units, ss, strict=True)
+        ]
+        params = [
+            UnitParams(u.conv.weight, u.norm.weight, u.norm.bias, s.running_mean, s.running_var)
+            for u, s in pairs
         ]
         specs = [
-            LayerSpec(s.batch_stats, s.momentum, layer.norm.eps, s.running_mean is not None)
-            for s, layer in zip(steps, self.layers, strict=True)
+            UnitSpec(s.batch_stats, s.momentum, u.norm.eps, s.running_mean is not None) for u, s in pairs
         ]
-        return dense_block(x, self.growth_rate, layers, specs, p, seeds)
+        return dense_block(x, self.growth_rate, params, specs, p, seeds, self.bottleneck_channels)
 
-    def _naive(self, x, steps, seeds, p) -> torch.Tensor:
-        """torch.cat at every layer, eager BN -> ReLU -> conv, the same seeded dropout masks."""
+    def _naive(self, x, layers, steps, seeds, p) -> torch.Tensor:
+        """torch.cat at every layer, eager BN -> ReLU -> conv per unit, the same seeded dropout masks."""
         features = [x]
-        for step, layer, seed in zip(steps, self.layers, seeds.tolist(), strict=True):
-            inputs = torch.cat(features, dim=1)
-            y = reference.bn_relu_conv3d(
-                inputs, layer.conv.weight, layer.conv.bias, layer.norm.weight, layer.norm.bias,
-                step.running_mean, step.running_var, step.batch_stats, step.momentum, layer.norm.eps,
-                layer.conv.stride, layer.conv.padding, layer.conv.dilation,
-            )  # fmt: skip
+        for units, unit_steps, seed in zip(layers, steps, seeds.tolist(), strict=True):
+            y = torch.cat(features, dim=1)
+            for (norm, conv), step in zip(units, unit_steps, strict=True):
+                y = reference.bn_relu_conv3d(
+                    y, conv.weight, conv.bias, norm.weight, norm.bias, step.running_mean, step.running_var,
+                    step.batch_stats, step.momentum, norm.eps, conv.stride, conv.padding, conv.dilation,
+                )  # fmt: skip
             if p > 0:
                 y = (y * dropout_scale(seed, tuple(y.shape), p, y.device)).to(y.dtype)
             features.append(y)

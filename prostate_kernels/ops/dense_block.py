@@ -1,19 +1,26 @@
-"""Memory-efficient dense block: one shared buffer, per-channel statistics computed once, no recompute.
+"""Memory-efficient dense block: one shared buffer, per-channel statistics computed once, no recompute
+of any 3x3x3 convolution.
 
-Buffer B (N, C0 + L*k, D, H, W), channels-last: the input is copied into channels [0, C0); layer l reads
-channels [0, C_l) (C_l = C0 + l*k) through BN -> ReLU -> conv and writes its k new channels (after
-dropout) into [C_l, C_l + k). The block's output *is* B (or its new channels, a view).
+Buffer B (N, C0 + L*k, D, H, W): the input is copied into channels [0, C0); layer l reads channels
+[0, C_l) (C_l = C0 + l*k) and writes its k new channels (after dropout) into [C_l, C_l + k). The block's
+output *is* B (or its new channels, a view).
 
-Batch statistics of a channel are computed once, when the channel is copied in or produced, and serve
-every later layer (each layer keeps its own BN affine parameters and running statistics, updated once
-per forward). Backward walks the layers in reverse and accumulates into one gradient buffer G shaped
-like B. Saved for backward: B, per-channel mean and variance, the dropout seeds; nothing per layer.
+A layer is one or two *units*, each BatchNorm -> ReLU -> conv (stride 1, "same" padding, no bias):
+  plain (FC-DenseNet, Tiramisu):  B[:, :C_l] -> unit (3x3x3, k)                      -> new channels
+  bottleneck (DenseNet-BC):       B[:, :C_l] -> unit (1x1x1, W) -> T (N, W, D, H, W) -> unit (3x3x3, k)
+W = bn_size * k, the bottleneck width. T lives only while its layer runs: backward recomputes it (one
+1x1x1 convolution per layer) instead of keeping L of them, so a BC block keeps no more than a plain one.
+
+Batch statistics of a channel of B are computed once, when the channel is copied in or produced, and
+serve every later layer; T's statistics are computed when T is and kept (W floats per layer). Each unit
+keeps its own BN affine parameters and running statistics, updated once per forward. Backward walks the
+layers in reverse and accumulates into one gradient buffer G shaped like B. Saved for backward: B, the
+per-channel means and variances, the dropout seeds; nothing of size N*D*H*W per layer.
 
 Two engines run the same walk: Triton kernels (the fused layer of ops/bn_relu_conv3d_triton.py: the
 normalised activation is recomputed inside the conv tiles, so backward needs no extra pass) and the
-PyTorch twin (CPU and fallback: backward recomputes one layer's BN -> ReLU at a time and takes the conv's
-gradients from aten's convolution_backward, so no convolution is recomputed and it too keeps nothing but
-B).
+PyTorch twin (CPU and fallback: backward recomputes one unit's BN -> ReLU at a time and takes the conv's
+gradients from aten's convolution_backward).
 
 Entry: dense_block() (input checks: check_input(), called by nn.DenseBlock3d before it touches any
 running statistic); it picks the engine (backend.resolve) and the convolutions' dtype (autocast).
@@ -33,12 +40,13 @@ from prostate_kernels.ops.batch_norm import fold_batch_norm, update_running_stat
 from prostate_kernels.ops.conv_geometry import ConvGeometry, conv_geometry
 from prostate_kernels.ops.seeded_dropout import dropout_scale
 
-GEOMETRY = conv_geometry((3, 3, 3), 1, 1, 1)  # every dense layer: 3x3x3 conv, padding 1
+GEOMETRY = conv_geometry((3, 3, 3), 1, 1, 1)  # every layer's (last) conv: 3x3x3, padding 1
+BOTTLENECK_GEOMETRY = conv_geometry((1, 1, 1), 1, 0, 1)  # a DenseNet-BC layer's first conv
 
 
-class DenseLayerParams(NamedTuple):
-    """One dense layer's tensors: its conv weight (k, C_l, 3, 3, 3), BatchNorm affine parameters and
-    running statistics (C_l,) (None: not tracked, or no affine parameters)."""
+class UnitParams(NamedTuple):
+    """One unit's tensors: its conv weight (C_out, C_in, kD, kH, kW), BatchNorm affine parameters and
+    running statistics (C_in,) (None: not tracked, or no affine parameters)."""
 
     weight: torch.Tensor
     bn_weight: torch.Tensor | None
@@ -47,9 +55,12 @@ class DenseLayerParams(NamedTuple):
     running_var: torch.Tensor | None
 
 
+DenseLayerParams = UnitParams  # a plain layer is one unit (the name the Tiramisu code grew up with)
+
+
 @dataclass(frozen=True)
-class LayerSpec:
-    """One dense layer's BatchNorm settings for this forward (see nn.BNReLUConv3d.batch_norm_step)."""
+class UnitSpec:
+    """One unit's BatchNorm settings for this forward (see nn.dense.batch_norm_step)."""
 
     batch_stats: bool
     momentum: float
@@ -57,22 +68,31 @@ class LayerSpec:
     update_running: bool
 
 
+LayerSpec = UnitSpec
+
+
 @dataclass(frozen=True)
 class BlockSpec:
-    """What the block's forward and backward compute (the running-statistics updates are the entry's)."""
+    """What the block's forward and backward compute (the running-statistics updates are the entry's).
+    Units are listed layer by layer: (bottleneck unit, unit) per layer when bottleneck > 0, else (unit,)."""
 
     in_channels: int
     growth: int
-    batch_stats: tuple[bool, ...]  # per layer: normalise with the batch's statistics (else running ones)
-    eps: tuple[float, ...]  # per layer
+    bottleneck: int  # W, the width of T; 0: plain layers
+    batch_stats: tuple[bool, ...]  # per unit: normalise with the batch's statistics (else running ones)
+    eps: tuple[float, ...]  # per unit
     dropout: float  # 0 in eval mode
     seeds: tuple[int, ...]  # one dropout seed per layer
     engine: str  # "triton" | "torch"
     compute_dtype: torch.dtype  # dtype of the convolutions' operands (the autocast dtype under autocast)
 
     @property
+    def units_per_layer(self) -> int:
+        return 2 if self.bottleneck else 1
+
+    @property
     def layers(self) -> int:
-        return len(self.eps)
+        return len(self.eps) // self.units_per_layer
 
     @property
     def out_channels(self) -> int:
@@ -81,6 +101,22 @@ class BlockSpec:
     def width(self, layer: int) -> int:
         """C_l: channels layer `layer` reads."""
         return self.in_channels + layer * self.growth
+
+    def unit(self, layer: int, step: int) -> int:
+        """Index of the `step`-th unit (0: the one reading B) of layer `layer`."""
+        return layer * self.units_per_layer + step
+
+    @property
+    def b_stats(self) -> bool:
+        """Some unit normalises channels of B with batch statistics."""
+        return any(self.batch_stats[self.unit(layer, 0)] for layer in range(self.layers))
+
+    @property
+    def t_stats(self) -> bool:
+        """Some bottleneck output T is normalised with its batch statistics."""
+        return self.bottleneck > 0 and any(
+            self.batch_stats[self.unit(layer, 1)] for layer in range(self.layers)
+        )
 
 
 def check_input(x: object, in_channels: int, weight: torch.Tensor, training: bool) -> None:
@@ -109,51 +145,71 @@ def check_input(x: object, in_channels: int, weight: torch.Tensor, training: boo
 def dense_block(
     x: torch.Tensor,
     growth: int,
-    layers: Sequence[DenseLayerParams],
-    specs: Sequence[LayerSpec],
+    units: Sequence[UnitParams],
+    specs: Sequence[UnitSpec],
     dropout: float,
     seeds: torch.Tensor,
+    bottleneck: int = 0,
 ) -> torch.Tensor:
     """The whole memory-efficient block (N, C0 + L*k, D, H, W) on the backend's engine, the convolutions
-    in the autocast dtype when autocast is on; each layer's running statistics updated once (specs).
-    x: checked by check_input; dropout: 0 in eval mode; seeds: (L,) int64, one dropout seed per layer."""
+    in the autocast dtype when autocast is on; each unit's running statistics updated once (specs).
+    x: checked by check_input; units/specs: layer by layer, 2 per layer when bottleneck (W) > 0, else 1;
+    dropout: 0 in eval mode; seeds: (L,) int64, one dropout seed per layer."""
+    per_layer = 2 if bottleneck else 1
+    if len(units) != len(specs) or len(units) != per_layer * seeds.numel():
+        raise ValueError(
+            f"dense_block: {len(units)} units and {len(specs)} specs for {seeds.numel()} layers "
+            f"({per_layer} per layer with bottleneck={bottleneck})"
+        )
     engine = "triton" if backend.resolve(x.device) == "triton" else "torch"
     compute_dtype = backend.autocast_dtype(x.device) or x.dtype
-    params = [tensor for layer in layers for tensor in layer]
+    params = [tensor for unit in units for tensor in unit]
     with backend.autocast_off(x.device):  # compute_dtype already says what autocast wants
-        buffer, mean, var = dense_block_forward(
-            x, params, growth, [s.batch_stats for s in specs], [float(s.eps) for s in specs], float(dropout),
-            seeds, engine, compute_dtype,
+        buffer, mean, var, t_mean, t_var = dense_block_forward(
+            x, params, growth, bottleneck, [s.batch_stats for s in specs], [float(s.eps) for s in specs],
+            float(dropout), seeds, engine, compute_dtype,
         )  # fmt: skip
     count = x.numel() // x.shape[1]
-    for layer, (params_l, spec) in enumerate(zip(layers, specs, strict=True)):
-        if spec.batch_stats and spec.update_running:
+    for index, (unit, spec) in enumerate(zip(units, specs, strict=True)):
+        if not (spec.batch_stats and spec.update_running):
+            continue
+        layer, step = divmod(index, per_layer)
+        if step == 0:  # reads B[:, :C_l]
             c_l = x.shape[1] + layer * growth
-            update_running_stats_(
-                params_l.running_mean, params_l.running_var, mean[:c_l], var[:c_l], count, spec.momentum
-            )
+            batch_mean, batch_var = mean[:c_l], var[:c_l]
+        else:  # reads the layer's T
+            batch_mean = t_mean[layer * bottleneck : (layer + 1) * bottleneck]
+            batch_var = t_var[layer * bottleneck : (layer + 1) * bottleneck]
+        update_running_stats_(
+            unit.running_mean, unit.running_var, batch_mean, batch_var, count, spec.momentum
+        )
     return buffer
 
 
-_WIDTH = len(DenseLayerParams._fields)  # tensors per layer in the custom ops' flat parameter list
+_WIDTH = len(UnitParams._fields)  # tensors per unit in the custom ops' flat parameter list
 
 
-def _layer(params: Sequence[torch.Tensor | None], layer: int) -> DenseLayerParams:
-    """Layer `layer`'s tensors out of the flat parameter list of the custom ops."""
-    return DenseLayerParams(*params[_WIDTH * layer : _WIDTH * (layer + 1)])
+def _unit(params: Sequence[torch.Tensor | None], unit: int) -> UnitParams:
+    """Unit `unit`'s tensors out of the flat parameter list of the custom ops."""
+    return UnitParams(*params[_WIDTH * unit : _WIDTH * (unit + 1)])
 
 
-def _spec(in_channels, growth, batch_stats, eps, dropout, seeds, engine, compute_dtype) -> BlockSpec:
+def _spec(in_channels, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype):
     seeds = tuple(seeds.tolist())  # inside the custom ops: torch.compile never traces this
     return BlockSpec(
-        in_channels, growth, tuple(batch_stats), tuple(eps), dropout, seeds, engine, compute_dtype
-    )
+        in_channels, growth, bottleneck, tuple(batch_stats), tuple(eps), dropout, seeds, engine,
+        compute_dtype,
+    )  # fmt: skip
+
+
+def _stats_dtype(x: torch.Tensor, any_batch_stats: bool) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 and any_batch_stats else torch.float32
 
 
 # The block as torch.library custom ops (forward, backward, fake kernels, autograd), so that torch.compile
 # traces through a Tiramisu: opaque nodes in its graph. Functional: the forward returns the per-channel
 # batch statistics and the entry updates the running ones from them. Parameters travel as one flat list
-# (DenseLayerParams per layer); gradients that do not exist come back as empty tensors.
+# (UnitParams per unit); gradients that do not exist come back as empty tensors.
 
 
 @torch.library.custom_op("prostate_kernels::dense_block_forward", mutates_args=())
@@ -161,40 +217,50 @@ def dense_block_forward(
     x: torch.Tensor,
     params: list[torch.Tensor | None],
     growth: int,
+    bottleneck: int,
     batch_stats: list[bool],
     eps: list[float],
     dropout: float,
     seeds: torch.Tensor,
     engine: str,
     compute_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(buffer B, mean, var): B (N, C0 + L*k, D, H, W); mean and var the batch statistics of B's first
-    C0 + (L-1)*k channels (empty when no layer uses batch statistics)."""
-    spec = _spec(x.shape[1], growth, batch_stats, eps, dropout, seeds, engine, compute_dtype)
-    buffer, mean, var = _forward(x, spec, params)
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(buffer B, mean, var, t_mean, t_var): B (N, C0 + L*k, D, H, W); mean and var the batch statistics
+    of B's first C0 + (L-1)*k channels, t_mean and t_var those of every layer's T, (L*W,) (each empty
+    when no unit uses them)."""
+    spec = _spec(x.shape[1], growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype)
+    buffer, stats = _forward(x, spec, params)
     empty = x.new_empty((0,), dtype=torch.float32)
-    return buffer, mean if mean is not None else empty, var if var is not None else empty.clone()
+    return buffer, *(s if s is not None else empty.clone() for s in stats)
 
 
 @dense_block_forward.register_fake
-def _(x, params, growth, batch_stats, eps, dropout, seeds, engine, compute_dtype):
+def _(x, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype):
     n, c0, *size = x.shape
-    layers = len(eps)
+    layers = len(eps) // (2 if bottleneck else 1)
+    spec = BlockSpec(c0, growth, bottleneck, tuple(batch_stats), tuple(eps), 0.0, (), engine, compute_dtype)
     buffer = torch.empty((n, c0 + layers * growth, *size), dtype=x.dtype, device=x.device,
                          memory_format=_ENGINES[engine].buffer_format)  # fmt: skip
-    stats = (c0 + (layers - 1) * growth,) if any(batch_stats) else (0,)
-    dtype = torch.float64 if x.dtype == torch.float64 and any(batch_stats) else torch.float32
-    return buffer, x.new_empty(stats, dtype=dtype), x.new_empty(stats, dtype=dtype)
+    b = (c0 + (layers - 1) * growth,) if spec.b_stats else (0,)
+    t = (layers * bottleneck,) if spec.t_stats else (0,)
+    b_dtype, t_dtype = _stats_dtype(x, spec.b_stats), _stats_dtype(x, spec.t_stats)
+    return (
+        buffer,
+        x.new_empty(b, dtype=b_dtype),
+        x.new_empty(b, dtype=b_dtype),
+        x.new_empty(t, dtype=t_dtype),
+        x.new_empty(t, dtype=t_dtype),
+    )
 
 
 @torch.library.custom_op("prostate_kernels::dense_block_backward", mutates_args=())
 def dense_block_backward(
     grad_output: torch.Tensor,
     buffer: torch.Tensor,
-    mean: torch.Tensor,
-    var: torch.Tensor,
+    stats: list[torch.Tensor],
     params: list[torch.Tensor | None],
     growth: int,
+    bottleneck: int,
     batch_stats: list[bool],
     eps: list[float],
     dropout: float,
@@ -202,114 +268,189 @@ def dense_block_backward(
     engine: str,
     compute_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """(grad x, [grad weight, grad bn weight, grad bn bias] per layer), each missing one empty."""
-    in_channels = buffer.shape[1] - len(eps) * growth
-    spec = _spec(in_channels, growth, batch_stats, eps, dropout, seeds, engine, compute_dtype)
-    grad_x, grads = _backward(grad_output, spec, buffer, mean if mean.numel() else None, var, params)
+    """(grad x, [grad weight, grad bn weight, grad bn bias] per unit), each missing one empty.
+    stats: the forward's (mean, var, t_mean, t_var)."""
+    in_channels = buffer.shape[1] - len(eps) // (2 if bottleneck else 1) * growth
+    spec = _spec(in_channels, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype)
+    stats = [s if s.numel() else None for s in stats]
+    grad_x, grads = _backward(grad_output, spec, buffer, stats, params)
     empty = buffer.new_empty((0,))
     return grad_x, [g if g is not None else empty.clone() for g in grads]
 
 
 @dense_block_backward.register_fake
 def _(
-    grad_output, buffer, mean, var, params, growth, batch_stats, eps, dropout, seeds, engine, compute_dtype
-):
+    grad_output, buffer, stats, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine,
+    compute_dtype,
+):  # fmt: skip
     n, c, *size = buffer.shape
-    grad_x = torch.empty((n, c - len(eps) * growth, *size), dtype=buffer.dtype, device=buffer.device,
+    layers = len(eps) // (2 if bottleneck else 1)
+    grad_x = torch.empty((n, c - layers * growth, *size), dtype=buffer.dtype, device=buffer.device,
                          memory_format=_ENGINES[engine].buffer_format)  # fmt: skip
     grads = []
-    for layer in range(len(eps)):
-        weight, gamma, beta, _, _ = _layer(params, layer)
+    for unit in range(len(eps)):
+        weight, gamma, beta, _, _ = _unit(params, unit)
         grads += [weight.new_empty(weight.shape)]
         grads += [t.new_empty(t.shape) if t is not None else buffer.new_empty((0,)) for t in (gamma, beta)]
     return grad_x, grads
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, params, growth, batch_stats, eps, dropout, seeds, engine, compute_dtype = inputs
-    buffer, mean, var = output
-    # a layer normalised by its batch statistics needs no running statistics in backward; they are not
-    # saved (the entry updates them in place after this op)
+    x, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype = inputs
+    buffer, *stats = output
+    # a unit normalised by batch statistics needs no running statistics in backward; they are not saved
+    # (the entry updates them in place after this op)
     params = [None if i % _WIDTH >= 3 and batch_stats[i // _WIDTH] else p for i, p in enumerate(params)]
-    ctx.save_for_backward(buffer, mean, var, seeds, *(p for p in params if p is not None))
+    ctx.save_for_backward(buffer, seeds, *stats, *(p for p in params if p is not None))
     ctx.present = [p is not None for p in params]
-    ctx.settings = (growth, batch_stats, eps, dropout)
+    ctx.settings = (growth, bottleneck, batch_stats, eps, dropout)
     ctx.engine, ctx.compute_dtype = engine, compute_dtype
 
 
-def _backward_autograd(ctx, grad_output, _grad_mean, _grad_var):
-    buffer, mean, var, seeds, *saved = ctx.saved_tensors
-    saved_iter = iter(saved)
-    params = [next(saved_iter) if present else None for present in ctx.present]
+def _backward_autograd(ctx, grad_output, *_grad_stats):
+    buffer, seeds, *rest = ctx.saved_tensors
+    stats, saved = rest[:4], iter(rest[4:])
+    params = [next(saved) if present else None for present in ctx.present]
     grad_x, grads = torch.ops.prostate_kernels.dense_block_backward(
-        grad_output, buffer, mean, var, params, *ctx.settings, seeds, ctx.engine, ctx.compute_dtype
+        grad_output, buffer, stats, params, *ctx.settings, seeds, ctx.engine, ctx.compute_dtype
     )
     param_grads: list[torch.Tensor | None] = [None] * len(params)
-    for layer in range(len(ctx.settings[2])):
+    for unit in range(len(ctx.settings[3])):
         for i in range(3):  # weight, bn_weight, bn_bias; no gradient for the running statistics
-            if params[_WIDTH * layer + i] is not None:
-                param_grads[_WIDTH * layer + i] = grads[3 * layer + i]
-    return grad_x, param_grads, None, None, None, None, None, None, None
+            if params[_WIDTH * unit + i] is not None:
+                param_grads[_WIDTH * unit + i] = grads[3 * unit + i]
+    return grad_x, param_grads, *([None] * 8)
 
 
 dense_block_forward.register_autograd(_backward_autograd, setup_context=_setup_context)
 
 
-def _forward(x: torch.Tensor, spec: BlockSpec, params) -> tuple[torch.Tensor, torch.Tensor | None, ...]:
+class _Stats(NamedTuple):
+    """Batch statistics of the forward: B's channels (C0 + (L-1)*k,) and every layer's T (L*W,)."""
+
+    mean: torch.Tensor | None
+    var: torch.Tensor | None
+    t_mean: torch.Tensor | None
+    t_var: torch.Tensor | None
+
+    def of_b(self, c_l: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The statistics of B[:, :c_l]."""
+        return (self.mean[:c_l], self.var[:c_l]) if self.mean is not None else (None, None)
+
+    def of_t(self, layer: int, width: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The statistics of layer `layer`'s T (width W)."""
+        if self.t_mean is None:
+            return None, None
+        t = slice(layer * width, (layer + 1) * width)
+        return self.t_mean[t], self.t_var[t]
+
+
+def _normalising(spec: BlockSpec, params, unit: int, batch_mean, batch_var):
+    """(mean, var) that `unit` normalises with: the batch's (given) or its running ones."""
+    if spec.batch_stats[unit]:
+        return batch_mean, batch_var
+    p = _unit(params, unit)
+    return _stat_dtype(p.running_mean), _stat_dtype(p.running_var)
+
+
+def _unit_forward(engine, spec: BlockSpec, params, unit: int, x, batch_mean, batch_var, geometry, out):
+    """out = conv(relu(BN(x))) for unit `unit` (batch_mean/var: x's batch statistics, if computed)."""
+    weight, gamma, beta, _, _ = _unit(params, unit)
+    mean, var = _normalising(spec, params, unit, batch_mean, batch_var)
+    engine.layer_forward(x, weight, gamma, beta, mean, var, spec.eps[unit], geometry, spec.compute_dtype, out)
+
+
+def _unit_backward(
+    engine, spec: BlockSpec, params, unit: int, x, grad_out, batch_mean, batch_var, geometry, grad_input,
+    accumulate: bool,
+):  # fmt: skip
+    """[grad weight, grad bn weight, grad bn bias] of `unit`; its input gradient written (accumulate:
+    added) into grad_input."""
+    weight, gamma, beta, _, _ = _unit(params, unit)
+    mean, var = _normalising(spec, params, unit, batch_mean, batch_var)
+    return engine.layer_backward(
+        x, grad_out, weight, gamma, beta, mean, var, spec.batch_stats[unit], spec.eps[unit], geometry,
+        spec.compute_dtype, grad_input, accumulate,
+    )  # fmt: skip
+
+
+def _bottleneck(engine, spec: BlockSpec, params, layer: int, inputs, batch_mean, batch_var) -> torch.Tensor:
+    """T (N, W, D, H, W): layer `layer`'s bottleneck unit applied to inputs = B[:, :C_l]."""
+    n, _, *size = inputs.shape
+    t = torch.empty((n, spec.bottleneck, *size), dtype=inputs.dtype, device=inputs.device,
+                    memory_format=engine.buffer_format)  # fmt: skip
+    _unit_forward(engine, spec, params, spec.unit(layer, 0), inputs, batch_mean, batch_var,
+                  BOTTLENECK_GEOMETRY, out=t)  # fmt: skip
+    return t
+
+
+def _forward(x: torch.Tensor, spec: BlockSpec, params) -> tuple[torch.Tensor, _Stats]:
     engine = _ENGINES[spec.engine]
     n, c0, *size = x.shape
     buffer = torch.empty(
         (n, spec.out_channels, *size), dtype=x.dtype, device=x.device, memory_format=engine.buffer_format
     )
     buffer[:, :c0].copy_(x)
-    any_batch_stats = any(spec.batch_stats)
-    mean, var = engine.stats(x) if any_batch_stats else (None, None)
+    mean, var = engine.stats(x) if spec.b_stats else (None, None)
+    t_means, t_vars = [], []
     for layer in range(spec.layers):
-        weight, gamma, beta, running_mean, running_var = _layer(params, layer)
         c_l = spec.width(layer)
-        if spec.batch_stats[layer]:
-            mu, sigma2 = mean[:c_l], var[:c_l]
-        else:
-            mu, sigma2 = _stat_dtype(running_mean), _stat_dtype(running_var)
+        inputs = buffer[:, :c_l]
+        batch_mean, batch_var = _Stats(mean, var, None, None).of_b(c_l)
+        if spec.bottleneck:
+            inputs = _bottleneck(engine, spec, params, layer, inputs, batch_mean, batch_var)
+            batch_mean, batch_var = engine.stats(inputs) if spec.t_stats else (None, None)
+            t_means.append(batch_mean), t_vars.append(batch_var)
         new = buffer[:, c_l : c_l + spec.growth]
-        engine.layer_forward(buffer[:, :c_l], weight, gamma, beta, mu, sigma2, spec.eps[layer],
-                             spec.compute_dtype, out=new)  # fmt: skip
+        unit = spec.unit(layer, spec.units_per_layer - 1)
+        _unit_forward(engine, spec, params, unit, inputs, batch_mean, batch_var, GEOMETRY, out=new)
+        del inputs  # a bottleneck layer's T is freed here and recomputed in backward
         if spec.dropout > 0:
             new.mul_(dropout_scale(spec.seeds[layer], tuple(new.shape), spec.dropout, x.device))
-        if any_batch_stats and layer + 1 < spec.layers:
+        if spec.b_stats and layer + 1 < spec.layers:
             new_mean, new_var = engine.stats(new)
             mean, var = torch.cat([mean, new_mean]), torch.cat([var, new_var])
-    return buffer, mean, var
+    t_mean, t_var = (torch.cat(t_means), torch.cat(t_vars)) if spec.t_stats else (None, None)
+    return buffer, _Stats(mean, var, t_mean, t_var)
 
 
-def _backward(grad_output, spec: BlockSpec, buffer, mean, var, params):
-    """(grad of x, per layer [grad weight, grad bn weight, grad bn bias] flattened, None where absent)."""
+def _backward(grad_output, spec: BlockSpec, buffer, stats, params):
+    """(grad of x, per unit [grad weight, grad bn weight, grad bn bias] flattened, None where absent).
+    stats: the forward's (mean, var, t_mean, t_var), None where not computed."""
     engine = _ENGINES[spec.engine]
+    stats = _Stats(*stats)
     grad = grad_output.to(buffer.dtype).clone(memory_format=engine.buffer_format)  # G, accumulated into
-    grads: list[torch.Tensor | None] = [None] * (3 * spec.layers)
+    grads: list[list[torch.Tensor | None]] = [[None] * 3 for _ in spec.eps]
     for layer in reversed(range(spec.layers)):
-        weight, gamma, beta, running_mean, running_var = _layer(params, layer)
         c_l = spec.width(layer)
         grad_new = grad[:, c_l : c_l + spec.growth]
         if spec.dropout > 0:
             scale = dropout_scale(spec.seeds[layer], tuple(grad_new.shape), spec.dropout, grad.device)
             grad_new = (grad_new * scale).to(grad.dtype)
-        if spec.batch_stats[layer]:
-            mu, sigma2 = mean[:c_l], var[:c_l]
-        else:
-            mu, sigma2 = _stat_dtype(running_mean), _stat_dtype(running_var)
-        grads[3 * layer : 3 * layer + 3] = engine.layer_backward(
-            buffer[:, :c_l], grad_new, weight, gamma, beta, mu, sigma2, spec.batch_stats[layer],
-            spec.eps[layer], spec.compute_dtype, grad_input=grad[:, :c_l],
-        )  # fmt: skip
-    return grad[:, : spec.in_channels], grads
+        inputs, grad_inputs = buffer[:, :c_l], grad[:, :c_l]
+        b_mean, b_var = stats.of_b(c_l)
+        if not spec.bottleneck:
+            grads[layer] = _unit_backward(engine, spec, params, layer, inputs, grad_new, b_mean, b_var,
+                                          GEOMETRY, grad_inputs, accumulate=True)  # fmt: skip
+            continue
+        t = _bottleneck(engine, spec, params, layer, inputs, b_mean, b_var)  # recomputed
+        grad_t = torch.empty_like(t)
+        t_mean, t_var = stats.of_t(layer, spec.bottleneck)
+        unit = spec.unit(layer, 1)
+        grads[unit] = _unit_backward(engine, spec, params, unit, t, grad_new, t_mean, t_var, GEOMETRY,
+                                     grad_t, accumulate=False)  # fmt: skip
+        del t
+        unit = spec.unit(layer, 0)
+        grads[unit] = _unit_backward(engine, spec, params, unit, inputs, grad_t, b_mean, b_var,
+                                     BOTTLENECK_GEOMETRY, grad_inputs, accumulate=True)  # fmt: skip
+    return grad[:, : spec.in_channels], [g for unit_grads in grads for g in unit_grads]
 
 
 # --------------------------------------------------------------------------------------- engines
 
 
 class _TritonEngine:
-    """Layers on the fused Triton kernels: the normalised activation is never written."""
+    """Units on the fused Triton kernels: the normalised activation is never written."""
 
     buffer_format = torch.channels_last_3d  # channel slices are K-contiguous for the implicit GEMM
 
@@ -320,33 +461,34 @@ class _TritonEngine:
         return channel_stats(x)
 
     @staticmethod
-    def layer_forward(x, weight, gamma, beta, mean, var, eps, compute_dtype, out) -> None:
+    def layer_forward(x, weight, gamma, beta, mean, var, eps, geometry, compute_dtype, out) -> None:
         from prostate_kernels.ops.bn_relu_conv3d_triton import conv_forward
 
         scale, shift, _ = fold_batch_norm(mean, var, gamma, beta, eps)
-        conv_forward(x, weight, None, scale, shift, GEOMETRY, compute_dtype, out=out)
+        conv_forward(x, weight, None, scale, shift, geometry, compute_dtype, out=out)
 
     @staticmethod
     def layer_backward(
-        x, grad_new, weight, gamma, beta, mean, var, batch_stats, eps, compute_dtype, grad_input
-    ):
+        x, grad_out, weight, gamma, beta, mean, var, batch_stats, eps, geometry, compute_dtype, grad_input,
+        accumulate,
+    ):  # fmt: skip
         from prostate_kernels.ops.bn_relu_conv3d_triton import conv_input_grad, conv_weight_grad
 
         scale, shift, rstd = fold_batch_norm(mean, var, gamma, beta, eps)
-        g_w, _ = conv_weight_grad(x, grad_new, scale, shift, GEOMETRY, compute_dtype, with_bias=False)
+        g_w, _ = conv_weight_grad(x, grad_out, scale, shift, geometry, compute_dtype, with_bias=False)
         _, d_gamma, d_beta = conv_input_grad(
-            x, grad_new, weight, scale, shift, mean, rstd, GEOMETRY, compute_dtype, batch_stats,
-            grad_input=grad_input, accumulate=True,
+            x, grad_out, weight, scale, shift, mean, rstd, geometry, compute_dtype, batch_stats,
+            grad_input=grad_input, accumulate=accumulate,
         )  # fmt: skip
-        return (
+        return [
             g_w.to(weight.dtype),
             d_gamma.to(gamma.dtype) if gamma is not None else None,
             d_beta.to(beta.dtype) if beta is not None else None,
-        )
+        ]
 
 
 class _TorchEngine:
-    """The PyTorch twin: plain ops. Backward recomputes one layer's BN -> ReLU (cheap, elementwise) and
+    """The PyTorch twin: plain ops. Backward recomputes one unit's BN -> ReLU (cheap, elementwise) and
     takes the conv's gradients from aten's convolution_backward, so no convolution is recomputed."""
 
     # CPU convolutions prefer NCDHW, and there a channel slice of one image is contiguous
@@ -358,28 +500,29 @@ class _TorchEngine:
         return mean, var
 
     @staticmethod
-    def layer_forward(x, weight, gamma, beta, mean, var, eps, compute_dtype, out) -> None:
+    def layer_forward(x, weight, gamma, beta, mean, var, eps, geometry, compute_dtype, out) -> None:
         # normalise with the shared statistics (given as running ones: nothing is updated here)
         a = F.batch_norm(
             _stat_dtype(x), mean, var, _as(gamma, mean), _as(beta, mean), False, 0.0, eps
         ).relu_()
-        g = GEOMETRY
+        g = geometry
         out.copy_(
             F.conv3d(a.to(compute_dtype), weight.to(compute_dtype), None, g.stride, g.padding, g.dilation)
         )
 
     @staticmethod
     def layer_backward(
-        x, grad_new, weight, gamma, beta, mean, var, batch_stats, eps, compute_dtype, grad_input
-    ):
+        x, grad_out, weight, gamma, beta, mean, var, batch_stats, eps, geometry, compute_dtype, grad_input,
+        accumulate,
+    ):  # fmt: skip
         # The BatchNorm -> ReLU backward written out (this runs inside a custom op, where autograd does not
         # record): z = BN(x) as in forward, grad_z = grad_a where z > 0, then BatchNorm's own backward,
         # through the batch statistics when they normalised x (the formula of the Triton finalize kernel).
         xs = _stat_dtype(x)
         z = F.batch_norm(xs, mean, var, _as(gamma, mean), _as(beta, mean), False, 0.0, eps)
-        g = GEOMETRY
+        g = geometry
         grad_a, grad_w, _ = torch.ops.aten.convolution_backward(
-            grad_new.to(compute_dtype), z.relu().to(compute_dtype), weight.to(compute_dtype), None,
+            grad_out.to(compute_dtype), z.relu().to(compute_dtype), weight.to(compute_dtype), None,
             list(g.stride), list(g.padding), list(g.dilation), False, [0, 0, 0], 1, [True, True, False],
         )  # fmt: skip
         grad_z = torch.where(z > 0, grad_a.to(z.dtype), 0.0)
@@ -391,12 +534,13 @@ class _TorchEngine:
         if batch_stats:
             count = x.numel() // x.shape[1]
             grad_z = grad_z - (d_beta / count).view(per_channel) - xhat * (d_gamma / count).view(per_channel)
-        grad_input.add_(grad_z * scale.view(per_channel))
-        return (
+        grad_x = grad_z * scale.view(per_channel)
+        grad_input.add_(grad_x) if accumulate else grad_input.copy_(grad_x)
+        return [
             grad_w.to(weight.dtype),
             d_gamma.to(gamma.dtype) if gamma is not None else None,
             d_beta.to(beta.dtype) if beta is not None else None,
-        )
+        ]
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.Tensor:
@@ -404,19 +548,22 @@ def _stat_dtype(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float64 else x.float()
 
 
+def _as(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return t.to(like.dtype) if t is not None else None
+
+
 _ENGINES = {"triton": _TritonEngine, "torch": _TorchEngine}
 
 
 __all__ = [
+    "BOTTLENECK_GEOMETRY",
     "GEOMETRY",
     "BlockSpec",
     "ConvGeometry",
     "DenseLayerParams",
     "LayerSpec",
+    "UnitParams",
+    "UnitSpec",
     "check_input",
     "dense_block",
 ]
-
-
-def _as(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
-    return t.to(like.dtype) if t is not None else None
