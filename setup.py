@@ -20,6 +20,7 @@ PACKAGES = [
     "prostate_kernels",
     "prostate_kernels.ops",
     "prostate_kernels.nn",
+    "prostate_kernels.swap",
     "prostate_kernels.data",
     "prostate_kernels.models",
 ]

@@ -6,12 +6,14 @@ Public API (importing is cheap: no Triton compilation, no SimpleITK, no GPU quer
     functional                 the ops as functions (bn_relu_conv3d, window_* stitching ops)
     set_backend, get_backend, use_backend   choose Triton kernels, the PyTorch twin, or "auto"
     HAS_EXT                    whether the C++ extension prostate_kernels._C loaded
+    optimize                   swap the library's layers into any model (MONAI DenseNet, Sequentials, ...)
 """
 
 from prostate_kernels import functional, nn
 from prostate_kernels._ext import HAS_EXT
 from prostate_kernels.backend import get_backend, set_backend, use_backend
 from prostate_kernels.inference import sliding_window_inference
+from prostate_kernels.swap import optimize
 
 __version__ = "0.1.0"
 
@@ -21,6 +23,7 @@ __all__ = [
     "functional",
     "get_backend",
     "nn",
+    "optimize",
     "set_backend",
     "sliding_window_inference",
     "use_backend",

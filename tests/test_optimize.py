@@ -1,0 +1,282 @@
+"""prostate_kernels.optimize: the library's layers swapped into models built from plain modules.
+
+The model as built is the reference (float64, CPU): after optimize, the same outputs, parameter
+gradients and running statistics in training and eval mode, the same state_dict keys and the same
+Parameter objects; what is not the same computation is left alone, with a reason in the report.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import DenseNet121
+from prostate_kernels.models import MODEL_NAMES, build_model
+from torch import nn
+
+import prostate_kernels
+from prostate_kernels.nn import DenseBlock3d, DepthwiseConv3d
+from prostate_kernels.swap import AdoptedDenseBlock3d, FusedSequential
+
+
+def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-300)).item()
+
+
+def _assert_same_training(original: nn.Module, optimized: nn.Module, x: torch.Tensor, steps: int = 2):
+    """Both models take `steps` training steps and an eval forward on x: the same outputs, gradients and
+    buffers (running statistics, num_batches_tracked), to float64 precision (1e-8 relative: a BatchNorm
+    over few values per channel, such as DenseNet121's last block at 32^3, amplifies rounding)."""
+    for step in range(steps):
+        outputs = []
+        for model in (original, optimized):
+            model.train()
+            model.zero_grad(set_to_none=True)
+            y = model(x * (1 + step))
+            weights = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(step))
+            (y * weights).sum().backward()  # random weights: no gradient vanishes by symmetry
+            outputs.append(y.detach())
+        assert _rel(outputs[1], outputs[0]) < 1e-8, f"step {step}: output"
+        grads = dict(original.named_parameters())
+        for name, p in optimized.named_parameters():
+            assert _rel(p.grad, grads[name].grad) < 1e-7, f"step {step}: grad of {name}"
+    buffers = dict(original.named_buffers())
+    for name, b in optimized.named_buffers():
+        if b.is_floating_point():
+            assert _rel(b, buffers[name]) < 1e-8, f"buffer {name}"
+        else:
+            assert torch.equal(b, buffers[name]), f"buffer {name}"
+    original.eval(), optimized.eval()
+    with torch.no_grad():
+        assert _rel(optimized(x), original(x)) < 1e-8, "eval output"
+
+
+def test_monai_densenet121_3d_is_optimized_and_computes_the_same():
+    torch.manual_seed(0)
+    original = DenseNet121(spatial_dims=3, in_channels=1, out_channels=2).double()
+    model = copy.deepcopy(original)
+    params_before = [id(p) for p in model.parameters()]
+    optimized, report = prostate_kernels.optimize(model)
+    assert optimized is model
+    assert [r.path for r in report.replaced] == [
+        "features.denseblock1", "features.transition1", "features.denseblock2", "features.transition2",
+        "features.denseblock3", "features.transition3", "features.denseblock4",
+    ]  # fmt: skip
+    assert report.left == []
+    assert isinstance(model.features.denseblock3, AdoptedDenseBlock3d)
+    assert model.features.denseblock3.bottleneck_channels == 128
+    assert isinstance(model.features.transition1, FusedSequential)
+    assert [id(p) for p in model.parameters()] == params_before  # an optimizer built before still works
+    assert list(model.state_dict()) == list(original.state_dict())
+    _assert_same_training(original, model, torch.randn((2, 1, 32, 32, 32), dtype=torch.float64))
+    # the state_dict loads both ways
+    fresh = DenseNet121(spatial_dims=3, in_channels=1, out_channels=2).double()
+    fresh.load_state_dict(model.state_dict())
+    model.load_state_dict(original.state_dict())
+    again, second = prostate_kernels.optimize(model)  # idempotent
+    assert again is model and second.replaced == [] and second.left == []
+
+
+# A 3D DenseNet-BC in torchvision's layout (torchvision.models.densenet, Conv2d -> Conv3d): layers
+# with norm1 .. conv2 children and a drop_rate, a ModuleDict block that concatenates every feature.
+class _TorchvisionDenseLayer(nn.Module):
+    def __init__(self, in_channels: int, growth: int, bn_size: int, drop_rate: float) -> None:
+        super().__init__()
+        self.norm1 = nn.BatchNorm3d(in_channels)
+        self.relu1 = nn.ReLU(inplace=True)
+        self.conv1 = nn.Conv3d(in_channels, bn_size * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm3d(bn_size * growth)
+        self.relu2 = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv3d(bn_size * growth, growth, 3, padding=1, bias=False)
+        self.drop_rate = float(drop_rate)
+
+    def forward(self, features: list[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        x = torch.cat(features, 1) if isinstance(features, list) else features
+        y = self.conv2(self.relu2(self.norm2(self.conv1(self.relu1(self.norm1(x))))))
+        return F.dropout(y, p=self.drop_rate, training=self.training) if self.drop_rate > 0 else y
+
+
+class _TorchvisionDenseBlock(nn.ModuleDict):
+    def __init__(self, layers: int, in_channels: int, growth: int, bn_size: int, drop_rate: float) -> None:
+        super().__init__()
+        for i in range(layers):
+            self.add_module(f"denselayer{i + 1}", _TorchvisionDenseLayer(in_channels + i * growth, growth,
+                                                                          bn_size, drop_rate))  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = [x]
+        for layer in self.values():
+            features.append(layer(features))
+        return torch.cat(features, 1)
+
+
+def _torchvision_style_densenet(drop_rate: float = 0.0) -> nn.Module:
+    return nn.Sequential(OrderedDict(
+        conv0=nn.Conv3d(1, 8, 3, padding=1, bias=False),
+        block1=_TorchvisionDenseBlock(3, 8, growth=4, bn_size=2, drop_rate=drop_rate),
+        transition1=nn.Sequential(OrderedDict(norm=nn.BatchNorm3d(20), relu=nn.ReLU(inplace=True),
+                                              conv=nn.Conv3d(20, 10, 1, bias=False), pool=nn.AvgPool3d(2))),
+        block2=_TorchvisionDenseBlock(2, 10, growth=4, bn_size=2, drop_rate=drop_rate),
+        norm5=nn.BatchNorm3d(18),
+    ))  # fmt: skip
+
+
+def test_torchvision_style_3d_densenet_is_optimized_and_computes_the_same():
+    torch.manual_seed(1)
+    original = _torchvision_style_densenet().double()
+    model = copy.deepcopy(original)
+    _, report = prostate_kernels.optimize(model)
+    assert [(r.path, r.now) for r in report.replaced] == [
+        ("block1", "AdoptedDenseBlock3d"),
+        ("transition1", "FusedSequential"),
+        ("block2", "AdoptedDenseBlock3d"),
+    ]
+    _assert_same_training(original, model, torch.randn((2, 1, 6, 8, 10), dtype=torch.float64), steps=3)
+
+
+def test_torchvision_style_dropout_rate_is_carried_over():
+    model = _torchvision_style_densenet(drop_rate=0.25)
+    prostate_kernels.optimize(model)
+    assert model.block1.dropout == 0.25
+    model.train()
+    y = model.block1(torch.randn((2, 8, 4, 4, 4)))
+    new = y[:, 8:]
+    assert 0.1 < (new == 0).float().mean().item() < 0.4  # elementwise dropout at 0.25 on the new features
+
+
+def test_dry_run_changes_nothing_and_reports_the_same():
+    model = DenseNet121(spatial_dims=3, in_channels=1, out_channels=2, block_config=(2, 2))
+    modules_before = list(model.named_modules())
+    state = copy.deepcopy(model.state_dict())
+    same, dry = prostate_kernels.optimize(model, dry_run=True)
+    assert same is model and list(model.named_modules()) == modules_before
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    _, real = prostate_kernels.optimize(copy.deepcopy(model))
+    assert dry.dry_run and not real.dry_run
+    assert dry.replaced == real.replaced and len(real.replaced) == 3
+    assert "would replace 3 module(s)" in str(dry)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_optimize_leaves_the_librarys_own_models_as_they_are(name):
+    model = build_model(name)
+    modules_before = list(model.named_modules())
+    same, report = prostate_kernels.optimize(model)
+    assert same is model and report.replaced == [] and report.left == []
+    assert list(model.named_modules()) == modules_before
+
+
+def test_a_lookalike_block_that_computes_otherwise_is_left_alone():
+    """Dense-layer children, but the features come out in another order: the probe catches it."""
+
+    class Reversed(_TorchvisionDenseBlock):
+        def forward(self, x):
+            features = [x]
+            for layer in self.values():
+                features.append(layer(features))
+            return torch.cat(features[::-1], 1)  # the shape of a dense block's output, not its content
+
+    model = nn.Sequential(Reversed(2, 8, growth=8, bn_size=2, drop_rate=0.0))
+    block = model[0]
+    _, report = prostate_kernels.optimize(model)
+    assert model[0] is block
+    assert report.replaced == []
+    assert report.left[0].path == "0" and report.left[0].what == "Reversed (dense block)"
+    assert "differs from a dense block's on the probe" in report.left[0].reason
+    # its layers' BatchNorm -> ReLU -> Conv runs are attributes of a custom module: reported, not touched
+    assert [s.path for s in report.left[1:]] == [f"0.denselayer{i}.norm{j}" for i in (1, 2) for j in (1, 2)]
+
+
+def test_monai_channel_dropout_is_left_but_its_layers_are_fused():
+    """MONAI's 3D DenseNet drops whole channels (nn.Dropout3d); DenseBlock3d's dropout is elementwise,
+    so the blocks stay, and their BatchNorm -> ReLU -> Conv runs are fused one by one instead."""
+    torch.manual_seed(2)
+    original = DenseNet121(spatial_dims=3, in_channels=1, out_channels=2, block_config=(2, 2),
+                           dropout_prob=0.2).double()  # fmt: skip
+    model = copy.deepcopy(original)
+    _, report = prostate_kernels.optimize(model)
+    left = {s.path: s.reason for s in report.left}
+    assert set(left) == {"features.denseblock1", "features.denseblock2"}
+    assert "Dropout3d" in left["features.denseblock1"]
+    assert isinstance(model.features.denseblock1.denselayer2.layers, FusedSequential)
+    original.eval(), model.eval()
+    x = torch.randn((2, 1, 16, 16, 16), dtype=torch.float64)
+    with torch.no_grad():
+        assert _rel(model(x), original(x)) < 1e-10
+
+
+def test_hooks_stop_a_replacement():
+    model = DenseNet121(spatial_dims=3, in_channels=1, out_channels=2, block_config=(2, 2))
+    model.features.denseblock1.denselayer1.register_forward_hook(lambda *args: None)
+    block = model.features.denseblock1
+    _, report = prostate_kernels.optimize(model)
+    assert model.features.denseblock1 is block
+    assert (
+        "hooks are registered on ['denselayer1']"
+        in {s.path: s.reason for s in report.left}["features.denseblock1"]
+    )
+
+
+def test_sequentials_and_depthwise_convs():
+    torch.manual_seed(3)
+    original = nn.Sequential(OrderedDict(
+        depthwise=nn.Conv3d(6, 6, 3, padding=2, dilation=2, groups=6),
+        norm=nn.BatchNorm3d(6), relu=nn.ReLU(), conv=nn.Conv3d(6, 4, 3, padding=1),
+        norm_g=nn.BatchNorm3d(4), relu_g=nn.ReLU(), grouped=nn.Conv3d(4, 4, 1, groups=2),
+        reflect=nn.Conv3d(4, 4, 3, padding=1, groups=4, padding_mode="reflect"),
+    )).double()  # fmt: skip
+    model = copy.deepcopy(original)
+    optimized, report = prostate_kernels.optimize(model)
+    assert optimized is not model and isinstance(optimized, FusedSequential)  # the model itself replaced
+    assert [(r.path, r.now) for r in report.replaced] == [
+        ("", "FusedSequential"),
+        ("depthwise", "DepthwiseConv3d"),
+    ]
+    assert {s.path: s.reason for s in report.left} == {
+        "norm_g": "grouped Conv3d (groups=2)",
+        "reflect": "padding_mode 'reflect' (the depthwise kernels pad with zeros)",
+    }
+    assert (
+        type(optimized.depthwise) is DepthwiseConv3d and optimized.depthwise.weight is model.depthwise.weight
+    )
+    _assert_same_training(original, optimized, torch.randn((2, 6, 5, 6, 7), dtype=torch.float64))
+
+
+def test_runs_outside_a_sequential_are_reported_not_touched():
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm, self.relu, self.conv = nn.BatchNorm3d(3), nn.ReLU(), nn.Conv3d(3, 3, 1)
+
+        def forward(self, x):
+            return self.conv(self.relu(self.norm(x))) + x
+
+    model = Custom()
+    _, report = prostate_kernels.optimize(model)
+    assert report.replaced == [] and [s.path for s in report.left] == ["norm"]
+    assert "forward is not known to apply them" in report.left[0].reason
+
+
+def test_the_native_densenet_bc_block_is_not_touched():
+    block = DenseBlock3d(4, growth_rate=4, num_layers=2, bn_size=4)
+    _, report = prostate_kernels.optimize(nn.Sequential(block))
+    assert report.replaced == [] and report.left == []
+
+
+def test_an_optimized_monai_densenet_compiles_without_graph_breaks():
+    torch._dynamo.reset()
+    model = DenseNet121(spatial_dims=3, in_channels=1, out_channels=2, block_config=(2, 2), init_features=8,
+                        growth_rate=4)  # fmt: skip
+    prostate_kernels.optimize(model)
+    explanation = torch._dynamo.explain(model)(torch.randn((2, 1, 16, 16, 16)))
+    assert explanation.graph_break_count == 0, [str(r.reason)[:200] for r in explanation.break_reasons]
+    ops = {str(n.target) for graph in explanation.graphs for n in graph.graph.nodes}
+    assert "prostate_kernels.dense_block_forward.default" in ops  # (the CPU path's fused layer: aten ops)
+
+
+def test_not_a_module_raises():
+    with pytest.raises(TypeError, match="optimize expects an nn.Module, got dict"):
+        prostate_kernels.optimize({})
