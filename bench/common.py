@@ -156,14 +156,25 @@ class BenchResult:
         return write_results(f"{self.name}-{device}", env, columns, self.rows, self.notes, out_dir)
 
 
+def free_stem(env: dict[str, str], out_dir: Path) -> str:
+    """<date>-<device> for a run's files, or <date>-<device>-runN (N = 2, 3, ...) when an earlier run of
+    that day and device already has its files in out_dir (they are never written over)."""
+    base = f"{env['date'][:10]}-{slug(env['device'])[:40]}"
+    stem, n = base, 1
+    while (Path(out_dir) / f"{stem}.csv").exists() or (Path(out_dir) / f"{stem}.md").exists():
+        n += 1
+        stem = f"{base}-run{n}"
+    return stem
+
+
 def write_combined(
-    results: list[BenchResult], env: dict[str, str], out_dir: Path | None = None
+    results: list[BenchResult], env: dict[str, str], out_dir: Path | None = None, stem: str | None = None
 ) -> tuple[Path, Path]:
-    """One run of every benchmark: <date>-<device>.md (a section per benchmark) and .csv (all rows, with
-    a `benchmark` column); returns their paths."""
+    """One run of every benchmark: <stem>.md (a section per benchmark) and .csv (all rows, with a
+    `benchmark` column); returns their paths. stem: default free_stem(env, out_dir)."""
     out_dir = Path(out_dir) if out_dir is not None else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{env['date'][:10]}-{slug(env['device'])[:40]}"
+    stem = stem or free_stem(env, out_dir)
     csv_path, md_path = out_dir / f"{stem}.csv", out_dir / f"{stem}.md"
     columns = ["benchmark", *dict.fromkeys(k for r in results for row in r.rows for k in row)]
     with csv_path.open("w", newline="") as f:

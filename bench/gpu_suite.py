@@ -71,6 +71,7 @@ def timing_sections() -> list[tuple[str, object]]:
     import bench_dense_block
     import bench_depthwise
     import bench_models
+    import bench_optimize
     import bench_sliding_window
     import gpu_profile
     import torch
@@ -85,6 +86,7 @@ def timing_sections() -> list[tuple[str, object]]:
         ("dense_block", lambda: [bench_dense_block.run("cuda")]),
         ("depthwise", lambda: [bench_depthwise.run("cuda", quick=True)]),
         ("models", lambda: bench_models.run("cuda", ("tiramisu3d_p3a",), ("ours", "eager"), ladder=False)),
+        ("optimize", lambda: [bench_optimize.run("cuda")]),  # needs MONAI: carry its wheel
         ("patch_ladder", lambda: bench_models.run("cuda", (), ladder=True)),
         ("sliding_window", lambda: [bench_sliding_window.run("cuda", rounds=10)]),
         ("dense_layer_fp32", dense_layer_fp32),

@@ -2,9 +2,10 @@
 
 CPU: the PyTorch providers, the sliding-window stitching, the saved-bytes memory studies. GPU: all of it.
 Writes bench/results/<date>-<device>.md and .csv (device, versions, git sha, shapes, medians, ratios,
-fractions of the floor) and PNG plots beside them, refreshes README.md's tables, prints the summary.
+fractions of the floor; -run2, -run3, ... after an earlier run of the day: nothing is written over) and
+PNG plots beside them, refreshes README.md's tables, prints the summary.
 
-    python bench/run_all.py [--out-dir DIR] [--no-readme]
+    python bench/run_all.py [--out-dir DIR] [--no-readme] [--only optimize,dense_block,...]
 """
 
 from __future__ import annotations
@@ -20,21 +21,34 @@ import bench_bn_relu_conv3d  # noqa: E402
 import bench_dense_block  # noqa: E402
 import bench_depthwise  # noqa: E402
 import bench_models  # noqa: E402
+import bench_optimize  # noqa: E402
 import bench_sliding_window  # noqa: E402
-from common import RESULTS_DIR, BenchResult, environment, markdown_table, slug, write_combined  # noqa: E402
+from common import RESULTS_DIR, BenchResult, environment, free_stem, markdown_table, write_combined  # noqa: E402
 from plots import ladder_plot, speedup_plot  # noqa: E402
 
 
-def run_all(device: str) -> list[BenchResult]:
+def benchmarks(device: str) -> dict[str, object]:
+    """name -> callable returning that benchmark's BenchResults, in the order they run."""
     cuda = device == "cuda"
-    results = [
-        bench_sliding_window.run(device, rounds=15),
-        bench_bn_relu_conv3d.run(device, compile_mode="full-res" if cuda else "all"),
-        bench_dense_block.run(device),
-        bench_depthwise.run(device, quick=cuda),
-        *bench_models.run(device),
-    ]
-    return results
+    return {
+        "sliding_window": lambda: [bench_sliding_window.run(device, rounds=15)],
+        "bn_relu_conv3d": lambda: [
+            bench_bn_relu_conv3d.run(device, compile_mode="full-res" if cuda else "all")
+        ],
+        "dense_block": lambda: [bench_dense_block.run(device)],
+        "depthwise": lambda: [bench_depthwise.run(device, quick=cuda)],
+        "models": lambda: bench_models.run(device),
+        "optimize": lambda: [bench_optimize.run(device)],
+    }
+
+
+def run_all(device: str, only: list[str] | None = None) -> list[BenchResult]:
+    """Every benchmark (only: those named) on `device`."""
+    chosen = benchmarks(device)
+    unknown = sorted(set(only or []) - set(chosen))
+    if unknown:
+        raise SystemExit(f"unknown benchmark(s) {unknown}; choose from {sorted(chosen)}")
+    return [result for name, run in chosen.items() if not only or name in only for result in run()]
 
 
 def write_all(
@@ -43,8 +57,8 @@ def write_all(
     """Combined md/csv and the plots (memory_curve: the CPU saved-bytes curve of the dense block);
     env: the header (device, versions, sha, date) of the run that measured them, default this one."""
     env = env or environment()
-    md, csv_path = write_combined(results, env, out_dir)
-    stem = f"{env['date'][:10]}-{slug(env['device'])[:40]}"
+    stem = free_stem(env, out_dir)
+    md, csv_path = write_combined(results, env, out_dir, stem)
     written = [md, csv_path]
     speedups = speedup_plot(results, out_dir / f"{stem}-speedup.png")
     written += [speedups] if speedups else []
@@ -69,9 +83,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--no-readme", action="store_true", help="leave README.md's tables as they are")
+    parser.add_argument("--only", default="", help="comma-separated benchmark names (default: all)")
     args = parser.parse_args(argv)
-    results = run_all(args.device)
-    written = write_all(results, args.out_dir)
+    only = [name for name in args.only.split(",") if name]
+    results = run_all(args.device, only)
+    memory_curve = any(r.name == "dense_block" for r in results)
+    written = write_all(results, args.out_dir, memory_curve=memory_curve)
     if not args.no_readme:
         import update_readme
 

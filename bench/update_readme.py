@@ -71,6 +71,15 @@ SHOWN = {  # benchmark -> columns shown in the README (rows: all)
     ],
     "models": ["model", "input", "variant", "step_ms", "peak_MiB", "gflop", "of_floor"],
     "patch_ladder": ["variant", "patch", "voxels", "kept_for_backward_GiB", "trains", "peak_MiB"],
+    "optimize": [
+        "model",
+        "input",
+        "step_ms",
+        "time_vs_monai",
+        "peak_MiB",
+        "kept_for_backward_MiB",
+        "memory_vs_monai",
+    ],  # fmt: skip
 }
 UNMEASURED_WITHOUT_GPU = (
     "the fused BN-ReLU-Conv3d kernels, the shared-storage dense block's time and peak memory, the "
