@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from torch import nn
 
 import prostate_kernels
 from prostate_kernels.nn import DenseBlock3d, DepthwiseConv3d
-from prostate_kernels.swap import AdoptedDenseBlock3d, FusedSequential
+from prostate_kernels.swap import AdoptedDenseBlock3d, FusedSequential, runs
 
 
 def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -243,6 +244,43 @@ def test_sequentials_and_depthwise_convs():
         type(optimized.depthwise) is DepthwiseConv3d and optimized.depthwise.weight is model.depthwise.weight
     )
     _assert_same_training(original, optimized, torch.randn((2, 6, 5, 6, 7), dtype=torch.float64))
+
+
+def _sepconv(depth_activation: bool) -> nn.Sequential:
+    """DeepLabv3+'s SepConv_BN written as a plain Sequential (SeparableConv3d's computation)."""
+    dw = nn.Conv3d(6, 6, 3, padding=(1, 2, 2), dilation=(1, 2, 2), groups=6, bias=False)
+    pw = nn.Conv3d(6, 5, 1, bias=False)
+    if depth_activation:
+        layers = [dw, nn.BatchNorm3d(6), nn.ReLU(), pw, nn.BatchNorm3d(5), nn.ReLU()]
+    else:
+        layers = [nn.ReLU(), dw, nn.BatchNorm3d(6), pw, nn.BatchNorm3d(5)]
+    return nn.Sequential(nn.Conv3d(3, 6, 1), *layers)
+
+
+@pytest.mark.parametrize("depth_activation", [True, False])
+def test_separable_runs_take_one_kernel_in_inference_and_train_as_before(depth_activation):
+    torch.manual_seed(4)
+    original = _sepconv(depth_activation)
+    with torch.no_grad():
+        for m in original.modules():
+            if isinstance(m, nn.BatchNorm3d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 1.5)
+    model = copy.deepcopy(original)
+    optimized, report = prostate_kernels.optimize(model)
+    assert [r.now for r in report.replaced] == ["FusedSequential", "DepthwiseConv3d"]
+    assert "separable: one kernel in CUDA inference" in report.replaced[0].detail
+    # inference: the fused separable kernel (Triton, interpreted here), against the modules one by one
+    original.eval(), optimized.eval()
+    x = torch.randn((2, 3, 4, 6, 7))
+    with torch.no_grad(), prostate_kernels.use_backend("triton"):
+        with patch("prostate_kernels.swap.runs.separable_inference", wraps=runs.separable_inference) as spy:
+            y = optimized(x)
+        assert spy.call_count == 1
+        torch.testing.assert_close(y, original(x), rtol=1e-4, atol=1e-5)
+    # training: the modules one by one (the BatchNorm -> ReLU -> 1x1x1 conv of depth_activation fused)
+    _assert_same_training(
+        original.double(), optimized.double(), torch.randn((2, 3, 4, 6, 7), dtype=torch.float64)
+    )
 
 
 def test_runs_outside_a_sequential_are_reported_not_touched():

@@ -71,7 +71,7 @@ def _same_padding(kernel: tuple[int, int, int], dilation: tuple[int, int, int]) 
     return tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
 
 
-def _eval_affine(bn: nn.BatchNorm3d, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+def eval_affine(bn: nn.BatchNorm3d, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) of an eval-mode BatchNorm from its running statistics, in `dtype`."""
     scale, shift, _ = fold_batch_norm(
         bn.running_mean.to(dtype), bn.running_var.to(dtype), bn.weight, bn.bias, bn.eps
@@ -118,8 +118,8 @@ class SeparableConv3d(nn.Module):
             d = self.depthwise
             geometry = conv_geometry(d.kernel_size, d.stride, d.padding, d.dilation)
             return separable_inference(
-                x, d.weight, _eval_affine(self.depthwise_bn), self.pointwise.weight,
-                _eval_affine(self.pointwise_bn), geometry, self.depth_activation,
+                x, d.weight, eval_affine(self.depthwise_bn), self.pointwise.weight,
+                eval_affine(self.pointwise_bn), geometry, self.depth_activation,
             )  # fmt: skip
         h = x if self.depth_activation else torch.relu(x)
         h = self.depthwise_bn(self.depthwise(h))
@@ -142,8 +142,8 @@ class SeparableConv3d(nn.Module):
         d = self.depthwise
         dtype = torch.promote_types(x.dtype, torch.float32)  # BatchNorm arithmetic: float32, or float64
         return reference.separable_inference(
-            x, d.weight, _eval_affine(self.depthwise_bn, dtype), self.pointwise.weight,
-            _eval_affine(self.pointwise_bn, dtype), d.stride, d.padding, d.dilation, self.depth_activation,
+            x, d.weight, eval_affine(self.depthwise_bn, dtype), self.pointwise.weight,
+            eval_affine(self.pointwise_bn, dtype), d.stride, d.padding, d.dilation, self.depth_activation,
         )  # fmt: skip
 
 

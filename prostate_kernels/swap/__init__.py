@@ -2,7 +2,8 @@
 
 walk.py              optimize(): the walk, what is tried where, the report
 dense_blocks.py      3D DenseNet-BC blocks (MONAI, torchvision layout) -> AdoptedDenseBlock3d (probed)
-fused_sequential.py  BatchNorm3d -> ReLU -> Conv3d runs in an nn.Sequential -> FusedSequential
+fused_sequential.py  FusedSequential: an nn.Sequential whose runs run as the library's ops
+runs.py              the runs: BatchNorm3d -> ReLU -> Conv3d (fused layer), SepConv_BN (separable kernel)
 depthwise.py         Conv3d(groups == C_in == C_out) -> DepthwiseConv3d
 report.py            OptimizeReport (replaced / left, with reasons)
 """

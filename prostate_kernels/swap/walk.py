@@ -8,7 +8,7 @@ from torch import nn
 
 from prostate_kernels.nn.dense import BNReLUConv3d, DenseBlock3d
 from prostate_kernels.nn.separable import DepthwiseConv3d, SeparableConv3d
-from prostate_kernels.swap import depthwise, fused_sequential
+from prostate_kernels.swap import depthwise, runs
 from prostate_kernels.swap.dense_blocks import (
     PROBE_TOLERANCE,
     AdoptedDenseBlock3d,
@@ -16,6 +16,7 @@ from prostate_kernels.swap.dense_blocks import (
     match_dense_block,
     probe_error,
 )
+from prostate_kernels.swap.fused_sequential import FusedSequential, overrides_forward
 from prostate_kernels.swap.report import LeftAlone, OptimizeReport, Replacement, has_hooks
 
 # Already the library's: left as they are, not entered.
@@ -94,40 +95,48 @@ def _adopt_dense_block(module, match, path, kind, report, dry_run) -> nn.Module 
 
 
 def _fuse_sequential(module, path, kind, report, dry_run) -> nn.Module:
-    """A FusedSequential over module's children if it is an nn.Sequential with a fusable run; the runs
-    it cannot fuse (and runs among a non-Sequential's children) are reported."""
-    if isinstance(module, fused_sequential.FusedSequential):  # an earlier optimize's
+    """A FusedSequential over module's children if it is an nn.Sequential with a run (swap/runs.py); the
+    BatchNorm3d -> ReLU -> Conv3d runs it cannot fuse (and runs among a non-Sequential's children) are
+    reported."""
+    if isinstance(module, FusedSequential):  # an earlier optimize's
         return module
     children = list(module.children())
     names = list(dict(module.named_children()))
-    runs = [i for i in range(len(children) - 2) if fused_sequential.is_triple(*children[i : i + 3])]
-    if not runs:
-        return module
-    where = [f"{path}.{names[i]}" if path else names[i] for i in runs]
-    if not isinstance(module, nn.Sequential) or fused_sequential.overrides_forward(module):
-        for w in where:
+
+    def where(i: int) -> str:
+        return f"{path}.{names[i]}" if path else names[i]
+
+    triples = [i for i in range(len(children) - 2) if runs.is_triple(*children[i : i + 3])]
+    if triples and (not isinstance(module, nn.Sequential) or overrides_forward(module)):
+        for i in triples:
             report.left.append(LeftAlone(
-                w, "BatchNorm3d -> ReLU -> Conv3d",
+                where(i), "BatchNorm3d -> ReLU -> Conv3d",
                 f"children of {kind}, whose forward is not known to apply them one after the other",
             ))  # fmt: skip
         return module
-    for i, w in zip(runs, where, strict=True):
-        reason = fused_sequential.unsupported(*children[i : i + 3])
+    if not isinstance(module, nn.Sequential):
+        return module
+    for i in triples:
+        reason = runs.unsupported(*children[i : i + 3])
         if reason:
-            report.left.append(LeftAlone(w, "BatchNorm3d -> ReLU -> Conv3d", reason))
-    starts = fused_sequential.fusable_starts(children)
-    if not starts:
+            report.left.append(LeftAlone(where(i), "BatchNorm3d -> ReLU -> Conv3d", reason))
+    found = runs.find_runs(children)
+    if not found:
         return module
     if has_hooks(module):
         report.left.append(
             LeftAlone(path, kind, "hooks are registered on it (a replacement would not run them)")
         )
         return module
-    detail = ", ".join(f"({', '.join(names[i : i + 3])})" for i in starts) + " fused"
+    detail = "; ".join(
+        f"({', '.join(names[r.start : r.start + r.length])}) "
+        + ("fused" if r.kind == "bn_relu_conv" else "separable: one kernel in CUDA inference")
+        for r in found
+    )
     report.replaced.append(Replacement(path, kind, "FusedSequential", detail))
     if dry_run:
         return module
-    fused = fused_sequential.FusedSequential(OrderedDict(module.named_children()))
+    fused = FusedSequential(OrderedDict(module.named_children()))
     fused.training = module.training
     return fused
 
