@@ -54,6 +54,22 @@ def test_depthwise_with_int64_offsets(force_int64, case):
             assert depthwise.rel(got[key], value) < depthwise.RTOL32, key
 
 
+@pytest.mark.parametrize("int64", [False, True])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_channel_stats_int32_and_int64_offsets(monkeypatch, int64, layout):
+    """The dense block's per-channel statistics kernel (voxel decode of triton_index, INT64 forced or
+    not) against float64 var_mean, on an odd shape of either layout (more than one program)."""
+    from prostate_kernels.ops import channel_stats as stats
+
+    monkeypatch.setattr(stats, "needs_int64", lambda *tensors, extra=(): int64)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn((3, 37, 5, 7, 11), generator=g) * 2 + 1).to(memory_format=layout)
+    mean, var = stats.channel_stats(x)
+    var_ref, mean_ref = torch.var_mean(x.double(), dim=(0, 2, 3, 4), unbiased=False)
+    torch.testing.assert_close(mean.double(), mean_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), var_ref, rtol=1e-6, atol=1e-6)
+
+
 def test_needs_int64_looks_at_spans_not_only_sizes():
     small = torch.empty(4, 5, device="meta")
     assert not needs_int64(small)
