@@ -53,6 +53,12 @@ def window_starts(
     return torch.tensor(list(itertools.product(*per_axis)), dtype=torch.int64).reshape(-1, len(image_size))
 
 
+def starts_of_positions(positions: torch.Tensor) -> torch.Tensor:
+    """(P, 4) int64 rows (0, z, y, x), contiguous: window positions (P, 3) shared by every image, as the
+    starts of those windows in image 0 (the layout of the stitching ops' `starts`)."""
+    return torch.cat([torch.zeros_like(positions[:, :1]), positions], dim=1).contiguous()
+
+
 def importance_map(
     roi_size: Sequence[int],
     mode: str = "constant",

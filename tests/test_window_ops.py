@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from prostate_kernels import HAS_EXT, functional, reference, use_backend
+from prostate_kernels import HAS_EXT, backend, functional, reference, use_backend
 from prostate_kernels._ext import _C
 from prostate_kernels.ops.window_ops import window_ops_for
 
@@ -333,3 +333,27 @@ def test_extension_checks_its_own_arguments():
     with pytest.raises(TypeError, match=r"int64"):
         _C.window_gather(output, starts.int(), [3, 4, 5])
     assert not output.any()
+
+
+@pytest.mark.skipif(not HAS_EXT, reason="C++ extension not built")
+def test_arguments_are_checked_in_python_before_the_extension_runs(monkeypatch):
+    """One place validates: the ops check their arguments before calling the C++ functions (whose own
+    checks are the safety net of direct calls), so bad input never reaches the extension."""
+    from prostate_kernels.ops import window_ops
+
+    class Unreachable:
+        def __getattr__(self, name):
+            raise AssertionError(f"the C++ extension's {name} was called with bad arguments")
+
+    monkeypatch.setattr(window_ops, "_C", Unreachable())
+    output, weight, windows, starts, importance = _good_args()
+    bad = starts.clone()
+    bad[1, 3] = 1000
+    assert backend.resolve(CPU, has_cpu_extension=True) == "cpp"  # the default backend picks the extension
+    ops = window_ops_for(CPU)
+    with pytest.raises(ValueError, match=r"window_accumulate_: window 1 starts at"):
+        ops.accumulate_(output, weight, windows, bad, importance)
+    with pytest.raises(TypeError, match=r"window_gather: starts must be int64"):
+        ops.gather(output, starts.int(), [3, 4, 5])
+    with pytest.raises(AssertionError, match="window_gather was called"):  # good input does reach it
+        ops.gather(output, starts, [3, 4, 5])

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from prostate_kernels.windows import starts_of_positions
+
 BLOCK = 1024
 
 
@@ -174,6 +176,5 @@ def window_normalize_by_positions_(
 ) -> None:
     """On the GPU the (1, 1, D, H, W) weight map is cheap to hold: build it with atomics, then divide."""
     weight = torch.zeros((1, 1, *output.shape[2:]), dtype=torch.float32, device=output.device)
-    starts = torch.cat([torch.zeros_like(positions[:, :1]), positions], dim=1).contiguous()
-    _accumulate_weight(weight, starts, importance)
+    _accumulate_weight(weight, starts_of_positions(positions), importance)
     window_normalize_(output, weight)

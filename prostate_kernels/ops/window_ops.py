@@ -11,10 +11,12 @@ normalising: one weight map for every image); windows (B, C, rd, rh, rw); starts
 importance (rd, rh, rw) float32. output is float32: accumulation is always float32,
 whatever the windows' dtype (float32, float64, float16, bfloat16).
 
-Bad input raises ValueError or TypeError naming the value, whichever implementation runs: the C++
-extension checks its own arguments (bounds included, before it writes anything); for the Triton
-kernels and the PyTorch twin the checks below run first. These ops are for inference: they have no
-autograd formula.
+Bad input raises ValueError or TypeError naming the value, whichever implementation runs: the checks
+below run first for every implementation (the one place where arguments are validated). The C++
+extension keeps its own checks as well, because it is callable directly (prostate_kernels._C) and
+every one of them guards its raw-pointer loops (dtype, contiguity, rank, bounds: nothing is written
+out of bounds); through these ops they are never the ones that fire. These ops are for inference:
+they have no autograd formula.
 
 `window_ops_for(device)` returns the checked implementation directly; sliding_window_inference calls
 it in its loop to skip the custom-op dispatcher (about 50 us a call in eager mode), while the
@@ -30,6 +32,7 @@ import torch
 
 from prostate_kernels import backend, reference
 from prostate_kernels._ext import _C
+from prostate_kernels.windows import starts_of_positions
 
 _WINDOW_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
@@ -168,8 +171,7 @@ def _check_normalize_by_positions_args(
         )
     if positions.dtype != torch.int64:
         raise TypeError(f"{op}: positions must be int64, got {positions.dtype}")
-    starts = torch.cat([torch.zeros_like(positions[:, :1]), positions], dim=1)
-    check_starts(op, starts, (1, 1, *output.shape[2:]), importance.shape)
+    check_starts(op, starts_of_positions(positions), (1, 1, *output.shape[2:]), importance.shape)
     _check_same_device(op, "output", output, positions=positions, importance=importance)
 
 
@@ -201,7 +203,7 @@ class WindowOps(NamedTuple):
 
 
 def _checked(impl, starts_checked: bool = False) -> WindowOps:
-    """impl's functions behind the Python checks (for the Triton kernels and the PyTorch twin);
+    """impl's functions (the C++ extension, the Triton kernels or the PyTorch twin) behind the checks;
     starts_checked: the caller has checked every window's bounds already (layout is still checked)."""
 
     def gather(volume, starts, roi, out=None):
@@ -236,10 +238,8 @@ def window_ops_for(device: torch.device, starts_checked: bool = False) -> Window
     (check_starts on a host copy), so the ops skip that check, which would wait for a GPU on every call.
     """
     choice = backend.resolve(device, has_cpu_extension=_C is not None)
-    if choice == "cpp":  # the extension validates its own arguments (on the host: no device to wait for)
-        return WindowOps(
-            _C.window_gather, _C.window_accumulate_, _C.window_normalize_, _C.window_normalize_by_positions_
-        )
+    if choice == "cpp":
+        return _checked(_C, starts_checked)
     if choice == "triton":
         from prostate_kernels.ops import window_accumulate  # imports Triton on first use only
 
