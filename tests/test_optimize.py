@@ -138,6 +138,21 @@ def test_torchvision_style_3d_densenet_is_optimized_and_computes_the_same():
     _assert_same_training(original, model, torch.randn((2, 1, 6, 8, 10), dtype=torch.float64), steps=3)
 
 
+def test_a_submodule_replaced_after_optimize_is_the_one_used():
+    """The adopted block looks its layers' modules up at every forward (nothing stale is cached)."""
+    torch.manual_seed(5)
+    original = _torchvision_style_densenet().double().eval()
+    model = copy.deepcopy(original)
+    prostate_kernels.optimize(model)
+    for m in (original, model):
+        norm = nn.BatchNorm3d(8).double().eval()
+        nn.init.constant_(norm.weight, 2.0)
+        m.block1.denselayer1.norm1 = norm
+    x = torch.randn((2, 1, 4, 6, 8), dtype=torch.float64)
+    with torch.no_grad():
+        assert _rel(model(x), original(x)) < 1e-10
+
+
 def test_torchvision_style_dropout_rate_is_carried_over():
     model = _torchvision_style_densenet(drop_rate=0.25)
     prostate_kernels.optimize(model)

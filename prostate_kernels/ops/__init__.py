@@ -9,7 +9,8 @@ reference.py.
 
 entries
     bn_relu_conv3d.py        fused BatchNorm -> ReLU -> Conv3d (the dense layer)
-    dense_block.py           memory-efficient dense block (shared buffer; Triton and PyTorch engines)
+    dense_block.py           memory-efficient dense block, FC-DenseNet or DenseNet-BC layers (shared
+                             buffer; Triton and PyTorch engines)
     depthwise_conv3d.py      3D depthwise (atrous) conv; the fused eval-mode separable conv
     window_ops.py            sliding-window gather / accumulate / normalise (C++, Triton, PyTorch twin)
 Triton sides
@@ -23,4 +24,7 @@ shared helpers (one per concept)
     triton_index.py          tile offsets, voxel decode, offset widths (in the kernels)
     dot_operands.py          tl.dot operands (TF32 rounding)
     seeded_dropout.py        dropout masks regenerated from a seed
+    (window starts of shared positions: windows.starts_of_positions)
+
+prostate_kernels.swap (optimize) is not an op: it swaps these ops' modules into other models.
 """

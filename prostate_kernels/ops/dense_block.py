@@ -55,9 +55,6 @@ class UnitParams(NamedTuple):
     running_var: torch.Tensor | None
 
 
-DenseLayerParams = UnitParams  # a plain layer is one unit (the name the Tiramisu code grew up with)
-
-
 @dataclass(frozen=True)
 class UnitSpec:
     """One unit's BatchNorm settings for this forward (see nn.dense.batch_norm_step)."""
@@ -66,9 +63,6 @@ class UnitSpec:
     momentum: float
     eps: float
     update_running: bool
-
-
-LayerSpec = UnitSpec
 
 
 @dataclass(frozen=True)
@@ -560,8 +554,6 @@ __all__ = [
     "GEOMETRY",
     "BlockSpec",
     "ConvGeometry",
-    "DenseLayerParams",
-    "LayerSpec",
     "UnitParams",
     "UnitSpec",
     "check_input",
