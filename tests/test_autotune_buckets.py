@@ -81,3 +81,16 @@ def test_fused_layer_in_one_bucket_matches_the_reference_at_each_shape():
                 x.double(), w.double(), None, gamma.double(), beta.double(), None, None, True
             )
         assert (ours.double() - expected).abs().max() < 1e-4
+
+
+def test_host_cdiv_and_next_power_of_2_equal_tritons():
+    """The launchers' plain-Python cdiv / next_power_of_2 (Triton 3.6's are constexpr_functions, slow to
+    call from the host) give Triton's results."""
+    import triton
+
+    from prostate_kernels.ops.launch import cdiv, next_power_of_2
+
+    for a in [0, 1, 2, 3, 7, 8, 9, 255, 256, 257, 2**31 - 1, 2**31, 3 * 2**40 + 5]:
+        assert next_power_of_2(a) == triton.next_power_of_2(a), a
+        for b in [1, 2, 3, 16, 64, 256, 1000]:
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)

@@ -10,7 +10,6 @@ The op's entry (validation, backend, autocast) is ops/bn_relu_conv3d.py; argumen
 from __future__ import annotations
 
 import torch
-import triton
 
 from prostate_kernels.ops import bn_relu_conv3d_kernels as kernels
 from prostate_kernels.ops.batch_norm import fold_batch_norm
@@ -19,10 +18,12 @@ from prostate_kernels.ops.conv_geometry import ConvGeometry
 from prostate_kernels.ops.launch import (
     autotune_configs,
     bucketed_autotune,
+    cdiv,
     check_voxels,
     conv_args,
     dot_setup,
     needs_int64,
+    next_power_of_2,
     output_like,
     prune_spilling,
 )
@@ -77,7 +78,7 @@ SCRATCH_BYTES = 64 * 2**20  # bound of the float32 gz scratch of the training-mo
 
 def _block_for(channels: int) -> int:
     """A dot-compatible (>= 16, power of two) block covering up to 64 channels."""
-    return max(16, min(64, triton.next_power_of_2(channels)))
+    return max(16, min(64, next_power_of_2(channels)))
 
 
 def conv_forward(
@@ -104,7 +105,7 @@ def conv_forward(
     block_n = _block_for(c_out)
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, block_n))
+        return (cdiv(m, meta["BLOCK_M"]), cdiv(c_out, block_n))
 
     _fwd[grid](
         x, w_taps, bias if bias is not None else scale, scale, shift, out,
@@ -131,17 +132,17 @@ def conv_weight_grad(
     dot_dtype, precision = dot_setup(compute_dtype)
     block_co = _block_for(c_out)
     # Split the voxel reduction so that the grid fills the GPU (each split adds its share atomically).
-    tiles = geometry.taps * triton.cdiv(c_in, 64) * triton.cdiv(c_out, block_co)
+    tiles = geometry.taps * cdiv(c_in, 64) * cdiv(c_out, block_co)
     target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-    splits = max(1, min(triton.cdiv(target, tiles), triton.cdiv(m, 256)))
-    m_per_split = triton.cdiv(triton.cdiv(m, splits), 256) * 256  # a multiple of every BLOCK_M
-    splits = triton.cdiv(m, m_per_split)
+    splits = max(1, min(cdiv(target, tiles), cdiv(m, 256)))
+    m_per_split = cdiv(cdiv(m, splits), 256) * 256  # a multiple of every BLOCK_M
+    splits = cdiv(m, m_per_split)
     # Each split writes its partial sums (every element: the splits cover M, every tile is stored).
     gw = torch.empty((splits, geometry.taps, c_in, c_out), dtype=torch.float32, device=x.device)
     gb = torch.empty((splits, c_out), dtype=torch.float32, device=x.device) if with_bias else gw
 
     def grid(meta):
-        return (geometry.taps * triton.cdiv(c_in, meta["BLOCK_CI"]), triton.cdiv(c_out, block_co), splits)
+        return (geometry.taps * cdiv(c_in, meta["BLOCK_CI"]), cdiv(c_out, block_co), splits)
 
     _wgrad[grid](
         x, gy, scale, shift, gw, gb, m, m_per_split, gw[0].numel(), c_in, c_out, d, h, w, do, ho, wo,
@@ -209,7 +210,7 @@ def _input_grad_block(
     int64 = needs_int64(gy, x, grad_input, extra=(m * c_in,))  # m * c_in: the gz scratch
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_in, block_n))
+        return (cdiv(m, meta["BLOCK_M"]), cdiv(c_in, block_n))
 
     _dgrad[grid](
         gy, w_taps, x, scale, shift, mean, rstd, gz, grad_input, dgamma, dbeta,
@@ -219,7 +220,7 @@ def _input_grad_block(
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=int64, BLOCK_N=block_n,
     )  # fmt: skip
     if batch_stats:
-        grid2 = (triton.cdiv(m, FINALIZE_BLOCK_M), triton.cdiv(c_in, FINALIZE_BLOCK_C))
+        grid2 = (cdiv(m, FINALIZE_BLOCK_M), cdiv(c_in, FINALIZE_BLOCK_C))
         kernels.bn_backward_finalize_kernel[grid2](
             gz, x, grad_input, scale, mean, rstd, dgamma, dbeta, m, c_in, d, h, w,
             *x.stride(), *grad_input.stride(), ACCUMULATE=accumulate, INT64=int64,

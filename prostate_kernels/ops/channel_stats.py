@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from prostate_kernels.ops.launch import check_voxels, needs_int64
+from prostate_kernels.ops.launch import cdiv, check_voxels, needs_int64
 from prostate_kernels.ops.triton_index import block_offsets, voxel, voxel_offsets, widen
 
 BLOCK_M = 256
@@ -60,10 +60,10 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, c, d, h, w = x.shape
     m = n * d * h * w
     check_voxels("channel_stats", m)
-    programs = triton.cdiv(m, BLOCK_M)
+    programs = cdiv(m, BLOCK_M)
     means = torch.empty((programs, c), dtype=torch.float32, device=x.device)
     m2s = torch.empty_like(means)
-    grid = (programs, triton.cdiv(c, BLOCK_C))
+    grid = (programs, cdiv(c, BLOCK_C))
     _channel_stats_partial_kernel[grid](
         x, means, m2s, m, c, d, h, w, *x.stride(), INT64=needs_int64(x, means), BLOCK_M=BLOCK_M,
         BLOCK_C=BLOCK_C,

@@ -6,17 +6,18 @@ The ops' entries (validation, backend, autocast) are in ops/depthwise_conv3d.py;
 from __future__ import annotations
 
 import torch
-import triton
 
 from prostate_kernels.ops import depthwise_conv3d_kernels as kernels
 from prostate_kernels.ops.conv_geometry import ConvGeometry
 from prostate_kernels.ops.launch import (
     autotune_configs,
     bucketed_autotune,
+    cdiv,
     check_voxels,
     conv_args,
     dot_setup,
     needs_int64,
+    next_power_of_2,
     output_like,
     prune_spilling,
 )
@@ -74,7 +75,7 @@ def depthwise_forward(
     w_taps = weight.reshape(c, geometry.taps).contiguous()
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
+        return (cdiv(m, meta["BLOCK_M"]), cdiv(c, meta["BLOCK_C"]))
 
     _fwd[grid](
         x, w_taps, bias if bias is not None else w_taps, y, m, c, d, h, w, do, ho, wo,
@@ -93,7 +94,7 @@ def depthwise_input_grad(gy, weight, x_shape, x_like: torch.Tensor, geometry: Co
     w_taps = weight.reshape(c, geometry.taps).contiguous()
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_C"]))
+        return (cdiv(m, meta["BLOCK_M"]), cdiv(c, meta["BLOCK_C"]))
 
     _dgrad[grid](
         gy, w_taps, gx, m, c, d, h, w, do, ho, wo, *gy.stride(), *gx.stride(), *conv_args(geometry),
@@ -111,10 +112,10 @@ def depthwise_weight_grad(
     m = n * do * ho * wo
     block_c = 64 if x.stride(1) == 1 else 16
     # enough programs to fill the GPU; each one's gy chunk (M_PER_PROGRAM x BLOCK_C) stays in L2 across taps
-    per_program = max(WGRAD_BLOCK_M, min(4096, triton.cdiv(m, 256)) // WGRAD_BLOCK_M * WGRAD_BLOCK_M)
-    programs = triton.cdiv(m, per_program)
+    per_program = max(WGRAD_BLOCK_M, min(4096, cdiv(m, 256)) // WGRAD_BLOCK_M * WGRAD_BLOCK_M)
+    programs = cdiv(m, per_program)
     partial = torch.empty((programs, geometry.taps + 1, c), dtype=torch.float32, device=x.device)
-    grid = (programs, triton.cdiv(c, block_c))
+    grid = (programs, cdiv(c, block_c))
     kernels.depthwise_conv3d_wgrad_kernel[grid](
         x, gy, partial, m, per_program, c, d, h, w, do, ho, wo, *x.stride(), *gy.stride(),
         *conv_args(geometry),
@@ -228,10 +229,10 @@ def separable_inference(
     check_voxels("separable_conv3d", m, n * d * h * w)
     dot_dtype, precision = dot_setup(x.dtype)
     pw = pointwise_weight.reshape(c_out, c_in).t().to(x.dtype).contiguous()  # (C_in, C_out)
-    block_n = max(16, min(128, triton.next_power_of_2(c_out)))
+    block_n = max(16, min(128, next_power_of_2(c_out)))
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(c_out, block_n))
+        return (cdiv(m, meta["BLOCK_M"]), cdiv(c_out, block_n))
 
     _separable[grid](
         x, depthwise_weight.reshape(c_in, geometry.taps).contiguous(), bn1[0], bn1[1], pw, bn2[0], bn2[1], y,

@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from prostate_kernels.ops.launch import cdiv
 from prostate_kernels.windows import starts_of_positions
 
 BLOCK = 1024
@@ -123,7 +124,7 @@ def window_gather(
         out = volume.new_empty((starts.shape[0], C, rd, rh, rw))
     if out.numel() == 0:
         return out
-    grid = (starts.shape[0] * C * rd, triton.cdiv(rh * rw, BLOCK))
+    grid = (starts.shape[0] * C * rd, cdiv(rh * rw, BLOCK))
     _window_gather_kernel[grid](volume, starts, out, C, D, H, W, rd, rh, rw, BLOCK=BLOCK)
     return out
 
@@ -139,7 +140,7 @@ def window_accumulate_(
     B, _, rd, rh, rw = windows.shape
     if B == 0 or output.numel() == 0:
         return
-    blocks = triton.cdiv(rh * rw, BLOCK)
+    blocks = cdiv(rh * rw, BLOCK)
     _window_accumulate_kernel[(B * C * rd, blocks)](
         output, windows, starts, importance, C, D, H, W, rd, rh, rw, IS_WEIGHT=False, BLOCK=BLOCK
     )
@@ -152,7 +153,7 @@ def window_normalize_(output: torch.Tensor, weight: torch.Tensor) -> None:
     if output.numel() == 0:
         return
     spatial = D * H * W
-    grid = (triton.cdiv(spatial, BLOCK), N * C)
+    grid = (cdiv(spatial, BLOCK), N * C)
     _window_normalize_kernel[grid](
         output, weight, C, spatial, WEIGHT_SHARED=weight.shape[0] == 1 and N > 1, BLOCK=BLOCK
     )
@@ -164,7 +165,7 @@ def _accumulate_weight(weight: torch.Tensor, starts: torch.Tensor, importance: t
     rd, rh, rw = importance.shape
     if starts.shape[0] == 0 or weight.numel() == 0:
         return
-    grid = (starts.shape[0] * rd, triton.cdiv(rh * rw, BLOCK))
+    grid = (starts.shape[0] * rd, cdiv(rh * rw, BLOCK))
     # windows_ptr is not read when IS_WEIGHT: importance stands in for it
     _window_accumulate_kernel[grid](
         weight, importance, starts, importance, 1, D, H, W, rd, rh, rw, IS_WEIGHT=True, BLOCK=BLOCK
