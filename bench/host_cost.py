@@ -85,7 +85,9 @@ def measure(c_in: int, size: int, rounds: int) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--c-in", type=int, default=32)
     parser.add_argument("--size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=7)
