@@ -86,6 +86,51 @@ def test_efficient_block_equals_naive_block(engine, dropout, return_input, bn_si
     assert _rel(y_eval, naive(x).detach()) < rtol, "eval mode"
 
 
+def _batch_norms_without(block: DenseBlock3d, what: str) -> DenseBlock3d:
+    """Every BatchNorm of the block without affine parameters, without running statistics, or with a
+    cumulative average (momentum None), as nn.BatchNorm3d(..., affine=False / track_running_stats=False /
+    momentum=None) would be built."""
+    for m in block.modules():
+        if isinstance(m, torch.nn.BatchNorm3d):
+            if what == "affine":
+                m.affine, m.weight, m.bias = False, None, None
+            elif what == "running_stats":
+                m.track_running_stats = False
+                m.running_mean = m.running_var = m.num_batches_tracked = None
+            else:
+                m.momentum = None
+    return block
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("what", ["affine", "running_stats", "momentum"])
+@pytest.mark.parametrize("bn_size", [0, 2])
+def test_batch_norm_variants_equal_the_naive_block(engine, what, bn_size):
+    """BatchNorms without affine parameters or running statistics (absent tensors in the custom op's
+    parameter list) and with momentum None train like the naive block, in training and eval mode."""
+    dtype, rtol = ENGINES[engine]
+    torch.manual_seed(1)
+    efficient = _batch_norms_without(DenseBlock3d(5, growth_rate=4, num_layers=2, dropout=0.0,
+                                                  bn_size=bn_size), what)  # fmt: skip
+    naive = copy.deepcopy(efficient).double()
+    naive.memory_efficient = False
+    efficient = efficient.to(dtype)
+    g = torch.Generator().manual_seed(2)
+    for step in range(2):
+        x = torch.randn((2, 5, 3, 4, 5), generator=g, dtype=torch.float64) * (1 + step)
+        weights = torch.randn((2, efficient.out_channels, 3, 4, 5), generator=g, dtype=torch.float64)
+        for block in (efficient, naive):
+            block.zero_grad(set_to_none=True)
+        with use_backend(engine):
+            y, gx = _step(efficient, x.to(dtype), step, weights)
+        y_ref, gx_ref = _step(naive, x, step, weights)
+        assert _rel(y, y_ref) < rtol and _rel(gx, gx_ref) < rtol, f"step {step}"
+        _compare(efficient, naive, rtol, f"step {step}")
+    efficient.eval(), naive.eval()
+    with use_backend(engine), torch.no_grad():
+        assert _rel(efficient(x.to(dtype)), naive(x)) < rtol, "eval mode"
+
+
 def test_output_is_the_shared_buffer_and_guards_it():
     block = DenseBlock3d(6, growth_rate=4, num_layers=2, dropout=0.0)
     x = torch.randn(2, 6, 3, 4, 5, requires_grad=True)

@@ -81,6 +81,19 @@ def test_monai_densenet121_3d_is_optimized_and_computes_the_same():
     assert again is model and second.replaced == [] and second.left == []
 
 
+@pytest.mark.parametrize("norm", [("batch", {"track_running_stats": False}), ("batch", {"momentum": None})])
+def test_monai_densenet_with_other_batch_norm_settings(norm):
+    torch.manual_seed(6)
+    original = DenseNet121(
+        spatial_dims=3, in_channels=1, out_channels=2, block_config=(2, 2), init_features=8, growth_rate=4,
+        norm=norm,
+    ).double()  # fmt: skip
+    model = copy.deepcopy(original)
+    _, report = prostate_kernels.optimize(model)
+    assert len(report.replaced) == 3 and report.left == []
+    _assert_same_training(original, model, torch.randn((2, 1, 16, 16, 16), dtype=torch.float64))
+
+
 # A 3D DenseNet-BC in torchvision's layout (torchvision.models.densenet, Conv2d -> Conv3d): layers
 # with norm1 .. conv2 children and a drop_rate, a ModuleDict block that concatenates every feature.
 class _TorchvisionDenseLayer(nn.Module):

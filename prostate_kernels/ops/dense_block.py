@@ -157,7 +157,10 @@ def dense_block(
         )
     engine = "triton" if backend.resolve(x.device) == "triton" else "torch"
     compute_dtype = backend.autocast_dtype(x.device) or x.dtype
-    params = [tensor for unit in units for tensor in unit]
+    # absent tensors (no affine parameters, untracked running statistics) travel as empty placeholders: a
+    # None inside a list argument makes torch.library's autograd flatten the inputs and their gradients
+    # differently (the backward then fails)
+    params = [t if t is not None else x.new_empty((0,), dtype=torch.float32) for unit in units for t in unit]
     with backend.autocast_off(x.device):  # compute_dtype already says what autocast wants
         buffer, mean, var, t_mean, t_var = dense_block_forward(
             x, params, growth, bottleneck, [s.batch_stats for s in specs], [float(s.eps) for s in specs],
@@ -184,8 +187,13 @@ _WIDTH = len(UnitParams._fields)  # tensors per unit in the custom ops' flat par
 
 
 def _unit(params: Sequence[torch.Tensor | None], unit: int) -> UnitParams:
-    """Unit `unit`'s tensors out of the flat parameter list of the custom ops."""
-    return UnitParams(*params[_WIDTH * unit : _WIDTH * (unit + 1)])
+    """Unit `unit`'s tensors out of the flat parameter list of the custom ops (an empty placeholder or a
+    None: absent)."""
+    return UnitParams(*(_present(t) for t in params[_WIDTH * unit : _WIDTH * (unit + 1)]))
+
+
+def _present(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None or t.numel() == 0 else t
 
 
 def _spec(in_channels, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype):
@@ -209,7 +217,7 @@ def _stats_dtype(x: torch.Tensor, any_batch_stats: bool) -> torch.dtype:
 @torch.library.custom_op("prostate_kernels::dense_block_forward", mutates_args=())
 def dense_block_forward(
     x: torch.Tensor,
-    params: list[torch.Tensor | None],
+    params: list[torch.Tensor],  # UnitParams per unit, absent ones as empty placeholders
     growth: int,
     bottleneck: int,
     batch_stats: list[bool],
@@ -294,7 +302,9 @@ def _setup_context(ctx, inputs, output) -> None:
     buffer, *stats = output
     # a unit normalised by batch statistics needs no running statistics in backward; they are not saved
     # (the entry updates them in place after this op)
-    params = [None if i % _WIDTH >= 3 and batch_stats[i // _WIDTH] else p for i, p in enumerate(params)]
+    params = [
+        None if (i % _WIDTH >= 3 and batch_stats[i // _WIDTH]) else _present(p) for i, p in enumerate(params)
+    ]
     ctx.save_for_backward(buffer, seeds, *stats, *(p for p in params if p is not None))
     ctx.present = [p is not None for p in params]
     ctx.settings = (growth, bottleneck, batch_stats, eps, dropout)
