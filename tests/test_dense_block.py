@@ -48,18 +48,11 @@ def _compare(eff, naive, rtol, label):
         assert err < rtol, f"{label}: buffer {name}"
 
 
-@pytest.mark.parametrize("engine", list(ENGINES))
-@pytest.mark.parametrize(
-    "dropout,return_input,bn_size",
-    [(0.0, True, 0), (0.3, True, 0), (0.0, False, 0), (0.3, False, 0), (0.0, True, 2), (0.3, False, 3)],
-)
-def test_efficient_block_equals_naive_block(engine, dropout, return_input, bn_size):
-    """bn_size > 0: DenseNet-BC layers (the bottleneck output is recomputed in backward)."""
+def _assert_trains_like_naive(efficient: DenseBlock3d, engine: str) -> torch.Tensor:
+    """Three training steps and an eval forward of `efficient` (on `engine`, in its dtype) against its
+    float64 naive twin: output, input gradient, every parameter gradient and buffer (running statistics)
+    within the engine's tolerance. Returns the last training output."""
     dtype, rtol = ENGINES[engine]
-    torch.manual_seed(0)
-    efficient = DenseBlock3d(
-        5, growth_rate=4, num_layers=3, dropout=dropout, return_input=return_input, bn_size=bn_size
-    )
     naive = copy.deepcopy(efficient).double()
     naive.memory_efficient = False
     efficient = efficient.to(dtype)
@@ -68,8 +61,7 @@ def test_efficient_block_equals_naive_block(engine, dropout, return_input, bn_si
         x = torch.randn((2, 5, 3, 5, 4), generator=g, dtype=torch.float64) * (1 + step) + 0.5
         weights = torch.randn((2, efficient.out_channels, 3, 5, 4), generator=g, dtype=torch.float64)
         for block in (efficient, naive):
-            for p in block.parameters():
-                p.grad = None
+            block.zero_grad(set_to_none=True)
         with use_backend(engine):
             y, gx = _step(efficient, x.to(dtype), step, weights)
         y_ref, gx_ref = _step(naive, x, step, weights)
@@ -78,12 +70,26 @@ def test_efficient_block_equals_naive_block(engine, dropout, return_input, bn_si
         assert _rel(y, y_ref) < rtol, f"{label}: output"
         assert _rel(gx, gx_ref) < rtol, f"{label}: input grad"
         _compare(efficient, naive, rtol, label)
-    if dropout:  # the masks really drop: some new features are exactly zero
-        assert (y[:, -4:] == 0).float().mean().item() > 0.1
     efficient.eval(), naive.eval()
     with use_backend(engine), torch.no_grad():
-        y_eval = efficient(x.to(dtype))
-    assert _rel(y_eval, naive(x).detach()) < rtol, "eval mode"
+        assert _rel(efficient(x.to(dtype)), naive(x)) < rtol, "eval mode"
+    return y
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize(
+    "dropout,return_input,bn_size",
+    [(0.0, True, 0), (0.3, True, 0), (0.0, False, 0), (0.3, False, 0), (0.0, True, 2), (0.3, False, 3)],
+)
+def test_efficient_block_equals_naive_block(engine, dropout, return_input, bn_size):
+    """bn_size > 0: DenseNet-BC layers (the bottleneck output is recomputed in backward)."""
+    torch.manual_seed(0)
+    efficient = DenseBlock3d(
+        5, growth_rate=4, num_layers=3, dropout=dropout, return_input=return_input, bn_size=bn_size
+    )
+    y = _assert_trains_like_naive(efficient, engine)
+    if dropout:  # the masks really drop: some new features are exactly zero
+        assert (y[:, -4:] == 0).float().mean().item() > 0.1
 
 
 def _batch_norms_without(block: DenseBlock3d, what: str) -> DenseBlock3d:
@@ -108,27 +114,9 @@ def _batch_norms_without(block: DenseBlock3d, what: str) -> DenseBlock3d:
 def test_batch_norm_variants_equal_the_naive_block(engine, what, bn_size):
     """BatchNorms without affine parameters or running statistics (absent tensors in the custom op's
     parameter list) and with momentum None train like the naive block, in training and eval mode."""
-    dtype, rtol = ENGINES[engine]
     torch.manual_seed(1)
-    efficient = _batch_norms_without(DenseBlock3d(5, growth_rate=4, num_layers=2, dropout=0.0,
-                                                  bn_size=bn_size), what)  # fmt: skip
-    naive = copy.deepcopy(efficient).double()
-    naive.memory_efficient = False
-    efficient = efficient.to(dtype)
-    g = torch.Generator().manual_seed(2)
-    for step in range(2):
-        x = torch.randn((2, 5, 3, 4, 5), generator=g, dtype=torch.float64) * (1 + step)
-        weights = torch.randn((2, efficient.out_channels, 3, 4, 5), generator=g, dtype=torch.float64)
-        for block in (efficient, naive):
-            block.zero_grad(set_to_none=True)
-        with use_backend(engine):
-            y, gx = _step(efficient, x.to(dtype), step, weights)
-        y_ref, gx_ref = _step(naive, x, step, weights)
-        assert _rel(y, y_ref) < rtol and _rel(gx, gx_ref) < rtol, f"step {step}"
-        _compare(efficient, naive, rtol, f"step {step}")
-    efficient.eval(), naive.eval()
-    with use_backend(engine), torch.no_grad():
-        assert _rel(efficient(x.to(dtype)), naive(x)) < rtol, "eval mode"
+    block = DenseBlock3d(5, growth_rate=4, num_layers=2, dropout=0.0, bn_size=bn_size)
+    _assert_trains_like_naive(_batch_norms_without(block, what), engine)
 
 
 def test_output_is_the_shared_buffer_and_guards_it():
@@ -162,15 +150,21 @@ def _saved_bytes(block: DenseBlock3d, x: torch.Tensor) -> int:
     )
 
 
+def _kept_bytes(efficient: DenseBlock3d, x: torch.Tensor, label: str) -> tuple[int, int]:
+    """(bytes kept for backward by the block, by its naive twin) on x, printed with `label`."""
+    naive = copy.deepcopy(efficient)
+    naive.memory_efficient = False
+    ours, theirs = _saved_bytes(efficient, x), _saved_bytes(naive, x)
+    print(f"\n{label}: kept for backward {ours / 2**20:.3f} MiB (efficient) vs {theirs / 2**20:.3f} MiB "
+          f"(naive), ratio {ours / theirs:.3f}")  # fmt: skip
+    return ours, theirs
+
+
 def test_saved_memory_is_at_most_a_quarter_of_the_naive_block():
     torch.manual_seed(0)
     efficient = DenseBlock3d(48, growth_rate=16, num_layers=12, dropout=0.2)
-    naive = copy.deepcopy(efficient)
-    naive.memory_efficient = False
     x = torch.randn(1, 48, 4, 8, 8, requires_grad=True)
-    ours, theirs = _saved_bytes(efficient, x), _saved_bytes(naive, x)
-    print(f"\n12-layer block, 48 in, growth 16: kept for backward {ours / 2**20:.2f} MiB (efficient) "
-          f"vs {theirs / 2**20:.2f} MiB (naive), ratio {ours / theirs:.3f}")  # fmt: skip
+    ours, theirs = _kept_bytes(efficient, x, "12-layer block, 48 in, growth 16")
     assert ours <= theirs / 4
     buffer_bytes = 1 * (48 + 12 * 16) * 4 * 8 * 8 * 4
     assert ours < 1.01 * buffer_bytes  # the buffer and per-channel vectors, nothing per layer
@@ -181,16 +175,11 @@ def test_bottleneck_block_keeps_no_bottleneck_output():
     growth per layer, is recomputed); the naive BC block keeps every layer's cat, T and activations."""
     torch.manual_seed(0)
     efficient = DenseBlock3d(32, growth_rate=8, num_layers=6, dropout=0.0, bn_size=4)
-    naive = copy.deepcopy(efficient)
-    naive.memory_efficient = False
     x = torch.randn(1, 32, 4, 8, 8, requires_grad=True)
-    ours, theirs = _saved_bytes(efficient, x), _saved_bytes(naive, x)
-    print(f"\nBC block 32 in, growth 8, bn_size 4, 6 layers: kept {ours / 2**20:.3f} MiB vs "
-          f"{theirs / 2**20:.3f} MiB naive, ratio {ours / theirs:.3f}")  # fmt: skip
+    ours, theirs = _kept_bytes(efficient, x, "BC block 32 in, growth 8, bn_size 4, 6 layers")
     buffer_bytes = 1 * (32 + 6 * 8) * 4 * 8 * 8 * 4
-    vector_bytes = (
-        4 * 2 * ((32 + 5 * 8) + 6 * 32) + 8 * 6
-    )  # mean and var of B's channels and of each T; seeds
+    # mean and var of B's channels and of each layer's T, float32; one int64 dropout seed per layer
+    vector_bytes = 4 * 2 * ((32 + 5 * 8) + 6 * 32) + 8 * 6
     assert ours <= buffer_bytes + vector_bytes
     assert ours <= theirs / 5
 

@@ -27,10 +27,13 @@ def _rel(got: torch.Tensor, expected: torch.Tensor) -> float:
     return ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-300)).item()
 
 
-def _assert_same_training(original: nn.Module, optimized: nn.Module, x: torch.Tensor, steps: int = 2):
+def _assert_same_training(
+    original: nn.Module, optimized: nn.Module, x: torch.Tensor, steps: int = 2, rtol: float = 1e-10
+):
     """Both models take `steps` training steps and an eval forward on x: the same outputs, gradients and
-    buffers (running statistics, num_batches_tracked), to float64 precision (1e-8 relative: a BatchNorm
-    over few values per channel, such as DenseNet121's last block at 32^3, amplifies rounding)."""
+    buffers (running statistics, num_batches_tracked), to float64 precision: rtol relative to each
+    tensor's largest value; gradients to 1e-7, since a BatchNorm's gradient upstream of another
+    batch-statistics BatchNorm is a near-cancelling sum (DenseNet121's stem norm0: 2.6e-8 relative)."""
     for step in range(steps):
         outputs = []
         for model in (original, optimized):
@@ -40,19 +43,19 @@ def _assert_same_training(original: nn.Module, optimized: nn.Module, x: torch.Te
             weights = torch.randn(y.shape, dtype=y.dtype, generator=torch.Generator().manual_seed(step))
             (y * weights).sum().backward()  # random weights: no gradient vanishes by symmetry
             outputs.append(y.detach())
-        assert _rel(outputs[1], outputs[0]) < 1e-8, f"step {step}: output"
+        assert _rel(outputs[1], outputs[0]) < rtol, f"step {step}: output"
         grads = dict(original.named_parameters())
         for name, p in optimized.named_parameters():
             assert _rel(p.grad, grads[name].grad) < 1e-7, f"step {step}: grad of {name}"
     buffers = dict(original.named_buffers())
     for name, b in optimized.named_buffers():
         if b.is_floating_point():
-            assert _rel(b, buffers[name]) < 1e-8, f"buffer {name}"
+            assert _rel(b, buffers[name]) < rtol, f"buffer {name}"
         else:
             assert torch.equal(b, buffers[name]), f"buffer {name}"
     original.eval(), optimized.eval()
     with torch.no_grad():
-        assert _rel(optimized(x), original(x)) < 1e-8, "eval output"
+        assert _rel(optimized(x), original(x)) < rtol, "eval output"
 
 
 def test_monai_densenet121_3d_is_optimized_and_computes_the_same():
@@ -72,7 +75,9 @@ def test_monai_densenet121_3d_is_optimized_and_computes_the_same():
     assert isinstance(model.features.transition1, FusedSequential)
     assert [id(p) for p in model.parameters()] == params_before  # an optimizer built before still works
     assert list(model.state_dict()) == list(original.state_dict())
-    _assert_same_training(original, model, torch.randn((2, 1, 32, 32, 32), dtype=torch.float64))
+    # 1e-8: DenseNet121's last block at 32^3 normalises 2 values per channel, which amplifies rounding
+    # (measured: outputs 1.2e-10 relative)
+    _assert_same_training(original, model, torch.randn((2, 1, 32, 32, 32), dtype=torch.float64), rtol=1e-8)
     # the state_dict loads both ways
     fresh = DenseNet121(spatial_dims=3, in_channels=1, out_channels=2).double()
     fresh.load_state_dict(model.state_dict())
@@ -265,8 +270,8 @@ def test_sequentials_and_depthwise_convs():
         ("depthwise", "DepthwiseConv3d"),
     ]
     assert {s.path: s.reason for s in report.left} == {
-        "norm_g": "grouped Conv3d (groups=2)",
-        "reflect": "padding_mode 'reflect' (the depthwise kernels pad with zeros)",
+        "norm_g": "grouped Conv3d (groups=2) is not supported",
+        "reflect": "padding_mode 'reflect' is not supported (only 'zeros')",
     }
     assert (
         type(optimized.depthwise) is DepthwiseConv3d and optimized.depthwise.weight is model.depthwise.weight

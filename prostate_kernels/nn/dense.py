@@ -21,6 +21,7 @@ __all__ = [
     "DenseUnit",
     "apply_bn_relu_conv",
     "batch_norm_step",
+    "fusion_mismatch",
 ]
 
 
@@ -60,6 +61,17 @@ def apply_bn_relu_conv(norm: nn.BatchNorm3d, conv: nn.Conv3d, x: torch.Tensor) -
         training=bn.batch_stats, momentum=bn.momentum, eps=norm.eps, stride=conv.stride,
         padding=conv.padding, dilation=conv.dilation,
     )  # fmt: skip
+
+
+def fusion_mismatch(norm: nn.BatchNorm3d, conv: nn.Conv3d) -> str | None:
+    """Why the fused op cannot compute conv(relu(norm(x))) with these modules' settings (None: it can)."""
+    if conv.groups != 1:
+        return f"grouped Conv3d (groups={conv.groups}) is not supported"
+    if conv.padding_mode != "zeros":
+        return f"Conv3d padding_mode {conv.padding_mode!r} is not supported (only 'zeros')"
+    if norm.num_features != conv.in_channels:
+        return f"BatchNorm3d has {norm.num_features} features but Conv3d takes {conv.in_channels}"
+    return None
 
 
 class DenseUnit(NamedTuple):
@@ -125,17 +137,9 @@ class BNReLUConv3d(nn.Module):
             found = [type(m).__name__ for m in modules]
             raise ValueError(f"from_sequential expects (BatchNorm3d, ReLU, Conv3d), got {found}")
         norm, _, conv = modules
-        if conv.groups != 1:
-            raise ValueError(f"from_sequential: grouped Conv3d (groups={conv.groups}) is not supported")
-        if conv.padding_mode != "zeros":
-            raise ValueError(
-                f"from_sequential: padding_mode {conv.padding_mode!r} is not supported (only 'zeros')"
-            )
-        if norm.num_features != conv.in_channels:
-            raise ValueError(
-                f"from_sequential: BatchNorm3d has {norm.num_features} features "
-                f"but Conv3d takes {conv.in_channels}"
-            )
+        reason = fusion_mismatch(norm, conv)
+        if reason:
+            raise ValueError(f"from_sequential: {reason}")
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
         fused.norm = copy.deepcopy(norm)

@@ -43,25 +43,33 @@ class DepthwiseConv3d(nn.Conv3d):
             x, self.weight, self.bias, self.stride, self.padding, self.dilation
         )
 
-    @classmethod
-    def from_conv(cls, conv: nn.Conv3d) -> DepthwiseConv3d:
-        """The drop-in for an existing depthwise Conv3d (groups == in == out channels), weights copied."""
+    @staticmethod
+    def mismatch(conv: nn.Conv3d) -> str | None:
+        """Why a DepthwiseConv3d cannot stand in for `conv` (None: it can)."""
         if conv.groups != conv.in_channels or conv.out_channels != conv.in_channels:
-            raise ValueError(
-                "from_conv expects a depthwise Conv3d (groups == in == out channels), "
-                f"got in={conv.in_channels} "
-                f"out={conv.out_channels} groups={conv.groups}"
+            return (
+                "expects a depthwise Conv3d (groups == in == out channels), "
+                f"got in={conv.in_channels} out={conv.out_channels} groups={conv.groups}"
             )
         if conv.padding_mode != "zeros":
-            raise ValueError(f"from_conv: padding_mode {conv.padding_mode!r} is not supported (only 'zeros')")
-        module = cls(
-            conv.in_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.bias is not None,
-        )
+            return f"padding_mode {conv.padding_mode!r} is not supported (only 'zeros')"
+        return None
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv3d, share_parameters: bool = False) -> DepthwiseConv3d:
+        """The drop-in for an existing depthwise Conv3d (groups == in == out channels): its weights copied,
+        or, with share_parameters, its own weight and bias Parameters and train/eval mode (nothing
+        allocated; what prostate_kernels.optimize swaps in)."""
+        reason = cls.mismatch(conv)
+        if reason:
+            raise ValueError(f"from_conv: {reason}")
+        settings = (conv.in_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+        if share_parameters:
+            with torch.device("meta"):  # its own parameters are replaced at once
+                module = cls(*settings, conv.bias is not None)
+            module.weight, module.bias, module.training = conv.weight, conv.bias, conv.training
+            return module
+        module = cls(*settings, conv.bias is not None)
         module.load_state_dict(conv.state_dict())
         return module.to(device=conv.weight.device, dtype=conv.weight.dtype)
 

@@ -65,6 +65,11 @@ class UnitSpec:
     update_running: bool
 
 
+def units_per_layer(bottleneck: int) -> int:
+    """Units per layer: 2 (bottleneck unit, then 3x3x3 unit) when bottleneck (W) > 0, else 1."""
+    return 2 if bottleneck else 1
+
+
 @dataclass(frozen=True)
 class BlockSpec:
     """What the block's forward and backward compute (the running-statistics updates are the entry's).
@@ -82,7 +87,7 @@ class BlockSpec:
 
     @property
     def units_per_layer(self) -> int:
-        return 2 if self.bottleneck else 1
+        return units_per_layer(self.bottleneck)
 
     @property
     def layers(self) -> int:
@@ -149,7 +154,7 @@ def dense_block(
     in the autocast dtype when autocast is on; each unit's running statistics updated once (specs).
     x: checked by check_input; units/specs: layer by layer, 2 per layer when bottleneck (W) > 0, else 1;
     dropout: 0 in eval mode; seeds: (L,) int64, one dropout seed per layer."""
-    per_layer = 2 if bottleneck else 1
+    per_layer = units_per_layer(bottleneck)
     if len(units) != len(specs) or len(units) != per_layer * seeds.numel():
         raise ValueError(
             f"dense_block: {len(units)} units and {len(specs)} specs for {seeds.numel()} layers "
@@ -204,7 +209,8 @@ def _spec(in_channels, growth, bottleneck, batch_stats, eps, dropout, seeds, eng
     )  # fmt: skip
 
 
-def _stats_dtype(x: torch.Tensor, any_batch_stats: bool) -> torch.dtype:
+def _fake_stats_dtype(x: torch.Tensor, any_batch_stats: bool) -> torch.dtype:
+    """dtype of the statistics the forward returns (for its fake kernel)."""
     return torch.float64 if x.dtype == torch.float64 and any_batch_stats else torch.float32
 
 
@@ -239,13 +245,13 @@ def dense_block_forward(
 @dense_block_forward.register_fake
 def _(x, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype):
     n, c0, *size = x.shape
-    layers = len(eps) // (2 if bottleneck else 1)
+    layers = len(eps) // units_per_layer(bottleneck)
     spec = BlockSpec(c0, growth, bottleneck, tuple(batch_stats), tuple(eps), 0.0, (), engine, compute_dtype)
     buffer = torch.empty((n, c0 + layers * growth, *size), dtype=x.dtype, device=x.device,
                          memory_format=_ENGINES[engine].buffer_format)  # fmt: skip
     b = (c0 + (layers - 1) * growth,) if spec.b_stats else (0,)
     t = (layers * bottleneck,) if spec.t_stats else (0,)
-    b_dtype, t_dtype = _stats_dtype(x, spec.b_stats), _stats_dtype(x, spec.t_stats)
+    b_dtype, t_dtype = _fake_stats_dtype(x, spec.b_stats), _fake_stats_dtype(x, spec.t_stats)
     return (
         buffer,
         x.new_empty(b, dtype=b_dtype),
@@ -272,7 +278,7 @@ def dense_block_backward(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(grad x, [grad weight, grad bn weight, grad bn bias] per unit), each missing one empty.
     stats: the forward's (mean, var, t_mean, t_var)."""
-    in_channels = buffer.shape[1] - len(eps) // (2 if bottleneck else 1) * growth
+    in_channels = buffer.shape[1] - len(eps) // units_per_layer(bottleneck) * growth
     spec = _spec(in_channels, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype)
     stats = [s if s.numel() else None for s in stats]
     grad_x, grads = _backward(grad_output, spec, buffer, stats, params)
@@ -286,7 +292,7 @@ def _(
     compute_dtype,
 ):  # fmt: skip
     n, c, *size = buffer.shape
-    layers = len(eps) // (2 if bottleneck else 1)
+    layers = len(eps) // units_per_layer(bottleneck)
     grad_x = torch.empty((n, c - layers * growth, *size), dtype=buffer.dtype, device=buffer.device,
                          memory_format=_ENGINES[engine].buffer_format)  # fmt: skip
     grads = []

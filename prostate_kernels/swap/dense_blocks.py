@@ -154,9 +154,8 @@ class AdoptedDenseBlock3d(DenseBlock3d):
         self.return_input, self.memory_efficient = True, True
         self.bottleneck_channels = match.bottleneck
         self.out_channels = match.in_channels + match.layers * match.growth
-        self.unit_paths = match.unit_paths
-        # the same paths split once: resolved at every forward by plain dict lookups (get_submodule took
-        # 2.3 ms per DenseNet121 forward), so that a submodule replaced after optimize is the one used
+        # the match's unit paths, split once: resolved at every forward by plain dict lookups (get_submodule
+        # took 2.3 ms per DenseNet121 forward), so that a submodule replaced after optimize is the one used
         self._unit_names = tuple((tuple(n.split(".")), tuple(c.split("."))) for n, c in match.unit_paths)
         self.adopted_from = f"{type(block).__module__}.{type(block).__qualname__}"
 

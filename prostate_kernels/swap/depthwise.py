@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from prostate_kernels.nn.separable import DepthwiseConv3d
@@ -16,28 +15,12 @@ def is_depthwise(conv: nn.Module) -> bool:
 
 
 def unsupported(conv: nn.Conv3d) -> str | None:
-    if conv.padding_mode != "zeros":
-        return f"padding_mode {conv.padding_mode!r} (the depthwise kernels pad with zeros)"
-    if has_hooks(conv):
-        return "hooks are registered on it"
-    return None
+    return "hooks are registered on it" if has_hooks(conv) else DepthwiseConv3d.mismatch(conv)
 
 
 def as_depthwise(conv: nn.Conv3d) -> DepthwiseConv3d:
     """A DepthwiseConv3d holding conv's own weight and bias Parameters (nothing copied; same state_dict)."""
-    with torch.device("meta"):  # its own parameters are replaced at once: allocate nothing
-        module = DepthwiseConv3d(
-            conv.in_channels,
-            conv.kernel_size,
-            conv.stride,
-            conv.padding,
-            conv.dilation,
-            conv.bias is not None,
-        )
-    module.weight = conv.weight
-    module.bias = conv.bias
-    module.training = conv.training
-    return module
+    return DepthwiseConv3d.from_conv(conv, share_parameters=True)
 
 
 __all__ = ["as_depthwise", "is_depthwise", "unsupported"]

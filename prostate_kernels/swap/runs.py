@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from prostate_kernels.nn.dense import apply_bn_relu_conv
+from prostate_kernels.nn.dense import apply_bn_relu_conv, fusion_mismatch
 from prostate_kernels.nn.separable import DepthwiseConv3d, eval_affine
 from prostate_kernels.ops.conv_geometry import conv_geometry
 from prostate_kernels.ops.depthwise_conv3d import fused_separable_applies, separable_inference
@@ -36,15 +36,9 @@ def is_triple(norm: nn.Module, relu: nn.Module, conv: nn.Module) -> bool:
 
 def unsupported(norm: nn.BatchNorm3d, relu: nn.ReLU, conv: nn.Conv3d) -> str | None:
     """Why the fused layer cannot stand in for this triple (None: it can)."""
-    if conv.groups != 1:
-        return f"grouped Conv3d (groups={conv.groups})"
-    if conv.padding_mode != "zeros":
-        return f"Conv3d padding_mode {conv.padding_mode!r} (the fused op pads with zeros)"
-    if norm.num_features != conv.in_channels:
-        return f"BatchNorm3d has {norm.num_features} features but Conv3d takes {conv.in_channels}"
     if any(has_hooks(m) for m in (norm, relu, conv)):
         return "hooks are registered on one of the three modules"
-    return None
+    return fusion_mismatch(norm, conv)
 
 
 def _depthwise(m: nn.Module) -> bool:
