@@ -58,6 +58,19 @@ def _channel_stats_partial_kernel(
 
 
 @triton.jit
+def _partials_tile(
+    p0, offs_c, mask_c, P, C, M, INT64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr
+):
+    """(offsets into the (P, C) partials, mask, float64 voxel count of each partial) of the tile of
+    partials [p0, p0 + BLOCK_P) x channels offs_c."""
+    offs_p = p0 + tl.arange(0, BLOCK_P)
+    mask = (offs_p < P)[:, None] & mask_c[None, :]
+    at = widen(offs_p, INT64)[:, None] * C + offs_c[None, :]
+    count = tl.where(offs_p == P - 1, M - (P - 1) * BLOCK_M, BLOCK_M).to(tl.float64)
+    return at, mask, count
+
+
+@triton.jit
 def _channel_stats_merge_kernel(
     mean_ptr,  # (P, C) float32 partial means, P = cdiv(M, BLOCK_M)
     m2_ptr,  # (P, C) float32 partial sums of squared deviations
@@ -77,19 +90,13 @@ def _channel_stats_merge_kernel(
     mask_c = offs_c < C
     total = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask = (offs_p < P)[:, None] & mask_c[None, :]
-        at = widen(offs_p, INT64)[:, None] * C + offs_c[None, :]
-        count = tl.where(offs_p == P - 1, M - (P - 1) * BLOCK_M, BLOCK_M).to(tl.float64)
+        at, mask, count = _partials_tile(p0, offs_c, mask_c, P, C, M, INT64, BLOCK_M, BLOCK_P)
         part = tl.load(mean_ptr + at, mask=mask, other=0.0).to(tl.float64)
         total += tl.sum(count[:, None] * part, axis=0)
     mean = total / M
     m2 = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for p0 in range(0, P, BLOCK_P):
-        offs_p = p0 + tl.arange(0, BLOCK_P)
-        mask = (offs_p < P)[:, None] & mask_c[None, :]
-        at = widen(offs_p, INT64)[:, None] * C + offs_c[None, :]
-        count = tl.where(offs_p == P - 1, M - (P - 1) * BLOCK_M, BLOCK_M).to(tl.float64)
+        at, mask, count = _partials_tile(p0, offs_c, mask_c, P, C, M, INT64, BLOCK_M, BLOCK_P)
         dev = tl.load(mean_ptr + at, mask=mask, other=0.0).to(tl.float64) - mean[None, :]
         part_m2 = tl.load(m2_ptr + at, mask=mask, other=0.0).to(tl.float64)
         m2 += tl.sum(tl.where(mask, part_m2 + count[:, None] * dev * dev, 0.0), axis=0)
