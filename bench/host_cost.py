@@ -1,12 +1,19 @@
-"""Host cost of the fused dense layer (BNReLUConv3d) per forward + backward, on the CPU, with every Triton
-launch replaced by a no-op: what our Python, the torch ops around the kernels and autograd cost.
+"""Host cost of the fused dense layer (BNReLUConv3d) or a dense block per forward + backward, on the CPU:
+what our Python, the torch ops around the kernels, autograd and Triton's own launch path cost.
 
-The H100 profile (issue 12, run2) showed the layer host-bound below the largest shapes (4x16x16: kernels
+The H100 profiles (issue 12) showed the layer host-bound below the largest shapes (run2, 4x16x16: kernels
 0.24 ms of a 2.7 ms step). This is the CPU proxy for that host side: tensors are tiny, so the torch ops'
-own arithmetic is negligible next to their dispatch, and each launch is counted instead of run. Prints
-microseconds per step (best of rounds), the torch ops called from Python and the Triton launches per step.
+own arithmetic is negligible next to their dispatch. Triton runs behind a fake CUDA driver: each launch
+goes through Triton's real launch path (our autotuner wrapper, the binder that specialises every
+argument, the compiled-kernel cache keyed as on an sm_90 GPU, the grid) and stops where the CUDA driver
+would be called; the kernels are compiled for sm_90 on the first step (ptxas, no GPU), never run.
+`--stub-launches` replaces each launch by a counted no-op instead (our side only).
 
-    env -u TRITON_INTERPRET python bench/host_cost.py [--c-in 32] [--size 4] [--rounds 7]
+Prints microseconds per step (best of rounds), the torch ops called from Python and the Triton launches per
+step. Not a GPU number: on a GPU each torch op also launches a CUDA kernel and Triton's launcher packs the
+arguments for the driver.
+
+    env -u TRITON_INTERPRET python bench/host_cost.py [--layers 0] [--c-in 32] [--size 4] [--rounds 7]
 """
 
 from __future__ import annotations
@@ -19,16 +26,21 @@ import time
 import torch
 
 
-def stub_triton_launches() -> collections.Counter:
-    """Every JIT launch becomes a no-op that counts itself; autotuners take their first config (no
-    benchmarking); the backend accepts "triton" on CPU tensors. Returns the launch counter."""
+def _allow_triton_on_cpu() -> None:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("run without TRITON_INTERPRET=1: the interpreter runs the kernels instead")
+    from prostate_kernels import backend
+
+    backend.triton_interpreting = lambda: True  # the backend then accepts "triton" on CPU tensors
+
+
+def stub_triton_launches() -> collections.Counter:
+    """Every JIT launch becomes a no-op that counts itself; autotuners take their first config (no
+    benchmarking). Returns the launch counter."""
     import triton.runtime.autotuner as autotuner
     import triton.runtime.jit as jit
 
-    from prostate_kernels import backend
-
+    _allow_triton_on_cpu()
     launches: collections.Counter = collections.Counter()
 
     def run(self, *args, grid, warmup, **kwargs):
@@ -40,29 +52,94 @@ def stub_triton_launches() -> collections.Counter:
 
     jit.JITFunction.run = run
     autotuner.Autotuner.run = autotune
-    backend.triton_interpreting = lambda: True
     return launches
 
 
-def measure(c_in: int, size: int, rounds: int) -> dict[str, float]:
-    launches = stub_triton_launches()
+def fake_cuda_driver() -> collections.Counter:
+    """Triton's active driver becomes a CUDA sm_90 stand-in whose launcher only counts (after reading each
+    tensor argument's data_ptr, as the real launcher does); autotuners take their first config (no
+    benchmarking). Returns the launch counter."""
+    import triton.runtime.autotuner as autotuner
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime.driver import driver
+
+    _allow_triton_on_cpu()
+    launches: collections.Counter = collections.Counter()
+
+    class Launcher:
+        def __init__(self, src, metadata):
+            self.name = src.fn.__name__
+
+        def __call__(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter, exit, *args):
+            launches[self.name] += 1
+            for arg in args:
+                if isinstance(arg, torch.Tensor):
+                    arg.data_ptr()
+
+    class Utils:
+        @staticmethod
+        def get_device_properties(device):
+            return {"max_shared_mem": 232448, "multiprocessor_count": 132, "max_num_regs": 65536}
+
+        @staticmethod
+        def load_binary(name, kernel, shared, device):
+            return "module", "function", 128, 0, 1024  # module, function, registers, spills, max threads
+
+    class FakeCuda:
+        utils = Utils()
+        launcher_cls = Launcher
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+        def get_benchmarker(self):
+            raise RuntimeError("host_cost: no benchmarking behind the fake driver")
+
+    driver.set_active(FakeCuda())
+
+    def autotune(self, *args, **kwargs):
+        self.best_config = self.configs[0]
+        return self.fn.run(*args, **kwargs, **self.best_config.all_kwargs())
+
+    autotuner.Autotuner.run = autotune
+    return launches
+
+
+def _module(layers: int, c_in: int) -> torch.nn.Module:
+    from prostate_kernels.nn import BNReLUConv3d, DenseBlock3d
+
+    if layers == 0:
+        return BNReLUConv3d(c_in, 16)
+    return DenseBlock3d(c_in, 16, layers, dropout=0.2)
+
+
+def measure(layers: int, c_in: int, size: int, rounds: int, stub: bool) -> dict:
+    launches = stub_triton_launches() if stub else fake_cuda_driver()
     from torch.profiler import ProfilerActivity, profile
 
     from prostate_kernels import use_backend
-    from prostate_kernels.nn import BNReLUConv3d
 
     torch.set_num_threads(1)
-    layer = BNReLUConv3d(c_in, 16)
+    module = _module(layers, c_in)
     x = torch.randn((2, c_in, size, size, size)).to(memory_format=torch.channels_last_3d)
     x.requires_grad_(True)
-    gy = torch.randn((2, 16, size, size, size))
+    gy = torch.randn_like(module(x))
 
     def step():
         x.grad = None
-        layer(x).backward(gy)
+        module(x).backward(gy)
 
     with use_backend("triton"):
-        for _ in range(20):
+        for _ in range(20):  # the first compiles every kernel for sm_90 (behind the fake driver)
             step()
         best = []
         for _ in range(rounds):
@@ -88,15 +165,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--layers", type=int, default=0, help="0: one fused layer, else a DenseBlock3d")
     parser.add_argument("--c-in", type=int, default=32)
     parser.add_argument("--size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--stub-launches", action="store_true", help="no Triton launch path at all")
     args = parser.parse_args(argv)
-    result = measure(args.c_in, args.size, args.rounds)
+    result = measure(args.layers, args.c_in, args.size, args.rounds, args.stub_launches)
+    what = f"BNReLUConv3d({args.c_in}, 16)" if args.layers == 0 else f"DenseBlock3d({args.c_in}, 16, {args.layers})"
+    how = "launches stubbed" if args.stub_launches else "Triton's launch path up to the driver"
     print(
-        f"BNReLUConv3d({args.c_in}, 16) on 2x{args.c_in}x{args.size}^3, launches stubbed: "
-        f"{result['us_per_step']:.0f} us per forward + backward (best of {args.rounds} x 100), "
-        f"{result['torch_ops']} torch ops and {result['triton_launches']} Triton launches per step"
+        f"{what} on 2x{args.c_in}x{args.size}^3, {how}: {result['us_per_step']:.0f} us per forward + "
+        f"backward (best of {args.rounds} x 100), {result['torch_ops']} torch ops and "
+        f"{result['triton_launches']} Triton launches per step"
     )
     print("  " + ", ".join(f"{name[6:]} {n}" for name, n in result["ops_by_name"].most_common()))
     return result
