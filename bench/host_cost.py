@@ -70,7 +70,9 @@ def fake_cuda_driver() -> collections.Counter:
         def __init__(self, src, metadata):
             self.name = src.fn.__name__
 
-        def __call__(self, gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter, exit, *args):
+        def __call__(
+            self, gx, gy, gz, stream, function, packed_metadata, launch_metadata, enter, exit, *args
+        ):
             launches[self.name] += 1
             for arg in args:
                 if isinstance(arg, torch.Tensor):
@@ -172,7 +174,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stub-launches", action="store_true", help="no Triton launch path at all")
     args = parser.parse_args(argv)
     result = measure(args.layers, args.c_in, args.size, args.rounds, args.stub_launches)
-    what = f"BNReLUConv3d({args.c_in}, 16)" if args.layers == 0 else f"DenseBlock3d({args.c_in}, 16, {args.layers})"
+    what = (
+        f"BNReLUConv3d({args.c_in}, 16)"
+        if args.layers == 0
+        else f"DenseBlock3d({args.c_in}, 16, {args.layers})"
+    )
     how = "launches stubbed" if args.stub_launches else "Triton's launch path up to the driver"
     print(
         f"{what} on 2x{args.c_in}x{args.size}^3, {how}: {result['us_per_step']:.0f} us per forward + "

@@ -7,6 +7,8 @@ statistics update of nn.BatchNorm3d's (the fused layer and the dense block both 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 
@@ -27,20 +29,24 @@ def fold_batch_norm(
 
 
 def update_running_stats_(
-    running_mean: torch.Tensor | None,
-    running_var: torch.Tensor | None,
-    mean: torch.Tensor,
-    var: torch.Tensor,
+    updates: Sequence[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]],
     count: int,
     momentum: float,
 ) -> None:
-    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance."""
+    """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance, for each
+    (running_mean, running_var, batch mean, batch biased variance) of `updates` (a None running tensor is
+    skipped); count: values per channel behind the batch statistics. Three foreach ops update them all
+    (a dense block's units at once): on a GPU each torch op costs host time, and the layers are
+    host-bound below the largest shapes. Per element the same arithmetic as nn.BatchNorm3d's update."""
+    running = [r for r, _, _, _ in updates if r is not None] + [r for _, r, _, _ in updates if r is not None]
+    if not running:
+        return
+    means = [mean for r, _, mean, _ in updates if r is not None]
+    variances = [var for _, r, _, var in updates if r is not None]
     with torch.no_grad():
-        if running_mean is not None:
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-        if running_var is not None:
-            unbiased = var * (count / (count - 1))
-            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        unbiased = torch._foreach_mul(variances, count / (count - 1)) if variances else []
+        torch._foreach_mul_(running, 1 - momentum)
+        torch._foreach_add_(running, means + list(unbiased), alpha=momentum)
 
 
 __all__ = ["fold_batch_norm", "update_running_stats_"]

@@ -83,7 +83,7 @@ def bn_relu_conv3d(
             else:  # eager: the same functions with less dispatch on the host
                 y, _, _, mean, _, var = triton_side.FusedBNReLUConv3d.apply(*inputs)
         if batch_stats:
-            update_running_stats_(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
+            update_running_stats_([(running_mean, running_var, mean, var)], x.numel() // x.shape[1], momentum)
         return y
     return reference.bn_relu_conv3d(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, batch_stats, momentum, eps,

@@ -81,6 +81,13 @@ def _block_for(channels: int) -> int:
     return max(16, min(64, next_power_of_2(channels)))
 
 
+def weight_taps(weight: torch.Tensor, order: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The conv weight permuted to `order` and made contiguous in dtype: one copy (the kernels index it
+    as (taps, rows, cols) from its pointer, so no reshape is needed)."""
+    taps = weight.permute(order).contiguous()
+    return taps if taps.dtype == dtype else taps.to(dtype)
+
+
 def conv_forward(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -99,7 +106,7 @@ def conv_forward(
         out = output_like(x, (n, c_out, do, ho, wo), compute_dtype)
     dot_dtype, precision = dot_setup(compute_dtype)
     # (C_out, C_in, kd, kh, kw) -> (taps, C_in, C_out): each K-row of the weight tile is contiguous
-    w_taps = weight.permute(2, 3, 4, 1, 0).reshape(geometry.taps, c_in, c_out).to(compute_dtype).contiguous()
+    w_taps = weight_taps(weight, (2, 3, 4, 1, 0), compute_dtype)
     m = n * do * ho * wo
     check_voxels("bn_relu_conv3d", m, n * d * h * w)
     block_n = _block_for(c_out)
@@ -145,8 +152,8 @@ def conv_weight_grad(
         return (geometry.taps * cdiv(c_in, meta["BLOCK_CI"]), cdiv(c_out, block_co), splits)
 
     _wgrad[grid](
-        x, gy, scale, shift, gw, gb, m, m_per_split, gw[0].numel(), c_in, c_out, d, h, w, do, ho, wo,
-        *x.stride(), *gy.stride(), *conv_args(geometry),
+        x, gy, scale, shift, gw, gb, m, m_per_split, geometry.taps * c_in * c_out, c_in, c_out,
+        d, h, w, do, ho, wo, *x.stride(), *gy.stride(), *conv_args(geometry),
         KH=geometry.kernel[1], KW=geometry.kernel[2], HAS_BIAS=with_bias,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=needs_int64(x, gy, extra=(gw.numel(),)),
         BLOCK_CO=block_co,
@@ -186,6 +193,12 @@ def conv_input_grad(
     if batch_stats and m * c_in * 4 > SCRATCH_BYTES:
         chunk = max(64, SCRATCH_BYTES // (m * 4) // 64 * 64)
     gz = torch.empty((m, min(chunk, c_in)), dtype=torch.float32, device=x.device) if batch_stats else dgamma
+    if chunk >= c_in:  # one block: no slicing (each slice is a torch op on the host)
+        _input_grad_block(
+            x, gy, weight, scale, shift, mean, rstd, geometry, compute_dtype, batch_stats, grad_input,
+            accumulate, gz, dgamma, dbeta,
+        )  # fmt: skip
+        return grad_input, dgamma, dbeta
     for c0 in range(0, c_in, chunk):
         c = slice(c0, min(c0 + chunk, c_in))
         _input_grad_block(
@@ -205,7 +218,7 @@ def _input_grad_block(
     m = n * d * h * w
     dot_dtype, precision = dot_setup(compute_dtype)
     # (C_out, C_in, kd, kh, kw) -> (taps, C_out, C_in)
-    w_taps = weight.permute(2, 3, 4, 0, 1).reshape(geometry.taps, c_out, c_in).to(compute_dtype).contiguous()
+    w_taps = weight_taps(weight, (2, 3, 4, 0, 1), compute_dtype)
     block_n = _block_for(c_in)
     int64 = needs_int64(gy, x, grad_input, extra=(m * c_in,))  # m * c_in: the gz scratch
 
@@ -396,9 +409,12 @@ class FusedBNReLUConv3d(torch.autograd.Function):
         outputs = forward_impl(*inputs)
         _setup_context(ctx, inputs, outputs)
         ctx.mark_non_differentiable(*outputs[1:])
+        ctx.set_materialize_grads(False)  # no zero gradients made for the five vectors (5 ops per step)
         return outputs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy, *_vectors):
+        if gy is None:  # y took no part in the loss
+            return (None,) * 13
         return _gradients(ctx, gy, backward_impl)

@@ -171,7 +171,7 @@ def dense_block(
             x, params, growth, bottleneck, [s.batch_stats for s in specs], [float(s.eps) for s in specs],
             float(dropout), seeds, engine, compute_dtype,
         )  # fmt: skip
-    count = x.numel() // x.shape[1]
+    updates: dict[float, list] = {}  # momentum -> the units' (running mean, running var, batch mean, var)
     for index, (unit, spec) in enumerate(zip(units, specs, strict=True)):
         if not (spec.batch_stats and spec.update_running):
             continue
@@ -182,9 +182,11 @@ def dense_block(
         else:  # reads the layer's T
             batch_mean = t_mean[layer * bottleneck : (layer + 1) * bottleneck]
             batch_var = t_var[layer * bottleneck : (layer + 1) * bottleneck]
-        update_running_stats_(
-            unit.running_mean, unit.running_var, batch_mean, batch_var, count, spec.momentum
+        updates.setdefault(spec.momentum, []).append(
+            (unit.running_mean, unit.running_var, batch_mean, batch_var)
         )
+    for momentum, group in updates.items():
+        update_running_stats_(group, x.numel() // x.shape[1], momentum)
     return buffer
 
 
