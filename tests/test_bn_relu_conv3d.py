@@ -91,8 +91,8 @@ def run(x, params, case: Case, training: bool, backend: str, dtype=None, grad_ou
             p[k].requires_grad_(True)
     with use_backend(backend):
         y = functional.bn_relu_conv3d(
-            x, p["weight"], p.get("bias"), p["bn_weight"], p["bn_bias"], p["running_mean"], p["running_var"],
-            training, 0.1, 1e-5, case.stride, case.padding, case.dilation,
+            x, p["weight"], p.get("bias"), p.get("bn_weight"), p.get("bn_bias"), p.get("running_mean"),
+            p.get("running_var"), training, 0.1, 1e-5, case.stride, case.padding, case.dilation,
         )  # fmt: skip
     gy = (
         grad_out if grad_out is not None else torch.randn(y.shape, generator=torch.Generator().manual_seed(9))
@@ -100,7 +100,7 @@ def run(x, params, case: Case, training: bool, backend: str, dtype=None, grad_ou
     y.backward(gy.to(y.dtype))
     out = {"y": y, "grad_x": x.grad}
     out.update({f"grad_{k}": p[k].grad for k in ("weight", "bias", "bn_weight", "bn_bias") if k in p})
-    out.update(running_mean=p["running_mean"], running_var=p["running_var"])
+    out.update({k: p[k] for k in ("running_mean", "running_var") if k in p})
     return out, gy
 
 
@@ -125,6 +125,23 @@ def test_triton_matches_float64_reference(case: Case, training: bool):
     assert got["y"].dtype == torch.float32 and got["grad_x"].shape == x.shape
     for key, value in expected.items():
         assert key in got and got[key] is not None, key
+        err = max_rel_error(got[key], value)
+        assert err < RTOL32, f"{key}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("absent", [("bn_weight", "bn_bias"), ("bn_weight",), ("bn_bias",)])
+def test_batch_norm_without_affine_parameters(absent, training):
+    """BatchNorm affine=False (and either parameter alone): 1 and 0 in their place, in the statistics
+    kernel's fold (training) and on the host (eval), against the float64 reference."""
+    case = CASES[0]
+    g = torch.Generator().manual_seed(5)
+    x, params = make_input(case, g), make_params(case, g)
+    params.update({name: None for name in absent})
+    got, gy = run(x, params, case, training, "triton")
+    expected, _ = run(x, params, case, training, "torch", dtype=torch.float64, grad_out=gy)
+    assert set(got) == set(expected) and not set(absent) & {k[5:] for k in got if k.startswith("grad_")}
+    for key, value in expected.items():
         err = max_rel_error(got[key], value)
         assert err < RTOL32, f"{key}: relative error {err:.2e}"
 
@@ -200,8 +217,11 @@ def test_nothing_but_the_input_and_channel_vectors_is_saved_for_backward():
                 x, w, None, params["bn_weight"], params["bn_bias"], params["running_mean"],
                 params["running_var"], True,
             )  # fmt: skip
-    big = [t for t in saved if t.numel() > case.c_in]
+    # besides x and the weight: one (5, C_in) tensor of per-channel statistics (mean, var, scale, shift, rstd)
+    big = [t for t in saved if t.numel() > 5 * case.c_in]
     assert {t.data_ptr() for t in big} == {x.data_ptr(), w.data_ptr()}, [tuple(t.shape) for t in big]
+    vectors = [tuple(t.shape) for t in saved if t.data_ptr() not in (x.data_ptr(), w.data_ptr())]
+    assert vectors == [(5, case.c_in)], vectors
 
 
 def test_forward_writes_every_output_element():

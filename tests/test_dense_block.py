@@ -92,6 +92,15 @@ def test_efficient_block_equals_naive_block(engine, dropout, return_input, bn_si
         assert (y[:, -4:] == 0).float().mean().item() > 0.1
 
 
+@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("bn_size", [0, 2])
+def test_one_layer_block_equals_naive_block(engine, bn_size):
+    """One layer: the input's statistics are the block's only ones (no concatenation makes them separate
+    tensors; the custom op's outputs must still not alias)."""
+    torch.manual_seed(2)
+    _assert_trains_like_naive(DenseBlock3d(5, growth_rate=4, num_layers=1, bn_size=bn_size), engine)
+
+
 def _batch_norms_without(block: DenseBlock3d, what: str) -> DenseBlock3d:
     """Every BatchNorm of the block without affine parameters, without running statistics, or with a
     cumulative average (momentum None), as nn.BatchNorm3d(..., affine=False / track_running_stats=False /

@@ -76,6 +76,26 @@ def test_channel_stats_int32_and_int64_offsets(monkeypatch, int64, layout, shape
     torch.testing.assert_close(var.double(), var_ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("affine", ["gamma-beta", "none", "gamma", "beta"])
+def test_batch_norm_stats_fold_like_fold_batch_norm(affine):
+    """The merge kernel's fold (scale, shift, rstd in float64 from the unrounded statistics) against
+    fold_batch_norm of float64 var_mean; a missing gamma is 1, a missing beta 0."""
+    from prostate_kernels.ops.batch_norm import STATS_ROWS, fold_batch_norm
+    from prostate_kernels.ops.channel_stats import batch_norm_stats
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn((2, 37, 5, 7, 11), generator=g) * 2 + 3
+    gamma = torch.rand(37, generator=g) + 0.5 if "gamma" in affine else None
+    beta = torch.randn(37, generator=g) if "beta" in affine else None
+    stats = batch_norm_stats(x, gamma, beta, 1e-3)
+    assert stats.dtype == torch.float32 and stats.shape == (5, 37)
+    var, mean = torch.var_mean(x.double(), dim=(0, 2, 3, 4), unbiased=False)
+    gamma64, beta64 = (t.double() if t is not None else None for t in (gamma, beta))
+    expected = (mean, var, *fold_batch_norm(mean, var, gamma64, beta64, 1e-3))
+    for name, got, want in zip(STATS_ROWS, stats.unbind(0), expected, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_needs_int64_looks_at_spans_not_only_sizes():
     small = torch.empty(4, 5, device="meta")
     assert not needs_int64(small)

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+STATS_ROWS = ("mean", "var", "scale", "shift", "rstd")  # the rows of a (5, C) BatchNorm statistics tensor
+
 
 def fold_batch_norm(
     mean: torch.Tensor,
@@ -26,6 +28,15 @@ def fold_batch_norm(
     scale = gamma.to(mean.dtype) * rstd if gamma is not None else rstd
     shift = (beta.to(mean.dtype) if beta is not None else torch.zeros_like(mean)) - mean * scale
     return scale, shift, rstd
+
+
+def folded_stats(
+    mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """(5, C) rows STATS_ROWS from given float32 statistics (the running ones, in eval mode): what
+    channel_stats.batch_norm_stats computes from a batch, here with fold_batch_norm."""
+    scale, shift, rstd = fold_batch_norm(mean, var, gamma, beta, eps)
+    return torch.stack([mean, var, scale, shift, rstd])
 
 
 def update_running_stats_(
@@ -49,4 +60,4 @@ def update_running_stats_(
         torch._foreach_add_(running, means + list(unbiased), alpha=momentum)
 
 
-__all__ = ["fold_batch_norm", "update_running_stats_"]
+__all__ = ["STATS_ROWS", "fold_batch_norm", "folded_stats", "update_running_stats_"]

@@ -79,10 +79,11 @@ def bn_relu_conv3d(
                 *conv,
             )
             if torch.compiler.is_compiling():  # the custom op: an opaque node torch.compile can trace
-                y, _, _, mean, _, var = triton_side.bn_relu_conv3d_forward(*inputs)
+                y, stats = triton_side.bn_relu_conv3d_forward(*inputs)
             else:  # eager: the same functions with less dispatch on the host
-                y, _, _, mean, _, var = triton_side.FusedBNReLUConv3d.apply(*inputs)
-        if batch_stats:
+                y, stats = triton_side.FusedBNReLUConv3d.apply(*inputs)
+        if batch_stats and running_mean is not None:
+            mean, var, *_ = stats.unbind(0)
             update_running_stats_([(running_mean, running_var, mean, var)], x.numel() // x.shape[1], momentum)
         return y
     return reference.bn_relu_conv3d(

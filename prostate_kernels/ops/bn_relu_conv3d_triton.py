@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from prostate_kernels.ops import bn_relu_conv3d_kernels as kernels
-from prostate_kernels.ops.batch_norm import fold_batch_norm
-from prostate_kernels.ops.channel_stats import channel_stats
+from prostate_kernels.ops.batch_norm import folded_stats
+from prostate_kernels.ops.channel_stats import batch_norm_stats
 from prostate_kernels.ops.conv_geometry import ConvGeometry
 from prostate_kernels.ops.launch import (
     autotune_configs,
@@ -249,16 +249,13 @@ def batch_norm_affine(
     running_var: torch.Tensor | None,
     batch_stats: bool,
     eps: float,
-) -> tuple[torch.Tensor, ...]:
-    """(scale, shift, mean, rstd, var) float32 per channel, from x's batch statistics or the running ones
-    (new tensors either way; the running statistics are updated by the op's entry, not here)."""
+) -> torch.Tensor:
+    """(5, C_in) float32, rows batch_norm.STATS_ROWS (mean, var, scale, shift, rstd), from x's batch
+    statistics (folded in the statistics kernel) or the running ones; a new tensor either way (the running
+    statistics are updated by the op's entry, not here)."""
     if batch_stats:
-        mean, var = channel_stats(x)
-    else:
-        mean = running_mean.to(torch.float32, copy=True)
-        var = running_var.to(torch.float32, copy=True)
-    scale, shift, rstd = fold_batch_norm(mean, var, bn_weight, bn_bias, eps)
-    return scale, shift, mean, rstd, var
+        return batch_norm_stats(x, bn_weight, bn_bias, eps)
+    return folded_stats(running_mean.float(), running_var.float(), bn_weight, bn_bias, eps)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -282,17 +279,16 @@ def forward_impl(
     padding: list[int],
     dilation: list[int],
     compute_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(y, scale, shift, mean, rstd, var): y = conv3d(relu(x * scale + shift), weight) + bias in
-    compute_dtype; the per-channel float32 vectors are what backward needs (and var, with mean, what the
-    entry updates the running statistics with). Functional: nothing is written in place, which is what
-    lets autograd be registered on it."""
-    scale, shift, mean, rstd, var = batch_norm_affine(
-        x, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps
-    )
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, stats): y = conv3d(relu(x * scale + shift), weight) + bias in compute_dtype; stats (5, C_in)
+    float32, rows mean, var, scale, shift, rstd: what backward needs (and mean and var what the entry
+    updates the running statistics with). Functional: nothing is written in place, which is what lets
+    autograd be registered on it."""
+    stats = batch_norm_affine(x, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps)
+    _, _, scale, shift, _ = stats.unbind(0)
     geometry = ConvGeometry.of_weight(weight, stride, padding, dilation)
     y = conv_forward(x, weight, bias, scale, shift, geometry, compute_dtype)
-    return y, scale, shift, mean, rstd, var
+    return y, stats
 
 
 bn_relu_conv3d_forward = torch.library.custom_op(
@@ -306,13 +302,14 @@ def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, batch_stat
     n, c_in, *size = x.shape
     out_size = ConvGeometry.of_weight(weight, stride, padding, dilation).output_size(size)
     y = output_like(x, (n, weight.shape[0], *out_size), compute_dtype)
-    return (y, *(x.new_empty((c_in,), dtype=torch.float32) for _ in range(5)))
+    return y, x.new_empty((5, c_in), dtype=torch.float32)
 
 
-def backward_impl(gy, x, weight, scale, shift, mean, rstd, batch_stats, stride, padding, dilation,
-                  compute_dtype, has_bias, bn_dtype, needs) -> list[torch.Tensor | None]:  # fmt: skip
+def backward_impl(gy, x, weight, stats, batch_stats, stride, padding, dilation, compute_dtype, has_bias,
+                  bn_dtype, needs) -> list[torch.Tensor | None]:  # fmt: skip
     """[grad x, grad weight, grad bias, grad bn weight, grad bn bias], None where needs[i] is False (needs:
-    those five, in that order) or where there is no such parameter."""
+    those five, in that order) or where there is no such parameter. stats: the forward's (5, C_in)."""
+    mean, _, scale, shift, rstd = stats.unbind(0)
     geometry = ConvGeometry.of_weight(weight, stride, padding, dilation)
     grads: list[torch.Tensor | None] = [None] * 5
     if needs[1] or needs[2]:
@@ -337,10 +334,7 @@ def _backward_op_impl(
     gy: torch.Tensor,
     x: torch.Tensor,
     weight: torch.Tensor,
-    scale: torch.Tensor,
-    shift: torch.Tensor,
-    mean: torch.Tensor,
-    rstd: torch.Tensor,
+    stats: torch.Tensor,
     batch_stats: bool,
     stride: list[int],
     padding: list[int],
@@ -352,8 +346,8 @@ def _backward_op_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """backward_impl as a custom op: each missing gradient an empty tensor (custom ops return no None),
     distinct ones, since a custom op's outputs never alias."""
-    grads = backward_impl(gy, x, weight, scale, shift, mean, rstd, batch_stats, stride, padding, dilation,
-                          compute_dtype, has_bias, bn_dtype, needs)  # fmt: skip
+    grads = backward_impl(gy, x, weight, stats, batch_stats, stride, padding, dilation, compute_dtype,
+                          has_bias, bn_dtype, needs)  # fmt: skip
     return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
 
 
@@ -363,8 +357,8 @@ bn_relu_conv3d_backward = torch.library.custom_op(
 
 
 @bn_relu_conv3d_backward.register_fake
-def _(gy, x, weight, scale, shift, mean, rstd, batch_stats, stride, padding, dilation, compute_dtype,
-      has_bias, bn_dtype, needs):  # fmt: skip
+def _(gy, x, weight, stats, batch_stats, stride, padding, dilation, compute_dtype, has_bias, bn_dtype,
+      needs):  # fmt: skip
     c_out, c_in = weight.shape[:2]
     wanted = (
         torch.empty_like(x, memory_format=torch.preserve_format),
@@ -378,20 +372,26 @@ def _(gy, x, weight, scale, shift, mean, rstd, batch_stats, stride, padding, dil
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, bias, bn_weight, _, _, _, batch_stats, _, stride, padding, dilation, compute_dtype = inputs
-    _, scale, shift, mean, rstd, _ = output
-    ctx.save_for_backward(x, weight, scale, shift, mean, rstd)
+    _, stats = output
+    ctx.save_for_backward(x, weight, stats)
     ctx.settings = (batch_stats, stride, padding, dilation, compute_dtype, bias is not None,
                     bn_weight.dtype if bn_weight is not None else torch.float32)  # fmt: skip
+    ctx.set_materialize_grads(False)  # no zero gradient made for the statistics (a torch op per step)
+
+
+_NO_GRADS = (None,) * 13  # one per input of the op
 
 
 def _gradients(ctx, gy, backward) -> tuple:
-    x, weight, scale, shift, mean, rstd = ctx.saved_tensors
+    if gy is None:  # y took no part in what backward differentiates (gradients are not materialised)
+        return _NO_GRADS
+    x, weight, stats = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
-    grads = backward(gy, x, weight, scale, shift, mean, rstd, *ctx.settings, needs)
+    grads = backward(gy, x, weight, stats, *ctx.settings, needs)
     return (*(g if need else None for g, need in zip(grads, needs, strict=True)), *([None] * 8))
 
 
-def _backward(ctx, gy, *_vectors):
+def _backward(ctx, gy, _stats):
     return _gradients(ctx, gy, torch.ops.prostate_kernels.bn_relu_conv3d_backward)
 
 
@@ -408,13 +408,10 @@ class FusedBNReLUConv3d(torch.autograd.Function):
     def forward(ctx, *inputs):
         outputs = forward_impl(*inputs)
         _setup_context(ctx, inputs, outputs)
-        ctx.mark_non_differentiable(*outputs[1:])
-        ctx.set_materialize_grads(False)  # no zero gradients made for the five vectors (5 ops per step)
+        ctx.mark_non_differentiable(outputs[1])
         return outputs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, gy, *_vectors):
-        if gy is None:  # y took no part in the loss
-            return (None,) * 13
+    def backward(ctx, gy, _stats):
         return _gradients(ctx, gy, backward_impl)

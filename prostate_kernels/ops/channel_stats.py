@@ -23,8 +23,7 @@ MERGE_BLOCK_P, MERGE_BLOCK_C = 32, 32  # the merge's tile of partials x channels
 @triton.jit
 def _channel_stats_partial_kernel(
     x_ptr,  # (N, C, D, H, W), strides sx*
-    mean_ptr,  # (P, C) float32: mean of each program's voxels
-    m2_ptr,  # (P, C) float32: sum of squared deviations from that mean
+    partials_ptr,  # (2, P, C) float32: mean of each program's voxels, sum of squared deviations from it
     M,  # N * D * H * W
     C,
     D,
@@ -53,8 +52,8 @@ def _channel_stats_partial_kernel(
     dev = tl.where(mask, x - mean[None, :], 0.0)
     m2 = tl.sum(dev * dev, axis=0)
     out = widen(pid_m, INT64) * C + widen(offs_c, INT64)  # (P, C): int64 with x's offsets
-    tl.store(mean_ptr + out, mean, mask=offs_c < C)
-    tl.store(m2_ptr + out, m2, mask=offs_c < C)
+    tl.store(partials_ptr + out, mean, mask=offs_c < C)
+    tl.store(partials_ptr + widen(tl.num_programs(0), INT64) * C + out, m2, mask=offs_c < C)
 
 
 @triton.jit
@@ -72,22 +71,30 @@ def _partials_tile(
 
 @triton.jit
 def _channel_stats_merge_kernel(
-    mean_ptr,  # (P, C) float32 partial means, P = cdiv(M, BLOCK_M)
-    m2_ptr,  # (P, C) float32 partial sums of squared deviations
-    out_mean_ptr,  # (C,) float32
-    out_var_ptr,  # (C,) float32: biased variance
+    partials_ptr,  # (2, P, C) float32 partial means and sums of squared deviations, P = cdiv(M, BLOCK_M)
+    out_ptr,  # (2, C) float32: mean, biased variance; (5, C) with FOLD: then scale, shift, rstd
+    gamma_ptr,  # (C,) BatchNorm weight (HAS_GAMMA)
+    beta_ptr,  # (C,) BatchNorm bias (HAS_BETA)
+    eps,
     P,
     C,
     M,
+    FOLD: tl.constexpr,
+    HAS_GAMMA: tl.constexpr,
+    HAS_BETA: tl.constexpr,
     INT64: tl.constexpr,
     BLOCK_M: tl.constexpr,  # voxels per partial (the last partial has M - (P - 1) * BLOCK_M)
     BLOCK_P: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """Chan's merge of the P partials of BLOCK_C channels, in float64: mean = sum(n_p mean_p) / M,
-    M2 = sum(M2_p) + sum(n_p (mean_p - mean)^2); two passes over the partials."""
+    M2 = sum(M2_p) + sum(n_p (mean_p - mean)^2); two passes over the partials. FOLD: the epilogue also
+    folds BatchNorm as ops/batch_norm.fold_batch_norm does (rstd = 1 / sqrt(var + eps), scale = gamma *
+    rstd, shift = beta - mean * scale), in float64 from the unrounded mean and variance."""
     offs_c = block_offsets(tl.program_id(0), BLOCK_C)
     mask_c = offs_c < C
+    mean_ptr = partials_ptr
+    m2_ptr = partials_ptr + widen(P, INT64) * C
     total = tl.zeros((BLOCK_C,), dtype=tl.float64)
     for p0 in range(0, P, BLOCK_P):
         at, mask, count = _partials_tile(p0, offs_c, mask_c, P, C, M, INT64, BLOCK_M, BLOCK_P)
@@ -100,30 +107,56 @@ def _channel_stats_merge_kernel(
         dev = tl.load(mean_ptr + at, mask=mask, other=0.0).to(tl.float64) - mean[None, :]
         part_m2 = tl.load(m2_ptr + at, mask=mask, other=0.0).to(tl.float64)
         m2 += tl.sum(tl.where(mask, part_m2 + count[:, None] * dev * dev, 0.0), axis=0)
-    tl.store(out_mean_ptr + offs_c, mean.to(tl.float32), mask=mask_c)
-    tl.store(out_var_ptr + offs_c, (m2 / M).to(tl.float32), mask=mask_c)
+    var = m2 / M
+    tl.store(out_ptr + offs_c, mean.to(tl.float32), mask=mask_c)
+    tl.store(out_ptr + C + offs_c, var.to(tl.float32), mask=mask_c)
+    if FOLD:
+        rstd = 1.0 / tl.sqrt(var + eps)
+        scale = rstd
+        if HAS_GAMMA:
+            scale = tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float64) * rstd
+        shift = -mean * scale
+        if HAS_BETA:
+            shift += tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float64)
+        tl.store(out_ptr + 2 * C + offs_c, scale.to(tl.float32), mask=mask_c)
+        tl.store(out_ptr + 3 * C + offs_c, shift.to(tl.float32), mask=mask_c)
+        tl.store(out_ptr + 4 * C + offs_c, rstd.to(tl.float32), mask=mask_c)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, biased variance) per channel of x (N, C, D, H, W), both float32 (C,): two launches (the
-    partials, then their float64 merge) and four allocations, so that its host cost stays small."""
+    partials, then their float64 merge) and two allocations, so that its host cost stays small."""
+    mean, var = _launch(x, None, None, 0.0, fold=False).unbind(0)
+    return mean, var
+
+
+def batch_norm_stats(
+    x: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """(5, C) float32, rows ops/batch_norm.STATS_ROWS (mean, biased variance, scale, shift, rstd): x's
+    channel statistics and BatchNorm folded with them (fold_batch_norm's formula; gamma/beta None: 1 and 0)
+    in the same two launches, so that the fused layer's forward makes no torch op for its BatchNorm."""
+    return _launch(x, gamma, beta, eps, fold=True)
+
+
+def _launch(x, gamma, beta, eps: float, fold: bool) -> torch.Tensor:
+    """(2, C) [mean, var], or (5, C) [mean, var, scale, shift, rstd] with fold, float32."""
     n, c, d, h, w = x.shape
     m = n * d * h * w
     check_voxels("channel_stats", m)
     programs = cdiv(m, BLOCK_M)
-    means = torch.empty((programs, c), dtype=torch.float32, device=x.device)
-    m2s = torch.empty_like(means)
-    int64 = needs_int64(x, means)
+    partials = torch.empty((2, programs, c), dtype=torch.float32, device=x.device)  # means, M2s
+    int64 = needs_int64(x, partials)
     _channel_stats_partial_kernel[(programs, cdiv(c, BLOCK_C))](
-        x, means, m2s, m, c, d, h, w, *x.stride(), INT64=int64, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C
+        x, partials, m, c, d, h, w, *x.stride(), INT64=int64, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C
     )
-    mean = torch.empty((c,), dtype=torch.float32, device=x.device)
-    var = torch.empty_like(mean)
+    out = torch.empty((5 if fold else 2, c), dtype=torch.float32, device=x.device)
     _channel_stats_merge_kernel[(cdiv(c, MERGE_BLOCK_C),)](
-        means, m2s, mean, var, programs, c, m, INT64=int64, BLOCK_M=BLOCK_M, BLOCK_P=MERGE_BLOCK_P,
-        BLOCK_C=MERGE_BLOCK_C,
+        partials, out, gamma if gamma is not None else out, beta if beta is not None else out, float(eps),
+        programs, c, m, FOLD=fold, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, INT64=int64,
+        BLOCK_M=BLOCK_M, BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C,
     )  # fmt: skip
-    return mean, var
+    return out
 
 
-__all__ = ["channel_stats"]
+__all__ = ["batch_norm_stats", "channel_stats"]

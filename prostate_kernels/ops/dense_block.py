@@ -240,8 +240,15 @@ def dense_block_forward(
     when no unit uses them)."""
     spec = _spec(x.shape[1], growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype)
     buffer, stats = _forward(x, spec, params)
-    empty = x.new_empty((0,), dtype=torch.float32)
-    return buffer, *(s if s is not None else empty.clone() for s in stats)
+    outputs, storages = [buffer], {buffer.untyped_storage().data_ptr()}
+    for s in stats:
+        # a custom op's outputs never alias: absent statistics become empty tensors, and views of one
+        # storage (channel_stats returns mean and var as rows of one tensor) copies
+        if s is None or s.untyped_storage().data_ptr() in storages:
+            s = x.new_empty((0,), dtype=torch.float32) if s is None else s.clone()
+        storages.add(s.untyped_storage().data_ptr())
+        outputs.append(s)
+    return tuple(outputs)
 
 
 @dense_block_forward.register_fake
@@ -317,9 +324,12 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.present = [p is not None for p in params]
     ctx.settings = (growth, bottleneck, batch_stats, eps, dropout)
     ctx.engine, ctx.compute_dtype = engine, compute_dtype
+    ctx.set_materialize_grads(False)  # no zero gradients made for the four statistics (4 torch ops)
 
 
 def _backward_autograd(ctx, grad_output, *_grad_stats):
+    if grad_output is None:  # the buffer took no part in what backward differentiates
+        return None, [None] * len(ctx.present), *([None] * 8)
     buffer, seeds, *rest = ctx.saved_tensors
     stats, saved = rest[:4], iter(rest[4:])
     params = [next(saved) if present else None for present in ctx.present]
