@@ -105,6 +105,19 @@ class BlockSpec:
         """Index of the `step`-th unit (0: the one reading B) of layer `layer`."""
         return layer * self.units_per_layer + step
 
+    def unit_width(self, unit: int) -> int:
+        """Channels unit `unit` normalises: C_l for a unit reading B, W for one reading T."""
+        layer, step = divmod(unit, self.units_per_layer)
+        return self.width(layer) if step == 0 else self.bottleneck
+
+    def fold_offsets(self) -> list[int]:
+        """Where each unit's (scale, shift, rstd) start in the flat folds of the forward (3 * its width
+        floats each, units in order), and their total size last."""
+        offsets = [0]
+        for unit in range(len(self.eps)):
+            offsets.append(offsets[-1] + 3 * self.unit_width(unit))
+        return offsets
+
     @property
     def b_stats(self) -> bool:
         """Some unit normalises channels of B with batch statistics."""
@@ -167,7 +180,7 @@ def dense_block(
     # differently (the backward then fails)
     params = [t if t is not None else x.new_empty((0,), dtype=torch.float32) for unit in units for t in unit]
     with backend.autocast_off(x.device):  # compute_dtype already says what autocast wants
-        buffer, mean, var, t_mean, t_var = dense_block_forward(
+        buffer, mean, var, t_mean, t_var, _ = dense_block_forward(
             x, params, growth, bottleneck, [s.batch_stats for s in specs], [float(s.eps) for s in specs],
             float(dropout), seeds, engine, compute_dtype,
         )  # fmt: skip
@@ -234,10 +247,11 @@ def dense_block_forward(
     seeds: torch.Tensor,
     engine: str,
     compute_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(buffer B, mean, var, t_mean, t_var): B (N, C0 + L*k, D, H, W); mean and var the batch statistics
-    of B's first C0 + (L-1)*k channels, t_mean and t_var those of every layer's T, (L*W,) (each empty
-    when no unit uses them)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(buffer B, mean, var, t_mean, t_var, folds): B (N, C0 + L*k, D, H, W); mean and var the batch
+    statistics of B's first C0 + (L-1)*k channels, t_mean and t_var those of every layer's T, (L*W,) (each
+    empty when no unit uses them); folds each unit's BatchNorm as (scale, shift, rstd), flat, units in
+    order (BlockSpec.fold_offsets): backward reuses them instead of folding again."""
     spec = _spec(x.shape[1], growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype)
     buffer, stats = _forward(x, spec, params)
     outputs, storages = [buffer], {buffer.untyped_storage().data_ptr()}
@@ -267,6 +281,7 @@ def _(x, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, c
         x.new_empty(b, dtype=b_dtype),
         x.new_empty(t, dtype=t_dtype),
         x.new_empty(t, dtype=t_dtype),
+        x.new_empty((spec.fold_offsets()[-1],), dtype=_fake_stats_dtype(x, True)),
     )
 
 
@@ -286,7 +301,7 @@ def dense_block_backward(
     compute_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(grad x, [grad weight, grad bn weight, grad bn bias] per unit), each missing one empty.
-    stats: the forward's (mean, var, t_mean, t_var)."""
+    stats: the forward's (mean, var, t_mean, t_var, folds)."""
     in_channels = buffer.shape[1] - len(eps) // units_per_layer(bottleneck) * growth
     spec = _spec(in_channels, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype)
     stats = [s if s.numel() else None for s in stats]
@@ -331,7 +346,7 @@ def _backward_autograd(ctx, grad_output, *_grad_stats):
     if grad_output is None:  # the buffer took no part in what backward differentiates
         return None, [None] * len(ctx.present), *([None] * 8)
     buffer, seeds, *rest = ctx.saved_tensors
-    stats, saved = rest[:4], iter(rest[4:])
+    stats, saved = rest[:5], iter(rest[5:])
     params = [next(saved) if present else None for present in ctx.present]
     grad_x, grads = torch.ops.prostate_kernels.dense_block_backward(
         grad_output, buffer, stats, params, *ctx.settings, seeds, ctx.engine, ctx.compute_dtype
@@ -348,12 +363,20 @@ dense_block_forward.register_autograd(_backward_autograd, setup_context=_setup_c
 
 
 class _Stats(NamedTuple):
-    """Batch statistics of the forward: B's channels (C0 + (L-1)*k,) and every layer's T (L*W,)."""
+    """Batch statistics of the forward: B's channels (C0 + (L-1)*k,) and every layer's T (L*W,); and
+    each unit's BatchNorm folded (scale, shift, rstd), flat (BlockSpec.fold_offsets)."""
 
     mean: torch.Tensor | None
     var: torch.Tensor | None
     t_mean: torch.Tensor | None
     t_var: torch.Tensor | None
+    folds: torch.Tensor | None = None
+
+    def fold(self, offsets: list[int], unit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Unit `unit`'s (scale, shift, rstd), views of folds."""
+        start, end = offsets[unit], offsets[unit + 1]
+        scale, shift, rstd = self.folds[start:end].view(3, (end - start) // 3).unbind(0)
+        return scale, shift, rstd
 
     def of_b(self, c_l: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The statistics of B[:, :c_l]."""
@@ -375,35 +398,47 @@ def _normalising(spec: BlockSpec, params, unit: int, batch_mean, batch_var):
     return _stat_dtype(p.running_mean), _stat_dtype(p.running_var)
 
 
-def _unit_forward(engine, spec: BlockSpec, params, unit: int, x, batch_mean, batch_var, geometry, out):
-    """out = conv(relu(BN(x))) for unit `unit` (batch_mean/var: x's batch statistics, if computed)."""
+def _unit_forward(
+    engine, spec: BlockSpec, params, unit: int, x, batch_mean, batch_var, geometry, out, fold=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """out = conv(relu(BN(x))) for unit `unit` (batch_mean/var: x's batch statistics, if computed).
+    Returns its BatchNorm folded, (scale, shift, rstd): `fold` when given (backward's recompute of T),
+    else computed here."""
     weight, gamma, beta, _, _ = _unit(params, unit)
     mean, var = _normalising(spec, params, unit, batch_mean, batch_var)
-    engine.layer_forward(x, weight, gamma, beta, mean, var, spec.eps[unit], geometry, spec.compute_dtype, out)
+    if fold is None:
+        fold = fold_batch_norm(mean, var, gamma, beta, spec.eps[unit])
+    engine.layer_forward(
+        x, weight, gamma, beta, mean, var, spec.eps[unit], fold, geometry, spec.compute_dtype, out
+    )
+    return fold
 
 
 def _unit_backward(
-    engine, spec: BlockSpec, params, unit: int, x, grad_out, batch_mean, batch_var, geometry, grad_input,
-    accumulate: bool,
+    engine, spec: BlockSpec, params, unit: int, x, grad_out, batch_mean, batch_var, fold, geometry,
+    grad_input, accumulate: bool,
 ):  # fmt: skip
-    """[grad weight, grad bn weight, grad bn bias] of `unit`; its input gradient written (accumulate:
-    added) into grad_input."""
+    """[grad weight, grad bn weight, grad bn bias] of `unit` (fold: its forward's (scale, shift, rstd));
+    its input gradient written (accumulate: added) into grad_input."""
     weight, gamma, beta, _, _ = _unit(params, unit)
     mean, var = _normalising(spec, params, unit, batch_mean, batch_var)
     return engine.layer_backward(
-        x, grad_out, weight, gamma, beta, mean, var, spec.batch_stats[unit], spec.eps[unit], geometry,
+        x, grad_out, weight, gamma, beta, mean, var, spec.eps[unit], fold, spec.batch_stats[unit], geometry,
         spec.compute_dtype, grad_input, accumulate,
     )  # fmt: skip
 
 
-def _bottleneck(engine, spec: BlockSpec, params, layer: int, inputs, batch_mean, batch_var) -> torch.Tensor:
-    """T (N, W, D, H, W): layer `layer`'s bottleneck unit applied to inputs = B[:, :C_l]."""
+def _bottleneck(
+    engine, spec: BlockSpec, params, layer: int, inputs, batch_mean, batch_var, fold=None
+) -> tuple[torch.Tensor, tuple]:
+    """(T (N, W, D, H, W), the unit's fold): layer `layer`'s bottleneck unit applied to inputs =
+    B[:, :C_l] (fold: as _unit_forward's)."""
     n, _, *size = inputs.shape
     t = torch.empty((n, spec.bottleneck, *size), dtype=inputs.dtype, device=inputs.device,
                     memory_format=engine.buffer_format)  # fmt: skip
-    _unit_forward(engine, spec, params, spec.unit(layer, 0), inputs, batch_mean, batch_var,
-                  BOTTLENECK_GEOMETRY, out=t)  # fmt: skip
-    return t
+    fold = _unit_forward(engine, spec, params, spec.unit(layer, 0), inputs, batch_mean, batch_var,
+                         BOTTLENECK_GEOMETRY, out=t, fold=fold)  # fmt: skip
+    return t, fold
 
 
 def _forward(x: torch.Tensor, spec: BlockSpec, params) -> tuple[torch.Tensor, _Stats]:
@@ -415,17 +450,21 @@ def _forward(x: torch.Tensor, spec: BlockSpec, params) -> tuple[torch.Tensor, _S
     buffer[:, :c0].copy_(x)
     mean, var = engine.stats(x) if spec.b_stats else (None, None)
     t_means, t_vars = [], []
+    folds: list[torch.Tensor] = []  # scale, shift, rstd of each unit in turn
     for layer in range(spec.layers):
         c_l = spec.width(layer)
         inputs = buffer[:, :c_l]
         batch_mean, batch_var = _Stats(mean, var, None, None).of_b(c_l)
         if spec.bottleneck:
-            inputs = _bottleneck(engine, spec, params, layer, inputs, batch_mean, batch_var)
+            inputs, fold = _bottleneck(engine, spec, params, layer, inputs, batch_mean, batch_var)
+            folds.extend(fold)
             batch_mean, batch_var = engine.stats(inputs) if spec.t_stats else (None, None)
             t_means.append(batch_mean), t_vars.append(batch_var)
         new = buffer[:, c_l : c_l + spec.growth]
         unit = spec.unit(layer, spec.units_per_layer - 1)
-        _unit_forward(engine, spec, params, unit, inputs, batch_mean, batch_var, GEOMETRY, out=new)
+        folds.extend(
+            _unit_forward(engine, spec, params, unit, inputs, batch_mean, batch_var, GEOMETRY, out=new)
+        )
         del inputs  # a bottleneck layer's T is freed here and recomputed in backward
         if spec.dropout > 0:
             new.mul_(dropout_scale(spec.seeds[layer], tuple(new.shape), spec.dropout, x.device))
@@ -433,14 +472,15 @@ def _forward(x: torch.Tensor, spec: BlockSpec, params) -> tuple[torch.Tensor, _S
             new_mean, new_var = engine.stats(new)
             mean, var = torch.cat([mean, new_mean]), torch.cat([var, new_var])
     t_mean, t_var = (torch.cat(t_means), torch.cat(t_vars)) if spec.t_stats else (None, None)
-    return buffer, _Stats(mean, var, t_mean, t_var)
+    return buffer, _Stats(mean, var, t_mean, t_var, torch.cat(folds))
 
 
 def _backward(grad_output, spec: BlockSpec, buffer, stats, params):
     """(grad of x, per unit [grad weight, grad bn weight, grad bn bias] flattened, None where absent).
-    stats: the forward's (mean, var, t_mean, t_var), None where not computed."""
+    stats: the forward's (mean, var, t_mean, t_var, folds), None where not computed."""
     engine = _ENGINES[spec.engine]
     stats = _Stats(*stats)
+    offsets = spec.fold_offsets()
     grad = grad_output.to(buffer.dtype).clone(memory_format=engine.buffer_format)  # G, accumulated into
     grads: list[list[torch.Tensor | None]] = [[None] * 3 for _ in spec.eps]
     for layer in reversed(range(spec.layers)):
@@ -453,18 +493,22 @@ def _backward(grad_output, spec: BlockSpec, buffer, stats, params):
         b_mean, b_var = stats.of_b(c_l)
         if not spec.bottleneck:
             grads[layer] = _unit_backward(engine, spec, params, layer, inputs, grad_new, b_mean, b_var,
-                                          GEOMETRY, grad_inputs, accumulate=True)  # fmt: skip
+                                          stats.fold(offsets, layer), GEOMETRY, grad_inputs,
+                                          accumulate=True)  # fmt: skip
             continue
-        t = _bottleneck(engine, spec, params, layer, inputs, b_mean, b_var)  # recomputed
+        first = spec.unit(layer, 0)
+        t, _ = _bottleneck(engine, spec, params, layer, inputs, b_mean, b_var,
+                           stats.fold(offsets, first))  # recomputed  # fmt: skip
         grad_t = torch.empty_like(t)
         t_mean, t_var = stats.of_t(layer, spec.bottleneck)
         unit = spec.unit(layer, 1)
-        grads[unit] = _unit_backward(engine, spec, params, unit, t, grad_new, t_mean, t_var, GEOMETRY,
-                                     grad_t, accumulate=False)  # fmt: skip
+        grads[unit] = _unit_backward(engine, spec, params, unit, t, grad_new, t_mean, t_var,
+                                     stats.fold(offsets, unit), GEOMETRY, grad_t,
+                                     accumulate=False)  # fmt: skip
         del t
-        unit = spec.unit(layer, 0)
-        grads[unit] = _unit_backward(engine, spec, params, unit, inputs, grad_t, b_mean, b_var,
-                                     BOTTLENECK_GEOMETRY, grad_inputs, accumulate=True)  # fmt: skip
+        grads[first] = _unit_backward(engine, spec, params, first, inputs, grad_t, b_mean, b_var,
+                                      stats.fold(offsets, first), BOTTLENECK_GEOMETRY, grad_inputs,
+                                      accumulate=True)  # fmt: skip
     return grad[:, : spec.in_channels], [g for unit_grads in grads for g in unit_grads]
 
 
@@ -483,20 +527,20 @@ class _TritonEngine:
         return channel_stats(x)
 
     @staticmethod
-    def layer_forward(x, weight, gamma, beta, mean, var, eps, geometry, compute_dtype, out) -> None:
+    def layer_forward(x, weight, gamma, beta, mean, var, eps, fold, geometry, compute_dtype, out) -> None:
         from prostate_kernels.ops.bn_relu_conv3d_triton import conv_forward
 
-        scale, shift, _ = fold_batch_norm(mean, var, gamma, beta, eps)
+        scale, shift, _ = fold
         conv_forward(x, weight, None, scale, shift, geometry, compute_dtype, out=out)
 
     @staticmethod
     def layer_backward(
-        x, grad_out, weight, gamma, beta, mean, var, batch_stats, eps, geometry, compute_dtype, grad_input,
-        accumulate,
+        x, grad_out, weight, gamma, beta, mean, var, eps, fold, batch_stats, geometry, compute_dtype,
+        grad_input, accumulate,
     ):  # fmt: skip
         from prostate_kernels.ops.bn_relu_conv3d_triton import conv_input_grad, conv_weight_grad
 
-        scale, shift, rstd = fold_batch_norm(mean, var, gamma, beta, eps)
+        scale, shift, rstd = fold
         g_w, _ = conv_weight_grad(x, grad_out, scale, shift, geometry, compute_dtype, with_bias=False)
         _, d_gamma, d_beta = conv_input_grad(
             x, grad_out, weight, scale, shift, mean, rstd, geometry, compute_dtype, batch_stats,
@@ -522,7 +566,7 @@ class _TorchEngine:
         return mean, var
 
     @staticmethod
-    def layer_forward(x, weight, gamma, beta, mean, var, eps, geometry, compute_dtype, out) -> None:
+    def layer_forward(x, weight, gamma, beta, mean, var, eps, fold, geometry, compute_dtype, out) -> None:
         # normalise with the shared statistics (given as running ones: nothing is updated here)
         a = F.batch_norm(
             _stat_dtype(x), mean, var, _as(gamma, mean), _as(beta, mean), False, 0.0, eps
@@ -534,8 +578,8 @@ class _TorchEngine:
 
     @staticmethod
     def layer_backward(
-        x, grad_out, weight, gamma, beta, mean, var, batch_stats, eps, geometry, compute_dtype, grad_input,
-        accumulate,
+        x, grad_out, weight, gamma, beta, mean, var, eps, fold, batch_stats, geometry, compute_dtype,
+        grad_input, accumulate,
     ):  # fmt: skip
         # The BatchNorm -> ReLU backward written out (this runs inside a custom op, where autograd does not
         # record): z = BN(x) as in forward, grad_z = grad_a where z > 0, then BatchNorm's own backward,
@@ -548,7 +592,7 @@ class _TorchEngine:
             list(g.stride), list(g.padding), list(g.dilation), False, [0, 0, 0], 1, [True, True, False],
         )  # fmt: skip
         grad_z = torch.where(z > 0, grad_a.to(z.dtype), 0.0)
-        scale, _, rstd = fold_batch_norm(mean, var, gamma, beta, eps)
+        scale, _, rstd = fold
         per_channel = (1, -1, 1, 1, 1)
         xhat = (xs - mean.view(per_channel)) * rstd.view(per_channel)
         d_beta = grad_z.sum(dim=(0, 2, 3, 4))

@@ -21,8 +21,10 @@ def dropout_scale(seed: int, shape: tuple[int, ...], p: float, device: torch.dev
     """float32 (shape) tensor of 0 (dropped) and 1/(1-p) (kept): multiply by it to apply the dropout.
 
     Multiplying a half-precision tensor by it computes in float32 and rounds once, like F.dropout.
+    Two kernels (a Bernoulli draw of the kept ones, then the scale): on a GPU each torch op costs host
+    time, and the dense block draws each layer's mask twice per step (forward and backward).
     """
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    keep = torch.rand(shape, generator=generator, device=device) >= p
-    return keep.to(torch.float32) * (1.0 / (1.0 - p))
+    keep = torch.empty(shape, dtype=torch.float32, device=device).bernoulli_(1.0 - p, generator=generator)
+    return keep.mul_(1.0 / (1.0 - p))
