@@ -76,6 +76,22 @@ def test_channel_stats_int32_and_int64_offsets(monkeypatch, int64, layout, shape
     torch.testing.assert_close(var.double(), var_ref, rtol=1e-5, atol=1e-6)
 
 
+def test_channel_stats_into_a_column_slice():
+    """out=: the dense block gathers its channels' statistics in one (2, C) tensor, a slice per call."""
+    from prostate_kernels.ops.channel_stats import channel_stats
+
+    x = torch.randn((2, 6, 3, 4, 5), generator=torch.Generator().manual_seed(6)) + 2
+    gathered = torch.full((2, 11), -7.0)
+    mean, var = channel_stats(x, out=gathered[:, 3:9])
+    var_ref, mean_ref = torch.var_mean(x.double(), dim=(0, 2, 3, 4), unbiased=False)
+    torch.testing.assert_close(gathered[0, 3:9].double(), mean_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gathered[1, 3:9].double(), var_ref, rtol=1e-5, atol=1e-6)
+    assert mean.data_ptr() == gathered[0, 3:].data_ptr() and var.data_ptr() == gathered[1, 3:].data_ptr()
+    assert (gathered[:, :3] == -7).all() and (gathered[:, 9:] == -7).all()
+    with pytest.raises(ValueError, match=r"float32 \(2, 6\) view"):
+        channel_stats(x, out=gathered[:, 3:8])
+
+
 @pytest.mark.parametrize("affine", ["gamma-beta", "none", "gamma", "beta"])
 def test_batch_norm_stats_fold_like_fold_batch_norm(affine):
     """The merge kernel's fold (scale, shift, rstd in float64 from the unrounded statistics) against

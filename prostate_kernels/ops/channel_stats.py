@@ -72,13 +72,14 @@ def _partials_tile(
 @triton.jit
 def _channel_stats_merge_kernel(
     partials_ptr,  # (2, P, C) float32 partial means and sums of squared deviations, P = cdiv(M, BLOCK_M)
-    out_ptr,  # (2, C) float32: mean, biased variance; (5, C) with FOLD: then scale, shift, rstd
+    out_ptr,  # rows of C float32, OUT_ROW apart: mean, biased variance; with FOLD then scale, shift, rstd
     gamma_ptr,  # (C,) BatchNorm weight (HAS_GAMMA)
     beta_ptr,  # (C,) BatchNorm bias (HAS_BETA)
     eps,
     P,
     C,
     M,
+    OUT_ROW,
     FOLD: tl.constexpr,
     HAS_GAMMA: tl.constexpr,
     HAS_BETA: tl.constexpr,
@@ -109,7 +110,7 @@ def _channel_stats_merge_kernel(
         m2 += tl.sum(tl.where(mask, part_m2 + count[:, None] * dev * dev, 0.0), axis=0)
     var = m2 / M
     tl.store(out_ptr + offs_c, mean.to(tl.float32), mask=mask_c)
-    tl.store(out_ptr + C + offs_c, var.to(tl.float32), mask=mask_c)
+    tl.store(out_ptr + OUT_ROW + offs_c, var.to(tl.float32), mask=mask_c)
     if FOLD:
         rstd = 1.0 / tl.sqrt(var + eps)
         scale = rstd
@@ -118,15 +119,17 @@ def _channel_stats_merge_kernel(
         shift = -mean * scale
         if HAS_BETA:
             shift += tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float64)
-        tl.store(out_ptr + 2 * C + offs_c, scale.to(tl.float32), mask=mask_c)
-        tl.store(out_ptr + 3 * C + offs_c, shift.to(tl.float32), mask=mask_c)
-        tl.store(out_ptr + 4 * C + offs_c, rstd.to(tl.float32), mask=mask_c)
+        tl.store(out_ptr + 2 * OUT_ROW + offs_c, scale.to(tl.float32), mask=mask_c)
+        tl.store(out_ptr + 3 * OUT_ROW + offs_c, shift.to(tl.float32), mask=mask_c)
+        tl.store(out_ptr + 4 * OUT_ROW + offs_c, rstd.to(tl.float32), mask=mask_c)
 
 
-def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean, biased variance) per channel of x (N, C, D, H, W), both float32 (C,): two launches (the
-    partials, then their float64 merge) and two allocations, so that its host cost stays small."""
-    mean, var = _launch(x, None, None, 0.0, fold=False).unbind(0)
+def channel_stats(x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) per channel of x (N, C, D, H, W), both float32 (C,), rows of one (2, C)
+    tensor: two launches (the partials, then their float64 merge) and two allocations, so that its host
+    cost stays small. out: a float32 (2, C) view to write them into (channel stride 1; the dense block
+    gathers its channels' statistics so, with no concatenation)."""
+    mean, var = _launch(x, None, None, 0.0, fold=False, out=out).unbind(0)
     return mean, var
 
 
@@ -139,8 +142,9 @@ def batch_norm_stats(
     return _launch(x, gamma, beta, eps, fold=True)
 
 
-def _launch(x, gamma, beta, eps: float, fold: bool) -> torch.Tensor:
-    """(2, C) [mean, var], or (5, C) [mean, var, scale, shift, rstd] with fold, float32."""
+def _launch(x, gamma, beta, eps: float, fold: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(2, C) [mean, var], or (5, C) [mean, var, scale, shift, rstd] with fold, float32 (written into out
+    when given)."""
     n, c, d, h, w = x.shape
     m = n * d * h * w
     check_voxels("channel_stats", m)
@@ -150,11 +154,15 @@ def _launch(x, gamma, beta, eps: float, fold: bool) -> torch.Tensor:
     _channel_stats_partial_kernel[(programs, cdiv(c, BLOCK_C))](
         x, partials, m, c, d, h, w, *x.stride(), INT64=int64, BLOCK_M=BLOCK_M, BLOCK_C=BLOCK_C
     )
-    out = torch.empty((5 if fold else 2, c), dtype=torch.float32, device=x.device)
+    rows = 5 if fold else 2
+    if out is None:
+        out = torch.empty((rows, c), dtype=torch.float32, device=x.device)
+    elif out.shape != (rows, c) or out.dtype != torch.float32 or out.stride(1) != 1:
+        raise ValueError(f"channel_stats: out must be a float32 ({rows}, {c}) view with channel stride 1")
     _channel_stats_merge_kernel[(cdiv(c, MERGE_BLOCK_C),)](
         partials, out, gamma if gamma is not None else out, beta if beta is not None else out, float(eps),
-        programs, c, m, FOLD=fold, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None, INT64=int64,
-        BLOCK_M=BLOCK_M, BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C,
+        programs, c, m, out.stride(0), FOLD=fold, HAS_GAMMA=gamma is not None, HAS_BETA=beta is not None,
+        INT64=int64, BLOCK_M=BLOCK_M, BLOCK_P=MERGE_BLOCK_P, BLOCK_C=MERGE_BLOCK_C,
     )  # fmt: skip
     return out
 

@@ -180,7 +180,7 @@ def dense_block(
     # differently (the backward then fails)
     params = [t if t is not None else x.new_empty((0,), dtype=torch.float32) for unit in units for t in unit]
     with backend.autocast_off(x.device):  # compute_dtype already says what autocast wants
-        buffer, mean, var, t_mean, t_var, _ = dense_block_forward(
+        buffer, b_stats, t_stats, _ = dense_block_forward(
             x, params, growth, bottleneck, [s.batch_stats for s in specs], [float(s.eps) for s in specs],
             float(dropout), seeds, engine, compute_dtype,
         )  # fmt: skip
@@ -190,11 +190,9 @@ def dense_block(
             continue
         layer, step = divmod(index, per_layer)
         if step == 0:  # reads B[:, :C_l]
-            c_l = x.shape[1] + layer * growth
-            batch_mean, batch_var = mean[:c_l], var[:c_l]
+            batch_mean, batch_var = b_stats[:, : x.shape[1] + layer * growth].unbind(0)
         else:  # reads the layer's T
-            batch_mean = t_mean[layer * bottleneck : (layer + 1) * bottleneck]
-            batch_var = t_var[layer * bottleneck : (layer + 1) * bottleneck]
+            batch_mean, batch_var = t_stats[:, layer * bottleneck : (layer + 1) * bottleneck].unbind(0)
         updates.setdefault(spec.momentum, []).append(
             (unit.running_mean, unit.running_var, batch_mean, batch_var)
         )
@@ -247,22 +245,15 @@ def dense_block_forward(
     seeds: torch.Tensor,
     engine: str,
     compute_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(buffer B, mean, var, t_mean, t_var, folds): B (N, C0 + L*k, D, H, W); mean and var the batch
-    statistics of B's first C0 + (L-1)*k channels, t_mean and t_var those of every layer's T, (L*W,) (each
-    empty when no unit uses them); folds each unit's BatchNorm as (scale, shift, rstd), flat, units in
-    order (BlockSpec.fold_offsets): backward reuses them instead of folding again."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(buffer B, b_stats, t_stats, folds): B (N, C0 + L*k, D, H, W); b_stats (2, C0 + (L-1)*k) the batch
+    mean and biased variance of B's channels that layers read, t_stats (2, L*W) those of every layer's T
+    (each empty when no unit uses them); folds each unit's BatchNorm as (scale, shift, rstd), flat, units
+    in order (BlockSpec.fold_offsets): backward reuses them instead of folding again."""
     spec = _spec(x.shape[1], growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype)
     buffer, stats = _forward(x, spec, params)
-    outputs, storages = [buffer], {buffer.untyped_storage().data_ptr()}
-    for s in stats:
-        # a custom op's outputs never alias: absent statistics become empty tensors, and views of one
-        # storage (channel_stats returns mean and var as rows of one tensor) copies
-        if s is None or s.untyped_storage().data_ptr() in storages:
-            s = x.new_empty((0,), dtype=torch.float32) if s is None else s.clone()
-        storages.add(s.untyped_storage().data_ptr())
-        outputs.append(s)
-    return tuple(outputs)
+    empty = x.new_empty((0,), dtype=torch.float32)
+    return buffer, *(s if s is not None else empty.clone() for s in stats)
 
 
 @dense_block_forward.register_fake
@@ -272,15 +263,12 @@ def _(x, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, c
     spec = BlockSpec(c0, growth, bottleneck, tuple(batch_stats), tuple(eps), 0.0, (), engine, compute_dtype)
     buffer = torch.empty((n, c0 + layers * growth, *size), dtype=x.dtype, device=x.device,
                          memory_format=_ENGINES[engine].buffer_format)  # fmt: skip
-    b = (c0 + (layers - 1) * growth,) if spec.b_stats else (0,)
-    t = (layers * bottleneck,) if spec.t_stats else (0,)
-    b_dtype, t_dtype = _fake_stats_dtype(x, spec.b_stats), _fake_stats_dtype(x, spec.t_stats)
+    b = (2, c0 + (layers - 1) * growth) if spec.b_stats else (0,)
+    t = (2, layers * bottleneck) if spec.t_stats else (0,)
     return (
         buffer,
-        x.new_empty(b, dtype=b_dtype),
-        x.new_empty(b, dtype=b_dtype),
-        x.new_empty(t, dtype=t_dtype),
-        x.new_empty(t, dtype=t_dtype),
+        x.new_empty(b, dtype=_fake_stats_dtype(x, spec.b_stats)),
+        x.new_empty(t, dtype=_fake_stats_dtype(x, spec.t_stats)),
         x.new_empty((spec.fold_offsets()[-1],), dtype=_fake_stats_dtype(x, True)),
     )
 
@@ -301,7 +289,7 @@ def dense_block_backward(
     compute_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(grad x, [grad weight, grad bn weight, grad bn bias] per unit), each missing one empty.
-    stats: the forward's (mean, var, t_mean, t_var, folds)."""
+    stats: the forward's (b_stats, t_stats, folds)."""
     in_channels = buffer.shape[1] - len(eps) // units_per_layer(bottleneck) * growth
     spec = _spec(in_channels, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype)
     stats = [s if s.numel() else None for s in stats]
@@ -346,7 +334,7 @@ def _backward_autograd(ctx, grad_output, *_grad_stats):
     if grad_output is None:  # the buffer took no part in what backward differentiates
         return None, [None] * len(ctx.present), *([None] * 8)
     buffer, seeds, *rest = ctx.saved_tensors
-    stats, saved = rest[:5], iter(rest[5:])
+    stats, saved = rest[:3], iter(rest[3:])
     params = [next(saved) if present else None for present in ctx.present]
     grad_x, grads = torch.ops.prostate_kernels.dense_block_backward(
         grad_output, buffer, stats, params, *ctx.settings, seeds, ctx.engine, ctx.compute_dtype
@@ -363,13 +351,12 @@ dense_block_forward.register_autograd(_backward_autograd, setup_context=_setup_c
 
 
 class _Stats(NamedTuple):
-    """Batch statistics of the forward: B's channels (C0 + (L-1)*k,) and every layer's T (L*W,); and
-    each unit's BatchNorm folded (scale, shift, rstd), flat (BlockSpec.fold_offsets)."""
+    """Batch statistics (mean; biased variance) of the forward: B's channels (2, C0 + (L-1)*k) and every
+    layer's T (2, L*W); and each unit's BatchNorm folded (scale, shift, rstd), flat
+    (BlockSpec.fold_offsets)."""
 
-    mean: torch.Tensor | None
-    var: torch.Tensor | None
-    t_mean: torch.Tensor | None
-    t_var: torch.Tensor | None
+    b: torch.Tensor | None
+    t: torch.Tensor | None
     folds: torch.Tensor | None = None
 
     def fold(self, offsets: list[int], unit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -380,14 +367,13 @@ class _Stats(NamedTuple):
 
     def of_b(self, c_l: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The statistics of B[:, :c_l]."""
-        return (self.mean[:c_l], self.var[:c_l]) if self.mean is not None else (None, None)
+        return self.b[:, :c_l].unbind(0) if self.b is not None else (None, None)
 
     def of_t(self, layer: int, width: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The statistics of layer `layer`'s T (width W)."""
-        if self.t_mean is None:
-            return None, None
-        t = slice(layer * width, (layer + 1) * width)
-        return self.t_mean[t], self.t_var[t]
+        return (
+            self.t[:, layer * width : (layer + 1) * width].unbind(0) if self.t is not None else (None, None)
+        )
 
 
 def _normalising(spec: BlockSpec, params, unit: int, batch_mean, batch_var):
@@ -448,18 +434,28 @@ def _forward(x: torch.Tensor, spec: BlockSpec, params) -> tuple[torch.Tensor, _S
         (n, spec.out_channels, *size), dtype=x.dtype, device=x.device, memory_format=engine.buffer_format
     )
     buffer[:, :c0].copy_(x)
-    mean, var = engine.stats(x) if spec.b_stats else (None, None)
-    t_means, t_vars = [], []
+    # statistics of B's channels that some layer reads (filled as channels arrive) and of every T
+    dtype = engine.stats_dtype(x)
+    stats = _Stats(
+        torch.empty((2, spec.width(spec.layers - 1)), dtype=dtype, device=x.device) if spec.b_stats else None,
+        torch.empty((2, spec.layers * spec.bottleneck), dtype=dtype, device=x.device)
+        if spec.t_stats
+        else None,
+    )
+    if spec.b_stats:
+        engine.stats(x, out=stats.b[:, :c0])
     folds: list[torch.Tensor] = []  # scale, shift, rstd of each unit in turn
     for layer in range(spec.layers):
         c_l = spec.width(layer)
         inputs = buffer[:, :c_l]
-        batch_mean, batch_var = _Stats(mean, var, None, None).of_b(c_l)
+        batch_mean, batch_var = stats.of_b(c_l)
         if spec.bottleneck:
             inputs, fold = _bottleneck(engine, spec, params, layer, inputs, batch_mean, batch_var)
             folds.extend(fold)
-            batch_mean, batch_var = engine.stats(inputs) if spec.t_stats else (None, None)
-            t_means.append(batch_mean), t_vars.append(batch_var)
+            batch_mean, batch_var = (None, None)
+            if spec.t_stats:
+                w = spec.bottleneck
+                batch_mean, batch_var = engine.stats(inputs, out=stats.t[:, layer * w : (layer + 1) * w])
         new = buffer[:, c_l : c_l + spec.growth]
         unit = spec.unit(layer, spec.units_per_layer - 1)
         folds.extend(
@@ -469,15 +465,13 @@ def _forward(x: torch.Tensor, spec: BlockSpec, params) -> tuple[torch.Tensor, _S
         if spec.dropout > 0:
             new.mul_(dropout_scale(spec.seeds[layer], tuple(new.shape), spec.dropout, x.device))
         if spec.b_stats and layer + 1 < spec.layers:
-            new_mean, new_var = engine.stats(new)
-            mean, var = torch.cat([mean, new_mean]), torch.cat([var, new_var])
-    t_mean, t_var = (torch.cat(t_means), torch.cat(t_vars)) if spec.t_stats else (None, None)
-    return buffer, _Stats(mean, var, t_mean, t_var, torch.cat(folds))
+            engine.stats(new, out=stats.b[:, c_l : c_l + spec.growth])
+    return buffer, stats._replace(folds=torch.cat(folds))
 
 
 def _backward(grad_output, spec: BlockSpec, buffer, stats, params):
     """(grad of x, per unit [grad weight, grad bn weight, grad bn bias] flattened, None where absent).
-    stats: the forward's (mean, var, t_mean, t_var, folds), None where not computed."""
+    stats: the forward's (b_stats, t_stats, folds), None where not computed."""
     engine = _ENGINES[spec.engine]
     stats = _Stats(*stats)
     offsets = spec.fold_offsets()
@@ -521,10 +515,15 @@ class _TritonEngine:
     buffer_format = torch.channels_last_3d  # channel slices are K-contiguous for the implicit GEMM
 
     @staticmethod
-    def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def stats(x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, biased variance) of x's channels, written into out ((2, C)) when given."""
         from prostate_kernels.ops.channel_stats import channel_stats
 
-        return channel_stats(x)
+        return channel_stats(x, out=out)
+
+    @staticmethod
+    def stats_dtype(x: torch.Tensor) -> torch.dtype:
+        return torch.float32
 
     @staticmethod
     def layer_forward(x, weight, gamma, beta, mean, var, eps, fold, geometry, compute_dtype, out) -> None:
@@ -561,9 +560,17 @@ class _TorchEngine:
     buffer_format = torch.contiguous_format
 
     @staticmethod
-    def stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def stats(x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, biased variance) of x's channels, written into out ((2, C)) when given."""
         var, mean = torch.var_mean(_stat_dtype(x), dim=(0, 2, 3, 4), unbiased=False)
-        return mean, var
+        if out is None:
+            return mean, var
+        out[0].copy_(mean), out[1].copy_(var)
+        return out[0], out[1]
+
+    @staticmethod
+    def stats_dtype(x: torch.Tensor) -> torch.dtype:
+        return _stat_dtype(x).dtype
 
     @staticmethod
     def layer_forward(x, weight, gamma, beta, mean, var, eps, fold, geometry, compute_dtype, out) -> None:
