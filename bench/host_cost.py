@@ -10,8 +10,9 @@ would be called; the kernels are compiled for sm_90 on the first step (ptxas, no
 `--stub-launches` replaces each launch by a counted no-op instead (our side only).
 
 Prints microseconds per step (best of rounds), the torch ops called from Python and the Triton launches per
-step. Not a GPU number: on a GPU each torch op also launches a CUDA kernel and Triton's launcher packs the
-arguments for the driver.
+step, and how many of those ops would launch a GPU kernel (not views, metadata or allocations). Not a
+GPU number: on a GPU those ops also launch their CUDA kernels, and Triton's launcher packs the arguments
+for the driver.
 
     env -u TRITON_INTERPRET python bench/host_cost.py [--layers 0] [--c-in 32] [--size 4] [--rounds 7]
 """
@@ -124,6 +125,26 @@ def _module(layers: int, c_in: int) -> torch.nn.Module:
     return DenseBlock3d(c_in, 16, layers, dropout=0.2)
 
 
+# aten ops that make views or read metadata, and allocations: on a GPU neither launches a kernel (an op
+# of these names that copies, such as a reshape of a permuted tensor, has a child that does the copy)
+_VIEWS = {
+    "aten::alias", "aten::as_strided", "aten::contiguous", "aten::detach", "aten::expand", "aten::permute",
+    "aten::reshape", "aten::resolve_conj", "aten::resolve_neg", "aten::select", "aten::slice", "aten::to",
+    "aten::transpose", "aten::unbind", "aten::unsqueeze", "aten::view", "aten::_reshape_alias",
+    "aten::_unsafe_view", "aten::lift_fresh",
+}  # fmt: skip
+_ALLOCATIONS = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty",
+                "aten::new_empty_strided"}  # fmt: skip
+
+
+def _device_work(event) -> bool:
+    """Whether this op (or an op inside it) would launch a kernel on a GPU: anything but views,
+    metadata and allocations."""
+    if event.name not in _VIEWS and event.name not in _ALLOCATIONS:
+        return True
+    return any(_device_work(child) for child in event.cpu_children if child.name.startswith("aten::"))
+
+
 def measure(layers: int, c_in: int, size: int, rounds: int, stub: bool) -> dict:
     launches = stub_triton_launches() if stub else fake_cuda_driver()
     from torch.profiler import ProfilerActivity, profile
@@ -155,9 +176,12 @@ def measure(layers: int, c_in: int, size: int, rounds: int, stub: bool) -> dict:
     # torch ops called from Python (an aten op inside another aten op is that op's business)
     ops = [e for e in prof.events() if e.name.startswith("aten::")]
     top_level = [e for e in ops if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+    work = [e for e in top_level if _device_work(e)]
     return {
         "us_per_step": min(best) * 1e6,
         "torch_ops": len(top_level),
+        "device_work_ops": len(work),
+        "work_by_name": collections.Counter(e.name for e in work),
         "triton_launches": sum(launches.values()),
         "ops_by_name": collections.Counter(e.name for e in top_level),
     }
@@ -183,9 +207,11 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"{what} on 2x{args.c_in}x{args.size}^3, {how}: {result['us_per_step']:.0f} us per forward + "
         f"backward (best of {args.rounds} x 100), {result['torch_ops']} torch ops and "
-        f"{result['triton_launches']} Triton launches per step"
+        f"{result['triton_launches']} Triton launches per step; {result['device_work_ops']} of the torch ops "
+        "would launch a GPU kernel (the rest are views, metadata and allocations)"
     )
-    print("  " + ", ".join(f"{name[6:]} {n}" for name, n in result["ops_by_name"].most_common()))
+    print("  all ops: " + ", ".join(f"{name[6:]} {n}" for name, n in result["ops_by_name"].most_common()))
+    print("  kernel ops: " + ", ".join(f"{name[6:]} {n}" for name, n in result["work_by_name"].most_common()))
     return result
 
 
