@@ -15,7 +15,8 @@ Batch statistics of a channel of B are computed once, when the channel is copied
 serve every later layer; T's statistics are computed when T is and kept (W floats per layer). Each unit
 keeps its own BN affine parameters and running statistics, updated once per forward. Backward walks the
 layers in reverse and accumulates into one gradient buffer G shaped like B. Saved for backward: B, the
-per-channel means and variances, the dropout seeds; nothing of size N*D*H*W per layer.
+per-channel means and variances, each unit's BatchNorm folded (scale, shift, rstd: backward does not fold
+again), the dropout seeds; nothing of size N*D*H*W per layer.
 
 Two engines run the same walk: Triton kernels (the fused layer of ops/bn_relu_conv3d_triton.py: the
 normalised activation is recomputed inside the conv tiles, so backward needs no extra pass) and the
