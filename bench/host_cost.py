@@ -1,5 +1,6 @@
-"""Host cost of the fused dense layer (BNReLUConv3d) or a dense block per forward + backward, on the CPU:
-what our Python, the torch ops around the kernels, autograd and Triton's own launch path cost.
+"""Host cost of the fused dense layer (BNReLUConv3d), a dense block or the depthwise conv per forward +
+backward, on the CPU: what our Python, the torch ops around the kernels, autograd and Triton's own launch
+path cost.
 
 The H100 profiles (issue 12) showed the layer host-bound below the largest shapes (run2, 4x16x16: kernels
 0.24 ms of a 2.7 ms step). This is the CPU proxy for that host side: tensors are tiny, so the torch ops'
@@ -14,7 +15,7 @@ step, and how many of those ops would launch a GPU kernel (not views, metadata o
 GPU number: on a GPU those ops also launch their CUDA kernels, and Triton's launcher packs the arguments
 for the driver.
 
-    env -u TRITON_INTERPRET python bench/host_cost.py [--layers 0] [--c-in 32] [--size 4] [--rounds 7]
+    env -u TRITON_INTERPRET python bench/host_cost.py [--layers 0 | --depthwise] [--c-in 32] [--size 4]
 """
 
 from __future__ import annotations
@@ -117,9 +118,11 @@ def fake_cuda_driver() -> collections.Counter:
     return launches
 
 
-def _module(layers: int, c_in: int) -> torch.nn.Module:
-    from prostate_kernels.nn import BNReLUConv3d, DenseBlock3d
+def _module(layers: int, c_in: int, depthwise: bool) -> torch.nn.Module:
+    from prostate_kernels.nn import BNReLUConv3d, DenseBlock3d, DepthwiseConv3d
 
+    if depthwise:
+        return DepthwiseConv3d(c_in, 3, padding=2, dilation=2)
     if layers == 0:
         return BNReLUConv3d(c_in, 16)
     return DenseBlock3d(c_in, 16, layers, dropout=0.2)
@@ -129,8 +132,8 @@ def _module(layers: int, c_in: int) -> torch.nn.Module:
 # of these names that copies, such as a reshape of a permuted tensor, has a child that does the copy)
 _VIEWS = {
     "aten::alias", "aten::as_strided", "aten::contiguous", "aten::detach", "aten::expand", "aten::permute",
-    "aten::reshape", "aten::resolve_conj", "aten::resolve_neg", "aten::select", "aten::slice", "aten::to",
-    "aten::transpose", "aten::unbind", "aten::unsqueeze", "aten::view", "aten::_reshape_alias",
+    "aten::reshape", "aten::resolve_conj", "aten::resolve_neg", "aten::select", "aten::slice", "aten::t",
+    "aten::to", "aten::transpose", "aten::unbind", "aten::unsqueeze", "aten::view", "aten::_reshape_alias",
     "aten::_unsafe_view", "aten::lift_fresh",
 }  # fmt: skip
 _ALLOCATIONS = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty",
@@ -145,14 +148,14 @@ def _device_work(event) -> bool:
     return any(_device_work(child) for child in event.cpu_children if child.name.startswith("aten::"))
 
 
-def measure(layers: int, c_in: int, size: int, rounds: int, stub: bool) -> dict:
+def measure(layers: int, c_in: int, size: int, rounds: int, stub: bool, depthwise: bool = False) -> dict:
     launches = stub_triton_launches() if stub else fake_cuda_driver()
     from torch.profiler import ProfilerActivity, profile
 
     from prostate_kernels import use_backend
 
     torch.set_num_threads(1)
-    module = _module(layers, c_in)
+    module = _module(layers, c_in, depthwise)
     x = torch.randn((2, c_in, size, size, size)).to(memory_format=torch.channels_last_3d)
     x.requires_grad_(True)
     gy = torch.randn_like(module(x))
@@ -195,14 +198,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--c-in", type=int, default=32)
     parser.add_argument("--size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--depthwise", action="store_true", help="a DepthwiseConv3d (3x3x3, dilation 2)")
     parser.add_argument("--stub-launches", action="store_true", help="no Triton launch path at all")
     args = parser.parse_args(argv)
-    result = measure(args.layers, args.c_in, args.size, args.rounds, args.stub_launches)
-    what = (
-        f"BNReLUConv3d({args.c_in}, 16)"
-        if args.layers == 0
-        else f"DenseBlock3d({args.c_in}, 16, {args.layers})"
-    )
+    result = measure(args.layers, args.c_in, args.size, args.rounds, args.stub_launches, args.depthwise)
+    if args.depthwise:
+        what = f"DepthwiseConv3d({args.c_in}, 3, dilation=2)"
+    elif args.layers == 0:
+        what = f"BNReLUConv3d({args.c_in}, 16)"
+    else:
+        what = f"DenseBlock3d({args.c_in}, 16, {args.layers})"
     how = "launches stubbed" if args.stub_launches else "Triton's launch path up to the driver"
     print(
         f"{what} on 2x{args.c_in}x{args.size}^3, {how}: {result['us_per_step']:.0f} us per forward + "
