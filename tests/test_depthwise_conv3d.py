@@ -82,6 +82,32 @@ def test_triton_matches_float64(case: Case):
         assert rel(got[key], value) < RTOL32, f"{key}: {rel(got[key], value):.1e}"
 
 
+@pytest.mark.parametrize("wanted", [("x",), ("w", "b"), ("b",)])
+def test_only_the_wanted_gradients(wanted):
+    """Frozen parameters or an input without grad: the others' gradients as in float64, no gradient for
+    the rest (the eager path skips what autograd does not ask for)."""
+    case = CASES[1]
+    g = torch.Generator().manual_seed(1)
+    x = make_input(case, g)
+    w, b = torch.randn((case.c, 1, 3, 3, 3), generator=g), torch.randn((case.c,), generator=g)
+    gy = torch.randn((2, case.c, *case.size), generator=g)
+    results = {}
+    for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
+        tensors = {"x": x.detach().to(dtype), "w": w.detach().to(dtype), "b": b.detach().to(dtype)}
+        for name, t in tensors.items():
+            t.requires_grad_(name in wanted)
+        with use_backend(backend):
+            y = functional.depthwise_conv3d(tensors["x"], tensors["w"], tensors["b"], 1, 2, 2)
+        y.backward(gy.to(dtype))
+        results[backend] = {name: t.grad for name, t in tensors.items()}
+    for name in ("x", "w", "b"):
+        got, expected = results["triton"][name], results["torch"][name]
+        if name not in wanted:
+            assert got is None and expected is None, name
+            continue
+        assert rel(got, expected) < RTOL32, f"{name}: {rel(got, expected):.1e}"
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_error_is_comparable_to_pytorch(dtype):
     """Error against float64 at most 2x PyTorch's own conv3d(groups=C) error in the same dtype, plus

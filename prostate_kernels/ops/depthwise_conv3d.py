@@ -55,16 +55,17 @@ def depthwise_conv3d(
     if backend.resolve(x.device) == "triton":
         if x.dtype not in KERNEL_DTYPES:
             raise TypeError(f"{op}: the Triton kernels take float32, float16 or bfloat16 x, got {x.dtype}")
-        from prostate_kernels.ops.depthwise_conv3d_triton import depthwise_conv3d_forward
+        from prostate_kernels.ops import depthwise_conv3d_triton as triton_side
 
         dtype = backend.autocast_dtype(x.device)
         if dtype is not None:  # conv3d autocasts to the autocast dtype: do the same
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
+        conv = (list(geometry.stride), list(geometry.padding), list(geometry.dilation))
         with backend.autocast_off(x.device):
-            return depthwise_conv3d_forward(
-                x, weight, bias, list(geometry.stride), list(geometry.padding), list(geometry.dilation)
-            )
+            if torch.compiler.is_compiling():  # the custom op: an opaque node torch.compile can trace
+                return triton_side.depthwise_conv3d_forward(x, weight, bias, *conv)
+            return triton_side.DepthwiseConv3dFunction.apply(x, weight, bias, *conv)  # eager: less dispatch
     return reference.depthwise_conv3d(x, weight, bias, geometry.stride, geometry.padding, geometry.dilation)
 
 

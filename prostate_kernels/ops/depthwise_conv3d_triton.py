@@ -151,6 +151,20 @@ def _(x, weight, bias, stride, padding, dilation):
     )
 
 
+def backward_impl(gy, x, weight, stride, padding, dilation, has_bias, needs) -> list[torch.Tensor | None]:
+    """[grad x, grad weight, grad bias], None where needs[i] is False or there is no bias (grad weight
+    and grad bias are views of one sum)."""
+    geometry = ConvGeometry.of_weight(weight, stride, padding, dilation)
+    grads: list[torch.Tensor | None] = [None] * 3
+    if needs[0]:
+        grads[0] = depthwise_input_grad(gy, weight, x.shape, x, geometry)
+    if needs[1] or needs[2]:
+        gw, gb = depthwise_weight_grad(x, gy, geometry, has_bias)
+        grads[1] = gw.to(weight.dtype) if needs[1] else None
+        grads[2] = gb.to(weight.dtype) if needs[2] and gb is not None else None
+    return grads
+
+
 @torch.library.custom_op("prostate_kernels::depthwise_conv3d_backward", mutates_args=())
 def depthwise_conv3d_backward(
     gy: torch.Tensor,
@@ -162,18 +176,18 @@ def depthwise_conv3d_backward(
     has_bias: bool,
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad x, grad weight, grad bias), each empty where needs[i] is False."""
-    geometry = ConvGeometry.of_weight(weight, stride, padding, dilation)
-    grads = [x.new_empty((0,)) for _ in range(3)]
-    if needs[0]:
-        grads[0] = depthwise_input_grad(gy, weight, x.shape, x, geometry)
-    if needs[1] or needs[2]:
-        gw, gb = depthwise_weight_grad(x, gy, geometry, has_bias)
-        if needs[1]:  # both are views of one sum: copies, since a custom op's outputs never alias
-            grads[1] = gw.to(weight.dtype, copy=True)
-        if needs[2] and gb is not None:
-            grads[2] = gb.to(weight.dtype, copy=True)
-    return tuple(grads)
+    """backward_impl as a custom op: (grad x, grad weight, grad bias), each empty where needs[i] is False;
+    grad weight and grad bias copied when they share the sum's storage (a custom op's outputs never
+    alias)."""
+    grads = backward_impl(gy, x, weight, stride, padding, dilation, has_bias, needs)
+    gw, gb = grads[1], grads[2]
+    if (
+        gw is not None
+        and gb is not None
+        and gw.untyped_storage().data_ptr() == gb.untyped_storage().data_ptr()
+    ):
+        grads[2] = gb.clone()
+    return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
 
 
 @depthwise_conv3d_backward.register_fake
@@ -192,14 +206,35 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.settings = (stride, padding, dilation, bias is not None)
 
 
-def _backward(ctx, gy):
+def _gradients(ctx, gy, backward) -> tuple:
     x, weight = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:3])
-    grads = torch.ops.prostate_kernels.depthwise_conv3d_backward(gy, x, weight, *ctx.settings, needs)
+    grads = backward(gy, x, weight, *ctx.settings, needs)
     return (*(g if need else None for g, need in zip(grads, needs, strict=True)), None, None, None)
 
 
+def _backward(ctx, gy):
+    return _gradients(ctx, gy, torch.ops.prostate_kernels.depthwise_conv3d_backward)
+
+
 depthwise_conv3d_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+class DepthwiseConv3dFunction(torch.autograd.Function):
+    """The same op for eager execution, as FusedBNReLUConv3d is for the fused layer: the same forward and
+    backward functions without the custom ops' dispatch (and without copying the weight and bias
+    gradients apart). The entry picks the custom op only while torch.compile traces."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation):
+        y = depthwise_forward(x, weight, bias, ConvGeometry.of_weight(weight, stride, padding, dilation))
+        _setup_context(ctx, (x, weight, bias, stride, padding, dilation), y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        return _gradients(ctx, gy, backward_impl)
 
 
 @torch.library.custom_op("prostate_kernels::separable_conv3d_inference", mutates_args=())
