@@ -180,11 +180,15 @@ def dense_block(
     # None inside a list argument makes torch.library's autograd flatten the inputs and their gradients
     # differently (the backward then fails)
     params = [t if t is not None else x.new_empty((0,), dtype=torch.float32) for unit in units for t in unit]
+    batch_stats, eps = [s.batch_stats for s in specs], [float(s.eps) for s in specs]
     with backend.autocast_off(x.device):  # compute_dtype already says what autocast wants
-        buffer, b_stats, t_stats, _ = dense_block_forward(
-            x, params, growth, bottleneck, [s.batch_stats for s in specs], [float(s.eps) for s in specs],
-            float(dropout), seeds, engine, compute_dtype,
-        )  # fmt: skip
+        if torch.compiler.is_compiling():  # the custom op: an opaque node torch.compile can trace
+            buffer, b_stats, t_stats, _ = dense_block_forward(
+                x, params, growth, bottleneck, batch_stats, eps, float(dropout), seeds, engine, compute_dtype
+            )
+        else:  # eager: the same functions with less dispatch on the host
+            settings = (growth, bottleneck, batch_stats, eps, float(dropout), engine, compute_dtype)
+            buffer, b_stats, t_stats, _ = DenseBlockFunction.apply(x, seeds, settings, *params)
     updates: dict[float, list] = {}  # momentum -> the units' (running mean, running var, batch mean, var)
     for index, (unit, spec) in enumerate(zip(units, specs, strict=True)):
         if not (spec.batch_stats and spec.update_running):
@@ -234,8 +238,7 @@ def _fake_stats_dtype(x: torch.Tensor, any_batch_stats: bool) -> torch.dtype:
 # (UnitParams per unit); gradients that do not exist come back as empty tensors.
 
 
-@torch.library.custom_op("prostate_kernels::dense_block_forward", mutates_args=())
-def dense_block_forward(
+def _forward_op_impl(
     x: torch.Tensor,
     params: list[torch.Tensor],  # UnitParams per unit, absent ones as empty placeholders
     growth: int,
@@ -257,6 +260,11 @@ def dense_block_forward(
     return buffer, *(s if s is not None else empty.clone() for s in stats)
 
 
+dense_block_forward = torch.library.custom_op(
+    "prostate_kernels::dense_block_forward", _forward_op_impl, mutates_args=()
+)
+
+
 @dense_block_forward.register_fake
 def _(x, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype):
     n, c0, *size = x.shape
@@ -274,8 +282,7 @@ def _(x, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, c
     )
 
 
-@torch.library.custom_op("prostate_kernels::dense_block_backward", mutates_args=())
-def dense_block_backward(
+def _backward_op_impl(
     grad_output: torch.Tensor,
     buffer: torch.Tensor,
     stats: list[torch.Tensor],
@@ -297,6 +304,11 @@ def dense_block_backward(
     grad_x, grads = _backward(grad_output, spec, buffer, stats, params)
     empty = buffer.new_empty((0,))
     return grad_x, [g if g is not None else empty.clone() for g in grads]
+
+
+dense_block_backward = torch.library.custom_op(
+    "prostate_kernels::dense_block_backward", _backward_op_impl, mutates_args=()
+)
 
 
 @dense_block_backward.register_fake
@@ -331,13 +343,15 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)  # no zero gradients made for the four statistics (4 torch ops)
 
 
-def _backward_autograd(ctx, grad_output, *_grad_stats):
+def _gradients(ctx, grad_output, backward) -> tuple[torch.Tensor | None, list[torch.Tensor | None]]:
+    """(grad x, a gradient per entry of the flat parameter list, None where absent or a running
+    statistic), through `backward` (the backward custom op, or its implementation in eager mode)."""
     if grad_output is None:  # the buffer took no part in what backward differentiates
-        return None, [None] * len(ctx.present), *([None] * 8)
+        return None, [None] * len(ctx.present)
     buffer, seeds, *rest = ctx.saved_tensors
     stats, saved = rest[:3], iter(rest[3:])
     params = [next(saved) if present else None for present in ctx.present]
-    grad_x, grads = torch.ops.prostate_kernels.dense_block_backward(
+    grad_x, grads = backward(
         grad_output, buffer, stats, params, *ctx.settings, seeds, ctx.engine, ctx.compute_dtype
     )
     param_grads: list[torch.Tensor | None] = [None] * len(params)
@@ -345,10 +359,47 @@ def _backward_autograd(ctx, grad_output, *_grad_stats):
         for i in range(3):  # weight, bn_weight, bn_bias; no gradient for the running statistics
             if params[_WIDTH * unit + i] is not None:
                 param_grads[_WIDTH * unit + i] = grads[3 * unit + i]
+    return grad_x, param_grads
+
+
+def _backward_autograd(ctx, grad_output, *_grad_stats):
+    grad_x, param_grads = _gradients(ctx, grad_output, torch.ops.prostate_kernels.dense_block_backward)
     return grad_x, param_grads, *([None] * 8)
 
 
 dense_block_forward.register_autograd(_backward_autograd, setup_context=_setup_context)
+
+
+class DenseBlockFunction(torch.autograd.Function):
+    """The block for eager execution, as FusedBNReLUConv3d is for the fused layer: the same forward and
+    backward implementations without the custom ops' dispatch (list arguments go through pytree there).
+    apply(x, seeds, (growth, bottleneck, batch_stats, eps, dropout, engine, compute_dtype), *params)."""
+
+    @staticmethod
+    def forward(ctx, x, seeds, settings, *params):
+        growth, bottleneck, batch_stats, eps, dropout, engine, compute_dtype = settings
+        inputs = (
+            x,
+            list(params),
+            growth,
+            bottleneck,
+            batch_stats,
+            eps,
+            dropout,
+            seeds,
+            engine,
+            compute_dtype,
+        )
+        outputs = _forward_op_impl(*inputs)
+        _setup_context(ctx, inputs, outputs)
+        ctx.mark_non_differentiable(*outputs[1:])
+        return outputs
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_output, *_grad_stats):
+        grad_x, param_grads = _gradients(ctx, grad_output, _backward_op_impl)
+        return grad_x, None, None, *param_grads
 
 
 class _Stats(NamedTuple):
