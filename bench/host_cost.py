@@ -15,7 +15,7 @@ step, and how many of those ops would launch a GPU kernel (not views, metadata o
 GPU number: on a GPU those ops also launch their CUDA kernels, and Triton's launcher packs the arguments
 for the driver.
 
-    env -u TRITON_INTERPRET python bench/host_cost.py [--layers 0 | --depthwise] [--c-in 32] [--size 4]
+    env -u TRITON_INTERPRET python bench/host_cost.py [--layers 0 | --depthwise | --model NAME] [--c-in 32]
 """
 
 from __future__ import annotations
@@ -118,14 +118,31 @@ def fake_cuda_driver() -> collections.Counter:
     return launches
 
 
-def _module(layers: int, c_in: int, depthwise: bool) -> torch.nn.Module:
+def _case(args) -> tuple[str, torch.nn.Module, torch.Tensor]:
+    """(label, module, input) of what the arguments ask for."""
     from prostate_kernels.nn import BNReLUConv3d, DenseBlock3d, DepthwiseConv3d
 
-    if depthwise:
-        return DepthwiseConv3d(c_in, 3, padding=2, dilation=2)
-    if layers == 0:
-        return BNReLUConv3d(c_in, 16)
-    return DenseBlock3d(c_in, 16, layers, dropout=0.2)
+    torch.manual_seed(0)
+    if args.model:
+        from prostate_kernels.models import build_model
+
+        x = torch.randn((1, 1, 8, 16, 16))  # the smallest input the networks take (4 poolings of 2 in H, W)
+        return f"{args.model} training step on 1x1x8x16x16", build_model(args.model), x
+    x = torch.randn((2, args.c_in, args.size, args.size, args.size)).to(memory_format=torch.channels_last_3d)
+    shape = f"2x{args.c_in}x{args.size}^3"
+    if args.depthwise:
+        return (
+            f"DepthwiseConv3d({args.c_in}, 3, dilation=2) on {shape}",
+            DepthwiseConv3d(args.c_in, 3, padding=2, dilation=2),
+            x,
+        )
+    if args.layers == 0:
+        return f"BNReLUConv3d({args.c_in}, 16) on {shape}", BNReLUConv3d(args.c_in, 16), x
+    return (
+        f"DenseBlock3d({args.c_in}, 16, {args.layers}) on {shape}",
+        DenseBlock3d(args.c_in, 16, args.layers, dropout=0.2),
+        x,
+    )
 
 
 # aten ops that make views or read metadata, and allocations: on a GPU neither launches a kernel (an op
@@ -148,20 +165,21 @@ def _device_work(event) -> bool:
     return any(_device_work(child) for child in event.cpu_children if child.name.startswith("aten::"))
 
 
-def measure(layers: int, c_in: int, size: int, rounds: int, stub: bool, depthwise: bool = False) -> dict:
+def measure(module: torch.nn.Module, x: torch.Tensor, rounds: int, steps: int, stub: bool) -> dict:
+    """Best time per forward + backward (a random output gradient, into x and the parameters) over
+    `rounds` of `steps` steps, and the torch ops and Triton launches of one step."""
     launches = stub_triton_launches() if stub else fake_cuda_driver()
     from torch.profiler import ProfilerActivity, profile
 
     from prostate_kernels import use_backend
 
     torch.set_num_threads(1)
-    module = _module(layers, c_in, depthwise)
-    x = torch.randn((2, c_in, size, size, size)).to(memory_format=torch.channels_last_3d)
     x.requires_grad_(True)
     gy = torch.randn_like(module(x))
 
     def step():
         x.grad = None
+        module.zero_grad(set_to_none=True)
         module(x).backward(gy)
 
     with use_backend("triton"):
@@ -170,9 +188,9 @@ def measure(layers: int, c_in: int, size: int, rounds: int, stub: bool, depthwis
         best = []
         for _ in range(rounds):
             start = time.perf_counter()
-            for _ in range(100):
+            for _ in range(steps):
                 step()
-            best.append((time.perf_counter() - start) / 100)
+            best.append((time.perf_counter() - start) / steps)
         launches.clear()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
@@ -199,19 +217,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--depthwise", action="store_true", help="a DepthwiseConv3d (3x3x3, dilation 2)")
+    parser.add_argument("--model", help="a whole network's training step (models.build_model name)")
     parser.add_argument("--stub-launches", action="store_true", help="no Triton launch path at all")
     args = parser.parse_args(argv)
-    result = measure(args.layers, args.c_in, args.size, args.rounds, args.stub_launches, args.depthwise)
-    if args.depthwise:
-        what = f"DepthwiseConv3d({args.c_in}, 3, dilation=2)"
-    elif args.layers == 0:
-        what = f"BNReLUConv3d({args.c_in}, 16)"
-    else:
-        what = f"DenseBlock3d({args.c_in}, 16, {args.layers})"
+    what, module, x = _case(args)
+    steps = 5 if args.model else 100
+    result = measure(module, x, args.rounds, steps, args.stub_launches)
     how = "launches stubbed" if args.stub_launches else "Triton's launch path up to the driver"
     print(
-        f"{what} on 2x{args.c_in}x{args.size}^3, {how}: {result['us_per_step']:.0f} us per forward + "
-        f"backward (best of {args.rounds} x 100), {result['torch_ops']} torch ops and "
+        f"{what}, {how}: {result['us_per_step']:.0f} us per forward + "
+        f"backward (best of {args.rounds} x {steps}), {result['torch_ops']} torch ops and "
         f"{result['triton_launches']} Triton launches per step; {result['device_work_ops']} of the torch ops "
         "would launch a GPU kernel (the rest are views, metadata and allocations)"
     )
