@@ -617,7 +617,8 @@ class _TorchEngine:
         var, mean = torch.var_mean(_stat_dtype(x), dim=(0, 2, 3, 4), unbiased=False)
         if out is None:
             return mean, var
-        out[0].copy_(mean), out[1].copy_(var)
+        out[0].copy_(mean)
+        out[1].copy_(var)
         return out[0], out[1]
 
     @staticmethod

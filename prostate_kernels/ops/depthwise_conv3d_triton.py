@@ -131,8 +131,7 @@ def depthwise_weight_grad(
 # nodes that torch.compile traces through. A gradient that is not wanted comes back as an empty tensor.
 
 
-@torch.library.custom_op("prostate_kernels::depthwise_conv3d_forward", mutates_args=())
-def depthwise_conv3d_forward(
+def forward_impl(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -140,7 +139,13 @@ def depthwise_conv3d_forward(
     padding: list[int],
     dilation: list[int],
 ) -> torch.Tensor:
+    """The op's forward with its conv settings as int lists (the kernel size is the weight's)."""
     return depthwise_forward(x, weight, bias, ConvGeometry.of_weight(weight, stride, padding, dilation))
+
+
+depthwise_conv3d_forward = torch.library.custom_op(
+    "prostate_kernels::depthwise_conv3d_forward", forward_impl, mutates_args=()
+)
 
 
 @depthwise_conv3d_forward.register_fake
@@ -226,9 +231,9 @@ class DepthwiseConv3dFunction(torch.autograd.Function):
     gradients apart). The entry picks the custom op only while torch.compile traces."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation):
-        y = depthwise_forward(x, weight, bias, ConvGeometry.of_weight(weight, stride, padding, dilation))
-        _setup_context(ctx, (x, weight, bias, stride, padding, dilation), y)
+    def forward(ctx, *inputs):
+        y = forward_impl(*inputs)
+        _setup_context(ctx, inputs, y)
         return y
 
     @staticmethod
