@@ -141,6 +141,33 @@ def test_batch_norm_variants_equal_the_naive_block(engine, what, bn_size):
     _assert_trains_like_naive(_batch_norms_without(block, what), engine)
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_batch_norm_steps_count_as_batchnorm_does(momentum):
+    """batch_norm_steps increments every counter with one foreach op: each module counts once per forward
+    (twice when listed twice, as two forwards would), and momentum None averages over the counted steps,
+    as nn.BatchNorm3d.forward does; eval mode and untracked statistics count nothing."""
+    from prostate_kernels.nn.dense import batch_norm_steps
+
+    norms = [torch.nn.BatchNorm3d(3, momentum=momentum) for _ in range(3)]
+    twins = copy.deepcopy(norms)
+    untracked = torch.nn.BatchNorm3d(3, track_running_stats=False)
+    x = torch.randn(2, 3, 2, 2, 2)
+    for step in range(2):
+        steps = batch_norm_steps([*norms, norms[0], untracked])
+        for twin in [*twins, twins[0]]:
+            twin(x)
+        assert [int(n.num_batches_tracked) for n in norms] == [2 * (step + 1), step + 1, step + 1]
+        assert [int(t.num_batches_tracked) for t in twins] == [2 * (step + 1), step + 1, step + 1]
+        expected = 0.1 if momentum else 1.0 / (step + 1)
+        assert steps[1].momentum == pytest.approx(expected) and steps[1].batch_stats
+        assert steps[-1].running_mean is None and steps[-1].batch_stats
+    for norm in norms:
+        norm.eval()
+    steps = batch_norm_steps(norms)
+    assert [int(n.num_batches_tracked) for n in norms] == [4, 2, 2]
+    assert not any(s.batch_stats for s in steps)
+
+
 def test_output_is_the_shared_buffer_and_guards_it():
     block = DenseBlock3d(6, growth_rate=4, num_layers=2, dropout=0.0)
     x = torch.randn(2, 6, 3, 4, 5, requires_grad=True)

@@ -112,6 +112,38 @@ def test_batch_norm_stats_fold_like_fold_batch_norm(affine):
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("affine", ["gamma-beta", "none", "gamma", "beta"])
+@pytest.mark.parametrize("rows", [3, 5])
+def test_fold_kernel_like_fold_batch_norm(affine, rows):
+    """The fold kernel (a dense block unit's fold, or running statistics in eval mode) against
+    fold_batch_norm in float64: statistics of another dtype (bfloat16 running statistics) and a strided
+    channel slice in, a row-strided share of a larger tensor out (its neighbours untouched), mean and var
+    copied first for a (5, C) out; a wrong out named."""
+    from prostate_kernels.ops.batch_norm import fold_batch_norm
+    from prostate_kernels.ops.channel_stats import fold_batch_norm_into
+
+    g = torch.Generator().manual_seed(8)
+    stats = torch.rand((2, 90), generator=g, dtype=torch.float64) * 3
+    mean, var = stats[0, ::2].to(torch.bfloat16), stats[1, 1::2].float()  # (45,), strides 2 and 2
+    gamma = torch.rand(45, generator=g) + 0.5 if "gamma" in affine else None
+    beta = torch.randn(45, generator=g) if "beta" in affine else None
+    big = torch.full((rows, 60), -7.0)
+    out = fold_batch_norm_into(mean, var, gamma, beta, 1e-3, out=big[:, 5:50])
+    assert out.data_ptr() == big[0, 5:].data_ptr()
+    assert (big[:, :5] == -7).all() and (big[:, 50:] == -7).all()
+    m64, v64 = mean.double(), var.double()
+    gamma64, beta64 = (t.double() if t is not None else None for t in (gamma, beta))
+    expected = (*((m64, v64) if rows == 5 else ()), *fold_batch_norm(m64, v64, gamma64, beta64, 1e-3))
+    for i, (got, want) in enumerate(zip(out.unbind(0), expected, strict=True)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-7, msg=f"row {i}")
+    with pytest.raises(
+        ValueError, match=r"out must be float32 \(3, 45\) or \(5, 45\), got torch.float32 \(4, 45\)"
+    ):
+        fold_batch_norm_into(mean, var, gamma, beta, 1e-3, out=torch.empty((4, 45)))
+    with pytest.raises(ValueError, match="channel stride 1"):
+        fold_batch_norm_into(mean, var, gamma, beta, 1e-3, out=torch.empty((45, 3)).t())
+
+
 def test_needs_int64_looks_at_spans_not_only_sizes():
     small = torch.empty(4, 5, device="meta")
     assert not needs_int64(small)

@@ -21,6 +21,7 @@ __all__ = [
     "DenseUnit",
     "apply_bn_relu_conv",
     "batch_norm_step",
+    "batch_norm_steps",
     "fusion_mismatch",
 ]
 
@@ -38,9 +39,31 @@ class BatchNormStep:
 def batch_norm_step(norm: nn.BatchNorm3d) -> BatchNormStep:
     """The running-statistics bookkeeping of nn.BatchNorm3d.forward, step for step: increments
     num_batches_tracked in training and says which statistics this forward uses and updates."""
+    return batch_norm_steps([norm])[0]
+
+
+def batch_norm_steps(norms: list[nn.BatchNorm3d]) -> list[BatchNormStep]:
+    """batch_norm_step of each of `norms`, their num_batches_tracked incremented by one foreach op (a dense
+    block's units at once: on a GPU each torch op costs host time; a module listed twice counts twice, as
+    two forwards of it would)."""
+    counters = [
+        norm.num_batches_tracked
+        for norm in norms
+        if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None
+    ]
+    if len({id(c) for c in counters}) == len(counters):
+        if counters:
+            torch._foreach_add_(counters, 1)
+    else:  # a repeated tensor in one foreach op could lose an increment on a GPU: one op each
+        for counter in counters:
+            counter.add_(1)
+    return [_step_of(norm) for norm in norms]
+
+
+def _step_of(norm: nn.BatchNorm3d) -> BatchNormStep:
+    """The BatchNormStep of norm, its num_batches_tracked already counted for this forward."""
     momentum = 0.0 if norm.momentum is None else norm.momentum
     if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
-        norm.num_batches_tracked.add_(1)
         if norm.momentum is None:
             momentum = 1.0 / float(norm.num_batches_tracked)
     use_running = not norm.training or norm.track_running_stats
@@ -225,7 +248,8 @@ class DenseBlock3d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = self.dense_units()
         check_input(x, self.in_channels, layers[0][0].conv.weight, self.training)
-        steps = [tuple(batch_norm_step(unit.norm) for unit in units) for units in layers]
+        flat = iter(batch_norm_steps([unit.norm for units in layers for unit in units]))
+        steps = [tuple(next(flat) for _ in units) for units in layers]
         p = self.dropout if self.training else 0.0
         seeds = draw_seeds(len(layers)) if p > 0 else torch.zeros(len(layers), dtype=torch.int64)
         # An empty batch takes the naive path, as nn.BatchNorm3d does: an empty output, statistics untouched.

@@ -1,8 +1,10 @@
 """BatchNorm folded into a per-channel affine map: batch_norm(x) = x * scale + shift.
 
-The one place where (mean, var, gamma, beta, eps) become (scale, shift): the fused layer, the dense
-block's engines and the fused separable inference all normalise through it; and the one running-
-statistics update of nn.BatchNorm3d's (the fused layer and the dense block both use it).
+The PyTorch form of where (mean, var, gamma, beta, eps) become (scale, shift): the dense block's PyTorch
+engine and the fused separable inference normalise through it; the Triton side folds with the same
+formula in ops/channel_stats.py (_store_fold: the statistics kernel's epilogue and a fold kernel; tests
+compare the two). And the one running-statistics update of nn.BatchNorm3d's (the fused layer and the
+dense block both use it).
 """
 
 from __future__ import annotations
@@ -30,15 +32,6 @@ def fold_batch_norm(
     return scale, shift, rstd
 
 
-def folded_stats(
-    mean: torch.Tensor, var: torch.Tensor, gamma: torch.Tensor | None, beta: torch.Tensor | None, eps: float
-) -> torch.Tensor:
-    """(5, C) rows STATS_ROWS from given float32 statistics (the running ones, in eval mode): what
-    channel_stats.batch_norm_stats computes from a batch, here with fold_batch_norm."""
-    scale, shift, rstd = fold_batch_norm(mean, var, gamma, beta, eps)
-    return torch.stack([mean, var, scale, shift, rstd])
-
-
 def update_running_stats_(
     updates: Sequence[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]],
     count: int,
@@ -60,4 +53,4 @@ def update_running_stats_(
         torch._foreach_add_(running, means + list(unbiased), alpha=momentum)
 
 
-__all__ = ["STATS_ROWS", "fold_batch_norm", "folded_stats", "update_running_stats_"]
+__all__ = ["STATS_ROWS", "fold_batch_norm", "update_running_stats_"]

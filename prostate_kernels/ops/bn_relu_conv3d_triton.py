@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from prostate_kernels.ops import bn_relu_conv3d_kernels as kernels
-from prostate_kernels.ops.batch_norm import folded_stats
-from prostate_kernels.ops.channel_stats import batch_norm_stats
+from prostate_kernels.ops.channel_stats import batch_norm_stats, fold_batch_norm_into
 from prostate_kernels.ops.conv_geometry import ConvGeometry
 from prostate_kernels.ops.launch import (
     autotune_configs,
@@ -255,7 +254,8 @@ def batch_norm_affine(
     statistics are updated by the op's entry, not here)."""
     if batch_stats:
         return batch_norm_stats(x, bn_weight, bn_bias, eps)
-    return folded_stats(running_mean.float(), running_var.float(), bn_weight, bn_bias, eps)
+    out = torch.empty((5, x.shape[1]), dtype=torch.float32, device=x.device)
+    return fold_batch_norm_into(running_mean, running_var, bn_weight, bn_bias, eps, out)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -90,8 +90,7 @@ def _channel_stats_merge_kernel(
 ):
     """Chan's merge of the P partials of BLOCK_C channels, in float64: mean = sum(n_p mean_p) / M,
     M2 = sum(M2_p) + sum(n_p (mean_p - mean)^2); two passes over the partials. FOLD: the epilogue also
-    folds BatchNorm as ops/batch_norm.fold_batch_norm does (rstd = 1 / sqrt(var + eps), scale = gamma *
-    rstd, shift = beta - mean * scale), in float64 from the unrounded mean and variance."""
+    folds BatchNorm (_store_fold), in float64 from the unrounded mean and variance."""
     offs_c = block_offsets(tl.program_id(0), BLOCK_C)
     mask_c = offs_c < C
     mean_ptr = partials_ptr
@@ -112,16 +111,56 @@ def _channel_stats_merge_kernel(
     tl.store(out_ptr + offs_c, mean.to(tl.float32), mask=mask_c)
     tl.store(out_ptr + OUT_ROW + offs_c, var.to(tl.float32), mask=mask_c)
     if FOLD:
-        rstd = 1.0 / tl.sqrt(var + eps)
-        scale = rstd
-        if HAS_GAMMA:
-            scale = tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float64) * rstd
-        shift = -mean * scale
-        if HAS_BETA:
-            shift += tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float64)
-        tl.store(out_ptr + 2 * OUT_ROW + offs_c, scale.to(tl.float32), mask=mask_c)
-        tl.store(out_ptr + 3 * OUT_ROW + offs_c, shift.to(tl.float32), mask=mask_c)
-        tl.store(out_ptr + 4 * OUT_ROW + offs_c, rstd.to(tl.float32), mask=mask_c)
+        _store_fold(out_ptr + 2 * OUT_ROW, OUT_ROW, mean, var, gamma_ptr, beta_ptr, eps, offs_c, mask_c,
+                    HAS_GAMMA, HAS_BETA)  # fmt: skip
+
+
+@triton.jit
+def _store_fold(
+    out_ptr, OUT_ROW, mean, var, gamma_ptr, beta_ptr, eps, offs_c, mask_c,
+    HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr,
+):  # fmt: skip
+    """BatchNorm folded as ops/batch_norm.fold_batch_norm does (rstd = 1 / sqrt(var + eps), scale = gamma *
+    rstd, shift = beta - mean * scale), in float64 (mean, var: float64 (BLOCK_C,)), stored as float32 rows
+    scale, shift, rstd at out_ptr, OUT_ROW apart."""
+    rstd = 1.0 / tl.sqrt(var + eps)
+    scale = rstd
+    if HAS_GAMMA:
+        scale = tl.load(gamma_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float64) * rstd
+    shift = -mean * scale
+    if HAS_BETA:
+        shift += tl.load(beta_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float64)
+    tl.store(out_ptr + offs_c, scale.to(tl.float32), mask=mask_c)
+    tl.store(out_ptr + OUT_ROW + offs_c, shift.to(tl.float32), mask=mask_c)
+    tl.store(out_ptr + 2 * OUT_ROW + offs_c, rstd.to(tl.float32), mask=mask_c)
+
+
+@triton.jit
+def _batch_norm_fold_kernel(
+    mean_ptr,  # (C,) any float dtype, contiguous
+    var_ptr,  # (C,) biased variance
+    gamma_ptr,  # (C,) BatchNorm weight (HAS_GAMMA)
+    beta_ptr,  # (C,) BatchNorm bias (HAS_BETA)
+    out_ptr,  # rows of C float32, OUT_ROW apart: [mean, var,] scale, shift, rstd
+    eps,
+    C,
+    OUT_ROW,
+    WITH_STATS: tl.constexpr,  # out starts with mean and var (a (5, C) STATS_ROWS tensor)
+    HAS_GAMMA: tl.constexpr,
+    HAS_BETA: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """BatchNorm folded from given statistics (a dense block unit's share of its block's statistics, or
+    running statistics in eval mode): one launch where fold_batch_norm makes five torch ops."""
+    offs_c = block_offsets(tl.program_id(0), BLOCK_C)
+    mask_c = offs_c < C
+    mean = tl.load(mean_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float64)
+    var = tl.load(var_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float64)
+    if WITH_STATS:
+        tl.store(out_ptr + offs_c, mean.to(tl.float32), mask=mask_c)
+        tl.store(out_ptr + OUT_ROW + offs_c, var.to(tl.float32), mask=mask_c)
+        out_ptr += 2 * OUT_ROW
+    _store_fold(out_ptr, OUT_ROW, mean, var, gamma_ptr, beta_ptr, eps, offs_c, mask_c, HAS_GAMMA, HAS_BETA)
 
 
 def channel_stats(x: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,6 +179,33 @@ def batch_norm_stats(
     channel statistics and BatchNorm folded with them (fold_batch_norm's formula; gamma/beta None: 1 and 0)
     in the same two launches, so that the fused layer's forward makes no torch op for its BatchNorm."""
     return _launch(x, gamma, beta, eps, fold=True)
+
+
+def fold_batch_norm_into(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    gamma: torch.Tensor | None,
+    beta: torch.Tensor | None,
+    eps: float,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """BatchNorm folded from given (C,) statistics into out, float32 rows (scale, shift, rstd) for a (3, C)
+    out or rows STATS_ROWS (mean and var copied first) for a (5, C) one; channel stride 1, any row stride
+    (a dense block writes each unit's fold into its share of one flat tensor). fold_batch_norm's formula
+    in float64, one launch. Returns out."""
+    c = mean.shape[0]
+    if out.dim() != 2 or out.shape[0] not in (3, 5) or out.shape[1] != c or out.dtype != torch.float32:
+        raise ValueError(f"fold_batch_norm_into: out must be float32 (3, {c}) or (5, {c}), got "
+                         f"{out.dtype} {tuple(out.shape)}")  # fmt: skip
+    if out.stride(1) != 1:
+        raise ValueError(f"fold_batch_norm_into: out must have channel stride 1, got {out.stride()}")
+    mean, var = (t if t.stride(0) == 1 else t.contiguous() for t in (mean, var))  # the kernel's layout
+    _batch_norm_fold_kernel[(cdiv(c, MERGE_BLOCK_C),)](
+        mean, var, gamma if gamma is not None else mean, beta if beta is not None else mean, out,
+        float(eps), c, out.stride(0), WITH_STATS=out.shape[0] == 5, HAS_GAMMA=gamma is not None,
+        HAS_BETA=beta is not None, BLOCK_C=MERGE_BLOCK_C,
+    )  # fmt: skip
+    return out
 
 
 def _launch(x, gamma, beta, eps: float, fold: bool, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,4 +233,4 @@ def _launch(x, gamma, beta, eps: float, fold: bool, out: torch.Tensor | None = N
     return out
 
 
-__all__ = ["batch_norm_stats", "channel_stats"]
+__all__ = ["batch_norm_stats", "channel_stats", "fold_batch_norm_into"]

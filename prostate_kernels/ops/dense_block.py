@@ -411,10 +411,14 @@ class _Stats(NamedTuple):
     t: torch.Tensor | None
     folds: torch.Tensor | None = None
 
+    def fold_rows(self, offsets: list[int], unit: int) -> torch.Tensor:
+        """Unit `unit`'s share of folds, a (3, its width) view: rows scale, shift, rstd."""
+        start, end = offsets[unit], offsets[unit + 1]
+        return self.folds[start:end].view(3, (end - start) // 3)
+
     def fold(self, offsets: list[int], unit: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unit `unit`'s (scale, shift, rstd), views of folds."""
-        start, end = offsets[unit], offsets[unit + 1]
-        scale, shift, rstd = self.folds[start:end].view(3, (end - start) // 3).unbind(0)
+        scale, shift, rstd = self.fold_rows(offsets, unit).unbind(0)
         return scale, shift, rstd
 
     def of_b(self, c_l: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -437,19 +441,18 @@ def _normalising(spec: BlockSpec, params, unit: int, batch_mean, batch_var):
 
 
 def _unit_forward(
-    engine, spec: BlockSpec, params, unit: int, x, batch_mean, batch_var, geometry, out, fold=None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    engine, spec: BlockSpec, params, unit: int, x, batch_mean, batch_var, geometry, out, fold
+) -> None:
     """out = conv(relu(BN(x))) for unit `unit` (batch_mean/var: x's batch statistics, if computed).
-    Returns its BatchNorm folded, (scale, shift, rstd): `fold` when given (backward's recompute of T),
-    else computed here."""
+    fold: its BatchNorm folded, (scale, shift, rstd): a (3, C) tensor to fold into (forward: the unit's
+    share of the block's flat folds), or the forward's fold as three tensors (backward's recompute of T)."""
     weight, gamma, beta, _, _ = _unit(params, unit)
     mean, var = _normalising(spec, params, unit, batch_mean, batch_var)
-    if fold is None:
-        fold = fold_batch_norm(mean, var, gamma, beta, spec.eps[unit])
+    if isinstance(fold, torch.Tensor):
+        fold = engine.fold(mean, var, gamma, beta, spec.eps[unit], out=fold)
     engine.layer_forward(
         x, weight, gamma, beta, mean, var, spec.eps[unit], fold, geometry, spec.compute_dtype, out
     )
-    return fold
 
 
 def _unit_backward(
@@ -467,16 +470,16 @@ def _unit_backward(
 
 
 def _bottleneck(
-    engine, spec: BlockSpec, params, layer: int, inputs, batch_mean, batch_var, fold=None
-) -> tuple[torch.Tensor, tuple]:
-    """(T (N, W, D, H, W), the unit's fold): layer `layer`'s bottleneck unit applied to inputs =
-    B[:, :C_l] (fold: as _unit_forward's)."""
+    engine, spec: BlockSpec, params, layer: int, inputs, batch_mean, batch_var, fold
+) -> torch.Tensor:
+    """T (N, W, D, H, W): layer `layer`'s bottleneck unit applied to inputs = B[:, :C_l] (fold: as
+    _unit_forward's)."""
     n, _, *size = inputs.shape
     t = torch.empty((n, spec.bottleneck, *size), dtype=inputs.dtype, device=inputs.device,
                     memory_format=engine.buffer_format)  # fmt: skip
-    fold = _unit_forward(engine, spec, params, spec.unit(layer, 0), inputs, batch_mean, batch_var,
-                         BOTTLENECK_GEOMETRY, out=t, fold=fold)  # fmt: skip
-    return t, fold
+    _unit_forward(engine, spec, params, spec.unit(layer, 0), inputs, batch_mean, batch_var,
+                  BOTTLENECK_GEOMETRY, out=t, fold=fold)  # fmt: skip
+    return t
 
 
 def _forward(x: torch.Tensor, spec: BlockSpec, params) -> tuple[torch.Tensor, _Stats]:
@@ -496,29 +499,30 @@ def _forward(x: torch.Tensor, spec: BlockSpec, params) -> tuple[torch.Tensor, _S
     )
     if spec.b_stats:
         engine.stats(x, out=stats.b[:, :c0])
-    folds: list[torch.Tensor] = []  # scale, shift, rstd of each unit in turn
+    # scale, shift, rstd of each unit in turn, each unit's folded into its share (fold_offsets)
+    offsets = spec.fold_offsets()
+    stats = stats._replace(folds=torch.empty((offsets[-1],), dtype=dtype, device=x.device))
     for layer in range(spec.layers):
         c_l = spec.width(layer)
         inputs = buffer[:, :c_l]
         batch_mean, batch_var = stats.of_b(c_l)
         if spec.bottleneck:
-            inputs, fold = _bottleneck(engine, spec, params, layer, inputs, batch_mean, batch_var)
-            folds.extend(fold)
+            fold = stats.fold_rows(offsets, spec.unit(layer, 0))
+            inputs = _bottleneck(engine, spec, params, layer, inputs, batch_mean, batch_var, fold)
             batch_mean, batch_var = (None, None)
             if spec.t_stats:
                 w = spec.bottleneck
                 batch_mean, batch_var = engine.stats(inputs, out=stats.t[:, layer * w : (layer + 1) * w])
         new = buffer[:, c_l : c_l + spec.growth]
         unit = spec.unit(layer, spec.units_per_layer - 1)
-        folds.extend(
-            _unit_forward(engine, spec, params, unit, inputs, batch_mean, batch_var, GEOMETRY, out=new)
-        )
+        _unit_forward(engine, spec, params, unit, inputs, batch_mean, batch_var, GEOMETRY, out=new,
+                      fold=stats.fold_rows(offsets, unit))  # fmt: skip
         del inputs  # a bottleneck layer's T is freed here and recomputed in backward
         if spec.dropout > 0:
             new.mul_(dropout_scale(spec.seeds[layer], tuple(new.shape), spec.dropout, x.device))
         if spec.b_stats and layer + 1 < spec.layers:
             engine.stats(new, out=stats.b[:, c_l : c_l + spec.growth])
-    return buffer, stats._replace(folds=torch.cat(folds))
+    return buffer, stats
 
 
 def _backward(grad_output, spec: BlockSpec, buffer, stats, params):
@@ -532,9 +536,8 @@ def _backward(grad_output, spec: BlockSpec, buffer, stats, params):
     for layer in reversed(range(spec.layers)):
         c_l = spec.width(layer)
         grad_new = grad[:, c_l : c_l + spec.growth]
-        if spec.dropout > 0:
-            scale = dropout_scale(spec.seeds[layer], tuple(grad_new.shape), spec.dropout, grad.device)
-            grad_new = (grad_new * scale).to(grad.dtype)
+        if spec.dropout > 0:  # in place: G's new channels are read by this layer's backward only
+            grad_new.mul_(dropout_scale(spec.seeds[layer], tuple(grad_new.shape), spec.dropout, grad.device))
         inputs, grad_inputs = buffer[:, :c_l], grad[:, :c_l]
         b_mean, b_var = stats.of_b(c_l)
         if not spec.bottleneck:
@@ -543,8 +546,8 @@ def _backward(grad_output, spec: BlockSpec, buffer, stats, params):
                                           accumulate=True)  # fmt: skip
             continue
         first = spec.unit(layer, 0)
-        t, _ = _bottleneck(engine, spec, params, layer, inputs, b_mean, b_var,
-                           stats.fold(offsets, first))  # recomputed  # fmt: skip
+        t = _bottleneck(engine, spec, params, layer, inputs, b_mean, b_var,
+                        stats.fold(offsets, first))  # recomputed  # fmt: skip
         grad_t = torch.empty_like(t)
         t_mean, t_var = stats.of_t(layer, spec.bottleneck)
         unit = spec.unit(layer, 1)
@@ -576,6 +579,13 @@ class _TritonEngine:
     @staticmethod
     def stats_dtype(x: torch.Tensor) -> torch.dtype:
         return torch.float32
+
+    @staticmethod
+    def fold(mean, var, gamma, beta, eps, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(scale, shift, rstd): BatchNorm folded into out's rows (3, C), one launch."""
+        from prostate_kernels.ops.channel_stats import fold_batch_norm_into
+
+        return fold_batch_norm_into(mean, var, gamma, beta, eps, out).unbind(0)
 
     @staticmethod
     def layer_forward(x, weight, gamma, beta, mean, var, eps, fold, geometry, compute_dtype, out) -> None:
@@ -624,6 +634,13 @@ class _TorchEngine:
     @staticmethod
     def stats_dtype(x: torch.Tensor) -> torch.dtype:
         return _stat_dtype(x).dtype
+
+    @staticmethod
+    def fold(mean, var, gamma, beta, eps, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """(scale, shift, rstd): fold_batch_norm in mean's precision, written into out's rows (3, C)."""
+        for row, value in zip(out, fold_batch_norm(mean, var, gamma, beta, eps), strict=True):
+            row.copy_(value)
+        return out.unbind(0)
 
     @staticmethod
     def layer_forward(x, weight, gamma, beta, mean, var, eps, fold, geometry, compute_dtype, out) -> None:
