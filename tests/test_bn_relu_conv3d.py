@@ -388,3 +388,62 @@ def test_training_input_gradient_in_channel_blocks_equals_one_pass(monkeypatch):
     blocks, _ = run(x, params, case, True, "triton", grad_out=gy)
     for key in ("grad_x", "grad_bn_weight", "grad_bn_bias"):
         assert max_rel_error(blocks[key], whole[key]) < 1e-6, key
+
+
+def test_conv_forward_applies_the_seeded_dropout_of_its_draws():
+    """The dense block's dropout in the forward kernel's epilogue: exactly the mask of
+    seeded_dropout.scale_from_uniform_ at each output's own draw (batch 3, two blocks of output channels,
+    odd sizes, the output a channel slice of a channels-last buffer), kept outputs scaled by 1/(1-p);
+    draws of another shape are refused."""
+    from prostate_kernels.ops.bn_relu_conv3d_triton import conv_forward
+    from prostate_kernels.ops.conv_geometry import conv_geometry
+    from prostate_kernels.ops.seeded_dropout import dropout_uniform, scale_from_uniform_
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn((3, 6, 3, 4, 5), generator=g).to(memory_format=torch.channels_last_3d)
+    weight = torch.randn((70, 6, 3, 3, 3), generator=g) * 0.1
+    scale, shift = torch.rand(6, generator=g) + 0.5, torch.randn(6, generator=g)
+    geometry = conv_geometry((3, 3, 3), 1, 1, 1)
+    buffer = torch.zeros((3, 75, 3, 4, 5)).to(memory_format=torch.channels_last_3d)
+    plain = conv_forward(x, weight, None, scale, shift, geometry, torch.float32)
+    uniform = dropout_uniform(11, (3, 70, 3, 4, 5), torch.device("cpu"))
+    got = conv_forward(x, weight, None, scale, shift, geometry, torch.float32, out=buffer[:, 5:],
+                       dropout=(uniform, 0.3))  # fmt: skip
+    mask = scale_from_uniform_(uniform.clone(), 0.3)
+    assert torch.equal(got == 0, mask == 0) and 0.2 < (mask == 0).float().mean() < 0.4
+    torch.testing.assert_close(got, plain * mask, rtol=1e-6, atol=1e-6)
+    assert (buffer[:, :5] == 0).all()
+    with pytest.raises(ValueError, match=r"dropout draws \(3, 70, 3, 4, 4\) must be contiguous"):
+        conv_forward(x, weight, None, scale, shift, geometry, torch.float32,
+                     dropout=(uniform[..., :4], 0.3))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case", [CASES[0], Case("stride2-bias", 2, 6, 7, (13, 12, 15), stride=2, bias=True)], ids=lambda c: c.name
+)
+def test_weight_gradient_in_several_splits(case, monkeypatch):
+    """The weight gradient's voxel reduction split over several programs (as on a GPU, where the grid
+    must fill the SMs; on the CPU one split is chosen): partial sums in the weight's layout, added by the
+    launcher; weight and bias gradients against float64, the weight gradient contiguous as autograd
+    stores it."""
+    from prostate_kernels.ops import bn_relu_conv3d_triton
+
+    monkeypatch.setattr(bn_relu_conv3d_triton, "wgrad_programs_wanted", lambda device: 10_000)
+    tuned, splits = bn_relu_conv3d_triton._wgrad, []
+
+    class Spy:  # records the grid's split axis of each weight-gradient launch
+        def __getitem__(self, grid):
+            splits.append(grid({"BLOCK_CI": 32})[2])
+            return tuned[grid]
+
+    monkeypatch.setattr(bn_relu_conv3d_triton, "_wgrad", Spy())
+    g = torch.Generator().manual_seed(3)
+    x, params = make_input(case, g), make_params(case, g)
+    got, gy = run(x, params, case, True, "triton")
+    assert splits == [3], splits
+    expected, _ = run(x, params, case, True, "torch", dtype=torch.float64, grad_out=gy)
+    assert got["grad_weight"].is_contiguous()
+    for key in ("grad_weight", "grad_bias", "grad_x"):
+        if key in expected:
+            err = max_rel_error(got[key], expected[key])
+            assert err < RTOL32, f"{key}: relative error {err:.2e}"

@@ -34,6 +34,9 @@ def bn_relu_conv3d_fwd_kernel(
     scale_ptr,  # (C_in,) float32
     shift_ptr,  # (C_in,) float32
     y_ptr,  # (N, C_out, Do, Ho, Wo), strides sy*
+    uniform_ptr,  # (N, C_out, Do, Ho, Wo) contiguous float32 dropout draws (DROPOUT) or unused
+    drop_p,  # dropout probability: an output is kept where its draw is >= drop_p
+    keep_scale,  # 1 / (1 - drop_p), the kept outputs' factor
     M,  # N * Do * Ho * Wo
     C_in,
     C_out,
@@ -66,6 +69,7 @@ def bn_relu_conv3d_fwd_kernel(
     KH: tl.constexpr,
     KW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    DROPOUT: tl.constexpr,  # the dense block's dropout, applied to the output in the epilogue
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     INT64: tl.constexpr,
@@ -114,8 +118,13 @@ def bn_relu_conv3d_fwd_kernel(
         )
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = voxel_offsets(n, od, oh, ow, syn, syd, syh, syw, INT64)
     y_mask = mask_m[:, None] & mask_n[None, :]
+    if DROPOUT:  # seeded_dropout.scale_from_uniform_'s mask and factor, at each output's own draw
+        spatial = offs_m - n * (Do * Ho * Wo)  # the voxel's index within its image
+        draw = (widen(n, INT64)[:, None] * C_out + offs_n[None, :]) * (Do * Ho * Wo) + spatial[:, None]
+        u = tl.load(uniform_ptr + draw, mask=y_mask, other=0.0)
+        acc = tl.where(u >= drop_p, acc * keep_scale, 0.0)
+    out = voxel_offsets(n, od, oh, ow, syn, syd, syh, syw, INT64)
     tl.store(
         y_ptr + out[:, None] + widen(offs_n, INT64)[None, :] * syc,
         acc.to(y_ptr.dtype.element_ty),
@@ -316,11 +325,13 @@ def bn_relu_conv3d_wgrad_kernel(
     gy_ptr,  # (N, C_out, Do, Ho, Wo), strides sg*
     scale_ptr,  # (C_in,) float32
     shift_ptr,  # (C_in,) float32
-    gw_ptr,  # (splits, taps, C_in, C_out) float32: each split's partial sums (the launcher adds them)
+    gw_ptr,  # (splits, C_out, C_in, taps) float32: each split's partial sums (the launcher adds them; the
+    # conv weight's own layout, so that the sum is the gradient as autograd stores it, with no copy)
     gb_ptr,  # (splits, C_out) float32: each split's partial bias gradient (HAS_BIAS)
     M,  # N * Do * Ho * Wo (output voxels: the reduction)
     M_PER_SPLIT,  # output voxels per program along grid axis 2
     GW_SPLIT_STRIDE,  # taps * C_in * C_out
+    TAPS,  # KD * KH * KW
     C_in,
     C_out,
     D,
@@ -403,8 +414,10 @@ def bn_relu_conv3d_wgrad_kernel(
         if HAS_BIAS:
             g_sum += tl.sum(g.to(tl.float32), axis=0)
     split = tl.program_id(2)
-    gw_rows = widen(split, INT64) * GW_SPLIT_STRIDE + (tap * C_in + offs_ci) * C_out
-    tl.store(gw_ptr + gw_rows[:, None] + offs_co[None, :], acc, mask=mask_ci[:, None] & mask_co[None, :])
+    # gw[split, co, ci, tap]: scattered 4-byte stores of a small tensor (taps * C_in * C_out per split)
+    at = widen(offs_co, INT64)[None, :] * C_in + offs_ci[:, None]
+    gw_at = widen(split, INT64) * GW_SPLIT_STRIDE + at * TAPS + tap
+    tl.store(gw_ptr + gw_at, acc, mask=mask_ci[:, None] & mask_co[None, :])
     if HAS_BIAS:
         if (tap == 0) & (pid_ci == 0):
             tl.store(gb_ptr + split * C_out + offs_co, g_sum, mask=mask_co)

@@ -96,8 +96,11 @@ def conv_forward(
     geometry: ConvGeometry,
     compute_dtype: torch.dtype,
     out: torch.Tensor | None = None,
+    dropout: tuple[torch.Tensor, float] | None = None,
 ) -> torch.Tensor:
-    """y = conv3d(relu(x * scale + shift), weight) + bias, written into `out` (any strides) when given."""
+    """y = conv3d(relu(x * scale + shift), weight) + bias, written into `out` (any strides) when given.
+    dropout: (uniform, p), y's dropout applied as seeded_dropout.scale_from_uniform_ does, from the
+    contiguous float32 draws `uniform` shaped like y (the dense block's seeded masks)."""
     n, c_in, d, h, w = x.shape
     c_out = weight.shape[0]
     do, ho, wo = geometry.output_size((d, h, w))
@@ -109,15 +112,20 @@ def conv_forward(
     m = n * do * ho * wo
     check_voxels("bn_relu_conv3d", m, n * d * h * w)
     block_n = _block_for(c_out)
+    uniform, p = dropout if dropout is not None else (scale, 0.0)
+    if dropout is not None and (uniform.shape != out.shape or not uniform.is_contiguous()):
+        raise ValueError(f"conv_forward: dropout draws {tuple(uniform.shape)} must be contiguous, shaped "
+                         f"like the output {tuple(out.shape)}")  # fmt: skip
 
     def grid(meta):
         return (cdiv(m, meta["BLOCK_M"]), cdiv(c_out, block_n))
 
     _fwd[grid](
-        x, w_taps, bias if bias is not None else scale, scale, shift, out,
+        x, w_taps, bias if bias is not None else scale, scale, shift, out, uniform, p, 1.0 / (1.0 - p),
         m, c_in, c_out, d, h, w, do, ho, wo, *x.stride(), *out.stride(), *conv_args(geometry),
         KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], HAS_BIAS=bias is not None,
-        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=needs_int64(x, out), BLOCK_N=block_n,
+        DROPOUT=dropout is not None, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+        INT64=needs_int64(x, out, uniform), BLOCK_N=block_n,
     )  # fmt: skip
     return out
 
@@ -131,35 +139,45 @@ def conv_weight_grad(
     compute_dtype: torch.dtype,
     with_bias: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(grad of weight (C_out, C_in, kd, kh, kw) float32, grad of bias (C_out,) float32 or None)."""
+    """(grad of weight (C_out, C_in, kd, kh, kw) float32 contiguous, grad of bias (C_out,) float32 or
+    None)."""
     n, c_in, d, h, w = x.shape
     _, c_out, do, ho, wo = gy.shape
     m = n * do * ho * wo
     dot_dtype, precision = dot_setup(compute_dtype)
     block_co = _block_for(c_out)
-    # Split the voxel reduction so that the grid fills the GPU (each split adds its share atomically).
+    # Split the voxel reduction so that the grid fills the GPU (each split writes its partial sums).
     tiles = geometry.taps * cdiv(c_in, 64) * cdiv(c_out, block_co)
-    target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-    splits = max(1, min(cdiv(target, tiles), cdiv(m, 256)))
+    splits = max(1, min(cdiv(wgrad_programs_wanted(x.device), tiles), cdiv(m, 256)))
     m_per_split = cdiv(cdiv(m, splits), 256) * 256  # a multiple of every BLOCK_M
     splits = cdiv(m, m_per_split)
-    # Each split writes its partial sums (every element: the splits cover M, every tile is stored).
-    gw = torch.empty((splits, geometry.taps, c_in, c_out), dtype=torch.float32, device=x.device)
+    # Each split writes its partial sums (every element: the splits cover M, every tile is stored), in
+    # the weight's layout: their sum is the gradient as autograd keeps it (no copy to the parameter's
+    # strides when it is stored, as a permuted sum needed).
+    gw = torch.empty((splits, c_out, c_in, *geometry.kernel), dtype=torch.float32, device=x.device)
     gb = torch.empty((splits, c_out), dtype=torch.float32, device=x.device) if with_bias else gw
 
     def grid(meta):
         return (geometry.taps * cdiv(c_in, meta["BLOCK_CI"]), cdiv(c_out, block_co), splits)
 
     _wgrad[grid](
-        x, gy, scale, shift, gw, gb, m, m_per_split, geometry.taps * c_in * c_out, c_in, c_out,
-        d, h, w, do, ho, wo, *x.stride(), *gy.stride(), *conv_args(geometry),
+        x, gy, scale, shift, gw, gb, m, m_per_split, geometry.taps * c_in * c_out, geometry.taps,
+        c_in, c_out, d, h, w, do, ho, wo, *x.stride(), *gy.stride(), *conv_args(geometry),
         KH=geometry.kernel[1], KW=geometry.kernel[2], HAS_BIAS=with_bias,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=needs_int64(x, gy, extra=(gw.numel(),)),
         BLOCK_CO=block_co,
     )  # fmt: skip
-    kd, kh, kw = geometry.kernel
-    grad_weight = gw.sum(0).reshape(kd, kh, kw, c_in, c_out).permute(4, 3, 0, 1, 2)
-    return grad_weight, (gb.sum(0) if with_bias else None)
+    # one split: its partial sums are the gradient (a view, no reduction kernel)
+    grad_bias = (gb[0] if splits == 1 else gb.sum(0)) if with_bias else None
+    return (gw[0] if splits == 1 else gw.sum(0)), grad_bias
+
+
+def wgrad_programs_wanted(device: torch.device) -> int:
+    """Programs the weight-gradient grid should reach to fill the device (4 per SM on a GPU; 1 elsewhere,
+    where one split is the fastest). Tests patch it to run several splits through the interpreter."""
+    if device.type != "cuda":
+        return 1
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def conv_input_grad(

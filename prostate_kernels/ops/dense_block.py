@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from prostate_kernels import backend
 from prostate_kernels.ops.batch_norm import fold_batch_norm, update_running_stats_
 from prostate_kernels.ops.conv_geometry import ConvGeometry, conv_geometry
-from prostate_kernels.ops.seeded_dropout import dropout_scale
+from prostate_kernels.ops.seeded_dropout import dropout_scale, dropout_uniform, scale_from_uniform_
 
 GEOMETRY = conv_geometry((3, 3, 3), 1, 1, 1)  # every layer's (last) conv: 3x3x3, padding 1
 BOTTLENECK_GEOMETRY = conv_geometry((1, 1, 1), 1, 0, 1)  # a DenseNet-BC layer's first conv
@@ -441,17 +441,18 @@ def _normalising(spec: BlockSpec, params, unit: int, batch_mean, batch_var):
 
 
 def _unit_forward(
-    engine, spec: BlockSpec, params, unit: int, x, batch_mean, batch_var, geometry, out, fold
+    engine, spec: BlockSpec, params, unit: int, x, batch_mean, batch_var, geometry, out, fold, dropout=None
 ) -> None:
     """out = conv(relu(BN(x))) for unit `unit` (batch_mean/var: x's batch statistics, if computed).
     fold: its BatchNorm folded, (scale, shift, rstd): a (3, C) tensor to fold into (forward: the unit's
-    share of the block's flat folds), or the forward's fold as three tensors (backward's recompute of T)."""
+    share of the block's flat folds), or the forward's fold as three tensors (backward's recompute of T).
+    dropout: (draws, p) of the layer's seeded mask, applied to out (a layer's last unit), or None."""
     weight, gamma, beta, _, _ = _unit(params, unit)
     mean, var = _normalising(spec, params, unit, batch_mean, batch_var)
     if isinstance(fold, torch.Tensor):
         fold = engine.fold(mean, var, gamma, beta, spec.eps[unit], out=fold)
     engine.layer_forward(
-        x, weight, gamma, beta, mean, var, spec.eps[unit], fold, geometry, spec.compute_dtype, out
+        x, weight, gamma, beta, mean, var, spec.eps[unit], fold, geometry, spec.compute_dtype, out, dropout
     )
 
 
@@ -515,11 +516,12 @@ def _forward(x: torch.Tensor, spec: BlockSpec, params) -> tuple[torch.Tensor, _S
                 batch_mean, batch_var = engine.stats(inputs, out=stats.t[:, layer * w : (layer + 1) * w])
         new = buffer[:, c_l : c_l + spec.growth]
         unit = spec.unit(layer, spec.units_per_layer - 1)
+        dropout = None
+        if spec.dropout > 0:  # the layer's seeded draws; the engine applies the mask as it writes `new`
+            dropout = (dropout_uniform(spec.seeds[layer], tuple(new.shape), x.device), spec.dropout)
         _unit_forward(engine, spec, params, unit, inputs, batch_mean, batch_var, GEOMETRY, out=new,
-                      fold=stats.fold_rows(offsets, unit))  # fmt: skip
+                      fold=stats.fold_rows(offsets, unit), dropout=dropout)  # fmt: skip
         del inputs  # a bottleneck layer's T is freed here and recomputed in backward
-        if spec.dropout > 0:
-            new.mul_(dropout_scale(spec.seeds[layer], tuple(new.shape), spec.dropout, x.device))
         if spec.b_stats and layer + 1 < spec.layers:
             engine.stats(new, out=stats.b[:, c_l : c_l + spec.growth])
     return buffer, stats
@@ -588,11 +590,13 @@ class _TritonEngine:
         return fold_batch_norm_into(mean, var, gamma, beta, eps, out).unbind(0)
 
     @staticmethod
-    def layer_forward(x, weight, gamma, beta, mean, var, eps, fold, geometry, compute_dtype, out) -> None:
+    def layer_forward(
+        x, weight, gamma, beta, mean, var, eps, fold, geometry, compute_dtype, out, dropout
+    ) -> None:  # fmt: skip
         from prostate_kernels.ops.bn_relu_conv3d_triton import conv_forward
 
         scale, shift, _ = fold
-        conv_forward(x, weight, None, scale, shift, geometry, compute_dtype, out=out)
+        conv_forward(x, weight, None, scale, shift, geometry, compute_dtype, out=out, dropout=dropout)
 
     @staticmethod
     def layer_backward(
@@ -643,7 +647,9 @@ class _TorchEngine:
         return out.unbind(0)
 
     @staticmethod
-    def layer_forward(x, weight, gamma, beta, mean, var, eps, fold, geometry, compute_dtype, out) -> None:
+    def layer_forward(
+        x, weight, gamma, beta, mean, var, eps, fold, geometry, compute_dtype, out, dropout
+    ) -> None:  # fmt: skip
         # normalise with the shared statistics (given as running ones: nothing is updated here)
         a = F.batch_norm(
             _stat_dtype(x), mean, var, _as(gamma, mean), _as(beta, mean), False, 0.0, eps
@@ -652,6 +658,9 @@ class _TorchEngine:
         out.copy_(
             F.conv3d(a.to(compute_dtype), weight.to(compute_dtype), None, g.stride, g.padding, g.dilation)
         )
+        if dropout is not None:
+            uniform, p = dropout
+            out.mul_(scale_from_uniform_(uniform, p))
 
     @staticmethod
     def layer_backward(

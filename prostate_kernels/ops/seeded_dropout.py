@@ -27,7 +27,18 @@ def dropout_scale(seed: int, shape: tuple[int, ...], p: float, device: torch.dev
     (bernoulli_ would make two kernels, but draws other masks from the same seeds: the phantom demo's
     held-out Dice went from 0.856 to 0.436 with them, a tiny model's sensitivity to its dropout draws.)
     """
+    return scale_from_uniform_(dropout_uniform(seed, shape, device), p)
+
+
+def dropout_uniform(seed: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The mask's draws: contiguous float32 (shape) uniform in [0, 1) from a generator seeded with seed
+    (the Triton dense block applies the mask from these in its conv kernel's epilogue)."""
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
-    uniform = torch.rand(shape, generator=generator, device=device)
+    return torch.rand(shape, generator=generator, device=device)
+
+
+def scale_from_uniform_(uniform: torch.Tensor, p: float) -> torch.Tensor:
+    """In place: each draw becomes 1/(1-p) where it is >= p (kept), else 0 (dropped). The compare is
+    float32 (p rounded to float32), as the conv kernel's epilogue does it."""
     return uniform.ge_(p).mul_(1.0 / (1.0 - p))
