@@ -219,13 +219,16 @@ def depthwise_conv3d_wgrad_kernel(
 ):
     # Block partial sums: each program reduces its M_PER_PROGRAM voxels for every tap; the launcher
     # adds the programs' partials (a deterministic final reduction, no atomics, no per-weight blocks).
+    # Products accumulate elementwise in a (BLOCK_M, BLOCK_C) tile and are summed over voxels once per
+    # tap: a sum across the tile's rows crosses warps (shared memory and a barrier), which the loop
+    # did at every step before.
     pid_m = tl.program_id(0)
     offs_c = block_offsets(tl.program_id(1), BLOCK_C)
     mask_c = offs_c < C
     m_start = pid_m * M_PER_PROGRAM
     m_end = tl.minimum(m_start + M_PER_PROGRAM, M)
     for tap in range(KD * KH * KW):
-        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         for m0 in range(m_start, m_end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             mask_m = offs_m < m_end
@@ -244,10 +247,11 @@ def depthwise_conv3d_wgrad_kernel(
             x = tl.load(
                 x_ptr + x_row[:, None] + widen(offs_c, INT64)[None, :] * sxc, mask=x_mask, other=0.0
             ).to(tl.float32)
-            acc += tl.sum(g * x, axis=0)
-        tl.store(partial_ptr + (pid_m * (KD * KH * KW + 1) + tap) * C + offs_c, acc, mask=mask_c)
+            acc += g * x
+        tap_sum = tl.sum(acc, axis=0)
+        tl.store(partial_ptr + (pid_m * (KD * KH * KW + 1) + tap) * C + offs_c, tap_sum, mask=mask_c)
     if HAS_BIAS:
-        acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         for m0 in range(m_start, m_end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             mask_m = offs_m < m_end
@@ -257,8 +261,11 @@ def depthwise_conv3d_wgrad_kernel(
             g = tl.load(
                 gy_ptr + g_row[:, None] + widen(offs_c, INT64)[None, :] * sgc, mask=g_mask, other=0.0
             ).to(tl.float32)
-            acc += tl.sum(g, axis=0)
-        tl.store(partial_ptr + (pid_m * (KD * KH * KW + 1) + KD * KH * KW) * C + offs_c, acc, mask=mask_c)
+            acc += g
+        bias_sum = tl.sum(acc, axis=0)
+        tl.store(
+            partial_ptr + (pid_m * (KD * KH * KW + 1) + KD * KH * KW) * C + offs_c, bias_sum, mask=mask_c
+        )
 
 
 @triton.jit
