@@ -414,10 +414,11 @@ def bn_relu_conv3d_wgrad_kernel(
         if HAS_BIAS:
             g_sum += tl.sum(g.to(tl.float32), axis=0)
     split = tl.program_id(2)
-    # gw[split, co, ci, tap]: scattered 4-byte stores of a small tensor (taps * C_in * C_out per split)
-    at = widen(offs_co, INT64)[None, :] * C_in + offs_ci[:, None]
-    gw_at = widen(split, INT64) * GW_SPLIT_STRIDE + at * TAPS + tap
-    tl.store(gw_ptr + gw_at, acc, mask=mask_ci[:, None] & mask_co[None, :])
+    # gw[split, co, ci, tap]: scattered 4-byte stores of a small tensor (taps * C_in * C_out per split);
+    # a column vector plus a row vector (a 2D int64 offset product spilled on sm_80)
+    gw_cols = widen(split, INT64) * GW_SPLIT_STRIDE + tap + widen(offs_co, INT64) * (C_in * TAPS)
+    gw_rows = offs_ci * TAPS
+    tl.store(gw_ptr + gw_rows[:, None] + gw_cols[None, :], acc, mask=mask_ci[:, None] & mask_co[None, :])
     if HAS_BIAS:
         if (tap == 0) & (pid_ci == 0):
             tl.store(gb_ptr + split * C_out + offs_co, g_sum, mask=mask_co)
