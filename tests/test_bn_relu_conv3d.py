@@ -413,9 +413,14 @@ def test_conv_forward_applies_the_seeded_dropout_of_its_draws():
     assert torch.equal(got == 0, mask == 0) and 0.2 < (mask == 0).float().mean() < 0.4
     torch.testing.assert_close(got, plain * mask, rtol=1e-6, atol=1e-6)
     assert (buffer[:, :5] == 0).all()
-    with pytest.raises(ValueError, match=r"dropout draws \(3, 70, 3, 4, 4\) must be contiguous"):
+    with pytest.raises(
+        ValueError, match=r"dropout draws torch.float32 \(3, 70, 3, 4, 4\) must be contiguous"
+    ):
         conv_forward(x, weight, None, scale, shift, geometry, torch.float32,
                      dropout=(uniform[..., :4], 0.3))  # fmt: skip
+    with pytest.raises(ValueError, match=r"dropout draws torch.float64 \(3, 70, 3, 4, 5\) must be"):
+        conv_forward(x, weight, None, scale, shift, geometry, torch.float32,
+                     dropout=(uniform.double(), 0.3))  # fmt: skip
 
 
 @pytest.mark.parametrize(

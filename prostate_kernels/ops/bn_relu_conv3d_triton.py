@@ -115,9 +115,11 @@ def conv_forward(
     check_voxels("bn_relu_conv3d", m, n * d * h * w)
     block_n = _block_for(c_out)
     uniform, p = dropout if dropout is not None else (scale, 0.0)
-    if dropout is not None and (uniform.shape != out.shape or not uniform.is_contiguous()):
-        raise ValueError(f"conv_forward: dropout draws {tuple(uniform.shape)} must be contiguous, shaped "
-                         f"like the output {tuple(out.shape)}")  # fmt: skip
+    if dropout is not None and (
+        uniform.shape != out.shape or not uniform.is_contiguous() or uniform.dtype != torch.float32
+    ):
+        raise ValueError(f"conv_forward: dropout draws {uniform.dtype} {tuple(uniform.shape)} must be "
+                         f"contiguous float32 shaped like the output {tuple(out.shape)}")  # fmt: skip
 
     def grid(meta):
         return (cdiv(m, meta["BLOCK_M"]), cdiv(c_out, block_n))
