@@ -46,11 +46,7 @@ def batch_norm_steps(norms: list[nn.BatchNorm3d]) -> list[BatchNormStep]:
     """batch_norm_step of each of `norms`, their num_batches_tracked incremented by one foreach op (a dense
     block's units at once: on a GPU each torch op costs host time; a module listed twice counts twice, as
     two forwards of it would)."""
-    counters = [
-        norm.num_batches_tracked
-        for norm in norms
-        if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None
-    ]
+    counters = [norm.num_batches_tracked for norm in norms if _counts(norm)]
     if len({id(c) for c in counters}) == len(counters):
         if counters:
             torch._foreach_add_(counters, 1)
@@ -60,12 +56,16 @@ def batch_norm_steps(norms: list[nn.BatchNorm3d]) -> list[BatchNormStep]:
     return [_step_of(norm) for norm in norms]
 
 
+def _counts(norm: nn.BatchNorm3d) -> bool:
+    """Whether this forward of norm counts a step in num_batches_tracked (as nn.BatchNorm3d's does)."""
+    return norm.training and norm.track_running_stats and norm.num_batches_tracked is not None
+
+
 def _step_of(norm: nn.BatchNorm3d) -> BatchNormStep:
     """The BatchNormStep of norm, its num_batches_tracked already counted for this forward."""
     momentum = 0.0 if norm.momentum is None else norm.momentum
-    if norm.training and norm.track_running_stats and norm.num_batches_tracked is not None:
-        if norm.momentum is None:
-            momentum = 1.0 / float(norm.num_batches_tracked)
+    if norm.momentum is None and _counts(norm):
+        momentum = 1.0 / float(norm.num_batches_tracked)
     use_running = not norm.training or norm.track_running_stats
     return BatchNormStep(
         running_mean=norm.running_mean if use_running else None,

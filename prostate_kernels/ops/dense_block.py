@@ -441,15 +441,18 @@ def _normalising(spec: BlockSpec, params, unit: int, batch_mean, batch_var):
 
 
 def _unit_forward(
-    engine, spec: BlockSpec, params, unit: int, x, batch_mean, batch_var, geometry, out, fold, dropout=None
-) -> None:
+    engine, spec: BlockSpec, params, unit: int, x, batch_mean, batch_var, geometry, out, fold, folded,
+    dropout=None,
+):  # fmt: skip
     """out = conv(relu(BN(x))) for unit `unit` (batch_mean/var: x's batch statistics, if computed).
-    fold: its BatchNorm folded, (scale, shift, rstd): a (3, C) tensor to fold into (forward: the unit's
-    share of the block's flat folds), or the forward's fold as three tensors (backward's recompute of T).
+    fold: the unit's (3, C) rows (scale, shift, rstd) of the block's flat folds: its BatchNorm is folded
+    into them here (forward), or they hold the forward's fold already (folded: backward's recompute of T).
     dropout: (draws, p) of the layer's seeded mask, applied to out (a layer's last unit), or None."""
     weight, gamma, beta, _, _ = _unit(params, unit)
     mean, var = _normalising(spec, params, unit, batch_mean, batch_var)
-    if isinstance(fold, torch.Tensor):
+    if folded:
+        fold = fold.unbind(0)
+    else:
         fold = engine.fold(mean, var, gamma, beta, spec.eps[unit], out=fold)
     engine.layer_forward(
         x, weight, gamma, beta, mean, var, spec.eps[unit], fold, geometry, spec.compute_dtype, out, dropout
@@ -471,15 +474,15 @@ def _unit_backward(
 
 
 def _bottleneck(
-    engine, spec: BlockSpec, params, layer: int, inputs, batch_mean, batch_var, fold
+    engine, spec: BlockSpec, params, layer: int, inputs, batch_mean, batch_var, fold, folded
 ) -> torch.Tensor:
-    """T (N, W, D, H, W): layer `layer`'s bottleneck unit applied to inputs = B[:, :C_l] (fold: as
-    _unit_forward's)."""
+    """T (N, W, D, H, W): layer `layer`'s bottleneck unit applied to inputs = B[:, :C_l] (fold, folded:
+    as _unit_forward's)."""
     n, _, *size = inputs.shape
     t = torch.empty((n, spec.bottleneck, *size), dtype=inputs.dtype, device=inputs.device,
                     memory_format=engine.buffer_format)  # fmt: skip
     _unit_forward(engine, spec, params, spec.unit(layer, 0), inputs, batch_mean, batch_var,
-                  BOTTLENECK_GEOMETRY, out=t, fold=fold)  # fmt: skip
+                  BOTTLENECK_GEOMETRY, out=t, fold=fold, folded=folded)  # fmt: skip
     return t
 
 
@@ -509,7 +512,9 @@ def _forward(x: torch.Tensor, spec: BlockSpec, params) -> tuple[torch.Tensor, _S
         batch_mean, batch_var = stats.of_b(c_l)
         if spec.bottleneck:
             fold = stats.fold_rows(offsets, spec.unit(layer, 0))
-            inputs = _bottleneck(engine, spec, params, layer, inputs, batch_mean, batch_var, fold)
+            inputs = _bottleneck(
+                engine, spec, params, layer, inputs, batch_mean, batch_var, fold, folded=False
+            )
             batch_mean, batch_var = (None, None)
             if spec.t_stats:
                 w = spec.bottleneck
@@ -520,7 +525,7 @@ def _forward(x: torch.Tensor, spec: BlockSpec, params) -> tuple[torch.Tensor, _S
         if spec.dropout > 0:  # the layer's seeded draws; the engine applies the mask as it writes `new`
             dropout = (dropout_uniform(spec.seeds[layer], tuple(new.shape), x.device), spec.dropout)
         _unit_forward(engine, spec, params, unit, inputs, batch_mean, batch_var, GEOMETRY, out=new,
-                      fold=stats.fold_rows(offsets, unit), dropout=dropout)  # fmt: skip
+                      fold=stats.fold_rows(offsets, unit), folded=False, dropout=dropout)  # fmt: skip
         del inputs  # a bottleneck layer's T is freed here and recomputed in backward
         if spec.b_stats and layer + 1 < spec.layers:
             engine.stats(new, out=stats.b[:, c_l : c_l + spec.growth])
@@ -549,7 +554,7 @@ def _backward(grad_output, spec: BlockSpec, buffer, stats, params):
             continue
         first = spec.unit(layer, 0)
         t = _bottleneck(engine, spec, params, layer, inputs, b_mean, b_var,
-                        stats.fold(offsets, first))  # recomputed  # fmt: skip
+                        stats.fold_rows(offsets, first), folded=True)  # recomputed  # fmt: skip
         grad_t = torch.empty_like(t)
         t_mean, t_var = stats.of_t(layer, spec.bottleneck)
         unit = spec.unit(layer, 1)
