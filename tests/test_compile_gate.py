@@ -50,3 +50,15 @@ def test_a_kernel_compiles_and_a_broken_one_fails_the_gate():
     assert 0 < good["registers"] <= 255 and good["spill_bytes"] == 0
     assert not broken["ok"] and broken["verdict"] == "FAILED" and broken["error"]
     assert "2 variants: 1 failed to compile" in report["summary"]
+
+
+def test_each_dot_path_captures_the_dots_a_gpu_runs_on_it():
+    """The sweep's bf16 and fp16 paths capture half dots (on meta tensors, where torch.autocast does not
+    reach, they once recaptured the float32 variants), and the gate's check catches a variant whose dot
+    is not its path's."""
+    report = run_probe("dot_path_probe.py")
+    assert report["dots"] == {
+        "fp32-tf32": ["fp32-tf32"], "fp32-ieee": ["fp32-ieee"], "bf16": ["bf16"], "fp16": ["fp16"]
+    }  # fmt: skip
+    assert report["mismatches"] == 0
+    assert report["mismatches_relabelled"] == 1

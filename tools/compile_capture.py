@@ -36,6 +36,7 @@ class Variant:
     path: str  # dot path of the run that launched it: fp32-tf32, fp32-ieee, bf16, fp16
     default_config: bool  # the autotuner's first config after its pruning (or a kernel without autotuning)
     int64: bool = False  # int64 offsets: INT64 set, or an argument typed i64 (tensors past 2**31 elements)
+    dot: str = ""  # what its tl.dot multiplies (bf16, fp16, fp32-tf32, fp32-ieee); "" for a kernel without
 
 
 @dataclass
@@ -91,10 +92,20 @@ def _record(fn, args, kwargs, default_config: bool, config_kwargs: dict) -> None
             attrs=_freeze({str(k): v for k, v in attrs.items()}),
             options=_freeze({k: v for k, v in options.__dict__.items() if k in ("num_warps", "num_stages")}),
             config=_config_label(label_constexprs, options), path=RECORDER.path,
-            default_config=default_config, int64=int64,
+            default_config=default_config, int64=int64, dot=_dot_label(named),
         )  # fmt: skip
         if variant not in RECORDER.variants:
             RECORDER.variants[variant] = (fn, signature, constexprs, attrs, options)
+
+
+def _dot_label(named: dict) -> str:
+    """The dot path a launch's constexprs select: DOT_DTYPE (bf16, fp16, or fp32 with INPUT_PRECISION
+    tf32 or ieee); "" for a kernel without them."""
+    dtype = named.get("DOT_DTYPE")
+    if dtype is None:
+        return ""
+    label = str(dtype)  # tl.bfloat16 -> "bf16", tl.float16 -> "fp16", tl.float32 -> "fp32"
+    return f"{label}-{named.get('INPUT_PRECISION')}" if label == "fp32" else label
 
 
 def _real_kernels_on_meta() -> None:

@@ -68,23 +68,80 @@ class Result:
 # ------------------------------------------------------------------------------------- workloads
 
 
+HALF_PATHS = {"bf16": "bfloat16", "fp16": "float16"}
+
+
 @contextlib.contextmanager
 def _dot_settings(path: str):
-    """The process state under which the library picks a dot path: cuDNN's TF32 flag, CPU autocast."""
+    """The process state under which the library picks a dot path: cuDNN's TF32 flag, and for the half
+    paths autocast. The capture's tensors are on the meta device, which has no autocast of its own
+    (torch.autocast("cpu") never reached them: until 2026-11-27 the sweep's bf16 and fp16 variants were
+    the float32 ones again), so within the block backend.autocast_dtype answers the path's dtype for meta
+    tensors, and torch's own convolutions cast their operands to it (_meta_autocast), as autocast would."""
     import torch
 
-    previous = torch.backends.cudnn.allow_tf32
+    from prostate_kernels import backend
+
+    previous_tf32, previous_autocast = torch.backends.cudnn.allow_tf32, backend.autocast_dtype
     torch.backends.cudnn.allow_tf32 = path == "fp32-tf32"
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(path)
+    half = getattr(torch, HALF_PATHS[path]) if path in HALF_PATHS else None
+
+    def autocast_dtype(device):
+        return half if device.type == "meta" else previous_autocast(device)
+
     try:
-        with dot_path(path), torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+        with dot_path(path), contextlib.ExitStack() as stack:
+            if half is not None:
+                backend.autocast_dtype = autocast_dtype
+                stack.enter_context(_meta_autocast(half))
             yield
     finally:
-        torch.backends.cudnn.allow_tf32 = previous
+        torch.backends.cudnn.allow_tf32 = previous_tf32
+        backend.autocast_dtype = previous_autocast
+
+
+def _meta_autocast(dtype):
+    """A TorchFunctionMode that casts the floating operands of torch's convolutions and linear layers to
+    dtype (autocast's rule for them): the library's ops under autocast return half tensors, which the
+    networks' plain torch layers then meet."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    cast_ops = {torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
+                torch.conv_transpose3d, torch.nn.functional.linear, torch.matmul}  # fmt: skip
+
+    def cast(value):
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            return value.to(dtype)
+        return value
+
+    class MetaAutocast(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in cast_ops:
+                args = tuple(cast(a) for a in args)
+                kwargs = {k: cast(v) for k, v in kwargs.items()}
+            return func(*args, **kwargs)
+
+    return MetaAutocast()
+
+
+def _train_and_infer(model, x) -> None:
+    """One training step's forward and backward, then an inference forward (every launch of both)."""
+    import torch
+
+    model.train()
+    model(x).float().sum().backward()
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    model.zero_grad(set_to_none=True)
 
 
 def run_workloads(paths=DOT_PATHS, log=print) -> None:
-    """Drives the library through every launch it makes (recorded, not run; meta tensors) per dot path."""
+    """Drives the library through every launch it makes (recorded, not run; meta tensors) per dot path.
+    A half path runs each network twice: in float32 under (the library's view of) autocast, as a mixed
+    precision training step does, and converted to the half dtype itself (half inputs and parameters)."""
     import torch
     from prostate_kernels.models import build_model
 
@@ -100,22 +157,27 @@ def run_workloads(paths=DOT_PATHS, log=print) -> None:
                         DenseBlock3d(64, growth_rate=32, num_layers=2, dropout=0.0, bn_size=4))}  # fmt: skip
     for path in paths:
         start = time.time()
+        dtypes = [torch.float32] + ([getattr(torch, HALF_PATHS[path])] if path in HALF_PATHS else [])
         for layout in (torch.contiguous_format, torch.channels_last_3d):
             for model in networks.values():
-                model = model.to(memory_format=layout)
-                x = torch.empty(2, 1, *PATCH, device="meta").to(memory_format=layout)
-                with _dot_settings(path):
-                    model.train()
-                    model(x).float().sum().backward()
-                    model.eval()
-                    with torch.no_grad():
-                        model(x)
-                model.zero_grad(set_to_none=True)
+                for dtype in dtypes:
+                    model = model.to(dtype=dtype, memory_format=layout)
+                    x = torch.empty(2, 1, *PATCH, device="meta", dtype=dtype).to(memory_format=layout)
+                    with _dot_settings(path):
+                        _train_and_infer(model, x)
+                model.float()
             with _dot_settings(path):
                 run_int64_workloads(layout)
         log(f"  captured {path} in {time.time() - start:.1f} s ({len(RECORDER.variants)} variants so far)")
     with dot_path("fp32"):
         sliding_window_inference(torch.randn(1, 2, 20, 70, 70), (16, 64, 64), 4, lambda w: w, mode="gaussian")
+
+
+def dot_path_mismatches(variants) -> list:
+    """Captured variants whose dot operands are not the dot path they were captured under (a kernel
+    with a dot, captured under bf16, that multiplies float32): the sweep would not compile what a GPU
+    runs on that path."""
+    return [v for v in variants if v.dot and v.path in DOT_PATHS and v.dot != v.path]
 
 
 def run_int64_workloads(layout) -> None:
@@ -222,7 +284,7 @@ def select(variants: dict, quick: bool, arches: tuple[int, ...]) -> list:
 # ---------------------------------------------------------------------------------------- report
 
 
-COLUMNS = ("kernel", "config", "dtype", "arch", "int64", "registers", "spill_bytes", "shared_bytes",
+COLUMNS = ("kernel", "config", "dtype", "dot", "arch", "int64", "registers", "spill_bytes", "shared_bytes",
            "shared_limit", "compile_s", "verdict", "error")  # fmt: skip
 
 
@@ -232,6 +294,7 @@ def rows(results: list[Result]) -> list[dict]:
             "kernel": r.variant.kernel,
             "config": r.variant.config,
             "dtype": r.variant.path,
+            "dot": r.variant.dot or "-",
             "arch": ARCHES[r.variant.arch],
             "int64": "yes" if r.variant.int64 else "no",
             "registers": r.registers,
@@ -336,6 +399,12 @@ def main(argv: list[str] | None = None) -> int:
     print("capturing the library's launches (no kernel runs)")
     with capturing():
         run_workloads()
+    mismatched = dot_path_mismatches(RECORDER.variants)
+    for v in mismatched[:10]:
+        print(f"DOT PATH MISMATCH: {v.kernel} [{v.config}] captured under {v.path} multiplies {v.dot}",
+              file=sys.stderr)  # fmt: skip
+    if mismatched:
+        return 1
     variants = select(RECORDER.variants, args.quick, arches)
     print(f"{RECORDER.launches} launches -> {len(variants)} variants to compile on {args.jobs} process(es)")
     results = compile_all(variants, max(1, args.jobs))
