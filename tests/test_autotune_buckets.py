@@ -94,3 +94,28 @@ def test_host_cdiv_and_next_power_of_2_equal_tritons():
         assert next_power_of_2(a) == triton.next_power_of_2(a), a
         for b in [1, 2, 3, 16, 64, 256, 1000]:
             assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+def test_spill_entries_prune_only_at_their_dot_path_and_offset_width():
+    """prune_spilling: an entry for float32 IEEE dots leaves a bf16 launch its candidate (its tensor-core
+    variant does not spill), an int64 entry prunes only int64 launches, ANY prunes everywhere, and at
+    least one config always remains."""
+    import triton.language as tl
+
+    from prostate_kernels.ops.launch import ANY, prune_spilling
+
+    configs = [triton.Config({"BLOCK_M": m}, num_warps=4) for m in (32, 64, 128)]
+    prune = prune_spilling({(64, 4, "fp32-ieee", ANY), (128, 4, ANY, True), (32, 4, "bf16", False)},
+                           ("BLOCK_M",))  # fmt: skip
+
+    def kept(dot_dtype, precision, int64):
+        launch = {"DOT_DTYPE": dot_dtype, "INPUT_PRECISION": precision, "INT64": int64}
+        return [c.kwargs["BLOCK_M"] for c in prune(configs, {}, **launch)]
+
+    assert kept(tl.float32, "ieee", False) == [32, 128]
+    assert kept(tl.float32, "tf32", False) == [32, 64, 128]
+    assert kept(tl.bfloat16, "ieee", False) == [64, 128]
+    assert kept(tl.bfloat16, "ieee", True) == [32, 64]
+    assert kept(tl.float32, "ieee", True) == [32]
+    every = prune_spilling({(m, 4, ANY, ANY) for m in (32, 64, 128)}, ("BLOCK_M",))
+    assert [c.kwargs["BLOCK_M"] for c in every(configs, {})] == [128]

@@ -71,6 +71,8 @@ def _record(fn, args, kwargs, default_config: bool, config_kwargs: dict) -> None
     from triton.compiler.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
+    from prostate_kernels.ops.launch import dot_path_label
+
     kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
     RECORDER.launches += 1
     for arch in ARCHES:
@@ -86,26 +88,17 @@ def _record(fn, args, kwargs, default_config: bool, config_kwargs: dict) -> None
         named = {names[path[0]]: value for path, value in constexprs.items() if len(path) == 1}
         label_constexprs = {k: v for k, v in named.items() if k in config_kwargs or k.startswith("BLOCK")}
         int64 = bool(named.get("INT64")) or any(v in ("i64", "u64") for v in signature.values())
+        dot = dot_path_label(named.get("DOT_DTYPE"), named.get("INPUT_PRECISION"))
         variant = Variant(
             module=fn.module, kernel=fn.__name__, arch=arch, signature=_freeze(signature),
             constexprs=_freeze({str(k): v for k, v in constexprs.items()}),
             attrs=_freeze({str(k): v for k, v in attrs.items()}),
             options=_freeze({k: v for k, v in options.__dict__.items() if k in ("num_warps", "num_stages")}),
             config=_config_label(label_constexprs, options), path=RECORDER.path,
-            default_config=default_config, int64=int64, dot=_dot_label(named),
+            default_config=default_config, int64=int64, dot=dot,
         )  # fmt: skip
         if variant not in RECORDER.variants:
             RECORDER.variants[variant] = (fn, signature, constexprs, attrs, options)
-
-
-def _dot_label(named: dict) -> str:
-    """The dot path a launch's constexprs select: DOT_DTYPE (bf16, fp16, or fp32 with INPUT_PRECISION
-    tf32 or ieee); "" for a kernel without them."""
-    dtype = named.get("DOT_DTYPE")
-    if dtype is None:
-        return ""
-    label = str(dtype)  # tl.bfloat16 -> "bf16", tl.float16 -> "fp16", tl.float32 -> "fp32"
-    return f"{label}-{named.get('INPUT_PRECISION')}" if label == "fp32" else label
 
 
 def _real_kernels_on_meta() -> None:

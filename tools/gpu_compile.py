@@ -51,6 +51,7 @@ class Result:
     shared: int = 0
     seconds: float = 0.0
     error: str = ""
+    mma: str = ""  # the dot's instructions in the PTX (mma_kind); "" for a kernel without a dot
 
     @property
     def over_shared(self) -> bool:
@@ -231,6 +232,7 @@ def compile_variant(index: int) -> Result:
             return Result(variant, ok=True, shared=int(kernel.metadata.shared),
                           seconds=time.perf_counter() - start)  # fmt: skip
         report = parse_ptxas_log(printed.getvalue())
+        mma = mma_kind(kernel.asm["ptx"]) if variant.dot else ""
     except Exception as exc:  # noqa: BLE001 - every failure is reported as the variant's result
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         return Result(
@@ -240,8 +242,19 @@ def compile_variant(index: int) -> Result:
             error=f"{type(exc).__name__}: {first[:200]}",
         )
     spilled = max(report.spill_stores, report.spill_loads)
-    return Result(variant, ok=True, registers=report.registers, spill_bytes=spilled,
+    return Result(variant, ok=True, registers=report.registers, spill_bytes=spilled, mma=mma,
                   shared=int(kernel.metadata.shared), seconds=time.perf_counter() - start)  # fmt: skip
+
+
+def mma_kind(ptx: str) -> str:
+    """What a kernel's tl.dot became: "wgmma" (Hopper's warpgroup tensor-core instructions), "mma.sync"
+    (the Ampere ones, which an sm_90a kernel falls back to when a tile's dot is under 64 rows per
+    warpgroup), "fma" (no tensor cores: float32 IEEE dots)."""
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if "mma.sync" in ptx:
+        return "mma.sync"
+    return "fma"
 
 
 def compile_all(variants: list, jobs: int, log=print) -> list[Result]:
@@ -284,8 +297,8 @@ def select(variants: dict, quick: bool, arches: tuple[int, ...]) -> list:
 # ---------------------------------------------------------------------------------------- report
 
 
-COLUMNS = ("kernel", "config", "dtype", "dot", "arch", "int64", "registers", "spill_bytes", "shared_bytes",
-           "shared_limit", "compile_s", "verdict", "error")  # fmt: skip
+COLUMNS = ("kernel", "config", "dtype", "dot", "mma", "arch", "int64", "registers", "spill_bytes",
+           "shared_bytes", "shared_limit", "compile_s", "verdict", "error")  # fmt: skip
 
 
 def rows(results: list[Result]) -> list[dict]:
@@ -295,6 +308,7 @@ def rows(results: list[Result]) -> list[dict]:
             "config": r.variant.config,
             "dtype": r.variant.path,
             "dot": r.variant.dot or "-",
+            "mma": r.mma or "-",
             "arch": ARCHES[r.variant.arch],
             "int64": "yes" if r.variant.int64 else "no",
             "registers": r.registers,
@@ -318,6 +332,15 @@ def summary(results: list[Result]) -> str:
     return (
         f"{len(kernels)} kernels, {len(results)} variants: {counts}, {len(over)} exceed their shared memory"
     )
+
+
+def _tensor_core_dots(results: list[Result]) -> str:
+    """How many of a kernel's sm_90a variants with tensor-core dots (bf16, fp16, TF32) became wgmma and
+    how many mma.sync; "-" for a kernel without such dots."""
+    hopper = [r for r in results if r.variant.arch == 90 and r.variant.dot in ("bf16", "fp16", "fp32-tf32")]
+    if not hopper:
+        return "-"
+    return f"{sum(r.mma == 'wgmma' for r in hopper)} / {sum(r.mma == 'mma.sync' for r in hopper)}"
 
 
 def write_report(results: list[Result], out: Path, quick: bool, seconds: float) -> Path:
@@ -346,8 +369,9 @@ def write_report(results: list[Result], out: Path, quick: bool, seconds: float) 
         "",
         "Per kernel (worst variant):",
         "",
-        "| kernel | variants | max registers | max spill B | max shared B | failed | spilling | over smem |",
-        "|---|---|---|---|---|---|---|---|",
+        "| kernel | variants | max registers | max spill B | max shared B | failed | spilling | over smem "
+        "| sm_90a tensor-core dots: wgmma / mma.sync |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for kernel in sorted({r.variant.kernel for r in results}):
         mine = [r for r in results if r.variant.kernel == kernel]
@@ -356,7 +380,7 @@ def write_report(results: list[Result], out: Path, quick: bool, seconds: float) 
             f"| {kernel} | {len(mine)} | {max((r.registers for r in ok), default=0)} | "
             f"{max((r.spill_bytes for r in ok), default=0)} | {max((r.shared for r in ok), default=0)} | "
             f"{sum(not r.ok for r in mine)} | {sum(r.ok and r.spill_bytes > 0 for r in mine)} | "
-            f"{sum(r.over_shared for r in mine)} |"
+            f"{sum(r.over_shared for r in mine)} | {_tensor_core_dots(ok)} |"
         )
     lines += [
         "",

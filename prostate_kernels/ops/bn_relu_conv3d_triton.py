@@ -15,6 +15,7 @@ from prostate_kernels.ops import bn_relu_conv3d_kernels as kernels
 from prostate_kernels.ops.channel_stats import batch_norm_stats, fold_batch_norm_into
 from prostate_kernels.ops.conv_geometry import ConvGeometry
 from prostate_kernels.ops.launch import (
+    ANY,
     autotune_configs,
     bucketed_autotune,
     cdiv,
@@ -28,36 +29,59 @@ from prostate_kernels.ops.launch import (
 )
 
 # Configs that spill registers at some launch, measured by `make gpu-compile` (every launch of Tiramisu
-# 3D p3a and DeepLabv3+ 3D, every dot path, int32 and int64 offsets, sm_90a and sm_80; report:
-# bench/results/2026-11-27-compile-report.md), as (block sizes..., num_warps): pruned at those launches.
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps); the flat K loop added (128, 16, 32, 4) and (128, 64, 32, 8) (8 B
-# spilled on sm_80); (128, 32, 64, 4) spills 16 B with float16 dots on sm_80 (the sweep's half paths
-# compiled float32 dots until 2026-11-27, so the half dots' spills were first seen then)
-_FWD_SPILLS = {(128, 16, 64, 4), (128, 16, 64, 8), (128, 64, 64, 4), (128, 16, 32, 4), (128, 64, 32, 8),
-               (128, 32, 64, 4)}  # fmt: skip
-_DGRAD_SPILLS = {(128, 64, 16, 4), (128, 64, 16, 8), (64, 64, 16, 4), (128, 32, 32, 4), (128, 64, 32, 4),
-                 (128, 64, 32, 8)}  # fmt: skip
-# (BLOCK_M, BLOCK_CI, BLOCK_CO, warps); (64, 32, 64, 4): 4 B on sm_90a with TF32 since the partial sums
-# are stored in the weight's layout (scattered stores, a pointer per element); (128, 32, 64, 8): 8 B with
-# bfloat16 and float16 dots on sm_80
-_WGRAD_SPILLS = {(128, 32, 16, 8), (64, 64, 16, 4), (64, 64, 16, 8), (64, 32, 64, 4), (128, 32, 64, 8)}
+# 3D p3a, DeepLabv3+ 3D and a DenseNet-BC block, every dot path, int32 and int64 offsets, sm_90a and
+# sm_80; report: bench/results/<date>-compile-report.md): pruned at the launches of their dot path and
+# offset width (launch.prune_spilling; ANY: all of them).
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, dot path, int64)
+_FWD_SPILLS = {
+    (128, 16, 64, 4, ANY, ANY), (128, 16, 64, 8, ANY, ANY), (128, 64, 64, 4, ANY, ANY),
+    (128, 16, 32, 4, ANY, ANY), (128, 64, 32, 8, ANY, ANY),  # these two: 8 B on sm_80 (the flat K loop)
+    (128, 32, 64, 4, "fp16", ANY),  # 16 B on sm_80
+}  # fmt: skip
+_DGRAD_SPILLS = {
+    (128, 64, 16, 4, ANY, ANY), (128, 64, 16, 8, ANY, ANY), (64, 64, 16, 4, ANY, ANY),
+    (128, 32, 32, 4, ANY, ANY), (128, 64, 32, 4, ANY, ANY), (128, 64, 32, 8, ANY, ANY),
+}  # fmt: skip
+# (BLOCK_M, BLOCK_CI, BLOCK_CO, warps, dot path, int64). At the dense layers' C_out = 16 the weight
+# gradient's tensor-core dot is (BLOCK_CI x BLOCK_M) @ (BLOCK_M x 16): sm_90a's wgmma needs BLOCK_CI >= 64
+# (64 rows per warpgroup), and BLOCK_CI = 32 falls back to Ampere's mma.sync. The 64- and 128-channel
+# tiles spill only with float32 IEEE dots or int64 offsets, so they stay candidates elsewhere.
+_WGRAD_SPILLS = {
+    (128, 32, 16, 8, "fp32-ieee", ANY),  # 8 B on sm_90a
+    (64, 64, 16, 4, ANY, True),  # 4-12 B
+    (64, 128, 16, 4, ANY, True),  # 492 B bf16, 864 B TF32 on sm_90a
+    (64, 128, 16, 8, "fp32-ieee", True),  # 40-52 B
+    (32, 128, 16, 4, "fp32-ieee", ANY),  # 4 B int32, 56 B int64 on sm_90a
+    (64, 128, 32, 8, "fp32-ieee", ANY),  # 16 B on sm_90a
+    (64, 128, 64, 4, "fp32-ieee", ANY), (64, 128, 64, 4, "fp32-tf32", ANY),  # 4-204 B
+    (32, 128, 64, 4, "fp32-tf32", ANY),  # 36 B on sm_80
+    (64, 32, 64, 4, ANY, ANY),  # 4 B on sm_90a with TF32 (the partial sums stored in the weight's layout)
+    (128, 32, 64, 8, "bf16", ANY), (128, 32, 64, 8, "fp16", ANY),  # 8 B on sm_80
+}  # fmt: skip
+
+WARPS_STAGES = [(4, 3), (8, 3)]
+FWD_TILES = [{"BLOCK_M": 128, "BLOCK_K": 32}, {"BLOCK_M": 64, "BLOCK_K": 32}, {"BLOCK_M": 128, "BLOCK_K": 64}]
+DGRAD_TILES = [
+    {"BLOCK_M": 128, "BLOCK_K": 16},
+    {"BLOCK_M": 64, "BLOCK_K": 16},
+    {"BLOCK_M": 128, "BLOCK_K": 32},
+]
+# the first: the interpreter's (and the default); the 64- and 128-channel tiles are the wgmma ones at C_out 16
+WGRAD_TILES = [
+    {"BLOCK_M": 128, "BLOCK_CI": 32}, {"BLOCK_M": 64, "BLOCK_CI": 32}, {"BLOCK_M": 64, "BLOCK_CI": 64},
+    {"BLOCK_M": 64, "BLOCK_CI": 128}, {"BLOCK_M": 32, "BLOCK_CI": 128},
+]  # fmt: skip
 
 _fwd = bucketed_autotune(
-    autotune_configs(
-        [{"BLOCK_M": 128, "BLOCK_K": 32}, {"BLOCK_M": 64, "BLOCK_K": 32}, {"BLOCK_M": 128, "BLOCK_K": 64}],
-        [(4, 3), (8, 3)],
-    ),
-    key=["C_in", "C_out", "M", "KD", "KH", "KW", "DOT_DTYPE", "INT64"],
+    autotune_configs(FWD_TILES, WARPS_STAGES),
+    key=["C_in", "C_out", "M", "KD", "KH", "KW", "DOT_DTYPE", "INPUT_PRECISION", "INT64"],
     bucketed=("C_in", "M"),
     prune_configs_by={"early_config_prune": prune_spilling(_FWD_SPILLS, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))},
 )(kernels.bn_relu_conv3d_fwd_kernel)
 
 _dgrad = bucketed_autotune(
-    autotune_configs(
-        [{"BLOCK_M": 128, "BLOCK_K": 16}, {"BLOCK_M": 64, "BLOCK_K": 16}, {"BLOCK_M": 128, "BLOCK_K": 32}],
-        [(4, 3), (8, 3)],
-    ),
-    key=["C_in", "C_out", "M", "KD", "KH", "KW", "DOT_DTYPE", "STORE_GZ", "INT64"],
+    autotune_configs(DGRAD_TILES, WARPS_STAGES),
+    key=["C_in", "C_out", "M", "KD", "KH", "KW", "DOT_DTYPE", "INPUT_PRECISION", "STORE_GZ", "INT64"],
     bucketed=("C_in", "M"),
     reset_to_zero=["dgamma_ptr", "dbeta_ptr"],
     restore_value=["gx_ptr"],
@@ -65,11 +89,8 @@ _dgrad = bucketed_autotune(
 )(kernels.bn_relu_conv3d_dgrad_kernel)
 
 _wgrad = bucketed_autotune(
-    autotune_configs(
-        [{"BLOCK_M": 128, "BLOCK_CI": 32}, {"BLOCK_M": 64, "BLOCK_CI": 32}, {"BLOCK_M": 64, "BLOCK_CI": 64}],
-        [(4, 3), (8, 3)],
-    ),
-    key=["C_in", "C_out", "M", "KH", "KW", "DOT_DTYPE", "INT64"],
+    autotune_configs(WGRAD_TILES, WARPS_STAGES),
+    key=["C_in", "C_out", "M", "KH", "KW", "DOT_DTYPE", "INPUT_PRECISION", "INT64"],
     bucketed=("C_in", "M"),
     prune_configs_by={
         "early_config_prune": prune_spilling(_WGRAD_SPILLS, ("BLOCK_M", "BLOCK_CI", "BLOCK_CO"))

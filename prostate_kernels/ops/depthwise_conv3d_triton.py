@@ -10,6 +10,7 @@ import torch
 from prostate_kernels.ops import depthwise_conv3d_kernels as kernels
 from prostate_kernels.ops.conv_geometry import ConvGeometry
 from prostate_kernels.ops.launch import (
+    ANY,
     autotune_configs,
     bucketed_autotune,
     cdiv,
@@ -42,20 +43,21 @@ _dgrad = bucketed_autotune(
     autotune_configs(_TILES, _WARPS_STAGES), ["M", "C", "KD", "KH", "KW", "sgc", "sdc", "INT64"], ("M",)
 )(kernels.depthwise_conv3d_dgrad_kernel)
 # Separable configs that spill registers at some launch (measured by `make gpu-compile`, see
-# bench/results/2026-11-27-compile-report.md), as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps).
+# bench/results/<date>-compile-report.md), as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, dot path, int64)
+# (launch.prune_spilling): at every dot path and offset width.
 _SEPARABLE_SPILLS = {
-    (128, 128, 32, 4),
-    (128, 128, 32, 8),
-    (64, 128, 32, 4),
-    (64, 128, 32, 8),
-    (64, 128, 64, 4),
+    (128, 128, 32, 4, ANY, ANY),
+    (128, 128, 32, 8, ANY, ANY),
+    (64, 128, 32, 4, ANY, ANY),
+    (64, 128, 32, 8, ANY, ANY),
+    (64, 128, 64, 4, ANY, ANY),
 }
 _separable = bucketed_autotune(
     autotune_configs(
         [{"BLOCK_M": 64, "BLOCK_K": 32}, {"BLOCK_M": 128, "BLOCK_K": 32}, {"BLOCK_M": 64, "BLOCK_K": 64}],
         _WARPS_STAGES,
     ),
-    key=["M", "C_in", "C_out", "KD", "KH", "KW", "INT64"],
+    key=["M", "C_in", "C_out", "KD", "KH", "KW", "INPUT_PRECISION", "INT64"],
     bucketed=("M",),
     prune_configs_by={
         "early_config_prune": prune_spilling(_SEPARABLE_SPILLS, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))

@@ -137,21 +137,43 @@ def check_voxels(op: str, *counts: int) -> None:
             raise ValueError(f"{op}: {count} voxels in one call; at most {INT32_SPAN - 1} are supported")
 
 
-def prune_spilling(spilling: set[tuple[int, ...]], names: tuple[str, ...]):
-    """An `early_config_prune` for triton.autotune that drops the configs `make gpu-compile` measured to
-    spill registers (on sm_90a or sm_80, in some dot path or offset width) at this launch's block sizes.
+ANY = None  # in a spill entry of prune_spilling: at every dot path, or at both offset widths
 
-    spilling: tuples of the values of `names` (block sizes, from the config or the launch's keyword
-    arguments) followed by num_warps. At least one config always remains (the last one, if every
-    candidate is listed: the lists are written so that this does not happen at measured launches).
+
+def dot_path_label(dot_dtype, precision: str | None) -> str:
+    """The dot path a launch's DOT_DTYPE and INPUT_PRECISION select: "bf16", "fp16", "fp32-tf32" or
+    "fp32-ieee" ("" for a kernel without them); the labels of `make gpu-compile`'s report."""
+    if dot_dtype is None:
+        return ""
+    label = str(dot_dtype)  # tl.bfloat16 -> "bf16", tl.float16 -> "fp16", tl.float32 -> "fp32"
+    return f"{label}-{precision}" if label == "fp32" else label
+
+
+def prune_spilling(spilling: set[tuple], names: tuple[str, ...]):
+    """An `early_config_prune` for triton.autotune that drops the configs `make gpu-compile` measured to
+    spill registers (on sm_90a or sm_80) at this launch's block sizes, dot path and offset width.
+
+    spilling: entries (values of `names` (block sizes, from the config or the launch's keyword
+    arguments)..., num_warps, dot path, int64): the dot path a dot_path_label or ANY, int64 a bool or ANY.
+    A config spilling only with float32 IEEE dots (FMA, more registers) stays a candidate of the bf16
+    launches, whose tensor-core variant does not spill. At least one config always remains (the last one,
+    if every candidate is listed: the lists are written so that this does not happen at measured launches).
     """
 
     def prune(configs, named_args, **kwargs):
-        def key(config):
-            values = {**kwargs, **config.kwargs}
-            return (*(values.get(name) for name in names), config.num_warps)
+        launch = {**named_args, **kwargs}
+        dot = dot_path_label(launch.get("DOT_DTYPE"), launch.get("INPUT_PRECISION"))
+        int64 = bool(launch.get("INT64"))
 
-        kept = [c for c in configs if key(c) not in spilling]
+        def spills(config) -> bool:
+            values = {**launch, **config.kwargs}
+            blocks = (*(values.get(name) for name in names), config.num_warps)
+            return any(
+                entry[:-2] == blocks and entry[-2] in (ANY, dot) and entry[-1] in (ANY, int64)
+                for entry in spilling
+            )
+
+        kept = [c for c in configs if not spills(c)]
         return kept or configs[-1:]
 
     return prune
