@@ -186,21 +186,54 @@ def _check_reduced_precision(dtype, channels_last: bool, device: str, g) -> dict
     finally:
         torch.backends.cudnn.allow_tf32 = False
     exact, _ = _run_dense_layer(x, params, conv, True, "torch", torch.float64, gy)
-    # tensors both compute in float32 (running statistics) have errors near 1e-7: below 1e-5, a ratio
-    # over 2 is rounding noise, not a defect
+    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    layout = "channels-last" if channels_last else "NCDHW"
+    return _error_ratio_row(f"bn_relu_conv3d {name} p3a 112ch 16x64x64 {layout}", ours, eager, exact)
+
+
+def _error_ratio_row(what: str, ours: dict, eager: dict, exact: dict, focus: str = "") -> dict:
+    """Passes when each tensor's error against float64 is at most 2x eager PyTorch's in the same
+    precision. Tensors both compute in float32 (running statistics) have errors near 1e-7: below 1e-5,
+    a ratio over 2 is rounding noise, not a defect."""
     ratios = {
         k: _rel(ours[k], exact[k]) / max(_rel(eager[k], exact[k]), 1e-30)
         for k in exact
         if _rel(ours[k], exact[k]) > 1e-5
     } or {"y": 0.0}
     worst = max(ratios, key=ratios.get)
-    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
-    layout = "channels-last" if channels_last else "NCDHW"
-    return _row(
-        f"bn_relu_conv3d {name} p3a 112ch 16x64x64 {layout}: error / eager's error",
-        ratios[worst] <= 2.0,
-        f"worst {worst}: {ratios[worst]:.2f}x eager's error ({_rel(ours[worst], exact[worst]):.1e})",
-    )
+    detail = f"worst {worst}: {ratios[worst]:.2f}x eager's error ({_rel(ours[worst], exact[worst]):.1e})"
+    if focus:  # the tensor the case is about, whether or not it is the worst
+        ratio = _rel(ours[focus], exact[focus]) / max(_rel(eager[focus], exact[focus]), 1e-30)
+        detail += f"; {focus}: {ratio:.2f}x ({_rel(ours[focus], exact[focus]):.1e})"
+    return _row(f"{what}: error / eager's error", ratios[worst] <= 2.0, detail)
+
+
+def check_bn_relu_conv3d_tiles(device: str = "cuda", layer=P3A_LAYER) -> list[dict]:
+    """Every tile a GPU's autotuner may choose (each kernel's tiles x warps, spilling ones included),
+    pinned one kernel at a time (BucketedAutotuner.pin; the other two autotuned), at p3a's layer shape in
+    bf16: its error against float64 within 2x eager's bf16 error. The interpreter checks the tiles'
+    indexing; this checks the tensor-core code each becomes (wgmma or mma.sync)."""
+    from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
+
+    g = torch.Generator().manual_seed(2)
+    x, params, conv = _dense_layer_case(*layer[:4], *layer[4:7], layer[7], layer[8], device, torch.bfloat16,
+                                        g, True)  # fmt: skip
+    eager, gy = _run_dense_layer(x, params, conv, True, "torch", torch.bfloat16)
+    exact, _ = _run_dense_layer(x, params, conv, True, "torch", torch.float64, gy)
+    shape = f"{layer[1]}ch {'x'.join(map(str, layer[3]))}"
+    rows = []
+    kernels = (("forward", "y", launchers._fwd, launchers.FWD_TILES),
+               ("input grad", "grad_x", launchers._dgrad, launchers.DGRAD_TILES),
+               ("weight grad", "grad_weight", launchers._wgrad, launchers.WGRAD_TILES))  # fmt: skip
+    for name, focus, tuned, tiles in kernels:
+        for tile in tiles:
+            for warps, stages in launchers.WARPS_STAGES:
+                with tuned.pin(**tile, num_warps=warps, num_stages=stages):
+                    ours, _ = _run_dense_layer(x, params, conv, True, "triton", torch.bfloat16, gy)
+                label = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in tile.items())
+                rows.append(_error_ratio_row(f"bn_relu_conv3d bf16 {shape} {name} tile {label} "
+                                             f"{warps} warps", ours, eager, exact, focus))  # fmt: skip
+    return rows
 
 
 def _tf32_diagnostic(device: str, g) -> dict:
@@ -370,6 +403,7 @@ CHECKS: list[tuple[str, Callable[[str], list[dict]]]] = [
     ("sliding window", check_sliding_window),
     ("predict stitching", check_predict_stitching),
     ("bn_relu_conv3d", check_bn_relu_conv3d),
+    ("bn_relu_conv3d tiles", check_bn_relu_conv3d_tiles),
     ("dense block", check_dense_block),
     ("depthwise", check_depthwise),
 ]

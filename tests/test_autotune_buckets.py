@@ -50,6 +50,22 @@ def test_one_autotuning_per_bucket_then_the_winner_directly():
     assert direct["BLOCK_M"] == 64 and direct["num_warps"] == 4  # C_in=33's winner, not C_in=60's (128)
 
 
+def test_a_pinned_config_replaces_the_autotuning_and_leaves_the_buckets_alone():
+    tuner = FakeTuner()
+    tuned = BucketedAutotuner(tuner, ("C_in", "M"))
+    x = torch.zeros(1)
+    tuned[(1,)](x, 33, 1000, 3)  # autotuned: the bucket's winner is BLOCK_M 64
+    with tuned.pin(BLOCK_M=32, num_warps=8):
+        tuned[(1,)](x, 33, 1000, 3)  # same bucket: the pinned config
+        tuned[(1,)](x, 80, 1000, 3)  # a new bucket: pinned too, never autotuned
+    tuned[(1,)](x, 33, 1000, 3)  # the bucket's winner again
+    kinds = [launch[0] for launch in tuner.launches]
+    assert kinds == ["tuned", "direct", "direct", "direct"]
+    assert [tuner.launches[i][2]["BLOCK_M"] for i in (1, 2, 3)] == [32, 32, 64]
+    assert tuner.launches[1][2]["num_warps"] == 8
+    assert len(tuned.chosen) == 1 and tuned.pinned is None
+
+
 def test_capture_mode_sends_every_launch_through_the_autotuner(monkeypatch):
     tuner = FakeTuner()
     tuned = BucketedAutotuner(tuner, ("M",))

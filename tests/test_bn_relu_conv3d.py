@@ -454,51 +454,53 @@ def test_weight_gradient_in_several_splits(case, monkeypatch):
             assert err < RTOL32, f"{key}: relative error {err:.2e}"
 
 
-def _launchers_with_tiles(monkeypatch, fwd: dict, dgrad: dict, wgrad: dict) -> None:
-    """The three conv kernels launched with these tiles (the interpreter's autotuners hold only the first
-    tile of each list; a GPU's choose among them all)."""
-    import triton
+class _LaunchLog:
+    """Stands in for a kernel: records each launch's keyword arguments, then launches the kernel."""
 
-    from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
+    def __init__(self, kernel) -> None:
+        self.kernel, self.calls = kernel, []
 
-    for tuned, tile in ((launchers._fwd, fwd), (launchers._dgrad, dgrad), (launchers._wgrad, wgrad)):
-        monkeypatch.setattr(tuned.tuner, "configs", [triton.Config(tile, num_warps=4)])
-        monkeypatch.setattr(tuned, "chosen", {})
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
 
 
 def _gpu_tiles():
+    """(forward, input-gradient, weight-gradient) tiles covering each list of a GPU's candidates."""
     from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
 
-    n = max(len(launchers.FWD_TILES), len(launchers.DGRAD_TILES), len(launchers.WGRAD_TILES))
-    return [
-        (
-            launchers.FWD_TILES[i % len(launchers.FWD_TILES)],
-            launchers.DGRAD_TILES[i % len(launchers.DGRAD_TILES)],
-            launchers.WGRAD_TILES[i],
-        )  # fmt: skip
-        for i in range(n)
-    ]
+    lists = (launchers.FWD_TILES, launchers.DGRAD_TILES, launchers.WGRAD_TILES)
+    return [tuple(tiles[i % len(tiles)] for tiles in lists) for i in range(max(map(len, lists)))]
 
 
 @pytest.mark.parametrize("tiles", _gpu_tiles(), ids=lambda t: "-".join(str(v) for d in t for v in d.values()))
 def test_every_autotune_tile_matches_float64_reference(tiles, monkeypatch):
     """Each tile a GPU's autotuner may choose (the 64- and 128-channel weight-gradient tiles included: the
-    wgmma ones at C_out 16) computes the output and every gradient, at C_in = 70 (a partial block of 64
-    and of 128 channels, two of 32 and a partial third) and odd sizes, in the weight-gradient's several
-    splits."""
-    from prostate_kernels.ops import bn_relu_conv3d_triton
+    wgmma ones at C_out 16), pinned (BucketedAutotuner.pin), computes the output and every gradient, at
+    C_in = 70 (a partial block of 64 and of 128 channels, two of 32 and a partial third) and odd sizes,
+    in the weight-gradient's several splits."""
+    import contextlib
 
-    _launchers_with_tiles(monkeypatch, *tiles)
-    monkeypatch.setattr(bn_relu_conv3d_triton, "wgrad_programs_wanted", lambda device: 10_000)
+    from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
+
+    monkeypatch.setattr(launchers, "wgrad_programs_wanted", lambda device: 10_000)
+    tuned = (launchers._fwd, launchers._dgrad, launchers._wgrad)
+    logs = [_LaunchLog(t.tuner.fn) for t in tuned]
+    for t, log in zip(tuned, logs, strict=True):
+        monkeypatch.setattr(t.tuner, "fn", log)
     case = Case("c70", 1, 70, 16, (3, 5, 7), bias=True)
     g = torch.Generator().manual_seed(5)
     x, params = make_input(case, g), make_params(case, g)
-    got, gy = run(x, params, case, True, "triton")
+    with contextlib.ExitStack() as stack:
+        for t, tile in zip(tuned, tiles, strict=True):
+            stack.enter_context(t.pin(**tile))
+        got, gy = run(x, params, case, True, "triton")
     expected, _ = run(x, params, case, True, "torch", dtype=torch.float64, grad_out=gy)
     for key, value in expected.items():
         err = max_rel_error(got[key], value)
         assert err < RTOL32, f"{key}: relative error {err:.2e}"
-    for tuned, tile in zip((bn_relu_conv3d_triton._fwd, bn_relu_conv3d_triton._dgrad,
-                            bn_relu_conv3d_triton._wgrad), tiles, strict=True):  # fmt: skip
-        launched = list(tuned.chosen.values())
-        assert launched and all(config.items() >= tile.items() for config in launched), (tile, launched)
+    for log, tile in zip(logs, tiles, strict=True):
+        assert log.calls and all(call.items() >= tile.items() for call in log.calls), (tile, log.calls)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -59,6 +61,7 @@ class BucketedAutotuner:
         if unknown:
             raise ValueError(f"bucketed arguments {sorted(unknown)} are not autotune keys {tuner.keys}")
         self.chosen: dict[tuple, dict] = {}  # bucket -> its winner's launch kwargs (Config.all_kwargs())
+        self.pinned: dict | None = None  # launch kwargs every launch takes instead of autotuning (pin())
         position = {name: i for i, name in enumerate(tuner.arg_names)}
         # (name, position among the arguments, bucketed) per key: read without building a dict per launch
         self._keys = [(k, position[k], k in bucketed) for k in tuner.keys]
@@ -74,8 +77,22 @@ class BucketedAutotuner:
         key.append(args[0].dtype)
         return tuple(key)
 
+    @contextlib.contextmanager
+    def pin(self, **config):
+        """Within the block every launch takes this config (its block sizes, and num_warps and num_stages
+        when given) instead of the bucket's autotuned one, spilling or not: to check or time one tile.
+        The buckets' choices are neither used nor changed."""
+        previous, self.pinned = self.pinned, config
+        try:
+            yield
+        finally:
+            self.pinned = previous
+
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
+            if self.pinned is not None:
+                self.tuner.fn[grid](*args, **kwargs, **self.pinned)
+                return
             key = self.bucket(args, kwargs)
             config = self.chosen.get(key) if self.remember else None
             if config is None:

@@ -1,0 +1,28 @@
+"""bench/gpu_checks.py's pinned-tile check, run through the interpreter on a tiny layer: the code a GPU
+run will execute works (a GPU session has minutes, not the time to debug it), and every tile passes."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+if not BENCH.is_dir():
+    pytest.skip(f"bench/ is not beside the tests ({BENCH})", allow_module_level=True)
+sys.path.insert(0, str(BENCH))
+
+
+def test_every_pinned_tile_passes_the_gpu_check_on_a_tiny_layer():
+    import gpu_checks
+
+    from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
+
+    rows = gpu_checks.check_bn_relu_conv3d_tiles("cpu", layer=(1, 20, 16, (2, 3, 4), 1, 1, 1, False, True))
+    tiles = len(launchers.FWD_TILES) + len(launchers.DGRAD_TILES) + len(launchers.WGRAD_TILES)
+    assert len(rows) == tiles * len(launchers.WARPS_STAGES)
+    assert all(r["result"] == "PASS" for r in rows), [r for r in rows if r["result"] != "PASS"]
+    wgrad = [r for r in rows if " weight grad tile " in r["check"]]
+    assert len(wgrad) == len(launchers.WGRAD_TILES) * len(launchers.WARPS_STAGES)
+    assert all("grad_weight:" in r["detail"] for r in wgrad)
