@@ -73,6 +73,7 @@ def timing_sections() -> list[tuple[str, object]]:
     import bench_models
     import bench_optimize
     import bench_sliding_window
+    import bench_tiles
     import gpu_profile
     import torch
 
@@ -83,6 +84,7 @@ def timing_sections() -> list[tuple[str, object]]:
     return [
         ("bn_relu_conv3d", lambda: [bench_bn_relu_conv3d.run("cuda", compile_mode="full-res")]),
         ("profile", lambda: [gpu_profile.run()]),
+        ("tiles", lambda: [bench_tiles.run("cuda")]),
         ("dense_block", lambda: [bench_dense_block.run("cuda")]),
         ("depthwise", lambda: [bench_depthwise.run("cuda", quick=True)]),
         ("models", lambda: bench_models.run("cuda", ("tiramisu3d_p3a",), ("ours", "eager"), ladder=False)),

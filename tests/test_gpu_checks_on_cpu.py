@@ -26,3 +26,23 @@ def test_every_pinned_tile_passes_the_gpu_check_on_a_tiny_layer():
     wgrad = [r for r in rows if " weight grad tile " in r["check"]]
     assert len(wgrad) == len(launchers.WGRAD_TILES) * len(launchers.WARPS_STAGES)
     assert all("grad_weight:" in r["detail"] for r in wgrad)
+
+
+def test_the_tile_timings_run_every_tile_and_find_the_autotuned_one():
+    """bench/bench_tiles.py (a GPU section of bench/gpu_suite.py) through the interpreter on a tiny layer:
+    a row per tile x warps of each kernel, cuDNN's (here: PyTorch's CPU) time beside each, and the
+    autotuner's own pick marked once per kernel."""
+    import bench_tiles
+    import torch
+
+    from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
+
+    result = bench_tiles.run("cpu", torch.float32, shapes=((8, (2, 3, 3)),))
+    lists = {"forward": launchers.FWD_TILES, "input grad": launchers.DGRAD_TILES,
+             "weight grad": launchers.WGRAD_TILES}  # fmt: skip
+    for kernel, tiles in lists.items():
+        rows = [r for r in result.rows if r["kernel"] == kernel]
+        assert len(rows) == len(tiles) * len(launchers.WARPS_STAGES)
+        assert sum(r["autotuned"] == "yes" for r in rows) == 1
+        assert all(float(r["ms"]) > 0 and float(r["cudnn_ms"]) > 0 for r in rows)
+    assert result.summary.count("best") == 3
