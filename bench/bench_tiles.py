@@ -11,7 +11,8 @@ Per shape (batch 2, growth 16, bf16, channels-last), per kernel:
 - weight gradient: ours = the weight-gradient kernel (partial sums over the voxel splits, and their sum);
   cuDNN = the conv's weight gradient of a.
 Every tile x (num_warps, num_stages) of the launchers' lists is pinned (BucketedAutotuner.pin), the
-spilling ones included; `autotuned` marks the one the autotuner picks by itself.
+spilling ones included, and each tile also at EXPLORE_WARPS_STAGES (not an autotune candidate);
+`autotuned` marks the one the autotuner picks by itself.
 
     python3 bench/bench_tiles.py        # on a CUDA machine; prints the table
 """
@@ -28,6 +29,11 @@ from common import BenchResult  # noqa: E402
 
 BATCH, GROWTH = 2, 16
 SHAPES = ((48, (16, 64, 64)), (416, (16, 64, 64)))  # p3a's down1.0 and up3.0 layers
+# (num_warps, num_stages) timed beside the autotuners' candidates, not among them: with num_stages 1
+# the tile loads are plain ld.global (cached in L1) instead of pipelined cp.async.cg (L2 only), which
+# decides whether the 27 taps of a channel block re-read L1 or L2 (the PTX shows both; which is faster
+# only a GPU says)
+EXPLORE_WARPS_STAGES = [(4, 1)]
 
 
 def _operands(c_in: int, size: tuple[int, int, int], device: str, dtype: torch.dtype):
@@ -106,14 +112,14 @@ def _autotuned_pick(tuned, call) -> dict:
 
 def _timer(device: str):
     """Median milliseconds of a call: triton.testing.do_bench on CUDA; on the CPU (a dry run through the
-    interpreter) the median of three calls."""
+    interpreter, whose times mean nothing) one call."""
     if device == "cuda":
         from triton.testing import do_bench
 
         return lambda fn: do_bench(fn, warmup=5, rep=25, return_mode="median")
     from common import interleaved_medians
 
-    return lambda fn: interleaved_medians({"fn": fn}, rounds=3, warmup=1)["fn"]["median"] * 1e3
+    return lambda fn: interleaved_medians({"fn": fn}, rounds=1, warmup=0)["fn"]["median"] * 1e3
 
 
 def run(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, shapes=SHAPES) -> BenchResult:
@@ -128,7 +134,7 @@ def run(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, shapes=SHAPES
             cudnn_ms = ms(cudnn)
             picked = _autotuned_pick(tuned, ours)
             for tile in tiles:
-                for warps, stages in launchers.WARPS_STAGES:
+                for warps, stages in launchers.WARPS_STAGES + EXPLORE_WARPS_STAGES:
                     with tuned.pin(**tile, num_warps=warps, num_stages=stages):
                         t = ms(ours)
                     config = {**tile, "num_warps": warps, "num_stages": stages}
@@ -136,6 +142,7 @@ def run(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, shapes=SHAPES
                         "shape": shape, "kernel": name, "tile": _tile_label(tile, warps, stages),
                         "ms": f"{t:.3f}", "cudnn_ms": f"{cudnn_ms:.3f}", "vs_cudnn": f"{cudnn_ms / t:.2f}",
                         "autotuned": "yes" if picked and picked.items() >= config.items() else "",
+                        "candidate": "yes" if (warps, stages) in launchers.WARPS_STAGES else "no: explored",
                     })  # fmt: skip
     best = {}
     for r in rows:
@@ -150,7 +157,8 @@ def run(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, shapes=SHAPES
         "medians of triton.testing.do_bench (5 ms warm-up, 25 ms measured), each kernel alone",
         "forward vs cuDNN's conv3d of the ready activation (its BN-ReLU pass not counted); input grad: ours "
         "includes the BatchNorm finalize kernel; weight grad: ours includes the sum over voxel splits",
-        "vs_cudnn = cuDNN ms / ours (above 1: ours faster); autotuned: the tile the autotuner picks itself",
+        "vs_cudnn = cuDNN ms / ours (above 1: ours faster); autotuned: the tile the autotuner picks itself; "
+        "candidate no: a (num_warps, num_stages) timed to explore, not among the autotuner's candidates",
     ]
     return BenchResult("tiles", rows, notes, summary)
 

@@ -42,7 +42,9 @@ def test_the_tile_timings_run_every_tile_and_find_the_autotuned_one():
              "weight grad": launchers.WGRAD_TILES}  # fmt: skip
     for kernel, tiles in lists.items():
         rows = [r for r in result.rows if r["kernel"] == kernel]
-        assert len(rows) == len(tiles) * len(launchers.WARPS_STAGES)
+        per_tile = len(launchers.WARPS_STAGES) + len(bench_tiles.EXPLORE_WARPS_STAGES)
+        assert len(rows) == len(tiles) * per_tile
         assert sum(r["autotuned"] == "yes" for r in rows) == 1
+        assert sum(r["candidate"] == "yes" for r in rows) == len(tiles) * len(launchers.WARPS_STAGES)
         assert all(float(r["ms"]) > 0 and float(r["cudnn_ms"]) > 0 for r in rows)
     assert result.summary.count("best") == 3
