@@ -135,3 +135,19 @@ def test_spill_entries_prune_only_at_their_dot_path_and_offset_width():
     assert kept(tl.float32, "ieee", True) == [32]
     every = prune_spilling({(m, 4, ANY, ANY) for m in (32, 64, 128)}, ("BLOCK_M",))
     assert [c.kwargs["BLOCK_M"] for c in every(configs, {})] == [128]
+
+
+def test_voxel_alignment_is_the_largest_power_of_two_dividing_strides_and_channels():
+    from prostate_kernels.ops.launch import voxel_alignment
+
+    def channels_last(*shape):
+        return torch.empty(shape).to(memory_format=torch.channels_last_3d)
+
+    assert voxel_alignment(channels_last(2, 728, 3, 4, 5)) == 8  # DeepLabv3+'s middle flow
+    assert voxel_alignment(channels_last(2, 128, 3, 4, 5)) == 16
+    assert voxel_alignment(channels_last(2, 128, 3, 4, 5), channels_last(2, 12, 3, 4, 5)) == 4
+    assert voxel_alignment(torch.empty(2, 128, 3, 4, 5)) == 1  # NCDHW: W's stride is 1
+    assert voxel_alignment(torch.empty(1, 16, 1, 1, 1)) == 16  # size-1 dimensions: strides never used
+    buffer = channels_last(2, 40, 3, 4, 5)
+    assert voxel_alignment(buffer[:, 8:32]) == 8  # a channel slice: the buffer's strides, its 24 channels
+    assert voxel_alignment(buffer[:, 8:14]) == 2

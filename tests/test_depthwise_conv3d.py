@@ -37,6 +37,10 @@ CASES = [
     Case("stride2", 9, (7, 8, 9), stride=2),
     Case("per-axis", 4, (5, 9, 8), stride=(1, 2, 2), padding=(1, 2, 3), dilation=(1, 2, 3)),
     Case("non-contiguous", 7, (4, 6, 5), layout="transposed"),
+    # channels-last with channel counts that are multiples of 8 and of 4, not 16 (as DeepLabv3+'s 728):
+    # the kernels declare their voxel offsets multiples of 8 and 4 (launch.voxel_alignment)
+    Case("channels-last-24ch", 24, (4, 5, 6), padding=2, dilation=2, layout="channels_last"),
+    Case("channels-last-12ch-stride2", 12, (5, 6, 7), stride=2, layout="channels_last"),
 ]
 
 
@@ -214,8 +218,9 @@ def test_separable_conv_matches_plain_layers_in_training(depth_activation):
     )
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["ncdhw", "channels-last"])
 @pytest.mark.parametrize("depth_activation", [False, True])
-def test_fused_inference_kernel_matches_unfused(depth_activation):
+def test_fused_inference_kernel_matches_unfused(depth_activation, channels_last):
     torch.manual_seed(3)
     module = SeparableConv3d(40, 24, dilation=2, depth_activation=depth_activation)  # 40: two channel blocks
     with torch.no_grad():  # non-trivial running statistics
@@ -226,6 +231,8 @@ def test_fused_inference_kernel_matches_unfused(depth_activation):
             bn.bias.uniform_(-0.5, 0.5)
     module.eval()
     x = torch.randn(2, 40, 5, 6, 7)
+    if channels_last:  # 40 and 24 channels: voxel offsets and channel bounds multiples of 8
+        x = x.to(memory_format=torch.channels_last_3d)
     assert not module._fusable(x)  # on the CPU "auto" runs the twin
     with torch.no_grad(), use_backend("triton"):
         assert module._fusable(x)

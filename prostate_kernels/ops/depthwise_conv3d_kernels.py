@@ -14,7 +14,13 @@ import triton
 import triton.language as tl
 
 from prostate_kernels.ops.dot_operands import dot_operand
-from prostate_kernels.ops.triton_index import block_offsets, voxel, voxel_offsets, widen
+from prostate_kernels.ops.triton_index import (
+    aligned_count,
+    block_offsets,
+    voxel,
+    voxel_offsets_aligned,
+    widen,
+)
 
 
 @triton.jit
@@ -22,7 +28,7 @@ def _depthwise_taps(
     x_ptr, w_ptr, n, od, oh, ow, mask_m, offs_c, mask_c, D, H, W, sxn, sxc, sxd, sxh, sxw,
     std, sth, stw, pdd, pdh, pdw, dld, dlh, dlw,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, RELU_IN: tl.constexpr, INT64: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ALIGN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """float32 (BLOCK_M, BLOCK_C) depthwise sums at output voxels (n, od, oh, ow), channels offs_c;
     w_ptr is (C, taps) contiguous; RELU_IN applies ReLU to x first (zero padding stays zero)."""
@@ -33,7 +39,7 @@ def _depthwise_taps(
         i_h = oh * sth - pdh + ((tap // KW) % KH) * dlh
         i_w = ow * stw - pdw + (tap % KW) * dlw
         valid = mask_m & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
-        row = voxel_offsets(n, i_d, i_h, i_w, sxn, sxd, sxh, sxw, INT64)
+        row = voxel_offsets_aligned(n, i_d, i_h, i_w, sxn, sxd, sxh, sxw, INT64, ALIGN)
         x_mask = valid[:, None] & mask_c[None, :]
         x = tl.load(x_ptr + row[:, None] + column[None, :], mask=x_mask, other=0.0).to(tl.float32)
         if RELU_IN:
@@ -81,21 +87,22 @@ def depthwise_conv3d_fwd_kernel(
     KW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr,  # every voxel offset is a multiple of ALIGN elements (triton_index.aligned)
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     offs_m = block_offsets(tl.program_id(0), BLOCK_M)
     offs_c = block_offsets(tl.program_id(1), BLOCK_C)
     mask_m = offs_m < M
-    mask_c = offs_c < C
+    mask_c = offs_c < aligned_count(C, ALIGN)
     n, od, oh, ow = voxel(offs_m, Do, Ho, Wo)
     acc = _depthwise_taps(
         x_ptr, w_ptr, n, od, oh, ow, mask_m, offs_c, mask_c, D, H, W, sxn, sxc, sxd, sxh, sxw,
-        std, sth, stw, pdd, pdh, pdw, dld, dlh, dlw, KD, KH, KW, False, INT64, BLOCK_M, BLOCK_C,
+        std, sth, stw, pdd, pdh, pdw, dld, dlh, dlw, KD, KH, KW, False, INT64, ALIGN, BLOCK_M, BLOCK_C,
     )  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
-    out = voxel_offsets(n, od, oh, ow, syn, syd, syh, syw, INT64)
+    out = voxel_offsets_aligned(n, od, oh, ow, syn, syd, syh, syw, INT64, ALIGN)
     mask = mask_m[:, None] & mask_c[None, :]
     tl.store(
         y_ptr + out[:, None] + widen(offs_c, INT64)[None, :] * syc, acc.to(y_ptr.dtype.element_ty), mask=mask
@@ -138,6 +145,7 @@ def depthwise_conv3d_dgrad_kernel(
     KH: tl.constexpr,
     KW: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr,  # every voxel offset is a multiple of ALIGN elements (triton_index.aligned)
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -146,7 +154,7 @@ def depthwise_conv3d_dgrad_kernel(
     offs_m = block_offsets(tl.program_id(0), BLOCK_M)
     offs_c = block_offsets(tl.program_id(1), BLOCK_C)
     mask_m = offs_m < M
-    mask_c = offs_c < C
+    mask_c = offs_c < aligned_count(C, ALIGN)
     n, i_d, i_h, i_w = voxel(offs_m, D, H, W)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for tap in range(KD * KH * KW):
@@ -159,7 +167,7 @@ def depthwise_conv3d_dgrad_kernel(
         valid = mask_m & (nd >= 0) & (nh >= 0) & (nw >= 0)
         valid = valid & (nd % std == 0) & (nh % sth == 0) & (nw % stw == 0)
         valid = valid & (o_d < Do) & (o_h < Ho) & (o_w < Wo)
-        row = voxel_offsets(n, o_d, o_h, o_w, sgn, sgd, sgh, sgw, INT64)
+        row = voxel_offsets_aligned(n, o_d, o_h, o_w, sgn, sgd, sgh, sgw, INT64, ALIGN)
         g = tl.load(
             gy_ptr + row[:, None] + widen(offs_c, INT64)[None, :] * sgc,
             mask=valid[:, None] & mask_c[None, :],
@@ -167,7 +175,7 @@ def depthwise_conv3d_dgrad_kernel(
         )
         w = tl.load(w_ptr + offs_c * (KD * KH * KW) + tap, mask=mask_c, other=0.0)
         acc += g.to(tl.float32) * w.to(tl.float32)[None, :]
-    dst = voxel_offsets(n, i_d, i_h, i_w, sdn, sdd, sdh, sdw, INT64)
+    dst = voxel_offsets_aligned(n, i_d, i_h, i_w, sdn, sdd, sdh, sdw, INT64, ALIGN)
     mask = mask_m[:, None] & mask_c[None, :]
     tl.store(
         gx_ptr + dst[:, None] + widen(offs_c, INT64)[None, :] * sdc,
@@ -214,6 +222,7 @@ def depthwise_conv3d_wgrad_kernel(
     KW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr,  # every voxel offset is a multiple of ALIGN elements (triton_index.aligned)
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -224,7 +233,7 @@ def depthwise_conv3d_wgrad_kernel(
     # did at every step before.
     pid_m = tl.program_id(0)
     offs_c = block_offsets(tl.program_id(1), BLOCK_C)
-    mask_c = offs_c < C
+    mask_c = offs_c < aligned_count(C, ALIGN)
     m_start = pid_m * M_PER_PROGRAM
     m_end = tl.minimum(m_start + M_PER_PROGRAM, M)
     for tap in range(KD * KH * KW):
@@ -233,7 +242,7 @@ def depthwise_conv3d_wgrad_kernel(
             offs_m = m0 + tl.arange(0, BLOCK_M)
             mask_m = offs_m < m_end
             n, od, oh, ow = voxel(offs_m, Do, Ho, Wo)
-            g_row = voxel_offsets(n, od, oh, ow, sgn, sgd, sgh, sgw, INT64)
+            g_row = voxel_offsets_aligned(n, od, oh, ow, sgn, sgd, sgh, sgw, INT64, ALIGN)
             g_mask = mask_m[:, None] & mask_c[None, :]
             g = tl.load(
                 gy_ptr + g_row[:, None] + widen(offs_c, INT64)[None, :] * sgc, mask=g_mask, other=0.0
@@ -242,7 +251,7 @@ def depthwise_conv3d_wgrad_kernel(
             i_h = oh * sth - pdh + ((tap // KW) % KH) * dlh
             i_w = ow * stw - pdw + (tap % KW) * dlw
             valid = mask_m & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
-            x_row = voxel_offsets(n, i_d, i_h, i_w, sxn, sxd, sxh, sxw, INT64)
+            x_row = voxel_offsets_aligned(n, i_d, i_h, i_w, sxn, sxd, sxh, sxw, INT64, ALIGN)
             x_mask = valid[:, None] & mask_c[None, :]
             x = tl.load(
                 x_ptr + x_row[:, None] + widen(offs_c, INT64)[None, :] * sxc, mask=x_mask, other=0.0
@@ -256,7 +265,7 @@ def depthwise_conv3d_wgrad_kernel(
             offs_m = m0 + tl.arange(0, BLOCK_M)
             mask_m = offs_m < m_end
             n, od, oh, ow = voxel(offs_m, Do, Ho, Wo)
-            g_row = voxel_offsets(n, od, oh, ow, sgn, sgd, sgh, sgw, INT64)
+            g_row = voxel_offsets_aligned(n, od, oh, ow, sgn, sgd, sgh, sgw, INT64, ALIGN)
             g_mask = mask_m[:, None] & mask_c[None, :]
             g = tl.load(
                 gy_ptr + g_row[:, None] + widen(offs_c, INT64)[None, :] * sgc, mask=g_mask, other=0.0
@@ -314,6 +323,7 @@ def separable_conv3d_inference_kernel(
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     INT64: tl.constexpr,
+    ALIGN: tl.constexpr,  # every voxel offset is a multiple of ALIGN elements (triton_index.aligned)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # block of C_out
     BLOCK_K: tl.constexpr,  # block of C_in
@@ -324,14 +334,14 @@ def separable_conv3d_inference_kernel(
     mask_m = offs_m < M
     n, od, oh, ow = voxel(offs_m, Do, Ho, Wo)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < C_out
+    mask_n = offs_n < aligned_count(C_out, ALIGN)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, C_in, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < C_in
+        mask_k = offs_k < aligned_count(C_in, ALIGN)
         depth = _depthwise_taps(
             x_ptr, dw_ptr, n, od, oh, ow, mask_m, offs_k, mask_k, D, H, W, sxn, sxc, sxd, sxh, sxw,
-            std, sth, stw, pdd, pdh, pdw, dld, dlh, dlw, KD, KH, KW, RELU_IN, INT64, BLOCK_M, BLOCK_K,
+            std, sth, stw, pdd, pdh, pdw, dld, dlh, dlw, KD, KH, KW, RELU_IN, INT64, ALIGN, BLOCK_M, BLOCK_K,
         )  # fmt: skip
         s1 = tl.load(s1_ptr + offs_k, mask=mask_k, other=0.0)
         t1 = tl.load(t1_ptr + offs_k, mask=mask_k, other=0.0)
@@ -352,7 +362,7 @@ def separable_conv3d_inference_kernel(
     acc = acc * s2[None, :] + t2[None, :]
     if RELU_MID:
         acc = tl.maximum(acc, 0.0)
-    out = voxel_offsets(n, od, oh, ow, syn, syd, syh, syw, INT64)
+    out = voxel_offsets_aligned(n, od, oh, ow, syn, syd, syh, syw, INT64, ALIGN)
     mask = mask_m[:, None] & mask_n[None, :]
     tl.store(
         y_ptr + out[:, None] + widen(offs_n, INT64)[None, :] * syc, acc.to(y_ptr.dtype.element_ty), mask=mask

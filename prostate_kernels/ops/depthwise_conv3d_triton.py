@@ -21,6 +21,7 @@ from prostate_kernels.ops.launch import (
     next_power_of_2,
     output_like,
     prune_spilling,
+    voxel_alignment,
 )
 
 WGRAD_BLOCK_M = 64
@@ -37,10 +38,14 @@ _TILES = [
 ]
 _WARPS_STAGES = [(4, 2), (8, 2)]
 _fwd = bucketed_autotune(
-    autotune_configs(_TILES, _WARPS_STAGES), ["M", "C", "KD", "KH", "KW", "sxc", "syc", "INT64"], ("M",)
+    autotune_configs(_TILES, _WARPS_STAGES),
+    ["M", "C", "KD", "KH", "KW", "sxc", "syc", "INT64", "ALIGN"],
+    ("M",),
 )(kernels.depthwise_conv3d_fwd_kernel)
 _dgrad = bucketed_autotune(
-    autotune_configs(_TILES, _WARPS_STAGES), ["M", "C", "KD", "KH", "KW", "sgc", "sdc", "INT64"], ("M",)
+    autotune_configs(_TILES, _WARPS_STAGES),
+    ["M", "C", "KD", "KH", "KW", "sgc", "sdc", "INT64", "ALIGN"],
+    ("M",),
 )(kernels.depthwise_conv3d_dgrad_kernel)
 # Separable configs that spill registers at some launch (measured by `make gpu-compile`, see
 # bench/results/<date>-compile-report.md), as (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, dot path, int64)
@@ -57,7 +62,7 @@ _separable = bucketed_autotune(
         [{"BLOCK_M": 64, "BLOCK_K": 32}, {"BLOCK_M": 128, "BLOCK_K": 32}, {"BLOCK_M": 64, "BLOCK_K": 64}],
         _WARPS_STAGES,
     ),
-    key=["M", "C_in", "C_out", "KD", "KH", "KW", "INPUT_PRECISION", "INT64"],
+    key=["M", "C_in", "C_out", "KD", "KH", "KW", "INPUT_PRECISION", "INT64", "ALIGN"],
     bucketed=("M",),
     prune_configs_by={
         "early_config_prune": prune_spilling(_SEPARABLE_SPILLS, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
@@ -83,7 +88,7 @@ def depthwise_forward(
         x, w_taps, bias if bias is not None else w_taps, y, m, c, d, h, w, do, ho, wo,
         *x.stride(), *y.stride(), *conv_args(geometry),
         KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], HAS_BIAS=bias is not None,
-        INT64=needs_int64(x, y),
+        INT64=needs_int64(x, y), ALIGN=voxel_alignment(x, y),
     )  # fmt: skip
     return y
 
@@ -101,6 +106,7 @@ def depthwise_input_grad(gy, weight, x_shape, x_like: torch.Tensor, geometry: Co
     _dgrad[grid](
         gy, w_taps, gx, m, c, d, h, w, do, ho, wo, *gy.stride(), *gx.stride(), *conv_args(geometry),
         KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], INT64=needs_int64(gy, gx),
+        ALIGN=voxel_alignment(gy, gx),
     )  # fmt: skip
     return gx
 
@@ -122,7 +128,8 @@ def depthwise_weight_grad(
         x, gy, partial, m, per_program, c, d, h, w, do, ho, wo, *x.stride(), *gy.stride(),
         *conv_args(geometry),
         KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], HAS_BIAS=with_bias,
-        INT64=needs_int64(x, gy, extra=(partial.numel(),)), BLOCK_M=WGRAD_BLOCK_M, BLOCK_C=block_c,
+        INT64=needs_int64(x, gy, extra=(partial.numel(),)), ALIGN=voxel_alignment(x, gy),
+        BLOCK_M=WGRAD_BLOCK_M, BLOCK_C=block_c,
     )  # fmt: skip
     sums = partial.sum(dim=0)  # (taps + 1, C): the final reduction over programs
     grad_w = sums[: geometry.taps].t().reshape(c, 1, *geometry.kernel)
@@ -281,7 +288,8 @@ def separable_inference(
         m, c_in, c_out, d, h, w, do, ho, wo, *x.stride(), *y.stride(), *conv_args(geometry),
         KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2],
         RELU_IN=not depth_activation, RELU_MID=depth_activation,
-        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=needs_int64(x, y), BLOCK_N=block_n,
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=needs_int64(x, y), ALIGN=voxel_alignment(x, y),
+        BLOCK_N=block_n,
     )  # fmt: skip
     return y
 

@@ -147,6 +147,19 @@ def needs_int64(*tensors: torch.Tensor, extra: tuple[int, ...] = ()) -> bool:
     return any(value >= INT32_SPAN for value in extra)
 
 
+def voxel_alignment(*tensors: torch.Tensor) -> int:
+    """The largest of 16, 8, 4, 2, 1 that divides every voxel stride (N, D, H, W; a dimension of size 1
+    has no index but 0, so its stride never counts) and the channel count of every tensor, 5-D
+    (N, C, D, H, W): every voxel offset of theirs is then a multiple of it, and so is every channel
+    bound, which a kernel may declare (triton_index.voxel_offsets_aligned, aligned_count)."""
+    align = 16
+    for t in tensors:
+        for value in [t.shape[1]] + [t.stride(dim) for dim in (0, 2, 3, 4) if t.shape[dim] > 1]:
+            while value % align:
+                align //= 2
+    return align
+
+
 def check_voxels(op: str, *counts: int) -> None:
     """ValueError when a launch would index more voxels than int32 holds (the kernels' voxel indices)."""
     for count in counts:

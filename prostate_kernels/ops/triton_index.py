@@ -40,3 +40,25 @@ def voxel(offs, S0, S1, S2):
 def voxel_offsets(n, i0, i1, i2, sn, s0, s1, s2, INT64: tl.constexpr):
     """Element offset of voxel (n, i0, i1, i2) with strides (sn, s0, s1, s2); int64 when INT64."""
     return widen(n, INT64) * sn + widen(i0, INT64) * s0 + widen(i1, INT64) * s1 + widen(i2, INT64) * s2
+
+
+@triton.jit
+def voxel_offsets_aligned(n, i0, i1, i2, sn, s0, s1, s2, INT64: tl.constexpr, ALIGN: tl.constexpr):
+    """voxel_offsets, known to the compiler to be multiples of ALIGN (launch.voxel_alignment: every
+    voxel stride is one). Triton learns a stride's divisibility only when it is a multiple of 16: at 728
+    channels-last channels (DeepLabv3+'s middle flow) the strides are multiples of 8, and the loads and
+    stores along the contiguous channels were 2-byte scalar ones instead of 16-byte vectors (sm_90a
+    SASS). The strides are divided by ALIGN and the sum multiplied back (exact: they are multiples), a
+    product by a constant that Triton's axis analysis sees; tl.multiple_of's hint on the sum did not
+    survive its canonicalisation (absent from the TTIR)."""
+    if ALIGN > 1:
+        return voxel_offsets(n, i0, i1, i2, sn // ALIGN, s0 // ALIGN, s1 // ALIGN, s2 // ALIGN, INT64) * ALIGN
+    return voxel_offsets(n, i0, i1, i2, sn, s0, s1, s2, INT64)
+
+
+@triton.jit
+def aligned_count(count, ALIGN: tl.constexpr):
+    """A channel count that is a multiple of ALIGN (launch.voxel_alignment), written so that the compiler
+    knows it: a mask `offs < aligned_count(C, ALIGN)` is then constant over ALIGN consecutive channels,
+    which the loads and stores it guards need to be vectors."""
+    return count // ALIGN * ALIGN
