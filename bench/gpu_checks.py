@@ -335,6 +335,7 @@ def check_depthwise(device: str = "cuda") -> list[dict]:
         (128, (8, 16, 16), 2, 2, True),
         (64, (6, 20, 20), 1, 12, False),
         (40, (5, 9, 13), (1, 2, 2), (1, 3, 6), True),
+        (728, (4, 8, 8), 1, 2, True),  # DeepLabv3+'s 728 channels: offsets declared multiples of 8
     ):
         x = torch.randn((2, c, *size), generator=g).to(device)
         if channels_last:
@@ -358,6 +359,7 @@ def check_depthwise(device: str = "cuda") -> list[dict]:
                 f"worst {worst} rel {errs[worst]:.1e}",
             )
         )
+    rows.append(_check_depthwise_bf16_728(device, g))
     torch.manual_seed(0)
     module = SeparableConv3d(96, 80, dilation=(2, 6, 6), depth_activation=True).to(device).eval()
     x = torch.randn((2, 96, 8, 16, 16), device=device).to(memory_format=torch.channels_last_3d)
@@ -375,6 +377,24 @@ def check_depthwise(device: str = "cuda") -> list[dict]:
     err = _rel(fused, exact)
     rows.append(_row("fused separable inference vs float64 unfused", err < 1e-5, f"rel {err:.1e}"))
     return rows
+
+
+def _check_depthwise_bf16_728(device: str, g) -> dict:
+    """bf16 at 728 channels-last channels (16-byte vectors of 8 channels since the alignment change):
+    output and gradients against float64 within 2x the error of PyTorch's grouped conv3d in bf16."""
+    x = torch.randn((2, 728, 4, 8, 8), generator=g).to(device).to(memory_format=torch.channels_last_3d)
+    w, b = torch.randn((728, 1, 3, 3, 3), generator=g).to(device), torch.randn(728, generator=g).to(device)
+    gy = torch.randn((2, 728, 4, 8, 8), generator=g).to(device)
+    results = {}
+    for name, backend, dtype in (("ours", "triton", torch.bfloat16), ("eager", "torch", torch.bfloat16),
+                                 ("exact", "torch", torch.float64)):  # fmt: skip
+        xi, wi, bi = (t.detach().to(dtype).requires_grad_(True) for t in (x, w, b))
+        with use_backend(backend):
+            y = functional.depthwise_conv3d(xi, wi, bi, 1, 2, 2)
+        y.backward(gy.to(dtype))
+        results[name] = {"y": y, "grad_x": xi.grad, "grad_w": wi.grad, "grad_b": bi.grad}
+    ours, eager, exact = (results[k] for k in ("ours", "eager", "exact"))
+    return _error_ratio_row("depthwise bf16 C=728 channels-last 4x8x8", ours, eager, exact)
 
 
 def check_predict_stitching(device: str = "cuda") -> list[dict]:
