@@ -341,16 +341,9 @@ def check_depthwise(device: str = "cuda") -> list[dict]:
         if channels_last:
             x = x.to(memory_format=torch.channels_last_3d)
         w, b = torch.randn((c, 1, 3, 3, 3), generator=g).to(device), torch.randn(c, generator=g).to(device)
-        gy = None
-        results = {}
-        for backend, dtype in (("triton", torch.float32), ("torch", torch.float64)):
-            xi, wi, bi = (t.detach().to(dtype).requires_grad_(True) for t in (x, w, b))
-            with use_backend(backend):
-                y = functional.depthwise_conv3d(xi, wi, bi, stride, dilation, dilation)
-            gy = torch.randn_like(y, dtype=torch.float32) if gy is None else gy
-            y.backward(gy.to(dtype))
-            results[backend] = {"y": y, "grad_x": xi.grad, "grad_w": wi.grad, "grad_b": bi.grad}
-        errs = {k: _rel(results["triton"][k], v) for k, v in results["torch"].items()}
+        ours, gy = _run_depthwise(x, w, b, stride, dilation, "triton", torch.float32)
+        exact, _ = _run_depthwise(x, w, b, stride, dilation, "torch", torch.float64, gy)
+        errs = {k: _rel(ours[k], v) for k, v in exact.items()}
         worst = max(errs, key=errs.get)
         rows.append(
             _row(
@@ -379,21 +372,25 @@ def check_depthwise(device: str = "cuda") -> list[dict]:
     return rows
 
 
+def _run_depthwise(x, w, b, stride, dilation, backend: str, dtype, gy=None):
+    """Output and gradients of the depthwise conv (padding = dilation) in dtype on `backend`, and the
+    output gradient used (a random one when gy is None)."""
+    xi, wi, bi = (t.detach().to(dtype).requires_grad_(True) for t in (x, w, b))
+    with use_backend(backend):
+        y = functional.depthwise_conv3d(xi, wi, bi, stride, dilation, dilation)
+    gy = torch.randn_like(y, dtype=torch.float32) if gy is None else gy
+    y.backward(gy.to(dtype))
+    return {"y": y, "grad_x": xi.grad, "grad_w": wi.grad, "grad_b": bi.grad}, gy
+
+
 def _check_depthwise_bf16_728(device: str, g) -> dict:
     """bf16 at 728 channels-last channels (16-byte vectors of 8 channels since the alignment change):
     output and gradients against float64 within 2x the error of PyTorch's grouped conv3d in bf16."""
     x = torch.randn((2, 728, 4, 8, 8), generator=g).to(device).to(memory_format=torch.channels_last_3d)
     w, b = torch.randn((728, 1, 3, 3, 3), generator=g).to(device), torch.randn(728, generator=g).to(device)
-    gy = torch.randn((2, 728, 4, 8, 8), generator=g).to(device)
-    results = {}
-    for name, backend, dtype in (("ours", "triton", torch.bfloat16), ("eager", "torch", torch.bfloat16),
-                                 ("exact", "torch", torch.float64)):  # fmt: skip
-        xi, wi, bi = (t.detach().to(dtype).requires_grad_(True) for t in (x, w, b))
-        with use_backend(backend):
-            y = functional.depthwise_conv3d(xi, wi, bi, 1, 2, 2)
-        y.backward(gy.to(dtype))
-        results[name] = {"y": y, "grad_x": xi.grad, "grad_w": wi.grad, "grad_b": bi.grad}
-    ours, eager, exact = (results[k] for k in ("ours", "eager", "exact"))
+    ours, gy = _run_depthwise(x, w, b, 1, 2, "triton", torch.bfloat16)
+    eager, _ = _run_depthwise(x, w, b, 1, 2, "torch", torch.bfloat16, gy)
+    exact, _ = _run_depthwise(x, w, b, 1, 2, "torch", torch.float64, gy)
     return _error_ratio_row("depthwise bf16 C=728 channels-last 4x8x8", ours, eager, exact)
 
 

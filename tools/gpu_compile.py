@@ -69,7 +69,11 @@ class Result:
 # ------------------------------------------------------------------------------------- workloads
 
 
-HALF_PATHS = {"bf16": "bfloat16", "fp16": "float16"}
+def _half_dtype(path: str):
+    """The torch dtype of a half dot path ("bf16", "fp16"), None for the float32 ones."""
+    import torch
+
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(path)
 
 
 @contextlib.contextmanager
@@ -85,7 +89,7 @@ def _dot_settings(path: str):
 
     previous_tf32, previous_autocast = torch.backends.cudnn.allow_tf32, backend.autocast_dtype
     torch.backends.cudnn.allow_tf32 = path == "fp32-tf32"
-    half = getattr(torch, HALF_PATHS[path]) if path in HALF_PATHS else None
+    half = _half_dtype(path)
 
     def autocast_dtype(device):
         return half if device.type == "meta" else previous_autocast(device)
@@ -158,7 +162,8 @@ def run_workloads(paths=DOT_PATHS, log=print) -> None:
                         DenseBlock3d(64, growth_rate=32, num_layers=2, dropout=0.0, bn_size=4))}  # fmt: skip
     for path in paths:
         start = time.time()
-        dtypes = [torch.float32] + ([getattr(torch, HALF_PATHS[path])] if path in HALF_PATHS else [])
+        half = _half_dtype(path)
+        dtypes = [torch.float32] + ([half] if half is not None else [])
         for layout in (torch.contiguous_format, torch.channels_last_3d):
             for model in networks.values():
                 for dtype in dtypes:
@@ -297,7 +302,7 @@ def select(variants: dict, quick: bool, arches: tuple[int, ...]) -> list:
 # ---------------------------------------------------------------------------------------- report
 
 
-COLUMNS = ("kernel", "config", "dtype", "dot", "mma", "arch", "int64", "registers", "spill_bytes",
+COLUMNS = ("kernel", "config", "dtype", "mma", "arch", "int64", "registers", "spill_bytes",
            "shared_bytes", "shared_limit", "compile_s", "verdict", "error")  # fmt: skip
 
 
@@ -307,7 +312,6 @@ def rows(results: list[Result]) -> list[dict]:
             "kernel": r.variant.kernel,
             "config": r.variant.config,
             "dtype": r.variant.path,
-            "dot": r.variant.dot or "-",
             "mma": r.mma or "-",
             "arch": ARCHES[r.variant.arch],
             "int64": "yes" if r.variant.int64 else "no",

@@ -87,7 +87,7 @@ def depthwise_conv3d_fwd_kernel(
     KW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INT64: tl.constexpr,
-    ALIGN: tl.constexpr,  # every voxel offset is a multiple of ALIGN elements (triton_index.aligned)
+    ALIGN: tl.constexpr,  # voxel offsets and channel counts are multiples of ALIGN (launch.voxel_alignment)
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -145,7 +145,7 @@ def depthwise_conv3d_dgrad_kernel(
     KH: tl.constexpr,
     KW: tl.constexpr,
     INT64: tl.constexpr,
-    ALIGN: tl.constexpr,  # every voxel offset is a multiple of ALIGN elements (triton_index.aligned)
+    ALIGN: tl.constexpr,  # voxel offsets and channel counts are multiples of ALIGN (launch.voxel_alignment)
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -222,7 +222,7 @@ def depthwise_conv3d_wgrad_kernel(
     KW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INT64: tl.constexpr,
-    ALIGN: tl.constexpr,  # every voxel offset is a multiple of ALIGN elements (triton_index.aligned)
+    ALIGN: tl.constexpr,  # voxel offsets and channel counts are multiples of ALIGN (launch.voxel_alignment)
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -323,7 +323,7 @@ def separable_conv3d_inference_kernel(
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     INT64: tl.constexpr,
-    ALIGN: tl.constexpr,  # every voxel offset is a multiple of ALIGN elements (triton_index.aligned)
+    ALIGN: tl.constexpr,  # voxel offsets and channel counts are multiples of ALIGN (launch.voxel_alignment)
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # block of C_out
     BLOCK_K: tl.constexpr,  # block of C_in
