@@ -7,13 +7,13 @@ iteration, so that training resumes exactly where it stopped and prediction rebu
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from prostate_kernels.data.errors import DataError
+from prostate_kernels.safe_files import atomic_write
 
 FORMAT = "prostate_kernels/1"
 
@@ -22,15 +22,8 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Writes `state` to `path` without ever leaving a truncated file there."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic: readers see the old checkpoint or the new one, never a part
-    finally:
-        tmp.unlink(missing_ok=True)  # only left behind if the write failed
+    with atomic_write(path, "wb") as f:  # readers see the old checkpoint or the new one, never a part
+        torch.save({"format": FORMAT, **state}, f)
     return path
 
 

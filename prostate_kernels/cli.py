@@ -8,6 +8,7 @@ stop the others.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -40,6 +41,28 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not _out_of_memory(exc):
+            raise
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"error: out of memory ({first_line}); {_MEMORY_HINTS[args.command]}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+_MEMORY_HINTS = {
+    "phantoms": "choose a smaller --shape",
+    "train": "choose a smaller --patch or --batch (the last checkpoint is intact: --resume continues)",
+    "predict": "the volume or the model does not fit: try --device cpu, or a machine with more memory",
+    "evaluate": "the volumes do not fit in this machine's memory",
+    "demo": "the demo does not fit in this machine's memory",
+}
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A host allocation that failed (MemoryError) or torch's GPU out-of-memory error (torch imported
+    only if a command already did)."""
+    torch = sys.modules.get("torch")
+    return isinstance(exc, MemoryError) or (torch is not None and isinstance(exc, torch.OutOfMemoryError))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -146,6 +169,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, default=None, help="where the images are, for overlays")
     p.add_argument("--out", type=Path, default=None, help="CSV and overlays (default: the --pred directory)")
     p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the files of an earlier evaluation (evaluation.csv, <case>_overlay.png)",
+    )
+    p.add_argument(
         "--allow-missing",
         action="store_true",
         help="exit 0 even when references have no prediction (they still score as failures)",
@@ -164,8 +192,15 @@ def _phantoms(args) -> int:
     from prostate_kernels.data.phantoms import DEFAULT_SHAPE, write_phantoms
     from prostate_kernels.safe_files import require_empty_directory
 
+    created = not args.out.exists()
     require_empty_directory(args.out, "--out")
-    paths = write_phantoms(args.out, args.n, args.seed, tuple(args.shape or DEFAULT_SHAPE))
+    try:
+        paths = write_phantoms(args.out, args.n, args.seed, tuple(args.shape or DEFAULT_SHAPE))
+    except BaseException:
+        if created:  # a directory this run created and nothing was written into: leave no trace
+            with contextlib.suppress(OSError):
+                args.out.rmdir()
+        raise
     print(f"wrote {len(paths)} phantoms to {args.out}")
     return 0
 
@@ -222,7 +257,7 @@ def _predict(args) -> int:
 def _evaluate(args) -> int:
     from prostate_kernels.pipeline import evaluate_files
 
-    failures, missing = evaluate_files(args.pred, args.ref, args.label, args.images, args.out)
+    failures, missing = evaluate_files(args.pred, args.ref, args.label, args.images, args.out, args.overwrite)
     if missing and not args.allow_missing:
         failures.append(
             f"{len(missing)} reference(s) without a prediction, scored as failures: "

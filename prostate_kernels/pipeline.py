@@ -18,6 +18,7 @@ from prostate_kernels.checkpoint import load_checkpoint, load_model_weights
 from prostate_kernels.data import (
     ConfigError,
     DataError,
+    check_binary,
     check_image,
     check_same_grid,
     read_mask,
@@ -30,7 +31,13 @@ from prostate_kernels.data.sampling import zscore
 from prostate_kernels.metrics import promise12_measures
 from prostate_kernels.models import build_model
 from prostate_kernels.predict import largest_component, predict_probabilities
-from prostate_kernels.safe_files import companions, output_directory, refuse_existing, require_empty_directory
+from prostate_kernels.safe_files import (
+    atomic_write,
+    companions,
+    output_directory,
+    refuse_existing,
+    require_empty_directory,
+)
 
 SUMMARY_COLUMNS = ("dice", "hd95_mm", "abd_mm", "rvd_percent", "abs_rvd_percent", "apex_dice", "base_dice")
 
@@ -243,12 +250,20 @@ def _image_for(mask_path: Path, *folders: Path | None) -> Path | None:
     return None
 
 
-def evaluate_files(pred: Path, ref: Path, label: int | None = None, images: Path | None = None,
-                   out: Path | None = None) -> tuple[list[str], list[str]]:  # fmt: skip
+def evaluate_files(
+    pred: Path,
+    ref: Path,
+    label: int | None = None,
+    images: Path | None = None,
+    out: Path | None = None,
+    overwrite: bool = False,
+) -> tuple[list[str], list[str]]:
     """PROMISE12 measures per reference case: a table on screen, evaluation.csv and overlays in `out`.
 
     Every reference is scored: a missing or unusable prediction as an empty one (Dice 0, the worst
     distances), so the means never leave a case out. Returns (failure messages, missing case names).
+    Never writes over an existing file unless `overwrite` (the files of an earlier evaluation); checked
+    before any case is scored.
     """
     pred, ref = Path(pred), Path(ref)
     if images is not None and not Path(images).is_dir():
@@ -256,6 +271,8 @@ def evaluate_files(pred: Path, ref: Path, label: int | None = None, images: Path
     out = Path(out) if out is not None else (pred if pred.is_dir() else pred.parent)
     rows, failures, missing = [], [], []
     pairs = _pairs(pred, ref)
+    image_folders = (images, ref if ref.is_dir() else ref.parent)
+    _check_evaluation_targets(pairs, image_folders, out, overwrite)
     for case, ref_path, pred_path in pairs:
         try:
             reference = read_mask(ref_path, None, label)
@@ -267,6 +284,7 @@ def evaluate_files(pred: Path, ref: Path, label: int | None = None, images: Path
             try:
                 prediction = read_volume(pred_path)
                 check_same_grid(reference, prediction)
+                check_binary(prediction)
                 status = "ok"
             except DataError as exc:
                 failures.append(str(exc))
@@ -279,7 +297,7 @@ def evaluate_files(pred: Path, ref: Path, label: int | None = None, images: Path
         measures = promise12_measures(predicted, reference.array, reference.spacing_zyx, reference.direction)
         rows.append({"case": case, "status": status, **measures})
         if prediction is not None:
-            _overlay(case, predicted, reference, pred_path, images, ref, out, measures["dice"], failures)
+            _overlay(case, predicted, reference, pred_path, image_folders, out, measures["dice"], failures)
     if pred.is_dir() and rows:
         scored = {prediction.resolve() for _, _, prediction in pairs if prediction is not None}
         extra = [p.name for p in sorted(pred.iterdir())
@@ -294,11 +312,28 @@ def evaluate_files(pred: Path, ref: Path, label: int | None = None, images: Path
     return failures, missing
 
 
-def _overlay(case, predicted, reference, pred_path, images, ref, out, dice, failures) -> None:
+def _check_evaluation_targets(pairs, image_folders, out: Path, overwrite: bool) -> None:
+    """DataError before anything is scored or written: a file evaluate would write (evaluation.csv, the
+    overlays of the cases whose image is found) exists already, unless `overwrite`. Neither name can be
+    an input: a prediction, a reference and an image all carry an image suffix (IMAGE_SUFFIXES)."""
+    targets = [out / "evaluation.csv"]
+    for case, _, pred_path in pairs:
+        if pred_path is not None and _image_for(pred_path, *image_folders) is not None:
+            targets.append(_overlay_path(out, case))
+    if not overwrite:
+        refuse_existing(targets, "evaluate never replaces existing files: choose another --out directory, "
+                                 "or pass --overwrite to replace an earlier evaluation")  # fmt: skip
+
+
+def _overlay_path(out: Path, case: str) -> Path:
+    return out / f"{case}_overlay.png"
+
+
+def _overlay(case, predicted, reference, pred_path, image_folders, out, dice, failures) -> None:
     """An overlay PNG when the case's image is found and lies on the reference's grid."""
     from prostate_kernels.plots import plot_overlay
 
-    image_path = _image_for(pred_path, images, ref if ref.is_dir() else ref.parent)
+    image_path = _image_for(pred_path, *image_folders)
     if image_path is None:
         return
     try:
@@ -308,13 +343,13 @@ def _overlay(case, predicted, reference, pred_path, images, ref, out, dice, fail
         failures.append(f"{exc} (no overlay for {case})")
         return
     output_directory(out, "--out")
-    plot_overlay(image.array, predicted, reference.array, out / f"{case}_overlay.png",
+    plot_overlay(image.array, predicted, reference.array, _overlay_path(out, case),
                  title=f"{case}: Dice {dice:.3f}")  # fmt: skip
 
 
 def _write_csv(rows: list[dict], path: Path) -> None:
     columns = list(rows[0])
-    with path.open("w", newline="") as f:
+    with atomic_write(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:

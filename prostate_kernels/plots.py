@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from prostate_kernels.safe_files import atomic_write
+
 
 def _pyplot():
     import matplotlib
@@ -20,7 +22,8 @@ def _pyplot():
 def plot_training_curve(metrics_csv: str | Path, out_png: str | Path) -> Path:
     """Training loss per logged iteration and validation Dice, from metrics.csv."""
     plt = _pyplot()
-    rows = list(csv.DictReader(open(metrics_csv)))
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
     fig, ax = plt.subplots(figsize=(6, 4))
     it = [int(r["iteration"]) for r in rows]
     ax.plot(it, [float(r["loss"]) for r in rows], label="training loss", color="tab:blue")
@@ -36,8 +39,7 @@ def plot_training_curve(metrics_csv: str | Path, out_png: str | Path) -> Path:
     ax.legend(loc="upper right")
     ax.set_title("Training")
     fig.tight_layout()
-    fig.savefig(out_png, dpi=110)
-    plt.close(fig)
+    _save(plt, fig, out_png, dpi=110)
     return Path(out_png)
 
 
@@ -59,6 +61,14 @@ def plot_overlay(image: np.ndarray, prediction: np.ndarray, reference: np.ndarra
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
+    _save(plt, fig, out_png, dpi=100)
     return Path(out_png)
+
+
+def _save(plt, fig, out_png, dpi: int) -> None:
+    """The figure as a PNG written whole or not at all (an earlier picture is never left half replaced)."""
+    try:
+        with atomic_write(out_png, "wb") as f:
+            fig.savefig(f, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)

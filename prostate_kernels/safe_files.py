@@ -6,6 +6,8 @@ rule "a command never overwrites what it did not create" (DESIGN.md section 9) l
   place or a directory that cannot be created.
 - `require_empty_directory`: for commands that create a whole dataset or run tree at once.
 - `refuse_existing`: the files a command is about to write must not exist yet.
+- `atomic_write`: a file written whole or not at all (temporary file, fsync, rename), so a killed or
+  failed write never leaves a truncated checkpoint, CSV or picture where the old one was.
 - `RunLock`: an exclusive lock file (pid and host) on a training run directory; a lock left by a dead
   process on this host is taken over with a warning.
 """
@@ -17,8 +19,9 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import IO
 
 from prostate_kernels.data.errors import DataError
 
@@ -55,6 +58,25 @@ def refuse_existing(paths: Iterable[Path], hint: str) -> None:
         more = f" and {len(existing) - 3} more" if len(existing) > 3 else ""
         others = f" (so do {', '.join(existing[1:3])}{more})"
     raise DataError(existing[0], f"exists already{others}; {hint}")
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[IO]:
+    """An open file whose content replaces `path` only when the block ends without an exception.
+
+    Written to `.NAME.tmp-PID` beside `path` (the pattern `remove_stale_temporaries` cleans up), synced
+    to disk, then renamed over `path`: readers see the old file or the new one, never a part of it.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left behind if the write failed
 
 
 def companions(path: Path) -> list[Path]:

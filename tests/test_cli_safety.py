@@ -99,6 +99,26 @@ def test_phantoms_refuse_a_directory_that_holds_anything(tmp_path):
     assert (tmp_path / "Case00.mhd").read_text() == "mine"
 
 
+def test_evaluate_refuses_existing_files_and_replaces_its_own_with_overwrite(data, trained, tmp_path):
+    pred = tmp_path / "pred"
+    assert run_cli("predict", "--checkpoint", trained / "checkpoint.pt", "--input", data,
+                   "--output", pred).returncode == 0  # fmt: skip
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "evaluation.csv").write_text("a user's table")
+    result = run_cli("evaluate", "--pred", pred, "--ref", data, "--out", tmp_path / "mine")
+    assert_one_line_error(result, "evaluation.csv: exists already", "--overwrite")
+    assert (tmp_path / "mine" / "evaluation.csv").read_text() == "a user's table"
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["evaluation.csv"]  # no overlay either
+    args = ["evaluate", "--pred", pred, "--ref", data, "--images", data, "--out", tmp_path / "ev"]
+    assert run_cli(*args).returncode == 0
+    first = snapshot(tmp_path / "ev")
+    assert set(first) == {"evaluation.csv", "Case00_overlay.png", "Case01_overlay.png", "Case02_overlay.png"}
+    assert_one_line_error(run_cli(*args), "exists already", "Case00_overlay.png")
+    assert snapshot(tmp_path / "ev") == first
+    assert run_cli(*args, "--overwrite").returncode == 0
+    assert set(snapshot(tmp_path / "ev")) == set(first)  # replaced, no temporary left beside
+
+
 # ---------------------------------------------------------------------------------- crashes (6-7)
 
 
@@ -225,3 +245,22 @@ def test_a_failed_evaluation_leaves_no_empty_output_and_missing_images_are_repor
     assert not (tmp_path / "ev").exists()
     result = run_cli("evaluate", "--pred", data, "--ref", data, "--images", tmp_path / "nowhere")
     assert_one_line_error(result, "nowhere", "--images")
+
+
+def test_out_of_memory_is_one_line_naming_the_setting_and_leaves_no_directory(tmp_path):
+    """numpy refuses a 7 PiB phantom at once (MemoryError, nothing allocated)."""
+    result = run_cli(
+        "phantoms", "--out", tmp_path / "huge", "--n", "1", "--shape", "100000", "100000", "100000"
+    )
+    assert_one_line_error(result, "out of memory", "(100000, 100000, 100000)", "--shape")
+    assert not (tmp_path / "huge").exists()
+
+
+def test_a_gpu_out_of_memory_in_training_is_one_line(monkeypatch, tmp_path, capsys):
+    def out_of_memory(config):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nOf the allocated...")
+
+    monkeypatch.setattr("prostate_kernels.train.train", out_of_memory)
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Tried to allocate 2.00 GiB" in err and "--patch or --batch" in err

@@ -141,6 +141,9 @@ def test_evaluate_against_a_multi_label_reference_needs_label(tmp_path):
 
 
 def test_an_all_ones_prediction_and_a_probability_map_are_scored(data, tmp_path):
+    """All ones (an untrained network's output) is a mask and scores finite measures. An image or a
+    probability map given as the prediction is not: its non-zero voxels would score a meaningless Dice
+    (an image scored 0.84 here before), so each is reported by name and scored as a failure."""
     pred = tmp_path / "pred"
     reference = read_volume(data / "Case00_segmentation.mhd")
     write_volume(reference.like(np.ones_like(reference.array)), pred / "Case00_segmentation.mhd")
@@ -150,12 +153,28 @@ def test_an_all_ones_prediction_and_a_probability_map_are_scored(data, tmp_path)
     probabilities = np.random.default_rng(0).random(reference.array.shape).astype(np.float32)
     write_volume(reference.like(probabilities), pred / "Case02_segmentation.mhd")
     result = run_cli("evaluate", "--pred", pred, "--ref", data, "--out", tmp_path / "ev")
-    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.returncode == 2
+    errors = result.stderr.strip().splitlines()
+    assert len(errors) == 2 and "Traceback" not in result.stderr
+    for line, case in zip(errors, ("Case01", "Case02"), strict=True):
+        assert f"{case}_segmentation.mhd: holds" in line and "must be a binary mask" in line
     rows = list(csv.DictReader((tmp_path / "ev" / "evaluation.csv").open()))
-    assert [r["case"] for r in rows] == ["Case00", "Case01", "Case02"]
+    assert [(r["case"], r["status"]) for r in rows] == [("Case00", "ok"), ("Case01", "unusable"),
+                                                        ("Case02", "unusable")]  # fmt: skip
+    assert 0 < float(rows[0]["dice"]) < 1 and float(rows[1]["dice"]) == float(rows[2]["dice"]) == 0
     for row in rows:
-        assert row["status"] == "ok" and 0 < float(row["dice"]) < 1
         assert all(math.isfinite(float(row[k])) for k in row if k not in ("case", "status"))
+
+
+def test_a_binary_prediction_with_another_label_value_is_scored(data, tmp_path):
+    pred = tmp_path / "pred"
+    for case in ("Case00", "Case01", "Case02"):
+        reference = read_volume(data / f"{case}_segmentation.mhd")
+        write_volume(reference.like(reference.array * 255), pred / f"{case}_segmentation.mhd")
+    result = run_cli("evaluate", "--pred", pred, "--ref", data, "--out", tmp_path / "ev")
+    assert result.returncode == 0, result.stderr
+    rows = list(csv.DictReader((tmp_path / "ev" / "evaluation.csv").open()))
+    assert [(r["status"], float(r["dice"])) for r in rows] == [("ok", 1.0)] * 3
 
 
 def test_missing_predictions_are_failures_in_the_summary_and_the_exit_status(data, tmp_path):

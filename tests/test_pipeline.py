@@ -15,6 +15,7 @@ import torch
 from prostate_kernels.checkpoint import load_checkpoint, save_checkpoint
 from prostate_kernels.cli import main
 from prostate_kernels.data import Volume, read_volume, write_volume
+from prostate_kernels.plots import plot_overlay
 
 SHAPE = ("8", "32", "32")
 PATCH = ["--patch", "8", "32", "32"]
@@ -200,6 +201,27 @@ def test_a_failed_checkpoint_write_leaves_the_previous_checkpoint_intact(tmp_pat
     monkeypatch.undo()
     assert load_checkpoint(path)["iteration"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temporary file left over
+
+
+def test_a_failed_picture_write_leaves_the_earlier_picture_intact(tmp_path, monkeypatch):
+    """Overlays and training curves go through safe_files.atomic_write, as checkpoints and CSVs do."""
+    from matplotlib.figure import Figure
+
+    image = np.random.default_rng(0).random((4, 16, 16))
+    mask = np.zeros((4, 16, 16), np.uint8)
+    mask[1:3, 4:12, 4:12] = 1
+    path = plot_overlay(image, mask, mask, tmp_path / "Case00_overlay.png")
+    before = path.read_bytes()
+
+    def dies_half_way(self, f, **kwargs):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", dies_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        plot_overlay(image, mask, mask, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["Case00_overlay.png"]
 
 
 def test_several_checkpoints_average_their_probabilities(phantoms, trained, tmp_path):

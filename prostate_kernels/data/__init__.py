@@ -7,6 +7,7 @@ from prostate_kernels.data.cases import Case, discover_cases
 from prostate_kernels.data.errors import ConfigError, DataError, TrainingStopped
 from prostate_kernels.data.io import (
     Volume,
+    check_binary,
     check_image,
     check_same_grid,
     read_mask,
@@ -20,6 +21,7 @@ __all__ = [
     "DataError",
     "TrainingStopped",
     "Volume",
+    "check_binary",
     "check_image",
     "check_same_grid",
     "discover_cases",

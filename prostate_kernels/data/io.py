@@ -131,6 +131,18 @@ def read_mask(path: str | Path, image: Volume | None = None, label: int | None =
     return replace(mask.like(binary.astype(np.uint8)), path=mask.path)
 
 
+def check_binary(prediction: Volume) -> None:
+    """DataError if a predicted mask holds more than one non-zero value (evaluation scores its non-zero
+    voxels as the gland, which for a probability map, an image or a multi-label map means nothing)."""
+    values = prediction.array
+    foreground = values[values != 0]
+    if foreground.size and (foreground != foreground.flat[0]).any():
+        count = len(np.unique(foreground))
+        raise DataError(prediction.path, f"holds {count} different non-zero values ({_some_values(values)}): "
+                                         "a prediction must be a binary mask (0 and one label), not a "
+                                         "probability map or an image")  # fmt: skip
+
+
 def check_same_grid(image: Volume, mask: Volume) -> None:
     """DataError (naming `mask`'s file and `image`'s) if they differ in size, spacing, origin or direction."""
     other = f"image {image.path}" if image.path is not None else "the image"
