@@ -57,6 +57,9 @@ def test_read_errors_name_the_file_and_the_problem(tmp_path):
     sitk.WriteImage(sitk.Image([3, 3, 3, 2], sitk.sitkUInt8), str(tmp_path / "series.nii.gz"))
     with pytest.raises(DataError, match=r"series\.nii\.gz: expected a 3-D image, got a 4-D one"):
         read_volume(tmp_path / "series.nii.gz")
+    sitk.WriteImage(sitk.Image([3, 3, 3], sitk.sitkComplexFloat32), str(tmp_path / "complex.nrrd"))
+    with pytest.raises(DataError, match=r"complex\.nrrd: complex voxel values \(complex of 32-bit float\)"):
+        read_volume(tmp_path / "complex.nrrd")  # was read with its imaginary part dropped (numpy warning)
 
 
 def test_images_that_cannot_be_normalised_are_rejected(tmp_path):

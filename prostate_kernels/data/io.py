@@ -81,6 +81,10 @@ def read_volume(path: str | Path) -> Volume:
             path, f"expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} components"
         )
     array = sitk.GetArrayFromImage(image)
+    if np.iscomplexobj(array):
+        raise DataError(
+            path, f"complex voxel values ({image.GetPixelIDTypeAsString()}): expected a real image"
+        )
     if min(array.shape) < 1:
         raise DataError(path, f"empty image of size {array.shape}")
     return Volume(
