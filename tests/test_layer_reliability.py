@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from prostate_kernels import sliding_window_inference
-from prostate_kernels.nn import DenseBlock3d
+from prostate_kernels.nn import ASPP3d, BNReLUConv3d, DenseBlock3d, DepthwiseConv3d, SeparableConv3d
 
 # ----------------------------------------------------------------------------- DenseBlock3d (13)
 
@@ -121,3 +121,32 @@ def test_a_mirrored_prediction_of_the_wrong_shape_is_reported():
         sliding_window_inference(
             torch.randn(1, 1, 4, 4, 4), 4, 1, changes_channels_when_mirrored, flip_axes=(0,)
         )
+
+
+@pytest.mark.parametrize(
+    "build, fragment",
+    [
+        (lambda: BNReLUConv3d(8, 0), "BNReLUConv3d: out_channels 0 must be a positive int"),
+        (lambda: BNReLUConv3d(-1, 4), "BNReLUConv3d: in_channels -1"),
+        (lambda: BNReLUConv3d(8.0, 4), "BNReLUConv3d: in_channels 8.0"),
+        (lambda: DepthwiseConv3d(0), "DepthwiseConv3d: channels 0"),
+        (lambda: DepthwiseConv3d(8, 0), "kernel_size 0 must be a positive int"),
+        (lambda: DepthwiseConv3d(8, stride=(1, 1)), "stride (1, 1) must be"),
+        (lambda: SeparableConv3d(8, 0), "SeparableConv3d: out_channels 0"),
+        (lambda: ASPP3d(0), "ASPP3d: in_channels 0"),
+        (lambda: DenseBlock3d(8, True), "DenseBlock3d: growth_rate True"),
+    ],
+)
+def test_bad_constructor_arguments_name_the_module_and_the_value(build, fragment):
+    """torch's layers accept these and fail at the first forward, deep in a conv, naming neither."""
+    with pytest.raises(ValueError) as info:
+        build()
+    assert fragment in str(info.value)
+
+
+def test_numpy_and_torch_integer_channel_counts_are_accepted():
+    layer = BNReLUConv3d(np.int64(8), torch.tensor(4))
+    assert (layer.in_channels, layer.out_channels) == (8, 4) and type(layer.out_channels) is int
+    assert DepthwiseConv3d(np.int32(6)).weight.shape == (6, 1, 3, 3, 3)
+    block = DenseBlock3d(np.int64(8), np.int64(4), 2)
+    assert type(block.in_channels) is int and type(block.growth_rate) is int

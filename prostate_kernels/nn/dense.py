@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from prostate_kernels import functional, reference
+from prostate_kernels.nn.arguments import check_count
 from prostate_kernels.ops.dense_block import UnitParams, UnitSpec, check_input, dense_block
 from prostate_kernels.ops.seeded_dropout import draw_seeds, dropout_scale
 
@@ -127,6 +128,8 @@ class BNReLUConv3d(nn.Module):
         momentum: float | None = 0.1,
     ) -> None:
         super().__init__()
+        in_channels = check_count("BNReLUConv3d", "in_channels", in_channels)
+        out_channels = check_count("BNReLUConv3d", "out_channels", out_channels)
         self.norm = nn.BatchNorm3d(in_channels, eps=eps, momentum=momentum)
         self.relu = nn.ReLU(inplace=True)
         self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias)
@@ -217,15 +220,10 @@ class DenseBlock3d(nn.Module):
         bn_size: int = 0,
     ) -> None:
         super().__init__()
-        for name, value, least in (
-            ("in_channels", in_channels, 1),
-            ("growth_rate", growth_rate, 1),
-            ("num_layers", num_layers, 1),
-            ("bn_size", bn_size, 0),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                kind = "a positive int" if least else "an int >= 0"
-                raise ValueError(f"DenseBlock3d: {name} {value!r} must be {kind}")
+        in_channels = check_count("DenseBlock3d", "in_channels", in_channels)
+        growth_rate = check_count("DenseBlock3d", "growth_rate", growth_rate)
+        num_layers = check_count("DenseBlock3d", "num_layers", num_layers)
+        bn_size = check_count("DenseBlock3d", "bn_size", bn_size, least=0)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"DenseBlock3d: dropout {dropout!r} must be in [0, 1)")
         self.in_channels, self.growth_rate, self.dropout = in_channels, growth_rate, float(dropout)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from prostate_kernels import functional, reference
+from prostate_kernels.nn.arguments import check_count
 from prostate_kernels.ops.batch_norm import fold_batch_norm
 from prostate_kernels.ops.conv_geometry import conv_geometry, triple
 from prostate_kernels.ops.depthwise_conv3d import fused_separable_applies, separable_inference
@@ -34,9 +35,12 @@ class DepthwiseConv3d(nn.Conv3d):
         dilation: int | tuple[int, int, int] = 1,
         bias: bool = True,
     ) -> None:
+        channels = check_count("DepthwiseConv3d", "channels", channels)
         super().__init__(
-            channels, channels, kernel_size, stride, padding, dilation, groups=channels, bias=bias
-        )
+            channels, channels, triple(kernel_size, "kernel_size", positive=True),
+            triple(stride, "stride", positive=True), padding, triple(dilation, "dilation", positive=True),
+            groups=channels, bias=bias,
+        )  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return functional.depthwise_conv3d(
@@ -109,6 +113,8 @@ class SeparableConv3d(nn.Module):
         momentum: float = 0.1,
     ) -> None:
         super().__init__()
+        in_channels = check_count("SeparableConv3d", "in_channels", in_channels)
+        out_channels = check_count("SeparableConv3d", "out_channels", out_channels)
         kernel = triple(kernel_size, "kernel_size", positive=True)
         if any(k % 2 == 0 for k in kernel):
             raise ValueError(f"SeparableConv3d: kernel_size {kernel} must be odd (the padding is symmetric)")
@@ -173,6 +179,8 @@ class ASPP3d(nn.Module):
         kernel_size: int | tuple[int, int, int] = 3,
     ) -> None:
         super().__init__()
+        in_channels = check_count("ASPP3d", "in_channels", in_channels)
+        out_channels = check_count("ASPP3d", "out_channels", out_channels)
         rates = [triple(r, "rate", positive=True) for r in rates]
         self.rates = tuple(rates)
         self.pool_conv = nn.Conv3d(in_channels, out_channels, 1, bias=False)
