@@ -237,11 +237,19 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     start, best = 0, -1.0
     if config.resume and ckpt_path.exists():
-        start, best = _restore(ckpt_path, model, optimizer, scheduler, scaler, rank, config.model)
+        start, best, saved = _restore(ckpt_path, model, optimizer, scheduler, scaler, rank, config.model)
         for decay in scheduler.lr_lambdas:  # poly's horizon is this run's --iters, not the saved one's
             if isinstance(decay, _PolyDecay):
                 decay.iters = config.iters
-        log(f"resumed from {ckpt_path} at iteration {start}") if rank == 0 else None
+        if rank == 0:
+            log(f"resumed from {ckpt_path} at iteration {start}")
+            changed = resume_differences(saved, config, patch, batch, lr)
+            if changed:
+                log(f"warning: resuming with settings that differ from the checkpoint's: {'; '.join(changed)}"
+                    " (the run goes on, but no longer as the unbroken run would have)")  # fmt: skip
+            if start >= config.iters:
+                log(f"warning: {ckpt_path.name} is at iteration {start}, --iters is {config.iters}: "
+                    "nothing left to train (a larger --iters continues)")  # fmt: skip
     elif config.resume and rank == 0:
         log(f"no {ckpt_path.name} in {out} yet: starting from iteration 0")
     if not held_out and rank == 0:
@@ -456,7 +464,30 @@ def _state(config, model, optimizer, scheduler, scaler, rng, it, best, patch) ->
     }
 
 
-def _restore(path, model, optimizer, scheduler, scaler, rank, name) -> tuple[int, float]:
+# Settings that change what a resumed run computes: (TrainConfig field, its flag)
+RESUME_SETTINGS = (("loss", "--loss"), ("weight_decay", "--weight-decay"), ("schedule", "--schedule"),
+                   ("amp", "--amp"), ("seed", "--seed"), ("flips", "flips"), ("augment", "--augment"),
+                   ("spacing", "--spacing"), ("label", "--label"), ("val_cases", "--val-cases"))  # fmt: skip
+
+
+def resume_differences(saved: dict, config: TrainConfig, patch, batch: int, lr: float) -> list[str]:
+    """'--flag NEW (was OLD)' for each setting of this run that differs from the checkpoint's (`saved`:
+    the checkpoint's state; patch, batch and lr as resolved for this run, defaults filled in)."""
+    before = saved.get("config") or {}
+    settings = config.settings()
+
+    def plain(value):
+        return tuple(value) if isinstance(value, list) else value
+
+    pairs = [("--patch", tuple(patch), plain(saved.get("patch"))),
+             ("--batch", batch, before.get("batch") or settings.batch),
+             ("--lr", lr, before["lr"] if before.get("lr") is not None else settings.lr)]  # fmt: skip
+    pairs += [(flag, plain(getattr(config, name)), plain(before.get(name))) for name, flag in RESUME_SETTINGS
+              if name in before]  # fmt: skip
+    return [f"{flag} {now} (was {was})" for flag, now, was in pairs if was is not None and now != was]
+
+
+def _restore(path, model, optimizer, scheduler, scaler, rank, name) -> tuple[int, float, dict]:
     state = load_checkpoint(path)
     if state["model"] != name:
         raise DataError(path, f"checkpoint of model {state['model']!r}, not {name!r}")
@@ -469,7 +500,7 @@ def _restore(path, model, optimizer, scheduler, scaler, rank, name) -> tuple[int
         torch.set_rng_state(ranks[rank]["cpu"])
         if torch.cuda.is_available() and ranks[rank]["cuda"]:
             torch.cuda.set_rng_state_all(ranks[rank]["cuda"])
-    return int(state["iteration"]), float(state["best_val_dice"])
+    return int(state["iteration"]), float(state["best_val_dice"]), state
 
 
 class _MetricsLog:

@@ -76,3 +76,21 @@ def test_no_validation_cases_trains_without_validation_or_best(data, tmp_path):
     assert "Mean of empty slice" not in result.stderr and "Warning" not in result.stderr
     assert (run / "checkpoint.pt").exists() and not (run / "best.pt").exists()
     assert load_checkpoint(run / "checkpoint.pt")["iteration"] == 2
+
+
+def test_resuming_with_other_settings_names_them_and_a_finished_run_says_so(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    train(config(data, run, iters=2))
+    capsys.readouterr()
+    train(config(data, run, iters=2, resume=True))
+    said = capsys.readouterr().out
+    assert "resumed from" in said and "differ" not in said  # the same settings: nothing to warn about
+    assert "is at iteration 2, --iters is 2: nothing left to train" in said
+    train(config(data, run, iters=3, resume=True, patch=(4, 16, 16), lr=1e-3, loss="dice", augment=False))
+    said = capsys.readouterr().out
+    assert "settings that differ from the checkpoint's" in said
+    for fragment in ("--patch (4, 16, 16) (was (8, 32, 32))", "--lr 0.001 (was 0.002)",
+                     "--loss dice (was bce+dice)", "--augment False (was True)"):  # fmt: skip
+        assert fragment in said, (fragment, said)
+    assert "--batch" not in said and "--seed" not in said
+    assert load_checkpoint(run / "checkpoint.pt")["iteration"] == 3
