@@ -68,7 +68,8 @@ PREDICTIONS = {  # name -> (test-time mirroring, largest connected component); t
 
 def run(args: argparse.Namespace, work: Path) -> dict:
     """Trains once, then predicts and scores the held-out cases once per entry of PREDICTIONS."""
-    from prostate_kernels.pipeline import evaluate_files, predict_files
+    from prostate_kernels.evaluation import evaluate_files
+    from prostate_kernels.pipeline import predict_files
     from prostate_kernels.train import PAPER, TrainConfig, check_config, train
 
     train_cases, held_out = split(args.data)

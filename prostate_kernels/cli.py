@@ -255,7 +255,7 @@ def _predict(args) -> int:
 
 
 def _evaluate(args) -> int:
-    from prostate_kernels.pipeline import evaluate_files
+    from prostate_kernels.evaluation import evaluate_files
 
     failures, missing = evaluate_files(args.pred, args.ref, args.label, args.images, args.out, args.overwrite)
     if missing and not args.allow_missing:

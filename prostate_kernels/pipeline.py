@@ -1,4 +1,4 @@
-"""The end-to-end steps behind the CLI: predicting files, evaluating them, and the demo.
+"""The end-to-end steps behind the CLI: predicting files and the demo (evaluation.py scores them).
 
 Each step works case by case: a bad case is recorded (returned as a message) and the others go on.
 """
@@ -6,7 +6,6 @@ Each step works case by case: a bad case is recorded (returned as a message) and
 from __future__ import annotations
 
 import contextlib
-import csv
 import math
 import time
 from pathlib import Path
@@ -18,29 +17,22 @@ from prostate_kernels.checkpoint import load_checkpoint, load_model_weights
 from prostate_kernels.data import (
     ConfigError,
     DataError,
-    check_binary,
     check_image,
-    check_same_grid,
-    read_mask,
     read_volume,
     write_volume,
 )
-from prostate_kernels.data.cases import IMAGE_SUFFIXES, discover_cases, stem, suffix
+from prostate_kernels.data.cases import IMAGE_SUFFIXES, discover_cases, is_image_file, stem, suffix
 from prostate_kernels.data.resample import resample_onto, resample_to_spacing
 from prostate_kernels.data.sampling import zscore
-from prostate_kernels.metrics import promise12_measures
+from prostate_kernels.evaluation import evaluate_files
 from prostate_kernels.models import build_model
 from prostate_kernels.predict import largest_component, predict_probabilities
 from prostate_kernels.safe_files import (
-    atomic_write,
     companions,
     output_directory,
     refuse_existing,
     require_empty_directory,
 )
-
-SUMMARY_COLUMNS = ("dice", "hd95_mm", "abd_mm", "rvd_percent", "abs_rvd_percent", "apex_dice", "base_dice")
-
 
 # --------------------------------------------------------------------------------------- predict
 
@@ -55,14 +47,10 @@ def list_images(path: Path) -> list[Path]:
     try:
         return [case.image for case in discover_cases(path)]
     except DataError:
-        images = [p for p in sorted(path.iterdir()) if _is_image(p) and "_segmentation" not in p.name]
+        images = [p for p in sorted(path.iterdir()) if is_image_file(p) and "_segmentation" not in p.name]
         if not images:
             raise DataError(path, f"no images ({', '.join(IMAGE_SUFFIXES)}) found") from None
         return images
-
-
-def _is_image(path: Path) -> bool:
-    return path.is_file() and any(path.name.lower().endswith(s) for s in IMAGE_SUFFIXES)
 
 
 def load_trained_model(checkpoint: Path, device: torch.device) -> tuple[torch.nn.Module, dict]:
@@ -196,183 +184,6 @@ def _check_targets(targets: dict[Path, tuple[Path, Path | None]], inputs: Path, 
     if not overwrite:
         refuse_existing(files, "predict never replaces existing files: choose a new --output directory, "
                                "or pass --overwrite to replace an earlier prediction")  # fmt: skip
-
-
-# -------------------------------------------------------------------------------------- evaluate
-
-
-def _reference_cases(ref: Path) -> list[tuple[str, Path]]:
-    """(case name, reference mask) pairs: a dataset's labelled cases, else every image in `ref`."""
-    if not ref.is_dir():
-        raise DataError(ref, "no such file or directory" if not ref.exists() else "expected a directory")
-    try:
-        cases = [(case.name, case.label) for case in discover_cases(ref) if case.label is not None]
-    except DataError:
-        cases = []
-    if not cases:
-        cases = [(stem(p).removesuffix("_segmentation"), p) for p in sorted(ref.iterdir()) if _is_image(p)]
-    if not cases:
-        raise DataError(ref, "no reference masks found")
-    return cases
-
-
-def _prediction_for(name: str, reference: Path, pred: Path) -> Path | None:
-    """<name>_segmentation<ext> in `pred` (any image suffix), else a file named like the reference."""
-    for ext in (suffix(reference), *IMAGE_SUFFIXES):
-        candidate = pred / f"{name}_segmentation{ext}"
-        if candidate.is_file():
-            return candidate
-    same_name = pred / reference.name
-    return same_name if same_name.is_file() else None
-
-
-def _pairs(pred: Path, ref: Path) -> list[tuple[str, Path, Path | None]]:
-    """(case, reference, prediction or None when missing) for every reference."""
-    if pred.is_file() and ref.is_file():
-        return [(stem(pred).removesuffix("_segmentation"), ref, pred)]
-    if not pred.is_dir():
-        raise DataError(pred, "no such file or directory" if not pred.exists() else "expected a directory")
-    return [
-        (name, reference, _prediction_for(name, reference, pred)) for name, reference in _reference_cases(ref)
-    ]
-
-
-def _image_for(mask_path: Path, *folders: Path | None) -> Path | None:
-    """The image a mask belongs to: <name><ext> for <name>_segmentation<ext>, in the given folders."""
-    name = stem(mask_path).removesuffix("_segmentation")
-    for folder in folders:
-        if folder is None:
-            continue
-        for ext in (suffix(mask_path), *IMAGE_SUFFIXES):
-            candidate = Path(folder) / f"{name}{ext}"
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-def evaluate_files(
-    pred: Path,
-    ref: Path,
-    label: int | None = None,
-    images: Path | None = None,
-    out: Path | None = None,
-    overwrite: bool = False,
-) -> tuple[list[str], list[str]]:
-    """PROMISE12 measures per reference case: a table on screen, evaluation.csv and overlays in `out`.
-
-    Every reference is scored: a missing or unusable prediction as an empty one (Dice 0, the worst
-    distances), so the means never leave a case out. Returns (failure messages, missing case names).
-    Never writes over an existing file unless `overwrite` (the files of an earlier evaluation); checked
-    before any case is scored.
-    """
-    pred, ref = Path(pred), Path(ref)
-    if images is not None and not Path(images).is_dir():
-        raise DataError(images, "--images: no such directory")
-    out = Path(out) if out is not None else (pred if pred.is_dir() else pred.parent)
-    rows, failures, missing = [], [], []
-    pairs = _pairs(pred, ref)
-    image_folders = (images, ref if ref.is_dir() else ref.parent)
-    _check_evaluation_targets(pairs, image_folders, out, overwrite)
-    for case, ref_path, pred_path in pairs:
-        try:
-            reference = read_mask(ref_path, None, label)
-        except DataError as exc:
-            failures.append(str(exc))
-            continue
-        prediction, status = None, "missing"
-        if pred_path is not None:
-            try:
-                prediction = read_volume(pred_path)
-                check_same_grid(reference, prediction)
-                check_binary(prediction)
-                status = "ok"
-            except DataError as exc:
-                failures.append(str(exc))
-                prediction, status = None, "unusable"
-        else:
-            missing.append(case)
-        predicted = prediction.array != 0 if prediction is not None else np.zeros(reference.array.shape, bool)
-        if status == "ok" and not predicted.any():
-            status = "empty"
-        measures = promise12_measures(predicted, reference.array, reference.spacing_zyx, reference.direction)
-        rows.append({"case": case, "status": status, **measures})
-        if prediction is not None:
-            _overlay(case, predicted, reference, pred_path, image_folders, out, measures["dice"], failures)
-    if pred.is_dir() and rows:
-        scored = {prediction.resolve() for _, _, prediction in pairs if prediction is not None}
-        extra = [p.name for p in sorted(pred.iterdir())
-                 if _is_image(p) and "_segmentation" in p.name and p.resolve() not in scored]  # fmt: skip
-        if extra:
-            print(f"not scored (no reference): {', '.join(extra)}")
-    if rows:
-        output_directory(out, "--out")
-        _write_csv(rows, out / "evaluation.csv")
-        print(summary_table(rows))
-        print(f"\nper-case measures: {out / 'evaluation.csv'}")
-    return failures, missing
-
-
-def _check_evaluation_targets(pairs, image_folders, out: Path, overwrite: bool) -> None:
-    """DataError before anything is scored or written: a file evaluate would write (evaluation.csv, the
-    overlays of the cases whose image is found) exists already, unless `overwrite`. Neither name can be
-    an input: a prediction, a reference and an image all carry an image suffix (IMAGE_SUFFIXES)."""
-    targets = [out / "evaluation.csv"]
-    for case, _, pred_path in pairs:
-        if pred_path is not None and _image_for(pred_path, *image_folders) is not None:
-            targets.append(_overlay_path(out, case))
-    if not overwrite:
-        refuse_existing(targets, "evaluate never replaces existing files: choose another --out directory, "
-                                 "or pass --overwrite to replace an earlier evaluation")  # fmt: skip
-
-
-def _overlay_path(out: Path, case: str) -> Path:
-    return out / f"{case}_overlay.png"
-
-
-def _overlay(case, predicted, reference, pred_path, image_folders, out, dice, failures) -> None:
-    """An overlay PNG when the case's image is found and lies on the reference's grid."""
-    from prostate_kernels.plots import plot_overlay
-
-    image_path = _image_for(pred_path, *image_folders)
-    if image_path is None:
-        return
-    try:
-        image = read_volume(image_path)
-        check_same_grid(reference, image)
-    except DataError as exc:
-        failures.append(f"{exc} (no overlay for {case})")
-        return
-    output_directory(out, "--out")
-    plot_overlay(image.array, predicted, reference.array, _overlay_path(out, case),
-                 title=f"{case}: Dice {dice:.3f}")  # fmt: skip
-
-
-def _write_csv(rows: list[dict], path: Path) -> None:
-    columns = list(rows[0])
-    with atomic_write(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
-def summary_table(rows: list[dict]) -> str:
-    """Plain-text table of the main measures per case, their mean and median over every case (NaN
-    included: a NaN makes the mean NaN rather than leaving the case out), and the failed cases."""
-    header = f"{'case':<16}{'status':>9}" + "".join(f"{c:>16}" for c in SUMMARY_COLUMNS)
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        values = "".join(f"{row[c]:>16.3f}" for c in SUMMARY_COLUMNS)
-        lines.append(f"{row['case']:<16}{row['status']:>9}" + values)
-    lines.append("-" * len(header))
-    for name, reduce in (("mean", np.mean), ("median", np.median)):
-        values = "".join(f"{float(reduce([row[c] for row in rows])):>16.3f}" for c in SUMMARY_COLUMNS)
-        lines.append(f"{name:<16}{'':>9}" + values)
-    failed = [row["case"] for row in rows if row["status"] != "ok"]
-    which = f" ({', '.join(failed)})" if failed else ""
-    lines.append(f"{len(rows)} cases, {len(failed)} failed{which}: a missing, unusable or empty prediction "
-                 "scores Dice 0 and the worst distance")  # fmt: skip
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ demo

@@ -27,6 +27,11 @@ def stem(path: Path) -> str:
     return path.stem
 
 
+def is_image_file(path: Path) -> bool:
+    """A file whose name ends in one of IMAGE_SUFFIXES (case-insensitive)."""
+    return path.is_file() and any(path.name.lower().endswith(s) for s in IMAGE_SUFFIXES)
+
+
 def suffix(path: Path) -> str:
     for s in IMAGE_SUFFIXES:
         if path.name.lower().endswith(s):
