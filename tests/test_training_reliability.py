@@ -94,3 +94,7 @@ def test_resuming_with_other_settings_names_them_and_a_finished_run_says_so(data
         assert fragment in said, (fragment, said)
     assert "--batch" not in said and "--seed" not in said
     assert load_checkpoint(run / "checkpoint.pt")["iteration"] == 3
+    train(config(data, run, iters=4, resume=True, patch=(4, 16, 16), lr=1e-3, loss="dice", augment=False,
+                 spacing=(3.0, 1.0, 1.0)))  # fmt: skip
+    said = capsys.readouterr().out
+    assert "--spacing (3.0, 1.0, 1.0) (was None)" in said and "--patch" not in said
