@@ -279,6 +279,26 @@ def test_sequentials_and_depthwise_convs():
     _assert_same_training(original, optimized, torch.randn((2, 6, 5, 6, 7), dtype=torch.float64))
 
 
+def test_a_module_repeated_in_a_sequential_keeps_every_position():
+    """nn.Sequential(bn, relu, conv, bn, ...) applies one BatchNorm twice. named_children() lists it once,
+    and optimize built its FusedSequential from that: the second application was dropped (a different
+    model, no error)."""
+    torch.manual_seed(4)
+    norm, relu = nn.BatchNorm3d(4), nn.ReLU()
+    original = nn.Sequential(
+        norm, relu, nn.Conv3d(4, 4, 3, padding=1), norm, relu, nn.Conv3d(4, 4, 3, padding=1)
+    ).double()
+    optimized, report = prostate_kernels.optimize(copy.deepcopy(original))
+    assert isinstance(optimized, FusedSequential) and list(optimized._modules) == list(original._modules)
+    assert report.replaced[0].detail == "(0, 1, 2) fused; (3, 4, 5) fused"
+    _assert_same_training(original, optimized, torch.randn((2, 4, 5, 6, 7), dtype=torch.float64))
+    depthwise = nn.Conv3d(4, 4, 3, padding=1, groups=4).double()
+    model = nn.Sequential(depthwise, nn.ReLU(), depthwise)
+    optimized, report = prostate_kernels.optimize(model)
+    assert optimized[0] is optimized[2] and type(optimized[2]) is DepthwiseConv3d
+    assert [r.path for r in report.replaced] == ["0"]  # replaced once, at both positions
+
+
 def _sepconv(depth_activation: bool) -> nn.Sequential:
     """DeepLabv3+'s SepConv_BN written as a plain Sequential (SeparableConv3d's computation)."""
     dw = nn.Conv3d(6, 6, 3, padding=(1, 2, 2), dilation=(1, 2, 2), groups=6, bias=False)

@@ -67,10 +67,14 @@ def _visit(module: nn.Module, path: str, report: OptimizeReport, dry_run: bool) 
         return module if dry_run else depthwise.as_depthwise(module)
 
     target = _fuse_sequential(module, path, kind, report, dry_run)
-    for name, child in list(target.named_children()):
-        new = _visit(child, f"{path}.{name}" if path else name, report, dry_run)
-        if new is not child:
-            setattr(target, name, new)
+    visited: dict[int, nn.Module] = {}  # a child held under several names: visited once, replaced at each
+    for name, child in list(target._modules.items()):
+        if child is None:
+            continue
+        if id(child) not in visited:
+            visited[id(child)] = _visit(child, f"{path}.{name}" if path else name, report, dry_run)
+        if visited[id(child)] is not child:
+            setattr(target, name, visited[id(child)])
     return target
 
 
@@ -100,8 +104,10 @@ def _fuse_sequential(module, path, kind, report, dry_run) -> nn.Module:
     reported."""
     if isinstance(module, FusedSequential):  # an earlier optimize's
         return module
-    children = list(module.children())
-    names = list(dict(module.named_children()))
+    # every entry, in order: named_children() lists a module held under two names once, and a
+    # Sequential built from it would silently skip the second application
+    entries = [(name, child) for name, child in module._modules.items() if child is not None]
+    names, children = [name for name, _ in entries], [child for _, child in entries]
 
     def where(i: int) -> str:
         return f"{path}.{names[i]}" if path else names[i]
@@ -136,7 +142,7 @@ def _fuse_sequential(module, path, kind, report, dry_run) -> nn.Module:
     report.replaced.append(Replacement(path, kind, "FusedSequential", detail))
     if dry_run:
         return module
-    fused = FusedSequential(OrderedDict(module.named_children()))
+    fused = FusedSequential(OrderedDict(entries))
     fused.training = module.training
     return fused
 
