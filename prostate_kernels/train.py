@@ -243,7 +243,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
                 decay.iters = config.iters
         if rank == 0:
             log(f"resumed from {ckpt_path} at iteration {start}")
-            changed = _resume_differences(saved, config, patch, batch, lr)
+            changed = _resume_differences(saved, config, patch, batch, lr, world)
             if changed:
                 log(f"warning: resuming with settings that differ from the checkpoint's: {'; '.join(changed)}"
                     " (the run goes on, but no longer as the unbroken run would have)")  # fmt: skip
@@ -470,10 +470,13 @@ RESUME_SETTINGS = (("loss", "--loss"), ("weight_decay", "--weight-decay"), ("sch
                    ("spacing", "--spacing"), ("label", "--label"), ("val_cases", "--val-cases"))  # fmt: skip
 
 
-def _resume_differences(saved: dict, config: TrainConfig, patch, batch: int, lr: float) -> list[str]:
+def _resume_differences(
+    saved: dict, config: TrainConfig, patch, batch: int, lr: float, world: int
+) -> list[str]:
     """'--flag NEW (was OLD)' for each setting of this run that differs from the checkpoint's (`saved`:
-    the checkpoint's state; patch, batch and lr as resolved for this run, defaults filled in). A setting
-    the checkpoint does not record is not compared; None (no --spacing, no --label) is a value."""
+    the checkpoint's state; patch, batch and lr as resolved for this run, defaults filled in; world: the
+    processes training now, against the ranks whose RNG states it holds). A setting the checkpoint does
+    not record is not compared; None (no --spacing, no --label) is a value."""
     before = saved.get("config") or {}
     settings = config.settings()
 
@@ -485,6 +488,8 @@ def _resume_differences(saved: dict, config: TrainConfig, patch, batch: int, lr:
              ("--lr", lr, before["lr"] if before.get("lr") is not None else settings.lr)]  # fmt: skip
     pairs += [(flag, plain(getattr(config, name)), plain(before[name])) for name, flag in RESUME_SETTINGS
               if name in before]  # fmt: skip
+    if "rng" in saved:  # each rank draws its own patches and dropout: another count draws other ones
+        pairs.append(("torchrun --nproc-per-node", world, len(saved["rng"]["ranks"])))
     return [f"{flag} {now} (was {was})" for flag, now, was in pairs if now != was]
 
 

@@ -10,7 +10,7 @@ import torch
 from cli_helpers import make_phantoms, run_cli, train_args
 
 import prostate_kernels.train as training
-from prostate_kernels.checkpoint import load_checkpoint
+from prostate_kernels.checkpoint import load_checkpoint, save_checkpoint
 from prostate_kernels.data import DataError
 from prostate_kernels.safe_files import LOCK_NAME
 from prostate_kernels.train import TrainConfig, train
@@ -98,3 +98,10 @@ def test_resuming_with_other_settings_names_them_and_a_finished_run_says_so(data
                  spacing=(3.0, 1.0, 1.0)))  # fmt: skip
     said = capsys.readouterr().out
     assert "--spacing (3.0, 1.0, 1.0) (was None)" in said and "--patch" not in said
+    assert "nproc" not in said
+    state = load_checkpoint(run / "checkpoint.pt")  # as if two torchrun processes had written it
+    state["rng"]["ranks"].append(state["rng"]["ranks"][0])
+    save_checkpoint(state, run / "checkpoint.pt")
+    train(config(data, run, iters=5, resume=True, patch=(4, 16, 16), lr=1e-3, loss="dice", augment=False,
+                 spacing=(3.0, 1.0, 1.0)))  # fmt: skip
+    assert "--nproc-per-node 1 (was 2)" in capsys.readouterr().out
