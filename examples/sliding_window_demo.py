@@ -1,13 +1,15 @@
 """Sliding-window inference demo: a whole volume, the paper's 64x64x16 patch, Gaussian blending, mirroring.
 
-No trained network exists yet in this repository (the models and pipeline issues add them), so the
-predictor here is a fixed, clearly artificial one: 3D smoothing of the z-scored image followed by a
-sigmoid, i.e. "probability of bright tissue". What the demo shows is the inference engine: window
-placement, batched prediction with a progress bar, float32 overlap-weighted stitching in C++, test-time
-flips, the result against MONAI's sliding_window_inference, and a picture.
+The predictor here is a fixed, clearly artificial stand-in, not a trained network: 3D smoothing of the
+z-scored image followed by a sigmoid, i.e. "probability of bright tissue". What the demo shows is the
+inference engine: window placement, batched prediction with a progress bar, float32 overlap-weighted
+stitching in C++, test-time flips, the result against MONAI's sliding_window_inference, and a picture.
+A trained network segments through the same engine with `prostate-kernels predict` (README).
 
-    python examples/sliding_window_demo.py --out demo_out                   # synthetic volume, no data needed
-    python examples/sliding_window_demo.py --volume CASE.nii.gz --out demo_out   # any SimpleITK-readable file
+    python examples/sliding_window_demo.py                          # synthetic volume, no data needed
+    python examples/sliding_window_demo.py --volume CASE.nii.gz --out DIR   # any SimpleITK-readable file
+
+Writes DIR/sliding_window_demo.png (default DIR: sliding_window_demo_out), never over an existing file.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch.nn.functional as F
 
 import prostate_kernels
 from prostate_kernels import sliding_window_inference
+from prostate_kernels.data import DataError, check_image, read_volume
+from prostate_kernels.safe_files import atomic_write, output_directory, refuse_existing
 
 ROI = (16, 64, 64)  # (D, H, W): the paper's 64x64x16 patch
 
@@ -39,12 +43,6 @@ def synthetic_volume(shape=(40, 256, 256), seed=0) -> tuple[torch.Tensor, torch.
     bias = 1 + 0.3 * x + 0.2 * y
     image = (0.4 * body + 0.8 * gland) * bias + 0.08 * torch.randn(shape, generator=g)
     return image, gland
-
-
-def read_volume(path: Path) -> torch.Tensor:
-    import SimpleITK as sitk
-
-    return torch.from_numpy(sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype("float32"))
 
 
 def stand_in_predictor(windows: torch.Tensor) -> torch.Tensor:
@@ -74,7 +72,8 @@ def save_picture(image: torch.Tensor, prob: torch.Tensor, truth: torch.Tensor | 
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
     plt.close(fig)
 
 
@@ -83,14 +82,20 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--volume", type=Path, help="an image file (.nii.gz, .mhd, ...); default: synthetic")
-    parser.add_argument("--out", type=Path, default=Path("demo_out"))
+    parser.add_argument("--out", type=Path, default=Path("sliding_window_demo_out"))
     args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-
-    if args.volume is not None:
-        image, truth = read_volume(args.volume), None
-    else:
-        image, truth = synthetic_volume()
+    picture = args.out / "sliding_window_demo.png"
+    try:
+        refuse_existing([picture], "this demo never replaces a file: choose another --out")
+        if args.volume is not None:
+            volume = read_volume(args.volume)  # a 3-D scalar image, else a DataError naming the file
+            check_image(volume)
+            image, truth = torch.from_numpy(volume.array.astype("float32")), None
+        else:
+            image, truth = synthetic_volume()
+        output_directory(args.out, "--out")
+    except DataError as exc:
+        parser.exit(2, f"error: {exc}\n")  # one line, the CLI's status for a user error
     x = ((image - image.mean()) / image.std())[None, None]  # z-score (the paper's normalisation)
     print(f"volume {tuple(image.shape)} (D, H, W), roi {ROI}, C++ extension: {prostate_kernels.HAS_EXT}")
 
@@ -113,7 +118,6 @@ def main() -> None:
     if truth is not None:
         dice = 2 * (mask & (truth > 0)).sum() / (mask.sum() + (truth > 0).sum())
         print(f"Dice of the thresholded stand-in against the phantom gland: {dice.item():.3f}")
-    picture = args.out / "sliding_window_demo.png"
     save_picture(image, prob[0, 0], truth, picture)
     print(f"picture: {picture}")
 
