@@ -24,7 +24,8 @@ import torch.nn.functional as F
 import prostate_kernels
 from prostate_kernels import sliding_window_inference
 from prostate_kernels.data import DataError, check_image, read_volume
-from prostate_kernels.safe_files import atomic_write, output_directory, refuse_existing
+from prostate_kernels.plots import save_figure
+from prostate_kernels.safe_files import output_directory, refuse_existing
 
 ROI = (16, 64, 64)  # (D, H, W): the paper's 64x64x16 patch
 
@@ -72,9 +73,7 @@ def save_picture(image: torch.Tensor, prob: torch.Tensor, truth: torch.Tensor | 
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
-    with atomic_write(path, "wb") as f:
-        fig.savefig(f, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main() -> None:

@@ -93,7 +93,8 @@ def evaluate_files(
     rows, failures, missing = [], [], []
     pairs = _pairs(pred, ref)
     image_folders = (images, ref if ref.is_dir() else ref.parent)
-    _check_evaluation_targets(pairs, image_folders, out, overwrite)
+    image_of = {case: _image_for(p, *image_folders) for case, _, p in pairs if p is not None}  # for overlays
+    _check_evaluation_targets(image_of, out, overwrite)
     for case, ref_path, pred_path in pairs:
         try:
             reference = read_mask(ref_path, None, label)
@@ -118,7 +119,7 @@ def evaluate_files(
         measures = promise12_measures(predicted, reference.array, reference.spacing_zyx, reference.direction)
         rows.append({"case": case, "status": status, **measures})
         if prediction is not None:
-            _overlay(case, predicted, reference, pred_path, image_folders, out, measures["dice"], failures)
+            _overlay(case, predicted, reference, image_of[case], out, measures["dice"], failures)
     if pred.is_dir() and rows:
         scored = {prediction.resolve() for _, _, prediction in pairs if prediction is not None}
         extra = [p.name for p in sorted(pred.iterdir())
@@ -133,14 +134,13 @@ def evaluate_files(
     return failures, missing
 
 
-def _check_evaluation_targets(pairs, image_folders, out: Path, overwrite: bool) -> None:
+def _check_evaluation_targets(image_of: dict[str, Path | None], out: Path, overwrite: bool) -> None:
     """DataError before anything is scored or written: a file evaluate would write (evaluation.csv, the
-    overlays of the cases whose image is found) exists already, unless `overwrite`. Neither name can be
-    an input: a prediction, a reference and an image all carry an image suffix (IMAGE_SUFFIXES)."""
+    overlays of the cases whose image is found: image_of maps each predicted case to its image or None)
+    exists already, unless `overwrite`. Neither name can be an input: a prediction, a reference and an
+    image all carry an image suffix (IMAGE_SUFFIXES)."""
     targets = [out / "evaluation.csv"]
-    for case, _, pred_path in pairs:
-        if pred_path is not None and _image_for(pred_path, *image_folders) is not None:
-            targets.append(_overlay_path(out, case))
+    targets += [_overlay_path(out, case) for case, image in image_of.items() if image is not None]
     if not overwrite:
         refuse_existing(targets, "evaluate never replaces existing files: choose another --out directory, "
                                  "or pass --overwrite to replace an earlier evaluation")  # fmt: skip
@@ -150,11 +150,10 @@ def _overlay_path(out: Path, case: str) -> Path:
     return out / f"{case}_overlay.png"
 
 
-def _overlay(case, predicted, reference, pred_path, image_folders, out, dice, failures) -> None:
-    """An overlay PNG when the case's image is found and lies on the reference's grid."""
+def _overlay(case, predicted, reference, image_path, out, dice, failures) -> None:
+    """An overlay PNG when the case's image was found (image_path) and lies on the reference's grid."""
     from prostate_kernels.plots import plot_overlay
 
-    image_path = _image_for(pred_path, *image_folders)
     if image_path is None:
         return
     try:

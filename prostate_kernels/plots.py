@@ -39,7 +39,7 @@ def plot_training_curve(metrics_csv: str | Path, out_png: str | Path) -> Path:
     ax.legend(loc="upper right")
     ax.set_title("Training")
     fig.tight_layout()
-    _save(plt, fig, out_png, dpi=110)
+    save_figure(fig, out_png, dpi=110)
     return Path(out_png)
 
 
@@ -61,14 +61,15 @@ def plot_overlay(image: np.ndarray, prediction: np.ndarray, reference: np.ndarra
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    _save(plt, fig, out_png, dpi=100)
+    save_figure(fig, out_png, dpi=100)
     return Path(out_png)
 
 
-def _save(plt, fig, out_png, dpi: int) -> None:
-    """The figure as a PNG written whole or not at all (an earlier picture is never left half replaced)."""
+def save_figure(fig, out_png: str | Path, dpi: int) -> None:
+    """`fig` as a PNG written whole or not at all (an earlier picture is never left half replaced), then
+    closed."""
     try:
         with atomic_write(out_png, "wb") as f:
             fig.savefig(f, format="png", dpi=dpi)
     finally:
-        plt.close(fig)
+        _pyplot().close(fig)

@@ -36,7 +36,7 @@ from prostate_kernels.data.resample import resample_to_spacing
 from prostate_kernels.data.sampling import IterationDataset, PatchSampler, training_case, zscore
 from prostate_kernels.models import build_model
 from prostate_kernels.predict import predict_probabilities
-from prostate_kernels.safe_files import RunLock, output_directory, remove_stale_temporaries
+from prostate_kernels.safe_files import RunLock, atomic_write, output_directory, remove_stale_temporaries
 
 RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.csv", "training_curve.png")  # what a run writes
 EPOCH_ITERS = 100  # iterations per "epoch" for the epoch-based schedules (patches are sampled, not swept)
@@ -518,8 +518,9 @@ class _MetricsLog:
         self.path = path
         rows = []
         if start and path.exists():
-            rows = [r for r in csv.DictReader(path.open()) if int(r["iteration"]) <= start]
-        with path.open("w", newline="") as f:
+            with path.open(newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= start]
+        with atomic_write(path, "w", newline="") as f:  # a kill here keeps the earlier history whole
             writer = csv.DictWriter(f, fieldnames=self.COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
