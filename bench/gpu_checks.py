@@ -416,6 +416,94 @@ def check_predict_stitching(device: str = "cuda") -> list[dict]:
                  f"max abs err {err:.1e}")]  # fmt: skip
 
 
+def check_determinism(
+    device: str = "cuda",
+    layer=P3A_LAYER,
+    block=(48, 16, 4),  # DenseBlock3d's in_channels, growth rate, layers
+    block_size=(16, 64, 64),
+    volume_size=(40, 96, 96),
+    roi=(16, 48, 48),
+) -> list[dict]:
+    """Every gradient the same bits from run to run: the fused layer (bf16 at p3a's layer shape), a dense
+    block with dropout and the depthwise conv, each run three times on the same input; no kernel of theirs
+    uses atomics (the compile gate checks the PTX). Sliding-window stitching sums overlapping windows by
+    atomics: the same bits under torch.use_deterministic_algorithms(True) (the PyTorch twin sums them),
+    and how many voxels differ without it, reported as information."""
+    from prostate_kernels.nn import DenseBlock3d, DepthwiseConv3d
+
+    g = torch.Generator().manual_seed(0)
+    x, params, conv = _dense_layer_case(
+        *layer[:4], *layer[4:7], layer[7], layer[8], device, torch.bfloat16, g
+    )
+    gy = torch.randn((layer[0], layer[2], *layer[3]), generator=g).to(device)
+
+    def dense_layer():
+        out, _ = _run_dense_layer(x, params, conv, True, "triton", torch.bfloat16, gy)
+        return out
+
+    torch.manual_seed(0)
+    block_module = DenseBlock3d(*block, dropout=0.2).to(device)
+    xb = torch.randn((2, block[0], *block_size), generator=g).to(
+        device=device, memory_format=torch.channels_last_3d
+    )
+
+    def dense_block():
+        torch.manual_seed(1)  # the dropout masks' seeds
+        xi = xb.clone().requires_grad_(True)
+        block_module.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=xi.device.type, dtype=torch.bfloat16, enabled=device == "cuda"):
+            y = block_module(xi)
+        y.float().square().mean().backward()
+        grads = {f"grad {n}": p.grad for n, p in block_module.named_parameters()}
+        return {"y": y, "grad_x": xi.grad, **grads}
+
+    depthwise = DepthwiseConv3d(64, 3, padding=2, dilation=2).to(device)
+    xd = torch.randn((2, 64, *block_size), generator=g).to(
+        device=device, memory_format=torch.channels_last_3d
+    )
+
+    def depthwise_conv():
+        xi = xd.clone().requires_grad_(True)
+        depthwise.zero_grad(set_to_none=True)
+        y = depthwise(xi)
+        y.square().mean().backward()
+        return {"y": y, "grad_x": xi.grad, "grad_weight": depthwise.weight.grad}
+
+    rows = []
+    with use_backend("triton"):
+        for name, run in (("bn_relu_conv3d bf16 p3a layer", dense_layer),
+                          (f"DenseBlock3d{block} dropout 0.2 bf16", dense_block),
+                          ("DepthwiseConv3d(64, dilation 2)", depthwise_conv)):  # fmt: skip
+            first = {k: v.detach().clone() for k, v in run().items() if v is not None}
+            differing = set()
+            for _ in range(2):
+                again = run()
+                differing |= {k for k, v in first.items() if not torch.equal(v, again[k])}
+            rows.append(_row(f"{name}: 3 runs bitwise equal", not differing,
+                             f"{len(first)} tensors; differing: {sorted(differing) or 'none'}"))  # fmt: skip
+        volume = torch.randn((1, 2, *volume_size), generator=g).to(device)
+
+        def stitched():
+            return sliding_window_inference(volume, roi, 4, lambda w: torch.sigmoid(w) * 2 + w,
+                                            overlap=0.75, mode="gaussian")  # fmt: skip
+
+        was = torch.are_deterministic_algorithms_enabled()
+        try:
+            torch.use_deterministic_algorithms(True)
+            first, again = stitched(), stitched()
+        finally:
+            torch.use_deterministic_algorithms(was)
+        same = torch.equal(first, again)
+        rows.append(_row("sliding window under use_deterministic_algorithms: 2 runs bitwise equal", same,
+                         f"{int((first != again).sum())} voxels differ"))  # fmt: skip
+        plain = [stitched() for _ in range(3)]
+        differ = max(int((plain[0] != p).sum()) for p in plain[1:])
+        rows.append(_row("sliding window (atomics), 3 runs: information only", True,
+                         f"{differ} of {plain[0].numel()} voxels differ between runs; max abs difference "
+                         f"{max((plain[0] - p).abs().max().item() for p in plain[1:]):.1e}"))  # fmt: skip
+    return rows
+
+
 CHECKS: list[tuple[str, Callable[[str], list[dict]]]] = [
     ("sliding window", check_sliding_window),
     ("predict stitching", check_predict_stitching),
@@ -423,4 +511,5 @@ CHECKS: list[tuple[str, Callable[[str], list[dict]]]] = [
     ("bn_relu_conv3d tiles", check_bn_relu_conv3d_tiles),
     ("dense block", check_dense_block),
     ("depthwise", check_depthwise),
+    ("determinism", check_determinism),
 ]

@@ -1,7 +1,7 @@
 """Run by test_compile_gate.py in a fresh process without TRITON_INTERPRET (the interpreter patches
 triton.language while it runs kernels, so a test process that interpreted kernels cannot compile any):
-compiles a small good kernel and a broken one through tools/gpu_compile.compile_variant and prints the
-results as JSON."""
+compiles a small good kernel, a broken one and one with an atomic add through
+tools/gpu_compile.compile_variant and prints the results as JSON."""
 
 import json
 import sys
@@ -28,6 +28,11 @@ def broken_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
     tl.store(y_ptr + offs, tl.dot(a, a))  # 1-D operands: tl.dot rejects them at compile time
 
 
+def atomic_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.atomic_add(y_ptr, tl.sum(tl.load(x_ptr + offs, mask=offs < n, other=0.0)))  # order of programs varies
+
+
 def job(fn):
     jit = JITFunction(fn)
     options = make_backend(GPUTarget("cuda", 90, 32)).parse_options({"num_warps": 4})
@@ -36,8 +41,8 @@ def job(fn):
     return variant, (jit, signature, {(3,): 128}, {}, options)
 
 
-_VARIANTS[:] = [job(copy_kernel), job(broken_kernel)]
-results = [compile_variant(i) for i in range(2)]
+_VARIANTS[:] = [job(copy_kernel), job(broken_kernel), job(atomic_kernel)]
+results = [compile_variant(i) for i in range(3)]
 print(
     json.dumps(
         {
@@ -48,6 +53,7 @@ print(
                     "verdict": r.verdict,
                     "registers": r.registers,
                     "spill_bytes": r.spill_bytes,
+                    "atomics": r.atomics,
                     "error": r.error,
                 }
                 for r in results

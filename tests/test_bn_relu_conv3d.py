@@ -504,3 +504,17 @@ def test_every_autotune_tile_matches_float64_reference(tiles, monkeypatch):
         assert err < RTOL32, f"{key}: relative error {err:.2e}"
     for log, tile in zip(logs, tiles, strict=True):
         assert log.calls and all(call.items() >= tile.items() for call in log.calls), (tile, log.calls)
+
+
+def test_an_input_gradient_tile_below_the_smallest_candidate_is_refused():
+    """The input gradient's per-program partial sums have a row for each program of the smallest
+    candidate tile. A pinned tile with fewer voxels per program (more programs) would write rows past
+    the buffer: it is refused before launch, naming the tile."""
+    from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
+
+    case = Case("small tile", 1, 8, 16, (3, 5, 7))
+    g = torch.Generator().manual_seed(0)
+    x, params = make_input(case, g), make_params(case, g)
+    below = launchers.DGRAD_MIN_BLOCK_M // 2
+    with launchers._dgrad.pin(BLOCK_M=below, BLOCK_K=16), pytest.raises(ValueError, match=f"BLOCK_M {below} "):
+        run(x, params, case, True, "triton")

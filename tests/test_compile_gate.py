@@ -42,14 +42,17 @@ def test_the_parser_reads_registers_and_spills():
         parse_ptxas_log("ptxas fatal   : something else")
 
 
-def test_a_kernel_compiles_and_a_broken_one_fails_the_gate():
-    """Triton's real compiler and ptxas, in a fresh process without the interpreter."""
+def test_a_kernel_compiles_and_a_broken_or_atomic_one_fails_the_gate():
+    """Triton's real compiler and ptxas, in a fresh process without the interpreter. A kernel with float
+    atomics (outside the window-stitching ones) fails too: its sums would change from run to run."""
     report = run_probe("compile_gate_probe.py")
-    good, broken = report["results"]
+    good, broken, atomic = report["results"]
     assert good["ok"] and good["verdict"] == "ok", good["error"]
-    assert 0 < good["registers"] <= 255 and good["spill_bytes"] == 0
+    assert 0 < good["registers"] <= 255 and good["spill_bytes"] == 0 and good["atomics"] == 0
     assert not broken["ok"] and broken["verdict"] == "FAILED" and broken["error"]
-    assert "2 variants: 1 failed to compile" in report["summary"]
+    assert atomic["ok"] and atomic["atomics"] >= 1 and atomic["verdict"] == "ATOMICS"
+    assert "3 variants: 1 failed to compile" in report["summary"]
+    assert "1 use atomics outside ['_window_accumulate_kernel']" in report["summary"]
 
 
 def test_each_dot_path_captures_the_dots_a_gpu_runs_on_it():

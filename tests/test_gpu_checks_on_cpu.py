@@ -48,3 +48,20 @@ def test_the_tile_timings_run_every_tile_and_find_the_autotuned_one():
         assert sum(r["candidate"] == "yes" for r in rows) == len(tiles) * len(launchers.WARPS_STAGES)
         assert all(float(r["ms"]) > 0 and float(r["cudnn_ms"]) > 0 for r in rows)
     assert result.summary.count("best") == 3
+
+
+def test_the_determinism_check_runs_and_passes_on_a_tiny_case():
+    """bench/gpu_checks.py's run-to-run check through the interpreter: three runs of the fused layer, a dense
+    block and the depthwise conv compared bit for bit, and the stitching under deterministic mode."""
+    import gpu_checks
+    import torch
+
+    was = torch.are_deterministic_algorithms_enabled()
+    rows = gpu_checks.check_determinism("cpu", layer=(1, 20, 16, (2, 3, 4), 1, 1, 1, False, True),
+                                        block=(8, 4, 2), block_size=(2, 3, 4), volume_size=(4, 6, 7),
+                                        roi=(3, 4, 5))  # fmt: skip
+    assert torch.are_deterministic_algorithms_enabled() == was
+    assert len(rows) == 5
+    assert all(r["result"] == "PASS" for r in rows), [r for r in rows if r["result"] != "PASS"]
+    assert all("differing: none" in r["detail"] for r in rows[:3]), rows
+    assert "0 voxels differ" in rows[3]["detail"]

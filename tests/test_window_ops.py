@@ -148,6 +148,58 @@ def test_normalize_by_positions_equals_weight_buffer_route(impl):
         assert torch.allclose(output, expected, rtol=1e-6, atol=1e-7)
 
 
+def test_deterministic_mode_sums_windows_in_batch_order_on_the_triton_backend(monkeypatch):
+    """On a GPU the Triton ops add overlapping windows with float atomics, in an order that changes from
+    run to run. Under torch.use_deterministic_algorithms(True) the two summing ops are the PyTorch twin's
+    (window after window, in batch order); gather and normalisation stay Triton. Outside it, all Triton."""
+    from prostate_kernels.ops import window_accumulate
+
+    calls = []
+
+    def spy(module, name, label):
+        original = getattr(module, name)
+
+        def wrapped(*args):
+            calls.append(label)
+            return original(*args)
+
+        monkeypatch.setattr(module, name, wrapped)
+
+    for module, label in ((reference, "twin"), (window_accumulate, "triton")):
+        for name in ("window_gather", "window_accumulate_", "window_normalize_by_positions_"):
+            spy(module, name, f"{label} {name}")
+    output, weight, windows, starts, importance = _good_args()
+    windows = torch.randn(windows.shape, generator=torch.Generator().manual_seed(0))
+    expected, expected_weight = accumulate64(output, weight, windows, starts, importance)
+    positions = starts[:, 1:].contiguous()
+
+    def run_ops():
+        ops = window_ops_for(CPU)
+        out, w = output.clone(), weight.clone()
+        ops.accumulate_(out, w, windows, starts, importance)
+        ops.normalize_by_positions_(out.clone(), positions, importance)
+        ops.gather(out, starts, list(importance.shape))
+        return out, w
+
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    with use_backend("triton"):
+        try:
+            torch.use_deterministic_algorithms(True)
+            out, w = run_ops()
+        finally:
+            torch.use_deterministic_algorithms(was_deterministic)
+        deterministic_calls, calls[:] = list(calls), []
+        run_ops()
+    assert deterministic_calls == [
+        "twin window_accumulate_", "twin window_normalize_by_positions_", "triton window_gather"
+    ]  # fmt: skip
+    assert calls == [
+        "triton window_accumulate_", "triton window_normalize_by_positions_", "triton window_gather"
+    ]  # fmt: skip
+    torch.testing.assert_close(out.double(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(w.double(), expected_weight, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------ bad input
 
 

@@ -12,8 +12,8 @@ sliding-window inference; once per dot
 path: float32 with TF32, float32 IEEE, bfloat16 and float16 autocast; each launch with every autotune
 config its autotuner can choose. Triton's own compiler and its bundled ptxas do the work: no GPU.
 
-Exit status: 1 if any variant fails to compile (and, with --strict, if any spills registers or needs
-more shared memory than its target has), else 0.
+Exit status: 1 if any variant fails to compile or holds float atomics outside ATOMIC_KERNELS (and, with
+--strict, if any spills registers or needs more shared memory than its target has), else 0.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import io
 import multiprocessing
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -39,6 +40,12 @@ from ptxas_log import parse_ptxas_log  # noqa: E402
 
 SHARED_MEMORY_LIMIT = {90: 232_448, 80: 166_912}  # bytes per block (opt-in maximum), H100 and A100
 DOT_PATHS = ("fp32-tf32", "fp32-ieee", "bf16", "fp16")
+# The only kernels allowed atomics: sliding-window stitching adds overlapping windows with float atomics, in
+# an order that changes from run to run (under torch.use_deterministic_algorithms the window ops run the
+# PyTorch twin instead). Every other kernel computes the same bits on every run: a reduction over programs
+# goes through per-program partial sums added in a fixed order.
+ATOMIC_KERNELS = frozenset({"_window_accumulate_kernel"})
+_ATOMIC_INSTRUCTION = re.compile(r"\b(?:atom|red)\.(?:global|shared)")
 PATCH = (16, 64, 64)
 
 
@@ -52,6 +59,11 @@ class Result:
     seconds: float = 0.0
     error: str = ""
     mma: str = ""  # the dot's instructions in the PTX (mma_kind); "" for a kernel without a dot
+    atomics: int = 0  # atomic instructions (atom., red.) in the PTX
+
+    @property
+    def nondeterministic(self) -> bool:
+        return self.ok and self.atomics > 0 and self.variant.kernel not in ATOMIC_KERNELS
 
     @property
     def over_shared(self) -> bool:
@@ -61,6 +73,8 @@ class Result:
     def verdict(self) -> str:
         if not self.ok:
             return "FAILED"
+        if self.nondeterministic:
+            return "ATOMICS"
         if self.spill_bytes:
             return "SPILLS"
         return "OVER SMEM" if self.over_shared else "ok"
@@ -238,6 +252,7 @@ def compile_variant(index: int) -> Result:
                           seconds=time.perf_counter() - start)  # fmt: skip
         report = parse_ptxas_log(printed.getvalue())
         mma = mma_kind(kernel.asm["ptx"]) if variant.dot else ""
+        atomics = count_atomics(kernel.asm["ptx"])
     except Exception as exc:  # noqa: BLE001 - every failure is reported as the variant's result
         first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         return Result(
@@ -248,7 +263,13 @@ def compile_variant(index: int) -> Result:
         )
     spilled = max(report.spill_stores, report.spill_loads)
     return Result(variant, ok=True, registers=report.registers, spill_bytes=spilled, mma=mma,
-                  shared=int(kernel.metadata.shared), seconds=time.perf_counter() - start)  # fmt: skip
+                  atomics=atomics, shared=int(kernel.metadata.shared),
+                  seconds=time.perf_counter() - start)  # fmt: skip
+
+
+def count_atomics(ptx: str) -> int:
+    """Atomic read-modify-write instructions (atom.global/shared, red.global/shared) in a kernel's PTX."""
+    return len(_ATOMIC_INSTRUCTION.findall(ptx))
 
 
 def mma_kind(ptx: str) -> str:
@@ -281,7 +302,11 @@ def describe(result: Result) -> str:
     what = f"{v.kernel} [{v.config}] {v.path} {ARCHES[v.arch]}{' int64' if v.int64 else ''}"
     if not result.ok:
         return f"{what}: {result.error}"
-    return f"{what}: {result.registers} registers, {result.spill_bytes} B spilled, {result.shared} B shared"
+    atomics = f", {result.atomics} atomic instructions" if result.atomics else ""
+    return (
+        f"{what}: {result.registers} registers, {result.spill_bytes} B spilled, {result.shared} B shared"
+        f"{atomics}"
+    )
 
 
 def select(variants: dict, quick: bool, arches: tuple[int, ...]) -> list:
@@ -303,7 +328,7 @@ def select(variants: dict, quick: bool, arches: tuple[int, ...]) -> list:
 
 
 COLUMNS = ("kernel", "config", "dtype", "mma", "arch", "int64", "registers", "spill_bytes",
-           "shared_bytes", "shared_limit", "compile_s", "verdict", "error")  # fmt: skip
+           "shared_bytes", "shared_limit", "atomics", "compile_s", "verdict", "error")  # fmt: skip
 
 
 def rows(results: list[Result]) -> list[dict]:
@@ -319,6 +344,7 @@ def rows(results: list[Result]) -> list[dict]:
             "spill_bytes": r.spill_bytes,
             "shared_bytes": r.shared,
             "shared_limit": SHARED_MEMORY_LIMIT[r.variant.arch],
+            "atomics": r.atomics,
             "compile_s": f"{r.seconds:.1f}",
             "verdict": r.verdict,
             "error": r.error,
@@ -332,9 +358,11 @@ def summary(results: list[Result]) -> str:
     failed = [r for r in results if not r.ok]
     spilling = [r for r in results if r.ok and r.spill_bytes]
     over = [r for r in results if r.over_shared]
+    atomic = [r for r in results if r.nondeterministic]
     counts = f"{len(failed)} failed to compile, {len(spilling)} spill registers"
     return (
-        f"{len(kernels)} kernels, {len(results)} variants: {counts}, {len(over)} exceed their shared memory"
+        f"{len(kernels)} kernels, {len(results)} variants: {counts}, {len(over)} exceed their shared memory, "
+        f"{len(atomic)} use atomics outside {sorted(ATOMIC_KERNELS)}"
     )
 
 
@@ -374,8 +402,8 @@ def write_report(results: list[Result], out: Path, quick: bool, seconds: float) 
         "Per kernel (worst variant):",
         "",
         "| kernel | variants | max registers | max spill B | max shared B | failed | spilling | over smem "
-        "| sm_90a tensor-core dots: wgmma / mma.sync |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| with atomics | sm_90a tensor-core dots: wgmma / mma.sync |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kernel in sorted({r.variant.kernel for r in results}):
         mine = [r for r in results if r.variant.kernel == kernel]
@@ -384,7 +412,8 @@ def write_report(results: list[Result], out: Path, quick: bool, seconds: float) 
             f"| {kernel} | {len(mine)} | {max((r.registers for r in ok), default=0)} | "
             f"{max((r.spill_bytes for r in ok), default=0)} | {max((r.shared for r in ok), default=0)} | "
             f"{sum(not r.ok for r in mine)} | {sum(r.ok and r.spill_bytes > 0 for r in mine)} | "
-            f"{sum(r.over_shared for r in mine)} | {_tensor_core_dots(ok)} |"
+            f"{sum(r.over_shared for r in mine)} | {sum(r.atomics > 0 for r in ok)} | "
+            f"{_tensor_core_dots(ok)} |"
         )
     lines += [
         "",
@@ -443,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         print(summary(results))
     if args.out is not None:
         print(f"report: {write_report(results, args.out, args.quick, time.time() - start)}")
-    bad = [r for r in results if not r.ok or (args.strict and r.verdict != "ok")]
+    bad = [r for r in results if not r.ok or r.nondeterministic or (args.strict and r.verdict != "ok")]
     for r in bad[:20]:
         print(f"{r.verdict}: {describe(r)}", file=sys.stderr)
     missing = sorted(library_kernels() - {v.kernel for v in RECORDER.variants})

@@ -143,8 +143,11 @@ def bn_relu_conv3d_dgrad_kernel(
     rstd_ptr,  # (C_in,) float32
     gz_ptr,  # (M, C_in) float32 scratch: gradient w.r.t. s * x + t (STORE_GZ)
     gx_ptr,  # (N, C_in, D, H, W), strides sd*: grad of x (when not STORE_GZ)
-    dgamma_ptr,  # (C_in,) float32, accumulated with atomics: sum of gz * xhat
-    dbeta_ptr,  # (C_in,) float32, accumulated with atomics: sum of gz
+    partial_ptr,  # float32 (2, >= programs along M, C_in) with strides (p_plane, p_row, 1): program m's
+    # sums over its BLOCK_M voxels of gz (plane 0) and gz * xhat (plane 1) in row m (no atomics: the
+    # launcher sums the rows in a fixed order, so the gradients are the same from run to run)
+    p_plane,
+    p_row,
     M,  # N * D * H * W (input voxels)
     C_in,
     C_out,
@@ -245,8 +248,9 @@ def bn_relu_conv3d_dgrad_kernel(
     mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0)
     rstd = tl.load(rstd_ptr + offs_n, mask=mask_n, other=0.0)
     xhat = (x - mean[None, :]) * rstd[None, :]
-    tl.atomic_add(dbeta_ptr + offs_n, tl.sum(gz, axis=0), mask=mask_n)
-    tl.atomic_add(dgamma_ptr + offs_n, tl.sum(gz * xhat, axis=0), mask=mask_n)
+    partial = partial_ptr + widen(tl.program_id(0), INT64) * p_row + offs_n
+    tl.store(partial, tl.sum(gz, axis=0), mask=mask_n)
+    tl.store(partial + p_plane, tl.sum(gz * xhat, axis=0), mask=mask_n)
     if STORE_GZ:
         tl.store(gz_ptr + widen(offs_m, INT64)[:, None] * C_in + offs_n[None, :], gz, mask=mask)
     else:

@@ -2,8 +2,10 @@
 
 Forward: batch statistics (training) -> conv whose loads apply scale/shift + ReLU. Backward: weight
 and bias gradients (one kernel), input gradient through conv, ReLU mask and BatchNorm with the
-per-channel reductions in its epilogue (one kernel), then, in training mode, the batch-statistics term
-(one elementwise kernel). Saved for backward: the input x itself and per-channel vectors, nothing else.
+per-channel reductions in its epilogue (one kernel: per-program partial sums, then one fixed-order sum,
+so that every gradient is the same from run to run), then, in training mode, the batch-statistics term
+(one elementwise kernel). No kernel of forward or backward uses atomics. Saved for backward: the input
+x itself and per-channel vectors, nothing else.
 The op's entry (validation, backend, autocast) is ops/bn_relu_conv3d.py; arguments are checked there.
 """
 
@@ -83,7 +85,7 @@ _dgrad = bucketed_autotune(
     autotune_configs(DGRAD_TILES, WARPS_STAGES),
     key=["C_in", "C_out", "M", "KD", "KH", "KW", "DOT_DTYPE", "INPUT_PRECISION", "STORE_GZ", "INT64"],
     bucketed=("C_in", "M"),
-    reset_to_zero=["dgamma_ptr", "dbeta_ptr"],
+    reset_to_zero=["partial_ptr"],  # rows past a config's programs stay 0 for the sum
     restore_value=["gx_ptr"],
     prune_configs_by={"early_config_prune": prune_spilling(_DGRAD_SPILLS, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))},
 )(kernels.bn_relu_conv3d_dgrad_kernel)
@@ -97,6 +99,7 @@ _wgrad = bucketed_autotune(
     },
 )(kernels.bn_relu_conv3d_wgrad_kernel)
 
+DGRAD_MIN_BLOCK_M = min(tile["BLOCK_M"] for tile in DGRAD_TILES)  # sizes the input gradient's partial sums
 FINALIZE_BLOCK_M = 64
 FINALIZE_BLOCK_C = 32
 SCRATCH_BYTES = 64 * 2**20  # bound of the float32 gz scratch of the training-mode input gradient
@@ -228,37 +231,40 @@ def conv_input_grad(
     batch_stats: x was normalised with its own batch statistics (training mode), so the gradient also
     flows through mean and variance; this needs a float32 scratch of gz, bounded by SCRATCH_BYTES by
     working on blocks of input channels in turn. grad_input: write (or, with accumulate, add) there.
+    Deterministic: the per-channel sums are per-program partial sums added in a fixed order (no atomics).
     """
     n, c_in, d, h, w = x.shape
     m = n * d * h * w
     if grad_input is None:
         grad_input = torch.empty_like(x, memory_format=torch.preserve_format)
-    dgamma = torch.zeros((c_in,), dtype=torch.float32, device=x.device)
-    dbeta = torch.zeros_like(dgamma)
+    # (sum of gz, sum of gz * xhat) per program along M: rows for the smallest tile, the unused ones 0
+    partials = torch.zeros((2, cdiv(m, DGRAD_MIN_BLOCK_M), c_in), dtype=torch.float32, device=x.device)
     chunk = c_in
     if batch_stats and m * c_in * 4 > SCRATCH_BYTES:
         chunk = max(64, SCRATCH_BYTES // (m * 4) // 64 * 64)
-    gz = torch.empty((m, min(chunk, c_in)), dtype=torch.float32, device=x.device) if batch_stats else dgamma
+    gz = torch.empty((m, min(chunk, c_in)), dtype=torch.float32, device=x.device) if batch_stats else partials
     if chunk >= c_in:  # one block: no slicing (each slice is a torch op on the host)
-        _input_grad_block(
+        sums = _input_grad_block(
             x, gy, weight, scale, shift, mean, rstd, geometry, compute_dtype, batch_stats, grad_input,
-            accumulate, gz, dgamma, dbeta,
+            accumulate, gz, partials,
         )  # fmt: skip
-        return grad_input, dgamma, dbeta
+        return grad_input, sums[1], sums[0]
+    sums = torch.empty((2, c_in), dtype=torch.float32, device=x.device)
     for c0 in range(0, c_in, chunk):
         c = slice(c0, min(c0 + chunk, c_in))
-        _input_grad_block(
+        sums[:, c] = _input_grad_block(
             x[:, c], gy, weight[:, c], scale[c], shift[c], mean[c], rstd[c], geometry, compute_dtype,
-            batch_stats, grad_input[:, c], accumulate, gz, dgamma[c], dbeta[c],
+            batch_stats, grad_input[:, c], accumulate, gz, partials[:, :, c],
         )  # fmt: skip
-    return grad_input, dgamma, dbeta
+    return grad_input, sums[1], sums[0]
 
 
 def _input_grad_block(
     x, gy, weight, scale, shift, mean, rstd, geometry, compute_dtype, batch_stats, grad_input, accumulate,
-    gz, dgamma, dbeta,
-) -> None:  # fmt: skip
-    """conv_input_grad on one block of input channels (x, weight, vectors and grad_input sliced alike)."""
+    gz, partials,
+) -> torch.Tensor:  # fmt: skip
+    """conv_input_grad on one block of input channels (x, weight, vectors, grad_input and the (2, rows, C)
+    partials sliced alike); returns the block's (2, C) float32 (sum of gz, sum of gz * xhat)."""
     n, c_in, d, h, w = x.shape
     _, c_out, do, ho, wo = gy.shape
     m = n * d * h * w
@@ -266,25 +272,33 @@ def _input_grad_block(
     # (C_out, C_in, kd, kh, kw) -> (taps, C_out, C_in)
     w_taps = weight_taps(weight, (2, 3, 4, 0, 1), compute_dtype)
     block_n = _block_for(c_in)
-    int64 = needs_int64(gy, x, grad_input, extra=(m * c_in,))  # m * c_in: the gz scratch
+    int64 = needs_int64(gy, x, grad_input, extra=(m * c_in, partials.stride(0) * 2))  # gz scratch, partials
 
     def grid(meta):
-        return (cdiv(m, meta["BLOCK_M"]), cdiv(c_in, block_n))
+        programs = cdiv(m, meta["BLOCK_M"])
+        if programs > partials.shape[1]:
+            raise ValueError(
+                f"bn_relu_conv3d input gradient: BLOCK_M {meta['BLOCK_M']} is below the smallest tile's "
+                f"{DGRAD_MIN_BLOCK_M}, which sized the partial sums"
+            )
+        return (programs, cdiv(c_in, block_n))
 
     _dgrad[grid](
-        gy, w_taps, x, scale, shift, mean, rstd, gz, grad_input, dgamma, dbeta,
-        m, c_in, c_out, d, h, w, do, ho, wo, *gy.stride(), *x.stride(), *grad_input.stride(),
-        *conv_args(geometry), KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2],
-        STORE_GZ=batch_stats, ACCUMULATE=accumulate,
+        gy, w_taps, x, scale, shift, mean, rstd, gz, grad_input, partials, partials.stride(0),
+        partials.stride(1), m, c_in, c_out, d, h, w, do, ho, wo, *gy.stride(), *x.stride(),
+        *grad_input.stride(), *conv_args(geometry), KD=geometry.kernel[0], KH=geometry.kernel[1],
+        KW=geometry.kernel[2], STORE_GZ=batch_stats, ACCUMULATE=accumulate,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=int64, BLOCK_N=block_n,
     )  # fmt: skip
+    sums = partials.sum(1)  # (2, C): a fixed-order reduction, the same result on every run
     if batch_stats:
         grid2 = (cdiv(m, FINALIZE_BLOCK_M), cdiv(c_in, FINALIZE_BLOCK_C))
         kernels.bn_backward_finalize_kernel[grid2](
-            gz, x, grad_input, scale, mean, rstd, dgamma, dbeta, m, c_in, d, h, w,
+            gz, x, grad_input, scale, mean, rstd, sums[1], sums[0], m, c_in, d, h, w,
             *x.stride(), *grad_input.stride(), ACCUMULATE=accumulate, INT64=int64,
             BLOCK_M=FINALIZE_BLOCK_M, BLOCK_C=FINALIZE_BLOCK_C,
         )  # fmt: skip
+    return sums
 
 
 def batch_norm_affine(

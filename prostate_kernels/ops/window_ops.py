@@ -18,6 +18,10 @@ every one of them guards its raw-pointer loops (dtype, contiguity, rank, bounds:
 out of bounds); through these ops they are never the ones that fire. These ops are for inference:
 they have no autograd formula.
 
+On a GPU (Triton) overlapping windows are summed with float atomics, whose order changes from run to run
+(a last-bit difference); under torch.use_deterministic_algorithms(True) the summing ops run the PyTorch
+twin instead, in batch order, as the C++ CPU path always does.
+
 `window_ops_for(device)` returns the checked implementation directly; sliding_window_inference calls
 it in its loop to skip the custom-op dispatcher (about 50 us a call in eager mode), while the
 registered ops are what a torch.compile'd graph records.
@@ -26,6 +30,7 @@ registered ops are what a torch.compile'd graph records.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import torch
@@ -243,8 +248,23 @@ def window_ops_for(device: torch.device, starts_checked: bool = False) -> Window
     if choice == "triton":
         from prostate_kernels.ops import window_accumulate  # imports Triton on first use only
 
+        if torch.are_deterministic_algorithms_enabled():
+            return _checked(_deterministic_stitching(window_accumulate), starts_checked)
         return _checked(window_accumulate, starts_checked)
     return _checked(reference, starts_checked)
+
+
+def _deterministic_stitching(triton_ops):
+    """The Triton ops with the two that sum overlapping windows by float atomics (an order that changes
+    from run to run on a GPU) replaced by the PyTorch twin, which adds window after window in batch order:
+    what torch.use_deterministic_algorithms(True) asks for. Slower on a GPU (a few torch ops per window);
+    gather and normalisation write each voxel once and stay Triton."""
+    return SimpleNamespace(
+        window_gather=triton_ops.window_gather,
+        window_accumulate_=reference.window_accumulate_,
+        window_normalize_=triton_ops.window_normalize_,
+        window_normalize_by_positions_=reference.window_normalize_by_positions_,
+    )
 
 
 # ------------------------------------------------------------------------------------------- ops
