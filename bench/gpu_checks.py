@@ -426,7 +426,8 @@ def check_determinism(
 ) -> list[dict]:
     """Every gradient the same bits from run to run: the fused layer (bf16 at p3a's layer shape), a dense
     block with dropout and the depthwise conv, each run three times on the same input; no kernel of theirs
-    uses atomics (the compile gate checks the PTX). Sliding-window stitching sums overlapping windows by
+    uses atomics (the compile gate checks the PTX); the layer again under use_deterministic_algorithms, whose
+    autotuners take untimed first candidates. Sliding-window stitching sums overlapping windows by
     atomics: the same bits under torch.use_deterministic_algorithms(True) (the PyTorch twin sums them),
     and how many voxels differ without it, reported as information."""
     from prostate_kernels.nn import DenseBlock3d, DepthwiseConv3d
@@ -481,13 +482,22 @@ def check_determinism(
                 differing |= {k for k, v in first.items() if not torch.equal(v, again[k])}
             rows.append(_row(f"{name}: 3 runs bitwise equal", not differing,
                              f"{len(first)} tensors; differing: {sorted(differing) or 'none'}"))  # fmt: skip
+        was = torch.are_deterministic_algorithms_enabled()
+        try:  # the autotuners take their first candidates, untimed: the same tiles in every process
+            torch.use_deterministic_algorithms(True)
+            first = {k: v.detach().clone() for k, v in dense_layer().items() if v is not None}
+            again = dense_layer()
+        finally:
+            torch.use_deterministic_algorithms(was)
+        differing = sorted(k for k, v in first.items() if not torch.equal(v, again[k]))
+        what = "bn_relu_conv3d bf16 p3a layer under use_deterministic_algorithms (untimed tiles): 2 runs"
+        rows.append(_row(f"{what} bitwise equal", not differing, f"differing: {differing or 'none'}"))
         volume = torch.randn((1, 2, *volume_size), generator=g).to(device)
 
         def stitched():
             return sliding_window_inference(volume, roi, 4, lambda w: torch.sigmoid(w) * 2 + w,
                                             overlap=0.75, mode="gaussian")  # fmt: skip
 
-        was = torch.are_deterministic_algorithms_enabled()
         try:
             torch.use_deterministic_algorithms(True)
             first, again = stitched(), stitched()

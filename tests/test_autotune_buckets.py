@@ -26,6 +26,12 @@ class FakeTuner:
     def __init__(self) -> None:
         self.launches: list = []
         self.fn = FakeKernel(self.launches)
+        self.configs = [triton.Config({"BLOCK_M": b}, num_warps=4) for b in (256, 128, 64)]
+        self.nargs = None
+
+    def prune_configs(self, kwargs):
+        """As triton's: reads self.nargs (set by the caller); here BLOCK_M 256 is pruned at C_in >= 40."""
+        return [c for c in self.configs if self.nargs["C_in"] < 40 or c.kwargs["BLOCK_M"] < 256]
 
     def __getitem__(self, grid):
         def run(*args, **kwargs):
@@ -151,3 +157,24 @@ def test_voxel_alignment_is_the_largest_power_of_two_dividing_strides_and_channe
     buffer = channels_last(2, 40, 3, 4, 5)
     assert voxel_alignment(buffer[:, 8:32]) == 8  # a channel slice: the buffer's strides, its 24 channels
     assert voxel_alignment(buffer[:, 8:14]) == 2
+
+
+def test_deterministic_mode_takes_the_first_candidate_untimed():
+    """Under torch.use_deterministic_algorithms(True) no launch is timed: each bucket takes the first config
+    left after pruning (the same in every process), kept apart from the timed winners of the same bucket."""
+    tuner = FakeTuner()
+    tuned = BucketedAutotuner(tuner, ("C_in", "M"))
+    x = torch.zeros(1)
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        tuned[(1,)](x, 33, 1000, 3)  # first candidate: BLOCK_M 256
+        tuned[(1,)](x, 70, 1000, 3)  # C_in bucket 128: 256 is pruned there, so 128
+        tuned[(1,)](x, 80, 1000, 3)  # the same bucket again
+        assert tuner.nargs is None
+    finally:
+        torch.use_deterministic_algorithms(was)
+    tuned[(1,)](x, 33, 1000, 3)  # deterministic mode off: this bucket is timed, apart from the untimed one
+    kinds = [launch[0] for launch in tuner.launches]
+    assert kinds == ["direct", "direct", "direct", "tuned"]
+    assert [tuner.launches[i][2]["BLOCK_M"] for i in (0, 1, 2)] == [256, 128, 128]

@@ -516,5 +516,35 @@ def test_an_input_gradient_tile_below_the_smallest_candidate_is_refused():
     g = torch.Generator().manual_seed(0)
     x, params = make_input(case, g), make_params(case, g)
     below = launchers.DGRAD_MIN_BLOCK_M // 2
-    with launchers._dgrad.pin(BLOCK_M=below, BLOCK_K=16), pytest.raises(ValueError, match=f"BLOCK_M {below} "):
+    with (
+        launchers._dgrad.pin(BLOCK_M=below, BLOCK_K=16),
+        pytest.raises(ValueError, match=f"BLOCK_M {below} "),
+    ):
         run(x, params, case, True, "triton")
+
+
+def test_deterministic_mode_launches_the_first_candidates_untimed():
+    """Under torch.use_deterministic_algorithms(True) the three conv kernels take the first config their
+    autotuner's pruning keeps (Triton's own prune_configs, with the spill pruning), never timed, and the
+    layer still matches float64."""
+    from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
+
+    case = Case("deterministic", 2, 10, 16, (3, 4, 5))
+    g = torch.Generator().manual_seed(3)
+    x, params = make_input(case, g), make_params(case, g)
+    tuned = (launchers._fwd, launchers._dgrad, launchers._wgrad)
+    before = [dict(t.chosen) for t in tuned]
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        got, gy = run(x, params, case, True, "triton")
+    finally:
+        torch.use_deterministic_algorithms(was)
+    expected, _ = run(x, params, case, True, "torch", dtype=torch.float64, grad_out=gy)
+    for key, value in expected.items():
+        assert max_rel_error(got[key], value) < RTOL32, key
+    for t, old in zip(tuned, before, strict=True):
+        untimed = {k: v for k, v in t.chosen.items() if k not in old}
+        assert untimed and all(k[-1] == "untimed" for k in untimed), t.chosen
+        first = t.tuner.configs[0].all_kwargs()
+        assert all(v == first for v in untimed.values())  # the interpreter's one candidate

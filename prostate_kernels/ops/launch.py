@@ -50,6 +50,9 @@ class BucketedAutotuner:
     (706 config benchmarks before the first step ends). Here the `bucketed` key arguments are rounded up to
     a power of two first: the autotuner runs at the first launch of a bucket (45 at that step), and later
     launches in the bucket call the kernel directly with the bucket's winner.
+    Under torch.use_deterministic_algorithms(True) a bucket takes its first candidate left after pruning,
+    untimed (as cudnn.benchmark=False does for cuDNN): tiles add in different orders, so a timed winner
+    that differs between processes would change the last bits of the results.
     Launch as the autotuner: `tuned[grid](*args, **kwargs)`.
     """
 
@@ -88,13 +91,26 @@ class BucketedAutotuner:
         finally:
             self.pinned = previous
 
+    def first_candidate(self, args: tuple, kwargs: dict) -> dict:
+        """Launch kwargs of the first config the autotuner's pruning keeps for this launch (no timing)."""
+        self.tuner.nargs = dict(zip(self.tuner.arg_names, args, strict=False))  # the rest come as kwargs
+        try:
+            return self.tuner.prune_configs(kwargs)[0].all_kwargs()
+        finally:
+            self.tuner.nargs = None
+
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             if self.pinned is not None:
                 self.tuner.fn[grid](*args, **kwargs, **self.pinned)
                 return
-            key = self.bucket(args, kwargs)
+            untimed = torch.are_deterministic_algorithms_enabled()
+            key = (*self.bucket(args, kwargs), "untimed") if untimed else self.bucket(args, kwargs)
             config = self.chosen.get(key) if self.remember else None
+            if config is None and untimed:
+                config = self.first_candidate(args, kwargs)
+                if self.remember:
+                    self.chosen[key] = config
             if config is None:
                 self.tuner[grid](*args, **kwargs)
                 if self.remember:
