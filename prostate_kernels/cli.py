@@ -118,6 +118,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--spacing", type=positive_float, nargs=3, metavar=("Z", "Y", "X"), default=None,
                    help="resample every case to this spacing (mm) first; predict does too")  # fmt: skip
     p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms for the run (warn-only), untimed kernel tiles: "
+                   "a rerun on the same GPU model repeats it bit for bit where every op allows")  # fmt: skip
     p.add_argument("--workers", type=non_negative_int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_train)
@@ -228,6 +231,7 @@ def _train(args) -> int:
         label=args.label,
         spacing=tuple(args.spacing) if args.spacing else None,
         seed=args.seed,
+        deterministic=args.deterministic,
         workers=args.workers,
         progress=not args.no_progress,
     )

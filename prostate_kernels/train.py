@@ -11,6 +11,7 @@ iteration) lets `--resume` continue exactly where training stopped: the batches 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import math
 import os
@@ -90,6 +91,7 @@ class TrainConfig:
     workers: int = 0
     flips: bool = True
     augment: bool = True  # rotation, scaling and intensity augmentation (data/sampling.py)
+    deterministic: bool = False  # torch.use_deterministic_algorithms for the run (deterministic_mode)
     progress: bool = True
     model_kwargs: dict = field(default_factory=dict)
 
@@ -202,13 +204,42 @@ def train(config: TrainConfig, log=print, arrays: list | None = None) -> Path:
     rank, world, device = _setup_distributed()
     if rank != 0:
         _check_run_directory(out, config.resume)
-        return _train(config, rank, world, device, log, arrays)
+        with deterministic_mode(config.deterministic):
+            return _train(config, rank, world, device, log, arrays)
     output_directory(out, "--out")
     with RunLock(out):
         _check_run_directory(out, config.resume)
         for tmp in remove_stale_temporaries(out):
             log(f"removed {tmp.name}, left by a checkpoint write that was killed")
-        return _train(config, rank, world, device, log, arrays)
+        with deterministic_mode(config.deterministic):
+            if config.deterministic:
+                log("deterministic algorithms on: the library's kernels take untimed tiles; a PyTorch op "
+                    "without a deterministic version warns and runs (README: Determinism)")  # fmt: skip
+            return _train(config, rank, world, device, log, arrays)
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool):
+    """With enabled: torch.use_deterministic_algorithms(True, warn_only=True) (an op without a deterministic
+    version warns and runs, instead of stopping the run at its first backward), cuDNN's benchmark off and
+    cuBLAS's workspace fixed (CUBLAS_WORKSPACE_CONFIG, unless set: read when cuBLAS starts), for the block;
+    the previous settings come back after it. Without: nothing changes."""
+    if not enabled:
+        yield
+        return
+    was = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    benchmark = torch.backends.cudnn.benchmark
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+        torch.backends.cudnn.benchmark = benchmark
 
 
 def _check_run_directory(out: Path, resume: bool) -> None:
@@ -467,7 +498,8 @@ def _state(config, model, optimizer, scheduler, scaler, rng, it, best, patch) ->
 # Settings that change what a resumed run computes: (TrainConfig field, its flag)
 RESUME_SETTINGS = (("loss", "--loss"), ("weight_decay", "--weight-decay"), ("schedule", "--schedule"),
                    ("amp", "--amp"), ("seed", "--seed"), ("flips", "flips"), ("augment", "--augment"),
-                   ("spacing", "--spacing"), ("label", "--label"), ("val_cases", "--val-cases"))  # fmt: skip
+                   ("spacing", "--spacing"), ("label", "--label"), ("val_cases", "--val-cases"),
+                   ("deterministic", "--deterministic"))  # fmt: skip
 
 
 def _resume_differences(

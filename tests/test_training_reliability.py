@@ -105,3 +105,40 @@ def test_resuming_with_other_settings_names_them_and_a_finished_run_says_so(data
     train(config(data, run, iters=5, resume=True, patch=(4, 16, 16), lr=1e-3, loss="dice", augment=False,
                  spacing=(3.0, 1.0, 1.0)))  # fmt: skip
     assert "--nproc-per-node 1 (was 2)" in capsys.readouterr().out
+
+
+def test_deterministic_trains_under_deterministic_algorithms_then_restores_the_settings(
+    data, tmp_path, capsys, monkeypatch
+):
+    """--deterministic: the run trains under torch.use_deterministic_algorithms(True, warn_only=True) with
+    cuDNN's benchmark off (the library's autotuners then take untimed tiles), the settings before it come
+    back afterwards, the checkpoint records it, and resuming without it is named."""
+    seen, real = [], training._train
+
+    def spy(*args, **kwargs):
+        flags = (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        )
+        seen.append((*flags, torch.backends.cudnn.benchmark))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_train", spy)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    run = tmp_path / "run"
+    train(config(data, run, iters=2, deterministic=True))
+    assert seen == [(True, True, False)]
+    assert "deterministic algorithms on" in capsys.readouterr().out
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+    assert load_checkpoint(run / "checkpoint.pt")["config"]["deterministic"] is True
+    train(config(data, run, iters=3, resume=True))
+    assert "--deterministic False (was True)" in capsys.readouterr().out
+    assert seen[-1] == (False, False, True)
+
+
+def test_the_deterministic_flag_reaches_the_run(data, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli(*train_args(data, run, 1, "--deterministic"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "deterministic algorithms on" in result.stdout
+    assert load_checkpoint(run / "checkpoint.pt")["config"]["deterministic"] is True
