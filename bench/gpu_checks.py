@@ -423,6 +423,7 @@ def check_determinism(
     block_size=(16, 64, 64),
     volume_size=(40, 96, 96),
     roi=(16, 48, 48),
+    model=("tiramisu3d_p3a", (16, 64, 64), "triton"),  # (name, patch, backend) of the training-step check
 ) -> list[dict]:
     """Every gradient the same bits from run to run: the fused layer (bf16 at p3a's layer shape), a dense
     block with dropout and the depthwise conv, each run three times on the same input; no kernel of theirs
@@ -511,7 +512,47 @@ def check_determinism(
         rows.append(_row("sliding window (atomics), 3 runs: information only", True,
                          f"{differ} of {plain[0].numel()} voxels differ between runs; max abs difference "
                          f"{max((plain[0] - p).abs().max().item() for p in plain[1:]):.1e}"))  # fmt: skip
+    rows.append(_training_repeats(device, *model))
     return rows
+
+
+def _training_repeats(device: str, name: str, patch: tuple, backend: str) -> dict:
+    """Three Adam steps of a network (bf16 autocast on CUDA, dropout on) from the same seeds, twice, under
+    train --deterministic's mode: the same weights to the bit, and how many PyTorch ops warned that they
+    have no deterministic version."""
+    import warnings
+
+    from prostate_kernels.models import build_model
+
+    from prostate_kernels.train import deterministic_mode
+
+    def train_steps():
+        torch.manual_seed(0)
+        net = build_model(name).to(device)
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+        g = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            x = torch.randn((2, 1, *patch), generator=g).to(device)
+            y = (torch.rand((2, 1, *patch), generator=g) > 0.5).float().to(device)
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(net(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return {n: p.detach().clone() for n, p in net.named_parameters()}
+
+    with warnings.catch_warnings(record=True) as caught, deterministic_mode(True), use_backend(backend):
+        warnings.simplefilter("always")
+        first, again = train_steps(), train_steps()
+    differing = [n for n, p in first.items() if not torch.equal(p, again[n])]
+    alerts = sorted({str(w.message).split(" ")[0] for w in caught if "deterministic" in str(w.message)})
+    return _row(
+        f"{name} {'x'.join(map(str, patch))}, 3 training steps twice under train --deterministic: "
+        "weights bitwise equal",
+        not differing,
+        f"{len(differing)} of {len(first)} tensors differ; ops without a deterministic version: "
+        f"{alerts or 'none'}",
+    )
 
 
 CHECKS: list[tuple[str, Callable[[str], list[dict]]]] = [

@@ -59,9 +59,10 @@ def test_the_determinism_check_runs_and_passes_on_a_tiny_case():
     was = torch.are_deterministic_algorithms_enabled()
     rows = gpu_checks.check_determinism("cpu", layer=(1, 20, 16, (2, 3, 4), 1, 1, 1, False, True),
                                         block=(8, 4, 2), block_size=(2, 3, 4), volume_size=(4, 6, 7),
-                                        roi=(3, 4, 5))  # fmt: skip
+                                        roi=(3, 4, 5), model=("tiramisu3d_tiny", (8, 16, 16), "torch"))  # fmt: skip
     assert torch.are_deterministic_algorithms_enabled() == was
-    assert len(rows) == 6
+    assert len(rows) == 7
     assert all(r["result"] == "PASS" for r in rows), [r for r in rows if r["result"] != "PASS"]
     assert all("differing: none" in r["detail"] for r in rows[:4]), rows
     assert "0 voxels differ" in rows[4]["detail"]
+    assert rows[6]["detail"].startswith("0 of ") and "deterministic version: none" in rows[6]["detail"]
