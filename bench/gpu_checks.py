@@ -525,7 +525,7 @@ def _training_repeats(device: str, name: str, patch: tuple, backend: str) -> dic
 
     from prostate_kernels.models import build_model
 
-    from prostate_kernels.train import deterministic_mode
+    from prostate_kernels.determinism import deterministic_mode
 
     def train_steps():
         torch.manual_seed(0)

@@ -151,6 +151,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--device", type=device_name, default=None, help="cpu, cuda or cuda:N (default: cuda if any)"
     )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="torch.use_deterministic_algorithms (warn-only), untimed kernel tiles, windows summed in "
+        "batch order: a rerun on the same GPU model repeats the probabilities bit for bit",
+    )
     p.set_defaults(run=_predict)
 
     p = sub.add_parser(
@@ -254,6 +260,7 @@ def _predict(args) -> int:
         largest=args.largest_component,
         device=args.device,
         overwrite=args.overwrite,
+        deterministic=args.deterministic,
     )
     return _report(failures)
 

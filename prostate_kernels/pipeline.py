@@ -24,6 +24,7 @@ from prostate_kernels.data import (
 from prostate_kernels.data.cases import IMAGE_SUFFIXES, discover_cases, is_image_file, stem, suffix
 from prostate_kernels.data.resample import resample_onto, resample_to_spacing
 from prostate_kernels.data.sampling import zscore
+from prostate_kernels.determinism import deterministic_mode
 from prostate_kernels.evaluation import evaluate_files
 from prostate_kernels.models import build_model
 from prostate_kernels.predict import largest_component, predict_probabilities
@@ -104,12 +105,14 @@ def predict_files(
     largest: bool = False,
     device: str | None = None,
     overwrite: bool = False,
+    deterministic: bool = False,
 ) -> list[str]:
     """Writes <name>_segmentation (and <name>_probabilities) with each input's geometry; returns failures.
 
     Never writes over an input image or a reference mask; over other existing files only with
     `overwrite` (files of an earlier prediction). Checked for every case before anything is written.
     Several checkpoints (folds): their probabilities are averaged, each model on its own patch.
+    deterministic: under determinism.deterministic_mode (the same probabilities on every run).
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -122,27 +125,35 @@ def predict_files(
     output_directory(output, "--output")
     amp = torch.bfloat16 if dev.type == "cuda" else None
     failures = []
-    for path in images:
-        try:
-            start = time.time()
-            image = read_volume(path)
-            check_image(image)
-            probs = [
-                _model_probabilities(model, state, image, dev, overlap, mode, tta, amp)
-                for model, state in ensemble
-            ]
-            prob = np.mean(probs, axis=0, dtype=np.float32)
-            mask = (prob > 0.5).astype(np.uint8)
-            if largest:
-                mask = largest_component(mask)
-            segmentation, probabilities = targets[path]
-            write_volume(image.like(mask), segmentation)
-            if probabilities is not None:
-                write_volume(image.like(prob.astype(np.float32)), probabilities)
-            print(f"{path.name}: {int(mask.sum())} voxels segmented in {time.time() - start:.1f} s")
-        except DataError as exc:
-            failures.append(str(exc))
+    with deterministic_mode(deterministic):
+        for path in images:
+            failures += _predict_case(path, ensemble, targets[path], dev, overlap, mode, tta, largest, amp)
     return failures
+
+
+def _predict_case(path, ensemble, targets, dev, overlap, mode, tta, largest, amp) -> list[str]:
+    """Segments one image into its targets (segmentation path, probabilities path or None); returns [] or
+    [the case's failure]."""
+    try:
+        start = time.time()
+        image = read_volume(path)
+        check_image(image)
+        probs = [
+            _model_probabilities(model, state, image, dev, overlap, mode, tta, amp)
+            for model, state in ensemble
+        ]
+        prob = np.mean(probs, axis=0, dtype=np.float32)
+        mask = (prob > 0.5).astype(np.uint8)
+        if largest:
+            mask = largest_component(mask)
+        segmentation, probabilities = targets
+        write_volume(image.like(mask), segmentation)
+        if probabilities is not None:
+            write_volume(image.like(prob.astype(np.float32)), probabilities)
+        print(f"{path.name}: {int(mask.sum())} voxels segmented in {time.time() - start:.1f} s")
+    except DataError as exc:
+        return [str(exc)]
+    return []
 
 
 def _model_probabilities(model, state: dict, image, device, overlap, mode, tta, amp) -> np.ndarray:

@@ -11,7 +11,6 @@ iteration) lets `--resume` continue exactly where training stopped: the batches 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
 import os
@@ -35,6 +34,7 @@ from prostate_kernels.data import (
 )
 from prostate_kernels.data.resample import resample_to_spacing
 from prostate_kernels.data.sampling import IterationDataset, PatchSampler, training_case, zscore
+from prostate_kernels.determinism import deterministic_mode
 from prostate_kernels.models import build_model
 from prostate_kernels.predict import predict_probabilities
 from prostate_kernels.safe_files import RunLock, atomic_write, output_directory, remove_stale_temporaries
@@ -216,30 +216,6 @@ def train(config: TrainConfig, log=print, arrays: list | None = None) -> Path:
                 log("deterministic algorithms on: the library's kernels take untimed tiles; a PyTorch op "
                     "without a deterministic version warns and runs (README: Determinism)")  # fmt: skip
             return _train(config, rank, world, device, log, arrays)
-
-
-@contextlib.contextmanager
-def deterministic_mode(enabled: bool):
-    """With enabled: torch.use_deterministic_algorithms(True, warn_only=True) (an op without a deterministic
-    version warns and runs, instead of stopping the run at its first backward), cuDNN's benchmark off and
-    cuBLAS's workspace fixed (CUBLAS_WORKSPACE_CONFIG, unless set: read when cuBLAS starts), for the block;
-    the previous settings come back after it. Without: nothing changes."""
-    if not enabled:
-        yield
-        return
-    was = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    benchmark = torch.backends.cudnn.benchmark
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
-        torch.backends.cudnn.benchmark = benchmark
 
 
 def _check_run_directory(out: Path, resume: bool) -> None:

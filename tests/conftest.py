@@ -22,3 +22,20 @@ def _backend_is_restored():
     before = get_backend()
     yield
     assert get_backend() == before, f"test left the backend at {get_backend()!r} (was {before!r})"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_mode_is_restored():
+    """Fails a test that leaves torch's deterministic-algorithms mode or cuDNN's benchmark changed."""
+    import torch
+
+    def settings():
+        flags = (
+            torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(),
+        )
+        return (*flags, torch.backends.cudnn.benchmark)
+
+    before = settings()
+    yield
+    assert settings() == before, f"test left (deterministic, warn_only, cudnn.benchmark) at {settings()}"

@@ -160,6 +160,29 @@ def test_constant_image_and_empty_mask_in_training_data_are_skipped_with_a_messa
 
 
 @pytest.mark.skipif(not REAL.is_dir(), reason=f"the real case is not present at {REAL}")
+def test_predict_deterministic_segments_under_deterministic_mode(phantoms, trained, tmp_path, monkeypatch):
+    """predict --deterministic: every case's probabilities are computed under torch's deterministic mode
+    (untimed kernel tiles, windows summed in batch order on a GPU), restored afterwards; the same masks as
+    without it (on this CPU every run repeats anyway)."""
+    from prostate_kernels import pipeline
+
+    seen, real = [], pipeline._model_probabilities
+
+    def spy(*args):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real(*args)
+
+    monkeypatch.setattr(pipeline, "_model_probabilities", spy)
+    base = ["predict", "--checkpoint", str(trained / "checkpoint.pt"), "--input", str(phantoms), "--no-tta"]
+    assert main([*base, "--output", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--output", str(tmp_path / "deterministic"), "--deterministic"]) == 0
+    assert seen == [False] * 4 + [True] * 4 and not torch.are_deterministic_algorithms_enabled()
+    for case in ("Case00", "Case03"):
+        plain = read_volume(tmp_path / "plain" / f"{case}_segmentation.mhd").array
+        again = read_volume(tmp_path / "deterministic" / f"{case}_segmentation.mhd").array
+        assert np.array_equal(plain, again)
+
+
 def test_real_case_prediction_keeps_geometry_and_evaluates_label_5(trained, tmp_path):
     image_path = REAL / "Case_018_Week7_LFOV.nii.gz"
     out = tmp_path / "pred"
