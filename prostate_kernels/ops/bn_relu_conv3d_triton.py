@@ -244,27 +244,28 @@ def conv_input_grad(
         chunk = max(64, SCRATCH_BYTES // (m * 4) // 64 * 64)
     gz = torch.empty((m, min(chunk, c_in)), dtype=torch.float32, device=x.device) if batch_stats else partials
     if chunk >= c_in:  # one block: no slicing (each slice is a torch op on the host)
-        sums = _input_grad_block(
+        dbeta, dgamma = _input_grad_block(
             x, gy, weight, scale, shift, mean, rstd, geometry, compute_dtype, batch_stats, grad_input,
             accumulate, gz, partials,
         )  # fmt: skip
-        return grad_input, sums[1], sums[0]
-    sums = torch.empty((2, c_in), dtype=torch.float32, device=x.device)
+        return grad_input, dgamma, dbeta
+    dbeta, dgamma = (torch.empty((c_in,), dtype=torch.float32, device=x.device) for _ in range(2))
     for c0 in range(0, c_in, chunk):
         c = slice(c0, min(c0 + chunk, c_in))
-        sums[:, c] = _input_grad_block(
+        dbeta[c], dgamma[c] = _input_grad_block(
             x[:, c], gy, weight[:, c], scale[c], shift[c], mean[c], rstd[c], geometry, compute_dtype,
             batch_stats, grad_input[:, c], accumulate, gz, partials[:, :, c],
         )  # fmt: skip
-    return grad_input, sums[1], sums[0]
+    return grad_input, dgamma, dbeta
 
 
 def _input_grad_block(
     x, gy, weight, scale, shift, mean, rstd, geometry, compute_dtype, batch_stats, grad_input, accumulate,
     gz, partials,
-) -> torch.Tensor:  # fmt: skip
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """conv_input_grad on one block of input channels (x, weight, vectors, grad_input and the (2, rows, C)
-    partials sliced alike); returns the block's (2, C) float32 (sum of gz, sum of gz * xhat)."""
+    partials sliced alike); returns the block's float32 (C,) sum of gz and (C,) sum of gz * xhat, two
+    allocations (the custom ops return them as two gradients, which must not alias)."""
     n, c_in, d, h, w = x.shape
     _, c_out, do, ho, wo = gy.shape
     m = n * d * h * w
@@ -290,15 +291,16 @@ def _input_grad_block(
         KW=geometry.kernel[2], STORE_GZ=batch_stats, ACCUMULATE=accumulate,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=int64, BLOCK_N=block_n,
     )  # fmt: skip
-    sums = partials.sum(1)  # (2, C): a fixed-order reduction, the same result on every run
+    # fixed-order reductions over the programs' rows: the same result on every run
+    sum_gz, sum_gz_xhat = partials[0].sum(0), partials[1].sum(0)
     if batch_stats:
         grid2 = (cdiv(m, FINALIZE_BLOCK_M), cdiv(c_in, FINALIZE_BLOCK_C))
         kernels.bn_backward_finalize_kernel[grid2](
-            gz, x, grad_input, scale, mean, rstd, sums[1], sums[0], m, c_in, d, h, w,
+            gz, x, grad_input, scale, mean, rstd, sum_gz_xhat, sum_gz, m, c_in, d, h, w,
             *x.stride(), *grad_input.stride(), ACCUMULATE=accumulate, INT64=int64,
             BLOCK_M=FINALIZE_BLOCK_M, BLOCK_C=FINALIZE_BLOCK_C,
         )  # fmt: skip
-    return sums
+    return sum_gz, sum_gz_xhat
 
 
 def batch_norm_affine(
