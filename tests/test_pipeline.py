@@ -156,10 +156,6 @@ def test_constant_image_and_empty_mask_in_training_data_are_skipped_with_a_messa
     assert "Case02.mhd: image has constant intensity 5" in capsys.readouterr().out
 
 
-# ------------------------------------------------------------------------------------- real case
-
-
-@pytest.mark.skipif(not REAL.is_dir(), reason=f"the real case is not present at {REAL}")
 def test_predict_deterministic_segments_under_deterministic_mode(phantoms, trained, tmp_path, monkeypatch):
     """predict --deterministic: every case's probabilities are computed under torch's deterministic mode
     (untimed kernel tiles, windows summed in batch order on a GPU), restored afterwards; the same masks as
@@ -183,6 +179,10 @@ def test_predict_deterministic_segments_under_deterministic_mode(phantoms, train
         assert np.array_equal(plain, again)
 
 
+# ------------------------------------------------------------------------------------- real case
+
+
+@pytest.mark.skipif(not REAL.is_dir(), reason=f"the real case is not present at {REAL}")
 def test_real_case_prediction_keeps_geometry_and_evaluates_label_5(trained, tmp_path):
     image_path = REAL / "Case_018_Week7_LFOV.nii.gz"
     out = tmp_path / "pred"
