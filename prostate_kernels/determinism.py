@@ -15,13 +15,16 @@ from collections.abc import Iterator
 
 import torch
 
+CUBLAS_WORKSPACE = "CUBLAS_WORKSPACE_CONFIG"  # cuBLAS's deterministic-workspace setting, read when it starts
+
 
 @contextlib.contextmanager
 def deterministic_mode(enabled: bool) -> Iterator[None]:
     """With enabled: torch.use_deterministic_algorithms(True, warn_only=True) (an op without a deterministic
     version warns and runs, instead of stopping the run at its first backward), cuDNN's benchmark off and
-    cuBLAS's workspace fixed (CUBLAS_WORKSPACE_CONFIG, unless set: read when cuBLAS starts), for the block;
-    the previous settings come back after it. Without: nothing changes."""
+    cuBLAS's workspace fixed (CUBLAS_WORKSPACE_CONFIG, unless set), for the block; the previous settings
+    and environment come back after it (a cuBLAS that started inside the block keeps its workspace: it
+    reads the variable once). Without: nothing changes."""
     if not enabled:
         yield
         return
@@ -29,8 +32,8 @@ def deterministic_mode(enabled: bool) -> Iterator[None]:
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
-    benchmark = torch.backends.cudnn.benchmark
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    benchmark, workspace = torch.backends.cudnn.benchmark, os.environ.get(CUBLAS_WORKSPACE)
+    os.environ.setdefault(CUBLAS_WORKSPACE, ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.benchmark = False
     try:
@@ -38,3 +41,5 @@ def deterministic_mode(enabled: bool) -> Iterator[None]:
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
         torch.backends.cudnn.benchmark = benchmark
+        if workspace is None:
+            os.environ.pop(CUBLAS_WORKSPACE, None)

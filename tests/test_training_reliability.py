@@ -3,6 +3,7 @@ reliability issue)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -120,20 +121,22 @@ def test_deterministic_trains_under_deterministic_algorithms_then_restores_the_s
             torch.are_deterministic_algorithms_enabled(),
             torch.is_deterministic_algorithms_warn_only_enabled(),
         )
-        seen.append((*flags, torch.backends.cudnn.benchmark))
+        seen.append((*flags, torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(training, "_train", spy)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     run = tmp_path / "run"
     train(config(data, run, iters=2, deterministic=True))
-    assert seen == [(True, True, False)]
+    assert seen == [(True, True, False, ":4096:8")]
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     assert "deterministic algorithms on" in capsys.readouterr().out
     assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
     assert load_checkpoint(run / "checkpoint.pt")["config"]["deterministic"] is True
     train(config(data, run, iters=3, resume=True))
     assert "--deterministic False (was True)" in capsys.readouterr().out
-    assert seen[-1] == (False, False, True)
+    assert seen[-1] == (False, False, True, None)
 
 
 def test_the_deterministic_flag_reaches_the_run(data, tmp_path):
