@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from prostate_kernels import functional, reference, sliding_window_inference, use_backend
+from prostate_kernels.determinism import deterministic_mode
 from prostate_kernels.ops.window_ops import window_ops_for
 
 
@@ -476,21 +477,11 @@ def check_determinism(
         for name, run in (("bn_relu_conv3d bf16 p3a layer", dense_layer),
                           (f"DenseBlock3d{block} dropout 0.2 bf16", dense_block),
                           ("DepthwiseConv3d(64, dilation 2)", depthwise_conv)):  # fmt: skip
-            first = {k: v.detach().clone() for k, v in run().items() if v is not None}
-            differing = set()
-            for _ in range(2):
-                again = run()
-                differing |= {k for k, v in first.items() if not torch.equal(v, again[k])}
+            count, differing = _runs_differ(run, 3)
             rows.append(_row(f"{name}: 3 runs bitwise equal", not differing,
-                             f"{len(first)} tensors; differing: {sorted(differing) or 'none'}"))  # fmt: skip
-        was = torch.are_deterministic_algorithms_enabled()
-        try:  # the autotuners take their first candidates, untimed: the same tiles in every process
-            torch.use_deterministic_algorithms(True)
-            first = {k: v.detach().clone() for k, v in dense_layer().items() if v is not None}
-            again = dense_layer()
-        finally:
-            torch.use_deterministic_algorithms(was)
-        differing = sorted(k for k, v in first.items() if not torch.equal(v, again[k]))
+                             f"{count} tensors; differing: {differing or 'none'}"))  # fmt: skip
+        with deterministic_mode(True):  # the autotuners take their first candidates, untimed
+            _, differing = _runs_differ(dense_layer, 2)
         what = "bn_relu_conv3d bf16 p3a layer under use_deterministic_algorithms (untimed tiles): 2 runs"
         rows.append(_row(f"{what} bitwise equal", not differing, f"differing: {differing or 'none'}"))
         volume = torch.randn((1, 2, *volume_size), generator=g).to(device)
@@ -499,14 +490,10 @@ def check_determinism(
             return sliding_window_inference(volume, roi, 4, lambda w: torch.sigmoid(w) * 2 + w,
                                             overlap=0.75, mode="gaussian")  # fmt: skip
 
-        try:
-            torch.use_deterministic_algorithms(True)
+        with deterministic_mode(True):  # the PyTorch twin sums the windows
             first, again = stitched(), stitched()
-        finally:
-            torch.use_deterministic_algorithms(was)
-        same = torch.equal(first, again)
-        rows.append(_row("sliding window under use_deterministic_algorithms: 2 runs bitwise equal", same,
-                         f"{int((first != again).sum())} voxels differ"))  # fmt: skip
+        what = "sliding window under use_deterministic_algorithms: 2 runs bitwise equal"
+        rows.append(_row(what, torch.equal(first, again), f"{int((first != again).sum())} voxels differ"))
         plain = [stitched() for _ in range(3)]
         differ = max(int((plain[0] != p).sum()) for p in plain[1:])
         largest = max((plain[0] - p).abs().max().item() for p in plain[1:])
@@ -517,6 +504,17 @@ def check_determinism(
     return rows
 
 
+def _runs_differ(run: Callable[[], dict], times: int) -> tuple[int, list[str]]:
+    """(tensors compared, sorted names of those not bitwise equal to the first run's) over `times` runs of
+    `run`, which returns named tensors (None entries skipped)."""
+    first = {k: v.detach().clone() for k, v in run().items() if v is not None}
+    differing = set()
+    for _ in range(times - 1):
+        again = run()
+        differing |= {k for k, v in first.items() if not torch.equal(v, again[k])}
+    return len(first), sorted(differing)
+
+
 def _training_repeats(device: str, name: str, patch: tuple, backend: str) -> dict:
     """Three Adam steps of a network (bf16 autocast on CUDA, dropout on) from the same seeds, twice, under
     train --deterministic's mode: the same weights to the bit, and how many PyTorch ops warned that they
@@ -524,8 +522,6 @@ def _training_repeats(device: str, name: str, patch: tuple, backend: str) -> dic
     import warnings
 
     from prostate_kernels.models import build_model
-
-    from prostate_kernels.determinism import deterministic_mode
 
     def train_steps():
         torch.manual_seed(0)
@@ -544,14 +540,13 @@ def _training_repeats(device: str, name: str, patch: tuple, backend: str) -> dic
 
     with warnings.catch_warnings(record=True) as caught, deterministic_mode(True), use_backend(backend):
         warnings.simplefilter("always")
-        first, again = train_steps(), train_steps()
-    differing = [n for n, p in first.items() if not torch.equal(p, again[n])]
+        count, differing = _runs_differ(train_steps, 2)
     alerts = sorted({str(w.message).split(" ")[0] for w in caught if "deterministic" in str(w.message)})
     return _row(
         f"{name} {'x'.join(map(str, patch))}, 3 training steps twice under train --deterministic: "
         "weights bitwise equal",
         not differing,
-        f"{len(differing)} of {len(first)} tensors differ; ops without a deterministic version: "
+        f"{len(differing)} of {count} tensors differ; ops without a deterministic version: "
         f"{alerts or 'none'}",
     )
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 import triton
 
+from prostate_kernels.determinism import deterministic_mode
 from prostate_kernels.ops.launch import BucketedAutotuner
 
 
@@ -165,15 +166,11 @@ def test_deterministic_mode_takes_the_first_candidate_untimed():
     tuner = FakeTuner()
     tuned = BucketedAutotuner(tuner, ("C_in", "M"))
     x = torch.zeros(1)
-    was = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
+    with deterministic_mode(True):
         tuned[(1,)](x, 33, 1000, 3)  # first candidate: BLOCK_M 256
         tuned[(1,)](x, 70, 1000, 3)  # C_in bucket 128: 256 is pruned there, so 128
         tuned[(1,)](x, 80, 1000, 3)  # the same bucket again
         assert tuner.nargs is None
-    finally:
-        torch.use_deterministic_algorithms(was)
     tuned[(1,)](x, 33, 1000, 3)  # deterministic mode off: this bucket is timed, apart from the untimed one
     kinds = [launch[0] for launch in tuner.launches]
     assert kinds == ["direct", "direct", "direct", "tuned"]

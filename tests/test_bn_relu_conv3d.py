@@ -527,6 +527,7 @@ def test_deterministic_mode_launches_the_first_candidates_untimed():
     """Under torch.use_deterministic_algorithms(True) the three conv kernels take the first config their
     autotuner's pruning keeps (Triton's own prune_configs, with the spill pruning), never timed, and the
     layer still matches float64."""
+    from prostate_kernels.determinism import deterministic_mode
     from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
 
     case = Case("deterministic", 2, 10, 16, (3, 4, 5))
@@ -534,12 +535,8 @@ def test_deterministic_mode_launches_the_first_candidates_untimed():
     x, params = make_input(case, g), make_params(case, g)
     tuned = (launchers._fwd, launchers._dgrad, launchers._wgrad)
     before = [dict(t.chosen) for t in tuned]
-    was = torch.are_deterministic_algorithms_enabled()
-    try:
-        torch.use_deterministic_algorithms(True)
+    with deterministic_mode(True):
         got, gy = run(x, params, case, True, "triton")
-    finally:
-        torch.use_deterministic_algorithms(was)
     expected, _ = run(x, params, case, True, "torch", dtype=torch.float64, grad_out=gy)
     for key, value in expected.items():
         assert max_rel_error(got[key], value) < RTOL32, key

@@ -152,6 +152,7 @@ def test_deterministic_mode_sums_windows_in_batch_order_on_the_triton_backend(mo
     """On a GPU the Triton ops add overlapping windows with float atomics, in an order that changes from
     run to run. Under torch.use_deterministic_algorithms(True) the two summing ops are the PyTorch twin's
     (window after window, in batch order); gather and normalisation stay Triton. Outside it, all Triton."""
+    from prostate_kernels.determinism import deterministic_mode
     from prostate_kernels.ops import window_accumulate
 
     calls = []
@@ -181,13 +182,9 @@ def test_deterministic_mode_sums_windows_in_batch_order_on_the_triton_backend(mo
         ops.gather(out, starts, list(importance.shape))
         return out, w
 
-    was_deterministic = torch.are_deterministic_algorithms_enabled()
     with use_backend("triton"):
-        try:
-            torch.use_deterministic_algorithms(True)
+        with deterministic_mode(True):
             out, w = run_ops()
-        finally:
-            torch.use_deterministic_algorithms(was_deterministic)
         deterministic_calls, calls[:] = list(calls), []
         run_ops()
     assert deterministic_calls == [
