@@ -82,6 +82,37 @@ def test_capture_mode_sends_every_launch_through_the_autotuner(monkeypatch):
     assert [launch[0] for launch in tuner.launches] == ["tuned"] * 3
 
 
+def test_inside_a_cuda_graph_capture_a_new_bucket_is_never_timed(monkeypatch):
+    """Timing synchronises the device, which a CUDA graph capture forbids: a bucket first met inside a
+    capture takes the first candidate left after pruning (said once), a bucket already timed keeps its
+    winner, and a launch after the capture times the new bucket as usual."""
+    import prostate_kernels.ops.launch as launch
+
+    tuner = FakeTuner()
+    tuned = BucketedAutotuner(tuner, ("C_in", "M"))
+    x = torch.zeros(1)
+    tuned[(1,)](x, 8, 100, 3)  # timed before the capture: winner BLOCK_M 64
+    monkeypatch.setattr(launch, "capture_underway", lambda t: True)
+    with pytest.warns(UserWarning, match="first launched at this size inside a CUDA graph capture") as said:
+        tuned[(1,)](x, 8, 100, 3)  # timed bucket: its winner, no warning
+        tuned[(1,)](x, 60, 600, 3)  # new bucket: untimed, BLOCK_M 256 pruned at C_in >= 40 -> 128
+        tuned[(1,)](x, 60, 600, 3)
+        tuned[(1,)](x, 9, 900, 3)  # another new bucket: untimed, no second warning
+    assert len(said) == 1
+    monkeypatch.setattr(launch, "capture_underway", lambda t: False)
+    tuned[(1,)](x, 60, 600, 3)  # after the capture: the bucket is timed
+    kinds = [(kind, kwargs.get("BLOCK_M")) for kind, _, kwargs in tuner.launches]
+    assert kinds == [("tuned", None), ("direct", 64), ("direct", 128), ("direct", 128), ("direct", 256),
+                     ("tuned", None)]  # fmt: skip
+
+
+def test_capture_underway_is_false_off_cuda_without_asking_cuda():
+    """torch.cuda.is_current_stream_capturing raises on a CPU-only torch: CPU and meta tensors never ask."""
+    from prostate_kernels.ops.launch import capture_underway
+
+    assert not capture_underway(torch.zeros(1)) and not capture_underway(torch.empty(1, device="meta"))
+
+
 def test_a_bucketed_name_must_be_an_autotune_key():
     with pytest.raises(ValueError, match="sxc"):
         BucketedAutotuner(FakeTuner(), ("sxc",))

@@ -406,7 +406,7 @@ def test_conv_forward_applies_the_seeded_dropout_of_its_draws():
     geometry = conv_geometry((3, 3, 3), 1, 1, 1)
     buffer = torch.zeros((3, 75, 3, 4, 5)).to(memory_format=torch.channels_last_3d)
     plain = conv_forward(x, weight, None, scale, shift, geometry, torch.float32)
-    uniform = dropout_uniform(11, (3, 70, 3, 4, 5), torch.device("cpu"))
+    uniform = dropout_uniform(torch.tensor([11]), 0, (3, 70, 3, 4, 5), torch.device("cpu"))
     got = conv_forward(x, weight, None, scale, shift, geometry, torch.float32, out=buffer[:, 5:],
                        dropout=(uniform, 0.3))  # fmt: skip
     mask = scale_from_uniform_(uniform.clone(), 0.3)

@@ -101,8 +101,50 @@ def test_dropout_masks_are_those_of_the_seed():
     for seed, p in ((0, 0.2), (7, 0.5)):
         g = torch.Generator().manual_seed(seed)
         expected = (torch.rand((2, 3, 4, 5, 6), generator=g) >= p).to(torch.float32) / (1 - p)
-        got = dropout_scale(seed, (2, 3, 4, 5, 6), p, torch.device("cpu"))
+        seeds = torch.tensor([5, seed], dtype=torch.int64)
+        got = dropout_scale(seeds, 1, (2, 3, 4, 5, 6), p, torch.device("cpu"))
         assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+def test_gpu_masks_come_from_philox_reading_the_seed_on_the_device():
+    """Off the CPU the draws are Philox in a Triton kernel that loads seeds[layer] itself (run here through
+    the interpreter on CPU tensors): uniform in [0, 1), a pure function of the seed, another seed or layer
+    another draw, and p of them below p."""
+    from prostate_kernels.ops.seeded_dropout import philox_uniform
+
+    seeds = torch.tensor([3, 2**61 + 17, 3], dtype=torch.int64)
+    shape = (2, 5, 7, 9, 11)  # 6930 draws: 7 programs, the last one partly masked
+    first = philox_uniform(seeds, 0, shape)
+    assert first.shape == shape and first.dtype == torch.float32 and first.is_contiguous()
+    assert 0 <= first.min() and first.max() < 1
+    assert torch.equal(philox_uniform(seeds, 2, shape), first)  # the same seed value, the same draws
+    other = philox_uniform(seeds, 1, shape)
+    assert (other != first).float().mean() > 0.99
+    for p in (0.2, 0.5):
+        assert abs((first < p).float().mean().item() - p) < 0.02
+    # element i is tl.rand(seed, i) at flat index i, whatever the shape
+    assert philox_uniform(seeds, 0, (6930,))[100] == first.flatten()[100]
+    assert philox_uniform(seeds, 0, (0, 3)).shape == (0, 3)
+
+
+def test_dropout_seeds_are_checked_by_name():
+    from prostate_kernels.ops.seeded_dropout import draw_seeds, dropout_uniform, philox_uniform
+
+    seeds = draw_seeds(2)
+    assert seeds.dtype == torch.int64 and seeds.shape == (2,) and seeds.device.type == "cpu"
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match=r"entry for layer 2, got torch.int64 \(2,\)"):
+        dropout_uniform(seeds, 2, (3,), cpu)
+    with pytest.raises(ValueError, match=r"entry for layer 0, got torch.float32"):
+        dropout_uniform(seeds.float(), 0, (3,), cpu)
+    with pytest.raises(ValueError, match="dropout seeds are on cpu but the mask is drawn on meta"):
+        dropout_uniform(seeds, 0, (3,), torch.device("meta"))
+    with pytest.raises(ValueError, match=r"4294967296 elements, at most 4294967295 per layer"):
+        philox_uniform(seeds.to("meta"), 0, (2**16, 2**16))
+    from prostate_kernels.ops.dense_block import dense_block
+
+    with pytest.raises(ValueError, match=r"dense_block: seeds must be a 1-D int64 tensor, got torch.int32"):
+        dense_block(torch.zeros(2, 4, 2, 2, 2), 2, [], [], 0.2, seeds.int())
 
 
 @pytest.mark.parametrize("engine", list(ENGINES))

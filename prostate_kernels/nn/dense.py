@@ -249,7 +249,12 @@ class DenseBlock3d(nn.Module):
         flat = iter(batch_norm_steps([unit.norm for units in layers for unit in units]))
         steps = [tuple(next(flat) for _ in units) for units in layers]
         p = self.dropout if self.training else 0.0
-        seeds = draw_seeds(len(layers)) if p > 0 else torch.zeros(len(layers), dtype=torch.int64)
+        # on x's device: no host draw or copy in the step (CUDA graphs replay device draws afresh)
+        seeds = (
+            draw_seeds(len(layers), x.device)
+            if p > 0
+            else torch.zeros(len(layers), dtype=torch.int64, device=x.device)
+        )
         # An empty batch takes the naive path, as nn.BatchNorm3d does: an empty output, statistics untouched.
         if self.memory_efficient and x.shape[0] > 0:
             out = self._efficient(x, layers, steps, seeds, p)
@@ -273,7 +278,7 @@ class DenseBlock3d(nn.Module):
     def _naive(self, x, layers, steps, seeds, p) -> torch.Tensor:
         """torch.cat at every layer, eager BN -> ReLU -> conv per unit, the same seeded dropout masks."""
         features = [x]
-        for units, unit_steps, seed in zip(layers, steps, seeds.tolist(), strict=True):
+        for layer, (units, unit_steps) in enumerate(zip(layers, steps, strict=True)):
             y = torch.cat(features, dim=1)
             for (norm, conv), step in zip(units, unit_steps, strict=True):
                 y = reference.bn_relu_conv3d(
@@ -281,6 +286,6 @@ class DenseBlock3d(nn.Module):
                     step.batch_stats, step.momentum, norm.eps, conv.stride, conv.padding, conv.dilation,
                 )  # fmt: skip
             if p > 0:
-                y = (y * dropout_scale(seed, tuple(y.shape), p, y.device)).to(y.dtype)
+                y = (y * dropout_scale(seeds, layer, tuple(y.shape), p, y.device)).to(y.dtype)
             features.append(y)
         return torch.cat(features if self.return_input else features[1:], dim=1)

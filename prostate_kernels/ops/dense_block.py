@@ -82,7 +82,7 @@ class BlockSpec:
     batch_stats: tuple[bool, ...]  # per unit: normalise with the batch's statistics (else running ones)
     eps: tuple[float, ...]  # per unit
     dropout: float  # 0 in eval mode
-    seeds: tuple[int, ...]  # one dropout seed per layer
+    seeds: torch.Tensor  # (L,) int64 on the block's device: one dropout seed per layer (seeded_dropout)
     engine: str  # "triton" | "torch"
     compute_dtype: torch.dtype  # dtype of the convolutions' operands (the autocast dtype under autocast)
 
@@ -167,13 +167,19 @@ def dense_block(
     """The whole memory-efficient block (N, C0 + L*k, D, H, W) on the backend's engine, the convolutions
     in the autocast dtype when autocast is on; each unit's running statistics updated once (specs).
     x: checked by check_input; units/specs: layer by layer, 2 per layer when bottleneck (W) > 0, else 1;
-    dropout: 0 in eval mode; seeds: (L,) int64, one dropout seed per layer."""
+    dropout: 0 in eval mode; seeds: (L,) int64, one dropout seed per layer (seeded_dropout.draw_seeds on
+    x's device keeps the step free of host copies, which a CUDA graph capture needs)."""
+    if seeds.dtype != torch.int64 or seeds.dim() != 1:
+        raise ValueError(
+            f"dense_block: seeds must be a 1-D int64 tensor, got {seeds.dtype} {tuple(seeds.shape)}"
+        )
     per_layer = units_per_layer(bottleneck)
     if len(units) != len(specs) or len(units) != per_layer * seeds.numel():
         raise ValueError(
             f"dense_block: {len(units)} units and {len(specs)} specs for {seeds.numel()} layers "
             f"({per_layer} per layer with bottleneck={bottleneck})"
         )
+    seeds = seeds.to(x.device)  # the masks are drawn where x is (no copy when the seeds are there already)
     engine = "triton" if backend.resolve(x.device) == "triton" else "torch"
     compute_dtype = backend.autocast_dtype(x.device) or x.dtype
     # absent tensors (no affine parameters, untracked running statistics) travel as empty placeholders: a
@@ -220,7 +226,6 @@ def _present(t: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _spec(in_channels, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype):
-    seeds = tuple(seeds.tolist())  # inside the custom ops: torch.compile never traces this
     return BlockSpec(
         in_channels, growth, bottleneck, tuple(batch_stats), tuple(eps), dropout, seeds, engine,
         compute_dtype,
@@ -523,7 +528,7 @@ def _forward(x: torch.Tensor, spec: BlockSpec, params) -> tuple[torch.Tensor, _S
         unit = spec.unit(layer, spec.units_per_layer - 1)
         dropout = None
         if spec.dropout > 0:  # the layer's seeded draws; the engine applies the mask as it writes `new`
-            dropout = (dropout_uniform(spec.seeds[layer], tuple(new.shape), x.device), spec.dropout)
+            dropout = (dropout_uniform(spec.seeds, layer, tuple(new.shape), x.device), spec.dropout)
         _unit_forward(engine, spec, params, unit, inputs, batch_mean, batch_var, GEOMETRY, out=new,
                       fold=stats.fold_rows(offsets, unit), folded=False, dropout=dropout)  # fmt: skip
         del inputs  # a bottleneck layer's T is freed here and recomputed in backward
@@ -544,7 +549,7 @@ def _backward(grad_output, spec: BlockSpec, buffer, stats, params):
         c_l = spec.width(layer)
         grad_new = grad[:, c_l : c_l + spec.growth]
         if spec.dropout > 0:  # in place: G's new channels are read by this layer's backward only
-            grad_new.mul_(dropout_scale(spec.seeds[layer], tuple(grad_new.shape), spec.dropout, grad.device))
+            grad_new.mul_(dropout_scale(spec.seeds, layer, tuple(grad_new.shape), spec.dropout, grad.device))
         inputs, grad_inputs = buffer[:, :c_l], grad[:, :c_l]
         b_mean, b_var = stats.of_b(c_l)
         if not spec.bottleneck:

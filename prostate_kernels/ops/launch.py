@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import triton
@@ -42,6 +43,12 @@ def _autotune_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
+def capture_underway(t: torch.Tensor) -> bool:
+    """Whether a CUDA graph capture is underway on the current stream (always False off CUDA, where
+    torch.cuda's query is not even defined)."""
+    return t.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 class BucketedAutotuner:
     """A triton.autotune'd kernel whose choice is shared by every launch in one size bucket.
 
@@ -52,7 +59,8 @@ class BucketedAutotuner:
     launches in the bucket call the kernel directly with the bucket's winner.
     Under torch.use_deterministic_algorithms(True) a bucket takes its first candidate left after pruning,
     untimed (as cudnn.benchmark=False does for cuDNN): tiles add in different orders, so a timed winner
-    that differs between processes would change the last bits of the results.
+    that differs between processes would change the last bits of the results. A bucket first met inside
+    a CUDA graph capture takes that untimed choice too (timing would synchronise inside the capture).
     Launch as the autotuner: `tuned[grid](*args, **kwargs)`.
     """
 
@@ -65,6 +73,7 @@ class BucketedAutotuner:
             raise ValueError(f"bucketed arguments {sorted(unknown)} are not autotune keys {tuner.keys}")
         self.chosen: dict[tuple, dict] = {}  # bucket -> its winner's launch kwargs (Config.all_kwargs())
         self.pinned: dict | None = None  # launch kwargs every launch takes instead of autotuning (pin())
+        self.warned_capture = False  # said once that a launch in a CUDA graph capture took an untimed tile
         position = {name: i for i, name in enumerate(tuner.arg_names)}
         # (name, position among the arguments, bucketed) per key: read without building a dict per launch
         self._keys = [(k, position[k], k in bucketed) for k in tuner.keys]
@@ -91,6 +100,17 @@ class BucketedAutotuner:
         finally:
             self.pinned = previous
 
+    def _warn_untimed_in_capture(self) -> None:
+        if not self.warned_capture:
+            self.warned_capture = True
+            name = getattr(self.tuner.fn, "__name__", "a kernel")
+            warnings.warn(
+                f"prostate_kernels: {name} was first launched at this size inside a CUDA graph capture, "
+                "where its tiles cannot be timed: the capture runs the first candidate tile. Run the step "
+                "once before capturing (torch.cuda.make_graphed_callables does) to capture the timed one.",
+                stacklevel=4,
+            )
+
     def first_candidate(self, args: tuple, kwargs: dict) -> dict:
         """Launch kwargs of the first config the autotuner's pruning keeps for this launch (no timing)."""
         self.tuner.nargs = dict(zip(self.tuner.arg_names, args, strict=False))  # the rest come as kwargs
@@ -105,8 +125,15 @@ class BucketedAutotuner:
                 self.tuner.fn[grid](*args, **kwargs, **self.pinned)
                 return
             untimed = torch.are_deterministic_algorithms_enabled()
-            key = (*self.bucket(args, kwargs), "untimed") if untimed else self.bucket(args, kwargs)
+            bucket = self.bucket(args, kwargs)
+            key = (*bucket, "untimed") if untimed else bucket
             config = self.chosen.get(key) if self.remember else None
+            if config is None and not untimed and capture_underway(args[0]):
+                # timing synchronises the device, which a CUDA graph capture forbids: the untimed choice,
+                # kept apart from the bucket's timed winner (a later launch outside the capture times it)
+                untimed, key = True, (*bucket, "untimed")
+                config = self.chosen.get(key) if self.remember else None
+                self._warn_untimed_in_capture()
             if config is None and untimed:
                 config = self.first_candidate(args, kwargs)
                 if self.remember:
