@@ -70,7 +70,8 @@ def step_flops(name: str, shape: tuple[int, ...]) -> float:
     torch.utils.flop_counter on the meta device (nothing computed): the compute floor of a step."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    # dropout 0 (its seeded masks need a generator, which meta tensors lack; it adds no FLOPs worth counting)
+    # dropout 0 (off the CPU its masks come from a Triton kernel, which cannot run on meta tensors; it adds
+    # no FLOPs worth counting)
     kwargs = {"memory_efficient": False, "dropout": 0.0} if name.startswith("tiramisu") else {}
     with torch.device("meta"):
         model = build_model(name, **kwargs)

@@ -106,6 +106,28 @@ def interleaved_medians(
     }
 
 
+def capture(fn: Callable[[], object], device: str, warmups: int = 3) -> Callable[[], None]:
+    """fn captured in a CUDA graph, as torch.cuda.graph's documentation prescribes: `warmups` runs on a
+    side stream first (autotuning, Triton's compilation and lazy allocations happen there), then one
+    captured run. Returns the replay; tensors fn allocated in the capture hold each replay's values.
+    Off CUDA (the dry runs on the CPU) fn runs `warmups` times and is returned itself: the caller's
+    comparisons run, no capture does."""
+    if device != "cuda":
+        for _ in range(warmups):
+            fn()
+        return fn
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 

@@ -551,6 +551,158 @@ def _training_repeats(device: str, name: str, patch: tuple, backend: str) -> dic
     )
 
 
+def check_cuda_graphs(
+    device: str = "cuda",
+    layer=P3A_LAYER,
+    block=(48, 16, 4),  # DenseBlock3d's in_channels, growth rate, layers (dropout 0.2)
+    block_size=(16, 64, 64),
+    model=("tiramisu3d_p3a", (16, 64, 64), "auto"),  # (name, patch, backend) of the whole-step capture
+) -> list[dict]:
+    """Training steps captured in CUDA graphs (common.capture) give what eager gives: the fused layer
+    (bf16, p3a's layer) and a dense block with dropout, forward + backward, bitwise; the dense block's
+    dropout seeds are drawn on the GPU in the graph, so each replay draws new masks (the eager reference
+    runs with the replay's seeds); a whole Tiramisu 3D training step (bf16 autocast, Adam capturable,
+    dropout 0 so that eager can repeat it) replayed 3 times against 3 eager steps; no autotuner met a new
+    bucket inside a capture (the warm-up timed them all). Off CUDA (the dry run) nothing is captured."""
+    import warnings
+
+    from common import capture
+
+    import prostate_kernels.nn.dense as dense_module
+    from prostate_kernels.nn import DenseBlock3d
+
+    dry = "" if device == "cuda" else " (dry run: not captured)"
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    x, params, conv = _dense_layer_case(
+        *layer[:4], *layer[4:7], layer[7], layer[8], device, torch.bfloat16, g
+    )
+    gy = torch.randn((layer[0], layer[2], *layer[3]), generator=g).to(device)
+    with warnings.catch_warnings(record=True) as caught, use_backend("triton"):
+        warnings.simplefilter("always")
+        static: dict = {}
+
+        def layer_step():
+            static.update(_run_dense_layer(x, params, conv, True, "triton", torch.bfloat16, gy)[0])
+
+        replay = capture(layer_step, device)
+        replay()
+        eager, _ = _run_dense_layer(x, params, conv, True, "triton", torch.bfloat16, gy)
+        differing = sorted(k for k, v in eager.items() if v is not None and not torch.equal(v, static[k]))
+        rows.append(_row(f"bn_relu_conv3d bf16 p3a layer fwd+bwd: graph replay bitwise eager{dry}",
+                         not differing, f"differing: {differing or 'none'}"))  # fmt: skip
+
+        torch.manual_seed(0)
+        block_module = DenseBlock3d(*block, dropout=0.2).to(device)
+        xb = torch.randn((2, block[0], *block_size), generator=g).to(
+            device=device, memory_format=torch.channels_last_3d
+        )
+        gb = torch.randn((2, block[0] + block[2] * block[1], *block_size), generator=g).to(device)
+        drawn: list[torch.Tensor] = []  # the seeds of each call (in the graph: its static seeds tensor)
+        draw = dense_module.draw_seeds
+
+        def recording(count, where):
+            drawn.append(draw(count, where))
+            return drawn[-1]
+
+        def block_step():
+            xi = xb.detach().requires_grad_(True)
+            block_module.zero_grad(set_to_none=True)
+            with torch.autocast(device_type=xi.device.type, dtype=torch.bfloat16, enabled=device == "cuda"):
+                y = block_module(xi)
+            y.backward(gb.to(y.dtype))
+            grads = {f"grad {n}": p.grad for n, p in block_module.named_parameters()}
+            static.clear()
+            static.update({"y": y, "grad_x": xi.grad, **grads})
+
+        dense_module.draw_seeds = recording
+        try:
+            replay = capture(block_step, device)
+            replay()  # in a graph, drawn[-1] is the capture's seeds tensor, which each replay refills
+            first_seeds = drawn[-1].clone()
+            replayed = {k: v.clone() for k, v in static.items()}
+            replay()
+            fresh = not torch.equal(drawn[-1], first_seeds) and not torch.equal(static["y"], replayed["y"])
+            dense_module.draw_seeds = lambda count, where: first_seeds.clone()
+            block_step()  # eager, with the first replay's seeds
+        finally:
+            dense_module.draw_seeds = draw
+        differing = sorted(k for k, v in replayed.items() if not torch.equal(v, static[k]))
+        rows.append(_row(f"DenseBlock3d{block} dropout 0.2 bf16 fwd+bwd: graph replay bitwise eager with the "
+                         f"replay's seeds{dry}", not differing,
+                         f"{len(replayed)} tensors; differing: {differing or 'none'}"))  # fmt: skip
+        rows.append(_row(f"DenseBlock3d{block} dropout 0.2: two replays draw other seeds and masks{dry}",
+                         fresh, f"seeds differ and outputs differ: {fresh}"))  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught_step:
+        warnings.simplefilter("always")
+        rows.append(_whole_step_graph(device, *model, dry))
+    caught += caught_step
+    untimed = [str(w.message)[:120] for w in caught if "CUDA graph capture" in str(w.message)]
+    rows.append(_row(f"no autotuner bucket first met inside a capture{dry}", not untimed,
+                     f"warnings: {untimed or 'none'}"))  # fmt: skip
+    return rows
+
+
+def _whole_step_graph(device: str, name: str, patch: tuple, backend: str, dry: str) -> dict:
+    """A whole training step (forward, BCE loss, backward, Adam) captured once and replayed on 3 batches
+    copied into its static inputs, against 3 eager steps from the same weights and batches (dropout 0:
+    eager cannot repeat the graph's draws). Autocast without its cast cache, as capture requires."""
+    from common import capture
+    from prostate_kernels.models import build_model
+
+    def network():
+        torch.manual_seed(0)
+        return build_model(name, **({"dropout": 0.0} if name.startswith("tiramisu") else {})).to(device)
+
+    g = torch.Generator().manual_seed(1)
+    shape = (2, 1, *patch)
+    batches = [(torch.randn(shape, generator=g).to(device),
+                (torch.rand(shape, generator=g) > 0.5).float().to(device)) for _ in range(3)]  # fmt: skip
+
+    def stepper(net):
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, capturable=device == "cuda")
+        static_x, static_y = (t.clone() for t in batches[0])
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)  # no kernel: the captured backward writes fresh gradients
+            autocast = torch.autocast(
+                device, dtype=torch.bfloat16, enabled=device == "cuda", cache_enabled=False
+            )
+            with use_backend(backend), autocast:
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(net(static_x).float(), static_y)
+            loss.backward()
+            optimizer.step()
+
+        return step, static_x, static_y, optimizer
+
+    eager_net, graph_net = network(), network()
+    step, static_x, static_y, optimizer = stepper(eager_net)
+    for bx, by in batches:
+        static_x.copy_(bx), static_y.copy_(by)
+        step()
+    step, static_x, static_y, optimizer = stepper(graph_net)
+    snapshot = {k: v.clone() for k, v in graph_net.state_dict().items()}
+    replay = capture(step, device)  # the warm-up steps train: start again from the snapshot
+    with torch.no_grad():
+        for k, v in graph_net.state_dict().items():
+            v.copy_(snapshot[k])
+    for state in optimizer.state.values():  # Adam's moments and step count back to zero
+        for v in state.values():
+            v.zero_()
+    for bx, by in batches:
+        static_x.copy_(bx), static_y.copy_(by)
+        replay()
+    worst, where = 0.0, ""
+    for (k, a), b in zip(eager_net.named_parameters(), graph_net.parameters(), strict=True):
+        diff = (a.detach().float() - b.detach().float()).abs().max().item()
+        if diff > worst:
+            worst, where = diff, k
+    return _row(f"{name} {'x'.join(map(str, patch))} training step (bf16 autocast, Adam): 3 graph replays vs "
+                f"3 eager steps{dry}", worst <= 1e-4,
+                f"largest weight difference {worst:.1e} ({where or 'none'}); one Adam step moves a weight "
+                "by up to 1e-3")  # fmt: skip
+
+
 CHECKS: list[tuple[str, Callable[[str], list[dict]]]] = [
     ("sliding window", check_sliding_window),
     ("predict stitching", check_predict_stitching),
@@ -559,4 +711,5 @@ CHECKS: list[tuple[str, Callable[[str], list[dict]]]] = [
     ("dense block", check_dense_block),
     ("depthwise", check_depthwise),
     ("determinism", check_determinism),
+    ("cuda graphs", check_cuda_graphs),
 ]

@@ -70,6 +70,7 @@ def timing_sections() -> list[tuple[str, object]]:
     import bench_bn_relu_conv3d
     import bench_dense_block
     import bench_depthwise
+    import bench_graphs
     import bench_models
     import bench_optimize
     import bench_sliding_window
@@ -84,6 +85,7 @@ def timing_sections() -> list[tuple[str, object]]:
     return [
         ("bn_relu_conv3d", lambda: [bench_bn_relu_conv3d.run("cuda", compile_mode="full-res")]),
         ("profile", lambda: [gpu_profile.run()]),
+        ("cuda_graphs", lambda: [bench_graphs.run("cuda")]),
         ("tiles", lambda: [bench_tiles.run("cuda")]),
         ("dense_block", lambda: [bench_dense_block.run("cuda")]),
         ("depthwise", lambda: [bench_depthwise.run("cuda", quick=True)]),

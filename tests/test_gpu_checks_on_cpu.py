@@ -69,3 +69,40 @@ def test_the_determinism_check_runs_and_passes_on_a_tiny_case():
     assert all("differing: none" in r["detail"] for r in rows[:4]), rows
     assert "0 voxels differ" in rows[4]["detail"]
     assert rows[6]["detail"].startswith("0 of ") and "deterministic version: none" in rows[6]["detail"]
+
+
+def test_the_cuda_graph_check_runs_and_passes_on_a_tiny_case():
+    """bench/gpu_checks.py's CUDA graph check through the interpreter on a tiny case: on the CPU nothing is
+    captured (common.capture returns the step itself), so this runs the check's own plumbing, the eager
+    reference with the replay's dropout seeds, the whole-step rewind and the comparisons, not a capture."""
+    import gpu_checks
+
+    rows = gpu_checks.check_cuda_graphs(
+        "cpu",
+        layer=(1, 20, 16, (2, 3, 4), 1, 1, 1, False, True),
+        block=(8, 4, 2),
+        block_size=(2, 3, 4),
+        model=("tiramisu3d_tiny", (8, 16, 16), "torch"),
+    )
+    assert [r["result"] for r in rows] == ["PASS"] * 5, rows
+    assert all(r["check"].endswith("(dry run: not captured)") for r in rows), rows
+    assert "differing: none" in rows[0]["detail"] and "differing: none" in rows[1]["detail"]
+    assert rows[3]["detail"].startswith("largest weight difference 0.0e+00"), rows[3]
+
+
+def test_the_cuda_graph_timings_run_on_a_tiny_case():
+    """bench/bench_graphs.py (a GPU section of bench/gpu_suite.py) on the CPU: nothing is captured, but every
+    step (the fused and PyTorch dense layers, the training steps of ours and the plain network) runs in
+    both columns and the rows and summary come out."""
+    import bench_graphs
+
+    result = bench_graphs.run(
+        "cpu", layers=((6, (2, 3, 4)),), model=("tiramisu3d_tiny", (8, 16, 16)), rounds=1
+    )
+    assert [(r["case"].split(" ")[0], r["variant"]) for r in result.rows] == [
+        ("dense", "ours"), ("dense", "PyTorch"),
+        ("tiramisu3d_tiny", "ours"), ("tiramisu3d_tiny", "plain PyTorch"),
+    ]  # fmt: skip
+    assert all(float(r["eager_ms"]) > 0 and float(r["graph_ms"]) > 0 for r in result.rows)
+    assert result.summary.startswith("tiramisu3d_tiny step: ours ")
+    assert any("dry run" in note for note in result.notes)

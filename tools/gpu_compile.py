@@ -5,12 +5,12 @@ on this CPU machine, and report registers, spills and shared memory per variant.
     python tools/gpu_compile.py --quick                # CI: each kernel x dot path, default config, sm_90a
 
 What is compiled: every launch the library makes (captured by tools/compile_capture.py, on meta
-tensors) while it runs Tiramisu 3D p3a (training step), DeepLabv3+ 3D (training step and inference) and
-a DenseNet-BC block (DenseNet-121's first) at 16x64x64, batch 2, channels-last and NCDHW, the dense
-layer, dense block and separable layer on tensors past 2**31 elements (the int64-offset launches), and
-sliding-window inference; once per dot
-path: float32 with TF32, float32 IEEE, bfloat16 and float16 autocast; each launch with every autotune
-config its autotuner can choose. Triton's own compiler and its bundled ptxas do the work: no GPU.
+tensors) while it runs Tiramisu 3D p3a (training step, dropout on), DeepLabv3+ 3D (training step and
+inference) and a DenseNet-BC block (DenseNet-121's first) at 16x64x64, batch 2, channels-last and
+NCDHW, the dense layer, dense block (dropout on) and separable layer on tensors past 2**31 elements (the
+int64-offset launches), and sliding-window inference; once per dot path: float32 with TF32, float32
+IEEE, bfloat16 and float16 autocast; each launch with every autotune config its autotuner can choose.
+Triton's own compiler and its bundled ptxas do the work: no GPU.
 
 Exit status: 1 if any variant fails to compile or holds float atomics outside ATOMIC_KERNELS (and, with
 --strict, if any spills registers or needs more shared memory than its target has), else 0.
@@ -167,13 +167,13 @@ def run_workloads(paths=DOT_PATHS, log=print) -> None:
     from prostate_kernels import sliding_window_inference
     from prostate_kernels.nn import DenseBlock3d
 
-    with torch.device("meta"):  # dropout 0: its masks need a generator, which meta tensors lack
-        networks = {"tiramisu3d_p3a": build_model("tiramisu3d_p3a", dropout=0.0),
+    with torch.device("meta"):  # dropout on, as trained: the conv epilogue's mask and the mask kernel
+        networks = {"tiramisu3d_p3a": build_model("tiramisu3d_p3a"),
                     "deeplabv3plus_3d": build_model("deeplabv3plus_3d"),
                     # DenseNet-121's first block shape (what optimize runs MONAI's DenseNets on)
                     "densenet_bc_block": torch.nn.Sequential(
                         torch.nn.Conv3d(1, 64, 3, padding=1),
-                        DenseBlock3d(64, growth_rate=32, num_layers=2, dropout=0.0, bn_size=4))}  # fmt: skip
+                        DenseBlock3d(64, growth_rate=32, num_layers=2, dropout=0.2, bn_size=4))}  # fmt: skip
     for path in paths:
         start = time.time()
         half = _half_dtype(path)
@@ -209,7 +209,7 @@ def run_int64_workloads(layout) -> None:
     with torch.device("meta"):
         layers = [
             (BNReLUConv3d(64, 16), (1, 64, 64, 1024, 512)),  # 2.1e9 elements
-            (DenseBlock3d(48, 16, 2, dropout=0.0), (2, 48, 64, 512, 512)),  # buffer 2.7e9
+            (DenseBlock3d(48, 16, 2, dropout=0.2), (2, 48, 64, 512, 512)),  # buffer 2.7e9
             (SeparableConv3d(128, 128, 3, dilation=(1, 2, 2)), (1, 128, 64, 512, 512)),  # 2.1e9
         ]
     for layer, shape in layers:

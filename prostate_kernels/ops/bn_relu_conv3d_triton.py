@@ -39,6 +39,7 @@ _FWD_SPILLS = {
     (128, 16, 64, 4, ANY, ANY), (128, 16, 64, 8, ANY, ANY), (128, 64, 64, 4, ANY, ANY),
     (128, 16, 32, 4, ANY, ANY), (128, 64, 32, 8, ANY, ANY),  # these two: 8 B on sm_80 (the flat K loop)
     (128, 32, 64, 4, "fp16", ANY),  # 16 B on sm_80
+    (64, 16, 32, 4, "fp32-ieee", True),  # 8 B on sm_80 with the dense block's dropout epilogue
 }  # fmt: skip
 _DGRAD_SPILLS = {
     (128, 64, 16, 4, ANY, ANY), (128, 64, 16, 8, ANY, ANY), (64, 64, 16, 4, ANY, ANY),
