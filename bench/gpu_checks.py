@@ -608,7 +608,10 @@ def check_cuda_graphs(
         def block_step():
             xi = xb.detach().requires_grad_(True)
             block_module.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=xi.device.type, dtype=torch.bfloat16, enabled=device == "cuda"):
+            autocast = torch.autocast(
+                xi.device.type, dtype=torch.bfloat16, enabled=device == "cuda", cache_enabled=False
+            )  # no cast cache in a capture
+            with autocast:
                 y = block_module(xi)
             y.backward(gb.to(y.dtype))
             grads = {f"grad {n}": p.grad for n, p in block_module.named_parameters()}
