@@ -219,7 +219,9 @@ def check_bn_relu_conv3d_tiles(device: str = "cuda", layer=P3A_LAYER) -> list[di
     g = torch.Generator().manual_seed(2)
     x, params, conv = _dense_layer_case(*layer[:4], *layer[4:7], layer[7], layer[8], device, torch.bfloat16,
                                         g, True)  # fmt: skip
-    eager, gy = _run_dense_layer(x, params, conv, True, "torch", torch.bfloat16)
+    out_size = [(s + 2 * conv[1] - 2 * conv[2] - 1) // conv[0] + 1 for s in layer[3]]  # 3x3x3 conv output
+    gy = torch.randn((layer[0], layer[2], *out_size), generator=g).to(device)  # not the global RNG's
+    eager, _ = _run_dense_layer(x, params, conv, True, "torch", torch.bfloat16, gy)
     exact, _ = _run_dense_layer(x, params, conv, True, "torch", torch.float64, gy)
     shape = f"{layer[1]}ch {'x'.join(map(str, layer[3]))}"
     rows = []

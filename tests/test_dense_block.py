@@ -110,7 +110,7 @@ def test_gpu_masks_come_from_philox_reading_the_seed_on_the_device():
     """Off the CPU the draws are Philox in a Triton kernel that loads seeds[layer] itself (run here through
     the interpreter on CPU tensors): uniform in [0, 1), a pure function of the seed, another seed or layer
     another draw, and p of them below p."""
-    from prostate_kernels.ops.seeded_dropout import philox_uniform
+    from prostate_kernels.ops.seeded_dropout_triton import philox_uniform
 
     seeds = torch.tensor([3, 2**61 + 17, 3], dtype=torch.int64)
     shape = (2, 5, 7, 9, 11)  # 6930 draws: 7 programs, the last one partly masked
@@ -128,7 +128,8 @@ def test_gpu_masks_come_from_philox_reading_the_seed_on_the_device():
 
 
 def test_dropout_seeds_are_checked_by_name():
-    from prostate_kernels.ops.seeded_dropout import draw_seeds, dropout_uniform, philox_uniform
+    from prostate_kernels.ops.seeded_dropout import draw_seeds, dropout_uniform
+    from prostate_kernels.ops.seeded_dropout_triton import philox_uniform
 
     seeds = draw_seeds(2)
     assert seeds.dtype == torch.int64 and seeds.shape == (2,) and seeds.device.type == "cpu"

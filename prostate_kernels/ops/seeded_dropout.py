@@ -6,7 +6,8 @@ with dropout on. The distribution is that of nn.Dropout: zero with probability p
 
 Seeds are an int64 tensor on the block's device, one per layer (draw_seeds). The draws behind a mask:
   CPU:        torch's CPU generator (Mersenne Twister) seeded with the layer's seed, torch.rand;
-  elsewhere:  Philox (tl.rand) in a Triton kernel that reads the seed from device memory.
+  elsewhere:  Philox (tl.rand) in a Triton kernel that reads the seed from device memory
+              (seeded_dropout_triton, imported when first used).
 On a GPU nothing here reads a value back to the host or draws on the CPU: the seeds come from the
 device's default generator, whose draws CUDA graphs replay with fresh values, and the mask kernel takes
 them where they are. A training step with dropout can therefore be captured in a CUDA graph, and each
@@ -17,13 +18,6 @@ created and seeded inside a capture is outside what PyTorch's graph-safe RNG sup
 from __future__ import annotations
 
 import torch
-import triton
-import triton.language as tl
-
-from prostate_kernels.ops.launch import cdiv
-
-_PHILOX_SPAN = 2**32  # tl.rand's counter is uint32: one mask holds fewer elements than this
-_UNIFORM_BLOCK = 1024
 
 
 def draw_seeds(count: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -66,38 +60,12 @@ def dropout_uniform(
         generator = torch.Generator(device=device)
         generator.manual_seed(int(seeds[layer]))
         return torch.rand(shape, generator=generator, device=device)
+    from prostate_kernels.ops.seeded_dropout_triton import philox_uniform  # Triton: imported when used
+
     return philox_uniform(seeds, layer, shape)
-
-
-def philox_uniform(seeds: torch.Tensor, layer: int, shape: tuple[int, ...]) -> torch.Tensor:
-    """Contiguous float32 (shape) on seeds' device: element i is tl.rand(seeds[layer], i), Philox 4x32
-    with 10 rounds, uniform in [0, 1). One launch; the seed is read by the kernel, never by the host."""
-    out = torch.empty(shape, dtype=torch.float32, device=seeds.device)
-    n = out.numel()
-    if n >= _PHILOX_SPAN:
-        raise ValueError(
-            f"dropout mask of shape {tuple(shape)}: {n} elements, at most {_PHILOX_SPAN - 1} per layer"
-        )
-    if n:
-        _philox_uniform_kernel[(cdiv(n, _UNIFORM_BLOCK),)](seeds, layer, out, n, BLOCK=_UNIFORM_BLOCK)
-    return out
 
 
 def scale_from_uniform_(uniform: torch.Tensor, p: float) -> torch.Tensor:
     """In place: each draw becomes 1/(1-p) where it is >= p (kept), else 0 (dropped). The compare is
     float32 (p rounded to float32), as the conv kernel's epilogue does it."""
     return uniform.ge_(p).mul_(1.0 / (1.0 - p))
-
-
-@triton.jit
-def _philox_uniform_kernel(
-    seeds_ptr,  # (L,) int64: one seed per layer, read here (no host copy)
-    layer,  # which seed
-    out_ptr,  # (n,) float32, contiguous
-    n,  # elements, < 2**32 (the Philox counter)
-    BLOCK: tl.constexpr,
-):
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    seed = tl.load(seeds_ptr + layer)
-    uniform = tl.rand(seed, offsets.to(tl.uint32))
-    tl.store(out_ptr + offsets, uniform, mask=offsets < n)
