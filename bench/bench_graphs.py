@@ -46,10 +46,13 @@ def layer_step(module: torch.nn.Module, backend: str, x: torch.Tensor, gy: torch
     return step
 
 
-def train_step(model: torch.nn.Module, backend: str, x: torch.Tensor, y: torch.Tensor, device: str):
-    """One training step on the static batch (x, y), capturable as a whole (torch.cuda.graph's
-    whole-network recipe: set_to_none gradients, Adam capturable, autocast without its cache)."""
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, capturable=device == "cuda")
+def train_step(
+    model: torch.nn.Module, backend: str, x: torch.Tensor, y: torch.Tensor, device: str, lr: float = 1e-4
+) -> tuple:
+    """(step, its Adam): one training step on the static batch (x, y), capturable as a whole
+    (torch.cuda.graph's whole-network recipe: set_to_none gradients, which is no kernel, so the captured
+    backward writes fresh ones; Adam capturable; bf16 autocast on CUDA without its cast cache)."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, capturable=device == "cuda")
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
     def step():
@@ -62,7 +65,7 @@ def train_step(model: torch.nn.Module, backend: str, x: torch.Tensor, y: torch.T
         loss.backward()
         optimizer.step()
 
-    return step
+    return step, optimizer
 
 
 def pair_rows(case: str, steps: dict, device: str, rounds: int) -> list[dict]:
@@ -108,7 +111,7 @@ def run(device: str = "cuda", layers=LAYERS, model=MODEL, rounds: int = 5) -> Be
     steps = {}
     for kind, label in (("ours", "ours"), ("eager", "plain PyTorch")):
         network, backend = variant(name, kind, device)
-        steps[label] = train_step(network, backend, x, y, device)
+        steps[label], _ = train_step(network, backend, x, y, device)
     rows += pair_rows(f"{name} {'x'.join(map(str, patch))} training step", steps, device, rounds)
     print(markdown_table(list(rows[-1]), rows[-2:]), flush=True)
     step_rows = [r for r in rows if "training step" in r["case"]]

@@ -512,9 +512,13 @@ def _runs_differ(run: Callable[[], dict], times: int) -> tuple[int, list[str]]:
     first = {k: v.detach().clone() for k, v in run().items() if v is not None}
     differing = set()
     for _ in range(times - 1):
-        again = run()
-        differing |= {k for k, v in first.items() if not torch.equal(v, again[k])}
+        differing |= set(_differing(first, run()))
     return len(first), sorted(differing)
+
+
+def _differing(expected: dict, got: dict) -> list[str]:
+    """Sorted names of expected's tensors (None skipped) that got's namesakes do not equal bit for bit."""
+    return sorted(k for k, v in expected.items() if v is not None and not torch.equal(v, got[k]))
 
 
 def _training_repeats(device: str, name: str, patch: tuple, backend: str) -> dict:
@@ -580,7 +584,7 @@ def check_cuda_graphs(
         *layer[:4], *layer[4:7], layer[7], layer[8], device, torch.bfloat16, g
     )
     gy = torch.randn((layer[0], layer[2], *layer[3]), generator=g).to(device)
-    with warnings.catch_warnings(record=True) as caught, use_backend("triton"):
+    with warnings.catch_warnings(record=True) as said, use_backend("triton"):
         warnings.simplefilter("always")
         static: dict = {}
 
@@ -590,7 +594,7 @@ def check_cuda_graphs(
         replay = capture(layer_step, device)
         replay()
         eager, _ = _run_dense_layer(x, params, conv, True, "triton", torch.bfloat16, gy)
-        differing = sorted(k for k, v in eager.items() if v is not None and not torch.equal(v, static[k]))
+        differing = _differing(eager, static)
         rows.append(_row(f"bn_relu_conv3d bf16 p3a layer fwd+bwd: graph replay bitwise eager{dry}",
                          not differing, f"differing: {differing or 'none'}"))  # fmt: skip
 
@@ -632,17 +636,14 @@ def check_cuda_graphs(
             block_step()  # eager, with the first replay's seeds
         finally:
             dense_module.draw_seeds = draw
-        differing = sorted(k for k, v in replayed.items() if not torch.equal(v, static[k]))
+        differing = _differing(replayed, static)
         rows.append(_row(f"DenseBlock3d{block} dropout 0.2 bf16 fwd+bwd: graph replay bitwise eager with the "
                          f"replay's seeds{dry}", not differing,
                          f"{len(replayed)} tensors; differing: {differing or 'none'}"))  # fmt: skip
         rows.append(_row(f"DenseBlock3d{block} dropout 0.2: two replays draw other seeds and masks{dry}",
                          fresh, f"seeds differ and outputs differ: {fresh}"))  # fmt: skip
-    with warnings.catch_warnings(record=True) as caught_step:
-        warnings.simplefilter("always")
-        rows.append(_whole_step_graph(device, *model, dry))
-    caught += caught_step
-    untimed = [str(w.message)[:120] for w in caught if "CUDA graph capture" in str(w.message)]
+        rows.append(_whole_step_graph(device, *model, dry))  # on its own backend (model's third entry)
+    untimed = [str(w.message)[:120] for w in said if "CUDA graph capture" in str(w.message)]
     rows.append(_row(f"no autotuner bucket first met inside a capture{dry}", not untimed,
                      f"warnings: {untimed or 'none'}"))  # fmt: skip
     return rows
@@ -652,6 +653,7 @@ def _whole_step_graph(device: str, name: str, patch: tuple, backend: str, dry: s
     """A whole training step (forward, BCE loss, backward, Adam) captured once and replayed on 3 batches
     copied into its static inputs, against 3 eager steps from the same weights and batches (dropout 0:
     eager cannot repeat the graph's draws). Autocast without its cast cache, as capture requires."""
+    from bench_graphs import train_step
     from common import capture
     from prostate_kernels.models import build_model
 
@@ -665,27 +667,15 @@ def _whole_step_graph(device: str, name: str, patch: tuple, backend: str, dry: s
                 (torch.rand(shape, generator=g) > 0.5).float().to(device)) for _ in range(3)]  # fmt: skip
 
     def stepper(net):
-        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, capturable=device == "cuda")
         static_x, static_y = (t.clone() for t in batches[0])
-
-        def step():
-            optimizer.zero_grad(set_to_none=True)  # no kernel: the captured backward writes fresh gradients
-            autocast = torch.autocast(
-                device, dtype=torch.bfloat16, enabled=device == "cuda", cache_enabled=False
-            )
-            with use_backend(backend), autocast:
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(net(static_x).float(), static_y)
-            loss.backward()
-            optimizer.step()
-
-        return step, static_x, static_y, optimizer
+        return (*train_step(net, backend, static_x, static_y, device, lr=1e-3), static_x, static_y)
 
     eager_net, graph_net = network(), network()
-    step, static_x, static_y, optimizer = stepper(eager_net)
+    step, optimizer, static_x, static_y = stepper(eager_net)
     for bx, by in batches:
         static_x.copy_(bx), static_y.copy_(by)
         step()
-    step, static_x, static_y, optimizer = stepper(graph_net)
+    step, optimizer, static_x, static_y = stepper(graph_net)
     snapshot = {k: v.clone() for k, v in graph_net.state_dict().items()}
     replay = capture(step, device)  # the warm-up steps train: start again from the snapshot
     with torch.no_grad():

@@ -39,7 +39,12 @@ import torch.nn.functional as F
 from prostate_kernels import backend
 from prostate_kernels.ops.batch_norm import fold_batch_norm, update_running_stats_
 from prostate_kernels.ops.conv_geometry import ConvGeometry, conv_geometry
-from prostate_kernels.ops.seeded_dropout import dropout_scale, dropout_uniform, scale_from_uniform_
+from prostate_kernels.ops.seeded_dropout import (
+    check_seeds,
+    dropout_scale,
+    dropout_uniform,
+    scale_from_uniform_,
+)
 
 GEOMETRY = conv_geometry((3, 3, 3), 1, 1, 1)  # every layer's (last) conv: 3x3x3, padding 1
 BOTTLENECK_GEOMETRY = conv_geometry((1, 1, 1), 1, 0, 1)  # a DenseNet-BC layer's first conv
@@ -169,10 +174,7 @@ def dense_block(
     x: checked by check_input; units/specs: layer by layer, 2 per layer when bottleneck (W) > 0, else 1;
     dropout: 0 in eval mode; seeds: (L,) int64, one dropout seed per layer (seeded_dropout.draw_seeds on
     x's device keeps the step free of host copies, which a CUDA graph capture needs)."""
-    if seeds.dtype != torch.int64 or seeds.dim() != 1:
-        raise ValueError(
-            f"dense_block: seeds must be a 1-D int64 tensor, got {seeds.dtype} {tuple(seeds.shape)}"
-        )
+    check_seeds("dense_block", seeds)
     per_layer = units_per_layer(bottleneck)
     if len(units) != len(specs) or len(units) != per_layer * seeds.numel():
         raise ValueError(

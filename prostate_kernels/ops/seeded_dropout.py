@@ -27,6 +27,19 @@ def draw_seeds(count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     return torch.randint(0, 2**62, (count,), dtype=torch.int64, device=device)
 
 
+def check_seeds(op: str, seeds: torch.Tensor, layer: int | None = None) -> None:
+    """ValueError naming op unless seeds is a 1-D int64 tensor (with an entry for `layer` when given)."""
+    if (
+        seeds.dtype != torch.int64
+        or seeds.dim() != 1
+        or (layer is not None and not 0 <= layer < seeds.numel())
+    ):
+        entry = "" if layer is None else f" with an entry for layer {layer}"
+        raise ValueError(
+            f"{op}: seeds must be a 1-D int64 tensor{entry}, got {seeds.dtype} {tuple(seeds.shape)}"
+        )
+
+
 def dropout_scale(
     seeds: torch.Tensor, layer: int, shape: tuple[int, ...], p: float, device: torch.device
 ) -> torch.Tensor:
@@ -49,11 +62,7 @@ def dropout_uniform(
     """The mask's draws: contiguous float32 (shape) uniform in [0, 1) from seeds[layer] (seeds: (L,)
     int64 on `device`); the Triton dense block applies the mask from these in its conv kernel's epilogue.
     On the CPU, a generator seeded with the seed; elsewhere Philox in a Triton kernel (see the module)."""
-    if seeds.dtype != torch.int64 or seeds.dim() != 1 or not 0 <= layer < seeds.numel():
-        raise ValueError(
-            f"dropout seeds must be a 1-D int64 tensor with an entry for layer {layer}, got "
-            f"{seeds.dtype} {tuple(seeds.shape)}"
-        )
+    check_seeds("dropout_uniform", seeds, layer)
     if seeds.device != torch.device(device):
         raise ValueError(f"dropout seeds are on {seeds.device} but the mask is drawn on {device}")
     if torch.device(device).type == "cpu":
