@@ -426,14 +426,19 @@ def check_determinism(
     block_size=(16, 64, 64),
     volume_size=(40, 96, 96),
     roi=(16, 48, 48),
-    model=("tiramisu3d_p3a", (16, 64, 64), "triton"),  # (name, patch, backend) of the training-step check
+    models=(  # (name, overrides, patch, backend) of the training-step checks
+        ("tiramisu3d_p3a", {}, (16, 64, 64), "triton"),
+        ("deeplabv3plus_3d", {}, (16, 64, 64), "triton"),  # its resizes' backward: models/resize.py
+    ),
 ) -> list[dict]:
     """Every gradient the same bits from run to run: the fused layer (bf16 at p3a's layer shape), a dense
     block with dropout and the depthwise conv, each run three times on the same input; no kernel of theirs
     uses atomics (the compile gate checks the PTX); the layer again under use_deterministic_algorithms, whose
     autotuners take untimed first candidates. Sliding-window stitching sums overlapping windows by
     atomics: the same bits under torch.use_deterministic_algorithms(True) (the PyTorch twin sums them),
-    and how many voxels differ without it, reported as information."""
+    and how many voxels differ without it, reported as information. Last, three training steps of each
+    of `models`, twice, under train --deterministic's mode (Tiramisu 3D p3a; DeepLabv3+ 3D, whose resizes
+    take a matmul backward under the flag)."""
     from prostate_kernels.nn import DenseBlock3d, DepthwiseConv3d
 
     g = torch.Generator().manual_seed(0)
@@ -502,7 +507,7 @@ def check_determinism(
         rows.append({"check": "sliding window (Triton atomics), 3 runs", "result": "INFO",
                      "detail": f"{differ} of {plain[0].numel()} voxels differ between runs; "
                                f"max abs difference {largest:.1e}"})  # fmt: skip
-    rows.append(_training_repeats(device, *model))
+    rows.extend(_training_repeats(device, *model) for model in models)
     return rows
 
 
@@ -521,7 +526,7 @@ def _differing(expected: dict, got: dict) -> list[str]:
     return sorted(k for k, v in expected.items() if v is not None and not torch.equal(v, got[k]))
 
 
-def _training_repeats(device: str, name: str, patch: tuple, backend: str) -> dict:
+def _training_repeats(device: str, name: str, overrides: dict, patch: tuple, backend: str) -> dict:
     """Three Adam steps of a network (bf16 autocast on CUDA, dropout on) from the same seeds, twice, under
     train --deterministic's mode: the same weights to the bit, and how many PyTorch ops warned that they
     have no deterministic version."""
@@ -531,7 +536,7 @@ def _training_repeats(device: str, name: str, patch: tuple, backend: str) -> dic
 
     def train_steps():
         torch.manual_seed(0)
-        net = build_model(name).to(device)
+        net = build_model(name, **overrides).to(device)
         optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
         g = torch.Generator().manual_seed(1)
         for _ in range(3):

@@ -28,6 +28,7 @@ from torch import nn
 from prostate_kernels.nn import ASPP3d, SeparableConv3d
 
 from .common import check_divisible
+from .resize import resize_aligned
 
 
 class _Axes:
@@ -172,13 +173,6 @@ class DeepLabV3Plus(nn.Module):
         x = self.entry_block2(x)
         skip = self.entry_block2.skip
         x = self.exit_block2(self.exit_block1(self.middle(self.entry_block3(x))))
-        x = _resize(self.aspp(x), skip.shape[2:])
+        x = resize_aligned(self.aspp(x), skip.shape[2:])
         x = self.decoder(torch.cat([x, self.skip_projection(skip)], dim=1))
-        return _resize(self.head(x), size)
-
-
-def _resize(x: torch.Tensor, size) -> torch.Tensor:
-    """Bilinear (2-D: one slice) or trilinear resize with aligned corners, as Keras' resize in the port."""
-    if tuple(x.shape[2:]) == tuple(size):
-        return x
-    return nn.functional.interpolate(x, size=tuple(size), mode="trilinear", align_corners=True)
+        return resize_aligned(self.head(x), size)

@@ -61,14 +61,19 @@ def test_the_determinism_check_runs_and_passes_on_a_tiny_case():
         "block_size": (2, 3, 4),
         "volume_size": (4, 6, 7),
         "roi": (3, 4, 5),
-        "model": ("tiramisu3d_tiny", (8, 16, 16), "torch"),
+        "models": (
+            ("tiramisu3d_tiny", {}, (8, 16, 16), "torch"),
+            ("deeplabv3plus_3d", {"width": 1 / 32, "middle_blocks": 1}, (4, 16, 16), "torch"),
+        ),
     }
     rows = gpu_checks.check_determinism("cpu", **tiny)
-    assert len(rows) == 7
-    assert [r["result"] for r in rows] == ["PASS"] * 5 + ["INFO", "PASS"], rows
+    assert len(rows) == 8
+    assert [r["result"] for r in rows] == ["PASS"] * 5 + ["INFO", "PASS", "PASS"], rows
     assert all("differing: none" in r["detail"] for r in rows[:4]), rows
     assert "0 voxels differ" in rows[4]["detail"]
-    assert rows[6]["detail"].startswith("0 of ") and "deterministic version: none" in rows[6]["detail"]
+    for row, name in zip(rows[6:], ("tiramisu3d_tiny", "deeplabv3plus_3d"), strict=True):
+        assert row["check"].startswith(name), row
+        assert row["detail"].startswith("0 of ") and "deterministic version: none" in row["detail"], row
 
 
 def test_the_cuda_graph_check_runs_and_passes_on_a_tiny_case():
