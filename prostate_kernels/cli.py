@@ -106,7 +106,8 @@ def _parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         required=True,
-        help="run directory: new or empty, or an earlier run's with --resume",
+        help="run directory holding no earlier run (its other files are left alone), or an earlier run's "
+        "with --resume",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     p.add_argument(

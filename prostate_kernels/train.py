@@ -194,7 +194,8 @@ def train(config: TrainConfig, log=print, arrays: list | None = None) -> Path:
     arrays: train on these (name, image (D, H, W), mask (D, H, W)) triples instead of reading
     config.data (bench/real_cv.py: cases packed once, on a machine without SimpleITK).
 
-    config.out must be new or empty, or (with config.resume) an earlier run's directory; rank 0 holds
+    config.out must hold no earlier run (RUN_FILES; other files are left alone), or (with config.resume) be
+    an earlier run's directory; rank 0 holds
     an exclusive lock on it for the whole run, so two trainings never write into one directory.
     """
     check_config(config)

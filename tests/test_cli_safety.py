@@ -62,6 +62,20 @@ def test_train_refuses_an_earlier_run_without_resume(data, trained):
     assert snapshot(trained) == before
 
 
+def test_train_into_a_directory_of_other_files_leaves_them_alone(data, tmp_path):
+    """README: --out may hold other files (here a copy of the data and a note); only RUN_FILES are refused."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    (run / "Case00.mhd").write_bytes((data / "Case00.mhd").read_bytes())
+    before = snapshot(run)
+    result = run_cli(*train_args(data, run, 1))
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = snapshot(run)
+    assert {name: after[name] for name in before} == before
+    assert set(after) - set(before) >= {"checkpoint.pt", "metrics.csv"}
+
+
 def test_a_run_directory_in_use_is_refused_and_a_stale_lock_taken_over(data, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
