@@ -50,12 +50,21 @@ def _prediction_for(name: str, reference: Path, pred: Path) -> Path | None:
 def _pairs(pred: Path, ref: Path) -> list[tuple[str, Path, Path | None]]:
     """(case, reference, prediction or None when missing) for every reference."""
     if pred.is_file() and ref.is_file():
-        return [(stem(pred).removesuffix("_segmentation"), ref, pred)]
-    if not pred.is_dir():
+        pairs = [(stem(pred).removesuffix("_segmentation"), ref, pred)]
+    elif not pred.is_dir():
         raise DataError(pred, "no such file or directory" if not pred.exists() else "expected a directory")
-    return [
-        (name, reference, _prediction_for(name, reference, pred)) for name, reference in _reference_cases(ref)
-    ]
+    else:
+        pairs = [
+            (name, reference, _prediction_for(name, reference, pred))
+            for name, reference in _reference_cases(ref)
+        ]
+    itself = [case for case, reference, prediction in pairs
+              if prediction is not None and prediction.resolve() == reference.resolve()]  # fmt: skip
+    if itself:
+        more = f" and {len(itself) - 3} more" if len(itself) > 3 else ""
+        raise DataError(pred, f"--pred and --ref name the same files ({', '.join(itself[:3])}{more}): "
+                              "each reference would be scored against itself")  # fmt: skip
+    return pairs
 
 
 def _image_for(mask_path: Path, *folders: Path | None) -> Path | None:

@@ -107,6 +107,15 @@ def test_two_trainings_into_one_directory_at_once(data, tmp_path):
     assert load_checkpoint(run / "checkpoint.pt")["iteration"] == 2
 
 
+def test_evaluate_refuses_to_score_references_against_themselves(data, tmp_path):
+    result = run_cli("evaluate", "--pred", data, "--ref", data, "--out", tmp_path / "ev")
+    assert_one_line_error(result, "--pred and --ref name the same files", "Case00")
+    single = data / "Case01_segmentation.mhd"
+    assert_one_line_error(run_cli("evaluate", "--pred", single, "--ref", single, "--out", tmp_path / "ev"),
+                          "scored against itself")  # fmt: skip
+    assert not (tmp_path / "ev").exists()
+
+
 def test_phantoms_refuse_a_directory_that_holds_anything(tmp_path):
     (tmp_path / "Case00.mhd").write_text("mine")
     assert_one_line_error(run_cli("phantoms", "--out", tmp_path, "--n", "1"), "not empty")
