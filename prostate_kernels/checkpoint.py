@@ -7,6 +7,7 @@ iteration, so that training resumes exactly where it stopped and prediction rebu
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,12 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A checkpoint written by save_checkpoint; DataError naming the file for anything else."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(path, "is a directory, expected a checkpoint file (such as RUN/best.pt)")
     if not path.is_file():
         raise DataError(path, "checkpoint not found")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a truncated one has no directory
+        raise DataError(path, "not a checkpoint: not a file torch.save wrote, or one cut short")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unpickling failure is a bad file

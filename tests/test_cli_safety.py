@@ -116,6 +116,16 @@ def test_evaluate_refuses_to_score_references_against_themselves(data, tmp_path)
     assert not (tmp_path / "ev").exists()
 
 
+def test_predict_names_what_is_wrong_with_a_checkpoint_that_is_not_one(data, trained, tmp_path):
+    garbage, cut = tmp_path / "garbage.pt", tmp_path / "cut.pt"
+    garbage.write_text("not a checkpoint")
+    cut.write_bytes((trained / "checkpoint.pt").read_bytes()[:5000])  # a copy cut short
+    for checkpoint, said in ((garbage, "not a file torch.save wrote"), (cut, "not a file torch.save wrote"),
+                             (trained, "is a directory, expected a checkpoint file")):  # fmt: skip
+        result = run_cli("predict", "--checkpoint", checkpoint, "--input", data, "--output", tmp_path / "p")
+        assert_one_line_error(result, str(checkpoint), said)
+
+
 def test_phantoms_refuse_a_directory_that_holds_anything(tmp_path):
     (tmp_path / "Case00.mhd").write_text("mine")
     assert_one_line_error(run_cli("phantoms", "--out", tmp_path, "--n", "1"), "not empty")
