@@ -396,7 +396,7 @@ def bn_relu_conv3d_wgrad_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_end
-        n, od, oh, ow = voxel(offs_m, Do, Ho, Wo)
+        n, od, oh, ow = voxel(offs_m, Do, Ho, Wo, UNSIGNED=True)
         i_d = od * std - pdd + kd * dld
         i_h = oh * sth - pdh + kh * dlh
         i_w = ow * stw - pdw + kw * dlw

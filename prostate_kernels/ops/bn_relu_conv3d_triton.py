@@ -54,12 +54,17 @@ _WGRAD_SPILLS = {
     (64, 64, 16, 4, ANY, True),  # 4-12 B
     (64, 128, 16, 4, ANY, True),  # 492 B bf16, 864 B TF32 on sm_90a
     (64, 128, 16, 8, "fp32-ieee", True),  # 40-52 B
-    (32, 128, 16, 4, "fp32-ieee", ANY),  # 4 B int32, 56 B int64 on sm_90a
+    (32, 128, 16, 4, ANY, ANY),  # fp32-ieee 4 B int32, 56 B int64 on sm_90a; bf16, fp16, TF32 4 B on sm_80
     (64, 128, 32, 8, "fp32-ieee", ANY),  # 16 B on sm_90a
     (64, 128, 64, 4, "fp32-ieee", ANY), (64, 128, 64, 4, "fp32-tf32", ANY),  # 4-204 B
     (32, 128, 64, 4, "fp32-tf32", ANY),  # 36 B on sm_80
     (64, 32, 64, 4, ANY, ANY),  # 4 B on sm_90a with TF32 (the partial sums stored in the weight's layout)
     (128, 32, 64, 8, "bf16", ANY), (128, 32, 64, 8, "fp16", ANY),  # 8 B on sm_80
+    # since the unsigned voxel decode (2026-11-28; 4 B unless said): int64 launches
+    (128, 32, 16, 4, ANY, True),  # bf16/fp16 on sm_90a; TF32 16 B, fp32-ieee 28 B on sm_80
+    (128, 32, 16, 8, "fp32-tf32", True), (64, 32, 16, 4, "fp32-ieee", True),
+    (32, 128, 16, 8, "fp32-ieee", True),
+    (32, 128, 32, 8, "fp32-ieee", ANY),  # sm_90a, int32
 }  # fmt: skip
 
 WARPS_STAGES = [(4, 3), (8, 3)]

@@ -241,7 +241,7 @@ def depthwise_conv3d_wgrad_kernel(
         for m0 in range(m_start, m_end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             mask_m = offs_m < m_end
-            n, od, oh, ow = voxel(offs_m, Do, Ho, Wo)
+            n, od, oh, ow = voxel(offs_m, Do, Ho, Wo, UNSIGNED=True)
             g_row = voxel_offsets_aligned(n, od, oh, ow, sgn, sgd, sgh, sgw, INT64, ALIGN)
             g_mask = mask_m[:, None] & mask_c[None, :]
             g = tl.load(
@@ -264,7 +264,7 @@ def depthwise_conv3d_wgrad_kernel(
         for m0 in range(m_start, m_end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             mask_m = offs_m < m_end
-            n, od, oh, ow = voxel(offs_m, Do, Ho, Wo)
+            n, od, oh, ow = voxel(offs_m, Do, Ho, Wo, UNSIGNED=True)
             g_row = voxel_offsets_aligned(n, od, oh, ow, sgn, sgd, sgh, sgw, INT64, ALIGN)
             g_mask = mask_m[:, None] & mask_c[None, :]
             g = tl.load(

@@ -27,8 +27,28 @@ def widen(index, INT64: tl.constexpr):
 
 
 @triton.jit
-def voxel(offs, S0, S1, S2):
-    """Split flat voxel indices over (N, S0, S1, S2) into (n, i0, i1, i2), in offs' integer type."""
+def voxel(offs, S0, S1, S2, UNSIGNED: tl.constexpr = False):
+    """Split flat voxel indices (int32, >= 0) over (N, S0, S1, S2) into int32 (n, i0, i1, i2).
+
+    UNSIGNED: divide as uint32, for a decode inside a loop. A signed division by a runtime size compiles
+    to the unsigned one plus sign fix-ups (IABS, negations, selects), which a weight gradient's voxel
+    loop, decoding every step, paid at each of its rows (sm_90a SASS, instructions per step at Tiramisu
+    p3a's widest layer and DeepLabv3+'s 728 channels: bn_relu_conv3d_wgrad_kernel 849 -> 606,
+    depthwise_conv3d_wgrad_kernel 654 -> 486; tools/sass_loops.py). Signed for a decode before a loop:
+    there the unsigned one made the loops that follow it longer (depthwise forward 138 -> 158), the
+    compiler no longer knowing the indices' signs."""
+    if UNSIGNED:
+        u = offs.to(tl.uint32)
+        s0, s1, s2 = tl.cast(S0, tl.uint32), tl.cast(S1, tl.uint32), tl.cast(S2, tl.uint32)  # sizes >= 1
+        q2 = u // s2
+        q1 = q2 // s1
+        n = q1 // s0
+        return (
+            n.to(tl.int32),
+            (q1 - n * s0).to(tl.int32),
+            (q2 - q1 * s1).to(tl.int32),
+            (u - q2 * s2).to(tl.int32),
+        )
     i2 = offs % S2
     i1 = (offs // S2) % S1
     i0 = (offs // (S2 * S1)) % S0
