@@ -48,7 +48,8 @@ def _prediction_for(name: str, reference: Path, pred: Path) -> Path | None:
 
 
 def _pairs(pred: Path, ref: Path) -> list[tuple[str, Path, Path | None]]:
-    """(case, reference, prediction or None when missing) for every reference."""
+    """(case, reference, prediction or None when missing) for every reference; DataError when a prediction
+    is its reference's own file (--pred and --ref the same directory)."""
     if pred.is_file() and ref.is_file():
         pairs = [(stem(pred).removesuffix("_segmentation"), ref, pred)]
     elif not pred.is_dir():
