@@ -13,6 +13,7 @@ import torch
 
 from prostate_kernels import functional, reference, sliding_window_inference, use_backend
 from prostate_kernels.determinism import deterministic_mode
+from prostate_kernels.ops.conv_geometry import conv_geometry
 from prostate_kernels.ops.window_ops import window_ops_for
 
 
@@ -219,7 +220,7 @@ def check_bn_relu_conv3d_tiles(device: str = "cuda", layer=P3A_LAYER) -> list[di
     g = torch.Generator().manual_seed(2)
     x, params, conv = _dense_layer_case(*layer[:4], *layer[4:7], layer[7], layer[8], device, torch.bfloat16,
                                         g, True)  # fmt: skip
-    out_size = [(s + 2 * conv[1] - 2 * conv[2] - 1) // conv[0] + 1 for s in layer[3]]  # 3x3x3 conv output
+    out_size = conv_geometry((3, 3, 3), *conv).output_size(layer[3])  # conv: (stride, padding, dilation)
     gy = torch.randn((layer[0], layer[2], *out_size), generator=g).to(device)  # not the global RNG's
     eager, _ = _run_dense_layer(x, params, conv, True, "torch", torch.bfloat16, gy)
     exact, _ = _run_dense_layer(x, params, conv, True, "torch", torch.float64, gy)

@@ -54,10 +54,9 @@ def test_the_probe_sees_a_host_draw_and_a_host_read():
 
     hazards = CaptureHazards()
     x = torch.empty(3, device="meta")
+    own = torch.Generator().manual_seed(0)  # not the global RNG
     with hazards:
-        x + torch.randint(0, 9, (3,), generator=torch.Generator().manual_seed(0)).to(
-            "meta"
-        )  # not the global RNG
+        x + torch.randint(0, 9, (3,), generator=own).to("meta")
         with pytest.raises(RuntimeError):
             x.sum().item()
     assert hazards.ops["randint on a CPU tensor"] == 1

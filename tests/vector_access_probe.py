@@ -1,24 +1,20 @@
 """Run by test_compile_gate.py in a fresh process without TRITON_INTERPRET: captures a DepthwiseConv3d
 with 728 channels-last bf16 channels (DeepLabv3+'s middle flow; strides multiples of 8, not 16) on meta
 tensors, compiles each depthwise kernel's default variant for sm_90a with Triton's compiler, and prints as
-JSON how many global loads and stores of each width the SASS holds (cuobjdump, bundled with Triton)."""
+JSON how many global loads and stores of each width the SASS holds (tools/sass_loops.sass_of: cuobjdump,
+bundled with Triton)."""
 
 import collections
 import json
-import os
 import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
 import torch  # noqa: E402
-import triton  # noqa: E402
 from compile_capture import RECORDER, capturing  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler.compiler import ASTSource  # noqa: E402
+from sass_loops import sass_of  # noqa: E402
 
 from prostate_kernels.nn import DepthwiseConv3d  # noqa: E402
 
@@ -29,18 +25,10 @@ with capturing():
     y = layer(x.requires_grad_(True))
     y.backward(torch.empty_like(y))
 
-cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
 counts = {}
 for variant, (fn, signature, constexprs, attrs, options) in RECORDER.variants.items():
     if variant.arch != 90 or not variant.default_config or variant.kernel in counts:
         continue
-    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                            options=dict(options.__dict__))  # fmt: skip
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "k.cubin")
-        Path(cubin).write_bytes(kernel.asm["cubin"])
-        sass = subprocess.run(
-            [str(cuobjdump), "-sass", cubin], capture_output=True, text=True, check=True
-        ).stdout
+    sass = sass_of(fn, signature, constexprs, attrs, options)
     counts[variant.kernel] = dict(collections.Counter(re.findall(r"\b(?:LDG|STG)\.E[.\w]*", sass)))
 print(json.dumps(counts))

@@ -72,6 +72,7 @@ def capture(c_in: int, depthwise_c: int) -> dict:
 
 
 def sass_of(fn, signature, constexprs, attrs, options) -> str:
+    """The sm_90a SASS (cuobjdump -sass) of one captured variant: compile_capture's record of it."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler.compiler import ASTSource
