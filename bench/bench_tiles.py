@@ -4,8 +4,9 @@ cuDNN each kernel is (the H100 runs left the weight gradient at 1.7 ms and the f
 C_in=416 16x64x64, where cuDNN's whole layer took 2.0 ms under torch.compile).
 
 Per shape (batch 2, growth 16, bf16, channels-last), per kernel:
-- forward: ours = conv(relu(x * s + t)) in one kernel; cuDNN = conv3d of the activation a, already
-  computed (the BN and ReLU pass not counted: cuDNN's best case);
+- forward: ours = conv(relu(x * s + t)) in one kernel, the halo kernel (stride 1's default) and the
+  direct one; cuDNN = conv3d of the activation a, already computed (the BN and ReLU pass not counted:
+  cuDNN's best case);
 - input gradient: ours = the training-mode dgrad kernel plus its BatchNorm finalize; cuDNN = the conv's
   input gradient alone (aten.convolution_backward);
 - weight gradient: ours = the weight-gradient kernel (partial sums over the voxel splits, and their sum);
@@ -65,14 +66,23 @@ def _kernels(x, fold, a, weight, gy, dtype):
     def cudnn_grad(mask):
         return lambda: torch.ops.aten.convolution_backward(gy, a, weight, None, *conv, mask)
 
+    def forward():
+        return launchers.conv_forward(x, weight, None, scale, shift, geometry, dtype)
+
+    def direct_forward():
+        with launchers.direct_forward():
+            return forward()
+
+    warps_stages = launchers.WARPS_STAGES
     return [
-        ("forward", launchers._fwd, launchers.FWD_TILES,
-         lambda: launchers.conv_forward(x, weight, None, scale, shift, geometry, dtype),
+        ("forward (halo)", launchers._fwd_halo, launchers.HALO_TILES, launchers.HALO_WARPS_STAGES, forward,
          lambda: torch.nn.functional.conv3d(a, weight, padding=1)),
-        ("input grad", launchers._dgrad, launchers.DGRAD_TILES,
+        ("forward (direct)", launchers._fwd, launchers.FWD_TILES, warps_stages, direct_forward,
+         lambda: torch.nn.functional.conv3d(a, weight, padding=1)),
+        ("input grad", launchers._dgrad, launchers.DGRAD_TILES, warps_stages,
          lambda: launchers.conv_input_grad(x, gy, weight, scale, shift, mean, rstd, geometry, dtype, True),
          cudnn_grad([True, False, False])),
-        ("weight grad", launchers._wgrad, launchers.WGRAD_TILES,
+        ("weight grad", launchers._wgrad, launchers.WGRAD_TILES, warps_stages,
          lambda: launchers.conv_weight_grad(x, gy, scale, shift, geometry, dtype, False),
          cudnn_grad([False, True, False])),
     ]  # fmt: skip
@@ -123,18 +133,18 @@ def _timer(device: str):
 
 
 def run(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, shapes=SHAPES) -> BenchResult:
-    from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
 
     ms = _timer(device)
     rows = []
     for c_in, size in shapes:
         shape = f"C_in={c_in} {'x'.join(map(str, size))}"
         x, fold, a, weight, gy = _operands(c_in, size, device, dtype)
-        for name, tuned, tiles, ours, cudnn in _kernels(x, fold, a, weight, gy, dtype):
+        for name, tuned, tiles, warps_stages, ours, cudnn in _kernels(x, fold, a, weight, gy, dtype):
             cudnn_ms = ms(cudnn)
             picked = _autotuned_pick(tuned, ours)
+            explore = [ws for ws in EXPLORE_WARPS_STAGES if ws not in warps_stages]
             for tile in tiles:
-                for warps, stages in launchers.WARPS_STAGES + EXPLORE_WARPS_STAGES:
+                for warps, stages in warps_stages + explore:
                     with tuned.pin(**tile, num_warps=warps, num_stages=stages):
                         t = ms(ours)
                     config = {**tile, "num_warps": warps, "num_stages": stages}
@@ -142,7 +152,7 @@ def run(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, shapes=SHAPES
                         "shape": shape, "kernel": name, "tile": _tile_label(tile, warps, stages),
                         "ms": f"{t:.3f}", "cudnn_ms": f"{cudnn_ms:.3f}", "vs_cudnn": f"{cudnn_ms / t:.2f}",
                         "autotuned": "yes" if picked and picked.items() >= config.items() else "",
-                        "candidate": "yes" if (warps, stages) in launchers.WARPS_STAGES else "no: explored",
+                        "candidate": "yes" if (warps, stages) in warps_stages else "no: explored",
                     })  # fmt: skip
     best = {}
     for r in rows:

@@ -43,6 +43,7 @@ CASES = [
     Case("channel-slice", 2, 7, 16, (4, 5, 6), layout="channel_slice"),
     Case("non-contiguous", 2, 4, 16, (4, 5, 6), layout="transposed"),
     Case("anisotropic-kernel-2-k-blocks", 1, 40, 16, (3, 6, 5), kernel=(1, 3, 3), padding=(0, 1, 1)),
+    Case("valid-two-output-blocks", 1, 6, 70, (4, 5, 6), padding=0, bias=True),  # halo: 2 channel blocks
 ]
 
 
@@ -469,10 +470,11 @@ class _LaunchLog:
 
 
 def _gpu_tiles():
-    """(forward, input-gradient, weight-gradient) tiles covering each list of a GPU's candidates."""
+    """(direct forward, halo forward, input-gradient, weight-gradient) tiles covering each list of a GPU's
+    candidates."""
     from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
 
-    lists = (launchers.FWD_TILES, launchers.DGRAD_TILES, launchers.WGRAD_TILES)
+    lists = (launchers.FWD_TILES, launchers.HALO_TILES, launchers.DGRAD_TILES, launchers.WGRAD_TILES)
     return [tuple(tiles[i % len(tiles)] for tiles in lists) for i in range(max(map(len, lists)))]
 
 
@@ -481,13 +483,14 @@ def test_every_autotune_tile_matches_float64_reference(tiles, monkeypatch):
     """Each tile a GPU's autotuner may choose (the 64- and 128-channel weight-gradient tiles included: the
     wgmma ones at C_out 16), pinned (BucketedAutotuner.pin), computes the output and every gradient, at
     C_in = 70 (a partial block of 64 and of 128 channels, two of 32 and a partial third) and odd sizes,
-    in the weight-gradient's several splits."""
+    in the weight-gradient's several splits. The stride-1 forward takes the halo kernel; the direct one
+    runs the same forward under direct_forward()."""
     import contextlib
 
     from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
 
     monkeypatch.setattr(launchers, "wgrad_programs_wanted", lambda device: 10_000)
-    tuned = (launchers._fwd, launchers._dgrad, launchers._wgrad)
+    tuned = (launchers._fwd, launchers._fwd_halo, launchers._dgrad, launchers._wgrad)
     logs = [_LaunchLog(t.tuner.fn) for t in tuned]
     for t, log in zip(tuned, logs, strict=True):
         monkeypatch.setattr(t.tuner, "fn", log)
@@ -498,12 +501,17 @@ def test_every_autotune_tile_matches_float64_reference(tiles, monkeypatch):
         for t, tile in zip(tuned, tiles, strict=True):
             stack.enter_context(t.pin(**tile))
         got, gy = run(x, params, case, True, "triton")
+        with launchers.direct_forward():
+            direct, _ = run(x, params, case, True, "triton", grad_out=gy)
     expected, _ = run(x, params, case, True, "torch", dtype=torch.float64, grad_out=gy)
     for key, value in expected.items():
         err = max_rel_error(got[key], value)
         assert err < RTOL32, f"{key}: relative error {err:.2e}"
+    err = max_rel_error(direct["y"], expected["y"])
+    assert err < RTOL32, f"direct forward y: relative error {err:.2e}"
     for log, tile in zip(logs, tiles, strict=True):
         assert log.calls and all(call.items() >= tile.items() for call in log.calls), (tile, log.calls)
+    assert len(logs[0].calls) == 1 and len(logs[1].calls) == 1  # one forward each
 
 
 def test_an_input_gradient_tile_below_the_smallest_candidate_is_refused():
@@ -533,7 +541,7 @@ def test_deterministic_mode_launches_the_first_candidates_untimed():
     case = Case("deterministic", 2, 10, 16, (3, 4, 5))
     g = torch.Generator().manual_seed(3)
     x, params = make_input(case, g), make_params(case, g)
-    tuned = (launchers._fwd, launchers._dgrad, launchers._wgrad)
+    tuned = (launchers._fwd_halo, launchers._dgrad, launchers._wgrad)
     before = [dict(t.chosen) for t in tuned]
     with deterministic_mode(True):
         got, gy = run(x, params, case, True, "triton")

@@ -21,7 +21,9 @@ def test_every_pinned_tile_passes_the_gpu_check_on_a_tiny_layer():
 
     rows = gpu_checks.check_bn_relu_conv3d_tiles("cpu", layer=(1, 20, 16, (2, 3, 4), 1, 1, 1, False, True))
     tiles = len(launchers.FWD_TILES) + len(launchers.DGRAD_TILES) + len(launchers.WGRAD_TILES)
-    assert len(rows) == tiles * len(launchers.WARPS_STAGES)
+    halo = len(launchers.HALO_TILES) * len(launchers.HALO_WARPS_STAGES)
+    assert len(rows) == tiles * len(launchers.WARPS_STAGES) + halo
+    assert sum(" forward (halo) tile " in r["check"] for r in rows) == halo
     assert all(r["result"] == "PASS" for r in rows), [r for r in rows if r["result"] != "PASS"]
     wgrad = [r for r in rows if " weight grad tile " in r["check"]]
     assert len(wgrad) == len(launchers.WGRAD_TILES) * len(launchers.WARPS_STAGES)
@@ -38,16 +40,18 @@ def test_the_tile_timings_run_every_tile_and_find_the_autotuned_one():
     from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
 
     result = bench_tiles.run("cpu", torch.float32, shapes=((8, (2, 3, 3)),))
-    lists = {"forward": launchers.FWD_TILES, "input grad": launchers.DGRAD_TILES,
-             "weight grad": launchers.WGRAD_TILES}  # fmt: skip
-    for kernel, tiles in lists.items():
+    plain = launchers.WARPS_STAGES
+    lists = {"forward (halo)": (launchers.HALO_TILES, launchers.HALO_WARPS_STAGES),
+             "forward (direct)": (launchers.FWD_TILES, plain), "input grad": (launchers.DGRAD_TILES, plain),
+             "weight grad": (launchers.WGRAD_TILES, plain)}  # fmt: skip
+    for kernel, (tiles, warps_stages) in lists.items():
         rows = [r for r in result.rows if r["kernel"] == kernel]
-        per_tile = len(launchers.WARPS_STAGES) + len(bench_tiles.EXPLORE_WARPS_STAGES)
-        assert len(rows) == len(tiles) * per_tile
+        explored = [ws for ws in bench_tiles.EXPLORE_WARPS_STAGES if ws not in warps_stages]
+        assert len(rows) == len(tiles) * (len(warps_stages) + len(explored))
         assert sum(r["autotuned"] == "yes" for r in rows) == 1
-        assert sum(r["candidate"] == "yes" for r in rows) == len(tiles) * len(launchers.WARPS_STAGES)
+        assert sum(r["candidate"] == "yes" for r in rows) == len(tiles) * len(warps_stages)
         assert all(float(r["ms"]) > 0 and float(r["cudnn_ms"]) > 0 for r in rows)
-    assert result.summary.count("best") == 3
+    assert result.summary.count("best") == 4
 
 
 def test_the_determinism_check_runs_and_passes_on_a_tiny_case():

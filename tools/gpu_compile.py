@@ -23,6 +23,7 @@ import contextlib
 import csv
 import datetime
 import io
+import itertools
 import multiprocessing
 import os
 import platform
@@ -157,6 +158,17 @@ def _train_and_infer(model, x) -> None:
     model.zero_grad(set_to_none=True)
 
 
+def _direct_forward():
+    from prostate_kernels.ops.bn_relu_conv3d_triton import direct_forward
+
+    return direct_forward()
+
+
+# every workload runs once per forward kernel of the fused layer: stride 1's default (the halo kernel) and
+# the direct one (other strides, and every stride under direct_forward())
+FORWARD_KERNELS = (contextlib.nullcontext, _direct_forward)
+
+
 def run_workloads(paths=DOT_PATHS, log=print) -> None:
     """Drives the library through every launch it makes (recorded, not run; meta tensors) per dot path.
     A half path runs each network twice: in float32 under (the library's view of) autocast, as a mixed
@@ -184,7 +196,9 @@ def run_workloads(paths=DOT_PATHS, log=print) -> None:
                     model = model.to(dtype=dtype, memory_format=layout)
                     x = torch.empty(2, 1, *PATCH, device="meta", dtype=dtype).to(memory_format=layout)
                     with _dot_settings(path):
-                        _train_and_infer(model, x)
+                        for forward_kernel in FORWARD_KERNELS:
+                            with forward_kernel():
+                                _train_and_infer(model, x)
                 model.float()
             with _dot_settings(path):
                 run_int64_workloads(layout)
@@ -212,11 +226,12 @@ def run_int64_workloads(layout) -> None:
             (DenseBlock3d(48, 16, 2, dropout=0.2), (2, 48, 64, 512, 512)),  # buffer 2.7e9
             (SeparableConv3d(128, 128, 3, dilation=(1, 2, 2)), (1, 128, 64, 512, 512)),  # 2.1e9
         ]
-    for layer, shape in layers:
+    for (layer, shape), forward_kernel in itertools.product(layers, FORWARD_KERNELS):
         layer = layer.to(memory_format=layout)
         x = torch.empty(shape, device="meta", requires_grad=True).to(memory_format=layout)
         layer.train()
-        layer(x).float().sum().backward()
+        with forward_kernel():
+            layer(x).float().sum().backward()
         layer.eval()
         with torch.no_grad():
             layer(x)

@@ -1,6 +1,8 @@
 """Fused BatchNorm -> ReLU -> Conv3d: launchers of the Triton kernels and the custom ops over them.
 
-Forward: batch statistics (training) -> conv whose loads apply scale/shift + ReLU. Backward: weight
+Forward: batch statistics (training) -> conv whose loads apply scale/shift + ReLU: at stride 1 the halo
+kernel (each input element normalised once per output box, into a per-program scratch tile that the 27
+taps read), otherwise the direct kernel (normalised at every tap). Backward: weight
 and bias gradients (one kernel), input gradient through conv, ReLU mask and BatchNorm with the
 per-channel reductions in its epilogue (one kernel: per-program partial sums, then one fixed-order sum,
 so that every gradient is the same from run to run), then, in training mode, the batch-statistics term
@@ -10,6 +12,9 @@ The op's entry (validation, backend, autocast) is ops/bn_relu_conv3d.py; argumen
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -28,6 +33,7 @@ from prostate_kernels.ops.launch import (
     next_power_of_2,
     output_like,
     prune_spilling,
+    torch_dtype,
 )
 
 # Configs that spill registers at some launch, measured by `make gpu-compile` (every launch of Tiramisu
@@ -105,6 +111,50 @@ _wgrad = bucketed_autotune(
     },
 )(kernels.bn_relu_conv3d_wgrad_kernel)
 
+# The halo forward (stride 1): output boxes (BOX_D, BOX_H, BOX_W) of 128 voxels, 32 channels per halo fill;
+# the first the default. Also compiled and counted (sm_90a SASS, tools/sass_loops.py) and dropped: 32
+# channels x 4x8x8 boxes (no fewer instructions per voxel, scratch 40 KB per program) and 64 channels x
+# 4x4x8 (its tap loop stayed a loop: more instructions per channel, scratch 49 KB per program).
+HALO_FILL_M = 128  # halo voxels normalised per step of the fill
+HALO_TILES = [
+    {"BOX_D": 4, "BOX_H": 4, "BOX_W": 8, "BLOCK_K": 32, "FILL_M": HALO_FILL_M},
+    {"BOX_D": 2, "BOX_H": 8, "BOX_W": 8, "BLOCK_K": 32, "FILL_M": HALO_FILL_M},
+]
+# Pipelined (num_stages 3), the taps' window loads become cp.async.cg, which bypasses L1: every tap then
+# re-reads its window from L2. Unpipelined (1) they are ld.global, cached in L1. Which is faster only a
+# GPU can tell (the tap windows total 27x the input's bytes at 3x3x3), so both are candidates.
+HALO_WARPS_STAGES = [(4, 3), (8, 3), (4, 1)]  # (8, 1) spilled on sm_80 at every dot path
+# (BOX_D, BOX_H, BOX_W, BLOCK_N, num_stages, warps, dot path, int64), as _FWD_SPILLS (4-84 B, 128 registers)
+_HALO_SPILLS = {
+    (4, 4, 8, 16, 3, 4, "fp32-ieee", ANY), (2, 8, 8, 16, 3, 4, "fp32-ieee", ANY),  # sm_80, and sm_90a
+    (4, 4, 8, 16, 3, 8, "fp32-ieee", True), (2, 8, 8, 16, 3, 8, "fp32-ieee", True),  # sm_80
+}  # fmt: skip
+HALO_FORWARD = True  # stride-1 forwards take the halo kernel; direct_forward() turns it off for a block
+
+
+@contextlib.contextmanager
+def direct_forward() -> Iterator[None]:
+    """Within the block every forward takes bn_relu_conv3d_fwd_kernel, stride 1 included: to compare the
+    two forward kernels (bench, GPU checks, tests)."""
+    global HALO_FORWARD
+    previous, HALO_FORWARD = HALO_FORWARD, False
+    try:
+        yield
+    finally:
+        HALO_FORWARD = previous
+
+
+_fwd_halo = bucketed_autotune(
+    autotune_configs(HALO_TILES, HALO_WARPS_STAGES),
+    key=["C_in", "C_out", "Do", "Ho", "Wo", "KD", "KH", "KW", "DOT_DTYPE", "INPUT_PRECISION", "INT64"],
+    bucketed=("C_in", "Do", "Ho", "Wo"),
+    prune_configs_by={
+        "early_config_prune": prune_spilling(
+            _HALO_SPILLS, ("BOX_D", "BOX_H", "BOX_W", "BLOCK_N", "num_stages")
+        )
+    },
+)(kernels.bn_relu_conv3d_fwd_halo_kernel)
+
 DGRAD_MIN_BLOCK_M = min(tile["BLOCK_M"] for tile in DGRAD_TILES)  # sizes the input gradient's partial sums
 FINALIZE_BLOCK_M = 64
 FINALIZE_BLOCK_C = 32
@@ -155,6 +205,11 @@ def conv_forward(
         raise ValueError(f"conv_forward: dropout draws {uniform.dtype} {tuple(uniform.shape)} must be "
                          f"contiguous float32 shaped like the output {tuple(out.shape)}")  # fmt: skip
 
+    if HALO_FORWARD and geometry.stride == (1, 1, 1):
+        _halo_forward(x, w_taps, bias, scale, shift, out, uniform, p, dropout is not None, geometry,
+                      (do, ho, wo), dot_dtype, precision, block_n)  # fmt: skip
+        return out
+
     def grid(meta):
         return (cdiv(m, meta["BLOCK_M"]), cdiv(c_out, block_n))
 
@@ -166,6 +221,54 @@ def conv_forward(
         INT64=needs_int64(x, out, uniform), BLOCK_N=block_n,
     )  # fmt: skip
     return out
+
+
+def _halo_rows(tile: dict, geometry: ConvGeometry) -> int:
+    """Rows of one program's scratch tile (bn_relu_conv3d_fwd_halo_kernel's HALO_ROWS) for a tile."""
+    halo = 1
+    for box, k, dil in zip((tile["BOX_D"], tile["BOX_H"], tile["BOX_W"]), geometry.kernel, geometry.dilation,
+                           strict=True):  # fmt: skip
+        halo *= box + (k - 1) * dil
+    return cdiv(halo, tile["FILL_M"]) * tile["FILL_M"]
+
+
+def _halo_forward(x, w_taps, bias, scale, shift, out, uniform, p, dropout, geometry, out_size, dot_dtype,
+                  precision, block_n) -> None:  # fmt: skip
+    """conv_forward through bn_relu_conv3d_fwd_halo_kernel (stride 1): a persistent grid of at most
+    halo_programs_wanted programs per block of output channels, each with its scratch tile (one buffer
+    sized for the largest candidate tile, so that the autotuner may launch any of them)."""
+    n, c_in = x.shape[:2]
+    c_out = out.shape[1]
+    do, ho, wo = out_size
+    n_blocks = cdiv(c_out, block_n)
+    wanted = halo_programs_wanted(x.device)
+
+    def programs(tile: dict) -> int:
+        return min(wanted, n * cdiv(do, tile["BOX_D"]) * cdiv(ho, tile["BOX_H"]) * cdiv(wo, tile["BOX_W"]))
+
+    elements = max(programs(t) * _halo_rows(t, geometry) * t["BLOCK_K"] for t in HALO_TILES) * n_blocks
+    scratch = torch.empty((elements,), dtype=torch_dtype(dot_dtype), device=x.device)
+
+    def grid(meta):
+        return (programs(meta), n_blocks)
+
+    _fwd_halo[grid](
+        x, w_taps, bias if bias is not None else scale, scale, shift, out, uniform, scratch, p,
+        1.0 / (1.0 - p), n, c_in, c_out, *x.shape[2:], do, ho, wo, *x.stride(), *out.stride(),
+        *geometry.padding, geometry.taps,
+        KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], DLD=geometry.dilation[0],
+        DLH=geometry.dilation[1], DLW=geometry.dilation[2], HAS_BIAS=bias is not None,
+        DROPOUT=dropout, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+        INT64=needs_int64(x, out, uniform, extra=(scratch.numel(),)), BLOCK_N=block_n,
+    )  # fmt: skip
+
+
+def halo_programs_wanted(device: torch.device) -> int:
+    """Programs per block of output channels of the halo forward's persistent grid: 4 per SM on a GPU (their
+    scratch tiles stay in L2), 4 elsewhere (the interpreter runs them one after another)."""
+    if device.type != "cuda":
+        return 4
+    return 4 * torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def conv_weight_grad(

@@ -167,6 +167,11 @@ def dot_setup(dtype: torch.dtype) -> tuple[tl.dtype, str]:
     return _TL_DTYPES[dtype], "ieee"
 
 
+def torch_dtype(dot_dtype: tl.dtype) -> torch.dtype:
+    """The torch dtype of a DOT_DTYPE (dot_setup's): of a buffer that a kernel fills with dot operands."""
+    return next(t for t, d in _TL_DTYPES.items() if d == dot_dtype)
+
+
 def conv_args(g: ConvGeometry) -> tuple[int, ...]:
     """stride, padding, dilation per axis, in the order every conv kernel takes them."""
     return (*g.stride, *g.padding, *g.dilation)
@@ -227,7 +232,8 @@ def prune_spilling(spilling: set[tuple], names: tuple[str, ...]):
     spill registers (on sm_90a or sm_80) at this launch's block sizes, dot path and offset width.
 
     spilling: entries (values of `names` (block sizes, from the config or the launch's keyword
-    arguments)..., num_warps, dot path, int64): the dot path a dot_path_label or ANY, int64 a bool or ANY.
+    arguments, or "num_stages", the config's)..., num_warps, dot path, int64): the dot path a
+    dot_path_label or ANY, int64 a bool or ANY.
     A config spilling only with float32 IEEE dots (FMA, more registers) stays a candidate of the bf16
     launches, whose tensor-core variant does not spill. At least one config always remains (the last one,
     if every candidate is listed: the lists are written so that this does not happen at measured launches).
@@ -239,7 +245,7 @@ def prune_spilling(spilling: set[tuple], names: tuple[str, ...]):
         int64 = bool(launch.get("INT64"))
 
         def spills(config) -> bool:
-            values = {**launch, **config.kwargs}
+            values = {**launch, **config.kwargs, "num_stages": config.num_stages}
             blocks = (*(values.get(name) for name in names), config.num_warps)
             return any(
                 entry[:-2] == blocks and entry[-2] in (ANY, dot) and entry[-1] in (ANY, int64)
