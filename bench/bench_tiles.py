@@ -9,8 +9,8 @@ Per shape (batch 2, growth 16, bf16, channels-last), per kernel:
   cuDNN's best case);
 - input gradient: ours = the training-mode dgrad kernel plus its BatchNorm finalize; cuDNN = the conv's
   input gradient alone (aten.convolution_backward);
-- weight gradient: ours = the weight-gradient kernel (partial sums over the voxel splits, and their sum);
-  cuDNN = the conv's weight gradient of a.
+- weight gradient: ours = the weight-gradient kernel, halo (stride 1's default) and direct (partial sums
+  over the voxel splits, and their sum); cuDNN = the conv's weight gradient of a.
 Every tile x (num_warps, num_stages) of the launchers' lists is pinned (BucketedAutotuner.pin), the
 spilling ones included, and each tile also at EXPLORE_WARPS_STAGES (not an autotune candidate);
 `autotuned` marks the one the autotuner picks by itself.
@@ -69,21 +69,27 @@ def _kernels(x, fold, a, weight, gy, dtype):
     def forward():
         return launchers.conv_forward(x, weight, None, scale, shift, geometry, dtype)
 
-    def direct_forward():
-        with launchers.direct_forward():
-            return forward()
+    def weight_grad():
+        return launchers.conv_weight_grad(x, gy, scale, shift, geometry, dtype, False)
 
-    warps_stages = launchers.WARPS_STAGES
+    def direct(call):  # the same call through the direct kernels (stride 1's defaults are the halo ones)
+        def run():
+            with launchers.direct_kernels():
+                return call()
+
+        return run
+
+    plain, halo = launchers.WARPS_STAGES, launchers.HALO_WARPS_STAGES
+    forward_cudnn = lambda: torch.nn.functional.conv3d(a, weight, padding=1)  # noqa: E731
     return [
-        ("forward (halo)", launchers._fwd_halo, launchers.HALO_TILES, launchers.HALO_WARPS_STAGES, forward,
-         lambda: torch.nn.functional.conv3d(a, weight, padding=1)),
-        ("forward (direct)", launchers._fwd, launchers.FWD_TILES, warps_stages, direct_forward,
-         lambda: torch.nn.functional.conv3d(a, weight, padding=1)),
-        ("input grad", launchers._dgrad, launchers.DGRAD_TILES, warps_stages,
+        ("forward (halo)", launchers._fwd_halo, launchers.HALO_TILES, halo, forward, forward_cudnn),
+        ("forward (direct)", launchers._fwd, launchers.FWD_TILES, plain, direct(forward), forward_cudnn),
+        ("input grad", launchers._dgrad, launchers.DGRAD_TILES, plain,
          lambda: launchers.conv_input_grad(x, gy, weight, scale, shift, mean, rstd, geometry, dtype, True),
          cudnn_grad([True, False, False])),
-        ("weight grad", launchers._wgrad, launchers.WGRAD_TILES, warps_stages,
-         lambda: launchers.conv_weight_grad(x, gy, scale, shift, geometry, dtype, False),
+        ("weight grad (halo)", launchers._wgrad_halo, [launchers.HALO_WGRAD_TILE], halo, weight_grad,
+         cudnn_grad([False, True, False])),
+        ("weight grad (direct)", launchers._wgrad, launchers.WGRAD_TILES, plain, direct(weight_grad),
          cudnn_grad([False, True, False])),
     ]  # fmt: skip
 

@@ -227,18 +227,19 @@ def check_bn_relu_conv3d_tiles(device: str = "cuda", layer=P3A_LAYER) -> list[di
     exact, _ = _run_dense_layer(x, params, conv, True, "torch", torch.float64, gy)
     shape = f"{layer[1]}ch {'x'.join(map(str, layer[3]))}"
     rows = []
-    halo, direct = contextlib.nullcontext, launchers.direct_forward  # the forward kernel (stride 1: halo)
-    plain = launchers.WARPS_STAGES
-    kernels = (("forward (halo)", "y", launchers._fwd_halo, launchers.HALO_TILES, launchers.HALO_WARPS_STAGES,
-                halo),
+    halo, direct = contextlib.nullcontext, launchers.direct_kernels  # the kernels (stride 1's: halo)
+    plain, halo_ws = launchers.WARPS_STAGES, launchers.HALO_WARPS_STAGES
+    kernels = (("forward (halo)", "y", launchers._fwd_halo, launchers.HALO_TILES, halo_ws, halo),
                ("forward (direct)", "y", launchers._fwd, launchers.FWD_TILES, plain, direct),
                ("input grad", "grad_x", launchers._dgrad, launchers.DGRAD_TILES, plain, halo),
-               ("weight grad", "grad_weight", launchers._wgrad, launchers.WGRAD_TILES, plain,
-                halo))  # fmt: skip
-    for name, focus, tuned, tiles, warps_stages, forward_kernel in kernels:
+               ("weight grad (halo)", "grad_weight", launchers._wgrad_halo, [launchers.HALO_WGRAD_TILE],
+                halo_ws, halo),
+               ("weight grad (direct)", "grad_weight", launchers._wgrad, launchers.WGRAD_TILES, plain,
+                direct))  # fmt: skip
+    for name, focus, tuned, tiles, warps_stages, kernel_kind in kernels:
         for tile in tiles:
             for warps, stages in warps_stages:
-                with tuned.pin(**tile, num_warps=warps, num_stages=stages), forward_kernel():
+                with tuned.pin(**tile, num_warps=warps, num_stages=stages), kernel_kind():
                     ours, _ = _run_dense_layer(x, params, conv, True, "triton", torch.bfloat16, gy)
                 label = " ".join(f"{k.removeprefix('BLOCK_')}={v}" for k, v in tile.items())
                 rows.append(_error_ratio_row(f"bn_relu_conv3d bf16 {shape} {name} tile {label} "

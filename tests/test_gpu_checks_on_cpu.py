@@ -21,13 +21,15 @@ def test_every_pinned_tile_passes_the_gpu_check_on_a_tiny_layer():
 
     rows = gpu_checks.check_bn_relu_conv3d_tiles("cpu", layer=(1, 20, 16, (2, 3, 4), 1, 1, 1, False, True))
     tiles = len(launchers.FWD_TILES) + len(launchers.DGRAD_TILES) + len(launchers.WGRAD_TILES)
-    halo = len(launchers.HALO_TILES) * len(launchers.HALO_WARPS_STAGES)
+    halo = (len(launchers.HALO_TILES) + 1) * len(launchers.HALO_WARPS_STAGES)  # + the weight gradient's
     assert len(rows) == tiles * len(launchers.WARPS_STAGES) + halo
-    assert sum(" forward (halo) tile " in r["check"] for r in rows) == halo
+    assert sum(" forward (halo) tile " in r["check"] for r in rows) == halo - len(launchers.HALO_WARPS_STAGES)
     assert all(r["result"] == "PASS" for r in rows), [r for r in rows if r["result"] != "PASS"]
-    wgrad = [r for r in rows if " weight grad tile " in r["check"]]
+    wgrad = [r for r in rows if " weight grad (direct) tile " in r["check"]]
     assert len(wgrad) == len(launchers.WGRAD_TILES) * len(launchers.WARPS_STAGES)
-    assert all("grad_weight:" in r["detail"] for r in wgrad)
+    wgrad_halo = [r for r in rows if " weight grad (halo) tile " in r["check"]]
+    assert len(wgrad_halo) == len(launchers.HALO_WARPS_STAGES)
+    assert all("grad_weight:" in r["detail"] for r in wgrad + wgrad_halo)
 
 
 def test_the_tile_timings_run_every_tile_and_find_the_autotuned_one():
@@ -41,9 +43,11 @@ def test_the_tile_timings_run_every_tile_and_find_the_autotuned_one():
 
     result = bench_tiles.run("cpu", torch.float32, shapes=((8, (2, 3, 3)),))
     plain = launchers.WARPS_STAGES
-    lists = {"forward (halo)": (launchers.HALO_TILES, launchers.HALO_WARPS_STAGES),
-             "forward (direct)": (launchers.FWD_TILES, plain), "input grad": (launchers.DGRAD_TILES, plain),
-             "weight grad": (launchers.WGRAD_TILES, plain)}  # fmt: skip
+    halo = launchers.HALO_WARPS_STAGES
+    lists = {"forward (halo)": (launchers.HALO_TILES, halo), "forward (direct)": (launchers.FWD_TILES, plain),
+             "input grad": (launchers.DGRAD_TILES, plain),
+             "weight grad (halo)": ([launchers.HALO_WGRAD_TILE], halo),
+             "weight grad (direct)": (launchers.WGRAD_TILES, plain)}  # fmt: skip
     for kernel, (tiles, warps_stages) in lists.items():
         rows = [r for r in result.rows if r["kernel"] == kernel]
         explored = [ws for ws in bench_tiles.EXPLORE_WARPS_STAGES if ws not in warps_stages]
@@ -51,7 +55,7 @@ def test_the_tile_timings_run_every_tile_and_find_the_autotuned_one():
         assert sum(r["autotuned"] == "yes" for r in rows) == 1
         assert sum(r["candidate"] == "yes" for r in rows) == len(tiles) * len(warps_stages)
         assert all(float(r["ms"]) > 0 and float(r["cudnn_ms"]) > 0 for r in rows)
-    assert result.summary.count("best") == 4
+    assert result.summary.count("best") == 5
 
 
 def test_the_determinism_check_runs_and_passes_on_a_tiny_case():

@@ -158,15 +158,15 @@ def _train_and_infer(model, x) -> None:
     model.zero_grad(set_to_none=True)
 
 
-def _direct_forward():
-    from prostate_kernels.ops.bn_relu_conv3d_triton import direct_forward
+def _direct_kernels():
+    from prostate_kernels.ops.bn_relu_conv3d_triton import direct_kernels
 
-    return direct_forward()
+    return direct_kernels()
 
 
 # every workload runs once per forward kernel of the fused layer: stride 1's default (the halo kernel) and
-# the direct one (other strides, and every stride under direct_forward())
-FORWARD_KERNELS = (contextlib.nullcontext, _direct_forward)
+# the direct one (other strides, and every stride under direct_kernels())
+FORWARD_KERNELS = (contextlib.nullcontext, _direct_kernels)
 
 
 def run_workloads(paths=DOT_PATHS, log=print) -> None:

@@ -6,8 +6,8 @@ p3a's widest layer the forward kernel's loop body times its trip counts, at 4 wa
 on 132 SMs, accounts for most of its measured 1.13 ms. So fewer instructions per step is a speed-up the
 compiler output shows before any GPU run does. This captures a BNReLUConv3d and a DepthwiseConv3d
 training step (bf16, channels-last, meta tensors: nothing runs), compiles each kernel's default autotune
-variant for sm_90a (the fused layer's forward twice: the halo kernel, its stride-1 default, and the direct
-one) with Triton's compiler, disassembles it (cuobjdump, bundled with Triton) and lists
+variant for sm_90a (the fused layer's training step twice: with the halo kernels, stride 1's default, and
+with the direct ones) with Triton's compiler, disassembles it (cuobjdump, bundled with Triton) and lists
 every loop (a backward branch) with its instruction count and most frequent opcodes.
 
     env -u TRITON_INTERPRET python tools/sass_loops.py [--c-in 416] [--depthwise-c 728] [--out FILE.md]
@@ -58,7 +58,7 @@ def capture(c_in: int, depthwise_c: int) -> dict:
     from compile_capture import RECORDER, capturing
 
     from prostate_kernels.nn import BNReLUConv3d, DepthwiseConv3d
-    from prostate_kernels.ops.bn_relu_conv3d_triton import direct_forward
+    from prostate_kernels.ops.bn_relu_conv3d_triton import direct_kernels
 
     with capturing():
         depthwise = DepthwiseConv3d(depthwise_c, 3, padding=2, dilation=2)
@@ -71,8 +71,9 @@ def capture(c_in: int, depthwise_c: int) -> dict:
             y = module(x.requires_grad_(True))
             y.backward(torch.empty_like(y))
             if isinstance(module, BNReLUConv3d):
-                with direct_forward():  # the forward kernel of other strides, at the same layer
-                    module(x)
+                with direct_kernels():  # the kernels of other strides, at the same layer
+                    y = module(x)
+                    y.backward(torch.empty_like(y))
     return RECORDER.variants
 
 

@@ -2,8 +2,9 @@
 
 Notation: x (N, C_in, D, H, W) the raw input; s, t (C_in,) float32 the BatchNorm scale and shift
 (s = gamma * rstd, t = beta - mean * s); a = relu(s * x + t) the normalised activation, which no kernel
-writes whole: the backward kernels and the direct forward recompute it from x while loading each tile,
-and the halo forward (stride 1) writes one box's halo of it at a time to a scratch tile of its own.
+writes whole: the kernels here recompute it from x while loading each tile, and the halo kernels
+(bn_relu_conv3d_halo_kernels.py: stride 1's forward and weight gradient) write one box's halo of it at a
+time to a scratch tile of their own.
 y (N, C_out, Do, Ho, Wo) the conv output; gy its gradient. All tensors are addressed through their
 strides (any layout, channel slices of a larger buffer included). Voxel indices are int32 (fewer than
 2**31 voxels, checked by the launchers); element offsets are int32 too, or int64 when INT64 (a tensor
@@ -146,150 +147,6 @@ def _store_output(
         acc.to(y_ptr.dtype.element_ty),
         mask=y_mask,
     )
-
-
-@triton.jit
-def bn_relu_conv3d_fwd_halo_kernel(
-    x_ptr,  # (N, C_in, D, H, W), strides sx*
-    w_ptr,  # (taps, C_in, C_out) contiguous, DOT_DTYPE, as bn_relu_conv3d_fwd_kernel's
-    bias_ptr,  # (C_out,) or unused
-    scale_ptr,  # (C_in,) float32
-    shift_ptr,  # (C_in,) float32
-    y_ptr,  # (N, C_out, Do, Ho, Wo), strides sy*
-    uniform_ptr,  # (N, C_out, Do, Ho, Wo) contiguous float32 dropout draws (DROPOUT) or unused
-    scratch_ptr,  # (programs, HALO_ROWS, BLOCK_K) DOT_DTYPE: each program's own halo tile
-    drop_p,
-    keep_scale,
-    N,
-    C_in,
-    C_out,
-    D,
-    H,
-    W,
-    Do,
-    Ho,
-    Wo,
-    sxn,
-    sxc,
-    sxd,
-    sxh,
-    sxw,
-    syn,
-    syc,
-    syd,
-    syh,
-    syw,
-    pdd,
-    pdh,
-    pdw,
-    taps,  # KD * KH * KW, at run time: a constant trip count let ptxas unroll the tap loop (sm_80 spilled)
-    KD: tl.constexpr,
-    KH: tl.constexpr,
-    KW: tl.constexpr,
-    DLD: tl.constexpr,  # dilation (stride is 1: the launcher sends other strides to the direct kernel)
-    DLH: tl.constexpr,
-    DLW: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    INT64: tl.constexpr,
-    BOX_D: tl.constexpr,  # output box of a step: BOX_D x BOX_H x BOX_W voxels (powers of two)
-    BOX_H: tl.constexpr,
-    BOX_W: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    FILL_M: tl.constexpr,  # halo voxels normalised per step of the fill loop
-):
-    """The forward of a stride-1 conv, each input element normalised once per box instead of once per tap.
-
-    bn_relu_conv3d_fwd_kernel applies scale, shift, ReLU and the padding mask to every tile it loads, 27
-    times per input element at 3x3x3, and at the dense layers' 16 output channels that prologue is half
-    of its loop's instructions (sm_90a SASS, tools/sass_loops.py). Here a program owns boxes of
-    BOX_D x BOX_H x BOX_W output voxels, one after another (persistent: scratch is per program, not per
-    box). Per block of BLOCK_K input channels it normalises the box's halo (the box grown by
-    (kernel - 1) * dilation per axis, zeros outside the volume: the padding) once into its scratch tile,
-    in DOT_DTYPE, and each tap's operand is then a shifted window of that tile: a load at a constant
-    offset, with neither masks nor arithmetic. The scratch is written and read by the same program only:
-    barriers order the fill against the taps that read it and against the next fill.
-    """
-    HALO_D: tl.constexpr = BOX_D + (KD - 1) * DLD
-    HALO_H: tl.constexpr = BOX_H + (KH - 1) * DLH
-    HALO_W: tl.constexpr = BOX_W + (KW - 1) * DLW
-    HALO: tl.constexpr = HALO_D * HALO_H * HALO_W
-    HALO_ROWS: tl.constexpr = (HALO + FILL_M - 1) // FILL_M * FILL_M
-    BLOCK_M: tl.constexpr = BOX_D * BOX_H * BOX_W
-    programs = tl.num_programs(0)
-    scratch = scratch_ptr + widen(tl.program_id(1) * programs + tl.program_id(0), INT64) * (
-        HALO_ROWS * BLOCK_K
-    )
-    # row r of a box: output voxel (box origin) + (rd, rh, rw); its halo row at tap (0, 0, 0)
-    r = tl.arange(0, BLOCK_M)
-    rd = r // (BOX_H * BOX_W)
-    rh = (r // BOX_W) % BOX_H
-    rw = r % BOX_W
-    halo_row = (rd * HALO_H + rh) * HALO_W + rw
-    offs_c = tl.arange(0, BLOCK_K)
-    f = tl.arange(0, FILL_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < C_out
-    boxes_h = tl.cdiv(Ho, BOX_H)
-    boxes_w = tl.cdiv(Wo, BOX_W)
-    boxes_per_image = tl.cdiv(Do, BOX_D) * boxes_h * boxes_w
-    for box in range(tl.program_id(0), N * boxes_per_image, programs):
-        n = box // boxes_per_image
-        od0 = (box % boxes_per_image) // (boxes_h * boxes_w) * BOX_D
-        oh0 = (box % (boxes_h * boxes_w)) // boxes_w * BOX_H
-        ow0 = box % boxes_w * BOX_W
-        x_image = x_ptr + widen(n, INT64) * sxn
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, C_in, BLOCK_K):
-            offs_k = k0 + offs_c
-            mask_k = offs_k < C_in
-            scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
-            shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
-            tl.debug_barrier()  # every tap of the previous block has read the scratch
-            for f0 in range(0, HALO_ROWS, FILL_M):
-                hv = f0 + f  # halo voxel (hd, hh, hw), input voxel origin - padding + (hd, hh, hw)
-                i_d = od0 - pdd + hv // (HALO_H * HALO_W)
-                i_h = oh0 - pdh + (hv // HALO_W) % HALO_H
-                i_w = ow0 - pdw + hv % HALO_W
-                valid = (hv < HALO) & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
-                row = widen(i_d, INT64) * sxd + widen(i_h, INT64) * sxh + widen(i_w, INT64) * sxw
-                a_mask = valid[:, None] & mask_k[None, :]
-                a = tl.load(
-                    x_image + row[:, None] + widen(offs_k, INT64)[None, :] * sxc, mask=a_mask, other=0.0
-                )
-                a = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
-                a = tl.where(a_mask, a, 0.0)  # padding is zero *after* BN + ReLU
-                tl.store(
-                    scratch + hv[:, None] * BLOCK_K + offs_c[None, :],
-                    dot_operand(a, DOT_DTYPE, INPUT_PRECISION),
-                )
-            tl.debug_barrier()  # the whole halo is in the scratch
-            for tap in range(taps):
-                kd = tap // (KH * KW)
-                kh = (tap // KW) % KH
-                kw = tap % KW
-                shifted = halo_row + ((kd * DLD * HALO_H + kh * DLH) * HALO_W + kw * DLW)
-                window = tl.load(scratch + shifted[:, None] * BLOCK_K + offs_c[None, :])
-                w_rows = widen(tap * C_in + offs_k, INT64) * C_out
-                w = tl.load(
-                    w_ptr + w_rows[:, None] + offs_n[None, :],
-                    mask=mask_k[:, None] & mask_n[None, :],
-                    other=0.0,
-                )
-                acc = tl.dot(
-                    window, dot_operand(w, DOT_DTYPE, INPUT_PRECISION), acc, input_precision=INPUT_PRECISION
-                )
-        od = od0 + rd
-        oh = oh0 + rh
-        ow = ow0 + rw
-        _store_output(
-            acc, n, od, oh, ow, (od < Do) & (oh < Ho) & (ow < Wo), offs_n, mask_n, bias_ptr, y_ptr,
-            uniform_ptr, drop_p, keep_scale, C_out, Do, Ho, Wo, syn, syc, syd, syh, syw, HAS_BIAS, DROPOUT,
-            INT64,
-        )  # fmt: skip
 
 
 @triton.jit

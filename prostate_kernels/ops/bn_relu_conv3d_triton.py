@@ -2,12 +2,13 @@
 
 Forward: batch statistics (training) -> conv whose loads apply scale/shift + ReLU: at stride 1 the halo
 kernel (each input element normalised once per output box, into a per-program scratch tile that the 27
-taps read), otherwise the direct kernel (normalised at every tap). Backward: weight
-and bias gradients (one kernel), input gradient through conv, ReLU mask and BatchNorm with the
-per-channel reductions in its epilogue (one kernel: per-program partial sums, then one fixed-order sum,
-so that every gradient is the same from run to run), then, in training mode, the batch-statistics term
-(one elementwise kernel). No kernel of forward or backward uses atomics. Saved for backward: the input
-x itself and per-channel vectors, nothing else.
+taps read), otherwise the direct kernel (normalised at every tap). Backward: weight and bias gradients
+(one kernel: halo or direct, as the forward; per-program partial sums added in a fixed order), input
+gradient through conv, ReLU mask and BatchNorm with the per-channel reductions in its epilogue (one
+kernel: per-program partial sums, then one fixed-order sum, so that every gradient is the same from run
+to run), then, in training mode, the batch-statistics term (one elementwise kernel). No kernel of
+forward or backward uses atomics. Saved for backward: the input x itself and per-channel vectors,
+nothing else.
 The op's entry (validation, backend, autocast) is ops/bn_relu_conv3d.py; arguments are checked there.
 """
 
@@ -17,7 +18,9 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import triton.language as tl
 
+from prostate_kernels.ops import bn_relu_conv3d_halo_kernels as halo_kernels
 from prostate_kernels.ops import bn_relu_conv3d_kernels as kernels
 from prostate_kernels.ops.channel_stats import batch_norm_stats, fold_batch_norm_into
 from prostate_kernels.ops.conv_geometry import ConvGeometry
@@ -129,20 +132,38 @@ _HALO_SPILLS = {
     (4, 4, 8, 16, 3, 4, "fp32-ieee", ANY), (2, 8, 8, 16, 3, 4, "fp32-ieee", ANY),  # sm_80, and sm_90a
     (4, 4, 8, 16, 3, 8, "fp32-ieee", True), (2, 8, 8, 16, 3, 8, "fp32-ieee", True),  # sm_80
 }  # fmt: skip
-HALO_FORWARD = True  # stride-1 forwards take the halo kernel; direct_forward() turns it off for a block
+# The halo weight gradient: one tile (BLOCK_CO the launch's), its warps and stages autotuned. Its spills
+# (BLOCK_CO, num_stages, warps, dot path, int64), all with float32 dots (40-420 B, 255 registers): the
+# float32 IEEE launches with int64 offsets spilled at every candidate and take the direct kernel instead.
+HALO_WGRAD_TILE = {"BOX_D": 4, "BOX_H": 4, "BOX_W": 8, "BLOCK_CI": 32, "FILL_M": HALO_FILL_M}
+_HALO_WGRAD_SPILLS = {
+    (16, 3, 8, "fp32-ieee", ANY), (32, 3, 4, "fp32-ieee", ANY),
+    (16, 1, 4, "fp32-tf32", True), (16, 3, 4, "fp32-tf32", True),
+    (64, 1, 4, "fp32-ieee", ANY), (64, 3, 4, "fp32-ieee", ANY),
+    (64, 1, 4, "fp32-tf32", ANY), (64, 3, 4, "fp32-tf32", ANY),
+}  # fmt: skip
+HALO_KERNELS = True  # stride 1 takes the halo forward and weight gradient; direct_kernels() turns it off
 
 
 @contextlib.contextmanager
-def direct_forward() -> Iterator[None]:
-    """Within the block every forward takes bn_relu_conv3d_fwd_kernel, stride 1 included: to compare the
-    two forward kernels (bench, GPU checks, tests)."""
-    global HALO_FORWARD
-    previous, HALO_FORWARD = HALO_FORWARD, False
+def direct_kernels() -> Iterator[None]:
+    """Within the block every forward and weight gradient takes the direct kernel (bn_relu_conv3d_fwd_kernel,
+    bn_relu_conv3d_wgrad_kernel), stride 1 included: to compare the two kinds (bench, GPU checks, tests)."""
+    global HALO_KERNELS
+    previous, HALO_KERNELS = HALO_KERNELS, False
     try:
         yield
     finally:
-        HALO_FORWARD = previous
+        HALO_KERNELS = previous
 
+
+_wgrad_halo = bucketed_autotune(
+    autotune_configs([HALO_WGRAD_TILE], HALO_WARPS_STAGES),
+    key=["C_in", "C_out", "Do", "Ho", "Wo", "KD", "KH", "KW", "DOT_DTYPE", "INPUT_PRECISION", "INT64"],
+    bucketed=("C_in", "Do", "Ho", "Wo"),
+    reset_to_zero=["partial_ptr"],  # each timed run adds into the program's sums
+    prune_configs_by={"early_config_prune": prune_spilling(_HALO_WGRAD_SPILLS, ("BLOCK_CO", "num_stages"))},
+)(halo_kernels.bn_relu_conv3d_wgrad_halo_kernel)
 
 _fwd_halo = bucketed_autotune(
     autotune_configs(HALO_TILES, HALO_WARPS_STAGES),
@@ -153,7 +174,7 @@ _fwd_halo = bucketed_autotune(
             _HALO_SPILLS, ("BOX_D", "BOX_H", "BOX_W", "BLOCK_N", "num_stages")
         )
     },
-)(kernels.bn_relu_conv3d_fwd_halo_kernel)
+)(halo_kernels.bn_relu_conv3d_fwd_halo_kernel)
 
 DGRAD_MIN_BLOCK_M = min(tile["BLOCK_M"] for tile in DGRAD_TILES)  # sizes the input gradient's partial sums
 FINALIZE_BLOCK_M = 64
@@ -205,7 +226,7 @@ def conv_forward(
         raise ValueError(f"conv_forward: dropout draws {uniform.dtype} {tuple(uniform.shape)} must be "
                          f"contiguous float32 shaped like the output {tuple(out.shape)}")  # fmt: skip
 
-    if HALO_FORWARD and geometry.stride == (1, 1, 1):
+    if HALO_KERNELS and geometry.stride == (1, 1, 1):
         _halo_forward(x, w_taps, bias, scale, shift, out, uniform, p, dropout is not None, geometry,
                       (do, ho, wo), dot_dtype, precision, block_n)  # fmt: skip
         return out
@@ -287,6 +308,9 @@ def conv_weight_grad(
     m = n * do * ho * wo
     dot_dtype, precision = dot_setup(compute_dtype)
     block_co = _block_for(c_out)
+    fma_int64 = precision == "ieee" and dot_dtype == tl.float32 and needs_int64(x, gy)  # spilled: above
+    if HALO_KERNELS and geometry.stride == (1, 1, 1) and not fma_int64:
+        return _halo_weight_grad(x, gy, scale, shift, geometry, dot_dtype, precision, block_co, with_bias)
     # Split the voxel reduction so that the grid fills the GPU (each split writes its partial sums).
     tiles = geometry.taps * cdiv(c_in, 64) * cdiv(c_out, block_co)
     splits = max(1, min(cdiv(wgrad_programs_wanted(x.device), tiles), cdiv(m, 256)))
@@ -311,6 +335,40 @@ def conv_weight_grad(
     # one split: its partial sums are the gradient (a view, no reduction kernel)
     grad_bias = (gb[0] if splits == 1 else gb.sum(0)) if with_bias else None
     return (gw[0] if splits == 1 else gw.sum(0)), grad_bias
+
+
+def _halo_weight_grad(x, gy, scale, shift, geometry, dot_dtype, precision, block_co, with_bias):
+    """conv_weight_grad through bn_relu_conv3d_wgrad_halo_kernel (stride 1): a persistent grid of splits x
+    blocks of C_in x blocks of C_out programs (about halo_programs_wanted in all), each summing its boxes'
+    products per tap into its own slice of a zero-filled float32 buffer; the slices are then added in a
+    fixed order and laid out as the weight."""
+    n, c_in = x.shape[:2]
+    c_out, do, ho, wo = gy.shape[1:]
+    tile = HALO_WGRAD_TILE
+    block_ci, taps = tile["BLOCK_CI"], geometry.taps
+    ci_blocks, co_blocks = cdiv(c_in, block_ci), cdiv(c_out, block_co)
+    boxes = n * cdiv(do, tile["BOX_D"]) * cdiv(ho, tile["BOX_H"]) * cdiv(wo, tile["BOX_W"])
+    splits = max(1, min(boxes, cdiv(halo_programs_wanted(x.device), ci_blocks * co_blocks)))
+    programs = (splits, ci_blocks, co_blocks)
+    partial = torch.zeros((*programs, taps, block_ci, block_co), dtype=torch.float32, device=x.device)
+    scratch = torch.empty((*programs, _halo_rows(tile, geometry), block_ci), dtype=torch_dtype(dot_dtype),
+                          device=x.device)  # fmt: skip
+    gb = torch.empty((splits, c_out), dtype=torch.float32, device=x.device) if with_bias else partial
+    halo_kernels_args = (
+        x, gy, scale, shift, partial, gb, scratch, n, c_in, c_out, *x.shape[2:], do, ho, wo, *x.stride(),
+        *gy.stride(), *geometry.padding, taps,
+    )  # fmt: skip
+    _wgrad_halo[programs](
+        *halo_kernels_args, KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2],
+        DLD=geometry.dilation[0], DLH=geometry.dilation[1], DLW=geometry.dilation[2], HAS_BIAS=with_bias,
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+        INT64=needs_int64(x, gy, extra=(partial.numel(), scratch.numel())), BLOCK_CO=block_co,
+    )  # fmt: skip
+    # (ci blocks, co blocks, taps, BLOCK_CI, BLOCK_CO) -> (C_out, C_in, taps): the weight's layout
+    summed = partial.sum(0) if splits > 1 else partial[0]
+    weight_layout = summed.permute(1, 4, 0, 3, 2).reshape(co_blocks * block_co, ci_blocks * block_ci, taps)
+    grad_weight = weight_layout[:c_out, :c_in].reshape(c_out, c_in, *geometry.kernel).contiguous()
+    return grad_weight, ((gb[0] if splits == 1 else gb.sum(0)) if with_bias else None)
 
 
 def wgrad_programs_wanted(device: torch.device) -> int:
