@@ -533,6 +533,27 @@ def test_an_input_gradient_tile_below_the_smallest_candidate_is_refused():
         run(x, params, case, True, "triton")
 
 
+def test_halo_tiles_that_their_buffers_do_not_fit_are_refused():
+    """The halo kernels' scratch (forward) and running sums (weight gradient) are sized on the host for
+    their candidate tiles. A pinned tile with a larger halo, or another weight-gradient tile, would write
+    past them: refused before launch, naming the tile."""
+    from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
+
+    case = Case("pinned", 1, 8, 16, (3, 5, 7))
+    g = torch.Generator().manual_seed(0)
+    x, params = make_input(case, g), make_params(case, g)
+    big = {"BOX_D": 16, "BOX_H": 16, "BOX_W": 16, "BLOCK_K": 32, "FILL_M": 128}  # an 18^3 halo
+    with launchers._fwd_halo.pin(**big), pytest.raises(ValueError, match="halo forward: tile .*BOX_D.: 16"):
+        run(x, params, case, True, "triton")
+    other = {**launchers.HALO_WGRAD_TILE, "BLOCK_CI": 64}
+    with launchers._wgrad_halo.pin(**other), pytest.raises(ValueError, match="other warps and stages only"):
+        run(x, params, case, True, "triton")
+    with launchers._wgrad_halo.pin(**launchers.HALO_WGRAD_TILE, num_warps=8, num_stages=1):  # may change
+        got, gy = run(x, params, case, True, "triton")
+    expected, _ = run(x, params, case, True, "torch", dtype=torch.float64, grad_out=gy)
+    assert max_rel_error(got["grad_weight"], expected["grad_weight"]) < RTOL32
+
+
 def test_deterministic_mode_launches_the_first_candidates_untimed():
     """Under torch.use_deterministic_algorithms(True) the three conv kernels take the first config their
     autotuner's pruning keeps (Triton's own prune_configs, with the spill pruning), never timed, and the

@@ -271,6 +271,9 @@ def _halo_forward(x, w_taps, bias, scale, shift, out, uniform, p, dropout, geome
     scratch = torch.empty((elements,), dtype=torch_dtype(dot_dtype), device=x.device)
 
     def grid(meta):
+        if programs(meta) * _halo_rows(meta, geometry) * meta["BLOCK_K"] * n_blocks > elements:
+            raise ValueError(f"bn_relu_conv3d halo forward: tile {meta} needs more scratch than the largest "
+                             "of HALO_TILES, which sized it")  # fmt: skip
         return (programs(meta), n_blocks)
 
     _fwd_halo[grid](
@@ -345,6 +348,10 @@ def _halo_weight_grad(x, gy, scale, shift, geometry, dot_dtype, precision, block
     n, c_in = x.shape[:2]
     c_out, do, ho, wo = gy.shape[1:]
     tile = HALO_WGRAD_TILE
+    pinned = _wgrad_halo.pinned
+    if pinned is not None and any(pinned.get(key) != value for key, value in tile.items()):
+        raise ValueError(f"bn_relu_conv3d halo weight gradient: its buffers are laid out for {tile}; "
+                         f"pin that tile, with other warps and stages only, not {pinned}")  # fmt: skip
     block_ci, taps = tile["BLOCK_CI"], geometry.taps
     ci_blocks, co_blocks = cdiv(c_in, block_ci), cdiv(c_out, block_co)
     boxes = n * cdiv(do, tile["BOX_D"]) * cdiv(ho, tile["BOX_H"]) * cdiv(wo, tile["BOX_W"])
