@@ -36,6 +36,18 @@ def _box_origin(box, boxes_per_image, boxes_h, boxes_w, BOX_D: tl.constexpr, BOX
 
 
 @triton.jit
+def _box_rows(BOX_D: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr, HALO_H: tl.constexpr,
+              HALO_W: tl.constexpr):  # fmt: skip
+    """(rd, rh, rw, halo_row), each (BOX_D * BOX_H * BOX_W,): row r of a box is output voxel box origin +
+    (rd, rh, rw), and its scratch row at tap (0, 0, 0) is halo_row."""
+    r = tl.arange(0, BOX_D * BOX_H * BOX_W)
+    rd = r // (BOX_H * BOX_W)
+    rh = (r // BOX_W) % BOX_H
+    rw = r % BOX_W
+    return rd, rh, rw, (rd * HALO_H + rh) * HALO_W + rw
+
+
+@triton.jit
 def _fill_halo(
     scratch,  # this program's (HALO_ROWS, BLOCK_K) tile, DOT_DTYPE
     x_image,  # x_ptr + n * sxn: the box's image
@@ -163,12 +175,7 @@ def bn_relu_conv3d_fwd_halo_kernel(
     programs = tl.num_programs(0)
     program = tl.program_id(1) * programs + tl.program_id(0)
     scratch = scratch_ptr + widen(program, INT64) * (HALO_ROWS * BLOCK_K)
-    # row r of a box: output voxel (box origin) + (rd, rh, rw); its scratch row at tap (0, 0, 0)
-    r = tl.arange(0, BLOCK_M)
-    rd = r // (BOX_H * BOX_W)
-    rh = (r // BOX_W) % BOX_H
-    rw = r % BOX_W
-    halo_row = (rd * HALO_H + rh) * HALO_W + rw
+    rd, rh, rw, halo_row = _box_rows(BOX_D, BOX_H, BOX_W, HALO_H, HALO_W)
     channels = tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < C_out
@@ -264,18 +271,13 @@ def bn_relu_conv3d_wgrad_halo_kernel(
     HALO_H: tl.constexpr = BOX_H + (KH - 1) * DLH
     HALO_W: tl.constexpr = BOX_W + (KW - 1) * DLW
     HALO_ROWS: tl.constexpr = (HALO_D * HALO_H * HALO_W + FILL_M - 1) // FILL_M * FILL_M
-    BLOCK_M: tl.constexpr = BOX_D * BOX_H * BOX_W
     programs = tl.num_programs(0)
     ci_block = tl.program_id(1)
     co_block = tl.program_id(2)
     program = (tl.program_id(0) * tl.num_programs(1) + ci_block) * tl.num_programs(2) + co_block
     scratch = scratch_ptr + widen(program, INT64) * (HALO_ROWS * BLOCK_CI)
     sums = partial_ptr + widen(program, INT64) * taps * (BLOCK_CI * BLOCK_CO)
-    r = tl.arange(0, BLOCK_M)
-    rd = r // (BOX_H * BOX_W)
-    rh = (r // BOX_W) % BOX_H
-    rw = r % BOX_W
-    halo_row = (rd * HALO_H + rh) * HALO_W + rw
+    rd, rh, rw, halo_row = _box_rows(BOX_D, BOX_H, BOX_W, HALO_H, HALO_W)
     channels = tl.arange(0, BLOCK_CI)
     offs_ci = ci_block * BLOCK_CI + channels
     offs_co = co_block * BLOCK_CO + tl.arange(0, BLOCK_CO)
