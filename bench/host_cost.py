@@ -109,11 +109,13 @@ def fake_cuda_driver() -> collections.Counter:
             raise RuntimeError("host_cost: no benchmarking behind the fake driver")
 
     driver.set_active(FakeCuda())
-    # the weight gradient splits its reduction to fill an H100's 132 SMs, as on the GPU (a CPU tensor
-    # would get one split, and no reduction over splits)
+    # the weight gradients split their reductions and the halo kernels size their persistent grids to
+    # fill an H100's 132 SMs, as on the GPU (a CPU tensor would get 1 or 4 programs: fewer splits, and
+    # for one split no reduction over splits)
     from prostate_kernels.ops import bn_relu_conv3d_triton
 
     bn_relu_conv3d_triton.wgrad_programs_wanted = lambda device: 4 * 132
+    bn_relu_conv3d_triton.halo_programs_wanted = lambda device: 4 * 132
 
     def autotune(self, *args, **kwargs):
         self.best_config = self.configs[0]

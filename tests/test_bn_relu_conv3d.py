@@ -241,24 +241,47 @@ def test_forward_writes_every_output_element():
     assert max_rel_error(out, expected) < RTOL32
 
 
+def _dgrad_tiles():
+    from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
+
+    return launchers.DGRAD_TILES
+
+
+@pytest.mark.parametrize("tile", _dgrad_tiles(), ids=lambda t: f"{t['BLOCK_M']}x{t['BLOCK_K']}")
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["train", "eval"])
-def test_input_gradient_writes_every_element(batch_stats):
-    from prostate_kernels.ops.bn_relu_conv3d_triton import conv_input_grad
+def test_input_gradient_writes_every_element(batch_stats, tile, monkeypatch):
+    """Every element of grad_input and every row of the per-program partial sums is written, at each
+    candidate tile (the partial sums have a row per program of the smallest tile; a larger tile's
+    program fills its rows, sums in the first, zeros in the rest): both start as NaN. 150 voxels: the
+    last row of the smallest tile is one a 128-voxel program owns alone."""
+    from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
     from prostate_kernels.ops.conv_geometry import conv_geometry
 
+    tuned = launchers._dgrad
+
+    class Spy:  # the partial sums (argument 9) start as NaN
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                args[9].fill_(float("nan"))
+                tuned[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(launchers, "_dgrad", Spy())
     g = torch.Generator().manual_seed(6)
-    x = torch.randn((2, 5, 4, 5, 6), generator=g)
-    gy = torch.randn((2, 16, 4, 5, 6), generator=g)
+    x = torch.randn((1, 5, 5, 5, 6), generator=g)
+    gy = torch.randn((1, 16, 5, 5, 6), generator=g)
     w = torch.randn((16, 5, 3, 3, 3), generator=g)
     mean, rstd = x.mean((0, 2, 3, 4)), x.var((0, 2, 3, 4), unbiased=False).add(1e-5).rsqrt()
     scale, shift = rstd, -mean * rstd
     poisoned = torch.full_like(x, float("nan"))
-    with use_backend("triton"):
-        grad_x, _, _ = conv_input_grad(
+    with use_backend("triton"), tuned.pin(**tile):
+        grad_x, dgamma, dbeta = launchers.conv_input_grad(
             x, gy, w, scale, shift, mean, rstd, conv_geometry((3, 3, 3), 1, 1, 1), torch.float32, batch_stats,
             grad_input=poisoned,
         )  # fmt: skip
     assert grad_x.data_ptr() == poisoned.data_ptr() and not grad_x.isnan().any()
+    assert not dgamma.isnan().any() and not dbeta.isnan().any()
 
 
 # ---------------------------------------------------------------------------------------- module
@@ -454,6 +477,43 @@ def test_weight_gradient_in_several_splits(case, monkeypatch):
         if key in expected:
             err = max_rel_error(got[key], expected[key])
             assert err < RTOL32, f"{key}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("programs_wanted,splits", [(1, 1), (100, 16)])
+def test_halo_weight_gradient_in_splits(programs_wanted, splits, monkeypatch):
+    """The halo weight gradient's persistent grid in one split and in as many splits as boxes: each
+    split's first box writes its sums (the buffer, NaN here, is never zeroed), and the launcher's sum
+    over the splits comes out in the weight's layout (contiguous, as autograd stores it). C_in 40 (a
+    full and a partial block of 32) and C_out 18 (one padded block of 32) leave padding in the sums'
+    plane. Weight and bias gradients against float64."""
+    from prostate_kernels.ops import bn_relu_conv3d_triton
+
+    monkeypatch.setattr(bn_relu_conv3d_triton, "halo_programs_wanted", lambda device: programs_wanted)
+    tuned, grids = bn_relu_conv3d_triton._wgrad_halo, []
+
+    class Spy:  # records each halo weight-gradient launch's grid; the sums (argument 4) start as NaN
+        pinned = None
+
+        def __getitem__(self, grid):
+            grids.append(grid)
+
+            def launch(*args, **kwargs):
+                args[4].fill_(float("nan"))  # an element the kernel failed to write would stay NaN
+                tuned[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(bn_relu_conv3d_triton, "_wgrad_halo", Spy())
+    case = Case("c40-c18-bias", 2, 40, 18, (5, 6, 9), bias=True)  # 2 x 2 x 2 x 2 = 16 boxes of 4x4x8
+    g = torch.Generator().manual_seed(4)
+    x, params = make_input(case, g), make_params(case, g)
+    got, gy = run(x, params, case, True, "triton")
+    assert grids == [(splits, 2, 1)], grids
+    expected, _ = run(x, params, case, True, "torch", dtype=torch.float64, grad_out=gy)
+    assert got["grad_weight"].is_contiguous()
+    for key in ("grad_weight", "grad_bias", "grad_x"):
+        err = max_rel_error(got[key], expected[key])
+        assert err < RTOL32, f"{key}: relative error {err:.2e}"
 
 
 class _LaunchLog:

@@ -216,9 +216,9 @@ def bn_relu_conv3d_wgrad_halo_kernel(
     gy_ptr,  # (N, C_out, Do, Ho, Wo), strides sg*
     scale_ptr,  # (C_in,) float32
     shift_ptr,  # (C_in,) float32
-    partial_ptr,  # (programs, ci_blocks, co_blocks, taps, BLOCK_CI, BLOCK_CO) float32, zero-filled: each
-    # program's own sums over its boxes, per tap (the launcher sums the programs in a fixed order)
-    gb_ptr,  # (programs, C_out) float32: each program's sum of gy over its boxes (HAS_BIAS)
+    sums_ptr,  # (splits, taps, ci blocks * BLOCK_CI, co blocks * BLOCK_CO) float32, uninitialised: each
+    # split's sums over its boxes, per tap (the launcher adds the splits in a fixed order)
+    gb_ptr,  # (splits, C_out) float32: each split's sum of gy over its boxes (HAS_BIAS)
     scratch_ptr,  # (programs, ci_blocks, co_blocks, HALO_ROWS, BLOCK_CI) DOT_DTYPE: halo tiles
     N,
     C_in,
@@ -260,13 +260,18 @@ def bn_relu_conv3d_wgrad_halo_kernel(
     BLOCK_CO: tl.constexpr,
     FILL_M: tl.constexpr,
 ):
-    """Weight gradient at stride 1: partial[p, ci block, co block, tap] = sum over program p's boxes of
-    a_tap^T @ gy (BLOCK_CI x BLOCK_CO); grid (programs, ci blocks, co blocks).
+    """Weight gradient at stride 1: sums[split, tap, ci, co] = sum over the split's boxes of a_tap^T @ gy;
+    grid (splits, ci blocks, co blocks), one (BLOCK_CI x BLOCK_CO) tile of channels per program.
 
     Per box the halo of its BLOCK_CI channels is normalised once and gy's (box voxels x BLOCK_CO) tile is
     loaded once; each tap then adds its window's product to that tap's running sum, which lives in the
-    program's slice of partial_ptr (27 accumulators do not fit in registers): a load, a dot and a store
-    per tap, ordered across boxes by the fill's barriers."""
+    program's tile of sums_ptr (27 accumulators do not fit in registers): a load, a dot and a store per
+    tap, ordered across boxes by the fill's barriers. The first box loads no sums (masked: zeros), so the
+    buffer needs no zero fill; every split has a box (the launcher's splits <= boxes), so every element
+    is written. A program's tile is (BLOCK_CI, BLOCK_CO) of the padded (C_in, C_out) plane of its split
+    and tap: the launcher's sum over splits of the permuted buffer comes out in the weight's layout.
+    (Zeroing the sums in a prologue, or copying them into the weight's layout after the last box, made
+    ptxas spill 4-16 B at 4 and 17 of the kernel's 162 variants.)"""
     HALO_D: tl.constexpr = BOX_D + (KD - 1) * DLD
     HALO_H: tl.constexpr = BOX_H + (KH - 1) * DLH
     HALO_W: tl.constexpr = BOX_W + (KW - 1) * DLW
@@ -276,15 +281,16 @@ def bn_relu_conv3d_wgrad_halo_kernel(
     co_block = tl.program_id(2)
     program = (tl.program_id(0) * tl.num_programs(1) + ci_block) * tl.num_programs(2) + co_block
     scratch = scratch_ptr + widen(program, INT64) * (HALO_ROWS * BLOCK_CI)
-    sums = partial_ptr + widen(program, INT64) * taps * (BLOCK_CI * BLOCK_CO)
+    co_pad = tl.num_programs(2) * BLOCK_CO
+    plane = tl.num_programs(1) * BLOCK_CI * co_pad  # a split's (C_in, C_out) sums of one tap, padded
+    sums = sums_ptr + widen(tl.program_id(0), INT64) * taps * plane + ci_block * BLOCK_CI * co_pad
+    sums += co_block * BLOCK_CO
     rd, rh, rw, halo_row = _box_rows(BOX_D, BOX_H, BOX_W, HALO_H, HALO_W)
     channels = tl.arange(0, BLOCK_CI)
     offs_ci = ci_block * BLOCK_CI + channels
     offs_co = co_block * BLOCK_CO + tl.arange(0, BLOCK_CO)
     mask_co = offs_co < C_out
-    tile = (
-        channels[:, None] * BLOCK_CO + tl.arange(0, BLOCK_CO)[None, :]
-    )  # a tap's sums, (BLOCK_CI, BLOCK_CO)
+    tile = channels[:, None] * co_pad + tl.arange(0, BLOCK_CO)[None, :]  # a tap's sums, (BLOCK_CI, BLOCK_CO)
     g_sum = tl.zeros((BLOCK_CO,), dtype=tl.float32)
     boxes_h = tl.cdiv(Ho, BOX_H)
     boxes_w = tl.cdiv(Wo, BOX_W)
@@ -308,9 +314,9 @@ def bn_relu_conv3d_wgrad_halo_kernel(
         for tap in range(taps):
             rows = _window_rows(tap, halo_row, KH, KW, DLD, DLH, DLW, HALO_H, HALO_W)
             window = tl.load(scratch + rows[:, None] * BLOCK_CI + channels[None, :])
-            acc = tl.load(sums + tap * (BLOCK_CI * BLOCK_CO) + tile)
+            acc = tl.load(sums + tap * plane + tile, mask=box != tl.program_id(0), other=0.0)  # 0: first box
             acc = tl.dot(tl.trans(window), g, acc, input_precision=INPUT_PRECISION)
-            tl.store(sums + tap * (BLOCK_CI * BLOCK_CO) + tile, acc)
+            tl.store(sums + tap * plane + tile, acc)
     if HAS_BIAS:
         if ci_block == 0:  # one program per (split, block of C_out) stores its bias sums
             tl.store(gb_ptr + tl.program_id(0) * C_out + offs_co, g_sum, mask=mask_co)

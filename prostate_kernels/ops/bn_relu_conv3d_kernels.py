@@ -160,11 +160,14 @@ def bn_relu_conv3d_dgrad_kernel(
     rstd_ptr,  # (C_in,) float32
     gz_ptr,  # (M, C_in) float32 scratch: gradient w.r.t. s * x + t (STORE_GZ)
     gx_ptr,  # (N, C_in, D, H, W), strides sd*: grad of x (when not STORE_GZ)
-    partial_ptr,  # float32 (2, >= programs along M, C_in) with strides (p_plane, p_row, 1): program m's
-    # sums over its BLOCK_M voxels of gz (plane 0) and gz * xhat (plane 1) in row m (no atomics: the
-    # launcher sums the rows in a fixed order, so the gradients are the same from run to run)
+    partial_ptr,  # float32 (2, p_rows, C_in) with strides (p_plane, p_row, 1), p_rows = cdiv(M, PARTIAL_M):
+    # program m's sums over its BLOCK_M voxels of gz (plane 0) and gz * xhat (plane 1) in row
+    # m * BLOCK_M // PARTIAL_M, zeros in its other rows (no atomics: the launcher sums the rows in a fixed
+    # order, so the gradients are the same from run to run; every config writes every row, so the
+    # buffer needs no zero fill)
     p_plane,
     p_row,
+    p_rows,
     M,  # N * D * H * W (input voxels)
     C_in,
     C_out,
@@ -209,6 +212,7 @@ def bn_relu_conv3d_dgrad_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,  # block of C_in (the output of this GEMM)
     BLOCK_K: tl.constexpr,  # block of C_out (the reduction)
+    PARTIAL_M: tl.constexpr,  # the smallest candidate BLOCK_M: voxels per row of the partial sums
 ):
     offs_m = block_offsets(tl.program_id(0), BLOCK_M)
     mask_m = offs_m < M
@@ -265,9 +269,15 @@ def bn_relu_conv3d_dgrad_kernel(
     mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0)
     rstd = tl.load(rstd_ptr + offs_n, mask=mask_n, other=0.0)
     xhat = (x - mean[None, :]) * rstd[None, :]
-    partial = partial_ptr + widen(tl.program_id(0), INT64) * p_row + offs_n
+    ROWS: tl.constexpr = BLOCK_M // PARTIAL_M  # rows of the partial sums this program owns
+    row = tl.program_id(0) * ROWS
+    partial = partial_ptr + widen(row, INT64) * p_row + offs_n
     tl.store(partial, tl.sum(gz, axis=0), mask=mask_n)
     tl.store(partial + p_plane, tl.sum(gz * xhat, axis=0), mask=mask_n)
+    for r in tl.static_range(1, ROWS):  # the rows a PARTIAL_M tile's programs would fill: zeros
+        zeros = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        tl.store(partial + r * p_row, zeros, mask=mask_n & (row + r < p_rows))
+        tl.store(partial + p_plane + r * p_row, zeros, mask=mask_n & (row + r < p_rows))
     if STORE_GZ:
         tl.store(gz_ptr + widen(offs_m, INT64)[:, None] * C_in + offs_n[None, :], gz, mask=mask)
     else:

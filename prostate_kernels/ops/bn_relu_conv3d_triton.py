@@ -53,6 +53,7 @@ _FWD_SPILLS = {
 _DGRAD_SPILLS = {
     (128, 64, 16, 4, ANY, ANY), (128, 64, 16, 8, ANY, ANY), (64, 64, 16, 4, ANY, ANY),
     (128, 32, 32, 4, ANY, ANY), (128, 64, 32, 4, ANY, ANY), (128, 64, 32, 8, ANY, ANY),
+    (128, 32, 16, 8, "fp32-ieee", ANY),  # 4 B on sm_90a since the zero rows of the partial sums (2026-11-28)
 }  # fmt: skip
 # (BLOCK_M, BLOCK_CI, BLOCK_CO, warps, dot path, int64). At the dense layers' C_out = 16 the weight
 # gradient's tensor-core dot is (BLOCK_CI x BLOCK_M) @ (BLOCK_M x 16): sm_90a's wgmma needs BLOCK_CI >= 64
@@ -100,7 +101,6 @@ _dgrad = bucketed_autotune(
     autotune_configs(DGRAD_TILES, WARPS_STAGES),
     key=["C_in", "C_out", "M", "KD", "KH", "KW", "DOT_DTYPE", "INPUT_PRECISION", "STORE_GZ", "INT64"],
     bucketed=("C_in", "M"),
-    reset_to_zero=["partial_ptr"],  # rows past a config's programs stay 0 for the sum
     restore_value=["gx_ptr"],
     prune_configs_by={"early_config_prune": prune_spilling(_DGRAD_SPILLS, ("BLOCK_M", "BLOCK_N", "BLOCK_K"))},
 )(kernels.bn_relu_conv3d_dgrad_kernel)
@@ -161,7 +161,6 @@ _wgrad_halo = bucketed_autotune(
     autotune_configs([HALO_WGRAD_TILE], HALO_WARPS_STAGES),
     key=["C_in", "C_out", "Do", "Ho", "Wo", "KD", "KH", "KW", "DOT_DTYPE", "INPUT_PRECISION", "INT64"],
     bucketed=("C_in", "Do", "Ho", "Wo"),
-    reset_to_zero=["partial_ptr"],  # each timed run adds into the program's sums
     prune_configs_by={"early_config_prune": prune_spilling(_HALO_WGRAD_SPILLS, ("BLOCK_CO", "num_stages"))},
 )(halo_kernels.bn_relu_conv3d_wgrad_halo_kernel)
 
@@ -343,8 +342,8 @@ def conv_weight_grad(
 def _halo_weight_grad(x, gy, scale, shift, geometry, dot_dtype, precision, block_co, with_bias):
     """conv_weight_grad through bn_relu_conv3d_wgrad_halo_kernel (stride 1): a persistent grid of splits x
     blocks of C_in x blocks of C_out programs (about halo_programs_wanted in all), each summing its boxes'
-    products per tap into its own slice of a zero-filled float32 buffer; the slices are then added in a
-    fixed order and laid out as the weight."""
+    products per tap into its split's (taps, C_in, C_out) sums (no zero fill); the splits are then added
+    in a fixed order and the sum copied into the weight's layout."""
     n, c_in = x.shape[:2]
     c_out, do, ho, wo = gy.shape[1:]
     tile = HALO_WGRAD_TILE
@@ -354,27 +353,31 @@ def _halo_weight_grad(x, gy, scale, shift, geometry, dot_dtype, precision, block
                          f"pin that tile, with other warps and stages only, not {pinned}")  # fmt: skip
     block_ci, taps = tile["BLOCK_CI"], geometry.taps
     ci_blocks, co_blocks = cdiv(c_in, block_ci), cdiv(c_out, block_co)
+    if taps * ci_blocks * block_ci * co_blocks * block_co >= 2**31:  # the kernel's per-split offsets: int32
+        raise ValueError(f"bn_relu_conv3d: a weight of {taps} taps x {c_in} x {c_out} channels is beyond the "
+                         "halo weight gradient's int32 offsets within one split")  # fmt: skip
     boxes = n * cdiv(do, tile["BOX_D"]) * cdiv(ho, tile["BOX_H"]) * cdiv(wo, tile["BOX_W"])
+    # splits <= boxes: every program has a first box, which writes its sums (the buffer is not zeroed)
     splits = max(1, min(boxes, cdiv(halo_programs_wanted(x.device), ci_blocks * co_blocks)))
     programs = (splits, ci_blocks, co_blocks)
-    partial = torch.zeros((*programs, taps, block_ci, block_co), dtype=torch.float32, device=x.device)
+    sums = torch.empty((splits, taps, ci_blocks * block_ci, co_blocks * block_co), dtype=torch.float32,
+                       device=x.device)  # fmt: skip
     scratch = torch.empty((*programs, _halo_rows(tile, geometry), block_ci), dtype=torch_dtype(dot_dtype),
                           device=x.device)  # fmt: skip
-    gb = torch.empty((splits, c_out), dtype=torch.float32, device=x.device) if with_bias else partial
-    halo_kernels_args = (
-        x, gy, scale, shift, partial, gb, scratch, n, c_in, c_out, *x.shape[2:], do, ho, wo, *x.stride(),
-        *gy.stride(), *geometry.padding, taps,
-    )  # fmt: skip
+    gb = torch.empty((splits, c_out), dtype=torch.float32, device=x.device) if with_bias else sums
     _wgrad_halo[programs](
-        *halo_kernels_args, KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2],
-        DLD=geometry.dilation[0], DLH=geometry.dilation[1], DLW=geometry.dilation[2], HAS_BIAS=with_bias,
-        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
-        INT64=needs_int64(x, gy, extra=(partial.numel(), scratch.numel())), BLOCK_CO=block_co,
+        x, gy, scale, shift, sums, gb, scratch, n, c_in, c_out, *x.shape[2:], do, ho, wo, *x.stride(),
+        *gy.stride(), *geometry.padding, taps,
+        KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], DLD=geometry.dilation[0],
+        DLH=geometry.dilation[1], DLW=geometry.dilation[2], HAS_BIAS=with_bias, DOT_DTYPE=dot_dtype,
+        INPUT_PRECISION=precision, INT64=needs_int64(x, gy, extra=(sums.numel(), scratch.numel())),
+        BLOCK_CO=block_co,
     )  # fmt: skip
-    # (ci blocks, co blocks, taps, BLOCK_CI, BLOCK_CO) -> (C_out, C_in, taps): the weight's layout
-    summed = partial.sum(0) if splits > 1 else partial[0]
-    weight_layout = summed.permute(1, 4, 0, 3, 2).reshape(co_blocks * block_co, ci_blocks * block_ci, taps)
-    grad_weight = weight_layout[:c_out, :c_in].reshape(c_out, c_in, *geometry.kernel).contiguous()
+    # the sum over splits reads the buffer in its own order (a sum of the permuted buffer, straight into the
+    # weight's layout, cost the CPU 1.6 ms per layer of Tiramisu 3D p3a: bench/host_cost.py --model), then
+    # one copy lays the (taps, C_in, C_out) sum out as the weight (C_out, C_in, taps)
+    summed = sums[0] if splits == 1 else sums.sum(0)
+    grad_weight = summed.permute(2, 1, 0)[:c_out, :c_in].contiguous().view(c_out, c_in, *geometry.kernel)
     return grad_weight, ((gb[0] if splits == 1 else gb.sum(0)) if with_bias else None)
 
 
@@ -411,8 +414,9 @@ def conv_input_grad(
     m = n * d * h * w
     if grad_input is None:
         grad_input = torch.empty_like(x, memory_format=torch.preserve_format)
-    # (sum of gz, sum of gz * xhat) per program along M: rows for the smallest tile, the unused ones 0
-    partials = torch.zeros((2, cdiv(m, DGRAD_MIN_BLOCK_M), c_in), dtype=torch.float32, device=x.device)
+    # (sum of gz, sum of gz * xhat) per DGRAD_MIN_BLOCK_M voxels: every row written by the kernel (a larger
+    # tile's program fills the rows of its voxels' smaller-tile programs, one with its sums, the rest 0)
+    partials = torch.empty((2, cdiv(m, DGRAD_MIN_BLOCK_M), c_in), dtype=torch.float32, device=x.device)
     chunk = c_in
     if batch_stats and m * c_in * 4 > SCRATCH_BYTES:
         chunk = max(64, SCRATCH_BYTES // (m * 4) // 64 * 64)
@@ -460,10 +464,11 @@ def _input_grad_block(
 
     _dgrad[grid](
         gy, w_taps, x, scale, shift, mean, rstd, gz, grad_input, partials, partials.stride(0),
-        partials.stride(1), m, c_in, c_out, d, h, w, do, ho, wo, *gy.stride(), *x.stride(),
+        partials.stride(1), partials.shape[1], m, c_in, c_out, d, h, w, do, ho, wo, *gy.stride(), *x.stride(),
         *grad_input.stride(), *conv_args(geometry), KD=geometry.kernel[0], KH=geometry.kernel[1],
         KW=geometry.kernel[2], STORE_GZ=batch_stats, ACCUMULATE=accumulate,
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=int64, BLOCK_N=block_n,
+        PARTIAL_M=DGRAD_MIN_BLOCK_M,
     )  # fmt: skip
     # fixed-order reductions over the programs' rows: the same result on every run
     sum_gz, sum_gz_xhat = partials[0].sum(0), partials[1].sum(0)
