@@ -7,8 +7,8 @@ Per shape (batch 2, growth 16, bf16, channels-last), per kernel:
 - forward: ours = conv(relu(x * s + t)) in one kernel, the halo kernel (stride 1's default) and the
   direct one; cuDNN = conv3d of the activation a, already computed (the BN and ReLU pass not counted:
   cuDNN's best case);
-- input gradient: ours = the training-mode dgrad kernel plus its BatchNorm finalize; cuDNN = the conv's
-  input gradient alone (aten.convolution_backward);
+- input gradient: ours = the training-mode input-gradient kernel, halo (stride 1's default) and direct,
+  plus its BatchNorm finalize; cuDNN = the conv's input gradient alone (aten.convolution_backward);
 - weight gradient: ours = the weight-gradient kernel, halo (stride 1's default) and direct (partial sums
   over the voxel splits, and their sum); cuDNN = the conv's weight gradient of a.
 Every tile x (num_warps, num_stages) of the launchers' lists is pinned (BucketedAutotuner.pin), the
@@ -72,6 +72,9 @@ def _kernels(x, fold, a, weight, gy, dtype):
     def weight_grad():
         return launchers.conv_weight_grad(x, gy, scale, shift, geometry, dtype, False)
 
+    def input_grad():
+        return launchers.conv_input_grad(x, gy, weight, scale, shift, mean, rstd, geometry, dtype, True)
+
     def direct(call):  # the same call through the direct kernels (stride 1's defaults are the halo ones)
         def run():
             with launchers.direct_kernels():
@@ -84,8 +87,9 @@ def _kernels(x, fold, a, weight, gy, dtype):
     return [
         ("forward (halo)", launchers._fwd_halo, launchers.HALO_TILES, halo, forward, forward_cudnn),
         ("forward (direct)", launchers._fwd, launchers.FWD_TILES, plain, direct(forward), forward_cudnn),
-        ("input grad", launchers._dgrad, launchers.DGRAD_TILES, plain,
-         lambda: launchers.conv_input_grad(x, gy, weight, scale, shift, mean, rstd, geometry, dtype, True),
+        ("input grad (halo)", launchers._dgrad_halo, [launchers.HALO_DGRAD_TILE], halo, input_grad,
+         cudnn_grad([True, False, False])),
+        ("input grad (direct)", launchers._dgrad, launchers.DGRAD_TILES, plain, direct(input_grad),
          cudnn_grad([True, False, False])),
         ("weight grad (halo)", launchers._wgrad_halo, [launchers.HALO_WGRAD_TILE], halo, weight_grad,
          cudnn_grad([False, True, False])),

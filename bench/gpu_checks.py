@@ -231,7 +231,9 @@ def check_bn_relu_conv3d_tiles(device: str = "cuda", layer=P3A_LAYER) -> list[di
     plain, halo_ws = launchers.WARPS_STAGES, launchers.HALO_WARPS_STAGES
     kernels = (("forward (halo)", "y", launchers._fwd_halo, launchers.HALO_TILES, halo_ws, halo),
                ("forward (direct)", "y", launchers._fwd, launchers.FWD_TILES, plain, direct),
-               ("input grad", "grad_x", launchers._dgrad, launchers.DGRAD_TILES, plain, halo),
+               ("input grad (halo)", "grad_x", launchers._dgrad_halo, [launchers.HALO_DGRAD_TILE], halo_ws,
+                halo),
+               ("input grad (direct)", "grad_x", launchers._dgrad, launchers.DGRAD_TILES, plain, direct),
                ("weight grad (halo)", "grad_weight", launchers._wgrad_halo, [launchers.HALO_WGRAD_TILE],
                 halo_ws, halo),
                ("weight grad (direct)", "grad_weight", launchers._wgrad, launchers.WGRAD_TILES, plain,

@@ -241,25 +241,32 @@ def test_forward_writes_every_output_element():
     assert max_rel_error(out, expected) < RTOL32
 
 
-def _dgrad_tiles():
+def _input_grad_tiles():
+    """(kernel, tile): the direct input gradient's candidate tiles and the halo one's."""
     from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
 
-    return launchers.DGRAD_TILES
+    return [("_dgrad", t) for t in launchers.DGRAD_TILES] + [("_dgrad_halo", launchers.HALO_DGRAD_TILE)]
 
 
-@pytest.mark.parametrize("tile", _dgrad_tiles(), ids=lambda t: f"{t['BLOCK_M']}x{t['BLOCK_K']}")
+@pytest.mark.parametrize("kernel,tile", _input_grad_tiles(), ids=lambda v: "-".join(map(str, v.values()))
+                         if isinstance(v, dict) else v)  # fmt: skip
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["train", "eval"])
-def test_input_gradient_writes_every_element(batch_stats, tile, monkeypatch):
-    """Every element of grad_input and every row of the per-program partial sums is written, at each
-    candidate tile (the partial sums have a row per program of the smallest tile; a larger tile's
-    program fills its rows, sums in the first, zeros in the rest): both start as NaN. 150 voxels: the
-    last row of the smallest tile is one a 128-voxel program owns alone."""
+def test_input_gradient_writes_every_element(batch_stats, kernel, tile, monkeypatch):
+    """Every element of grad_input and every row of the partial sums is written, at each candidate tile
+    of the direct kernel (a row per program of its smallest tile; a larger tile's program fills its rows,
+    sums in the first, zeros in the rest) and by the halo kernel (a row per box): both start as NaN.
+    150 voxels: the last row of the smallest direct tile is one a 128-voxel program owns alone; the halo
+    kernel's 4x4x8 boxes cover the 5x5x6 volume with 4 boxes, 3 of them partial."""
+    import contextlib
+
     from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
     from prostate_kernels.ops.conv_geometry import conv_geometry
 
-    tuned = launchers._dgrad
+    tuned = getattr(launchers, kernel)
 
-    class Spy:  # the partial sums (argument 9) start as NaN
+    class Spy:  # the partial sums (argument 9 of both kernels) start as NaN
+        pinned = None
+
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 args[9].fill_(float("nan"))
@@ -267,7 +274,7 @@ def test_input_gradient_writes_every_element(batch_stats, tile, monkeypatch):
 
             return launch
 
-    monkeypatch.setattr(launchers, "_dgrad", Spy())
+    monkeypatch.setattr(launchers, kernel, Spy())
     g = torch.Generator().manual_seed(6)
     x = torch.randn((1, 5, 5, 5, 6), generator=g)
     gy = torch.randn((1, 16, 5, 5, 6), generator=g)
@@ -275,7 +282,8 @@ def test_input_gradient_writes_every_element(batch_stats, tile, monkeypatch):
     mean, rstd = x.mean((0, 2, 3, 4)), x.var((0, 2, 3, 4), unbiased=False).add(1e-5).rsqrt()
     scale, shift = rstd, -mean * rstd
     poisoned = torch.full_like(x, float("nan"))
-    with use_backend("triton"), tuned.pin(**tile):
+    direct = launchers.direct_kernels() if kernel == "_dgrad" else contextlib.nullcontext()
+    with use_backend("triton"), tuned.pin(**tile), direct:
         grad_x, dgamma, dbeta = launchers.conv_input_grad(
             x, gy, w, scale, shift, mean, rstd, conv_geometry((3, 3, 3), 1, 1, 1), torch.float32, batch_stats,
             grad_input=poisoned,
@@ -531,11 +539,12 @@ class _LaunchLog:
 
 
 def _gpu_tiles():
-    """(direct forward, halo forward, input-gradient, weight-gradient) tiles covering each list of a GPU's
-    candidates."""
+    """(forward: direct, halo; input gradient: direct, halo; weight gradient: direct, halo) tiles covering
+    each list of a GPU's candidates."""
     from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
 
-    lists = (launchers.FWD_TILES, launchers.HALO_TILES, launchers.DGRAD_TILES, launchers.WGRAD_TILES)
+    lists = (launchers.FWD_TILES, launchers.HALO_TILES, launchers.DGRAD_TILES, [launchers.HALO_DGRAD_TILE],
+             launchers.WGRAD_TILES, [launchers.HALO_WGRAD_TILE])  # fmt: skip
     return [tuple(tiles[i % len(tiles)] for tiles in lists) for i in range(max(map(len, lists)))]
 
 
@@ -544,14 +553,15 @@ def test_every_autotune_tile_matches_float64_reference(tiles, monkeypatch):
     """Each tile a GPU's autotuner may choose (the 64- and 128-channel weight-gradient tiles included: the
     wgmma ones at C_out 16), pinned (BucketedAutotuner.pin), computes the output and every gradient, at
     C_in = 70 (a partial block of 64 and of 128 channels, two of 32 and a partial third) and odd sizes,
-    in the weight-gradient's several splits. Stride 1 takes the halo forward and weight gradient; the
-    direct ones run the same step under direct_kernels()."""
+    in the weight-gradient's several splits. Stride 1 takes the halo kernels; the direct ones run the same
+    step under direct_kernels()."""
     import contextlib
 
     from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
 
     monkeypatch.setattr(launchers, "wgrad_programs_wanted", lambda device: 10_000)
-    tuned = (launchers._fwd, launchers._fwd_halo, launchers._dgrad, launchers._wgrad)
+    tuned = (launchers._fwd, launchers._fwd_halo, launchers._dgrad, launchers._dgrad_halo, launchers._wgrad,
+             launchers._wgrad_halo)  # fmt: skip
     logs = [_LaunchLog(t.tuner.fn) for t in tuned]
     for t, log in zip(tuned, logs, strict=True):
         monkeypatch.setattr(t.tuner, "fn", log)
@@ -573,7 +583,7 @@ def test_every_autotune_tile_matches_float64_reference(tiles, monkeypatch):
         assert err < RTOL32, f"direct kernels, {key}: relative error {err:.2e}"
     for log, tile in zip(logs, tiles, strict=True):
         assert log.calls and all(call.items() >= tile.items() for call in log.calls), (tile, log.calls)
-    assert [len(log.calls) for log in logs] == [1, 1, 2, 1]  # the input gradient runs in both
+    assert [len(log.calls) for log in logs] == [1] * 6
 
 
 def test_an_input_gradient_tile_below_the_smallest_candidate_is_refused():
@@ -587,6 +597,7 @@ def test_an_input_gradient_tile_below_the_smallest_candidate_is_refused():
     x, params = make_input(case, g), make_params(case, g)
     below = launchers.DGRAD_MIN_BLOCK_M // 2
     with (
+        launchers.direct_kernels(),  # stride 1 takes the halo input gradient otherwise
         launchers._dgrad.pin(BLOCK_M=below, BLOCK_K=16),
         pytest.raises(ValueError, match=f"BLOCK_M {below} "),
     ):
@@ -594,9 +605,10 @@ def test_an_input_gradient_tile_below_the_smallest_candidate_is_refused():
 
 
 def test_halo_tiles_that_their_buffers_do_not_fit_are_refused():
-    """The halo kernels' scratch (forward) and running sums (weight gradient) are sized on the host for
-    their candidate tiles. A pinned tile with a larger halo, or another weight-gradient tile, would write
-    past them: refused before launch, naming the tile."""
+    """The halo kernels' scratch (forward), running sums (weight gradient) and per-box partial sums (input
+    gradient) are sized on the host for their candidate tiles. A pinned tile with a larger halo, or
+    another weight- or input-gradient tile, would write past them: refused before launch, naming the
+    tile."""
     from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
 
     case = Case("pinned", 1, 8, 16, (3, 5, 7))
@@ -607,6 +619,9 @@ def test_halo_tiles_that_their_buffers_do_not_fit_are_refused():
         run(x, params, case, True, "triton")
     other = {**launchers.HALO_WGRAD_TILE, "BLOCK_CI": 64}
     with launchers._wgrad_halo.pin(**other), pytest.raises(ValueError, match="other warps and stages only"):
+        run(x, params, case, True, "triton")
+    other = {**launchers.HALO_DGRAD_TILE, "BOX_D": 2, "BOX_H": 8}
+    with launchers._dgrad_halo.pin(**other), pytest.raises(ValueError, match="other warps and stages only"):
         run(x, params, case, True, "triton")
     with launchers._wgrad_halo.pin(**launchers.HALO_WGRAD_TILE, num_warps=8, num_stages=1):  # may change
         got, gy = run(x, params, case, True, "triton")
@@ -624,7 +639,7 @@ def test_deterministic_mode_launches_the_first_candidates_untimed():
     case = Case("deterministic", 2, 10, 16, (3, 4, 5))
     g = torch.Generator().manual_seed(3)
     x, params = make_input(case, g), make_params(case, g)
-    tuned = (launchers._fwd_halo, launchers._dgrad, launchers._wgrad_halo)
+    tuned = (launchers._fwd_halo, launchers._dgrad_halo, launchers._wgrad_halo)
     before = [dict(t.chosen) for t in tuned]
     with deterministic_mode(True):
         got, gy = run(x, params, case, True, "triton")

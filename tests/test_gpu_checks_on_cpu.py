@@ -21,15 +21,19 @@ def test_every_pinned_tile_passes_the_gpu_check_on_a_tiny_layer():
 
     rows = gpu_checks.check_bn_relu_conv3d_tiles("cpu", layer=(1, 20, 16, (2, 3, 4), 1, 1, 1, False, True))
     tiles = len(launchers.FWD_TILES) + len(launchers.DGRAD_TILES) + len(launchers.WGRAD_TILES)
-    halo = (len(launchers.HALO_TILES) + 1) * len(launchers.HALO_WARPS_STAGES)  # + the weight gradient's
+    halo = (len(launchers.HALO_TILES) + 2) * len(launchers.HALO_WARPS_STAGES)  # + both gradients' tiles
     assert len(rows) == tiles * len(launchers.WARPS_STAGES) + halo
-    assert sum(" forward (halo) tile " in r["check"] for r in rows) == halo - len(launchers.HALO_WARPS_STAGES)
+    halo_forward = len(launchers.HALO_TILES) * len(launchers.HALO_WARPS_STAGES)
+    assert sum(" forward (halo) tile " in r["check"] for r in rows) == halo_forward
     assert all(r["result"] == "PASS" for r in rows), [r for r in rows if r["result"] != "PASS"]
     wgrad = [r for r in rows if " weight grad (direct) tile " in r["check"]]
     assert len(wgrad) == len(launchers.WGRAD_TILES) * len(launchers.WARPS_STAGES)
     wgrad_halo = [r for r in rows if " weight grad (halo) tile " in r["check"]]
     assert len(wgrad_halo) == len(launchers.HALO_WARPS_STAGES)
     assert all("grad_weight:" in r["detail"] for r in wgrad + wgrad_halo)
+    dgrad_halo = [r for r in rows if " input grad (halo) tile " in r["check"]]
+    assert len(dgrad_halo) == len(launchers.HALO_WARPS_STAGES)
+    assert all("grad_x:" in r["detail"] for r in dgrad_halo)
 
 
 def test_the_tile_timings_run_every_tile_and_find_the_autotuned_one():
@@ -45,7 +49,8 @@ def test_the_tile_timings_run_every_tile_and_find_the_autotuned_one():
     plain = launchers.WARPS_STAGES
     halo = launchers.HALO_WARPS_STAGES
     lists = {"forward (halo)": (launchers.HALO_TILES, halo), "forward (direct)": (launchers.FWD_TILES, plain),
-             "input grad": (launchers.DGRAD_TILES, plain),
+             "input grad (halo)": ([launchers.HALO_DGRAD_TILE], halo),
+             "input grad (direct)": (launchers.DGRAD_TILES, plain),
              "weight grad (halo)": ([launchers.HALO_WGRAD_TILE], halo),
              "weight grad (direct)": (launchers.WGRAD_TILES, plain)}  # fmt: skip
     for kernel, (tiles, warps_stages) in lists.items():
@@ -55,7 +60,7 @@ def test_the_tile_timings_run_every_tile_and_find_the_autotuned_one():
         assert sum(r["autotuned"] == "yes" for r in rows) == 1
         assert sum(r["candidate"] == "yes" for r in rows) == len(tiles) * len(warps_stages)
         assert all(float(r["ms"]) > 0 and float(r["cudnn_ms"]) > 0 for r in rows)
-    assert result.summary.count("best") == 5
+    assert result.summary.count("best") == 6
 
 
 def test_the_determinism_check_runs_and_passes_on_a_tiny_case():

@@ -11,6 +11,10 @@ tile of its own, in DOT_DTYPE, and each tap's operand is then a shifted window o
 constant offset, with neither masks nor arithmetic. The scratch is written and read by its own program
 only; barriers order each fill against the taps that read it and against the next fill.
 
+The input gradient's kernel (bn_relu_conv3d_dgrad_halo_kernel) has no prologue to save, but the same
+structure: per box of input voxels the halo of gy it needs is copied once into the scratch tile, and each
+tap reads its window there (at the mirrored offset), with no per-tap index arithmetic or masks.
+
 Tap counts are run-time values: at a constant 27 ptxas unrolled the tap loop, which spilled registers on
 sm_80 (bench/results/2026-11-28-halo-kernels.md).
 """
@@ -18,7 +22,7 @@ sm_80 (bench/results/2026-11-28-halo-kernels.md).
 import triton
 import triton.language as tl
 
-from prostate_kernels.ops.bn_relu_conv3d_kernels import _store_output
+from prostate_kernels.ops.bn_relu_conv3d_kernels import _input_grad_epilogue, _store_output
 from prostate_kernels.ops.dot_operands import dot_operand
 from prostate_kernels.ops.triton_index import widen
 
@@ -50,12 +54,12 @@ def _box_rows(BOX_D: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr, HAL
 @triton.jit
 def _fill_halo(
     scratch,  # this program's (HALO_ROWS, BLOCK_K) tile, DOT_DTYPE
-    x_image,  # x_ptr + n * sxn: the box's image
-    scale_ptr,
+    x_image,  # x_ptr + n * sxn: the box's image (gy's, for the input gradient)
+    scale_ptr,  # (C_in,) float32, or unused (not NORMALISE)
     shift_ptr,
-    offs_k,  # (BLOCK_K,) input channels of this block
+    offs_k,  # (BLOCK_K,) channels of this block
     C_in,
-    i_d0,  # input voxel of halo voxel (0, 0, 0): box origin - padding
+    i_d0,  # voxel of halo voxel (0, 0, 0) (forward: box origin - padding)
     i_h0,
     i_w0,
     D,
@@ -73,15 +77,17 @@ def _fill_halo(
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     INT64: tl.constexpr,
+    NORMALISE: tl.constexpr = True,
 ):
-    """scratch[hv, k] = relu(s * x + t) at halo voxel hv (hd, hh, hw) = input voxel (i_d0 + hd, i_h0 + hh,
-    i_w0 + hw), channel offs_k[k]; 0 outside the volume and past C_in (padding is zero after BN + ReLU).
-    Returns when every thread of the program may read the whole tile, and only after every read of the
-    previous fill is done."""
+    """scratch[hv, k] = relu(s * x + t) (NORMALISE; else x itself) at halo voxel hv (hd, hh, hw) = voxel
+    (i_d0 + hd, i_h0 + hh, i_w0 + hw) of a (D, H, W) volume, channel offs_k[k]; 0 outside the volume and
+    past C_in (padding is zero after BN + ReLU). Returns when every thread of the program may read the
+    whole tile, and only after every read of the previous fill is done."""
     HALO: tl.constexpr = HALO_D * HALO_H * HALO_W
     mask_k = offs_k < C_in
-    scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
-    shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
+    if NORMALISE:
+        scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
+        shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
     channels = tl.arange(0, BLOCK_K)
     tl.debug_barrier()  # every tap of the previous fill has read the scratch
     for f0 in range(0, HALO, FILL_M):
@@ -93,8 +99,9 @@ def _fill_halo(
         row = widen(i_d, INT64) * sxd + widen(i_h, INT64) * sxh + widen(i_w, INT64) * sxw
         a_mask = valid[:, None] & mask_k[None, :]
         a = tl.load(x_image + row[:, None] + widen(offs_k, INT64)[None, :] * sxc, mask=a_mask, other=0.0)
-        a = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
-        a = tl.where(a_mask, a, 0.0)
+        if NORMALISE:
+            a = tl.maximum(a.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+            a = tl.where(a_mask, a, 0.0)
         # rows past HALO (up to the scratch's multiple of FILL_M) get zeros, never read
         tl.store(
             scratch + hv[:, None] * BLOCK_K + channels[None, :], dot_operand(a, DOT_DTYPE, INPUT_PRECISION)
@@ -320,3 +327,123 @@ def bn_relu_conv3d_wgrad_halo_kernel(
     if HAS_BIAS:
         if ci_block == 0:  # one program per (split, block of C_out) stores its bias sums
             tl.store(gb_ptr + tl.program_id(0) * C_out + offs_co, g_sum, mask=mask_co)
+
+
+@triton.jit
+def bn_relu_conv3d_dgrad_halo_kernel(
+    gy_ptr,  # (N, C_out, Do, Ho, Wo), strides sg*
+    w_ptr,  # (taps, C_out, C_in) contiguous, DOT_DTYPE, as bn_relu_conv3d_dgrad_kernel's
+    x_ptr,  # (N, C_in, D, H, W), strides sx*
+    scale_ptr,  # (C_in,) float32
+    shift_ptr,  # (C_in,) float32
+    mean_ptr,  # (C_in,) float32: the mean that normalised x (batch or running)
+    rstd_ptr,  # (C_in,) float32
+    gz_ptr,  # (N * D * H * W, C_in) float32 scratch: gradient w.r.t. s * x + t (STORE_GZ)
+    gx_ptr,  # (N, C_in, D, H, W), strides sd*: grad of x (when not STORE_GZ)
+    partial_ptr,  # float32 (2, boxes, C_in), strides (p_plane, p_row, 1): box b's sums over its voxels of
+    # gz (plane 0) and gz * xhat (plane 1) in row b (every row written; the launcher adds them in order)
+    scratch_ptr,  # (programs, HALO_ROWS, BLOCK_K) DOT_DTYPE: each program's own halo tile of gy
+    p_plane,
+    p_row,
+    N,
+    C_in,
+    C_out,
+    D,
+    H,
+    W,
+    Do,
+    Ho,
+    Wo,
+    sgn,
+    sgc,
+    sgd,
+    sgh,
+    sgw,
+    sxn,
+    sxc,
+    sxd,
+    sxh,
+    sxw,
+    sdn,
+    sdc,
+    sdd,
+    sdh,
+    sdw,
+    pdd,
+    pdh,
+    pdw,
+    taps,  # KD * KH * KW
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    DLD: tl.constexpr,  # dilation (stride 1)
+    DLH: tl.constexpr,
+    DLW: tl.constexpr,
+    STORE_GZ: tl.constexpr,  # training: keep gz for the batch-statistics pass; eval: write gx = gz * s
+    ACCUMULATE: tl.constexpr,  # add into gx instead of overwriting it
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INT64: tl.constexpr,
+    BOX_D: tl.constexpr,  # box of input voxels: BOX_D x BOX_H x BOX_W (powers of two)
+    BOX_H: tl.constexpr,
+    BOX_W: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # block of C_in (the output of this GEMM)
+    BLOCK_K: tl.constexpr,  # block of C_out (the reduction)
+    FILL_M: tl.constexpr,
+):
+    """Input gradient at stride 1, as bn_relu_conv3d_dgrad_kernel computes it; grid (programs, blocks of
+    C_in). The gradient at input voxel i is the sum over taps k of gy[i + pad - k * dilation] @ w[k]: per
+    box of input voxels and block of C_out channels the program copies the box's halo of gy (the box
+    shifted by pad - (kernel - 1) * dilation, grown by (kernel - 1) * dilation; zeros outside the output
+    volume) into its scratch tile once, and tap k reads the window at the mirrored offset
+    (kernel - 1 - k) * dilation: no per-tap index arithmetic or masks, and the taps' loads hit the
+    program's own small tile instead of gathering gy from L2 27 times."""
+    HALO_D: tl.constexpr = BOX_D + (KD - 1) * DLD
+    HALO_H: tl.constexpr = BOX_H + (KH - 1) * DLH
+    HALO_W: tl.constexpr = BOX_W + (KW - 1) * DLW
+    HALO_ROWS: tl.constexpr = (HALO_D * HALO_H * HALO_W + FILL_M - 1) // FILL_M * FILL_M
+    BLOCK_M: tl.constexpr = BOX_D * BOX_H * BOX_W
+    programs = tl.num_programs(0)
+    program = tl.program_id(1) * programs + tl.program_id(0)
+    scratch = scratch_ptr + widen(program, INT64) * (HALO_ROWS * BLOCK_K)
+    rd, rh, rw, halo_row = _box_rows(BOX_D, BOX_H, BOX_W, HALO_H, HALO_W)
+    channels = tl.arange(0, BLOCK_K)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < C_in
+    boxes_h = tl.cdiv(H, BOX_H)
+    boxes_w = tl.cdiv(W, BOX_W)
+    boxes_per_image = tl.cdiv(D, BOX_D) * boxes_h * boxes_w
+    for box in range(tl.program_id(0), N * boxes_per_image, programs):
+        n, d0, h0, w0 = _box_origin(box, boxes_per_image, boxes_h, boxes_w, BOX_D, BOX_H, BOX_W)
+        gy_image = gy_ptr + widen(n, INT64) * sgn
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, C_out, BLOCK_K):
+            offs_k = k0 + channels
+            _fill_halo(scratch, gy_image, scale_ptr, shift_ptr, offs_k, C_out, d0 + pdd - (KD - 1) * DLD,
+                       h0 + pdh - (KH - 1) * DLH, w0 + pdw - (KW - 1) * DLW, Do, Ho, Wo, sgc, sgd, sgh, sgw,
+                       HALO_D, HALO_H, HALO_W, FILL_M, BLOCK_K, DOT_DTYPE, INPUT_PRECISION, INT64,
+                       NORMALISE=False)  # fmt: skip
+            for tap in range(taps):
+                # tap (kd, kh, kw) reads gy at halo offset (KD - 1 - kd, ...) * dilation: the window of the
+                # mirrored tap, taps - 1 - tap
+                rows = _window_rows(taps - 1 - tap, halo_row, KH, KW, DLD, DLH, DLW, HALO_H, HALO_W)
+                window = tl.load(scratch + rows[:, None] * BLOCK_K + channels[None, :])
+                w_rows = widen(tap * C_out + offs_k, INT64) * C_in
+                w_mask = (offs_k < C_out)[:, None] & mask_n[None, :]
+                w = tl.load(w_ptr + w_rows[:, None] + offs_n[None, :], mask=w_mask, other=0.0)
+                acc = tl.dot(
+                    window, dot_operand(w, DOT_DTYPE, INPUT_PRECISION), acc, input_precision=INPUT_PRECISION
+                )
+        d_ = d0 + rd
+        h_ = h0 + rh
+        w_ = w0 + rw
+        mask_m = (d_ < D) & (h_ < H) & (w_ < W)
+        offs_m = ((n * D + d_) * H + h_) * W + w_  # the voxels' flat index (the gz scratch's row)
+        sum_gz, sum_gz_xhat = _input_grad_epilogue(
+            acc, offs_m, n, d_, h_, w_, mask_m, offs_n, mask_n, x_ptr, scale_ptr, shift_ptr, mean_ptr,
+            rstd_ptr, gz_ptr, gx_ptr, C_in, sxn, sxc, sxd, sxh, sxw, sdn, sdc, sdd, sdh, sdw, STORE_GZ,
+            ACCUMULATE, INT64,
+        )  # fmt: skip
+        partial = partial_ptr + widen(box, INT64) * p_row + offs_n
+        tl.store(partial, sum_gz, mask=mask_n)
+        tl.store(partial + p_plane, sum_gz_xhat, mask=mask_n)

@@ -3,8 +3,8 @@
 Notation: x (N, C_in, D, H, W) the raw input; s, t (C_in,) float32 the BatchNorm scale and shift
 (s = gamma * rstd, t = beta - mean * s); a = relu(s * x + t) the normalised activation, which no kernel
 writes whole: the kernels here recompute it from x while loading each tile, and the halo kernels
-(bn_relu_conv3d_halo_kernels.py: stride 1's forward and weight gradient) write one box's halo of it at a
-time to a scratch tile of their own.
+(bn_relu_conv3d_halo_kernels.py: stride 1's forward and gradients) write one box's halo of it (of gy, for
+the input gradient) at a time to a scratch tile of their own.
 y (N, C_out, Do, Ho, Wo) the conv output; gy its gradient. All tensors are addressed through their
 strides (any layout, channel slices of a larger buffer included). Voxel indices are int32 (fewer than
 2**31 voxels, checked by the launchers); element offsets are int32 too, or int64 when INT64 (a tensor
@@ -257,7 +257,32 @@ def bn_relu_conv3d_dgrad_kernel(
             input_precision=INPUT_PRECISION,
         )
 
-    # Epilogue: through the ReLU mask (recomputed from x) and the BatchNorm affine map.
+    sum_gz, sum_gz_xhat = _input_grad_epilogue(
+        acc, offs_m, n, d_, h_, w_, mask_m, offs_n, mask_n, x_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+        gz_ptr, gx_ptr, C_in, sxn, sxc, sxd, sxh, sxw, sdn, sdc, sdd, sdh, sdw, STORE_GZ, ACCUMULATE, INT64,
+    )  # fmt: skip
+    ROWS: tl.constexpr = BLOCK_M // PARTIAL_M  # rows of the partial sums this program owns
+    row = tl.program_id(0) * ROWS
+    partial = partial_ptr + widen(row, INT64) * p_row + offs_n
+    tl.store(partial, sum_gz, mask=mask_n)
+    tl.store(partial + p_plane, sum_gz_xhat, mask=mask_n)
+    for r in tl.static_range(1, ROWS):  # the rows a PARTIAL_M tile's programs would fill: zeros
+        zeros = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        tl.store(partial + r * p_row, zeros, mask=mask_n & (row + r < p_rows))
+        tl.store(partial + p_plane + r * p_row, zeros, mask=mask_n & (row + r < p_rows))
+
+
+@triton.jit
+def _input_grad_epilogue(
+    acc, offs_m, n, d_, h_, w_, mask_m, offs_n, mask_n, x_ptr, scale_ptr, shift_ptr, mean_ptr, rstd_ptr,
+    gz_ptr, gx_ptr, C_in, sxn, sxc, sxd, sxh, sxw, sdn, sdc, sdd, sdh, sdw,
+    STORE_GZ: tl.constexpr, ACCUMULATE: tl.constexpr, INT64: tl.constexpr,
+):  # fmt: skip
+    """The input-gradient kernels' epilogue: acc (BLOCK_M, BLOCK_N) float32, the gradient w.r.t. relu(s * x
+    + t) at voxels offs_m (flat index n, d_, h_, w_) and input channels offs_n, through the ReLU mask
+    (recomputed from x) gives gz, the gradient w.r.t. s * x + t; stored to the gz scratch (STORE_GZ, for
+    the batch-statistics pass) or as gx = gz * s (added to gx when ACCUMULATE). Returns the block's
+    (BLOCK_N,) sums over its voxels of gz and of gz * xhat (xhat = (x - mean) * rstd)."""
     mask = mask_m[:, None] & mask_n[None, :]
     x_row = voxel_offsets(n, d_, h_, w_, sxn, sxd, sxh, sxw, INT64)
     x = tl.load(x_ptr + x_row[:, None] + widen(offs_n, INT64)[None, :] * sxc, mask=mask, other=0.0).to(
@@ -269,15 +294,6 @@ def bn_relu_conv3d_dgrad_kernel(
     mean = tl.load(mean_ptr + offs_n, mask=mask_n, other=0.0)
     rstd = tl.load(rstd_ptr + offs_n, mask=mask_n, other=0.0)
     xhat = (x - mean[None, :]) * rstd[None, :]
-    ROWS: tl.constexpr = BLOCK_M // PARTIAL_M  # rows of the partial sums this program owns
-    row = tl.program_id(0) * ROWS
-    partial = partial_ptr + widen(row, INT64) * p_row + offs_n
-    tl.store(partial, tl.sum(gz, axis=0), mask=mask_n)
-    tl.store(partial + p_plane, tl.sum(gz * xhat, axis=0), mask=mask_n)
-    for r in tl.static_range(1, ROWS):  # the rows a PARTIAL_M tile's programs would fill: zeros
-        zeros = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        tl.store(partial + r * p_row, zeros, mask=mask_n & (row + r < p_rows))
-        tl.store(partial + p_plane + r * p_row, zeros, mask=mask_n & (row + r < p_rows))
     if STORE_GZ:
         tl.store(gz_ptr + widen(offs_m, INT64)[:, None] * C_in + offs_n[None, :], gz, mask=mask)
     else:
@@ -290,6 +306,7 @@ def bn_relu_conv3d_dgrad_kernel(
         if ACCUMULATE:
             gx += tl.load(dst, mask=mask, other=0.0).to(tl.float32)
         tl.store(dst, gx.to(gx_ptr.dtype.element_ty), mask=mask)
+    return tl.sum(gz, axis=0), tl.sum(gz * xhat, axis=0)
 
 
 @triton.jit

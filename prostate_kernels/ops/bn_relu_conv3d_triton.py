@@ -5,10 +5,10 @@ kernel (each input element normalised once per output box, into a per-program sc
 taps read), otherwise the direct kernel (normalised at every tap). Backward: weight and bias gradients
 (one kernel: halo or direct, as the forward; per-program partial sums added in a fixed order), input
 gradient through conv, ReLU mask and BatchNorm with the per-channel reductions in its epilogue (one
-kernel: per-program partial sums, then one fixed-order sum, so that every gradient is the same from run
-to run), then, in training mode, the batch-statistics term (one elementwise kernel). No kernel of
-forward or backward uses atomics. Saved for backward: the input x itself and per-channel vectors,
-nothing else.
+kernel, halo or direct: per-box or per-program partial sums, then one fixed-order sum, so that every
+gradient is the same from run to run), then, in training mode, the batch-statistics term (one
+elementwise kernel). No kernel of forward or backward uses atomics. Saved for backward: the input x
+itself and per-channel vectors, nothing else.
 The op's entry (validation, backend, autocast) is ops/bn_relu_conv3d.py; arguments are checked there.
 """
 
@@ -142,13 +142,37 @@ _HALO_WGRAD_SPILLS = {
     (64, 1, 4, "fp32-ieee", ANY), (64, 3, 4, "fp32-ieee", ANY),
     (64, 1, 4, "fp32-tf32", ANY), (64, 3, 4, "fp32-tf32", ANY),
 }  # fmt: skip
-HALO_KERNELS = True  # stride 1 takes the halo forward and weight gradient; direct_kernels() turns it off
+# The halo input gradient: one tile, warps and stages autotuned; its partial sums have a row per box, so
+# every candidate must have the same boxes. Its blocks of input channels are at most HALO_DGRAD_BLOCK_N:
+# with 64 the epilogue (a 128 x 64 tile of x, gz and xhat beside the accumulator) spilled 20-376 B at 87
+# of the kernel's 312 captured variants, every 4-warp bf16 and fp16 one among them.
+HALO_DGRAD_TILE = {"BOX_D": 4, "BOX_H": 4, "BOX_W": 8, "BLOCK_K": 16, "FILL_M": HALO_FILL_M}
+HALO_DGRAD_BLOCK_N = 32
+# Its spills (BLOCK_N, num_stages, warps, dot path, int64), all with float32 dots (8-24 B); with float32
+# IEEE dots and int64 offsets every candidate spilled, and those launches take the direct kernel.
+_HALO_DGRAD_SPILLS = {
+    (32, 3, 8, "fp32-tf32", True), (16, 3, 8, "fp32-ieee", ANY), (32, 3, 4, "fp32-ieee", True),
+    (32, 3, 8, "fp32-ieee", True), (32, 1, 4, "fp32-ieee", True),
+}  # fmt: skip
+HALO_KERNELS = True  # stride 1 takes the halo kernels (forward and both gradients); direct_kernels(): off
+
+
+def _takes_halo(geometry: ConvGeometry) -> bool:
+    """Whether this conv runs through the halo kernels (stride 1, unless direct_kernels() is on)."""
+    return HALO_KERNELS and geometry.stride == (1, 1, 1)
+
+
+def _fma_int64(dot_dtype: tl.dtype, precision: str, int64: bool) -> bool:
+    """float32 IEEE dots with int64 offsets: both halo gradient kernels spilled at every candidate there
+    (compile sweeps), so those launches take the direct kernels."""
+    return precision == "ieee" and dot_dtype == tl.float32 and int64
 
 
 @contextlib.contextmanager
 def direct_kernels() -> Iterator[None]:
-    """Within the block every forward and weight gradient takes the direct kernel (bn_relu_conv3d_fwd_kernel,
-    bn_relu_conv3d_wgrad_kernel), stride 1 included: to compare the two kinds (bench, GPU checks, tests)."""
+    """Within the block every forward, weight gradient and input gradient takes the direct kernel
+    (bn_relu_conv3d_fwd_kernel, _wgrad_kernel, _dgrad_kernel), stride 1 included: to compare the two kinds
+    (bench, GPU checks, tests)."""
     global HALO_KERNELS
     previous, HALO_KERNELS = HALO_KERNELS, False
     try:
@@ -163,6 +187,27 @@ _wgrad_halo = bucketed_autotune(
     bucketed=("C_in", "Do", "Ho", "Wo"),
     prune_configs_by={"early_config_prune": prune_spilling(_HALO_WGRAD_SPILLS, ("BLOCK_CO", "num_stages"))},
 )(halo_kernels.bn_relu_conv3d_wgrad_halo_kernel)
+
+_dgrad_halo = bucketed_autotune(
+    autotune_configs([HALO_DGRAD_TILE], HALO_WARPS_STAGES),
+    key=[
+        "C_in",
+        "C_out",
+        "D",
+        "H",
+        "W",
+        "KD",
+        "KH",
+        "KW",
+        "DOT_DTYPE",
+        "INPUT_PRECISION",
+        "STORE_GZ",
+        "INT64",
+    ],
+    bucketed=("C_in", "D", "H", "W"),
+    restore_value=["gx_ptr"],
+    prune_configs_by={"early_config_prune": prune_spilling(_HALO_DGRAD_SPILLS, ("BLOCK_N", "num_stages"))},
+)(halo_kernels.bn_relu_conv3d_dgrad_halo_kernel)
 
 _fwd_halo = bucketed_autotune(
     autotune_configs(HALO_TILES, HALO_WARPS_STAGES),
@@ -225,7 +270,7 @@ def conv_forward(
         raise ValueError(f"conv_forward: dropout draws {uniform.dtype} {tuple(uniform.shape)} must be "
                          f"contiguous float32 shaped like the output {tuple(out.shape)}")  # fmt: skip
 
-    if HALO_KERNELS and geometry.stride == (1, 1, 1):
+    if _takes_halo(geometry):
         _halo_forward(x, w_taps, bias, scale, shift, out, uniform, p, dropout is not None, geometry,
                       (do, ho, wo), dot_dtype, precision, block_n)  # fmt: skip
         return out
@@ -264,7 +309,7 @@ def _halo_forward(x, w_taps, bias, scale, shift, out, uniform, p, dropout, geome
     wanted = halo_programs_wanted(x.device)
 
     def programs(tile: dict) -> int:
-        return min(wanted, n * cdiv(do, tile["BOX_D"]) * cdiv(ho, tile["BOX_H"]) * cdiv(wo, tile["BOX_W"]))
+        return min(wanted, _halo_boxes(tile, (n, do, ho, wo)))
 
     elements = max(programs(t) * _halo_rows(t, geometry) * t["BLOCK_K"] for t in HALO_TILES) * n_blocks
     scratch = torch.empty((elements,), dtype=torch_dtype(dot_dtype), device=x.device)
@@ -310,8 +355,7 @@ def conv_weight_grad(
     m = n * do * ho * wo
     dot_dtype, precision = dot_setup(compute_dtype)
     block_co = _block_for(c_out)
-    fma_int64 = precision == "ieee" and dot_dtype == tl.float32 and needs_int64(x, gy)  # spilled: above
-    if HALO_KERNELS and geometry.stride == (1, 1, 1) and not fma_int64:
+    if _takes_halo(geometry) and not _fma_int64(dot_dtype, precision, needs_int64(x, gy)):
         return _halo_weight_grad(x, gy, scale, shift, geometry, dot_dtype, precision, block_co, with_bias)
     # Split the voxel reduction so that the grid fills the GPU (each split writes its partial sums).
     tiles = geometry.taps * cdiv(c_in, 64) * cdiv(c_out, block_co)
@@ -356,7 +400,7 @@ def _halo_weight_grad(x, gy, scale, shift, geometry, dot_dtype, precision, block
     if taps * ci_blocks * block_ci * co_blocks * block_co >= 2**31:  # the kernel's per-split offsets: int32
         raise ValueError(f"bn_relu_conv3d: a weight of {taps} taps x {c_in} x {c_out} channels is beyond the "
                          "halo weight gradient's int32 offsets within one split")  # fmt: skip
-    boxes = n * cdiv(do, tile["BOX_D"]) * cdiv(ho, tile["BOX_H"]) * cdiv(wo, tile["BOX_W"])
+    boxes = _halo_boxes(tile, (n, do, ho, wo))
     # splits <= boxes: every program has a first box, which writes its sums (the buffer is not zeroed)
     splits = max(1, min(boxes, cdiv(halo_programs_wanted(x.device), ci_blocks * co_blocks)))
     programs = (splits, ci_blocks, co_blocks)
@@ -414,9 +458,13 @@ def conv_input_grad(
     m = n * d * h * w
     if grad_input is None:
         grad_input = torch.empty_like(x, memory_format=torch.preserve_format)
-    # (sum of gz, sum of gz * xhat) per DGRAD_MIN_BLOCK_M voxels: every row written by the kernel (a larger
-    # tile's program fills the rows of its voxels' smaller-tile programs, one with its sums, the rest 0)
-    partials = torch.empty((2, cdiv(m, DGRAD_MIN_BLOCK_M), c_in), dtype=torch.float32, device=x.device)
+    int64 = needs_int64(gy, x, grad_input, extra=(m * c_in,))  # as every block's launch, or wider
+    halo = _takes_halo(geometry) and not _fma_int64(*dot_setup(compute_dtype), int64)
+    # (sum of gz, sum of gz * xhat) per box of the halo kernel, or per DGRAD_MIN_BLOCK_M voxels of the direct
+    # one: every row written by the kernel (a larger direct tile's program fills the rows of its voxels'
+    # smaller-tile programs, one with its sums, the rest 0)
+    rows = _halo_boxes(HALO_DGRAD_TILE, (n, d, h, w)) if halo else cdiv(m, DGRAD_MIN_BLOCK_M)
+    partials = torch.empty((2, rows, c_in), dtype=torch.float32, device=x.device)
     chunk = c_in
     if batch_stats and m * c_in * 4 > SCRATCH_BYTES:
         chunk = max(64, SCRATCH_BYTES // (m * 4) // 64 * 64)
@@ -424,7 +472,7 @@ def conv_input_grad(
     if chunk >= c_in:  # one block: no slicing (each slice is a torch op on the host)
         dbeta, dgamma = _input_grad_block(
             x, gy, weight, scale, shift, mean, rstd, geometry, compute_dtype, batch_stats, grad_input,
-            accumulate, gz, partials,
+            accumulate, gz, partials, halo,
         )  # fmt: skip
         return grad_input, dgamma, dbeta
     dbeta, dgamma = (torch.empty((c_in,), dtype=torch.float32, device=x.device) for _ in range(2))
@@ -432,17 +480,18 @@ def conv_input_grad(
         c = slice(c0, min(c0 + chunk, c_in))
         dbeta[c], dgamma[c] = _input_grad_block(
             x[:, c], gy, weight[:, c], scale[c], shift[c], mean[c], rstd[c], geometry, compute_dtype,
-            batch_stats, grad_input[:, c], accumulate, gz, partials[:, :, c],
+            batch_stats, grad_input[:, c], accumulate, gz, partials[:, :, c], halo,
         )  # fmt: skip
     return grad_input, dgamma, dbeta
 
 
 def _input_grad_block(
     x, gy, weight, scale, shift, mean, rstd, geometry, compute_dtype, batch_stats, grad_input, accumulate,
-    gz, partials,
+    gz, partials, halo,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """conv_input_grad on one block of input channels (x, weight, vectors, grad_input and the (2, rows, C)
-    partials sliced alike); returns the block's float32 (C,) sum of gz and (C,) sum of gz * xhat, two
+    partials sliced alike), through the halo kernel (halo: the partials have a row per box) or the direct
+    one; returns the block's float32 (C,) sum of gz and (C,) sum of gz * xhat, two
     allocations (the custom ops return them as two gradients, which must not alias)."""
     n, c_in, d, h, w = x.shape
     _, c_out, do, ho, wo = gy.shape
@@ -452,6 +501,28 @@ def _input_grad_block(
     w_taps = weight_taps(weight, (2, 3, 4, 0, 1), compute_dtype)
     block_n = _block_for(c_in)
     int64 = needs_int64(gy, x, grad_input, extra=(m * c_in, partials.stride(0) * 2))  # gz scratch, partials
+    launch = _halo_input_grad if halo else _direct_input_grad
+    launch(gy, w_taps, x, scale, shift, mean, rstd, gz, grad_input, partials, geometry, dot_dtype, precision,
+           block_n, batch_stats, accumulate, int64)  # fmt: skip
+    # fixed-order reductions over the programs' rows: the same result on every run
+    sum_gz, sum_gz_xhat = partials[0].sum(0), partials[1].sum(0)
+    if batch_stats:
+        grid2 = (cdiv(m, FINALIZE_BLOCK_M), cdiv(c_in, FINALIZE_BLOCK_C))
+        kernels.bn_backward_finalize_kernel[grid2](
+            gz, x, grad_input, scale, mean, rstd, sum_gz_xhat, sum_gz, m, c_in, d, h, w,
+            *x.stride(), *grad_input.stride(), ACCUMULATE=accumulate, INT64=int64,
+            BLOCK_M=FINALIZE_BLOCK_M, BLOCK_C=FINALIZE_BLOCK_C,
+        )  # fmt: skip
+    return sum_gz, sum_gz_xhat
+
+
+def _direct_input_grad(gy, w_taps, x, scale, shift, mean, rstd, gz, grad_input, partials, geometry, dot_dtype,
+                       precision, block_n, batch_stats, accumulate, int64) -> None:  # fmt: skip
+    """_input_grad_block's conv through bn_relu_conv3d_dgrad_kernel (any stride): a program per BLOCK_M
+    voxels and block of input channels."""
+    n, c_in, d, h, w = x.shape
+    c_out, do, ho, wo = gy.shape[1:]
+    m = n * d * h * w
 
     def grid(meta):
         programs = cdiv(m, meta["BLOCK_M"])
@@ -470,16 +541,41 @@ def _input_grad_block(
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=int64, BLOCK_N=block_n,
         PARTIAL_M=DGRAD_MIN_BLOCK_M,
     )  # fmt: skip
-    # fixed-order reductions over the programs' rows: the same result on every run
-    sum_gz, sum_gz_xhat = partials[0].sum(0), partials[1].sum(0)
-    if batch_stats:
-        grid2 = (cdiv(m, FINALIZE_BLOCK_M), cdiv(c_in, FINALIZE_BLOCK_C))
-        kernels.bn_backward_finalize_kernel[grid2](
-            gz, x, grad_input, scale, mean, rstd, sum_gz_xhat, sum_gz, m, c_in, d, h, w,
-            *x.stride(), *grad_input.stride(), ACCUMULATE=accumulate, INT64=int64,
-            BLOCK_M=FINALIZE_BLOCK_M, BLOCK_C=FINALIZE_BLOCK_C,
-        )  # fmt: skip
-    return sum_gz, sum_gz_xhat
+
+
+def _halo_input_grad(gy, w_taps, x, scale, shift, mean, rstd, gz, grad_input, partials, geometry, dot_dtype,
+                     precision, block_n, batch_stats, accumulate, int64) -> None:  # fmt: skip
+    """_input_grad_block's conv through bn_relu_conv3d_dgrad_halo_kernel (stride 1): a persistent grid of at
+    most halo_programs_wanted programs per block of input channels, each with its scratch tile; a partial
+    sums row per box of input voxels."""
+    n, c_in, d, h, w = x.shape
+    c_out, do, ho, wo = gy.shape[1:]
+    tile = HALO_DGRAD_TILE
+    pinned = _dgrad_halo.pinned
+    if pinned is not None and any(pinned.get(key) != value for key, value in tile.items()):
+        raise ValueError(f"bn_relu_conv3d halo input gradient: its buffers are laid out for {tile}; "
+                         f"pin that tile, with other warps and stages only, not {pinned}")  # fmt: skip
+    boxes = _halo_boxes(tile, (n, d, h, w))
+    block_n = min(block_n, HALO_DGRAD_BLOCK_N)
+    n_blocks = cdiv(c_in, block_n)
+    programs = min(halo_programs_wanted(x.device), boxes)
+    scratch = torch.empty((programs * n_blocks, _halo_rows(tile, geometry), tile["BLOCK_K"]),
+                          dtype=torch_dtype(dot_dtype), device=x.device)  # fmt: skip
+    _dgrad_halo[(programs, n_blocks)](
+        gy, w_taps, x, scale, shift, mean, rstd, gz, grad_input, partials, scratch, partials.stride(0),
+        partials.stride(1), n, c_in, c_out, d, h, w, do, ho, wo, *gy.stride(), *x.stride(),
+        *grad_input.stride(), *geometry.padding, geometry.taps,
+        KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], DLD=geometry.dilation[0],
+        DLH=geometry.dilation[1], DLW=geometry.dilation[2], STORE_GZ=batch_stats, ACCUMULATE=accumulate,
+        DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=int64 or needs_int64(extra=(scratch.numel(),)),
+        BLOCK_N=block_n,
+    )  # fmt: skip
+
+
+def _halo_boxes(tile: dict, size: tuple[int, int, int, int]) -> int:
+    """Boxes of a halo tile over a (N, D, H, W) volume: the halo kernels' unit of work."""
+    n, d, h, w = size
+    return n * cdiv(d, tile["BOX_D"]) * cdiv(h, tile["BOX_H"]) * cdiv(w, tile["BOX_W"])
 
 
 def batch_norm_affine(
