@@ -28,6 +28,15 @@ from prostate_kernels.ops.triton_index import widen
 
 
 @triton.jit
+def _box_counts(D, H, W, BOX_D: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr):
+    """(boxes per image, boxes along H, boxes along W) of BOX_D x BOX_H x BOX_W boxes over a (D, H, W)
+    volume (partial boxes at the far edges included)."""
+    boxes_h = tl.cdiv(H, BOX_H)
+    boxes_w = tl.cdiv(W, BOX_W)
+    return tl.cdiv(D, BOX_D) * boxes_h * boxes_w, boxes_h, boxes_w
+
+
+@triton.jit
 def _box_origin(box, boxes_per_image, boxes_h, boxes_w, BOX_D: tl.constexpr, BOX_H: tl.constexpr,
                 BOX_W: tl.constexpr):  # fmt: skip
     """(n, od0, oh0, ow0): the image and first output voxel of box number `box` (boxes in (n, d, h, w)
@@ -186,9 +195,7 @@ def bn_relu_conv3d_fwd_halo_kernel(
     channels = tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < C_out
-    boxes_h = tl.cdiv(Ho, BOX_H)
-    boxes_w = tl.cdiv(Wo, BOX_W)
-    boxes_per_image = tl.cdiv(Do, BOX_D) * boxes_h * boxes_w
+    boxes_per_image, boxes_h, boxes_w = _box_counts(Do, Ho, Wo, BOX_D, BOX_H, BOX_W)
     for box in range(tl.program_id(0), N * boxes_per_image, programs):
         n, od0, oh0, ow0 = _box_origin(box, boxes_per_image, boxes_h, boxes_w, BOX_D, BOX_H, BOX_W)
         x_image = x_ptr + widen(n, INT64) * sxn
@@ -299,9 +306,7 @@ def bn_relu_conv3d_wgrad_halo_kernel(
     mask_co = offs_co < C_out
     tile = channels[:, None] * co_pad + tl.arange(0, BLOCK_CO)[None, :]  # a tap's sums, (BLOCK_CI, BLOCK_CO)
     g_sum = tl.zeros((BLOCK_CO,), dtype=tl.float32)
-    boxes_h = tl.cdiv(Ho, BOX_H)
-    boxes_w = tl.cdiv(Wo, BOX_W)
-    boxes_per_image = tl.cdiv(Do, BOX_D) * boxes_h * boxes_w
+    boxes_per_image, boxes_h, boxes_w = _box_counts(Do, Ho, Wo, BOX_D, BOX_H, BOX_W)
     for box in range(tl.program_id(0), N * boxes_per_image, programs):
         n, od0, oh0, ow0 = _box_origin(box, boxes_per_image, boxes_h, boxes_w, BOX_D, BOX_H, BOX_W)
         _fill_halo(scratch, x_ptr + widen(n, INT64) * sxn, scale_ptr, shift_ptr, offs_ci, C_in, od0 - pdd,
@@ -410,9 +415,7 @@ def bn_relu_conv3d_dgrad_halo_kernel(
     channels = tl.arange(0, BLOCK_K)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < C_in
-    boxes_h = tl.cdiv(H, BOX_H)
-    boxes_w = tl.cdiv(W, BOX_W)
-    boxes_per_image = tl.cdiv(D, BOX_D) * boxes_h * boxes_w
+    boxes_per_image, boxes_h, boxes_w = _box_counts(D, H, W, BOX_D, BOX_H, BOX_W)
     for box in range(tl.program_id(0), N * boxes_per_image, programs):
         n, d0, h0, w0 = _box_origin(box, boxes_per_image, boxes_h, boxes_w, BOX_D, BOX_H, BOX_W)
         gy_image = gy_ptr + widen(n, INT64) * sgn

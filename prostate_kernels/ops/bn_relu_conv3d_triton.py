@@ -391,10 +391,7 @@ def _halo_weight_grad(x, gy, scale, shift, geometry, dot_dtype, precision, block
     n, c_in = x.shape[:2]
     c_out, do, ho, wo = gy.shape[1:]
     tile = HALO_WGRAD_TILE
-    pinned = _wgrad_halo.pinned
-    if pinned is not None and any(pinned.get(key) != value for key, value in tile.items()):
-        raise ValueError(f"bn_relu_conv3d halo weight gradient: its buffers are laid out for {tile}; "
-                         f"pin that tile, with other warps and stages only, not {pinned}")  # fmt: skip
+    _refuse_other_tiles(_wgrad_halo, tile, "halo weight gradient")
     block_ci, taps = tile["BLOCK_CI"], geometry.taps
     ci_blocks, co_blocks = cdiv(c_in, block_ci), cdiv(c_out, block_co)
     if taps * ci_blocks * block_ci * co_blocks * block_co >= 2**31:  # the kernel's per-split offsets: int32
@@ -551,10 +548,7 @@ def _halo_input_grad(gy, w_taps, x, scale, shift, mean, rstd, gz, grad_input, pa
     n, c_in, d, h, w = x.shape
     c_out, do, ho, wo = gy.shape[1:]
     tile = HALO_DGRAD_TILE
-    pinned = _dgrad_halo.pinned
-    if pinned is not None and any(pinned.get(key) != value for key, value in tile.items()):
-        raise ValueError(f"bn_relu_conv3d halo input gradient: its buffers are laid out for {tile}; "
-                         f"pin that tile, with other warps and stages only, not {pinned}")  # fmt: skip
+    _refuse_other_tiles(_dgrad_halo, tile, "halo input gradient")
     boxes = _halo_boxes(tile, (n, d, h, w))
     block_n = min(block_n, HALO_DGRAD_BLOCK_N)
     n_blocks = cdiv(c_in, block_n)
@@ -570,6 +564,15 @@ def _halo_input_grad(gy, w_taps, x, scale, shift, mean, rstd, gz, grad_input, pa
         DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, INT64=int64 or needs_int64(extra=(scratch.numel(),)),
         BLOCK_N=block_n,
     )  # fmt: skip
+
+
+def _refuse_other_tiles(tuned, tile: dict, kernel: str) -> None:
+    """ValueError naming the pinned tile when `tuned` (a halo gradient's autotuner, whose buffers are laid
+    out for its one tile) is pinned to another tile; other warps and stages may be pinned."""
+    pinned = tuned.pinned
+    if pinned is not None and any(pinned.get(key) != value for key, value in tile.items()):
+        raise ValueError(f"bn_relu_conv3d {kernel}: its buffers are laid out for {tile}; pin that tile, "
+                         f"with other warps and stages only, not {pinned}")  # fmt: skip
 
 
 def _halo_boxes(tile: dict, size: tuple[int, int, int, int]) -> int:
