@@ -130,6 +130,28 @@ def _window_rows(tap, halo_row, KH: tl.constexpr, KW: tl.constexpr, DLD: tl.cons
 
 
 @triton.jit
+def _accumulate_taps(acc, scratch, halo_row, w_ptr, offs_k, K, offs_n, mask_n, N_, taps,
+                     KH: tl.constexpr, KW: tl.constexpr, DLD: tl.constexpr, DLH: tl.constexpr,
+                     DLW: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr, BLOCK_K: tl.constexpr,
+                     MIRROR: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                     INT64: tl.constexpr):  # fmt: skip
+    """acc (BLOCK_M, BLOCK_N) + the sum over taps of window(tap) @ w[tap, offs_k, offs_n], w a (taps, K, N_)
+    contiguous weight and window(tap) the box's (BLOCK_M, BLOCK_K) rows of the filled scratch tile at
+    `tap`, or at the mirrored tap (taps - 1 - tap: the input gradient, whose tap k reads gy at offset
+    (kernel - 1 - k) * dilation of its halo) when MIRROR."""
+    for tap in range(taps):
+        rows = _window_rows(
+            taps - 1 - tap if MIRROR else tap, halo_row, KH, KW, DLD, DLH, DLW, HALO_H, HALO_W
+        )
+        window = tl.load(scratch + rows[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :])
+        w_rows = widen(tap * K + offs_k, INT64) * N_
+        w_mask = (offs_k < K)[:, None] & mask_n[None, :]
+        w = tl.load(w_ptr + w_rows[:, None] + offs_n[None, :], mask=w_mask, other=0.0)
+        acc = tl.dot(window, dot_operand(w, DOT_DTYPE, INPUT_PRECISION), acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def bn_relu_conv3d_fwd_halo_kernel(
     x_ptr,  # (N, C_in, D, H, W), strides sx*
     w_ptr,  # (taps, C_in, C_out) contiguous, DOT_DTYPE, as bn_relu_conv3d_fwd_kernel's
@@ -205,15 +227,9 @@ def bn_relu_conv3d_fwd_halo_kernel(
             _fill_halo(scratch, x_image, scale_ptr, shift_ptr, offs_k, C_in, od0 - pdd, oh0 - pdh, ow0 - pdw,
                        D, H, W, sxc, sxd, sxh, sxw, HALO_D, HALO_H, HALO_W, FILL_M, BLOCK_K, DOT_DTYPE,
                        INPUT_PRECISION, INT64)  # fmt: skip
-            for tap in range(taps):
-                rows = _window_rows(tap, halo_row, KH, KW, DLD, DLH, DLW, HALO_H, HALO_W)
-                window = tl.load(scratch + rows[:, None] * BLOCK_K + channels[None, :])
-                w_rows = widen(tap * C_in + offs_k, INT64) * C_out
-                w_mask = (offs_k < C_in)[:, None] & mask_n[None, :]
-                w = tl.load(w_ptr + w_rows[:, None] + offs_n[None, :], mask=w_mask, other=0.0)
-                acc = tl.dot(
-                    window, dot_operand(w, DOT_DTYPE, INPUT_PRECISION), acc, input_precision=INPUT_PRECISION
-                )
+            acc = _accumulate_taps(acc, scratch, halo_row, w_ptr, offs_k, C_in, offs_n, mask_n, C_out, taps,
+                                   KH, KW, DLD, DLH, DLW, HALO_H, HALO_W, BLOCK_K, False, DOT_DTYPE,
+                                   INPUT_PRECISION, INT64)  # fmt: skip
         od = od0 + rd
         oh = oh0 + rh
         ow = ow0 + rw
@@ -283,7 +299,7 @@ def bn_relu_conv3d_wgrad_halo_kernel(
     tap, ordered across boxes by the fill's barriers. The first box loads no sums (masked: zeros), so the
     buffer needs no zero fill; every split has a box (the launcher's splits <= boxes), so every element
     is written. A program's tile is (BLOCK_CI, BLOCK_CO) of the padded (C_in, C_out) plane of its split
-    and tap: the launcher's sum over splits of the permuted buffer comes out in the weight's layout.
+    and tap; the launcher adds the splits and copies the sum into the weight's layout.
     (Zeroing the sums in a prologue, or copying them into the weight's layout after the last box, made
     ptxas spill 4-16 B at 4 and 17 of the kernel's 162 variants.)"""
     HALO_D: tl.constexpr = BOX_D + (KD - 1) * DLD
@@ -426,17 +442,9 @@ def bn_relu_conv3d_dgrad_halo_kernel(
                        h0 + pdh - (KH - 1) * DLH, w0 + pdw - (KW - 1) * DLW, Do, Ho, Wo, sgc, sgd, sgh, sgw,
                        HALO_D, HALO_H, HALO_W, FILL_M, BLOCK_K, DOT_DTYPE, INPUT_PRECISION, INT64,
                        NORMALISE=False)  # fmt: skip
-            for tap in range(taps):
-                # tap (kd, kh, kw) reads gy at halo offset (KD - 1 - kd, ...) * dilation: the window of the
-                # mirrored tap, taps - 1 - tap
-                rows = _window_rows(taps - 1 - tap, halo_row, KH, KW, DLD, DLH, DLW, HALO_H, HALO_W)
-                window = tl.load(scratch + rows[:, None] * BLOCK_K + channels[None, :])
-                w_rows = widen(tap * C_out + offs_k, INT64) * C_in
-                w_mask = (offs_k < C_out)[:, None] & mask_n[None, :]
-                w = tl.load(w_ptr + w_rows[:, None] + offs_n[None, :], mask=w_mask, other=0.0)
-                acc = tl.dot(
-                    window, dot_operand(w, DOT_DTYPE, INPUT_PRECISION), acc, input_precision=INPUT_PRECISION
-                )
+            acc = _accumulate_taps(acc, scratch, halo_row, w_ptr, offs_k, C_out, offs_n, mask_n, C_in, taps,
+                                   KH, KW, DLD, DLH, DLW, HALO_H, HALO_W, BLOCK_K, True, DOT_DTYPE,
+                                   INPUT_PRECISION, INT64)  # fmt: skip
         d_ = d0 + rd
         h_ = h0 + rh
         w_ = w0 + rw

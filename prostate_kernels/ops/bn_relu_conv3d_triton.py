@@ -162,10 +162,11 @@ def _takes_halo(geometry: ConvGeometry) -> bool:
     return HALO_KERNELS and geometry.stride == (1, 1, 1)
 
 
-def _fma_int64(dot_dtype: tl.dtype, precision: str, int64: bool) -> bool:
-    """float32 IEEE dots with int64 offsets: both halo gradient kernels spilled at every candidate there
-    (compile sweeps), so those launches take the direct kernels."""
-    return precision == "ieee" and dot_dtype == tl.float32 and int64
+def _gradient_takes_halo(geometry: ConvGeometry, dot_dtype: tl.dtype, precision: str, int64: bool) -> bool:
+    """_takes_halo for the two gradients, except with float32 IEEE dots and int64 offsets: both halo
+    gradient kernels spilled at every candidate there (compile sweeps), so those launches take the direct
+    kernels."""
+    return _takes_halo(geometry) and not (precision == "ieee" and dot_dtype == tl.float32 and int64)
 
 
 @contextlib.contextmanager
@@ -355,7 +356,7 @@ def conv_weight_grad(
     m = n * do * ho * wo
     dot_dtype, precision = dot_setup(compute_dtype)
     block_co = _block_for(c_out)
-    if _takes_halo(geometry) and not _fma_int64(dot_dtype, precision, needs_int64(x, gy)):
+    if _gradient_takes_halo(geometry, dot_dtype, precision, needs_int64(x, gy)):
         return _halo_weight_grad(x, gy, scale, shift, geometry, dot_dtype, precision, block_co, with_bias)
     # Split the voxel reduction so that the grid fills the GPU (each split writes its partial sums).
     tiles = geometry.taps * cdiv(c_in, 64) * cdiv(c_out, block_co)
@@ -456,7 +457,7 @@ def conv_input_grad(
     if grad_input is None:
         grad_input = torch.empty_like(x, memory_format=torch.preserve_format)
     int64 = needs_int64(gy, x, grad_input, extra=(m * c_in,))  # as every block's launch, or wider
-    halo = _takes_halo(geometry) and not _fma_int64(*dot_setup(compute_dtype), int64)
+    halo = _gradient_takes_halo(geometry, *dot_setup(compute_dtype), int64)
     # (sum of gz, sum of gz * xhat) per box of the halo kernel, or per DGRAD_MIN_BLOCK_M voxels of the direct
     # one: every row written by the kernel (a larger direct tile's program fills the rows of its voxels'
     # smaller-tile programs, one with its sums, the rest 0)
