@@ -75,23 +75,29 @@ def _kernels(x, fold, a, weight, gy, dtype):
     def input_grad():
         return launchers.conv_input_grad(x, gy, weight, scale, shift, mean, rstd, geometry, dtype, True)
 
-    def direct(call):  # the same call through the direct kernels (stride 1's defaults are the halo ones)
+    def through(kind, call):  # the call through one kind of kernel, whatever set_halo_kernels() chose
         def run():
-            with launchers.direct_kernels():
+            with kind():
                 return call()
 
         return run
 
-    plain, halo = launchers.WARPS_STAGES, launchers.HALO_WARPS_STAGES
+    def direct(call):
+        return through(launchers.direct_kernels, call)
+
+    def halo(call):
+        return through(launchers.halo_kernels, call)
+
+    plain, halo_ws = launchers.WARPS_STAGES, launchers.HALO_WARPS_STAGES
     forward_cudnn = lambda: torch.nn.functional.conv3d(a, weight, padding=1)  # noqa: E731
     return [
-        ("forward (halo)", launchers._fwd_halo, launchers.HALO_TILES, halo, forward, forward_cudnn),
+        ("forward (halo)", launchers._fwd_halo, launchers.HALO_TILES, halo_ws, halo(forward), forward_cudnn),
         ("forward (direct)", launchers._fwd, launchers.FWD_TILES, plain, direct(forward), forward_cudnn),
-        ("input grad (halo)", launchers._dgrad_halo, [launchers.HALO_DGRAD_TILE], halo, input_grad,
+        ("input grad (halo)", launchers._dgrad_halo, [launchers.HALO_DGRAD_TILE], halo_ws, halo(input_grad),
          cudnn_grad([True, False, False])),
         ("input grad (direct)", launchers._dgrad, launchers.DGRAD_TILES, plain, direct(input_grad),
          cudnn_grad([True, False, False])),
-        ("weight grad (halo)", launchers._wgrad_halo, [launchers.HALO_WGRAD_TILE], halo, weight_grad,
+        ("weight grad (halo)", launchers._wgrad_halo, [launchers.HALO_WGRAD_TILE], halo_ws, halo(weight_grad),
          cudnn_grad([False, True, False])),
         ("weight grad (direct)", launchers._wgrad, launchers.WGRAD_TILES, plain, direct(weight_grad),
          cudnn_grad([False, True, False])),

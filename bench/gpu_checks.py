@@ -6,7 +6,6 @@ not raised, so that one broken kernel does not hide the others.
 
 from __future__ import annotations
 
-import contextlib
 import random
 from collections.abc import Callable
 
@@ -227,7 +226,7 @@ def check_bn_relu_conv3d_tiles(device: str = "cuda", layer=P3A_LAYER) -> list[di
     exact, _ = _run_dense_layer(x, params, conv, True, "torch", torch.float64, gy)
     shape = f"{layer[1]}ch {'x'.join(map(str, layer[3]))}"
     rows = []
-    halo, direct = contextlib.nullcontext, launchers.direct_kernels  # the kernels (stride 1's: halo)
+    halo, direct = launchers.halo_kernels, launchers.direct_kernels  # whatever set_halo_kernels() chose
     plain, halo_ws = launchers.WARPS_STAGES, launchers.HALO_WARPS_STAGES
     kernels = (("forward (halo)", "y", launchers._fwd_halo, launchers.HALO_TILES, halo_ws, halo),
                ("forward (direct)", "y", launchers._fwd, launchers.FWD_TILES, plain, direct),

@@ -1,14 +1,17 @@
 """Everything a lent GPU should run, on a fresh machine with no network, in calls of a few minutes.
 
     python3 bench/gpu_suite.py --out DIR [--budget-s 300] [--only a,b] [--checks a,b] [--skip-build]
-                               [--skip-checks] [--no-warm-cache]
+                               [--skip-checks] [--no-warm-cache] [--direct-kernels]
     python3 bench/gpu_suite.py --merge DIR1/results.json DIR2/results.json --out bench/results
 
 1. builds the package and its C++ extension in place (pip install --no-build-isolation --no-deps -e .);
 2. in the background, fills Triton's cache: tools/gpu_compile.py --warm-cache compiles every captured
    launch variant on all CPU cores, so the autotuners find most kernels compiled (waited for, at most
    WARM_CACHE_WAIT_S, before anything is timed);
-3. checks every kernel on CUDA against its float64 reference (bench/gpu_checks.py);
+3. checks every kernel on CUDA against its float64 reference (bench/gpu_checks.py); when a fused-layer
+   check fails with the halo kernels (stride 1's default) and passes again under direct_kernels(), every
+   later check and timing takes the direct kernels (the header's conv_kernels says which ran; a second
+   call is then given --direct-kernels);
 4. times the ops and the networks against eager PyTorch and torch.compile (the bench_* GPU sections),
    most important first; a section that would start after --budget-s seconds is skipped (named in the
    summary), and a second call with --only runs the rest on the warm machine;
@@ -133,6 +136,77 @@ def merge(paths: list[Path], out: Path) -> None:
         print(path)
 
 
+# The checks whose rows judge the fused layer's kernels (stride 1 runs the halo kernels in them), and the
+# ones rerun under direct_kernels() when any of those fails.
+CONV_CHECKS = ("bn_relu_conv3d", "bn_relu_conv3d tiles", "dense block")
+CONV_RECHECKS = ("bn_relu_conv3d", "dense block")
+
+
+def run_check(name: str, check) -> list[dict]:
+    """One check's rows, printed; a crash is a FAIL row with its traceback, never the end of the run."""
+    try:
+        rows = check("cuda")
+    except Exception:  # noqa: BLE001 - a crash is a result to report
+        rows = [{"check": name, "result": "FAIL", "detail": traceback.format_exc(limit=3)[-300:]}]
+    for row in rows:
+        print(row, flush=True)
+    return rows
+
+
+def run_checks(checks: list[tuple[str, object]], chosen: list[str], t0: float) -> dict[str, list[dict]]:
+    """The checks naming a word of `chosen` (all when it is empty), in order, each check's rows under its
+    name. Right after the last fused-layer check, a failure there may turn the halo kernels off
+    (fall_back_to_direct_kernels), so the checks after it run what the timings will run."""
+    from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
+
+    selected = [(name, check) for name, check in checks if not chosen or any(w in name for w in chosen)]
+    conv_checks = [name for name, _ in selected if name in CONV_CHECKS]
+    rows_by_check = {}
+    for name, check in selected:
+        start = time.time()
+        rows_by_check[name] = run_check(name, check)
+        if conv_checks and name == conv_checks[-1] and launchers.HALO_KERNELS:
+            rows_by_check.update(fall_back_to_direct_kernels(rows_by_check, dict(checks)))
+        print(f"[{time.time() - t0:.0f} s] checks {name}: {time.time() - start:.0f} s", flush=True)
+    return rows_by_check
+
+
+def fall_back_to_direct_kernels(rows_by_check: dict[str, list[dict]], checks: dict) -> dict[str, list[dict]]:
+    """When a fused-layer check failed with the halo kernels on (stride 1's default), CONV_RECHECKS again
+    under direct_kernels(). If they all pass there, the halo kernels are the failure: from here on this
+    process times the direct kernels (set_halo_kernels(False)), so the timings are of kernels that passed,
+    and the halo kernels' failure stays in the correctness table. Returns the rerun's rows, each check
+    named "... (direct kernels)"; nothing when no fused-layer check failed, or none of them ran."""
+    from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
+
+    failed = [r for name in CONV_CHECKS for r in rows_by_check.get(name, []) if r["result"] == "FAIL"]
+    if not failed:
+        return {}
+    print(f"gpu_suite: {len(failed)} fused-layer check(s) failed with the halo kernels; rechecking "
+          "under direct_kernels()", flush=True)  # fmt: skip
+    rerun = {}
+    with launchers.direct_kernels():
+        for name in CONV_RECHECKS:
+            rows = run_check(name, checks[name])
+            rerun[f"{name} (direct kernels)"] = [
+                {**r, "check": f"{r['check']} (direct kernels)"} for r in rows
+            ]
+    if all(r["result"] != "FAIL" for rows in rerun.values() for r in rows):
+        launchers.set_halo_kernels(False)
+        print("gpu_suite: the direct kernels pass: every timing below takes them; time the rest of this "
+              "session's calls with --direct-kernels", flush=True)  # fmt: skip
+    return rerun
+
+
+def conv_kernels_in_use() -> str:
+    """Which kernels the timings take for stride-1 convs (the results' header says it)."""
+    from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
+
+    if launchers.HALO_KERNELS:
+        return "halo kernels for stride 1 (the default), direct for other strides"
+    return "direct kernels for every stride (set_halo_kernels(False))"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -149,6 +223,10 @@ def main() -> None:
     parser.add_argument(
         "--checks", default="", help="comma-separated words: run only the correctness checks naming one"
     )
+    parser.add_argument(
+        "--direct-kernels", action="store_true",
+        help="stride 1 takes the direct kernels throughout (a second call after the halo kernels failed)",
+    )  # fmt: skip
     parser.add_argument("--merge", type=Path, nargs="+", help="results.json files to merge into --out")
     args = parser.parse_args()
     if args.merge:
@@ -167,6 +245,7 @@ def main() -> None:
     from gpu_checks import CHECKS
 
     import prostate_kernels
+    from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
 
     env = environment()
     env["extension"] = "loaded" if prostate_kernels.HAS_EXT else "NOT loaded"
@@ -176,27 +255,21 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("gpu_suite: no CUDA device")
 
+    if args.direct_kernels:
+        launchers.set_halo_kernels(False)
     if not args.skip_checks:
-        check_rows = []
         chosen = [w.strip() for w in args.checks.split(",") if w.strip()]
-        for name, check in CHECKS:
-            if chosen and not any(w in name for w in chosen):
-                continue
-            start = time.time()
-            try:
-                rows = check("cuda")
-            except Exception:  # noqa: BLE001 - a crash is a result to report
-                rows = [{"check": name, "result": "FAIL", "detail": traceback.format_exc(limit=3)[-300:]}]
-            check_rows += rows
-            for row in rows:
-                print(row, flush=True)
-            print(f"[{time.time() - t0:.0f} s] checks {name}: {time.time() - start:.0f} s", flush=True)
+        rows_by_check = run_checks(CHECKS, chosen, t0)
+        check_rows = [row for rows in rows_by_check.values() for row in rows]
         write_results("gpu-correctness", env, ["check", "result", "detail"], check_rows, [], args.out)
         failed = [r for r in check_rows if r["result"] == "FAIL"]  # INFO rows are diagnostics
         summary.append(
             {"section": "correctness", "result": "PASS" if not failed else "FAIL",
              "detail": f"{len(check_rows) - len(failed)}/{len(check_rows)} checks pass"}
         )  # fmt: skip
+    env["conv_kernels"] = conv_kernels_in_use()
+    summary.append({"section": "conv kernels timed", "result": "INFO", "detail": env["conv_kernels"]})
+    print(summary[-1], flush=True)
     if warming is not None:
         summary.append(finish_cache_warming(*warming))
         print(summary[-1], flush=True)

@@ -14,12 +14,37 @@ if not BENCH.is_dir():
 sys.path.insert(0, str(BENCH))
 
 
-def test_every_pinned_tile_passes_the_gpu_check_on_a_tiny_layer():
+@pytest.fixture
+def halo_turned_off(monkeypatch):
+    """set_halo_kernels(False) for the test, as bench/gpu_suite.py sets it after the halo kernels fail
+    their checks, and the halo autotuners that were launched (each launch indexes one with its grid)."""
+    from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
+    from prostate_kernels.ops.launch import BucketedAutotuner
+
+    monkeypatch.setattr(launchers, "HALO_KERNELS", True)  # restored after the test
+    launchers.set_halo_kernels(False)
+    launched, index = set(), BucketedAutotuner.__getitem__
+
+    def spy(self, grid):
+        launched.add(id(self))
+        return index(self, grid)
+
+    monkeypatch.setattr(BucketedAutotuner, "__getitem__", spy)
+    halo = {id(launchers._fwd_halo): "forward", id(launchers._dgrad_halo): "input grad",
+            id(launchers._wgrad_halo): "weight grad"}  # fmt: skip
+    yield lambda: sorted(halo[i] for i in launched if i in halo)
+    assert not launchers.HALO_KERNELS  # nothing in the test turned them back on for good
+
+
+def test_every_pinned_tile_passes_the_gpu_check_on_a_tiny_layer(halo_turned_off):
+    """With the halo kernels turned off for the process (the suite's fallback), the halo rows still run the
+    halo kernels (halo_kernels()), so each row checks the kernel it names."""
     import gpu_checks
 
     from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
 
     rows = gpu_checks.check_bn_relu_conv3d_tiles("cpu", layer=(1, 20, 16, (2, 3, 4), 1, 1, 1, False, True))
+    assert halo_turned_off() == ["forward", "input grad", "weight grad"]
     tiles = len(launchers.FWD_TILES) + len(launchers.DGRAD_TILES) + len(launchers.WGRAD_TILES)
     halo = (len(launchers.HALO_TILES) + 2) * len(launchers.HALO_WARPS_STAGES)  # + both gradients' tiles
     assert len(rows) == tiles * len(launchers.WARPS_STAGES) + halo
@@ -36,16 +61,18 @@ def test_every_pinned_tile_passes_the_gpu_check_on_a_tiny_layer():
     assert all("grad_x:" in r["detail"] for r in dgrad_halo)
 
 
-def test_the_tile_timings_run_every_tile_and_find_the_autotuned_one():
+def test_the_tile_timings_run_every_tile_and_find_the_autotuned_one(halo_turned_off):
     """bench/bench_tiles.py (a GPU section of bench/gpu_suite.py) through the interpreter on a tiny layer:
     a row per tile x warps of each kernel, cuDNN's (here: PyTorch's CPU) time beside each, and the
-    autotuner's own pick marked once per kernel."""
+    autotuner's own pick marked once per kernel; the halo rows time the halo kernels even when the suite
+    turned them off."""
     import bench_tiles
     import torch
 
     from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
 
     result = bench_tiles.run("cpu", torch.float32, shapes=((8, (2, 3, 3)),))
+    assert halo_turned_off() == ["forward", "input grad", "weight grad"]
     plain = launchers.WARPS_STAGES
     halo = launchers.HALO_WARPS_STAGES
     lists = {"forward (halo)": (launchers.HALO_TILES, halo), "forward (direct)": (launchers.FWD_TILES, plain),
@@ -124,3 +151,71 @@ def test_the_cuda_graph_timings_run_on_a_tiny_case():
     assert all(float(r["eager_ms"]) > 0 and float(r["graph_ms"]) > 0 for r in result.rows)
     assert result.summary.startswith("tiramisu3d_tiny step: ours ")
     assert any("dry run" in note for note in result.notes)
+
+
+def _fake_check(name: str, passes_with_halo: bool, passes_direct: bool):
+    """A check whose one row passes or fails by which kernels stride 1 takes when it runs."""
+    from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
+
+    def check(device):
+        ok = passes_with_halo if launchers.HALO_KERNELS else passes_direct
+        return [{"check": f"{name} case", "result": "PASS" if ok else "FAIL", "detail": device}]
+
+    return check
+
+
+@pytest.mark.parametrize(
+    "halo_ok, direct_ok, rechecked, halo_after",
+    [(True, True, False, True), (False, True, True, False), (False, False, True, True)],
+    ids=["halo-passes", "halo-fails-direct-passes", "both-fail"],
+)
+def test_the_suite_falls_back_to_the_direct_kernels_only_when_they_pass(
+    halo_ok, direct_ok, rechecked, halo_after, monkeypatch
+):
+    """bench/gpu_suite.py after its fused-layer checks: no failure, no recheck; a failure with the halo
+    kernels rechecks under direct_kernels(), and the process times the direct kernels only if they pass
+    there (both failing leaves the default: there is nothing better to time, and the table says so)."""
+    import gpu_suite
+
+    from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
+
+    monkeypatch.setattr(launchers, "HALO_KERNELS", True)
+    checks = {name: _fake_check(name, halo_ok, direct_ok) for name in gpu_suite.CONV_CHECKS}
+    rows_by_check = {name: check("cuda") for name, check in checks.items()}
+    rerun = gpu_suite.fall_back_to_direct_kernels(rows_by_check, checks)
+    assert launchers.HALO_KERNELS is halo_after
+    assert gpu_suite.conv_kernels_in_use().startswith("halo" if halo_after else "direct")
+    if not rechecked:
+        assert rerun == {}
+        return
+    assert sorted(rerun) == sorted(f"{name} (direct kernels)" for name in gpu_suite.CONV_RECHECKS)
+    rows = [r for rows in rerun.values() for r in rows]
+    assert all(r["check"].endswith(" case (direct kernels)") for r in rows), rows
+    assert all(r["result"] == ("PASS" if direct_ok else "FAIL") for r in rows), rows
+
+
+def test_the_suite_runs_the_chosen_checks_and_rechecks_before_the_later_ones(monkeypatch):
+    """bench/gpu_suite.run_checks: the chosen checks in order, the direct-kernel recheck right after the last
+    fused-layer check (so a later check, here "determinism", already runs the direct kernels), a crashing
+    check reported as a FAIL row, and a choice without any fused-layer check."""
+    import gpu_suite
+
+    from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
+
+    monkeypatch.setattr(launchers, "HALO_KERNELS", True)
+    seen = []
+
+    def determinism(device):
+        seen.append(launchers.HALO_KERNELS)
+        raise RuntimeError("boom")
+
+    checks = [("sliding window", _fake_check("sliding window", True, True))]
+    checks += [(name, _fake_check(name, False, True)) for name in gpu_suite.CONV_CHECKS]
+    checks += [("determinism", determinism)]
+    rows = gpu_suite.run_checks(checks, ["sliding"], 0.0)
+    assert list(rows) == ["sliding window"] and launchers.HALO_KERNELS
+    rows = gpu_suite.run_checks(checks, [], 0.0)
+    names = [*[name for name, _ in checks[:-1]], *[f"{n} (direct kernels)" for n in gpu_suite.CONV_RECHECKS]]
+    assert list(rows) == [*names, "determinism"]
+    assert seen == [False] and not launchers.HALO_KERNELS
+    assert rows["determinism"][0]["result"] == "FAIL" and "boom" in rows["determinism"][0]["detail"]

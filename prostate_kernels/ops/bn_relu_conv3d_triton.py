@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 import triton.language as tl
 
-from prostate_kernels.ops import bn_relu_conv3d_halo_kernels as halo_kernels
+from prostate_kernels.ops import bn_relu_conv3d_halo_kernels as halo_jit
 from prostate_kernels.ops import bn_relu_conv3d_kernels as kernels
 from prostate_kernels.ops.channel_stats import batch_norm_stats, fold_batch_norm_into
 from prostate_kernels.ops.conv_geometry import ConvGeometry
@@ -154,7 +154,7 @@ _HALO_DGRAD_SPILLS = {
     (32, 3, 8, "fp32-tf32", True), (16, 3, 8, "fp32-ieee", ANY), (32, 3, 4, "fp32-ieee", True),
     (32, 3, 8, "fp32-ieee", True), (32, 1, 4, "fp32-ieee", True),
 }  # fmt: skip
-HALO_KERNELS = True  # stride 1 takes the halo kernels (forward and both gradients); direct_kernels(): off
+HALO_KERNELS = True  # stride 1 takes the halo kernels (forward and both gradients); set_halo_kernels()
 
 
 def _takes_halo(geometry: ConvGeometry) -> bool:
@@ -169,17 +169,36 @@ def _gradient_takes_halo(geometry: ConvGeometry, dot_dtype: tl.dtype, precision:
     return _takes_halo(geometry) and not (precision == "ieee" and dot_dtype == tl.float32 and int64)
 
 
-@contextlib.contextmanager
-def direct_kernels() -> Iterator[None]:
-    """Within the block every forward, weight gradient and input gradient takes the direct kernel
-    (bn_relu_conv3d_fwd_kernel, _wgrad_kernel, _dgrad_kernel), stride 1 included: to compare the two kinds
-    (bench, GPU checks, tests)."""
+def set_halo_kernels(enabled: bool) -> bool:
+    """From now on stride-1 convs take the halo kernels (True, the default) or the direct ones (False, as
+    for other strides); returns the setting it replaces. For a whole process, e.g. a GPU run whose halo
+    kernels failed their checks (bench/gpu_suite.py --direct-kernels); direct_kernels() and halo_kernels()
+    set it for a block."""
     global HALO_KERNELS
-    previous, HALO_KERNELS = HALO_KERNELS, False
+    previous, HALO_KERNELS = HALO_KERNELS, bool(enabled)
+    return previous
+
+
+@contextlib.contextmanager
+def _halo_kernels_set(enabled: bool) -> Iterator[None]:
+    previous = set_halo_kernels(enabled)
     try:
         yield
     finally:
-        HALO_KERNELS = previous
+        set_halo_kernels(previous)
+
+
+def direct_kernels() -> contextlib.AbstractContextManager[None]:
+    """Within the block every forward, weight gradient and input gradient takes the direct kernel
+    (bn_relu_conv3d_fwd_kernel, _wgrad_kernel, _dgrad_kernel), stride 1 included: to compare the two kinds
+    (bench, GPU checks, tests)."""
+    return _halo_kernels_set(False)
+
+
+def halo_kernels() -> contextlib.AbstractContextManager[None]:
+    """Within the block stride 1 takes the halo kernels even where set_halo_kernels(False) turned them off
+    (the GPU checks and tile timings of the halo kernels themselves)."""
+    return _halo_kernels_set(True)
 
 
 _wgrad_halo = bucketed_autotune(
@@ -187,7 +206,7 @@ _wgrad_halo = bucketed_autotune(
     key=["C_in", "C_out", "Do", "Ho", "Wo", "KD", "KH", "KW", "DOT_DTYPE", "INPUT_PRECISION", "INT64"],
     bucketed=("C_in", "Do", "Ho", "Wo"),
     prune_configs_by={"early_config_prune": prune_spilling(_HALO_WGRAD_SPILLS, ("BLOCK_CO", "num_stages"))},
-)(halo_kernels.bn_relu_conv3d_wgrad_halo_kernel)
+)(halo_jit.bn_relu_conv3d_wgrad_halo_kernel)
 
 _dgrad_halo = bucketed_autotune(
     autotune_configs([HALO_DGRAD_TILE], HALO_WARPS_STAGES),
@@ -208,7 +227,7 @@ _dgrad_halo = bucketed_autotune(
     bucketed=("C_in", "D", "H", "W"),
     restore_value=["gx_ptr"],
     prune_configs_by={"early_config_prune": prune_spilling(_HALO_DGRAD_SPILLS, ("BLOCK_N", "num_stages"))},
-)(halo_kernels.bn_relu_conv3d_dgrad_halo_kernel)
+)(halo_jit.bn_relu_conv3d_dgrad_halo_kernel)
 
 _fwd_halo = bucketed_autotune(
     autotune_configs(HALO_TILES, HALO_WARPS_STAGES),
@@ -219,7 +238,7 @@ _fwd_halo = bucketed_autotune(
             _HALO_SPILLS, ("BOX_D", "BOX_H", "BOX_W", "BLOCK_N", "num_stages")
         )
     },
-)(halo_kernels.bn_relu_conv3d_fwd_halo_kernel)
+)(halo_jit.bn_relu_conv3d_fwd_halo_kernel)
 
 DGRAD_MIN_BLOCK_M = min(tile["BLOCK_M"] for tile in DGRAD_TILES)  # sizes the input gradient's partial sums
 FINALIZE_BLOCK_M = 64
