@@ -122,6 +122,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms for the run (warn-only), untimed kernel tiles: "
                    "a rerun on the same GPU model repeats it bit for bit where every op allows")  # fmt: skip
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the network's forward and backward from CUDA graphs (one CUDA device, no "
+                   "torchrun): far fewer host launches per step (README: CUDA graphs)")  # fmt: skip
     p.add_argument("--workers", type=non_negative_int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_train)
@@ -239,6 +242,7 @@ def _train(args) -> int:
         spacing=tuple(args.spacing) if args.spacing else None,
         seed=args.seed,
         deterministic=args.deterministic,
+        cuda_graphs=args.cuda_graphs,
         workers=args.workers,
         progress=not args.no_progress,
     )

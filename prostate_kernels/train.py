@@ -12,6 +12,7 @@ iteration) lets `--resume` continue exactly where training stopped: the batches 
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import os
 import time
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from prostate_kernels import cuda_graph_training
 from prostate_kernels.checkpoint import load_checkpoint, load_model_weights, save_checkpoint
 from prostate_kernels.data import (
     ConfigError,
@@ -92,6 +94,7 @@ class TrainConfig:
     flips: bool = True
     augment: bool = True  # rotation, scaling and intensity augmentation (data/sampling.py)
     deterministic: bool = False  # torch.use_deterministic_algorithms for the run (deterministic_mode)
+    cuda_graphs: bool = False  # forward and backward replayed from CUDA graphs (cuda_graph_training.py)
     progress: bool = True
     model_kwargs: dict = field(default_factory=dict)
 
@@ -203,6 +206,9 @@ def train(config: TrainConfig, log=print, arrays: list | None = None) -> Path:
     if out.exists() and not out.is_dir():
         raise DataError(out, "--out is an existing file, expected a run directory")
     rank, world, device = _setup_distributed()
+    refused = config.cuda_graphs and cuda_graph_training.refusal(device, world)
+    if refused:
+        raise ConfigError(refused)
     if rank != 0:
         _check_run_directory(out, config.resume)
         with deterministic_mode(config.deterministic):
@@ -276,8 +282,9 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
     bar = _bar(start, config.iters) if rank == 0 and config.progress else None
     loss_fn = _loss(config.loss)
     window, log_every = [], max(1, config.val_every // 5)
+    batches = _graphed(model, iter(loader), device, amp_dtype, log) if config.cuda_graphs else loader
     tic = time.time()
-    for it, (x, y) in enumerate(loader, start=start + 1):
+    for it, (x, y) in enumerate(batches, start=start + 1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = loss_fn(net(x).float(), y)
@@ -327,6 +334,18 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
     if world > 1:
         dist.destroy_process_group()
     return ckpt_path
+
+
+def _graphed(model, batches, device, amp_dtype, log):
+    """The batches of the run, once model's training forward and backward are CUDA graphs captured on
+    the first batch (which is then trained on as the first iteration, like every other)."""
+    first = next(batches, None)
+    if first is None:  # nothing left to train
+        return iter(())
+    start = time.time()
+    cuda_graph_training.capture_training_step(model, first[0].to(device), amp_dtype)
+    log(f"--cuda-graphs: forward and backward captured in {time.time() - start:.1f} s (autotuning included)")
+    return itertools.chain([first], batches)
 
 
 def _finite_on_every_rank(loss: torch.Tensor, world: int) -> bool:
