@@ -68,12 +68,37 @@ def train_step(
     return step, optimizer
 
 
-def pair_rows(case: str, steps: dict, device: str, rounds: int) -> list[dict]:
-    """Rows of `case`: each step (name -> step function) eager and as a graph replay."""
+def partly_graphed_step(model: torch.nn.Module, backend: str, x: torch.Tensor, y: torch.Tensor, device: str):
+    """`train --cuda-graphs`' step: the network's forward and backward replayed from the graphs that
+    cuda_graph_training.capture_training_step captures (on CUDA; off it the eager step), the BCE loss
+    and Adam (default, not capturable) eager around them."""
+    from prostate_kernels.cuda_graph_training import capture_training_step
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    if device == "cuda":
+        with use_backend(backend):
+            capture_training_step(model, x, torch.bfloat16)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with use_backend(backend), torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            loss = loss_fn(model(x).float(), y)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def pair_rows(case: str, steps: dict, device: str, rounds: int, as_is: dict | None = None) -> list[dict]:
+    """Rows of `case`: each step (name -> step function) eager and as a graph replay, and each step of
+    `as_is` (name -> step function) only as it is (its graph_ms column empty), all timed side by side."""
     cases = {}
     for name, step in steps.items():
         cases[f"{name} eager"] = step
         cases[f"{name} graph"] = capture(step, device)
+    for name, step in (as_is or {}).items():
+        cases[f"{name} as is"] = step
     seconds = time_cases(cases, device, rounds)
     rows = []
     for name in steps:
@@ -83,6 +108,10 @@ def pair_rows(case: str, steps: dict, device: str, rounds: int) -> list[dict]:
     ours_graph = seconds[f"{next(iter(steps))} graph"]
     for row in rows:
         row["ours_graph_vs_this_graph"] = f"{seconds[row['variant'] + ' graph'] / ours_graph:.2f}"
+    for name in as_is or {}:
+        rows.append({"case": case, "variant": name, "eager_ms": f"{seconds[name + ' as is'] * 1e3:.3f}",
+                     "graph_ms": "", "graph_speedup": "",
+                     "ours_graph_vs_this_graph": f"{seconds[name + ' as is'] / ours_graph:.2f}"})  # fmt: skip
     return rows
 
 
@@ -112,11 +141,14 @@ def run(device: str = "cuda", layers=LAYERS, model=MODEL, rounds: int = 5) -> Be
     for kind, label in (("ours", "ours"), ("eager", "plain PyTorch")):
         network, backend = variant(name, kind, device)
         steps[label], _ = train_step(network, backend, x, y, device)
-    rows += pair_rows(f"{name} {'x'.join(map(str, patch))} training step", steps, device, rounds)
-    print(markdown_table(list(rows[-1]), rows[-2:]), flush=True)
+    network, backend = variant(name, "ours", device)
+    as_is = {"ours, train --cuda-graphs": partly_graphed_step(network, backend, x, y, device)}
+    rows += pair_rows(f"{name} {'x'.join(map(str, patch))} training step", steps, device, rounds, as_is)
+    print(markdown_table(list(rows[-1]), rows[-3:]), flush=True)
     step_rows = [r for r in rows if "training step" in r["case"]]
     summary = (
-        f"{name} step: ours {step_rows[0]['eager_ms']} ms eager, {step_rows[0]['graph_ms']} ms graph; "
+        f"{name} step: ours {step_rows[0]['eager_ms']} ms eager, {step_rows[0]['graph_ms']} ms graph, "
+        f"{step_rows[2]['eager_ms']} ms as train --cuda-graphs runs it; "
         f"plain {step_rows[1]['eager_ms']} / {step_rows[1]['graph_ms']} ms"
     )
     notes = [
@@ -126,6 +158,9 @@ def run(device: str = "cuda", layers=LAYERS, model=MODEL, rounds: int = 5) -> Be
         "ours (above 1: ours is faster in a graph)",
         "training step: Adam(capturable=True) in both modes (the models section uses the default Adam), "
         "autocast(cache_enabled=False), dropout 0.2 (p3a's)",
+        "ours, train --cuda-graphs: the network's forward and backward replayed from the graphs that "
+        "train --cuda-graphs captures (torch.cuda.make_graphed_callables), loss and default Adam eager; "
+        "timed as it is, beside the others",
     ]
     if device != "cuda":
         notes.append("dry run on the CPU: nothing captured, the graph column times the eager step again")

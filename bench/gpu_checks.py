@@ -577,13 +577,15 @@ def check_cuda_graphs(
     block=(48, 16, 4),  # DenseBlock3d's in_channels, growth rate, layers (dropout 0.2)
     block_size=(16, 64, 64),
     model=("tiramisu3d_p3a", (16, 64, 64), "auto"),  # (name, patch, backend) of the whole-step capture
+    train_case=("tiramisu3d_tiny", (16, 32, 32), 30),  # (name, patch, iterations) of train --cuda-graphs
 ) -> list[dict]:
     """Training steps captured in CUDA graphs (common.capture) give what eager gives: the fused layer
     (bf16, p3a's layer) and a dense block with dropout, forward + backward, bitwise; the dense block's
     dropout seeds are drawn on the GPU in the graph, so each replay draws new masks (the eager reference
     runs with the replay's seeds); a whole Tiramisu 3D training step (bf16 autocast, Adam capturable,
     dropout 0 so that eager can repeat it) replayed 3 times against 3 eager steps; no autotuner met a new
-    bucket inside a capture (the warm-up timed them all). Off CUDA (the dry run) nothing is captured."""
+    bucket inside a capture (the warm-up timed them all); `train --cuda-graphs` against the same run
+    without it. Off CUDA (the dry run) nothing is captured."""
     import warnings
 
     from common import capture
@@ -657,10 +659,48 @@ def check_cuda_graphs(
         rows.append(_row(f"DenseBlock3d{block} dropout 0.2: two replays draw other seeds and masks{dry}",
                          fresh, f"seeds differ and outputs differ: {fresh}"))  # fmt: skip
         rows.append(_whole_step_graph(device, *model, dry))  # on its own backend (model's third entry)
+        rows.append(_train_with_cuda_graphs(device, *train_case, dry))
     untimed = [str(w.message)[:120] for w in said if "CUDA graph capture" in str(w.message)]
     rows.append(_row(f"no autotuner bucket first met inside a capture{dry}", not untimed,
                      f"warnings: {untimed or 'none'}"))  # fmt: skip
     return rows
+
+
+def _train_with_cuda_graphs(device: str, name: str, patch: tuple, iters: int, dry: str) -> dict:
+    """train() with cuda_graphs against train() without, from the same seed on 3 phantoms in memory
+    (bf16 autocast on CUDA, dropout 0: eager cannot repeat a graph's draws): every iteration's loss
+    within 1e-2 of the eager run's (relative), and both runs' time per iteration after the first (the
+    capture and autotuning happen in the first). Off CUDA both runs are eager (the refusal)."""
+    import csv
+    import tempfile
+    from pathlib import Path
+
+    from prostate_kernels.data.phantoms import make_phantom
+    from prostate_kernels.train import TrainConfig, train
+
+    phantoms = [make_phantom(i, (patch[0], 2 * patch[1], 2 * patch[2])) for i in range(3)]
+    arrays = [(f"Case{i:02d}", p.image.array.astype("float32"), p.mask.array.astype("uint8"))
+              for i, p in enumerate(phantoms)]  # fmt: skip
+    losses, per_iteration = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for graphs in (False, True):
+            out = Path(tmp) / f"graphs-{graphs}"
+            config = TrainConfig(data=Path(tmp), out=out, model=name, patch=patch, batch=2, iters=iters,
+                                 val_cases=0, val_every=1, checkpoint_every=iters, progress=False,
+                                 model_kwargs={"dropout": 0.0},
+                                 cuda_graphs=graphs and device == "cuda")  # fmt: skip
+            with use_backend("auto" if device == "cuda" else "torch"):  # not the interpreter's kernels
+                train(config, log=lambda *a: None, arrays=arrays)
+            with (out / "metrics.csv").open() as f:
+                rows = list(csv.DictReader(f))
+            losses[graphs] = [float(r["loss"]) for r in rows]
+            seconds = [float(r["seconds"]) for r in rows]
+            per_iteration[graphs] = (seconds[-1] - seconds[0]) / max(1, len(seconds) - 1)
+    worst = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(losses[False], losses[True], strict=True))
+    return _row(f"train --cuda-graphs {name} {'x'.join(map(str, patch))}: {iters} iterations' losses vs "
+                f"eager{dry}", len(losses[True]) == iters and worst <= 1e-2,
+                f"largest relative loss difference {worst:.1e}; ms per iteration after the first: eager "
+                f"{per_iteration[False] * 1e3:.1f}, graphs {per_iteration[True] * 1e3:.1f}")  # fmt: skip
 
 
 def _whole_step_graph(device: str, name: str, patch: tuple, backend: str, dry: str) -> dict:

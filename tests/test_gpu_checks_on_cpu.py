@@ -128,8 +128,11 @@ def test_the_cuda_graph_check_runs_and_passes_on_a_tiny_case():
         block=(8, 4, 2),
         block_size=(2, 3, 4),
         model=("tiramisu3d_tiny", (8, 16, 16), "torch"),
+        train_case=("tiramisu3d_tiny", (8, 16, 16), 3),
     )
-    assert [r["result"] for r in rows] == ["PASS"] * 5, rows
+    assert [r["result"] for r in rows] == ["PASS"] * 6, rows
+    assert rows[4]["check"].startswith("train --cuda-graphs tiramisu3d_tiny 8x16x16: 3 iterations"), rows[4]
+    assert rows[4]["detail"].startswith("largest relative loss difference 0.0e+00"), rows[4]
     assert all(r["check"].endswith("(dry run: not captured)") for r in rows), rows
     assert "differing: none" in rows[0]["detail"] and "differing: none" in rows[1]["detail"]
     assert rows[3]["detail"].startswith("largest weight difference 0.0e+00"), rows[3]
@@ -147,9 +150,12 @@ def test_the_cuda_graph_timings_run_on_a_tiny_case():
     assert [(r["case"].split(" ")[0], r["variant"]) for r in result.rows] == [
         ("dense", "ours"), ("dense", "PyTorch"),
         ("tiramisu3d_tiny", "ours"), ("tiramisu3d_tiny", "plain PyTorch"),
+        ("tiramisu3d_tiny", "ours, train --cuda-graphs"),
     ]  # fmt: skip
-    assert all(float(r["eager_ms"]) > 0 and float(r["graph_ms"]) > 0 for r in result.rows)
+    assert all(float(r["eager_ms"]) > 0 and float(r["graph_ms"]) > 0 for r in result.rows[:-1])
+    assert float(result.rows[-1]["eager_ms"]) > 0 and result.rows[-1]["graph_ms"] == ""
     assert result.summary.startswith("tiramisu3d_tiny step: ours ")
+    assert " ms as train --cuda-graphs runs it; plain " in result.summary
     assert any("dry run" in note for note in result.notes)
 
 
