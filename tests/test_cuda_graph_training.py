@@ -115,3 +115,29 @@ def test_training_keeps_the_autocast_settings_it_had(monkeypatch):
     assert torch.is_autocast_cache_enabled()
     assert not torch.is_autocast_enabled("cpu")
     assert training.TrainConfig.__dataclass_fields__["cuda_graphs"].default is False
+
+
+@pytest.mark.parametrize("layer", ["DenseBlock3d", "BNReLUConv3d"])
+def test_the_triton_layers_give_their_gradients_to_autograd_grad(layer):
+    """make_graphed_callables captures the backward as torch.autograd.grad over the parameters: the
+    Triton path's autograd Functions must return every parameter's gradient (none written into .grad
+    on the side), equal to what .backward() accumulates (same dropout seed)."""
+    from prostate_kernels import use_backend
+    from prostate_kernels.nn import BNReLUConv3d, DenseBlock3d
+
+    torch.manual_seed(0)
+    module, channels = (
+        (DenseBlock3d(8, 4, 2, dropout=0.2), 8) if layer == "DenseBlock3d" else (BNReLUConv3d(6, 4), 6)
+    )
+    x, params = torch.randn(1, channels, 3, 4, 5), tuple(module.parameters())
+
+    def loss():
+        torch.manual_seed(1)  # the dropout masks
+        with use_backend("triton"):
+            return module(x).float().square().sum()
+
+    grads = torch.autograd.grad(loss(), params)
+    assert all(p.grad is None for p in params)
+    loss().backward()
+    for grad, p in zip(grads, params, strict=True):
+        torch.testing.assert_close(grad, p.grad, rtol=1e-4, atol=1e-5)
