@@ -3,6 +3,8 @@ reported as failed (the gate can fail). The gate itself is a command (`make gpu-
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -79,3 +81,22 @@ def test_depthwise_kernels_access_728_channels_last_channels_in_16_byte_vectors(
     for name, sass in (("fwd", fwd), ("dgrad", dgrad)):
         assert sass.get("STG.E.128", 0) >= 1 and "STG.E.U16" not in sass, (name, sass)
     assert "LDG.E.U16" not in wgrad, wgrad  # x and gy only: every load a vector
+
+
+def test_the_depthwise_halo_probe_compiles_without_spills_and_counts_its_tap_loop():
+    """tools/depthwise_halo_probe.py, behind bench/results/2026-11-28-depthwise-forward-bounds.md: it
+    compiles for sm_90a and sm_80 without spilling and reports its tap loop, with a float32 scratch (a
+    count recorded in the results file) fewer per 1000 element-taps than with a bf16 one, whose windows
+    each need converting."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    probe = Path(__file__).resolve().parents[1] / "tools" / "depthwise_halo_probe.py"
+    counts = {}
+    for scratch in ("fp32", "bf16"):
+        done = subprocess.run([sys.executable, str(probe), "--scratch", scratch], capture_output=True,
+                              text=True, env=env, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = done.stdout.splitlines()
+        assert [line.split(":")[0] for line in lines if line.startswith("sm_")] == ["sm_90", "sm_80"]
+        assert all(line.endswith("spills 0/0 B") for line in lines if line.startswith("sm_")), lines
+        counts[scratch] = int(next(line for line in lines if line.startswith("tap loop:")).split()[2])
+    assert 0 < counts["fp32"] < counts["bf16"], counts
