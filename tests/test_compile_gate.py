@@ -84,19 +84,22 @@ def test_depthwise_kernels_access_728_channels_last_channels_in_16_byte_vectors(
 
 
 def test_the_depthwise_halo_probe_compiles_without_spills_and_counts_its_tap_loop():
-    """tools/depthwise_halo_probe.py, behind bench/results/2026-11-28-depthwise-forward-bounds.md: it
-    compiles for sm_90a and sm_80 without spilling and reports its tap loop, with a float32 scratch (a
-    count recorded in the results file) fewer per 1000 element-taps than with a bf16 one, whose windows
-    each need converting."""
+    """tools/depthwise_halo_probe.py, behind bench/results/2026-11-28-depthwise-halo-probe.md: its
+    forward and its weight gradient (BLOCK_C 64, the recorded configuration) compile for sm_90a and sm_80
+    without spilling and report their tap loops, the forward fewer per 1000 element-taps with a float32
+    scratch than with a bf16 one, whose windows each need converting."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     probe = Path(__file__).resolve().parents[1] / "tools" / "depthwise_halo_probe.py"
     counts = {}
-    for scratch in ("fp32", "bf16"):
-        done = subprocess.run([sys.executable, str(probe), "--scratch", scratch], capture_output=True,
-                              text=True, env=env, timeout=300)  # fmt: skip
+    for scratch, kernel, block_c in (("fp32", "forward", "32"), ("bf16", "forward", "32"),
+                                     ("bf16", "weight-gradient", "64")):  # fmt: skip
+        done = subprocess.run([sys.executable, str(probe), "--scratch", scratch, "--kernel", kernel,
+                               "--block-c", block_c], capture_output=True, text=True, env=env,
+                              timeout=300)  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
         lines = done.stdout.splitlines()
         assert [line.split(":")[0] for line in lines if line.startswith("sm_")] == ["sm_90", "sm_80"]
         assert all(line.endswith("spills 0/0 B") for line in lines if line.startswith("sm_")), lines
-        counts[scratch] = int(next(line for line in lines if line.startswith("tap loop:")).split()[2])
-    assert 0 < counts["fp32"] < counts["bf16"], counts
+        counts[scratch, kernel] = int(next(line for line in lines if line.startswith("tap loop:")).split()[2])
+    assert 0 < counts["fp32", "forward"] < counts["bf16", "forward"], counts
+    assert counts["bf16", "weight-gradient"] > 0, counts
