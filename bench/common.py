@@ -72,6 +72,10 @@ def environment() -> dict[str, str]:
             env[module] = __import__(module).__version__
         except ImportError:
             env[module] = "not installed"
+    if torch.cuda.is_available():  # which fused-layer kernels a GPU run times
+        from prostate_kernels.ops.bn_relu_conv3d_triton import conv_kernels_in_use
+
+        env["conv_kernels"] = conv_kernels_in_use()
     return env
 
 

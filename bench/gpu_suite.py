@@ -198,15 +198,6 @@ def fall_back_to_direct_kernels(rows_by_check: dict[str, list[dict]], checks: di
     return rerun
 
 
-def conv_kernels_in_use() -> str:
-    """Which kernels the timings take for stride-1 convs (the results' header says it)."""
-    from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
-
-    if launchers.HALO_KERNELS:
-        return "halo kernels for stride 1 (the default), direct for other strides"
-    return "direct kernels for every stride (set_halo_kernels(False))"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -267,7 +258,7 @@ def main() -> None:
             {"section": "correctness", "result": "PASS" if not failed else "FAIL",
              "detail": f"{len(check_rows) - len(failed)}/{len(check_rows)} checks pass"}
         )  # fmt: skip
-    env["conv_kernels"] = conv_kernels_in_use()
+    env["conv_kernels"] = launchers.conv_kernels_in_use()  # after the checks' fallback, if any
     summary.append({"section": "conv kernels timed", "result": "INFO", "detail": env["conv_kernels"]})
     print(summary[-1], flush=True)
     if warming is not None:

@@ -190,7 +190,7 @@ def test_the_suite_falls_back_to_the_direct_kernels_only_when_they_pass(
     rows_by_check = {name: check("cuda") for name, check in checks.items()}
     rerun = gpu_suite.fall_back_to_direct_kernels(rows_by_check, checks)
     assert launchers.HALO_KERNELS is halo_after
-    assert gpu_suite.conv_kernels_in_use().startswith("halo" if halo_after else "direct")
+    assert launchers.conv_kernels_in_use().startswith("halo" if halo_after else "direct")
     if not rechecked:
         assert rerun == {}
         return

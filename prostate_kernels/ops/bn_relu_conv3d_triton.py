@@ -195,6 +195,13 @@ def direct_kernels() -> contextlib.AbstractContextManager[None]:
     return _halo_kernels_set(False)
 
 
+def conv_kernels_in_use() -> str:
+    """Which kernels stride-1 convs take now, in words (the benchmarks' result headers say it)."""
+    if HALO_KERNELS:
+        return "halo kernels for stride 1 (the default), direct for other strides"
+    return "direct kernels for every stride (set_halo_kernels(False))"
+
+
 def halo_kernels() -> contextlib.AbstractContextManager[None]:
     """Within the block stride 1 takes the halo kernels even where set_halo_kernels(False) turned them off
     (the GPU checks and tile timings of the halo kernels themselves)."""
