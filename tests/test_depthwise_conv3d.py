@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -27,6 +28,7 @@ class Case:
     dilation: int | tuple[int, int, int] = 1
     layout: str = "contiguous"  # | "channels_last" | "transposed"
     bias: bool = True
+    gy_channels_last: bool = False  # the output gradient's layout (the halo weight gradient needs it)
 
 
 CASES = [
@@ -41,6 +43,18 @@ CASES = [
     # the kernels declare their voxel offsets multiples of 8 and 4 (launch.voxel_alignment)
     Case("channels-last-24ch", 24, (4, 5, 6), padding=2, dilation=2, layout="channels_last"),
     Case("channels-last-12ch-stride2", 12, (5, 6, 7), stride=2, layout="channels_last"),
+    # stride 1, channels-last: the halo weight gradient (two blocks of 64 channels, the second partial;
+    # partial boxes at every far edge; an output smaller than the input: padding 0 along D and W)
+    Case("halo-70ch-odd", 70, (5, 7, 9), layout="channels_last", gy_channels_last=True),
+    Case(
+        "halo-16ch-valid",
+        16,
+        (6, 6, 11),
+        padding=(0, 1, 0),
+        layout="channels_last",
+        bias=False,
+        gy_channels_last=True,
+    ),
 ]
 
 
@@ -61,7 +75,10 @@ def run(case: Case, x, w, b, backend: str, dtype, gy=None):
     b = b.detach().to(dtype).requires_grad_(True) if b is not None else None
     with use_backend(backend):
         y = functional.depthwise_conv3d(x, w, b, case.stride, case.padding, case.dilation)
-    gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)) if gy is None else gy
+    if gy is None:
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3))
+        if case.gy_channels_last:
+            gy = gy.to(memory_format=torch.channels_last_3d)
     y.backward(gy.to(y.dtype))
     return {"y": y, "grad_x": x.grad, "grad_w": w.grad, "grad_b": b.grad if b is not None else None}, gy
 
@@ -314,3 +331,41 @@ def test_twin_is_grouped_conv3d():
     x, w = torch.randn(1, 3, 4, 4, 4), torch.randn(3, 1, 3, 3, 3)
     expected = torch.nn.functional.conv3d(x, w, None, 1, 1, 1, groups=3)
     assert torch.equal(reference.depthwise_conv3d(x, w, None, (1, 1, 1), (1, 1, 1), (1, 1, 1)), expected)
+
+
+@pytest.mark.parametrize(
+    "programs_wanted, grid",
+    [(1, (1, 2)), (100, (16, 2)), (None, None)],
+    ids=["one-split", "16-splits", "off"],
+)
+def test_the_halo_weight_gradient_writes_every_sum_in_any_split(programs_wanted, grid, monkeypatch):
+    """Stride 1 in channels-last tensors takes depthwise_conv3d_wgrad_halo_kernel. Its partial sums start
+    as NaN here: each program's first box writes its row, there is no zero fill. One program per channel
+    block, and as many as there are boxes (16), both against float64; under direct_kernels() (the one
+    halo switch) the direct kernel runs instead."""
+    from prostate_kernels.ops import bn_relu_conv3d_triton as fused
+    from prostate_kernels.ops import depthwise_conv3d_kernels as kernels
+
+    real, grids = kernels.depthwise_conv3d_wgrad_halo_kernel, []
+
+    class Spy:  # records each launch's grid; the partial sums (argument 2) start as NaN
+        def __getitem__(self, launch_grid):
+            def launch(*args, **kwargs):
+                args[2].fill_(float("nan"))
+                grids.append(launch_grid)
+                return real[launch_grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(kernels, "depthwise_conv3d_wgrad_halo_kernel", Spy())
+    if programs_wanted is not None:
+        monkeypatch.setattr(fused, "halo_programs_wanted", lambda device: programs_wanted)
+    case = Case("halo", 70, (5, 7, 9), layout="channels_last", gy_channels_last=True)  # 16 boxes of 4x4x8
+    g = torch.Generator().manual_seed(0)
+    x, w, b = make_input(case, g), torch.randn((70, 1, 3, 3, 3), generator=g), torch.randn((70,), generator=g)
+    with fused.direct_kernels() if programs_wanted is None else contextlib.nullcontext():
+        got, gy = run(case, x, w, b, "triton", torch.float32)
+    expected, _ = run(case, x, w, b, "torch", torch.float64, gy)
+    assert grids == ([grid] if grid else [])
+    for key in ("grad_w", "grad_b", "grad_x", "y"):
+        assert rel(got[key], expected[key]) < RTOL32, f"{key}: {rel(got[key], expected[key]):.1e}"

@@ -13,6 +13,7 @@ Accumulation is float32 whatever the input dtype.
 import triton
 import triton.language as tl
 
+from prostate_kernels.ops.bn_relu_conv3d_halo_kernels import _box_counts, _box_origin, _box_rows, _fill_halo
 from prostate_kernels.ops.dot_operands import dot_operand
 from prostate_kernels.ops.triton_index import (
     aligned_count,
@@ -275,6 +276,98 @@ def depthwise_conv3d_wgrad_kernel(
         tl.store(
             partial_ptr + (pid_m * (KD * KH * KW + 1) + KD * KH * KW) * C + offs_c, bias_sum, mask=mask_c
         )
+
+
+@triton.jit
+def depthwise_conv3d_wgrad_halo_kernel(
+    x_ptr,  # (N, C, D, H, W), strides sx*, channels-last
+    gy_ptr,  # (N, C, Do, Ho, Wo), strides sg*, channels-last
+    partial_ptr,  # (programs along boxes, taps + 1, C) float32, uninitialised: each program's sums over
+    # its boxes, per tap, and in row `taps` its sum of gy (HAS_BIAS); the launcher adds the programs'
+    scratch_ptr,  # (programs along boxes, channel blocks, HALO_ROWS, BLOCK_C) x's dtype: halo tiles
+    N,
+    C,
+    D,
+    H,
+    W,
+    Do,
+    Ho,
+    Wo,
+    sxn,
+    sxc,
+    sxd,
+    sxh,
+    sxw,
+    sgn,
+    sgc,
+    sgd,
+    sgh,
+    sgw,
+    pdd,
+    pdh,
+    pdw,
+    taps,  # KD * KH * KW
+    KD: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    DLD: tl.constexpr,  # dilation
+    DLH: tl.constexpr,
+    DLW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INT64: tl.constexpr,
+    ALIGN: tl.constexpr,  # gy's voxel offsets and C are multiples of ALIGN (launch.voxel_alignment)
+    BOX_D: tl.constexpr,  # box of BOX_D x BOX_H x BOX_W voxels (powers of two)
+    BOX_H: tl.constexpr,
+    BOX_W: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    FILL_M: tl.constexpr,
+):
+    """Weight gradient at stride 1 through halo tiles; grid (programs along boxes, blocks of C). Program
+    (p, cb) owns boxes p, p + P, ... and channel block cb. Per box it copies the halo of x once into its
+    scratch tile (as the fused layer's halo kernels do: zeros outside the volume) and loads the box's gy
+    once; each tap's window of the tile times gy is summed over the box's voxels (across the program's
+    threads) and added to the program's row of the sums. Its first box loads no sums, so the buffer needs
+    no zero fill (the launcher gives every program at least one box). About 2.8x fewer instructions per
+    multiply-add than depthwise_conv3d_wgrad_kernel in sm_90a SASS (bench/results/
+    2026-11-28-depthwise-halo-probe.md), which still takes other strides and NCDHW tensors."""
+    HALO_D: tl.constexpr = BOX_D + (KD - 1) * DLD
+    HALO_H: tl.constexpr = BOX_H + (KH - 1) * DLH
+    HALO_W: tl.constexpr = BOX_W + (KW - 1) * DLW
+    HALO_ROWS: tl.constexpr = (HALO_D * HALO_H * HALO_W + FILL_M - 1) // FILL_M * FILL_M
+    programs = tl.num_programs(0)
+    first_box = tl.program_id(0)
+    scratch = scratch_ptr + widen(tl.program_id(1) * programs + first_box, INT64) * (HALO_ROWS * BLOCK_C)
+    partial = partial_ptr + widen(first_box, INT64) * (taps + 1) * C
+    offs_c = block_offsets(tl.program_id(1), BLOCK_C)
+    mask_c = offs_c < aligned_count(C, ALIGN)
+    channels = tl.arange(0, BLOCK_C)
+    rd, rh, rw, halo_row = _box_rows(BOX_D, BOX_H, BOX_W, HALO_H, HALO_W)
+    boxes_per_image, boxes_h, boxes_w = _box_counts(Do, Ho, Wo, BOX_D, BOX_H, BOX_W)  # boxes of gy
+    gy_sum = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for box in range(first_box, N * boxes_per_image, programs):
+        n, od0, oh0, ow0 = _box_origin(box, boxes_per_image, boxes_h, boxes_w, BOX_D, BOX_H, BOX_W)
+        _fill_halo(scratch, x_ptr + widen(n, INT64) * sxn, x_ptr, x_ptr, offs_c, C, od0 - pdd, oh0 - pdh,
+                   ow0 - pdw, D, H, W, sxc, sxd, sxh, sxw, HALO_D, HALO_H, HALO_W, FILL_M, BLOCK_C,
+                   x_ptr.dtype.element_ty, "ieee", INT64, False)  # fmt: skip
+        od, oh, ow = od0 + rd, oh0 + rh, ow0 + rw
+        g_row = voxel_offsets_aligned(n, od, oh, ow, sgn, sgd, sgh, sgw, INT64, ALIGN)
+        g_mask = ((od < Do) & (oh < Ho) & (ow < Wo))[:, None] & mask_c[None, :]
+        g = tl.load(gy_ptr + g_row[:, None] + widen(offs_c, INT64)[None, :] * sgc, mask=g_mask, other=0.0)
+        g = g.to(tl.float32)
+        if HAS_BIAS:
+            gy_sum += tl.sum(g, axis=0)
+        windows = scratch + halo_row[:, None] * BLOCK_C + channels[None, :]  # each tap: a constant offset
+        for tap in range(taps):
+            kd = tap // (KH * KW)
+            kh = (tap // KW) % KH
+            kw = tap % KW
+            window = tl.load(windows + ((kd * DLD * HALO_H + kh * DLH) * HALO_W + kw * DLW) * BLOCK_C)
+            tap_sum = tl.sum(window.to(tl.float32) * g, axis=0)
+            row = partial + tap * C + offs_c
+            earlier = tl.load(row, mask=mask_c & (box != first_box), other=0.0)  # the first box: none
+            tl.store(row, earlier + tap_sum, mask=mask_c)
+    if HAS_BIAS:
+        tl.store(partial + taps * C + offs_c, gy_sum, mask=mask_c)
 
 
 @triton.jit

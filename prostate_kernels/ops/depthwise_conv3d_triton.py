@@ -111,11 +111,72 @@ def depthwise_input_grad(gy, weight, x_shape, x_like: torch.Tensor, geometry: Co
     return gx
 
 
+# The halo weight gradient (depthwise_conv3d_wgrad_halo_kernel): one tile, 4 warps, no pipelining (the
+# configuration compiled without spills in bench/results/2026-11-28-depthwise-halo-probe.md). It takes
+# stride 1 in channels-last tensors while the fused layer's halo kernels are on (one switch:
+# bn_relu_conv3d_triton.set_halo_kernels) and the halo fits HALO_WGRAD_MAX_ROWS (dilation 2 at 3x3x3:
+# 768); other launches take the direct kernel.
+HALO_WGRAD_TILE = {"BOX_D": 4, "BOX_H": 4, "BOX_W": 8, "BLOCK_C": 64, "FILL_M": 128}
+HALO_WGRAD_MAX_ROWS = 768
+
+
+def _halo_wgrad_rows(geometry: ConvGeometry) -> int:
+    """Rows of one program's scratch tile (the kernel's HALO_ROWS)."""
+    t = HALO_WGRAD_TILE
+    halo = 1
+    for box, k, dil in zip(
+        (t["BOX_D"], t["BOX_H"], t["BOX_W"]), geometry.kernel, geometry.dilation, strict=True
+    ):
+        halo *= box + (k - 1) * dil
+    return cdiv(halo, t["FILL_M"]) * t["FILL_M"]
+
+
+def _weight_grad_takes_halo(x, gy, geometry: ConvGeometry) -> bool:
+    from prostate_kernels.ops import bn_relu_conv3d_triton as fused  # the halo switch lives there
+
+    return (
+        fused.HALO_KERNELS
+        and geometry.stride == (1, 1, 1)
+        and x.stride(1) == 1
+        and gy.stride(1) == 1
+        and _halo_wgrad_rows(geometry) <= HALO_WGRAD_MAX_ROWS
+    )
+
+
+def _halo_weight_grad(x, gy, geometry: ConvGeometry, with_bias: bool) -> torch.Tensor:
+    """The (programs, taps + 1, C) partial sums through depthwise_conv3d_wgrad_halo_kernel: at most
+    halo_programs_wanted programs in all, each with one box at least (so that each writes its row)."""
+    from prostate_kernels.ops import bn_relu_conv3d_triton as fused
+
+    n, c, d, h, w = x.shape
+    do, ho, wo = gy.shape[2:]
+    t = HALO_WGRAD_TILE
+    c_blocks = cdiv(c, t["BLOCK_C"])
+    boxes = n * cdiv(do, t["BOX_D"]) * cdiv(ho, t["BOX_H"]) * cdiv(wo, t["BOX_W"])  # boxes of gy
+    programs = max(1, min(boxes, fused.halo_programs_wanted(x.device) // c_blocks))
+    rows = _halo_wgrad_rows(geometry)
+    partial = torch.empty((programs, geometry.taps + 1, c), dtype=torch.float32, device=x.device)
+    scratch = torch.empty((programs * c_blocks * rows * t["BLOCK_C"],), dtype=x.dtype, device=x.device)
+    kernels.depthwise_conv3d_wgrad_halo_kernel[(programs, c_blocks)](
+        x, gy, partial, scratch, n, c, d, h, w, do, ho, wo, *x.stride(), *gy.stride(), *geometry.padding,
+        geometry.taps,
+        KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], DLD=geometry.dilation[0],
+        DLH=geometry.dilation[1], DLW=geometry.dilation[2], HAS_BIAS=with_bias,
+        INT64=needs_int64(x, gy, extra=(partial.numel(), scratch.numel())), ALIGN=voxel_alignment(gy),
+        num_warps=4, num_stages=1, **t,
+    )  # fmt: skip
+    return partial
+
+
 def depthwise_weight_grad(
     x, gy, geometry: ConvGeometry, with_bias: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(grad of weight (C, 1, kD, kH, kW) float32, grad of bias (C,) float32 or None)."""
     n, c, d, h, w = x.shape
+    if _weight_grad_takes_halo(x, gy, geometry):
+        sums = _halo_weight_grad(x, gy, geometry, with_bias).sum(dim=0)  # the programs', in a fixed order
+        grad_w = sums[: geometry.taps].t().reshape(c, 1, *geometry.kernel)
+        return grad_w, (sums[geometry.taps] if with_bias else None)
     _, _, do, ho, wo = gy.shape
     m = n * do * ho * wo
     block_c = 64 if x.stride(1) == 1 else 16
