@@ -281,7 +281,7 @@ def depthwise_conv3d_wgrad_kernel(
 @triton.jit
 def depthwise_conv3d_wgrad_halo_kernel(
     x_ptr,  # (N, C, D, H, W), strides sx*, channels-last
-    gy_ptr,  # (N, C, Do, Ho, Wo), strides sg*, channels-last
+    gy_ptr,  # (N, C, Do, Ho, Wo), strides sg* (any layout: loaded once per box)
     partial_ptr,  # (programs along boxes, taps + 1, C) float32, uninitialised: each program's sums over
     # its boxes, per tap, and in row `taps` its sum of gy (HAS_BIAS); the launcher adds the programs'
     scratch_ptr,  # (programs along boxes, channel blocks, HALO_ROWS, BLOCK_C) x's dtype: halo tiles
