@@ -43,9 +43,9 @@ CASES = [
     # the kernels declare their voxel offsets multiples of 8 and 4 (launch.voxel_alignment)
     Case("channels-last-24ch", 24, (4, 5, 6), padding=2, dilation=2, layout="channels_last"),
     Case("channels-last-12ch-stride2", 12, (5, 6, 7), stride=2, layout="channels_last"),
-    # stride 1, channels-last x: the halo weight gradient (two blocks of 64 channels, the second partial;
-    # partial boxes at every far edge; an output smaller than the input: padding 0 along D and W; gy
-    # channels-last and NCDHW)
+    # stride 1, channels-last x, the shapes of the halo weight gradient's test below (which it takes in
+    # half precision; float32 takes the direct kernel): two blocks of 64 channels, the second partial;
+    # an output smaller than the input (padding 0 along D and W); gy channels-last and NCDHW
     Case("halo-70ch-odd", 70, (5, 7, 9), layout="channels_last", gy_channels_last=True),
     Case("halo-16ch-valid", 16, (6, 6, 11), padding=(0, 1, 0), layout="channels_last", bias=False),
 ]
@@ -326,16 +326,21 @@ def test_twin_is_grouped_conv3d():
     assert torch.equal(reference.depthwise_conv3d(x, w, None, (1, 1, 1), (1, 1, 1), (1, 1, 1)), expected)
 
 
+HALO_70 = Case("halo", 70, (5, 7, 9), layout="channels_last", gy_channels_last=True)  # 16 boxes of 4x4x8
+HALO_VALID = Case("halo-valid", 16, (6, 6, 11), padding=(0, 1, 0), layout="channels_last")  # NCDHW gy
+
+
 @pytest.mark.parametrize(
-    "programs_wanted, grid",
-    [(1, (1, 2)), (100, (16, 2)), (None, None)],
-    ids=["one-split", "16-splits", "off"],
+    "case, programs_wanted, grid",
+    [(HALO_70, 1, (1, 2)), (HALO_70, 100, (16, 2)), (HALO_70, None, None), (HALO_VALID, 4, (4, 1))],
+    ids=["one-split", "16-splits", "off", "valid-padding-ncdhw-gy"],
 )
-def test_the_halo_weight_gradient_writes_every_sum_in_any_split(programs_wanted, grid, monkeypatch):
-    """Stride 1 with a channels-last x takes depthwise_conv3d_wgrad_halo_kernel. Its partial sums start
-    as NaN here: each program's first box writes its row, there is no zero fill. One program per channel
-    block, and as many as there are boxes (16), both against float64; under direct_kernels() (the one
-    halo switch) the direct kernel runs instead."""
+def test_the_halo_weight_gradient_writes_every_sum_in_any_split(case, programs_wanted, grid, monkeypatch):
+    """A half-precision channels-last x at stride 1 takes depthwise_conv3d_wgrad_halo_kernel. Its partial
+    sums start as NaN here: each program's first box writes its row, there is no zero fill. One program
+    per channel block, and as many as there are boxes (16); an output smaller than the input (padding 0)
+    with an NCDHW gy; against float64 on the same fp16 inputs (the gradients come back in fp16: rounding
+    only). Under direct_kernels() (the one halo switch) the direct kernel runs instead."""
     from prostate_kernels.ops import bn_relu_conv3d_triton as fused
     from prostate_kernels.ops import depthwise_conv3d_kernels as kernels
 
@@ -353,12 +358,12 @@ def test_the_halo_weight_gradient_writes_every_sum_in_any_split(programs_wanted,
     monkeypatch.setattr(kernels, "depthwise_conv3d_wgrad_halo_kernel", Spy())
     if programs_wanted is not None:
         monkeypatch.setattr(fused, "halo_programs_wanted", lambda device: programs_wanted)
-    case = Case("halo", 70, (5, 7, 9), layout="channels_last", gy_channels_last=True)  # 16 boxes of 4x4x8
     g = torch.Generator().manual_seed(0)
-    x, w, b = make_input(case, g), torch.randn((70, 1, 3, 3, 3), generator=g), torch.randn((70,), generator=g)
+    x = make_input(case, g).half()
+    w, b = torch.randn((case.c, 1, 3, 3, 3), generator=g).half(), torch.randn((case.c,), generator=g).half()
     with fused.direct_kernels() if programs_wanted is None else contextlib.nullcontext():
-        got, gy = run(case, x, w, b, "triton", torch.float32)
-    expected, _ = run(case, x, w, b, "torch", torch.float64, gy)
+        got, gy = run(case, x, w, b, "triton", torch.float16)
+    expected, _ = run(case, x, w, b, "torch", torch.float64, gy.half())
     assert grids == ([grid] if grid else [])
-    for key in ("grad_w", "grad_b", "grad_x", "y"):
-        assert rel(got[key], expected[key]) < RTOL32, f"{key}: {rel(got[key], expected[key]):.1e}"
+    for key in ("grad_w", "grad_b"):
+        assert rel(got[key], expected[key]) < 2e-3, f"{key}: {rel(got[key], expected[key]):.1e}"

@@ -201,6 +201,7 @@ def run_workloads(paths=DOT_PATHS, log=print) -> None:
                                 _train_and_infer(model, x)
                 model.float()
             with _dot_settings(path):
+                run_layer_workloads(layout)
                 run_int64_workloads(layout)
         log(f"  captured {path} in {time.time() - start:.1f} s ({len(RECORDER.variants)} variants so far)")
     with dot_path("fp32"):
@@ -212,6 +213,31 @@ def dot_path_mismatches(variants) -> list:
     with a dot, captured under bf16, that multiplies float32): the sweep would not compile what a GPU
     runs on that path."""
     return [v for v in variants if v.dot and v.path in DOT_PATHS and v.dot != v.path]
+
+
+def run_layer_workloads(layout) -> None:
+    """Depthwise layers on activations in `layout` itself. The networks' meta-tensor activations do not
+    stay channels-last (a meta conv3d returns NCDHW), and on a GPU they do: this is how the depthwise
+    weight gradient's halo kernel (channels-last x) is reached."""
+    import torch
+
+    from prostate_kernels.nn import DepthwiseConv3d, SeparableConv3d
+
+    with torch.device("meta"):
+        layers = [
+            (DepthwiseConv3d(128, 3, padding=1), (2, 128, 16, 64, 64)),
+            (SeparableConv3d(64, 64, 3, dilation=(1, 2, 2)), (2, 64, 8, 32, 32)),
+        ]
+    for layer, shape in layers:
+        layer = layer.to(memory_format=layout)
+        x = torch.empty(shape, device="meta", requires_grad=True).to(memory_format=layout)
+        for forward_kernel in FORWARD_KERNELS:
+            layer.train()
+            with forward_kernel():
+                layer(x).float().sum().backward()
+        layer.eval()
+        with torch.no_grad():
+            layer(x)
 
 
 def run_int64_workloads(layout) -> None:

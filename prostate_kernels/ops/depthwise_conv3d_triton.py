@@ -113,9 +113,9 @@ def depthwise_input_grad(gy, weight, x_shape, x_like: torch.Tensor, geometry: Co
 
 # The halo weight gradient (depthwise_conv3d_wgrad_halo_kernel): one tile, 4 warps, no pipelining (the
 # configuration compiled without spills in bench/results/2026-11-28-depthwise-halo-probe.md). It takes
-# stride 1 with a channels-last x (gy in any layout: the networks' backward hands it NCDHW) while the
-# fused layer's halo kernels are on (one switch: bn_relu_conv3d_triton.set_halo_kernels) and the halo
-# fits HALO_WGRAD_MAX_ROWS (dilation 2 at 3x3x3: 768); other launches take the direct kernel.
+# stride 1 with a channels-last bf16 or fp16 x (gy in any layout: the networks' backward may hand it
+# NCDHW) while the fused layer's halo kernels are on (one switch: bn_relu_conv3d_triton.set_halo_kernels)
+# and the halo fits HALO_WGRAD_MAX_ROWS (dilation 2 at 3x3x3: 768); other launches take the direct kernel.
 HALO_WGRAD_TILE = {"BOX_D": 4, "BOX_H": 4, "BOX_W": 8, "BLOCK_C": 64, "FILL_M": 128}
 HALO_WGRAD_MAX_ROWS = 768
 
@@ -138,6 +138,7 @@ def _weight_grad_takes_halo(x, gy, geometry: ConvGeometry) -> bool:
         fused.HALO_KERNELS
         and geometry.stride == (1, 1, 1)
         and x.stride(1) == 1  # the halo fills along channels; gy, loaded once per box, in any layout
+        and x.dtype != torch.float32  # float32: 254-255 registers, spilling 56 B on sm_80 (compile sweep)
         and _halo_wgrad_rows(geometry) <= HALO_WGRAD_MAX_ROWS
     )
 
