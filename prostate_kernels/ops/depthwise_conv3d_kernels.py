@@ -7,7 +7,9 @@ a runtime loop (unrolled, their tiles stayed live together and spilled registers
 tensors a tile's channels are contiguous (coalesced loads); in NCDHW its voxels are. The taps re-read
 each tile shifted by the dilation: the tile and its halo come from DRAM once and from L1/L2 for the
 other taps (Triton gives no explicit control of shared memory, so the reuse is the hardware cache's).
-Accumulation is float32 whatever the input dtype.
+Accumulation is float32 whatever the input dtype. The weight gradient at stride 1 has a halo kernel too
+(depthwise_conv3d_wgrad_halo_kernel, on the fused layer's halo helpers): the halo of each box of x is
+copied once into the program's scratch tile, and the taps read their windows there.
 """
 
 import triton
@@ -327,9 +329,10 @@ def depthwise_conv3d_wgrad_halo_kernel(
     scratch tile (as the fused layer's halo kernels do: zeros outside the volume) and loads the box's gy
     once; each tap's window of the tile times gy is summed over the box's voxels (across the program's
     threads) and added to the program's row of the sums. Its first box loads no sums, so the buffer needs
-    no zero fill (the launcher gives every program at least one box). About 2.8x fewer instructions per
-    multiply-add than depthwise_conv3d_wgrad_kernel in sm_90a SASS (bench/results/
-    2026-11-28-depthwise-halo-probe.md), which still takes other strides and NCDHW tensors."""
+    no zero fill (the launcher gives every program at least one box). 2.4x fewer instructions per
+    multiply-add than depthwise_conv3d_wgrad_kernel in sm_90a SASS at 728 channels and dilation 2
+    (bench/results/2026-11-28-depthwise-halo-probe.md); that kernel still takes other strides, NCDHW
+    or float32 x, and larger halos."""
     HALO_D: tl.constexpr = BOX_D + (KD - 1) * DLD
     HALO_H: tl.constexpr = BOX_H + (KH - 1) * DLH
     HALO_W: tl.constexpr = BOX_W + (KW - 1) * DLW
