@@ -8,8 +8,8 @@
 2. in the background, fills Triton's cache: tools/gpu_compile.py --warm-cache compiles every captured
    launch variant on all CPU cores, so the autotuners find most kernels compiled (waited for, at most
    WARM_CACHE_WAIT_S, before anything is timed);
-3. checks every kernel on CUDA against its float64 reference (bench/gpu_checks.py); when a fused-layer
-   check fails with the halo kernels (stride 1's default) and passes again under direct_kernels(), every
+3. checks every kernel on CUDA against its float64 reference (bench/gpu_checks.py); when a check that
+   runs the halo kernels fails, and passes again under direct_kernels(), every
    later check and timing takes the direct kernels (the header's conv_kernels says which ran; a second
    call is then given --direct-kernels);
 4. times the ops and the networks against eager PyTorch and torch.compile (the bench_* GPU sections),
@@ -136,10 +136,10 @@ def merge(paths: list[Path], out: Path) -> None:
         print(path)
 
 
-# The checks whose rows judge the fused layer's kernels (stride 1 runs the halo kernels in them), and the
-# ones rerun under direct_kernels() when any of those fails.
-CONV_CHECKS = ("bn_relu_conv3d", "bn_relu_conv3d tiles", "dense block")
-CONV_RECHECKS = ("bn_relu_conv3d", "dense block")
+# The checks that run the halo kernels (the fused layer's at stride 1, the depthwise weight gradient's in
+# channels-last half precision), and the ones rerun under direct_kernels() when any of those fails.
+CONV_CHECKS = ("bn_relu_conv3d", "bn_relu_conv3d tiles", "dense block", "depthwise")
+CONV_RECHECKS = ("bn_relu_conv3d", "dense block", "depthwise")
 
 
 def run_check(name: str, check) -> list[dict]:
@@ -155,7 +155,7 @@ def run_check(name: str, check) -> list[dict]:
 
 def run_checks(checks: list[tuple[str, object]], chosen: list[str], t0: float) -> dict[str, list[dict]]:
     """The checks naming a word of `chosen` (all when it is empty), in order, each check's rows under its
-    name. Right after the last fused-layer check, a failure there may turn the halo kernels off
+    name. Right after the last check of CONV_CHECKS, a failure there may turn the halo kernels off
     (fall_back_to_direct_kernels), so the checks after it run what the timings will run."""
     from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
 
@@ -172,17 +172,17 @@ def run_checks(checks: list[tuple[str, object]], chosen: list[str], t0: float) -
 
 
 def fall_back_to_direct_kernels(rows_by_check: dict[str, list[dict]], checks: dict) -> dict[str, list[dict]]:
-    """When a fused-layer check failed with the halo kernels on (stride 1's default), CONV_RECHECKS again
+    """When a check of CONV_CHECKS failed with the halo kernels on (stride 1's default), CONV_RECHECKS again
     under direct_kernels(). If they all pass there, the halo kernels are the failure: from here on this
     process times the direct kernels (set_halo_kernels(False)), so the timings are of kernels that passed,
     and the halo kernels' failure stays in the correctness table. Returns the rerun's rows, each check
-    named "... (direct kernels)"; nothing when no fused-layer check failed, or none of them ran."""
+    named "... (direct kernels)"; nothing when none of CONV_CHECKS failed, or none of them ran."""
     from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
 
     failed = [r for name in CONV_CHECKS for r in rows_by_check.get(name, []) if r["result"] == "FAIL"]
     if not failed:
         return {}
-    print(f"gpu_suite: {len(failed)} fused-layer check(s) failed with the halo kernels; rechecking "
+    print(f"gpu_suite: {len(failed)} check(s) failed with the halo kernels; rechecking "
           "under direct_kernels()", flush=True)  # fmt: skip
     rerun = {}
     with launchers.direct_kernels():

@@ -178,7 +178,7 @@ def _fake_check(name: str, passes_with_halo: bool, passes_direct: bool):
 def test_the_suite_falls_back_to_the_direct_kernels_only_when_they_pass(
     halo_ok, direct_ok, rechecked, halo_after, monkeypatch
 ):
-    """bench/gpu_suite.py after its fused-layer checks: no failure, no recheck; a failure with the halo
+    """bench/gpu_suite.py after its halo-kernel checks: no failure, no recheck; a failure with the halo
     kernels rechecks under direct_kernels(), and the process times the direct kernels only if they pass
     there (both failing leaves the default: there is nothing better to time, and the table says so)."""
     import gpu_suite
@@ -202,8 +202,8 @@ def test_the_suite_falls_back_to_the_direct_kernels_only_when_they_pass(
 
 def test_the_suite_runs_the_chosen_checks_and_rechecks_before_the_later_ones(monkeypatch):
     """bench/gpu_suite.run_checks: the chosen checks in order, the direct-kernel recheck right after the last
-    fused-layer check (so a later check, here "determinism", already runs the direct kernels), a crashing
-    check reported as a FAIL row, and a choice without any fused-layer check."""
+    halo-kernel check (so a later check, here "determinism", already runs the direct kernels), a crashing
+    check reported as a FAIL row, and a choice without any halo-kernel check."""
     import gpu_suite
 
     from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
