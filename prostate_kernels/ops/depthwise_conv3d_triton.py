@@ -56,6 +56,9 @@ _SEPARABLE_SPILLS = {
     (64, 128, 32, 4, ANY, ANY),
     (64, 128, 32, 8, ANY, ANY),
     (64, 128, 64, 4, ANY, ANY),
+    # 64 output channels (first captured 2026-11-28 on channels-last activations), float32 IEEE dots only
+    (128, 64, 32, 4, "fp32-ieee", ANY),
+    (64, 64, 32, 8, "fp32-ieee", ANY),
 }
 _separable = bucketed_autotune(
     autotune_configs(
