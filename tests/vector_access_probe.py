@@ -17,13 +17,17 @@ from compile_capture import RECORDER, capturing  # noqa: E402
 from sass_loops import sass_of  # noqa: E402
 
 from prostate_kernels.nn import DepthwiseConv3d  # noqa: E402
+from prostate_kernels.ops.bn_relu_conv3d_triton import direct_kernels  # noqa: E402
 
 with capturing():
     with torch.device("meta"):
         layer = DepthwiseConv3d(728, 3, padding=2, dilation=2).to(torch.bfloat16)
         x = torch.empty(2, 728, 4, 8, 8, dtype=torch.bfloat16).to(memory_format=torch.channels_last_3d)
     y = layer(x.requires_grad_(True))
-    y.backward(torch.empty_like(y))
+    y.backward(torch.empty_like(y))  # the weight gradient: the halo kernel (stride 1, channels-last bf16)
+    with direct_kernels():  # and the direct one, as at other strides, NCDHW or float32
+        y = layer(x)
+        y.backward(torch.empty_like(y))
 
 counts = {}
 for variant, (fn, signature, constexprs, attrs, options) in RECORDER.variants.items():
