@@ -123,26 +123,17 @@ HALO_WGRAD_TILE = {"BOX_D": 4, "BOX_H": 4, "BOX_W": 8, "BLOCK_C": 64, "FILL_M": 
 HALO_WGRAD_MAX_ROWS = 768
 
 
-def _halo_wgrad_rows(geometry: ConvGeometry) -> int:
-    """Rows of one program's scratch tile (the kernel's HALO_ROWS)."""
-    t = HALO_WGRAD_TILE
-    halo = 1
-    for box, k, dil in zip(
-        (t["BOX_D"], t["BOX_H"], t["BOX_W"]), geometry.kernel, geometry.dilation, strict=True
-    ):
-        halo *= box + (k - 1) * dil
-    return cdiv(halo, t["FILL_M"]) * t["FILL_M"]
-
-
 def _weight_grad_takes_halo(x, gy, geometry: ConvGeometry) -> bool:
-    from prostate_kernels.ops import bn_relu_conv3d_triton as fused  # the halo switch lives there
+    from prostate_kernels.ops import (
+        bn_relu_conv3d_triton as fused,
+    )  # the halo switch and box sizes live there
 
     return (
         fused.HALO_KERNELS
         and geometry.stride == (1, 1, 1)
         and x.stride(1) == 1  # the halo fills along channels; gy, loaded once per box, in any layout
         and x.dtype != torch.float32  # float32: 254-255 registers, spilling 56 B on sm_80 (compile sweep)
-        and _halo_wgrad_rows(geometry) <= HALO_WGRAD_MAX_ROWS
+        and fused._halo_rows(HALO_WGRAD_TILE, geometry) <= HALO_WGRAD_MAX_ROWS
     )
 
 
@@ -155,9 +146,9 @@ def _halo_weight_grad(x, gy, geometry: ConvGeometry, with_bias: bool) -> torch.T
     do, ho, wo = gy.shape[2:]
     t = HALO_WGRAD_TILE
     c_blocks = cdiv(c, t["BLOCK_C"])
-    boxes = n * cdiv(do, t["BOX_D"]) * cdiv(ho, t["BOX_H"]) * cdiv(wo, t["BOX_W"])  # boxes of gy
+    boxes = fused._halo_boxes(t, (n, do, ho, wo))  # boxes of gy
     programs = max(1, min(boxes, fused.halo_programs_wanted(x.device) // c_blocks))
-    rows = _halo_wgrad_rows(geometry)
+    rows = fused._halo_rows(t, geometry)  # the kernel's HALO_ROWS
     partial = torch.empty((programs, geometry.taps + 1, c), dtype=torch.float32, device=x.device)
     scratch = torch.empty((programs * c_blocks * rows * t["BLOCK_C"],), dtype=x.dtype, device=x.device)
     kernels.depthwise_conv3d_wgrad_halo_kernel[(programs, c_blocks)](
