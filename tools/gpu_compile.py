@@ -23,7 +23,6 @@ import contextlib
 import csv
 import datetime
 import io
-import itertools
 import multiprocessing
 import os
 import platform
@@ -228,16 +227,7 @@ def run_layer_workloads(layout) -> None:
             (DepthwiseConv3d(128, 3, padding=1), (2, 128, 16, 64, 64)),
             (SeparableConv3d(64, 64, 3, dilation=(1, 2, 2)), (2, 64, 8, 32, 32)),
         ]
-    for layer, shape in layers:
-        layer = layer.to(memory_format=layout)
-        x = torch.empty(shape, device="meta", requires_grad=True).to(memory_format=layout)
-        for forward_kernel in FORWARD_KERNELS:
-            layer.train()
-            with forward_kernel():
-                layer(x).float().sum().backward()
-        layer.eval()
-        with torch.no_grad():
-            layer(x)
+    _train_and_infer_layers(layers, layout)
 
 
 def run_int64_workloads(layout) -> None:
@@ -252,15 +242,20 @@ def run_int64_workloads(layout) -> None:
             (DenseBlock3d(48, 16, 2, dropout=0.2), (2, 48, 64, 512, 512)),  # buffer 2.7e9
             (SeparableConv3d(128, 128, 3, dilation=(1, 2, 2)), (1, 128, 64, 512, 512)),  # 2.1e9
         ]
-    for (layer, shape), forward_kernel in itertools.product(layers, FORWARD_KERNELS):
+    _train_and_infer_layers(layers, layout)
+
+
+def _train_and_infer_layers(layers, layout) -> None:
+    """Each (layer, input shape) of `layers`, its weights and input in `layout`: a training step and an
+    inference forward under each forward kernel of the fused layer, as run_workloads runs the networks."""
+    import torch
+
+    for layer, shape in layers:
         layer = layer.to(memory_format=layout)
         x = torch.empty(shape, device="meta", requires_grad=True).to(memory_format=layout)
-        layer.train()
-        with forward_kernel():
-            layer(x).float().sum().backward()
-        layer.eval()
-        with torch.no_grad():
-            layer(x)
+        for forward_kernel in FORWARD_KERNELS:
+            with forward_kernel():
+                _train_and_infer(layer, x)
 
 
 # ----------------------------------------------------------------------------------- compilation
