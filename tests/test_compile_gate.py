@@ -73,7 +73,8 @@ def test_depthwise_kernels_access_728_channels_last_channels_in_16_byte_vectors(
     """At 728 channels-last channels the strides are multiples of 8, not 16, which Triton cannot tell on
     its own: its loads and stores along the channels were 2-byte scalar ones (18 loads and 16 stores per
     tap in the forward's SASS, 96 loads in the weight gradient's). The kernels now declare their voxel
-    offsets and channel bounds multiples of 8 (launch.voxel_alignment), and the SASS holds 16-byte ones."""
+    offsets and channel bounds multiples of 8 (launch.voxel_alignment), and the SASS holds 16-byte ones
+    (the halo weight gradient's fill too: it was the last kernel with 2-byte loads there)."""
     counts = run_probe("vector_access_probe.py")
     fwd, dgrad, wgrad = (counts[f"depthwise_conv3d_{k}_kernel"] for k in ("fwd", "dgrad", "wgrad"))
     for name, sass in (("fwd", fwd), ("dgrad", dgrad), ("wgrad", wgrad)):
@@ -81,9 +82,9 @@ def test_depthwise_kernels_access_728_channels_last_channels_in_16_byte_vectors(
     for name, sass in (("fwd", fwd), ("dgrad", dgrad)):
         assert sass.get("STG.E.128", 0) >= 1 and "STG.E.U16" not in sass, (name, sass)
     assert "LDG.E.U16" not in wgrad, wgrad  # x and gy only: every load a vector
-    # the halo weight gradient loads gy and its windows in vectors; its halo fill does not yet (2-byte
-    # loads of x at 728 channels: _fill_halo takes no alignment; 2026-11-28-depthwise-halo-probe.md)
-    assert counts["depthwise_conv3d_wgrad_halo_kernel"].get("LDG.E.128", 0) >= 1, counts
+    # the halo weight gradient loads gy, its halo fill x (through _fill_halo's ALIGN) and its windows
+    halo = counts["depthwise_conv3d_wgrad_halo_kernel"]
+    assert halo.get("LDG.E.128", 0) >= 1 and "LDG.E.U16" not in halo, halo
 
 
 def test_the_depthwise_halo_probe_compiles_without_spills_and_counts_its_tap_loop():

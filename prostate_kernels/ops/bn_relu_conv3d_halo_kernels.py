@@ -24,7 +24,7 @@ import triton.language as tl
 
 from prostate_kernels.ops.bn_relu_conv3d_kernels import _input_grad_epilogue, _store_output
 from prostate_kernels.ops.dot_operands import dot_operand
-from prostate_kernels.ops.triton_index import widen
+from prostate_kernels.ops.triton_index import aligned_count, voxel_offsets_aligned, widen
 
 
 @triton.jit
@@ -87,13 +87,15 @@ def _fill_halo(
     INPUT_PRECISION: tl.constexpr,
     INT64: tl.constexpr,
     NORMALISE: tl.constexpr = True,
+    ALIGN: tl.constexpr = 1,  # sxd, sxh, sxw and C_in are multiples of ALIGN (launch.voxel_alignment)
 ):
     """scratch[hv, k] = relu(s * x + t) (NORMALISE; else x itself) at halo voxel hv (hd, hh, hw) = voxel
     (i_d0 + hd, i_h0 + hh, i_w0 + hw) of a (D, H, W) volume, channel offs_k[k]; 0 outside the volume and
     past C_in (padding is zero after BN + ReLU). Returns when every thread of the program may read the
-    whole tile, and only after every read of the previous fill is done."""
+    whole tile, and only after every read of the previous fill is done. ALIGN lets the loads along
+    channels be vectors where the strides are multiples of 8 only (triton_index.voxel_offsets_aligned)."""
     HALO: tl.constexpr = HALO_D * HALO_H * HALO_W
-    mask_k = offs_k < C_in
+    mask_k = offs_k < aligned_count(C_in, ALIGN)
     if NORMALISE:
         scale = tl.load(scale_ptr + offs_k, mask=mask_k, other=0.0)
         shift = tl.load(shift_ptr + offs_k, mask=mask_k, other=0.0)
@@ -105,7 +107,7 @@ def _fill_halo(
         i_h = i_h0 + (hv // HALO_W) % HALO_H
         i_w = i_w0 + hv % HALO_W
         valid = (hv < HALO) & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
-        row = widen(i_d, INT64) * sxd + widen(i_h, INT64) * sxh + widen(i_w, INT64) * sxw
+        row = voxel_offsets_aligned(i_d, i_h, i_w, 0, sxd, sxh, sxw, 0, INT64, ALIGN)  # in x_image
         a_mask = valid[:, None] & mask_k[None, :]
         a = tl.load(x_image + row[:, None] + widen(offs_k, INT64)[None, :] * sxc, mask=a_mask, other=0.0)
         if NORMALISE:

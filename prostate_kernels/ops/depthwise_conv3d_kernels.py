@@ -317,7 +317,7 @@ def depthwise_conv3d_wgrad_halo_kernel(
     DLW: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     INT64: tl.constexpr,
-    ALIGN: tl.constexpr,  # gy's voxel offsets and C are multiples of ALIGN (launch.voxel_alignment)
+    ALIGN: tl.constexpr,  # x's and gy's voxel offsets and C are multiples of ALIGN (launch.voxel_alignment)
     BOX_D: tl.constexpr,  # box of BOX_D x BOX_H x BOX_W voxels (powers of two)
     BOX_H: tl.constexpr,
     BOX_W: tl.constexpr,
@@ -351,7 +351,7 @@ def depthwise_conv3d_wgrad_halo_kernel(
         n, od0, oh0, ow0 = _box_origin(box, boxes_per_image, boxes_h, boxes_w, BOX_D, BOX_H, BOX_W)
         _fill_halo(scratch, x_ptr + widen(n, INT64) * sxn, x_ptr, x_ptr, offs_c, C, od0 - pdd, oh0 - pdh,
                    ow0 - pdw, D, H, W, sxc, sxd, sxh, sxw, HALO_D, HALO_H, HALO_W, FILL_M, BLOCK_C,
-                   x_ptr.dtype.element_ty, "ieee", INT64, False)  # fmt: skip
+                   x_ptr.dtype.element_ty, "ieee", INT64, NORMALISE=False, ALIGN=ALIGN)  # fmt: skip
         od, oh, ow = od0 + rd, oh0 + rh, ow0 + rw
         g_row = voxel_offsets_aligned(n, od, oh, ow, sgn, sgd, sgh, sgw, INT64, ALIGN)
         g_mask = ((od < Do) & (oh < Ho) & (ow < Wo))[:, None] & mask_c[None, :]

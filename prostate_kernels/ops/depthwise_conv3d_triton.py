@@ -156,7 +156,7 @@ def _halo_weight_grad(x, gy, geometry: ConvGeometry, with_bias: bool) -> torch.T
         geometry.taps,
         KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], DLD=geometry.dilation[0],
         DLH=geometry.dilation[1], DLW=geometry.dilation[2], HAS_BIAS=with_bias,
-        INT64=needs_int64(x, gy, extra=(partial.numel(), scratch.numel())), ALIGN=voxel_alignment(gy),
+        INT64=needs_int64(x, gy, extra=(partial.numel(), scratch.numel())), ALIGN=voxel_alignment(x, gy),
         num_warps=4, num_stages=1, **t,
     )  # fmt: skip
     return partial
