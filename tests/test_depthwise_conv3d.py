@@ -367,3 +367,76 @@ def test_the_halo_weight_gradient_writes_every_sum_in_any_split(case, programs_w
     assert grids == ([grid] if grid else [])
     for key in ("grad_w", "grad_b"):
         assert rel(got[key], expected[key]) < 2e-3, f"{key}: {rel(got[key], expected[key]):.1e}"
+
+
+@pytest.mark.parametrize(
+    "case, launches",
+    [
+        (HALO_70, 2),  # three blocks of 32 channels, the last partial; forward and input gradient
+        (HALO_VALID, 1),  # padding 0: y smaller than x (the input gradient's padding mirrored to 2); NCDHW gy
+        (Case("padding3", 24, (5, 6, 7), padding=3, layout="channels_last", gy_channels_last=True), 2),
+        (
+            Case(
+                "dilation2",
+                40,
+                (6, 7, 12),
+                padding=2,
+                dilation=2,
+                layout="channels_last",
+                gy_channels_last=True,
+            ),
+            2,
+        ),  # fmt: skip
+    ],
+    ids=["70ch", "valid-padding-ncdhw-gy", "padding3-mirrored-negative", "dilation2"],
+)
+def test_the_halo_forward_and_input_gradient_write_every_element(case, launches, monkeypatch):
+    """A half-precision channels-last x at stride 1 takes depthwise_conv3d_halo_kernel for the forward,
+    and a channels-last gy takes it for the input gradient (the conv of gy with the taps reversed and the
+    padding mirrored: (K - 1) * dilation - padding, negative at padding 3, where y is larger than x). Its
+    outputs start as NaN here, so an element it missed fails; against float64 on the same fp16 inputs."""
+    from prostate_kernels.ops import bn_relu_conv3d_triton as fused
+    from prostate_kernels.ops import depthwise_conv3d_kernels as kernels
+
+    real, outputs = kernels.depthwise_conv3d_halo_kernel, []
+
+    class Spy:  # records each launch's output (argument 3), filled with NaN first
+        def __getitem__(self, launch_grid):
+            def launch(*args, **kwargs):
+                args[3].fill_(float("nan"))
+                outputs.append(tuple(args[3].shape))
+                return real[launch_grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(kernels, "depthwise_conv3d_halo_kernel", Spy())
+    monkeypatch.setattr(fused, "halo_programs_wanted", lambda device: 5)  # programs with several boxes
+    g = torch.Generator().manual_seed(0)
+    x = make_input(case, g).half()
+    w, b = torch.randn((case.c, 1, 3, 3, 3), generator=g).half(), torch.randn((case.c,), generator=g).half()
+    got, gy = run(case, x, w, b, "triton", torch.float16)
+    expected, _ = run(case, x, w, b, "torch", torch.float64, gy.half())
+    assert outputs == [tuple(expected["y"].shape), tuple(x.shape)][:launches]
+    for key in ("y", "grad_x", "grad_w", "grad_b"):
+        assert rel(got[key], expected[key]) < 2e-3, f"{key}: {rel(got[key], expected[key]):.1e}"
+
+
+def test_direct_kernels_turn_the_depthwise_halo_kernels_off(monkeypatch):
+    """Under direct_kernels() (the one halo switch) and for float32 x, the direct kernels run."""
+    from prostate_kernels.ops import bn_relu_conv3d_triton as fused
+    from prostate_kernels.ops import depthwise_conv3d_kernels as kernels
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a depthwise halo kernel was launched")
+
+    for name in ("depthwise_conv3d_halo_kernel", "depthwise_conv3d_wgrad_halo_kernel"):
+        monkeypatch.setattr(kernels, name, type("Refuse", (), {"__getitem__": lambda self, grid: refuse})())
+    g = torch.Generator().manual_seed(0)
+    x = make_input(HALO_70, g)
+    w, b = torch.randn((HALO_70.c, 1, 3, 3, 3), generator=g), torch.randn((HALO_70.c,), generator=g)
+    with fused.direct_kernels():
+        got, gy = run(HALO_70, x, w, b, "triton", torch.float16)
+    got32, _ = run(HALO_70, x, w, b, "triton", torch.float32, gy)
+    expected, _ = run(HALO_70, x, w, b, "torch", torch.float64, gy)
+    for key in ("y", "grad_x", "grad_w"):
+        assert rel(got[key], expected[key]) < 2e-3 and rel(got32[key], expected[key]) < RTOL32, key

@@ -82,6 +82,10 @@ def depthwise_forward(
     y = output_like(x, (n, c, do, ho, wo), x.dtype) if out is None else out
     m = n * do * ho * wo
     check_voxels("depthwise_conv3d", m, n * d * h * w)
+    if _takes_halo(x, geometry):
+        w_taps_first = weight.reshape(c, geometry.taps).t().contiguous()
+        _halo_depthwise(x, w_taps_first, bias, y, geometry, geometry.padding)
+        return y
     w_taps = weight.reshape(c, geometry.taps).contiguous()
 
     def grid(meta):
@@ -100,6 +104,12 @@ def depthwise_input_grad(gy, weight, x_shape, x_like: torch.Tensor, geometry: Co
     n, c, d, h, w = x_shape
     _, _, do, ho, wo = gy.shape
     gx = torch.empty_like(x_like, memory_format=torch.preserve_format)
+    if _takes_halo(gy, geometry):  # the conv of gy with the taps reversed and the padding mirrored
+        reversed_taps = weight.reshape(c, geometry.taps).flip(1).t().contiguous()
+        mirrored = tuple((k - 1) * dil - p for k, dil, p in zip(geometry.kernel, geometry.dilation,
+                                                                 geometry.padding, strict=True))  # fmt: skip
+        _halo_depthwise(gy, reversed_taps, None, gx, geometry, mirrored)
+        return gx
     m = n * d * h * w
     w_taps = weight.reshape(c, geometry.taps).contiguous()
 
@@ -114,16 +124,21 @@ def depthwise_input_grad(gy, weight, x_shape, x_like: torch.Tensor, geometry: Co
     return gx
 
 
-# The halo weight gradient (depthwise_conv3d_wgrad_halo_kernel): one tile, 4 warps, no pipelining (the
-# configuration compiled without spills in bench/results/2026-11-28-depthwise-halo-probe.md). It takes
-# stride 1 with a channels-last bf16 or fp16 x (gy in any layout: the networks' backward may hand it
-# NCDHW) while the fused layer's halo kernels are on (one switch: bn_relu_conv3d_triton.set_halo_kernels)
-# and the halo fits HALO_WGRAD_MAX_ROWS (dilation 2 at 3x3x3: 768); other launches take the direct kernel.
-HALO_WGRAD_TILE = {"BOX_D": 4, "BOX_H": 4, "BOX_W": 8, "BLOCK_C": 64, "FILL_M": 128}
-HALO_WGRAD_MAX_ROWS = 768
+# The halo kernels: depthwise_conv3d_halo_kernel (forward, and the input gradient as the conv of gy) and
+# depthwise_conv3d_wgrad_halo_kernel. One tile each, 4 warps, no pipelining (the configurations compiled
+# without spills in bench/results/2026-11-28-depthwise-halo-probe.md). They take stride 1 where the tensor
+# whose halos they fill (x; gy for the input gradient) is channels-last in bf16 or fp16 (the weight
+# gradient's gy, loaded once per box, in any layout: the networks' backward may hand it NCDHW), while the
+# fused layer's halo kernels are on (one switch: bn_relu_conv3d_triton.set_halo_kernels), and the halo fits
+# HALO_MAX_ROWS (dilation 2 at 3x3x3: 768); other launches take the direct kernels.
+_HALO_BOX = {"BOX_D": 4, "BOX_H": 4, "BOX_W": 8, "FILL_M": 128}
+HALO_TILE = {**_HALO_BOX, "BLOCK_C": 32}
+HALO_WGRAD_TILE = {**_HALO_BOX, "BLOCK_C": 64}
+HALO_MAX_ROWS = 768
 
 
-def _weight_grad_takes_halo(x, gy, geometry: ConvGeometry) -> bool:
+def _takes_halo(filled: torch.Tensor, geometry: ConvGeometry) -> bool:
+    """Whether a launch whose halo kernel would fill halos of `filled` takes it (see above)."""
     from prostate_kernels.ops import (
         bn_relu_conv3d_triton as fused,
     )  # the halo switch and box sizes live there
@@ -131,33 +146,65 @@ def _weight_grad_takes_halo(x, gy, geometry: ConvGeometry) -> bool:
     return (
         fused.HALO_KERNELS
         and geometry.stride == (1, 1, 1)
-        and x.stride(1) == 1  # the halo fills along channels; gy, loaded once per box, in any layout
-        and x.dtype != torch.float32  # float32: 254-255 registers, spilling 56 B on sm_80 (compile sweep)
-        and fused._halo_rows(HALO_WGRAD_TILE, geometry) <= HALO_WGRAD_MAX_ROWS
+        and filled.stride(1) == 1  # the halo fills along channels
+        and filled.dtype
+        != torch.float32  # float32: 254-255 registers, spilling 56 B on sm_80 (compile sweep)
+        and fused._halo_rows(_HALO_BOX, geometry) <= HALO_MAX_ROWS
     )
 
 
-def _halo_weight_grad(x, gy, geometry: ConvGeometry, with_bias: bool) -> torch.Tensor:
-    """The (programs, taps + 1, C) partial sums through depthwise_conv3d_wgrad_halo_kernel: at most
-    halo_programs_wanted programs in all, each with one box at least (so that each writes its row)."""
+def _halo_grid(
+    source: torch.Tensor, geometry: ConvGeometry, out_volume: tuple[int, int, int, int], tile: dict
+):
+    """((programs, channel blocks), scratch) of a halo kernel's persistent grid over the boxes of
+    out_volume (N, Do, Ho, Wo): at most halo_programs_wanted programs in all, each with one box at least
+    (the weight gradient's first box writes its row of sums), each with a scratch tile of source's dtype
+    per channel block (HALO_ROWS x BLOCK_C)."""
     from prostate_kernels.ops import bn_relu_conv3d_triton as fused
 
+    c_blocks = cdiv(source.shape[1], tile["BLOCK_C"])
+    boxes = fused._halo_boxes(tile, out_volume)
+    programs = max(1, min(boxes, fused.halo_programs_wanted(source.device) // c_blocks))
+    rows = fused._halo_rows(tile, geometry)  # the kernel's HALO_ROWS
+    scratch = torch.empty((programs * c_blocks * rows * tile["BLOCK_C"],), dtype=source.dtype,
+                          device=source.device)  # fmt: skip
+    return (programs, c_blocks), scratch
+
+
+def _halo_constexprs(geometry: ConvGeometry, tile: dict) -> dict:
+    """A halo kernel's kernel size, dilation, tile and launch settings."""
+    (kd, kh, kw), (dld, dlh, dlw) = geometry.kernel, geometry.dilation
+    return dict(KD=kd, KH=kh, KW=kw, DLD=dld, DLH=dlh, DLW=dlw, num_warps=4, num_stages=1, **tile)
+
+
+def _halo_depthwise(
+    source, w_taps_first, bias, out, geometry: ConvGeometry, padding: tuple[int, ...]
+) -> None:
+    """out (N, C, Do, Ho, Wo) = the stride-1 depthwise conv of source (N, C, D, H, W) with (taps, C)
+    weights and `padding` (the input gradient's may be negative), through depthwise_conv3d_halo_kernel."""
+    n, c, d, h, w = source.shape
+    do, ho, wo = out.shape[2:]
+    grid, scratch = _halo_grid(source, geometry, (n, do, ho, wo), HALO_TILE)
+    kernels.depthwise_conv3d_halo_kernel[grid](
+        source, w_taps_first, bias if bias is not None else w_taps_first, out, scratch, n, c, d, h, w,
+        do, ho, wo, *source.stride(), *out.stride(), *padding, geometry.taps, HAS_BIAS=bias is not None,
+        INT64=needs_int64(source, out, extra=(scratch.numel(),)), ALIGN=voxel_alignment(source, out),
+        **_halo_constexprs(geometry, HALO_TILE),
+    )  # fmt: skip
+
+
+def _halo_weight_grad(x, gy, geometry: ConvGeometry, with_bias: bool) -> torch.Tensor:
+    """The (programs, taps + 1, C) partial sums through depthwise_conv3d_wgrad_halo_kernel (every program
+    writes its row)."""
     n, c, d, h, w = x.shape
     do, ho, wo = gy.shape[2:]
-    t = HALO_WGRAD_TILE
-    c_blocks = cdiv(c, t["BLOCK_C"])
-    boxes = fused._halo_boxes(t, (n, do, ho, wo))  # boxes of gy
-    programs = max(1, min(boxes, fused.halo_programs_wanted(x.device) // c_blocks))
-    rows = fused._halo_rows(t, geometry)  # the kernel's HALO_ROWS
-    partial = torch.empty((programs, geometry.taps + 1, c), dtype=torch.float32, device=x.device)
-    scratch = torch.empty((programs * c_blocks * rows * t["BLOCK_C"],), dtype=x.dtype, device=x.device)
-    kernels.depthwise_conv3d_wgrad_halo_kernel[(programs, c_blocks)](
+    grid, scratch = _halo_grid(x, geometry, (n, do, ho, wo), HALO_WGRAD_TILE)  # boxes of gy
+    partial = torch.empty((grid[0], geometry.taps + 1, c), dtype=torch.float32, device=x.device)
+    kernels.depthwise_conv3d_wgrad_halo_kernel[grid](
         x, gy, partial, scratch, n, c, d, h, w, do, ho, wo, *x.stride(), *gy.stride(), *geometry.padding,
-        geometry.taps,
-        KD=geometry.kernel[0], KH=geometry.kernel[1], KW=geometry.kernel[2], DLD=geometry.dilation[0],
-        DLH=geometry.dilation[1], DLW=geometry.dilation[2], HAS_BIAS=with_bias,
+        geometry.taps, HAS_BIAS=with_bias,
         INT64=needs_int64(x, gy, extra=(partial.numel(), scratch.numel())), ALIGN=voxel_alignment(x, gy),
-        num_warps=4, num_stages=1, **t,
+        **_halo_constexprs(geometry, HALO_WGRAD_TILE),
     )  # fmt: skip
     return partial
 
@@ -167,7 +214,7 @@ def depthwise_weight_grad(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(grad of weight (C, 1, kD, kH, kW) float32, grad of bias (C,) float32 or None)."""
     n, c, d, h, w = x.shape
-    if _weight_grad_takes_halo(x, gy, geometry):
+    if _takes_halo(x, geometry):
         sums = _halo_weight_grad(x, gy, geometry, with_bias).sum(dim=0)  # the programs', in a fixed order
         grad_w = sums[: geometry.taps].t().reshape(c, 1, *geometry.kernel)
         return grad_w, (sums[geometry.taps] if with_bias else None)
