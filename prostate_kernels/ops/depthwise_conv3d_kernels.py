@@ -340,7 +340,8 @@ def depthwise_conv3d_wgrad_halo_kernel(
     programs = tl.num_programs(0)
     first_box = tl.program_id(0)
     scratch = scratch_ptr + widen(tl.program_id(1) * programs + first_box, INT64) * (HALO_ROWS * BLOCK_C)
-    partial = partial_ptr + widen(first_box, INT64) * (taps + 1) * C
+    c_stride = aligned_count(C, ALIGN)  # C, known to be a multiple of ALIGN: vector access to the sums
+    partial = partial_ptr + widen(first_box, INT64) * (taps + 1) * c_stride
     offs_c = block_offsets(tl.program_id(1), BLOCK_C)
     mask_c = offs_c < aligned_count(C, ALIGN)
     channels = tl.arange(0, BLOCK_C)
@@ -366,11 +367,11 @@ def depthwise_conv3d_wgrad_halo_kernel(
             kw = tap % KW
             window = tl.load(windows + ((kd * DLD * HALO_H + kh * DLH) * HALO_W + kw * DLW) * BLOCK_C)
             tap_sum = tl.sum(window.to(tl.float32) * g, axis=0)
-            row = partial + tap * C + offs_c
+            row = partial + tap * c_stride + offs_c
             earlier = tl.load(row, mask=mask_c & (box != first_box), other=0.0)  # the first box: none
             tl.store(row, earlier + tap_sum, mask=mask_c)
     if HAS_BIAS:
-        tl.store(partial + taps * C + offs_c, gy_sum, mask=mask_c)
+        tl.store(partial + taps * c_stride + offs_c, gy_sum, mask=mask_c)
 
 
 @triton.jit
@@ -452,7 +453,7 @@ def depthwise_conv3d_halo_kernel(
             kh = (tap // KW) % KH
             kw = tap % KW
             window = tl.load(windows + ((kd * DLD * HALO_H + kh * DLH) * HALO_W + kw * DLW) * BLOCK_C)
-            w = tl.load(w_ptr + tap * C + offs_c, mask=mask_c, other=0.0)
+            w = tl.load(w_ptr + tap * aligned_count(C, ALIGN) + offs_c, mask=mask_c, other=0.0)  # vectors
             acc += window.to(tl.float32) * w.to(tl.float32)[None, :]
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
