@@ -216,8 +216,8 @@ def dot_path_mismatches(variants) -> list:
 
 def run_layer_workloads(layout) -> None:
     """Depthwise layers on activations in `layout` itself. The networks' meta-tensor activations do not
-    stay channels-last (a meta conv3d returns NCDHW), and on a GPU they do: this is how the depthwise
-    weight gradient's halo kernel (channels-last x) is reached."""
+    stay channels-last (a meta conv3d returns NCDHW), and on a GPU they do: this is how the depthwise halo
+    kernels (channels-last x, or gy) are reached."""
     import torch
 
     from prostate_kernels.nn import DepthwiseConv3d, SeparableConv3d
@@ -225,6 +225,8 @@ def run_layer_workloads(layout) -> None:
     with torch.device("meta"):
         layers = [
             (DepthwiseConv3d(128, 3, padding=1), (2, 128, 16, 64, 64)),
+            # DeepLabv3+'s middle flow: 728 channels (voxel offsets multiples of 8: ALIGN 8), dilation 2
+            (DepthwiseConv3d(728, 3, padding=2, dilation=2), (2, 728, 8, 16, 16)),
             (SeparableConv3d(64, 64, 3, dilation=(1, 2, 2)), (2, 64, 8, 32, 32)),
         ]
     _train_and_infer_layers(layers, layout)
