@@ -364,7 +364,8 @@ def check_depthwise(device: str = "cuda") -> list[dict]:
                 f"worst {worst} rel {errs[worst]:.1e}",
             )
         )
-    rows.append(_check_depthwise_bf16_728(device, g))
+    for c, size, dilation in ((728, (4, 8, 8), 2), (37, (7, 9, 11), 1)):
+        rows.append(_check_depthwise_bf16(device, g, c, size, dilation))
     torch.manual_seed(0)
     module = SeparableConv3d(96, 80, dilation=(2, 6, 6), depth_activation=True).to(device).eval()
     x = torch.randn((2, 96, 8, 16, 16), device=device).to(memory_format=torch.channels_last_3d)
@@ -395,15 +396,20 @@ def _run_depthwise(x, w, b, stride, dilation, backend: str, dtype, gy=None):
     return {"y": y, "grad_x": xi.grad, "grad_w": wi.grad, "grad_b": bi.grad}, gy
 
 
-def _check_depthwise_bf16_728(device: str, g) -> dict:
-    """bf16 at 728 channels-last channels (16-byte vectors of 8 channels since the alignment change):
-    output and gradients against float64 within 2x the error of PyTorch's grouped conv3d in bf16."""
-    x = torch.randn((2, 728, 4, 8, 8), generator=g).to(device).to(memory_format=torch.channels_last_3d)
-    w, b = torch.randn((728, 1, 3, 3, 3), generator=g).to(device), torch.randn(728, generator=g).to(device)
-    ours, gy = _run_depthwise(x, w, b, 1, 2, "triton", torch.bfloat16)
-    eager, _ = _run_depthwise(x, w, b, 1, 2, "torch", torch.bfloat16, gy)
-    exact, _ = _run_depthwise(x, w, b, 1, 2, "torch", torch.float64, gy)
-    return _error_ratio_row("depthwise bf16 C=728 channels-last 4x8x8", ours, eager, exact)
+def _check_depthwise_bf16(device: str, g, c: int, size: tuple[int, int, int], dilation: int) -> dict:
+    """bf16, channels-last, stride 1: the depthwise halo kernels (forward, input gradient with a
+    channels-last gy, weight gradient); at 728 channels their accesses are 16-byte vectors of 8 channels,
+    at 37 the boxes and channel blocks are partial. Output and gradients against float64 within 2x the
+    error of PyTorch's grouped conv3d in bf16."""
+    x = torch.randn((2, c, *size), generator=g).to(device).to(memory_format=torch.channels_last_3d)
+    w, b = torch.randn((c, 1, 3, 3, 3), generator=g).to(device), torch.randn(c, generator=g).to(device)
+    ours, gy = _run_depthwise(x, w, b, 1, dilation, "triton", torch.bfloat16)
+    eager, _ = _run_depthwise(x, w, b, 1, dilation, "torch", torch.bfloat16, gy)
+    exact, _ = _run_depthwise(x, w, b, 1, dilation, "torch", torch.float64, gy)
+    shape = "x".join(map(str, size))
+    return _error_ratio_row(
+        f"depthwise bf16 C={c} channels-last {shape} dilation {dilation}", ours, eager, exact
+    )
 
 
 def check_predict_stitching(device: str = "cuda") -> list[dict]:
