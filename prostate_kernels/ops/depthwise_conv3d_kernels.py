@@ -7,9 +7,10 @@ a runtime loop (unrolled, their tiles stayed live together and spilled registers
 tensors a tile's channels are contiguous (coalesced loads); in NCDHW its voxels are. The taps re-read
 each tile shifted by the dilation: the tile and its halo come from DRAM once and from L1/L2 for the
 other taps (Triton gives no explicit control of shared memory, so the reuse is the hardware cache's).
-Accumulation is float32 whatever the input dtype. The weight gradient at stride 1 has a halo kernel too
-(depthwise_conv3d_wgrad_halo_kernel, on the fused layer's halo helpers): the halo of each box of x is
-copied once into the program's scratch tile, and the taps read their windows there.
+Accumulation is float32 whatever the input dtype. At stride 1 there are halo kernels too, on the fused
+layer's halo helpers: depthwise_conv3d_halo_kernel (the forward, and the input gradient as the conv of gy
+with the taps reversed) and depthwise_conv3d_wgrad_halo_kernel. The halo of each box is copied once into
+the program's scratch tile, and the taps read their windows there.
 """
 
 import triton
