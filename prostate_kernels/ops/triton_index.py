@@ -20,9 +20,10 @@ def block_offsets(pid, BLOCK: tl.constexpr):
 
 @triton.jit
 def widen(index, INT64: tl.constexpr):
-    """`index` as int64 when INT64 (before it multiplies a stride), unchanged otherwise."""
+    """`index` as int64 when INT64 (before it multiplies a stride), unchanged otherwise. tl.cast, which
+    tensor.to aliases, also takes a constant index (a 0: _fill_halo's image index)."""
     if INT64:
-        index = index.to(tl.int64)
+        index = tl.cast(index, tl.int64)
     return index
 
 
