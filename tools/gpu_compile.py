@@ -2,7 +2,8 @@
 on this CPU machine, and report registers, spills and shared memory per variant.
 
     python tools/gpu_compile.py --out bench/results   # the full sweep (every autotune config)
-    python tools/gpu_compile.py --quick                # CI: each kernel x dot path, default config, sm_90a
+    python tools/gpu_compile.py --quick                # CI: each kernel x dot path (and one int64 variant),
+                                                       # default config, sm_90a
 
 What is compiled: every launch the library makes (captured by tools/compile_capture.py, on meta
 tensors) while it runs Tiramisu 3D p3a (training step, dropout on), DeepLabv3+ 3D (training step and
@@ -352,9 +353,9 @@ def select(variants: dict, quick: bool, arches: tuple[int, ...]) -> list:
     for variant, payload in variants.items():
         if variant.arch not in arches:
             continue
-        if quick:
-            key = (variant.kernel, variant.path)
-            if not variant.default_config or variant.int64 or key in seen:
+        if quick:  # each kernel's default config per dot path, and one of its int64-offset variants
+            key = (variant.kernel, "int64" if variant.int64 else variant.path)
+            if not variant.default_config or key in seen:
                 continue
             seen.add(key)
         chosen.append((variant, payload))
@@ -471,7 +472,9 @@ def write_report(results: list[Result], out: Path, quick: bool, seconds: float) 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--quick", action="store_true", help="each kernel x dot path at its default config, sm_90a"
+        "--quick",
+        action="store_true",
+        help="each kernel x dot path, and one int64-offset variant per kernel, at its default config, sm_90a",
     )
     parser.add_argument(
         "--strict", action="store_true", help="also fail on spills and shared memory overruns"
