@@ -11,6 +11,7 @@ the memory floor (bytes read + written over the copy bandwidth measured in the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from floors import DeviceRates, Work, measure_rates  # noqa: E402
 
 from prostate_kernels import functional, use_backend  # noqa: E402
 from prostate_kernels.nn import SeparableConv3d  # noqa: E402
+from prostate_kernels.ops import depthwise_conv3d_triton  # noqa: E402
+from prostate_kernels.ops.bn_relu_conv3d_triton import direct_kernels  # noqa: E402
+from prostate_kernels.ops.conv_geometry import ConvGeometry  # noqa: E402
 
 BATCH = 2
 CHANNELS = (128, 256, 728)
@@ -30,6 +34,10 @@ SIZES = ((16, 64, 64), (8, 32, 32), (4, 16, 16))
 DILATIONS = (1, 2, 6, 12)
 TARGET_VS_PYTORCH = 5.0  # forward + backward
 TARGET_FLOOR_FRACTION = 0.7  # forward
+OURS = "ours (channels-last)"
+# the same op under direct_kernels(), where stride 1 takes the halo kernels by default (bf16 channels-last,
+# dilation up to 2): what the halo kernels change, side by side
+OURS_DIRECT = "ours, direct kernels (channels-last)"
 
 
 def depthwise_work(x: torch.Tensor, taps: int = 27) -> tuple[Work, Work]:
@@ -56,28 +64,35 @@ def bench_depthwise(
     g = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn((BATCH, c, *size), generator=g).to(device=device, dtype=dtype)
     w = (torch.randn((c, 1, 3, 3, 3), generator=g) / 5).to(device=device, dtype=dtype).requires_grad_(True)
-    inputs = {
-        "ours (channels-last)": ("triton", x.to(memory_format=torch.channels_last_3d)),
-        "conv3d groups=C contiguous": ("torch", x.contiguous()),
-        "conv3d groups=C channels-last": ("torch", x.to(memory_format=torch.channels_last_3d)),
+    channels_last = x.to(memory_format=torch.channels_last_3d)
+    inputs = {  # name: (backend, input, the kernels' setting)
+        OURS: ("triton", channels_last, contextlib.nullcontext),
+        OURS_DIRECT: ("triton", channels_last, direct_kernels),
+        "conv3d groups=C contiguous": ("torch", x.contiguous(), contextlib.nullcontext),
+        "conv3d groups=C channels-last": ("torch", channels_last, contextlib.nullcontext),
     }
+    geometry = ConvGeometry((3, 3, 3), (1, 1, 1), (dilation,) * 3, (dilation,) * 3)
     if device != "cuda":
-        del inputs["ours (channels-last)"]
+        del inputs[OURS], inputs[OURS_DIRECT]
+    elif not depthwise_conv3d_triton._takes_halo(channels_last, geometry):
+        del inputs[OURS_DIRECT]  # the default takes the direct kernels already
     reference = F.conv3d(x.float(), w.float(), None, 1, dilation, dilation, groups=c)
     rows = []
-    for name, (backend, xi) in inputs.items():
+    for name, (backend, xi, kernels) in inputs.items():
         xi = xi.detach().requires_grad_(True)
 
-        def fwd(xi=xi, backend=backend):
-            with use_backend(backend):
+        def fwd(xi=xi, backend=backend, kernels=kernels):
+            with use_backend(backend), kernels():
                 return functional.depthwise_conv3d(xi, w, None, 1, dilation, dilation)
 
         y = fwd()
         err = ((y.float() - reference).abs().max() / reference.abs().max()).item()
         gy = torch.randn_like(y)
 
-        def both(fwd=fwd, gy=gy):
-            fwd().backward(gy)
+        def both(fwd=fwd, gy=gy, kernels=kernels):
+            y = fwd()
+            with kernels():  # the backward's kernels too
+                y.backward(gy)
 
         t = median_seconds({"fwd": fwd, "both": both}, device, rounds)
         forward, forward_backward = depthwise_work(x)
@@ -138,11 +153,12 @@ def run(device: str, quick: bool = False, rounds: int = 5) -> BenchResult:
     separable = [bench_separable(c, SIZES[1], 6, device, dtype, rounds) for c in channels]
     notes = [
         f"batch {BATCH}, 3x3x3, padding = dilation, {dtype}; fwd_bwd = forward + backward (input and weight)",
+        f"{OURS_DIRECT}: the same op under direct_kernels(), where the default takes the halo kernels",
         "floor = max(FLOPs / matmul rate, bytes / copy bandwidth), both measured in this run on this device; "
         f"of_floor = floor / measured time; {rates.describe()}",
     ]
     if device == "cuda":
-        ours = [r for r in rows if r["provider"].startswith("ours")]
+        ours = [r for r in rows if r["provider"] == OURS]
         speed = min(float(r["fwd_bwd_speedup_vs_best_pytorch"]) for r in ours)
         floor = min(float(r["of_floor_fwd"]) for r in ours)
         notes.append(
