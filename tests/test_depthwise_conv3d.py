@@ -43,9 +43,9 @@ CASES = [
     # the kernels declare their voxel offsets multiples of 8 and 4 (launch.voxel_alignment)
     Case("channels-last-24ch", 24, (4, 5, 6), padding=2, dilation=2, layout="channels_last"),
     Case("channels-last-12ch-stride2", 12, (5, 6, 7), stride=2, layout="channels_last"),
-    # stride 1, channels-last x, the shapes of the halo weight gradient's test below (which it takes in
-    # half precision; float32 takes the direct kernel): two blocks of 64 channels, the second partial;
-    # an output smaller than the input (padding 0 along D and W); gy channels-last and NCDHW
+    # stride 1, channels-last x: the depthwise halo kernels, in float32 here (the shapes of their tests
+    # below): partial blocks of 32 and 64 channels; an output smaller than the input (padding 0 along D and
+    # W); gy channels-last (the input gradient's halo kernel) and NCDHW (its direct kernel)
     Case("halo-70ch-odd", 70, (5, 7, 9), layout="channels_last", gy_channels_last=True),
     Case("halo-16ch-valid", 16, (6, 6, 11), padding=(0, 1, 0), layout="channels_last", bias=False),
 ]
@@ -369,32 +369,27 @@ def test_the_halo_weight_gradient_writes_every_sum_in_any_split(case, programs_w
         assert rel(got[key], expected[key]) < 2e-3, f"{key}: {rel(got[key], expected[key]):.1e}"
 
 
+# fmt: off
 @pytest.mark.parametrize(
-    "case, launches",
+    "case, launches, dtype",
     [
-        (HALO_70, 2),  # three blocks of 32 channels, the last partial; forward and input gradient
-        (HALO_VALID, 1),  # padding 0: y smaller than x (the input gradient's padding mirrored to 2); NCDHW gy
-        (Case("padding3", 24, (5, 6, 7), padding=3, layout="channels_last", gy_channels_last=True), 2),
-        (
-            Case(
-                "dilation2",
-                40,
-                (6, 7, 12),
-                padding=2,
-                dilation=2,
-                layout="channels_last",
-                gy_channels_last=True,
-            ),
-            2,
-        ),  # fmt: skip
+        (HALO_70, 2, torch.float16),  # three blocks of 32 channels, the last partial; forward and input grad
+        (HALO_70, 2, torch.float32),  # a float32 scratch
+        (HALO_VALID, 1, torch.float16),  # padding 0: y smaller than x (input gradient's padding 2); NCDHW gy
+        (Case("padding3", 24, (5, 6, 7), padding=3, layout="channels_last", gy_channels_last=True), 2,
+         torch.float16),
+        (Case("dilation2", 40, (6, 7, 12), padding=2, dilation=2, layout="channels_last",
+              gy_channels_last=True), 2, torch.float16),
     ],
-    ids=["70ch", "valid-padding-ncdhw-gy", "padding3-mirrored-negative", "dilation2"],
+    ids=["70ch", "70ch-float32", "valid-padding-ncdhw-gy", "padding3-mirrored-negative", "dilation2"],
 )
-def test_the_halo_forward_and_input_gradient_write_every_element(case, launches, monkeypatch):
-    """A half-precision channels-last x at stride 1 takes depthwise_conv3d_halo_kernel for the forward,
-    and a channels-last gy takes it for the input gradient (the conv of gy with the taps reversed and the
+# fmt: on
+def test_the_halo_forward_and_input_gradient_write_every_element(case, launches, dtype, monkeypatch):
+    """A channels-last x at stride 1 takes depthwise_conv3d_halo_kernel for the forward, and a
+    channels-last gy takes it for the input gradient (the conv of gy with the taps reversed and the
     padding mirrored: (K - 1) * dilation - padding, negative at padding 3, where y is larger than x). Its
-    outputs start as NaN here, so an element it missed fails; against float64 on the same fp16 inputs."""
+    outputs start as NaN here, so an element it missed fails; against float64 on the same fp16 inputs
+    (float32: on the same float32 inputs, within float32 sums' rounding)."""
     from prostate_kernels.ops import bn_relu_conv3d_triton as fused
     from prostate_kernels.ops import depthwise_conv3d_kernels as kernels
 
@@ -412,17 +407,19 @@ def test_the_halo_forward_and_input_gradient_write_every_element(case, launches,
     monkeypatch.setattr(kernels, "depthwise_conv3d_halo_kernel", Spy())
     monkeypatch.setattr(fused, "halo_programs_wanted", lambda device: 5)  # programs with several boxes
     g = torch.Generator().manual_seed(0)
-    x = make_input(case, g).half()
-    w, b = torch.randn((case.c, 1, 3, 3, 3), generator=g).half(), torch.randn((case.c,), generator=g).half()
-    got, gy = run(case, x, w, b, "triton", torch.float16)
-    expected, _ = run(case, x, w, b, "torch", torch.float64, gy.half())
+    x = make_input(case, g).to(dtype)
+    w = torch.randn((case.c, 1, 3, 3, 3), generator=g).to(dtype)
+    b = torch.randn((case.c,), generator=g).to(dtype)
+    got, gy = run(case, x, w, b, "triton", dtype)
+    expected, _ = run(case, x, w, b, "torch", torch.float64, gy.to(dtype))
     assert outputs == [tuple(expected["y"].shape), tuple(x.shape)][:launches]
+    bound = RTOL32 if dtype == torch.float32 else 2e-3
     for key in ("y", "grad_x", "grad_w", "grad_b"):
-        assert rel(got[key], expected[key]) < 2e-3, f"{key}: {rel(got[key], expected[key]):.1e}"
+        assert rel(got[key], expected[key]) < bound, f"{key}: {rel(got[key], expected[key]):.1e}"
 
 
 def test_direct_kernels_turn_the_depthwise_halo_kernels_off(monkeypatch):
-    """Under direct_kernels() (the one halo switch) and for float32 x, the direct kernels run."""
+    """Under direct_kernels() (the one halo switch) the direct kernels run, in half precision and float32."""
     from prostate_kernels.ops import bn_relu_conv3d_triton as fused
     from prostate_kernels.ops import depthwise_conv3d_kernels as kernels
 
@@ -436,7 +433,7 @@ def test_direct_kernels_turn_the_depthwise_halo_kernels_off(monkeypatch):
     w, b = torch.randn((HALO_70.c, 1, 3, 3, 3), generator=g), torch.randn((HALO_70.c,), generator=g)
     with fused.direct_kernels():
         got, gy = run(HALO_70, x, w, b, "triton", torch.float16)
-    got32, _ = run(HALO_70, x, w, b, "triton", torch.float32, gy)
+        got32, _ = run(HALO_70, x, w, b, "triton", torch.float32, gy)
     expected, _ = run(HALO_70, x, w, b, "torch", torch.float64, gy)
     for key in ("y", "grad_x", "grad_w"):
         assert rel(got[key], expected[key]) < 2e-3 and rel(got32[key], expected[key]) < RTOL32, key

@@ -127,8 +127,9 @@ def depthwise_input_grad(gy, weight, x_shape, x_like: torch.Tensor, geometry: Co
 # The halo kernels: depthwise_conv3d_halo_kernel (forward, and the input gradient as the conv of gy) and
 # depthwise_conv3d_wgrad_halo_kernel. One tile each, 4 warps, no pipelining (the configurations compiled
 # without spills in bench/results/2026-11-28-depthwise-halo-probe.md). They take stride 1 where the tensor
-# whose halos they fill (x; gy for the input gradient) is channels-last in bf16 or fp16 (the weight
-# gradient's gy, loaded once per box, in any layout: the networks' backward may hand it NCDHW), while the
+# whose halos they fill (x; gy for the input gradient) is channels-last, in any dtype (the scratch is in
+# that dtype; float32 variants: at most 168 registers, no spills, 2026-12-03), the weight gradient's gy,
+# loaded once per box, in any layout (the networks' backward may hand it NCDHW), while the
 # fused layer's halo kernels are on (one switch: bn_relu_conv3d_triton.set_halo_kernels), and the halo fits
 # HALO_MAX_ROWS (dilation 2 at 3x3x3: 768); other launches take the direct kernels.
 _HALO_BOX = {"BOX_D": 4, "BOX_H": 4, "BOX_W": 8, "FILL_M": 128}
@@ -147,8 +148,6 @@ def _takes_halo(filled: torch.Tensor, geometry: ConvGeometry) -> bool:
         fused.HALO_KERNELS
         and geometry.stride == (1, 1, 1)
         and filled.stride(1) == 1  # the halo fills along channels
-        and filled.dtype
-        != torch.float32  # float32: 254-255 registers, spilling 56 B on sm_80 (compile sweep)
         and fused._halo_rows(_HALO_BOX, geometry) <= HALO_MAX_ROWS
     )
 
