@@ -48,6 +48,8 @@ CASES = [
     # W); gy channels-last (the input gradient's halo kernel) and NCDHW (its direct kernel)
     Case("halo-70ch-odd", 70, (5, 7, 9), layout="channels_last", gy_channels_last=True),
     Case("halo-16ch-valid", 16, (6, 6, 11), padding=(0, 1, 0), layout="channels_last", bias=False),
+    # an NCDHW x with a channels-last gy: the input gradient's halo kernel writes an NCDHW gx
+    Case("ncdhw-x-channels-last-gy", 20, (5, 6, 7), padding=2, dilation=2, gy_channels_last=True),
 ]
 
 
