@@ -439,3 +439,28 @@ def test_direct_kernels_turn_the_depthwise_halo_kernels_off(monkeypatch):
     expected, _ = run(HALO_70, x, w, b, "torch", torch.float64, gy)
     for key in ("y", "grad_x", "grad_w"):
         assert rel(got[key], expected[key]) < 2e-3 and rel(got32[key], expected[key]) < RTOL32, key
+
+
+@pytest.mark.parametrize("case, launches", [(HALO_70, 1), (HALO_VALID, 0)], ids=["cl-gy", "ncdhw-gy"])
+def test_float32_weight_gradient_takes_the_halo_kernel_with_a_channels_last_gy(case, launches, monkeypatch):
+    """In float32 the halo weight gradient's variants with an NCDHW gy spilled on sm_80 (255 registers,
+    compile sweep of 2026-12-03), so there it takes the direct kernel; with a channels-last gy the halo
+    kernel. Both against float64 at float32's bound."""
+    from prostate_kernels.ops import depthwise_conv3d_kernels as kernels
+
+    real, launched = kernels.depthwise_conv3d_wgrad_halo_kernel, []
+
+    class Spy:
+        def __getitem__(self, launch_grid):
+            launched.append(launch_grid)
+            return real[launch_grid]
+
+    monkeypatch.setattr(kernels, "depthwise_conv3d_wgrad_halo_kernel", Spy())
+    g = torch.Generator().manual_seed(0)
+    x = make_input(case, g)
+    w, b = torch.randn((case.c, 1, 3, 3, 3), generator=g), torch.randn((case.c,), generator=g)
+    got, gy = run(case, x, w, b, "triton", torch.float32)
+    expected, _ = run(case, x, w, b, "torch", torch.float64, gy)
+    assert len(launched) == launches
+    for key in ("grad_w", "grad_b"):
+        assert rel(got[key], expected[key]) < RTOL32, f"{key}: {rel(got[key], expected[key]):.1e}"

@@ -128,8 +128,8 @@ def depthwise_input_grad(gy, weight, x_shape, x_like: torch.Tensor, geometry: Co
 # depthwise_conv3d_wgrad_halo_kernel. One tile each, 4 warps, no pipelining (the configurations compiled
 # without spills in bench/results/2026-11-28-depthwise-halo-probe.md). They take stride 1 where the tensor
 # whose halos they fill (x; gy for the input gradient) is channels-last, in any dtype (the scratch is in
-# that dtype; float32 variants: at most 168 registers, no spills, 2026-12-03), the weight gradient's gy,
-# loaded once per box, in any layout (the networks' backward may hand it NCDHW), while the
+# that dtype), the weight gradient's gy, loaded once per box, in any layout (the networks' backward may
+# hand it NCDHW) except in float32 (its variants with an NCDHW gy spilled on sm_80), while the
 # fused layer's halo kernels are on (one switch: bn_relu_conv3d_triton.set_halo_kernels), and the halo fits
 # HALO_MAX_ROWS (dilation 2 at 3x3x3: 768); other launches take the direct kernels.
 _HALO_BOX = {"BOX_D": 4, "BOX_H": 4, "BOX_W": 8, "FILL_M": 128}
@@ -213,7 +213,8 @@ def depthwise_weight_grad(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(grad of weight (C, 1, kD, kH, kW) float32, grad of bias (C,) float32 or None)."""
     n, c, d, h, w = x.shape
-    if _takes_halo(x, geometry):
+    # float32 with a gy not channels-last: 255 registers and 60-72 B spilled on sm_80 (sweep of 2026-12-03)
+    if _takes_halo(x, geometry) and (x.dtype != torch.float32 or gy.stride(1) == 1):
         sums = _halo_weight_grad(x, gy, geometry, with_bias).sum(dim=0)  # the programs', in a fixed order
         grad_w = sums[: geometry.taps].t().reshape(c, 1, *geometry.kernel)
         return grad_w, (sums[geometry.taps] if with_bias else None)
