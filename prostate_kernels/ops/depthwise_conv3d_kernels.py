@@ -282,6 +282,18 @@ def depthwise_conv3d_wgrad_kernel(
 
 
 @triton.jit
+def _tap_window(windows, tap, KH: tl.constexpr, KW: tl.constexpr, DLD: tl.constexpr, DLH: tl.constexpr,
+                DLW: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr,
+                BLOCK_C: tl.constexpr):  # fmt: skip
+    """The (box voxels, BLOCK_C) window of a halo scratch tile that tap `tap` reads: `windows` (the box's
+    rows at tap (0, 0, 0), x its channels) shifted by one constant offset per tap, no masks."""
+    kd = tap // (KH * KW)
+    kh = (tap // KW) % KH
+    kw = tap % KW
+    return tl.load(windows + ((kd * DLD * HALO_H + kh * DLH) * HALO_W + kw * DLW) * BLOCK_C)
+
+
+@triton.jit
 def depthwise_conv3d_wgrad_halo_kernel(
     x_ptr,  # (N, C, D, H, W), strides sx*, channels-last
     gy_ptr,  # (N, C, Do, Ho, Wo), strides sg* (any layout: loaded once per box)
@@ -363,10 +375,7 @@ def depthwise_conv3d_wgrad_halo_kernel(
             gy_sum += tl.sum(g, axis=0)
         windows = scratch + halo_row[:, None] * BLOCK_C + channels[None, :]  # each tap: a constant offset
         for tap in range(taps):
-            kd = tap // (KH * KW)
-            kh = (tap // KW) % KH
-            kw = tap % KW
-            window = tl.load(windows + ((kd * DLD * HALO_H + kh * DLH) * HALO_W + kw * DLW) * BLOCK_C)
+            window = _tap_window(windows, tap, KH, KW, DLD, DLH, DLW, HALO_H, HALO_W, BLOCK_C)
             tap_sum = tl.sum(window.to(tl.float32) * g, axis=0)
             row = partial + tap * c_stride + offs_c
             earlier = tl.load(row, mask=mask_c & (box != first_box), other=0.0)  # the first box: none
@@ -450,10 +459,7 @@ def depthwise_conv3d_halo_kernel(
                    x_ptr.dtype.element_ty, "ieee", INT64, NORMALISE=False, ALIGN=ALIGN)  # fmt: skip
         acc = tl.zeros((BOX_D * BOX_H * BOX_W, BLOCK_C), dtype=tl.float32)
         for tap in range(taps):
-            kd = tap // (KH * KW)
-            kh = (tap // KW) % KH
-            kw = tap % KW
-            window = tl.load(windows + ((kd * DLD * HALO_H + kh * DLH) * HALO_W + kw * DLW) * BLOCK_C)
+            window = _tap_window(windows, tap, KH, KW, DLD, DLH, DLW, HALO_H, HALO_W, BLOCK_C)
             w = tl.load(w_ptr + tap * aligned_count(C, ALIGN) + offs_c, mask=mask_c, other=0.0)  # vectors
             acc += window.to(tl.float32) * w.to(tl.float32)[None, :]
         if HAS_BIAS:
