@@ -128,10 +128,10 @@ def depthwise_input_grad(gy, weight, x_shape, x_like: torch.Tensor, geometry: Co
 # depthwise_conv3d_wgrad_halo_kernel. One tile each, 4 warps, no pipelining (the configurations compiled
 # without spills in bench/results/2026-11-28-depthwise-halo-probe.md). They take stride 1 where the tensor
 # whose halos they fill (x; gy for the input gradient) is channels-last, in any dtype (the scratch is in
-# that dtype), the weight gradient's gy, loaded once per box, in any layout (the networks' backward may
-# hand it NCDHW) except in float32 (its variants with an NCDHW gy spilled on sm_80), while the
-# fused layer's halo kernels are on (one switch: bn_relu_conv3d_triton.set_halo_kernels), and the halo fits
-# HALO_MAX_ROWS (dilation 2 at 3x3x3: 768); other launches take the direct kernels.
+# that dtype), while the fused layer's halo kernels are on (one switch:
+# bn_relu_conv3d_triton.set_halo_kernels) and the halo fits HALO_MAX_ROWS (dilation 2 at 3x3x3: 768);
+# other launches take the direct kernels. The weight gradient loads gy once per box, in any layout (the
+# networks' backward may hand it NCDHW), except in float32: there an NCDHW gy spilled on sm_80.
 _HALO_BOX = {"BOX_D": 4, "BOX_H": 4, "BOX_W": 8, "FILL_M": 128}
 HALO_TILE = {**_HALO_BOX, "BLOCK_C": 32}
 HALO_WGRAD_TILE = {**_HALO_BOX, "BLOCK_C": 64}
