@@ -24,6 +24,8 @@ from prostate_kernels.cli_args import (
 from prostate_kernels.data.errors import DataError
 
 EXIT_USER_ERROR = 2
+CHANNELS_LAST_HELP = ("run the network channels-last (NDHWC strides): the same math in other kernels, "
+                      "faster or slower by model and device (README: Memory layout)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,6 +127,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay the network's forward and backward from CUDA graphs (one CUDA device, no "
                    "torchrun): far fewer host launches per step (README: CUDA graphs)")  # fmt: skip
+    p.add_argument("--channels-last", action="store_true", help=CHANNELS_LAST_HELP)
     p.add_argument("--workers", type=non_negative_int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(run=_train)
@@ -161,6 +164,7 @@ def _parser() -> argparse.ArgumentParser:
         help="torch.use_deterministic_algorithms (warn-only), untimed kernel tiles, windows summed in "
         "batch order: a rerun on the same GPU model repeats the probabilities bit for bit",
     )
+    p.add_argument("--channels-last", action="store_true", help=CHANNELS_LAST_HELP)
     p.set_defaults(run=_predict)
 
     p = sub.add_parser(
@@ -197,6 +201,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo_out"))
     p.add_argument("--model", default="tiramisu3d_tiny")
     p.add_argument("--iters", type=positive_int, default=None)
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="train and predict channels-last (default: on the CPU only; README: Memory "
+                   "layout)")  # fmt: skip
     p.set_defaults(run=_demo)
     return parser
 
@@ -243,6 +250,7 @@ def _train(args) -> int:
         seed=args.seed,
         deterministic=args.deterministic,
         cuda_graphs=args.cuda_graphs,
+        channels_last=args.channels_last,
         workers=args.workers,
         progress=not args.no_progress,
     )
@@ -266,6 +274,7 @@ def _predict(args) -> int:
         device=args.device,
         overwrite=args.overwrite,
         deterministic=args.deterministic,
+        channels_last=args.channels_last,
     )
     return _report(failures)
 
@@ -285,7 +294,7 @@ def _evaluate(args) -> int:
 def _demo(args) -> int:
     from prostate_kernels.pipeline import run_demo
 
-    return _report(run_demo(args.out, args.model, args.iters))
+    return _report(run_demo(args.out, args.model, args.iters, args.channels_last))
 
 
 def _report(failures: list[str]) -> int:

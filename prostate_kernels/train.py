@@ -37,6 +37,7 @@ from prostate_kernels.data import (
 from prostate_kernels.data.resample import resample_to_spacing
 from prostate_kernels.data.sampling import IterationDataset, PatchSampler, training_case, zscore
 from prostate_kernels.determinism import deterministic_mode
+from prostate_kernels.layout import in_layout, model_in_layout
 from prostate_kernels.models import build_model
 from prostate_kernels.predict import predict_probabilities
 from prostate_kernels.safe_files import RunLock, atomic_write, output_directory, remove_stale_temporaries
@@ -95,6 +96,7 @@ class TrainConfig:
     augment: bool = True  # rotation, scaling and intensity augmentation (data/sampling.py)
     deterministic: bool = False  # torch.use_deterministic_algorithms for the run (deterministic_mode)
     cuda_graphs: bool = False  # forward and backward replayed from CUDA graphs (cuda_graph_training.py)
+    channels_last: bool = False  # the model's weights and each batch channels-last (layout.py)
     progress: bool = True
     model_kwargs: dict = field(default_factory=dict)
 
@@ -244,7 +246,9 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
 
     train_cases, held_out = load_cases(config, log if rank == 0 else (lambda *_: None), arrays)
     torch.manual_seed(config.seed * 1000 + rank)
-    model = build_model(config.model, **_model_kwargs(config)).to(device)
+    model = model_in_layout(
+        build_model(config.model, **_model_kwargs(config)).to(device), config.channels_last
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
     decay = ("poly", 0.9, config.iters) if config.schedule == "poly" else settings.decay
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(decay))
@@ -282,10 +286,15 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
     bar = _bar(start, config.iters) if rank == 0 and config.progress else None
     loss_fn = _loss(config.loss)
     window, log_every = [], max(1, config.val_every // 5)
-    batches = _graphed(model, iter(loader), device, amp_dtype, log) if config.cuda_graphs else loader
+    batches = loader
+    if config.cuda_graphs:
+        batches = _graphed(model, iter(loader), device, amp_dtype, config.channels_last, log)
     tic = time.time()
     for it, (x, y) in enumerate(batches, start=start + 1):
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x, y = (
+            in_layout(x.to(device, non_blocking=True), config.channels_last),
+            y.to(device, non_blocking=True),
+        )
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             loss = loss_fn(net(x).float(), y)
         if not _finite_on_every_rank(loss, world):
@@ -336,14 +345,16 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
     return ckpt_path
 
 
-def _graphed(model, batches, device, amp_dtype, log):
+def _graphed(model, batches, device, amp_dtype, channels_last: bool, log):
     """The batches of the run, once model's training forward and backward are CUDA graphs captured on
-    the first batch (which is then trained on as the first iteration, like every other)."""
+    the first batch (which is then trained on as the first iteration, like every other). The graphs'
+    input is that batch in the run's layout: later batches are copied into it, into that layout."""
     first = next(batches, None)
     if first is None:  # nothing left to train
         return iter(())
     start = time.time()
-    cuda_graph_training.capture_training_step(model, first[0].to(device), amp_dtype)
+    sample = in_layout(first[0].to(device), channels_last)
+    cuda_graph_training.capture_training_step(model, sample, amp_dtype)
     log(f"--cuda-graphs: forward and backward captured in {time.time() - start:.1f} s (autotuning included)")
     return itertools.chain([first], batches)
 
@@ -491,11 +502,12 @@ def _state(config, model, optimizer, scheduler, scaler, rng, it, best, patch) ->
     }
 
 
-# Settings that change what a resumed run computes: (TrainConfig field, its flag)
+# Settings that change what a resumed run computes: (TrainConfig field, its flag). The layout is one:
+# nn.Dropout draws its masks in memory order, so the two layouts drop other voxels.
 RESUME_SETTINGS = (("loss", "--loss"), ("weight_decay", "--weight-decay"), ("schedule", "--schedule"),
                    ("amp", "--amp"), ("seed", "--seed"), ("flips", "flips"), ("augment", "--augment"),
                    ("spacing", "--spacing"), ("label", "--label"), ("val_cases", "--val-cases"),
-                   ("deterministic", "--deterministic"))  # fmt: skip
+                   ("deterministic", "--deterministic"), ("channels_last", "--channels-last"))  # fmt: skip
 
 
 def _resume_differences(
