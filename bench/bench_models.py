@@ -26,6 +26,7 @@ from floors import Work, measure_rates  # noqa: E402
 from prostate_kernels.models import build_model  # noqa: E402
 
 from prostate_kernels import use_backend  # noqa: E402
+from prostate_kernels.layout import in_layout, model_in_layout  # noqa: E402
 
 BATCH = 2
 PAPER_PATCH = {  # model -> input shape without the batch (channels, *spatial)
@@ -41,22 +42,27 @@ LADDER = ((16, 64, 64), (16, 128, 128), (32, 128, 128), (32, 256, 256), (64, 256
 TARGET_VOXELS_VS_NAIVE = 8
 
 
-def variant(name: str, kind: str, device: str) -> tuple[torch.nn.Module, str]:
-    """(model, backend): "ours" the library's layers, "eager" plain PyTorch, "compile" torch.compile of it."""
+def variant(name: str, kind: str, device: str, channels_last: bool = False) -> tuple[torch.nn.Module, str]:
+    """(model, backend): "ours" the library's layers, "eager" plain PyTorch, "compile" torch.compile of it;
+    channels_last: its weights in that layout (layout.py)."""
     torch.manual_seed(0)
     kwargs = {} if kind == "ours" or not name.startswith("tiramisu") else {"memory_efficient": False}
-    model = build_model(name, **kwargs).to(device)
+    model = model_in_layout(build_model(name, **kwargs).to(device), channels_last)
     if kind == "compile":
         return torch.compile(model), "torch"
     return model, ("auto" if kind == "ours" else "torch")
 
 
-def train_step_fn(model, backend: str, x: torch.Tensor, y: torch.Tensor):
+def train_step_fn(model, backend: str, x: torch.Tensor, y: torch.Tensor, amp_dtype=torch.bfloat16):
+    """One Adam step on (x, y) under `backend`, autocast to amp_dtype (None: off, float32)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     loss_fn = torch.nn.BCEWithLogitsLoss()
 
     def step():
-        with use_backend(backend), torch.autocast(x.device.type, dtype=torch.bfloat16):
+        with (
+            use_backend(backend),
+            torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None),
+        ):
             loss = loss_fn(model(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -89,11 +95,12 @@ def floor_columns(name: str, shape, rates, ms: float) -> dict:
     return columns
 
 
-def cuda_step(model, backend, shape) -> tuple[float, float]:
-    """(median ms, peak MiB) of a training step, or raises torch.OutOfMemoryError."""
+def cuda_step(model, backend, shape, channels_last: bool = False) -> tuple[float, float]:
+    """(median ms, peak MiB) of a training step (its input channels-last when asked), or raises
+    torch.OutOfMemoryError."""
     from triton.testing import do_bench
 
-    x = torch.randn((BATCH, *shape), device="cuda")
+    x = in_layout(torch.randn((BATCH, *shape), device="cuda"), channels_last)
     y = (torch.rand((BATCH, 1, *shape[1:]), device="cuda") > 0.5).float()
     step = train_step_fn(model, backend, x, y)
     step()

@@ -74,6 +74,7 @@ def timing_sections() -> list[tuple[str, object]]:
     import bench_dense_block
     import bench_depthwise
     import bench_graphs
+    import bench_memory_format
     import bench_models
     import bench_optimize
     import bench_sliding_window
@@ -95,6 +96,7 @@ def timing_sections() -> list[tuple[str, object]]:
         ("models", lambda: bench_models.run("cuda", ("tiramisu3d_p3a",), ("ours", "eager"), ladder=False)),
         ("optimize", lambda: [bench_optimize.run("cuda")]),  # needs MONAI: carry its wheel
         ("patch_ladder", lambda: bench_models.run("cuda", (), ladder=True)),
+        ("memory_format", lambda: [bench_memory_format.run("cuda")]),
         ("sliding_window", lambda: [bench_sliding_window.run("cuda", rounds=10)]),
         ("dense_layer_fp32", dense_layer_fp32),
         ("models_compile", lambda: renamed(

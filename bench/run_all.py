@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_bn_relu_conv3d  # noqa: E402
 import bench_dense_block  # noqa: E402
 import bench_depthwise  # noqa: E402
+import bench_memory_format  # noqa: E402
 import bench_models  # noqa: E402
 import bench_optimize  # noqa: E402
 import bench_sliding_window  # noqa: E402
@@ -38,6 +39,7 @@ def benchmarks(device: str) -> dict[str, object]:
         "dense_block": lambda: [bench_dense_block.run(device)],
         "depthwise": lambda: [bench_depthwise.run(device, quick=cuda)],
         "models": lambda: bench_models.run(device),
+        "memory_format": lambda: [bench_memory_format.run(device)],
         "optimize": lambda: [bench_optimize.run(device)],
     }
 

@@ -70,6 +70,17 @@ SHOWN = {  # benchmark -> columns shown in the README (rows: all)
         "fwd_bwd_speedup_vs_best_pytorch",
     ],
     "models": ["model", "input", "variant", "step_ms", "peak_MiB", "gflop", "of_floor"],
+    "memory_format": [
+        "model",
+        "input",
+        "batch",
+        "variant",
+        "ncdhw_ms",
+        "channels_last_ms",
+        "channels_last_speedup",
+        "ncdhw_MiB",
+        "channels_last_MiB",
+    ],
     "cuda_graphs": ["case", "variant", "eager_ms", "graph_ms", "graph_speedup", "ours_graph_vs_this_graph"],
     "patch_ladder": ["variant", "patch", "voxels", "kept_for_backward_GiB", "trains", "peak_MiB"],
     "optimize": [

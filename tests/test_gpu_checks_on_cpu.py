@@ -225,3 +225,38 @@ def test_the_suite_runs_the_chosen_checks_and_rechecks_before_the_later_ones(mon
     assert list(rows) == [*names, "determinism"]
     assert seen == [False] and not launchers.HALO_KERNELS
     assert rows["determinism"][0]["result"] == "FAIL" and "boom" in rows["determinism"][0]["detail"]
+
+
+def test_the_memory_format_timings_run_on_a_tiny_case(monkeypatch):
+    """bench/bench_memory_format.py: the CPU rows time a real training step in both layouts; the GPU rows
+    (the GPU suite's memory_format section), with the step faked, ask for each model and kind in both
+    layouts, and an out-of-memory in one layout leaves the other's figures and no speed-up."""
+    import bench_memory_format as bench
+    import torch
+
+    (row,) = bench.cpu_rows({"tiramisu3d_tiny": ((1, 8, 16, 16), 2)}, rounds=1)
+    ncdhw, channels_last = float(row["ncdhw_ms"]), float(row["channels_last_ms"])
+    assert ncdhw > 0 and channels_last > 0
+    assert row["channels_last_speedup"] == f"{ncdhw / channels_last:.2f}"
+
+    asked = []
+
+    def fake_variant(name, kind, device, channels_last):
+        asked.append((name, kind, device, channels_last))
+        return torch.nn.Identity(), "torch"
+
+    def fake_step(model, backend, shape, channels_last):
+        if channels_last and asked[-1][0] == "unet3d":
+            raise torch.OutOfMemoryError("fake")
+        return (8.0 if channels_last else 10.0), 100.0
+
+    monkeypatch.setattr(bench, "variant", fake_variant)
+    monkeypatch.setattr(bench, "cuda_step", fake_step)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    rows = bench.gpu_rows()
+    assert asked == [(name, kind, "cuda", cl) for name in bench.GPU_MODELS for kind in ("ours", "eager")
+                     for cl in (False, True)]  # fmt: skip
+    speedups = {(r["model"], r["variant"]): r["channels_last_speedup"] for r in rows}
+    assert speedups[("tiramisu3d_p3a", "ours")] == "1.25" and speedups[("unet3d", "eager")] == ""
+    unet = next(r for r in rows if r["model"] == "unet3d")
+    assert unet["ncdhw_ms"] == "10.0" and unet["channels_last_ms"] == "OOM"
