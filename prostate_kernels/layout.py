@@ -20,20 +20,39 @@ import torch
 from torch import nn
 
 
+def _channels_last_format(x: torch.Tensor) -> torch.memory_format:
+    return torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+
+
 def in_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """x channels-last (a 5-D volume batch: channels_last_3d; 4-D: channels_last) when asked, else x
-    itself. A tensor of another rank is returned as it is (it has no channels-last layout)."""
+    itself. A tensor of another rank is returned as it is (it has no channels-last layout).
+
+    A batch of one channel has strides that are both NCDHW- and channels-last-contiguous; Tensor.to
+    gives it channels-last's (channel stride 1), where .contiguous(memory_format=...) would leave it as it
+    is and PyTorch's convolutions would then keep the whole network NCDHW."""
     if not channels_last or x.dim() not in (4, 5):
         return x
-    return x.to(memory_format=torch.channels_last_3d if x.dim() == 5 else torch.channels_last)
+    return x.to(memory_format=_channels_last_format(x))
 
 
 def model_in_layout(model: nn.Module, channels_last: bool) -> nn.Module:
     """model with every 4-D and 5-D parameter and buffer (the conv weights) channels-last when asked, in
     place: the parameters stay the same objects, so an optimizer built on them keeps working. Returns
-    model."""
+    model.
+
+    Tensor.to also restrides the weights whose strides are both layouts' (one input channel, as the first
+    conv's; 1x1x1 kernels): PyTorch's convolutions write channels-last when their input or their weight
+    is, and some inputs come NCDHW-strided (a BatchNorm of the 1-channel input, a torch.cat, the CPU dense
+    blocks). The library's layers return each weight's gradient in the weight's own strides
+    (ops/launch.py, grad_like). Under DistributedDataParallel a 2-process CPU run of Tiramisu 3D tiny still
+    prints one "Grad strides do not match bucket view strides" warning per process, for a 1x1x1 weight
+    whose gradient arrives NCDHW-strided (not traced further; DDP copies every gradient into its buckets
+    either way).
+    """
     if channels_last:
         with torch.no_grad():
             for tensor in itertools.chain(model.parameters(), model.buffers()):
-                tensor.data = in_layout(tensor.data, True)
+                if tensor.dim() in (4, 5):
+                    tensor.data = tensor.data.to(memory_format=_channels_last_format(tensor))
     return model

@@ -14,8 +14,10 @@ import torch
 from cli_helpers import make_phantoms, run_cli, train_args
 from prostate_kernels.models import build_model
 
+from prostate_kernels import use_backend
 from prostate_kernels.checkpoint import load_checkpoint
 from prostate_kernels.layout import in_layout, model_in_layout
+from prostate_kernels.nn import BNReLUConv3d, DenseBlock3d, DepthwiseConv3d
 from prostate_kernels.pipeline import load_trained_model
 from prostate_kernels.predict import predict_probabilities
 from prostate_kernels.train import TrainConfig, train
@@ -184,3 +186,33 @@ def test_the_demo_trains_and_predicts_channels_last_on_the_cpu(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "tiramisu3d_tiny (channels-last)" in result.stdout
     assert load_checkpoint(out / "run" / "checkpoint.pt")["config"]["channels_last"] is True
+
+
+# fmt: off
+@pytest.mark.parametrize("make, shape", [
+    (lambda: BNReLUConv3d(5, 6), (2, 5, 3, 4, 5)),
+    (lambda: BNReLUConv3d(5, 6, kernel_size=1, padding=0), (2, 5, 3, 4, 5)),
+    (lambda: DenseBlock3d(3, 4, 2, dropout=0.0), (2, 3, 3, 4, 5)),
+    (lambda: DenseBlock3d(3, 4, 2, dropout=0.0, bn_size=2), (2, 3, 3, 4, 5)),
+    (lambda: DepthwiseConv3d(6, 3, padding=1), (2, 6, 3, 4, 5)),
+], ids=["fused-3x3x3", "fused-1x1x1", "dense-block", "dense-block-bc", "depthwise"])
+# fmt: on
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_the_library_s_layers_give_each_weight_its_gradient_in_its_own_strides(make, shape, backend):
+    """Channels-last weights (1x1x1 ones included) get gradients with their exact strides, so autograd
+    keeps them without another copy and DDP's buckets match them; the values are the NCDHW model's."""
+    torch.manual_seed(0)
+    module = make()
+    x = torch.randn(shape)
+    grads = []
+    for channels_last in (False, True):
+        net = model_in_layout(copy.deepcopy(module), channels_last)
+        with use_backend(backend):
+            net(in_layout(x, channels_last)).square().sum().backward()
+        weights = [p for p in net.parameters() if p.dim() == 5]
+        assert weights and all(p.grad.stride() == p.stride() for p in weights), [
+            (p.grad.stride(), p.stride()) for p in weights
+        ]
+        grads.append([p.grad for p in weights])
+    for g, g_cl in zip(*grads, strict=True):
+        torch.testing.assert_close(g_cl, g, rtol=1e-4, atol=1e-5)

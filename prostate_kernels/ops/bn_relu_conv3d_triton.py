@@ -32,6 +32,7 @@ from prostate_kernels.ops.launch import (
     check_voxels,
     conv_args,
     dot_setup,
+    grad_like,
     needs_int64,
     next_power_of_2,
     output_like,
@@ -442,10 +443,11 @@ def _halo_weight_grad(x, gy, scale, shift, geometry, dot_dtype, precision, block
         BLOCK_CO=block_co,
     )  # fmt: skip
     # the sum over splits reads the buffer in its own order (a sum of the permuted buffer, straight into the
-    # weight's layout, cost the CPU 1.6 ms per layer of Tiramisu 3D p3a: bench/host_cost.py --model), then
-    # one copy lays the (taps, C_in, C_out) sum out as the weight (C_out, C_in, taps)
+    # weight's layout, cost the CPU 1.6 ms per layer of Tiramisu 3D p3a: bench/host_cost.py --model); the
+    # gradient is a (C_out, C_in, kD, kH, kW) view of the (taps, C_in, C_out) sum, which grad_like then
+    # copies into the weight's own layout, NCDHW or channels-last (one copy either way)
     summed = sums[0] if splits == 1 else sums.sum(0)
-    grad_weight = summed.permute(2, 1, 0)[:c_out, :c_in].contiguous().view(c_out, c_in, *geometry.kernel)
+    grad_weight = summed.permute(2, 1, 0)[:c_out, :c_in].unflatten(2, geometry.kernel)
     return grad_weight, ((gb[0] if splits == 1 else gb.sum(0)) if with_bias else None)
 
 
@@ -683,7 +685,7 @@ def backward_impl(gy, x, weight, stats, batch_stats, stride, padding, dilation, 
     if needs[1] or needs[2]:
         gw, gb = conv_weight_grad(x, gy, scale, shift, geometry, compute_dtype, has_bias)
         if needs[1]:
-            grads[1] = gw.to(weight.dtype)
+            grads[1] = grad_like(gw, weight)
         if needs[2] and gb is not None:
             grads[2] = gb.to(weight.dtype)
     if needs[0] or needs[3] or needs[4]:
@@ -730,7 +732,7 @@ def _(gy, x, weight, stats, batch_stats, stride, padding, dilation, compute_dtyp
     c_out, c_in = weight.shape[:2]
     wanted = (
         torch.empty_like(x, memory_format=torch.preserve_format),
-        weight.new_empty(weight.shape),
+        torch.empty_like(weight),  # grad_like's strides
         weight.new_empty((c_out if has_bias else 0,)),
         x.new_empty((c_in,), dtype=bn_dtype),
         x.new_empty((c_in,), dtype=bn_dtype),

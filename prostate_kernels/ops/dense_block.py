@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from prostate_kernels import backend
 from prostate_kernels.ops.batch_norm import fold_batch_norm, update_running_stats_
 from prostate_kernels.ops.conv_geometry import ConvGeometry, conv_geometry
+from prostate_kernels.ops.launch import grad_like
 from prostate_kernels.ops.seeded_dropout import (
     check_seeds,
     dropout_scale,
@@ -330,7 +331,7 @@ def _(
     grads = []
     for unit in range(len(eps)):
         weight, gamma, beta, _, _ = _unit(params, unit)
-        grads += [weight.new_empty(weight.shape)]
+        grads += [torch.empty_like(weight)]  # grad_like's strides
         grads += [t.new_empty(t.shape) if t is not None else buffer.new_empty((0,)) for t in (gamma, beta)]
     return grad_x, grads
 
@@ -624,7 +625,7 @@ class _TritonEngine:
             grad_input=grad_input, accumulate=accumulate,
         )  # fmt: skip
         return [
-            g_w.to(weight.dtype),
+            grad_like(g_w, weight),
             d_gamma.to(gamma.dtype) if gamma is not None else None,
             d_beta.to(beta.dtype) if beta is not None else None,
         ]
@@ -701,7 +702,7 @@ class _TorchEngine:
         grad_x = grad_z * scale.view(per_channel)
         grad_input.add_(grad_x) if accumulate else grad_input.copy_(grad_x)
         return [
-            grad_w.to(weight.dtype),
+            grad_like(grad_w, weight),
             d_gamma.to(gamma.dtype) if gamma is not None else None,
             d_beta.to(beta.dtype) if beta is not None else None,
         ]

@@ -17,6 +17,7 @@ from prostate_kernels.ops.launch import (
     check_voxels,
     conv_args,
     dot_setup,
+    grad_like,
     needs_int64,
     next_power_of_2,
     output_like,
@@ -276,7 +277,7 @@ def backward_impl(gy, x, weight, stride, padding, dilation, has_bias, needs) -> 
         grads[0] = depthwise_input_grad(gy, weight, x.shape, x, geometry)
     if needs[1] or needs[2]:
         gw, gb = depthwise_weight_grad(x, gy, geometry, has_bias)
-        grads[1] = gw.to(weight.dtype) if needs[1] else None
+        grads[1] = grad_like(gw, weight) if needs[1] else None
         grads[2] = gb.to(weight.dtype) if needs[2] and gb is not None else None
     return grads
 
@@ -310,7 +311,7 @@ def depthwise_conv3d_backward(
 def _(gy, x, weight, stride, padding, dilation, has_bias, needs):
     wanted = (
         torch.empty_like(x, memory_format=torch.preserve_format),
-        weight.new_empty(weight.shape),
+        torch.empty_like(weight),  # grad_like's strides
         weight.new_empty((weight.shape[0] if has_bias else 0,)),
     )
     return tuple(t if need else x.new_empty((0,)) for t, need in zip(wanted, needs, strict=True))
