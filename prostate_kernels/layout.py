@@ -45,7 +45,7 @@ def model_in_layout(model: nn.Module, channels_last: bool) -> nn.Module:
     conv's; 1x1x1 kernels): PyTorch's convolutions write channels-last when their input or their weight
     is, and some inputs come NCDHW-strided (a BatchNorm of the 1-channel input, a torch.cat, the CPU dense
     blocks). The library's layers return each weight's gradient in the weight's own strides
-    (ops/launch.py, grad_like). Under DistributedDataParallel a 2-process CPU run of Tiramisu 3D tiny still
+    (grad_like, below). Under DistributedDataParallel a 2-process CPU run of Tiramisu 3D tiny still
     prints one "Grad strides do not match bucket view strides" warning per process, for a 1x1x1 weight
     whose gradient arrives NCDHW-strided (not traced further; DDP copies every gradient into its buckets
     either way).
@@ -56,3 +56,14 @@ def model_in_layout(model: nn.Module, channels_last: bool) -> nn.Module:
                 if tensor.dim() in (4, 5):
                     tensor.data = tensor.data.to(memory_format=_channels_last_format(tensor))
     return model
+
+
+def grad_like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """grad (param's shape) in param's dtype and strides: itself when it has both, else one copy. A
+    parameter's gradient in the parameter's own layout is what autograd keeps as it is; another layout is
+    copied again by AccumulateGrad (a channels-last conv weight given an NCDHW gradient), or, where the
+    strides differ only in size-1 dimensions (1x1x1 kernels), kept with strides that
+    DistributedDataParallel's gradient buckets (laid out like the parameter) do not match."""
+    if grad.dtype == param.dtype and grad.stride() == param.stride():
+        return grad
+    return torch.empty_like(param).copy_(grad)

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 import torch
 import triton.language as tl
 
+from prostate_kernels.layout import grad_like
 from prostate_kernels.ops import bn_relu_conv3d_halo_kernels as halo_jit
 from prostate_kernels.ops import bn_relu_conv3d_kernels as kernels
 from prostate_kernels.ops.channel_stats import batch_norm_stats, fold_batch_norm_into
@@ -32,7 +33,6 @@ from prostate_kernels.ops.launch import (
     check_voxels,
     conv_args,
     dot_setup,
-    grad_like,
     needs_int64,
     next_power_of_2,
     output_like,

@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from prostate_kernels import backend
+from prostate_kernels.layout import grad_like
 from prostate_kernels.ops.batch_norm import fold_batch_norm, update_running_stats_
 from prostate_kernels.ops.conv_geometry import ConvGeometry, conv_geometry
-from prostate_kernels.ops.launch import grad_like
 from prostate_kernels.ops.seeded_dropout import (
     check_seeds,
     dropout_scale,

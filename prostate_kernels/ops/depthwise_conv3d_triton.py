@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from prostate_kernels.layout import grad_like
 from prostate_kernels.ops import depthwise_conv3d_kernels as kernels
 from prostate_kernels.ops.conv_geometry import ConvGeometry
 from prostate_kernels.ops.launch import (
@@ -17,7 +18,6 @@ from prostate_kernels.ops.launch import (
     check_voxels,
     conv_args,
     dot_setup,
-    grad_like,
     needs_int64,
     next_power_of_2,
     output_like,

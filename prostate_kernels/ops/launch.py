@@ -183,17 +183,6 @@ def output_like(x: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> 
     return torch.empty(shape, dtype=dtype, device=x.device, memory_format=fmt)
 
 
-def grad_like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """grad (param's shape) in param's dtype and strides: itself when it has both, else one copy. A
-    parameter's gradient in the parameter's own layout is what autograd keeps as it is; another layout is
-    copied again by AccumulateGrad (a channels-last conv weight given an NCDHW gradient), or, where the
-    strides differ only in size-1 dimensions (1x1x1 kernels), kept with strides that
-    DistributedDataParallel's gradient buckets (laid out like the parameter) do not match."""
-    if grad.dtype == param.dtype and grad.stride() == param.stride():
-        return grad
-    return torch.empty_like(param).copy_(grad)
-
-
 def needs_int64(*tensors: torch.Tensor, extra: tuple[int, ...] = ()) -> bool:
     """Whether a kernel over these tensors needs int64 offsets: some tensor spans (its largest element
     offset, from its sizes and strides) or holds INT32_SPAN elements or more, or some extra bound does."""
