@@ -212,13 +212,13 @@ def _halo_weight_grad(x, gy, geometry: ConvGeometry, with_bias: bool) -> torch.T
 def depthwise_weight_grad(
     x, gy, geometry: ConvGeometry, with_bias: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(grad of weight (C, 1, kD, kH, kW) float32, grad of bias (C,) float32 or None)."""
+    """(grad of weight (C, 1, kD, kH, kW) float32, any strides: backward_impl's grad_like lays it out as the
+    weight; grad of bias (C,) float32 or None)."""
     n, c, d, h, w = x.shape
     # float32 with a gy not channels-last: 255 registers and 60-72 B spilled on sm_80 (sweep of 2026-12-03)
     if _takes_halo(x, geometry) and (x.dtype != torch.float32 or gy.stride(1) == 1):
         sums = _halo_weight_grad(x, gy, geometry, with_bias).sum(dim=0)  # the programs', in a fixed order
-        grad_w = sums[: geometry.taps].t().reshape(c, 1, *geometry.kernel)
-        return grad_w, (sums[geometry.taps] if with_bias else None)
+        return _weight_and_bias_grads(sums, geometry, with_bias)
     _, _, do, ho, wo = gy.shape
     m = n * do * ho * wo
     block_c = 64 if x.stride(1) == 1 else 16
@@ -235,7 +235,13 @@ def depthwise_weight_grad(
         BLOCK_M=WGRAD_BLOCK_M, BLOCK_C=block_c,
     )  # fmt: skip
     sums = partial.sum(dim=0)  # (taps + 1, C): the final reduction over programs
-    grad_w = sums[: geometry.taps].t().reshape(c, 1, *geometry.kernel)
+    return _weight_and_bias_grads(sums, geometry, with_bias)
+
+
+def _weight_and_bias_grads(sums: torch.Tensor, geometry: ConvGeometry, with_bias: bool):
+    """(grad weight, grad bias or None) from the (taps + 1, C) sums (the last row: the bias's): the weight's
+    a (C, 1, kD, kH, kW) view, which backward_impl's grad_like copies once into the weight's layout."""
+    grad_w = sums[: geometry.taps].t().unflatten(1, geometry.kernel).unsqueeze(1)
     return grad_w, (sums[geometry.taps] if with_bias else None)
 
 
