@@ -18,6 +18,7 @@ import itertools
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 
 def _channels_last_format(x: torch.Tensor) -> torch.memory_format:
@@ -45,10 +46,8 @@ def model_in_layout(model: nn.Module, channels_last: bool) -> nn.Module:
     conv's; 1x1x1 kernels): PyTorch's convolutions write channels-last when their input or their weight
     is, and some inputs come NCDHW-strided (a BatchNorm of the 1-channel input, a torch.cat, the CPU dense
     blocks). The library's layers return each weight's gradient in the weight's own strides
-    (grad_like, below). Under DistributedDataParallel a 2-process CPU run of Tiramisu 3D tiny still
-    prints one "Grad strides do not match bucket view strides" warning per process, for a 1x1x1 weight
-    whose gradient arrives NCDHW-strided (not traced further; DDP copies every gradient into its buckets
-    either way).
+    (grad_like, below); for PyTorch's own layers under DistributedDataParallel, see
+    keep_grads_in_param_strides.
     """
     if channels_last:
         with torch.no_grad():
@@ -59,11 +58,48 @@ def model_in_layout(model: nn.Module, channels_last: bool) -> nn.Module:
 
 
 def grad_like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """grad (param's shape) in param's dtype and strides: itself when it has both, else one copy. A
-    parameter's gradient in the parameter's own layout is what autograd keeps as it is; another layout is
-    copied again by AccumulateGrad (a channels-last conv weight given an NCDHW gradient), or, where the
-    strides differ only in size-1 dimensions (1x1x1 kernels), kept with strides that
+    """grad (param's shape) in param's dtype and strides: itself when it has both; a view when its strides
+    differ only in dimensions of size 1 (a 1x1x1 kernel's NCDHW and channels-last strides address the same
+    bytes); else one copy. A parameter's gradient in the parameter's own layout is what autograd keeps as
+    it is; another layout is copied again by AccumulateGrad (a channels-last conv weight given an NCDHW
+    gradient), or, where the strides differ only in size-1 dimensions, kept with strides that
     DistributedDataParallel's gradient buckets (laid out like the parameter) do not match."""
-    if grad.dtype == param.dtype and grad.stride() == param.stride():
+    if grad.dtype != param.dtype:
+        return torch.empty_like(param).copy_(grad)
+    if grad.stride() == param.stride():
         return grad
+    if _same_addresses(grad, param):
+        return grad.as_strided(param.size(), param.stride(), grad.storage_offset())
     return torch.empty_like(param).copy_(grad)
+
+
+def _same_addresses(grad: torch.Tensor, param: torch.Tensor) -> bool:
+    """Whether grad's element (i0, i1, ...) lies at the same distance from its start as param's: the same
+    shape, and the same stride in every dimension longer than 1 (the index of a size-1 dimension is 0, so
+    its stride never counts)."""
+    return grad.shape == param.shape and all(
+        size == 1 or a == b for size, a, b in zip(param.shape, grad.stride(), param.stride(), strict=True)
+    )
+
+
+def keep_grads_in_param_strides(model: nn.Module) -> list[RemovableHandle]:
+    """Lays every gradient that autograd keeps out in its parameter's exact strides, for
+    DistributedDataParallel (call before wrapping the model). Returns the hooks' handles.
+
+    AccumulateGrad keeps a gradient whose strides differ from its parameter's only in dimensions of size
+    1, and DDP, whose buckets have the parameter's exact strides, then warns once per process "Grad strides
+    do not match bucket view strides". PyTorch's own CPU conv3d does this for channels-last 1x1x1 weights
+    when it runs on one thread (torchrun's default OMP_NUM_THREADS=1): their weight gradients come back
+    NCDHW-strided. Such a gradient addresses the same bytes in the same order, so the fix is a view
+    (grad_like), not a copy. Only parameters with a size-1 dimension get a hook: no other can differ this
+    way, and every other mismatch is already copied by AccumulateGrad into the parameter's layout."""
+
+    def restride(param: torch.Tensor) -> None:
+        if param.grad is not None and param.grad.stride() != param.stride():
+            param.grad = grad_like(param.grad, param)
+
+    return [
+        param.register_post_accumulate_grad_hook(restride)
+        for param in model.parameters()
+        if param.requires_grad and param.dim() > 1 and 1 in param.shape
+    ]

@@ -37,7 +37,7 @@ from prostate_kernels.data import (
 from prostate_kernels.data.resample import resample_to_spacing
 from prostate_kernels.data.sampling import IterationDataset, PatchSampler, training_case, zscore
 from prostate_kernels.determinism import deterministic_mode
-from prostate_kernels.layout import in_layout, model_in_layout
+from prostate_kernels.layout import in_layout, keep_grads_in_param_strides, model_in_layout
 from prostate_kernels.models import build_model
 from prostate_kernels.predict import predict_probabilities
 from prostate_kernels.safe_files import RunLock, atomic_write, output_directory, remove_stale_temporaries
@@ -272,6 +272,8 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
         log(f"no {ckpt_path.name} in {out} yet: starting from iteration 0")
     if not held_out and rank == 0:
         log("no held-out cases (--val-cases 0): no validation, no best.pt; predict with checkpoint.pt")
+    if world > 1:
+        keep_grads_in_param_strides(model)  # DDP's buckets have each parameter's exact strides
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
     sampler = PatchSampler(

@@ -16,7 +16,7 @@ from prostate_kernels.models import build_model
 
 from prostate_kernels import use_backend
 from prostate_kernels.checkpoint import load_checkpoint
-from prostate_kernels.layout import in_layout, model_in_layout
+from prostate_kernels.layout import grad_like, in_layout, keep_grads_in_param_strides, model_in_layout
 from prostate_kernels.nn import BNReLUConv3d, DenseBlock3d, DepthwiseConv3d
 from prostate_kernels.pipeline import load_trained_model
 from prostate_kernels.predict import predict_probabilities
@@ -216,3 +216,58 @@ def test_the_library_s_layers_give_each_weight_its_gradient_in_its_own_strides(m
         grads.append([p.grad for p in weights])
     for g, g_cl in zip(*grads, strict=True):
         torch.testing.assert_close(g_cl, g, rtol=1e-4, atol=1e-5)
+
+
+def test_grad_like_restrides_size_one_differences_as_a_view_and_copies_the_rest():
+    """A 1x1x1 weight's NCDHW and channels-last strides address the same bytes: grad_like returns a view
+    with the weight's strides (no copy); other layouts and dtypes are copied into the weight's layout."""
+    weight = torch.randn(8, 16, 1, 1, 1).to(memory_format=torch.channels_last_3d)
+    assert weight.stride() == (16, 1, 16, 16, 16)
+    grad = torch.randn(8, 16, 1, 1, 1)  # NCDHW strides (16, 1, 1, 1, 1)
+    view = grad_like(grad, weight)
+    assert view.stride() == weight.stride() and view.data_ptr() == grad.data_ptr()
+    assert torch.equal(view, grad)
+    weight3 = torch.randn(4, 5, 3, 3, 3).to(memory_format=torch.channels_last_3d)
+    grad3 = torch.randn(4, 5, 3, 3, 3)
+    copied = grad_like(grad3, weight3)
+    assert copied.stride() == weight3.stride() and copied.data_ptr() != grad3.data_ptr()
+    assert torch.equal(copied, grad3)
+    half = grad_like(grad.half(), weight)
+    assert half.dtype == weight.dtype and half.stride() == weight.stride()
+    assert grad_like(grad, grad) is grad
+
+
+class _NCDHWWeightGrad(torch.autograd.Function):
+    """y = x * w.sum(); hands w its gradient contiguous (NCDHW-strided), as PyTorch's one-thread CPU
+    conv3d does for a channels-last 1x1x1 weight."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x * w.sum()
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        return gy * w.sum(), torch.full(w.shape, float((gy * x).sum()))
+
+
+def test_keep_grads_in_param_strides_lays_the_kept_gradient_out_like_its_parameter():
+    """AccumulateGrad keeps a gradient whose strides differ from its parameter's only in size-1
+    dimensions; the hook restrides it (DDP's buckets compare exact strides), accumulation included."""
+    module = torch.nn.Module()
+    module.w = torch.nn.Parameter(torch.randn(8, 16, 1, 1, 1).to(memory_format=torch.channels_last_3d))
+    module.b = torch.nn.Parameter(torch.randn(8))  # no size-1 dimension: no hook
+    x = torch.randn(3)
+    _NCDHWWeightGrad.apply(x, module.w).sum().backward()
+    assert module.w.grad.stride() == (16, 1, 1, 1, 1)  # what autograd keeps without the hook
+    module.w.grad = None
+    handles = keep_grads_in_param_strides(module)
+    assert len(handles) == 1
+    for _ in range(2):  # the second backward accumulates into the kept gradient
+        (_NCDHWWeightGrad.apply(x, module.w) * module.b.sum()).sum().backward()
+    assert module.w.grad.stride() == module.w.stride()
+    expected = 2 * (x.sum() * module.b.sum()).item()
+    torch.testing.assert_close(module.w.grad, torch.full(module.w.shape, expected))
+    for handle in handles:
+        handle.remove()

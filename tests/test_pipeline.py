@@ -79,12 +79,17 @@ def test_predict_and_evaluate(phantoms, trained, tmp_path, capsys):
     assert "mean" in capsys.readouterr().out
 
 
-def test_ddp_with_two_gloo_processes(phantoms, tmp_path):
+@pytest.mark.parametrize("layout", ["ncdhw", "channels_last"])
+def test_ddp_with_two_gloo_processes(phantoms, tmp_path, layout):
+    # one thread per process (torchrun's default): PyTorch's CPU conv3d then returns NCDHW-strided
+    # gradients for channels-last 1x1x1 weights, which keep_grads_in_param_strides restrides for DDP
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    extra = ["--channels-last"] if layout == "channels_last" else []
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "prostate_kernels",
-           *train_args(phantoms, tmp_path, 2)]  # fmt: skip
+           *train_args(phantoms, tmp_path, 2, *extra)]  # fmt: skip
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "Grad strides do not match bucket view strides" not in result.stderr
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["iteration"] == 2 and len(state["rng"]["ranks"]) == 2
     assert not torch.equal(state["rng"]["ranks"][0]["cpu"], state["rng"]["ranks"][1]["cpu"])
