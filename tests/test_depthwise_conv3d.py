@@ -12,6 +12,7 @@ from torch import nn
 
 from prostate_kernels import functional, reference, use_backend
 from prostate_kernels.nn import ASPP3d, DepthwiseConv3d, SeparableConv3d
+from prostate_kernels.ops.depthwise_conv3d import CPU_NCDHW_FROM_CHANNELS
 
 # float32 depthwise sums of 27 products against float64: ~1e-7 relative to the largest value (measured
 # 2e-7); the bound leaves room for other shapes, not for a wrong tap or a missed voxel.
@@ -326,6 +327,31 @@ def test_twin_is_grouped_conv3d():
     x, w = torch.randn(1, 3, 4, 4, 4), torch.randn(3, 1, 3, 3, 3)
     expected = torch.nn.functional.conv3d(x, w, None, 1, 1, 1, groups=3)
     assert torch.equal(reference.depthwise_conv3d(x, w, None, (1, 1, 1), (1, 1, 1), (1, 1, 1)), expected)
+
+
+@pytest.mark.parametrize("channels", [CPU_NCDHW_FROM_CHANNELS - 8, CPU_NCDHW_FROM_CHANNELS])
+def test_the_cpu_path_runs_wide_channels_last_layers_ncdhw(channels, monkeypatch):
+    """On the CPU, PyTorch's depthwise conv3d of a channels-last x of CPU_NCDHW_FROM_CHANNELS channels or
+    more runs NCDHW (measured faster) and hands back a channels-last output; narrower layers stay
+    channels-last. Output and every gradient against float64, in both cases."""
+    seen = []
+    twin = reference.depthwise_conv3d
+
+    def spy(x, *args):
+        seen.append(x.is_contiguous())
+        return twin(x, *args)
+
+    monkeypatch.setattr(reference, "depthwise_conv3d", spy)
+    case = Case("wide", channels, (2, 3, 4), padding=(1, 2, 2), dilation=(1, 2, 2), layout="channels_last")
+    g = torch.Generator().manual_seed(0)
+    x, w, b = make_input(case, g), torch.randn((channels, 1, 3, 3, 3), generator=g), torch.randn(channels)
+    w = w.to(memory_format=torch.channels_last_3d)
+    got, gy = run(case, x, w, b, "torch", torch.float32)
+    assert seen == [channels >= CPU_NCDHW_FROM_CHANNELS]
+    assert got["y"].is_contiguous(memory_format=torch.channels_last_3d)
+    expected, _ = run(case, x, w, b, "torch", torch.float64, gy)
+    for key, value in expected.items():
+        assert rel(got[key], value) < RTOL32, f"{key}: {rel(got[key], value):.1e}"
 
 
 HALO_70 = Case("halo", 70, (5, 7, 9), layout="channels_last", gy_channels_last=True)  # 16 boxes of 4x4x8
