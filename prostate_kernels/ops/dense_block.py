@@ -635,7 +635,9 @@ class _TorchEngine:
     """The PyTorch twin: plain ops. Backward recomputes one unit's BN -> ReLU (cheap, elementwise) and
     takes the conv's gradients from aten's convolution_backward, so no convolution is recomputed."""
 
-    # CPU convolutions prefer NCDHW, and there a channel slice of one image is contiguous
+    # CPU convolutions prefer NCDHW, and there a channel slice of one image is contiguous; a channels-last
+    # buffer measured no faster for a channels-last model (Tiramisu tiny, 8x1x16x32x32, float32, 2 cores:
+    # a training step 335 ms against 326 ms with this buffer)
     buffer_format = torch.contiguous_format
 
     @staticmethod
