@@ -206,7 +206,7 @@ def _check_targets(targets: dict[Path, tuple[Path, Path | None]], inputs: Path, 
 # ------------------------------------------------------------------------------------------ demo
 
 
-DEMO_ITERS = {"tiramisu3d_tiny": 480}  # ~3 min on 2 CPU cores channels-last (~4.5 min NCDHW)
+DEMO_ITERS = {"tiramisu3d_tiny": 480}  # ~2.5 min on 2 CPU cores channels-last (~4.5 min NCDHW)
 DEMO_MARKER = ".prostate-kernels-demo"  # says "a demo wrote this directory" (make demo may replace it)
 
 
