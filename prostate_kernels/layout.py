@@ -4,9 +4,11 @@ Channels-last stores each voxel's channels together (NDHWC strides; the logical 
 W)), so the math is the same and only the order of the bytes differs. A model converted with
 `model_in_layout(model, True)` has channels-last conv weights, and PyTorch's convolutions then write
 channels-last outputs; the library's kernels take either layout and keep it. What it changes is speed:
-  - the library's depthwise conv (DeepLabv3+) takes its halo kernels only on a channels-last input;
-  - the dense blocks keep their feature maps channels-last whatever the model's layout, so an NCDHW
-    Tiramisu copies into and out of that layout around each block;
+  - the library's depthwise conv (DeepLabv3+) takes its halo kernels only on a channels-last input; on
+    the CPU it runs a channels-last input of 1024+ channels NCDHW (ops/depthwise_conv3d.py: oneDNN's
+    channels-last depthwise conv measured slower there);
+  - the dense blocks keep their feature maps in one layout whatever the model's (channels-last on CUDA,
+    NCDHW on the CPU), so the other layout copies into and out of it around each block;
   - PyTorch's own convs, pooling and norms run other code (cuDNN, oneDNN) in each layout.
 Measured side by side by bench/bench_memory_format.py; `train --channels-last` and `predict
 --channels-last` choose it (off by default).
