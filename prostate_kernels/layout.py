@@ -97,8 +97,8 @@ def keep_grads_in_param_strides(model: nn.Module) -> list[RemovableHandle]:
     way, and every other mismatch is already copied by AccumulateGrad into the parameter's layout."""
 
     def restride(param: torch.Tensor) -> None:
-        if param.grad is not None and param.grad.stride() != param.stride():
-            param.grad = grad_like(param.grad, param)
+        if param.grad is not None:
+            param.grad = grad_like(param.grad, param)  # the gradient itself when its strides already match
 
     return [
         param.register_post_accumulate_grad_hook(restride)
