@@ -84,7 +84,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
-    parser.add_argument("--no-readme", action="store_true", help="leave README.md's tables as they are")
+    parser.add_argument(
+        "--no-readme",
+        action="store_true",
+        help="leave README.md's and docs/benchmark-results.md's tables as they are",
+    )
     parser.add_argument("--only", default="", help="comma-separated benchmark names (default: all)")
     args = parser.parse_args(argv)
     only = [name for name in args.only.split(",") if name]

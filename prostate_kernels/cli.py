@@ -25,7 +25,7 @@ from prostate_kernels.data.errors import DataError
 
 EXIT_USER_ERROR = 2
 CHANNELS_LAST_HELP = ("run the network channels-last (NDHWC strides): the same math in other kernels, "
-                      "faster or slower by model and device (README: Memory layout)")  # fmt: skip
+                      "faster or slower by model and device (docs/memory-layout.md)")  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,7 +126,7 @@ def _parser() -> argparse.ArgumentParser:
                    "a rerun on the same GPU model repeats it bit for bit where every op allows")  # fmt: skip
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay the network's forward and backward from CUDA graphs (one CUDA device, no "
-                   "torchrun): far fewer host launches per step (README: CUDA graphs)")  # fmt: skip
+                   "torchrun): far fewer host launches per step (docs/cuda-graphs.md)")  # fmt: skip
     p.add_argument("--channels-last", action="store_true", help=CHANNELS_LAST_HELP)
     p.add_argument("--workers", type=non_negative_int, default=0)
     p.add_argument("--no-progress", action="store_true")
@@ -202,8 +202,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiramisu3d_tiny")
     p.add_argument("--iters", type=positive_int, default=None)
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
-                   help="train and predict channels-last (default: on the CPU only; README: Memory "
-                   "layout)")  # fmt: skip
+                   help="train and predict channels-last (default: on the CPU only; "
+                   "docs/memory-layout.md)")  # fmt: skip
     p.set_defaults(run=_demo)
     return parser
 

@@ -215,7 +215,7 @@ def run_demo(
 ) -> list[str]:
     """Phantoms -> training -> prediction of held-out phantoms -> PROMISE12 evaluation, all in `out`;
     channels_last: train and predict in that layout (layout.py); None: on the CPU only, where the demo
-    measured 1.37x faster in it (README: Memory layout); a GPU's is not measured yet."""
+    measured 1.37x faster in it (docs/memory-layout.md); a GPU's is not measured yet."""
     from prostate_kernels.data.phantoms import write_phantoms
     from prostate_kernels.plots import plot_training_curve
     from prostate_kernels.train import TrainConfig, check_config, train

@@ -223,7 +223,7 @@ def train(config: TrainConfig, log=print, arrays: list | None = None) -> Path:
         with deterministic_mode(config.deterministic):
             if config.deterministic:
                 log("deterministic algorithms on: the library's kernels take untimed tiles; a PyTorch op "
-                    "without a deterministic version warns and runs (README: Determinism)")  # fmt: skip
+                    "without a deterministic version warns and runs (docs/determinism.md)")  # fmt: skip
             return _train(config, rank, world, device, log, arrays)
 
 

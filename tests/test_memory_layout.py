@@ -88,8 +88,8 @@ def _without_module_dropout(model: torch.nn.Module) -> torch.nn.Module:
 
 
 # PyTorch's CPU BatchNorm is less exact channels-last: on this DeepLabv3+ its weight gradients differ from
-# float64's by ~3e-3 (norm) against ~5e-5 in NCDHW, and by ~4e-5 with the BatchNorms run NCDHW (README:
-# Memory layout); U-Net's by up to 1.2e-3 from NCDHW's. A layout bug differs by O(1): the nn.Dropout
+# float64's by ~3e-3 (norm) against ~5e-5 in NCDHW, and by ~4e-5 with the BatchNorms run NCDHW (docs/
+# memory-layout.md); U-Net's by up to 1.2e-3 from NCDHW's. A layout bug differs by O(1): the nn.Dropout
 # masks, drawn in memory order, made the gradients differ by 0.5-3.6 (max-relative).
 # fmt: off
 @pytest.mark.parametrize("name, kwargs, shape, grad_tol", [
