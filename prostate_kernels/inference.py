@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import itertools
 import numbers
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from prostate_kernels.integers import as_int
 from prostate_kernels.ops.window_ops import check_starts, window_ops_for
 from prostate_kernels.windows import MODES, importance_map, window_starts
 
@@ -114,11 +114,12 @@ def _plan(inputs, roi_size, sw_batch_size, overlap, mode, sigma_scale, padding_m
         raise ValueError(f"sigma_scale {sigma_scale} must be > 0 on every axis")
     if padding_mode not in PADDING_MODES:
         raise ValueError(f"padding_mode {padding_mode!r} is not one of {PADDING_MODES}")
-    if isinstance(sw_batch_size, bool) or not isinstance(sw_batch_size, int) or sw_batch_size < 1:
+    batch = as_int(sw_batch_size)
+    if batch is None or batch < 1:
         raise ValueError(f"sw_batch_size {sw_batch_size!r} must be a positive int")
     return _Plan(
         roi=roi,
-        sw_batch_size=sw_batch_size,
+        sw_batch_size=batch,
         overlaps=overlaps,
         mode=mode,
         sigmas=sigmas,
@@ -181,10 +182,12 @@ def _check_inputs(inputs: object) -> None:
         raise TypeError(f"inputs must be a floating-point tensor, got {inputs.dtype}")
     if inputs.numel() == 0:
         raise ValueError(f"inputs is empty: shape {tuple(inputs.shape)}")
+    if inputs.device.type == "meta":
+        raise ValueError("inputs are on the meta device, which holds no values to predict from")
 
 
 def _per_axis_roi(roi_size: Sequence[int | None] | int, image_size: tuple[int, ...]) -> tuple[int, ...]:
-    single = _as_int(roi_size) is not None or (isinstance(roi_size, torch.Tensor) and roi_size.dim() == 0)
+    single = as_int(roi_size) is not None or (isinstance(roi_size, torch.Tensor) and roi_size.dim() == 0)
     sizes = [roi_size] * len(image_size) if single else _as_list(roi_size, "roi_size")
     if len(sizes) != len(image_size):
         raise ValueError(
@@ -199,20 +202,10 @@ def _per_axis_roi(roi_size: Sequence[int | None] | int, image_size: tuple[int, .
 
 def _fall_back(value: object, full: int) -> int | None:
     """MONAI's fall_back_tuple for one axis: None or an int <= 0 means the whole axis."""
-    size = _as_int(value)
+    size = as_int(value)
     if value is None or (size is not None and size <= 0):
         return full
     return size
-
-
-def _as_int(value: object) -> int | None:
-    """A Python, numpy or torch integer as int; None for anything else (bools and floats included)."""
-    if isinstance(value, (bool, float)) or (isinstance(value, torch.Tensor) and value.is_floating_point()):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def _as_list(value: object, name: str) -> list:
@@ -234,9 +227,9 @@ def _per_axis(value: Sequence[float] | float, dims: int, name: str) -> tuple[flo
 
 
 def _check_flip_axes(flip_axes: Sequence[int] | int, spatial_dims: int) -> tuple[int, ...]:
-    single = _as_int(flip_axes)
+    single = as_int(flip_axes)
     raw = (single,) if single is not None else tuple(_as_list(flip_axes, "flip_axes"))
-    axes = tuple(_as_int(a) for a in raw)
+    axes = tuple(as_int(a) for a in raw)
     if any(a is None or not 0 <= a < spatial_dims for a in axes):
         raise ValueError(f"flip_axes {raw} must be spatial axes in [0, {spatial_dims})")
     if len(set(axes)) != len(axes):

@@ -136,6 +136,13 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError(f"--patch {patch} must be 3 positive sizes (D H W)")
     with torch.device("meta"):  # only its downsampling is needed: no weights allocated
         model = build_model(config.model, **_model_kwargs(config))
+    least = max(getattr(module, "min_training_batch", 1) for module in model.modules())
+    batch = config.batch or settings.batch
+    if batch < least:
+        raise ConfigError(
+            f"--batch {batch} must be >= {least} for {config.model}: its image-pooling BatchNorm (ASPP) "
+            "sees one value per image, and batch statistics of one value are undefined"
+        )
     factors = (1, *model.downsampling[1:]) if settings.slices else model.downsampling
     if any(p % f for p, f in zip(patch, factors, strict=True)):
         raise ConfigError(f"--patch {tuple(patch)} must be a multiple of {tuple(factors)} for {config.model}")

@@ -167,6 +167,7 @@ def test_evaluate_refuses_existing_files_and_replaces_its_own_with_overwrite(dat
         (["--iters", "0"], "argument --iters: 0 must be >= 1"),
         (["--seed", "-3"], "argument --seed: -3"),
         (["--lr", "fast"], "argument --lr: 'fast' is not a number"),
+        (["--model", "deeplabv3plus_3d", "--batch", "1"], "--batch 1 must be >= 2 for deeplabv3plus_3d"),
     ],
 )
 def test_bad_training_settings_are_refused_before_anything_runs(tmp_path, args, fragment):

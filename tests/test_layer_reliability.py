@@ -42,7 +42,7 @@ def test_integer_and_mismatched_float_inputs_fail_up_front(memory_efficient):
     with pytest.raises(TypeError, match="x must be floating point, got torch.int64"):
         block(torch.randint(0, 5, (2, 4, 3, 3, 3)))
     with pytest.raises(
-        TypeError, match=r"x dtype torch.float64 differs from the block's parameters \(torch.float32\)"
+        TypeError, match=r"x dtype torch.float64 differs from the parameters' dtype \(torch.float32\)"
     ):
         block(torch.randn(2, 4, 3, 3, 3, dtype=torch.float64))
     assert all(layer.norm.num_batches_tracked == 0 for layer in block.layers)
@@ -59,6 +59,7 @@ def test_roi_size_takes_numpy_and_torch_integers_and_flip_axes_an_int():
     x = torch.randn(1, 1, 5, 6, 7)
     out = sliding_window_inference(x, (np.int64(4), torch.tensor(4), np.int32(5)), 2, doubled, flip_axes=1)
     assert torch.allclose(out, 2 * x)
+    assert torch.allclose(sliding_window_inference(x, 4, np.int64(2), doubled), 2 * x)  # sw_batch_size too
     out = sliding_window_inference(x, np.int16(4), 2, doubled, flip_axes=np.int64(0))
     assert torch.allclose(out, 2 * x)
 
@@ -67,6 +68,11 @@ def test_roi_size_takes_numpy_and_torch_integers_and_flip_axes_an_int():
 def test_roi_size_rejects_non_integers(bad):
     with pytest.raises((ValueError, TypeError), match="roi_size"):
         sliding_window_inference(torch.randn(1, 1, 5, 6, 7), (bad, 4, 4), 1, doubled)
+
+
+def test_inputs_on_the_meta_device_are_refused():
+    with pytest.raises(ValueError, match="inputs are on the meta device"):
+        sliding_window_inference(torch.empty(1, 1, 5, 6, 7, device="meta"), 4, 1, doubled)
 
 
 @pytest.mark.parametrize("overlap", ["0.5", None, b"1", {"a": 1}])
@@ -135,6 +141,12 @@ def test_a_mirrored_prediction_of_the_wrong_shape_is_reported():
         (lambda: SeparableConv3d(8, 0), "SeparableConv3d: out_channels 0"),
         (lambda: ASPP3d(0), "ASPP3d: in_channels 0"),
         (lambda: DenseBlock3d(8, True), "DenseBlock3d: growth_rate True"),
+        (lambda: BNReLUConv3d(8, 4, -1), "BNReLUConv3d: kernel_size -1 must be a positive int"),
+        (lambda: DenseBlock3d(8, dropout="0.2"), "DenseBlock3d: dropout '0.2' must be a number in [0, 1)"),
+        (lambda: DenseBlock3d(8, dropout=None), "DenseBlock3d: dropout None"),
+        (lambda: ASPP3d(8, dropout=float("nan")), "ASPP3d: dropout nan must be a number in [0, 1)"),
+        (lambda: ASPP3d(8, dropout=True), "ASPP3d: dropout True"),
+        (lambda: ASPP3d(8, dropout=1.0), "ASPP3d: dropout 1.0"),
     ],
 )
 def test_bad_constructor_arguments_name_the_module_and_the_value(build, fragment):
@@ -150,3 +162,65 @@ def test_numpy_and_torch_integer_channel_counts_are_accepted():
     assert DepthwiseConv3d(np.int32(6)).weight.shape == (6, 1, 3, 3, 3)
     block = DenseBlock3d(np.int64(8), np.int64(4), 2)
     assert type(block.in_channels) is int and type(block.growth_rate) is int
+
+
+def test_numpy_and_torch_integer_conv_settings_are_accepted():
+    """kernel_size, stride, padding, dilation take what the channel counts take (they were refused)."""
+    x = torch.randn(1, 4, 5, 6, 7)
+    plain = DepthwiseConv3d(4, 3, stride=2, padding=2, dilation=2)
+    numpy = DepthwiseConv3d(
+        4, np.int64(3), stride=np.int32(2), padding=(np.int64(2),) * 3, dilation=torch.tensor(2)
+    )
+    numpy.load_state_dict(plain.state_dict())
+    assert torch.equal(numpy(x), plain(x))
+    assert BNReLUConv3d(4, 2, np.int64(1), padding=np.int64(0))(x).shape == (1, 2, 5, 6, 7)
+    with pytest.raises(ValueError, match=r"kernel_size 3.0 must be a positive int"):
+        DepthwiseConv3d(4, 3.0)
+
+
+# ------------------------------------------------------------------- module inputs (ASPP3d and friends)
+
+
+def _untouched(module: torch.nn.Module) -> bool:
+    return all(m.num_batches_tracked == 0 for m in module.modules() if isinstance(m, torch.nn.BatchNorm3d))
+
+
+@pytest.mark.parametrize(
+    "x, error, fragment",
+    [
+        ([[1.0]], ValueError, "ASPP3d expects (N, 4, D, H, W) input, got list"),
+        (torch.randn(2, 3, 4, 5, 6), ValueError, "ASPP3d expects (N, 4, D, H, W) input, got (2, 3, 4, 5, 6)"),
+        (torch.randn(2, 4, 0, 5, 6), ValueError, "ASPP3d: input of spatial size (0, 5, 6) has an empty axis"),
+        (torch.ones(2, 4, 4, 5, 6, dtype=torch.int64), TypeError, "ASPP3d: x must be floating point"),
+        (torch.randn(2, 4, 4, 5, 6, dtype=torch.float64), TypeError, "ASPP3d: x dtype torch.float64 differs"),
+        (torch.empty(2, 4, 4, 5, 6, device="meta"), ValueError, "ASPP3d: x is on meta but its parameters"),
+        (torch.randn(1, 4, 4, 5, 6), ValueError, "ASPP3d: training needs a batch of at least 2"),
+    ],
+)
+def test_aspp_inputs_are_checked_before_any_statistic_moves(x, error, fragment):
+    """These reached torch's conv, mean or BatchNorm (an AttributeError for a list, RuntimeErrors)."""
+    aspp = ASPP3d(4, 8, rates=(1, 2)).train()
+    with pytest.raises(error) as info:
+        aspp(x)
+    assert fragment in str(info.value)
+    assert _untouched(aspp)
+
+
+def test_aspp_in_eval_takes_a_batch_of_one():
+    aspp = ASPP3d(4, 8, rates=(1, 2)).eval()
+    assert aspp(torch.randn(1, 4, 4, 5, 6)).shape == (1, 8, 4, 5, 6)
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_a_dense_block_in_eval_refuses_an_empty_spatial_axis(memory_efficient):
+    block = DenseBlock3d(4, 2, 2, memory_efficient=memory_efficient).eval()
+    with pytest.raises(
+        ValueError, match=r"DenseBlock3d: input of spatial size \(0, 6, 7\) has an empty axis"
+    ):
+        block(torch.randn(1, 4, 0, 6, 7))
+
+
+@pytest.mark.parametrize("x", [torch.ones(2, 4, 5, 6, 7, dtype=torch.bool), [[1.0]]])
+def test_a_separable_conv_names_a_non_float_input(x):
+    with pytest.raises(TypeError, match="SeparableConv3d: x must be a floating-point torch.Tensor"):
+        SeparableConv3d(4, 3)(x)

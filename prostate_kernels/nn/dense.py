@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from prostate_kernels import functional, reference
-from prostate_kernels.nn.arguments import check_count
-from prostate_kernels.ops.dense_block import UnitParams, UnitSpec, check_input, dense_block
+from prostate_kernels.nn.arguments import check_count, check_input, check_probability
+from prostate_kernels.ops.conv_geometry import triple
+from prostate_kernels.ops.dense_block import UnitParams, UnitSpec, dense_block
 from prostate_kernels.ops.seeded_dropout import draw_seeds, dropout_scale
 
 __all__ = [
@@ -130,9 +131,10 @@ class BNReLUConv3d(nn.Module):
         super().__init__()
         in_channels = check_count("BNReLUConv3d", "in_channels", in_channels)
         out_channels = check_count("BNReLUConv3d", "out_channels", out_channels)
+        kernel = triple(kernel_size, "BNReLUConv3d: kernel_size", positive=True)  # the rest: the op checks
         self.norm = nn.BatchNorm3d(in_channels, eps=eps, momentum=momentum)
         self.relu = nn.ReLU(inplace=True)
-        self.conv = nn.Conv3d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias)
+        self.conv = nn.Conv3d(in_channels, out_channels, kernel, stride, padding, dilation, bias=bias)
 
     @property
     def in_channels(self) -> int:
@@ -224,9 +226,8 @@ class DenseBlock3d(nn.Module):
         growth_rate = check_count("DenseBlock3d", "growth_rate", growth_rate)
         num_layers = check_count("DenseBlock3d", "num_layers", num_layers)
         bn_size = check_count("DenseBlock3d", "bn_size", bn_size, least=0)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"DenseBlock3d: dropout {dropout!r} must be in [0, 1)")
-        self.in_channels, self.growth_rate, self.dropout = in_channels, growth_rate, float(dropout)
+        dropout = check_probability("DenseBlock3d", "dropout", dropout)
+        self.in_channels, self.growth_rate, self.dropout = in_channels, growth_rate, dropout
         self.return_input, self.memory_efficient = return_input, memory_efficient
         self.bottleneck_channels = bn_size * growth_rate  # W, 0: plain layers
         widths = [in_channels + i * growth_rate for i in range(num_layers)]
@@ -245,7 +246,7 @@ class DenseBlock3d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = self.dense_units()
-        check_input(x, self.in_channels, layers[0][0].conv.weight, self.training)
+        check_input("DenseBlock3d", x, self.in_channels, layers[0][0].conv.weight, self.training)
         flat = iter(batch_norm_steps([unit.norm for units in layers for unit in units]))
         steps = [tuple(next(flat) for _ in units) for units in layers]
         p = self.dropout if self.training else 0.0

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from prostate_kernels import functional, reference
-from prostate_kernels.nn.arguments import check_count
+from prostate_kernels.nn.arguments import check_count, check_input, check_probability
 from prostate_kernels.ops.batch_norm import fold_batch_norm
 from prostate_kernels.ops.conv_geometry import conv_geometry, triple
 from prostate_kernels.ops.depthwise_conv3d import fused_separable_applies, separable_inference
@@ -128,6 +128,10 @@ class SeparableConv3d(nn.Module):
         self.pointwise_bn = nn.BatchNorm3d(out_channels, eps=eps, momentum=momentum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # the depthwise op checks the rest; this is for the ReLU that may come first
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            what = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise TypeError(f"SeparableConv3d: x must be a floating-point torch.Tensor, got {what}")
         if self._fusable(x):
             d = self.depthwise
             geometry = conv_geometry(d.kernel_size, d.stride, d.padding, d.dilation)
@@ -168,7 +172,11 @@ class ASPP3d(nn.Module):
     rates: one per atrous branch, each an int or a per-axis (D, H, W) triple; with few slices, give the
     slice axis a smaller rate, e.g. rates=((1, 6, 6), (2, 12, 12), (3, 18, 18)). kernel_size (1, 3, 3)
     makes the atrous branches 2-D convolutions of each slice (how the 2-D DeepLabv3+ runs on these layers).
+    Training needs a batch of at least `min_training_batch` images: the image-pooling branch's BatchNorm
+    sees one value per image and channel.
     """
+
+    min_training_batch = 2  # read by train's settings check through every module of a model
 
     def __init__(
         self,
@@ -181,6 +189,7 @@ class ASPP3d(nn.Module):
         super().__init__()
         in_channels = check_count("ASPP3d", "in_channels", in_channels)
         out_channels = check_count("ASPP3d", "out_channels", out_channels)
+        dropout = check_probability("ASPP3d", "dropout", dropout)
         rates = [triple(r, "rate", positive=True) for r in rates]
         self.rates = tuple(rates)
         self.pool_conv = nn.Conv3d(in_channels, out_channels, 1, bias=False)
@@ -198,8 +207,12 @@ class ASPP3d(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 5:
-            raise ValueError(f"ASPP3d expects (N, C, D, H, W) input, got shape {tuple(x.shape)}")
+        check_input("ASPP3d", x, self.conv1x1.in_channels, self.conv1x1.weight, self.training)
+        if self.training and 0 < x.shape[0] < self.min_training_batch:
+            raise ValueError(
+                f"ASPP3d: training needs a batch of at least {self.min_training_batch} (its image-pooling "
+                f"BatchNorm sees one value per image), got input size {tuple(x.shape)}"
+            )
         pooled = torch.relu(self.pool_bn(self.pool_conv(x.mean(dim=(2, 3, 4), keepdim=True))))
         branches = [pooled.expand(-1, -1, *x.shape[2:]), torch.relu(self.conv1x1_bn(self.conv1x1(x)))]
         branches += [branch(x) for branch in self.atrous]

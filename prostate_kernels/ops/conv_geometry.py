@@ -5,18 +5,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
+
+from prostate_kernels.integers import as_int
+
 Triple = tuple[int, int, int]
 
 
 def triple(value: int | Sequence[int], name: str, positive: bool = False) -> Triple:
-    """(D, H, W) from an int or 3 ints (bools are not ints here); ValueError naming `name` otherwise, or
-    when `positive` and some value is below 1."""
-    values = (value,) * 3 if isinstance(value, int) and not isinstance(value, bool) else tuple(value)
-    if len(values) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        kind = "a positive int or 3 positive ints" if positive else "an int or 3 ints"
+    """(D, H, W) from an int or a sequence of 3 ints (Python, numpy or 0-d torch integers; bools are not
+    ints here); ValueError naming `name` and the value otherwise, or when `positive` and some value is
+    below 1."""
+    single = as_int(value)
+    if single is not None:
+        values = (single,) * 3
+    elif (isinstance(value, (Sequence, torch.Tensor)) and not isinstance(value, str)) or hasattr(
+        value, "__array__"
+    ):
+        values = tuple(as_int(v) for v in value)  # type: ignore[union-attr]
+    else:
+        values = ()
+    kind = "a positive int or 3 positive ints" if positive else "an int or 3 ints"
+    if len(values) != 3 or None in values or (positive and min(values) < 1):
         raise ValueError(f"{name} {value!r} must be {kind} (D, H, W)")
-    if positive and min(values) < 1:
-        raise ValueError(f"{name} {value!r} must be a positive int or 3 positive ints (D, H, W)")
     return values  # type: ignore[return-value]
 
 

@@ -23,8 +23,8 @@ normalised activation is recomputed inside the conv tiles, so backward needs no 
 PyTorch twin (CPU and fallback: backward recomputes one unit's BN -> ReLU at a time and takes the conv's
 gradients from aten's convolution_backward).
 
-Entry: dense_block() (input checks: check_input(), called by nn.DenseBlock3d before it touches any
-running statistic); it picks the engine (backend.resolve) and the convolutions' dtype (autocast).
+Entry: dense_block() (input checks: nn/arguments.py's check_input, called by nn.DenseBlock3d before it
+touches any running statistic); it picks the engine (backend.resolve) and the convolutions' dtype (autocast).
 """
 
 from __future__ import annotations
@@ -138,29 +138,6 @@ class BlockSpec:
         )
 
 
-def check_input(x: object, in_channels: int, weight: torch.Tensor, training: bool) -> None:
-    """ValueError/TypeError naming the value: x must be (N, in_channels, D, H, W), floating point, in the
-    dtype and on the device of the block's parameters (`weight`, any layer's conv weight); training
-    needs more than one value per channel for the batch statistics."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 5 or x.shape[1] != in_channels:
-        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-        raise ValueError(f"DenseBlock3d expects (N, {in_channels}, D, H, W) input, got {shape}")
-    if not x.is_floating_point():
-        raise TypeError(f"DenseBlock3d: x must be floating point, got {x.dtype}")
-    if x.dtype != weight.dtype and backend.autocast_dtype(x.device) is None:
-        raise TypeError(
-            f"DenseBlock3d: x dtype {x.dtype} differs from the block's parameters ({weight.dtype}): "
-            f"convert one of them (x.to({weight.dtype}) or block.to({x.dtype}))"
-        )
-    if x.device != weight.device:
-        raise ValueError(f"DenseBlock3d: x is on {x.device} but the block's parameters on {weight.device}")
-    if training and x.shape[0] > 0 and x[:, 0].numel() <= 1:
-        raise ValueError(
-            "DenseBlock3d: training needs more than 1 value per channel for the batch statistics, "
-            f"got input size {tuple(x.shape)}"
-        )
-
-
 def dense_block(
     x: torch.Tensor,
     growth: int,
@@ -172,7 +149,8 @@ def dense_block(
 ) -> torch.Tensor:
     """The whole memory-efficient block (N, C0 + L*k, D, H, W) on the backend's engine, the convolutions
     in the autocast dtype when autocast is on; each unit's running statistics updated once (specs).
-    x: checked by check_input; units/specs: layer by layer, 2 per layer when bottleneck (W) > 0, else 1;
+    x: checked by nn/arguments.py's check_input; units/specs: layer by layer, 2 per layer when
+    bottleneck (W) > 0, else 1;
     dropout: 0 in eval mode; seeds: (L,) int64, one dropout seed per layer (seeded_dropout.draw_seeds on
     x's device keeps the step free of host copies, which a CUDA graph capture needs)."""
     check_seeds("dense_block", seeds)
@@ -732,6 +710,5 @@ __all__ = [
     "ConvGeometry",
     "UnitParams",
     "UnitSpec",
-    "check_input",
     "dense_block",
 ]
