@@ -10,10 +10,14 @@ from torch import nn
 CONVENTIONS = ("torch", "keras", "conv")
 
 
-def check_divisible(x: torch.Tensor, factors: Sequence[int], model: str) -> None:
-    """ValueError unless x is (N, C, D, H, W) with each spatial size a multiple of its factor."""
-    if x.dim() != 2 + len(factors):
-        raise ValueError(f"{model} expects a {2 + len(factors)}-D input, got shape {tuple(x.shape)}")
+def check_model_input(x: torch.Tensor, factors: Sequence[int], in_channels: int, model: str) -> None:
+    """ValueError naming `model` and the value unless x is an (N, in_channels, *spatial) tensor with as
+    many spatial axes as `factors` and each spatial size a multiple of its factor."""
+    dims = 2 + len(factors)
+    if not isinstance(x, torch.Tensor) or x.dim() != dims or x.shape[1] != in_channels:
+        shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        axes = "D, H, W" if len(factors) == 3 else "H, W"
+        raise ValueError(f"{model} expects a {dims}-D (N, {in_channels}, {axes}) input, got {shape}")
     size = tuple(x.shape[2:])
     if any(s % f for s, f in zip(size, factors, strict=True)):
         raise ValueError(

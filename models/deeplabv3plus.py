@@ -27,7 +27,7 @@ from torch import nn
 
 from prostate_kernels.nn import ASPP3d, SeparableConv3d
 
-from .common import check_divisible
+from .common import check_model_input
 from .resize import resize_aligned
 
 
@@ -121,6 +121,7 @@ class DeepLabV3Plus(nn.Module):
         width: float = 1.0,
     ) -> None:
         super().__init__()
+        self.in_channels = in_channels
         if output_stride not in (8, 16):
             raise ValueError(f"output_stride {output_stride!r} must be 8 or 16")
         if not 0 < width <= 1:
@@ -162,9 +163,9 @@ class DeepLabV3Plus(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spatial_dims == 2:
-            check_divisible(x, self.downsampling[1:], "DeepLabV3Plus(spatial_dims=2)")
+            check_model_input(x, self.downsampling[1:], self.in_channels, "DeepLabV3Plus(spatial_dims=2)")
             return self._forward_3d(x.unsqueeze(2)).squeeze(2)
-        check_divisible(x, self.downsampling, "DeepLabV3Plus(spatial_dims=3)")
+        check_model_input(x, self.downsampling, self.in_channels, "DeepLabV3Plus(spatial_dims=3)")
         return self._forward_3d(x)
 
     def _forward_3d(self, x: torch.Tensor) -> torch.Tensor:

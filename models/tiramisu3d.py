@@ -20,7 +20,7 @@ from torch import nn
 
 from prostate_kernels.nn import BNReLUConv3d, DenseBlock3d
 
-from .common import check_divisible
+from .common import check_model_input
 
 P4A_LAYERS = (9, 10, 12, 15, 17, 20, 17, 15, 12)
 P3A_LAYERS = (7, 8, 9, 12, 15, 16, 17)
@@ -57,6 +57,7 @@ class Tiramisu3D(nn.Module):
         memory_efficient: bool = True,
     ) -> None:
         super().__init__()
+        self.in_channels = in_channels
         layers = list(layers_per_block)
         if len(layers) < 3 or len(layers) % 2 == 0:
             raise ValueError(f"layers_per_block {layers} must have 2 * n_pool + 1 >= 3 entries")
@@ -88,7 +89,7 @@ class Tiramisu3D(nn.Module):
         self.head = nn.Conv3d(new, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_divisible(x, self.downsampling, "Tiramisu3D")
+        check_model_input(x, self.downsampling, self.in_channels, "Tiramisu3D")
         x = self.first_conv(x)
         skips = []
         for block, transition in zip(self.down_blocks, self.transitions_down, strict=True):

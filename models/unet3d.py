@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .common import check_divisible
+from .common import check_model_input
 
 
 class UNetBlock(nn.Module):
@@ -44,6 +44,7 @@ class UNet3D(nn.Module):
         self, in_channels: int = 1, filters: Sequence[int] = (16, 32, 64, 128), dropout: float = 0.2
     ) -> None:
         super().__init__()
+        self.in_channels = in_channels
         filters = list(filters)
         if len(filters) < 2:
             raise ValueError(
@@ -68,7 +69,7 @@ class UNet3D(nn.Module):
         self.downsampling = (2 ** (len(filters) - 1),) * 3  # per axis (D, H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_divisible(x, self.downsampling, "UNet3D")
+        check_model_input(x, self.downsampling, self.in_channels, "UNet3D")
         skips = []
         for block in self.down:
             x = block(x)

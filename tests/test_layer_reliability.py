@@ -28,6 +28,17 @@ def test_an_empty_batch_leaves_the_statistics_as_batchnorm_does(memory_efficient
 
 
 @pytest.mark.parametrize("memory_efficient", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+def test_an_empty_batch_through_an_up_path_block_keeps_its_new_channels(memory_efficient, training):
+    """return_input=False (Tiramisu's up path): an empty batch gave 0 channels when memory_efficient (the
+    naive path, which it takes, drops the input already, and the block dropped it again)."""
+    block = DenseBlock3d(4, 2, 3, return_input=False, memory_efficient=memory_efficient).train(training)
+    assert block.out_channels == 6
+    assert block(torch.randn(0, 4, 3, 5, 4)).shape == (0, 6, 3, 5, 4)
+    assert block(torch.randn(2, 4, 3, 5, 4)).shape == (2, 6, 3, 5, 4)
+
+
+@pytest.mark.parametrize("memory_efficient", [True, False])
 def test_one_value_per_channel_in_training_is_a_value_error(memory_efficient):
     block = DenseBlock3d(4, 2, 2, memory_efficient=memory_efficient).train()
     with pytest.raises(ValueError, match=r"more than 1 value per channel.*\(1, 4, 1, 1, 1\)"):

@@ -158,6 +158,30 @@ def test_sizes_that_are_not_multiples_of_the_downsampling_raise(name, shape, mul
         model(torch.empty(shape, device="meta"))
 
 
+@pytest.mark.parametrize(
+    "name,shape,expected",
+    [
+        ("unet3d", (1, 2, 8, 8, 8), "UNet3D expects a 5-D (N, 1, D, H, W) input, got (1, 2, 8, 8, 8)"),
+        ("tiramisu3d_tiny", (1, 3, 4, 4, 4), "Tiramisu3D expects a 5-D (N, 1, D, H, W) input"),
+        ("deeplabv3plus_2d", (1, 1, 32, 32), "expects a 4-D (N, 13, H, W) input, got (1, 1, 32, 32)"),
+        ("deeplabv3plus_3d", (1, 13, 4, 32, 32), "expects a 5-D (N, 1, D, H, W) input"),
+    ],
+)
+def test_another_channel_count_names_the_one_the_model_takes(name, shape, expected):
+    """It reached the first BatchNorm or conv, whose RuntimeError named neither the model nor its input."""
+    model = on_meta(name).eval()
+    with pytest.raises(ValueError) as info:
+        model(torch.empty(shape, device="meta"))
+    assert expected in str(info.value)
+
+
+def test_an_empty_batch_through_tiramisu_gives_an_empty_prediction():
+    """The up path's blocks (return_input=False) cut their input channels twice for an empty batch."""
+    model = build_model("tiramisu3d_tiny").eval()
+    with torch.no_grad():
+        assert model(torch.randn(0, 1, 8, 16, 16)).shape == (0, 1, 8, 16, 16)
+
+
 def test_build_model_rejects_unknown_names():
     with pytest.raises(ValueError, match="'vnet'.*unet3d"):
         build_model("vnet")

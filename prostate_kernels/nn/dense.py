@@ -258,10 +258,9 @@ class DenseBlock3d(nn.Module):
         )
         # An empty batch takes the naive path, as nn.BatchNorm3d does: an empty output, statistics untouched.
         if self.memory_efficient and x.shape[0] > 0:
-            out = self._efficient(x, layers, steps, seeds, p)
-        else:
-            out = self._naive(x, layers, steps, seeds, p)
-        return out if self.return_input or not self.memory_efficient else out[:, self.in_channels :]
+            out = self._efficient(x, layers, steps, seeds, p)  # the whole buffer: input + new features
+            return out if self.return_input else out[:, self.in_channels :]
+        return self._naive(x, layers, steps, seeds, p)  # already without the input unless return_input
 
     def _efficient(self, x, layers, steps, seeds, p) -> torch.Tensor:
         pairs = [
