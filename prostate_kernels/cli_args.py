@@ -63,13 +63,12 @@ def device_name(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device (use cpu, cuda or cuda:N)") from None
     if device.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"{text!r}: only cpu and cuda devices are supported")
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise argparse.ArgumentTypeError(f"{text!r} is not available: torch sees no CUDA device here")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise argparse.ArgumentTypeError(
-                f"{text!r} is not available: {torch.cuda.device_count()} CUDA device(s) here"
-            )
+    from prostate_kernels.devices import available_device
+
+    try:
+        available_device(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
     return text
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from prostate_kernels.devices import available_device
 from prostate_kernels.integers import as_int
 from prostate_kernels.ops.window_ops import check_starts, window_ops_for
 from prostate_kernels.windows import MODES, importance_map, window_starts
@@ -125,8 +126,8 @@ def _plan(inputs, roi_size, sw_batch_size, overlap, mode, sigma_scale, padding_m
         sigmas=sigmas,
         padding_mode=padding_mode,
         cval=float(cval),
-        sw_device=torch.device(sw_device) if sw_device is not None else inputs.device,
-        device=torch.device(device) if device is not None else inputs.device,
+        sw_device=available_device(sw_device, "sw_device") if sw_device is not None else inputs.device,
+        device=available_device(device, "device") if device is not None else inputs.device,
         progress=progress,
     )
 

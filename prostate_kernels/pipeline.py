@@ -25,6 +25,7 @@ from prostate_kernels.data.cases import IMAGE_SUFFIXES, discover_cases, is_image
 from prostate_kernels.data.resample import resample_onto, resample_to_spacing
 from prostate_kernels.data.sampling import zscore
 from prostate_kernels.determinism import deterministic_mode
+from prostate_kernels.devices import available_device
 from prostate_kernels.evaluation import evaluate_files
 from prostate_kernels.layout import model_in_layout
 from prostate_kernels.models import build_model
@@ -120,9 +121,10 @@ def predict_files(
     deterministic: under determinism.deterministic_mode (the same probabilities on every run).
     channels_last: the networks run channels-last (layout.py; the same probabilities up to rounding).
     """
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {device!r} is not available: torch sees no CUDA device here")
+    try:
+        dev = available_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "device")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     images = list_images(inputs)
     targets = {path: _targets(path, Path(output), save_probabilities) for path in images}
     _check_targets(targets, Path(inputs), overwrite)

@@ -81,6 +81,26 @@ def test_roi_size_rejects_non_integers(bad):
         sliding_window_inference(torch.randn(1, 1, 5, 6, 7), (bad, 4, 4), 1, doubled)
 
 
+@pytest.mark.parametrize("key", ["device", "sw_device"])
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ("gpu", "'gpu' is not a device (use cpu, cuda or cuda:N)"),
+        (2.5, "2.5 is not a device"),
+        ("meta", "'meta': the meta device holds no values"),
+        pytest.param(
+            "cuda", "'cuda' is not available: torch sees no CUDA device here",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA"),
+        ),
+    ],
+)  # fmt: skip
+def test_a_device_argument_this_machine_lacks_is_named(key, value, fragment):
+    """These were torch's AssertionError, RuntimeError or NotImplementedError at the first copy."""
+    with pytest.raises(ValueError) as info:
+        sliding_window_inference(torch.randn(1, 1, 5, 6, 7), 4, 1, doubled, **{key: value})
+    assert str(info.value).startswith(f"{key} {fragment}")
+
+
 def test_inputs_on_the_meta_device_are_refused():
     with pytest.raises(ValueError, match="inputs are on the meta device"):
         sliding_window_inference(torch.empty(1, 1, 5, 6, 7, device="meta"), 4, 1, doubled)

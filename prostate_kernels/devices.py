@@ -1,0 +1,30 @@
+"""available_device: the one check that a device argument names a device this machine has."""
+
+from __future__ import annotations
+
+import torch
+
+
+def available_device(value: torch.device | str | int, name: str | None = None) -> torch.device:
+    """torch.device(value) when this machine has that device; ValueError otherwise, naming `name` (the
+    argument, if given) and the value: a string torch does not parse, the meta device (it holds no
+    values), CUDA without a CUDA device or past the last one, another device torch cannot reach."""
+    what = f"{name} {value!r}" if name else repr(value)
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{what} is not a device (use cpu, cuda or cuda:N)") from None
+    if device.type == "meta":
+        raise ValueError(f"{what}: the meta device holds no values to compute with")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"{what} is not available: torch sees no CUDA device here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"{what} is not available: {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        try:
+            torch.empty(0, device=device)
+        except Exception as exc:  # torch raises RuntimeError or AssertionError for a missing backend
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ValueError(f"{what} is not available: {reason}") from None
+    return device
