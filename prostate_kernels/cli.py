@@ -47,17 +47,26 @@ def main(argv: list[str] | None = None) -> int:
         if not _out_of_memory(exc):
             raise
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"error: out of memory ({first_line}); {_MEMORY_HINTS[args.command]}", file=sys.stderr)
+        print(f"error: out of memory ({first_line}); {_memory_hint(args)}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 
 _MEMORY_HINTS = {
     "phantoms": "choose a smaller --shape",
-    "train": "choose a smaller --patch or --batch (the last checkpoint is intact: --resume continues)",
+    "train": "choose a smaller --patch or --batch",
     "predict": "the volume or the model does not fit: try --device cpu, or a machine with more memory",
     "evaluate": "the volumes do not fit in this machine's memory",
     "demo": "the demo does not fit in this machine's memory",
 }
+
+
+def _memory_hint(args: argparse.Namespace) -> str:
+    """What to change after running out of memory; for train, whether --resume has a checkpoint to go on
+    from (a run that ran out at its first step has none)."""
+    hint = _MEMORY_HINTS[args.command]
+    if args.command == "train" and (Path(args.out) / "checkpoint.pt").is_file():
+        hint += " (the last checkpoint is intact: --resume continues)"
+    return hint
 
 
 def _out_of_memory(exc: BaseException) -> bool:

@@ -298,3 +298,8 @@ def test_a_gpu_out_of_memory_in_training_is_one_line(monkeypatch, tmp_path, caps
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Tried to allocate 2.00 GiB" in err and "--patch or --batch" in err
+    assert "--resume" not in err, "no checkpoint to resume from: the hint said the last one was intact"
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"a checkpoint")
+    assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--resume"]) == 2
+    assert "(the last checkpoint is intact: --resume continues)" in capsys.readouterr().err

@@ -10,7 +10,7 @@ from cli_helpers import make_phantoms
 
 from prostate_kernels.checkpoint import load_checkpoint
 from prostate_kernels.cli import main
-from prostate_kernels.data import Volume, read_volume, write_volume
+from prostate_kernels.data import DataError, Volume, read_volume, write_volume
 from prostate_kernels.data.resample import resample_onto, resample_to_spacing
 
 DIRECTION = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
@@ -65,3 +65,15 @@ def test_a_checkpoint_with_a_malformed_spacing_is_refused(tmp_path, spacing):
 
     with pytest.raises(DataError, match="malformed checkpoint: spacing"):
         _check_patch_and_slices({"patch": [8, 8, 8], "slices": 0, "spacing": spacing}, tmp_path / "c.pt")
+
+
+def test_a_spacing_too_fine_to_allocate_names_the_size_instead_of_itks_error(tmp_path):
+    """train --spacing 0.001 0.001 0.001 ended in SimpleITK's RuntimeError (a 10^14-voxel grid)."""
+    grid = Volume(np.zeros((4, 6, 8), np.float32), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()))
+    path = write_volume(grid, tmp_path / "case.nii.gz")
+    volume = read_volume(path)
+    with pytest.raises(DataError) as info:
+        resample_to_spacing(volume, (1e-4, 1e-4, 1e-4))
+    message = str(info.value)
+    assert message.startswith(f"{path}: resampled from spacing (2.0, 1.0, 1.0) mm it would have")
+    assert "(80000, 60000, 80000) voxels" in message and "choose a coarser --spacing" in message

@@ -54,7 +54,7 @@ def to_sitk(volume: Volume, dtype=None):
     return image
 
 
-def _itk_call(action: str, path: Path, call):
+def itk_call(action: str, path: Path, call):
     """call() with ITK's own stderr captured; a RuntimeError becomes one DataError line naming `path`."""
     with captured_stderr() as itk_said:  # ITK prints its own complaints there: they go into our message
         try:
@@ -73,7 +73,7 @@ def read_volume(path: str | Path) -> Volume:
         raise DataError(path, "is a directory, expected an image file")
     sitk = simpleitk()
     check_complete(path)
-    image = _itk_call("read", path, lambda: sitk.ReadImage(str(path)))
+    image = itk_call("read", path, lambda: sitk.ReadImage(str(path)))
     if image.GetDimension() != 3:
         raise DataError(path, f"expected a 3-D image, got a {image.GetDimension()}-D one")
     if image.GetNumberOfComponentsPerPixel() != 1:
@@ -98,7 +98,7 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image = to_sitk(volume)
-    _itk_call(
+    itk_call(
         "write", path, lambda: sitk.WriteImage(image, str(path), useCompression=path.name.endswith(".gz"))
     )
     return path

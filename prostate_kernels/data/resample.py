@@ -8,11 +8,13 @@ Spacings here are in array order (Z, Y, X) mm, as on the command line; Volume ke
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
 
-from prostate_kernels.data.io import Volume, simpleitk, to_sitk
+from prostate_kernels.data.errors import DataError
+from prostate_kernels.data.io import Volume, itk_call, simpleitk, to_sitk
 
 
 def resample_to_spacing(
@@ -29,8 +31,10 @@ def resample_to_spacing(
         for n, s, t in zip(image.GetSize(), image.GetSpacing(), target, strict=True)
     ]
     interpolator = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
-    out = sitk.Resample(image, size, sitk.Transform(), interpolator, image.GetOrigin(), target,
-                        image.GetDirection(), 0.0, image.GetPixelID())  # fmt: skip
+    out = _resample(volume, size, np.dtype(dtype).itemsize, lambda: sitk.Resample(
+        image, size, sitk.Transform(), interpolator, image.GetOrigin(), target, image.GetDirection(), 0.0,
+        image.GetPixelID(),
+    ))  # fmt: skip
     return replace(volume, array=sitk.GetArrayFromImage(out), spacing=target)
 
 
@@ -39,6 +43,25 @@ def resample_onto(volume: Volume, grid: Volume) -> np.ndarray:
     sitk = simpleitk()
     empty = Volume(np.zeros(grid.array.shape, np.uint8), grid.spacing, grid.origin, grid.direction)
     reference = to_sitk(empty)
-    out = sitk.Resample(to_sitk(volume, np.float32), reference, sitk.Transform(), sitk.sitkLinear, 0.0,
-                        sitk.sitkFloat32)  # fmt: skip
+    out = _resample(volume, list(reference.GetSize()), 4, lambda: sitk.Resample(
+        to_sitk(volume, np.float32), reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32
+    ))  # fmt: skip
     return sitk.GetArrayFromImage(out)
+
+
+def _resample(volume: Volume, size_xyz: list[int], itemsize: int, call):
+    """call() (a SimpleITK Resample to size_xyz): ITK's errors become one DataError naming the volume's
+    file; an allocation ITK could not make names the size that was asked for (a --spacing far finer than
+    the image's: 0.001 mm made a 10^14-voxel grid, and ITK's RuntimeError ended the command)."""
+    try:
+        return itk_call("resample", volume.path, call)
+    except DataError as exc:
+        if "allocate" not in str(exc):
+            raise
+        gib = math.prod(size_xyz) * itemsize / 2**30
+        raise DataError(
+            volume.path,
+            f"resampled from spacing {tuple(round(s, 4) for s in volume.spacing[::-1])} mm it would have "
+            f"{tuple(size_xyz[::-1])} voxels ({gib:.3g} GiB), more than this machine can allocate: "
+            "choose a coarser --spacing (Z Y X, mm)",
+        ) from None
