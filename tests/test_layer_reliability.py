@@ -255,3 +255,12 @@ def test_a_dense_block_in_eval_refuses_an_empty_spatial_axis(memory_efficient):
 def test_a_separable_conv_names_a_non_float_input(x):
     with pytest.raises(TypeError, match="SeparableConv3d: x must be a floating-point torch.Tensor"):
         SeparableConv3d(4, 3)(x)
+
+
+def test_a_padding_that_no_tensor_could_hold_is_named():
+    """oneDNN's error for it was "could not construct a memory descriptor using a format tag"."""
+    with pytest.raises(
+        ValueError,
+        match=r"padding \(1000000000000, 1000000000000, 1000000000000\) makes an output of spatial",
+    ):
+        DepthwiseConv3d(4, 3, padding=10**12)(torch.randn(1, 4, 5, 6, 7))

@@ -63,6 +63,11 @@ class ConvGeometry:
                 f"input of spatial size {tuple(size)} is too small for kernel {self.kernel} with padding "
                 f"{self.padding} and dilation {self.dilation}: output size would be {out}"
             )
+        if out[0] * out[1] * out[2] >= 2**62:  # oneDNN's error for it named neither
+            raise ValueError(
+                f"padding {self.padding} makes an output of spatial size {out}: more voxels than a tensor "
+                "holds"
+            )
         return out  # type: ignore[return-value]
 
 
