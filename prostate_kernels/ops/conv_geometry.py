@@ -16,8 +16,9 @@ def triple(value: int | Sequence[int], name: str, positive: bool = False) -> Tri
     """(D, H, W) from an int or a sequence of 3 ints (Python, numpy or 0-d torch integers; bools are not
     ints here); ValueError naming `name` and the value otherwise, or when `positive` and some value is
     below 1."""
-    single = as_int(value)
-    if single is not None:
+    if type(value) is tuple and len(value) == 3 and all(type(v) is int for v in value):
+        values = value  # the hot path (every op call): nn.Conv3d's settings, 4 per conv_geometry
+    elif (single := as_int(value)) is not None:
         values = (single,) * 3
     elif (isinstance(value, (Sequence, torch.Tensor)) and not isinstance(value, str)) or hasattr(
         value, "__array__"
@@ -25,8 +26,8 @@ def triple(value: int | Sequence[int], name: str, positive: bool = False) -> Tri
         values = tuple(as_int(v) for v in value)  # type: ignore[union-attr]
     else:
         values = ()
-    kind = "a positive int or 3 positive ints" if positive else "an int or 3 ints"
     if len(values) != 3 or None in values or (positive and min(values) < 1):
+        kind = "a positive int or 3 positive ints" if positive else "an int or 3 ints"
         raise ValueError(f"{name} {value!r} must be {kind} (D, H, W)")
     return values  # type: ignore[return-value]
 
