@@ -333,8 +333,32 @@ def check_dense_block(device: str = "cuda") -> list[dict]:
             "DenseBlock3d (Triton, dropout 0.2, 2 steps) vs naive float64",
             errs[worst] < 1e-4,
             f"worst {worst} rel {errs[worst]:.1e} over {len(errs)} tensors",
-        )
+        ),
+        _check_fused_dropout(device),
     ]
+
+
+def _check_fused_dropout(device: str) -> dict:
+    """The block backward's one-launch dropout (philox_dropout_) against mul_ by the mask tensor made from
+    philox_uniform, bitwise, on a bf16 channel slice of a channels-last buffer (the block's grad_new)."""
+    from prostate_kernels.ops.seeded_dropout import scale_from_uniform_
+    from prostate_kernels.ops.seeded_dropout_triton import philox_dropout_, philox_uniform
+
+    g = torch.Generator(device=device).manual_seed(3)
+    seeds = torch.randint(0, 2**62, (3,), device=device, generator=g)
+    # bf16 on the GPU; float16 elsewhere: the interpreter truncates float32 -> bf16 where a GPU rounds
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    buffer = torch.randn((2, 64, 16, 64, 64), device=device, generator=g).to(dtype)
+    buffer = buffer.to(memory_format=torch.channels_last_3d)
+    expected, got = buffer.clone(), buffer.clone()
+    part = expected[:, 32:48]
+    part.mul_(scale_from_uniform_(philox_uniform(seeds, 1, tuple(part.shape)), 0.2))
+    fused = philox_dropout_(got[:, 32:48], seeds, 1, 0.2)
+    same = fused and torch.equal(got, expected)
+    differing = int((got != expected).sum())
+    name = str(dtype).removeprefix("torch.")
+    return _row(f"dense block dropout, one launch ({name} CL slice) bitwise the mask multiply", same,
+                f"fused {fused}, {differing} elements differ")  # fmt: skip
 
 
 def check_depthwise(device: str = "cuda") -> list[dict]:

@@ -15,13 +15,15 @@ step, and how many of those ops would launch a GPU kernel (not views, metadata o
 GPU number: on a GPU those ops also launch their CUDA kernels, and Triton's launcher packs the arguments
 for the driver.
 
-    env -u TRITON_INTERPRET python bench/host_cost.py [--layers 0 | --depthwise | --model NAME] [--c-in 32]
+    env -u TRITON_INTERPRET python bench/host_cost.py [--layers 0 | --depthwise | --model NAME [--plain]]
+        [--c-in 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import os
 import time
 
@@ -134,6 +136,13 @@ def _case(args) -> tuple[str, torch.nn.Module, torch.Tensor]:
         from prostate_kernels.models import build_model
 
         x = torch.randn((1, 1, 8, 16, 16))  # the smallest input the networks take (4 poolings of 2 in H, W)
+        if args.plain:  # the benchmarks' eager baseline: naive dense blocks, every layer in PyTorch
+            overrides = {"memory_efficient": False} if args.model.startswith("tiramisu") else {}
+            return (
+                f"{args.model} (plain PyTorch) training step on 1x1x8x16x16",
+                build_model(args.model, **overrides),
+                x,
+            )
         return f"{args.model} training step on 1x1x8x16x16", build_model(args.model), x
     x = torch.randn((2, args.c_in, args.size, args.size, args.size)).to(memory_format=torch.channels_last_3d)
     shape = f"2x{args.c_in}x{args.size}^3"
@@ -152,27 +161,40 @@ def _case(args) -> tuple[str, torch.nn.Module, torch.Tensor]:
     )
 
 
-# aten ops that make views or read metadata, and allocations: on a GPU neither launches a kernel (an op
-# of these names that copies, such as a reshape of a permuted tensor, has a child that does the copy)
-_VIEWS = {
-    "aten::alias", "aten::as_strided", "aten::contiguous", "aten::detach", "aten::expand", "aten::permute",
-    "aten::reshape", "aten::resolve_conj", "aten::resolve_neg", "aten::select", "aten::slice", "aten::t",
-    "aten::to", "aten::transpose", "aten::unbind", "aten::unsqueeze", "aten::view", "aten::_reshape_alias",
-    "aten::_unsafe_view", "aten::lift_fresh",
-}  # fmt: skip
+# Allocations: on a GPU they launch no kernel (the caching allocator hands out memory).
 _ALLOCATIONS = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty",
                 "aten::new_empty_strided"}  # fmt: skip
 
 
+@functools.cache
+def _is_view(name: str) -> bool:
+    """Whether the aten op `name` returns views of its inputs: each of its overloads that returns tensors
+    returns them aliased, never written (narrow, unflatten, reshape, contiguous, to, ...). Read from the
+    op schemas, so no list of names goes stale. An op that copies when it must (reshape of a permuted
+    tensor, contiguous, to) does the copy in a child op, which `_device_work` counts."""
+    packet = getattr(torch.ops.aten, name.removeprefix("aten::"), None)
+    if packet is None:
+        return False
+    tensor_returns = []
+    for overload in packet.overloads():
+        returns = getattr(packet, overload)._schema.returns
+        tensor_returns += [r for r in returns if "Tensor" in str(r.type)]
+    return bool(tensor_returns) and all(
+        r.alias_info is not None and not r.alias_info.is_write for r in tensor_returns
+    )
+
+
 def _device_work(event) -> bool:
-    """Whether this op (or an op inside it) would launch a kernel on a GPU: anything but views,
-    metadata and allocations."""
-    if event.name not in _VIEWS and event.name not in _ALLOCATIONS:
+    """Whether this op (or an op inside it) would launch a kernel on a GPU: anything but views and
+    allocations."""
+    if not _is_view(event.name) and event.name not in _ALLOCATIONS:
         return True
     return any(_device_work(child) for child in event.cpu_children if child.name.startswith("aten::"))
 
 
-def measure(module: torch.nn.Module, x: torch.Tensor, rounds: int, steps: int, stub: bool) -> dict:
+def measure(
+    module: torch.nn.Module, x: torch.Tensor, rounds: int, steps: int, stub: bool, backend: str = "triton"
+) -> dict:
     """Best time per forward + backward (a random output gradient, into x and the parameters) over
     `rounds` of `steps` steps, and the torch ops and Triton launches of one step."""
     launches = stub_triton_launches() if stub else fake_cuda_driver()
@@ -189,7 +211,7 @@ def measure(module: torch.nn.Module, x: torch.Tensor, rounds: int, steps: int, s
         module.zero_grad(set_to_none=True)
         module(x).backward(gy)
 
-    with use_backend("triton"):
+    with use_backend(backend):
         for _ in range(20):  # the first compiles every kernel for sm_90 (behind the fake driver)
             step()
         best = []
@@ -225,11 +247,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--depthwise", action="store_true", help="a DepthwiseConv3d (3x3x3, dilation 2)")
     parser.add_argument("--model", help="a whole network's training step (models.build_model name)")
+    parser.add_argument(
+        "--plain", action="store_true", help="with --model: the plain PyTorch network (the eager baseline)"
+    )
     parser.add_argument("--stub-launches", action="store_true", help="no Triton launch path at all")
     args = parser.parse_args(argv)
     what, module, x = _case(args)
     steps = 5 if args.model else 100
-    result = measure(module, x, args.rounds, steps, args.stub_launches)
+    backend = "torch" if args.plain else "triton"
+    result = measure(module, x, args.rounds, steps, args.stub_launches, backend)
     how = "launches stubbed" if args.stub_launches else "Triton's launch path up to the driver"
     print(
         f"{what}, {how}: {result['us_per_step']:.0f} us per forward + "

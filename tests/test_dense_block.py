@@ -127,6 +127,51 @@ def test_gpu_masks_come_from_philox_reading_the_seed_on_the_device():
     assert philox_uniform(seeds, 0, (0, 3)).shape == (0, 3)
 
 
+def test_fused_gpu_dropout_multiplies_by_the_philox_mask_bit_for_bit():
+    """philox_dropout_ (the dense block's backward off the CPU: draw, compare, scale and multiply in one
+    launch) leaves every element as mul_ by scale_from_uniform_(philox_uniform(...)) does, bit for bit, in
+    each float dtype, on contiguous tensors and on channel slices of NCDHW and channels-last buffers (the
+    channels around the slice untouched); NaN and inf follow the multiplication; it declines (False,
+    nothing written) a tensor whose spatial strides do not collapse into one."""
+    from prostate_kernels.ops.seeded_dropout import scale_from_uniform_
+    from prostate_kernels.ops.seeded_dropout_triton import philox_dropout_, philox_uniform
+
+    seeds = torch.tensor([9, 2**61 + 5, 4], dtype=torch.int64)
+    g = torch.Generator().manual_seed(0)
+
+    def buffer(shape, dtype, channels_last=False):
+        t = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+        return t.to(memory_format=torch.channels_last_3d) if channels_last else t
+
+    cl_buf = buffer((2, 40, 3, 5, 7), torch.bfloat16, channels_last=True)
+    nc_buf = buffer((3, 11, 4, 1, 6), torch.float16)
+    cases = [  # (buffer, the slice scaled, p, layer)
+        (buffer((2, 5, 7, 9, 11), torch.float32), (slice(None),), 0.2, 0),
+        # the dense block's grad_new in a CL buffer; p 0.5 keeps the bf16 products exact (scale 2): the
+        # interpreter truncates float32 -> bf16 where a GPU rounds (bench/gpu_checks checks bf16 there)
+        (cl_buf, (slice(None), slice(8, 24)), 0.5, 1),
+        (nc_buf, (slice(None), slice(3, 8)), 0.3, 2),  # an NCDHW slice with a size-1 axis
+        (buffer((2, 37, 1, 6, 1), torch.float64, channels_last=True), (slice(None),), 0.2, 0),
+        (buffer((1, 3, 2, 2, 2), torch.float32), (slice(None),), 0.9, 1),
+    ]
+    cases[-1][0].view(-1)[:3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    for buf, index, p, layer in cases:
+        expected = buf.clone()
+        part = expected[index]
+        part.mul_(scale_from_uniform_(philox_uniform(seeds, layer, tuple(part.shape)), p))
+        got = buf.clone()
+        assert philox_dropout_(got[index], seeds, layer, p)
+        assert torch.equal(got.isnan(), expected.isnan()), (buf.dtype, index)
+        assert torch.equal(got.nan_to_num(), expected.nan_to_num()), (buf.dtype, index)
+    kept = cases[0][0].clone()
+    philox_dropout_(kept, seeds, 0, 0.2)
+    assert 0.15 < (kept == 0).float().mean().item() < 0.25  # p of them dropped
+    strided = buffer((2, 3, 4, 6, 5), torch.float32)[:, :, :, ::2]  # H strided: no single voxel stride
+    before = strided.clone()
+    assert not philox_dropout_(strided, seeds, 0, 0.2)
+    assert torch.equal(strided, before)
+
+
 def test_dropout_seeds_are_checked_by_name():
     from prostate_kernels.ops.seeded_dropout import draw_seeds, dropout_uniform
     from prostate_kernels.ops.seeded_dropout_triton import philox_uniform

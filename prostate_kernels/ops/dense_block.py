@@ -41,8 +41,8 @@ from prostate_kernels.layout import grad_like
 from prostate_kernels.ops.batch_norm import fold_batch_norm, update_running_stats_
 from prostate_kernels.ops.conv_geometry import ConvGeometry, conv_geometry
 from prostate_kernels.ops.seeded_dropout import (
+    apply_dropout_,
     check_seeds,
-    dropout_scale,
     dropout_uniform,
     scale_from_uniform_,
 )
@@ -530,7 +530,7 @@ def _backward(grad_output, spec: BlockSpec, buffer, stats, params):
         c_l = spec.width(layer)
         grad_new = grad[:, c_l : c_l + spec.growth]
         if spec.dropout > 0:  # in place: G's new channels are read by this layer's backward only
-            grad_new.mul_(dropout_scale(spec.seeds, layer, tuple(grad_new.shape), spec.dropout, grad.device))
+            apply_dropout_(grad_new, spec.seeds, layer, spec.dropout)
         inputs, grad_inputs = buffer[:, :c_l], grad[:, :c_l]
         b_mean, b_var = stats.of_b(c_l)
         if not spec.bottleneck:

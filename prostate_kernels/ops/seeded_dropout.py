@@ -56,6 +56,22 @@ def dropout_scale(
     return scale_from_uniform_(dropout_uniform(seeds, layer, shape, device), p)
 
 
+def apply_dropout_(t: torch.Tensor, seeds: torch.Tensor, layer: int, p: float) -> torch.Tensor:
+    """In place: t (N, C, *spatial) *= dropout_scale(seeds, layer, t.shape, p, t.device), the same values
+    bit for bit; returns t. Off the CPU one Triton kernel draws, compares, scales and multiplies
+    (seeded_dropout_triton.philox_dropout_: no draws tensor, one launch instead of four), unless t's
+    spatial strides do not collapse into one; on the CPU (torch's generator) the mask tensor is made."""
+    check_seeds("apply_dropout_", seeds, layer)
+    if seeds.device != t.device:
+        raise ValueError(f"dropout seeds are on {seeds.device} but the tensor is on {t.device}")
+    if t.device.type != "cpu" and t.dim() >= 2:
+        from prostate_kernels.ops.seeded_dropout_triton import philox_dropout_  # Triton: imported when used
+
+        if philox_dropout_(t, seeds, layer, p):
+            return t
+    return t.mul_(dropout_scale(seeds, layer, tuple(t.shape), p, t.device))
+
+
 def dropout_uniform(
     seeds: torch.Tensor, layer: int, shape: tuple[int, ...], device: torch.device
 ) -> torch.Tensor:
