@@ -338,7 +338,7 @@ def check_dense_block(device: str = "cuda") -> list[dict]:
     ]
 
 
-def _check_fused_dropout(device: str) -> dict:
+def _check_fused_dropout(device: str, shape: tuple[int, ...] = (2, 64, 16, 64, 64)) -> dict:
     """The block backward's one-launch dropout (philox_dropout_) against mul_ by the mask tensor made from
     philox_uniform, bitwise, on a bf16 channel slice of a channels-last buffer (the block's grad_new)."""
     from prostate_kernels.ops.seeded_dropout import scale_from_uniform_
@@ -348,7 +348,7 @@ def _check_fused_dropout(device: str) -> dict:
     seeds = torch.randint(0, 2**62, (3,), device=device, generator=g)
     # bf16 on the GPU; float16 elsewhere: the interpreter truncates float32 -> bf16 where a GPU rounds
     dtype = torch.bfloat16 if device == "cuda" else torch.float16
-    buffer = torch.randn((2, 64, 16, 64, 64), device=device, generator=g).to(dtype)
+    buffer = torch.randn(shape, device=device, generator=g).to(dtype)
     buffer = buffer.to(memory_format=torch.channels_last_3d)
     expected, got = buffer.clone(), buffer.clone()
     part = expected[:, 32:48]

@@ -90,6 +90,23 @@ def test_the_tile_timings_run_every_tile_and_find_the_autotuned_one(halo_turned_
     assert result.summary.count("best") == 6
 
 
+def test_the_fused_dropout_check_runs_and_passes(monkeypatch):
+    """bench/gpu_checks.py's bitwise check of the dense block's one-launch dropout, through the interpreter
+    on a small buffer (float16 here, bf16 on the GPU); it fails when the one launch draws another mask."""
+    import gpu_checks
+
+    from prostate_kernels.ops import seeded_dropout_triton
+
+    small = (2, 50, 3, 5, 7)
+    row = gpu_checks._check_fused_dropout("cpu", small)
+    assert row["result"] == "PASS" and row["detail"] == "fused True, 0 elements differ", row
+    scale = seeded_dropout_triton.philox_dropout_
+    monkeypatch.setattr(  # another layer's mask: the check must see it
+        seeded_dropout_triton, "philox_dropout_", lambda t, seeds, layer, p: scale(t, seeds, layer + 1, p)
+    )
+    assert gpu_checks._check_fused_dropout("cpu", small)["result"] == "FAIL"
+
+
 def test_the_determinism_check_runs_and_passes_on_a_tiny_case():
     """bench/gpu_checks.py's run-to-run check through the interpreter: three runs of the fused layer, a dense
     block and the depthwise conv compared bit for bit, and the stitching under deterministic mode."""
