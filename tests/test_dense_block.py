@@ -173,7 +173,7 @@ def test_fused_gpu_dropout_multiplies_by_the_philox_mask_bit_for_bit():
 
 
 def test_dropout_seeds_are_checked_by_name():
-    from prostate_kernels.ops.seeded_dropout import draw_seeds, dropout_uniform
+    from prostate_kernels.ops.seeded_dropout import apply_dropout_, draw_seeds, dropout_uniform
     from prostate_kernels.ops.seeded_dropout_triton import philox_uniform
 
     seeds = draw_seeds(2)
@@ -187,6 +187,12 @@ def test_dropout_seeds_are_checked_by_name():
         dropout_uniform(seeds, 0, (3,), torch.device("meta"))
     with pytest.raises(ValueError, match=r"4294967296 elements, at most 4294967295 per layer"):
         philox_uniform(seeds.to("meta"), 0, (2**16, 2**16))
+    with pytest.raises(ValueError, match=r"4294967296 elements, at most 4294967295 per layer"):
+        apply_dropout_(torch.empty((2, 2**15, 2**16), device="meta"), seeds.to("meta"), 0, 0.2)
+    with pytest.raises(ValueError, match="dropout seeds are on meta but the tensor is on cpu"):
+        apply_dropout_(torch.ones(2, 3, 4), seeds.to("meta"), 0, 0.2)
+    with pytest.raises(ValueError, match=r"apply_dropout_: seeds must be .* entry for layer 2"):
+        apply_dropout_(torch.ones(2, 3, 4), seeds, 2, 0.2)
     from prostate_kernels.ops.dense_block import dense_block
 
     with pytest.raises(ValueError, match=r"dense_block: seeds must be a 1-D int64 tensor, got torch.int32"):
