@@ -252,6 +252,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--stub-launches", action="store_true", help="no Triton launch path at all")
     args = parser.parse_args(argv)
+    if args.plain and not args.model:
+        parser.error("--plain measures a network: give --model NAME")
     what, module, x = _case(args)
     steps = 5 if args.model else 100
     backend = "torch" if args.plain else "triton"
