@@ -127,6 +127,7 @@ def test_gpu_masks_come_from_philox_reading_the_seed_on_the_device():
     assert philox_uniform(seeds, 0, (0, 3)).shape == (0, 3)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")  # inf * 0
 def test_fused_gpu_dropout_multiplies_by_the_philox_mask_bit_for_bit():
     """philox_dropout_ (the dense block's backward off the CPU: draw, compare, scale and multiply in one
     launch) leaves every element as mul_ by scale_from_uniform_(philox_uniform(...)) does, bit for bit, in
