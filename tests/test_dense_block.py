@@ -184,13 +184,17 @@ def test_dropout_seeds_are_checked_by_name():
         dropout_uniform(seeds, 2, (3,), cpu)
     with pytest.raises(ValueError, match=r"entry for layer 0, got torch.float32"):
         dropout_uniform(seeds.float(), 0, (3,), cpu)
-    with pytest.raises(ValueError, match="dropout seeds are on cpu but the mask is drawn on meta"):
+    with pytest.raises(
+        ValueError, match="dropout_uniform: dropout seeds are on cpu but the mask is drawn on meta"
+    ):
         dropout_uniform(seeds, 0, (3,), torch.device("meta"))
     with pytest.raises(ValueError, match=r"4294967296 elements, at most 4294967295 per layer"):
         philox_uniform(seeds.to("meta"), 0, (2**16, 2**16))
     with pytest.raises(ValueError, match=r"4294967296 elements, at most 4294967295 per layer"):
         apply_dropout_(torch.empty((2, 2**15, 2**16), device="meta"), seeds.to("meta"), 0, 0.2)
-    with pytest.raises(ValueError, match="dropout seeds are on meta but the tensor is on cpu"):
+    with pytest.raises(
+        ValueError, match="apply_dropout_: dropout seeds are on meta but the mask is drawn on cpu"
+    ):
         apply_dropout_(torch.ones(2, 3, 4), seeds.to("meta"), 0, 0.2)
     with pytest.raises(ValueError, match=r"apply_dropout_: seeds must be .* entry for layer 2"):
         apply_dropout_(torch.ones(2, 3, 4), seeds, 2, 0.2)

@@ -61,15 +61,13 @@ def apply_dropout_(t: torch.Tensor, seeds: torch.Tensor, layer: int, p: float) -
     bit for bit; returns t. Off the CPU one Triton kernel draws, compares, scales and multiplies
     (seeded_dropout_triton.philox_dropout_: no draws tensor, one launch instead of four), unless t's
     spatial strides do not collapse into one; on the CPU (torch's generator) the mask tensor is made."""
-    check_seeds("apply_dropout_", seeds, layer)
-    if seeds.device != t.device:
-        raise ValueError(f"dropout seeds are on {seeds.device} but the tensor is on {t.device}")
+    _check_draw("apply_dropout_", seeds, layer, t.device)
     if t.device.type != "cpu" and t.dim() >= 2:
         from prostate_kernels.ops.seeded_dropout_triton import philox_dropout_  # Triton: imported when used
 
         if philox_dropout_(t, seeds, layer, p):
             return t
-    return t.mul_(dropout_scale(seeds, layer, tuple(t.shape), p, t.device))
+    return t.mul_(scale_from_uniform_(_uniform(seeds, layer, tuple(t.shape), t.device), p))
 
 
 def dropout_uniform(
@@ -78,9 +76,19 @@ def dropout_uniform(
     """The mask's draws: contiguous float32 (shape) uniform in [0, 1) from seeds[layer] (seeds: (L,)
     int64 on `device`); the Triton dense block applies the mask from these in its conv kernel's epilogue.
     On the CPU, a generator seeded with the seed; elsewhere Philox in a Triton kernel (see the module)."""
-    check_seeds("dropout_uniform", seeds, layer)
+    _check_draw("dropout_uniform", seeds, layer, device)
+    return _uniform(seeds, layer, shape, device)
+
+
+def _check_draw(op: str, seeds: torch.Tensor, layer: int, device: torch.device | str) -> None:
+    """ValueError naming op unless seeds holds layer's seed and is on the device the mask is drawn on."""
+    check_seeds(op, seeds, layer)
     if seeds.device != torch.device(device):
-        raise ValueError(f"dropout seeds are on {seeds.device} but the mask is drawn on {device}")
+        raise ValueError(f"{op}: dropout seeds are on {seeds.device} but the mask is drawn on {device}")
+
+
+def _uniform(seeds: torch.Tensor, layer: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """dropout_uniform's draws, its arguments already checked."""
     if torch.device(device).type == "cpu":
         generator = torch.Generator(device=device)
         generator.manual_seed(int(seeds[layer]))

@@ -58,10 +58,11 @@ def philox_dropout_(t: torch.Tensor, seeds: torch.Tensor, layer: int, p: float) 
         return True
     block_c = min(next_power_of_2(c), 32)
     block_s = _APPLY_TILE // block_c
-    grid = (cdiv(voxels, block_s), n, cdiv(c, block_c))
-    _philox_dropout_kernel[grid](
-        t, seeds, layer, float(p), 1.0 / (1.0 - p), c, voxels, t.stride(0), t.stride(1), stride_s,
-        BLOCK_S=block_s, BLOCK_C=block_c,
+    s_blocks = cdiv(voxels, block_s)
+    # images along axis 0 with their voxel blocks: a grid's axis 1 holds at most 65535 programs
+    _philox_dropout_kernel[(n * s_blocks, cdiv(c, block_c))](
+        t, seeds, layer, float(p), 1.0 / (1.0 - p), c, voxels, s_blocks, t.stride(0), t.stride(1),
+        stride_s, BLOCK_S=block_s, BLOCK_C=block_c,
     )  # fmt: skip
     return True
 
@@ -75,14 +76,16 @@ def _philox_dropout_kernel(
     scale,  # float32(1 / (1 - p)): a kept element's factor
     C,
     S,  # voxels per (image, channel); N * C * S < 2**32 (the Philox counter)
+    S_BLOCKS,  # blocks of BLOCK_S voxels per image: program (n * S_BLOCKS + block, channel block)
     sn,
     sc,
     ss,
     BLOCK_S: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    pid_s, n, pid_c = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
-    s = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    pid, pid_c = tl.program_id(0), tl.program_id(1)
+    n = (pid // S_BLOCKS).to(tl.int64)
+    s = (pid % S_BLOCKS).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
     ch = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (s < S)[:, None] & (ch < C)[None, :]
     draw = (n * C + ch[None, :]) * S + s[:, None]  # row-major index of (n, ch, s): philox_uniform's
