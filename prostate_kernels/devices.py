@@ -1,6 +1,9 @@
-"""available_device: the one check that a device argument names a device this machine has."""
+"""available_device: the one check that a device argument names a device this machine has; memory_bytes:
+how much memory a device has in all."""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -28,3 +31,17 @@ def available_device(value: torch.device | str | int, name: str | None = None) -
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ValueError(f"{what} is not available: {reason}") from None
     return device
+
+
+def memory_bytes(device: torch.device) -> int | None:
+    """The total memory of `device` in bytes: the host's physical memory for the CPU, the GPU's for CUDA;
+    None where it is not known (another device type, a platform without sysconf, the meta device, which
+    holds nothing)."""
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+            return None
+    if device.type == "cuda" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(device).total_memory
+    return None

@@ -187,6 +187,45 @@ def test_bad_constructor_arguments_name_the_module_and_the_value(build, fragment
     assert fragment in str(info.value)
 
 
+def test_a_dense_block_larger_than_memory_is_refused_before_building_a_layer():
+    """10**12 small layers would be built one by one for hours; the block's size is known up front."""
+    with pytest.raises(ValueError) as info:
+        DenseBlock3d(4, 16, num_layers=10**12)
+    message = str(info.value)
+    assert "DenseBlock3d: num_layers 1000000000000 (in_channels 4, growth_rate 16, bn_size 0)" in message
+    assert "GiB of memory of cpu" in message
+
+
+def _values(block: torch.nn.Module) -> int:
+    """Parameters and BatchNorm running statistics: what the memory check counts."""
+    running = sum(b.numel() for name, b in block.named_buffers() if "running" in name)
+    return sum(p.numel() for p in block.parameters()) + running
+
+
+@pytest.mark.parametrize("bn_size", [0, 3])
+def test_the_dense_block_memory_check_counts_exactly_the_blocks_values(monkeypatch, bn_size):
+    """A memory of exactly the block's float32 bytes builds it; one byte less refuses it (the closed form
+    equals what the layers hold, plain and bottleneck); an unknown memory (None) checks nothing."""
+    from prostate_kernels.nn import dense
+
+    need = 4 * _values(DenseBlock3d(5, 3, num_layers=4, bn_size=bn_size))
+    monkeypatch.setattr(dense, "memory_bytes", lambda device: need)
+    DenseBlock3d(5, 3, num_layers=4, bn_size=bn_size)
+    monkeypatch.setattr(dense, "memory_bytes", lambda device: need - 1)
+    with pytest.raises(ValueError, match="num_layers 4 .*more than the"):
+        DenseBlock3d(5, 3, num_layers=4, bn_size=bn_size)
+    monkeypatch.setattr(dense, "memory_bytes", lambda device: None)
+    DenseBlock3d(5, 3, num_layers=4, bn_size=bn_size)
+
+
+def test_memory_bytes_reports_the_hosts_memory():
+    from prostate_kernels.devices import memory_bytes
+
+    total = memory_bytes(torch.device("cpu"))
+    assert total is None or total > 2**28  # this machine and CI: several GiB
+    assert memory_bytes(torch.device("meta")) is None
+
+
 def test_numpy_and_torch_integer_channel_counts_are_accepted():
     layer = BNReLUConv3d(np.int64(8), torch.tensor(4))
     assert (layer.in_channels, layer.out_channels) == (8, 4) and type(layer.out_channels) is int

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from prostate_kernels import functional, reference
+from prostate_kernels.devices import memory_bytes
 from prostate_kernels.nn.arguments import check_count, check_input, check_probability
 from prostate_kernels.ops.conv_geometry import triple
 from prostate_kernels.ops.dense_block import UnitParams, UnitSpec, dense_block
@@ -193,6 +194,30 @@ class BottleneckDenseLayer3d(nn.Module):
         return (*self.bottleneck.units(), *self.conv.units())
 
 
+def _check_fits_memory(in_channels: int, growth_rate: int, num_layers: int, bn_size: int) -> None:
+    """ValueError naming the arguments when the block's conv weights and BatchNorm values alone, in the
+    default dtype, exceed the memory of the default device: each layer would be small enough to allocate,
+    so building them would run for hours instead of failing in torch's allocator as one large layer does.
+    """
+    # layer i reads w_i = in_channels + i * growth_rate channels: sum_i w_i in closed form
+    widths = num_layers * in_channels + growth_rate * num_layers * (num_layers - 1) // 2
+    bottleneck = bn_size * growth_rate
+    # per input channel: BatchNorm's weight, bias, running mean and var, and the first conv's weights
+    if bottleneck:  # conv 1x1x1 to W channels, then BN(W) and conv 3x3x3 (W -> growth_rate)
+        values = widths * (4 + bottleneck) + num_layers * bottleneck * (4 + 27 * growth_rate)
+    else:
+        values = widths * (4 + 27 * growth_rate)
+    device, dtype = torch.get_default_device(), torch.get_default_dtype()
+    total = memory_bytes(device)
+    need = values * dtype.itemsize
+    if total is not None and need > total:
+        raise ValueError(
+            f"DenseBlock3d: num_layers {num_layers} (in_channels {in_channels}, growth_rate {growth_rate}, "
+            f"bn_size {bn_size}) makes {values:.3g} weights and BatchNorm values, {need / 2**30:.3g} GiB in "
+            f"{dtype}: more than the {total / 2**30:.3g} GiB of memory of {device}"
+        )
+
+
 class DenseBlock3d(nn.Module):
     """Dense block: each layer reads the concatenation of the block input and every earlier layer's
     features and adds growth_rate new ones (after dropout).
@@ -230,6 +255,7 @@ class DenseBlock3d(nn.Module):
         self.in_channels, self.growth_rate, self.dropout = in_channels, growth_rate, dropout
         self.return_input, self.memory_efficient = return_input, memory_efficient
         self.bottleneck_channels = bn_size * growth_rate  # W, 0: plain layers
+        _check_fits_memory(in_channels, growth_rate, num_layers, bn_size)
         widths = [in_channels + i * growth_rate for i in range(num_layers)]
         if bn_size:
             layers = (BottleneckDenseLayer3d(c, self.bottleneck_channels, growth_rate) for c in widths)
