@@ -173,9 +173,21 @@ def test_fused_gpu_dropout_multiplies_by_the_philox_mask_bit_for_bit():
     assert torch.equal(strided, before)
 
 
+def test_dropout_on_the_meta_device_keeps_shapes_and_draws_nothing():
+    """Meta tensors have no values: the draws are an empty float32 tensor of the shape, and applying a mask
+    leaves a meta tensor of t's shape (Triton, which cannot run on meta, is not called)."""
+    from prostate_kernels.ops.seeded_dropout import apply_dropout_, draw_seeds, dropout_uniform
+
+    seeds = draw_seeds(3, "meta")
+    draws = dropout_uniform(seeds, 2, (2, 5, 3), torch.device("meta"))
+    assert draws.device.type == "meta" and draws.shape == (2, 5, 3) and draws.dtype == torch.float32
+    t = torch.empty(2, 4, 3, 5, 6, device="meta", dtype=torch.bfloat16)
+    assert apply_dropout_(t, seeds, 1, 0.3) is t and t.shape == (2, 4, 3, 5, 6)
+
+
 def test_dropout_seeds_are_checked_by_name():
     from prostate_kernels.ops.seeded_dropout import apply_dropout_, draw_seeds, dropout_uniform
-    from prostate_kernels.ops.seeded_dropout_triton import philox_uniform
+    from prostate_kernels.ops.seeded_dropout_triton import philox_dropout_, philox_uniform
 
     seeds = draw_seeds(2)
     assert seeds.dtype == torch.int64 and seeds.shape == (2,) and seeds.device.type == "cpu"
@@ -191,7 +203,7 @@ def test_dropout_seeds_are_checked_by_name():
     with pytest.raises(ValueError, match=r"4294967296 elements, at most 4294967295 per layer"):
         philox_uniform(seeds.to("meta"), 0, (2**16, 2**16))
     with pytest.raises(ValueError, match=r"4294967296 elements, at most 4294967295 per layer"):
-        apply_dropout_(torch.empty((2, 2**15, 2**16), device="meta"), seeds.to("meta"), 0, 0.2)
+        philox_dropout_(torch.empty((2, 2**15, 2**16), device="meta"), seeds.to("meta"), 0, 0.2)
     with pytest.raises(
         ValueError, match="apply_dropout_: dropout seeds are on meta but the mask is drawn on cpu"
     ):

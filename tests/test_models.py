@@ -68,6 +68,19 @@ def test_paper_size_forward_shapes_on_meta(name):
     assert tuple(out.shape) == (shape[0], 1, *shape[2:])
 
 
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_a_training_step_propagates_shapes_on_meta(name):
+    """Training mode draws dropout masks: on the meta device they are shapes without values (the dense
+    blocks' masks once went to a Triton kernel there, which failed with "0 active drivers")."""
+    model = on_meta(name).train()
+    shape = PAPER_SIZES[name]
+    out = model(torch.empty(shape, device="meta"))
+    assert tuple(out.shape) == (shape[0], 1, *shape[2:]) and out.device.type == "meta"
+    out.sum().backward()
+    for name_, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.shape == parameter.shape, name_
+
+
 SMALL = {  # CPU-affordable: (overrides, input shape)
     "unet3d": ({}, (2, 1, 8, 16, 16)),
     "deeplabv3plus_2d": ({"middle_blocks": 2}, (2, 13, 32, 32)),

@@ -5,9 +5,10 @@ mask here, so that the same seeds give the same masks in all three: that is how 
 with dropout on. The distribution is that of nn.Dropout: zero with probability p, else scaled 1/(1-p).
 
 Seeds are an int64 tensor on the block's device, one per layer (draw_seeds). The draws behind a mask:
-  CPU:        torch's CPU generator (Mersenne Twister) seeded with the layer's seed, torch.rand;
-  elsewhere:  Philox (tl.rand) in a Triton kernel that reads the seed from device memory
-              (seeded_dropout_triton, imported when first used).
+  CUDA:       Philox (tl.rand) in a Triton kernel that reads the seed from device memory
+              (seeded_dropout_triton, imported when first used);
+  meta:       no draws (an empty tensor: meta tensors have shapes and no values);
+  elsewhere:  the device's generator seeded with the layer's seed, torch.rand (the CPU: Mersenne Twister).
 On a GPU nothing here reads a value back to the host or draws on the CPU: the seeds come from the
 device's default generator, whose draws CUDA graphs replay with fresh values, and the mask kernel takes
 them where they are. A training step with dropout can therefore be captured in a CUDA graph, and each
@@ -62,7 +63,7 @@ def apply_dropout_(t: torch.Tensor, seeds: torch.Tensor, layer: int, p: float) -
     (seeded_dropout_triton.philox_dropout_: no draws tensor, one launch instead of four), unless t's
     spatial strides do not collapse into one; on the CPU (torch's generator) the mask tensor is made."""
     _check_draw("apply_dropout_", seeds, layer, t.device)
-    if t.device.type != "cpu" and t.dim() >= 2:
+    if t.device.type == "cuda" and t.dim() >= 2:
         from prostate_kernels.ops.seeded_dropout_triton import philox_dropout_  # Triton: imported when used
 
         if philox_dropout_(t, seeds, layer, p):
@@ -88,8 +89,13 @@ def _check_draw(op: str, seeds: torch.Tensor, layer: int, device: torch.device |
 
 
 def _uniform(seeds: torch.Tensor, layer: int, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """dropout_uniform's draws, its arguments already checked."""
-    if torch.device(device).type == "cpu":
+    """dropout_uniform's draws, its arguments already checked: Philox on CUDA; none on the meta device,
+    whose tensors have a shape and no values (a forward there propagates shapes); elsewhere a generator of
+    the device seeded with the seed."""
+    device = torch.device(device)
+    if device.type == "meta":
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    if device.type != "cuda":
         generator = torch.Generator(device=device)
         generator.manual_seed(int(seeds[layer]))
         return torch.rand(shape, generator=generator, device=device)
