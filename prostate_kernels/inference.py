@@ -8,6 +8,7 @@ the C++ extension on the CPU and in Triton kernels on CUDA, always accumulating 
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -15,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from prostate_kernels.devices import available_device
+from prostate_kernels.devices import available_device, memory_bytes
 from prostate_kernels.integers import as_int
 from prostate_kernels.ops.window_ops import check_starts, window_ops_for
 from prostate_kernels.windows import MODES, importance_map, window_starts
@@ -105,6 +106,7 @@ def _plan(inputs, roi_size, sw_batch_size, overlap, mode, sigma_scale, padding_m
     """Checks the arguments (ValueError naming the value) and expands them per spatial axis."""
     spatial_dims = inputs.dim() - 2
     roi = _per_axis_roi(roi_size, tuple(inputs.shape[2:]))
+    _check_padded_fits(inputs, roi, roi_size)
     overlaps = _per_axis(overlap, spatial_dims, "overlap")
     if not all(0.0 <= o < 1.0 for o in overlaps):
         raise ValueError(f"overlap {overlap} must be in [0, 1) on every axis")
@@ -185,6 +187,20 @@ def _check_inputs(inputs: object) -> None:
         raise ValueError(f"inputs is empty: shape {tuple(inputs.shape)}")
     if inputs.device.type == "meta":
         raise ValueError("inputs are on the meta device, which holds no values to predict from")
+
+
+def _check_padded_fits(inputs: torch.Tensor, roi: tuple[int, ...], roi_size: object) -> None:
+    """ValueError naming roi_size when the inputs padded up to the window would alone exceed the memory of
+    their device (torch would fail allocating them, or overflow computing their size, naming neither)."""
+    padded = [max(size, r) for size, r in zip(inputs.shape[2:], roi, strict=True)]
+    need = inputs.shape[0] * inputs.shape[1] * math.prod(padded) * inputs.element_size()
+    total = memory_bytes(inputs.device)
+    if total is not None and need > total:
+        raise ValueError(
+            f"roi_size {roi_size!r} pads inputs of size {tuple(inputs.shape)} to {tuple(padded)} voxels, "
+            f"{need / 2**30:.3g} GiB in {inputs.dtype}: more than the {total / 2**30:.3g} GiB of memory of "
+            f"{inputs.device}"
+        )
 
 
 def _per_axis_roi(roi_size: Sequence[int | None] | int, image_size: tuple[int, ...]) -> tuple[int, ...]:

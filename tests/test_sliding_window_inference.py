@@ -268,6 +268,27 @@ def test_bad_input_raises_naming_the_value(overrides, error, needle):
     assert needle in str(info.value)
 
 
+@pytest.mark.parametrize("roi", [10**12, (4, 4, 10**12)])
+def test_a_window_that_pads_past_the_devices_memory_is_named(roi):
+    """Padding up to such a window overflowed torch's size computation or failed in its allocator."""
+    with pytest.raises(ValueError) as info:
+        sliding_window_inference(torch.zeros(1, 1, 8, 8, 8), roi, 1, lambda w: w)
+    assert f"roi_size {roi!r} pads inputs of size (1, 1, 8, 8, 8) to" in str(info.value)
+    assert "GiB of memory of cpu" in str(info.value)
+
+
+def test_the_padded_size_check_counts_the_padded_input_exactly(monkeypatch):
+    """Memory of exactly the padded input's bytes (2 x 3 x 8 x 9 x 10 float32) lets the call run."""
+    from prostate_kernels import inference
+
+    x = torch.randn(2, 3, 5, 9, 4)
+    monkeypatch.setattr(inference, "memory_bytes", lambda device: 2 * 3 * 8 * 9 * 10 * 4)
+    assert sliding_window_inference(x, (8, 6, 10), 1, lambda w: w).shape == x.shape
+    monkeypatch.setattr(inference, "memory_bytes", lambda device: 2 * 3 * 8 * 9 * 10 * 4 - 1)
+    with pytest.raises(ValueError, match=r"to \(8, 9, 10\) voxels"):
+        sliding_window_inference(x, (8, 6, 10), 1, lambda w: w)
+
+
 @pytest.mark.parametrize("roi", [(4, -1, 7), (0, 8, 0), (-3, -3, -3), (None, 5, -1)])
 def test_non_positive_roi_entries_take_the_whole_axis_as_monai(roi):
     """MONAI's fall_back_tuple: an entry <= 0 (or None) is that axis' full size."""
