@@ -37,7 +37,9 @@ from prostate_kernels.data import (
 from prostate_kernels.data.resample import resample_to_spacing
 from prostate_kernels.data.sampling import IterationDataset, PatchSampler, training_case, zscore
 from prostate_kernels.determinism import deterministic_mode
+from prostate_kernels.devices import memory_bytes
 from prostate_kernels.layout import in_layout, keep_grads_in_param_strides, model_in_layout
+from prostate_kernels.memory_bound import largest_tensor_bytes
 from prostate_kernels.models import build_model
 from prostate_kernels.predict import predict_probabilities
 from prostate_kernels.safe_files import RunLock, atomic_write, output_directory, remove_stale_temporaries
@@ -150,6 +152,33 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError(f"--patch depth {patch[0]} must be {settings.slices} slices for {config.model}")
 
 
+def check_batch_fits(config: TrainConfig, device: torch.device) -> None:
+    """ConfigError when one training forward at the run's batch and patch makes a tensor that alone is
+    larger than the memory of `device` (memory_bound: measured on the meta device, so at no cost; halved
+    under 16-bit autocast, where activations may take 2 bytes). A lower bound on the step's peak: a batch
+    it lets through may still not fit, one it refuses cannot. Such a batch was ended by the host's
+    out-of-memory killer, with no message."""
+    total = memory_bytes(device)
+    if total is None:
+        return
+    settings = config.settings()
+    patch, batch = tuple(config.patch or settings.patch), config.batch or settings.batch
+    with torch.device("meta"):
+        model = build_model(config.model, **_model_kwargs(config)).train()
+    shape = (batch, settings.slices, *patch[1:]) if settings.slices else (batch, 1, *patch)
+    largest = largest_tensor_bytes(model, torch.empty(shape, device="meta"))
+    if _amp_dtype(config.amp, device) is not None:
+        largest //= 2
+    if largest > total:
+        per_patch, size = largest / batch, "x".join(map(str, patch))
+        raise ConfigError(
+            f"--batch {batch} with --patch {size}: one training forward of {config.model} makes a "
+            f"{largest / 2**30:.3g} GiB tensor ({per_patch / 2**20:.3g} MiB per patch), more than the "
+            f"{total / 2**30:.3g} GiB of memory of {device}; at most {int(total // per_patch)} patches fit "
+            "that bound, fewer in practice"
+        )
+
+
 def _model_kwargs(config: TrainConfig) -> dict:
     slices = config.settings().slices
     return {**({"in_channels": slices} if slices else {}), **config.model_kwargs}
@@ -218,6 +247,7 @@ def train(config: TrainConfig, log=print, arrays: list | None = None) -> Path:
     refused = config.cuda_graphs and cuda_graph_training.refusal(device, world)
     if refused:
         raise ConfigError(refused)
+    check_batch_fits(config, device)
     if rank != 0:
         _check_run_directory(out, config.resume)
         with deterministic_mode(config.deterministic):

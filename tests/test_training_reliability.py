@@ -145,3 +145,62 @@ def test_the_deterministic_flag_reaches_the_run(data, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "deterministic algorithms on" in result.stdout
     assert load_checkpoint(run / "checkpoint.pt")["config"]["deterministic"] is True
+
+
+def test_a_batch_whose_largest_tensor_exceeds_memory_is_refused_before_anything_is_written(data, tmp_path):
+    """--batch 100000 was ended by the host's out-of-memory killer with no message."""
+    from prostate_kernels.train import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        train(config(data, tmp_path / "run", batch=10**6))
+    message = str(info.value)
+    assert "--batch 1000000 with --patch 8x32x32: one training forward of tiramisu3d_tiny makes a" in message
+    assert "GiB of memory of cpu" in message
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "model, patch", [("tiramisu3d_tiny", (8, 32, 32)), ("deeplabv3plus_2d", (13, 32, 32))]
+)
+def test_the_batch_check_refuses_exactly_past_the_largest_tensor(data, tmp_path, monkeypatch, model, patch):
+    """At the memory the meta forward measures the check passes; one byte less it refuses (2-D networks
+    take their slices as channels)."""
+    from prostate_kernels.models import build_model
+
+    from prostate_kernels.memory_bound import largest_tensor_bytes
+    from prostate_kernels.train import ConfigError, check_batch_fits
+
+    slices = 13 if model == "deeplabv3plus_2d" else 0
+    run = config(data, tmp_path / "run", model=model, patch=patch, batch=3)
+    with torch.device("meta"):
+        net = build_model(model, **({"in_channels": slices} if slices else {})).train()
+    shape = (3, slices, *patch[1:]) if slices else (3, 1, *patch)
+    largest = largest_tensor_bytes(net, torch.empty(shape, device="meta"))
+    assert largest >= 3 * patch[-2] * patch[-1] * 4  # at least one feature map of the batch, float32
+    monkeypatch.setattr(training, "memory_bytes", lambda device: largest)
+    check_batch_fits(run, torch.device("cpu"))
+    monkeypatch.setattr(training, "memory_bytes", lambda device: largest - 1)
+    with pytest.raises(ConfigError, match="at most 2 patches fit that bound"):
+        check_batch_fits(run, torch.device("cpu"))
+    monkeypatch.setattr(training, "memory_bytes", lambda device: None)
+    check_batch_fits(run, torch.device("cpu"))
+
+
+def test_largest_tensor_bytes_counts_allocations_not_views():
+    from prostate_kernels.memory_bound import largest_tensor_bytes
+
+    class ConvThenExpand(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(1, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = self.conv(x)  # (2, 4, 5, 6, 7) float32: the largest allocation
+            y.relu_()  # in place: no allocation
+            return y[:, :1].expand(2, 1000, 5, 6, 7)  # views, far larger than their storage
+
+    with torch.device("meta"):
+        model = ConvThenExpand()
+    assert largest_tensor_bytes(model, torch.empty(2, 1, 5, 6, 7, device="meta")) == 2 * 4 * 5 * 6 * 7 * 4
+    with pytest.raises(ValueError, match="must be on the meta device"):
+        largest_tensor_bytes(torch.nn.Conv3d(1, 4, 3), torch.empty(2, 1, 5, 6, 7, device="meta"))
