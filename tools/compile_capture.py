@@ -139,18 +139,23 @@ def capturing() -> Iterator[Recorder]:
                         __default_config=index == 0)  # fmt: skip
         self.nargs = None
 
+    import prostate_kernels.ops.seeded_dropout as seeded_dropout
     from prostate_kernels.ops.launch import BucketedAutotuner
 
     _real_kernels_on_meta()
-    saved = (jit.JITFunction.run, autotuner.Autotuner.run, backend.triton_interpreting)
+    saved = (jit.JITFunction.run, autotuner.Autotuner.run, backend.triton_interpreting,
+             seeded_dropout.draws_with_philox)  # fmt: skip
     jit.JITFunction.run, autotuner.Autotuner.run = jit_run, autotune_run
     BucketedAutotuner.remember = False  # every launch with every config its autotuner may choose
     backend.triton_interpreting = lambda: True  # resolve() then lets "triton" run on CPU tensors
+    # meta tensors stand in for CUDA ones: the dropout masks take the Philox kernels, as on a GPU
+    seeded_dropout.draws_with_philox = lambda device: device.type in ("cuda", "meta")
     try:
         with backend.use_backend("triton"):
             yield RECORDER
     finally:
-        jit.JITFunction.run, autotuner.Autotuner.run, backend.triton_interpreting = saved
+        (jit.JITFunction.run, autotuner.Autotuner.run, backend.triton_interpreting,
+         seeded_dropout.draws_with_philox) = saved  # fmt: skip
         BucketedAutotuner.remember = True
 
 

@@ -63,7 +63,7 @@ def apply_dropout_(t: torch.Tensor, seeds: torch.Tensor, layer: int, p: float) -
     (seeded_dropout_triton.philox_dropout_: no draws tensor, one launch instead of four), unless t's
     spatial strides do not collapse into one; on the CPU (torch's generator) the mask tensor is made."""
     _check_draw("apply_dropout_", seeds, layer, t.device)
-    if t.device.type == "cuda" and t.dim() >= 2:
+    if draws_with_philox(t.device) and t.dim() >= 2:
         from prostate_kernels.ops.seeded_dropout_triton import philox_dropout_  # Triton: imported when used
 
         if philox_dropout_(t, seeds, layer, p):
@@ -93,15 +93,21 @@ def _uniform(seeds: torch.Tensor, layer: int, shape: tuple[int, ...], device: to
     whose tensors have a shape and no values (a forward there propagates shapes); elsewhere a generator of
     the device seeded with the seed."""
     device = torch.device(device)
+    if draws_with_philox(device):
+        from prostate_kernels.ops.seeded_dropout_triton import philox_uniform  # Triton: imported when used
+
+        return philox_uniform(seeds, layer, shape)
     if device.type == "meta":
         return torch.empty(shape, dtype=torch.float32, device=device)
-    if device.type != "cuda":
-        generator = torch.Generator(device=device)
-        generator.manual_seed(int(seeds[layer]))
-        return torch.rand(shape, generator=generator, device=device)
-    from prostate_kernels.ops.seeded_dropout_triton import philox_uniform  # Triton: imported when used
+    generator = torch.Generator(device=device)
+    generator.manual_seed(int(seeds[layer]))
+    return torch.rand(shape, generator=generator, device=device)
 
-    return philox_uniform(seeds, layer, shape)
+
+def draws_with_philox(device: torch.device) -> bool:
+    """Whether masks on `device` are drawn by the Philox kernels: on CUDA. (tools/compile_capture.py
+    replaces this for its run, where meta tensors stand in for CUDA ones, to record those launches.)"""
+    return device.type == "cuda"
 
 
 def scale_from_uniform_(uniform: torch.Tensor, p: float) -> torch.Tensor:
