@@ -136,8 +136,7 @@ def check_config(config: TrainConfig) -> None:
     patch = config.patch or settings.patch
     if len(patch) != 3 or min(patch) < 1:
         raise ConfigError(f"--patch {patch} must be 3 positive sizes (D H W)")
-    with torch.device("meta"):  # only its downsampling is needed: no weights allocated
-        model = build_model(config.model, **_model_kwargs(config))
+    model = _meta_model(config)  # only its downsampling is needed
     least = max(getattr(module, "min_training_batch", 1) for module in model.modules())
     batch = config.batch or settings.batch
     if batch < least:
@@ -163,8 +162,7 @@ def check_batch_fits(config: TrainConfig, device: torch.device) -> None:
         return
     settings = config.settings()
     patch, batch = tuple(config.patch or settings.patch), config.batch or settings.batch
-    with torch.device("meta"):
-        model = build_model(config.model, **_model_kwargs(config)).train()
+    model = _meta_model(config).train()
     shape = (batch, settings.slices, *patch[1:]) if settings.slices else (batch, 1, *patch)
     largest = largest_tensor_bytes(model, torch.empty(shape, device="meta"))
     if _amp_dtype(config.amp, device) is not None:
@@ -177,6 +175,12 @@ def check_batch_fits(config: TrainConfig, device: torch.device) -> None:
             f"{total / 2**30:.3g} GiB of memory of {device}; at most {int(total // per_patch)} patches fit "
             "that bound, fewer in practice"
         )
+
+
+def _meta_model(config: TrainConfig) -> torch.nn.Module:
+    """The run's network on the meta device: shapes, no weights allocated."""
+    with torch.device("meta"):
+        return build_model(config.model, **_model_kwargs(config))
 
 
 def _model_kwargs(config: TrainConfig) -> dict:
