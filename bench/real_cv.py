@@ -59,7 +59,7 @@ def fold_of(index: int) -> int:
 
 def pack(data: Path, out: Path) -> None:
     from prostate_kernels.data import discover_cases, read_mask, read_volume
-    from prostate_kernels.data.resample import resample_to_spacing
+    from prostate_kernels.data.resample import resample_case
     from prostate_kernels.safe_files import refuse_existing
 
     refuse_existing([out], "pack writes a new file: remove it or choose another --out")
@@ -70,8 +70,9 @@ def pack(data: Path, out: Path) -> None:
     for i, case in enumerate(cases):
         image = read_volume(case.image)
         mask = read_mask(case.label, image)
-        arrays[f"image{i}"] = resample_to_spacing(image, SPACING).array.astype(np.float32)
-        arrays[f"mask{i}"] = resample_to_spacing(mask, SPACING, nearest=True).array.astype(np.uint8)
+        image, mask = resample_case(image, mask, SPACING)  # as train --spacing does
+        arrays[f"image{i}"] = image.array.astype(np.float32)
+        arrays[f"mask{i}"] = mask.array.astype(np.uint8)
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **arrays)
     print(f"packed {len(cases)} cases at {SPACING} mm into {out} ({out.stat().st_size / 2**20:.1f} MiB)")

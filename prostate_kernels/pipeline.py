@@ -22,7 +22,7 @@ from prostate_kernels.data import (
     write_volume,
 )
 from prostate_kernels.data.cases import IMAGE_SUFFIXES, discover_cases, is_image_file, stem, suffix
-from prostate_kernels.data.resample import resample_onto, resample_to_spacing
+from prostate_kernels.data.resample import resample_image, resample_onto
 from prostate_kernels.data.sampling import zscore
 from prostate_kernels.determinism import deterministic_mode
 from prostate_kernels.devices import available_device
@@ -168,7 +168,7 @@ def _model_probabilities(model, state: dict, image, device, overlap, mode, tta, 
     """Probabilities on `image`'s own grid; a model trained at a spacing sees the image resampled to it,
     and its probabilities are resampled back (linearly) onto the image's grid."""
     spacing = state.get("spacing")
-    grid = resample_to_spacing(image, spacing) if spacing is not None else image
+    grid = resample_image(image, spacing) if spacing is not None else image
     patch, slices = tuple(state["patch"]), int(state.get("slices", 0))
     prob = predict_probabilities(model, zscore(grid.array), patch, slices, device, overlap, mode, tta,
                                  amp_dtype=amp)  # fmt: skip

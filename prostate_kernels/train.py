@@ -34,7 +34,7 @@ from prostate_kernels.data import (
     read_mask,
     read_volume,
 )
-from prostate_kernels.data.resample import resample_to_spacing
+from prostate_kernels.data.resample import resample_case
 from prostate_kernels.data.sampling import IterationDataset, PatchSampler, training_case, zscore
 from prostate_kernels.determinism import deterministic_mode
 from prostate_kernels.devices import memory_bytes
@@ -211,8 +211,7 @@ def load_cases(config: TrainConfig, log, arrays: list | None = None) -> tuple[li
             check_image(image)
             mask = read_mask(case.label, image, config.label)
             if config.spacing is not None:  # images linearly, masks by nearest neighbour
-                image = resample_to_spacing(image, config.spacing)
-                mask = resample_to_spacing(mask, config.spacing, nearest=True)
+                image, mask = resample_case(image, mask, config.spacing)
             if mask.array.all():
                 raise DataError(case.label, "mask covers every voxel: no background to learn from")
             loaded.append((case.name, image.array, mask.array))

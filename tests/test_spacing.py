@@ -4,14 +4,17 @@ so the output keeps the input's own grid (issue 15, section 2)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+from pathlib import Path
+
 import numpy as np
 import pytest
-from cli_helpers import make_phantoms
+from cli_helpers import assert_one_line_error, make_phantoms, run_cli, train_args
 
 from prostate_kernels.checkpoint import load_checkpoint
 from prostate_kernels.cli import main
 from prostate_kernels.data import DataError, Volume, read_volume, write_volume
-from prostate_kernels.data.resample import resample_onto, resample_to_spacing
+from prostate_kernels.data.resample import resample_case, resample_image, resample_onto, resample_to_spacing
 
 DIRECTION = (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
 
@@ -33,13 +36,21 @@ def test_resampling_keeps_extent_origin_direction_and_labels():
     assert coarse_mask.array.dtype == np.uint8 and set(np.unique(coarse_mask.array)) == {0, 1}
 
 
-def test_a_model_trained_at_1_5_mm_predicts_on_the_inputs_own_grid(tmp_path):
-    data = make_phantoms(tmp_path / "data")
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def trained_at_1_5_mm(tmp_path_factory) -> tuple[Path, Path]:
+    """(phantom dataset, run directory of a model trained on it at 1.5 mm)."""
+    root = tmp_path_factory.mktemp("spacing")
+    data = make_phantoms(root / "data")
+    run = root / "run"
     args = ["train", "--data", str(data), "--out", str(run), "--model", "tiramisu3d_tiny",
             "--patch", "8", "8", "8", "--batch", "2", "--iters", "2", "--val-every", "2", "--val-cases", "1",
             "--no-progress", "--spacing", "1.5", "1.5", "1.5"]  # fmt: skip
     assert main(args) == 0
+    return data, run
+
+
+def test_a_model_trained_at_1_5_mm_predicts_on_the_inputs_own_grid(tmp_path, trained_at_1_5_mm):
+    data, run = trained_at_1_5_mm
     assert load_checkpoint(run / "checkpoint.pt")["spacing"] == [1.5, 1.5, 1.5]
     phantom = read_volume(data / "Case00.mhd")
     stored = Volume(phantom.array, (0.5, 0.5, 3.0), (-20.0, 15.0, 7.5), DIRECTION)  # x, y, z mm
@@ -77,3 +88,55 @@ def test_a_spacing_too_fine_to_allocate_names_the_size_instead_of_itks_error(tmp
     message = str(info.value)
     assert message.startswith(f"{path}: resampled from spacing (2.0, 1.0, 1.0) mm it would have")
     assert "(80000, 60000, 80000) voxels" in message and "choose a coarser --spacing" in message
+
+
+def _ramp(shape, spacing_xyz=(1.0, 1.0, 1.0)) -> Volume:
+    values = np.arange(np.prod(shape), dtype=np.float32).reshape(shape)
+    return Volume(values, spacing_xyz, (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()), path=Path("ramp.nii.gz"))
+
+
+def test_an_image_left_constant_by_a_coarse_spacing_is_refused_by_name():
+    """train --spacing 1e9 1e9 1e9 resampled every image to one voxel: its z-score divided by a zero
+    standard deviation (NaN patches), and predict at such a checkpoint's spacing wrote empty masks."""
+    image = _ramp((4, 6, 8))
+    assert resample_image(image, (1.0, 1.0, 1.0)).array.shape == (4, 6, 8)  # a fine spacing passes
+    with pytest.raises(DataError) as info:
+        resample_image(image, (1e9, 1e9, 1e9))
+    message = str(info.value)
+    assert message.startswith("ramp.nii.gz: resampled to spacing (1e+09, 1e+09, 1e+09) mm (Z Y X)")
+    assert "its 1x1x1 voxels all hold" in message and "the image spans (4, 6, 8) mm" in message
+
+
+def test_a_mask_lost_between_a_coarse_grids_voxel_centres_is_refused_by_name():
+    """A one-voxel gland off the 3 mm grid's centres left an empty mask: the patch sampler's draw of a
+    prostate voxel ended in numpy's "high <= 0"."""
+    image = _ramp((10, 10, 10))
+    mask = np.zeros((10, 10, 10), np.uint8)
+    mask[1, 1, 1] = 1  # the 3 mm grid's centres lie on voxels 0, 3, 6
+    mask_volume = replace(image.like(mask), path=Path("ramp_segmentation.nii.gz"))
+    kept_image, kept_mask = resample_case(image, mask_volume, (1.0, 1.0, 1.0))
+    assert kept_mask.array.sum() == 1 and kept_image.array.shape == (10, 10, 10)
+    with pytest.raises(DataError) as info:
+        resample_case(image, mask_volume, (3.0, 3.0, 3.0))
+    assert str(info.value) == (
+        "ramp_segmentation.nii.gz: resampled to spacing (3, 3, 3) mm (Z Y X) no mask voxel is left of its 1 "
+        "(grid of 3x3x3 voxels): choose a finer --spacing"
+    )
+
+
+def test_train_at_a_spacing_coarser_than_every_case_ends_in_one_error(tmp_path):
+    data = make_phantoms(tmp_path / "data")
+    result = run_cli(*train_args(data, tmp_path / "run", 2, "--spacing", "1e9", "1e9", "1e9"))
+    assert_one_line_error(result, "0 usable cases")
+    assert result.stdout.count("nothing to segment at that spacing") == 3, result.stdout
+
+
+def test_predict_reports_an_image_left_constant_at_the_checkpoints_spacing(tmp_path, trained_at_1_5_mm):
+    _, run = trained_at_1_5_mm
+    two_voxels = Volume(np.array([[[0.0, 1.0]]], np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0),
+                        tuple(np.eye(3).ravel()))  # fmt: skip
+    image_path = write_volume(two_voxels, tmp_path / "input" / "Case09.nii.gz")  # 1x1x1 voxel at 1.5 mm
+    result = run_cli("predict", "--checkpoint", run / "checkpoint.pt", "--input", image_path,
+                     "--output", tmp_path / "pred", "--device", "cpu")  # fmt: skip
+    assert_one_line_error(result, str(image_path), "its 1x1x1 voxels all hold", "nothing to segment")
+    assert not (tmp_path / "pred" / "Case09_segmentation.nii.gz").exists()

@@ -38,6 +38,55 @@ def resample_to_spacing(
     return replace(volume, array=sitk.GetArrayFromImage(out), spacing=target)
 
 
+def resample_image(image: Volume, spacing_zyx: tuple[float, float, float]) -> Volume:
+    """resample_to_spacing for an image about to be z-scored (linear, float32).
+
+    DataError when the resampled image is constant: a spacing coarser than the image's extent leaves a
+    grid of one voxel (or of one value), which has no standard deviation to z-score by; its division by
+    zero would give a NaN image and silently empty predictions."""
+    out = resample_to_spacing(image, spacing_zyx)
+    values = out.array
+    if values.max() == values.min():
+        raise DataError(
+            image.path,
+            f"resampled to spacing {_mm(spacing_zyx)} mm (Z Y X) its {_shape(values)} voxels all hold "
+            f"{values.flat[0]:.6g}: nothing to segment at that spacing (the image spans "
+            f"{_mm(_extent_zyx(image))} mm)",
+        )
+    return out
+
+
+def resample_case(
+    image: Volume, mask: Volume, spacing_zyx: tuple[float, float, float]
+) -> tuple[Volume, Volume]:
+    """A training case on the grid of `spacing_zyx`: the image linearly (resample_image), the mask by
+    nearest neighbour. DataError when no mask voxel is left: a gland narrower than the spacing can fall
+    between the coarse grid's voxel centres, leaving no prostate voxel to centre patches on."""
+    out_image = resample_image(image, spacing_zyx)
+    out_mask = resample_to_spacing(mask, spacing_zyx, nearest=True)
+    if not out_mask.array.any():
+        raise DataError(
+            mask.path,
+            f"resampled to spacing {_mm(spacing_zyx)} mm (Z Y X) no mask voxel is left of its "
+            f"{int(np.count_nonzero(mask.array))} (grid of {_shape(out_mask.array)} voxels): choose a finer "
+            "--spacing",
+        )
+    return out_image, out_mask
+
+
+def _mm(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
+
+
+def _shape(array: np.ndarray) -> str:
+    return "x".join(str(n) for n in array.shape)
+
+
+def _extent_zyx(volume: Volume) -> tuple[float, ...]:
+    """(Z, Y, X) mm that the volume's voxels cover."""
+    return tuple(n * s for n, s in zip(volume.array.shape, volume.spacing[::-1], strict=True))
+
+
 def resample_onto(volume: Volume, grid: Volume) -> np.ndarray:
     """`volume`'s values (float32, linear) at the voxel centres of `grid`: an array of grid's shape."""
     sitk = simpleitk()
