@@ -598,14 +598,33 @@ class _MetricsLog:
 
     def __init__(self, path: Path, start: int) -> None:
         self.path = path
-        rows = []
-        if start and path.exists():
-            with path.open(newline="") as f:
-                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= start]
+        rows = self._rows_up_to(path, start) if start and path.exists() else []
         with atomic_write(path, "w", newline="") as f:  # a kill here keeps the earlier history whole
             writer = csv.DictWriter(f, fieldnames=self.COLUMNS)
             writer.writeheader()
             writer.writerows(rows)
+
+    @classmethod
+    def _rows_up_to(cls, path: Path, start: int) -> list[dict[str, str]]:
+        """The rows of an earlier metrics.csv up to iteration `start`. DataError, and the file left as it
+        is, when it is not one this class wrote (edited, damaged): rewriting it would drop what could
+        not be read, and reading it ended in a ValueError or UnicodeDecodeError traceback."""
+        fix = "move it away to resume (the run then starts a new one)"
+        try:
+            with path.open(newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                if tuple(reader.fieldnames or ()) != cls.COLUMNS:
+                    raise DataError(path, f"header {reader.fieldnames} is not {list(cls.COLUMNS)}: {fix}")
+                rows = []
+                for row in reader:
+                    # DictReader files extra values under the key None and fills missing ones with None
+                    if None in row or None in row.values() or not row["iteration"].isdigit():
+                        what = f"{len(cls.COLUMNS)} values starting with an iteration number"
+                        raise DataError(path, f"line {reader.line_num} is not a row of {what}: {fix}")
+                    rows.append(row)
+        except UnicodeDecodeError as exc:
+            raise DataError(path, f"not UTF-8 text (byte {exc.start}): {fix}") from None
+        return [r for r in rows if int(r["iteration"]) <= start]
 
     def write(self, it: int, loss: float, lr: float, val_dice: float | None, seconds: float) -> None:
         with self.path.open("a", newline="") as f:

@@ -204,3 +204,49 @@ def test_largest_tensor_bytes_counts_allocations_not_views():
     assert largest_tensor_bytes(model, torch.empty(2, 1, 5, 6, 7, device="meta")) == 2 * 4 * 5 * 6 * 7 * 4
     with pytest.raises(ValueError, match="must be on the meta device"):
         largest_tensor_bytes(torch.nn.Conv3d(1, 4, 3), torch.empty(2, 1, 5, 6, 7, device="meta"))
+
+
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        (
+            b"iteration,loss,lr,val_dice,seconds\n1,0.5,1e-3,,1.0\n\nx,1,2,3,4\n",
+            "line 4 is not a row of 5 values starting with an iteration number",
+        ),
+        (
+            b"iteration,loss,lr,val_dice,seconds\n1,0.5\n",
+            "line 2 is not a row of 5 values starting with an iteration number",
+        ),
+        (
+            b"iteration,loss,lr,val_dice,seconds\n1,0.5,1,1,1,1\n",
+            "line 2 is not a row of 5 values starting with an iteration number",
+        ),
+        (b"iteration,loss,lr,val_dice,seconds\n1,0.5,1e-3,,1.0\n\xff\xfe\n", "not UTF-8 text (byte 51)"),
+        (b"my notes\n", "header ['my notes'] is not ['iteration', 'loss', 'lr', 'val_dice', 'seconds']"),
+    ],
+)
+def test_resume_refuses_a_damaged_metrics_csv_and_leaves_it_as_it_was(data, tmp_path, damage, said):
+    """A row it could not parse ended resume in a ValueError or UnicodeDecodeError traceback; a file
+    with another header was silently rewritten empty."""
+    run = tmp_path / "run"
+    train(config(data, run, iters=2))
+    (run / "metrics.csv").write_bytes(damage)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(DataError) as info:
+        train(config(data, run, iters=4, resume=True))
+    assert (
+        str(info.value)
+        == f"{run / 'metrics.csv'}: {said}: move it away to resume (the run then starts a new one)"
+    )
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
+def test_resume_keeps_the_rows_up_to_the_checkpoint_across_blank_lines(data, tmp_path):
+    run = tmp_path / "run"
+    train(config(data, run, iters=2))
+    header = "iteration,loss,lr,val_dice,seconds\n"
+    (run / "metrics.csv").write_text(header + "1,0.5,1e-3,,1.0\n\n2,0.4,1e-3,0.5,1.0\n3,0.3,1e-3,,1.0\n")
+    train(config(data, run, iters=3, resume=True))
+    lines = (run / "metrics.csv").read_text().splitlines()
+    assert lines[:3] == [header.strip(), "1,0.5,1e-3,,1.0", "2,0.4,1e-3,0.5,1.0"]  # row 3 is redone
+    assert len(lines) == 4 and lines[3].startswith("3,")
