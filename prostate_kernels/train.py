@@ -42,7 +42,7 @@ from prostate_kernels.layout import in_layout, keep_grads_in_param_strides, mode
 from prostate_kernels.memory_bound import largest_tensor_bytes
 from prostate_kernels.models import build_model
 from prostate_kernels.predict import predict_probabilities
-from prostate_kernels.safe_files import RunLock, atomic_write, output_directory, remove_stale_temporaries
+from prostate_kernels.safe_files import RunLock, atomic_write, created_directory, remove_stale_temporaries
 
 RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.csv", "training_curve.png")  # what a run writes
 EPOCH_ITERS = 100  # iterations per "epoch" for the epoch-based schedules (patches are sampled, not swept)
@@ -255,8 +255,7 @@ def train(config: TrainConfig, log=print, arrays: list | None = None) -> Path:
         _check_run_directory(out, config.resume)
         with deterministic_mode(config.deterministic):
             return _train(config, rank, world, device, log, arrays)
-    output_directory(out, "--out")
-    with RunLock(out):
+    with created_directory(out, "--out"), RunLock(out):
         _check_run_directory(out, config.resume)
         for tmp in remove_stale_temporaries(out):
             log(f"removed {tmp.name}, left by a checkpoint write that was killed")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import make_phantoms, run_cli, train_args
+from cli_helpers import copy_dataset, make_phantoms, run_cli, train_args
 
 import prostate_kernels.train as training
 from prostate_kernels.checkpoint import load_checkpoint, save_checkpoint
@@ -250,3 +250,35 @@ def test_resume_keeps_the_rows_up_to_the_checkpoint_across_blank_lines(data, tmp
     lines = (run / "metrics.csv").read_text().splitlines()
     assert lines[:3] == [header.strip(), "1,0.5,1e-3,,1.0", "2,0.4,1e-3,0.5,1.0"]  # row 3 is redone
     assert len(lines) == 4 and lines[3].startswith("3,")
+
+
+def test_a_run_that_fails_before_writing_leaves_no_directory_it_created(data, tmp_path):
+    """train --data with no usable case left its new --out (and the parents it made) behind, empty."""
+    unusable = copy_dataset(data, tmp_path / "unusable")
+    with pytest.raises(DataError, match="0 usable cases"):
+        train(config(unusable, tmp_path / "new" / "nested" / "run", label=7))  # no mask holds label 7
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(DataError, match="0 usable cases"):
+        train(config(unusable, existing / "run", label=7))
+    assert existing.is_dir() and not any(existing.iterdir())  # the parent it found is kept
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    with pytest.raises(DataError, match="0 usable cases"):
+        train(config(unusable, kept, label=7))
+    assert kept.is_dir()  # a directory that was there before stays, even empty
+
+
+def test_a_run_that_fails_after_writing_keeps_its_directory(data, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+
+    def fail_after_the_first_checkpoint(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    real_save = training.save_checkpoint
+    monkeypatch.setattr(training, "save_checkpoint", fail_after_the_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(data, run, iters=4))
+    assert (run / "checkpoint.pt").is_file()
