@@ -8,6 +8,7 @@ iteration, so that training resumes exactly where it stopped and prediction rebu
 from __future__ import annotations
 
 import zipfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def load_model_weights(model: torch.nn.Module, state_dict: dict, path: str | Path, name: str) -> None:
-    """load_state_dict with a one-line DataError when the weights belong to another network."""
+    """load_state_dict with a one-line DataError when the weights belong to another network, are not a
+    dict of tensors, or hold NaN or infinite values (a damaged file: its network would predict nothing,
+    silently, where every probability is NaN)."""
+    if not isinstance(state_dict, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in state_dict.values()
+    ):
+        raise DataError(path, f"malformed checkpoint: its weights are of type {type(state_dict).__name__!r}, "
+                              "not a dict of tensors")  # fmt: skip
+    damaged = [key for key, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if damaged:
+        more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+        raise DataError(path, f"damaged checkpoint: weights {damaged[0]!r}{more} hold NaN or infinite values")
     try:
         model.load_state_dict(state_dict)
     except RuntimeError as exc:
-        first = str(exc).splitlines()[0]
-        raise DataError(path, f"weights do not fit model {name!r} ({first[:160]})") from None
+        # "Error(s) in loading state_dict for X:" then one tab-indented line per kind of mismatch
+        what = "; ".join(line.strip() for line in str(exc).splitlines()[1:]) or str(exc)
+        raise DataError(path, f"weights do not fit model {name!r} ({what[:200]})") from None

@@ -25,7 +25,7 @@ from prostate_kernels.data.cases import IMAGE_SUFFIXES, discover_cases, is_image
 from prostate_kernels.data.resample import resample_image, resample_onto
 from prostate_kernels.data.sampling import zscore
 from prostate_kernels.determinism import deterministic_mode
-from prostate_kernels.devices import available_device
+from prostate_kernels.devices import available_device, memory_bytes
 from prostate_kernels.evaluation import evaluate_files
 from prostate_kernels.layout import model_in_layout
 from prostate_kernels.models import build_model
@@ -70,6 +70,7 @@ def load_trained_model(
     except (ValueError, TypeError) as exc:
         raise DataError(checkpoint, f"cannot build its model ({exc})") from None
     load_model_weights(model, state["state_dict"], checkpoint, state["model"])
+    _check_window_fits_model(state, checkpoint, device)
     return model_in_layout(model.to(device), channels_last).eval(), state
 
 
@@ -91,6 +92,28 @@ def _check_patch_and_slices(state: dict, checkpoint: Path) -> None:
         or not all(_positive_number(v) for v in spacing)
     ):
         raise DataError(checkpoint, f"malformed checkpoint: spacing {spacing!r} is not 3 sizes > 0 (mm)")
+
+
+def _check_window_fits_model(state: dict, checkpoint: Path, device: torch.device) -> None:
+    """DataError unless one window of the checkpoint's patch (its slices as channels for a 2-D network)
+    fits the device's memory and is an input its network takes: checked by a forward of the network
+    built on the meta device (shapes only, no values), whose models name what they expected. A patch or
+    slices that disagreed with the network ended predict in the network's ValueError traceback."""
+    patch, slices = tuple(state["patch"]), state.get("slices", 0)
+    window = (1, slices, *patch[1:]) if slices else (1, 1, *patch)
+    need, total = math.prod(window) * 4, memory_bytes(device)
+    if total is not None and need > total:
+        raise DataError(checkpoint, f"malformed checkpoint: one window of its patch {list(patch)} takes "
+                                    f"{need / 2**30:.3g} GiB in float32, more than the {total / 2**30:.3g} "
+                                    f"GiB of memory of {device}")  # fmt: skip
+    with torch.device("meta"):
+        network = build_model(state["model"], **state.get("model_kwargs", {})).eval()
+        try:
+            with torch.no_grad():
+                network(torch.empty(window))
+        except ValueError as exc:
+            raise DataError(checkpoint, f"malformed checkpoint: its patch {list(patch)} and slices {slices} "
+                                        f"do not make an input of its network ({exc})") from None  # fmt: skip
 
 
 def _positive_number(value: object) -> bool:

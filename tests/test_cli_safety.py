@@ -251,6 +251,47 @@ def test_a_checkpoint_with_a_malformed_patch_or_slices(data, trained, tmp_path, 
     assert not (tmp_path / "p").exists()
 
 
+def _nan_weights(state: dict) -> dict:
+    return {k: v * float("nan") if v.is_floating_point() else v for k, v in state["state_dict"].items()}
+
+
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        (
+            lambda s: {"state_dict": 3},
+            "malformed checkpoint: its weights are of type 'int', not a dict of tensors",
+        ),
+        (lambda s: {"state_dict": _nan_weights(s)}, "damaged checkpoint: weights 'first_conv.weight' and "),
+        (
+            lambda s: {"patch": [10**6] * 3},
+            "malformed checkpoint: one window of its patch [1000000, 1000000, "
+            "1000000] takes 3.73e+09 GiB in float32, more than the",
+        ),
+        (
+            lambda s: {"slices": 5},
+            "malformed checkpoint: its patch [8, 32, 32] and slices 5 do not make an input "
+            "of its network (Tiramisu3D expects a 5-D (N, 1, D, H, W) input, got (1, 5, 32, 32))",
+        ),
+        (
+            lambda s: {"patch": [7, 32, 32]},
+            "malformed checkpoint: its patch [7, 32, 32] and slices 0 do not make an input of its network",
+        ),
+        (lambda s: {"model": "unet3d"}, "weights do not fit model 'unet3d' (Missing key(s) in state_dict: "),
+    ],
+)
+def test_a_checkpoint_whose_weights_or_window_do_not_fit_its_network(data, trained, tmp_path, damage, said):
+    """Each ended predict in a traceback (weights not a dict, a patch or slices the network cannot take,
+    a window larger than memory), or wrote empty masks without a word (NaN weights)."""
+    state = load_checkpoint(trained / "checkpoint.pt")
+    save_checkpoint({**state, **damage(state)}, tmp_path / "bad.pt")
+    result = run_cli(
+        "predict", "--checkpoint", tmp_path / "bad.pt", "--input", data, "--output", tmp_path / "p"
+    )
+    assert_one_line_error(result, f"{tmp_path / 'bad.pt'}: {said}")
+    assert not (tmp_path / "p").exists()
+
+
 # ------------------------------------------------------------------------------------ leftovers (16)
 
 
