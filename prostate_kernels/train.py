@@ -575,19 +575,44 @@ def _resume_differences(
 
 
 def _restore(path, model, optimizer, scheduler, scaler, rank, name) -> tuple[int, float, dict]:
+    """(iteration, best validation Dice, the checkpoint) with the model, optimizer, scheduler, scaler and
+    this rank's RNG restored from it. A damaged or edited checkpoint is a DataError naming the part that
+    could not be restored (each ended resume in a KeyError, TypeError or ValueError traceback); the run
+    then writes nothing."""
     state = load_checkpoint(path)
-    if state["model"] != name:
-        raise DataError(path, f"checkpoint of model {state['model']!r}, not {name!r}")
-    load_model_weights(model, state["state_dict"], path, name)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"])
-    ranks = state["rng"]["ranks"]
+    if state.get("model") != name:
+        raise DataError(path, f"checkpoint of model {state.get('model')!r}, not {name!r}")
+    iteration, best = state.get("iteration"), state.get("best_val_dice")
+    if not isinstance(iteration, int) or isinstance(iteration, bool) or iteration < 0:
+        raise DataError(path, f"malformed checkpoint: iteration {iteration!r} is not an int >= 0")
+    if not isinstance(best, (int, float)) or isinstance(best, bool) or not math.isfinite(best):
+        raise DataError(path, f"malformed checkpoint: best_val_dice {best!r} is not a number")
+    load_model_weights(model, state.get("state_dict"), path, name)
+    parts = {
+        "optimizer": optimizer.load_state_dict,
+        "scheduler": scheduler.load_state_dict,
+        "scaler": scaler.load_state_dict,
+        "rng": lambda rng: _restore_rng(rng["ranks"], rank),
+    }
+    for part, restore in parts.items():
+        if part not in state:
+            raise DataError(path, f"malformed checkpoint: it lacks the {part} state")
+        try:
+            restore(state[part])
+        except (KeyError, IndexError, TypeError, AttributeError, ValueError, RuntimeError) as exc:
+            reason = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:120]}"
+            raise DataError(
+                path, f"malformed checkpoint: its {part} state cannot be restored ({reason})"
+            ) from None
+    return iteration, float(best), state
+
+
+def _restore_rng(ranks: list[dict], rank: int) -> None:
+    """This rank's CPU (and CUDA) generator states, when the checkpoint's run had this rank."""
     if rank < len(ranks):
         torch.set_rng_state(ranks[rank]["cpu"])
         if torch.cuda.is_available() and ranks[rank]["cuda"]:
             torch.cuda.set_rng_state_all(ranks[rank]["cuda"])
-    return int(state["iteration"]), float(state["best_val_dice"]), state
 
 
 class _MetricsLog:

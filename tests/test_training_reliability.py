@@ -282,3 +282,44 @@ def test_a_run_that_fails_after_writing_keeps_its_directory(data, tmp_path, monk
     with pytest.raises(KeyboardInterrupt):
         train(config(data, run, iters=4))
     assert (run / "checkpoint.pt").is_file()
+
+
+@pytest.mark.parametrize(
+    "damage, said",
+    [
+        (
+            {"optimizer": 3},
+            "its optimizer state cannot be restored (AttributeError: 'int' object has no attribute",
+        ),
+        ({"optimizer": {}}, "its optimizer state cannot be restored (KeyError: 'param_groups')"),
+        ({"scheduler": 3}, "its scheduler state cannot be restored (AttributeError: "),
+        ({"rng": [1, 2]}, "its rng state cannot be restored (TypeError: "),
+        ({"rng": None}, "its rng state cannot be restored (TypeError: "),
+        ({"iteration": "x"}, "iteration 'x' is not an int >= 0"),
+        ({"iteration": -5}, "iteration -5 is not an int >= 0"),
+        ({"best_val_dice": None}, "best_val_dice None is not a number"),
+        ({"state_dict": [1]}, "its weights are of type 'list', not a dict of tensors"),
+    ],
+)
+def test_resume_names_the_part_of_a_damaged_checkpoint_it_cannot_restore(data, tmp_path, damage, said):
+    """Each ended resume in a KeyError, TypeError, AttributeError or ValueError traceback."""
+    run = tmp_path / "run"
+    train(config(data, run, iters=2))
+    save_checkpoint({**load_checkpoint(run / "checkpoint.pt"), **damage}, run / "checkpoint.pt")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(DataError) as info:
+        train(config(data, run, iters=4, resume=True))
+    assert str(info.value).startswith(f"{run / 'checkpoint.pt'}: malformed checkpoint: {said}"), str(
+        info.value
+    )
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before  # nothing written
+
+
+def test_resume_refuses_a_checkpoint_without_its_rng_state(data, tmp_path):
+    run = tmp_path / "run"
+    train(config(data, run, iters=2))
+    state = load_checkpoint(run / "checkpoint.pt")
+    del state["rng"]
+    save_checkpoint(state, run / "checkpoint.pt")
+    with pytest.raises(DataError, match="malformed checkpoint: it lacks the rng state"):
+        train(config(data, run, iters=4, resume=True))
