@@ -8,7 +8,6 @@ stop the others.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -219,17 +218,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def _phantoms(args) -> int:
     from prostate_kernels.data.phantoms import DEFAULT_SHAPE, write_phantoms
-    from prostate_kernels.safe_files import require_empty_directory
+    from prostate_kernels.safe_files import created_directory, require_empty_directory
 
-    created = not args.out.exists()
-    require_empty_directory(args.out, "--out")
-    try:
+    with created_directory(args.out, "--out"):  # removed again if nothing could be written into it
+        require_empty_directory(args.out, "--out")
         paths = write_phantoms(args.out, args.n, args.seed, tuple(args.shape or DEFAULT_SHAPE))
-    except BaseException:
-        if created:  # a directory this run created and nothing was written into: leave no trace
-            with contextlib.suppress(OSError):
-                args.out.rmdir()
-        raise
     print(f"wrote {len(paths)} phantoms to {args.out}")
     return 0
 

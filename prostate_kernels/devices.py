@@ -1,5 +1,5 @@
 """available_device: the one check that a device argument names a device this machine has; memory_bytes:
-how much memory a device has in all."""
+how much memory a device has in all; available_cores: how many CPU cores this process may use."""
 
 from __future__ import annotations
 
@@ -45,3 +45,11 @@ def memory_bytes(device: torch.device) -> int | None:
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(device).total_memory
     return None
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the platform has one), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no sched_getaffinity (macOS, Windows)
+        return max(1, os.cpu_count() or 1)

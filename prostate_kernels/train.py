@@ -15,6 +15,7 @@ import csv
 import itertools
 import math
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from prostate_kernels.data import (
 from prostate_kernels.data.resample import resample_case
 from prostate_kernels.data.sampling import IterationDataset, PatchSampler, training_case, zscore
 from prostate_kernels.determinism import deterministic_mode
-from prostate_kernels.devices import memory_bytes
+from prostate_kernels.devices import available_cores, memory_bytes
 from prostate_kernels.layout import in_layout, keep_grads_in_param_strides, model_in_layout
 from prostate_kernels.memory_bound import largest_tensor_bytes
 from prostate_kernels.models import build_model
@@ -108,6 +109,9 @@ class TrainConfig:
         return PAPER[self.model]
 
 
+MAX_SEED = 2**32 - 1  # numpy's legacy seed range; seed * 1000 + rank stays far inside torch's 64 bits
+
+
 def check_config(config: TrainConfig) -> None:
     """DataError naming the first bad setting."""
     settings = config.settings()
@@ -125,6 +129,16 @@ def check_config(config: TrainConfig) -> None:
     for name in ("val_cases", "workers"):
         if getattr(config, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)} must be >= 0")
+    for name in ("iters", "val_every", "checkpoint_every"):  # range() and len() take index-sized ints
+        if (getattr(config, name) or 0) > sys.maxsize:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)} must be <= {sys.maxsize}")
+    if not 0 <= config.seed <= MAX_SEED:
+        raise ConfigError(f"--seed {config.seed} must be in [0, {MAX_SEED}] (torch seeds each rank with "
+                          "seed * 1000 + rank, a 64-bit value)")  # fmt: skip
+    cores = available_cores()
+    if config.workers > cores:
+        raise ConfigError(f"--workers {config.workers} is more than the {cores} CPU cores this process may "
+                          "use: each worker is a process of its own")  # fmt: skip
     if config.lr is not None and not (math.isfinite(config.lr) and config.lr > 0):
         raise ConfigError(f"--lr {config.lr} must be a finite number > 0")
     if config.spacing is not None and (
@@ -162,19 +176,28 @@ def check_batch_fits(config: TrainConfig, device: torch.device) -> None:
         return
     settings = config.settings()
     patch, batch = tuple(config.patch or settings.patch), config.batch or settings.batch
-    model = _meta_model(config).train()
     shape = (batch, settings.slices, *patch[1:]) if settings.slices else (batch, 1, *patch)
-    largest = largest_tensor_bytes(model, torch.empty(shape, device="meta"))
+    size = "x".join(map(str, patch))
+
+    def refuse(what: str, nbytes: int) -> None:
+        per_patch = nbytes / batch
+        most = int(total // per_patch)
+        fit = (f"at most {most} patches fit that bound, fewer in practice" if most else
+               "not one patch fits: choose a smaller --patch")  # fmt: skip
+        raise ConfigError(
+            f"--batch {batch} with --patch {size}: {what} {nbytes / 2**30:.3g} GiB tensor "
+            f"({per_patch / 2**20:.3g} MiB per patch), more than the {total / 2**30:.3g} GiB of memory of "
+            f"{device}; {fit}"
+        )
+
+    inputs = math.prod(shape) * 4  # the float32 batch; checked first, a meta tensor past 2**63 bytes fails
+    if inputs > total:
+        refuse("the input batch alone is a", inputs)
+    largest = largest_tensor_bytes(_meta_model(config).train(), torch.empty(shape, device="meta"))
     if _amp_dtype(config.amp, device) is not None:
         largest //= 2
     if largest > total:
-        per_patch, size = largest / batch, "x".join(map(str, patch))
-        raise ConfigError(
-            f"--batch {batch} with --patch {size}: one training forward of {config.model} makes a "
-            f"{largest / 2**30:.3g} GiB tensor ({per_patch / 2**20:.3g} MiB per patch), more than the "
-            f"{total / 2**30:.3g} GiB of memory of {device}; at most {int(total // per_patch)} patches fit "
-            "that bound, fewer in practice"
-        )
+        refuse(f"one training forward of {config.model} makes a", largest)
 
 
 def _meta_model(config: TrainConfig) -> torch.nn.Module:

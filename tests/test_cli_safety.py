@@ -168,12 +168,28 @@ def test_evaluate_refuses_existing_files_and_replaces_its_own_with_overwrite(dat
         (["--seed", "-3"], "argument --seed: -3"),
         (["--lr", "fast"], "argument --lr: 'fast' is not a number"),
         (["--model", "deeplabv3plus_3d", "--batch", "1"], "--batch 1 must be >= 2 for deeplabv3plus_3d"),
+        # each of these past-any-machine values ended in a traceback (or the out-of-memory killer)
+        (["--iters", str(10**20)], f"--iters {10**20} must be <= {sys.maxsize}"),
+        (["--seed", str(10**20)], f"--seed {10**20} must be in [0, 4294967295]"),
+        (["--workers", "100000"], "--workers 100000 is more than the "),
+        (
+            ["--model", "tiramisu3d_tiny", "--batch", str(10**20), "--patch", "16", "32", "32"],
+            f"--batch {10**20} with --patch 16x32x32: the input batch alone is a 6.1e+15 GiB tensor",
+        ),
+        (["--model", "tiramisu3d_tiny", "--patch", "16", "32", str(2**60)], "MiB per patch), more than the"),
     ],
 )
 def test_bad_training_settings_are_refused_before_anything_runs(tmp_path, args, fragment):
     result = run_cli("train", "--data", tmp_path, "--out", tmp_path / "run", *args)
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "run").exists()
+
+
+def test_phantoms_past_the_disk_are_refused_before_any_is_written(tmp_path):
+    """--n 10**20 wrote 900,000 files (3.5 GB) before it was stopped."""
+    result = run_cli("phantoms", "--out", tmp_path / "many", "--n", str(10**20), "--shape", "4", "4", "4")
+    assert_one_line_error(result, f"--n {10**20} phantoms of --shape 4x4x4 take 3.99e+14 GiB, more than the")
+    assert not (tmp_path / "many").exists()
 
 
 @pytest.mark.parametrize(

@@ -10,11 +10,14 @@ bias field; Rician noise; anisotropic spacing around 0.6 x 0.6 x 3.6 mm. The mas
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from prostate_kernels.data.errors import DataError
 from prostate_kernels.data.io import Volume, write_volume
 
 DEFAULT_SHAPE = (24, 128, 128)  # (D, H, W)
@@ -94,6 +97,7 @@ def make_phantom(seed: int, shape: tuple[int, int, int] = DEFAULT_SHAPE) -> Phan
 def write_phantoms(out_dir: str | Path, n: int = 8, seed: int = 0, shape=DEFAULT_SHAPE) -> list[Path]:
     """n phantoms as out_dir/CaseNN.mhd (+ .raw) and CaseNN_segmentation.mhd; returns the image paths."""
     out_dir = Path(out_dir)
+    _check_disk(out_dir, n, shape)
     paths = []
     for i in range(n):
         phantom = make_phantom(seed * 100_003 + i, shape)
@@ -101,6 +105,25 @@ def write_phantoms(out_dir: str | Path, n: int = 8, seed: int = 0, shape=DEFAULT
         paths.append(write_volume(phantom.image, out_dir / f"{name}.mhd"))
         write_volume(phantom.mask, out_dir / f"{name}_segmentation.mhd")
     return paths
+
+
+def _check_disk(out_dir: Path, n: int, shape: tuple[int, int, int]) -> None:
+    """DataError naming --n and --shape when n phantoms need more bytes or files than out_dir's file
+    system has free (--n 10**20 wrote 900,000 files and 3.5 GB before it was stopped). Each phantom is
+    an int16 image and a uint8 mask, 4 files with the .mhd headers (under 1 KiB each)."""
+    need = n * (math.prod(shape) * 3 + 4 * 1024)
+    if not hasattr(os, "statvfs"):  # Windows
+        return
+    existing = next(p for p in (out_dir, *out_dir.parents) if p.exists())  # out_dir may not exist yet
+    disk = os.statvfs(existing)
+    free, files = disk.f_bavail * disk.f_frsize, disk.f_favail
+    size = "x".join(map(str, shape))
+    if need > free:
+        raise DataError(out_dir, f"--n {n} phantoms of --shape {size} take {need / 2**30:.3g} GiB, more "
+                                 f"than the {free / 2**30:.3g} GiB free on its file system")  # fmt: skip
+    if files and 4 * n > files:  # f_favail 0: a file system that does not count files
+        raise DataError(out_dir, f"--n {n} phantoms are {4 * n} files, more than the {files} its file "
+                                 "system can still hold")  # fmt: skip
 
 
 def _smooth_noise(rng: np.random.Generator, shape, factor: int) -> np.ndarray:
