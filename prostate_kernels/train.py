@@ -109,6 +109,7 @@ class TrainConfig:
         return PAPER[self.model]
 
 
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 MAX_SEED = 2**32 - 1  # numpy's legacy seed range; seed * 1000 + rank stays far inside torch's 64 bits
 
 
@@ -132,6 +133,9 @@ def check_config(config: TrainConfig) -> None:
     for name in ("iters", "val_every", "checkpoint_every"):  # range() and len() take index-sized ints
         if (getattr(config, name) or 0) > sys.maxsize:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)} must be <= {sys.maxsize}")
+    for flag, value in (("--lr", config.lr), ("--weight-decay", config.weight_decay)):
+        if value is not None and value > FLOAT32_MAX:  # Adam's update ended in torch's overflow error
+            raise ConfigError(f"{flag} {value} must be at most {FLOAT32_MAX:.4g} (the parameters' float32)")
     if not 0 <= config.seed <= MAX_SEED:
         raise ConfigError(f"--seed {config.seed} must be in [0, {MAX_SEED}] (torch seeds each rank with "
                           "seed * 1000 + rank, a 64-bit value)")  # fmt: skip

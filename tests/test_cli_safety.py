@@ -169,6 +169,8 @@ def test_evaluate_refuses_existing_files_and_replaces_its_own_with_overwrite(dat
         (["--lr", "fast"], "argument --lr: 'fast' is not a number"),
         (["--model", "deeplabv3plus_3d", "--batch", "1"], "--batch 1 must be >= 2 for deeplabv3plus_3d"),
         # each of these past-any-machine values ended in a traceback (or the out-of-memory killer)
+        (["--lr", "1e300"], "--lr 1e+300 must be at most 3.403e+38 (the parameters' float32)"),
+        (["--weight-decay", "1e39"], "--weight-decay 1e+39 must be at most 3.403e+38"),
         (["--iters", str(10**20)], f"--iters {10**20} must be <= {sys.maxsize}"),
         (["--seed", str(10**20)], f"--seed {10**20} must be in [0, 4294967295]"),
         (["--workers", "100000"], "--workers 100000 is more than the "),
