@@ -115,7 +115,7 @@ def evaluate_files(
         if pred_path is not None:
             try:
                 prediction = read_volume(pred_path)
-                check_same_grid(reference, prediction)
+                check_same_grid(reference, prediction, of="reference")
                 check_binary(prediction)
                 status = "ok"
             except DataError as exc:
@@ -168,7 +168,7 @@ def _overlay(case, predicted, reference, image_path, out, dice, failures) -> Non
         return
     try:
         image = read_volume(image_path)
-        check_same_grid(reference, image)
+        check_same_grid(reference, image, of="reference")
     except DataError as exc:
         failures.append(f"{exc} (no overlay for {case})")
         return

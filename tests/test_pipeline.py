@@ -144,6 +144,7 @@ def test_a_bad_case_does_not_stop_the_others(phantoms, trained, tmp_path):
     write_volume(cropped, tmp_path / "ev" / "Case01_segmentation.mhd")
     result = run_cli("evaluate", "--pred", str(tmp_path / "ev"), "--ref", str(phantoms))
     assert result.returncode == 2 and "Case01_segmentation.mhd: size" in result.stderr
+    assert f"differs from reference {phantoms / 'Case01_segmentation.mhd'} size" in result.stderr
     assert "Case00" in result.stdout
 
 

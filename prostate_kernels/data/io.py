@@ -148,9 +148,10 @@ def check_binary(prediction: Volume) -> None:
                                          "(0 and one label), not a probability map or an image")  # fmt: skip
 
 
-def check_same_grid(image: Volume, mask: Volume) -> None:
-    """DataError (naming `mask`'s file and `image`'s) if they differ in size, spacing, origin or direction."""
-    other = f"image {image.path}" if image.path is not None else "the image"
+def check_same_grid(image: Volume, mask: Volume, of: str = "image") -> None:
+    """DataError (naming `mask`'s file and `image`'s, called `of`: "image", "reference") if they differ in
+    size, spacing, origin or direction."""
+    other = f"{of} {image.path}" if image.path is not None else f"the {of}"
     if mask.array.shape != image.array.shape:
         raise DataError(mask.path, f"size {_plain(mask.array.shape[::-1])} differs from {other} "
                                    f"size {_plain(image.array.shape[::-1])} (x, y, z)")  # fmt: skip
