@@ -199,6 +199,42 @@ def test_a_dense_block_larger_than_memory_is_refused_before_building_a_layer():
     assert "GiB of memory of cpu" in message
 
 
+def test_a_dense_block_of_more_modules_than_the_host_holds_is_refused_on_the_meta_device_too(monkeypatch):
+    """On meta the weights take no memory, and 10**12 layers were built one by one for hours. A host of
+    10 MiB stands in for this one, so that code without the check builds a few thousand layers and
+    fails here in a second instead of building millions."""
+    from prostate_kernels.nn import dense
+
+    host = 10 * 2**20
+    monkeypatch.setattr(dense, "memory_bytes", lambda device: host if device.type == "cpu" else None)
+    layers = host // dense.LAYER_HOST_BYTES + 1
+    with torch.device("meta"), pytest.raises(ValueError) as info:
+        DenseBlock3d(4, 16, num_layers=layers)
+    assert str(info.value).startswith(
+        f"DenseBlock3d: num_layers {layers} are {layers} Python modules, at least"
+    )
+    with torch.device("meta"):
+        assert len(DenseBlock3d(4, 16, num_layers=300).layers) == 300  # the bound is far from real blocks
+
+
+def test_the_host_bytes_per_layer_bound_is_below_what_a_layer_takes():
+    import tracemalloc
+
+    from prostate_kernels.nn.dense import LAYER_HOST_BYTES
+
+    with torch.device("meta"):
+        DenseBlock3d(4, 16, num_layers=1)  # imports and caches warmed outside the measurement
+        for bn_size in (0, 4):
+            tracemalloc.start()
+            try:
+                block = DenseBlock3d(4, 16, num_layers=50, bn_size=bn_size)
+                per_layer = tracemalloc.get_traced_memory()[0] / 50
+            finally:
+                tracemalloc.stop()
+            assert per_layer > LAYER_HOST_BYTES, (bn_size, per_layer)
+            del block
+
+
 def _values(block: torch.nn.Module) -> int:
     """Parameters and BatchNorm running statistics: what the memory check counts."""
     running = sum(b.numel() for name, b in block.named_buffers() if "running" in name)
@@ -212,6 +248,7 @@ def test_the_dense_block_memory_check_counts_exactly_the_blocks_values(monkeypat
     from prostate_kernels.nn import dense
 
     need = 4 * _values(DenseBlock3d(5, 3, num_layers=4, bn_size=bn_size))
+    monkeypatch.setattr(dense, "LAYER_HOST_BYTES", 0)  # the modules' host bytes are another test's
     monkeypatch.setattr(dense, "memory_bytes", lambda device: need)
     DenseBlock3d(5, 3, num_layers=4, bn_size=bn_size)
     monkeypatch.setattr(dense, "memory_bytes", lambda device: need - 1)
