@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import gzip
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,3 +224,31 @@ def test_an_all_foreground_training_mask_is_skipped_with_a_message(data, tmp_pat
     result = run_cli(*train_args(copy, tmp_path / "run", 1))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Case00_segmentation.mhd: mask covers every voxel" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["Case00_segmentation.mhd", "Case00_segmentation.nii.gz"])
+def test_a_volume_write_that_fails_half_way_leaves_the_earlier_file_whole(tmp_path, monkeypatch, name):
+    """SimpleITK wrote straight into the target: an interrupted predict left a truncated segmentation,
+    which the rerun then refused to replace."""
+    import SimpleITK as sitk
+
+    grid = (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel())
+    first = Volume(np.ones((4, 5, 6), np.uint8), *grid)
+    target = write_volume(first, tmp_path / name)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real_write = sitk.WriteImage
+
+    def killed_half_way(image, path, *args, **kwargs):
+        real_write(image, path, *args, **kwargs)
+        for written in Path(path).parent.iterdir():  # cut every file it wrote, then fail
+            written.write_bytes(written.read_bytes()[: written.stat().st_size // 2])
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(sitk, "WriteImage", killed_half_way)
+    with pytest.raises(DataError, match="cannot write image"):
+        write_volume(Volume(np.zeros((4, 5, 6), np.uint8), *grid), target)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no staging directory left
+    monkeypatch.setattr(sitk, "WriteImage", real_write)
+    assert read_volume(target).array.min() == 1
+    write_volume(Volume(np.zeros((4, 5, 6), np.uint8), *grid), target)  # a whole write replaces it
+    assert read_volume(target).array.max() == 0 and {p.name for p in tmp_path.iterdir()} == set(before)

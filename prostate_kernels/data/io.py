@@ -6,6 +6,8 @@ Arrays are (D, H, W) = (slices, rows, columns); spacing, origin and direction ar
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -93,14 +95,28 @@ def read_volume(path: str | Path) -> Volume:
 
 
 def write_volume(volume: Volume, path: str | Path) -> Path:
-    """Writes `volume` with its geometry (compressed for .gz); creates the parent directory."""
+    """Writes `volume` with its geometry (compressed for .gz); creates the parent directory.
+
+    Whole or not at all: SimpleITK writes into a hidden staging directory beside `path` under the final
+    file names, whose files are then renamed into place, a MetaImage header after its voxel file (so a
+    header never points at a missing or partial one). A write that fails or is killed leaves `path` as it
+    was; before, an interrupted predict left a truncated segmentation that the rerun refused to replace.
+    """
     sitk = simpleitk()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image = to_sitk(volume)
-    itk_call(
-        "write", path, lambda: sitk.WriteImage(image, str(path), useCompression=path.name.endswith(".gz"))
-    )
+    staging = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed process that had this pid
+    staging.mkdir()
+    try:
+        staged = staging / path.name
+        compress = path.name.endswith(".gz")
+        itk_call("write", path, lambda: sitk.WriteImage(image, str(staged), useCompression=compress))
+        for written in sorted(staging.iterdir(), key=lambda f: f.name == path.name):  # `path` last
+            os.replace(written, path.parent / written.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return path
 
 
