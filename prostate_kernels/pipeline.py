@@ -45,8 +45,10 @@ def list_images(path: Path) -> list[Path]:
     path = Path(path)
     if path.is_file():
         return [path]
-    if not path.is_dir():
+    if not path.exists():
         raise DataError(path, "no such file or directory")
+    if not path.is_dir():
+        raise DataError(path, "not a regular file or a directory (a pipe, socket or device)")
     try:
         return [case.image for case in discover_cases(path)]
     except DataError:

@@ -661,6 +661,8 @@ class _MetricsLog:
         is, when it is not one this class wrote (edited, damaged): rewriting it would drop what could
         not be read, and reading it ended in a ValueError or UnicodeDecodeError traceback."""
         fix = "move it away to resume (the run then starts a new one)"
+        if not path.is_file():  # reading a named pipe would wait forever
+            raise DataError(path, f"not a regular file: {fix}")
         try:
             with path.open(newline="", encoding="utf-8") as f:
                 reader = csv.DictReader(f)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import gzip
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -252,3 +253,22 @@ def test_a_volume_write_that_fails_half_way_leaves_the_earlier_file_whole(tmp_pa
     assert read_volume(target).array.min() == 1
     write_volume(Volume(np.zeros((4, 5, 6), np.uint8), *grid), target)  # a whole write replaces it
     assert read_volume(target).array.max() == 0 and {p.name for p in tmp_path.iterdir()} == set(before)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are a POSIX thing")
+def test_a_named_pipe_in_place_of_an_image_or_its_voxel_file_is_refused_not_waited_on(tmp_path):
+    """train hung for good on a FIFO called Case05.mhd (reading a pipe waits for a writer)."""
+    image = tmp_path / "Case05.mhd"
+    os.mkfifo(image)
+    with pytest.raises(DataError, match="Case05.mhd: not a regular file .* reading it could wait forever"):
+        read_volume(image)
+    grid = (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel())
+    header = write_volume(Volume(np.ones((4, 5, 6), np.int16), *grid), tmp_path / "Case06.mhd")
+    (tmp_path / "Case06.raw").unlink()
+    os.mkfifo(tmp_path / "Case06.raw")
+    with pytest.raises(DataError, match="Case06.mhd: its voxel file Case06.raw is not a regular file"):
+        read_volume(header)
+    result = run_cli(
+        "predict", "--checkpoint", tmp_path / "c.pt", "--input", image, "--output", tmp_path / "o"
+    )
+    assert_one_line_error(result, f"{image}: not a regular file or a directory")

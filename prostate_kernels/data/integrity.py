@@ -28,6 +28,33 @@ _SOURCE_LOCATION = re.compile(r"^\S+\.(cxx|cpp|h|hxx):\d+:?$")
 _ITK_PREFIX = re.compile(r"^(ITK ERROR|sitk::ERROR|ERROR):\s*(\w+\(0x[0-9a-fA-F]+\):\s*)?", re.IGNORECASE)
 
 
+def check_regular(path: Path) -> None:
+    """DataError unless `path`, and a MetaImage header's voxel file, are regular files: reading a named
+    pipe (a FIFO called Case05.mhd, say) waits for a writer forever, and `train` hung on one."""
+    if not path.is_file():
+        raise DataError(path, "not a regular file (a pipe, socket or device): reading it could wait forever")
+    if path.name.lower().endswith(".mhd"):
+        data = _metaimage_data_file(path)
+        if data is not None and data.exists() and not data.is_file():
+            raise DataError(path, f"its voxel file {data.name} is not a regular file (a pipe, socket or "
+                                  "device): reading it could wait forever")  # fmt: skip
+
+
+def _metaimage_data_file(header: Path) -> Path | None:
+    """The one voxel file a MetaImage header names (ElementDataFile), or None for LOCAL data, a LIST or a
+    numbered pattern of files, or a header that names none."""
+    with open(header, "rb") as f:
+        text = f.read(1 << 16).decode("latin-1")
+    for line in text.splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "ElementDataFile":
+            value = value.strip()
+            if not value or value in ("LOCAL", "LIST") or value.startswith("LIST") or " " in value:
+                return None
+            return header.parent / value
+    return None
+
+
 def check_complete(path: Path) -> None:
     """DataError if `path` is a gzip file that ends early or is corrupt, or a NIfTI file (plain or
     gzipped) holding fewer bytes than its header's voxel data needs."""

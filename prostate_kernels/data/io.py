@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from prostate_kernels.data.errors import DataError
-from prostate_kernels.data.integrity import captured_stderr, check_complete, itk_reason
+from prostate_kernels.data.integrity import captured_stderr, check_complete, check_regular, itk_reason
 
 GEOMETRY_TOLERANCE = 1e-4  # relative, on spacing/origin/direction, when comparing an image with its mask
 
@@ -73,6 +73,7 @@ def read_volume(path: str | Path) -> Volume:
         raise DataError(path, "file not found")
     if path.is_dir():
         raise DataError(path, "is a directory, expected an image file")
+    check_regular(path)
     sitk = simpleitk()
     check_complete(path)
     image = itk_call("read", path, lambda: sitk.ReadImage(str(path)))
