@@ -21,6 +21,7 @@ def _decathlon(folder: Path, n: int) -> Path:
         (folder / sub).mkdir(parents=True)
     for i in reversed(range(n)):  # written out of order: the split must sort by name
         image = np.full((4, 5, 6), i, dtype=np.uint8)
+        image[..., 3:] += 1  # not constant: an image of one value has nothing to learn (and is refused)
         mask = np.zeros((4, 5, 6), dtype=np.uint8)
         mask[1:3, 1:4, 2:5] = 1
         write_volume(
