@@ -67,12 +67,9 @@ def load_trained_model(
         if key not in state:
             raise DataError(checkpoint, f"checkpoint lacks {key!r}")
     _check_patch_and_slices(state, checkpoint)
-    try:
-        model = build_model(state["model"], **state.get("model_kwargs", {}))
-    except (ValueError, TypeError) as exc:
-        raise DataError(checkpoint, f"cannot build its model ({exc})") from None
+    _check_window_fits_model(state, checkpoint, device)  # before any weight is allocated
+    model = _build_network(state, checkpoint)
     load_model_weights(model, state["state_dict"], checkpoint, state["model"])
-    _check_window_fits_model(state, checkpoint, device)
     return model_in_layout(model.to(device), channels_last).eval(), state
 
 
@@ -96,6 +93,14 @@ def _check_patch_and_slices(state: dict, checkpoint: Path) -> None:
         raise DataError(checkpoint, f"malformed checkpoint: spacing {spacing!r} is not 3 sizes > 0 (mm)")
 
 
+def _build_network(state: dict, checkpoint: Path) -> torch.nn.Module:
+    """The checkpoint's network, untrained, on the default device; DataError when it cannot be built."""
+    try:
+        return build_model(state["model"], **state.get("model_kwargs", {}))
+    except (ValueError, TypeError) as exc:
+        raise DataError(checkpoint, f"cannot build its model ({exc})") from None
+
+
 def _check_window_fits_model(state: dict, checkpoint: Path, device: torch.device) -> None:
     """DataError unless one window of the checkpoint's patch (its slices as channels for a 2-D network)
     fits the device's memory and is an input its network takes: checked by a forward of the network
@@ -109,7 +114,7 @@ def _check_window_fits_model(state: dict, checkpoint: Path, device: torch.device
                                     f"{need / 2**30:.3g} GiB in float32, more than the {total / 2**30:.3g} "
                                     f"GiB of memory of {device}")  # fmt: skip
     with torch.device("meta"):
-        network = build_model(state["model"], **state.get("model_kwargs", {})).eval()
+        network = _build_network(state, checkpoint).eval()
         try:
             with torch.no_grad():
                 network(torch.empty(window))

@@ -122,20 +122,15 @@ def check_config(config: TrainConfig) -> None:
         raise ConfigError(f"--amp {config.amp!r} is not one of {AMP}")
     if config.schedule not in SCHEDULES:
         raise ConfigError(f"--schedule {config.schedule!r} is not one of {SCHEDULES}")
-    for name in ("iters", "val_every"):
-        if getattr(config, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)} must be >= 1")
+    for name in ("iters", "val_every", "checkpoint_every"):  # range() and len() take index-sized ints
+        value = getattr(config, name)
+        if value is not None and not 1 <= value <= sys.maxsize:  # checkpoint_every None: val_every's
+            raise ConfigError(f"--{name.replace('_', '-')} {value} must be in [1, {sys.maxsize}]")
     if config.batch is not None and config.batch < 1:
         raise ConfigError(f"--batch {config.batch} must be >= 1")
     for name in ("val_cases", "workers"):
         if getattr(config, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)} must be >= 0")
-    for name in ("iters", "val_every", "checkpoint_every"):  # range() and len() take index-sized ints
-        if (getattr(config, name) or 0) > sys.maxsize:
-            raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)} must be <= {sys.maxsize}")
-    for flag, value in (("--lr", config.lr), ("--weight-decay", config.weight_decay)):
-        if value is not None and value > FLOAT32_MAX:  # Adam's update ended in torch's overflow error
-            raise ConfigError(f"{flag} {value} must be at most {FLOAT32_MAX:.4g} (the parameters' float32)")
     if not 0 <= config.seed <= MAX_SEED:
         raise ConfigError(f"--seed {config.seed} must be in [0, {MAX_SEED}] (torch seeds each rank with "
                           "seed * 1000 + rank, a 64-bit value)")  # fmt: skip
@@ -143,14 +138,17 @@ def check_config(config: TrainConfig) -> None:
     if config.workers > cores:
         raise ConfigError(f"--workers {config.workers} is more than the {cores} CPU cores this process may "
                           "use: each worker is a process of its own")  # fmt: skip
-    if config.lr is not None and not (math.isfinite(config.lr) and config.lr > 0):
-        raise ConfigError(f"--lr {config.lr} must be a finite number > 0")
+    # at most float32's largest: the parameters' dtype (Adam's update at --lr 1e300 overflowed in torch)
+    if config.lr is not None and not (math.isfinite(config.lr) and 0 < config.lr <= FLOAT32_MAX):
+        raise ConfigError(f"--lr {config.lr} must be a finite number in (0, {FLOAT32_MAX:.4g}]")
     if config.spacing is not None and (
         len(config.spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in config.spacing)
     ):
         raise ConfigError(f"--spacing {tuple(config.spacing)} must be 3 finite sizes > 0 (Z Y X, mm)")
-    if not (math.isfinite(config.weight_decay) and config.weight_decay >= 0):
-        raise ConfigError(f"--weight-decay {config.weight_decay} must be a finite number >= 0")
+    if not (math.isfinite(config.weight_decay) and 0 <= config.weight_decay <= FLOAT32_MAX):
+        raise ConfigError(
+            f"--weight-decay {config.weight_decay} must be a finite number in [0, {FLOAT32_MAX:.4g}]"
+        )
     patch = config.patch or settings.patch
     if len(patch) != 3 or min(patch) < 1:
         raise ConfigError(f"--patch {patch} must be 3 positive sizes (D H W)")
