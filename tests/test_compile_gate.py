@@ -107,3 +107,12 @@ def test_the_depthwise_halo_probe_compiles_without_spills_and_counts_its_tap_loo
         counts[scratch, kernel] = int(next(line for line in lines if line.startswith("tap loop:")).split()[2])
     assert 0 < counts["fp32", "forward"] < counts["bf16", "forward"], counts
     assert counts["bf16", "weight-gradient"] > 0, counts
+
+
+def test_the_capture_runs_where_torch_refuses_a_second_meta_kernel():
+    """torch 2.11 refuses register_kernel("meta") on an op with a fake registered; the capture swaps the
+    fake functions instead, records the fused layer's forward and backward launches, and swaps them back."""
+    report = run_probe("capture_meta_probe.py")
+    assert report["ops"] >= 2 and report["fakes_restored"], report
+    assert report["recorded"] > 0 and report["recorded_after"] == 0, report
+    assert any("fwd" in k for k in report["kernels"]) and any("grad" in k for k in report["kernels"]), report

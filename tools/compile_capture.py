@@ -101,19 +101,29 @@ def _record(fn, args, kwargs, default_config: bool, config_kwargs: dict) -> None
             RECORDER.variants[variant] = (fn, signature, constexprs, attrs, options)
 
 
-def _real_kernels_on_meta() -> None:
-    """The library's torch.library custom ops run their real implementation on meta tensors (their
-    launchers, and so the launches to record), instead of their fake kernels, with autograd kept: every
-    CustomOpDef of the ops' Triton modules gets its own function as its "meta" kernel. For the rest of
-    this process (the capture tools run in their own)."""
+@contextlib.contextmanager
+def _real_kernels_on_meta() -> Iterator[None]:
+    """Within the block, the library's torch.library custom ops run their real implementation on meta
+    tensors (their launchers, and so the launches to record) instead of their fake kernels, autograd
+    kept. Each CustomOpDef's fake function (what its Meta kernel calls) is swapped for its own function
+    and swapped back after. Not register_kernel("meta"): torch 2.11 refuses a second Python kernel for
+    the Meta key, which the fake registration already holds (2.13 lets it override)."""
     import importlib
 
     from torch._library.custom_ops import CustomOpDef
 
+    ops = []
     for module in ("bn_relu_conv3d_triton", "depthwise_conv3d_triton", "dense_block"):
         namespace = vars(importlib.import_module(f"prostate_kernels.ops.{module}"))
-        for op in (v for v in namespace.values() if isinstance(v, CustomOpDef)):
-            op.register_kernel("meta")(op._init_fn)
+        ops += [v for v in namespace.values() if isinstance(v, CustomOpDef)]
+    saved = [op._abstract_fn for op in ops]
+    for op in ops:
+        op._abstract_fn = op._init_fn
+    try:
+        yield
+    finally:
+        for op, fake in zip(ops, saved, strict=True):
+            op._abstract_fn = fake
 
 
 @contextlib.contextmanager
@@ -142,7 +152,6 @@ def capturing() -> Iterator[Recorder]:
     import prostate_kernels.ops.seeded_dropout as seeded_dropout
     from prostate_kernels.ops.launch import BucketedAutotuner
 
-    _real_kernels_on_meta()
     saved = (jit.JITFunction.run, autotuner.Autotuner.run, backend.triton_interpreting,
              seeded_dropout.draws_with_philox)  # fmt: skip
     jit.JITFunction.run, autotuner.Autotuner.run = jit_run, autotune_run
@@ -151,7 +160,7 @@ def capturing() -> Iterator[Recorder]:
     # meta tensors stand in for CUDA ones: the dropout masks take the Philox kernels, as on a GPU
     seeded_dropout.draws_with_philox = lambda device: device.type in ("cuda", "meta")
     try:
-        with backend.use_backend("triton"):
+        with backend.use_backend("triton"), _real_kernels_on_meta():
             yield RECORDER
     finally:
         (jit.JITFunction.run, autotuner.Autotuner.run, backend.triton_interpreting,
