@@ -17,6 +17,10 @@ INTERPRET = triton_interpreting()
 INT32_SPAN = 2**31 - 2**24  # offsets below this fit int32 with room for a tile past the end
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
+# the words of the warning a launch gives when a capture meets an untimed bucket (bench/gpu_checks.py
+# counts the warnings that hold them)
+UNTIMED_IN_CAPTURE = "was first launched at this size inside a CUDA graph capture"
+
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for ints on the host. triton.cdiv and triton.next_power_of_2 are constexpr_functions in
@@ -105,7 +109,7 @@ class BucketedAutotuner:
             self.warned_capture = True
             name = getattr(self.tuner.fn, "__name__", "a kernel")
             warnings.warn(
-                f"prostate_kernels: {name} was first launched at this size inside a CUDA graph capture, "
+                f"prostate_kernels: {name} {UNTIMED_IN_CAPTURE}, "
                 "where its tiles cannot be timed: the capture runs the first candidate tile. Run the step "
                 "once before capturing (torch.cuda.make_graphed_callables does) to capture the timed one.",
                 stacklevel=4,
