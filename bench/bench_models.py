@@ -16,6 +16,7 @@ import argparse
 import gc
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -135,7 +136,9 @@ def gpu_models(names=tuple(PAPER_PATCH), kinds=("ours", "eager", "compile")) -> 
     return rows
 
 
-def gpu_ladder() -> list[dict]:
+def gpu_ladder(on_row: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """The ladder's rows; on_row(rows so far) after each (bench/gpu_suite.py saves them, so that a call
+    cut by its time limit keeps the rungs it ran)."""
     rows = []
     for kind in ("ours", "eager"):
         out_of_memory = False
@@ -146,24 +149,24 @@ def gpu_ladder() -> list[dict]:
                 "voxels": patch[0] * patch[1] * patch[2],
             }
             if out_of_memory:
-                rows.append(
-                    {**row, "trains": "OOM (not run: a smaller patch was)", "step_ms": "", "peak_MiB": ""}
-                )
-                continue
-            model = None
-            try:
-                model, backend = variant("tiramisu3d_p3a", kind, "cuda")
-                ms, peak = cuda_step(model, backend, (1, *patch))
-                row.update(trains="yes", step_ms=f"{ms:.0f}", peak_MiB=f"{peak:.0f}")
-            except torch.OutOfMemoryError:
-                row.update(trains="OOM", step_ms="", peak_MiB="")
-                out_of_memory = True
-            finally:
+                row.update(trains="OOM (not run: a smaller patch was)", step_ms="", peak_MiB="")
+            else:
                 model = None
-                gc.collect()
-                torch.cuda.empty_cache()
+                try:
+                    model, backend = variant("tiramisu3d_p3a", kind, "cuda")
+                    ms, peak = cuda_step(model, backend, (1, *patch))
+                    row.update(trains="yes", step_ms=f"{ms:.0f}", peak_MiB=f"{peak:.0f}")
+                except torch.OutOfMemoryError:
+                    row.update(trains="OOM", step_ms="", peak_MiB="")
+                    out_of_memory = True
+                finally:
+                    model = None
+                    gc.collect()
+                    torch.cuda.empty_cache()
             rows.append(row)
             print(row, flush=True)
+            if on_row is not None:
+                on_row(list(rows))  # a copy: later rungs are appended to rows
     return rows
 
 
@@ -210,9 +213,14 @@ def ladder_summary(rows: list[dict], key: str) -> str:
 
 
 def run(
-    device: str, names=tuple(PAPER_PATCH), kinds=("ours", "eager", "compile"), ladder: bool = True
+    device: str,
+    names=tuple(PAPER_PATCH),
+    kinds=("ours", "eager", "compile"),
+    ladder: bool = True,
+    on_ladder_row: Callable[[BenchResult], None] | None = None,
 ) -> list[BenchResult]:
-    """[models (GPU only: `names` x `kinds`; none when names is empty), patch ladder (if `ladder`)]."""
+    """[models (GPU only: `names` x `kinds`; none when names is empty), patch ladder (if `ladder`)];
+    on_ladder_row(the ladder's result so far, marked partial) after each GPU rung."""
     results = []
     if device == "cuda" and names:
         rows = gpu_models(names, kinds)
@@ -224,19 +232,29 @@ def run(
     if not ladder:
         return results
     if device == "cuda":
-        rows = gpu_ladder()
-        summary = ladder_summary(rows, "trains")
+        on_row = None if on_ladder_row is None else lambda rows: on_ladder_row(ladder_result(rows, True))
+        results.append(ladder_result(gpu_ladder(on_row), True, partial=False))
     else:
-        rows = cpu_ladder()
-        summary = ladder_summary(rows, "kept_for_backward_GiB")
+        results.append(ladder_result(cpu_ladder(), False, partial=False))
+    return results
+
+
+def ladder_result(rows: list[dict], gpu: bool, partial: bool = True) -> BenchResult:
+    """The ladder's BenchResult; partial: the rungs run so far (the run may be cut before the rest)."""
     notes = [
         "Tiramisu 3D p3a, batch 2; ours = memory-efficient dense blocks (fused layers), eager = torch.cat"
     ]
+    if partial:
+        notes.append(f"PARTIAL: the rungs run before this was saved ({len(rows)}); the rest did not run")
+        summary = f"PARTIAL ({len(rows)} rungs): " + "; ".join(
+            f"{r['variant']} {r['patch']} {r['trains']} {r.get('peak_MiB', '')} MiB" for r in rows
+        )
+    else:
+        summary = ladder_summary(rows, "trains" if gpu else "kept_for_backward_GiB")
     notes.append(summary)
-    if device != "cuda":
+    if not gpu:
         notes.append("CPU: kept-for-backward bytes measured at 8x32x32 and scaled by voxel count")
-    results.append(BenchResult("patch_ladder", rows, notes, summary))
-    return results
+    return BenchResult("patch_ladder", rows, notes, summary)
 
 
 def _speed_summary(rows: list[dict]) -> str:

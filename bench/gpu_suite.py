@@ -68,8 +68,9 @@ def finish_cache_warming(proc: subprocess.Popen, started: float) -> dict:
     return {"section": "warm Triton cache", "result": result, "detail": f"{time.time() - started:.0f} s"}
 
 
-def timing_sections() -> list[tuple[str, object]]:
-    """(name, callable -> list[BenchResult]), most important first."""
+def timing_sections(save_partial) -> list[tuple[str, object]]:
+    """(name, callable -> list[BenchResult]), most important first; save_partial(list[BenchResult]):
+    a section's results so far, written beside the finished sections' (the patch ladder's rungs)."""
     import bench_bn_relu_conv3d
     import bench_dense_block
     import bench_depthwise
@@ -95,7 +96,8 @@ def timing_sections() -> list[tuple[str, object]]:
         ("depthwise", lambda: [bench_depthwise.run("cuda", quick=True)]),
         ("models", lambda: bench_models.run("cuda", ("tiramisu3d_p3a",), ("ours", "eager"), ladder=False)),
         ("optimize", lambda: [bench_optimize.run("cuda")]),  # needs MONAI: carry its wheel
-        ("patch_ladder", lambda: bench_models.run("cuda", (), ladder=True)),
+        ("patch_ladder", lambda: bench_models.run(
+            "cuda", (), ladder=True, on_ladder_row=lambda partial: save_partial([partial]))),
         ("memory_format", lambda: [bench_memory_format.run("cuda")]),
         ("sliding_window", lambda: [bench_sliding_window.run("cuda", rounds=10)]),
         ("dense_layer_fp32", dense_layer_fp32),
@@ -112,13 +114,14 @@ def renamed(results: list, name: str) -> list:
     return results
 
 
-def save(results: list, env: dict, out: Path) -> None:
-    """results.json (for --merge) and the combined result files, rewritten after every section."""
+def save(results: list, env: dict, out: Path, stem: str) -> None:
+    """results.json (for --merge) and the combined result files named `stem` (one per call, chosen before
+    the first section), rewritten after every section."""
     from run_all import write_all
 
     payload = {"env": env, "results": [vars(r) for r in results]}
     (out / "results.json").write_text(json.dumps(payload, indent=1))
-    write_all(results, out, memory_curve=False, env=env)
+    write_all(results, out, memory_curve=False, env=env, stem=stem)
 
 
 def merge(paths: list[Path], out: Path) -> None:
@@ -234,7 +237,7 @@ def main() -> None:
     warming = None if args.no_warm_cache else start_cache_warming(args.out)
 
     import torch
-    from common import environment, markdown_table, write_results
+    from common import environment, free_stem, markdown_table, write_results
     from gpu_checks import CHECKS
 
     import prostate_kernels
@@ -269,7 +272,12 @@ def main() -> None:
 
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
     results = []
-    for name, section in timing_sections():
+    stem = free_stem(env, args.out)  # this call's result files, rewritten after each section
+
+    def save_partial(partial: list, done: list = results) -> None:  # done: extended in place below
+        save(done + partial, env, args.out, stem)
+
+    for name, section in timing_sections(save_partial):
         if wanted and not any(w == name for w in wanted):
             continue
         if time.time() - t0 > args.budget_s:
@@ -281,7 +289,7 @@ def main() -> None:
             results += produced
             for result in produced:
                 summary.append({"section": result.name, "result": "DONE", "detail": result.summary})
-            save(results, env, args.out)
+            save(results, env, args.out, stem)
         except Exception:  # noqa: BLE001 - a crash is a result to report
             summary.append(
                 {"section": name, "result": "FAIL", "detail": traceback.format_exc(limit=3)[-300:]}

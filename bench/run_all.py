@@ -54,12 +54,18 @@ def run_all(device: str, only: list[str] | None = None) -> list[BenchResult]:
 
 
 def write_all(
-    results: list[BenchResult], out_dir: Path, memory_curve: bool = True, env: dict | None = None
+    results: list[BenchResult],
+    out_dir: Path,
+    memory_curve: bool = True,
+    env: dict | None = None,
+    stem: str | None = None,
 ) -> list[Path]:
     """Combined md/csv and the plots (memory_curve: the CPU saved-bytes curve of the dense block);
-    env: the header (device, versions, sha, date) of the run that measured them, default this one."""
+    env: the header (device, versions, sha, date) of the run that measured them, default this one;
+    stem: the files' names, default a free one (free_stem); a run that rewrites its files after each
+    section passes the stem it chose first, so it writes over its own files only."""
     env = env or environment()
-    stem = free_stem(env, out_dir)
+    stem = stem or free_stem(env, out_dir)
     md, csv_path = write_combined(results, env, out_dir, stem)
     written = [md, csv_path]
     speedups = speedup_plot(results, out_dir / f"{stem}-speedup.png")
