@@ -59,5 +59,6 @@ def test_the_ladder_hands_over_its_rungs_after_each_one(monkeypatch):
     assert final.summary.startswith(
         "largest trainable patch: ours 4194304 voxels, naive 524288 voxels, ratio 8x"
     )
+    assert [r["variant"] for r in final.rows] == ["eager"] * rungs + ["ours"] * rungs  # the quick ones first
     cut = [r for r in final.rows if r["variant"] == "eager" and r["trains"].startswith("OOM (not run")]
     assert [r["patch"] for r in cut] == ["64x256x256", "64x384x384"]  # past the first OOM: not run
