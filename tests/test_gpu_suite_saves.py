@@ -62,3 +62,14 @@ def test_the_ladder_hands_over_its_rungs_after_each_one(monkeypatch):
     assert [r["variant"] for r in final.rows] == ["eager"] * rungs + ["ours"] * rungs  # the quick ones first
     cut = [r for r in final.rows if r["variant"] == "eager" and r["trains"].startswith("OOM (not run")]
     assert [r["patch"] for r in cut] == ["64x256x256", "64x384x384"]  # past the first OOM: not run
+
+
+def test_a_partial_ladder_is_written_with_its_plot(tmp_path, monkeypatch):
+    _fake_ladder(monkeypatch, {"ours": 64 * 256 * 256, "eager": 32 * 128 * 128})
+    partials: list[BenchResult] = []
+    bench_models.run("cuda", (), ladder=True, on_ladder_row=partials.append)
+    for partial in (partials[0], partials[len(bench_models.LADDER) + 1]):  # one naive rung; all + one of ours
+        stem = free_stem(ENV, tmp_path)
+        gpu_suite.save([partial], ENV, tmp_path, stem)
+        assert "PARTIAL" in (tmp_path / f"{stem}.md").read_text()
+        assert (tmp_path / f"{stem}-patch_ladder.png").stat().st_size > 0
