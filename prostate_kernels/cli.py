@@ -173,6 +173,7 @@ def _parser() -> argparse.ArgumentParser:
         "batch order: a rerun on the same GPU model repeats the probabilities bit for bit",
     )
     p.add_argument("--channels-last", action="store_true", help=CHANNELS_LAST_HELP)
+    p.add_argument("--no-progress", action="store_true", help="no bar over each case's windows or slices")
     p.set_defaults(run=_predict)
 
     p = sub.add_parser(
@@ -277,6 +278,7 @@ def _predict(args) -> int:
         overwrite=args.overwrite,
         deterministic=args.deterministic,
         channels_last=args.channels_last,
+        progress=not args.no_progress,
     )
     return _report(failures)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from prostate_kernels.devices import available_device, memory_bytes
 from prostate_kernels.integers import as_int
 from prostate_kernels.ops.window_ops import check_starts, window_ops_for
+from prostate_kernels.progress import progress_bar
 from prostate_kernels.windows import MODES, importance_map, window_starts
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -155,22 +156,25 @@ def _stitch(inputs: torch.Tensor, predictor: Predictor, plan: _Plan) -> torch.Te
     # the predictor must not keep its input past the call.
     buffer = padded.new_empty((min(plan.sw_batch_size, num_windows), padded.shape[1], *roi))
     output = None
-    bar = _progress_bar(num_windows) if plan.progress else None
-    for first in range(0, num_windows, plan.sw_batch_size):
-        last = min(first + plan.sw_batch_size, num_windows)
-        windows = gather_ops.gather(padded, starts_in[first:last], list(roi), buffer[: last - first])
-        prediction = _checked_prediction(predictor(windows.to(plan.sw_device)), last - first, roi)
-        if output is None:
-            output = torch.zeros(
-                (batch, prediction.shape[1], *padded_size), dtype=torch.float32, device=device
+    # closed however the loop ends (an out-of-memory error here is retried on the CPU with a new bar)
+    bar = progress_bar(num_windows, "sliding window", "win") if plan.progress else None
+    try:
+        for first in range(0, num_windows, plan.sw_batch_size):
+            last = min(first + plan.sw_batch_size, num_windows)
+            windows = gather_ops.gather(padded, starts_in[first:last], list(roi), buffer[: last - first])
+            prediction = _checked_prediction(predictor(windows.to(plan.sw_device)), last - first, roi)
+            if output is None:
+                output = torch.zeros(
+                    (batch, prediction.shape[1], *padded_size), dtype=torch.float32, device=device
+                )
+            stitch_ops.accumulate_(
+                output, None, prediction.to(device).contiguous(), starts_out[first:last], importance
             )
-        stitch_ops.accumulate_(
-            output, None, prediction.to(device).contiguous(), starts_out[first:last], importance
-        )
+            if bar is not None:
+                bar.update(last - first)
+    finally:
         if bar is not None:
-            bar.update(last - first)
-    if bar is not None:
-        bar.close()
+            bar.close()
     # Every image has the same windows, so the division by the weight map needs only their positions.
     stitch_ops.normalize_by_positions_(output, per_image.to(device), importance)
     return output[(slice(None), slice(None), *crop)]
@@ -334,9 +338,3 @@ def _lift_2d(predictor: Predictor) -> Predictor:
         return prediction.unsqueeze(2) if isinstance(prediction, torch.Tensor) else prediction
 
     return predict
-
-
-def _progress_bar(total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="sliding window", unit="win")

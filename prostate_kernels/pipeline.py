@@ -142,6 +142,7 @@ def predict_files(
     overwrite: bool = False,
     deterministic: bool = False,
     channels_last: bool = False,
+    progress: bool = False,
 ) -> list[str]:
     """Writes <name>_segmentation (and <name>_probabilities) with each input's geometry; returns failures.
 
@@ -150,6 +151,7 @@ def predict_files(
     Several checkpoints (folds): their probabilities are averaged, each model on its own patch.
     deterministic: under determinism.deterministic_mode (the same probabilities on every run).
     channels_last: the networks run channels-last (layout.py; the same probabilities up to rounding).
+    progress: a bar per case and model over its windows (3-D networks) or slices (2-D).
     """
     try:
         dev = available_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "device")
@@ -165,11 +167,12 @@ def predict_files(
     failures = []
     with deterministic_mode(deterministic):
         for path in images:
-            failures += _predict_case(path, ensemble, targets[path], dev, overlap, mode, tta, largest, amp)
+            failures += _predict_case(path, ensemble, targets[path], dev, overlap, mode, tta, largest, amp,
+                                      progress)  # fmt: skip
     return failures
 
 
-def _predict_case(path, ensemble, targets, dev, overlap, mode, tta, largest, amp) -> list[str]:
+def _predict_case(path, ensemble, targets, dev, overlap, mode, tta, largest, amp, progress) -> list[str]:
     """Segments one image into its targets (segmentation path, probabilities path or None); returns [] or
     [the case's failure]."""
     try:
@@ -177,7 +180,7 @@ def _predict_case(path, ensemble, targets, dev, overlap, mode, tta, largest, amp
         image = read_volume(path)
         check_image(image)
         probs = [
-            _model_probabilities(model, state, image, dev, overlap, mode, tta, amp)
+            _model_probabilities(model, state, image, dev, overlap, mode, tta, amp, progress)
             for model, state in ensemble
         ]
         prob = np.mean(probs, axis=0, dtype=np.float32)
@@ -194,14 +197,14 @@ def _predict_case(path, ensemble, targets, dev, overlap, mode, tta, largest, amp
     return []
 
 
-def _model_probabilities(model, state: dict, image, device, overlap, mode, tta, amp) -> np.ndarray:
+def _model_probabilities(model, state: dict, image, device, overlap, mode, tta, amp, progress) -> np.ndarray:
     """Probabilities on `image`'s own grid; a model trained at a spacing sees the image resampled to it,
     and its probabilities are resampled back (linearly) onto the image's grid."""
     spacing = state.get("spacing")
     grid = resample_image(image, spacing) if spacing is not None else image
     patch, slices = tuple(state["patch"]), int(state.get("slices", 0))
     prob = predict_probabilities(model, zscore(grid.array), patch, slices, device, overlap, mode, tta,
-                                 amp_dtype=amp)  # fmt: skip
+                                 amp_dtype=amp, progress=progress)  # fmt: skip
     return resample_onto(grid.like(prob), image) if spacing is not None else prob
 
 

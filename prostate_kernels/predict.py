@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from prostate_kernels.inference import sliding_window_inference
+from prostate_kernels.progress import progress_bar
 
 
 def predict_probabilities(
@@ -44,7 +45,7 @@ def predict_probabilities(
             volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
             if slices:
                 return _slice_stacks(
-                    volume, predictor, patch, slices, overlap, mode, tta, sw_batch_size, device
+                    volume, predictor, patch, slices, overlap, mode, tta, sw_batch_size, device, progress
                 )
 
             def stitch(on: torch.device) -> torch.Tensor:
@@ -85,18 +86,27 @@ def stitched_on_device_or_cpu(
         return stitch(torch.device("cpu"))
 
 
-def _slice_stacks(volume, predictor, patch, slices, overlap, mode, tta, sw_batch_size, device) -> np.ndarray:
-    """Each slice z predicted from slices [z - k//2, z + k//2] as channels, in-plane sliding windows."""
+def _slice_stacks(volume, predictor, patch, slices, overlap, mode, tta, sw_batch_size, device,
+                  progress) -> np.ndarray:  # fmt: skip
+    """Each slice z predicted from slices [z - k//2, z + k//2] as channels, in-plane sliding windows;
+    progress: one bar over the slices."""
     half = slices // 2
     padded = torch.cat([volume[:1].expand(half, -1, -1), volume, volume[-1:].expand(half, -1, -1)])
     out = np.empty(volume.shape, dtype=np.float32)
-    for z in range(volume.shape[0]):
-        stack = padded[z : z + slices][None]  # (1, k, H, W)
-        prob = sliding_window_inference(
-            stack.contiguous(), patch[1:], sw_batch_size, predictor, overlap=overlap, mode=mode,
-            sw_device=device, device="cpu", flip_axes=(0, 1) if tta else (),
-        )  # fmt: skip
-        out[z] = prob[0, 0].numpy()
+    bar = progress_bar(volume.shape[0], "slices", "slice") if progress else None
+    try:
+        for z in range(volume.shape[0]):
+            stack = padded[z : z + slices][None]  # (1, k, H, W)
+            prob = sliding_window_inference(
+                stack.contiguous(), patch[1:], sw_batch_size, predictor, overlap=overlap, mode=mode,
+                sw_device=device, device="cpu", flip_axes=(0, 1) if tta else (),
+            )  # fmt: skip
+            out[z] = prob[0, 0].numpy()
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
     return out
 
 

@@ -43,6 +43,7 @@ from prostate_kernels.layout import in_layout, keep_grads_in_param_strides, mode
 from prostate_kernels.memory_bound import largest_tensor_bytes
 from prostate_kernels.models import build_model
 from prostate_kernels.predict import predict_probabilities
+from prostate_kernels.progress import progress_bar
 from prostate_kernels.safe_files import RunLock, atomic_write, created_directory, remove_stale_temporaries
 
 RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.csv", "training_curve.png")  # what a run writes
@@ -349,7 +350,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
         generator=torch.Generator().manual_seed(config.seed),  # its seed draw must not touch the global RNG
     )  # fmt: skip
     metrics = _MetricsLog(out / "metrics.csv", start) if rank == 0 else None
-    bar = _bar(start, config.iters) if rank == 0 and config.progress else None
+    bar = progress_bar(config.iters, "train", "it", initial=start) if rank == 0 and config.progress else None
     loss_fn = _loss(config.loss)
     window, log_every = [], max(1, config.val_every // 5)
     batches = loader
@@ -688,12 +689,6 @@ class _MetricsLog:
                     f"{seconds:.1f}",
                 ]
             )
-
-
-def _bar(start: int, total: int):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, initial=start, desc="train", unit="it", dynamic_ncols=True)
 
 
 __all__ = ["PAPER", "PaperSettings", "TrainConfig", "check_config", "train", "validate"]

@@ -104,6 +104,34 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           timeout=300, cwd=Path(__file__).resolve().parent)  # fmt: skip
 
 
+def test_predict_shows_a_bar_over_each_cases_windows_unless_told_not_to(phantoms, trained, tmp_path, capsys):
+    """A case of many windows (a real volume at a high overlap) took minutes with no sign of progress."""
+    base = [
+        "predict",
+        "--checkpoint",
+        str(trained / "checkpoint.pt"),
+        "--input",
+        str(phantoms / "Case00.mhd"),
+    ]
+    assert main([*base, "--output", str(tmp_path / "bar")]) == 0
+    err = capsys.readouterr().err
+    assert "sliding window: 100%" in err and "win" in err, err
+    assert main([*base, "--output", str(tmp_path / "quiet"), "--no-progress"]) == 0
+    assert "sliding window" not in capsys.readouterr().err
+
+
+def test_a_2d_network_shows_a_bar_over_the_slices(capsys):
+    from prostate_kernels.predict import predict_probabilities
+
+    model = torch.nn.Conv2d(3, 1, 1)  # 3 slices as channels -> one logit per voxel
+    image = np.random.default_rng(0).standard_normal((5, 12, 12)).astype(np.float32)
+    quiet = predict_probabilities(model, image, (1, 8, 8), slices=3)
+    shown = predict_probabilities(model, image, (1, 8, 8), slices=3, progress=True)
+    err = capsys.readouterr().err
+    assert "slices: 100%" in err and "5/5" in err, err
+    assert np.array_equal(quiet, shown)
+
+
 def test_user_errors_are_one_line_with_status_2(tmp_path, phantoms, trained):
     result = run_cli("train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
