@@ -12,7 +12,8 @@ from torch import nn
 from prostate_kernels import functional, reference
 from prostate_kernels.devices import memory_bytes
 from prostate_kernels.nn.arguments import check_count, check_input, check_probability
-from prostate_kernels.ops.conv_geometry import triple
+from prostate_kernels.ops.bn_relu_conv3d import check_batch_norm_settings
+from prostate_kernels.ops.conv_geometry import conv_geometry, triple
 from prostate_kernels.ops.dense_block import UnitParams, UnitSpec, dense_block
 from prostate_kernels.ops.seeded_dropout import draw_seeds, dropout_scale
 
@@ -132,7 +133,13 @@ class BNReLUConv3d(nn.Module):
         super().__init__()
         in_channels = check_count("BNReLUConv3d", "in_channels", in_channels)
         out_channels = check_count("BNReLUConv3d", "out_channels", out_channels)
-        kernel = triple(kernel_size, "BNReLUConv3d: kernel_size", positive=True)  # the rest: the op checks
+        kernel = triple(kernel_size, "BNReLUConv3d: kernel_size", positive=True)
+        # refused here, not at the first forward (torch's Conv3d and BatchNorm3d take them and fail later)
+        check_batch_norm_settings("BNReLUConv3d", eps, momentum, cumulative=True)
+        try:
+            conv_geometry(kernel, stride, padding, dilation)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"BNReLUConv3d: {exc}") from None
         self.norm = nn.BatchNorm3d(in_channels, eps=eps, momentum=momentum)
         self.relu = nn.ReLU(inplace=True)
         self.conv = nn.Conv3d(in_channels, out_channels, kernel, stride, padding, dilation, bias=bias)

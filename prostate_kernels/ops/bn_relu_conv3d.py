@@ -8,6 +8,7 @@ stays cheap.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -141,10 +142,7 @@ def _check_bn_relu_conv3d_args(
         raise ValueError(f"bn_relu_conv3d: weight is on {weight.device} but x is on {x.device}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("bn_relu_conv3d: give both running_mean and running_var, or neither")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"bn_relu_conv3d: momentum {momentum!r} must be a number in [0, 1]")
-    if not eps > 0:
-        raise ValueError(f"bn_relu_conv3d: eps {eps!r} must be > 0")
+    check_batch_norm_settings("bn_relu_conv3d", eps, momentum)
     geometry = conv_geometry(weight.shape[2:], stride, padding, dilation)
     geometry.output_size(x.shape[2:])
     if (training or running_mean is None) and x.numel() // max(c_in, 1) <= 1:
@@ -155,4 +153,15 @@ def _check_bn_relu_conv3d_args(
     return geometry
 
 
-__all__ = ["KERNEL_DTYPES", "bn_relu_conv3d"]
+def check_batch_norm_settings(owner: str, eps: object, momentum: object, cumulative: bool = False) -> None:
+    """ValueError naming `owner` and the value: momentum a number in [0, 1] (or None, a cumulative
+    average, where `cumulative` allows it), eps a number > 0 (NaN is refused)."""
+    if momentum is None and cumulative:
+        pass
+    elif isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"{owner}: momentum {momentum!r} must be a number in [0, 1]")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+        raise ValueError(f"{owner}: eps {eps!r} must be a number > 0")
+
+
+__all__ = ["KERNEL_DTYPES", "bn_relu_conv3d", "check_batch_norm_settings"]
