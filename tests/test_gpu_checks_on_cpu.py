@@ -159,6 +159,7 @@ ACCUMULATE_GRAD_WARNING = (
 def test_the_cuda_graph_check_fails_on_the_librarys_capture_warning_alone(monkeypatch, said, autotuner_row):
     """Only the library's own untimed-bucket warning fails the row; any other warning said during the
     captures is listed in the INFO row after it."""
+    import bench_graphs  # noqa: F401 - imported first: its own `capture` stays the real one after the test
     import common
     import gpu_checks
 
