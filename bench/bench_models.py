@@ -234,14 +234,18 @@ def run(
     if not ladder:
         return results
     if device == "cuda":
-        on_row = None if on_ladder_row is None else lambda rows: on_ladder_row(ladder_result(rows, True))
+        on_row = (
+            None
+            if on_ladder_row is None
+            else lambda rows: on_ladder_row(ladder_result(rows, True, partial=True))
+        )
         results.append(ladder_result(gpu_ladder(on_row), True, partial=False))
     else:
         results.append(ladder_result(cpu_ladder(), False, partial=False))
     return results
 
 
-def ladder_result(rows: list[dict], gpu: bool, partial: bool = True) -> BenchResult:
+def ladder_result(rows: list[dict], gpu: bool, partial: bool) -> BenchResult:
     """The ladder's BenchResult; partial: the rungs run so far (the run may be cut before the rest)."""
     notes = [
         "Tiramisu 3D p3a, batch 2; ours = memory-efficient dense blocks (fused layers), eager = torch.cat"

@@ -157,8 +157,7 @@ def _stitch(inputs: torch.Tensor, predictor: Predictor, plan: _Plan) -> torch.Te
     buffer = padded.new_empty((min(plan.sw_batch_size, num_windows), padded.shape[1], *roi))
     output = None
     # closed however the loop ends (an out-of-memory error here is retried on the CPU with a new bar)
-    bar = progress_bar(num_windows, "sliding window", "win") if plan.progress else None
-    try:
+    with progress_bar(num_windows, "sliding window", "win", enabled=plan.progress) as bar:
         for first in range(0, num_windows, plan.sw_batch_size):
             last = min(first + plan.sw_batch_size, num_windows)
             windows = gather_ops.gather(padded, starts_in[first:last], list(roi), buffer[: last - first])
@@ -170,11 +169,7 @@ def _stitch(inputs: torch.Tensor, predictor: Predictor, plan: _Plan) -> torch.Te
             stitch_ops.accumulate_(
                 output, None, prediction.to(device).contiguous(), starts_out[first:last], importance
             )
-            if bar is not None:
-                bar.update(last - first)
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.update(last - first)
     # Every image has the same windows, so the division by the weight map needs only their positions.
     stitch_ops.normalize_by_positions_(output, per_image.to(device), importance)
     return output[(slice(None), slice(None), *crop)]

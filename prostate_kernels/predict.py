@@ -93,8 +93,7 @@ def _slice_stacks(volume, predictor, patch, slices, overlap, mode, tta, sw_batch
     half = slices // 2
     padded = torch.cat([volume[:1].expand(half, -1, -1), volume, volume[-1:].expand(half, -1, -1)])
     out = np.empty(volume.shape, dtype=np.float32)
-    bar = progress_bar(volume.shape[0], "slices", "slice") if progress else None
-    try:
+    with progress_bar(volume.shape[0], "slices", "slice", enabled=progress) as bar:
         for z in range(volume.shape[0]):
             stack = padded[z : z + slices][None]  # (1, k, H, W)
             prob = sliding_window_inference(
@@ -102,11 +101,7 @@ def _slice_stacks(volume, predictor, patch, slices, overlap, mode, tta, sw_batch
                 sw_device=device, device="cpu", flip_axes=(0, 1) if tta else (),
             )  # fmt: skip
             out[z] = prob[0, 0].numpy()
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
+            bar.update(1)
     return out
 
 

@@ -156,9 +156,10 @@ def _check_bn_relu_conv3d_args(
 def check_batch_norm_settings(owner: str, eps: object, momentum: object, cumulative: bool = False) -> None:
     """ValueError naming `owner` and the value: momentum a number in [0, 1] (or None, a cumulative
     average, where `cumulative` allows it), eps a number > 0 (NaN is refused)."""
-    if momentum is None and cumulative:
-        pass
-    elif isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0.0 <= momentum <= 1.0:
+    in_range = (
+        isinstance(momentum, numbers.Real) and not isinstance(momentum, bool) and 0.0 <= momentum <= 1.0
+    )
+    if not in_range and not (momentum is None and cumulative):
         raise ValueError(f"{owner}: momentum {momentum!r} must be a number in [0, 1]")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
         raise ValueError(f"{owner}: eps {eps!r} must be a number > 0")
