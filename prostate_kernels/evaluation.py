@@ -15,7 +15,12 @@ import numpy as np
 from prostate_kernels.data import DataError, check_binary, check_same_grid, read_mask, read_volume
 from prostate_kernels.data.cases import IMAGE_SUFFIXES, discover_cases, is_image_file, stem, suffix
 from prostate_kernels.metrics import promise12_measures
-from prostate_kernels.safe_files import atomic_write, output_directory, refuse_existing
+from prostate_kernels.safe_files import (
+    atomic_write,
+    output_directory,
+    refuse_existing,
+    remove_dead_temporaries,
+)
 
 SUMMARY_COLUMNS = ("dice", "hd95_mm", "abd_mm", "rvd_percent", "abs_rvd_percent", "apex_dice", "base_dice")
 
@@ -105,6 +110,8 @@ def evaluate_files(
     image_folders = (images, ref if ref.is_dir() else ref.parent)
     image_of = {case: _image_for(p, *image_folders) for case, _, p in pairs if p is not None}  # for overlays
     _check_evaluation_targets(image_of, out, overwrite)
+    if out.is_dir():
+        remove_dead_temporaries(out)
     for case, ref_path, pred_path in pairs:
         try:
             reference = read_mask(ref_path, None, label)

@@ -34,6 +34,7 @@ from prostate_kernels.safe_files import (
     companions,
     output_directory,
     refuse_existing,
+    remove_dead_temporaries,
     require_empty_directory,
 )
 
@@ -163,6 +164,7 @@ def predict_files(
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     ensemble = [load_trained_model(path, dev, channels_last) for path in checkpoints]
     output_directory(output, "--output")
+    remove_dead_temporaries(Path(output))
     amp = torch.bfloat16 if dev.type == "cuda" else None
     failures = []
     with deterministic_mode(deterministic):

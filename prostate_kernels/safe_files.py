@@ -10,6 +10,8 @@ rule "a command never overwrites what it did not create" (DESIGN.md section 9) l
 - `refuse_existing`: the files a command is about to write must not exist yet.
 - `atomic_write`: a file written whole or not at all (temporary file, fsync, rename), so a killed or
   failed write never leaves a truncated checkpoint, CSV or picture where the old one was.
+- `temporary_path` / `remove_dead_temporaries`: where such writes stage (`.NAME.tmp-PID@HOST`), and the
+  sweep of what writes killed half way left there.
 - `RunLock`: an exclusive lock file (pid and host) on a training run directory; a lock left by a dead
   process on this host is taken over with a warning.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import sys
 import time
@@ -86,11 +89,11 @@ def refuse_existing(paths: Iterable[Path], hint: str) -> None:
 def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[IO]:
     """An open file whose content replaces `path` only when the block ends without an exception.
 
-    Written to `.NAME.tmp-PID` beside `path` (the pattern `remove_stale_temporaries` cleans up), synced
-    to disk, then renamed over `path`: readers see the old file or the new one, never a part of it.
+    Written to temporary_path(path), synced to disk, then renamed over `path`: readers see the old file
+    or the new one, never a part of it.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         with open(tmp, mode, **open_kwargs) as f:
             yield f
@@ -108,9 +111,37 @@ def companions(path: Path) -> list[Path]:
     return [path]
 
 
+def temporary_path(path: Path) -> Path:
+    """`.NAME.tmp-PID@HOST` beside `path`: where this process stages a write of `path` (a file, or a
+    directory of the files SimpleITK writes), to be renamed into place. The pid and host name tell
+    `remove_dead_temporaries` whether its writer is still running."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}@{socket.gethostname()}")
+
+
+def remove_dead_temporaries(directory: Path, report: Callable[[str], None] = print) -> list[Path]:
+    """Deletes the temporaries (temporary_path) in `directory` whose writer was a process on this host
+    that is no longer running: writes killed half way. A running writer's, another host's (its pid
+    means nothing here) and names not of that pattern are left alone. Each removal is reported (one
+    line); returns what it removed."""
+    removed = []
+    for tmp in sorted(Path(directory).glob(".*.tmp-*@*")):
+        pid, _, host = tmp.name.rpartition(".tmp-")[2].partition("@")
+        if host != socket.gethostname() or not pid.isdigit() or _running(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp)
+            else:
+                tmp.unlink()
+            removed.append(tmp)
+            report(f"removed {tmp}, left by a write that was killed (process {pid})")
+    return removed
+
+
 def remove_stale_temporaries(directory: Path) -> list[Path]:
-    """Deletes `.NAME.tmp-PID` files of checkpoint writes killed half way (call it while holding the
-    directory's RunLock: no other writer is then alive); returns what it removed."""
+    """Deletes the temporary files (`.NAME.tmp-*`, this version's and older ones') of checkpoint writes
+    killed half way, whichever process or host wrote them: call it while holding the directory's
+    RunLock, when no other writer is alive. Returns what it removed."""
     removed = []
     for tmp in directory.glob(".*.tmp-*"):
         with contextlib.suppress(OSError):

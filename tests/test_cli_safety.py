@@ -7,6 +7,7 @@ issue (data loss 1-4, crashes 6-7, leftovers 16).
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -324,6 +325,43 @@ def test_resume_removes_temporaries_of_a_killed_checkpoint_write(data, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "removed .checkpoint.pt.tmp-99999" in result.stdout
     assert not list(run.glob(".*.tmp-*"))
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    return gone.pid
+
+
+def test_predict_and_evaluate_remove_what_killed_writes_left_and_nothing_else(data, trained, tmp_path):
+    """A predict killed inside a volume write left its hidden staging directory (a partial image in it)
+    for good; a killed CSV or picture write its temporary file."""
+    out = tmp_path / "p"
+    out.mkdir()
+    host, dead, alive = socket.gethostname(), _dead_pid(), os.getpid()
+    killed = out / f".Case00_segmentation.mhd.tmp-{dead}@{host}"
+    killed.mkdir()
+    (killed / "Case00_segmentation.raw").write_bytes(b"half a volume")
+    kept = {
+        f".Case01_segmentation.mhd.tmp-{alive}@{host}": "a write still running (this test's process)",
+        f".Case01_segmentation.mhd.tmp-{dead}@another-host": "another host's: its pid means nothing here",
+        f".Case02_segmentation.mhd.tmp-{dead}": "no host: an older version's, or a user's",
+        f"notes.tmp-{dead}@{host}": "not hidden",
+    }
+    for name in kept:
+        (out / name).write_text("keep")
+    result = run_cli("predict", "--checkpoint", trained / "checkpoint.pt", "--input", data, "--output", out,
+                     "--no-progress")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"removed {killed}, left by a write that was killed (process {dead})" in result.stdout
+    assert not killed.exists() and (out / "Case00_segmentation.mhd").exists()
+    assert all((out / name).read_text() == "keep" for name in kept), kept
+    (out / f".evaluation.csv.tmp-{dead}@{host}").write_text("case,dice\n")
+    result = run_cli("evaluate", "--pred", out, "--ref", data, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f".evaluation.csv.tmp-{dead}@{host}, left by a write that was killed" in result.stdout
+    assert sorted(p.name for p in out.glob(".*tmp-*")) == sorted(n for n in kept if n.startswith("."))
 
 
 def test_demo_checks_its_settings_before_writing_anything(tmp_path):

@@ -71,6 +71,25 @@ def test_images_that_cannot_be_normalised_are_rejected(tmp_path):
         check_image(read_volume(write_volume(volume(np.full((3, 4, 5), 7, np.int16)), tmp_path / "c.nii.gz")))
 
 
+def test_a_label_mask_passed_as_an_image_is_refused_and_real_images_are_not(tmp_path):
+    """predict segmented a mask file given as --input (a mask of nothing, status 0); training on a
+    dataset whose image was a mask learnt to copy it."""
+    mask = np.zeros((6, 40, 50), np.uint8)
+    mask[2:4, 10:20, 10:30] = 1
+    with pytest.raises(DataError, match=r"m\.nii\.gz: holds only 2 different values \(0, 1\): a label mask"):
+        check_image(read_volume(write_volume(volume(mask), tmp_path / "m.nii.gz")))
+    labels = (np.arange(6 * 40 * 50).reshape(6, 40, 50) % 16).astype(np.float32)  # 16 labels, as floats
+    with pytest.raises(DataError, match="holds only 16 different values"):
+        check_image(volume(labels))
+    rng = np.random.default_rng(0)
+    check_image(volume((np.arange(6 * 40 * 50).reshape(6, 40, 50) % 17).astype(np.uint8)))  # 17 values
+    check_image(volume(rng.integers(0, 256, (6, 40, 50)).astype(np.uint8)))  # an 8-bit image
+    check_image(volume(np.where(mask == 1, 0.75, 0.25).astype(np.float32)))  # two values, not whole
+    sample = np.zeros(6 * 40 * 50, np.int16)  # few values in the strided sample, many in the image
+    sample[1::2] = np.arange(1, sample.size // 2 + 1)
+    check_image(volume(sample.reshape(6, 40, 50)))
+
+
 def test_masks_are_checked_against_their_image(tmp_path):
     image = read_volume(
         write_volume(volume(np.random.default_rng(0).random((4, 5, 6))), tmp_path / "img.nii.gz")

@@ -75,6 +75,20 @@ def test_missing_extension_falls_back_with_one_warning():
     assert float(error) < 1e-6
 
 
+def test_a_source_checkout_shadowing_the_installed_package_is_named_in_the_warning():
+    """From the repository's root, `python -c` imports the source tree (no compiled _C there) and the
+    warning quoted Python's "partially initialized module ... circular import", which misled."""
+    root = Path(__file__).resolve().parents[1]
+    if any((root / "prostate_kernels").glob("_C.*")):
+        pytest.skip("this checkout has _C built in place (an editable install)")
+    result = subprocess.run([sys.executable, "-W", "always", "-c", "import prostate_kernels._ext"],
+                            capture_output=True, text=True, cwd=root, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert f"(no compiled _C in {root / 'prostate_kernels'})" in result.stderr, result.stderr
+    assert "run from another directory to use the installed package" in result.stderr
+    assert "circular import" not in result.stderr
+
+
 def test_set_backend_rejects_unknown_names():
     with pytest.raises(ValueError, match="'cuda'"):
         prostate_kernels.set_backend("cuda")

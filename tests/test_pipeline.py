@@ -190,6 +190,15 @@ def test_constant_image_and_empty_mask_in_training_data_are_skipped_with_a_messa
     assert "Case02.mhd: image has constant intensity 5" in capsys.readouterr().out
 
 
+def test_predict_refuses_a_mask_file_given_as_its_input(phantoms, trained, tmp_path):
+    mask = phantoms / "Case00_segmentation.mhd"
+    result = run_cli("predict", "--checkpoint", str(trained / "checkpoint.pt"), "--input", str(mask),
+                     "--output", str(tmp_path / "pred"))  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"{mask}: holds only 2 different values (0, 1): a label mask" in result.stderr
+    assert not list((tmp_path / "pred").glob("*segmentation*"))
+
+
 def test_predict_deterministic_segments_under_deterministic_mode(phantoms, trained, tmp_path, monkeypatch):
     """predict --deterministic: every case's probabilities are computed under torch's deterministic mode
     (untimed kernel tiles, windows summed in batch order on a GPU), restored afterwards; the same masks as

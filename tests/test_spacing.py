@@ -133,7 +133,7 @@ def test_train_at_a_spacing_coarser_than_every_case_ends_in_one_error(tmp_path):
 
 def test_predict_reports_an_image_left_constant_at_the_checkpoints_spacing(tmp_path, trained_at_1_5_mm):
     _, run = trained_at_1_5_mm
-    two_voxels = Volume(np.array([[[0.0, 1.0]]], np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0),
+    two_voxels = Volume(np.array([[[0.25, 1.5]]], np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0),
                         tuple(np.eye(3).ravel()))  # fmt: skip
     image_path = write_volume(two_voxels, tmp_path / "input" / "Case09.nii.gz")  # 1x1x1 voxel at 1.5 mm
     result = run_cli("predict", "--checkpoint", run / "checkpoint.pt", "--input", image_path,

@@ -15,6 +15,7 @@ import numpy as np
 
 from prostate_kernels.data.errors import DataError
 from prostate_kernels.data.integrity import captured_stderr, check_complete, check_regular, itk_reason
+from prostate_kernels.safe_files import temporary_path
 
 GEOMETRY_TOLERANCE = 1e-4  # relative, on spacing/origin/direction, when comparing an image with its mask
 
@@ -102,12 +103,14 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
     file names, whose files are then renamed into place, a MetaImage header after its voxel file (so a
     header never points at a missing or partial one). A write that fails or is killed leaves `path` as it
     was; before, an interrupted predict left a truncated segmentation that the rerun refused to replace.
+    The staging directory of a killed write is removed by the next predict into that directory
+    (safe_files.remove_dead_temporaries).
     """
     sitk = simpleitk()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     image = to_sitk(volume)
-    staging = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    staging = temporary_path(path)
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed process that had this pid
     staging.mkdir()
     try:
@@ -121,13 +124,34 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
     return path
 
 
+LABEL_MAP_MAX_VALUES = 16  # an image of whole numbers with at most this many values is taken for a mask
+
+
 def check_image(volume: Volume) -> None:
-    """DataError if the intensities cannot be z-scored: NaN or infinite values, constant intensity."""
+    """DataError if the intensities cannot be z-scored (NaN or infinite values, constant intensity) or
+    are a label mask's: at most LABEL_MAP_MAX_VALUES whole numbers (an 8-bit MR image holds up to 256,
+    the real T2 cases of ../shared/data all 256; a mask 2, a multi-label one a few). Segmenting a mask
+    gave a mask of nothing, or training learnt to copy one, without a word."""
     array = volume.array
     if not np.isfinite(array).all():
         raise DataError(volume.path, "image contains NaN or infinite values")
     if array.max() == array.min():
         raise DataError(volume.path, f"image has constant intensity {array.min()}: nothing to segment")
+    values = _few_whole_values(array, LABEL_MAP_MAX_VALUES)
+    if values is not None:
+        listed = _some_values(values)
+        raise DataError(volume.path, f"holds only {len(values)} different values ({listed}): a label mask, "
+                                     "not an MR image; pass the image it was drawn on")  # fmt: skip
+
+
+def _few_whole_values(array: np.ndarray, most: int) -> np.ndarray | None:
+    """The distinct values of `array` (sorted) when there are at most `most` and all are whole numbers,
+    else None. A strided sample of ~64k voxels answers "more" for an image without sorting all of it."""
+    sample = array.ravel()[:: max(1, array.size // 65536)]
+    if len(np.unique(sample)) > most:
+        return None
+    values = np.unique(array)
+    return values if len(values) <= most and bool(np.all(values == np.round(values))) else None
 
 
 def read_mask(path: str | Path, image: Volume | None = None, label: int | None = None) -> Volume:
