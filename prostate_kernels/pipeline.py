@@ -32,7 +32,7 @@ from prostate_kernels.models import build_model
 from prostate_kernels.predict import largest_component, predict_probabilities
 from prostate_kernels.safe_files import (
     companions,
-    output_directory,
+    created_directory,
     refuse_existing,
     remove_dead_temporaries,
     require_empty_directory,
@@ -163,11 +163,10 @@ def predict_files(
     _check_targets(targets, Path(inputs), overwrite)
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     ensemble = [load_trained_model(path, dev, channels_last) for path in checkpoints]
-    output_directory(output, "--output")
-    remove_dead_temporaries(Path(output))
     amp = torch.bfloat16 if dev.type == "cuda" else None
     failures = []
-    with deterministic_mode(deterministic):
+    with created_directory(output, "--output"), deterministic_mode(deterministic):  # removed if none written
+        remove_dead_temporaries(Path(output))
         for path in images:
             failures += _predict_case(path, ensemble, targets[path], dev, overlap, mode, tta, largest, amp,
                                       progress)  # fmt: skip

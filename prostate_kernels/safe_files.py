@@ -4,8 +4,8 @@ Every command that writes (phantoms, train, predict, evaluate, demo) goes throug
 rule "a command never overwrites what it did not create" (DESIGN.md section 9) lives in one place:
 - `output_directory`: a directory to write into (created if missing); a DataError for a file in its
   place or a directory that cannot be created.
-- `created_directory`: output_directory for a block; what it created is removed if the block fails
-  before writing anything into it.
+- `created_directory`: output_directory for a block; what it created is removed again when the block
+  ends (failed or not) without having written anything into it.
 - `require_empty_directory`: for commands that create a whole dataset or run tree at once.
 - `refuse_existing`: the files a command is about to write must not exist yet.
 - `atomic_write`: a file written whole or not at all (temporary file, fsync, rename), so a killed or
@@ -47,22 +47,21 @@ def output_directory(path: str | Path, flag: str) -> Path:
 
 @contextlib.contextmanager
 def created_directory(path: str | Path, flag: str) -> Iterator[Path]:
-    """output_directory(path) for the block that writes into it. When the block raises, the directories
-    this call created (`path` and its missing parents) are removed again while they are empty, so a
-    command that failed before writing anything (train with no usable case, say) leaves nothing behind;
-    a directory that existed before, or holds anything, is left as it is."""
+    """output_directory(path) for the block that writes into it. When the block ends, by an exception or
+    not, the directories this call created (`path` and its missing parents) are removed again while they
+    are empty, so a command that wrote nothing (train with no usable case, a predict whose every case
+    failed) leaves nothing behind; a directory that existed before, or holds anything, is left as it is."""
     path = Path(path)
     missing = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
     output_directory(path, flag)
     try:
         yield path
-    except BaseException:
+    finally:
         for directory in missing:
             try:
                 directory.rmdir()  # only ever removes an empty directory
             except OSError:
-                break  # not empty: it and its parents stay
-        raise
+                break  # not empty (or gone): it and its parents stay
 
 
 def require_empty_directory(path: str | Path, flag: str) -> Path:

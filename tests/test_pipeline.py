@@ -191,12 +191,15 @@ def test_constant_image_and_empty_mask_in_training_data_are_skipped_with_a_messa
 
 
 def test_predict_refuses_a_mask_file_given_as_its_input(phantoms, trained, tmp_path):
+    """It segmented the mask into an empty one, status 0. The --output directory it created (with a
+    missing parent) is removed again, as nothing was written there; an existing one is kept."""
     mask = phantoms / "Case00_segmentation.mhd"
-    result = run_cli("predict", "--checkpoint", str(trained / "checkpoint.pt"), "--input", str(mask),
-                     "--output", str(tmp_path / "pred"))  # fmt: skip
-    assert result.returncode == 2, result.stderr
-    assert f"{mask}: holds only 2 different values (0, 1): a label mask" in result.stderr
-    assert not list((tmp_path / "pred").glob("*segmentation*"))
+    for output in (tmp_path / "new" / "pred", tmp_path):
+        result = run_cli("predict", "--checkpoint", str(trained / "checkpoint.pt"), "--input", str(mask),
+                         "--output", str(output))  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert f"{mask}: holds only 2 different values (0, 1): a label mask" in result.stderr
+    assert not (tmp_path / "new").exists() and tmp_path.is_dir()
 
 
 def test_predict_deterministic_segments_under_deterministic_mode(phantoms, trained, tmp_path, monkeypatch):
