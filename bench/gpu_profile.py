@@ -7,6 +7,7 @@ per-kernel CUDA time, for bench/gpu_suite.py's "profile" section (one table per 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -15,21 +16,77 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import BenchResult  # noqa: E402
 
 TOP = 12
+PHASE_ROWS = " (phases, no profiler)"  # the case suffix of phase_rows' rows
 
 
-def _dense_layer_step(c_in: int, size: tuple[int, int, int]):
+def _dense_layer_phases(c_in: int, size: tuple[int, int, int], device: str = "cuda") -> dict:
+    """{"fwd", "bwd", "fwd+bwd"}: steps of one bf16 channels-last fused layer (batch 2, growth 16), as
+    bench_bn_relu_conv3d times them: a forward, the backward of a retained graph, a fresh forward +
+    backward (x.grad set to None before each backward)."""
     from prostate_kernels.nn import BNReLUConv3d
 
-    layer = BNReLUConv3d(c_in, 16).cuda().to(torch.bfloat16)
-    x = torch.randn((2, c_in, *size), device="cuda", dtype=torch.bfloat16)
+    layer = BNReLUConv3d(c_in, 16).to(device, torch.bfloat16)
+    x = torch.randn((2, c_in, *size), device=device, dtype=torch.bfloat16)
     x = x.to(memory_format=torch.channels_last_3d).requires_grad_(True)
-    gy = torch.randn((2, 16, *size), device="cuda", dtype=torch.bfloat16)
+    gy = torch.randn((2, 16, *size), device=device, dtype=torch.bfloat16)
+    retained = layer(x)
 
-    def step():
+    def backward_only():
+        x.grad = None
+        retained.backward(gy, retain_graph=True)
+
+    def both():
         x.grad = None
         layer(x).backward(gy)
 
-    return step
+    return {"fwd": lambda: layer(x), "bwd": backward_only, "fwd+bwd": both}
+
+
+def _dense_layer_step(c_in: int, size: tuple[int, int, int], device: str = "cuda"):
+    return _dense_layer_phases(c_in, size, device)["fwd+bwd"]
+
+
+def _synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def enqueue_and_wall_ms(step, device: str = "cuda", repeats: int = 20) -> tuple[float, float]:
+    """(host ms per step until the step's work is queued, wall ms per step until it is done), without
+    the profiler, after two warm-up steps. Enqueue near wall: the GPU waited for the host (or the queue
+    was full: then the kernel time says it); enqueue far below wall: the GPU's own time."""
+    for _ in range(2):
+        step()
+    _synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    queued = time.perf_counter()
+    _synchronize(device)
+    done = time.perf_counter()
+    return (queued - start) * 1e3 / repeats, (done - start) * 1e3 / repeats
+
+
+def phase_rows(c_in: int, size: tuple[int, int, int], device: str = "cuda") -> list[dict]:
+    """enqueue_and_wall_ms of the fused layer's forward, retained backward and fresh forward + backward
+    (the H200 run of 2026-12-04 timed C_in=48 16x64x64 at 0.38, 0.87 and 2.12 ms: the last far above
+    the first two's sum). Columns as the profile rows', with host and wall ms in place of kernel ones."""
+    name = f"dense layer C_in={c_in} {'x'.join(map(str, size))} bf16{PHASE_ROWS}"
+    rows = []
+    for phase, step in _dense_layer_phases(c_in, size, device).items():
+        enqueue, wall = enqueue_and_wall_ms(step, device)
+        rows.append(
+            {
+                "case": name,
+                "kernel": phase,
+                "calls_per_step": 1,
+                "cuda_ms_per_step": f"{enqueue:.3f}",  # host ms to enqueue here
+                "share_of_kernel_time": f"{enqueue / wall:.2f}",  # enqueue / wall here
+                "step_wall_ms": f"{wall:.3f}",
+                "step_kernel_ms": "",
+            }
+        )
+    return rows
 
 
 def _p3a_step():
@@ -94,7 +151,7 @@ def profile(name: str, step, repeats: int = 5) -> list[dict]:
     return rows
 
 
-def python_profile(name: str, step, repeats: int = 50) -> list[dict]:
+def python_profile(name: str, step, repeats: int = 50, device: str = "cuda") -> list[dict]:
     """Where the host's Python time of a step goes (cProfile, top functions by own time, the Triton launch
     path and our launchers included): torch.profiler sees aten ops only. cProfile slows Python down, so
     the shares are what to read, not the milliseconds."""
@@ -103,13 +160,13 @@ def python_profile(name: str, step, repeats: int = 50) -> list[dict]:
 
     for _ in range(2):
         step()
-    torch.cuda.synchronize()
+    _synchronize(device)
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(repeats):
         step()
     profiler.disable()
-    torch.cuda.synchronize()
+    _synchronize(device)
     stats = pstats.Stats(profiler).stats  # (file, line, function) -> (calls, _, own s, cumulative s, _)
     total = sum(v[2] for v in stats.values())
     top = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:TOP]
@@ -133,7 +190,10 @@ def run() -> BenchResult:
         rows += profile(
             f"dense layer C_in={c_in} {'x'.join(map(str, size))} bf16", _dense_layer_step(c_in, size)
         )
-    rows += python_profile("dense layer C_in=288 4x16x16 bf16", _dense_layer_step(288, (4, 16, 16)))
+    for c_in, size in ((48, (16, 64, 64)), (288, (4, 16, 16))):
+        label = f"dense layer C_in={c_in} {'x'.join(map(str, size))} bf16"
+        rows += phase_rows(c_in, size)
+        rows += python_profile(label, _dense_layer_step(c_in, size))
     rows += profile("tiramisu3d_p3a step 16x64x64 bf16", _p3a_step(), repeats=3)
     notes = [
         "torch.profiler, CUDA kernel time per step (after 2 warm-up steps); step_wall_ms: CUDA events around "
@@ -142,14 +202,30 @@ def run() -> BenchResult:
         "kernel's name on the CPU); there cuda_ms_per_step holds self CPU ms, step_kernel_ms the host total",
         "(python) rows: cProfile of 50 steps, own time per Python function (Triton's launch path and our "
         "launchers included); cuda_ms_per_step holds own Python ms, step_kernel_ms all Python ms per step",
+        "(phases, no profiler) rows: 20 steps of the layer's forward, retained backward and fresh forward + "
+        "backward; cuda_ms_per_step holds the host's ms per step to enqueue them, share_of_kernel_time "
+        "enqueue / wall, step_wall_ms the wall ms per step until done (perf_counter, synchronised)",
     ]
-    summary = "; ".join(
-        f"{case}: wall {r['step_wall_ms']} ms, "
-        + ("host self CPU" if case.endswith("(host)") else "kernels")
-        + f" {r['step_kernel_ms']} ms"
-        for case, r in {r["case"]: r for r in rows}.items()
-    )
-    return BenchResult("profile", rows, notes, summary)
+    return BenchResult("profile", rows, notes, summarize(rows))
+
+
+def summarize(rows: list[dict]) -> str:
+    """One clause per case (per phase for the phase rows), each kind of row read by its own columns."""
+    clauses = []
+    for case, r in {r["case"]: r for r in rows if not r["case"].endswith(PHASE_ROWS)}.items():
+        if case.endswith("(host)"):
+            clauses.append(f"{case}: host self CPU {r['step_kernel_ms']} ms")
+        elif case.endswith("(python)"):
+            clauses.append(f"{case}: {r['step_kernel_ms']} ms of Python under cProfile")
+        else:
+            clauses.append(f"{case}: wall {r['step_wall_ms']} ms, kernels {r['step_kernel_ms']} ms")
+    for r in rows:
+        if r["case"].endswith(PHASE_ROWS):
+            case = r["case"].removesuffix(PHASE_ROWS)
+            clauses.append(
+                f"{case} {r['kernel']}: host {r['cuda_ms_per_step']} ms of wall {r['step_wall_ms']} ms"
+            )
+    return "; ".join(clauses)
 
 
 if __name__ == "__main__":

@@ -312,3 +312,38 @@ def test_the_memory_format_timings_run_on_a_tiny_case(monkeypatch):
     assert speedups[("tiramisu3d_p3a", "ours")] == "1.25" and speedups[("unet3d", "eager")] == ""
     unet = next(r for r in rows if r["model"] == "unet3d")
     assert unet["ncdhw_ms"] == "10.0" and unet["channels_last_ms"] == "OOM"
+
+
+def test_the_profiles_phase_timings_and_python_profile_run_on_a_tiny_layer():
+    """gpu_profile's phase rows (forward, retained backward, fresh forward + backward, each enqueue and
+    wall ms) and its cProfile rows: the code the next GPU run executes, here on the CPU."""
+    import gpu_profile
+
+    rows = gpu_profile.phase_rows(8, (2, 4, 4), device="cpu")
+    assert [r["kernel"] for r in rows] == ["fwd", "bwd", "fwd+bwd"]
+    for row in rows:
+        enqueue, wall = float(row["cuda_ms_per_step"]), float(row["step_wall_ms"])
+        assert 0 < enqueue <= wall, row  # on the CPU the work is done when the call returns
+    step = gpu_profile._dense_layer_step(8, (2, 4, 4), device="cpu")
+    top = gpu_profile.python_profile("tiny layer", step, repeats=3, device="cpu")
+    assert top and all(r["case"] == "tiny layer (python)" and float(r["step_kernel_ms"]) > 0 for r in top)
+
+
+def test_the_profile_summary_reads_each_kind_of_row_by_its_own_columns():
+    import gpu_profile
+
+    profiled = {"case": "layer", "kernel": "k", "step_wall_ms": "4.175", "step_kernel_ms": "0.741"}
+    host = {"case": "layer (host)", "kernel": "aten::add", "step_wall_ms": "4.175", "step_kernel_ms": "2.5"}
+    python = {"case": "layer (python)", "kernel": "f", "step_wall_ms": "", "step_kernel_ms": "1.9"}
+    phases = gpu_profile.phase_rows(8, (2, 4, 4), device="cpu")
+    summary = gpu_profile.summarize([profiled, host, python, *phases])
+    clauses = summary.split("; ")
+    assert clauses[:3] == [
+        "layer: wall 4.175 ms, kernels 0.741 ms",
+        "layer (host): host self CPU 2.5 ms",
+        "layer (python): 1.9 ms of Python under cProfile",
+    ]
+    fwd = phases[0]
+    host_ms, wall_ms = fwd["cuda_ms_per_step"], fwd["step_wall_ms"]
+    assert clauses[3] == f"dense layer C_in=8 2x4x4 bf16 fwd: host {host_ms} ms of wall {wall_ms} ms"
+    assert [c.split(": ")[0].rsplit(" ", 1)[1] for c in clauses[3:]] == ["fwd", "bwd", "fwd+bwd"]
