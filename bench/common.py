@@ -79,17 +79,18 @@ def environment() -> dict[str, str]:
     return env
 
 
-def _sync() -> None:
+def synchronize() -> None:
+    """Waits for the GPU's queued work where there is a GPU (a no-op on a CPU machine)."""
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
 def time_once(fn: Callable[[], object]) -> float:
     """Seconds for one call (synchronising CUDA around it)."""
-    _sync()
+    synchronize()
     start = time.perf_counter()
     fn()
-    _sync()
+    synchronize()
     return time.perf_counter() - start
 
 

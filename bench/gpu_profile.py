@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import BenchResult  # noqa: E402
+from common import BenchResult, synchronize  # noqa: E402
 
 TOP = 12
 PHASE_ROWS = " (phases, no profiler)"  # the case suffix of phase_rows' rows
@@ -46,23 +46,18 @@ def _dense_layer_step(c_in: int, size: tuple[int, int, int], device: str = "cuda
     return _dense_layer_phases(c_in, size, device)["fwd+bwd"]
 
 
-def _synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def enqueue_and_wall_ms(step, device: str = "cuda", repeats: int = 20) -> tuple[float, float]:
+def enqueue_and_wall_ms(step, repeats: int = 20) -> tuple[float, float]:
     """(host ms per step until the step's work is queued, wall ms per step until it is done), without
     the profiler, after two warm-up steps. Enqueue near wall: the GPU waited for the host (or the queue
     was full: then the kernel time says it); enqueue far below wall: the GPU's own time."""
     for _ in range(2):
         step()
-    _synchronize(device)
+    synchronize()
     start = time.perf_counter()
     for _ in range(repeats):
         step()
     queued = time.perf_counter()
-    _synchronize(device)
+    synchronize()
     done = time.perf_counter()
     return (queued - start) * 1e3 / repeats, (done - start) * 1e3 / repeats
 
@@ -74,7 +69,7 @@ def phase_rows(c_in: int, size: tuple[int, int, int], device: str = "cuda") -> l
     name = f"dense layer C_in={c_in} {'x'.join(map(str, size))} bf16{PHASE_ROWS}"
     rows = []
     for phase, step in _dense_layer_phases(c_in, size, device).items():
-        enqueue, wall = enqueue_and_wall_ms(step, device)
+        enqueue, wall = enqueue_and_wall_ms(step)
         rows.append(
             {
                 "case": name,
@@ -151,7 +146,7 @@ def profile(name: str, step, repeats: int = 5) -> list[dict]:
     return rows
 
 
-def python_profile(name: str, step, repeats: int = 50, device: str = "cuda") -> list[dict]:
+def python_profile(name: str, step, repeats: int = 50) -> list[dict]:
     """Where the host's Python time of a step goes (cProfile, top functions by own time, the Triton launch
     path and our launchers included): torch.profiler sees aten ops only. cProfile slows Python down, so
     the shares are what to read, not the milliseconds."""
@@ -160,13 +155,13 @@ def python_profile(name: str, step, repeats: int = 50, device: str = "cuda") -> 
 
     for _ in range(2):
         step()
-    _synchronize(device)
+    synchronize()
     profiler = cProfile.Profile()
     profiler.enable()
     for _ in range(repeats):
         step()
     profiler.disable()
-    _synchronize(device)
+    synchronize()
     stats = pstats.Stats(profiler).stats  # (file, line, function) -> (calls, _, own s, cumulative s, _)
     total = sum(v[2] for v in stats.values())
     top = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:TOP]

@@ -325,7 +325,7 @@ def test_the_profiles_phase_timings_and_python_profile_run_on_a_tiny_layer():
         enqueue, wall = float(row["cuda_ms_per_step"]), float(row["step_wall_ms"])
         assert 0 < enqueue <= wall, row  # on the CPU the work is done when the call returns
     step = gpu_profile._dense_layer_step(8, (2, 4, 4), device="cpu")
-    top = gpu_profile.python_profile("tiny layer", step, repeats=3, device="cpu")
+    top = gpu_profile.python_profile("tiny layer", step, repeats=3)
     assert top and all(r["case"] == "tiny layer (python)" and float(r["step_kernel_ms"]) > 0 for r in top)
 
 
