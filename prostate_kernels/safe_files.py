@@ -125,7 +125,7 @@ def remove_dead_temporaries(directory: Path, report: Callable[[str], None] = pri
     removed = []
     for tmp in sorted(Path(directory).glob(".*.tmp-*@*")):
         pid, _, host = tmp.name.rpartition(".tmp-")[2].partition("@")
-        if host != socket.gethostname() or not pid.isdigit() or _running(int(pid)):
+        if not _gone_from_this_host(pid, host):
             continue
         with contextlib.suppress(OSError):
             if tmp.is_dir() and not tmp.is_symlink():
@@ -192,7 +192,7 @@ class RunLock:
             time.sleep(0.05)
         pid = int(holder[0]) if holder and holder[0].isdigit() else None
         host = holder[1] if len(holder) > 1 else None
-        if pid is not None and host == socket.gethostname() and not _running(pid):
+        if _gone_from_this_host(holder[0] if holder else "", host):
             self.warn(f"{self.path}: taking over the lock of process {pid}, which is no longer running")
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
@@ -200,6 +200,12 @@ class RunLock:
         who = f"process {pid} on {host}" if pid is not None else "another process"
         raise DataError(self.path.parent, f"run directory is in use by {who} (lock file {self.path.name}; "
                                           "delete it if that process is gone)")  # fmt: skip
+
+
+def _gone_from_this_host(pid: str, host: str | None) -> bool:
+    """Whether the writer named by `pid` (as written in a lock or a temporary's name) and `host` was a
+    process of this host that is no longer running. Another host's pid means nothing here: False."""
+    return host == socket.gethostname() and pid.isdigit() and not _running(int(pid))
 
 
 def _running(pid: int) -> bool:
