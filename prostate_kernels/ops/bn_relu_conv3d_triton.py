@@ -39,6 +39,7 @@ from prostate_kernels.ops.launch import (
     prune_spilling,
     torch_dtype,
 )
+from prostate_kernels.ops.once_differentiable import once_differentiable
 
 # Configs that spill registers at some launch, measured by `make gpu-compile` (every launch of Tiramisu
 # 3D p3a, DeepLabv3+ 3D and a DenseNet-BC block, every dot path, int32 and int64 offsets, sm_90a and
@@ -782,6 +783,10 @@ class FusedBNReLUConv3d(torch.autograd.Function):
         return outputs
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable(
+        "bn_relu_conv3d (the fused BatchNorm-ReLU-Conv3d layer)",
+        'under prostate_kernels.use_backend("torch") the layer is plain PyTorch ops and can be '
+        "differentiated twice",
+    )
     def backward(ctx, gy, _stats):
         return _gradients(ctx, gy, backward_impl)

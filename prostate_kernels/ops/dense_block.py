@@ -40,6 +40,7 @@ from prostate_kernels import backend
 from prostate_kernels.layout import grad_like
 from prostate_kernels.ops.batch_norm import fold_batch_norm, update_running_stats_
 from prostate_kernels.ops.conv_geometry import ConvGeometry, conv_geometry
+from prostate_kernels.ops.once_differentiable import once_differentiable
 from prostate_kernels.ops.seeded_dropout import (
     apply_dropout_,
     check_seeds,
@@ -382,7 +383,10 @@ class DenseBlockFunction(torch.autograd.Function):
         return outputs
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable(
+        "DenseBlock3d (the shared-buffer dense block)",
+        "DenseBlock3d(..., memory_efficient=False), the torch.cat block, can be differentiated twice",
+    )
     def backward(ctx, grad_output, *_grad_stats):
         grad_x, param_grads = _gradients(ctx, grad_output, _backward_op_impl)
         return grad_x, None, None, *param_grads

@@ -24,6 +24,7 @@ from prostate_kernels.ops.launch import (
     prune_spilling,
     voxel_alignment,
 )
+from prostate_kernels.ops.once_differentiable import once_differentiable
 
 WGRAD_BLOCK_M = 64
 
@@ -355,7 +356,10 @@ class DepthwiseConv3dFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable(
+        "depthwise_conv3d",
+        'under prostate_kernels.use_backend("torch") it is grouped conv3d and can be differentiated twice',
+    )
     def backward(ctx, gy):
         return _gradients(ctx, gy, backward_impl)
 
