@@ -53,9 +53,11 @@ def list_images(path: Path) -> list[Path]:
     try:
         return [case.image for case in discover_cases(path)]
     except DataError:
-        images = [p for p in sorted(path.iterdir()) if is_image_file(p) and "_segmentation" not in p.name]
+        files = [p for p in sorted(path.iterdir()) if is_image_file(p)]
+        images = [p for p in files if "_segmentation" not in p.name]
         if not images:
-            raise DataError(path, f"no images ({', '.join(IMAGE_SUFFIXES)}) found") from None
+            masks = f"; its {len(files)} *_segmentation file(s) are masks, not images" if files else ""
+            raise DataError(path, f"no images ({', '.join(IMAGE_SUFFIXES)}) found{masks}") from None
         return images
 
 

@@ -202,6 +202,22 @@ def test_predict_refuses_a_mask_file_given_as_its_input(phantoms, trained, tmp_p
     assert not (tmp_path / "new").exists() and tmp_path.is_dir()
 
 
+def test_predict_given_a_directory_of_masks_says_they_are_masks(phantoms, tmp_path):
+    """A predictions directory passed as --input said 'no images found' beside its .mhd files."""
+    from prostate_kernels.data.errors import DataError
+    from prostate_kernels.pipeline import list_images
+
+    masks = tmp_path / "predictions"
+    masks.mkdir()
+    for name in ("Case00_segmentation.mhd", "Case00_segmentation.raw"):
+        (masks / name).write_bytes((phantoms / name).read_bytes())
+    with pytest.raises(DataError, match=r"no images .* found; its 1 \*_segmentation file\(s\) are masks"):
+        list_images(masks)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"no images \(.*\) found$"):
+        list_images(tmp_path / "empty")
+
+
 def test_predict_deterministic_segments_under_deterministic_mode(phantoms, trained, tmp_path, monkeypatch):
     """predict --deterministic: every case's probabilities are computed under torch's deterministic mode
     (untimed kernel tiles, windows summed in batch order on a GPU), restored afterwards; the same masks as
