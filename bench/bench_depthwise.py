@@ -27,6 +27,7 @@ from prostate_kernels.nn import SeparableConv3d  # noqa: E402
 from prostate_kernels.ops import depthwise_conv3d_triton  # noqa: E402
 from prostate_kernels.ops.bn_relu_conv3d_triton import direct_kernels  # noqa: E402
 from prostate_kernels.ops.conv_geometry import ConvGeometry  # noqa: E402
+from prostate_kernels.ops.depthwise_conv3d import TRITON_FROM_ELEMENTS  # noqa: E402
 
 BATCH = 2
 CHANNELS = (128, 256, 728)
@@ -38,6 +39,9 @@ OURS = "ours (channels-last)"
 # the same op under direct_kernels(), where stride 1 takes the halo kernels by default (bf16 channels-last,
 # dilation up to 2): what the halo kernels change, side by side
 OURS_DIRECT = "ours, direct kernels (channels-last)"
+# the op under backend "auto", where it differs from OURS (below TRITON_FROM_ELEMENTS: PyTorch's conv3d
+# NCDHW, with the layout copies of the channels-last x and of the gradients)
+OURS_AUTO = "ours, auto (channels-last)"
 
 
 def depthwise_work(x: torch.Tensor, taps: int = 27) -> tuple[Work, Work]:
@@ -65,23 +69,29 @@ def bench_depthwise(
     x = torch.randn((BATCH, c, *size), generator=g).to(device=device, dtype=dtype)
     w = (torch.randn((c, 1, 3, 3, 3), generator=g) / 5).to(device=device, dtype=dtype).requires_grad_(True)
     channels_last = x.to(memory_format=torch.channels_last_3d)
-    inputs = {  # name: (backend, input, the kernels' setting)
+    inputs = {  # name: (backend, or None for PyTorch's conv3d itself; input; the kernels' setting)
         OURS: ("triton", channels_last, contextlib.nullcontext),
         OURS_DIRECT: ("triton", channels_last, direct_kernels),
-        "conv3d groups=C contiguous": ("torch", x.contiguous(), contextlib.nullcontext),
-        "conv3d groups=C channels-last": ("torch", channels_last, contextlib.nullcontext),
+        OURS_AUTO: ("auto", channels_last, contextlib.nullcontext),
+        "conv3d groups=C contiguous": (None, x.contiguous(), contextlib.nullcontext),
+        "conv3d groups=C channels-last": (None, channels_last, contextlib.nullcontext),
     }
     geometry = ConvGeometry((3, 3, 3), (1, 1, 1), (dilation,) * 3, (dilation,) * 3)
     if device != "cuda":
-        del inputs[OURS], inputs[OURS_DIRECT]
-    elif not depthwise_conv3d_triton._takes_halo(channels_last, geometry):
-        del inputs[OURS_DIRECT]  # the default takes the direct kernels already
+        del inputs[OURS], inputs[OURS_DIRECT], inputs[OURS_AUTO]
+    else:
+        if not depthwise_conv3d_triton._takes_halo(channels_last, geometry):
+            del inputs[OURS_DIRECT]  # the default takes the direct kernels already
+        if x.numel() >= TRITON_FROM_ELEMENTS:
+            del inputs[OURS_AUTO]  # auto takes the kernels: OURS
     reference = F.conv3d(x.float(), w.float(), None, 1, dilation, dilation, groups=c)
     rows = []
     for name, (backend, xi, kernels) in inputs.items():
         xi = xi.detach().requires_grad_(True)
 
         def fwd(xi=xi, backend=backend, kernels=kernels):
+            if backend is None:
+                return F.conv3d(xi, w, None, 1, dilation, dilation, groups=c)
             with use_backend(backend), kernels():
                 return functional.depthwise_conv3d(xi, w, None, 1, dilation, dilation)
 
@@ -154,6 +164,9 @@ def run(device: str, quick: bool = False, rounds: int = 5) -> BenchResult:
     notes = [
         f"batch {BATCH}, 3x3x3, padding = dilation, {dtype}; fwd_bwd = forward + backward (input and weight)",
         f"{OURS_DIRECT}: the same op under direct_kernels(), where the default takes the halo kernels",
+        f"{OURS_AUTO}: the op under backend 'auto', below {TRITON_FROM_ELEMENTS:,} elements only (PyTorch's "
+        "conv3d NCDHW there, with the layout copies; from there on auto is the kernels' row)",
+        "conv3d groups=C: PyTorch's F.conv3d itself, in the layout named",
         "floor = max(FLOPs / matmul rate, bytes / copy bandwidth), both measured in this run on this device; "
         f"of_floor = floor / measured time; {rates.describe()}",
     ]

@@ -1,7 +1,8 @@
 """Which implementation an op runs: the Triton kernels, the PyTorch twin, or (CPU) the C++ extension.
 
-"auto"   : Triton kernels for CUDA tensors; on the CPU the C++ extension where an op has one, otherwise
-           the PyTorch twin (prostate_kernels.reference).
+"auto"   : Triton kernels for CUDA tensors (an op's entry may still take its PyTorch twin at sizes where
+           the kernels measured slower: depthwise_conv3d below TRITON_FROM_ELEMENTS); on the CPU the C++
+           extension where an op has one, otherwise the PyTorch twin (prostate_kernels.reference).
 "triton" : always the Triton kernels. On CPU tensors this needs the Triton interpreter
            (TRITON_INTERPRET=1 in the environment before Triton is first imported); the tests run so.
 "torch"  : always the PyTorch twin (the test oracle and the benchmark baseline).

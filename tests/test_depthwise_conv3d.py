@@ -10,9 +10,11 @@ import pytest
 import torch
 from torch import nn
 
+from prostate_kernels import backend as backends
 from prostate_kernels import functional, reference, use_backend
 from prostate_kernels.nn import ASPP3d, DepthwiseConv3d, SeparableConv3d
-from prostate_kernels.ops.depthwise_conv3d import CPU_NCDHW_FROM_CHANNELS
+from prostate_kernels.ops import depthwise_conv3d as depthwise_entry
+from prostate_kernels.ops.depthwise_conv3d import CPU_NCDHW_FROM_CHANNELS, TRITON_FROM_ELEMENTS, runs_ncdhw
 
 # float32 depthwise sums of 27 products against float64: ~1e-7 relative to the largest value (measured
 # 2e-7); the bound leaves room for other shapes, not for a wrong tap or a missed voxel.
@@ -352,6 +354,46 @@ def test_the_cpu_path_runs_wide_channels_last_layers_ncdhw(channels, monkeypatch
     expected, _ = run(case, x, w, b, "torch", torch.float64, gy)
     for key, value in expected.items():
         assert rel(got[key], value) < RTOL32, f"{key}: {rel(got[key], value):.1e}"
+
+
+def _as_on_cuda(monkeypatch) -> None:
+    """backend.resolve answers as for CUDA tensors ("auto" -> "triton"), so the CPU sees auto's choice."""
+    real = backends.resolve
+    monkeypatch.setattr(backends, "resolve", lambda device, *a: "triton" if backends.get_backend() == "auto"
+                        else real(device, *a))  # fmt: skip
+
+
+def test_auto_takes_pytorch_below_the_size_where_the_kernels_pay(monkeypatch):
+    """Under "auto", a CUDA x of fewer than TRITON_FROM_ELEMENTS elements runs PyTorch's grouped conv3d
+    (the GPU runs measured it 3.5-11.5x faster there); "triton" takes the kernels at every size."""
+    _as_on_cuda(monkeypatch)
+    small = torch.empty((2, 8, TRITON_FROM_ELEMENTS // 16 - 1, 1, 1), device="meta")  # 1 voxel short
+    large = torch.empty((2, 8, TRITON_FROM_ELEMENTS // 16, 1, 1), device="meta")
+    assert depthwise_entry.implementation(small) == "torch"
+    assert depthwise_entry.implementation(large) == "triton"
+    with use_backend("triton"):
+        assert depthwise_entry.implementation(small) == "triton"
+    with use_backend("torch"):
+        assert depthwise_entry.implementation(large) == "torch"
+
+
+def test_auto_below_the_size_runs_the_twin_with_its_result(monkeypatch):
+    _as_on_cuda(monkeypatch)
+    calls = []
+    twin = reference.depthwise_conv3d
+    monkeypatch.setattr(reference, "depthwise_conv3d", lambda *a: calls.append(1) or twin(*a))
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn((2, 5, 3, 4, 5), generator=g), torch.randn((5, 1, 3, 3, 3), generator=g)
+    y = functional.depthwise_conv3d(x, w, None, 1, 2, 2)
+    assert calls == [1]
+    assert torch.equal(y, torch.nn.functional.conv3d(x, w, None, 1, 2, 2, groups=5))
+
+
+def test_pytorchs_conv_runs_channels_last_x_ncdhw_on_cuda_and_wide_ones_on_the_cpu():
+    """cuDNN's channels-last depthwise conv3d took 11-127x NCDHW's time forward + backward on the H200."""
+    assert runs_ncdhw("cuda", 1) and runs_ncdhw("cuda", 128)
+    assert not runs_ncdhw("cpu", CPU_NCDHW_FROM_CHANNELS - 1) and runs_ncdhw("cpu", CPU_NCDHW_FROM_CHANNELS)
+    assert not runs_ncdhw("meta", CPU_NCDHW_FROM_CHANNELS)
 
 
 HALO_70 = Case("halo", 70, (5, 7, 9), layout="channels_last", gy_channels_last=True)  # 16 boxes of 4x4x8

@@ -19,6 +19,16 @@ from prostate_kernels.ops.conv_geometry import ConvGeometry, conv_geometry
 # the CPU's PyTorch path runs channels-last inputs this wide NCDHW (_pytorch_depthwise says why)
 CPU_NCDHW_FROM_CHANNELS = 1024
 
+# Under backend "auto", a CUDA x of fewer elements (N * C * D * H * W) takes PyTorch's grouped conv3d
+# (NCDHW) instead of the Triton kernels. Below it our forward + backward costs about 1 ms whatever the size
+# (host time) and PyTorch's whole op less. Measured forward + backward, batch 2, bf16, 3x3x3, dilation 1
+# and 12, ours channels-last against PyTorch NCDHW (bench/results/2026-12-04-nvidia-h200.md): 2.1M
+# elements (C=128 8x32x32) and below PyTorch 3.5-11.5x faster (H100 of 2026-11-27: 3.4-7.3x); 11.9M
+# (C=728 8x32x32) 0.93x and 1.28x PyTorch's speed (H100 1.02x, 0.88x); 16.8M (C=128 16x64x64) 1.19-1.90x
+# and 95M (C=728 16x64x64) 1.88-3.06x. The forward alone splits the same way. 2**23 lies between the
+# sizes measured on either side; use_backend("triton") takes the kernels at every size.
+TRITON_FROM_ELEMENTS = 2**23
+
 
 def depthwise_conv3d(
     x: torch.Tensor,
@@ -55,7 +65,7 @@ def depthwise_conv3d(
             raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
     geometry = conv_geometry(weight.shape[2:], stride, padding, dilation)
     geometry.output_size(x.shape[2:])
-    if backend.resolve(x.device) == "triton":
+    if implementation(x) == "triton":
         if x.dtype not in KERNEL_DTYPES:
             raise TypeError(f"{op}: the Triton kernels take float32, float16 or bfloat16 x, got {x.dtype}")
         from prostate_kernels.ops import depthwise_conv3d_triton as triton_side
@@ -72,12 +82,32 @@ def depthwise_conv3d(
     return _pytorch_depthwise(x, weight, bias, geometry)
 
 
+def implementation(x: torch.Tensor) -> str:
+    """What depthwise_conv3d runs for x: backend.resolve's choice ("triton" or "torch"), except that under
+    "auto" a CUDA x of fewer than TRITON_FROM_ELEMENTS elements takes PyTorch ("torch")."""
+    chosen = backend.resolve(x.device)
+    if chosen == "triton" and backend.get_backend() == "auto" and x.numel() < TRITON_FROM_ELEMENTS:
+        return "torch"
+    return chosen
+
+
+def runs_ncdhw(device_type: str, channels: int) -> bool:
+    """Whether PyTorch's grouped conv3d (_pytorch_depthwise) takes a channels-last x of `channels`
+    channels on this kind of device as NCDHW: always on CUDA, from CPU_NCDHW_FROM_CHANNELS on the CPU."""
+    return device_type == "cuda" or (device_type == "cpu" and channels >= CPU_NCDHW_FROM_CHANNELS)
+
+
 def _pytorch_depthwise(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geometry: ConvGeometry
 ) -> torch.Tensor:
-    """PyTorch's grouped conv3d, in x's layout, except on the CPU for a channels-last x of
-    CPU_NCDHW_FROM_CHANNELS channels or more: there it runs NCDHW and returns channels-last.
+    """PyTorch's grouped conv3d, in x's layout; a channels-last x where runs_ncdhw says so is computed
+    NCDHW and its output handed back channels-last.
 
+    On CUDA, cuDNN's channels-last depthwise conv3d takes 11-127x NCDHW's time for forward + backward
+    (H200, bf16, batch 2, 3x3x3, dilation 1 and 12, C=128 and 728, 4x16x16 to 16x64x64: 16.4 against
+    0.19 ms at C=728 4x16x16, 1039 against 8.2 ms at C=728 16x64x64; the H100 alike) and 0.64-6.1x its
+    time forward, so there it always runs NCDHW (the layout copies are timed with it in
+    bench/bench_depthwise.py's "ours (auto)" rows below TRITON_FROM_ELEMENTS).
     PyTorch's CPU depthwise conv3d (oneDNN) is slower channels-last for wide layers. Measured forward +
     backward, batch 2, 3x3x3, rates (1, r, r), 2 cores, NCDHW with both conversions against
     channels-last: 2048 channels at 4x4x4 15.6 against 35.1 ms (rates 1, 2, 4: 2.3-2.7x slower
@@ -87,8 +117,7 @@ def _pytorch_depthwise(
     conv = (geometry.stride, geometry.padding, geometry.dilation)
     channels_last = torch.channels_last_3d
     if (
-        x.device.type == "cpu"
-        and x.shape[1] >= CPU_NCDHW_FROM_CHANNELS
+        runs_ncdhw(x.device.type, x.shape[1])
         and not x.is_contiguous()
         and x.is_contiguous(memory_format=channels_last)
     ):
@@ -131,4 +160,10 @@ def separable_inference(
     )  # fmt: skip
 
 
-__all__ = ["depthwise_conv3d", "fused_separable_applies", "separable_inference"]
+__all__ = [
+    "depthwise_conv3d",
+    "fused_separable_applies",
+    "implementation",
+    "runs_ncdhw",
+    "separable_inference",
+]
