@@ -80,22 +80,31 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("phantoms", help="write synthetic T2-like pelvis volumes with exact prostate masks")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--n", type=positive_int, default=8)
-    p.add_argument("--seed", type=non_negative_int, default=0)
-    p.add_argument("--shape", type=positive_int, nargs=3, metavar=("D", "H", "W"), default=None)
+    p.add_argument("--out", type=Path, required=True,
+                   help="a new or empty directory for CaseNN.mhd/.raw and "
+                   "CaseNN_segmentation.mhd/.raw")  # fmt: skip
+    p.add_argument("--n", type=positive_int, default=8, help="how many cases (default 8)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="the phantoms' random seed (default 0)")
+    p.add_argument("--shape", type=positive_int, nargs=3, metavar=("D", "H", "W"), default=None,
+                   help="volume size in voxels (default 24 128 128)")  # fmt: skip
     p.set_defaults(run=_phantoms)
 
     p = sub.add_parser("train", help="train a network on PROMISE12-style data")
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--model", default="tiramisu3d_p3a")
-    p.add_argument("--patch", type=positive_int, nargs=3, metavar=("D", "H", "W"), default=None)
-    p.add_argument("--batch", type=positive_int, default=None)
-    p.add_argument("--iters", type=positive_int, default=1000)
+    p.add_argument("--data", type=Path, required=True,
+                   help="PROMISE12 layout (CaseNN.mhd with CaseNN_segmentation.mhd) or Decathlon layout "
+                   "(imagesTr/ with labelsTr/)")  # fmt: skip
+    p.add_argument("--model", default="tiramisu3d_p3a",
+                   help="network (default tiramisu3d_p3a); an unknown name lists the others")  # fmt: skip
+    p.add_argument("--patch", type=positive_int, nargs=3, metavar=("D", "H", "W"), default=None,
+                   help="training patch in voxels (default: the paper's for the model)")  # fmt: skip
+    p.add_argument("--batch", type=positive_int, default=None,
+                   help="patches per step (default: the paper's for the model)")  # fmt: skip
+    p.add_argument("--iters", type=positive_int, default=1000, help="training steps (default 1000)")
     p.add_argument("--loss", default="bce+dice", choices=("bce", "dice", "bce+dice"),
                    help="default bce+dice: +0.03 held-out Dice over bce on real MRI (README)")  # fmt: skip
     p.add_argument("--lr", type=positive_float, default=None, help="default: the paper's for the model")
-    p.add_argument("--weight-decay", type=non_negative_float, default=1e-4)
+    p.add_argument("--weight-decay", type=non_negative_float, default=1e-4,
+                   help="Adam's weight decay (default 1e-4)")  # fmt: skip
     p.add_argument("--schedule", default="paper", choices=("paper", "poly"),
                    help="learning-rate decay: the paper's for the model, or poly: (1 - it/iters)^0.9",
                    )  # fmt: skip
@@ -103,15 +112,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="random rotation (+-15 deg about the slice axis), scaling (+-10%%) and "
                    "intensity scaling/shift, besides the flips (on by default: +0.04 held-out Dice on "
                    "real MRI)")  # fmt: skip
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"))
-    p.add_argument("--val-every", type=positive_int, default=100)
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
+                   help="mixed precision (default auto: bf16 on CUDA, off on the CPU)")  # fmt: skip
+    p.add_argument("--val-every", type=positive_int, default=100,
+                   help="score the held-out cases every N steps, keeping the best as best.pt "
+                   "(default 100)")  # fmt: skip
     p.add_argument(
         "--val-cases",
         type=non_negative_int,
         default=2,
         help="held-out cases (the last ones by name); 0: no validation and no best.pt",
     )
-    p.add_argument("--checkpoint-every", type=positive_int, default=None)
+    p.add_argument("--checkpoint-every", type=positive_int, default=None,
+                   help="write checkpoint.pt every N steps (default: --val-every)")  # fmt: skip
     p.add_argument(
         "--out",
         type=Path,
@@ -128,7 +141,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--spacing", type=positive_float, nargs=3, metavar=("Z", "Y", "X"), default=None,
                    help="resample every case to this spacing (mm) first; predict does too")  # fmt: skip
-    p.add_argument("--seed", type=non_negative_int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="seed of the weights, the patches and the augmentation (default 0)")  # fmt: skip
     p.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms for the run (warn-only), untimed kernel tiles: "
                    "a rerun on the same GPU model repeats it bit for bit where every op allows")  # fmt: skip
@@ -136,8 +150,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="replay the network's forward and backward from CUDA graphs (one CUDA device, no "
                    "torchrun): far fewer host launches per step (docs/cuda-graphs.md)")  # fmt: skip
     p.add_argument("--channels-last", action="store_true", help=CHANNELS_LAST_HELP)
-    p.add_argument("--workers", type=non_negative_int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--workers", type=non_negative_int, default=0,
+                   help="data-loading processes (default 0: patches drawn in the training "
+                   "process)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true", help="no progress bar over the steps")
     p.set_defaults(run=_train)
 
     p = sub.add_parser("predict", help="segment volumes with a trained checkpoint")
@@ -155,12 +171,17 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace files of an earlier prediction (never an input image or a reference mask)",
     )
-    p.add_argument("--overlap", type=overlap_fraction, default=0.5)
-    p.add_argument("--mode", default="gaussian", choices=("constant", "gaussian"))
+    p.add_argument("--overlap", type=overlap_fraction, default=0.5,
+                   help="fraction of each window shared with its neighbour, in [0, 1) "
+                   "(default 0.5)")  # fmt: skip
+    p.add_argument("--mode", default="gaussian", choices=("constant", "gaussian"),
+                   help="window blending: gaussian weighs a window's centre more (default), constant "
+                   "weighs its voxels alike")  # fmt: skip
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="average the predictions of the volume mirrored along each axis (8 passes; on by "
                    "default: +0.02 held-out Dice on real MRI, README)")  # fmt: skip
-    p.add_argument("--save-probabilities", action="store_true")
+    p.add_argument("--save-probabilities", action="store_true",
+                   help="also write <name>_probabilities (float32 foreground probability)")  # fmt: skip
     p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=True,
                    help="keep the largest connected component (one gland; on by default)")  # fmt: skip
     p.add_argument(
@@ -207,9 +228,11 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_evaluate)
 
     p = sub.add_parser("demo", help="phantoms -> train -> predict -> evaluate, into one directory")
-    p.add_argument("--out", type=Path, default=Path("demo_out"))
-    p.add_argument("--model", default="tiramisu3d_tiny")
-    p.add_argument("--iters", type=positive_int, default=None)
+    p.add_argument("--out", type=Path, default=Path("demo_out"),
+                   help="a new or empty directory for all of it (default demo_out)")  # fmt: skip
+    p.add_argument("--model", default="tiramisu3d_tiny", help="network (default tiramisu3d_tiny)")
+    p.add_argument("--iters", type=positive_int, default=None,
+                   help="training steps (default 480 for tiramisu3d_tiny, else 1000)")  # fmt: skip
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="train and predict channels-last (default: on the CPU only; "
                    "docs/memory-layout.md)")  # fmt: skip

@@ -408,3 +408,23 @@ def test_a_gpu_out_of_memory_in_training_is_one_line(monkeypatch, tmp_path, caps
     (tmp_path / "run" / "checkpoint.pt").write_bytes(b"a checkpoint")
     assert main(["train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--resume"]) == 2
     assert "(the last checkpoint is intact: --resume continues)" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- help
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """`prostate-kernels CMD --help` listed --data, --patch, --overlap and a dozen more with no word."""
+    import argparse
+
+    from prostate_kernels.cli import _parser
+
+    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    silent = [
+        f"{name} {action.option_strings[-1]}"
+        for name, parser in commands.items()
+        for action in parser._actions
+        if action.option_strings and not action.help
+    ]
+    assert set(commands) == {"phantoms", "train", "predict", "evaluate", "demo"}
+    assert silent == []
