@@ -133,12 +133,12 @@ def _parser() -> argparse.ArgumentParser:
         "with --resume",
     )
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument(
-        "--label",
-        type=int,
-        default=None,
-        help="use this label of multi-label masks (required when a mask holds several)",
-    )
+    p.add_argument("--label", type=int, nargs="+", default=None,
+                   help="the masks' label to learn (required when a mask holds several); several are joined "
+                   "(the Decathlon's prostate zones: --label 1 2)")  # fmt: skip
+    p.add_argument("--channel", type=non_negative_int, default=None,
+                   help="the channel of multi-channel images to train on (the Decathlon's prostate task: 0 "
+                   "is T2, 1 ADC); kept in the checkpoint for predict")  # fmt: skip
     p.add_argument("--spacing", type=positive_float, nargs=3, metavar=("Z", "Y", "X"), default=None,
                    help="resample every case to this spacing (mm) first; predict does too")  # fmt: skip
     p.add_argument("--seed", type=non_negative_int, default=0,
@@ -180,6 +180,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="average the predictions of the volume mirrored along each axis (8 passes; on by "
                    "default: +0.02 held-out Dice on real MRI, README)")  # fmt: skip
+    p.add_argument("--channel", type=non_negative_int, default=None,
+                   help="the channel of multi-channel images to segment (default: the one each checkpoint "
+                   "was trained on)")  # fmt: skip
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write <name>_probabilities (float32 foreground probability)")  # fmt: skip
     p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=True,
@@ -207,12 +210,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--pred", type=Path, required=True, help="a mask file or a directory of them")
     p.add_argument("--ref", type=Path, required=True, help="a mask file or a directory of them")
-    p.add_argument(
-        "--label",
-        type=int,
-        default=None,
-        help="reference label to score (e.g. 5); required when a reference holds several",
-    )
+    p.add_argument("--label", type=int, nargs="+", default=None,
+                   help="reference label to score (e.g. 5; several are joined: 1 2); required when a "
+                   "reference holds several")  # fmt: skip
     p.add_argument("--images", type=Path, default=None, help="where the images are, for overlays")
     p.add_argument("--out", type=Path, default=None, help="CSV and overlays (default: the --pred directory)")
     p.add_argument(
@@ -271,7 +271,8 @@ def _train(args) -> int:
         val_cases=args.val_cases,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
-        label=args.label,
+        label=tuple(args.label) if args.label else None,
+        channel=args.channel,
         spacing=tuple(args.spacing) if args.spacing else None,
         seed=args.seed,
         deterministic=args.deterministic,
@@ -302,6 +303,7 @@ def _predict(args) -> int:
         deterministic=args.deterministic,
         channels_last=args.channels_last,
         progress=not args.no_progress,
+        channel=args.channel,
     )
     return _report(failures)
 

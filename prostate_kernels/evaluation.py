@@ -8,6 +8,7 @@ Every reference is scored: a missing, unreadable, empty or non-binary prediction
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,7 @@ def _image_for(mask_path: Path, *folders: Path | None) -> Path | None:
 def evaluate_files(
     pred: Path,
     ref: Path,
-    label: int | None = None,
+    label: int | Sequence[int] | None = None,
     images: Path | None = None,
     out: Path | None = None,
     overwrite: bool = False,
@@ -107,7 +108,9 @@ def evaluate_files(
     out = Path(out) if out is not None else (pred if pred.is_dir() else pred.parent)
     rows, failures, missing = [], [], []
     pairs = _pairs(pred, ref)
-    image_folders = (images, ref if ref.is_dir() else ref.parent)
+    beside = ref if ref.is_dir() else ref.parent
+    decathlon = beside / "imagesTr" if beside.name != "labelsTr" else beside.parent / "imagesTr"
+    image_folders = (images, beside, decathlon)  # a Decathlon dataset's images are in imagesTr/
     image_of = {case: _image_for(p, *image_folders) for case, _, p in pairs if p is not None}  # for overlays
     _check_evaluation_targets(image_of, out, overwrite)
     if out.is_dir():
@@ -174,7 +177,7 @@ def _overlay(case, predicted, reference, image_path, out, dice, failures) -> Non
     if image_path is None:
         return
     try:
-        image = read_volume(image_path)
+        image = read_volume(image_path, channel=0)  # a multi-channel image's first (the Decathlon's T2)
         check_same_grid(reference, image, of="reference")
     except DataError as exc:
         failures.append(f"{exc} (no overlay for {case})")

@@ -94,6 +94,9 @@ def _check_patch_and_slices(state: dict, checkpoint: Path) -> None:
         or not all(_positive_number(v) for v in spacing)
     ):
         raise DataError(checkpoint, f"malformed checkpoint: spacing {spacing!r} is not 3 sizes > 0 (mm)")
+    channel = state.get("channel")
+    if channel is not None and (not isinstance(channel, int) or isinstance(channel, bool) or channel < 0):
+        raise DataError(checkpoint, f"malformed checkpoint: channel {channel!r} is not an int >= 0")
 
 
 def _build_network(state: dict, checkpoint: Path) -> torch.nn.Module:
@@ -146,6 +149,7 @@ def predict_files(
     deterministic: bool = False,
     channels_last: bool = False,
     progress: bool = False,
+    channel: int | None = None,
 ) -> list[str]:
     """Writes <name>_segmentation (and <name>_probabilities) with each input's geometry; returns failures.
 
@@ -155,6 +159,8 @@ def predict_files(
     deterministic: under determinism.deterministic_mode (the same probabilities on every run).
     channels_last: the networks run channels-last (layout.py; the same probabilities up to rounding).
     progress: a bar per case and model over its windows (3-D networks) or slices (2-D).
+    channel: the channel of multi-channel images each network sees; None: the one it was trained on
+    (train --channel; none for single-channel images).
     """
     try:
         dev = available_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "device")
@@ -165,26 +171,33 @@ def predict_files(
     _check_targets(targets, Path(inputs), overwrite)
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     ensemble = [load_trained_model(path, dev, channels_last) for path in checkpoints]
+    channels = [channel if channel is not None else state.get("channel") for _, state in ensemble]
     amp = torch.bfloat16 if dev.type == "cuda" else None
     failures = []
     with created_directory(output, "--output"), deterministic_mode(deterministic):  # removed if none written
         remove_dead_temporaries(Path(output))
         for path in images:
-            failures += _predict_case(path, ensemble, targets[path], dev, overlap, mode, tta, largest, amp,
-                                      progress)  # fmt: skip
+            failures += _predict_case(path, ensemble, channels, targets[path], dev, overlap, mode, tta,
+                                      largest, amp, progress)  # fmt: skip
     return failures
 
 
-def _predict_case(path, ensemble, targets, dev, overlap, mode, tta, largest, amp, progress) -> list[str]:
-    """Segments one image into its targets (segmentation path, probabilities path or None); returns [] or
-    [the case's failure]."""
+def _predict_case(
+    path, ensemble, channels, targets, dev, overlap, mode, tta, largest, amp, progress
+) -> list[str]:
+    """Segments one image into its targets (segmentation path, probabilities path or None), each network
+    of the ensemble on its channel of it (`channels`); returns [] or [the case's failure]."""
     try:
         start = time.time()
-        image = read_volume(path)
-        check_image(image)
+        seen = {}  # channel: that channel of the image, read and checked once
+        for channel in channels:
+            if channel not in seen:
+                seen[channel] = read_volume(path, channel)
+                check_image(seen[channel])
+        image = seen[channels[0]]  # the channels share the image's 3-D grid
         probs = [
-            _model_probabilities(model, state, image, dev, overlap, mode, tta, amp, progress)
-            for model, state in ensemble
+            _model_probabilities(model, state, seen[channel], dev, overlap, mode, tta, amp, progress)
+            for (model, state), channel in zip(ensemble, channels, strict=True)
         ]
         prob = np.mean(probs, axis=0, dtype=np.float32)
         mask = (prob > 0.5).astype(np.uint8)

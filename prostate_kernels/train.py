@@ -35,6 +35,7 @@ from prostate_kernels.data import (
     read_mask,
     read_volume,
 )
+from prostate_kernels.data.io import as_labels
 from prostate_kernels.data.resample import resample_case
 from prostate_kernels.data.sampling import IterationDataset, PatchSampler, training_case, zscore
 from prostate_kernels.determinism import deterministic_mode
@@ -92,7 +93,8 @@ class TrainConfig:
     val_cases: int = 2
     checkpoint_every: int | None = None  # default: val_every
     resume: bool = False
-    label: int | None = None
+    label: int | tuple[int, ...] | None = None  # the masks' label(s) to learn (several: their union)
+    channel: int | None = None  # the images' channel (multi-channel images: 4-D, or vector voxels)
     spacing: tuple[float, float, float] | None = None  # (Z, Y, X) mm: resample every case to it first
     seed: int = 0
     workers: int = 0
@@ -129,6 +131,8 @@ def check_config(config: TrainConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} {value} must be in [1, {sys.maxsize}]")
     if config.batch is not None and config.batch < 1:
         raise ConfigError(f"--batch {config.batch} must be >= 1")
+    if config.channel is not None and config.channel < 0:
+        raise ConfigError(f"--channel {config.channel} must be >= 0")
     for name in ("val_cases", "workers"):
         if getattr(config, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)} must be >= 0")
@@ -233,7 +237,7 @@ def load_cases(config: TrainConfig, log, arrays: list | None = None) -> tuple[li
     loaded, problems = list(arrays or []), []
     for case in cases:
         try:
-            image = read_volume(case.image)
+            image = read_volume(case.image, config.channel)
             check_image(image)
             mask = read_mask(case.label, image, config.label)
             if config.spacing is not None:  # images linearly, masks by nearest neighbour
@@ -557,7 +561,8 @@ def _state(config, model, optimizer, scheduler, scaler, rng, it, best, patch) ->
         "patch": list(patch),
         "slices": settings.slices,
         "spacing": list(config.spacing) if config.spacing is not None else None,
-        "label": config.label,
+        "label": list(as_labels(config.label)) if config.label is not None else None,
+        "channel": config.channel,
         "iteration": it,
         "best_val_dice": best,
         "state_dict": model.state_dict(),
@@ -573,7 +578,8 @@ def _state(config, model, optimizer, scheduler, scaler, rng, it, best, patch) ->
 # nn.Dropout draws its masks in memory order, so the two layouts drop other voxels.
 RESUME_SETTINGS = (("loss", "--loss"), ("weight_decay", "--weight-decay"), ("schedule", "--schedule"),
                    ("amp", "--amp"), ("seed", "--seed"), ("flips", "flips"), ("augment", "--augment"),
-                   ("spacing", "--spacing"), ("label", "--label"), ("val_cases", "--val-cases"),
+                   ("spacing", "--spacing"), ("label", "--label"), ("channel", "--channel"),
+                   ("val_cases", "--val-cases"),
                    ("deterministic", "--deterministic"), ("channels_last", "--channels-last"))  # fmt: skip
 
 
@@ -590,11 +596,14 @@ def _resume_differences(
     def plain(value):
         return tuple(value) if isinstance(value, list) else value
 
+    def setting(name: str, value):  # one --label is the label itself, as checkpoints before labels lists
+        return as_labels(value) if name == "label" else plain(value)
+
     pairs = [("--patch", tuple(patch), plain(saved.get("patch", tuple(patch)))),
              ("--batch", batch, before.get("batch") or settings.batch),
              ("--lr", lr, before["lr"] if before.get("lr") is not None else settings.lr)]  # fmt: skip
-    pairs += [(flag, plain(getattr(config, name)), plain(before[name])) for name, flag in RESUME_SETTINGS
-              if name in before]  # fmt: skip
+    pairs += [(flag, setting(name, getattr(config, name)), setting(name, before[name]))
+              for name, flag in RESUME_SETTINGS if name in before]  # fmt: skip
     if "rng" in saved:  # each rank draws its own patches and dropout: another count draws other ones
         pairs.append(("torchrun --nproc-per-node", world, len(saved["rng"]["ranks"])))
     return [f"{flag} {now} (was {was})" for flag, now, was in pairs if now != was]

@@ -262,7 +262,8 @@ def test_an_output_directory_that_cannot_be_created(data, trained, tmp_path):
 
 
 @pytest.mark.parametrize("field, value", [("patch", [8, 32]), ("patch", [8, -32, 32]), ("slices", -1),
-                                          ("slices", "13"), ("patch", "8 32 32")])  # fmt: skip
+                                          ("slices", "13"), ("patch", "8 32 32"), ("channel", -1),
+                                          ("channel", "0")])  # fmt: skip
 def test_a_checkpoint_with_a_malformed_patch_or_slices(data, trained, tmp_path, field, value):
     state = load_checkpoint(trained / "checkpoint.pt")
     save_checkpoint({**state, field: value}, tmp_path / "bad.pt")

@@ -17,6 +17,7 @@ from prostate_kernels.data import (
     read_volume,
     write_volume,
 )
+from prostate_kernels.data.io import to_sitk
 from prostate_kernels.data.phantoms import make_phantom, write_phantoms
 from prostate_kernels.data.sampling import PatchSampler, training_case, zscore
 
@@ -55,11 +56,66 @@ def test_read_errors_name_the_file_and_the_problem(tmp_path):
     with pytest.raises(DataError, match=r"flat\.nii\.gz: expected a 3-D image, got a 2-D one"):
         read_volume(tmp_path / "flat.nii.gz")
     sitk.WriteImage(sitk.Image([3, 3, 3, 2], sitk.sitkUInt8), str(tmp_path / "series.nii.gz"))
-    with pytest.raises(DataError, match=r"series\.nii\.gz: expected a 3-D image, got a 4-D one"):
+    with pytest.raises(DataError, match=r"series\.nii\.gz: holds 2 channels \(a 4-D image of size \(3, 3, "
+                       r"3, 2\)\): pass --channel \(0 to 1\)"):  # fmt: skip
         read_volume(tmp_path / "series.nii.gz")
+    sitk.WriteImage(sitk.Image([3, 3, 3, 2, 2], sitk.sitkUInt8), str(tmp_path / "five.nrrd"))
+    with pytest.raises(DataError, match=r"five\.nrrd: expected a 3-D image, got a 5-D one"):
+        read_volume(tmp_path / "five.nrrd")
     sitk.WriteImage(sitk.Image([3, 3, 3], sitk.sitkComplexFloat32), str(tmp_path / "complex.nrrd"))
     with pytest.raises(DataError, match=r"complex\.nrrd: complex voxel values \(complex of 32-bit float\)"):
         read_volume(tmp_path / "complex.nrrd")  # was read with its imaginary part dropped (numpy warning)
+
+
+def _multichannel(tmp_path, geometry_of: Volume):
+    """A 4-D (x, y, z, 3) image and a vector image of 3 components, channel k = k * 10 + the 3-D array."""
+    import SimpleITK as sitk
+
+    base = to_sitk(geometry_of)
+    channels = [sitk.Cast(base, sitk.sitkFloat32) + 10.0 * k for k in range(3)]
+    four_d, vector = tmp_path / "t2_adc.nii.gz", tmp_path / "vector.nrrd"
+    sitk.WriteImage(sitk.JoinSeries(channels), str(four_d))
+    sitk.WriteImage(sitk.Compose(channels), str(vector))
+    return four_d, vector
+
+
+def test_a_multichannel_image_gives_the_channel_asked_for_with_its_3d_geometry(tmp_path):
+    """The Decathlon's prostate images are 4-D (T2, ADC): one was refused as 'a 4-D one' with no way on."""
+    rng = np.random.default_rng(0)
+    base = Volume(rng.normal(size=(4, 5, 6)).astype(np.float32), (0.6, 0.55, 3.6), (1.0, -2.0, 3.0),
+                  (0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0))  # fmt: skip
+    for path in _multichannel(tmp_path, base):
+        for k in range(3):
+            got = read_volume(path, channel=k)
+            assert got.array.shape == (4, 5, 6)
+            assert np.allclose(got.array, base.array + 10 * k)
+            assert got.spacing == pytest.approx(base.spacing) and got.origin == pytest.approx(base.origin)
+            assert got.direction == pytest.approx(base.direction)
+        with pytest.raises(DataError, match=rf"{path.name}: holds 3 channels .*: pass --channel \(0 to 2\)"):
+            read_volume(path)
+        with pytest.raises(
+            DataError, match=r"--channel 3 is not one of its channels: it holds channels 0 to 2"
+        ):
+            read_volume(path, channel=3)
+        with pytest.raises(DataError, match=r"holds 3 channels: a mask must be one 3-D label map"):
+            read_mask(path)
+    plain = write_volume(base, tmp_path / "plain.nii.gz")
+    assert np.array_equal(read_volume(plain, channel=0).array, base.array)
+    with pytest.raises(DataError, match=r"--channel 1 is not one of its channels: it holds one channel, 0"):
+        read_volume(plain, channel=1)
+
+
+def test_a_mask_of_several_labels_joins_the_labels_asked_for(tmp_path):
+    zones = np.zeros((3, 4, 5), np.uint8)
+    zones[1, 1:3, 1:3], zones[2, 1:3, 1:3] = 1, 2  # the Decathlon's peripheral and transition zones
+    path = write_volume(volume(zones), tmp_path / "zones.nii.gz")
+    assert read_mask(path, label=(1, 2)).array.sum() == 8
+    assert read_mask(path, label=2).array.sum() == 4 and read_mask(path, label=[1]).array.sum() == 4
+    with pytest.raises(DataError, match=r"holds 2 labels \(1, 2\): pass --label to choose the one to use, "
+                       "or several to join"):  # fmt: skip
+        read_mask(path)
+    with pytest.raises(DataError, match=r"mask has no label 3, 4 voxels"):
+        read_mask(path, label=(3, 4))
 
 
 def test_images_that_cannot_be_normalised_are_rejected(tmp_path):

@@ -218,6 +218,61 @@ def test_predict_given_a_directory_of_masks_says_they_are_masks(phantoms, tmp_pa
         list_images(tmp_path / "empty")
 
 
+def _decathlon_prostate(phantoms: Path, out: Path) -> Path:
+    """The Decathlon's prostate layout from the phantoms: imagesTr/caseN.nii.gz 4-D (channel 0 the
+    phantom, channel 1 its negative: another z-scored input), labelsTr/caseN.nii.gz the gland as two zones
+    (1 and 2, split along its columns)."""
+    import SimpleITK as sitk
+
+    from prostate_kernels.data.io import to_sitk
+
+    (out / "imagesTr").mkdir(parents=True)
+    for i in range(4):
+        image = read_volume(phantoms / f"Case0{i}.mhd")
+        base = to_sitk(image, np.float32)
+        sitk.WriteImage(sitk.JoinSeries([base, base * -1.0]), str(out / "imagesTr" / f"case{i}.nii.gz"))
+        mask = read_volume(phantoms / f"Case0{i}_segmentation.mhd")
+        zones = mask.array.astype(np.uint8)
+        zones[..., : zones.shape[2] // 2] *= 2
+        write_volume(mask.like(zones), out / "labelsTr" / f"case{i}.nii.gz")
+    return out
+
+
+def test_a_decathlon_prostate_dataset_trains_predicts_and_scores_on_its_channel_and_zones(
+    phantoms, tmp_path, capsys
+):
+    """4-D images (T2, ADC) and masks of two zones: every case was skipped as 'a 4-D one', and --label
+    took one zone. train --channel / --label 1 2, predict on the checkpoint's channel, evaluate --label 1 2
+    (overlays from imagesTr/, the first channel)."""
+    data = _decathlon_prostate(phantoms, tmp_path / "decathlon")
+    assert main(train_args(data, tmp_path / "no-channel", 1)) == 2
+    assert "holds 2 channels (a 4-D image of size (32, 32, 8, 2)): pass --channel" in capsys.readouterr().out
+    run = tmp_path / "run"
+    assert main(train_args(data, run, 2, "--channel", "1", "--label", "1", "2")) == 0
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert state["channel"] == 1 and state["label"] == [1, 2]
+    predicted = {}
+    for channel in ((), ("--channel", "0")):
+        out = tmp_path / f"pred{len(channel)}"
+        args = ["predict", "--checkpoint", str(run / "checkpoint.pt"), "--input", str(data / "imagesTr"),
+                "--output", str(out), "--no-tta", "--no-progress", "--save-probabilities",
+                *channel]  # fmt: skip
+        assert main(args) == 0
+        segmentation, image = (
+            read_volume(out / "case0_segmentation.nii.gz"),
+            read_volume(phantoms / "Case00.mhd"),
+        )
+        assert segmentation.array.shape == image.array.shape
+        assert segmentation.spacing == pytest.approx(image.spacing)
+        predicted[channel] = read_volume(out / "case0_probabilities.nii.gz").array
+    assert not np.allclose(predicted[()], predicted[("--channel", "0")])  # the checkpoint's channel, 1
+    main(["evaluate", "--pred", str(tmp_path / "pred0"), "--ref", str(data), "--label", "1", "2",
+          "--out", str(tmp_path / "ev")])  # fmt: skip
+    with (tmp_path / "ev" / "evaluation.csv").open() as f:
+        assert [row["case"] for row in csv.DictReader(f)] == ["case0", "case1", "case2", "case3"]
+    assert sorted(p.name for p in (tmp_path / "ev").glob("*_overlay.png"))[0] == "case0_overlay.png"
+
+
 def test_predict_deterministic_segments_under_deterministic_mode(phantoms, trained, tmp_path, monkeypatch):
     """predict --deterministic: every case's probabilities are computed under torch's deterministic mode
     (untimed kernel tiles, windows summed in batch order on a GPU), restored afterwards; the same masks as

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -67,8 +68,13 @@ def itk_call(action: str, path: Path, call):
     raise DataError(path, f"cannot {action} image ({itk_reason(str(error), itk_said())})") from None
 
 
-def read_volume(path: str | Path) -> Volume:
-    """A 3-D scalar image; DataError naming the file for anything else (truncated files included)."""
+def read_volume(path: str | Path, channel: int | None = None, mask: bool = False) -> Volume:
+    """A 3-D scalar image; DataError naming the file for anything else (truncated files included).
+
+    A multi-channel image (4-D, x y z channels, as the Decathlon's prostate task stores T2 and ADC; or 3-D
+    with vector voxels) gives its channel `channel` (0-based) with the 3-D geometry; without `channel` it
+    is a DataError that says to choose one (--channel), or for a mask (`mask`) that a mask is one 3-D
+    label map. A 4-D image of one channel is that channel."""
     path = Path(path)
     if not path.exists():
         raise DataError(path, "file not found")
@@ -78,12 +84,7 @@ def read_volume(path: str | Path) -> Volume:
     sitk = simpleitk()
     check_complete(path)
     image = itk_call("read", path, lambda: sitk.ReadImage(str(path)))
-    if image.GetDimension() != 3:
-        raise DataError(path, f"expected a 3-D image, got a {image.GetDimension()}-D one")
-    if image.GetNumberOfComponentsPerPixel() != 1:
-        raise DataError(
-            path, f"expected a scalar image, got {image.GetNumberOfComponentsPerPixel()} components"
-        )
+    image = _one_channel(image, path, channel, mask)
     array = sitk.GetArrayFromImage(image)
     if np.iscomplexobj(array):
         raise DataError(
@@ -94,6 +95,30 @@ def read_volume(path: str | Path) -> Volume:
     return Volume(
         array, tuple(image.GetSpacing()), tuple(image.GetOrigin()), tuple(image.GetDirection()), path
     )
+
+
+def _one_channel(image, path: Path, channel: int | None, mask: bool):
+    """The 3-D scalar image of `image`'s channel `channel` (read_volume says which images have several)."""
+    sitk = simpleitk()
+    dimension, components = image.GetDimension(), image.GetNumberOfComponentsPerPixel()
+    if dimension not in (3, 4) or (dimension == 4 and components != 1):
+        kind = f"{dimension}-D" + (f" image of {components} components" if components != 1 else " one")
+        raise DataError(path, f"expected a 3-D image, got a {kind}")
+    channels = image.GetSize()[3] if dimension == 4 else components
+    if channels > 1 and channel is None:
+        if mask:
+            raise DataError(path, f"holds {channels} channels: a mask must be one 3-D label map")
+        layout = f"a 4-D image of size {image.GetSize()}" if dimension == 4 else f"{channels} components"
+        raise DataError(path, f"holds {channels} channels ({layout}): pass --channel "
+                              f"(0 to {channels - 1}) to choose the one to use")  # fmt: skip
+    channel = channel or 0
+    if not 0 <= channel < channels:
+        which = f"channels 0 to {channels - 1}" if channels > 1 else "one channel, 0"
+        raise DataError(path, f"--channel {channel} is not one of its channels: it holds {which}")
+    if dimension == 4:
+        size = list(image.GetSize())
+        return sitk.Extract(image, [*size[:3], 0], [0, 0, 0, channel])  # the 4th axis collapsed
+    return sitk.VectorIndexSelectionCast(image, channel) if components > 1 else image
 
 
 def write_volume(volume: Volume, path: str | Path) -> Path:
@@ -154,26 +179,37 @@ def _few_whole_values(array: np.ndarray, most: int) -> np.ndarray | None:
     return values if len(values) <= most and bool(np.all(values == np.round(values))) else None
 
 
-def read_mask(path: str | Path, image: Volume | None = None, label: int | None = None) -> Volume:
-    """A binary mask (uint8 0/1): voxels equal to `label`, or non-zero when label is None.
+def read_mask(
+    path: str | Path, image: Volume | None = None, label: int | Sequence[int] | None = None
+) -> Volume:
+    """A binary mask (uint8 0/1): voxels equal to `label` (or to any of several labels: the Decathlon's
+    prostate zones 1 and 2 make the whole gland), or non-zero when label is None.
 
     With `image` given, size and geometry must match it. An empty mask is a DataError.
     """
-    mask = read_volume(path)
+    labels = as_labels(label)
+    mask = read_volume(path, mask=True)
     if image is not None:
         check_same_grid(image, mask)
     values = mask.array
-    if label is None:
-        labels = np.unique(values)
-        labels = labels[labels != 0]
-        if len(labels) > 1:
-            raise DataError(path, f"mask holds {len(labels)} labels ({_some_values(labels)}): "
-                                  "pass --label to choose the one to use")  # fmt: skip
-    binary = (values == label) if label is not None else (values != 0)
+    if labels is None:
+        present = np.unique(values)
+        present = present[present != 0]
+        if len(present) > 1:
+            raise DataError(path, f"mask holds {len(present)} labels ({_some_values(present)}): "
+                                  "pass --label to choose the one to use, or several to join")  # fmt: skip
+    binary = np.isin(values, labels) if labels is not None else (values != 0)
     if not binary.any():
-        what = f"label {label}" if label is not None else "foreground"
+        what = f"label {', '.join(map(str, labels))}" if labels is not None else "foreground"
         raise DataError(path, f"mask has no {what} voxels (values present: {_some_values(values)})")
     return replace(mask.like(binary.astype(np.uint8)), path=mask.path)
+
+
+def as_labels(label: int | Sequence[int] | None) -> tuple[int, ...] | None:
+    """--label's value as a tuple of labels (None: every non-zero value); one int is one label."""
+    if label is None:
+        return None
+    return (int(label),) if isinstance(label, (int, np.integer)) else tuple(int(v) for v in label)
 
 
 def check_binary(prediction: Volume) -> None:
