@@ -22,6 +22,7 @@ from prostate_kernels.data import (
     write_volume,
 )
 from prostate_kernels.data.cases import IMAGE_SUFFIXES, discover_cases, is_image_file, stem, suffix
+from prostate_kernels.data.dicom import series_directories
 from prostate_kernels.data.resample import resample_image, resample_onto
 from prostate_kernels.data.sampling import zscore
 from prostate_kernels.determinism import deterministic_mode
@@ -42,7 +43,8 @@ from prostate_kernels.safe_files import (
 
 
 def list_images(path: Path) -> list[Path]:
-    """An image file itself, or a directory's images (a dataset's cases, else every non-mask image)."""
+    """An image file itself, or a directory's images (a dataset's cases, else every non-mask image, else
+    the DICOM series it is or holds one directory each of)."""
     path = Path(path)
     if path.is_file():
         return [path]
@@ -54,10 +56,12 @@ def list_images(path: Path) -> list[Path]:
         return [case.image for case in discover_cases(path)]
     except DataError:
         files = [p for p in sorted(path.iterdir()) if is_image_file(p)]
-        images = [p for p in files if "_segmentation" not in p.name]
+        images = [p for p in files if "_segmentation" not in p.name] or series_directories(path)
         if not images:
             masks = f"; its {len(files)} *_segmentation file(s) are masks, not images" if files else ""
-            raise DataError(path, f"no images ({', '.join(IMAGE_SUFFIXES)}) found{masks}") from None
+            raise DataError(
+                path, f"no images ({', '.join(IMAGE_SUFFIXES)}, DICOM series) found{masks}"
+            ) from None
         return images
 
 
@@ -225,7 +229,9 @@ def _model_probabilities(model, state: dict, image, device, overlap, mode, tta, 
 
 
 def _targets(image: Path, output: Path, save_probabilities: bool) -> tuple[Path, Path | None]:
-    name, ext = stem(image), suffix(image)
+    """(<name>_segmentation, <name>_probabilities or None) in `output`, in the image's format; a DICOM
+    series' directory gives <its name>_segmentation.nii.gz."""
+    name, ext = stem(image), (suffix(image) if not image.is_dir() else ".nii.gz")
     probabilities = output / f"{name}_probabilities{ext}" if save_probabilities else None
     return output / f"{name}_segmentation{ext}", probabilities
 

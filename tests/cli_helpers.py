@@ -78,3 +78,26 @@ def run_probe(name: str) -> dict:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def write_dicom_series(image_path: Path, directory: Path, uid: str) -> Path:
+    """The 3-D image at image_path as a DICOM series in `directory` (int16 MR slices named IM0000...,
+    without a suffix, as scanners export them), its geometry in each slice's position and orientation."""
+    import SimpleITK as sitk
+
+    image = sitk.Cast(sitk.ReadImage(str(image_path)), sitk.sitkInt16)
+    d = image.GetDirection()
+    orientation = "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7])))
+    directory.mkdir(parents=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetImageIO("GDCMImageIO")
+    for k in range(image.GetDepth()):
+        slice_ = image[:, :, k]
+        for tag, value in (("0020|000e", uid), ("0008|0060", "MR"), ("0020|0037", orientation),
+                           ("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k))))),
+                           ("0020|0013", str(k))):  # fmt: skip
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(directory / f"IM{k:04d}"))
+        writer.Execute(slice_)
+    return directory

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -103,6 +104,32 @@ def test_a_multichannel_image_gives_the_channel_asked_for_with_its_3d_geometry(t
     assert np.array_equal(read_volume(plain, channel=0).array, base.array)
     with pytest.raises(DataError, match=r"--channel 1 is not one of its channels: it holds one channel, 0"):
         read_volume(plain, channel=1)
+
+
+def test_a_directory_of_one_dicom_series_reads_as_its_volume(tmp_path):
+    from cli_helpers import write_dicom_series
+
+    rng = np.random.default_rng(0)
+    base = Volume(rng.integers(0, 900, size=(5, 6, 7)).astype(np.int16), (0.6, 0.55, 3.6), (1.0, -2.0, 3.0),
+                  (0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))  # fmt: skip
+    source = write_volume(base, tmp_path / "t2.nii.gz")
+    series = write_dicom_series(source, tmp_path / "series", "1.2.826.0.1.3680043.2.1125.1.1")
+    got = read_volume(series)
+    assert np.array_equal(got.array, base.array)
+    assert got.spacing == pytest.approx(base.spacing) and got.origin == pytest.approx(base.origin)
+    assert got.direction == pytest.approx(base.direction)
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for k, uid in ((0, "1.2.3.1"), (1, "1.2.3.2")):
+        write_dicom_series(source, tmp_path / f"s{k}", uid)
+        for f in (tmp_path / f"s{k}").iterdir():
+            f.rename(mixed / f"{k}-{f.name}")
+    with pytest.raises(DataError, match=r"mixed: holds 2 DICOM series \(1\.2\.3\.1, 1\.2\.3\.2\): give a "
+                       "directory of one series"):  # fmt: skip
+        read_volume(mixed)
+    os.mkfifo(series / "pipe")
+    with pytest.raises(DataError, match=r"pipe: not a regular file \(a pipe, socket or device\)"):
+        read_volume(series)
 
 
 def test_a_mask_of_several_labels_joins_the_labels_asked_for(tmp_path):

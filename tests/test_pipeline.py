@@ -273,6 +273,38 @@ def test_a_decathlon_prostate_dataset_trains_predicts_and_scores_on_its_channel_
     assert sorted(p.name for p in (tmp_path / "ev").glob("*_overlay.png"))[0] == "case0_overlay.png"
 
 
+def test_predict_segments_dicom_series_given_as_a_directory_or_a_directory_of_them(
+    phantoms, trained, tmp_path
+):
+    """A scanner's export (one directory of slices per series) was 'no images found'."""
+    from cli_helpers import write_dicom_series
+
+    exam = tmp_path / "exam"
+    for i in range(2):
+        write_dicom_series(
+            phantoms / f"Case0{i}.mhd", exam / f"series{i}", f"1.2.826.0.1.3680043.2.1125.9.{i}"
+        )
+    checkpoint = str(trained / "checkpoint.pt")
+    args = ["predict", "--checkpoint", checkpoint, "--no-tta", "--no-progress", "--save-probabilities"]
+    assert main([*args, "--input", str(exam / "series1"), "--output", str(tmp_path / "one")]) == 0
+    assert main([*args, "--input", str(exam), "--output", str(tmp_path / "both")]) == 0
+    assert sorted(p.name for p in (tmp_path / "both").iterdir()) == [
+        "series0_probabilities.nii.gz", "series0_segmentation.nii.gz",
+        "series1_probabilities.nii.gz", "series1_segmentation.nii.gz",
+    ]  # fmt: skip
+    image = read_volume(phantoms / "Case01.mhd")
+    for out in ("one", "both"):
+        segmentation = read_volume(tmp_path / out / "series1_segmentation.nii.gz")
+        assert segmentation.array.shape == image.array.shape
+        assert segmentation.spacing == pytest.approx(image.spacing, rel=1e-5)
+        assert segmentation.origin == pytest.approx(image.origin, abs=1e-4)
+    # the phantom's int16 voxels and geometry, exported losslessly: the probabilities of the file itself
+    assert main([*args, "--input", str(phantoms / "Case01.mhd"), "--output", str(tmp_path / "file")]) == 0
+    from_file = read_volume(tmp_path / "file" / "Case01_probabilities.mhd").array
+    from_series = read_volume(tmp_path / "one" / "series1_probabilities.nii.gz").array
+    assert np.abs(from_file - from_series).max() < 1e-6, np.abs(from_file - from_series).max()
+
+
 def test_predict_deterministic_segments_under_deterministic_mode(phantoms, trained, tmp_path, monkeypatch):
     """predict --deterministic: every case's probabilities are computed under torch's deterministic mode
     (untimed kernel tiles, windows summed in batch order on a GPU), restored afterwards; the same masks as

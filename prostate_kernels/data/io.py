@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from prostate_kernels.data.dicom import read_series
 from prostate_kernels.data.errors import DataError
 from prostate_kernels.data.integrity import captured_stderr, check_complete, check_regular, itk_reason
 from prostate_kernels.safe_files import temporary_path
@@ -69,7 +70,8 @@ def itk_call(action: str, path: Path, call):
 
 
 def read_volume(path: str | Path, channel: int | None = None, mask: bool = False) -> Volume:
-    """A 3-D scalar image; DataError naming the file for anything else (truncated files included).
+    """A 3-D scalar image (a file, or a directory of one DICOM series); DataError naming the file for
+    anything else (truncated files included).
 
     A multi-channel image (4-D, x y z channels, as the Decathlon's prostate task stores T2 and ADC; or 3-D
     with vector voxels) gives its channel `channel` (0-based) with the 3-D geometry; without `channel` it
@@ -78,12 +80,13 @@ def read_volume(path: str | Path, channel: int | None = None, mask: bool = False
     path = Path(path)
     if not path.exists():
         raise DataError(path, "file not found")
-    if path.is_dir():
-        raise DataError(path, "is a directory, expected an image file")
-    check_regular(path)
     sitk = simpleitk()
-    check_complete(path)
-    image = itk_call("read", path, lambda: sitk.ReadImage(str(path)))
+    if path.is_dir():  # a DICOM series' slices
+        image = itk_call("read", path, lambda: read_series(path))
+    else:
+        check_regular(path)
+        check_complete(path)
+        image = itk_call("read", path, lambda: sitk.ReadImage(str(path)))
     image = _one_channel(image, path, channel, mask)
     array = sitk.GetArrayFromImage(image)
     if np.iscomplexobj(array):

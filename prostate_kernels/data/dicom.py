@@ -1,0 +1,51 @@
+"""DICOM series: a directory of one series' slice files, read as one 3-D volume by SimpleITK (GDCM).
+
+A scanner exports each series as a directory of slices (often without a file suffix). GDCM sorts them by
+position, so the volume comes back with the slice spacing and orientation the files record.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prostate_kernels.data.errors import DataError
+from prostate_kernels.data.integrity import captured_stderr
+
+
+def series_ids(directory: Path) -> tuple[str, ...]:
+    """The DICOM series among the files directly in `directory` (none: ()). GDCM opens every file there,
+    so a pipe, socket or device among them is a DataError first (reading one could wait forever)."""
+    import SimpleITK as sitk
+
+    for entry in directory.iterdir():
+        if not (entry.is_file() or entry.is_dir()):
+            raise DataError(entry, "not a regular file (a pipe, socket or device): reading it could wait "
+                                   "forever")  # fmt: skip
+    with captured_stderr():  # GDCM warns "No Series were found" there
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory)))
+
+
+def series_directories(directory: Path) -> list[Path]:
+    """`directory` when its files make a DICOM series, else its subdirectories whose files do (a patient's
+    export: one directory per series)."""
+    if series_ids(directory):
+        return [directory]
+    return [sub for sub in sorted(directory.iterdir()) if sub.is_dir() and series_ids(sub)]
+
+
+def read_series(directory: Path):
+    """The one DICOM series in `directory` as a SimpleITK image; DataError when it holds none or several
+    (naming them: the slices of two series would be mixed)."""
+    import SimpleITK as sitk
+
+    ids = series_ids(directory)
+    if not ids:
+        raise DataError(directory, "is a directory without a DICOM series, expected an image file")
+    if len(ids) > 1:
+        named = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
+        raise DataError(directory, f"holds {len(ids)} DICOM series ({named}): give a directory of one series")
+    with captured_stderr():
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), ids[0])
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(files)
+    return reader.Execute()
