@@ -127,6 +127,18 @@ def test_a_directory_of_one_dicom_series_reads_as_its_volume(tmp_path):
     with pytest.raises(DataError, match=r"mixed: holds 2 DICOM series \(1\.2\.3\.1, 1\.2\.3\.2\): give a "
                        "directory of one series"):  # fmt: skip
         read_volume(mixed)
+    echoes = tmp_path / "echoes"  # two images per position in one series, as a multi-echo export
+    write_dicom_series(source, echoes, "1.2.3.3")
+    write_dicom_series(source, tmp_path / "echo2", "1.2.3.3")
+    for f in (tmp_path / "echo2").iterdir():
+        f.rename(echoes / f"E2{f.name}")
+    with pytest.raises(
+        DataError, match=r"echoes: holds 10 slices at 5 positions: several images per position"
+    ):
+        read_volume(echoes)
+    (series / "IM0002").unlink()
+    with pytest.raises(DataError, match=r"series: its slices are unevenly spaced \(3\.6 to 7\.2 mm apart\)"):
+        read_volume(series)
     os.mkfifo(series / "pipe")
     with pytest.raises(DataError, match=r"pipe: not a regular file \(a pipe, socket or device\)"):
         read_volume(series)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from prostate_kernels.data.errors import DataError
 from prostate_kernels.data.integrity import captured_stderr
 
@@ -48,4 +50,32 @@ def read_series(directory: Path):
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), ids[0])
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
-    return reader.Execute()
+    reader.MetaDataDictionaryArrayUpdateOn()  # each slice's tags, for its position
+    image = reader.Execute()
+    _check_slice_positions([reader.GetMetaData(i, POSITION) if reader.HasMetaDataKey(i, POSITION) else None
+                            for i in range(len(files))], directory)  # fmt: skip
+    return image
+
+
+POSITION = "0020|0032"  # Image Position (Patient): a slice's first voxel, x\y\z mm
+
+
+def _check_slice_positions(positions: list[str | None], directory: Path) -> None:
+    """DataError when the series' slices share positions (echoes, b-values or time points of one series)
+    or are unevenly spaced (missing slices): GDCM stacks them into one volume all the same, of the wrong
+    depth or spacing. Slices that record no position are not checked."""
+    if len(positions) < 2 or None in positions:
+        return
+    try:
+        points = np.array([[float(v) for v in p.split("\\")] for p in positions])
+    except ValueError:
+        raise DataError(directory, f"a slice's position {POSITION} is not 3 numbers") from None
+    distinct = len({tuple(p) for p in np.round(points, 3)})
+    if distinct < len(positions):  # GDCM then ordered them by file name (measured), not along the normal
+        raise DataError(directory, f"holds {len(positions)} slices at {distinct} positions: several images "
+                                   "per position (echoes, b-values or time points); give a directory of "
+                                   "one of them")  # fmt: skip
+    steps = np.linalg.norm(np.diff(points, axis=0), axis=1)  # GDCM's order: along the slice normal
+    if steps.max() - steps.min() > 0.01 * steps.mean():
+        raise DataError(directory, f"its slices are unevenly spaced ({steps.min():.4g} to {steps.max():.4g} "
+                                   "mm apart): missing slices?")  # fmt: skip
