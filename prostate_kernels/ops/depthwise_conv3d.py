@@ -107,7 +107,7 @@ def _pytorch_depthwise(
     (H200, bf16, batch 2, 3x3x3, dilation 1 and 12, C=128 and 728, 4x16x16 to 16x64x64: 16.4 against
     0.19 ms at C=728 4x16x16, 1039 against 8.2 ms at C=728 16x64x64; the H100 alike) and 0.64-6.1x its
     time forward, so there it always runs NCDHW (the layout copies are timed with it in
-    bench/bench_depthwise.py's "ours (auto)" rows below TRITON_FROM_ELEMENTS).
+    bench/bench_depthwise.py's "ours, auto" rows below TRITON_FROM_ELEMENTS).
     PyTorch's CPU depthwise conv3d (oneDNN) is slower channels-last for wide layers. Measured forward +
     backward, batch 2, 3x3x3, rates (1, r, r), 2 cores, NCDHW with both conversions against
     channels-last: 2048 channels at 4x4x4 15.6 against 35.1 ms (rates 1, 2, 4: 2.3-2.7x slower
