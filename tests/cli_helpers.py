@@ -85,6 +85,8 @@ def write_dicom_series(image_path: Path, directory: Path, uid: str) -> Path:
     without a suffix, as scanners export them), its geometry in each slice's position and orientation."""
     import SimpleITK as sitk
 
+    from prostate_kernels.data.dicom import kept_locale
+
     image = sitk.Cast(sitk.ReadImage(str(image_path)), sitk.sitkInt16)
     d = image.GetDirection()
     orientation = "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7])))
@@ -99,5 +101,6 @@ def write_dicom_series(image_path: Path, directory: Path, uid: str) -> Path:
                            ("0020|0013", str(k))):  # fmt: skip
             slice_.SetMetaData(tag, value)
         writer.SetFileName(str(directory / f"IM{k:04d}"))
-        writer.Execute(slice_)
+        with kept_locale():  # GDCM's writer sets the process's locale to "C"
+            writer.Execute(slice_)
     return directory

@@ -25,6 +25,19 @@ def _backend_is_restored():
 
 
 @pytest.fixture(autouse=True)
+def _locale_is_restored():
+    """Fails a test that leaves the process's locale changed (GDCM's DICOM writer set it to "C": every
+    later test then read subprocess output and torch.compile's templates as ASCII, and 13 failed)."""
+    import locale
+
+    before = locale.setlocale(locale.LC_ALL)
+    yield
+    assert locale.setlocale(locale.LC_ALL) == before, (
+        f"test left the locale at {locale.setlocale(locale.LC_ALL)!r}"
+    )
+
+
+@pytest.fixture(autouse=True)
 def _deterministic_mode_is_restored():
     """Fails a test that leaves torch's deterministic-algorithms mode or cuDNN's benchmark changed."""
     import torch

@@ -6,12 +6,27 @@ position, so the volume comes back with the slice spacing and orientation the fi
 
 from __future__ import annotations
 
+import contextlib
+import locale
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from prostate_kernels.data.errors import DataError
 from prostate_kernels.data.integrity import captured_stderr
+
+
+@contextlib.contextmanager
+def kept_locale() -> Iterator[None]:
+    """The process's locale as it was before the block: GDCM's DICOM writer sets it to "C" (measured,
+    SimpleITK 2.5), after which Python decodes subprocess output and reads text files as ASCII. Its reader
+    left it alone in the same measurement; the library guards its reads all the same."""
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 def series_ids(directory: Path) -> tuple[str, ...]:
@@ -23,7 +38,7 @@ def series_ids(directory: Path) -> tuple[str, ...]:
         if not (entry.is_file() or entry.is_dir()):
             raise DataError(entry, "not a regular file (a pipe, socket or device): reading it could wait "
                                    "forever")  # fmt: skip
-    with captured_stderr():  # GDCM warns "No Series were found" there
+    with captured_stderr(), kept_locale():  # GDCM warns "No Series were found" there
         return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory)))
 
 
@@ -46,12 +61,13 @@ def read_series(directory: Path):
     if len(ids) > 1:
         named = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
         raise DataError(directory, f"holds {len(ids)} DICOM series ({named}): give a directory of one series")
-    with captured_stderr():
+    with captured_stderr(), kept_locale():
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), ids[0])
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()  # each slice's tags, for its position
-    image = reader.Execute()
+    with kept_locale():
+        image = reader.Execute()
     _check_slice_positions([reader.GetMetaData(i, POSITION) if reader.HasMetaDataKey(i, POSITION) else None
                             for i in range(len(files))], directory)  # fmt: skip
     return image
