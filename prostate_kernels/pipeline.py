@@ -73,15 +73,16 @@ def load_trained_model(
     for key in ("model", "state_dict", "patch"):
         if key not in state:
             raise DataError(checkpoint, f"checkpoint lacks {key!r}")
-    _check_patch_and_slices(state, checkpoint)
+    _check_recorded_settings(state, checkpoint)
     _check_window_fits_model(state, checkpoint, device)  # before any weight is allocated
     model = _build_network(state, checkpoint)
     load_model_weights(model, state["state_dict"], checkpoint, state["model"])
     return model_in_layout(model.to(device), channels_last).eval(), state
 
 
-def _check_patch_and_slices(state: dict, checkpoint: Path) -> None:
-    """A checkpoint's patch is 3 positive ints, its slices a non-negative int: else a DataError."""
+def _check_recorded_settings(state: dict, checkpoint: Path) -> None:
+    """A checkpoint's patch is 3 positive ints, its slices an int >= 0, its spacing (if any) 3 sizes > 0
+    and its channel (if any) an int >= 0: else a DataError."""
     patch, slices = state["patch"], state.get("slices", 0)
     if (
         not isinstance(patch, (list, tuple))

@@ -139,6 +139,11 @@ def test_a_directory_of_one_dicom_series_reads_as_its_volume(tmp_path):
     (series / "IM0002").unlink()
     with pytest.raises(DataError, match=r"series: its slices are unevenly spaced \(3\.6 to 7\.2 mm apart\)"):
         read_volume(series)
+    from prostate_kernels.data.dicom import _check_slice_positions
+
+    for positions in (["1\\2", "1\\3"], ["1\\2\\x", "1\\2\\3"], ["1\\2\\3", "1\\2"]):
+        with pytest.raises(DataError, match=r"a slice's position 0020\|0032 is not 3 numbers"):
+            _check_slice_positions(positions, series)
     os.mkfifo(series / "pipe")
     with pytest.raises(DataError, match=r"pipe: not a regular file \(a pipe, socket or device\)"):
         read_volume(series)

@@ -85,7 +85,9 @@ def _check_slice_positions(positions: list[str | None], directory: Path) -> None
     try:
         points = np.array([[float(v) for v in p.split("\\")] for p in positions])
     except ValueError:
-        raise DataError(directory, f"a slice's position {POSITION} is not 3 numbers") from None
+        points = None
+    if points is None or points.shape != (len(positions), 3):
+        raise DataError(directory, f"a slice's position {POSITION} is not 3 numbers")
     distinct = len({tuple(p) for p in np.round(points, 3)})
     if distinct < len(positions):  # GDCM then ordered them by file name (measured), not along the normal
         raise DataError(directory, f"holds {len(positions)} slices at {distinct} positions: several images "
