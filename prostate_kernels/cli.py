@@ -136,9 +136,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=int, nargs="+", default=None,
                    help="the masks' label to learn (required when a mask holds several); several are joined "
                    "(the Decathlon's prostate zones: --label 1 2)")  # fmt: skip
-    p.add_argument("--channel", type=non_negative_int, default=None,
-                   help="the channel of multi-channel images to train on (the Decathlon's prostate task: 0 "
-                   "is T2, 1 ADC); kept in the checkpoint for predict")  # fmt: skip
+    p.add_argument("--channel", type=non_negative_int, nargs="+", default=None,
+                   help="the channel of multi-channel images to train on, or several as the network's input "
+                   "channels (the Decathlon's prostate task: 0 is T2, 1 ADC, --channel 0 1 both); kept in "
+                   "the checkpoint for predict")  # fmt: skip
     p.add_argument("--spacing", type=positive_float, nargs=3, metavar=("Z", "Y", "X"), default=None,
                    help="resample every case to this spacing (mm) first; predict does too")  # fmt: skip
     p.add_argument("--seed", type=non_negative_int, default=0,
@@ -180,9 +181,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                    help="average the predictions of the volume mirrored along each axis (8 passes; on by "
                    "default: +0.02 held-out Dice on real MRI, README)")  # fmt: skip
-    p.add_argument("--channel", type=non_negative_int, default=None,
-                   help="the channel of multi-channel images to segment (default: the one each checkpoint "
-                   "was trained on)")  # fmt: skip
+    p.add_argument("--channel", type=non_negative_int, nargs="+", default=None,
+                   help="the channel(s) of multi-channel images to segment, as many as each checkpoint was "
+                   "trained on (default: the ones each checkpoint was trained on)")  # fmt: skip
     p.add_argument("--save-probabilities", action="store_true",
                    help="also write <name>_probabilities (float32 foreground probability)")  # fmt: skip
     p.add_argument("--largest-component", action=argparse.BooleanOptionalAction, default=True,
@@ -272,7 +273,7 @@ def _train(args) -> int:
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         label=tuple(args.label) if args.label else None,
-        channel=args.channel,
+        channel=tuple(args.channel) if args.channel else None,
         spacing=tuple(args.spacing) if args.spacing else None,
         seed=args.seed,
         deterministic=args.deterministic,
@@ -303,7 +304,7 @@ def _predict(args) -> int:
         deterministic=args.deterministic,
         channels_last=args.channels_last,
         progress=not args.no_progress,
-        channel=args.channel,
+        channel=tuple(args.channel) if args.channel else None,
     )
     return _report(failures)
 

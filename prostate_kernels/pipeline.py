@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,14 @@ from prostate_kernels.data import (
     ConfigError,
     DataError,
     check_image,
-    read_volume,
+    read_channels,
     write_volume,
 )
 from prostate_kernels.data.cases import IMAGE_SUFFIXES, discover_cases, is_image_file, stem, suffix
 from prostate_kernels.data.dicom import series_directories
+from prostate_kernels.data.io import as_channels
 from prostate_kernels.data.resample import resample_image, resample_onto
-from prostate_kernels.data.sampling import zscore
+from prostate_kernels.data.sampling import zscore_channels
 from prostate_kernels.determinism import deterministic_mode
 from prostate_kernels.devices import available_device, memory_bytes
 from prostate_kernels.evaluation import evaluate_files
@@ -82,7 +84,7 @@ def load_trained_model(
 
 def _check_recorded_settings(state: dict, checkpoint: Path) -> None:
     """A checkpoint's patch is 3 positive ints, its slices an int >= 0, its spacing (if any) 3 sizes > 0
-    and its channel (if any) an int >= 0: else a DataError."""
+    and its channel (if any) an int >= 0 or a list of different ones: else a DataError."""
     patch, slices = state["patch"], state.get("slices", 0)
     if (
         not isinstance(patch, (list, tuple))
@@ -100,8 +102,22 @@ def _check_recorded_settings(state: dict, checkpoint: Path) -> None:
     ):
         raise DataError(checkpoint, f"malformed checkpoint: spacing {spacing!r} is not 3 sizes > 0 (mm)")
     channel = state.get("channel")
-    if channel is not None and (not isinstance(channel, int) or isinstance(channel, bool) or channel < 0):
-        raise DataError(checkpoint, f"malformed checkpoint: channel {channel!r} is not an int >= 0")
+    channels = [channel] if isinstance(channel, int) else channel
+    if channel is not None and (
+        not isinstance(channels, (list, tuple))
+        or not channels
+        or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in channels)
+        or len(set(channels)) != len(channels)
+    ):
+        raise DataError(
+            checkpoint,
+            f"malformed checkpoint: channel {channel!r} is not an int >= 0 or a list of different ones",
+        )
+
+
+def _trained_channels(state: dict) -> int:
+    """How many image channels the checkpoint's network takes (1 unless trained on several)."""
+    return len(as_channels(state.get("channel")) or (0,))
 
 
 def _build_network(state: dict, checkpoint: Path) -> torch.nn.Module:
@@ -117,8 +133,8 @@ def _check_window_fits_model(state: dict, checkpoint: Path, device: torch.device
     fits the device's memory and is an input its network takes: checked by a forward of the network
     built on the meta device (shapes only, no values), whose models name what they expected. A patch or
     slices that disagreed with the network ended predict in the network's ValueError traceback."""
-    patch, slices = tuple(state["patch"]), state.get("slices", 0)
-    window = (1, slices, *patch[1:]) if slices else (1, 1, *patch)
+    patch, slices, channels = tuple(state["patch"]), state.get("slices", 0), _trained_channels(state)
+    window = (1, channels * slices, *patch[1:]) if slices else (1, channels, *patch)
     need, total = math.prod(window) * 4, memory_bytes(device)
     if total is not None and need > total:
         raise DataError(checkpoint, f"malformed checkpoint: one window of its patch {list(patch)} takes "
@@ -154,7 +170,7 @@ def predict_files(
     deterministic: bool = False,
     channels_last: bool = False,
     progress: bool = False,
-    channel: int | None = None,
+    channel: int | Sequence[int] | None = None,
 ) -> list[str]:
     """Writes <name>_segmentation (and <name>_probabilities) with each input's geometry; returns failures.
 
@@ -164,8 +180,8 @@ def predict_files(
     deterministic: under determinism.deterministic_mode (the same probabilities on every run).
     channels_last: the networks run channels-last (layout.py; the same probabilities up to rounding).
     progress: a bar per case and model over its windows (3-D networks) or slices (2-D).
-    channel: the channel of multi-channel images each network sees; None: the one it was trained on
-    (train --channel; none for single-channel images).
+    channel: the channel(s) of multi-channel images each network sees, as many as it was trained on;
+    None: the ones it was trained on (train --channel; none for single-channel images).
     """
     try:
         dev = available_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "device")
@@ -176,7 +192,10 @@ def predict_files(
     _check_targets(targets, Path(inputs), overwrite)
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     ensemble = [load_trained_model(path, dev, channels_last) for path in checkpoints]
-    channels = [channel if channel is not None else state.get("channel") for _, state in ensemble]
+    channels = [
+        _channels_to_read(channel, state, path)
+        for path, (_, state) in zip(checkpoints, ensemble, strict=True)
+    ]
     amp = torch.bfloat16 if dev.type == "cuda" else None
     failures = []
     with created_directory(output, "--output"), deterministic_mode(deterministic):  # removed if none written
@@ -187,22 +206,38 @@ def predict_files(
     return failures
 
 
+def _channels_to_read(channel: int | Sequence[int] | None, state: dict, checkpoint: Path) -> tuple | None:
+    """The channels of each image that the checkpoint's network sees: predict's --channel, else the ones
+    it was trained on (None: a single-channel image). ConfigError when --channel names another count."""
+    if channel is None:
+        return as_channels(state.get("channel"))
+    asked, trained = as_channels(channel), as_channels(state.get("channel"))
+    count = len(trained or (0,))
+    if len(asked) != count:
+        how = f"--channel {' '.join(map(str, trained))}" if trained else "a single-channel image"
+        raise ConfigError(f"--channel {' '.join(map(str, asked))} names {len(asked)} channel(s), but "
+                          f"{checkpoint} was trained on {count} ({how}): name {count}")  # fmt: skip
+    return asked
+
+
 def _predict_case(
     path, ensemble, channels, targets, dev, overlap, mode, tta, largest, amp, progress
 ) -> list[str]:
     """Segments one image into its targets (segmentation path, probabilities path or None), each network
-    of the ensemble on its channel of it (`channels`); returns [] or [the case's failure]."""
+    of the ensemble on its channels of it (`channels`: a tuple or None per network); returns [] or [the
+    case's failure]."""
     try:
         start = time.time()
-        seen = {}  # channel: that channel of the image, read and checked once
-        for channel in channels:
-            if channel not in seen:
-                seen[channel] = read_volume(path, channel)
-                check_image(seen[channel])
-        image = seen[channels[0]]  # the channels share the image's 3-D grid
+        seen = {}  # channels: those channels of the image (3-D Volumes), read and checked once
+        for read in channels:
+            if read not in seen:
+                seen[read] = read_channels(path, read)
+                for volume in seen[read]:
+                    check_image(volume)
+        image = seen[channels[0]][0]  # the channels share the image's 3-D grid
         probs = [
-            _model_probabilities(model, state, seen[channel], dev, overlap, mode, tta, amp, progress)
-            for (model, state), channel in zip(ensemble, channels, strict=True)
+            _model_probabilities(model, state, seen[read], dev, overlap, mode, tta, amp, progress)
+            for (model, state), read in zip(ensemble, channels, strict=True)
         ]
         prob = np.mean(probs, axis=0, dtype=np.float32)
         mask = (prob > 0.5).astype(np.uint8)
@@ -218,15 +253,17 @@ def _predict_case(
     return []
 
 
-def _model_probabilities(model, state: dict, image, device, overlap, mode, tta, amp, progress) -> np.ndarray:
-    """Probabilities on `image`'s own grid; a model trained at a spacing sees the image resampled to it,
-    and its probabilities are resampled back (linearly) onto the image's grid."""
+def _model_probabilities(model, state: dict, images, device, overlap, mode, tta, amp, progress) -> np.ndarray:
+    """Probabilities on the images' own grid (`images`: the network's channels, 3-D Volumes on one grid);
+    a model trained at a spacing sees them resampled to it, and its probabilities are resampled back
+    (linearly) onto their grid."""
     spacing = state.get("spacing")
-    grid = resample_image(image, spacing) if spacing is not None else image
+    grids = [resample_image(image, spacing) for image in images] if spacing is not None else images
     patch, slices = tuple(state["patch"]), int(state.get("slices", 0))
-    prob = predict_probabilities(model, zscore(grid.array), patch, slices, device, overlap, mode, tta,
+    channels = zscore_channels(np.stack([grid.array for grid in grids]))  # (C, D, H, W)
+    prob = predict_probabilities(model, channels, patch, slices, device, overlap, mode, tta,
                                  amp_dtype=amp, progress=progress)  # fmt: skip
-    return resample_onto(grid.like(prob), image) if spacing is not None else prob
+    return resample_onto(grids[0].like(prob), images[0]) if spacing is not None else prob
 
 
 def _targets(image: Path, output: Path, save_probabilities: bool) -> tuple[Path, Path | None]:

@@ -1,10 +1,10 @@
 """Whole-volume prediction with a network: sliding windows, test-time mirroring, the 2-D slice stacks.
 
-predict_probabilities takes a z-scored (D, H, W) array and returns float32 probabilities (D, H, W).
-3-D networks run sliding windows of the training patch, stitched on the network's device (on a GPU, on
-the CPU if the volume's buffers do not fit there); 2-D networks trained on stacks of k slices predict
-slice by slice, each from its k neighbours (edge slices repeated at the volume's ends), stitched on the
-CPU.
+predict_probabilities takes a z-scored (D, H, W) array, or (C, D, H, W) for a network trained on C
+image channels, and returns float32 probabilities (D, H, W). 3-D networks run sliding windows of the
+training patch, stitched on the network's device (on a GPU, on the CPU if the volume's buffers do not fit
+there); 2-D networks trained on stacks of k slices predict slice by slice, each from its k neighbours
+(edge slices repeated at the volume's ends) of every channel, stitched on the CPU.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ def predict_probabilities(
     try:
         with torch.no_grad():
             volume = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+            volume = volume[None] if volume.dim() == 3 else volume  # (C, D, H, W)
             if slices:
                 return _slice_stacks(
                     volume, predictor, patch, slices, overlap, mode, tta, sw_batch_size, device, progress
@@ -50,7 +51,7 @@ def predict_probabilities(
 
             def stitch(on: torch.device) -> torch.Tensor:
                 return sliding_window_inference(
-                    volume[None, None].to(on), patch, sw_batch_size, predictor, overlap=overlap,
+                    volume[None].to(on), patch, sw_batch_size, predictor, overlap=overlap,
                     mode=mode, sw_device=device, device=on, progress=progress,
                     flip_axes=(0, 1, 2) if tta else (),
                 )  # fmt: skip
@@ -88,14 +89,17 @@ def stitched_on_device_or_cpu(
 
 def _slice_stacks(volume, predictor, patch, slices, overlap, mode, tta, sw_batch_size, device,
                   progress) -> np.ndarray:  # fmt: skip
-    """Each slice z predicted from slices [z - k//2, z + k//2] as channels, in-plane sliding windows;
-    progress: one bar over the slices."""
+    """Each slice z of volume (C, D, H, W) predicted from slices [z - k//2, z + k//2] of every channel as
+    channels (channel-major, as PatchSampler stacks them), in-plane sliding windows; progress: one bar
+    over the slices."""
     half = slices // 2
-    padded = torch.cat([volume[:1].expand(half, -1, -1), volume, volume[-1:].expand(half, -1, -1)])
-    out = np.empty(volume.shape, dtype=np.float32)
-    with progress_bar(volume.shape[0], "slices", "slice", enabled=progress) as bar:
-        for z in range(volume.shape[0]):
-            stack = padded[z : z + slices][None]  # (1, k, H, W)
+    edges = (volume[:, :1].expand(-1, half, -1, -1), volume[:, -1:].expand(-1, half, -1, -1))
+    padded = torch.cat([edges[0], volume, edges[1]], dim=1)  # (C, D + 2 * half, H, W)
+    depth = volume.shape[1]
+    out = np.empty(volume.shape[1:], dtype=np.float32)
+    with progress_bar(depth, "slices", "slice", enabled=progress) as bar:
+        for z in range(depth):
+            stack = padded[:, z : z + slices].flatten(0, 1)[None]  # (1, C * k, H, W)
             prob = sliding_window_inference(
                 stack.contiguous(), patch[1:], sw_batch_size, predictor, overlap=overlap, mode=mode,
                 sw_device=device, device="cpu", flip_axes=(0, 1) if tta else (),

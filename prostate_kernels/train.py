@@ -32,12 +32,12 @@ from prostate_kernels.data import (
     TrainingStopped,
     check_image,
     discover_cases,
+    read_channels,
     read_mask,
-    read_volume,
 )
-from prostate_kernels.data.io import as_labels
-from prostate_kernels.data.resample import resample_case
-from prostate_kernels.data.sampling import IterationDataset, PatchSampler, training_case, zscore
+from prostate_kernels.data.io import as_channels, as_labels
+from prostate_kernels.data.resample import resample_case, resample_image
+from prostate_kernels.data.sampling import IterationDataset, PatchSampler, training_case, zscore_channels
 from prostate_kernels.determinism import deterministic_mode
 from prostate_kernels.devices import available_cores, memory_bytes
 from prostate_kernels.layout import in_layout, keep_grads_in_param_strides, model_in_layout
@@ -94,7 +94,9 @@ class TrainConfig:
     checkpoint_every: int | None = None  # default: val_every
     resume: bool = False
     label: int | tuple[int, ...] | None = None  # the masks' label(s) to learn (several: their union)
-    channel: int | None = None  # the images' channel (multi-channel images: 4-D, or vector voxels)
+    # the images' channel(s) (multi-channel images: 4-D, or vector voxels); several: the network's input
+    # channels, in this order (the Decathlon's prostate task: (0, 1), T2 and ADC)
+    channel: int | tuple[int, ...] | None = None
     spacing: tuple[float, float, float] | None = None  # (Z, Y, X) mm: resample every case to it first
     seed: int = 0
     workers: int = 0
@@ -110,6 +112,10 @@ class TrainConfig:
         if self.model not in PAPER:
             raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(PAPER)}")
         return PAPER[self.model]
+
+    def image_channels(self) -> int:
+        """How many channels of each image the network sees (1 without --channel)."""
+        return len(as_channels(self.channel) or (0,))
 
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
@@ -131,8 +137,14 @@ def check_config(config: TrainConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} {value} must be in [1, {sys.maxsize}]")
     if config.batch is not None and config.batch < 1:
         raise ConfigError(f"--batch {config.batch} must be >= 1")
-    if config.channel is not None and config.channel < 0:
-        raise ConfigError(f"--channel {config.channel} must be >= 0")
+    channels = as_channels(config.channel)
+    if channels is not None:
+        flag = f"--channel {' '.join(map(str, channels))}"
+        if not channels or min(channels) < 0:
+            raise ConfigError(f"{flag} must be one or more channels >= 0")
+        repeated = sorted({c for c in channels if channels.count(c) > 1})
+        if repeated:
+            raise ConfigError(f"{flag} names channel {repeated[0]} more than once")
     for name in ("val_cases", "workers"):
         if getattr(config, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)} must be >= 0")
@@ -183,7 +195,7 @@ def check_batch_fits(config: TrainConfig, device: torch.device) -> None:
         return
     settings = config.settings()
     patch, batch = tuple(config.patch or settings.patch), config.batch or settings.batch
-    shape = (batch, settings.slices, *patch[1:]) if settings.slices else (batch, 1, *patch)
+    shape = (batch, *_input_shape(config, patch))
     size = "x".join(map(str, patch))
 
     def refuse(what: str, nbytes: int) -> None:
@@ -213,9 +225,18 @@ def _meta_model(config: TrainConfig) -> torch.nn.Module:
         return build_model(config.model, **_model_kwargs(config))
 
 
+def _input_shape(config: TrainConfig, patch: tuple[int, int, int]) -> tuple[int, ...]:
+    """One training input (C, *patch) without the batch: C = the image channels, times the slices of a
+    2-D network's stacks (whose patch is (slices, h, w): input (C * slices, h, w))."""
+    slices, channels = config.settings().slices, config.image_channels()
+    return (channels * slices, *patch[1:]) if slices else (channels, *patch)
+
+
 def _model_kwargs(config: TrainConfig) -> dict:
-    slices = config.settings().slices
-    return {**({"in_channels": slices} if slices else {}), **config.model_kwargs}
+    slices, channels = config.settings().slices, config.image_channels()
+    in_channels = channels * slices if slices else channels
+    # a single-channel 3-D network keeps its builder's default (checkpoints before channels record none)
+    return {**({"in_channels": in_channels} if slices or channels > 1 else {}), **config.model_kwargs}
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -224,27 +245,30 @@ def _model_kwargs(config: TrainConfig) -> dict:
 @dataclass
 class HeldOut:
     name: str
-    image: np.ndarray  # z-scored
-    mask: np.ndarray
+    image: np.ndarray  # (C, D, H, W), each channel z-scored
+    mask: np.ndarray  # (D, H, W)
 
 
 def load_cases(config: TrainConfig, log, arrays: list | None = None) -> tuple[list, list[HeldOut]]:
     """(training cases, held-out cases); unreadable cases are reported and skipped.
 
     arrays: (name, image, mask) triples already in memory, used as they are instead of config.data's
-    files (no resampling: they are taken to be at the training resolution already)."""
+    files (no resampling: they are taken to be at the training resolution already); an image is (D, H, W)
+    or (C, D, H, W) for a run on C channels."""
     cases = [] if arrays is not None else discover_cases(config.data, require_labels=True)
     loaded, problems = list(arrays or []), []
     for case in cases:
         try:
-            image = read_volume(case.image, config.channel)
-            check_image(image)
-            mask = read_mask(case.label, image, config.label)
+            images = read_channels(case.image, as_channels(config.channel))  # one 3-D Volume per channel
+            for image in images:
+                check_image(image)
+            mask = read_mask(case.label, images[0], config.label)
             if config.spacing is not None:  # images linearly, masks by nearest neighbour
-                image, mask = resample_case(image, mask, config.spacing)
+                images[0], mask = resample_case(images[0], mask, config.spacing)  # the mask once
+                images[1:] = [resample_image(image, config.spacing) for image in images[1:]]
             if mask.array.all():
                 raise DataError(case.label, "mask covers every voxel: no background to learn from")
-            loaded.append((case.name, image.array, mask.array))
+            loaded.append((case.name, np.stack([image.array for image in images]), mask.array))
         except DataError as exc:
             problems.append(str(exc))
     for problem in problems:
@@ -255,7 +279,7 @@ def load_cases(config: TrainConfig, log, arrays: list | None = None) -> tuple[li
         )
     n_train = len(loaded) - config.val_cases
     train = [training_case(img, msk, name) for name, img, msk in loaded[:n_train]]
-    held = [HeldOut(name, zscore(img), msk) for name, img, msk in loaded[n_train:]]
+    held = [HeldOut(name, zscore_channels(img), msk) for name, img, msk in loaded[n_train:]]
     return train, held
 
 
@@ -562,7 +586,7 @@ def _state(config, model, optimizer, scheduler, scaler, rng, it, best, patch) ->
         "slices": settings.slices,
         "spacing": list(config.spacing) if config.spacing is not None else None,
         "label": list(as_labels(config.label)) if config.label is not None else None,
-        "channel": config.channel,
+        "channel": list(as_channels(config.channel)) if config.channel is not None else None,
         "iteration": it,
         "best_val_dice": best,
         "state_dict": model.state_dict(),
@@ -596,8 +620,8 @@ def _resume_differences(
     def plain(value):
         return tuple(value) if isinstance(value, list) else value
 
-    def setting(name: str, value):  # one --label is the label itself, as checkpoints before labels lists
-        return as_labels(value) if name == "label" else plain(value)
+    def setting(name: str, value):  # one int is that label or channel, as checkpoints before lists record
+        return {"label": as_labels, "channel": as_channels}.get(name, plain)(value)
 
     pairs = [("--patch", tuple(patch), plain(saved.get("patch", tuple(patch)))),
              ("--batch", batch, before.get("batch") or settings.batch),

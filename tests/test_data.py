@@ -272,6 +272,26 @@ def test_slice_stacks_for_2d_networks():
     assert x.shape == (6, 5, 8, 8) and y.shape == (6, 1, 8, 8)
 
 
+def test_sampler_stacks_image_channels_as_input_channels_with_the_same_crop_and_flips():
+    """A case of two channels (the phantom and its negative): each batch has both, cropped, flipped and
+    (2-D networks) slice-stacked alike; channel 0 is the single-channel sampler's batch, draw for draw."""
+    ph = make_phantom(1, (12, 40, 40))
+    two = training_case(np.stack([ph.image.array, -ph.image.array]), ph.mask.array, "c")
+    one = training_case(ph.image.array, ph.mask.array, "c")
+    assert two.image.shape == (2, 12, 40, 40) and one.image.shape == (1, 12, 40, 40)
+    x, y = PatchSampler([two], (4, 8, 8), 6).draw(3)
+    x1, y1 = PatchSampler([one], (4, 8, 8), 6).draw(3)
+    assert x.shape == (6, 2, 4, 8, 8) and y.shape == (6, 1, 4, 8, 8)
+    assert torch.equal(x[:, :1], x1) and torch.equal(y, y1) and torch.equal(x[:, 1], -x[:, 0])
+    x, y = PatchSampler([two], (5, 8, 8), 6, slices=5).draw(3)  # channel c's slice j: channel c * 5 + j
+    x1, _ = PatchSampler([one], (5, 8, 8), 6, slices=5).draw(3)
+    assert x.shape == (6, 10, 8, 8) and y.shape == (6, 1, 8, 8)
+    assert torch.equal(x[:, :5], x1) and torch.equal(x[:, 5:], -x[:, :5])
+    x, _ = PatchSampler([two], (4, 8, 8), 6, augment=True).draw(3)
+    x1, _ = PatchSampler([one], (4, 8, 8), 6, augment=True).draw(3)
+    assert torch.allclose(x[:, :1], x1, atol=1e-6)  # the same rotation, scaling and intensity change
+
+
 def test_zscore():
     z = zscore(np.array([1.0, 2.0, 3.0, 4.0]))
     assert z.dtype == np.float32 and abs(z.mean()) < 1e-6 and abs(z.std() - 1) < 1e-6
@@ -298,7 +318,8 @@ def test_augmentation_moves_image_and_mask_together_and_keeps_the_mask_binary():
     image = mask.astype(np.float32)
     for seed in range(5):
         rng = np.random.default_rng(seed)
-        image_out, mask_out = augmented(image, mask, rng)
+        image_out, mask_out = augmented(image[None], mask, rng)  # image (C, D, H, W), mask (D, H, W)
+        image_out = image_out[0]
         assert image_out.shape == mask.shape and mask_out.dtype == np.uint8
         assert set(np.unique(mask_out)) <= {0, 1}
         assert 0.6 < mask_out.sum() / mask.sum() < 1.4  # scaling 0.9-1.1 per axis, rotation keeps volume

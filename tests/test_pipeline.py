@@ -132,6 +132,36 @@ def test_a_2d_network_shows_a_bar_over_the_slices(capsys):
     assert np.array_equal(quiet, shown)
 
 
+class _Pick(torch.nn.Module):
+    """A "network" whose logit is its input channel `index`: shows which voxel reached which channel."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.index : self.index + 1]
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_predict_feeds_a_multi_channel_image_in_the_samplers_channel_order(tta):
+    """(C, D, H, W) images: a 3-D network sees channel c as input channel c; a 2-D one on k-slice stacks
+    sees channel c's slice z - k//2 + j as input channel c * k + j (PatchSampler's order), edge slices
+    repeated."""
+    from prostate_kernels.predict import predict_probabilities
+
+    image = np.random.default_rng(0).standard_normal((2, 5, 12, 12)).astype(np.float32)
+    expit = 1 / (1 + np.exp(-image.astype(np.float64)))
+    for c in (0, 1):
+        prob = predict_probabilities(_Pick(c), image, (4, 8, 8), tta=tta)
+        np.testing.assert_allclose(prob, expit[c], atol=1e-6)
+    prob = predict_probabilities(_Pick(1 * 3 + 2), image, (3, 8, 8), slices=3, tta=tta)  # channel 1, z + 1
+    above = np.concatenate([expit[1, 1:], expit[1, -1:]])  # the last slice's z + 1 is itself
+    np.testing.assert_allclose(prob, above, atol=1e-6)
+    prob = predict_probabilities(_Pick(0), image, (3, 8, 8), slices=3, tta=tta)  # channel 0, z - 1
+    np.testing.assert_allclose(prob, np.concatenate([expit[0, :1], expit[0, :-1]]), atol=1e-6)
+
+
 def test_user_errors_are_one_line_with_status_2(tmp_path, phantoms, trained):
     result = run_cli("train", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -250,7 +280,7 @@ def test_a_decathlon_prostate_dataset_trains_predicts_and_scores_on_its_channel_
     run = tmp_path / "run"
     assert main(train_args(data, run, 2, "--channel", "1", "--label", "1", "2")) == 0
     state = load_checkpoint(run / "checkpoint.pt")
-    assert state["channel"] == 1 and state["label"] == [1, 2]
+    assert state["channel"] == [1] and state["label"] == [1, 2]
     predicted = {}
     for channel in ((), ("--channel", "0")):
         out = tmp_path / f"pred{len(channel)}"
@@ -271,6 +301,58 @@ def test_a_decathlon_prostate_dataset_trains_predicts_and_scores_on_its_channel_
     with (tmp_path / "ev" / "evaluation.csv").open() as f:
         assert [row["case"] for row in csv.DictReader(f)] == ["case0", "case1", "case2", "case3"]
     assert sorted(p.name for p in (tmp_path / "ev").glob("*_overlay.png"))[0] == "case0_overlay.png"
+
+
+def test_a_network_trains_and_predicts_on_several_channels_of_each_image(phantoms, tmp_path, capsys):
+    """train --channel 0 1: the network takes both channels (T2 and ADC) as its input channels, the
+    checkpoint keeps them, predict reads them in that order (--channel 1 0 swaps them: other
+    probabilities); another count of channels is refused naming the checkpoint's."""
+    data = _decathlon_prostate(phantoms, tmp_path / "decathlon")
+    run = tmp_path / "run"
+    assert main(train_args(data, run, 2, "--channel", "0", "1", "--label", "1", "2")) == 0
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert state["channel"] == [0, 1] and state["model_kwargs"]["in_channels"] == 2
+    first_conv = next(v for k, v in state["state_dict"].items() if k.endswith("weight") and v.dim() == 5)
+    assert first_conv.shape[1] == 2
+    case0 = data / "imagesTr" / "case0.nii.gz"
+    args = ["predict", "--checkpoint", str(run / "checkpoint.pt"), "--input", str(case0), "--no-tta",
+            "--no-progress", "--save-probabilities"]  # fmt: skip
+    predicted = {}
+    for channel in ((), ("--channel", "1", "0")):
+        out = tmp_path / f"pred{len(channel)}"
+        assert main([*args, "--output", str(out), *channel]) == 0
+        predicted[channel] = read_volume(out / "case0_probabilities.nii.gz")
+    image = read_volume(phantoms / "Case00.mhd")
+    assert predicted[()].array.shape == image.array.shape
+    assert predicted[()].spacing == pytest.approx(image.spacing)
+    assert not np.allclose(predicted[()].array, predicted[("--channel", "1", "0")].array)
+    capsys.readouterr()
+    assert main([*args, "--output", str(tmp_path / "one"), "--channel", "0"]) == 2
+    said = capsys.readouterr().err
+    assert (
+        "--channel 0 names 1 channel(s), but" in said and "was trained on 2 (--channel 0 1): name 2" in said
+    )
+    assert not (tmp_path / "one").exists()
+    assert main(train_args(data, tmp_path / "twice", 2, "--channel", "1", "1", "--label", "1")) == 2
+    assert "--channel 1 1 names channel 1 more than once" in capsys.readouterr().err
+
+
+def test_a_checkpoint_recording_one_int_channel_predicts_that_channel(phantoms, tmp_path):
+    """Checkpoints before several channels recorded --channel as one int: predict reads that channel."""
+    data = _decathlon_prostate(phantoms, tmp_path / "decathlon")
+    run = tmp_path / "run"
+    assert main(train_args(data, run, 1, "--channel", "1", "--label", "1", "2", "--val-cases", "0")) == 0
+    state = load_checkpoint(run / "checkpoint.pt")
+    state["channel"], state["config"]["channel"] = 1, 1
+    save_checkpoint(state, tmp_path / "old.pt")
+    probabilities = []
+    for checkpoint in (run / "checkpoint.pt", tmp_path / "old.pt"):
+        out = tmp_path / checkpoint.stem
+        case1 = data / "imagesTr" / "case1.nii.gz"
+        assert main(["predict", "--checkpoint", str(checkpoint), "--input", str(case1), "--output", str(out),
+                     "--no-tta", "--no-progress", "--save-probabilities"]) == 0  # fmt: skip
+        probabilities.append(read_volume(out / "case1_probabilities.nii.gz").array)
+    assert np.array_equal(*probabilities)
 
 
 def test_predict_segments_dicom_series_given_as_a_directory_or_a_directory_of_them(

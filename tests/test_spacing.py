@@ -140,3 +140,31 @@ def test_predict_reports_an_image_left_constant_at_the_checkpoints_spacing(tmp_p
                      "--output", tmp_path / "pred", "--device", "cpu")  # fmt: skip
     assert_one_line_error(result, str(image_path), "its 1x1x1 voxels all hold", "nothing to segment")
     assert not (tmp_path / "pred" / "Case09_segmentation.nii.gz").exists()
+
+
+def test_every_channel_of_a_case_is_resampled_onto_the_masks_grid(tmp_path):
+    """train --channel 0 1 --spacing: both channels (the second the first's negative) on the mask's coarse
+    grid, each z-scored on its own."""
+    import SimpleITK as sitk
+
+    from prostate_kernels.data.io import to_sitk
+    from prostate_kernels.train import TrainConfig, load_cases
+
+    phantoms = make_phantoms(tmp_path / "phantoms", 2)
+    data = tmp_path / "decathlon"
+    (data / "imagesTr").mkdir(parents=True)
+    for i in range(2):
+        base = to_sitk(read_volume(phantoms / f"Case0{i}.mhd"), np.float32)
+        sitk.WriteImage(sitk.JoinSeries([base, base * -1.0]), str(data / "imagesTr" / f"case{i}.nii.gz"))
+        write_volume(
+            read_volume(phantoms / f"Case0{i}_segmentation.mhd"), data / "labelsTr" / f"case{i}.nii.gz"
+        )
+    config = TrainConfig(data=data, out=tmp_path / "run", model="tiramisu3d_tiny", channel=(0, 1),
+                         spacing=(6.0, 1.5, 1.5), val_cases=1)  # fmt: skip
+    (train_case,), (held,) = load_cases(config, log=print)
+    for image, mask in ((train_case.image, train_case.mask), (held.image, held.mask)):
+        assert (
+            image.shape == (2, *mask.shape) and mask.shape != read_volume(phantoms / "Case00.mhd").array.shape
+        )
+        np.testing.assert_allclose(image[1], -image[0], atol=1e-5)
+        assert abs(image[1].mean()) < 1e-4 and abs(image[1].std() - 1) < 1e-3

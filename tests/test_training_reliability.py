@@ -109,7 +109,8 @@ def test_resuming_with_other_settings_names_them_and_a_finished_run_says_so(data
 
 
 def test_resume_takes_an_older_checkpoints_single_label_for_that_label_and_names_a_new_channel():
-    """Checkpoints before --label took several stored one int: resuming with that label is no change."""
+    """Checkpoints before --label and --channel took several stored one int: resuming with that label
+    or channel is no change."""
     now = TrainConfig(data=Path("d"), out=Path("o"), model="tiramisu3d_tiny", label=(5,), channel=1)
     settings = now.settings()
     saved = {"patch": list(settings.patch), "config": {"label": 5, "channel": None}}
@@ -117,9 +118,14 @@ def test_resume_takes_an_older_checkpoints_single_label_for_that_label_and_names
     def differences():
         return training._resume_differences(saved, now, settings.patch, settings.batch, settings.lr, 1)
 
-    assert differences() == ["--channel 1 (was None)"]
+    assert differences() == ["--channel (1,) (was None)"]
     now.label, now.channel = (5, 6), None
     assert differences() == ["--label (5, 6) (was (5,))"]
+    saved["config"]["channel"] = 1  # checkpoints before several channels stored one int
+    now.label, now.channel = (5,), (1,)
+    assert differences() == []
+    now.channel = (1, 0)
+    assert differences() == ["--channel (1, 0) (was (1,))"]
 
 
 def test_deterministic_trains_under_deterministic_algorithms_then_restores_the_settings(

@@ -78,17 +78,35 @@ def read_volume(path: str | Path, channel: int | None = None, mask: bool = False
     is a DataError that says to choose one (--channel), or for a mask (`mask`) that a mask is one 3-D
     label map. A 4-D image of one channel is that channel."""
     path = Path(path)
+    return _volume(_one_channel(_read_image(path), path, channel, mask), path)
+
+
+def read_channels(path: str | Path, channels: Sequence[int] | None = None) -> list[Volume]:
+    """The channels `channels` of the image at `path` (read once), in that order: one 3-D Volume each, on
+    the image's grid (read_volume says which images have channels, and what is refused). None: the image
+    itself, which must then have one channel (`[read_volume(path)]`)."""
+    path = Path(path)
+    if channels is None:
+        return [read_volume(path)]
+    image = _read_image(path)
+    return [_volume(_one_channel(image, path, channel, False), path) for channel in channels]
+
+
+def _read_image(path: Path):
+    """The SimpleITK image at `path` (a file, or a directory of one DICOM series), as stored."""
     if not path.exists():
         raise DataError(path, "file not found")
     sitk = simpleitk()
     if path.is_dir():  # a DICOM series' slices
-        image = itk_call("read", path, lambda: read_series(path))
-    else:
-        check_regular(path)
-        check_complete(path)
-        image = itk_call("read", path, lambda: sitk.ReadImage(str(path)))
-    image = _one_channel(image, path, channel, mask)
-    array = sitk.GetArrayFromImage(image)
+        return itk_call("read", path, lambda: read_series(path))
+    check_regular(path)
+    check_complete(path)
+    return itk_call("read", path, lambda: sitk.ReadImage(str(path)))
+
+
+def _volume(image, path: Path) -> Volume:
+    """The Volume of a 3-D scalar SimpleITK image read from `path`; DataError for complex or empty ones."""
+    array = simpleitk().GetArrayFromImage(image)
     if np.iscomplexobj(array):
         raise DataError(
             path, f"complex voxel values ({image.GetPixelIDTypeAsString()}): expected a real image"
@@ -210,9 +228,19 @@ def read_mask(
 
 def as_labels(label: int | Sequence[int] | None) -> tuple[int, ...] | None:
     """--label's value as a tuple of labels (None: every non-zero value); one int is one label."""
-    if label is None:
+    return _int_tuple(label)
+
+
+def as_channels(channel: int | Sequence[int] | None) -> tuple[int, ...] | None:
+    """--channel's value as a tuple of channels (None: a single-channel image); one int is one channel
+    (checkpoints before several channels record one int)."""
+    return _int_tuple(channel)
+
+
+def _int_tuple(value: int | Sequence[int] | None) -> tuple[int, ...] | None:
+    if value is None:
         return None
-    return (int(label),) if isinstance(label, (int, np.integer)) else tuple(int(v) for v in label)
+    return (int(value),) if isinstance(value, (int, np.integer)) else tuple(int(v) for v in value)
 
 
 def check_binary(prediction: Volume) -> None:

@@ -36,23 +36,32 @@ def zscore(array: np.ndarray) -> np.ndarray:
     return ((array - array.mean()) / array.std()).astype(np.float32)
 
 
+def zscore_channels(image: np.ndarray) -> np.ndarray:
+    """An image's channels (C, D, H, W), each z-scored by its own mean and std (T2 and ADC have unrelated
+    intensity scales); a (D, H, W) image is one channel: (1, D, H, W)."""
+    image = image[None] if image.ndim == 3 else image
+    return np.stack([zscore(channel) for channel in image])
+
+
 @dataclass
 class TrainingCase:
-    image: np.ndarray  # (D, H, W) float32, z-scored
+    image: np.ndarray  # (C, D, H, W) float32, each channel z-scored
     mask: np.ndarray  # (D, H, W) uint8 0/1
     foreground: np.ndarray  # flat indices of mask voxels
     name: str = ""
 
 
 def training_case(image: np.ndarray, mask: np.ndarray, name: str = "") -> TrainingCase:
-    return TrainingCase(zscore(image), mask.astype(np.uint8), np.flatnonzero(mask), name)
+    """image: (D, H, W), or (C, D, H, W) for several channels; mask (D, H, W) on the same grid."""
+    return TrainingCase(zscore_channels(image), mask.astype(np.uint8), np.flatnonzero(mask), name)
 
 
 class PatchSampler:
-    """Batches of patches (B, C, d, h, w) and masks (B, 1, d, h, w).
+    """Batches of patches (B, C, d, h, w) of the cases' C image channels and masks (B, 1, d, h, w).
 
     slices: 0 for 3-D patches of size `patch`; k > 0 for the 2-D networks' slice stacks: k neighbouring
-    slices as channels (B, k, h, w) with the centre slice's mask (B, 1, h, w) (`patch` is then (k, h, w)).
+    slices of each image channel as channels (B, C * k, h, w), channel-major (image channel c's slice j
+    is channel c * k + j), with the centre slice's mask (B, 1, h, w) (`patch` is then (k, h, w)).
     """
 
     def __init__(
@@ -80,18 +89,19 @@ class PatchSampler:
             centre = self._centre(case, rng, on_prostate=i % 2 == 0)
             image, mask = _crop(case.image, centre, self.patch), _crop(case.mask, centre, self.patch)
             if self.flips:
-                for axis in (0, 1, 2):
+                for axis in (0, 1, 2):  # of the patch: the image's axis + 1, after its channels
                     if rng.random() < 0.5:
-                        image, mask = np.flip(image, axis), np.flip(mask, axis)
+                        image, mask = np.flip(image, axis + 1), np.flip(mask, axis)
             image, mask = np.ascontiguousarray(image), np.ascontiguousarray(mask)
             if self.augment:
                 image, mask = augmented(image, mask, rng)
             images.append(image)
             masks.append(mask)
-        x, y = torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks).astype(np.float32))
-        if self.slices:  # (B, k, h, w) slice stack, centre slice's mask (B, 1, h, w)
-            return x, y[:, self.slices // 2][:, None]
-        return x[:, None], y[:, None]
+        x = torch.from_numpy(np.stack(images))  # (B, C, d, h, w)
+        y = torch.from_numpy(np.stack(masks).astype(np.float32))  # (B, d, h, w)
+        if self.slices:  # (B, C * k, h, w) slice stacks, centre slice's mask (B, 1, h, w)
+            return x.flatten(1, 2), y[:, self.slices // 2][:, None]
+        return x, y[:, None]
 
     @staticmethod
     def _centre(case: TrainingCase, rng: np.random.Generator, on_prostate: bool) -> tuple[int, int, int]:
@@ -108,11 +118,12 @@ class PatchSampler:
 
 
 def augmented(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A patch (D, H, W) rotated about the D (slice) axis, scaled about its centre (image linearly, mask
-    by nearest neighbour, zero outside), then the image's intensities scaled and shifted."""
+    """A patch, image (C, D, H, W) and mask (D, H, W), rotated about the D (slice) axis, scaled about its
+    centre (image linearly, mask by nearest neighbour, zero outside), then the image's intensities (all
+    channels alike) scaled and shifted."""
     angle = math.radians(rng.uniform(-ROTATION_DEGREES, ROTATION_DEGREES))
     scale = rng.uniform(1 - SCALE_RANGE, 1 + SCALE_RANGE)
-    d, h, w = image.shape
+    d, h, w = mask.shape
     c, s = math.cos(angle), math.sin(angle)
     # affine_grid's normalised coordinates (x along W, y along H, z along D) map output to input; the
     # rotation is in voxel units, so the off-diagonal terms carry the H/W aspect ratio
@@ -121,19 +132,21 @@ def augmented(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> 
     )
     theta[:, :3] /= scale
     grid = F.affine_grid(theta[None], [1, 1, d, h, w], align_corners=False)
-    volumes = torch.from_numpy(np.stack([image.astype(np.float32), mask.astype(np.float32)]))[:, None]
-    image_out = F.grid_sample(volumes[:1], grid, mode="bilinear", align_corners=False)[0, 0]
-    mask_out = F.grid_sample(volumes[1:], grid, mode="nearest", align_corners=False)[0, 0]
+    image_in = torch.from_numpy(image.astype(np.float32))[None]  # (1, C, D, H, W)
+    mask_in = torch.from_numpy(mask.astype(np.float32))[None, None]  # (1, 1, D, H, W)
+    image_out = F.grid_sample(image_in, grid, mode="bilinear", align_corners=False)[0]
+    mask_out = F.grid_sample(mask_in, grid, mode="nearest", align_corners=False)[0, 0]
     gain = rng.uniform(1 - INTENSITY_SCALE, 1 + INTENSITY_SCALE)
     offset = rng.uniform(-INTENSITY_SHIFT, INTENSITY_SHIFT)
     return (image_out.numpy() * gain + offset).astype(image.dtype), mask_out.numpy().astype(mask.dtype)
 
 
 def _crop(volume: np.ndarray, centre: tuple[int, int, int], patch: tuple[int, int, int]) -> np.ndarray:
-    """patch-sized block of `volume` centred on `centre`, zero-filled where it leaves the volume."""
-    out = np.zeros(patch, dtype=volume.dtype)
-    src, dst = [], []
-    for c, p, s in zip(centre, patch, volume.shape, strict=True):
+    """patch-sized block of `volume`'s last three axes centred on `centre`, zero-filled where it leaves the
+    volume; leading axes (an image's channels) are kept whole: (..., D, H, W) -> (..., *patch)."""
+    out = np.zeros((*volume.shape[:-3], *patch), dtype=volume.dtype)
+    src, dst = [Ellipsis], [Ellipsis]
+    for c, p, s in zip(centre, patch, volume.shape[-3:], strict=True):
         start = c - p // 2
         lo, hi = max(start, 0), min(start + p, s)
         src.append(slice(lo, hi))
