@@ -208,10 +208,14 @@ def predict_files(
 
 def _channels_to_read(channel: int | Sequence[int] | None, state: dict, checkpoint: Path) -> tuple | None:
     """The channels of each image that the checkpoint's network sees: predict's --channel, else the ones
-    it was trained on (None: a single-channel image). ConfigError when --channel names another count."""
+    it was trained on (None: a single-channel image). ConfigError when --channel names another count, or
+    a channel twice."""
     if channel is None:
         return as_channels(state.get("channel"))
     asked, trained = as_channels(channel), as_channels(state.get("channel"))
+    repeated = sorted({c for c in asked if asked.count(c) > 1})
+    if repeated:
+        raise ConfigError(f"--channel {' '.join(map(str, asked))} names channel {repeated[0]} more than once")
     count = len(trained or (0,))
     if len(asked) != count:
         how = f"--channel {' '.join(map(str, trained))}" if trained else "a single-channel image"

@@ -333,6 +333,8 @@ def test_a_network_trains_and_predicts_on_several_channels_of_each_image(phantom
         "--channel 0 names 1 channel(s), but" in said and "was trained on 2 (--channel 0 1): name 2" in said
     )
     assert not (tmp_path / "one").exists()
+    assert main([*args, "--output", str(tmp_path / "twice"), "--channel", "0", "0"]) == 2
+    assert "--channel 0 0 names channel 0 more than once" in capsys.readouterr().err
     assert main(train_args(data, tmp_path / "twice", 2, "--channel", "1", "1", "--label", "1")) == 2
     assert "--channel 1 1 names channel 1 more than once" in capsys.readouterr().err
 
