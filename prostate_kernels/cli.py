@@ -1,4 +1,4 @@
-"""The `prostate-kernels` command: phantoms, train, predict, evaluate, demo.
+"""The `prostate-kernels` command: phantoms, train, predict, evaluate, export, demo.
 
 User errors (missing or bad files, mismatched geometry, bad settings) print one line naming the file
 and the problem and exit with status 2; in a directory, a bad case is reported at the end and does not
@@ -228,6 +228,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(run=_evaluate)
 
+    p = sub.add_parser(
+        "export",
+        help="write a checkpoint's network as a torch.export program (.pt2) that runs without this library",
+        description="Write a checkpoint's network as a torch.export program: plain PyTorch operators (the "
+        "same math as the fused kernels), run by torch.export.load(PATH).module() with no prostate_kernels "
+        "installed. Input: windows of the checkpoint's patch (N, C, D, H, W), each image channel z-scored; "
+        "output: logits. The file's extra file prostate_kernels.json says how to make the windows.",
+    )
+    p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by train")
+    p.add_argument("--out", type=Path, required=True,
+                   help="the program file to write (such as p3a.pt2); never replaces a file")  # fmt: skip
+    p.set_defaults(run=_export)
+
     p = sub.add_parser("demo", help="phantoms -> train -> predict -> evaluate, into one directory")
     p.add_argument("--out", type=Path, default=Path("demo_out"),
                    help="a new or empty directory for all of it (default demo_out)")  # fmt: skip
@@ -319,6 +332,18 @@ def _evaluate(args) -> int:
             f"{', '.join(missing)} (--allow-missing to accept)"
         )
     return _report(failures)
+
+
+def _export(args) -> int:
+    from prostate_kernels.export import export_checkpoint
+
+    exported = export_checkpoint(args.checkpoint, args.out)
+    meta = exported.metadata
+    shape = "x".join(map(str, meta["input_shape"]))
+    print(f"{exported.path}: {meta['model']}, input {shape} float32 windows (N from 1 to "
+          f"{meta['max_batch']}), output logits; largest difference from the network's logits "
+          f"{exported.max_difference:.3g}")  # fmt: skip
+    return 0
 
 
 def _demo(args) -> int:

@@ -120,6 +120,13 @@ def _trained_channels(state: dict) -> int:
     return len(as_channels(state.get("channel")) or (0,))
 
 
+def window_shape(state: dict) -> tuple[int, ...]:
+    """One input window of a checkpoint's network: (1, C, *patch) for C image channels; a 2-D network's
+    slice stacks (patch (k, h, w)): (1, C * k, h, w)."""
+    patch, slices, channels = tuple(state["patch"]), state.get("slices", 0), _trained_channels(state)
+    return (1, channels * slices, *patch[1:]) if slices else (1, channels, *patch)
+
+
 def _build_network(state: dict, checkpoint: Path) -> torch.nn.Module:
     """The checkpoint's network, untrained, on the default device; DataError when it cannot be built."""
     try:
@@ -133,8 +140,7 @@ def _check_window_fits_model(state: dict, checkpoint: Path, device: torch.device
     fits the device's memory and is an input its network takes: checked by a forward of the network
     built on the meta device (shapes only, no values), whose models name what they expected. A patch or
     slices that disagreed with the network ended predict in the network's ValueError traceback."""
-    patch, slices, channels = tuple(state["patch"]), state.get("slices", 0), _trained_channels(state)
-    window = (1, channels * slices, *patch[1:]) if slices else (1, channels, *patch)
+    patch, slices, window = tuple(state["patch"]), state.get("slices", 0), window_shape(state)
     need, total = math.prod(window) * 4, memory_bytes(device)
     if total is not None and need > total:
         raise DataError(checkpoint, f"malformed checkpoint: one window of its patch {list(patch)} takes "

@@ -1,7 +1,7 @@
 """Where commands write: never over a file they did not create in this run, one writer per run directory.
 
-Every command that writes (phantoms, train, predict, evaluate, demo) goes through these helpers, so the
-rule "a command never overwrites what it did not create" (DESIGN.md section 9) lives in one place:
+Every command that writes (phantoms, train, predict, evaluate, export, demo) goes through these helpers,
+so the rule "a command never overwrites what it did not create" (DESIGN.md section 9) lives in one place:
 - `output_directory`: a directory to write into (created if missing); a DataError for a file in its
   place or a directory that cannot be created.
 - `created_directory`: output_directory for a block; what it created is removed again when the block

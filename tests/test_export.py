@@ -1,0 +1,141 @@
+"""prostate-kernels export: a checkpoint's network as a torch.export program that runs without the library."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from cli_helpers import make_phantoms, train_args
+from prostate_kernels.models import build_model
+
+from prostate_kernels import use_backend
+from prostate_kernels.checkpoint import save_checkpoint
+from prostate_kernels.cli import main
+from prostate_kernels.data import DataError
+from prostate_kernels.export import export_checkpoint, read_metadata
+from prostate_kernels.pipeline import load_trained_model
+
+# Loads the program and runs it in a process where importing prostate_kernels fails.
+RUN_WITHOUT_THE_LIBRARY = """
+import json, sys, torch
+
+class NoLibrary:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "prostate_kernels":
+            raise ModuleNotFoundError(f"{name} is blocked in this test")
+
+sys.meta_path.insert(0, NoLibrary())
+extra = {"prostate_kernels.json": ""}
+program = torch.export.load(sys.argv[1], extra_files=extra)
+with torch.no_grad():
+    torch.save(program.module()(torch.load(sys.argv[2])), sys.argv[3])
+assert not any(name.startswith("prostate_kernels") for name in sys.modules)
+print(json.loads(extra["prostate_kernels.json"])["model"])
+"""
+
+
+def _network_logits(checkpoint: Path, x: torch.Tensor) -> torch.Tensor:
+    model, _ = load_trained_model(checkpoint, torch.device("cpu"))
+    with use_backend("torch"), torch.no_grad():
+        return model(x)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("export")
+    phantoms = make_phantoms(root / "phantoms")
+    assert main(train_args(phantoms, root / "run", 2)) == 0
+    return root / "run" / "checkpoint.pt"
+
+
+def test_the_program_runs_without_the_library_and_gives_the_networks_logits(trained, tmp_path, capsys):
+    out = tmp_path / "net.pt2"
+    assert main(["export", "--checkpoint", str(trained), "--out", str(out)]) == 0
+    assert "net.pt2: tiramisu3d_tiny, input Nx1x8x32x32 float32 windows" in capsys.readouterr().out
+    meta = read_metadata(out)
+    assert meta["input_shape"] == ["N", 1, 8, 32, 32] and meta["patch"] == [8, 32, 32]
+    assert meta["image_channels"] is None and meta["slices"] == 0 and meta["spacing_zyx_mm"] is None
+    x = torch.randn(3, 1, 8, 32, 32)  # a batch size the export did not see
+    torch.save(x, tmp_path / "x.pt")
+    files = [str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")]
+    ran = subprocess.run(
+        [sys.executable, "-c", RUN_WITHOUT_THE_LIBRARY, *files], capture_output=True, text=True, timeout=300
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    assert ran.stdout.strip() == "tiramisu3d_tiny"
+    torch.testing.assert_close(
+        torch.load(tmp_path / "y.pt"), _network_logits(trained, x), rtol=1e-4, atol=1e-5
+    )
+
+
+def test_a_2d_network_on_two_channels_exports_its_slice_stacks_and_channels(tmp_path):
+    """A checkpoint of DeepLabv3+ 2-D on 13-slice stacks of 2 image channels: input (N, 26, h, w)."""
+    torch.manual_seed(0)
+    kwargs = {"in_channels": 26, "width": 0.25, "middle_blocks": 1}
+    model = build_model("deeplabv3plus_2d", **kwargs)
+    state = {"model": "deeplabv3plus_2d", "model_kwargs": kwargs, "state_dict": model.state_dict(),
+             "patch": [13, 32, 32], "slices": 13, "channel": [0, 1], "spacing": [3.0, 0.6, 0.6]}  # fmt: skip
+    checkpoint = save_checkpoint(state, tmp_path / "best.pt")
+    exported = export_checkpoint(checkpoint, tmp_path / "d.pt2")
+    meta = exported.metadata
+    assert meta["input_shape"] == ["N", 26, 32, 32] and meta["image_channels"] == [0, 1]
+    assert meta["slices"] == 13 and meta["spacing_zyx_mm"] == [3.0, 0.6, 0.6]
+    program = torch.export.load(str(tmp_path / "d.pt2")).module()
+    x = torch.randn(5, 26, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), _network_logits(checkpoint, x), rtol=1e-4, atol=1e-5)
+
+
+def test_export_never_replaces_a_file_and_writes_nothing_it_could_not_check(trained, tmp_path, monkeypatch):
+    out = tmp_path / "net.pt2"
+    out.write_bytes(b"the user's file")
+    assert main(["export", "--checkpoint", str(trained), "--out", str(out)]) == 2
+    assert out.read_bytes() == b"the user's file"
+
+    import prostate_kernels.export as export
+
+    monkeypatch.setattr(export, "TOLERANCE", -1.0)  # every difference, 0 included, is then too large
+    with pytest.raises(DataError, match=r"the exported program's logits differ from the network's by up to "):
+        export_checkpoint(trained, tmp_path / "other.pt2")
+    monkeypatch.undo()
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("cannot trace this\nsecond line")
+
+    class NotADenseBlock:  # the blocks then stay shared-buffer blocks: this library's operator
+        pass
+
+    monkeypatch.setattr(export, "DenseBlock3d", NotADenseBlock)
+    with pytest.raises(
+        DataError, match=r"would call this library's operators \(prostate_kernels\.dense_block_fo"
+    ):
+        export_checkpoint(trained, tmp_path / "other.pt2")
+    monkeypatch.undo()
+
+    monkeypatch.setattr(torch.export, "export", refuse)
+    with pytest.raises(
+        DataError, match=r"torch.export cannot trace its network \(RuntimeError: cannot trace this\)"
+    ):
+        export_checkpoint(trained, tmp_path / "other.pt2")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt2"]  # no program, no temporary left
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [("unet3d", {"filters": [4, 8, 16, 32]}), ("deeplabv3plus_3d", {"width": 0.25, "middle_blocks": 1})],
+)
+def test_the_other_3d_networks_export(name, kwargs, tmp_path):
+    """U-Net 3D and DeepLabv3+ 3D (depthwise convs: PyTorch's grouped conv3d in the program)."""
+    torch.manual_seed(0)
+    state = {"model": name, "model_kwargs": kwargs, "state_dict": build_model(name, **kwargs).state_dict(),
+             "patch": [16, 32, 32]}  # fmt: skip
+    checkpoint = save_checkpoint(state, tmp_path / "best.pt")
+    exported = export_checkpoint(checkpoint, tmp_path / "net.pt2")
+    assert exported.max_difference <= 1e-5 and exported.metadata["input_shape"] == ["N", 1, 16, 32, 32]
+    program = torch.export.load(str(tmp_path / "net.pt2")).module()
+    x = torch.randn(1, 1, 16, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), _network_logits(checkpoint, x), rtol=1e-4, atol=1e-5)
