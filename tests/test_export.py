@@ -139,3 +139,32 @@ def test_the_other_3d_networks_export(name, kwargs, tmp_path):
     x = torch.randn(1, 1, 16, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(program(x), _network_logits(checkpoint, x), rtol=1e-4, atol=1e-5)
+
+
+def test_the_program_and_its_metadata_reproduce_predict_with_monais_sliding_window(trained, tmp_path):
+    """What a deployment would do with the file alone: z-score the image as the metadata says, stitch the
+    program's windows with MONAI's sliding_window_inference: predict's probabilities (same overlap and
+    Gaussian blending, no mirroring)."""
+    import json
+
+    import numpy as np
+    from monai.inferers import sliding_window_inference
+
+    from prostate_kernels.data import read_volume
+
+    phantoms = trained.parents[1] / "phantoms"
+    assert main(["export", "--checkpoint", str(trained), "--out", str(tmp_path / "net.pt2")]) == 0
+    case, pred = phantoms / "Case00.mhd", tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(trained), "--input", str(case), "--output", str(pred),
+                 "--no-tta", "--save-probabilities", "--no-progress"]) == 0  # fmt: skip
+    extra = {"prostate_kernels.json": ""}
+    program = torch.export.load(str(tmp_path / "net.pt2"), extra_files=extra).module()
+    meta = json.loads(extra["prostate_kernels.json"])
+    image = read_volume(case).array.astype(np.float64)
+    z = torch.from_numpy(((image - image.mean()) / image.std()).astype(np.float32))[None, None]
+    with torch.no_grad():
+        prob = sliding_window_inference(
+            z, tuple(meta["patch"]), 4, lambda w: torch.sigmoid(program(w)), overlap=0.5, mode="gaussian"
+        )[0, 0].numpy()
+    expected = read_volume(pred / "Case00_probabilities.mhd").array
+    np.testing.assert_allclose(prob, expected, atol=1e-5)
