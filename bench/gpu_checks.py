@@ -459,6 +459,50 @@ def check_predict_stitching(device: str = "cuda") -> list[dict]:
                  f"max abs err {err:.1e}")]  # fmt: skip
 
 
+def check_export(device: str = "cuda") -> list[dict]:
+    """The program of `prostate-kernels export` (traced on the CPU), moved to `device`, vs the network on
+    `device` (plain PyTorch backend, TF32 off): a deployment runs the file on its GPU."""
+    import tempfile
+    from pathlib import Path
+
+    from prostate_kernels.models import build_model
+
+    from prostate_kernels import use_backend
+    from prostate_kernels.checkpoint import save_checkpoint
+    from prostate_kernels.export import export_checkpoint
+
+    rows = []
+    networks = (("tiramisu3d_tiny", {}), ("deeplabv3plus_3d", {"width": 0.25, "middle_blocks": 1}))
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        for name, kwargs in networks:
+            torch.manual_seed(0)
+            model = build_model(name, **kwargs).eval()
+            state = {
+                "model": name,
+                "model_kwargs": kwargs,
+                "state_dict": model.state_dict(),
+                "patch": [16, 32, 32],
+            }
+            x = torch.randn((3, 1, 16, 32, 32), device=device)
+            try:
+                with tempfile.TemporaryDirectory() as tmp:
+                    export_checkpoint(save_checkpoint(state, Path(tmp) / "best.pt"), Path(tmp) / "net.pt2")
+                    program = torch.export.load(str(Path(tmp) / "net.pt2")).module().to(device)
+                with torch.no_grad(), use_backend("torch"):
+                    err = _rel(program(x), model.to(device)(x))
+                rows.append(_row(f"exported {name} program on {device} vs the network there", err < 1e-4,
+                                 f"max rel err {err:.1e} (batch 3; traced at 2)"))  # fmt: skip
+            except Exception as exc:  # the row says what failed; the other checks go on
+                reason = (str(exc).strip().splitlines() or [""])[0][:300]
+                rows.append(_row(f"exported {name} program on {device} vs the network there", False,
+                                 f"{type(exc).__name__}: {reason}"))  # fmt: skip
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+    return rows
+
+
 def check_determinism(
     device: str = "cuda",
     layer=P3A_LAYER,
@@ -791,6 +835,7 @@ def _whole_step_graph(device: str, name: str, patch: tuple, backend: str, dry: s
 CHECKS: list[tuple[str, Callable[[str], list[dict]]]] = [
     ("sliding window", check_sliding_window),
     ("predict stitching", check_predict_stitching),
+    ("export", check_export),
     ("bn_relu_conv3d", check_bn_relu_conv3d),
     ("bn_relu_conv3d tiles", check_bn_relu_conv3d_tiles),
     ("dense block", check_dense_block),

@@ -347,3 +347,15 @@ def test_the_profile_summary_reads_each_kind_of_row_by_its_own_columns():
     host_ms, wall_ms = fwd["cuda_ms_per_step"], fwd["step_wall_ms"]
     assert clauses[3] == f"dense layer C_in=8 2x4x4 bf16 fwd: host {host_ms} ms of wall {wall_ms} ms"
     assert [c.split(": ")[0].rsplit(" ", 1)[1] for c in clauses[3:]] == ["fwd", "bwd", "fwd+bwd"]
+
+
+def test_the_export_check_runs_and_passes_on_the_cpu():
+    """The GPU run's check of the exported programs (traced on the CPU, run on the device) runs here."""
+    import gpu_checks
+
+    rows = gpu_checks.check_export("cpu")
+    assert [r["check"] for r in rows] == [
+        "exported tiramisu3d_tiny program on cpu vs the network there",
+        "exported deeplabv3plus_3d program on cpu vs the network there",
+    ]
+    assert all(r["result"] == "PASS" for r in rows), rows
