@@ -29,10 +29,10 @@ def on_this_machine(code: str) -> str:
 
 
 @pytest.mark.skipif(not README.exists(), reason="README.md is not beside the tests")
-def test_the_readme_python_examples_run_and_give_what_they_say(capsys):
+def test_the_readme_python_examples_run_and_give_what_they_say(capsys, tmp_path, monkeypatch):
     pytest.importorskip("monai")  # the optimize example wraps MONAI's DenseNet121
     blocks = python_blocks()
-    assert len(blocks) == 6, "the README's Python examples changed: update the checks below"
+    assert len(blocks) == 7, "the README's Python examples changed: update the checks below"
     ns: dict = {}
 
     def run(i: int) -> dict:
@@ -63,3 +63,15 @@ def test_the_readme_python_examples_run_and_give_what_they_say(capsys):
     count_parameters, build_model = ns["count_parameters"], ns["build_model"]
     assert count_parameters(ns["model"], "conv") == 22_962_289  # "22,962,289 conv parameters"
     assert count_parameters(build_model("unet3d"), "keras") == 1_605_381
+    # the export example reads p3a.pt2 and runs it on `windows`: a tiny Tiramisu's checkpoint exported
+    # under that name (p3a itself takes ~40 s to export on a CPU), and windows of its patch
+    from prostate_kernels.checkpoint import save_checkpoint
+    from prostate_kernels.export import export_checkpoint
+
+    state = {"model": "tiramisu3d_tiny", "state_dict": build_model("tiramisu3d_tiny").state_dict(),
+             "patch": [16, 32, 32]}  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    export_checkpoint(save_checkpoint(state, tmp_path / "best.pt"), "p3a.pt2")
+    ns["windows"] = torch.randn(3, 1, 16, 32, 32)
+    run(6)
+    assert ns["meta"]["input_shape"] == ["N", 1, 16, 32, 32] and ns["logits"].shape == (3, 1, 16, 32, 32)
