@@ -24,7 +24,7 @@ from prostate_kernels.data import (
 )
 from prostate_kernels.data.cases import IMAGE_SUFFIXES, discover_cases, is_image_file, stem, suffix
 from prostate_kernels.data.dicom import series_directories
-from prostate_kernels.data.io import as_channels
+from prostate_kernels.data.io import as_channels, channel_count, check_channels
 from prostate_kernels.data.resample import resample_image, resample_onto
 from prostate_kernels.data.sampling import zscore_channels
 from prostate_kernels.determinism import deterministic_mode
@@ -115,15 +115,14 @@ def _check_recorded_settings(state: dict, checkpoint: Path) -> None:
         )
 
 
-def _trained_channels(state: dict) -> int:
-    """How many image channels the checkpoint's network takes (1 unless trained on several)."""
-    return len(as_channels(state.get("channel")) or (0,))
-
-
 def window_shape(state: dict) -> tuple[int, ...]:
     """One input window of a checkpoint's network: (1, C, *patch) for C image channels; a 2-D network's
     slice stacks (patch (k, h, w)): (1, C * k, h, w)."""
-    patch, slices, channels = tuple(state["patch"]), state.get("slices", 0), _trained_channels(state)
+    patch, slices, channels = (
+        tuple(state["patch"]),
+        state.get("slices", 0),
+        channel_count(state.get("channel")),
+    )
     return (1, channels * slices, *patch[1:]) if slices else (1, channels, *patch)
 
 
@@ -219,10 +218,8 @@ def _channels_to_read(channel: int | Sequence[int] | None, state: dict, checkpoi
     if channel is None:
         return as_channels(state.get("channel"))
     asked, trained = as_channels(channel), as_channels(state.get("channel"))
-    repeated = sorted({c for c in asked if asked.count(c) > 1})
-    if repeated:
-        raise ConfigError(f"--channel {' '.join(map(str, asked))} names channel {repeated[0]} more than once")
-    count = len(trained or (0,))
+    check_channels(asked)
+    count = channel_count(trained)
     if len(asked) != count:
         how = f"--channel {' '.join(map(str, trained))}" if trained else "a single-channel image"
         raise ConfigError(f"--channel {' '.join(map(str, asked))} names {len(asked)} channel(s), but "

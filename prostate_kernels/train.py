@@ -35,7 +35,7 @@ from prostate_kernels.data import (
     read_channels,
     read_mask,
 )
-from prostate_kernels.data.io import as_channels, as_labels
+from prostate_kernels.data.io import as_channels, as_labels, channel_count, check_channels
 from prostate_kernels.data.resample import resample_case, resample_image
 from prostate_kernels.data.sampling import IterationDataset, PatchSampler, training_case, zscore_channels
 from prostate_kernels.determinism import deterministic_mode
@@ -113,10 +113,6 @@ class TrainConfig:
             raise ConfigError(f"unknown model {self.model!r}; choose one of {', '.join(PAPER)}")
         return PAPER[self.model]
 
-    def image_channels(self) -> int:
-        """How many channels of each image the network sees (1 without --channel)."""
-        return len(as_channels(self.channel) or (0,))
-
 
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 MAX_SEED = 2**32 - 1  # numpy's legacy seed range; seed * 1000 + rank stays far inside torch's 64 bits
@@ -137,14 +133,8 @@ def check_config(config: TrainConfig) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} {value} must be in [1, {sys.maxsize}]")
     if config.batch is not None and config.batch < 1:
         raise ConfigError(f"--batch {config.batch} must be >= 1")
-    channels = as_channels(config.channel)
-    if channels is not None:
-        flag = f"--channel {' '.join(map(str, channels))}"
-        if not channels or min(channels) < 0:
-            raise ConfigError(f"{flag} must be one or more channels >= 0")
-        repeated = sorted({c for c in channels if channels.count(c) > 1})
-        if repeated:
-            raise ConfigError(f"{flag} names channel {repeated[0]} more than once")
+    if config.channel is not None:
+        check_channels(as_channels(config.channel))
     for name in ("val_cases", "workers"):
         if getattr(config, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(config, name)} must be >= 0")
@@ -228,12 +218,12 @@ def _meta_model(config: TrainConfig) -> torch.nn.Module:
 def _input_shape(config: TrainConfig, patch: tuple[int, int, int]) -> tuple[int, ...]:
     """One training input (C, *patch) without the batch: C = the image channels, times the slices of a
     2-D network's stacks (whose patch is (slices, h, w): input (C * slices, h, w))."""
-    slices, channels = config.settings().slices, config.image_channels()
+    slices, channels = config.settings().slices, channel_count(config.channel)
     return (channels * slices, *patch[1:]) if slices else (channels, *patch)
 
 
 def _model_kwargs(config: TrainConfig) -> dict:
-    slices, channels = config.settings().slices, config.image_channels()
+    slices, channels = config.settings().slices, channel_count(config.channel)
     in_channels = channels * slices if slices else channels
     # a single-channel 3-D network keeps its builder's default (checkpoints before channels record none)
     return {**({"in_channels": in_channels} if slices or channels > 1 else {}), **config.model_kwargs}

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from prostate_kernels.data.dicom import read_series
-from prostate_kernels.data.errors import DataError
+from prostate_kernels.data.errors import ConfigError, DataError
 from prostate_kernels.data.integrity import captured_stderr, check_complete, check_regular, itk_reason
 from prostate_kernels.safe_files import temporary_path
 
@@ -235,6 +235,21 @@ def as_channels(channel: int | Sequence[int] | None) -> tuple[int, ...] | None:
     """--channel's value as a tuple of channels (None: a single-channel image); one int is one channel
     (checkpoints before several channels record one int)."""
     return _int_tuple(channel)
+
+
+def channel_count(channel: int | Sequence[int] | None) -> int:
+    """How many image channels a network on --channel `channel` takes (1 without --channel)."""
+    return len(as_channels(channel) or (0,))
+
+
+def check_channels(channels: tuple[int, ...]) -> None:
+    """ConfigError unless --channel names one or more different channels >= 0 (train's and predict's)."""
+    flag = f"--channel {' '.join(map(str, channels))}"
+    if not channels or min(channels) < 0:
+        raise ConfigError(f"{flag} must be one or more channels >= 0")
+    repeated = sorted({c for c in channels if channels.count(c) > 1})
+    if repeated:
+        raise ConfigError(f"{flag} names channel {repeated[0]} more than once")
 
 
 def _int_tuple(value: int | Sequence[int] | None) -> tuple[int, ...] | None:
