@@ -37,6 +37,21 @@ print(json.loads(extra["prostate_kernels.json"])["model"])
 """
 
 
+def assert_device_free(program: torch.export.ExportedProgram) -> None:
+    """No node of the program (nested graphs included) makes a tensor on a fixed device, and none is
+    dead: moved with .to(device), it computes there only. (The dense blocks' unused seed tensors were
+    aten.zeros(..., device=cpu) nodes in every eval program.)"""
+    graphs = [
+        m.graph
+        for m in program.graph_module.modules()
+        if isinstance(getattr(m, "graph", None), torch.fx.Graph)
+    ]
+    nodes = [n for graph in graphs for n in graph.nodes if n.op == "call_function"]
+    assert nodes
+    assert [str(n.target) for n in nodes if "device" in n.kwargs] == []
+    assert [str(n.target) for n in nodes if not n.users] == []
+
+
 def _network_logits(checkpoint: Path, x: torch.Tensor) -> torch.Tensor:
     model, _ = load_trained_model(checkpoint, torch.device("cpu"))
     with use_backend("torch"), torch.no_grad():
@@ -58,6 +73,7 @@ def test_the_program_runs_without_the_library_and_gives_the_networks_logits(trai
     meta = read_metadata(out)
     assert meta["input_shape"] == ["N", 1, 8, 32, 32] and meta["patch"] == [8, 32, 32]
     assert meta["image_channels"] is None and meta["slices"] == 0 and meta["spacing_zyx_mm"] is None
+    assert_device_free(torch.export.load(str(out)))
     x = torch.randn(3, 1, 8, 32, 32)  # a batch size the export did not see
     torch.save(x, tmp_path / "x.pt")
     files = [str(out), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")]
@@ -135,7 +151,9 @@ def test_the_other_3d_networks_export(name, kwargs, tmp_path):
     checkpoint = save_checkpoint(state, tmp_path / "best.pt")
     exported = export_checkpoint(checkpoint, tmp_path / "net.pt2")
     assert exported.max_difference <= 1e-5 and exported.metadata["input_shape"] == ["N", 1, 16, 32, 32]
-    program = torch.export.load(str(tmp_path / "net.pt2")).module()
+    program = torch.export.load(str(tmp_path / "net.pt2"))
+    assert_device_free(program)
+    program = program.module()
     x = torch.randn(1, 1, 16, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(program(x), _network_logits(checkpoint, x), rtol=1e-4, atol=1e-5)

@@ -297,15 +297,15 @@ class DenseBlock3d(nn.Module):
         steps = [tuple(next(flat) for _ in units) for units in layers]
         p = self.dropout if self.training else 0.0
         # on x's device: no host draw or copy in the step (CUDA graphs replay device draws afresh)
-        seeds = (
-            draw_seeds(len(layers), x.device)
-            if p > 0
-            else torch.zeros(len(layers), dtype=torch.int64, device=x.device)
-        )
+        seeds = draw_seeds(len(layers), x.device) if p > 0 else None
         # An empty batch takes the naive path, as nn.BatchNorm3d does: an empty output, statistics untouched.
         if self.memory_efficient and x.shape[0] > 0:
+            if seeds is None:  # the op takes a seed tensor always; unread when p == 0
+                seeds = torch.zeros(len(layers), dtype=torch.int64, device=x.device)
             out = self._efficient(x, layers, steps, seeds, p)  # the whole buffer: input + new features
             return out if self.return_input else out[:, self.in_channels :]
+        # no seed tensor when p == 0: an exported (eval) program would keep an unused one made on the
+        # device it was traced on
         return self._naive(x, layers, steps, seeds, p)  # already without the input unless return_input
 
     def _efficient(self, x, layers, steps, seeds, p) -> torch.Tensor:
