@@ -1,5 +1,6 @@
 """Running the installed `prostate-kernels` console script the way a user does, and tiny datasets for it;
-running a probe script of tests/ in a fresh process without the Triton interpreter."""
+running a probe script of tests/ in a fresh process without the Triton interpreter; a call that must not
+wait on a named pipe."""
 
 from __future__ import annotations
 
@@ -8,7 +9,10 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
+
+import pytest
 
 from prostate_kernels.cli import main
 
@@ -104,3 +108,28 @@ def write_dicom_series(image_path: Path, directory: Path, uid: str) -> Path:
         with kept_locale():  # GDCM's writer sets the process's locale to "C"
             writer.Execute(slice_)
     return directory
+
+
+def run_without_waiting_on(fifo: Path, call):
+    """call()'s result, or its exception raised here, with call run in a thread: if it is still running
+    after `seconds` (a read waiting on the named pipe `fifo` for a writer), the pipe is opened for writing
+    and closed so that the read ends, and the test fails instead of hanging the test run for good."""
+    seconds = 30
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as exc:  # raised again in the test's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a reader is waiting: this open succeeds
+        thread.join(seconds)
+        pytest.fail(f"the call waited on the named pipe {fifo} for {seconds} s instead of refusing it")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]

@@ -12,7 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import assert_one_line_error, copy_dataset, make_phantoms, run_cli, train_args
+from cli_helpers import (
+    assert_one_line_error,
+    copy_dataset,
+    make_phantoms,
+    run_cli,
+    run_without_waiting_on,
+    train_args,
+)
 
 from prostate_kernels.data import DataError, Volume, read_mask, read_volume, write_volume
 from prostate_kernels.data.integrity import itk_reason
@@ -261,13 +268,13 @@ def test_a_named_pipe_in_place_of_an_image_or_its_voxel_file_is_refused_not_wait
     image = tmp_path / "Case05.mhd"
     os.mkfifo(image)
     with pytest.raises(DataError, match="Case05.mhd: not a regular file .* reading it could wait forever"):
-        read_volume(image)
+        run_without_waiting_on(image, lambda: read_volume(image))
     grid = (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel())
     header = write_volume(Volume(np.ones((4, 5, 6), np.int16), *grid), tmp_path / "Case06.mhd")
     (tmp_path / "Case06.raw").unlink()
     os.mkfifo(tmp_path / "Case06.raw")
     with pytest.raises(DataError, match="Case06.mhd: its voxel file Case06.raw is not a regular file"):
-        read_volume(header)
+        run_without_waiting_on(tmp_path / "Case06.raw", lambda: read_volume(header))
     result = run_cli(
         "predict", "--checkpoint", tmp_path / "c.pt", "--input", image, "--output", tmp_path / "o"
     )
