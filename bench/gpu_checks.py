@@ -503,6 +503,18 @@ def check_export(device: str = "cuda") -> list[dict]:
     return rows
 
 
+def check_info(device: str = "cuda") -> list[dict]:
+    """`prostate-kernels info --check` on `device` (prostate_kernels.self_check): every layer on small
+    odd shapes (the Triton kernels forced on CUDA) against its float64 copy; a row per layer."""
+    from prostate_kernels.self_check import TOLERANCE, run_checks
+
+    return [
+        _row(f"info --check: {r.check} ({r.implementation})", r.passed,
+             r.failure or f"max rel err {r.error:.1e} (tolerance {TOLERANCE:g}), {r.seconds:.1f} s")
+        for r in run_checks([torch.device(device)])
+    ]  # fmt: skip
+
+
 def check_determinism(
     device: str = "cuda",
     layer=P3A_LAYER,
@@ -836,6 +848,7 @@ CHECKS: list[tuple[str, Callable[[str], list[dict]]]] = [
     ("sliding window", check_sliding_window),
     ("predict stitching", check_predict_stitching),
     ("export", check_export),
+    ("info", check_info),
     ("bn_relu_conv3d", check_bn_relu_conv3d),
     ("bn_relu_conv3d tiles", check_bn_relu_conv3d_tiles),
     ("dense block", check_dense_block),

@@ -1,4 +1,4 @@
-"""The `prostate-kernels` command: phantoms, train, predict, evaluate, export, demo.
+"""The `prostate-kernels` command: phantoms, train, predict, evaluate, export, demo, info.
 
 User errors (missing or bad files, mismatched geometry, bad settings) print one line naming the file
 and the problem and exit with status 2; in a directory, a bad case is reported at the end and does not
@@ -251,6 +251,21 @@ def _parser() -> argparse.ArgumentParser:
                    help="train and predict channels-last (default: on the CPU only; "
                    "docs/memory-layout.md)")  # fmt: skip
     p.set_defaults(run=_demo)
+
+    p = sub.add_parser(
+        "info",
+        help="versions, the C++ extension, devices and what each op runs on them; --check runs them",
+        description="What this install is made of (for a bug report): the package's and its dependencies' "
+        "versions, whether the C++ extension loaded, the backend setting, and per device what each op runs "
+        "on. --check runs every layer on small odd shapes on each device (the Triton kernels on a GPU) "
+        "against a float64 PyTorch reference; exit status 1 if one disagrees or fails.",
+    )
+    p.add_argument("--check", action="store_true",
+                   help="run each op on each device against the float64 reference (compiles the "
+                   "Triton kernels on a GPU: under a minute)")  # fmt: skip
+    p.add_argument("--device", type=device_name, nargs="+", default=None,
+                   help="the devices to describe and check (default: cpu and every CUDA device)")  # fmt: skip
+    p.set_defaults(run=_info)
     return parser
 
 
@@ -350,6 +365,34 @@ def _demo(args) -> int:
     from prostate_kernels.pipeline import run_demo
 
     return _report(run_demo(args.out, args.model, args.iters, args.channels_last))
+
+
+def _info(args) -> int:
+    import torch
+
+    from prostate_kernels.environment import devices_here, report_lines
+
+    devices = [torch.device(d) for d in args.device] if args.device else devices_here()
+    for line in report_lines(devices):
+        print(line)
+    if not args.check:
+        return 0
+    from prostate_kernels.self_check import TOLERANCE, run_checks
+
+    print(
+        f"checks against the float64 PyTorch reference (pass: largest relative difference <= {TOLERANCE:g}):"
+    )
+
+    def show(result) -> None:
+        outcome = "pass" if result.passed else "FAIL"
+        found = result.failure or f"{result.error:.1e}"
+        print(f"  {outcome}  {result.device:<7} {result.implementation:<6} {result.check}: {found} "
+              f"({result.seconds:.1f} s)", flush=True)  # fmt: skip
+
+    results = run_checks(devices, show)
+    failed = [r for r in results if not r.passed]
+    print(f"{len(results) - len(failed)} of {len(results)} checks passed")
+    return 1 if failed else 0
 
 
 def _report(failures: list[str]) -> int:

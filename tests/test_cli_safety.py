@@ -427,5 +427,5 @@ def test_every_option_of_every_command_says_what_it_does():
         for action in parser._actions
         if action.option_strings and not action.help
     ]
-    assert set(commands) == {"phantoms", "train", "predict", "evaluate", "export", "demo"}
+    assert set(commands) == {"phantoms", "train", "predict", "evaluate", "export", "demo", "info"}
     assert silent == []

@@ -359,3 +359,14 @@ def test_the_export_check_runs_and_passes_on_the_cpu():
         "exported deeplabv3plus_3d program on cpu vs the network there",
     ]
     assert all(r["result"] == "PASS" for r in rows), rows
+
+
+def test_the_info_check_runs_and_passes_on_the_cpu():
+    """The GPU run's `info --check` rows (on the CPU here: "auto", and the Triton kernels interpreted)."""
+    import gpu_checks
+
+    rows = gpu_checks.check_info("cpu")
+    from prostate_kernels.self_check import CASES
+
+    assert len(rows) == 2 * len(CASES) and all(row["result"] == "PASS" for row in rows), rows
+    assert rows[len(CASES)]["check"] == "info --check: BNReLUConv3d train fwd+bwd (triton)"
