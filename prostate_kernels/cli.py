@@ -76,7 +76,10 @@ def _out_of_memory(exc: BaseException) -> bool:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from prostate_kernels import __version__
+
     parser = OneLineParser(prog="prostate-kernels", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("phantoms", help="write synthetic T2-like pelvis volumes with exact prostate masks")
@@ -368,11 +371,10 @@ def _demo(args) -> int:
 
 
 def _info(args) -> int:
-    import torch
 
     from prostate_kernels.environment import devices_here, report_lines
 
-    devices = [torch.device(d) for d in args.device] if args.device else devices_here()
+    devices = list(dict.fromkeys(map(_indexed, args.device))) if args.device else devices_here()
     for line in report_lines(devices):
         print(line)
     if not args.check:
@@ -393,6 +395,17 @@ def _info(args) -> int:
     failed = [r for r in results if not r.passed]
     print(f"{len(results) - len(failed)} of {len(results)} checks passed")
     return 1 if failed else 0
+
+
+def _indexed(name: str):
+    """The device `name` names, a CUDA device with its index (cuda is cuda:0 when that is the current
+    one), so that a device named twice is described and checked once."""
+    import torch
+
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _report(failures: list[str]) -> int:

@@ -85,3 +85,13 @@ def test_run_checks_leaves_the_random_state_and_the_backend_as_they_were(monkeyp
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
 def test_info_refuses_a_device_this_machine_lacks():
     assert_one_line_error(run_cli("info", "--device", "cuda"), "argument --device", "no CUDA device")
+
+
+def test_a_device_named_twice_is_described_once_and_the_command_has_a_version(capsys):
+    assert main(["info", "--device", "cpu", "cpu"]) == 0
+    assert capsys.readouterr().out.count("\ncpu: ") == 1
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    from prostate_kernels import __version__
+
+    assert exited.value.code == 0 and capsys.readouterr().out == f"prostate-kernels {__version__}\n"
