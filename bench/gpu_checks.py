@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from prostate_kernels import functional, reference, sliding_window_inference, use_backend
+from prostate_kernels.data.errors import first_line
 from prostate_kernels.determinism import deterministic_mode
 from prostate_kernels.ops.conv_geometry import conv_geometry
 from prostate_kernels.ops.launch import UNTIMED_IN_CAPTURE
@@ -495,9 +496,8 @@ def check_export(device: str = "cuda") -> list[dict]:
                 rows.append(_row(f"exported {name} program on {device} vs the network there", err < 1e-4,
                                  f"max rel err {err:.1e} (batch 3; traced at 2)"))  # fmt: skip
             except Exception as exc:  # the row says what failed; the other checks go on
-                reason = (str(exc).strip().splitlines() or [""])[0][:300]
                 rows.append(_row(f"exported {name} program on {device} vs the network there", False,
-                                 f"{type(exc).__name__}: {reason}"))  # fmt: skip
+                                 f"{type(exc).__name__}: {first_line(exc)}"))  # fmt: skip
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     return rows

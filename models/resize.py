@@ -23,7 +23,8 @@ def resize_aligned(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     """x (N, C, D, H, W) resized to (N, C, *size): F.interpolate(mode="trilinear", align_corners=True), as
     Keras' resize in the paper's port; x itself when it already has that size. Under
     torch.use_deterministic_algorithms the backward is the matmul adjoint above (any device)."""
-    size = tuple(int(s) for s in size)
+    # symbolic sizes stay symbolic (int() would fix a torch.export program's window to the traced one)
+    size = tuple(s if isinstance(s, torch.SymInt) else int(s) for s in size)
     if tuple(x.shape[2:]) == size:
         return x
     if torch.are_deterministic_algorithms_enabled() and x.requires_grad:

@@ -20,7 +20,7 @@ from prostate_kernels.cli_args import (
     positive_float,
     positive_int,
 )
-from prostate_kernels.data.errors import DataError
+from prostate_kernels.data.errors import DataError, first_line
 
 EXIT_USER_ERROR = 2
 CHANNELS_LAST_HELP = ("run the network channels-last (NDHWC strides): the same math in other kernels, "
@@ -45,8 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         if not _out_of_memory(exc):
             raise
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"error: out of memory ({first_line}); {_memory_hint(args)}", file=sys.stderr)
+        print(f"error: out of memory ({first_line(exc)}); {_memory_hint(args)}", file=sys.stderr)
         return EXIT_USER_ERROR
 
 
@@ -242,6 +241,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", type=Path, required=True, help="a checkpoint written by train")
     p.add_argument("--out", type=Path, required=True,
                    help="the program file to write (such as p3a.pt2); never replaces a file")  # fmt: skip
+    p.add_argument("--any-size", action="store_true",
+                   help="windows of any size that is a multiple of the network's downsampling (up to "
+                   "1024 voxels a side), not only the checkpoint's patch: a whole volume, padded, in one "
+                   "call")  # fmt: skip
     p.set_defaults(run=_export)
 
     p = sub.add_parser("demo", help="phantoms -> train -> predict -> evaluate, into one directory")
@@ -355,11 +358,17 @@ def _evaluate(args) -> int:
 def _export(args) -> int:
     from prostate_kernels.export import export_checkpoint
 
-    exported = export_checkpoint(args.checkpoint, args.out)
+    exported = export_checkpoint(args.checkpoint, args.out, any_size=args.any_size)
     meta = exported.metadata
     shape = "x".join(map(str, meta["input_shape"]))
+    sides = ""
+    if meta["window_multiple"] is not None:
+        names = ", ".join(str(n) for n in meta["input_shape"][2:])
+        multiples = ", ".join(map(str, meta["window_multiple"]))
+        least = ", ".join(map(str, meta["min_window"]))
+        sides = f"; {names} multiples of {multiples} from {least} up to {meta['max_window']}"
     print(f"{exported.path}: {meta['model']}, input {shape} float32 windows (N from 1 to "
-          f"{meta['max_batch']}), output logits; largest difference from the network's logits "
+          f"{meta['max_batch']}{sides}), output logits; largest difference from the network's logits "
           f"{exported.max_difference:.3g}")  # fmt: skip
     return 0
 

@@ -7,6 +7,8 @@ import os
 
 import torch
 
+from prostate_kernels.data.errors import first_line
+
 
 def available_device(value: torch.device | str | int, name: str | None = None) -> torch.device:
     """torch.device(value) when this machine has that device; ValueError otherwise, naming `name` (the
@@ -28,8 +30,7 @@ def available_device(value: torch.device | str | int, name: str | None = None) -
         try:
             torch.empty(0, device=device)
         except Exception as exc:  # torch raises RuntimeError or AssertionError for a missing backend
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"{what} is not available: {reason}") from None
+            raise ValueError(f"{what} is not available: {first_line(exc)}") from None
     return device
 
 

@@ -26,6 +26,7 @@ import torch
 
 from prostate_kernels import backend
 from prostate_kernels._ext import HAS_EXT
+from prostate_kernels.data.errors import first_line
 from prostate_kernels.inference import sliding_window_inference
 from prostate_kernels.nn import BNReLUConv3d, DenseBlock3d, DepthwiseConv3d, SeparableConv3d
 
@@ -119,9 +120,8 @@ def _run_case(case: _Case, device: torch.device, backend_name: str) -> CheckResu
             torch.cuda.synchronize(device)
         return CheckResult(str(device), implementation, case.name, error, time.perf_counter() - start)
     except Exception as exc:  # a failed compilation or launch is this check's result, not a crash
-        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
         return CheckResult(str(device), implementation, case.name, None, time.perf_counter() - start,
-                           f"{type(exc).__name__}: {first_line}")  # fmt: skip
+                           f"{type(exc).__name__}: {first_line(exc)}")  # fmt: skip
 
 
 def _largest_difference(case: _Case, device: torch.device, backend_name: str) -> float:

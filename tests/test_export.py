@@ -105,6 +105,51 @@ def test_a_2d_network_on_two_channels_exports_its_slice_stacks_and_channels(tmp_
         torch.testing.assert_close(program(x), _network_logits(checkpoint, x), rtol=1e-4, atol=1e-5)
 
 
+def test_any_size_programs_take_every_allowed_window_and_refuse_the_others(trained, tmp_path, capsys):
+    """--any-size: the window's sides are free multiples of the network's downsampling (>= 2 of them)."""
+    out = tmp_path / "any.pt2"
+    assert main(["export", "--checkpoint", str(trained), "--out", str(out), "--any-size"]) == 0
+    assert ("input Nx1xDxHxW float32 windows (N from 1 to 1024; D, H, W multiples of 4, 4, 4 from 8, 8, 8 up "
+            "to 1024)") in capsys.readouterr().out  # fmt: skip
+    meta = read_metadata(out)
+    assert meta["input_shape"] == ["N", 1, "D", "H", "W"] and meta["window_multiple"] == [4, 4, 4]
+    assert meta["min_window"] == [8, 8, 8] and meta["max_window"] == 1024 and meta["patch"] == [8, 32, 32]
+    program = torch.export.load(str(out))
+    assert_device_free(program)
+    program = program.module()
+    for shape in ((3, 1, 12, 36, 44), (1, 1, 8, 8, 8), (2, 1, 8, 32, 32)):  # none of them the traced one
+        x = torch.randn(shape)
+        with torch.no_grad():
+            torch.testing.assert_close(program(x), _network_logits(trained, x), rtol=1e-4, atol=1e-5)
+    refusals = {(1, 1, 10, 32, 32): r"% 4 == 0", (1, 1, 4, 32, 32): r">= 8", (1, 1, 2048, 8, 8): r"<= 1024"}
+    for shape, guard in refusals.items():  # not a multiple of 4; one multiple only; too deep
+        with pytest.raises(AssertionError, match=r"Guard failed: x.size\(\)\[2\] " + guard), torch.no_grad():
+            program(torch.randn(shape))
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "patch", "sizes"),
+    [
+        ("unet3d", {"filters": [4, 8, 16, 32]}, [8, 32, 32], (16, 40, 24)),  # the patch's depth: 1 multiple
+        ("deeplabv3plus_3d", {"width": 0.25, "middle_blocks": 1}, [16, 32, 32], (12, 48, 80)),
+        ("deeplabv3plus_2d", {"width": 0.25, "middle_blocks": 1, "in_channels": 13}, [13, 32, 32], (48, 80)),
+    ],
+)
+def test_the_other_networks_export_with_any_size(name, kwargs, patch, sizes, tmp_path):
+    """DeepLabv3+'s resize fixed its sizes to the traced ones (int() of symbolic sizes) until 2026-12-05."""
+    torch.manual_seed(0)
+    slices = patch[0] if name.endswith("2d") else 0
+    state = {"model": name, "model_kwargs": kwargs, "state_dict": build_model(name, **kwargs).state_dict(),
+             "patch": patch, "slices": slices}  # fmt: skip
+    checkpoint = save_checkpoint(state, tmp_path / "best.pt")
+    exported = export_checkpoint(checkpoint, tmp_path / "net.pt2", any_size=True)
+    assert exported.max_difference <= 1e-5
+    program = torch.export.load(str(tmp_path / "net.pt2")).module()
+    x = torch.randn(2, 13 if slices else 1, *sizes)
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), _network_logits(checkpoint, x), rtol=1e-4, atol=1e-5)
+
+
 def test_export_never_replaces_a_file_and_writes_nothing_it_could_not_check(trained, tmp_path, monkeypatch):
     out = tmp_path / "net.pt2"
     out.write_bytes(b"the user's file")
@@ -136,6 +181,21 @@ def test_export_never_replaces_a_file_and_writes_nothing_it_could_not_check(trai
         DataError, match=r"torch.export cannot trace its network \(RuntimeError: cannot trace this\)"
     ):
         export_checkpoint(trained, tmp_path / "other.pt2")
+    with pytest.raises(DataError, match=r"cannot trace its network with free window sizes \(export it "
+                       r"without --any-size\) \(RuntimeError: cannot trace this\)"):  # fmt: skip
+        export_checkpoint(trained, tmp_path / "other.pt2", any_size=True)
+    monkeypatch.undo()
+
+    def refusing_module(program):  # a program that raises on a window it should take (a size guard)
+        def run(x):
+            raise AssertionError("Guard failed: x.size()[2] // 8 != 1")
+
+        return run
+
+    monkeypatch.setattr(torch.export.ExportedProgram, "module", refusing_module)
+    expected = r"fails on windows it should take \(AssertionError: Guard failed: x.size\(\)\[2\] // 8 != 1\)"
+    with pytest.raises(DataError, match=expected + ": not written"):
+        export_checkpoint(trained, tmp_path / "other.pt2", any_size=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.pt2"]  # no program, no temporary left
 
 

@@ -6,6 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of the exception's message (its type's name when it has none), at most `limit`
+    characters: what a one-line error quotes of a library's exception."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 class DataError(ValueError):
     """Bad input data: missing or unreadable files, wrong dimensionality, mismatched geometry, ..."""
 
