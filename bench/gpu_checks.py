@@ -473,11 +473,14 @@ def check_export(device: str = "cuda") -> list[dict]:
     from prostate_kernels.export import export_checkpoint
 
     rows = []
-    networks = (("tiramisu3d_tiny", {}), ("deeplabv3plus_3d", {"width": 0.25, "middle_blocks": 1}))
+    deeplab = {"width": 0.25, "middle_blocks": 1}
+    # (network, its settings, --any-size, the windows the program runs on the device)
+    networks = (("tiramisu3d_tiny", {}, False, (3, 1, 16, 32, 32)), ("deeplabv3plus_3d", deeplab, False,
+                (3, 1, 16, 32, 32)), ("tiramisu3d_tiny", {}, True, (2, 1, 24, 48, 40)))  # fmt: skip
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
-        for name, kwargs in networks:
+        for name, kwargs, any_size, shape in networks:
             torch.manual_seed(0)
             model = build_model(name, **kwargs).eval()
             state = {
@@ -486,18 +489,21 @@ def check_export(device: str = "cuda") -> list[dict]:
                 "state_dict": model.state_dict(),
                 "patch": [16, 32, 32],
             }
-            x = torch.randn((3, 1, 16, 32, 32), device=device)
+            x = torch.randn(shape, device=device)
+            kind = " (--any-size)" if any_size else ""
+            what = f"exported {name} program{kind} on {device} vs the network there"
             try:
                 with tempfile.TemporaryDirectory() as tmp:
-                    export_checkpoint(save_checkpoint(state, Path(tmp) / "best.pt"), Path(tmp) / "net.pt2")
+                    checkpoint = save_checkpoint(state, Path(tmp) / "best.pt")
+                    export_checkpoint(checkpoint, Path(tmp) / "net.pt2", any_size=any_size)
                     program = torch.export.load(str(Path(tmp) / "net.pt2")).module().to(device)
                 with torch.no_grad(), use_backend("torch"):
                     err = _rel(program(x), model.to(device)(x))
-                rows.append(_row(f"exported {name} program on {device} vs the network there", err < 1e-4,
-                                 f"max rel err {err:.1e} (batch 3; traced at 2)"))  # fmt: skip
+                rows.append(
+                    _row(what, err < 1e-4, f"max rel err {err:.1e} ({'x'.join(map(str, shape))} windows)")
+                )
             except Exception as exc:  # the row says what failed; the other checks go on
-                rows.append(_row(f"exported {name} program on {device} vs the network there", False,
-                                 f"{type(exc).__name__}: {first_line(exc)}"))  # fmt: skip
+                rows.append(_row(what, False, f"{type(exc).__name__}: {first_line(exc)}"))
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     return rows

@@ -357,6 +357,7 @@ def test_the_export_check_runs_and_passes_on_the_cpu():
     assert [r["check"] for r in rows] == [
         "exported tiramisu3d_tiny program on cpu vs the network there",
         "exported deeplabv3plus_3d program on cpu vs the network there",
+        "exported tiramisu3d_tiny program (--any-size) on cpu vs the network there",
     ]
     assert all(r["result"] == "PASS" for r in rows), rows
 
