@@ -511,14 +511,18 @@ def check_export(device: str = "cuda") -> list[dict]:
 
 def check_info(device: str = "cuda") -> list[dict]:
     """`prostate-kernels info --check` on `device` (prostate_kernels.self_check): every layer on small
-    odd shapes (the Triton kernels forced on CUDA) against its float64 copy; a row per layer."""
-    from prostate_kernels.self_check import TOLERANCE, run_checks
+    odd shapes (the Triton kernels forced on CUDA) against its float64 copy, in float32 and under bf16
+    autocast; a row per layer and precision."""
+    from prostate_kernels.self_check import run_checks
 
-    return [
-        _row(f"info --check: {r.check} ({r.implementation})", r.passed,
-             r.failure or f"max rel err {r.error:.1e} (tolerance {TOLERANCE:g}), {r.seconds:.1f} s")
-        for r in run_checks([torch.device(device)])
-    ]  # fmt: skip
+    rows = []
+    for r in run_checks([torch.device(device)]):
+        detail = r.failure or f"max rel err {r.error:.1e}"
+        if r.eager_error is not None:
+            detail += f" (eager PyTorch's {r.eager_error:.1e})"
+        rows.append(_row(f"info --check: {r.check}, {r.precision} ({r.implementation})", r.passed,
+                         f"{detail}, {r.seconds:.1f} s"))  # fmt: skip
+    return rows
 
 
 def check_determinism(

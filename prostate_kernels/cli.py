@@ -388,16 +388,20 @@ def _info(args) -> int:
         print(line)
     if not args.check:
         return 0
-    from prostate_kernels.self_check import TOLERANCE, run_checks
+    from prostate_kernels.self_check import BF16_FLOOR, TOLERANCE, run_checks
 
     print(
-        f"checks against the float64 PyTorch reference (pass: largest relative difference <= {TOLERANCE:g}):"
+        f"checks against the float64 PyTorch reference (pass: largest relative difference <= {TOLERANCE:g}; "
+        f"bf16 autocast: <= 2x eager PyTorch's, or <= {BF16_FLOOR:g}):"
     )
 
     def show(result) -> None:
         outcome = "pass" if result.passed else "FAIL"
         found = result.failure or f"{result.error:.1e}"
-        print(f"  {outcome}  {result.device:<7} {result.implementation:<6} {result.check}: {found} "
+        if result.eager_error is not None:
+            found += f" (eager PyTorch: {result.eager_error:.1e})"
+        check = result.check if result.precision == "float32" else f"{result.check}, {result.precision}"
+        print(f"  {outcome}  {result.device:<7} {result.implementation:<6} {check}: {found} "
               f"({result.seconds:.1f} s)", flush=True)  # fmt: skip
 
     results = run_checks(devices, show)

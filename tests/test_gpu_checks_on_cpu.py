@@ -369,5 +369,8 @@ def test_the_info_check_runs_and_passes_on_the_cpu():
     rows = gpu_checks.check_info("cpu")
     from prostate_kernels.self_check import CASES
 
-    assert len(rows) == 2 * len(CASES) and all(row["result"] == "PASS" for row in rows), rows
-    assert rows[len(CASES)]["check"] == "info --check: BNReLUConv3d train fwd+bwd (triton)"
+    bf16 = sum(case.bf16 for case in CASES)
+    assert len(rows) == 2 * len(CASES) + bf16 and all(row["result"] == "PASS" for row in rows), rows
+    assert rows[len(CASES)]["check"] == "info --check: BNReLUConv3d train fwd+bwd, float32 (triton)"
+    assert rows[-bf16]["check"] == "info --check: BNReLUConv3d train fwd+bwd, bf16 autocast (triton)"
+    assert "eager PyTorch's" in rows[-bf16]["detail"]
