@@ -13,12 +13,14 @@ from pathlib import Path
 
 from prostate_kernels.cli_args import (
     OneLineParser,
+    WindowArgument,
     device_name,
     non_negative_float,
     non_negative_int,
     overlap_fraction,
     positive_float,
     positive_int,
+    window_size,
 )
 from prostate_kernels.data.errors import DataError, first_line
 
@@ -52,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 _MEMORY_HINTS = {
     "phantoms": "choose a smaller --shape",
     "train": "choose a smaller --patch or --batch",
-    "predict": "the volume or the model does not fit: try --device cpu, or a machine with more memory",
+    "predict": "the volume or the model does not fit: try a smaller --window (or none), --device cpu, or a "
+    "machine with more memory",
     "evaluate": "the volumes do not fit in this machine's memory",
     "demo": "the demo does not fit in this machine's memory",
 }
@@ -177,6 +180,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=overlap_fraction, default=0.5,
                    help="fraction of each window shared with its neighbour, in [0, 1) "
                    "(default 0.5)")  # fmt: skip
+    p.add_argument("--window", type=window_size, nargs="+", action=WindowArgument, default=None,
+                   metavar="D H W | whole",
+                   help="stitch windows of this size instead of each checkpoint's training patch (multiples "
+                   "of its network's downsampling: fewer windows, more context each), or whole: each "
+                   "volume in one window, padded up to such a multiple")  # fmt: skip
     p.add_argument("--mode", default="gaussian", choices=("constant", "gaussian"),
                    help="window blending: gaussian weighs a window's centre more (default), constant "
                    "weighs its voxels alike")  # fmt: skip
@@ -339,6 +347,7 @@ def _predict(args) -> int:
         channels_last=args.channels_last,
         progress=not args.no_progress,
         channel=tuple(args.channel) if args.channel else None,
+        window=args.window,
     )
     return _report(failures)
 

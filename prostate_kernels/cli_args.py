@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import math
 
+from prostate_kernels.windows import WHOLE
+
 
 def _number(text: str, kind: type) -> float | int:
     try:
@@ -77,3 +79,20 @@ class OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D102 - argparse's hook
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def window_size(text: str) -> int | str:
+    """One word of --window: a size >= 1, or "whole"."""
+    return WHOLE if text == WHOLE else positive_int(text)
+
+
+class WindowArgument(argparse.Action):
+    """--window D H W (three sizes) or --window whole, stored as a 3-tuple or "whole"."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if values == [WHOLE]:
+            setattr(namespace, self.dest, WHOLE)
+            return
+        if len(values) != 3 or WHOLE in values:
+            raise argparse.ArgumentError(self, f"{' '.join(map(str, values))}: give 3 sizes D H W, or whole")
+        setattr(namespace, self.dest, tuple(values))

@@ -40,6 +40,7 @@ from prostate_kernels.safe_files import (
     remove_dead_temporaries,
     require_empty_directory,
 )
+from prostate_kernels.windows import WHOLE
 
 # --------------------------------------------------------------------------------------- predict
 
@@ -176,6 +177,7 @@ def predict_files(
     channels_last: bool = False,
     progress: bool = False,
     channel: int | Sequence[int] | None = None,
+    window: tuple[int, int, int] | str | None = None,
 ) -> list[str]:
     """Writes <name>_segmentation (and <name>_probabilities) with each input's geometry; returns failures.
 
@@ -187,6 +189,9 @@ def predict_files(
     progress: a bar per case and model over its windows (3-D networks) or slices (2-D).
     channel: the channel(s) of multi-channel images each network sees, as many as it was trained on;
     None: the ones it was trained on (train --channel; none for single-channel images).
+    window: the sliding window, (D, H, W) for every network (each a multiple of its downsampling; a 2-D
+    network's D its slices), or WHOLE: each volume in one window (inference_window); None: each
+    network's training patch.
     """
     try:
         dev = available_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "device")
@@ -197,6 +202,8 @@ def predict_files(
     _check_targets(targets, Path(inputs), overwrite)
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     ensemble = [load_trained_model(path, dev, channels_last) for path in checkpoints]
+    for path, (model, state) in zip(checkpoints, ensemble, strict=True):
+        check_window(window, state, model, path)
     channels = [
         _channels_to_read(channel, state, path)
         for path, (_, state) in zip(checkpoints, ensemble, strict=True)
@@ -207,8 +214,43 @@ def predict_files(
         remove_dead_temporaries(Path(output))
         for path in images:
             failures += _predict_case(path, ensemble, channels, targets[path], dev, overlap, mode, tta,
-                                      largest, amp, progress)  # fmt: skip
+                                      largest, amp, progress, window)  # fmt: skip
     return failures
+
+
+def check_window(window: tuple[int, int, int] | str | None, state: dict, model, checkpoint: Path) -> None:
+    """ConfigError unless `window` (predict's --window) is None, WHOLE, or sizes the checkpoint's network
+    takes: multiples of its downsampling, and for a 2-D network a depth of its slices."""
+    if window is None or window == WHOLE:
+        return
+    asked = f"--window {' '.join(map(str, window))}"
+    if len(window) != 3 or not all(isinstance(w, int) and w >= 1 for w in window):
+        raise ConfigError(f"{asked}: give 3 sizes D H W >= 1, or {WHOLE}")
+    slices = state.get("slices", 0)
+    if slices and window[0] != slices:
+        raise ConfigError(f"{asked}: {checkpoint}'s {state['model']} reads stacks of {slices} slices: "
+                          f"its window's depth must be {slices}")  # fmt: skip
+    factors = tuple(model.downsampling)
+    if any(w % f for w, f in zip(window, factors, strict=True)):
+        raise ConfigError(f"{asked} must be a multiple of {factors} for {checkpoint}'s {state['model']} "
+                          "(its total downsampling)")  # fmt: skip
+
+
+def inference_window(
+    state: dict, model, window: tuple[int, int, int] | str | None, shape: tuple[int, ...]
+) -> tuple[int, int, int]:
+    """The (D, H, W) window a network is stitched with on a volume of `shape` (D, H, W), on the grid the
+    network sees: its training patch (window None), the window given (checked by check_window), or for
+    WHOLE the volume's own size rounded up to multiples of its downsampling (a 2-D network: its slices
+    deep), so that one window holds the whole volume (padded: sliding_window_inference pads a volume
+    smaller than its window, half before and half after, and crops the result back)."""
+    if window is None:
+        return tuple(state["patch"])
+    if window != WHOLE:
+        return tuple(window)
+    rounded = tuple(-(-size // f) * f for size, f in zip(shape, model.downsampling, strict=True))
+    slices = state.get("slices", 0)
+    return (slices, *rounded[1:]) if slices else rounded
 
 
 def _channels_to_read(channel: int | Sequence[int] | None, state: dict, checkpoint: Path) -> tuple | None:
@@ -228,7 +270,7 @@ def _channels_to_read(channel: int | Sequence[int] | None, state: dict, checkpoi
 
 
 def _predict_case(
-    path, ensemble, channels, targets, dev, overlap, mode, tta, largest, amp, progress
+    path, ensemble, channels, targets, dev, overlap, mode, tta, largest, amp, progress, window
 ) -> list[str]:
     """Segments one image into its targets (segmentation path, probabilities path or None), each network
     of the ensemble on its channels of it (`channels`: a tuple or None per network); returns [] or [the
@@ -243,7 +285,7 @@ def _predict_case(
                     check_image(volume)
         image = seen[channels[0]][0]  # the channels share the image's 3-D grid
         probs = [
-            _model_probabilities(model, state, seen[read], dev, overlap, mode, tta, amp, progress)
+            _model_probabilities(model, state, seen[read], dev, overlap, mode, tta, amp, progress, window)
             for (model, state), read in zip(ensemble, channels, strict=True)
         ]
         prob = np.mean(probs, axis=0, dtype=np.float32)
@@ -260,15 +302,18 @@ def _predict_case(
     return []
 
 
-def _model_probabilities(model, state: dict, images, device, overlap, mode, tta, amp, progress) -> np.ndarray:
+def _model_probabilities(
+    model, state: dict, images, device, overlap, mode, tta, amp, progress, window=None
+) -> np.ndarray:
     """Probabilities on the images' own grid (`images`: the network's channels, 3-D Volumes on one grid);
     a model trained at a spacing sees them resampled to it, and its probabilities are resampled back
-    (linearly) onto their grid."""
+    (linearly) onto their grid. window: as predict_files'."""
     spacing = state.get("spacing")
     grids = [resample_image(image, spacing) for image in images] if spacing is not None else images
-    patch, slices = tuple(state["patch"]), int(state.get("slices", 0))
+    slices = int(state.get("slices", 0))
     channels = zscore_channels(np.stack([grid.array for grid in grids]))  # (C, D, H, W)
-    prob = predict_probabilities(model, channels, patch, slices, device, overlap, mode, tta,
+    roi = inference_window(state, model, window, channels.shape[1:])
+    prob = predict_probabilities(model, channels, roi, slices, device, overlap, mode, tta,
                                  amp_dtype=amp, progress=progress)  # fmt: skip
     return resample_onto(grids[0].like(prob), images[0]) if spacing is not None else prob
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 
 MODES = ("constant", "gaussian")
+WHOLE = "whole"  # a window the size of the whole volume (predict --window whole)
 MIN_IMPORTANCE = 1e-3  # Gaussian weights are clamped to at least this (or the map's own minimum, if larger)
 
 

@@ -1,0 +1,113 @@
+"""predict --window: stitch windows other than the training patch, or each volume whole in one window."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from cli_helpers import assert_one_line_error, make_phantoms, run_cli, train_args
+
+from prostate_kernels.cli import main
+from prostate_kernels.data import read_volume
+from prostate_kernels.data.sampling import zscore
+from prostate_kernels.pipeline import inference_window, load_trained_model
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("window")
+    assert main(train_args(make_phantoms(root / "phantoms"), root / "run", 2)) == 0
+    return root / "run" / "checkpoint.pt"
+
+
+@pytest.fixture(scope="module")
+def odd_volume(tmp_path_factory) -> Path:
+    """A 10x38x42 phantom: larger than the 8x32x32 patch, no side a multiple of the network's 4."""
+    out = tmp_path_factory.mktemp("odd")
+    assert main(["phantoms", "--out", str(out), "--n", "1", "--shape", "10", "38", "42"]) == 0
+    return out / "Case00.mhd"
+
+
+def _probabilities(checkpoint: Path, image: Path, out: Path, *extra: str) -> np.ndarray:
+    args = ["predict", "--checkpoint", str(checkpoint), "--input", str(image), "--output", str(out),
+            "--save-probabilities", "--no-tta", "--no-progress", *extra]  # fmt: skip
+    assert main(args) == 0
+    return read_volume(out / "Case00_probabilities.mhd").array
+
+
+def test_whole_is_one_network_call_on_the_padded_volume(trained, odd_volume, tmp_path):
+    """--window whole: the z-scored volume padded to 12x40x44 (half before, half after), one forward,
+    cropped back: what a whole-volume inference computes, and not the sliding windows' result."""
+    whole = _probabilities(trained, odd_volume, tmp_path / "whole", "--window", "whole")
+    model, _ = load_trained_model(trained, torch.device("cpu"))
+    image = torch.from_numpy(zscore(read_volume(odd_volume).array))[None, None]  # (1, 1, 10, 38, 42)
+    padded = F.pad(image, (1, 1, 1, 1, 1, 1))  # W 42 -> 44, H 38 -> 40, D 10 -> 12
+    with torch.no_grad():
+        expected = torch.sigmoid(model(padded))[0, 0, 1:-1, 1:-1, 1:-1].numpy()
+    np.testing.assert_allclose(whole, expected, rtol=0, atol=1e-5)
+    windows = _probabilities(trained, odd_volume, tmp_path / "windows")
+    assert np.abs(windows - whole).max() > 1e-3  # the patch's windows see other context
+
+
+def test_a_window_equal_to_the_patch_changes_nothing_and_other_sizes_run(trained, odd_volume, tmp_path):
+    default = _probabilities(trained, odd_volume, tmp_path / "a")
+    assert np.array_equal(
+        _probabilities(trained, odd_volume, tmp_path / "b", "--window", "8", "32", "32"), default
+    )
+    larger = _probabilities(trained, odd_volume, tmp_path / "c", "--window", "8", "36", "40")
+    assert larger.shape == default.shape and np.isfinite(larger).all()
+
+
+def test_window_sizes_the_network_cannot_take_are_refused_before_anything_is_written(
+    trained, odd_volume, tmp_path
+):
+    out = tmp_path / "never"
+    for window, message in (
+        (["10", "32", "32"], "--window 10 32 32 must be a multiple of (4, 4, 4) for "),
+        (["8", "32"], "argument --window: 8 32: give 3 sizes D H W, or whole"),
+        (["whole", "8", "8"], "argument --window: whole 8 8: give 3 sizes D H W, or whole"),
+        (["0", "32", "32"], "argument --window: 0 must be >= 1"),
+        (["8", "x", "32"], "argument --window: 'x' is not an integer"),
+    ):
+        result = run_cli("predict", "--checkpoint", trained, "--input", odd_volume, "--output", out,
+                         "--window", *window)  # fmt: skip
+        assert_one_line_error(result, message)
+        assert not out.exists()
+
+
+class _Network:
+    def __init__(self, downsampling):
+        self.downsampling = downsampling
+
+
+def test_the_whole_window_rounds_each_side_up_to_the_networks_downsampling():
+    three_d = {"patch": [16, 64, 64]}
+    assert inference_window(three_d, _Network((8, 8, 8)), "whole", (20, 50, 70)) == (24, 56, 72)
+    assert inference_window(three_d, _Network((8, 8, 8)), None, (20, 50, 70)) == (16, 64, 64)
+    assert inference_window(three_d, _Network((8, 8, 8)), (8, 32, 48), (20, 50, 70)) == (8, 32, 48)
+    two_d = {"patch": [13, 64, 64], "slices": 13}  # DeepLabv3+ 2-D: stacks of 13 slices, in-plane windows
+    assert inference_window(two_d, _Network((1, 16, 16)), "whole", (20, 50, 70)) == (13, 64, 80)
+
+
+def test_a_2d_network_takes_a_window_only_of_its_slices_depth(tmp_path):
+    from prostate_kernels.models import build_model
+
+    from prostate_kernels.checkpoint import save_checkpoint
+    from prostate_kernels.data import ConfigError
+    from prostate_kernels.pipeline import check_window
+
+    kwargs = {"in_channels": 3, "width": 0.25, "middle_blocks": 1}
+    model = build_model("deeplabv3plus_2d", **kwargs)
+    state = {"model": "deeplabv3plus_2d", "model_kwargs": kwargs, "patch": [3, 32, 32], "slices": 3}
+    checkpoint = save_checkpoint({**state, "state_dict": model.state_dict()}, tmp_path / "d.pt")
+    check_window((3, 48, 64), state, model, checkpoint)
+    check_window("whole", state, model, checkpoint)
+    with pytest.raises(
+        ConfigError, match=r"--window 4 48 64: .* stacks of 3 slices: its window's depth must be 3"
+    ):
+        check_window((4, 48, 64), state, model, checkpoint)
+    with pytest.raises(ConfigError, match=r"--window 3 40 64 must be a multiple of \(1, 16, 16\)"):
+        check_window((3, 40, 64), state, model, checkpoint)
