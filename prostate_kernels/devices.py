@@ -1,5 +1,6 @@
 """available_device: the one check that a device argument names a device this machine has; memory_bytes:
-how much memory a device has in all; available_cores: how many CPU cores this process may use."""
+how much memory a device has in all; available_cores: how many CPU cores this process may use;
+native_bf16: whether a GPU computes bf16 in hardware."""
 
 from __future__ import annotations
 
@@ -54,3 +55,10 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # no sched_getaffinity (macOS, Windows)
         return max(1, os.cpu_count() or 1)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` is a CUDA GPU with bf16 in hardware (compute capability 8.0, Ampere, or later),
+    where the Triton kernels compile their bf16 variants. torch.cuda.is_bf16_supported() also says yes
+    for older GPUs, where PyTorch emulates bf16."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from prostate_kernels import _ext, backend
-from prostate_kernels.devices import available_cores, memory_bytes
+from prostate_kernels.devices import available_cores, memory_bytes, native_bf16
 from prostate_kernels.ops.depthwise_conv3d import TRITON_FROM_ELEMENTS
 
 # distributions reported (the import name differs from some of them; metadata needs no import)
@@ -81,7 +81,7 @@ def _device_description(device: torch.device) -> str:
         return f"{available_cores()} core(s) for this process{memory}"
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
-        bf16 = "bf16" if torch.cuda.is_bf16_supported() else "no bf16"
+        bf16 = "bf16 in hardware" if native_bf16(device) else "no bf16 in hardware"
         return f"{props.name}, compute capability {props.major}.{props.minor}{memory}, {bf16}"
     return device.type
 

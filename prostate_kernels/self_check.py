@@ -33,6 +33,7 @@ import torch
 from prostate_kernels import backend
 from prostate_kernels._ext import HAS_EXT
 from prostate_kernels.data.errors import first_line
+from prostate_kernels.devices import native_bf16
 from prostate_kernels.inference import sliding_window_inference
 from prostate_kernels.nn import BNReLUConv3d, DenseBlock3d, DepthwiseConv3d, SeparableConv3d
 
@@ -140,7 +141,8 @@ def run_checks(
 
 
 def _has_bf16(device: torch.device) -> bool:
-    return device.type != "cuda" or torch.cuda.is_bf16_supported()
+    """bf16 checks run on a GPU with bf16 in hardware, and on the CPU (the interpreter emulates it)."""
+    return device.type != "cuda" or native_bf16(device)
 
 
 def _run_case(
