@@ -70,7 +70,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, any_size: bool = 
         if isinstance(module, DenseBlock3d):
             module.memory_efficient = False  # the torch.cat block, the same state_dict and math
     window = window_shape(state)[1:]  # (C, *spatial)
-    multiple = _window_multiple(model, state, checkpoint) if any_size else None
+    multiple = _window_multiple(model, state) if any_size else None
     dynamic, traced, others = _dynamic_shapes(window, multiple)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn((EXAMPLE_BATCH, *traced), generator=generator)
@@ -126,14 +126,12 @@ def _library_operators(program: torch.export.ExportedProgram) -> list[str]:
     return sorted(found)
 
 
-def _window_multiple(model: torch.nn.Module, state: dict, checkpoint: Path) -> tuple[int, ...]:
-    """Per spatial axis of the program's input, the network's total downsampling: a free window side
-    must be a multiple of it (a 2-D network's stacks: (h, w) only)."""
-    factors = getattr(model, "downsampling", None)
-    if factors is None:
-        raise DataError(checkpoint, f"{state['model']} does not declare its downsampling: --any-size cannot "
-                                    "say which window sizes it takes")  # fmt: skip
-    return tuple(factors[1:]) if state.get("slices", 0) else tuple(factors)
+def _window_multiple(model: torch.nn.Module, state: dict) -> tuple[int, ...]:
+    """Per spatial axis of the program's input, the network's total downsampling (every network declares
+    it, as train's and predict's window checks read it): a free window side must be a multiple of it (a
+    2-D network's stacks: (h, w) only)."""
+    factors = tuple(model.downsampling)
+    return factors[1:] if state.get("slices", 0) else factors
 
 
 _AXES = {3: ("D", "H", "W"), 2: ("H", "W")}
