@@ -63,7 +63,9 @@ def sliding_window_inference(
         progress: show a tqdm bar over windows.
         flip_axes: spatial axis or axes (0 = first spatial axis) to mirror for test-time augmentation: every
             non-empty combination of them is predicted too (flipped in, flipped back) and all
-            predictions are averaged, as nnU-Net does; () disables it.
+            predictions are averaged, as nnU-Net does; () disables it. A batch of fewer than
+            sw_batch_size windows shares predictor calls with its mirror images (still at most
+            sw_batch_size windows per call).
 
     Returns:
         (N, K, D, H, W) float32 on `device`: sum over windows of prediction x importance, divided by
@@ -80,7 +82,7 @@ def sliding_window_inference(
         plan = replace(plan, roi=(1, *plan.roi), overlaps=(0.0, *plan.overlaps), sigmas=(1.0, *plan.sigmas))
         inputs, predictor, flips = inputs.unsqueeze(2), _lift_2d(predictor), tuple(a + 1 for a in flips)
     if flips:
-        predictor = _mirrored(predictor, flips)
+        predictor = _mirrored(predictor, flips, plan.sw_batch_size)
     with torch.no_grad():
         result = _stitch(inputs, predictor, plan)
     return result.squeeze(2) if spatial_dims == 2 else result
@@ -306,21 +308,37 @@ def _checked_prediction(prediction: object, windows: int, roi: tuple[int, ...]) 
     return prediction
 
 
-def _mirrored(predictor: Predictor, flip_axes: tuple[int, ...]) -> Predictor:
-    """Averages predictor over the input and its mirror images along every combination of flip_axes."""
+def _mirrored(predictor: Predictor, flip_axes: tuple[int, ...], windows_per_call: int) -> Predictor:
+    """Averages predictor over the input and its mirror images along every combination of flip_axes.
+
+    The B windows it is given and their mirror images share predictor calls of up to windows_per_call
+    (sw_batch_size) windows, whole mirror images at a time: B == windows_per_call keeps one call per
+    mirror image; a smaller B (the last batch of windows, a single window holding the whole volume) puts
+    several mirror images in one call. Fewer, fuller calls: on the CPU PyTorch's conv3d takes its im2col
+    path (slow_conv3d) instead of oneDNN for a batch of 1 on small maps, 2-5x slower per window."""
     dims = [a + 2 for a in flip_axes]  # spatial axis -> tensor axis of (B, C, D, H, W)
-    combos = [c for r in range(1, len(dims) + 1) for c in itertools.combinations(dims, r)]
+    combos = [()] + [c for r in range(1, len(dims) + 1) for c in itertools.combinations(dims, r)]
 
     def predict(windows: torch.Tensor) -> torch.Tensor:
         count, roi = windows.shape[0], tuple(windows.shape[2:])
-        total = _checked_prediction(predictor(windows), count, roi).float()
-        for axes in combos:
-            mirrored = _checked_prediction(predictor(torch.flip(windows, axes)), count, roi)
-            if mirrored.shape[1] != total.shape[1]:
-                raise ValueError(f"predictor returned {mirrored.shape[1]} channels for windows mirrored "
-                                 f"along {axes}, {total.shape[1]} for the unmirrored ones")  # fmt: skip
-            total += torch.flip(mirrored, axes).float()
-        return total / (len(combos) + 1)
+        images_per_call = max(windows_per_call // count, 1)
+        total = None  # (B, K, *roi) float32: the sum of the mirror images' predictions, flipped back
+        for first in range(0, len(combos), images_per_call):
+            group = combos[first : first + images_per_call]
+            flipped = [torch.flip(windows, axes) if axes else windows for axes in group]
+            batch = flipped[0] if len(flipped) == 1 else torch.cat(flipped)  # (len(group) * B, C, *roi)
+            prediction = _checked_prediction(predictor(batch), len(group) * count, roi)
+            if total is not None and prediction.shape[1] != total.shape[1]:
+                raise ValueError(f"predictor returned {prediction.shape[1]} channels for windows mirrored "
+                                 f"along {group[0]}, {total.shape[1]} for the unmirrored ones")  # fmt: skip
+            for image, axes in enumerate(group):
+                part = prediction[image * count : (image + 1) * count]
+                part = torch.flip(part, axes) if axes else part
+                if total is None:
+                    total = part.to(torch.float32, copy=True)
+                else:
+                    total += part
+        return total / len(combos)
 
     return predict
 

@@ -177,6 +177,40 @@ def test_flip_axes_calls_predictor_once_per_combination():
     assert len(calls) == 8  # one window, 2^3 mirrorings
 
 
+@pytest.mark.parametrize(
+    "shape, sw_batch_size, calls_expected",
+    [
+        ((1, 2, 4, 8, 6), 4, [4, 4]),  # one window, 8 mirror images: 4 per call
+        ((1, 2, 4, 8, 6), 3, [3, 3, 2]),
+        ((2, 2, 4, 8, 6), 4, [4, 4, 4, 4]),  # two windows: 2 mirror images per call
+        ((1, 2, 4, 8, 12), 2, [2] * 8 + [2] * 4),  # 3 windows: a batch of 2 (1 image per call), then 1
+    ],
+)
+def test_mirror_images_share_calls_up_to_sw_batch_size(shape, sw_batch_size, calls_expected):
+    """Fewer windows than sw_batch_size: their mirror images fill the predictor calls (batch 1 is
+    PyTorch's slow CPU conv3d path), never beyond sw_batch_size, and the average is the same as one call
+    per mirror image."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(9))
+    calls = []
+
+    def counting(windows):
+        calls.append(windows.shape[0])
+        return two_channel_predictor(windows)
+
+    combos = [(), (2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)]
+
+    def mirrored(windows):
+        preds = [torch.flip(two_channel_predictor(torch.flip(windows, c)), c) for c in combos]
+        return sum(preds) / len(preds)
+
+    ours = sliding_window_inference(
+        x, (4, 8, 6), sw_batch_size, counting, mode="gaussian", flip_axes=(0, 1, 2)
+    )
+    assert calls == calls_expected
+    expected = reference_sliding_window(x, (4, 8, 6), mirrored, 0.5, "gaussian")
+    assert (ours.double() - expected).abs().max().item() < ATOL
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_predictions_accumulate_in_float32(dtype):
     x = torch.randn((1, 1, 12, 20, 20), generator=torch.Generator().manual_seed(7))
