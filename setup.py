@@ -58,6 +58,7 @@ ext_modules, cmdclass = _extension_build()
 setup(
     packages=PACKAGES,
     package_dir=PACKAGE_DIR,
+    package_data={"prostate_kernels": ["py.typed"]},  # PEP 561: type checkers read our hints
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     zip_safe=False,

@@ -125,3 +125,32 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     )
     assert result.returncode == 0, result.stderr
     assert "TRITON_INTERPRET=1" in result.stdout
+
+
+def test_a_users_type_checker_reads_the_public_api_hints(tmp_path):
+    """The package ships py.typed (PEP 561): mypy checks a user's calls against our signatures, where
+    without it every import is an untyped module and any call passes."""
+    pytest.importorskip("mypy")
+    user = tmp_path / "user_code.py"
+    user.write_text(
+        textwrap.dedent("""
+        import torch
+        from prostate_kernels import sliding_window_inference
+        from prostate_kernels.nn import BNReLUConv3d, DenseBlock3d
+
+        layer = BNReLUConv3d(16, 32, kernel_size=3)
+        block = DenseBlock3d(48, 16, 4)
+        x = torch.zeros(1, 16, 8, 8, 8)
+        y: torch.Tensor = layer(x)
+        probs: torch.Tensor = sliding_window_inference(x, (8, 8, 8), 4, layer, overlap=0.5)
+        channels: int = block.out_channels
+        wrong = sliding_window_inference(x, (8, 8, 8), 4, layer, overlap="half")
+    """)
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--no-incremental", "--cache-dir", os.devnull, str(user)],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )  # fmt: skip
+    errors = [line for line in result.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 1, result.stdout  # nothing about missing stubs or untyped imports
+    assert 'user_code.py:12: error: Argument "overlap"' in errors[0] and "str" in errors[0], errors[0]
