@@ -71,10 +71,15 @@ def _memory_hint(args: argparse.Namespace) -> str:
 
 
 def _out_of_memory(exc: BaseException) -> bool:
-    """A host allocation that failed (MemoryError) or torch's GPU out-of-memory error (torch imported
-    only if a command already did)."""
+    """A host allocation that failed (MemoryError; torch's CPU allocator raises a RuntimeError naming
+    itself instead) or torch's GPU out-of-memory error (torch imported only if a command already did)."""
     torch = sys.modules.get("torch")
-    return isinstance(exc, MemoryError) or (torch is not None and isinstance(exc, torch.OutOfMemoryError))
+    cpu_allocator = isinstance(exc, RuntimeError) and "DefaultCPUAllocator" in str(exc)
+    return (
+        isinstance(exc, MemoryError)
+        or cpu_allocator
+        or (torch is not None and isinstance(exc, torch.OutOfMemoryError))
+    )
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -190,14 +190,20 @@ def _check_inputs(inputs: object) -> None:
         raise ValueError("inputs are on the meta device, which holds no values to predict from")
 
 
+class RoiTooLargeError(ValueError, MemoryError):
+    """roi_size pads the inputs beyond their device's memory: a bad argument (ValueError) that is also an
+    out-of-memory condition found before allocating (MemoryError: what the CLI reports as one)."""
+
+
 def _check_padded_fits(inputs: torch.Tensor, roi: tuple[int, ...], roi_size: object) -> None:
-    """ValueError naming roi_size when the inputs padded up to the window would alone exceed the memory of
-    their device (torch would fail allocating them, or overflow computing their size, naming neither)."""
+    """RoiTooLargeError naming roi_size when the inputs padded up to the window would alone exceed the
+    memory of their device (torch would fail allocating them, or overflow computing their size, naming
+    neither)."""
     padded = [max(size, r) for size, r in zip(inputs.shape[2:], roi, strict=True)]
     need = inputs.shape[0] * inputs.shape[1] * math.prod(padded) * inputs.element_size()
     total = memory_bytes(inputs.device)
     if total is not None and need > total:
-        raise ValueError(
+        raise RoiTooLargeError(
             f"roi_size {roi_size!r} pads inputs of size {tuple(inputs.shape)} to {tuple(padded)} voxels, "
             f"{need / 2**30:.3g} GiB in {inputs.dtype}: more than the {total / 2**30:.3g} GiB of memory of "
             f"{inputs.device}"

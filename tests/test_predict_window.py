@@ -78,6 +78,51 @@ def test_window_sizes_the_network_cannot_take_are_refused_before_anything_is_wri
         assert not out.exists()
 
 
+def test_a_window_beyond_the_machines_memory_is_one_line_and_leaves_nothing(trained, odd_volume, tmp_path):
+    """--window 4096 4096 4096 pads each volume to 256 GiB: sliding_window_inference refuses it before
+    allocating (a ValueError that is also a MemoryError); predict ended in its traceback."""
+    out = tmp_path / "never"
+    result = run_cli("predict", "--checkpoint", trained, "--input", odd_volume, "--output", out,
+                     "--window", "4096", "4096", "4096")  # fmt: skip
+    line = assert_one_line_error(result, "out of memory", "roi_size (4096, 4096, 4096)", "256 GiB")
+    assert "try a smaller --window" in line
+    assert not out.exists()
+
+
+def test_torchs_cpu_allocator_failing_is_one_line(trained, odd_volume, tmp_path, monkeypatch, capsys):
+    """A window that pads within memory but whose network outputs do not fit: torch's CPU allocator
+    raises a RuntimeError naming itself (not MemoryError, not torch.OutOfMemoryError)."""
+
+    def allocation_fails(*args, **kwargs):
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+            "tried to allocate 4000000000000 bytes. Error code 12 (Cannot allocate memory)"
+        )
+
+    monkeypatch.setattr("prostate_kernels.pipeline.predict_probabilities", allocation_fails)
+    args = [
+        "predict",
+        "--checkpoint",
+        str(trained),
+        "--input",
+        str(odd_volume),
+        "--output",
+        str(tmp_path / "o"),
+    ]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: out of memory ([enforce fail"), err
+    assert "4000000000000 bytes" in err and "try a smaller --window" in err
+    assert not (tmp_path / "o").exists()
+
+    def other_runtime_error(*args, **kwargs):
+        raise RuntimeError("a bug of ours")
+
+    monkeypatch.setattr("prostate_kernels.pipeline.predict_probabilities", other_runtime_error)
+    with pytest.raises(RuntimeError, match="a bug of ours"):  # not hidden as out of memory
+        main([*args[:-1], str(tmp_path / "p")])
+
+
 class _Network:
     def __init__(self, downsampling):
         self.downsampling = downsampling
