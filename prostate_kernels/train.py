@@ -41,7 +41,7 @@ from prostate_kernels.data.sampling import IterationDataset, PatchSampler, train
 from prostate_kernels.determinism import deterministic_mode
 from prostate_kernels.devices import available_cores, memory_bytes
 from prostate_kernels.layout import in_layout, keep_grads_in_param_strides, model_in_layout
-from prostate_kernels.memory_bound import largest_tensor_bytes
+from prostate_kernels.memory_bound import training_step_memory
 from prostate_kernels.models import build_model
 from prostate_kernels.predict import predict_probabilities
 from prostate_kernels.progress import progress_bar
@@ -175,11 +175,13 @@ def check_config(config: TrainConfig) -> None:
 
 
 def check_batch_fits(config: TrainConfig, device: torch.device) -> None:
-    """ConfigError when one training forward at the run's batch and patch makes a tensor that alone is
-    larger than the memory of `device` (memory_bound: measured on the meta device, so at no cost; halved
-    under 16-bit autocast, where activations may take 2 bytes). A lower bound on the step's peak: a batch
-    it lets through may still not fit, one it refuses cannot. Such a batch was ended by the host's
-    out-of-memory killer, with no message."""
+    """ConfigError when one training step at the run's batch and patch cannot fit in the memory of
+    `device` (memory_bound: a forward and backward simulated on the meta device, so at no cost; halved
+    under 16-bit autocast, where activations may take 2 bytes): when one tensor alone is larger than that
+    memory, or on the CPU when what the step holds at once is (the PyTorch path the meta device runs is
+    the CPU's; a GPU's fused kernels keep less, and its out-of-memory error is caught and reported).
+    Lower bounds on the step's peak: a batch they let through may still not fit, one they refuse cannot.
+    Such a batch was ended by the host's out-of-memory killer, with no message."""
     total = memory_bytes(device)
     if total is None:
         return
@@ -194,19 +196,21 @@ def check_batch_fits(config: TrainConfig, device: torch.device) -> None:
         fit = (f"at most {most} patches fit that bound, fewer in practice" if most else
                "not one patch fits: choose a smaller --patch")  # fmt: skip
         raise ConfigError(
-            f"--batch {batch} with --patch {size}: {what} {nbytes / 2**30:.3g} GiB tensor "
+            f"--batch {batch} with --patch {size}: {what.format(f'{nbytes / 2**30:.3g} GiB')} "
             f"({per_patch / 2**20:.3g} MiB per patch), more than the {total / 2**30:.3g} GiB of memory of "
             f"{device}; {fit}"
         )
 
     inputs = math.prod(shape) * 4  # the float32 batch; checked first, a meta tensor past 2**63 bytes fails
     if inputs > total:
-        refuse("the input batch alone is a", inputs)
-    largest = largest_tensor_bytes(_meta_model(config).train(), torch.empty(shape, device="meta"))
-    if _amp_dtype(config.amp, device) is not None:
-        largest //= 2
+        refuse("the input batch alone is a {} tensor", inputs)
+    step = training_step_memory(_meta_model(config).train(), torch.empty(shape, device="meta"))
+    halved = _amp_dtype(config.amp, device) is not None
+    largest, peak = (step.largest_tensor // 2, step.peak // 2) if halved else (step.largest_tensor, step.peak)
     if largest > total:
-        refuse(f"one training forward of {config.model} makes a", largest)
+        refuse(f"one training forward of {config.model} makes a {{}} tensor", largest)
+    if device.type == "cpu" and peak > total:
+        refuse(f"one training step of {config.model} (forward and backward) holds {{}} at once", peak)
 
 
 def _meta_model(config: TrainConfig) -> torch.nn.Module:

@@ -182,48 +182,86 @@ def test_a_batch_whose_largest_tensor_exceeds_memory_is_refused_before_anything_
 @pytest.mark.parametrize(
     "model, patch", [("tiramisu3d_tiny", (8, 32, 32)), ("deeplabv3plus_2d", (13, 32, 32))]
 )
-def test_the_batch_check_refuses_exactly_past_the_largest_tensor(data, tmp_path, monkeypatch, model, patch):
-    """At the memory the meta forward measures the check passes; one byte less it refuses (2-D networks
-    take their slices as channels)."""
+def test_the_batch_check_refuses_exactly_past_its_bounds(data, tmp_path, monkeypatch, model, patch):
+    """On the CPU the check passes at the step's simulated peak and refuses one byte below it; on a GPU
+    (whose fused kernels keep less) only the largest tensor counts. 2-D networks take their slices as
+    channels."""
     from prostate_kernels.models import build_model
 
-    from prostate_kernels.memory_bound import largest_tensor_bytes
+    from prostate_kernels.memory_bound import training_step_memory
     from prostate_kernels.train import ConfigError, check_batch_fits
 
     slices = 13 if model == "deeplabv3plus_2d" else 0
-    run = config(data, tmp_path / "run", model=model, patch=patch, batch=3)
+    run = config(data, tmp_path / "run", model=model, patch=patch, batch=3, amp="off")
     with torch.device("meta"):
         net = build_model(model, **({"in_channels": slices} if slices else {})).train()
     shape = (3, slices, *patch[1:]) if slices else (3, 1, *patch)
-    largest = largest_tensor_bytes(net, torch.empty(shape, device="meta"))
-    assert largest >= 3 * patch[-2] * patch[-1] * 4  # at least one feature map of the batch, float32
-    monkeypatch.setattr(training, "memory_bytes", lambda device: largest)
-    check_batch_fits(run, torch.device("cpu"))
-    monkeypatch.setattr(training, "memory_bytes", lambda device: largest - 1)
+    step = training_step_memory(net, torch.empty(shape, device="meta"))
+    assert step.largest_tensor >= 3 * patch[-2] * patch[-1] * 4  # at least one feature map of the batch
+    assert step.peak > 2 * step.largest_tensor  # the forward keeps many maps for the backward
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(training, "memory_bytes", lambda device: step.peak)
+    check_batch_fits(run, cpu)
+    monkeypatch.setattr(training, "memory_bytes", lambda device: step.peak - 1)
+    with pytest.raises(ConfigError, match=f"one training step of {model} \\(forward and backward\\) holds"):
+        check_batch_fits(run, cpu)
+    check_batch_fits(run, gpu)
+    monkeypatch.setattr(training, "memory_bytes", lambda device: step.largest_tensor)
+    check_batch_fits(run, gpu)
+    monkeypatch.setattr(training, "memory_bytes", lambda device: step.largest_tensor - 1)
     with pytest.raises(ConfigError, match="at most 2 patches fit that bound"):
-        check_batch_fits(run, torch.device("cpu"))
+        check_batch_fits(run, gpu)
     monkeypatch.setattr(training, "memory_bytes", lambda device: None)
-    check_batch_fits(run, torch.device("cpu"))
+    check_batch_fits(run, cpu)
 
 
-def test_largest_tensor_bytes_counts_allocations_not_views():
-    from prostate_kernels.memory_bound import largest_tensor_bytes
+def test_a_batch_the_cpu_cannot_hold_for_its_backward_is_refused_before_anything_is_written(
+    data, tmp_path, monkeypatch
+):
+    """--batch 64 --patch 8 256 256: no tensor of tiny Tiramisu's forward passes 4 GiB, but the step holds
+    about 34 GiB at once; on the 24 GiB CI machine the out-of-memory killer ended it (status 137) and
+    left its metrics.csv. Memory set here to 24 GiB, whatever this machine has."""
+    from prostate_kernels.train import ConfigError
 
-    class ConvThenExpand(torch.nn.Module):
+    monkeypatch.setattr(training, "memory_bytes", lambda device: 24 * 2**30)
+    with pytest.raises(ConfigError) as info:
+        train(config(data, tmp_path / "run", batch=64, patch=(8, 256, 256)))
+    message = str(info.value)
+    assert "--batch 64 with --patch 8x256x256: one training step of tiramisu3d_tiny (forward and " in message
+    assert "more than the 24 GiB of memory of cpu; at most" in message
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_step_memory_counts_allocations_until_freed_not_views():
+    from prostate_kernels.memory_bound import training_step_memory
+
+    class TemporariesAndViews(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = torch.nn.Conv3d(1, 4, 3, padding=1)
+            self.conv = torch.nn.Conv3d(1, 4, 3, padding=1, bias=False)
 
         def forward(self, x):
+            with torch.no_grad():
+                for _ in range(10):  # each temporary dies when the next one replaces it
+                    t = x * 2
+                del t
             y = self.conv(x)  # (2, 4, 5, 6, 7) float32: the largest allocation
             y.relu_()  # in place: no allocation
             return y[:, :1].expand(2, 1000, 5, 6, 7)  # views, far larger than their storage
 
     with torch.device("meta"):
-        model = ConvThenExpand()
-    assert largest_tensor_bytes(model, torch.empty(2, 1, 5, 6, 7, device="meta")) == 2 * 4 * 5 * 6 * 7 * 4
+        model = TemporariesAndViews()
+    x = torch.empty(2, 1, 5, 6, 7, device="meta")
+    step = training_step_memory(model, x)
+    volume = 2 * 5 * 6 * 7 * 4  # one channel of the batch, float32
+    assert step.largest_tensor == 4 * volume
+    weight = 4 * 27 * 4
+    # alive at once in the backward: weight, x, y (saved by relu_), the slice's gradient and relu's (4
+    # channels each), a 1-channel gradient: never the ten temporaries (at most two at once) nor the 1000
+    # channels of the views
+    assert weight + volume + 3 * 4 * volume <= step.peak <= weight + 3 * volume + 3 * 4 * volume
     with pytest.raises(ValueError, match="must be on the meta device"):
-        largest_tensor_bytes(torch.nn.Conv3d(1, 4, 3), torch.empty(2, 1, 5, 6, 7, device="meta"))
+        training_step_memory(torch.nn.Conv3d(1, 4, 3), x)
 
 
 @pytest.mark.parametrize(
