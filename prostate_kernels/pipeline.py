@@ -253,6 +253,17 @@ def inference_window(
     return (slices, *rounded[1:]) if slices else rounded
 
 
+PATCHES_PER_CALL = 4  # predict's network calls hold the voxels of at most this many training patches
+
+
+def windows_per_call(state: dict, roi: tuple[int, int, int]) -> int:
+    """Windows per network call (sw_batch_size) for windows of `roi`: PATCHES_PER_CALL of the checkpoint's
+    training patch, fewer of a larger window (at least one), more of a smaller one, so that a call holds
+    the voxels of the default windows' calls, and their memory (a whole-volume window and its mirror
+    images, which share calls, would otherwise run four at a time)."""
+    return max(1, PATCHES_PER_CALL * math.prod(state["patch"]) // math.prod(roi))
+
+
 def _channels_to_read(channel: int | Sequence[int] | None, state: dict, checkpoint: Path) -> tuple | None:
     """The channels of each image that the checkpoint's network sees: predict's --channel, else the ones
     it was trained on (None: a single-channel image). ConfigError when --channel names another count, or
@@ -314,7 +325,7 @@ def _model_probabilities(
     channels = zscore_channels(np.stack([grid.array for grid in grids]))  # (C, D, H, W)
     roi = inference_window(state, model, window, channels.shape[1:])
     prob = predict_probabilities(model, channels, roi, slices, device, overlap, mode, tta,
-                                 amp_dtype=amp, progress=progress)  # fmt: skip
+                                 windows_per_call(state, roi), amp, progress)  # fmt: skip
     return resample_onto(grids[0].like(prob), images[0]) if spacing is not None else prob
 
 

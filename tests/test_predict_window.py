@@ -123,6 +123,38 @@ def test_torchs_cpu_allocator_failing_is_one_line(trained, odd_volume, tmp_path,
         main([*args[:-1], str(tmp_path / "p")])
 
 
+def test_a_larger_window_runs_fewer_windows_per_network_call(trained, odd_volume, tmp_path, monkeypatch):
+    """Calls hold the voxels of 4 training patches: a whole-volume window (and its mirror images, which
+    share calls) must not run 4 at a time where the default windows ran 4 patches."""
+    from prostate_kernels import pipeline
+
+    three_d = {"patch": [8, 32, 32]}
+    assert pipeline.windows_per_call(three_d, (8, 32, 32)) == 4
+    assert pipeline.windows_per_call(three_d, (8, 64, 32)) == 2
+    assert pipeline.windows_per_call(three_d, (12, 40, 44)) == 1  # the odd volume, whole
+    assert pipeline.windows_per_call(three_d, (24, 128, 128)) == 1  # never 0
+    assert pipeline.windows_per_call(three_d, (8, 16, 16)) == 16
+    assert pipeline.windows_per_call({"patch": [13, 64, 64], "slices": 13}, (13, 128, 64)) == 2
+
+    calls = []
+    real = pipeline.predict_probabilities
+
+    def recording(model, *args, **kwargs):  # the shape of every network call's input
+        hook = model.register_forward_pre_hook(lambda module, inputs: calls.append(tuple(inputs[0].shape)))
+        try:
+            return real(model, *args, **kwargs)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(pipeline, "predict_probabilities", recording)
+    args = ["predict", "--checkpoint", str(trained), "--input", str(odd_volume), "--no-progress"]
+    assert main([*args, "--output", str(tmp_path / "whole"), "--window", "whole"]) == 0
+    assert calls == [(1, 1, 12, 40, 44)] * 8  # one window, 8 mirror images, one per call
+    calls.clear()
+    assert main([*args, "--output", str(tmp_path / "patch")]) == 0
+    assert {shape[1:] for shape in calls} == {(1, 8, 32, 32)} and max(s[0] for s in calls) == 4
+
+
 class _Network:
     def __init__(self, downsampling):
         self.downsampling = downsampling
