@@ -1,8 +1,9 @@
-"""training_step_memory: what one training step allocates, from a forward and backward on the meta device.
+"""step_memory: what one training step or inference call allocates, simulated on the meta device.
 
 On the meta device tensors have shapes and no values, so the step costs no memory and little time
-whatever the batch: `train` uses it to refuse, with the numbers, a batch that cannot fit before the host's
-out-of-memory killer ends the process with no message. Two measures of the same simulated step:
+whatever the batch: `train` uses it to refuse, with the numbers, a batch that cannot fit before the
+host's out-of-memory killer ends the process with no message, and `predict` a window whose network
+call cannot fit in the CPU's memory. Two measures of the same simulated step:
 - the largest tensor one op allocates: it exists whole at some moment, so any device needs at least that;
 - the peak of the bytes alive at once (parameters, the input, and every storage the forward and backward
   allocate, until its last reference dies, as eager PyTorch frees it): what the same ops need on a device
@@ -63,13 +64,14 @@ class _LiveStorages(TorchDispatchMode):
         return out
 
 
-def training_step_memory(model: nn.Module, inputs: torch.Tensor) -> StepMemory:
-    """model(inputs), then the backward of its output's sum, model and inputs on the meta device
-    (ValueError otherwise: on a real device the step would compute). The mode the model is in (train or
-    eval) is the one measured. The parameters' gradients stay alive after the step, as in training."""
+def step_memory(model: nn.Module, inputs: torch.Tensor) -> StepMemory:
+    """model(inputs), then the backward of its output's sum when the output needs a gradient (not under
+    torch.no_grad(): an inference call), model and inputs on the meta device (ValueError otherwise: on a
+    real device the step would compute). The mode the model is in (train or eval) is the one measured.
+    The parameters' gradients stay alive after the step, as in training."""
     devices = {inputs.device.type, *(p.device.type for p in model.parameters())}
     if devices != {"meta"}:
-        raise ValueError(f"training_step_memory: model and inputs must be on the meta device, got {devices}")
+        raise ValueError(f"step_memory: model and inputs must be on the meta device, got {devices}")
     mode = _LiveStorages()
     for tensor in (*model.parameters(), *model.buffers(), inputs):
         mode.count(tensor)

@@ -31,6 +31,7 @@ from prostate_kernels.determinism import deterministic_mode
 from prostate_kernels.devices import available_device, memory_bytes
 from prostate_kernels.evaluation import evaluate_files
 from prostate_kernels.layout import model_in_layout
+from prostate_kernels.memory_bound import step_memory
 from prostate_kernels.models import build_model
 from prostate_kernels.predict import largest_component, predict_probabilities
 from prostate_kernels.safe_files import (
@@ -116,11 +117,11 @@ def _check_recorded_settings(state: dict, checkpoint: Path) -> None:
         )
 
 
-def window_shape(state: dict) -> tuple[int, ...]:
-    """One input window of a checkpoint's network: (1, C, *patch) for C image channels; a 2-D network's
-    slice stacks (patch (k, h, w)): (1, C * k, h, w)."""
+def window_shape(state: dict, window: Sequence[int] | None = None) -> tuple[int, ...]:
+    """One input window of a checkpoint's network: (1, C, *window) for C image channels; a 2-D network's
+    slice stacks (window (k, h, w)): (1, C * k, h, w). window: (D, H, W), default its training patch."""
     patch, slices, channels = (
-        tuple(state["patch"]),
+        tuple(state["patch"] if window is None else window),
         state.get("slices", 0),
         channel_count(state.get("channel")),
     )
@@ -264,6 +265,28 @@ def windows_per_call(state: dict, roi: tuple[int, int, int]) -> int:
     return max(1, PATCHES_PER_CALL * math.prod(state["patch"]) // math.prod(roi))
 
 
+_CALL_PEAKS: dict[tuple, int] = {}  # (model, its kwargs, one call's input shape): bytes held at once
+
+
+def _check_call_fits(state: dict, roi: tuple[int, int, int], per_call: int, image: Path) -> None:
+    """On the CPU, DataError naming the image when one network call (per_call windows of roi) holds more
+    than the machine's memory at once: memory_bound.step_memory of the network's forward on the meta
+    device (no values; cached per shape), a lower bound on what the CPU holds. The host's out-of-memory
+    killer ended predict with no message (--window whole of Tiramisu 3D p3a on a 48x512x512 volume holds
+    98 GiB at once); on a GPU the out-of-memory error is caught and reported in one line."""
+    shape = (per_call, *window_shape(state, roi)[1:])
+    key = (state["model"], repr(state.get("model_kwargs", {})), shape)
+    if key not in _CALL_PEAKS:
+        with torch.device("meta"), torch.no_grad():
+            network = _build_network(state, image).eval()
+            _CALL_PEAKS[key] = step_memory(network, torch.empty(shape)).peak
+    need, total = _CALL_PEAKS[key], memory_bytes(torch.device("cpu"))
+    if total is not None and need > total:
+        raise DataError(image, f"one network call of {state['model']} on a {'x'.join(map(str, roi))} window "
+                               f"holds {need / 2**30:.3g} GiB at once, more than the {total / 2**30:.3g} GiB "
+                               "of memory of cpu: choose a smaller --window")  # fmt: skip
+
+
 def _channels_to_read(channel: int | Sequence[int] | None, state: dict, checkpoint: Path) -> tuple | None:
     """The channels of each image that the checkpoint's network sees: predict's --channel, else the ones
     it was trained on (None: a single-channel image). ConfigError when --channel names another count, or
@@ -324,8 +347,11 @@ def _model_probabilities(
     slices = int(state.get("slices", 0))
     channels = zscore_channels(np.stack([grid.array for grid in grids]))  # (C, D, H, W)
     roi = inference_window(state, model, window, channels.shape[1:])
-    prob = predict_probabilities(model, channels, roi, slices, device, overlap, mode, tta,
-                                 windows_per_call(state, roi), amp, progress)  # fmt: skip
+    per_call = windows_per_call(state, roi)
+    if device.type == "cpu":
+        _check_call_fits(state, roi, per_call, images[0].path)
+    prob = predict_probabilities(model, channels, roi, slices, device, overlap, mode, tta, per_call, amp,
+                                 progress)  # fmt: skip
     return resample_onto(grids[0].like(prob), images[0]) if spacing is not None else prob
 
 

@@ -41,7 +41,7 @@ from prostate_kernels.data.sampling import IterationDataset, PatchSampler, train
 from prostate_kernels.determinism import deterministic_mode
 from prostate_kernels.devices import available_cores, memory_bytes
 from prostate_kernels.layout import in_layout, keep_grads_in_param_strides, model_in_layout
-from prostate_kernels.memory_bound import training_step_memory
+from prostate_kernels.memory_bound import step_memory
 from prostate_kernels.models import build_model
 from prostate_kernels.predict import predict_probabilities
 from prostate_kernels.progress import progress_bar
@@ -204,7 +204,7 @@ def check_batch_fits(config: TrainConfig, device: torch.device) -> None:
     inputs = math.prod(shape) * 4  # the float32 batch; checked first, a meta tensor past 2**63 bytes fails
     if inputs > total:
         refuse("the input batch alone is a {} tensor", inputs)
-    step = training_step_memory(_meta_model(config).train(), torch.empty(shape, device="meta"))
+    step = step_memory(_meta_model(config).train(), torch.empty(shape, device="meta"))
     halved = _amp_dtype(config.amp, device) is not None
     largest, peak = (step.largest_tensor // 2, step.peak // 2) if halved else (step.largest_tensor, step.peak)
     if largest > total:

@@ -78,14 +78,27 @@ def test_window_sizes_the_network_cannot_take_are_refused_before_anything_is_wri
         assert not out.exists()
 
 
-def test_a_window_beyond_the_machines_memory_is_one_line_and_leaves_nothing(trained, odd_volume, tmp_path):
-    """--window 4096 4096 4096 pads each volume to 256 GiB: sliding_window_inference refuses it before
-    allocating (a ValueError that is also a MemoryError); predict ended in its traceback."""
+def test_a_window_beyond_the_machines_memory_is_one_line_and_leaves_nothing(
+    trained, odd_volume, tmp_path, monkeypatch, capsys
+):
+    """--window 4096 4096 4096 ended predict in a ValueError traceback. On the CPU its network call is
+    refused per case (2.9e4 GiB at once); past that check (on a GPU it does not run), the padded volume
+    alone (256 GiB) is refused by sliding_window_inference before allocating (a ValueError that is also a
+    MemoryError)."""
+    from prostate_kernels import pipeline
+
     out = tmp_path / "never"
     result = run_cli("predict", "--checkpoint", trained, "--input", odd_volume, "--output", out,
                      "--window", "4096", "4096", "4096")  # fmt: skip
-    line = assert_one_line_error(result, "out of memory", "roi_size (4096, 4096, 4096)", "256 GiB")
-    assert "try a smaller --window" in line
+    assert_one_line_error(result, "one network call of tiramisu3d_tiny on a 4096x4096x4096 window holds",
+                          "choose a smaller --window")  # fmt: skip
+    assert not out.exists()
+    monkeypatch.setattr(pipeline, "_check_call_fits", lambda *args: None)
+    args = ["predict", "--checkpoint", str(trained), "--input", str(odd_volume), "--output", str(out)]
+    assert main([*args, "--window", "4096", "4096", "4096"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: out of memory (roi_size (4096, 4096, 4096)"), err
+    assert "256 GiB" in err and "try a smaller --window" in err
     assert not out.exists()
 
 
@@ -153,6 +166,36 @@ def test_a_larger_window_runs_fewer_windows_per_network_call(trained, odd_volume
     calls.clear()
     assert main([*args, "--output", str(tmp_path / "patch")]) == 0
     assert {shape[1:] for shape in calls} == {(1, 8, 32, 32)} and max(s[0] for s in calls) == 4
+
+
+def test_a_window_whose_network_call_cannot_fit_the_cpu_is_refused_per_case(
+    trained, odd_volume, tmp_path, monkeypatch
+):
+    """The memory set between what one call on the patch's windows (4 of 8x32x32) and one on a 16x64x64
+    window hold (simulated on the meta device): that window fails the case in one line, the patch runs."""
+    from prostate_kernels.models import build_model
+
+    from prostate_kernels import pipeline
+    from prostate_kernels.checkpoint import load_checkpoint
+    from prostate_kernels.memory_bound import step_memory
+
+    state = load_checkpoint(trained)
+    with torch.device("meta"), torch.no_grad():
+        network = build_model(state["model"], **state.get("model_kwargs", {})).eval()
+        patch_call = step_memory(network, torch.empty(4, 1, 8, 32, 32)).peak
+        large_call = step_memory(network, torch.empty(1, 1, 16, 64, 64)).peak  # 1 window per call
+    assert patch_call < large_call
+    monkeypatch.setattr(pipeline, "memory_bytes", lambda device: (patch_call + large_call) // 2)
+    out = tmp_path / "large"
+    result = main(["predict", "--checkpoint", str(trained), "--input", str(odd_volume), "--output", str(out),
+                   "--window", "16", "64", "64", "--no-progress"])  # fmt: skip
+    assert result == 2 and not out.exists()  # every case failed: nothing written
+    failures = pipeline.predict_files(trained, odd_volume, tmp_path / "again", window=(16, 64, 64))
+    assert len(failures) == 1
+    assert "Case00.mhd: one network call of tiramisu3d_tiny on a 16x64x64 window holds" in failures[0]
+    assert "choose a smaller --window" in failures[0]
+    assert main(["predict", "--checkpoint", str(trained), "--input", str(odd_volume), "--output",
+                 str(tmp_path / "patch"), "--no-tta", "--no-progress"]) == 0  # fmt: skip
 
 
 class _Network:

@@ -188,7 +188,7 @@ def test_the_batch_check_refuses_exactly_past_its_bounds(data, tmp_path, monkeyp
     channels."""
     from prostate_kernels.models import build_model
 
-    from prostate_kernels.memory_bound import training_step_memory
+    from prostate_kernels.memory_bound import step_memory
     from prostate_kernels.train import ConfigError, check_batch_fits
 
     slices = 13 if model == "deeplabv3plus_2d" else 0
@@ -196,7 +196,7 @@ def test_the_batch_check_refuses_exactly_past_its_bounds(data, tmp_path, monkeyp
     with torch.device("meta"):
         net = build_model(model, **({"in_channels": slices} if slices else {})).train()
     shape = (3, slices, *patch[1:]) if slices else (3, 1, *patch)
-    step = training_step_memory(net, torch.empty(shape, device="meta"))
+    step = step_memory(net, torch.empty(shape, device="meta"))
     assert step.largest_tensor >= 3 * patch[-2] * patch[-1] * 4  # at least one feature map of the batch
     assert step.peak > 2 * step.largest_tensor  # the forward keeps many maps for the backward
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
@@ -233,7 +233,7 @@ def test_a_batch_the_cpu_cannot_hold_for_its_backward_is_refused_before_anything
 
 
 def test_the_step_memory_counts_allocations_until_freed_not_views():
-    from prostate_kernels.memory_bound import training_step_memory
+    from prostate_kernels.memory_bound import step_memory
 
     class TemporariesAndViews(torch.nn.Module):
         def __init__(self):
@@ -252,7 +252,7 @@ def test_the_step_memory_counts_allocations_until_freed_not_views():
     with torch.device("meta"):
         model = TemporariesAndViews()
     x = torch.empty(2, 1, 5, 6, 7, device="meta")
-    step = training_step_memory(model, x)
+    step = step_memory(model, x)
     volume = 2 * 5 * 6 * 7 * 4  # one channel of the batch, float32
     assert step.largest_tensor == 4 * volume
     weight = 4 * 27 * 4
@@ -261,7 +261,7 @@ def test_the_step_memory_counts_allocations_until_freed_not_views():
     # channels of the views
     assert weight + volume + 3 * 4 * volume <= step.peak <= weight + 3 * volume + 3 * 4 * volume
     with pytest.raises(ValueError, match="must be on the meta device"):
-        training_step_memory(torch.nn.Conv3d(1, 4, 3), x)
+        step_memory(torch.nn.Conv3d(1, 4, 3), x)
 
 
 @pytest.mark.parametrize(
