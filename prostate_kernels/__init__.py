@@ -2,6 +2,7 @@
 
 Public API (importing is cheap: no Triton compilation, no SimpleITK, no GPU query at import time):
     sliding_window_inference   overlap-weighted sliding-window inference (C++ / Triton stitching)
+    RoiTooLargeError           a roi_size padding inputs past their device's memory (ValueError, MemoryError)
     nn.BNReLUConv3d            fused BatchNorm -> ReLU -> Conv3d (the dense layer), drop-in module
     functional                 the ops as functions (bn_relu_conv3d, window_* stitching ops)
     set_backend, get_backend, use_backend   choose Triton kernels, the PyTorch twin, or "auto"
@@ -12,13 +13,14 @@ Public API (importing is cheap: no Triton compilation, no SimpleITK, no GPU quer
 from prostate_kernels import functional, nn
 from prostate_kernels._ext import HAS_EXT
 from prostate_kernels.backend import get_backend, set_backend, use_backend
-from prostate_kernels.inference import sliding_window_inference
+from prostate_kernels.inference import RoiTooLargeError, sliding_window_inference
 from prostate_kernels.swap import optimize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "HAS_EXT",
+    "RoiTooLargeError",
     "__version__",
     "functional",
     "get_backend",
