@@ -182,6 +182,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace files of an earlier prediction (never an input image or a reference mask)",
     )
+    p.add_argument(
+        "--continue",
+        dest="continue_prediction",
+        action="store_true",
+        help="go on with an interrupted prediction into --output: skip the cases whose files all exist "
+        "(each is written whole or not at all; not checked to come from the same checkpoint or "
+        "settings), predict the others (replacing the files of a case that has only some)",
+    )
     p.add_argument("--overlap", type=overlap_fraction, default=0.5,
                    help="fraction of each window shared with its neighbour, in [0, 1) "
                    "(default 0.5)")  # fmt: skip
@@ -353,6 +361,7 @@ def _predict(args) -> int:
         progress=not args.no_progress,
         channel=tuple(args.channel) if args.channel else None,
         window=args.window,
+        continue_prediction=args.continue_prediction,
     )
     return _report(failures)
 

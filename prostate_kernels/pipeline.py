@@ -179,6 +179,7 @@ def predict_files(
     progress: bool = False,
     channel: int | Sequence[int] | None = None,
     window: tuple[int, int, int] | str | None = None,
+    continue_prediction: bool = False,
 ) -> list[str]:
     """Writes <name>_segmentation (and <name>_probabilities) with each input's geometry; returns failures.
 
@@ -193,14 +194,21 @@ def predict_files(
     window: the sliding window, (D, H, W) for every network (each a multiple of its downsampling; a 2-D
     network's D its slices), or WHOLE: each volume in one window (inference_window); None: each
     network's training patch.
+    continue_prediction: go on with an interrupted prediction into `output`: a case whose targets all
+    exist is skipped (each is written whole or not at all, so an existing one is complete; whether it
+    came from the same checkpoints and settings is not known), one with only some of them is predicted
+    again and they are replaced (a kill between its two writes).
     """
+    if continue_prediction and overwrite:
+        raise ConfigError("--continue keeps the files of an earlier prediction and --overwrite replaces "
+                          "them: pass one of the two")  # fmt: skip
     try:
         dev = available_device(device or ("cuda" if torch.cuda.is_available() else "cpu"), "device")
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     images = list_images(inputs)
     targets = {path: _targets(path, Path(output), save_probabilities) for path in images}
-    _check_targets(targets, Path(inputs), overwrite)
+    _check_targets(targets, Path(inputs), overwrite or continue_prediction)  # inputs, references refused
     checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
     ensemble = [load_trained_model(path, dev, channels_last) for path in checkpoints]
     for path, (model, state) in zip(checkpoints, ensemble, strict=True):
@@ -210,10 +218,13 @@ def predict_files(
         for path, (_, state) in zip(checkpoints, ensemble, strict=True)
     ]
     amp = torch.bfloat16 if dev.type == "cuda" else None
+    done = [path for path in images if continue_prediction and _predicted(targets[path])]
+    if done:
+        print(f"--continue: {len(done)} of {len(images)} case(s) already predicted in {output}, skipped")
     failures = []
     with created_directory(output, "--output"), deterministic_mode(deterministic):  # removed if none written
         remove_dead_temporaries(Path(output))
-        for path in images:
+        for path in (image for image in images if image not in done):
             failures += _predict_case(path, ensemble, channels, targets[path], dev, overlap, mode, tta,
                                       largest, amp, progress, window)  # fmt: skip
     return failures
@@ -361,6 +372,11 @@ def _targets(image: Path, output: Path, save_probabilities: bool) -> tuple[Path,
     name, ext = stem(image), (suffix(image) if not image.is_dir() else ".nii.gz")
     probabilities = output / f"{name}_probabilities{ext}" if save_probabilities else None
     return output / f"{name}_segmentation{ext}", probabilities
+
+
+def _predicted(targets: tuple[Path, Path | None]) -> bool:
+    """Whether a case's targets all exist (a MetaImage header is written after its voxel file)."""
+    return all(target.exists() for target in targets if target is not None)
 
 
 def _check_targets(targets: dict[Path, tuple[Path, Path | None]], inputs: Path, overwrite: bool) -> None:

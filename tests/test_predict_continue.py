@@ -1,0 +1,73 @@
+"""predict --continue: an interrupted prediction goes on where it stopped, never redoing a finished case."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cli_helpers import assert_one_line_error, make_phantoms, run_cli, snapshot, train_args
+
+from prostate_kernels.cli import main
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    """(a checkpoint, a directory of 3 phantoms to predict)."""
+    root = tmp_path_factory.mktemp("continue")
+    data = make_phantoms(root / "phantoms")
+    assert main(train_args(data, root / "run", 2)) == 0
+    return root / "run" / "checkpoint.pt", data
+
+
+def _predict(checkpoint: Path, inputs: Path, out: Path, *extra: str) -> int:
+    return main(["predict", "--checkpoint", str(checkpoint), "--input", str(inputs), "--output", str(out),
+                 "--no-tta", "--no-progress", *extra])  # fmt: skip
+
+
+def test_continue_predicts_only_the_cases_left_and_leaves_the_others_untouched(trained, tmp_path, capsys):
+    checkpoint, data = trained
+    out = tmp_path / "out"
+    assert _predict(checkpoint, data, out) == 0
+    whole_run = snapshot(out)
+    for left in ("Case01_segmentation.mhd", "Case01_segmentation.raw"):  # killed before Case01 was written
+        (out / left).unlink()
+    kept = snapshot(out)
+    capsys.readouterr()
+    assert _predict(checkpoint, data, out, "--continue") == 0
+    printed = capsys.readouterr().out
+    assert "--continue: 2 of 3 case(s) already predicted in" in printed
+    assert "Case01.mhd: " in printed and "Case00.mhd: " not in printed and "Case02.mhd: " not in printed
+    after = snapshot(out)
+    assert {name: after[name] for name in kept} == kept  # the finished cases' files are the same bytes
+    assert after == whole_run  # Case01 as the uninterrupted run wrote it (the CPU repeats itself)
+
+
+def test_a_case_with_only_some_of_its_files_is_predicted_again(trained, tmp_path, capsys):
+    """An earlier run without --save-probabilities (or killed between a case's two writes): --continue
+    --save-probabilities predicts every case again, replacing its segmentation."""
+    checkpoint, data = trained
+    out = tmp_path / "out"
+    assert _predict(checkpoint, data, out) == 0
+    capsys.readouterr()
+    assert _predict(checkpoint, data, out, "--continue", "--save-probabilities") == 0
+    printed = capsys.readouterr().out
+    assert "already predicted" not in printed and printed.count("voxels segmented") == 3
+    assert all((out / f"Case0{i}_probabilities.mhd").exists() for i in range(3))
+    capsys.readouterr()
+    assert _predict(checkpoint, data, out, "--continue", "--save-probabilities") == 0
+    printed = capsys.readouterr().out
+    assert "--continue: 3 of 3 case(s) already predicted" in printed and "voxels segmented" not in printed
+
+
+def test_continue_never_takes_reference_masks_for_predictions_nor_goes_with_overwrite(trained, tmp_path):
+    """--output the dataset itself: its CaseNN_segmentation files are the references, which exist; they
+    are refused as targets, not skipped as finished cases."""
+    checkpoint, data = trained
+    before = snapshot(data)
+    result = run_cli("predict", "--checkpoint", checkpoint, "--input", data, "--output", data, "--continue")
+    assert_one_line_error(result, "is an input image or a reference mask: predict never writes over it")
+    assert snapshot(data) == before
+    result = run_cli("predict", "--checkpoint", checkpoint, "--input", data, "--output", tmp_path / "o",
+                     "--continue", "--overwrite")  # fmt: skip
+    assert_one_line_error(result, "--continue keeps the files of an earlier prediction and --overwrite")
+    assert not (tmp_path / "o").exists()
