@@ -439,7 +439,8 @@ def _check_depthwise_bf16(device: str, g, c: int, size: tuple[int, int, int], di
 
 
 def check_predict_stitching(device: str = "cuda") -> list[dict]:
-    """predict_probabilities with the windows stitched on the GPU vs the same network on the CPU."""
+    """predict_probabilities with the windows stitched on the GPU vs the same network on the CPU: the
+    patch's 8 windows, and one whole-volume window whose 8 mirror images share calls of 4."""
     import numpy as np
     from prostate_kernels.models import build_model
 
@@ -450,14 +451,17 @@ def check_predict_stitching(device: str = "cuda") -> list[dict]:
     image = np.random.default_rng(0).standard_normal((20, 40, 44)).astype(np.float32)
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
+    rows = []
     try:
-        gpu = predict_probabilities(model.to(device), image, (16, 32, 32), device=device, tta=True)
-        cpu = predict_probabilities(model.cpu(), image, (16, 32, 32), device="cpu", tta=True)
+        for roi, what in (((16, 32, 32), "8 windows"), ((24, 40, 48), "one whole-volume window")):
+            gpu = predict_probabilities(model.to(device), image, roi, device=device, tta=True)
+            cpu = predict_probabilities(model.cpu(), image, roi, device="cpu", tta=True)
+            err = float(np.abs(gpu - cpu).max())
+            rows.append(_row(f"predict_probabilities stitched on the GPU vs on the CPU (mirroring, {what})",
+                             err < 1e-4, f"max abs err {err:.1e}"))  # fmt: skip
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
-    err = float(np.abs(gpu - cpu).max())
-    return [_row("predict_probabilities stitched on the GPU vs on the CPU (mirroring)", err < 1e-4,
-                 f"max abs err {err:.1e}")]  # fmt: skip
+    return rows
 
 
 def check_export(device: str = "cuda") -> list[dict]:

@@ -374,3 +374,13 @@ def test_the_info_check_runs_and_passes_on_the_cpu():
     assert rows[len(CASES)]["check"] == "info --check: BNReLUConv3d train fwd+bwd, float32 (triton)"
     assert rows[-bf16]["check"] == "info --check: BNReLUConv3d train fwd+bwd, bf16 autocast (triton)"
     assert "eager PyTorch's" in rows[-bf16]["detail"]
+
+
+def test_the_predict_stitching_check_runs_on_the_cpu():
+    """The GPU run's predict check (GPU against CPU; here CPU against itself, so only that it runs)."""
+    import gpu_checks
+
+    rows = gpu_checks.check_predict_stitching("cpu")
+    cases = [r["check"].rpartition("(")[2] for r in rows]
+    assert cases == ["mirroring, 8 windows)", "mirroring, one whole-volume window)"]
+    assert all(r["result"] == "PASS" for r in rows), rows
