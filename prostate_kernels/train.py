@@ -178,8 +178,9 @@ def check_batch_fits(config: TrainConfig, device: torch.device) -> None:
     """ConfigError when one training step at the run's batch and patch cannot fit in the memory of
     `device` (memory_bound: a forward and backward simulated on the meta device, so at no cost; halved
     under 16-bit autocast, where activations may take 2 bytes): when one tensor alone is larger than that
-    memory, or on the CPU when what the step holds at once is (the PyTorch path the meta device runs is
-    the CPU's; a GPU's fused kernels keep less, and its out-of-memory error is caught and reported).
+    memory, or on the CPU when what the step holds at once is, times the processes torchrun started on
+    this machine (the PyTorch path the meta device runs is the CPU's; a GPU's fused kernels keep less,
+    and its out-of-memory error is caught and reported).
     Lower bounds on the step's peak: a batch they let through may still not fit, one they refuse cannot.
     Such a batch was ended by the host's out-of-memory killer, with no message."""
     total = memory_bytes(device)
@@ -209,8 +210,12 @@ def check_batch_fits(config: TrainConfig, device: torch.device) -> None:
     largest, peak = (step.largest_tensor // 2, step.peak // 2) if halved else (step.largest_tensor, step.peak)
     if largest > total:
         refuse(f"one training forward of {config.model} makes a {{}} tensor", largest)
-    if device.type == "cpu" and peak > total:
-        refuse(f"one training step of {config.model} (forward and backward) holds {{}} at once", peak)
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
+    if device.type == "cpu" and peak * ranks > total:  # torchrun's processes on this machine share its memory
+        what = (f"the training steps of {config.model} (forward and backward) of the {ranks} processes on "
+                "this machine hold {} at once" if ranks > 1 else
+                f"one training step of {config.model} (forward and backward) holds {{}} at once")  # fmt: skip
+        refuse(what, peak * ranks)
 
 
 def _meta_model(config: TrainConfig) -> torch.nn.Module:

@@ -213,6 +213,14 @@ def test_the_batch_check_refuses_exactly_past_its_bounds(data, tmp_path, monkeyp
         check_batch_fits(run, gpu)
     monkeypatch.setattr(training, "memory_bytes", lambda device: None)
     check_batch_fits(run, cpu)
+    # torchrun's processes on one machine share its memory: 2 need twice the step
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(training, "memory_bytes", lambda device: 2 * step.peak)
+    check_batch_fits(run, cpu)
+    monkeypatch.setattr(training, "memory_bytes", lambda device: 2 * step.peak - 1)
+    with pytest.raises(ConfigError, match=f"the training steps of {model} .* of the 2 processes on this "):
+        check_batch_fits(run, cpu)
+    check_batch_fits(run, gpu)  # one GPU each
 
 
 def test_a_batch_the_cpu_cannot_hold_for_its_backward_is_refused_before_anything_is_written(
