@@ -33,7 +33,7 @@ from prostate_kernels.evaluation import evaluate_files
 from prostate_kernels.layout import model_in_layout
 from prostate_kernels.memory_bound import step_memory
 from prostate_kernels.models import build_model
-from prostate_kernels.predict import largest_component, predict_probabilities
+from prostate_kernels.predict import PATCH_WINDOWS_PER_CALL, largest_component, predict_probabilities
 from prostate_kernels.safe_files import (
     companions,
     created_directory,
@@ -265,15 +265,12 @@ def inference_window(
     return (slices, *rounded[1:]) if slices else rounded
 
 
-PATCHES_PER_CALL = 4  # predict's network calls hold the voxels of at most this many training patches
-
-
 def windows_per_call(state: dict, roi: tuple[int, int, int]) -> int:
-    """Windows per network call (sw_batch_size) for windows of `roi`: PATCHES_PER_CALL of the checkpoint's
-    training patch, fewer of a larger window (at least one), more of a smaller one, so that a call holds
-    the voxels of the default windows' calls, and their memory (a whole-volume window and its mirror
-    images, which share calls, would otherwise run four at a time)."""
-    return max(1, PATCHES_PER_CALL * math.prod(state["patch"]) // math.prod(roi))
+    """Windows per network call (sw_batch_size) for windows of `roi`: PATCH_WINDOWS_PER_CALL of the
+    checkpoint's training patch, fewer of a larger window (at least one), more of a smaller one, so that
+    a call holds the voxels of the default windows' calls, and their memory (a whole-volume window and its
+    mirror images, which share calls, would otherwise run four at a time)."""
+    return max(1, PATCH_WINDOWS_PER_CALL * math.prod(state["patch"]) // math.prod(roi))
 
 
 _CALL_PEAKS: dict[tuple, int] = {}  # (model, its kwargs, one call's input shape): bytes held at once

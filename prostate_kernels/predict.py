@@ -18,6 +18,8 @@ import torch
 from prostate_kernels.inference import sliding_window_inference
 from prostate_kernels.progress import progress_bar
 
+PATCH_WINDOWS_PER_CALL = 4  # windows of the training patch per network call (validation, predict)
+
 
 def predict_probabilities(
     model: torch.nn.Module,
@@ -28,7 +30,7 @@ def predict_probabilities(
     overlap: float = 0.5,
     mode: str = "gaussian",
     tta: bool = False,
-    sw_batch_size: int = 4,
+    sw_batch_size: int = PATCH_WINDOWS_PER_CALL,
     amp_dtype: torch.dtype | None = None,
     progress: bool = False,
 ) -> np.ndarray:

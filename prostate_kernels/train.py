@@ -208,10 +208,12 @@ def check_batch_fits(config: TrainConfig, device: torch.device) -> None:
     step = step_memory(_meta_model(config).train(), torch.empty(shape, device="meta"))
     halved = _amp_dtype(config.amp, device) is not None
     largest, peak = (step.largest_tensor // 2, step.peak // 2) if halved else (step.largest_tensor, step.peak)
-    if largest > total:
-        refuse(f"one training forward of {config.model} makes a {{}} tensor", largest)
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if device.type == "cpu" else 1
-    if device.type == "cpu" and peak * ranks > total:  # torchrun's processes on this machine share its memory
+    if largest > total:  # the largest tensor of the forward or the backward
+        refuse(f"one training step of {config.model} makes a {{}} tensor", largest)
+    if device.type != "cpu":
+        return
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes share this machine's memory
+    if peak * ranks > total:
         what = (f"the training steps of {config.model} (forward and backward) of the {ranks} processes on "
                 "this machine hold {} at once" if ranks > 1 else
                 f"one training step of {config.model} (forward and backward) holds {{}} at once")  # fmt: skip

@@ -174,7 +174,7 @@ def test_a_batch_whose_largest_tensor_exceeds_memory_is_refused_before_anything_
     with pytest.raises(ConfigError) as info:
         train(config(data, tmp_path / "run", batch=10**5))
     message = str(info.value)
-    assert "--batch 100000 with --patch 8x32x32: one training forward of tiramisu3d_tiny makes a" in message
+    assert "--batch 100000 with --patch 8x32x32: one training step of tiramisu3d_tiny makes a" in message
     assert "GiB of memory of cpu" in message
     assert not (tmp_path / "run").exists()
 
