@@ -43,8 +43,11 @@ demo: setup
 	@if [ -f demo_out/.prostate-kernels-demo ]; then echo "replacing demo_out/ (an earlier make demo's output)"; rm -rf demo_out; fi
 	$(VENV)/bin/prostate-kernels demo --out demo_out $(if $(MODEL),--model $(MODEL))
 
+# mypy reads the package's source (pyproject.toml's [tool.mypy]); the installed copy stands in for
+# prostate_kernels.models, whose source lives in models/.
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # bin/pytest, not `python -m pytest`: the current directory stays off sys.path, so the tests import the
 # installed package (with its compiled _C), not the source tree.
@@ -67,4 +70,4 @@ bench: setup
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf build *.egg-info $(VENV) demo_out .pytest_cache .ruff_cache
+	rm -rf build *.egg-info $(VENV) demo_out .pytest_cache .ruff_cache .mypy_cache

@@ -1,4 +1,4 @@
-"""Helpers shared by the networks: size checks and parameter counting conventions."""
+"""Helpers shared by the networks: size checks, their downsampling, parameter counting conventions."""
 
 from __future__ import annotations
 
@@ -26,6 +26,17 @@ def check_model_input(x: torch.Tensor, factors: Sequence[int], in_channels: int,
         )
 
 
+def downsampling(model: nn.Module) -> tuple[int, int, int]:
+    """The total downsampling (D, H, W) that a network of this package declares as `model.downsampling`:
+    its input sizes must be multiples of it (a 2-D network's D factor is that of its slice stacks' depth).
+    TypeError for a module that declares none."""
+    factors = getattr(model, "downsampling", None)
+    if not isinstance(factors, tuple) or len(factors) != 3:
+        raise TypeError(f"{type(model).__name__} declares no downsampling (D, H, W): got {factors!r}")
+    d, h, w = (int(f) for f in factors)
+    return d, h, w
+
+
 def count_parameters(model: nn.Module, convention: str = "torch") -> int:
     """Parameters of `model` counted three ways.
 
@@ -41,7 +52,9 @@ def count_parameters(model: nn.Module, convention: str = "torch") -> int:
         stats = sum(
             m.running_mean.numel() + m.running_var.numel()
             for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.running_mean is not None
+            and m.running_var is not None
         )
         return sum(p.numel() for p in model.parameters()) + stats
     convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)

@@ -49,14 +49,22 @@ class _Axes:
         return (1, r, r)
 
     def padding(self, k: int) -> tuple[int, int, int]:
-        return tuple((kk - 1) // 2 for kk in self.kernel(k))
+        kd, kh, kw = self.kernel(k)
+        return (kd - 1) // 2, (kh - 1) // 2, (kw - 1) // 2
 
 
 class ConvBN(nn.Module):
     """conv (no bias) -> BatchNorm (Keras default epsilon 1e-3) [-> ReLU]."""
 
     def __init__(
-        self, axes: _Axes, in_ch: int, out_ch: int, k: int, stride=(1, 1, 1), relu=True, eps=1e-3
+        self,
+        axes: _Axes,
+        in_ch: int,
+        out_ch: int,
+        k: int,
+        stride: tuple[int, int, int] = (1, 1, 1),
+        relu: bool = True,
+        eps: float = 1e-3,
     ) -> None:
         super().__init__()
         self.conv = nn.Conv3d(in_ch, out_ch, axes.kernel(k), stride, axes.padding(k), bias=False)
@@ -72,7 +80,16 @@ class XceptionBlock(nn.Module):
     """Three separable convs (the last with the stride); shortcut: 1x1 conv + BN ("conv"), identity
     ("sum") or none. The output of the second separable conv is kept as `skip`."""
 
-    def __init__(self, axes, in_ch, depths, shortcut, stride, rate=1, depth_activation=False) -> None:
+    def __init__(
+        self,
+        axes: _Axes,
+        in_ch: int,
+        depths: list[int],
+        shortcut: str,
+        stride: tuple[int, int, int],
+        rate: int = 1,
+        depth_activation: bool = False,
+    ) -> None:
         super().__init__()
         chans = [in_ch, *depths]
         self.convs = nn.ModuleList(
@@ -173,6 +190,7 @@ class DeepLabV3Plus(nn.Module):
         x = self.entry_block1(self.entry_conv2(self.entry_conv1(x)))
         x = self.entry_block2(x)
         skip = self.entry_block2.skip
+        assert skip is not None  # set by entry_block2's forward, just above
         x = self.exit_block2(self.exit_block1(self.middle(self.entry_block3(x))))
         x = resize_aligned(self.aspp(x), skip.shape[2:])
         x = self.decoder(torch.cat([x, self.skip_projection(skip)], dim=1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 
@@ -22,7 +23,7 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
 MODEL_NAMES: tuple[str, ...] = tuple(BUILDERS)
 
 
-def build_model(name: str, **overrides) -> nn.Module:
+def build_model(name: str, **overrides: Any) -> nn.Module:
     """A fresh network: one of MODEL_NAMES, its constructor's keyword arguments overridden."""
     if name not in BUILDERS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,14 +35,14 @@ def resize_aligned(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
 
 class _DeterministicResize(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
         ctx.in_size, ctx.in_dtype = tuple(x.shape[2:]), x.dtype
         channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
         ctx.in_format = torch.channels_last_3d if channels_last else torch.contiguous_format
         return F.interpolate(x, size=size, mode="trilinear", align_corners=True)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         # float32 sums for half-precision gradients (the weights too would round in bf16)
         g = grad.float() if grad.dtype in (torch.float16, torch.bfloat16) else grad
         sizes = zip(ctx.in_size, g.shape[2:], strict=True)

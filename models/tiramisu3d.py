@@ -14,6 +14,7 @@ p4a 49,382,353, p3a 22,962,289 (Table 1 prints 22,692,289, two digits swapped) a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -102,22 +103,22 @@ class Tiramisu3D(nn.Module):
         return self.head(x)
 
 
-def tiramisu3d_p4a(**overrides) -> Tiramisu3D:
+def tiramisu3d_p4a(**overrides: Any) -> Tiramisu3D:
     """4 poolings, layers (9, 10, 12, 15, 17, 20, 17, 15, 12): 49,382,353 conv parameters."""
     return Tiramisu3D(**{"layers_per_block": P4A_LAYERS, **overrides})
 
 
-def tiramisu3d_p3a(**overrides) -> Tiramisu3D:
+def tiramisu3d_p3a(**overrides: Any) -> Tiramisu3D:
     """3 poolings, layers (7, 8, 9, 12, 15, 16, 17): 22,962,289 conv parameters (the paper's best)."""
     return Tiramisu3D(**{"layers_per_block": P3A_LAYERS, **overrides})
 
 
-def tiramisu3d_p3b(**overrides) -> Tiramisu3D:
+def tiramisu3d_p3b(**overrides: Any) -> Tiramisu3D:
     """3 poolings, 12 layers in every block: 23,487,169 conv parameters."""
     return Tiramisu3D(**{"layers_per_block": P3B_LAYERS, **overrides})
 
 
-def tiramisu3d_tiny(**overrides) -> Tiramisu3D:
+def tiramisu3d_tiny(**overrides: Any) -> Tiramisu3D:
     """2 poolings, 2 layers per block, growth 4, 8 first filters: for CPU demos and tests."""
     return Tiramisu3D(
         **{"layers_per_block": TINY_LAYERS, "growth_rate": 4, "first_conv_filters": 8, **overrides}

@@ -12,6 +12,7 @@ The choice is process-wide; `use_backend` changes it for a `with` block and rest
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -22,10 +23,10 @@ import torch
 Backend = Literal["auto", "triton", "torch"]
 BACKENDS: tuple[str, ...] = ("auto", "triton", "torch")
 
-_backend: str = "auto"
+_backend: Backend = "auto"
 
 
-def get_backend() -> str:
+def get_backend() -> Backend:
     """The backend set by `set_backend` ("auto" unless changed)."""
     return _backend
 
@@ -87,7 +88,7 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type)
 
 
-def autocast_off(device: torch.device):
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     """Context that disables autocast on `device` (a no-op on devices without autocast, e.g. "meta")."""
     if device.type not in ("cuda", "cpu", "xpu", "mps"):
         return nullcontext()

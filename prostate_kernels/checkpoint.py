@@ -48,7 +48,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
-def load_model_weights(model: torch.nn.Module, state_dict: dict, path: str | Path, name: str) -> None:
+def load_model_weights(model: torch.nn.Module, state_dict: object, path: str | Path, name: str) -> None:
     """load_state_dict with a one-line DataError when the weights belong to another network, are not a
     dict of tensors, or hold NaN or infinite values (a damaged file: its network would predict nothing,
     silently, where every probability is NaN)."""

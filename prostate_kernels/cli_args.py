@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import argparse
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 from prostate_kernels.windows import WHOLE
 
+NumberT = TypeVar("NumberT", int, float)
 
-def _number(text: str, kind: type) -> float | int:
+
+def _number(text: str, kind: Callable[[str], NumberT]) -> NumberT:
     try:
         return kind(text)
     except ValueError:

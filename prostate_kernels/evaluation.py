@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prostate_kernels.data import DataError, check_binary, check_same_grid, read_mask, read_volume
+from prostate_kernels.data import DataError, Volume, check_binary, check_same_grid, read_mask, read_volume
 from prostate_kernels.data.cases import IMAGE_SUFFIXES, discover_cases, is_image_file, stem, suffix
 from prostate_kernels.metrics import promise12_measures
 from prostate_kernels.safe_files import (
@@ -56,6 +56,7 @@ def _prediction_for(name: str, reference: Path, pred: Path) -> Path | None:
 def _pairs(pred: Path, ref: Path) -> list[tuple[str, Path, Path | None]]:
     """(case, reference, prediction or None when missing) for every reference; DataError when a prediction
     is its reference's own file (--pred and --ref the same directory)."""
+    pairs: list[tuple[str, Path, Path | None]]
     if pred.is_file() and ref.is_file():
         pairs = [(stem(pred).removesuffix("_segmentation"), ref, pred)]
     elif not pred.is_dir():
@@ -170,7 +171,15 @@ def _overlay_path(out: Path, case: str) -> Path:
     return out / f"{case}_overlay.png"
 
 
-def _overlay(case, predicted, reference, image_path, out, dice, failures) -> None:
+def _overlay(
+    case: str,
+    predicted: np.ndarray,
+    reference: Volume,
+    image_path: Path | None,
+    out: Path,
+    dice: float,
+    failures: list[str],
+) -> None:
     """An overlay PNG when the case's image was found (image_path) and lies on the reference's grid."""
     from prostate_kernels.plots import plot_overlay
 

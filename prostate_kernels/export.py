@@ -33,6 +33,7 @@ import torch
 from prostate_kernels.backend import use_backend
 from prostate_kernels.data.errors import DataError, first_line
 from prostate_kernels.data.io import as_channels
+from prostate_kernels.models import downsampling
 from prostate_kernels.nn import DenseBlock3d
 from prostate_kernels.safe_files import atomic_write, refuse_existing
 
@@ -130,7 +131,7 @@ def _window_multiple(model: torch.nn.Module, state: dict) -> tuple[int, ...]:
     """Per spatial axis of the program's input, the network's total downsampling (every network declares
     it, as train's and predict's window checks read it): a free window side must be a multiple of it (a
     2-D network's stacks: (h, w) only)."""
-    factors = tuple(model.downsampling)
+    factors = downsampling(model)
     return factors[1:] if state.get("slices", 0) else factors
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -104,8 +105,19 @@ class _Plan:
     progress: bool
 
 
-def _plan(inputs, roi_size, sw_batch_size, overlap, mode, sigma_scale, padding_mode, cval,
-          sw_device, device, progress) -> _Plan:  # fmt: skip
+def _plan(
+    inputs: torch.Tensor,
+    roi_size: Sequence[int | None] | int,
+    sw_batch_size: int,
+    overlap: Sequence[float] | float,
+    mode: str,
+    sigma_scale: Sequence[float] | float,
+    padding_mode: str,
+    cval: float,
+    sw_device: torch.device | str | None,
+    device: torch.device | str | None,
+    progress: bool,
+) -> _Plan:
     """Checks the arguments (ValueError naming the value) and expands them per spatial axis."""
     spatial_dims = inputs.dim() - 2
     roi = _per_axis_roi(roi_size, tuple(inputs.shape[2:]))
@@ -172,9 +184,10 @@ def _stitch(inputs: torch.Tensor, predictor: Predictor, plan: _Plan) -> torch.Te
                 output, None, prediction.to(device).contiguous(), starts_out[first:last], importance
             )
             bar.update(last - first)
+    assert output is not None  # made by the first batch: there is at least one window
     # Every image has the same windows, so the division by the weight map needs only their positions.
     stitch_ops.normalize_by_positions_(output, per_image.to(device), importance)
-    return output[(slice(None), slice(None), *crop)]
+    return output[(slice(None), slice(None)) + crop]  # mypy reads [(a, b, *crop)] as 3.11 syntax
 
 
 def _check_inputs(inputs: object) -> None:
@@ -218,8 +231,9 @@ def _per_axis_roi(roi_size: Sequence[int | None] | int, image_size: tuple[int, .
             f"roi_size {tuple(sizes)} has {len(sizes)} dims, expected {len(image_size)} for inputs of "
             f"spatial size {image_size}"
         )
-    roi = tuple(_fall_back(r, full) for r, full in zip(sizes, image_size, strict=True))
-    if not all(r is not None and r > 0 for r in roi):
+    found = [_fall_back(r, full) for r, full in zip(sizes, image_size, strict=True)]
+    roi = tuple(r for r in found if r is not None and r > 0)
+    if len(roi) < len(found):
         raise ValueError(f"roi_size {tuple(sizes)} must hold ints (<= 0 or None for a full axis)")
     return roi
 
@@ -237,7 +251,7 @@ def _as_list(value: object, name: str) -> list:
     sequence = isinstance(value, (Sequence, torch.Tensor)) or hasattr(value, "__array__")
     if isinstance(value, (str, bytes)) or not sequence:
         raise TypeError(f"{name} {value!r} must be a number or a sequence of numbers")
-    return list(value)
+    return list(cast(Iterable[object], value))
 
 
 def _per_axis(value: Sequence[float] | float, dims: int, name: str) -> tuple[float, ...]:
@@ -245,23 +259,27 @@ def _per_axis(value: Sequence[float] | float, dims: int, name: str) -> tuple[flo
     values = [value] * dims if is_number else _as_list(value, name)
     if len(values) != dims:
         raise ValueError(f"{name} {value} must be one number or {dims} numbers")
-    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in values):
+    reals = [v for v in values if isinstance(v, numbers.Real) and not isinstance(v, bool)]
+    if len(reals) < len(values):
         raise TypeError(f"{name} {value!r} must be a number or a sequence of numbers")
-    return tuple(float(v) for v in values)
+    return tuple(float(v) for v in reals)
 
 
 def _check_flip_axes(flip_axes: Sequence[int] | int, spatial_dims: int) -> tuple[int, ...]:
     single = as_int(flip_axes)
     raw = (single,) if single is not None else tuple(_as_list(flip_axes, "flip_axes"))
-    axes = tuple(as_int(a) for a in raw)
-    if any(a is None or not 0 <= a < spatial_dims for a in axes):
+    found = [as_int(a) for a in raw]
+    axes = tuple(a for a in found if a is not None and 0 <= a < spatial_dims)
+    if len(axes) < len(found):
         raise ValueError(f"flip_axes {raw} must be spatial axes in [0, {spatial_dims})")
     if len(set(axes)) != len(axes):
         raise ValueError(f"flip_axes {axes} repeats an axis")
     return axes
 
 
-def _pad_to_roi(inputs: torch.Tensor, roi: tuple[int, ...], padding_mode: str, cval: float):
+def _pad_to_roi(
+    inputs: torch.Tensor, roi: tuple[int, ...], padding_mode: str, cval: float
+) -> tuple[torch.Tensor, tuple[slice, ...]]:
     """inputs padded up to at least roi per axis (MONAI's split: half before), and the crop undoing it."""
     before_after = []
     for size, r in zip(inputs.shape[2:], roi, strict=True):
@@ -344,6 +362,7 @@ def _mirrored(predictor: Predictor, flip_axes: tuple[int, ...], windows_per_call
                     total = part.to(torch.float32, copy=True)
                 else:
                     total += part
+        assert total is not None  # combos holds at least the unmirrored windows
         return total / len(combos)
 
     return predict

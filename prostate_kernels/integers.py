@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from typing import SupportsIndex, cast
 
 import torch
 
@@ -13,6 +14,6 @@ def as_int(value: object) -> int | None:
     if isinstance(value, (bool, float)) or (isinstance(value, torch.Tensor) and value.is_floating_point()):
         return None
     try:
-        return operator.index(value)
+        return operator.index(cast(SupportsIndex, value))  # TypeError when it is none
     except TypeError:
         return None

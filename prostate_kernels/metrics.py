@@ -20,7 +20,9 @@ failure it is instead of dropped from a mean as NaN.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -45,13 +47,13 @@ class Measures:
         }
 
 
-def worst_distance(shape: tuple[int, ...], spacing_zyx) -> float:
+def worst_distance(shape: tuple[int, ...], spacing_zyx: Sequence[float]) -> float:
     """The volume's diagonal in mm: no two voxels of it are farther apart."""
     return float(math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing_zyx, strict=True))))
 
 
 def measures(
-    pred: np.ndarray, ref: np.ndarray, spacing_zyx: tuple[float, float, float], worst: float | None = None
+    pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float], worst: float | None = None
 ) -> Measures:
     """Measures of binary (D, H, W) arrays with voxel spacing (dz, dy, dx) in mm.
 
@@ -75,7 +77,7 @@ def measures(
     return Measures(dice, hd95, abd, rvd)
 
 
-def superior_axis(direction=IDENTITY) -> tuple[int, int]:
+def superior_axis(direction: Sequence[float] = IDENTITY) -> tuple[int, int]:
     """(array axis, sign) of the patient's superior-inferior axis: the array axis (0 = D, 1 = H, 2 = W)
     whose physical direction has the largest z component, and +1 when increasing that index moves
     superior (LPS: +z is superior), -1 when it moves inferior.
@@ -89,7 +91,7 @@ def superior_axis(direction=IDENTITY) -> tuple[int, int]:
 
 
 def promise12_measures(
-    pred: np.ndarray, ref: np.ndarray, spacing_zyx, direction=IDENTITY
+    pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float], direction: Sequence[float] = IDENTITY
 ) -> dict[str, float]:
     """Measures on the whole gland and on its apex and base thirds (flat dict, e.g. "apex_dice"); the
     thirds are taken along the superior-inferior axis that `direction` (SimpleITK's) gives."""
@@ -110,13 +112,15 @@ def promise12_measures(
     return out
 
 
-def hausdorff(pred: np.ndarray, ref: np.ndarray, spacing_zyx, percentile: float = 100.0) -> float:
+def hausdorff(
+    pred: np.ndarray, ref: np.ndarray, spacing_zyx: Sequence[float], percentile: float = 100.0
+) -> float:
     """Symmetric Hausdorff distance (mm) of two non-empty binary arrays' surfaces at `percentile`."""
     directed = (_surface_distances(pred, ref, spacing_zyx), _surface_distances(ref, pred, spacing_zyx))
     return max(float(np.percentile(d, percentile)) for d in directed)
 
 
-def _contour(array: np.ndarray, spacing: tuple[float, ...]):
+def _contour(array: np.ndarray, spacing: tuple[float, ...]) -> Any:
     """SimpleITK image of the surface voxels of a binary array (face-connected label contour), on the
     array padded by one background voxel per side: voxels on the volume's border are surface too."""
     import SimpleITK as sitk
@@ -126,7 +130,7 @@ def _contour(array: np.ndarray, spacing: tuple[float, ...]):
     return sitk.LabelContour(image, fullyConnected=False)
 
 
-def _surface_distances(source: np.ndarray, target: np.ndarray, spacing_zyx) -> np.ndarray:
+def _surface_distances(source: np.ndarray, target: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
     """Distances (mm) from each surface voxel of `source` to the nearest surface voxel of `target`."""
     import SimpleITK as sitk
 

@@ -32,7 +32,7 @@ from prostate_kernels.devices import available_device, memory_bytes
 from prostate_kernels.evaluation import evaluate_files
 from prostate_kernels.layout import model_in_layout
 from prostate_kernels.memory_bound import step_memory
-from prostate_kernels.models import build_model
+from prostate_kernels.models import build_model, downsampling
 from prostate_kernels.predict import PATCH_WINDOWS_PER_CALL, largest_component, predict_probabilities
 from prostate_kernels.safe_files import (
     companions,
@@ -235,6 +235,8 @@ def check_window(window: tuple[int, int, int] | str | None, state: dict, model, 
     takes: multiples of its downsampling, and for a 2-D network a depth of its slices."""
     if window is None or window == WHOLE:
         return
+    if isinstance(window, str):
+        raise ConfigError(f"--window {window}: give 3 sizes D H W >= 1, or {WHOLE}")
     asked = f"--window {' '.join(map(str, window))}"
     if len(window) != 3 or not all(isinstance(w, int) and w >= 1 for w in window):
         raise ConfigError(f"{asked}: give 3 sizes D H W >= 1, or {WHOLE}")
@@ -242,7 +244,7 @@ def check_window(window: tuple[int, int, int] | str | None, state: dict, model, 
     if slices and window[0] != slices:
         raise ConfigError(f"{asked}: {checkpoint}'s {state['model']} reads stacks of {slices} slices: "
                           f"its window's depth must be {slices}")  # fmt: skip
-    factors = tuple(model.downsampling)
+    factors = downsampling(model)
     if any(w % f for w, f in zip(window, factors, strict=True)):
         raise ConfigError(f"{asked} must be a multiple of {factors} for {checkpoint}'s {state['model']} "
                           "(its total downsampling)")  # fmt: skip
@@ -258,11 +260,14 @@ def inference_window(
     smaller than its window, half before and half after, and crops the result back)."""
     if window is None:
         return tuple(state["patch"])
+    if not isinstance(window, str):
+        d, h, w = window  # a list from the command line
+        return d, h, w
     if window != WHOLE:
-        return tuple(window)
-    rounded = tuple(-(-size // f) * f for size, f in zip(shape, model.downsampling, strict=True))
+        raise ValueError(f"window {window!r}: the one named window is {WHOLE!r}")
+    d, h, w = (-(-size // f) * f for size, f in zip(shape, downsampling(model), strict=True))
     slices = state.get("slices", 0)
-    return (slices, *rounded[1:]) if slices else rounded
+    return (slices, h, w) if slices else (d, h, w)
 
 
 def windows_per_call(state: dict, roi: tuple[int, int, int]) -> int:
@@ -330,7 +335,7 @@ def _predict_case(
             _model_probabilities(model, state, seen[read], dev, overlap, mode, tta, amp, progress, window)
             for (model, state), read in zip(ensemble, channels, strict=True)
         ]
-        prob = np.mean(probs, axis=0, dtype=np.float32)
+        prob = np.stack(probs).mean(axis=0, dtype=np.float32)
         mask = (prob > 0.5).astype(np.uint8)
         if largest:
             mask = largest_component(mask)

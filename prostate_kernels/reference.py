@@ -6,6 +6,8 @@ accumulation) with plain tensor operations. Argument checking happens before dis
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 # ---------------------------------------------------------------------------------------------
@@ -14,7 +16,7 @@ import torch
 # ---------------------------------------------------------------------------------------------
 
 
-def _window_index(start: torch.Tensor, roi: tuple[int, int, int]) -> tuple[int, slice, slice, slice, slice]:
+def _window_index(start: torch.Tensor, roi: tuple[int, ...]) -> tuple[int, slice, slice, slice, slice]:
     n, z, y, x = (int(v) for v in start)
     rd, rh, rw = roi
     return n, slice(None), slice(z, z + rd), slice(y, y + rh), slice(x, x + rw)
@@ -81,9 +83,9 @@ def bn_relu_conv3d(
     training: bool,
     momentum: float,
     eps: float,
-    stride: tuple[int, int, int],
-    padding: tuple[int, int, int],
-    dilation: tuple[int, int, int],
+    stride: Sequence[int],
+    padding: Sequence[int] | str,
+    dilation: Sequence[int],
 ) -> torch.Tensor:
     """conv3d(relu(batch_norm(x))): batch statistics when training (running ones updated), else running."""
     z = torch.nn.functional.batch_norm(
@@ -101,9 +103,9 @@ def depthwise_conv3d(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
-    stride: tuple[int, int, int],
-    padding: tuple[int, int, int],
-    dilation: tuple[int, int, int],
+    stride: Sequence[int],
+    padding: Sequence[int] | str,
+    dilation: Sequence[int],
 ) -> torch.Tensor:
     """conv3d with groups = C and weight (C, 1, kD, kH, kW)."""
     return torch.nn.functional.conv3d(x, weight, bias, stride, padding, dilation, groups=x.shape[1])
@@ -115,9 +117,9 @@ def separable_inference(
     bn1: tuple[torch.Tensor, torch.Tensor],
     pointwise_weight: torch.Tensor,
     bn2: tuple[torch.Tensor, torch.Tensor],
-    stride: tuple[int, int, int],
-    padding: tuple[int, int, int],
-    dilation: tuple[int, int, int],
+    stride: Sequence[int],
+    padding: Sequence[int] | str,
+    dilation: Sequence[int],
     depth_activation: bool,
 ) -> torch.Tensor:
     """[ReLU] -> depthwise -> BN [-> ReLU] -> 1x1x1 -> BN [-> ReLU], BatchNorms as (scale, shift)."""

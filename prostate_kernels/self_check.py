@@ -111,7 +111,7 @@ CASES: tuple[_Case, ...] = (
 )  # fmt: skip
 
 
-def backends_to_check(device: torch.device) -> tuple[str, ...]:
+def backends_to_check(device: torch.device) -> tuple[backend.Backend, ...]:
     """The backends run on `device`: the Triton kernels on CUDA; "auto" on the CPU, plus the kernels when
     the Triton interpreter is on."""
     if device.type == "cuda":
@@ -129,7 +129,7 @@ def run_checks(
     with torch.random.fork_rng(devices=[]):
         for device in devices:
             for name in backends_to_check(device):
-                runs = [(case, None) for case in CASES]
+                runs: list[tuple[_Case, torch.dtype | None]] = [(case, None) for case in CASES]
                 if name == "triton" and _has_bf16(device):
                     runs += [(case, torch.bfloat16) for case in CASES if case.bf16]
                 for case, autocast in runs:
@@ -146,7 +146,7 @@ def _has_bf16(device: torch.device) -> bool:
 
 
 def _run_case(
-    case: _Case, device: torch.device, backend_name: str, autocast: torch.dtype | None
+    case: _Case, device: torch.device, backend_name: backend.Backend, autocast: torch.dtype | None
 ) -> CheckResult:
     start = time.perf_counter()
     implementation = "?"
@@ -166,7 +166,7 @@ def _run_case(
 
 
 def _differences(
-    case: _Case, device: torch.device, backend_name: str, autocast: torch.dtype | None = None
+    case: _Case, device: torch.device, backend_name: backend.Backend, autocast: torch.dtype | None = None
 ) -> tuple[float, ...]:
     """Runs the case's module in float32 (under autocast to `autocast` when given) on `device` under
     `backend_name` and its float64 copy on the CPU under "torch"; the relative difference of the output

@@ -17,8 +17,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +44,7 @@ from prostate_kernels.determinism import deterministic_mode
 from prostate_kernels.devices import available_cores, memory_bytes
 from prostate_kernels.layout import in_layout, keep_grads_in_param_strides, model_in_layout
 from prostate_kernels.memory_bound import step_memory
-from prostate_kernels.models import build_model
+from prostate_kernels.models import build_model, downsampling
 from prostate_kernels.predict import predict_probabilities
 from prostate_kernels.progress import progress_bar
 from prostate_kernels.safe_files import RunLock, atomic_write, created_directory, remove_stale_temporaries
@@ -167,7 +169,8 @@ def check_config(config: TrainConfig) -> None:
             f"--batch {batch} must be >= {least} for {config.model}: its image-pooling BatchNorm (ASPP) "
             "sees one value per image, and batch statistics of one value are undefined"
         )
-    factors = (1, *model.downsampling[1:]) if settings.slices else model.downsampling
+    factors = downsampling(model)
+    factors = (1, *factors[1:]) if settings.slices else factors
     if any(p % f for p, f in zip(patch, factors, strict=True)):
         raise ConfigError(f"--patch {tuple(patch)} must be a multiple of {tuple(factors)} for {config.model}")
     if settings.slices and patch[0] != settings.slices:
@@ -187,7 +190,7 @@ def check_batch_fits(config: TrainConfig, device: torch.device) -> None:
     if total is None:
         return
     settings = config.settings()
-    patch, batch = tuple(config.patch or settings.patch), config.batch or settings.batch
+    patch, batch = _run_patch(config), config.batch or settings.batch
     shape = (batch, *_input_shape(config, patch))
     size = "x".join(map(str, patch))
 
@@ -224,6 +227,12 @@ def _meta_model(config: TrainConfig) -> torch.nn.Module:
     """The run's network on the meta device: shapes, no weights allocated."""
     with torch.device("meta"):
         return build_model(config.model, **_model_kwargs(config))
+
+
+def _run_patch(config: TrainConfig) -> tuple[int, int, int]:
+    """The run's patch (D, H, W): --patch, else its network's default (check_patch has checked it)."""
+    d, h, w = config.patch or config.settings().patch
+    return d, h, w
 
 
 def _input_shape(config: TrainConfig, patch: tuple[int, int, int]) -> tuple[int, ...]:
@@ -263,6 +272,7 @@ def load_cases(config: TrainConfig, log, arrays: list | None = None) -> tuple[li
             images = read_channels(case.image, as_channels(config.channel))  # one 3-D Volume per channel
             for image in images:
                 check_image(image)
+            assert case.label is not None  # discover_cases(require_labels=True)
             mask = read_mask(case.label, images[0], config.label)
             if config.spacing is not None:  # images linearly, masks by nearest neighbour
                 images[0], mask = resample_case(images[0], mask, config.spacing)  # the mask once
@@ -287,7 +297,7 @@ def load_cases(config: TrainConfig, log, arrays: list | None = None) -> tuple[li
 # -------------------------------------------------------------------------------------- training
 
 
-def train(config: TrainConfig, log=print, arrays: list | None = None) -> Path:
+def train(config: TrainConfig, log: Callable[[str], object] = print, arrays: list | None = None) -> Path:
     """Trains, validates and checkpoints into config.out; returns the path of the last checkpoint.
 
     arrays: train on these (name, image (D, H, W), mask (D, H, W)) triples instead of reading
@@ -331,7 +341,7 @@ def _check_run_directory(out: Path, resume: bool) -> None:
 
 def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log, arrays=None) -> Path:
     settings = config.settings()
-    patch = tuple(config.patch or settings.patch)
+    patch = _run_patch(config)
     batch, lr = config.batch or settings.batch, config.lr if config.lr is not None else settings.lr
     amp_dtype = _amp_dtype(config.amp, device)
     out = Path(config.out)
@@ -350,9 +360,9 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
     start, best = 0, -1.0
     if config.resume and ckpt_path.exists():
         start, best, saved = _restore(ckpt_path, model, optimizer, scheduler, scaler, rank, config.model)
-        for decay in scheduler.lr_lambdas:  # poly's horizon is this run's --iters, not the saved one's
-            if isinstance(decay, _PolyDecay):
-                decay.iters = config.iters
+        for lr_lambda in scheduler.lr_lambdas:  # poly's horizon is this run's --iters, not the saved one's
+            if isinstance(lr_lambda, _PolyDecay):
+                lr_lambda.iters = config.iters
         if rank == 0:
             log(f"resumed from {ckpt_path} at iteration {start}")
             changed = _resume_differences(saved, config, patch, batch, lr, world)
@@ -407,11 +417,12 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
             if rank == 0:
                 val_dice = validate(model, held_out, patch, settings.slices, device, amp_dtype)
             _barrier(world)
-        if rank == 0 and (it % log_every == 0 or val_dice is not None):
-            metrics.write(it, float(np.mean(window)), scheduler.get_last_lr()[0], val_dice, time.time() - tic)
+        if metrics is not None and (it % log_every == 0 or val_dice is not None):  # metrics: rank 0's
+            lr_now = float(scheduler.get_last_lr()[0])
+            metrics.write(it, float(np.mean(window)), lr_now, val_dice, time.time() - tic)
             window = []
         is_best = val_dice is not None and val_dice > best  # (val_dice exists on rank 0 only)
-        best = val_dice if is_best else best
+        best = max(best, val_dice) if val_dice is not None else best
         periodic = it % ckpt_every == 0 or it == config.iters
         rng = _gather_rng(world) if periodic else None  # a collective: every rank takes part
         if rank == 0 and (periodic or is_best):
@@ -478,7 +489,14 @@ def _last_checkpoint(ckpt_path: Path) -> str:
     return f"no checkpoint was written to {ckpt_path.parent} before it"
 
 
-def validate(model, held_out: list[HeldOut], patch, slices, device, amp_dtype) -> float:
+def validate(
+    model: torch.nn.Module,
+    held_out: list[HeldOut],
+    patch: tuple[int, int, int],
+    slices: int,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+) -> float:
     """Mean Dice of thresholded sliding-window predictions on the held-out cases."""
     dices = []
     for case in held_out:
@@ -622,7 +640,8 @@ def _resume_differences(
         return tuple(value) if isinstance(value, list) else value
 
     def setting(name: str, value):  # one int is that label or channel, as checkpoints before lists record
-        return {"label": as_labels, "channel": as_channels}.get(name, plain)(value)
+        readers: dict[str, Callable[[Any], object]] = {"label": as_labels, "channel": as_channels}
+        return readers.get(name, plain)(value)
 
     pairs = [("--patch", tuple(patch), plain(saved.get("patch", tuple(patch)))),
              ("--batch", batch, before.get("batch") or settings.batch),

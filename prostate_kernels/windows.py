@@ -83,11 +83,12 @@ def importance_map(
         raise ValueError(
             f"sigma_scale {sigma_scale} must be > 0, one value or one per axis of {tuple(roi_size)}"
         )
-    weights = None
+    # 0-d to start: each axis's profile multiplies in a new last dimension (times 1.0: exact)
+    weights = torch.ones((), dtype=torch.float, device=device)
     for axis, (size, scale) in enumerate(zip(roi_size, scales, strict=True)):
         sigma = size * scale
         x = torch.arange(-(size - 1) / 2.0, (size - 1) / 2.0 + 1, dtype=torch.float, device=device)
         profile = torch.exp(x**2 / (-2 * sigma**2))
-        weights = profile if axis == 0 else weights.unsqueeze(-1) * profile[(None,) * axis]
+        weights = weights.unsqueeze(-1) * profile[(None,) * axis]
     floor = max(torch.min(weights).item(), MIN_IMPORTANCE)
     return torch.clamp_(weights, min=floor).contiguous()

@@ -172,6 +172,9 @@ def test_a_mirrored_prediction_of_the_wrong_shape_is_reported():
         (lambda: DepthwiseConv3d(0), "DepthwiseConv3d: channels 0"),
         (lambda: DepthwiseConv3d(8, 0), "kernel_size 0 must be a positive int"),
         (lambda: DepthwiseConv3d(8, stride=(1, 1)), "stride (1, 1) must be"),
+        (lambda: DepthwiseConv3d(8, (3, 0, 3)), "kernel_size (3, 0, 3) must be a positive int"),
+        (lambda: DepthwiseConv3d(8, dilation=(1, 1, -2)), "dilation (1, 1, -2) must be a positive int"),
+        (lambda: DepthwiseConv3d(8, padding=(1, 1)), "padding (1, 1) must be an int or 3 ints"),
         (lambda: SeparableConv3d(8, 0), "SeparableConv3d: out_channels 0"),
         (lambda: ASPP3d(0), "ASPP3d: in_channels 0"),
         (lambda: DenseBlock3d(8, True), "DenseBlock3d: growth_rate True"),
@@ -355,3 +358,11 @@ def test_a_padding_that_no_tensor_could_hold_is_named():
         match=r"padding \(1000000000000, 1000000000000, 1000000000000\) makes an output of spatial",
     ):
         DepthwiseConv3d(4, 3, padding=10**12)(torch.randn(1, 4, 5, 6, 7))
+
+
+def test_eval_affine_of_a_batch_norm_without_running_statistics_names_it():
+    """An eval-mode fold needs the running statistics; without them it was an AttributeError on None."""
+    from prostate_kernels.nn.separable import eval_affine
+
+    with pytest.raises(ValueError, match=r"eval_affine: BatchNorm3d\(3, .*\) keeps no running statistics"):
+        eval_affine(torch.nn.BatchNorm3d(3, track_running_stats=False))

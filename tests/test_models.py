@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from prostate_kernels.models import MODEL_NAMES, build_model, count_parameters
+from prostate_kernels.models import MODEL_NAMES, build_model, count_parameters, downsampling
 
 from prostate_kernels import use_backend
 from prostate_kernels.nn import DenseBlock3d
@@ -169,6 +169,30 @@ def test_sizes_that_are_not_multiples_of_the_downsampling_raise(name, shape, mul
     model = on_meta(name).eval()
     with pytest.raises(ValueError, match=multiple):
         model(torch.empty(shape, device="meta"))
+
+
+@pytest.mark.parametrize(
+    "name,factors",
+    [
+        ("unet3d", (8, 8, 8)),
+        ("tiramisu3d_tiny", (4, 4, 4)),
+        ("tiramisu3d_p3a", (8, 8, 8)),
+        ("deeplabv3plus_2d", (1, 16, 16)),
+        ("deeplabv3plus_3d", (4, 16, 16)),
+    ],
+)
+def test_downsampling_is_what_the_input_check_asks_for(name, factors):
+    """models.downsampling: the (D, H, W) multiples train, predict and export check windows against."""
+    model = on_meta(name).eval()
+    assert downsampling(model) == factors
+    inputs = 13 if name == "deeplabv3plus_2d" else 1
+    spatial = factors[1:] if name == "deeplabv3plus_2d" else factors
+    assert model(torch.empty((1, inputs, *spatial), device="meta")).shape[2:] == spatial
+
+
+def test_downsampling_of_a_module_that_declares_none_is_a_type_error():
+    with pytest.raises(TypeError, match="Conv3d declares no downsampling"):
+        downsampling(torch.nn.Conv3d(1, 1, 3))
 
 
 @pytest.mark.parametrize(

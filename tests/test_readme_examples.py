@@ -62,6 +62,7 @@ def test_the_readme_python_examples_run_and_give_what_they_say(capsys, tmp_path,
     run(5)
     count_parameters, build_model = ns["count_parameters"], ns["build_model"]
     assert count_parameters(ns["model"], "conv") == 22_962_289  # "22,962,289 conv parameters"
+    assert ns["downsampling"](ns["model"]) == (8, 8, 8)
     assert count_parameters(build_model("unet3d"), "keras") == 1_605_381
     # the export example reads p3a.pt2 and runs it on `windows`: a tiny Tiramisu's checkpoint exported
     # under that name (p3a itself takes ~40 s to export on a CPU), and windows of its patch

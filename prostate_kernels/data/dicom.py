@@ -80,10 +80,11 @@ def _check_slice_positions(positions: list[str | None], directory: Path) -> None
     """DataError when the series' slices share positions (echoes, b-values or time points of one series)
     or are unevenly spaced (missing slices): GDCM stacks them into one volume all the same, of the wrong
     depth or spacing. Slices that record no position are not checked."""
-    if len(positions) < 2 or None in positions:
+    recorded = [p for p in positions if p is not None]
+    if len(positions) < 2 or len(recorded) < len(positions):
         return
     try:
-        points = np.array([[float(v) for v in p.split("\\")] for p in positions])
+        points = np.array([[float(v) for v in p.split("\\")] for p in recorded])
     except ValueError:
         points = None
     if points is None or points.shape != (len(positions), 3):

@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 
@@ -59,8 +60,9 @@ def to_sitk(volume: Volume, dtype=None):
     return image
 
 
-def itk_call(action: str, path: Path, call):
-    """call() with ITK's own stderr captured; a RuntimeError becomes one DataError line naming `path`."""
+def itk_call(action: str, path: Path | None, call):
+    """call() with ITK's own stderr captured; a RuntimeError becomes one DataError line naming `path`
+    (an image not read from a file has none)."""
     with captured_stderr() as itk_said:  # ITK prints its own complaints there: they go into our message
         try:
             return call()
@@ -226,11 +228,19 @@ def read_mask(
     return replace(mask.like(binary.astype(np.uint8)), path=mask.path)
 
 
+@overload
+def as_labels(label: int | Sequence[int]) -> tuple[int, ...]: ...
+@overload
+def as_labels(label: None) -> None: ...
 def as_labels(label: int | Sequence[int] | None) -> tuple[int, ...] | None:
     """--label's value as a tuple of labels (None: every non-zero value); one int is one label."""
     return _int_tuple(label)
 
 
+@overload
+def as_channels(channel: int | Sequence[int]) -> tuple[int, ...]: ...
+@overload
+def as_channels(channel: None) -> None: ...
 def as_channels(channel: int | Sequence[int] | None) -> tuple[int, ...] | None:
     """--channel's value as a tuple of channels (None: a single-channel image); one int is one channel
     (checkpoints before several channels record one int)."""

@@ -23,7 +23,7 @@ def resample_to_spacing(
     """`volume` on a grid of `spacing_zyx` covering the same extent (same origin and direction; each size
     rounded, at least 1). Linear interpolation (float32), or nearest neighbour (masks, dtype kept)."""
     sitk = simpleitk()
-    target = tuple(float(s) for s in spacing_zyx[::-1])  # (x, y, z)
+    target = (float(spacing_zyx[2]), float(spacing_zyx[1]), float(spacing_zyx[0]))  # (x, y, z)
     dtype = volume.array.dtype if nearest else np.float32
     image = to_sitk(volume, dtype)
     size = [

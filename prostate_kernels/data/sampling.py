@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import EllipsisType
 
 import numpy as np
 import torch
@@ -104,7 +105,7 @@ class PatchSampler:
         return x, y[:, None]
 
     @staticmethod
-    def _centre(case: TrainingCase, rng: np.random.Generator, on_prostate: bool) -> tuple[int, int, int]:
+    def _centre(case: TrainingCase, rng: np.random.Generator, on_prostate: bool) -> tuple[int, ...]:
         shape = case.mask.shape
         if on_prostate:
             return tuple(
@@ -141,11 +142,12 @@ def augmented(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> 
     return (image_out.numpy() * gain + offset).astype(image.dtype), mask_out.numpy().astype(mask.dtype)
 
 
-def _crop(volume: np.ndarray, centre: tuple[int, int, int], patch: tuple[int, int, int]) -> np.ndarray:
+def _crop(volume: np.ndarray, centre: tuple[int, ...], patch: tuple[int, ...]) -> np.ndarray:
     """patch-sized block of `volume`'s last three axes centred on `centre`, zero-filled where it leaves the
     volume; leading axes (an image's channels) are kept whole: (..., D, H, W) -> (..., *patch)."""
     out = np.zeros((*volume.shape[:-3], *patch), dtype=volume.dtype)
-    src, dst = [Ellipsis], [Ellipsis]
+    src: list[slice | EllipsisType] = [Ellipsis]
+    dst: list[slice | EllipsisType] = [Ellipsis]
     for c, p, s in zip(centre, patch, volume.shape[-3:], strict=True):
         start = c - p // 2
         lo, hi = max(start, 0), min(start + p, s)

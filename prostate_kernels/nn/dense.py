@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
 from torch import nn
@@ -50,7 +51,7 @@ def batch_norm_steps(norms: list[nn.BatchNorm3d]) -> list[BatchNormStep]:
     """batch_norm_step of each of `norms`, their num_batches_tracked incremented by one foreach op (a dense
     block's units at once: on a GPU each torch op costs host time; a module listed twice counts twice, as
     two forwards of it would)."""
-    counters = [norm.num_batches_tracked for norm in norms if _counts(norm)]
+    counters = [counter for counter in map(_counter, norms) if counter is not None]
     if len({id(c) for c in counters}) == len(counters):
         if counters:
             torch._foreach_add_(counters, 1)
@@ -60,16 +61,17 @@ def batch_norm_steps(norms: list[nn.BatchNorm3d]) -> list[BatchNormStep]:
     return [_step_of(norm) for norm in norms]
 
 
-def _counts(norm: nn.BatchNorm3d) -> bool:
-    """Whether this forward of norm counts a step in num_batches_tracked (as nn.BatchNorm3d's does)."""
-    return norm.training and norm.track_running_stats and norm.num_batches_tracked is not None
+def _counter(norm: nn.BatchNorm3d) -> torch.Tensor | None:
+    """norm's num_batches_tracked when this forward of norm counts a step in it (as nn.BatchNorm3d's
+    does), else None."""
+    return norm.num_batches_tracked if norm.training and norm.track_running_stats else None
 
 
 def _step_of(norm: nn.BatchNorm3d) -> BatchNormStep:
     """The BatchNormStep of norm, its num_batches_tracked already counted for this forward."""
     momentum = 0.0 if norm.momentum is None else norm.momentum
-    if norm.momentum is None and _counts(norm):
-        momentum = 1.0 / float(norm.num_batches_tracked)
+    if norm.momentum is None and (counter := _counter(norm)) is not None:
+        momentum = 1.0 / float(counter)
     use_running = not norm.training or norm.track_running_stats
     return BatchNormStep(
         running_mean=norm.running_mean if use_running else None,
@@ -168,11 +170,14 @@ class BNReLUConv3d(nn.Module):
         """The fused equivalent of an existing Sequential(BatchNorm3d, ReLU, Conv3d), with its weights,
         buffers, settings, device, dtype and train/eval mode (the Sequential is left untouched)."""
         modules = list(sequential.children())
-        kinds = (nn.BatchNorm3d, nn.ReLU, nn.Conv3d)
-        if len(modules) != 3 or not all(isinstance(m, k) for m, k in zip(modules, kinds, strict=True)):
+        if len(modules) != 3 or not (
+            isinstance(modules[0], nn.BatchNorm3d)
+            and isinstance(modules[1], nn.ReLU)
+            and isinstance(modules[2], nn.Conv3d)
+        ):
             found = [type(m).__name__ for m in modules]
             raise ValueError(f"from_sequential expects (BatchNorm3d, ReLU, Conv3d), got {found}")
-        norm, _, conv = modules
+        norm, conv = modules[0], modules[2]
         reason = fusion_mismatch(norm, conv)
         if reason:
             raise ValueError(f"from_sequential: {reason}")
@@ -199,6 +204,9 @@ class BottleneckDenseLayer3d(nn.Module):
 
     def units(self) -> tuple[DenseUnit, ...]:
         return (*self.bottleneck.units(), *self.conv.units())
+
+
+DenseLayer = BNReLUConv3d | BottleneckDenseLayer3d  # the layers of a DenseBlock3d
 
 
 def _check_fits_memory(in_channels: int, growth_rate: int, num_layers: int, bn_size: int) -> None:
@@ -277,6 +285,7 @@ class DenseBlock3d(nn.Module):
         self.bottleneck_channels = bn_size * growth_rate  # W, 0: plain layers
         _check_fits_memory(in_channels, growth_rate, num_layers, bn_size)
         widths = [in_channels + i * growth_rate for i in range(num_layers)]
+        layers: Iterator[nn.Module]
         if bn_size:
             layers = (BottleneckDenseLayer3d(c, self.bottleneck_channels, growth_rate) for c in widths)
         else:
@@ -288,7 +297,7 @@ class DenseBlock3d(nn.Module):
     def dense_units(self) -> list[tuple[DenseUnit, ...]]:
         """Per layer, its units in order (one: plain; two: bottleneck then 3x3x3). A subclass that keeps
         its layers' modules elsewhere (optimize's adopted blocks) overrides this."""
-        return [layer.units() for layer in self.layers]
+        return [cast(DenseLayer, layer).units() for layer in self.layers]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layers = self.dense_units()
@@ -308,7 +317,14 @@ class DenseBlock3d(nn.Module):
         # device it was traced on
         return self._naive(x, layers, steps, seeds, p)  # already without the input unless return_input
 
-    def _efficient(self, x, layers, steps, seeds, p) -> torch.Tensor:
+    def _efficient(
+        self,
+        x: torch.Tensor,
+        layers: list[tuple[DenseUnit, ...]],
+        steps: list[tuple[BatchNormStep, ...]],
+        seeds: torch.Tensor,
+        p: float,
+    ) -> torch.Tensor:
         pairs = [
             (u, s) for units, ss in zip(layers, steps, strict=True) for u, s in zip(units, ss, strict=True)
         ]
@@ -321,7 +337,14 @@ class DenseBlock3d(nn.Module):
         ]
         return dense_block(x, self.growth_rate, params, specs, p, seeds, self.bottleneck_channels)
 
-    def _naive(self, x, layers, steps, seeds, p) -> torch.Tensor:
+    def _naive(
+        self,
+        x: torch.Tensor,
+        layers: list[tuple[DenseUnit, ...]],
+        steps: list[tuple[BatchNormStep, ...]],
+        seeds: torch.Tensor | None,
+        p: float,
+    ) -> torch.Tensor:
         """torch.cat at every layer, eager BN -> ReLU -> conv per unit, the same seeded dropout masks."""
         features = [x]
         for layer, (units, unit_steps) in enumerate(zip(layers, steps, strict=True)):
@@ -332,6 +355,7 @@ class DenseBlock3d(nn.Module):
                     step.batch_stats, step.momentum, norm.eps, conv.stride, conv.padding, conv.dilation,
                 )  # fmt: skip
             if p > 0:
+                assert seeds is not None  # drawn by forward whenever p > 0
                 y = (y * dropout_scale(seeds, layer, tuple(y.shape), p, y.device)).to(y.dtype)
             features.append(y)
         return torch.cat(features if self.return_input else features[1:], dim=1)

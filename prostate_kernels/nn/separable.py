@@ -14,7 +14,7 @@ from torch import nn
 from prostate_kernels import functional, reference
 from prostate_kernels.nn.arguments import check_count, check_input, check_probability
 from prostate_kernels.ops.batch_norm import fold_batch_norm
-from prostate_kernels.ops.conv_geometry import conv_geometry, triple
+from prostate_kernels.ops.conv_geometry import Triple, conv_geometry, triple
 from prostate_kernels.ops.depthwise_conv3d import fused_separable_applies, separable_inference
 
 __all__ = ["ASPP3d", "DepthwiseConv3d", "SeparableConv3d"]
@@ -29,16 +29,18 @@ class DepthwiseConv3d(nn.Conv3d):
     def __init__(
         self,
         channels: int,
-        kernel_size: int | tuple[int, int, int] = 3,
-        stride: int | tuple[int, int, int] = 1,
-        padding: int | tuple[int, int, int] | str = 0,
-        dilation: int | tuple[int, int, int] = 1,
+        kernel_size: int | Sequence[int] = 3,
+        stride: int | Sequence[int] = 1,
+        padding: int | Sequence[int] | str = 0,
+        dilation: int | Sequence[int] = 1,
         bias: bool = True,
     ) -> None:
         channels = check_count("DepthwiseConv3d", "channels", channels)
         super().__init__(
             channels, channels, triple(kernel_size, "kernel_size", positive=True),
-            triple(stride, "stride", positive=True), padding, triple(dilation, "dilation", positive=True),
+            triple(stride, "stride", positive=True),
+            padding if isinstance(padding, str) else triple(padding, "padding"),
+            triple(dilation, "dilation", positive=True),
             groups=channels, bias=bias,
         )  # fmt: skip
 
@@ -78,13 +80,16 @@ class DepthwiseConv3d(nn.Conv3d):
         return module.to(device=conv.weight.device, dtype=conv.weight.dtype)
 
 
-def _same_padding(kernel: tuple[int, int, int], dilation: tuple[int, int, int]) -> tuple[int, int, int]:
+def _same_padding(kernel: Triple, dilation: Triple) -> Triple:
     """Keras' SepConv padding: (effective kernel - 1) / 2 on each side, stride 1 or 2 alike (odd kernels)."""
-    return tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True))
+    (kd, kh, kw), (dd, dh, dw) = kernel, dilation
+    return dd * (kd - 1) // 2, dh * (kh - 1) // 2, dw * (kw - 1) // 2
 
 
 def eval_affine(bn: nn.BatchNorm3d, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, shift) of an eval-mode BatchNorm from its running statistics, in `dtype`."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"eval_affine: {bn} keeps no running statistics (track_running_stats=False)")
     scale, shift, _ = fold_batch_norm(
         bn.running_mean.to(dtype), bn.running_var.to(dtype), bn.weight, bn.bias, bn.eps
     )

@@ -157,11 +157,13 @@ def check_batch_norm_settings(owner: str, eps: object, momentum: object, cumulat
     """ValueError naming `owner` and the value: momentum a number in [0, 1] (or None, a cumulative
     average, where `cumulative` allows it), eps a number > 0 (NaN is refused)."""
     in_range = (
-        isinstance(momentum, numbers.Real) and not isinstance(momentum, bool) and 0.0 <= momentum <= 1.0
+        isinstance(momentum, numbers.Real)
+        and not isinstance(momentum, bool)
+        and 0.0 <= float(momentum) <= 1.0
     )
     if not in_range and not (momentum is None and cumulative):
         raise ValueError(f"{owner}: momentum {momentum!r} must be a number in [0, 1]")
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0:
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not float(eps) > 0:
         raise ValueError(f"{owner}: eps {eps!r} must be a number > 0")
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 import triton.language as tl
@@ -625,6 +626,8 @@ def batch_norm_affine(
     statistics are updated by the op's entry, not here)."""
     if batch_stats:
         return batch_norm_stats(x, bn_weight, bn_bias, eps)
+    if running_mean is None or running_var is None:  # the op's entry makes batch_stats True then
+        raise ValueError("batch_norm_affine: without batch statistics the running ones are needed")
     out = torch.empty((5, x.shape[1]), dtype=torch.float32, device=x.device)
     return fold_batch_norm_into(running_mean, running_var, bn_weight, bn_bias, eps, out)
 
@@ -719,7 +722,8 @@ def _backward_op_impl(
     distinct ones, since a custom op's outputs never alias."""
     grads = backward_impl(gy, x, weight, stats, batch_stats, stride, padding, dilation, compute_dtype,
                           has_bias, bn_dtype, needs)  # fmt: skip
-    return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
+    filled = tuple(g if g is not None else x.new_empty((0,)) for g in grads)
+    return cast(tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], filled)
 
 
 bn_relu_conv3d_backward = torch.library.custom_op(

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -16,20 +17,24 @@ def triple(value: int | Sequence[int], name: str, positive: bool = False) -> Tri
     """(D, H, W) from an int or a sequence of 3 ints (Python, numpy or 0-d torch integers; bools are not
     ints here); ValueError naming `name` and the value otherwise, or when `positive` and some value is
     below 1."""
+    # the hot path (every op call: nn.Conv3d's settings, 4 per conv_geometry)
     if type(value) is tuple and len(value) == 3 and all(type(v) is int for v in value):
-        values = value  # the hot path (every op call): nn.Conv3d's settings, 4 per conv_geometry
-    elif (single := as_int(value)) is not None:
+        if not positive or min(value) >= 1:
+            return cast(Triple, value)
+    values: tuple[int | None, ...]
+    if (single := as_int(value)) is not None:
         values = (single,) * 3
     elif (isinstance(value, (Sequence, torch.Tensor)) and not isinstance(value, str)) or hasattr(
         value, "__array__"
     ):
-        values = tuple(as_int(v) for v in value)  # type: ignore[union-attr]
+        values = tuple(as_int(v) for v in cast(Iterable[object], value))
     else:
         values = ()
-    if len(values) != 3 or None in values or (positive and min(values) < 1):
+    ints = tuple(v for v in values if v is not None)
+    if len(ints) != 3 or len(values) != 3 or (positive and min(ints) < 1):
         kind = "a positive int or 3 positive ints" if positive else "an int or 3 ints"
         raise ValueError(f"{name} {value!r} must be {kind} (D, H, W)")
-    return values  # type: ignore[return-value]
+    return ints[0], ints[1], ints[2]
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,8 @@ class ConvGeometry:
     def of_weight(cls, weight, stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int]):
         """The geometry of a conv whose kernel is weight's (C_out, C_in, kD, kH, kW), settings already
         checked by conv_geometry (the custom ops: their fake kernels may see symbolic sizes)."""
-        return cls(tuple(weight.shape[2:]), tuple(stride), tuple(padding), tuple(dilation))
+        settings = (weight.shape[2:], stride, padding, dilation)
+        return cls(*(cast(Triple, tuple(setting)) for setting in settings))
 
     @property
     def taps(self) -> int:

@@ -200,7 +200,10 @@ _WIDTH = len(UnitParams._fields)  # tensors per unit in the custom ops' flat par
 def _unit(params: Sequence[torch.Tensor | None], unit: int) -> UnitParams:
     """Unit `unit`'s tensors out of the flat parameter list of the custom ops (an empty placeholder or a
     None: absent)."""
-    return UnitParams(*(_present(t) for t in params[_WIDTH * unit : _WIDTH * (unit + 1)]))
+    weight, *vectors = (_present(t) for t in params[_WIDTH * unit : _WIDTH * (unit + 1)])
+    if weight is None:
+        raise ValueError(f"dense block unit {unit} has no conv weight")
+    return UnitParams(weight, *vectors)
 
 
 def _present(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -244,7 +247,8 @@ def _forward_op_impl(
     spec = _spec(x.shape[1], growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype)
     buffer, stats = _forward(x, spec, params)
     empty = x.new_empty((0,), dtype=torch.float32)
-    return buffer, *(s if s is not None else empty.clone() for s in stats)
+    b_stats, t_stats, folds = (s if s is not None else empty.clone() for s in stats)
+    return buffer, b_stats, t_stats, folds
 
 
 dense_block_forward = torch.library.custom_op(
@@ -256,7 +260,7 @@ dense_block_forward = torch.library.custom_op(
 def _(x, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype):
     n, c0, *size = x.shape
     layers = len(eps) // units_per_layer(bottleneck)
-    spec = BlockSpec(c0, growth, bottleneck, tuple(batch_stats), tuple(eps), 0.0, (), engine, compute_dtype)
+    spec = _spec(c0, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype)
     buffer = torch.empty((n, c0 + layers * growth, *size), dtype=x.dtype, device=x.device,
                          memory_format=_ENGINES[engine].buffer_format)  # fmt: skip
     b = (2, c0 + (layers - 1) * growth) if spec.b_stats else (0,)
@@ -287,8 +291,8 @@ def _backward_op_impl(
     stats: the forward's (b_stats, t_stats, folds)."""
     in_channels = buffer.shape[1] - len(eps) // units_per_layer(bottleneck) * growth
     spec = _spec(in_channels, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype)
-    stats = [s if s.numel() else None for s in stats]
-    grad_x, grads = _backward(grad_output, spec, buffer, stats, params)
+    present = [s if s.numel() else None for s in stats]
+    grad_x, grads = _backward(grad_output, spec, buffer, present, params)
     empty = buffer.new_empty((0,))
     return grad_x, [g if g is not None else empty.clone() for g in grads]
 
@@ -399,7 +403,7 @@ class _Stats(NamedTuple):
 
     b: torch.Tensor | None
     t: torch.Tensor | None
-    folds: torch.Tensor | None = None
+    folds: torch.Tensor
 
     def fold_rows(self, offsets: list[int], unit: int) -> torch.Tensor:
         """Unit `unit`'s share of folds, a (3, its width) view: rows scale, shift, rstd."""
@@ -413,13 +417,17 @@ class _Stats(NamedTuple):
 
     def of_b(self, c_l: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The statistics of B[:, :c_l]."""
-        return self.b[:, :c_l].unbind(0) if self.b is not None else (None, None)
+        if self.b is None:
+            return None, None
+        mean, var = self.b[:, :c_l].unbind(0)
+        return mean, var
 
     def of_t(self, layer: int, width: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """The statistics of layer `layer`'s T (width W)."""
-        return (
-            self.t[:, layer * width : (layer + 1) * width].unbind(0) if self.t is not None else (None, None)
-        )
+        if self.t is None:
+            return None, None
+        mean, var = self.t[:, layer * width : (layer + 1) * width].unbind(0)
+        return mean, var
 
 
 def _normalising(spec: BlockSpec, params, unit: int, batch_mean, batch_var):
@@ -427,6 +435,8 @@ def _normalising(spec: BlockSpec, params, unit: int, batch_mean, batch_var):
     if spec.batch_stats[unit]:
         return batch_mean, batch_var
     p = _unit(params, unit)
+    if p.running_mean is None or p.running_var is None:  # BlockSpec takes batch statistics then
+        raise ValueError(f"dense block unit {unit}: no running statistics to normalise with")
     return _stat_dtype(p.running_mean), _stat_dtype(p.running_var)
 
 
@@ -485,17 +495,17 @@ def _forward(x: torch.Tensor, spec: BlockSpec, params) -> tuple[torch.Tensor, _S
     buffer[:, :c0].copy_(x)
     # statistics of B's channels that some layer reads (filled as channels arrive) and of every T
     dtype = engine.stats_dtype(x)
-    stats = _Stats(
-        torch.empty((2, spec.width(spec.layers - 1)), dtype=dtype, device=x.device) if spec.b_stats else None,
+    b = torch.empty((2, spec.width(spec.layers - 1)), dtype=dtype, device=x.device) if spec.b_stats else None
+    t = (
         torch.empty((2, spec.layers * spec.bottleneck), dtype=dtype, device=x.device)
         if spec.t_stats
-        else None,
+        else None
     )
-    if spec.b_stats:
-        engine.stats(x, out=stats.b[:, :c0])
     # scale, shift, rstd of each unit in turn, each unit's folded into its share (fold_offsets)
     offsets = spec.fold_offsets()
-    stats = stats._replace(folds=torch.empty((offsets[-1],), dtype=dtype, device=x.device))
+    stats = _Stats(b, t, torch.empty((offsets[-1],), dtype=dtype, device=x.device))
+    if b is not None:
+        engine.stats(x, out=b[:, :c0])
     for layer in range(spec.layers):
         c_l = spec.width(layer)
         inputs = buffer[:, :c_l]
@@ -506,9 +516,9 @@ def _forward(x: torch.Tensor, spec: BlockSpec, params) -> tuple[torch.Tensor, _S
                 engine, spec, params, layer, inputs, batch_mean, batch_var, fold, folded=False
             )
             batch_mean, batch_var = (None, None)
-            if spec.t_stats:
+            if t is not None:
                 w = spec.bottleneck
-                batch_mean, batch_var = engine.stats(inputs, out=stats.t[:, layer * w : (layer + 1) * w])
+                batch_mean, batch_var = engine.stats(inputs, out=t[:, layer * w : (layer + 1) * w])
         new = buffer[:, c_l : c_l + spec.growth]
         unit = spec.unit(layer, spec.units_per_layer - 1)
         dropout = None
@@ -517,8 +527,8 @@ def _forward(x: torch.Tensor, spec: BlockSpec, params) -> tuple[torch.Tensor, _S
         _unit_forward(engine, spec, params, unit, inputs, batch_mean, batch_var, GEOMETRY, out=new,
                       fold=stats.fold_rows(offsets, unit), folded=False, dropout=dropout)  # fmt: skip
         del inputs  # a bottleneck layer's T is freed here and recomputed in backward
-        if spec.b_stats and layer + 1 < spec.layers:
-            engine.stats(new, out=stats.b[:, c_l : c_l + spec.growth])
+        if b is not None and layer + 1 < spec.layers:
+            engine.stats(new, out=b[:, c_l : c_l + spec.growth])
     return buffer, stats
 
 
@@ -704,7 +714,10 @@ def _as(t: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
     return t.to(like.dtype) if t is not None else None
 
 
-_ENGINES = {"triton": _TritonEngine, "torch": _TorchEngine}
+_ENGINES: dict[str, type[_TritonEngine] | type[_TorchEngine]] = {
+    "triton": _TritonEngine,
+    "torch": _TorchEngine,
+}
 
 
 __all__ = [

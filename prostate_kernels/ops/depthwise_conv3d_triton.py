@@ -5,6 +5,8 @@ The ops' entries (validation, backend, autocast) are in ops/depthwise_conv3d.py;
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 
 from prostate_kernels.layout import grad_like
@@ -311,7 +313,8 @@ def depthwise_conv3d_backward(
         and gw.untyped_storage().data_ptr() == gb.untyped_storage().data_ptr()
     ):
         grads[2] = gb.clone()
-    return tuple(g if g is not None else x.new_empty((0,)) for g in grads)
+    filled = tuple(g if g is not None else x.new_empty((0,)) for g in grads)
+    return cast(tuple[torch.Tensor, torch.Tensor, torch.Tensor], filled)
 
 
 @depthwise_conv3d_backward.register_fake

@@ -37,7 +37,8 @@ def once_differentiable(op: str, remedy: str) -> Callable[[Callable], Callable]:
             results = results if isinstance(results, tuple) else (results,)
             raise_on_backward = _functions.DelayedError(message, len(results))
             # Its outputs get its grad_fn only if an input requires grad; one input gives one tensor back.
-            return raise_on_backward(*(None if r is None else r.detach().requires_grad_() for r in results))
+            outputs = (None if r is None else r.detach().requires_grad_() for r in results)
+            return raise_on_backward(*outputs)  # type: ignore[arg-type]  # it takes None: no gradient
 
         return wrapper
 

@@ -111,7 +111,7 @@ def check_starts(
 
 
 def _check_gather_out(op: str, out: object, volume: torch.Tensor, shape: tuple[int, ...]) -> None:
-    _check_tensor(op, "out", out, 5, "(B, C, rd, rh, rw)")
+    out = _check_tensor(op, "out", out, 5, "(B, C, rd, rh, rw)")
     if tuple(out.shape) != shape:
         raise ValueError(f"{op}: out must have shape {shape}, got {tuple(out.shape)}")
     if out.dtype != volume.dtype:

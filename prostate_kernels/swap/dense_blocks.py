@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -44,9 +45,10 @@ class DenseBlockMatch:
         return len(self.unit_paths) // 2
 
 
-def _layer_layout(layer: nn.Module) -> tuple[str, dict[str, nn.Module], object] | None:
+def _layer_layout(layer: nn.Module) -> tuple[str, dict[str, Any], object] | None:
     """(prefix of the unit modules' names, those modules by name, dropout: a module, a float or None) of
-    a dense layer of either layout; None when `layer` is neither."""
+    a dense layer of either layout; None when `layer` is neither. The modules are typed Any: they are
+    matched by their exact classes below, attribute by attribute."""
     children = dict(layer.named_children())
     if list(children) == ["layers"] and isinstance(children["layers"], nn.Sequential):
         inner = dict(children["layers"].named_children())
@@ -90,8 +92,9 @@ def match_dense_block(block: nn.Module) -> DenseBlockMatch | str | None:
     """The match, a reason the block cannot be adopted (a string), or None when `block` is not a dense
     block of 3D dense layers at all."""
     children = list(block.named_children())
-    layouts = [_layer_layout(layer) for _, layer in children]
-    if not children or any(layout is None for layout in layouts):
+    found = [_layer_layout(layer) for _, layer in children]
+    layouts = [layout for layout in found if layout is not None]
+    if not children or len(layouts) < len(found):
         return None
     modules = [layout[1] for layout in layouts]
     if not all(
@@ -159,8 +162,9 @@ class AdoptedDenseBlock3d(DenseBlock3d):
         self._unit_names = tuple((tuple(n.split(".")), tuple(c.split("."))) for n, c in match.unit_paths)
         self.adopted_from = f"{type(block).__module__}.{type(block).__qualname__}"
 
-    def _submodule(self, names: tuple[str, ...]) -> nn.Module:
-        module = self
+    def _submodule(self, names: tuple[str, ...]) -> Any:
+        """The module at that path (matched as a BatchNorm3d or a Conv3d when the block was adopted)."""
+        module: Any = self
         for name in names:
             module = module._modules[name]
         return module

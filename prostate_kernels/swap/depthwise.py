@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 from torch import nn
 
 from prostate_kernels.nn.separable import DepthwiseConv3d
 from prostate_kernels.swap.report import has_hooks
 
 
-def is_depthwise(conv: nn.Module) -> bool:
+def is_depthwise(conv: nn.Module) -> TypeGuard[nn.Conv3d]:
     return (
         type(conv) is nn.Conv3d and conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
     )

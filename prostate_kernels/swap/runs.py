@@ -11,7 +11,7 @@ Only exact torch.nn classes match (a subclass may compute otherwise); modules wi
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, TypeGuard, cast
 
 import torch
 from torch import nn
@@ -41,7 +41,7 @@ def unsupported(norm: nn.BatchNorm3d, relu: nn.ReLU, conv: nn.Conv3d) -> str | N
     return fusion_mismatch(norm, conv)
 
 
-def _depthwise(m: nn.Module) -> bool:
+def _depthwise(m: nn.Module) -> TypeGuard[nn.Conv3d]:
     return (
         type(m) in (nn.Conv3d, DepthwiseConv3d)
         and m.groups == m.in_channels == m.out_channels
@@ -50,11 +50,11 @@ def _depthwise(m: nn.Module) -> bool:
     )
 
 
-def _norm(m: nn.Module, channels: int) -> bool:
+def _norm(m: nn.Module, channels: int) -> TypeGuard[nn.BatchNorm3d]:
     return type(m) is nn.BatchNorm3d and m.num_features == channels and m.running_mean is not None
 
 
-def _pointwise(m: nn.Module, channels: int) -> bool:
+def _pointwise(m: nn.Module, channels: int) -> TypeGuard[nn.Conv3d]:
     return (
         type(m) is nn.Conv3d
         and m.in_channels == channels
@@ -83,7 +83,14 @@ def _separable_at(modules: list[nn.Module], i: int) -> tuple[int, bool] | None:
 
 def _triple_at(modules: list[nn.Module], i: int) -> bool:
     part = modules[i : i + 3]
-    return len(part) == 3 and is_triple(*part) and unsupported(*part) is None
+    return len(part) == 3 and is_triple(*part) and unsupported(*_as_triple(part)) is None
+
+
+def _as_triple(modules: list[nn.Module]) -> tuple[nn.BatchNorm3d, nn.ReLU, nn.Conv3d]:
+    """The three modules of a run is_triple matched, typed as what it matched."""
+    norm, relu, conv = modules
+    assert isinstance(norm, nn.BatchNorm3d) and isinstance(relu, nn.ReLU) and isinstance(conv, nn.Conv3d)
+    return norm, relu, conv
 
 
 def find_runs(modules: list[nn.Module], separable: bool = True) -> list[Run]:
@@ -104,7 +111,7 @@ def find_runs(modules: list[nn.Module], separable: bool = True) -> list[Run]:
 
 
 def run_bn_relu_conv(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    norm, _, conv = modules
+    norm, _, conv = _as_triple(modules)
     return apply_bn_relu_conv(norm, conv, x)
 
 
@@ -112,7 +119,9 @@ def try_separable(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor | N
     """The separable run as one kernel, or None where that kernel does not apply (training, autograd, not
     the Triton backend, autocast, dtype): the caller then runs the modules."""
     depth_activation = len(modules) == 6
-    dw, bn1, pw, bn2 = (modules[0], modules[1], modules[3], modules[4]) if depth_activation else modules[1:]
+    units = (modules[0], modules[1], modules[3], modules[4]) if depth_activation else modules[1:]
+    # what _separable_at matched (the depthwise conv an nn.Conv3d or our DepthwiseConv3d, alike here)
+    dw, bn1, pw, bn2 = cast(tuple[nn.Conv3d, nn.BatchNorm3d, nn.Conv3d, nn.BatchNorm3d], tuple(units))
     if (
         any(m.training for m in modules)
         or torch.is_grad_enabled()
