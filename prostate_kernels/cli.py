@@ -187,8 +187,9 @@ def _parser() -> argparse.ArgumentParser:
         dest="continue_prediction",
         action="store_true",
         help="go on with an interrupted prediction into --output: skip the cases whose files all exist "
-        "(each is written whole or not at all; not checked to come from the same checkpoint or "
-        "settings), predict the others (replacing the files of a case that has only some)",
+        "and were predicted with the same checkpoints and settings (recorded in --output), predict the "
+        "others (replacing the files of a case that has only some); refused when a finished case was "
+        "predicted with other checkpoints or settings",
     )
     p.add_argument("--overlap", type=overlap_fraction, default=0.5,
                    help="fraction of each window shared with its neighbour, in [0, 1) "

@@ -34,6 +34,12 @@ from prostate_kernels.layout import model_in_layout
 from prostate_kernels.memory_bound import step_memory
 from prostate_kernels.models import build_model, downsampling
 from prostate_kernels.predict import PATCH_WINDOWS_PER_CALL, largest_component, predict_probabilities
+from prostate_kernels.prediction_record import (
+    RECORD_NAME,
+    PredictionRecord,
+    PredictionSettings,
+    prediction_settings,
+)
 from prostate_kernels.safe_files import (
     companions,
     created_directory,
@@ -195,9 +201,11 @@ def predict_files(
     network's D its slices), or WHOLE: each volume in one window (inference_window); None: each
     network's training patch.
     continue_prediction: go on with an interrupted prediction into `output`: a case whose targets all
-    exist is skipped (each is written whole or not at all, so an existing one is complete; whether it
-    came from the same checkpoints and settings is not known), one with only some of them is predicted
-    again and they are replaced (a kill between its two writes).
+    exist (each is written whole or not at all) and whose record (prediction_record) names this run's
+    checkpoints and settings is skipped; one with only some of its files, or without a record, is
+    predicted again and its files replaced; ConfigError, before anything is written, when a finished
+    case was predicted with other checkpoints or settings.
+    Every case written is recorded in `output`'s prediction_record.RECORD_NAME.
     """
     if continue_prediction and overwrite:
         raise ConfigError("--continue keeps the files of an earlier prediction and --overwrite replaces "
@@ -218,16 +226,47 @@ def predict_files(
         for path, (_, state) in zip(checkpoints, ensemble, strict=True)
     ]
     amp = torch.bfloat16 if dev.type == "cuda" else None
-    done = [path for path in images if continue_prediction and _predicted(targets[path])]
-    if done:
-        print(f"--continue: {len(done)} of {len(images)} case(s) already predicted in {output}, skipped")
+    record = PredictionRecord(Path(output))
+    settings = prediction_settings(checkpoints, window, overlap, mode, tta, largest, channels)
+    done = _already_predicted(images, targets, record, settings, output) if continue_prediction else []
     failures = []
     with created_directory(output, "--output"), deterministic_mode(deterministic):  # removed if none written
         remove_dead_temporaries(Path(output))
         for path in (image for image in images if image not in done):
-            failures += _predict_case(path, ensemble, channels, targets[path], dev, overlap, mode, tta,
-                                      largest, amp, progress, window)  # fmt: skip
+            failed = _predict_case(path, ensemble, channels, targets[path], dev, overlap, mode, tta, largest,
+                                   amp, progress, window)  # fmt: skip
+            if not failed:
+                record.add(targets[path][0].name, settings)
+            failures += failed
     return failures
+
+
+def _already_predicted(
+    images: list[Path],
+    targets: dict[Path, tuple[Path, Path | None]],
+    record: PredictionRecord,
+    settings: PredictionSettings,
+    output: Path,
+) -> list[Path]:
+    """--continue's finished cases: all their files exist and the record names this run's settings.
+    ConfigError when a finished case was predicted with other settings (nothing is written then)."""
+    finished = [path for path in images if _predicted(targets[path])]
+    names = {path: targets[path][0].name for path in finished}
+    recorded = [path for path in finished if record.digest_of(names[path]) is not None]
+    other = [path for path in recorded if record.digest_of(names[path]) != settings.digest()]
+    if other:
+        first = names[other[0]]
+        more = f" and {len(other) - 1} more" if len(other) > 1 else ""
+        raise ConfigError(f"--continue: {first}{more} in {output} were predicted with other settings "
+                          f"({'; '.join(record.differences(first, settings))}): continue with the same "
+                          "checkpoints and settings, or predict into a new --output")  # fmt: skip
+    unrecorded = len(finished) - len(recorded)
+    if unrecorded:
+        print(f"--continue: {unrecorded} finished case(s) in {output} have no record of the settings that "
+              f"predicted them ({RECORD_NAME}): predicted again")  # fmt: skip
+    if recorded:
+        print(f"--continue: {len(recorded)} of {len(images)} case(s) already predicted in {output}, skipped")
+    return recorded
 
 
 def check_window(window: tuple[int, int, int] | str | None, state: dict, model, checkpoint: Path) -> None:

@@ -50,7 +50,8 @@ def test_predict_refuses_existing_files_and_replaces_its_own_with_overwrite(data
     args = ["predict", "--checkpoint", trained / "checkpoint.pt", "--input", data, "--output", out]
     assert run_cli(*args).returncode == 0
     first = snapshot(out)
-    assert set(first) == {f"Case0{i}_segmentation.{e}" for i in range(3) for e in ("mhd", "raw")}
+    cases = {f"Case0{i}_segmentation.{e}" for i in range(3) for e in ("mhd", "raw")}
+    assert set(first) == {*cases, ".prostate-kernels-prediction.json"}
     assert_one_line_error(run_cli(*args), "exists already", "--overwrite")
     assert snapshot(out) == first
     assert run_cli(*args, "--overwrite").returncode == 0

@@ -373,6 +373,7 @@ def test_predict_segments_dicom_series_given_as_a_directory_or_a_directory_of_th
     assert main([*args, "--input", str(exam / "series1"), "--output", str(tmp_path / "one")]) == 0
     assert main([*args, "--input", str(exam), "--output", str(tmp_path / "both")]) == 0
     assert sorted(p.name for p in (tmp_path / "both").iterdir()) == [
+        ".prostate-kernels-prediction.json",  # which settings predicted each case (predict --continue)
         "series0_probabilities.nii.gz", "series0_segmentation.nii.gz",
         "series1_probabilities.nii.gz", "series1_segmentation.nii.gz",
     ]  # fmt: skip

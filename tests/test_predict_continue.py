@@ -71,3 +71,71 @@ def test_continue_never_takes_reference_masks_for_predictions_nor_goes_with_over
                      "--continue", "--overwrite")  # fmt: skip
     assert_one_line_error(result, "--continue keeps the files of an earlier prediction and --overwrite")
     assert not (tmp_path / "o").exists()
+
+
+def test_continue_with_other_settings_is_refused_before_anything_is_written(trained, tmp_path):
+    """A finished case predicted with --overlap 0.5 is not taken for one of an --overlap 0.25 run (nnU-Net's
+    --continue_prediction cannot tell): the directory would hold two settings' predictions under one name."""
+    checkpoint, data = trained
+    out = tmp_path / "out"
+    assert _predict(checkpoint, data, out) == 0
+    (out / "Case01_segmentation.mhd").unlink()
+    before = snapshot(out)
+    result = run_cli("predict", "--checkpoint", checkpoint, "--input", data, "--output", out, "--no-tta",
+                     "--no-progress", "--continue", "--overlap", "0.25")  # fmt: skip
+    assert_one_line_error(result, "--continue: Case00_segmentation.mhd and 1 more in",
+                          "were predicted with other settings (overlap 0.5 -> 0.25): continue with the same "
+                          "checkpoints")  # fmt: skip
+    assert snapshot(out) == before
+
+
+def test_a_finished_case_without_a_record_is_predicted_again(trained, tmp_path, capsys):
+    """Files of an earlier version of the library (or of a run killed between a case's files and the
+    record) say nothing of their settings: --continue predicts them again rather than trust them."""
+    checkpoint, data = trained
+    out = tmp_path / "out"
+    assert _predict(checkpoint, data, out) == 0
+    whole_run = snapshot(out)
+    record = out / ".prostate-kernels-prediction.json"
+    record.unlink()
+    capsys.readouterr()
+    assert _predict(checkpoint, data, out, "--continue") == 0
+    printed = capsys.readouterr().out
+    assert "--continue: 3 finished case(s) in" in printed and "have no record" in printed
+    assert printed.count("voxels segmented") == 3 and "already predicted" not in printed
+    assert snapshot(out) == whole_run  # the same files, and the record written again
+
+
+def test_a_damaged_record_is_refused_in_one_line(trained, tmp_path):
+    checkpoint, data = trained
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".prostate-kernels-prediction.json").write_text('{"format": 1, "cases": {"a": "b"}}')
+    before = snapshot(out)
+    result = run_cli("predict", "--checkpoint", checkpoint, "--input", data, "--output", out, "--no-progress")
+    assert_one_line_error(result, ".prostate-kernels-prediction.json: is not a prediction record of "
+                          "prostate_kernels 1 (move it away to predict here)")  # fmt: skip
+    assert snapshot(out) == before
+
+
+def test_the_record_names_the_checkpoints_by_content(tmp_path):
+    """Another checkpoint under the same path (a retrained fold) is another setting."""
+    from prostate_kernels.prediction_record import PredictionRecord, prediction_settings
+
+    checkpoint = tmp_path / "fold0.pt"
+    checkpoint.write_bytes(b"first training")
+    first = prediction_settings([checkpoint], None, 0.5, "gaussian", True, False, [None])
+    checkpoint.write_bytes(b"second training")
+    second = prediction_settings([checkpoint], None, 0.5, "gaussian", True, False, [None])
+    assert first.digest() != second.digest()
+    assert first.window == "patch" and first.channels == ("single",)
+    record = PredictionRecord(tmp_path)
+    record.add("Case00_segmentation.nii.gz", first)
+    record.add("Case01_segmentation.nii.gz", second)
+    reread = PredictionRecord(tmp_path)
+    assert reread.digest_of("Case00_segmentation.nii.gz") == first.digest()
+    assert reread.digest_of("Case02_segmentation.nii.gz") is None
+    (changed,) = reread.differences("Case00_segmentation.nii.gz", second)
+    assert changed.startswith("checkpoints (sha256) ['") and "-> ['" in changed
+    reread.add("Case00_segmentation.nii.gz", second)  # the first settings no longer used: dropped
+    assert list(PredictionRecord(tmp_path).settings) == [second.digest()]

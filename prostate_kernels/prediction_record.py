@@ -1,0 +1,149 @@
+"""Which settings predicted each case of an output directory, so that `predict --continue` never mixes.
+
+`predict` records, for every case it writes, a digest of what decides its segmentation: the checkpoints'
+contents (SHA-256), the window, overlap, blending mode, mirroring, largest-component filter and channels.
+The record is one JSON file in the output directory (RECORD_NAME), rewritten atomically after each case:
+
+    {"format": 1, "settings": {digest: {setting: value, ...}}, "cases": {segmentation file name: digest}}
+
+`predict --continue` skips a finished case only when its digest is this run's; a finished case that
+another run's settings predicted is refused before anything is written (the directory would otherwise
+hold two models' predictions under one name), and a finished case without an entry (an earlier version
+of the library, or a kill between its files and the record) is predicted again.
+Device, layout and determinism change a prediction only by rounding and are not part of the digest.
+Two runs writing into one directory at once may drop each other's entries (each rewrites the file from
+what it read): those cases are then predicted again by --continue, never taken for another run's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from prostate_kernels.data.errors import DataError
+from prostate_kernels.safe_files import atomic_write
+
+RECORD_NAME = ".prostate-kernels-prediction.json"
+FORMAT = 1
+_CHUNK = 2**22  # bytes read at a time while hashing a checkpoint
+
+
+@dataclass(frozen=True)
+class PredictionSettings:
+    """What decides a case's segmentation, as recorded: JSON values only."""
+
+    checkpoints: tuple[str, ...]  # SHA-256 of each checkpoint file, ensemble order
+    window: str  # "patch" (each network's training patch), "whole", or "DxHxW"
+    overlap: float
+    mode: str
+    mirroring: bool
+    largest_component: bool
+    channels: tuple[str, ...]  # per network: "trained" (its own) or the channels read, e.g. "0,2"
+
+    def as_dict(self) -> dict:
+        return {
+            "checkpoints (sha256)": list(self.checkpoints),
+            "window": self.window,
+            "overlap": self.overlap,
+            "mode": self.mode,
+            "mirroring": self.mirroring,
+            "largest component": self.largest_component,
+            "channels": list(self.channels),
+        }
+
+    def digest(self) -> str:
+        text = json.dumps(self.as_dict(), sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def prediction_settings(
+    checkpoints: Sequence[Path],
+    window: tuple[int, int, int] | str | None,
+    overlap: float,
+    mode: str,
+    mirroring: bool,
+    largest_component: bool,
+    channels: Sequence[tuple[int, ...] | None],
+) -> PredictionSettings:
+    """The settings of one predict run (channels: what each network reads, None: a single channel)."""
+    if window is None:
+        window_text = "patch"
+    elif isinstance(window, str):
+        window_text = window
+    else:
+        window_text = "x".join(str(int(w)) for w in window)
+    return PredictionSettings(
+        checkpoints=tuple(file_sha256(path) for path in checkpoints),
+        window=window_text,
+        overlap=float(overlap),
+        mode=mode,
+        mirroring=bool(mirroring),
+        largest_component=bool(largest_component),
+        channels=tuple("single" if c is None else ",".join(map(str, c)) for c in channels),
+    )
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class PredictionRecord:
+    """The record of one output directory: read when constructed (empty when there is none yet)."""
+
+    def __init__(self, output: Path) -> None:
+        self.path = Path(output) / RECORD_NAME
+        self.settings: dict[str, dict] = {}
+        self.cases: dict[str, str] = {}
+        if self.path.exists():
+            self._read()
+
+    def _read(self) -> None:
+        problem = f"is not a prediction record of prostate_kernels {FORMAT} (move it away to predict here)"
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(self.path, f"{problem}: {type(exc).__name__}") from None
+        valid = (
+            isinstance(data, dict)
+            and data.get("format") == FORMAT
+            and isinstance(data.get("settings"), dict)
+            and isinstance(data.get("cases"), dict)
+            and all(isinstance(v, str) and v in data["settings"] for v in data["cases"].values())
+        )
+        if not valid:
+            raise DataError(self.path, problem)
+        self.settings, self.cases = data["settings"], data["cases"]
+
+    def digest_of(self, case: str) -> str | None:
+        """The digest of the settings that predicted `case` (its segmentation file's name), or None."""
+        return self.cases.get(case)
+
+    def differences(self, case: str, settings: PredictionSettings) -> list[str]:
+        """'setting: recorded -> now' for each setting in which `case`'s recorded ones differ."""
+        recorded, now = self.settings[self.cases[case]], settings.as_dict()
+        return [
+            f"{key} {recorded.get(key)} -> {value}"
+            for key, value in now.items()
+            if recorded.get(key) != value
+        ]
+
+    def add(self, case: str, settings: PredictionSettings) -> None:
+        """Records that `settings` predicted `case`, replacing an earlier entry; the file is rewritten
+        whole (atomic_write), and settings no case uses any more are dropped."""
+        digest = settings.digest()
+        self.settings[digest] = settings.as_dict()
+        self.cases[case] = digest
+        used = set(self.cases.values())
+        self.settings = {key: value for key, value in self.settings.items() if key in used}
+        with atomic_write(self.path) as f:
+            json.dump({"format": FORMAT, "settings": self.settings, "cases": self.cases}, f, indent=1)
+
+
+__all__ = ["RECORD_NAME", "PredictionRecord", "PredictionSettings", "file_sha256", "prediction_settings"]
