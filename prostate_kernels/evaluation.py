@@ -16,6 +16,7 @@ import numpy as np
 from prostate_kernels.data import DataError, Volume, check_binary, check_same_grid, read_mask, read_volume
 from prostate_kernels.data.cases import IMAGE_SUFFIXES, discover_cases, is_image_file, stem, suffix
 from prostate_kernels.metrics import promise12_measures
+from prostate_kernels.prediction_record import PredictionRecord
 from prostate_kernels.safe_files import (
     atomic_write,
     output_directory,
@@ -116,6 +117,9 @@ def evaluate_files(
     _check_evaluation_targets(image_of, out, overwrite)
     if out.is_dir():
         remove_dead_temporaries(out)
+    mixed = _mixed_settings([p for _, _, p in pairs if p is not None])
+    if mixed:
+        print(mixed)
     for case, ref_path, pred_path in pairs:
         try:
             reference = read_mask(ref_path, None, label)
@@ -165,6 +169,28 @@ def _check_evaluation_targets(image_of: dict[str, Path | None], out: Path, overw
     if not overwrite:
         refuse_existing(targets, "evaluate never replaces existing files: choose another --out directory, "
                                  "or pass --overwrite to replace an earlier evaluation")  # fmt: skip
+
+
+def _mixed_settings(predictions: list[Path]) -> str | None:
+    """A warning when predict's record (prediction_record) in the predictions' directory says they were
+    written by runs with different checkpoints or settings (--overwrite on some cases): their means are
+    no one model's. None when they agree, or when no record says (files of another program)."""
+    by_directory: dict[Path, list[str]] = {}
+    for path in predictions:
+        by_directory.setdefault(path.parent, []).append(path.name)
+    for directory, names in by_directory.items():
+        try:
+            record = PredictionRecord(directory)
+        except DataError:
+            continue  # a damaged record says nothing; predict refuses it where it matters
+        recorded = [name for name in names if record.digest_of(name) is not None]
+        other = [name for name in recorded if record.digest_of(name) != record.digest_of(recorded[0])]
+        if other:
+            differ = "; ".join(record.differences(recorded[0], other[0]))
+            return (f"warning: {len(other)} of the {len(recorded)} recorded predictions in {directory} were "
+                    f"written with other checkpoints or settings than {recorded[0]} ({other[0]}: {differ}): "
+                    "the means mix them")  # fmt: skip
+    return None
 
 
 def _overlay_path(out: Path, case: str) -> Path:

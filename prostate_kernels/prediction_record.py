@@ -9,7 +9,8 @@ The record is one JSON file in the output directory (RECORD_NAME), rewritten ato
 `predict --continue` skips a finished case only when its digest is this run's; a finished case that
 another run's settings predicted is refused before anything is written (the directory would otherwise
 hold two models' predictions under one name), and a finished case without an entry (an earlier version
-of the library, or a kill between its files and the record) is predicted again.
+of the library, or a kill between its files and the record) is predicted again. `evaluate` warns when the
+record says that the predictions it scores were written with different settings (its means mix them).
 Device, layout and determinism change a prediction only by rounding and are not part of the digest.
 Two runs writing into one directory at once may drop each other's entries (each rewrites the file from
 what it read): those cases are then predicted again by --continue, never taken for another run's.
@@ -125,9 +126,11 @@ class PredictionRecord:
         """The digest of the settings that predicted `case` (its segmentation file's name), or None."""
         return self.cases.get(case)
 
-    def differences(self, case: str, settings: PredictionSettings) -> list[str]:
-        """'setting: recorded -> now' for each setting in which `case`'s recorded ones differ."""
-        recorded, now = self.settings[self.cases[case]], settings.as_dict()
+    def differences(self, case: str, other: PredictionSettings | str) -> list[str]:
+        """'setting recorded -> other' for each setting in which `case`'s recorded ones differ from
+        `other`: a run's settings, or the name of another recorded case."""
+        recorded = self.settings[self.cases[case]]
+        now = other.as_dict() if isinstance(other, PredictionSettings) else self.settings[self.cases[other]]
         return [
             f"{key} {recorded.get(key)} -> {value}"
             for key, value in now.items()

@@ -139,3 +139,23 @@ def test_the_record_names_the_checkpoints_by_content(tmp_path):
     assert changed.startswith("checkpoints (sha256) ['") and "-> ['" in changed
     reread.add("Case00_segmentation.nii.gz", second)  # the first settings no longer used: dropped
     assert list(PredictionRecord(tmp_path).settings) == [second.digest()]
+
+
+def test_evaluate_warns_when_the_predictions_come_from_different_settings(trained, tmp_path, capsys):
+    """Case01 predicted again with --overwrite and another --overlap: the directory's means are no one
+    run's, which evaluate says (once the record of each case tells); a directory of one run says nothing."""
+    checkpoint, data = trained
+    out = tmp_path / "out"
+    assert _predict(checkpoint, data, out) == 0
+    evaluate = ["evaluate", "--pred", str(out), "--ref", str(data), "--out", str(tmp_path / "ev")]
+    capsys.readouterr()
+    assert main(evaluate) == 0
+    assert "warning" not in capsys.readouterr().out
+    assert _predict(checkpoint, data / "Case01.mhd", out, "--overwrite", "--overlap", "0.25") == 0
+    capsys.readouterr()
+    assert main([*evaluate, "--overwrite"]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        f"warning: 1 of the 3 recorded predictions in {out} were written with other checkpoints or settings "
+        "than Case00_segmentation.mhd (Case01_segmentation.mhd: overlap 0.5 -> 0.25): the means mix them"
+    ) in printed
