@@ -253,7 +253,7 @@ def _already_predicted(
     finished = [path for path in images if _predicted(targets[path])]
     names = {path: targets[path][0].name for path in finished}
     recorded = [path for path in finished if record.digest_of(names[path]) is not None]
-    other = [path for path in recorded if record.digest_of(names[path]) != settings.digest()]
+    other = [path for path in recorded if record.digest_of(names[path]) != settings.digest]
     if other:
         first = names[other[0]]
         more = f" and {len(other) - 1} more" if len(other) > 1 else ""
@@ -274,10 +274,8 @@ def check_window(window: tuple[int, int, int] | str | None, state: dict, model, 
     takes: multiples of its downsampling, and for a 2-D network a depth of its slices."""
     if window is None or window == WHOLE:
         return
-    if isinstance(window, str):
-        raise ConfigError(f"--window {window}: give 3 sizes D H W >= 1, or {WHOLE}")
-    asked = f"--window {' '.join(map(str, window))}"
-    if len(window) != 3 or not all(isinstance(w, int) and w >= 1 for w in window):
+    asked = f"--window {window if isinstance(window, str) else ' '.join(map(str, window))}"
+    if isinstance(window, str) or len(window) != 3 or not all(isinstance(w, int) and w >= 1 for w in window):
         raise ConfigError(f"{asked}: give 3 sizes D H W >= 1, or {WHOLE}")
     slices = state.get("slices", 0)
     if slices and window[0] != slices:

@@ -18,6 +18,7 @@ what it read): those cases are then predicted again by --continue, never taken f
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ class PredictionSettings:
     mode: str
     mirroring: bool
     largest_component: bool
-    channels: tuple[str, ...]  # per network: "trained" (its own) or the channels read, e.g. "0,2"
+    channels: tuple[str, ...]  # per network: the channels read, e.g. "0,2", or "single" (a 1-channel image)
 
     def as_dict(self) -> dict:
         return {
@@ -55,7 +56,9 @@ class PredictionSettings:
             "channels": list(self.channels),
         }
 
+    @functools.cached_property
     def digest(self) -> str:
+        """16 hex digits of the SHA-256 of as_dict() (computed once: compared for every case)."""
         text = json.dumps(self.as_dict(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -140,7 +143,7 @@ class PredictionRecord:
     def add(self, case: str, settings: PredictionSettings) -> None:
         """Records that `settings` predicted `case`, replacing an earlier entry; the file is rewritten
         whole (atomic_write), and settings no case uses any more are dropped."""
-        digest = settings.digest()
+        digest = settings.digest
         self.settings[digest] = settings.as_dict()
         self.cases[case] = digest
         used = set(self.cases.values())

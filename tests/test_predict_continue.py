@@ -127,18 +127,18 @@ def test_the_record_names_the_checkpoints_by_content(tmp_path):
     first = prediction_settings([checkpoint], None, 0.5, "gaussian", True, False, [None])
     checkpoint.write_bytes(b"second training")
     second = prediction_settings([checkpoint], None, 0.5, "gaussian", True, False, [None])
-    assert first.digest() != second.digest()
+    assert first.digest != second.digest
     assert first.window == "patch" and first.channels == ("single",)
     record = PredictionRecord(tmp_path)
     record.add("Case00_segmentation.nii.gz", first)
     record.add("Case01_segmentation.nii.gz", second)
     reread = PredictionRecord(tmp_path)
-    assert reread.digest_of("Case00_segmentation.nii.gz") == first.digest()
+    assert reread.digest_of("Case00_segmentation.nii.gz") == first.digest
     assert reread.digest_of("Case02_segmentation.nii.gz") is None
     (changed,) = reread.differences("Case00_segmentation.nii.gz", second)
     assert changed.startswith("checkpoints (sha256) ['") and "-> ['" in changed
     reread.add("Case00_segmentation.nii.gz", second)  # the first settings no longer used: dropped
-    assert list(PredictionRecord(tmp_path).settings) == [second.digest()]
+    assert list(PredictionRecord(tmp_path).settings) == [second.digest]
 
 
 def test_evaluate_warns_when_the_predictions_come_from_different_settings(trained, tmp_path, capsys):
