@@ -25,7 +25,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from prostate_kernels.integers import as_int
 from prostate_kernels.nn import ASPP3d, SeparableConv3d
+from prostate_kernels.nn.arguments import check_count
 
 from .common import check_model_input
 from .resize import resize_aligned
@@ -35,9 +37,9 @@ class _Axes:
     """Kernel sizes, strides and rates per axis (D, H, W) for the 2-D or 3-D network."""
 
     def __init__(self, spatial_dims: int) -> None:
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims {spatial_dims!r} must be 2 or 3")
-        self.dims = spatial_dims
+        if as_int(spatial_dims) not in (2, 3):
+            raise ValueError(f"DeepLabV3Plus: spatial_dims {spatial_dims!r} must be 2 or 3")
+        self.dims = int(spatial_dims)
 
     def kernel(self, k: int) -> tuple[int, int, int]:
         return (k if self.dims == 3 else 1, k, k)
@@ -138,11 +140,16 @@ class DeepLabV3Plus(nn.Module):
         width: float = 1.0,
     ) -> None:
         super().__init__()
+        # checked here, naming this network (torch's layers take 0 or negative channels and fail later)
+        in_channels = check_count("DeepLabV3Plus", "in_channels", in_channels)
         self.in_channels = in_channels
-        if output_stride not in (8, 16):
-            raise ValueError(f"output_stride {output_stride!r} must be 8 or 16")
-        if not 0 < width <= 1:
-            raise ValueError(f"width {width!r} must be in (0, 1]")
+        out_channels = check_count("DeepLabV3Plus", "out_channels", out_channels)
+        middle_blocks = check_count("DeepLabV3Plus", "middle_blocks", middle_blocks, least=0)
+        if as_int(output_stride) not in (8, 16):
+            raise ValueError(f"DeepLabV3Plus: output_stride {output_stride!r} must be 8 or 16")
+        output_stride = int(output_stride)
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width <= 1:
+            raise ValueError(f"DeepLabV3Plus: width {width!r} must be in (0, 1]")
 
         def ch(n: int) -> int:  # channel count scaled by `width` (1.0: the paper's network)
             return n if width == 1 else max(8, round(n * width / 8) * 8)

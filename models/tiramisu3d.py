@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from prostate_kernels.nn import BNReLUConv3d, DenseBlock3d
+from prostate_kernels.nn.arguments import check_count, check_probability
 
 from .common import check_model_input
 
@@ -58,10 +59,16 @@ class Tiramisu3D(nn.Module):
         memory_efficient: bool = True,
     ) -> None:
         super().__init__()
-        self.in_channels = in_channels
         layers = list(layers_per_block)
         if len(layers) < 3 or len(layers) % 2 == 0:
             raise ValueError(f"layers_per_block {layers} must have 2 * n_pool + 1 >= 3 entries")
+        # checked here, naming this network (torch's layers take 0 or negative channels and fail later)
+        layers = [check_count("Tiramisu3D", "layers_per_block entry", n) for n in layers]
+        growth_rate = check_count("Tiramisu3D", "growth_rate", growth_rate)
+        first_conv_filters = check_count("Tiramisu3D", "first_conv_filters", first_conv_filters)
+        dropout = check_probability("Tiramisu3D", "dropout", dropout)
+        in_channels = check_count("Tiramisu3D", "in_channels", in_channels)
+        self.in_channels = in_channels
         n_pool = len(layers) // 2
         self.n_pool, self.downsampling = n_pool, (2**n_pool,) * 3  # per axis (D, H, W)
         self.first_conv = nn.Conv3d(in_channels, first_conv_filters, 3, padding=1, bias=False)

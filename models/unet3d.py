@@ -15,6 +15,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from prostate_kernels.nn.arguments import check_count, check_probability
+
 from .common import check_model_input
 
 
@@ -44,12 +46,16 @@ class UNet3D(nn.Module):
         self, in_channels: int = 1, filters: Sequence[int] = (16, 32, 64, 128), dropout: float = 0.2
     ) -> None:
         super().__init__()
-        self.in_channels = in_channels
         filters = list(filters)
         if len(filters) < 2:
             raise ValueError(
                 f"UNet3D needs at least 2 filter counts (a down and a bottom block), got {filters}"
             )
+        # checked here, naming this network (torch's layers take 0 or negative channels and fail later)
+        filters = [check_count("UNet3D", "filters entry", f) for f in filters]
+        dropout = check_probability("UNet3D", "dropout", dropout)
+        in_channels = check_count("UNet3D", "in_channels", in_channels)
+        self.in_channels = in_channels
         self.down = nn.ModuleList()
         channels = in_channels
         for f in filters[:-1]:

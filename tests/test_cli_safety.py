@@ -302,6 +302,10 @@ def _nan_weights(state: dict) -> dict:
             "malformed checkpoint: its patch [7, 32, 32] and slices 0 do not make an input of its network",
         ),
         (lambda s: {"model": "unet3d"}, "weights do not fit model 'unet3d' (Missing key(s) in state_dict: "),
+        (
+            lambda s: {"model_kwargs": {"in_channels": -3}},
+            "cannot build its model (Tiramisu3D: in_channels -3 must be a positive int)",
+        ),
     ],
 )
 def test_a_checkpoint_whose_weights_or_window_do_not_fit_its_network(data, trained, tmp_path, damage, said):

@@ -219,6 +219,36 @@ def test_an_empty_batch_through_tiramisu_gives_an_empty_prediction():
         assert model(torch.randn(0, 1, 8, 16, 16)).shape == (0, 1, 8, 16, 16)
 
 
+@pytest.mark.parametrize(
+    "name, overrides, said",
+    [
+        ("tiramisu3d_tiny", {"in_channels": -3}, "Tiramisu3D: in_channels -3 must be a positive int"),
+        ("tiramisu3d_tiny", {"in_channels": 0}, "Tiramisu3D: in_channels 0 must be a positive int"),
+        ("tiramisu3d_tiny", {"in_channels": 1.5}, "Tiramisu3D: in_channels 1.5 must be a positive int"),
+        ("tiramisu3d_tiny", {"growth_rate": 0}, "Tiramisu3D: growth_rate 0 must be a positive int"),
+        ("tiramisu3d_tiny", {"layers_per_block": (2, 0, 2)}, "Tiramisu3D: layers_per_block entry 0 must"),
+        ("tiramisu3d_tiny", {"dropout": 1.5}, "Tiramisu3D: dropout 1.5 must be a number in [0, 1)"),
+        ("unet3d", {"in_channels": -3}, "UNet3D: in_channels -3 must be a positive int"),
+        ("unet3d", {"filters": (8, -1)}, "UNet3D: filters entry -1 must be a positive int"),
+        ("unet3d", {"filters": (0, 8)}, "UNet3D: filters entry 0 must be a positive int"),
+        ("unet3d", {"dropout": float("nan")}, "UNet3D: dropout nan must be a number in [0, 1)"),
+        ("deeplabv3plus_3d", {"in_channels": 0}, "DeepLabV3Plus: in_channels 0 must be a positive int"),
+        ("deeplabv3plus_3d", {"out_channels": -1}, "DeepLabV3Plus: out_channels -1 must be a positive int"),
+        ("deeplabv3plus_3d", {"middle_blocks": -1}, "DeepLabV3Plus: middle_blocks -1 must be an int >= 0"),
+        ("deeplabv3plus_2d", {"output_stride": 16.0}, "DeepLabV3Plus: output_stride 16.0 must be 8 or 16"),
+        ("deeplabv3plus_2d", {"spatial_dims": 4}, "DeepLabV3Plus: spatial_dims 4 must be 2 or 3"),
+        ("deeplabv3plus_2d", {"width": float("nan")}, "DeepLabV3Plus: width nan must be in (0, 1]"),
+    ],
+)
+def test_bad_constructor_arguments_name_the_network_and_the_value(name, overrides, said):
+    """A negative channel count ended in torch's RuntimeError ("negative dimension"), a float one in a
+    TypeError, and a 0 built a network that failed at its first input: now ValueErrors that say which
+    argument (a checkpoint's model_kwargs reach predict through these)."""
+    with pytest.raises(ValueError) as info:
+        on_meta(name, **overrides)
+    assert str(info.value).startswith(said), str(info.value)
+
+
 def test_build_model_rejects_unknown_names():
     with pytest.raises(ValueError, match="'vnet'.*unet3d"):
         build_model("vnet")
