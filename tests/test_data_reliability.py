@@ -8,6 +8,7 @@ import csv
 import gzip
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -273,9 +274,21 @@ def test_a_named_pipe_in_place_of_an_image_or_its_voxel_file_is_refused_not_wait
     header = write_volume(Volume(np.ones((4, 5, 6), np.int16), *grid), tmp_path / "Case06.mhd")
     (tmp_path / "Case06.raw").unlink()
     os.mkfifo(tmp_path / "Case06.raw")
-    with pytest.raises(DataError, match="Case06.mhd: its voxel file Case06.raw is not a regular file"):
+    said = f"{header}: its voxel file {tmp_path / 'Case06.raw'} is not a regular file"
+    with pytest.raises(DataError, match=re.escape(said)):
         run_without_waiting_on(tmp_path / "Case06.raw", lambda: read_volume(header))
     result = run_cli(
         "predict", "--checkpoint", tmp_path / "c.pt", "--input", image, "--output", tmp_path / "o"
     )
     assert_one_line_error(result, f"{image}: not a regular file or a directory")
+
+
+def test_a_directory_named_as_the_voxel_file_is_called_a_directory(tmp_path):
+    """It was called "not a regular file (a pipe, socket or device)", by its last name only."""
+    grid = (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel())
+    header = write_volume(Volume(np.ones((4, 5, 6), np.int16), *grid), tmp_path / "Case07.mhd")
+    (tmp_path / "Case07.raw").unlink()
+    (tmp_path / "Case07.raw").mkdir()
+    said = f"{header}: its voxel file {tmp_path / 'Case07.raw'} (ElementDataFile) is a directory"
+    with pytest.raises(DataError, match=re.escape(said)):
+        read_volume(header)

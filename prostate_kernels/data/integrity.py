@@ -36,8 +36,10 @@ def check_regular(path: Path) -> None:
     if path.name.lower().endswith(".mhd"):
         data = _metaimage_data_file(path)
         if data is not None and data.exists() and not data.is_file():
-            raise DataError(path, f"its voxel file {data.name} is not a regular file (a pipe, socket or "
-                                  "device): reading it could wait forever")  # fmt: skip
+            if data.is_dir():
+                raise DataError(path, f"its voxel file {data} (ElementDataFile) is a directory")
+            raise DataError(path, f"its voxel file {data} is not a regular file (a pipe, socket or device): "
+                                  "reading it could wait forever")  # fmt: skip
 
 
 def _metaimage_data_file(header: Path) -> Path | None:
