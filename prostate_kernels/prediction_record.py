@@ -12,16 +12,20 @@ hold two models' predictions under one name), and a finished case without an ent
 of the library, or a kill between its files and the record) is predicted again. `evaluate` warns when the
 record says that the predictions it scores were written with different settings (its means mix them).
 Device, layout and determinism change a prediction only by rounding and are not part of the digest.
-Two runs writing into one directory at once may drop each other's entries (each rewrites the file from
-what it read): those cases are then predicted again by --continue, never taken for another run's.
+Several runs may write into one directory at once (two GPUs predicting halves of a test set): each adds
+its case to the record as it is on disk then, under an exclusive lock on the directory (flock, POSIX; on
+a file system that refuses locks, or on Windows, unlocked: a lost entry means --continue predicts that
+case again, never that it takes it for another run's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,15 +145,40 @@ class PredictionRecord:
         ]
 
     def add(self, case: str, settings: PredictionSettings) -> None:
-        """Records that `settings` predicted `case`, replacing an earlier entry; the file is rewritten
-        whole (atomic_write), and settings no case uses any more are dropped."""
+        """Records that `settings` predicted `case`, replacing an earlier entry: the record is read again
+        and rewritten whole (atomic_write) under the directory's lock, so that the entries other runs
+        added meanwhile are kept; settings no case uses any more are dropped."""
         digest = settings.digest
-        self.settings[digest] = settings.as_dict()
-        self.cases[case] = digest
-        used = set(self.cases.values())
-        self.settings = {key: value for key, value in self.settings.items() if key in used}
-        with atomic_write(self.path) as f:
-            json.dump({"format": FORMAT, "settings": self.settings, "cases": self.cases}, f, indent=1)
+        with _locked(self.path.parent):
+            if self.path.exists():
+                self._read()
+            self.settings[digest] = settings.as_dict()
+            self.cases[case] = digest
+            used = set(self.cases.values())
+            self.settings = {key: value for key, value in self.settings.items() if key in used}
+            with atomic_write(self.path) as f:
+                json.dump({"format": FORMAT, "settings": self.settings, "cases": self.cases}, f, indent=1)
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `directory` itself (flock on its descriptor: no lock file to leave
+    behind; every open of it is a lock of its own, so threads exclude each other too), held while the
+    block runs. Unlocked where there is no flock (Windows) or the file system refuses it (some NFS)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError:  # ENOLCK, EOPNOTSUPP: a file system without locks
+            pass
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 __all__ = ["RECORD_NAME", "PredictionRecord", "PredictionSettings", "file_sha256", "prediction_settings"]

@@ -159,3 +159,31 @@ def test_evaluate_warns_when_the_predictions_come_from_different_settings(traine
         f"warning: 1 of the 3 recorded predictions in {out} were written with other checkpoints or settings "
         "than Case00_segmentation.mhd (Case01_segmentation.mhd: overlap 0.5 -> 0.25): the means mix them"
     ) in printed
+
+
+def test_two_runs_into_one_directory_keep_each_others_entries(tmp_path):
+    """Each run rewrote the record from what it had read when it started, dropping the other run's cases
+    (two GPUs predicting halves of a test set into one --output): --continue then predicted them again."""
+    import threading
+
+    from prostate_kernels.prediction_record import PredictionRecord, prediction_settings
+
+    checkpoint = tmp_path / "fold0.pt"
+    checkpoint.write_bytes(b"weights")
+    settings = prediction_settings([checkpoint], None, 0.5, "gaussian", True, False, [None])
+    first, second = PredictionRecord(tmp_path), PredictionRecord(tmp_path)  # both read an empty record
+    first.add("Case00_segmentation.mhd", settings)
+    second.add("Case01_segmentation.mhd", settings)
+    assert set(PredictionRecord(tmp_path).cases) == {"Case00_segmentation.mhd", "Case01_segmentation.mhd"}
+
+    def predict_run(run: int) -> None:  # each thread a run of its own, adding its cases one by one
+        record = PredictionRecord(tmp_path)
+        for case in range(40):
+            record.add(f"Run{run}Case{case:02d}_segmentation.mhd", settings)
+
+    runs = [threading.Thread(target=predict_run, args=(run,)) for run in range(3)]
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    assert len(PredictionRecord(tmp_path).cases) == 2 + 3 * 40
