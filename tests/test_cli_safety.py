@@ -199,6 +199,12 @@ def test_phantoms_past_the_disk_are_refused_before_any_is_written(tmp_path):
     assert not (tmp_path / "many").exists()
 
 
+def test_phantoms_too_small_to_segment_are_refused_leaving_nothing(tmp_path):
+    result = run_cli("phantoms", "--out", tmp_path / "small", "--n", "4", "--shape", "4", "8", "8")
+    assert_one_line_error(result, f"{tmp_path / 'small'}: --shape 4x8x8 is too small for a phantom (Case01")
+    assert not (tmp_path / "small").exists()
+
+
 @pytest.mark.parametrize(
     "args, fragment",
     [

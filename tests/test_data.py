@@ -216,7 +216,7 @@ def test_masks_are_checked_against_their_image(tmp_path):
 
 
 def test_discovery_of_promise12_and_decathlon_layouts(tmp_path):
-    write_phantoms(tmp_path / "p12", n=3, shape=(6, 16, 16))
+    write_phantoms(tmp_path / "p12", n=3, shape=(6, 24, 24))
     (tmp_path / "p12" / "notes.txt").write_text("ignored")
     cases = discover_cases(tmp_path / "p12", require_labels=True)
     assert [c.name for c in cases] == ["Case00", "Case01", "Case02"]
@@ -248,6 +248,16 @@ def test_phantoms_are_deterministic_anisotropic_and_exactly_masked(tmp_path):
     paths = write_phantoms(tmp_path, n=2, shape=(6, 16, 16))
     assert [p.name for p in paths] == ["Case00.mhd", "Case01.mhd"]
     assert (tmp_path / "Case01_segmentation.mhd").exists() and (tmp_path / "Case01.raw").exists()
+
+
+def test_phantoms_too_small_to_hold_background_are_refused_leaving_no_file(tmp_path):
+    """--shape 1 1 1 wrote a phantom of one intensity and a mask of one gland voxel, and 6 16 16 (seed 0)
+    a third case all gland, without a word: train then skipped them, or learnt from a mask of all ones."""
+    with pytest.raises(DataError, match=r"--shape 1x1x1 is too small for a phantom \(Case00 would have one "):
+        write_phantoms(tmp_path / "one", n=2, shape=(1, 1, 1))
+    with pytest.raises(DataError, match=r"--shape 6x16x16 is too small .*Case02 would have gland in every"):
+        write_phantoms(tmp_path / "small", n=3, shape=(6, 16, 16))
+    assert not any(p.is_file() for p in tmp_path.rglob("*"))  # Case00 and Case01 of "small" removed again
 
 
 def _sampler(**kwargs) -> PatchSampler:

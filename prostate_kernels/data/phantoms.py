@@ -95,16 +95,38 @@ def make_phantom(seed: int, shape: tuple[int, int, int] = DEFAULT_SHAPE) -> Phan
 
 
 def write_phantoms(out_dir: str | Path, n: int = 8, seed: int = 0, shape=DEFAULT_SHAPE) -> list[Path]:
-    """n phantoms as out_dir/CaseNN.mhd (+ .raw) and CaseNN_segmentation.mhd; returns the image paths."""
+    """n phantoms as out_dir/CaseNN.mhd (+ .raw) and CaseNN_segmentation.mhd; returns the image paths.
+
+    DataError, with none of this call's files left, when a phantom would be unusable: a volume smaller
+    than the gland (a few cm across) can come out all gland, or of one intensity."""
     out_dir = Path(out_dir)
     _check_disk(out_dir, n, shape)
-    paths = []
-    for i in range(n):
-        phantom = make_phantom(seed * 100_003 + i, shape)
-        name = f"Case{i:02d}"
-        paths.append(write_volume(phantom.image, out_dir / f"{name}.mhd"))
-        write_volume(phantom.mask, out_dir / f"{name}_segmentation.mhd")
-    return paths
+    written: list[Path] = []
+    try:
+        for i in range(n):
+            phantom = make_phantom(seed * 100_003 + i, shape)
+            name = f"Case{i:02d}"
+            _check_usable(phantom, out_dir, name, shape)
+            for volume, file in ((phantom.image, f"{name}.mhd"), (phantom.mask, f"{name}_segmentation.mhd")):
+                written += [out_dir / file, (out_dir / file).with_suffix(".raw")]
+                write_volume(volume, out_dir / file)
+    except BaseException:
+        for path in written:  # this call's own files only
+            path.unlink(missing_ok=True)
+        raise
+    return written[::4]
+
+
+def _check_usable(phantom: Phantom, out_dir: Path, name: str, shape: tuple[int, int, int]) -> None:
+    """DataError naming --shape when the phantom has nothing to learn: one intensity (train refuses the
+    image), or no voxel outside the gland (a mask of all ones)."""
+    size = "x".join(map(str, shape))
+    image, mask = phantom.image.array, phantom.mask.array
+    if image.min() == image.max() or mask.all():
+        what = "one intensity" if image.min() == image.max() else "gland in every voxel"
+        raise DataError(out_dir, f"--shape {size} is too small for a phantom ({name} would have {what}: the "
+                                 "gland is a few cm across, the voxels 0.6 mm in-plane); choose a larger one "
+                                 "(default 24 128 128)")  # fmt: skip
 
 
 def _check_disk(out_dir: Path, n: int, shape: tuple[int, int, int]) -> None:
