@@ -20,17 +20,15 @@ case again, never that it takes it for another run's).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
-import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from prostate_kernels.data.errors import DataError
-from prostate_kernels.safe_files import atomic_write
+from prostate_kernels.safe_files import atomic_write, locked_directory
 
 RECORD_NAME = ".prostate-kernels-prediction.json"
 FORMAT = 1
@@ -149,7 +147,7 @@ class PredictionRecord:
         and rewritten whole (atomic_write) under the directory's lock, so that the entries other runs
         added meanwhile are kept; settings no case uses any more are dropped."""
         digest = settings.digest
-        with _locked(self.path.parent):
+        with locked_directory(self.path.parent):
             if self.path.exists():
                 self._read()
             self.settings[digest] = settings.as_dict()
@@ -158,27 +156,6 @@ class PredictionRecord:
             self.settings = {key: value for key, value in self.settings.items() if key in used}
             with atomic_write(self.path) as f:
                 json.dump({"format": FORMAT, "settings": self.settings, "cases": self.cases}, f, indent=1)
-
-
-@contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
-    """An exclusive advisory lock on `directory` itself (flock on its descriptor: no lock file to leave
-    behind; every open of it is a lock of its own, so threads exclude each other too), held while the
-    block runs. Unlocked where there is no flock (Windows) or the file system refuses it (some NFS)."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
-        except OSError:  # ENOLCK, EOPNOTSUPP: a file system without locks
-            pass
-        yield
-    finally:
-        os.close(descriptor)  # releases the lock
 
 
 __all__ = ["RECORD_NAME", "PredictionRecord", "PredictionSettings", "file_sha256", "prediction_settings"]

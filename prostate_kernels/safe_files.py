@@ -11,7 +11,10 @@ so the rule "a command never overwrites what it did not create" (DESIGN.md secti
 - `atomic_write`: a file written whole or not at all (temporary file, fsync, rename), so a killed or
   failed write never leaves a truncated checkpoint, CSV or picture where the old one was.
 - `temporary_path` / `remove_dead_temporaries`: where such writes stage (`.NAME.tmp-PID@HOST`), and the
-  sweep of what writes killed half way left there.
+  sweep of what writes killed half way left there; `staging_errors_named`: an error about a staging file
+  names the file the user asked for.
+- `locked_directory`: a short exclusive lock (flock) on a directory while a file that several runs share
+  (predict's record) is read, changed and written again.
 - `RunLock`: an exclusive lock file (pid and host) on a training run directory; a lock left by a dead
   process on this host is taken over with a warning.
 """
@@ -94,13 +97,50 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[I
     path = Path(path)
     tmp = temporary_path(path)
     try:
-        with open(tmp, mode, **open_kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with staging_errors_named(path):
+            with open(tmp, mode, **open_kwargs) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)  # only left behind if the write failed
+
+
+@contextlib.contextmanager
+def staging_errors_named(path: Path) -> Iterator[None]:
+    """Re-raises an OSError about `path`'s staging file or directory (temporary_path), or a file in it, as
+    one about `path`, the file the user named: export's "--out /proc/x.pt2" failed as
+    "/proc/.x.pt2.tmp-5292@vm: No such file or directory"."""
+    try:
+        yield
+    except OSError as exc:
+        staging = temporary_path(path).name
+        if exc.filename is None or staging not in Path(os.fsdecode(exc.filename)).parts:
+            raise
+        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+
+
+@contextlib.contextmanager
+def locked_directory(directory: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `directory` itself, held while the block runs, waited for if another
+    process (or thread) holds it: flock on the directory's descriptor, so no lock file is left behind, and
+    every open of it is a lock of its own. Unlocked where there is no flock (Windows) or the file system
+    refuses it (ENOLCK, EOPNOTSUPP: some NFS). RunLock, by contrast, refuses a second run outright."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX)
+        except OSError:  # a file system without locks
+            pass
+        yield
+    finally:
+        os.close(descriptor)  # releases the lock
 
 
 def companions(path: Path) -> list[Path]:

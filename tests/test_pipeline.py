@@ -481,6 +481,19 @@ def test_a_failed_picture_write_leaves_the_earlier_picture_intact(tmp_path, monk
     assert [p.name for p in tmp_path.iterdir()] == ["Case00_overlay.png"]
 
 
+def test_a_write_that_cannot_start_names_the_file_asked_for_not_its_staging_file(tmp_path):
+    """export --out /proc/x.pt2 said "/proc/.x.pt2.tmp-5292@vm: No such file or directory"."""
+    from prostate_kernels.safe_files import atomic_write
+
+    path = tmp_path / "missing" / "x.json"
+    with pytest.raises(FileNotFoundError) as info, atomic_write(path) as f:
+        f.write("{}")
+    assert info.value.filename == str(path) and info.value.strerror == "No such file or directory"
+    with pytest.raises(OSError, match="disk full") as info, atomic_write(tmp_path / "y.json") as f:
+        raise OSError("disk full")  # an error of the block's own is left as it is
+    assert info.value.filename is None and list(tmp_path.iterdir()) == []
+
+
 def test_several_checkpoints_average_their_probabilities(phantoms, trained, tmp_path):
     state = load_checkpoint(trained / "checkpoint.pt")
     other = {k: (v * 0.8 if v.is_floating_point() else v) for k, v in state["state_dict"].items()}

@@ -18,7 +18,7 @@ import numpy as np
 from prostate_kernels.data.dicom import read_series
 from prostate_kernels.data.errors import ConfigError, DataError
 from prostate_kernels.data.integrity import captured_stderr, check_complete, check_regular, itk_reason
-from prostate_kernels.safe_files import temporary_path
+from prostate_kernels.safe_files import staging_errors_named, temporary_path
 
 GEOMETRY_TOLERANCE = 1e-4  # relative, on spacing/origin/direction, when comparing an image with its mask
 
@@ -160,7 +160,8 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
     image = to_sitk(volume)
     staging = temporary_path(path)
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed process that had this pid
-    staging.mkdir()
+    with staging_errors_named(path):
+        staging.mkdir()
     try:
         staged = staging / path.name
         compress = path.name.endswith(".gz")
