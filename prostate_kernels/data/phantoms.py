@@ -101,20 +101,25 @@ def write_phantoms(out_dir: str | Path, n: int = 8, seed: int = 0, shape=DEFAULT
     than the gland (a few cm across) can come out all gland, or of one intensity."""
     out_dir = Path(out_dir)
     _check_disk(out_dir, n, shape)
-    written: list[Path] = []
+    images: list[Path] = []
+    written: list[Path] = []  # headers and their voxel files, to remove again after a refusal
     try:
         for i in range(n):
             phantom = make_phantom(seed * 100_003 + i, shape)
             name = f"Case{i:02d}"
             _check_usable(phantom, out_dir, name, shape)
-            for volume, file in ((phantom.image, f"{name}.mhd"), (phantom.mask, f"{name}_segmentation.mhd")):
-                written += [out_dir / file, (out_dir / file).with_suffix(".raw")]
-                write_volume(volume, out_dir / file)
-    except BaseException:
+            images.append(out_dir / f"{name}.mhd")
+            for volume, path in (
+                (phantom.image, images[-1]),
+                (phantom.mask, out_dir / f"{name}_segmentation.mhd"),
+            ):
+                written += [path, path.with_suffix(".raw")]
+                write_volume(volume, path)
+    except DataError:
         for path in written:  # this call's own files only
             path.unlink(missing_ok=True)
         raise
-    return written[::4]
+    return images
 
 
 def _check_usable(phantom: Phantom, out_dir: Path, name: str, shape: tuple[int, int, int]) -> None:
