@@ -23,6 +23,26 @@ BLOCK = 1024
 
 
 @triton.jit
+def _window_plane(starts_ptr, C, D, H, W, RD, RH, RW, BLOCK: tl.constexpr):
+    """This program's part of one window plane, the one decode of the window kernels' grid: returns
+    (plane_id = (b * C + c) * RD + wz, wz, offs: BLOCK positions in the (RH, RW) plane, mask: offs in
+    it, volume: each position's element offset in the (N, C, D, H, W) volume at window b's start
+    (n, z, y, x) row, plane wz, channel c). All int64."""
+    plane_id = tl.program_id(0).to(tl.int64)
+    wz = plane_id % RD
+    c = (plane_id // RD) % C
+    b = plane_id // (RD * C)
+    n = tl.load(starts_ptr + b * 4)
+    z = tl.load(starts_ptr + b * 4 + 1) + wz
+    y0 = tl.load(starts_ptr + b * 4 + 2)
+    x0 = tl.load(starts_ptr + b * 4 + 3)
+    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < RH * RW
+    volume = (((n * C + c) * D + z) * H + y0 + offs // RW) * W + x0 + offs % RW
+    return plane_id, wz, offs, mask, volume
+
+
+@triton.jit
 def _window_gather_kernel(
     volume_ptr,  # (N, C, D, H, W)
     starts_ptr,  # (B, 4) int64
@@ -36,19 +56,7 @@ def _window_gather_kernel(
     RW,
     BLOCK: tl.constexpr,
 ):
-    plane_id = tl.program_id(0).to(tl.int64)  # = (b * C + c) * RD + wz
-    wz = plane_id % RD
-    c = (plane_id // RD) % C
-    b = plane_id // (RD * C)
-    n = tl.load(starts_ptr + b * 4)
-    z = tl.load(starts_ptr + b * 4 + 1) + wz
-    y0 = tl.load(starts_ptr + b * 4 + 2)
-    x0 = tl.load(starts_ptr + b * 4 + 3)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < RH * RW
-    wy = offs // RW
-    wx = offs % RW
-    src = (((n * C + c) * D + z) * H + y0 + wy) * W + x0 + wx
+    plane_id, _, offs, mask, src = _window_plane(starts_ptr, C, D, H, W, RD, RH, RW, BLOCK)
     values = tl.load(volume_ptr + src, mask=mask)
     tl.store(out_ptr + plane_id * RH * RW + offs, values, mask=mask)
 
@@ -69,25 +77,13 @@ def _window_accumulate_kernel(
     IS_WEIGHT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    plane_id = tl.program_id(0).to(tl.int64)  # = (b * C + c) * RD + wz
-    wz = plane_id % RD
-    c = (plane_id // RD) % C
-    b = plane_id // (RD * C)
-    n = tl.load(starts_ptr + b * 4)
-    z = tl.load(starts_ptr + b * 4 + 1) + wz
-    y0 = tl.load(starts_ptr + b * 4 + 2)
-    x0 = tl.load(starts_ptr + b * 4 + 3)
-    offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < RH * RW
-    wy = offs // RW
-    wx = offs % RW
+    plane_id, wz, offs, mask, dst = _window_plane(starts_ptr, C, D, H, W, RD, RH, RW, BLOCK)
     weight = tl.load(importance_ptr + wz * RH * RW + offs, mask=mask, other=0.0)
     if IS_WEIGHT:
         contribution = weight
     else:
         window = tl.load(windows_ptr + plane_id * RH * RW + offs, mask=mask, other=0.0)
         contribution = window.to(tl.float32) * weight
-    dst = (((n * C + c) * D + z) * H + y0 + wy) * W + x0 + wx
     tl.atomic_add(target_ptr + dst, contribution, mask=mask)
 
 
