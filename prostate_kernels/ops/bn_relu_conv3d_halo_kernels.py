@@ -24,7 +24,7 @@ import triton.language as tl
 
 from prostate_kernels.ops.bn_relu_conv3d_kernels import _input_grad_epilogue, _store_output
 from prostate_kernels.ops.dot_operands import dot_operand
-from prostate_kernels.ops.triton_index import aligned_count, voxel_offsets_aligned, widen
+from prostate_kernels.ops.triton_index import aligned_count, kernel_tap, voxel_offsets_aligned, widen
 
 
 @triton.jit
@@ -125,10 +125,16 @@ def _window_rows(tap, halo_row, KH: tl.constexpr, KW: tl.constexpr, DLD: tl.cons
                  DLW: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr):  # fmt: skip
     """The scratch rows of the box's output voxels at `tap`: their tap-(0, 0, 0) rows shifted by one
     constant."""
-    kd = tap // (KH * KW)
-    kh = (tap // KW) % KH
-    kw = tap % KW
-    return halo_row + ((kd * DLD * HALO_H + kh * DLH) * HALO_W + kw * DLW)
+    return halo_row + tap_shift(tap, KH, KW, DLD, DLH, DLW, HALO_H, HALO_W)
+
+
+@triton.jit
+def tap_shift(tap, KH: tl.constexpr, KW: tl.constexpr, DLD: tl.constexpr, DLH: tl.constexpr,
+              DLW: tl.constexpr, HALO_H: tl.constexpr, HALO_W: tl.constexpr):  # fmt: skip
+    """How many rows of a (HALO_D, HALO_H, HALO_W) halo tile tap `tap` (dilations DLD, DLH, DLW) reads
+    past tap (0, 0, 0): one constant per tap, for every voxel of the box."""
+    kd, kh, kw = kernel_tap(tap, KH, KW)
+    return (kd * DLD * HALO_H + kh * DLH) * HALO_W + kw * DLW
 
 
 @triton.jit

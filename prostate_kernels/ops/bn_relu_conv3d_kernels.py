@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from prostate_kernels.ops.dot_operands import dot_operand
-from prostate_kernels.ops.triton_index import block_offsets, voxel, voxel_offsets, widen
+from prostate_kernels.ops.triton_index import block_offsets, kernel_tap, voxel, voxel_offsets, widen
 
 
 @triton.jit
@@ -93,9 +93,7 @@ def bn_relu_conv3d_fwd_kernel(
     TAPS = KD * KH * KW  # constexpr
     for k in range(TAPS * tl.cdiv(C_in, BLOCK_K)):
         tap = k % TAPS
-        kd = tap // (KH * KW)
-        kh = (tap // KW) % KH
-        kw = tap % KW
+        kd, kh, kw = kernel_tap(tap, KH, KW)
         i_d = od * std - pdd + kd * dld
         i_h = oh * sth - pdh + kh * dlh
         i_w = ow * stw - pdw + kw * dlw
@@ -225,9 +223,7 @@ def bn_relu_conv3d_dgrad_kernel(
     TAPS = KD * KH * KW  # constexpr
     for k in range(TAPS * tl.cdiv(C_out, BLOCK_K)):
         tap = k % TAPS
-        kd = tap // (KH * KW)
-        kh = (tap // KW) % KH
-        kw = tap % KW
+        kd, kh, kw = kernel_tap(tap, KH, KW)
         # output voxel o with o * stride = i + pad - k * dilation, when that is a whole, in-range o
         nd = d_ + pdd - kd * dld
         nh = h_ + pdh - kh * dlh
@@ -424,9 +420,7 @@ def bn_relu_conv3d_wgrad_kernel(
     ci_blocks = tl.cdiv(C_in, BLOCK_CI)
     tap = tl.program_id(0) // ci_blocks
     pid_ci = tl.program_id(0) % ci_blocks
-    kd = tap // (KH * KW)
-    kh = (tap // KW) % KH
-    kw = tap % KW
+    kd, kh, kw = kernel_tap(tap, KH, KW)
     offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
     offs_co = tl.program_id(1) * BLOCK_CO + tl.arange(0, BLOCK_CO)
     mask_ci = offs_ci < C_in

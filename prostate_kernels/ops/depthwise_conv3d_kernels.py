@@ -16,11 +16,18 @@ the program's scratch tile, and the taps read their windows there.
 import triton
 import triton.language as tl
 
-from prostate_kernels.ops.bn_relu_conv3d_halo_kernels import _box_counts, _box_origin, _box_rows, _fill_halo
+from prostate_kernels.ops.bn_relu_conv3d_halo_kernels import (
+    _box_counts,
+    _box_origin,
+    _box_rows,
+    _fill_halo,
+    tap_shift,
+)
 from prostate_kernels.ops.dot_operands import dot_operand
 from prostate_kernels.ops.triton_index import (
     aligned_count,
     block_offsets,
+    kernel_tap,
     voxel,
     voxel_offsets_aligned,
     widen,
@@ -39,9 +46,10 @@ def _depthwise_taps(
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     column = widen(offs_c, INT64) * sxc
     for tap in range(KD * KH * KW):
-        i_d = od * std - pdd + (tap // (KH * KW)) * dld
-        i_h = oh * sth - pdh + ((tap // KW) % KH) * dlh
-        i_w = ow * stw - pdw + (tap % KW) * dlw
+        kd, kh, kw = kernel_tap(tap, KH, KW)
+        i_d = od * std - pdd + kd * dld
+        i_h = oh * sth - pdh + kh * dlh
+        i_w = ow * stw - pdw + kw * dlw
         valid = mask_m & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
         row = voxel_offsets_aligned(n, i_d, i_h, i_w, sxn, sxd, sxh, sxw, INT64, ALIGN)
         x_mask = valid[:, None] & mask_c[None, :]
@@ -162,9 +170,10 @@ def depthwise_conv3d_dgrad_kernel(
     n, i_d, i_h, i_w = voxel(offs_m, D, H, W)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     for tap in range(KD * KH * KW):
-        nd = i_d + pdd - (tap // (KH * KW)) * dld
-        nh = i_h + pdh - ((tap // KW) % KH) * dlh
-        nw = i_w + pdw - (tap % KW) * dlw
+        kd, kh, kw = kernel_tap(tap, KH, KW)
+        nd = i_d + pdd - kd * dld
+        nh = i_h + pdh - kh * dlh
+        nw = i_w + pdw - kw * dlw
         o_d = nd // std
         o_h = nh // sth
         o_w = nw // stw
@@ -251,9 +260,10 @@ def depthwise_conv3d_wgrad_kernel(
             g = tl.load(
                 gy_ptr + g_row[:, None] + widen(offs_c, INT64)[None, :] * sgc, mask=g_mask, other=0.0
             ).to(tl.float32)
-            i_d = od * std - pdd + (tap // (KH * KW)) * dld
-            i_h = oh * sth - pdh + ((tap // KW) % KH) * dlh
-            i_w = ow * stw - pdw + (tap % KW) * dlw
+            kd, kh, kw = kernel_tap(tap, KH, KW)
+            i_d = od * std - pdd + kd * dld
+            i_h = oh * sth - pdh + kh * dlh
+            i_w = ow * stw - pdw + kw * dlw
             valid = mask_m & (i_d >= 0) & (i_d < D) & (i_h >= 0) & (i_h < H) & (i_w >= 0) & (i_w < W)
             x_row = voxel_offsets_aligned(n, i_d, i_h, i_w, sxn, sxd, sxh, sxw, INT64, ALIGN)
             x_mask = valid[:, None] & mask_c[None, :]
@@ -287,10 +297,7 @@ def _tap_window(windows, tap, KH: tl.constexpr, KW: tl.constexpr, DLD: tl.conste
                 BLOCK_C: tl.constexpr):  # fmt: skip
     """The (box voxels, BLOCK_C) window of a halo scratch tile that tap `tap` reads: `windows` (the box's
     rows at tap (0, 0, 0), x its channels) shifted by one constant offset per tap, no masks."""
-    kd = tap // (KH * KW)
-    kh = (tap // KW) % KH
-    kw = tap % KW
-    return tl.load(windows + ((kd * DLD * HALO_H + kh * DLH) * HALO_W + kw * DLW) * BLOCK_C)
+    return tl.load(windows + tap_shift(tap, KH, KW, DLD, DLH, DLW, HALO_H, HALO_W) * BLOCK_C)
 
 
 @triton.jit

@@ -28,6 +28,13 @@ def widen(index, INT64: tl.constexpr):
 
 
 @triton.jit
+def kernel_tap(tap, KH: tl.constexpr, KW: tl.constexpr):
+    """Split a flat kernel tap, 0 <= tap < KD * KH * KW in (kd, kh, kw) row-major order (the weights'
+    order), into (kd, kh, kw): divisions by constants, no bound check."""
+    return tap // (KH * KW), (tap // KW) % KH, tap % KW
+
+
+@triton.jit
 def voxel(offs, S0, S1, S2, UNSIGNED: tl.constexpr = False):
     """Split flat voxel indices (int32, >= 0) over (N, S0, S1, S2) into int32 (n, i0, i1, i2).
 
