@@ -19,6 +19,7 @@ import numpy as np
 
 from prostate_kernels.data.errors import DataError
 from prostate_kernels.data.io import Volume, write_volume
+from prostate_kernels.safe_files import companions
 
 DEFAULT_SHAPE = (24, 128, 128)  # (D, H, W)
 
@@ -113,7 +114,7 @@ def write_phantoms(out_dir: str | Path, n: int = 8, seed: int = 0, shape=DEFAULT
                 (phantom.image, images[-1]),
                 (phantom.mask, out_dir / f"{name}_segmentation.mhd"),
             ):
-                written += [path, path.with_suffix(".raw")]
+                written += companions(path)
                 write_volume(volume, path)
     except DataError:
         for path in written:  # this call's own files only
@@ -127,8 +128,9 @@ def _check_usable(phantom: Phantom, out_dir: Path, name: str, shape: tuple[int, 
     image), or no voxel outside the gland (a mask of all ones)."""
     size = "x".join(map(str, shape))
     image, mask = phantom.image.array, phantom.mask.array
-    if image.min() == image.max() or mask.all():
-        what = "one intensity" if image.min() == image.max() else "gland in every voxel"
+    constant = image.min() == image.max()
+    if constant or mask.all():
+        what = "one intensity" if constant else "gland in every voxel"
         raise DataError(out_dir, f"--shape {size} is too small for a phantom ({name} would have {what}: the "
                                  "gland is a few cm across, the voxels 0.6 mm in-plane); choose a larger one "
                                  "(default 24 128 128)")  # fmt: skip

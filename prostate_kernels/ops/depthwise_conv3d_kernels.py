@@ -250,6 +250,7 @@ def depthwise_conv3d_wgrad_kernel(
     m_start = pid_m * M_PER_PROGRAM
     m_end = tl.minimum(m_start + M_PER_PROGRAM, M)
     for tap in range(KD * KH * KW):
+        kd, kh, kw = kernel_tap(tap, KH, KW)
         acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
         for m0 in range(m_start, m_end, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -260,7 +261,6 @@ def depthwise_conv3d_wgrad_kernel(
             g = tl.load(
                 gy_ptr + g_row[:, None] + widen(offs_c, INT64)[None, :] * sgc, mask=g_mask, other=0.0
             ).to(tl.float32)
-            kd, kh, kw = kernel_tap(tap, KH, KW)
             i_d = od * std - pdd + kd * dld
             i_h = oh * sth - pdh + kh * dlh
             i_w = ow * stw - pdw + kw * dlw
