@@ -10,9 +10,10 @@ so the rule "a command never overwrites what it did not create" (DESIGN.md secti
 - `refuse_existing`: the files a command is about to write must not exist yet.
 - `atomic_write`: a file written whole or not at all (temporary file, fsync, rename), so a killed or
   failed write never leaves a truncated checkpoint, CSV or picture where the old one was.
-- `temporary_path` / `remove_dead_temporaries`: where such writes stage (`.NAME.tmp-PID@HOST`), and the
-  sweep of what writes killed half way left there; `staging_errors_named`: an error about a staging file
-  names the file the user asked for.
+- `temporary_path` / `remove_dead_temporaries`: where such writes stage (`.NAME.tmp-PID@HOST`, or
+  `.NAME.tmp-PID-THREAD@HOST` from a thread other than the main one), and the sweep of what writes
+  killed half way left there; `staging_errors_named`: an error about a staging file names the file the
+  user asked for.
 - `locked_directory`: a short exclusive lock (flock) on a directory while a file that several runs share
   (predict's record) is read, changed and written again.
 - `RunLock`: an exclusive lock file (pid and host) on a training run directory; a lock left by a dead
@@ -26,6 +27,7 @@ import os
 import shutil
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -151,10 +153,16 @@ def companions(path: Path) -> list[Path]:
 
 
 def temporary_path(path: Path) -> Path:
-    """`.NAME.tmp-PID@HOST` beside `path`: where this process stages a write of `path` (a file, or a
+    """`.NAME.tmp-PID@HOST` beside `path`: where this thread stages a write of `path` (a file, or a
     directory of the files SimpleITK writes), to be renamed into place. The pid and host name tell
-    `remove_dead_temporaries` whether its writer is still running."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}@{socket.gethostname()}")
+    `remove_dead_temporaries` whether its writer is still running. A thread other than the main one adds
+    its own id (`.NAME.tmp-PID-THREAD@HOST`): two threads saving the same file (a background checkpoint
+    writer beside the training loop) would otherwise write into one staging file, and one of them rename
+    the other's half-written content into place."""
+    writer = str(os.getpid())
+    if threading.current_thread() is not threading.main_thread():
+        writer += f"-{threading.get_ident()}"
+    return path.with_name(f".{path.name}.tmp-{writer}@{socket.gethostname()}")
 
 
 def remove_dead_temporaries(directory: Path, report: Callable[[str], None] = print) -> list[Path]:
@@ -164,7 +172,8 @@ def remove_dead_temporaries(directory: Path, report: Callable[[str], None] = pri
     line); returns what it removed."""
     removed = []
     for tmp in sorted(Path(directory).glob(".*.tmp-*@*")):
-        pid, _, host = tmp.name.rpartition(".tmp-")[2].partition("@")
+        writer, _, host = tmp.name.rpartition(".tmp-")[2].partition("@")
+        pid = writer.partition("-")[0]  # PID, or PID-THREAD
         if not _gone_from_this_host(pid, host):
             continue
         with contextlib.suppress(OSError):

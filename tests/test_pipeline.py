@@ -494,6 +494,63 @@ def test_a_write_that_cannot_start_names_the_file_asked_for_not_its_staging_file
     assert info.value.filename is None and list(tmp_path.iterdir()) == []
 
 
+def test_threads_writing_one_file_each_stage_their_own_write(tmp_path):
+    """Threads of one process staged a write of the same file in one temporary file (named by the pid
+    alone): each truncated what another was writing, one renamed another's half-written content into
+    place, and the others failed to find their staging file."""
+    import threading
+
+    from prostate_kernels.safe_files import atomic_write
+
+    path = tmp_path / "checkpoint.json"
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def save(writer: int) -> None:
+        start.wait()
+        try:
+            for _ in range(40):
+                with atomic_write(path) as f:
+                    for _ in range(8):
+                        f.write(str(writer) * 512)
+                        f.flush()
+        except Exception as exc:  # noqa: BLE001 - collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=save, args=(writer,)) for writer in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    content = path.read_text()
+    assert content in {str(writer) * 4096 for writer in range(4)}, content[:20]
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.json"]
+
+
+def test_the_sweep_of_dead_writes_reads_a_threads_staging_name(tmp_path):
+    """A staging file named by a thread (PID-THREAD) is removed once its process is gone, and kept while
+    it runs."""
+    import socket
+    import threading
+
+    from prostate_kernels.safe_files import remove_dead_temporaries, temporary_path
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+    named: list[Path] = []
+    thread = threading.Thread(target=lambda: named.append(temporary_path(tmp_path / "x.pt")))
+    thread.start()
+    thread.join()
+    alive = named[0]
+    assert alive.name == f".x.pt.tmp-{os.getpid()}-{thread.ident}@{socket.gethostname()}"
+    dead = tmp_path / f".x.pt.tmp-{gone}-{thread.ident}@{socket.gethostname()}"
+    for staging in (alive, dead):
+        staging.write_text("half a checkpoint")
+    assert remove_dead_temporaries(tmp_path, report=lambda line: None) == [dead]
+    assert alive.exists()
+
+
 def test_several_checkpoints_average_their_probabilities(phantoms, trained, tmp_path):
     state = load_checkpoint(trained / "checkpoint.pt")
     other = {k: (v * 0.8 if v.is_floating_point() else v) for k, v in state["state_dict"].items()}
