@@ -16,7 +16,10 @@ GPU number: on a GPU those ops also launch their CUDA kernels, and Triton's laun
 for the driver.
 
     env -u TRITON_INTERPRET python bench/host_cost.py [--layers 0 | --depthwise | --model NAME [--plain]]
-        [--c-in 32]
+        [--c-in 32] [--autocast]
+
+--autocast runs each step under bfloat16 autocast (on the CPU device), as `train` runs on a GPU: the
+kernels compute in bfloat16 from the float32 parameters, so the casts are part of what is counted.
 """
 
 from __future__ import annotations
@@ -193,10 +196,17 @@ def _device_work(event) -> bool:
 
 
 def measure(
-    module: torch.nn.Module, x: torch.Tensor, rounds: int, steps: int, stub: bool, backend: str = "triton"
+    module: torch.nn.Module,
+    x: torch.Tensor,
+    rounds: int,
+    steps: int,
+    stub: bool,
+    backend: str = "triton",
+    autocast: bool = False,
 ) -> dict:
     """Best time per forward + backward (a random output gradient, into x and the parameters) over
-    `rounds` of `steps` steps, and the torch ops and Triton launches of one step."""
+    `rounds` of `steps` steps, and the torch ops and Triton launches of one step; autocast: the forward
+    under bfloat16 autocast."""
     launches = stub_triton_launches() if stub else fake_cuda_driver()
     from torch.profiler import ProfilerActivity, profile
 
@@ -204,12 +214,16 @@ def measure(
 
     torch.set_num_threads(1)
     x.requires_grad_(True)
-    gy = torch.randn_like(module(x))
+    cast = functools.partial(torch.autocast, "cpu", dtype=torch.bfloat16, enabled=autocast)
+    with cast():
+        gy = torch.randn_like(module(x))
 
     def step():
         x.grad = None
         module.zero_grad(set_to_none=True)
-        module(x).backward(gy)
+        with cast():
+            y = module(x)
+        y.backward(gy)
 
     with use_backend(backend):
         for _ in range(20):  # the first compiles every kernel for sm_90 (behind the fake driver)
@@ -251,14 +265,16 @@ def main(argv: list[str] | None = None) -> dict:
         "--plain", action="store_true", help="with --model: the plain PyTorch network (the eager baseline)"
     )
     parser.add_argument("--stub-launches", action="store_true", help="no Triton launch path at all")
+    parser.add_argument("--autocast", action="store_true", help="each step under bfloat16 autocast")
     args = parser.parse_args(argv)
     if args.plain and not args.model:
         parser.error("--plain measures a network: give --model NAME")
     what, module, x = _case(args)
     steps = 5 if args.model else 100
     backend = "torch" if args.plain else "triton"
-    result = measure(module, x, args.rounds, steps, args.stub_launches, backend)
+    result = measure(module, x, args.rounds, steps, args.stub_launches, backend, args.autocast)
     how = "launches stubbed" if args.stub_launches else "Triton's launch path up to the driver"
+    how += ", bfloat16 autocast" if args.autocast else ""
     print(
         f"{what}, {how}: {result['us_per_step']:.0f} us per forward + "
         f"backward (best of {args.rounds} x {steps}), {result['torch_ops']} torch ops and "

@@ -205,7 +205,35 @@ def test_autocast_matches_eager_autocast():
         assert err < 2e-2, f"{key}: {err:.2e}"  # both round operands to bfloat16 (eps 7.8e-3)
 
 
-def test_nothing_but_the_input_and_channel_vectors_is_saved_for_backward():
+def test_autocast_with_a_bias_keeps_the_parameters_dtypes():
+    """Under autocast the float32 weight and bias go to the kernels uncast (the weight's relayout casts
+    it, the bias is added in float32): the output is bfloat16 as eager's, the gradients float32 like the
+    parameters, and close to eager autocast's (which rounds the bias to bfloat16 first)."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn((2, 6, 5, 6, 7), generator=g, requires_grad=True)
+    layer = BNReLUConv3d(6, 8, bias=True)
+    with torch.no_grad():
+        layer.conv.bias.copy_(torch.randn(8, generator=g))
+    results = {}
+    for backend in ("triton", "torch"):
+        x.grad = None
+        layer.zero_grad(set_to_none=True)
+        with use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        y.float().square().sum().backward()
+        results[backend] = (y, x.grad, layer.conv.weight.grad, layer.conv.bias.grad)
+    (y, gx, gw, gb), (y_ref, gx_ref, gw_ref, gb_ref) = results["triton"], results["torch"]
+    assert (y.dtype, gx.dtype, gw.dtype, gb.dtype) == (torch.bfloat16,) + (torch.float32,) * 3
+    for name, ours, eager in (("y", y, y_ref), ("grad x", gx, gx_ref), ("grad weight", gw, gw_ref),
+                              ("grad bias", gb, gb_ref)):  # fmt: skip
+        err = max_rel_error(ours, eager)
+        assert err < 3e-2, f"{name}: {err:.2e}"
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])
+def test_nothing_but_the_input_and_channel_vectors_is_saved_for_backward(autocast):
+    """Under autocast too: the float32 weight itself is saved, no bfloat16 copy of it (the kernels' weight
+    relayout casts it, in forward and again in backward)."""
     case = CASES[0]
     g = torch.Generator().manual_seed(4)
     x, params = make_input(case, g), make_params(case, g)
@@ -213,11 +241,12 @@ def test_nothing_but_the_input_and_channel_vectors_is_saved_for_backward():
     w = params["weight"].requires_grad_(True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        with use_backend("triton"):
-            functional.bn_relu_conv3d(
+        with use_backend("triton"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = functional.bn_relu_conv3d(
                 x, w, None, params["bn_weight"], params["bn_bias"], params["running_mean"],
                 params["running_var"], True,
             )  # fmt: skip
+    assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
     # besides x and the weight: one (5, C_in) tensor of per-channel statistics (mean, var, scale, shift, rstd)
     big = [t for t in saved if t.numel() > 5 * case.c_in]
     assert {t.data_ptr() for t in big} == {x.data_ptr(), w.data_ptr()}, [tuple(t.shape) for t in big]

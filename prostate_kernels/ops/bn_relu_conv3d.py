@@ -61,10 +61,11 @@ def bn_relu_conv3d(
         from prostate_kernels.ops import bn_relu_conv3d_triton as triton_side
 
         # autocast as the eager Sequential does it: BatchNorm and ReLU in x's dtype, the conv's operands
-        # and output in the autocast dtype
+        # and output in the autocast dtype. The weight goes in as it is: its relayout for the kernels
+        # (weight_taps) casts it in the same copy, and its gradient is summed in float32 and kept in the
+        # parameter's dtype (no bfloat16 copy of the weight to save, no cast of its gradient back); the
+        # bias is added in float32.
         compute_dtype = backend.autocast_dtype(x.device) or x.dtype
-        weight = weight.to(compute_dtype)
-        bias = bias.to(compute_dtype) if bias is not None else None
         with backend.autocast_off(x.device):
             conv = (list(geometry.stride), list(geometry.padding), list(geometry.dilation), compute_dtype)
             inputs = (

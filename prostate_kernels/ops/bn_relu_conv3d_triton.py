@@ -262,10 +262,13 @@ def _block_for(channels: int) -> int:
 
 
 def weight_taps(weight: torch.Tensor, order: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """The conv weight permuted to `order` and made contiguous in dtype: one copy (the kernels index it
-    as (taps, rows, cols) from its pointer, so no reshape is needed)."""
-    taps = weight.permute(order).contiguous()
-    return taps if taps.dtype == dtype else taps.to(dtype)
+    """The conv weight permuted to `order` and made contiguous in dtype: one copy, the cast to the autocast
+    dtype included (the float32 parameter is read once), none where the permuted weight already is both;
+    the kernels index it as (taps, rows, cols) from its pointer, so no reshape is needed."""
+    taps = weight.permute(order)
+    if taps.dtype == dtype:
+        return taps.contiguous()
+    return taps.to(dtype, memory_format=torch.contiguous_format)  # (`to` ignores memory_format unless it casts)
 
 
 def conv_forward(
