@@ -59,6 +59,15 @@ def model_in_layout(model: nn.Module, channels_last: bool) -> nn.Module:
     return model
 
 
+def contiguous_in(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """t contiguous in dtype with at most one copy, the cast included (a kernel's weight relayout under
+    autocast reads the float32 parameter once); t itself when it already is both. (`Tensor.to` alone
+    ignores memory_format when it does not cast.)"""
+    if t.dtype == dtype:
+        return t.contiguous()
+    return t.to(dtype, memory_format=torch.contiguous_format)
+
+
 def grad_like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """grad (param's shape) in param's dtype and strides: itself when it has both; a view when its strides
     differ only in dimensions of size 1 (a 1x1x1 kernel's NCDHW and channels-last strides address the same

@@ -147,6 +147,37 @@ def test_half_precision_error_is_comparable_to_pytorch(dtype):
         assert rel(ours[key], exact[key]) <= bound, key
 
 
+@pytest.mark.parametrize("layout", ["ncdhw", "channels_last"])  # the direct kernels, the halo kernels
+def test_autocast_saves_the_float32_weight_and_keeps_its_gradient_float32(layout):
+    """Under autocast x is cast as conv3d casts it; the float32 weight goes to the kernels as it is (their
+    relayout casts it), so it is what backward keeps (no bfloat16 copy) and its gradient is float32 with
+    no cast to bfloat16 and back; results close to eager autocast's."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn((2, 40, 5, 6, 9), generator=g)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last_3d)
+    x.requires_grad_(True)
+    conv = DepthwiseConv3d(40, 3, padding=2, dilation=2, bias=True)
+    results, saved = {}, []
+    for backend in ("triton", "torch"):
+        x.grad = None
+        conv.zero_grad(set_to_none=True)
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            with use_backend(backend), torch.autocast("cpu", dtype=torch.bfloat16):
+                y = conv(x)
+        y.float().square().sum().backward()
+        results[backend] = (y, x.grad, conv.weight.grad, conv.bias.grad)
+        if backend == "triton":
+            weights = [t for t in saved if t.shape == conv.weight.shape]
+            assert [t.data_ptr() for t in weights] == [conv.weight.data_ptr()], [t.dtype for t in weights]
+    (y, gx, gw, gb), (y_ref, gx_ref, gw_ref, gb_ref) = results["triton"], results["torch"]
+    assert (y.dtype, gx.dtype, gw.dtype, gb.dtype) == (torch.bfloat16,) + (torch.float32,) * 3
+    for name, ours, eager in (("y", y, y_ref), ("grad x", gx, gx_ref), ("grad weight", gw, gw_ref),
+                              ("grad bias", gb, gb_ref)):  # fmt: skip
+        assert rel(ours, eager) < 3e-2, f"{name}: {rel(ours, eager):.1e}"
+
+
 def test_forward_writes_every_output_element():
     """Poisoned output memory: the kernel must overwrite all of it."""
     from prostate_kernels.ops import depthwise_conv3d_triton as ops

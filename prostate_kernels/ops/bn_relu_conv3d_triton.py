@@ -21,7 +21,7 @@ from typing import cast
 import torch
 import triton.language as tl
 
-from prostate_kernels.layout import grad_like
+from prostate_kernels.layout import contiguous_in, grad_like
 from prostate_kernels.ops import bn_relu_conv3d_halo_kernels as halo_jit
 from prostate_kernels.ops import bn_relu_conv3d_kernels as kernels
 from prostate_kernels.ops.channel_stats import batch_norm_stats, fold_batch_norm_into
@@ -265,10 +265,7 @@ def weight_taps(weight: torch.Tensor, order: tuple[int, ...], dtype: torch.dtype
     """The conv weight permuted to `order` and made contiguous in dtype: one copy, the cast to the autocast
     dtype included (the float32 parameter is read once), none where the permuted weight already is both;
     the kernels index it as (taps, rows, cols) from its pointer, so no reshape is needed."""
-    taps = weight.permute(order)
-    if taps.dtype == dtype:
-        return taps.contiguous()
-    return taps.to(dtype, memory_format=torch.contiguous_format)  # (`to` ignores memory_format unless it casts)
+    return contiguous_in(weight.permute(order), dtype)
 
 
 def conv_forward(

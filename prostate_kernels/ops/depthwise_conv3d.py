@@ -71,9 +71,10 @@ def depthwise_conv3d(
         from prostate_kernels.ops import depthwise_conv3d_triton as triton_side
 
         dtype = backend.autocast_dtype(x.device)
-        if dtype is not None:  # conv3d autocasts to the autocast dtype: do the same
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
+        if dtype is not None:  # conv3d autocasts to the autocast dtype: do the same with x; the
+            # weight's relayout for the kernels casts it (the float32 parameter is saved for backward and
+            # its gradient stays float32), the bias is added in float32
+            x = x.to(dtype)
         conv = (list(geometry.stride), list(geometry.padding), list(geometry.dilation))
         with backend.autocast_off(x.device):
             if torch.compiler.is_compiling():  # the custom op: an opaque node torch.compile can trace

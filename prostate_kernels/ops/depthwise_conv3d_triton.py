@@ -9,7 +9,7 @@ from typing import cast
 
 import torch
 
-from prostate_kernels.layout import grad_like
+from prostate_kernels.layout import contiguous_in, grad_like
 from prostate_kernels.ops import depthwise_conv3d_kernels as kernels
 from prostate_kernels.ops.conv_geometry import ConvGeometry
 from prostate_kernels.ops.launch import (
@@ -86,11 +86,12 @@ def depthwise_forward(
     y = output_like(x, (n, c, do, ho, wo), x.dtype) if out is None else out
     m = n * do * ho * wo
     check_voxels("depthwise_conv3d", m, n * d * h * w)
+    # the weight as the kernels read it, in x's dtype (under autocast the float32 parameter, cast here)
     if _takes_halo(x, geometry):
-        w_taps_first = weight.reshape(c, geometry.taps).t().contiguous()
+        w_taps_first = contiguous_in(weight.reshape(c, geometry.taps).t(), x.dtype)
         _halo_depthwise(x, w_taps_first, bias, y, geometry, geometry.padding)
         return y
-    w_taps = weight.reshape(c, geometry.taps).contiguous()
+    w_taps = contiguous_in(weight.reshape(c, geometry.taps), x.dtype)
 
     def grid(meta):
         return (cdiv(m, meta["BLOCK_M"]), cdiv(c, meta["BLOCK_C"]))
@@ -109,13 +110,13 @@ def depthwise_input_grad(gy, weight, x_shape, x_like: torch.Tensor, geometry: Co
     _, _, do, ho, wo = gy.shape
     gx = torch.empty_like(x_like, memory_format=torch.preserve_format)
     if _takes_halo(gy, geometry):  # the conv of gy with the taps reversed and the padding mirrored
-        reversed_taps = weight.reshape(c, geometry.taps).flip(1).t().contiguous()
+        reversed_taps = contiguous_in(weight.reshape(c, geometry.taps).flip(1).t(), gy.dtype)
         mirrored = tuple((k - 1) * dil - p for k, dil, p in zip(geometry.kernel, geometry.dilation,
                                                                  geometry.padding, strict=True))  # fmt: skip
         _halo_depthwise(gy, reversed_taps, None, gx, geometry, mirrored)
         return gx
     m = n * d * h * w
-    w_taps = weight.reshape(c, geometry.taps).contiguous()
+    w_taps = contiguous_in(weight.reshape(c, geometry.taps), gy.dtype)
 
     def grid(meta):
         return (cdiv(m, meta["BLOCK_M"]), cdiv(c, meta["BLOCK_C"]))
