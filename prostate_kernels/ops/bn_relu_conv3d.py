@@ -41,7 +41,10 @@ def bn_relu_conv3d(
     batch mean and biased variance normalise x and running_mean/running_var (if given) are updated once
     with `momentum` and the unbiased variance; otherwise the running statistics normalise. Zero padding
     applies to the normalised activation. On CUDA (backend "auto" or "triton") the normalised activation
-    is never written to memory, in forward or backward; elsewhere the PyTorch twin runs.
+    is never written to memory, in forward or backward; elsewhere the PyTorch twin runs. Under autocast
+    BatchNorm and ReLU run in x's dtype and the conv in the autocast dtype, as in the eager Sequential;
+    the weight and bias gradients are float32 sums kept in the parameters' dtype, where eager autocast
+    rounds them to the autocast dtype first.
 
     Args:
         x: (N, C_in, D, H, W) float32/float16/bfloat16, any strides (a channel slice of a larger

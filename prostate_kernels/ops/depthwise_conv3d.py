@@ -42,6 +42,9 @@ def depthwise_conv3d(
 
     Per-axis stride, padding and dilation (atrous rates of 36 and more are fine). On CUDA (backend
     "auto" or "triton") tiled Triton kernels run forward and backward; elsewhere PyTorch's conv3d.
+    Under autocast the kernels compute in the autocast dtype as conv3d does (x and the weight rounded to
+    it, the output in it); the weight and bias gradients are float32 sums kept in the parameters' dtype,
+    where eager autocast rounds them to the autocast dtype first.
     """
     op = "depthwise_conv3d"
     for name, value in (("x", x), ("weight", weight)):

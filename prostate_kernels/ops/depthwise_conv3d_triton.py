@@ -394,7 +394,7 @@ def separable_inference(
     m = n * do * ho * wo
     check_voxels("separable_conv3d", m, n * d * h * w)
     dot_dtype, precision = dot_setup(x.dtype)
-    pw = pointwise_weight.reshape(c_out, c_in).t().to(x.dtype).contiguous()  # (C_in, C_out)
+    pw = contiguous_in(pointwise_weight.reshape(c_out, c_in).t(), x.dtype)  # (C_in, C_out)
     block_n = max(16, min(128, next_power_of_2(c_out)))
 
     def grid(meta):
