@@ -84,13 +84,49 @@ def phase_rows(c_in: int, size: tuple[int, int, int], device: str = "cuda") -> l
     return rows
 
 
-def _p3a_step():
+def _model_step(
+    name: str = "tiramisu3d_p3a",
+    kind: str = "ours",
+    shape: tuple[int, int, int] = (16, 64, 64),
+    device: str = "cuda",
+):
+    """One bf16-autocast Adam training step of bench_models' `kind` ("ours", "eager") of network `name`
+    on a (BATCH, 1, *shape) batch, as bench_models times it."""
     from bench_models import BATCH, train_step_fn, variant
 
-    model, backend = variant("tiramisu3d_p3a", "ours", "cuda")
-    x = torch.randn((BATCH, 1, 16, 64, 64), device="cuda")
-    y = (torch.rand((BATCH, 1, 16, 64, 64), device="cuda") > 0.5).float()
+    model, backend = variant(name, kind, device)
+    x = torch.randn((BATCH, 1, *shape), device=device)
+    y = (torch.rand((BATCH, 1, *shape), device=device) > 0.5).float()
     return train_step_fn(model, backend, x, y)
+
+
+def _p3a_step():
+    return _model_step()
+
+
+def model_step_rows(
+    name: str = "tiramisu3d_p3a", shape: tuple[int, int, int] = (16, 64, 64), device: str = "cuda"
+) -> list[dict]:
+    """enqueue_and_wall_ms of a whole training step, ours and the plain network (eager): host ms near wall
+    ms = the step waits for the host. The H200 run of 2026-12-04 timed p3a's step at 16x64x64 at 133 ms
+    (ours) and 115 ms (eager) against a 6 ms compute floor. Columns as phase_rows'."""
+    rows = []
+    for kind in ("ours", "eager"):
+        enqueue, wall = enqueue_and_wall_ms(_model_step(name, kind, shape, device), repeats=10)
+        rows.append(
+            {
+                "case": f"{name} step {'x'.join(map(str, shape))} bf16{PHASE_ROWS}",
+                "kernel": kind,
+                "calls_per_step": 1,
+                "cuda_ms_per_step": f"{enqueue:.3f}",  # host ms to enqueue here
+                "share_of_kernel_time": f"{enqueue / wall:.2f}",  # enqueue / wall here
+                "step_wall_ms": f"{wall:.3f}",
+                "step_kernel_ms": "",
+            }
+        )
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
 
 
 def profile(name: str, step, repeats: int = 5) -> list[dict]:
@@ -190,16 +226,20 @@ def run() -> BenchResult:
         rows += phase_rows(c_in, size)
         rows += python_profile(label, _dense_layer_step(c_in, size))
     rows += profile("tiramisu3d_p3a step 16x64x64 bf16", _p3a_step(), repeats=3)
+    rows += model_step_rows()
+    rows += python_profile("tiramisu3d_p3a step 16x64x64 bf16", _p3a_step(), repeats=5)
     notes = [
         "torch.profiler, CUDA kernel time per step (after 2 warm-up steps); step_wall_ms: CUDA events around "
         "the profiled steps; wall much above kernel time = the GPU waits for the host (launch overhead)",
         "(host) rows: the CPU side of the same steps, self CPU time per op (Triton launches appear as their "
         "kernel's name on the CPU); there cuda_ms_per_step holds self CPU ms, step_kernel_ms the host total",
-        "(python) rows: cProfile of 50 steps, own time per Python function (Triton's launch path and our "
-        "launchers included); cuda_ms_per_step holds own Python ms, step_kernel_ms all Python ms per step",
+        "(python) rows: cProfile of 50 steps (5 of the p3a step), own time per Python function (Triton's "
+        "launch path and our launchers included); cuda_ms_per_step holds own Python ms, step_kernel_ms all "
+        "Python ms per step",
         "(phases, no profiler) rows: 20 steps of the layer's forward, retained backward and fresh forward + "
-        "backward; cuda_ms_per_step holds the host's ms per step to enqueue them, share_of_kernel_time "
-        "enqueue / wall, step_wall_ms the wall ms per step until done (perf_counter, synchronised)",
+        "backward (10 whole p3a training steps, ours and eager); cuda_ms_per_step holds the host's ms per "
+        "step to enqueue them, share_of_kernel_time enqueue / wall, step_wall_ms the wall ms per step until "
+        "done (perf_counter, synchronised)",
     ]
     return BenchResult("profile", rows, notes, summarize(rows))
 

@@ -329,6 +329,23 @@ def test_the_profiles_phase_timings_and_python_profile_run_on_a_tiny_layer():
     assert top and all(r["case"] == "tiny layer (python)" and float(r["step_kernel_ms"]) > 0 for r in top)
 
 
+def test_the_profiles_whole_step_timings_run_ours_and_eager():
+    """gpu_profile's whole training step rows (enqueue and wall ms of ours and the plain network), on a
+    tiny Tiramisu 3D on the CPU, and the summary's clause for each."""
+    import gpu_profile
+
+    rows = gpu_profile.model_step_rows("tiramisu3d_tiny", (8, 16, 16), device="cpu")
+    assert [r["kernel"] for r in rows] == ["ours", "eager"]
+    for row in rows:
+        enqueue, wall = float(row["cuda_ms_per_step"]), float(row["step_wall_ms"])
+        assert 0 < enqueue <= wall, row
+    clauses = gpu_profile.summarize(rows).split("; ")
+    assert [c.split(": ")[0] for c in clauses] == [
+        "tiramisu3d_tiny step 8x16x16 bf16 ours",
+        "tiramisu3d_tiny step 8x16x16 bf16 eager",
+    ]
+
+
 def test_the_profile_summary_reads_each_kind_of_row_by_its_own_columns():
     import gpu_profile
 
