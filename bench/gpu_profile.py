@@ -67,21 +67,21 @@ def phase_rows(c_in: int, size: tuple[int, int, int], device: str = "cuda") -> l
     (the H200 run of 2026-12-04 timed C_in=48 16x64x64 at 0.38, 0.87 and 2.12 ms: the last far above
     the first two's sum). Columns as the profile rows', with host and wall ms in place of kernel ones."""
     name = f"dense layer C_in={c_in} {'x'.join(map(str, size))} bf16{PHASE_ROWS}"
-    rows = []
-    for phase, step in _dense_layer_phases(c_in, size, device).items():
-        enqueue, wall = enqueue_and_wall_ms(step)
-        rows.append(
-            {
-                "case": name,
-                "kernel": phase,
-                "calls_per_step": 1,
-                "cuda_ms_per_step": f"{enqueue:.3f}",  # host ms to enqueue here
-                "share_of_kernel_time": f"{enqueue / wall:.2f}",  # enqueue / wall here
-                "step_wall_ms": f"{wall:.3f}",
-                "step_kernel_ms": "",
-            }
-        )
-    return rows
+    return [_phase_row(name, phase, step) for phase, step in _dense_layer_phases(c_in, size, device).items()]
+
+
+def _phase_row(case: str, phase: str, step, repeats: int = 20) -> dict:
+    """A phase row: enqueue_and_wall_ms of `step`, in the profile rows' columns."""
+    enqueue, wall = enqueue_and_wall_ms(step, repeats)
+    return {
+        "case": case,
+        "kernel": phase,
+        "calls_per_step": 1,
+        "cuda_ms_per_step": f"{enqueue:.3f}",  # host ms to enqueue here
+        "share_of_kernel_time": f"{enqueue / wall:.2f}",  # enqueue / wall here
+        "step_wall_ms": f"{wall:.3f}",
+        "step_kernel_ms": "",
+    }
 
 
 def _model_step(
@@ -100,30 +100,16 @@ def _model_step(
     return train_step_fn(model, backend, x, y)
 
 
-def _p3a_step():
-    return _model_step()
-
-
 def model_step_rows(
     name: str = "tiramisu3d_p3a", shape: tuple[int, int, int] = (16, 64, 64), device: str = "cuda"
 ) -> list[dict]:
     """enqueue_and_wall_ms of a whole training step, ours and the plain network (eager): host ms near wall
     ms = the step waits for the host. The H200 run of 2026-12-04 timed p3a's step at 16x64x64 at 133 ms
     (ours) and 115 ms (eager) against a 6 ms compute floor. Columns as phase_rows'."""
+    case = f"{name} step {'x'.join(map(str, shape))} bf16{PHASE_ROWS}"
     rows = []
     for kind in ("ours", "eager"):
-        enqueue, wall = enqueue_and_wall_ms(_model_step(name, kind, shape, device), repeats=10)
-        rows.append(
-            {
-                "case": f"{name} step {'x'.join(map(str, shape))} bf16{PHASE_ROWS}",
-                "kernel": kind,
-                "calls_per_step": 1,
-                "cuda_ms_per_step": f"{enqueue:.3f}",  # host ms to enqueue here
-                "share_of_kernel_time": f"{enqueue / wall:.2f}",  # enqueue / wall here
-                "step_wall_ms": f"{wall:.3f}",
-                "step_kernel_ms": "",
-            }
-        )
+        rows.append(_phase_row(case, kind, _model_step(name, kind, shape, device), repeats=10))
         if device == "cuda":
             torch.cuda.empty_cache()
     return rows
@@ -225,9 +211,9 @@ def run() -> BenchResult:
         label = f"dense layer C_in={c_in} {'x'.join(map(str, size))} bf16"
         rows += phase_rows(c_in, size)
         rows += python_profile(label, _dense_layer_step(c_in, size))
-    rows += profile("tiramisu3d_p3a step 16x64x64 bf16", _p3a_step(), repeats=3)
+    rows += profile("tiramisu3d_p3a step 16x64x64 bf16", _model_step(), repeats=3)
     rows += model_step_rows()
-    rows += python_profile("tiramisu3d_p3a step 16x64x64 bf16", _p3a_step(), repeats=5)
+    rows += python_profile("tiramisu3d_p3a step 16x64x64 bf16", _model_step(), repeats=5)
     notes = [
         "torch.profiler, CUDA kernel time per step (after 2 warm-up steps); step_wall_ms: CUDA events around "
         "the profiled steps; wall much above kernel time = the GPU waits for the host (launch overhead)",

@@ -65,6 +65,13 @@ def snapshot(directory: Path) -> dict[str, bytes]:
     }
 
 
+def dead_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    return gone.pid
+
+
 def copy_dataset(source: Path, target: Path) -> Path:
     """A copy of a flat dataset directory (to damage one case without touching the shared fixture)."""
     target.mkdir(parents=True)

@@ -227,7 +227,7 @@ def test_autocast_with_a_bias_keeps_the_parameters_dtypes():
     for name, ours, eager in (("y", y, y_ref), ("grad x", gx, gx_ref), ("grad weight", gw, gw_ref),
                               ("grad bias", gb, gb_ref)):  # fmt: skip
         err = max_rel_error(ours, eager)
-        assert err < 3e-2, f"{name}: {err:.2e}"
+        assert err < 2e-2, f"{name}: {err:.2e}"  # both round operands to bfloat16 (eps 7.8e-3)
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["float32", "bf16-autocast"])

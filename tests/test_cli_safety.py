@@ -13,7 +13,15 @@ import sys
 
 import pytest
 import torch
-from cli_helpers import assert_one_line_error, console_script, make_phantoms, run_cli, snapshot, train_args
+from cli_helpers import (
+    assert_one_line_error,
+    console_script,
+    dead_pid,
+    make_phantoms,
+    run_cli,
+    snapshot,
+    train_args,
+)
 
 from prostate_kernels.checkpoint import load_checkpoint, save_checkpoint
 from prostate_kernels.cli import main
@@ -339,19 +347,12 @@ def test_resume_removes_temporaries_of_a_killed_checkpoint_write(data, tmp_path)
     assert not list(run.glob(".*.tmp-*"))
 
 
-def _dead_pid() -> int:
-    """The pid of a process that has exited (and been reaped)."""
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    return gone.pid
-
-
 def test_predict_and_evaluate_remove_what_killed_writes_left_and_nothing_else(data, trained, tmp_path):
     """A predict killed inside a volume write left its hidden staging directory (a partial image in it)
     for good; a killed CSV or picture write its temporary file."""
     out = tmp_path / "p"
     out.mkdir()
-    host, dead, alive = socket.gethostname(), _dead_pid(), os.getpid()
+    host, dead, alive = socket.gethostname(), dead_pid(), os.getpid()
     killed = out / f".Case00_segmentation.mhd.tmp-{dead}@{host}"
     killed.mkdir()
     (killed / "Case00_segmentation.raw").write_bytes(b"half a volume")

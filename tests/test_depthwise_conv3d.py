@@ -175,7 +175,7 @@ def test_autocast_saves_the_float32_weight_and_keeps_its_gradient_float32(layout
     assert (y.dtype, gx.dtype, gw.dtype, gb.dtype) == (torch.bfloat16,) + (torch.float32,) * 3
     for name, ours, eager in (("y", y, y_ref), ("grad x", gx, gx_ref), ("grad weight", gw, gw_ref),
                               ("grad bias", gb, gb_ref)):  # fmt: skip
-        assert rel(ours, eager) < 3e-2, f"{name}: {rel(ours, eager):.1e}"
+        assert rel(ours, eager) < 2e-2, f"{name}: {rel(ours, eager):.1e}"  # both round to bfloat16
 
 
 def test_forward_writes_every_output_element():

@@ -534,10 +534,11 @@ def test_the_sweep_of_dead_writes_reads_a_threads_staging_name(tmp_path):
     import socket
     import threading
 
+    from cli_helpers import dead_pid
+
     from prostate_kernels.safe_files import remove_dead_temporaries, temporary_path
 
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
-                          text=True, check=True).stdout.strip()  # fmt: skip
+    gone = dead_pid()
     named: list[Path] = []
     thread = threading.Thread(target=lambda: named.append(temporary_path(tmp_path / "x.pt")))
     thread.start()
