@@ -24,6 +24,7 @@ from cli_helpers import (
 
 from prostate_kernels.data import DataError, Volume, read_mask, read_volume, write_volume
 from prostate_kernels.data.integrity import itk_reason
+from prostate_kernels.data.io import check_binary
 from prostate_kernels.data.sampling import zscore
 
 GEOMETRY = dict(
@@ -174,6 +175,15 @@ def test_an_all_ones_prediction_and_a_probability_map_are_scored(data, tmp_path)
     assert 0 < float(rows[0]["dice"]) < 1 and float(rows[1]["dice"]) == float(rows[2]["dice"]) == 0
     for row in rows:
         assert all(math.isfinite(float(row[k])) for k in row if k not in ("case", "status"))
+
+
+def test_a_multi_label_prediction_is_refused_with_its_non_zero_values():
+    """The message counts and lists the non-zero values only (it listed the background's 0 among them)."""
+    labels = np.zeros((4, 5, 6), np.uint8)
+    labels[1, 1:3, 1:3], labels[2, 2:4, 2:5], labels[3, 0, 0] = 1, 2, 3
+    with pytest.raises(DataError, match=re.escape("holds 3 different non-zero values (1, 2, 3): ")):
+        check_binary(volume(labels))
+    check_binary(volume((labels > 1).astype(np.uint8) * 7))  # one value other than 1: a binary mask
 
 
 def test_a_binary_prediction_with_another_label_value_is_scored(data, tmp_path):

@@ -275,9 +275,8 @@ def check_binary(prediction: Volume) -> None:
     values = prediction.array
     foreground = values[values != 0]
     if foreground.size and (foreground != foreground.flat[0]).any():
-        present = np.unique(values)  # sorted; _some_values of it shows the first ones
-        count = int((present != 0).sum())
-        raise DataError(prediction.path, f"holds {count} different non-zero values "
+        present = np.unique(foreground)  # sorted, no 0; _some_values of it shows the first ones
+        raise DataError(prediction.path, f"holds {present.size} different non-zero values "
                                          f"({_some_values(present)}): a prediction must be a binary mask "
                                          "(0 and one label), not a probability map or an image")  # fmt: skip
 
