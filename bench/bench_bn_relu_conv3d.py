@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,10 +42,12 @@ def sequential(c_in: int) -> nn.Sequential:
     )
 
 
-def make_providers(shape: DenseLayerShape, device: str, dtype: torch.dtype, with_compile: bool) -> dict:
+def make_providers(
+    shape: DenseLayerShape, device: str, dtype: torch.dtype, with_compile: bool
+) -> dict[str, Callable[..., torch.Tensor]]:
     torch.manual_seed(0)
     eager = sequential(shape.c_in).to(device=device, dtype=dtype)
-    modules = {"eager": eager}
+    modules: dict[str, Callable[..., torch.Tensor]] = {"eager": eager}
     if device == "cuda":
         modules["fused triton"] = BNReLUConv3d.from_sequential(eager)
     if with_compile:

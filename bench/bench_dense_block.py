@@ -15,6 +15,7 @@ import argparse
 import copy
 import sys
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.utils.checkpoint as cp
@@ -22,10 +23,10 @@ import torch.utils.checkpoint as cp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, BenchResult, environment, markdown_table, saved_bytes  # noqa: E402
 from floors import Work, measure_rates  # noqa: E402
-from shapes import FIRST_CONV, GROWTH, PATCH, TIRAMISU_P3A_LAYERS  # noqa: E402
+from shapes import FIRST_CONV, GROWTH, PATCH, TIRAMISU_P3A_LAYERS, halved  # noqa: E402
 
 from prostate_kernels import reference  # noqa: E402
-from prostate_kernels.nn import DenseBlock3d  # noqa: E402
+from prostate_kernels.nn import BNReLUConv3d, DenseBlock3d  # noqa: E402
 
 BATCH = 2
 TARGET_TIME_VS_NAIVE = 1.0
@@ -40,7 +41,7 @@ def p3a_blocks() -> list[tuple[str, int, int, tuple[int, int, int], bool]]:
         blocks.append((f"down{i + 1}", channels, layers[i], size, True))
         channels += layers[i] * GROWTH
         skips.append((channels, size))
-        size = tuple(s // 2 for s in size)
+        size = halved(size)
     blocks.append(("bottleneck", channels, layers[n_pool], size, False))
     new = layers[n_pool] * GROWTH
     for i in range(n_pool):
@@ -61,7 +62,8 @@ class CheckpointedBlock(torch.nn.Module):
 
     def forward(self, x):
         features = [x]
-        for layer in self.block.layers:
+        for module in self.block.layers:
+            layer = cast(BNReLUConv3d, module)  # a plain block's layers (bn_size 0)
             step = layer.batch_norm_step()
 
             def bottleneck(*inputs, layer=layer, step=step):
@@ -163,7 +165,8 @@ def memory_curve(path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    counts, curves = [1, 2, 4, 6, 8, 10, 12], {"ours": [], "naive": []}
+    counts = [1, 2, 4, 6, 8, 10, 12]
+    curves: dict[str, list[float]] = {"ours": [], "naive": []}
     for layers in counts:
         mods = variants(48, layers, True, "cpu", torch.float32)
         x = torch.randn((BATCH, 48, 8, 32, 32), requires_grad=True)

@@ -147,7 +147,9 @@ def bench_separable(c: int, size, dilation: int, device: str, dtype, rounds: int
 
 def run(device: str, quick: bool = False, rounds: int = 5) -> BenchResult:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    channels, sizes, dilations = CHANNELS, SIZES, DILATIONS
+    channels: tuple[int, ...] = CHANNELS
+    sizes: tuple[tuple[int, int, int], ...] = SIZES
+    dilations: tuple[int, ...] = DILATIONS
     if quick:
         channels, dilations = (128, 728), (1, 12)
     if device != "cuda":  # PyTorch's CPU depthwise conv3d is slow: the smallest grid only

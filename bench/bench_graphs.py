@@ -27,6 +27,7 @@ from bench_bn_relu_conv3d import sequential, time_cases  # noqa: E402
 from common import BenchResult, capture, environment, markdown_table  # noqa: E402
 
 from prostate_kernels import use_backend  # noqa: E402
+from prostate_kernels.backend import Backend  # noqa: E402
 from prostate_kernels.nn import BNReLUConv3d  # noqa: E402
 
 BATCH = 2
@@ -34,7 +35,7 @@ LAYERS = ((288, (4, 16, 16)), (48, (16, 64, 64)))  # (C_in, D x H x W): p3a's do
 MODEL = ("tiramisu3d_p3a", (16, 64, 64))
 
 
-def layer_step(module: torch.nn.Module, backend: str, x: torch.Tensor, gy: torch.Tensor):
+def layer_step(module: torch.nn.Module, backend: Backend, x: torch.Tensor, gy: torch.Tensor):
     """Forward + backward of the layer on the static input x (gradients of x and the parameters)."""
 
     def step():
@@ -47,7 +48,7 @@ def layer_step(module: torch.nn.Module, backend: str, x: torch.Tensor, gy: torch
 
 
 def train_step(
-    model: torch.nn.Module, backend: str, x: torch.Tensor, y: torch.Tensor, device: str, lr: float = 1e-4
+    model: torch.nn.Module, backend: Backend, x: torch.Tensor, y: torch.Tensor, device: str, lr: float = 1e-4
 ) -> tuple:
     """(step, its Adam): one training step on the static batch (x, y), capturable as a whole
     (torch.cuda.graph's whole-network recipe: set_to_none gradients, which is no kernel, so the captured
@@ -68,7 +69,9 @@ def train_step(
     return step, optimizer
 
 
-def partly_graphed_step(model: torch.nn.Module, backend: str, x: torch.Tensor, y: torch.Tensor, device: str):
+def partly_graphed_step(
+    model: torch.nn.Module, backend: Backend, x: torch.Tensor, y: torch.Tensor, device: str
+):
     """`train --cuda-graphs`' step: the network's forward and backward replayed from the graphs that
     cuda_graph_training.capture_training_step captures (on CUDA; off it the eager step), the BCE loss
     and Adam (default, not capturable) eager around them."""

@@ -18,6 +18,7 @@ import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -27,6 +28,7 @@ from floors import Work, measure_rates  # noqa: E402
 from prostate_kernels.models import build_model  # noqa: E402
 
 from prostate_kernels import use_backend  # noqa: E402
+from prostate_kernels.backend import Backend  # noqa: E402
 from prostate_kernels.layout import in_layout, model_in_layout  # noqa: E402
 
 BATCH = 2
@@ -43,18 +45,20 @@ LADDER = ((16, 64, 64), (16, 128, 128), (32, 128, 128), (32, 256, 256), (64, 256
 TARGET_VOXELS_VS_NAIVE = 8
 
 
-def variant(name: str, kind: str, device: str, channels_last: bool = False) -> tuple[torch.nn.Module, str]:
+def variant(
+    name: str, kind: str, device: str, channels_last: bool = False
+) -> tuple[torch.nn.Module, Backend]:
     """(model, backend): "ours" the library's layers, "eager" plain PyTorch, "compile" torch.compile of it;
     channels_last: its weights in that layout (layout.py)."""
     torch.manual_seed(0)
     kwargs = {} if kind == "ours" or not name.startswith("tiramisu") else {"memory_efficient": False}
     model = model_in_layout(build_model(name, **kwargs).to(device), channels_last)
-    if kind == "compile":
-        return torch.compile(model), "torch"
+    if kind == "compile":  # torch.compile of a Module is an OptimizedModule (a Module), typed as a callable
+        return cast(torch.nn.Module, torch.compile(model)), "torch"
     return model, ("auto" if kind == "ours" else "torch")
 
 
-def train_step_fn(model, backend: str, x: torch.Tensor, y: torch.Tensor, amp_dtype=torch.bfloat16):
+def train_step_fn(model, backend: Backend, x: torch.Tensor, y: torch.Tensor, amp_dtype=torch.bfloat16):
     """One Adam step on (x, y) under `backend`, autocast to amp_dtype (None: off, float32)."""
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
     loss_fn = torch.nn.BCEWithLogitsLoss()
@@ -96,7 +100,7 @@ def floor_columns(name: str, shape, rates, ms: float) -> dict:
     return columns
 
 
-def cuda_step(model, backend, shape, channels_last: bool = False) -> tuple[float, float]:
+def cuda_step(model, backend: Backend, shape, channels_last: bool = False) -> tuple[float, float]:
     """(median ms, peak MiB) of a training step (its input channels-last when asked), or raises
     torch.OutOfMemoryError."""
     from triton.testing import do_bench
@@ -198,20 +202,27 @@ def cpu_ladder() -> list[dict]:
 
 def ladder_summary(rows: list[dict], key: str) -> str:
     """Largest patch of ours in the memory naive needs at the paper's patch (CPU) or that trains (GPU)."""
+    target = f"target >= {TARGET_VOXELS_VS_NAIVE}x"
+
+    def verdict(ratio: float) -> str:
+        return f"{target}: {'met' if ratio >= TARGET_VOXELS_VS_NAIVE else 'MISSED'}"
+
     if key == "trains":
         best = {k: max((r["voxels"] for r in rows if r["variant"] == k and r["trains"] == "yes"), default=0)
                 for k in ("ours", "eager")}  # fmt: skip
-        ratio = best["ours"] / best["eager"] if best["eager"] else float("inf")
-        return (f"largest trainable patch: ours {best['ours']} voxels, naive {best['eager']} voxels, ratio "
-                f"{ratio:.0f}x (target >= {TARGET_VOXELS_VS_NAIVE}x: "
-                f"{'met' if ratio >= TARGET_VOXELS_VS_NAIVE else 'MISSED'})")  # fmt: skip
+        ours = f"largest trainable patch: ours {best['ours']} voxels"
+        if not best["eager"]:  # no ratio to state: naive trained none of the rungs it ran
+            return f"{ours}, naive none of its rungs ({target}: not measured)"
+        ratio = best["ours"] / best["eager"]
+        return f"{ours}, naive {best['eager']} voxels, ratio {ratio:.0f}x ({verdict(ratio)})"
     budget = float(next(r for r in rows if r["variant"] == "eager")[key])  # naive at the paper's patch
     fits = [r for r in rows if r["variant"] == "ours" and float(r[key]) <= budget]
-    largest = max(fits, key=lambda r: r["voxels"]) if fits else None
-    ratio = largest["voxels"] / rows[0]["voxels"] if largest else 0
+    if not fits:
+        return f"within the {budget:.2f} GiB naive keeps at 16x64x64, ours fits no rung ({target}: MISSED)"
+    largest = max(fits, key=lambda r: r["voxels"])
+    ratio = largest["voxels"] / rows[0]["voxels"]
     return (f"within the {budget:.2f} GiB naive keeps at 16x64x64, ours fits up to {largest['patch']} "
-            f"({ratio:.0f}x the voxels; target >= {TARGET_VOXELS_VS_NAIVE}x: "
-            f"{'met' if ratio >= TARGET_VOXELS_VS_NAIVE else 'MISSED'})")  # fmt: skip
+            f"({ratio:.0f}x the voxels; {verdict(ratio)})")  # fmt: skip
 
 
 def run(

@@ -113,7 +113,8 @@ class _FirstLaunch:
     """Stands in for a kernel and records the keyword arguments of its first launch (then launches)."""
 
     def __init__(self, kernel) -> None:
-        self.kernel, self.kwargs = kernel, None
+        self.kernel = kernel
+        self.kwargs: dict | None = None
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
@@ -170,7 +171,7 @@ def run(device: str = "cuda", dtype: torch.dtype = torch.bfloat16, shapes=SHAPES
                         "autotuned": "yes" if picked and picked.items() >= config.items() else "",
                         "candidate": "yes" if (warps, stages) in warps_stages else "no: explored",
                     })  # fmt: skip
-    best = {}
+    best: dict[tuple[str, str], dict] = {}  # (shape, kernel) -> its fastest row
     for r in rows:
         key = (r["shape"], r["kernel"])
         if key not in best or float(r["ms"]) < float(best[key]["ms"]):

@@ -111,7 +111,7 @@ def interleaved_medians(
     }
 
 
-def capture(fn: Callable[[], object], device: str, warmups: int = 3) -> Callable[[], None]:
+def capture(fn: Callable[[], object], device: str, warmups: int = 3) -> Callable[[], object]:
     """fn captured in a CUDA graph, as torch.cuda.graph's documentation prescribes: `warmups` runs on a
     side stream first (autotuning, Triton's compilation and lazy allocations happen there), then one
     captured run. Returns the replay; tensors fn allocated in the capture hold each replay's values.

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
 from prostate_kernels import functional, reference, sliding_window_inference, use_backend
+from prostate_kernels.backend import Backend
 from prostate_kernels.data.errors import first_line
 from prostate_kernels.determinism import deterministic_mode
 from prostate_kernels.ops.conv_geometry import conv_geometry
@@ -23,8 +25,16 @@ def _row(check: str, ok: bool, detail: str) -> dict:
     return {"check": check, "result": "PASS" if ok else "FAIL", "detail": detail}
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+def _rel(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    """max |a - b| / max |b|; a gradient that is None on one side only is a failure (inf)."""
+    if a is None or b is None:
+        return 0.0 if a is None and b is None else float("inf")
     return ((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12)).item()
+
+
+def _worst(errors: dict[str, float]) -> str:
+    """The name of the largest error."""
+    return max(errors, key=lambda name: errors[name])
 
 
 def check_sliding_window(device: str = "cuda") -> list[dict]:
@@ -79,9 +89,23 @@ def check_sliding_window(device: str = "cuda") -> list[dict]:
     return rows
 
 
-def _dense_layer_case(
-    n, c_in, c_out, size, stride, padding, dilation, bias, channel_slice, device, dtype, g, channels_last=True
-):
+class DenseCase(NamedTuple):
+    """One fused-layer check's shape: x (n, c_in, *size) -> (n, c_out, ...) through a 3x3x3 conv;
+    channel_slice: x is a channel range of a wider buffer, as in the dense block."""
+
+    n: int
+    c_in: int
+    c_out: int
+    size: tuple[int, int, int]
+    stride: int
+    padding: int
+    dilation: int
+    bias: bool
+    channel_slice: bool
+
+
+def _dense_layer_case(case: DenseCase, device, dtype, g, channels_last=True):
+    n, c_in, c_out, size, stride, padding, dilation, bias, channel_slice = case
     layout = torch.channels_last_3d if channels_last else torch.contiguous_format
     if channel_slice:  # the dense block's view: a channel range of a wider shared buffer
         buffer = torch.randn((n, c_in + 9, *size), generator=g).to(memory_format=layout)
@@ -130,15 +154,17 @@ def _run_dense_layer(x, params, conv, training, backend, dtype, gy=None):
     return out, gy
 
 
-DENSE_CASES = [  # (name, n, c_in, c_out, size, stride, padding, dilation, bias, channel_slice)
-    ("odd sizes", 2, 5, 16, (5, 7, 9), 1, 1, 1, False, False),
-    ("stride 2 + bias", 1, 40, 7, (6, 5, 7), 2, 1, 1, True, False),
-    ("dilation 2", 2, 19, 16, (7, 6, 9), 1, 2, 2, False, False),
-    ("channel slice, 100 ch", 2, 100, 16, (8, 16, 16), 1, 1, 1, False, True),
+DENSE_CASES = [  # (name, DenseCase)
+    ("odd sizes", DenseCase(2, 5, 16, (5, 7, 9), 1, 1, 1, False, False)),
+    ("stride 2 + bias", DenseCase(1, 40, 7, (6, 5, 7), 2, 1, 1, True, False)),
+    ("dilation 2", DenseCase(2, 19, 16, (7, 6, 9), 1, 2, 2, False, False)),
+    ("channel slice, 100 ch", DenseCase(2, 100, 16, (8, 16, 16), 1, 1, 1, False, True)),
 ]
 
 
-P3A_LAYER = (2, 112, 16, (16, 64, 64), 1, 1, 1, False, True)  # Tiramisu p3a, first block's last layer
+P3A_LAYER = DenseCase(
+    2, 112, 16, (16, 64, 64), 1, 1, 1, False, True
+)  # Tiramisu p3a, first block's last layer
 
 
 def check_bn_relu_conv3d(device: str = "cuda") -> list[dict]:
@@ -147,17 +173,15 @@ def check_bn_relu_conv3d(device: str = "cuda") -> list[dict]:
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False  # float32 checks: IEEE dots in the kernels
     try:
-        cases = [(name, spec, True) for name, *spec in DENSE_CASES]
-        cases += [(f"{name}, NCDHW", spec, False) for name, *spec in DENSE_CASES[::2]]
-        for name, spec, channels_last in cases:
-            x, params, conv = _dense_layer_case(
-                *spec[:4], *spec[4:7], spec[7], spec[8], device, torch.float32, g, channels_last
-            )
+        cases = [(name, case, True) for name, case in DENSE_CASES]
+        cases += [(f"{name}, NCDHW", case, False) for name, case in DENSE_CASES[::2]]
+        for name, case, channels_last in cases:
+            x, params, conv = _dense_layer_case(case, device, torch.float32, g, channels_last)
             for training in (True, False):
                 got, gy = _run_dense_layer(x, params, conv, training, "triton", torch.float32)
                 exp, _ = _run_dense_layer(x, params, conv, training, "torch", torch.float64, gy)
                 errs = {k: _rel(got[k], v) for k, v in exp.items()}
-                worst = max(errs, key=errs.get)
+                worst = _worst(errs)
                 rows.append(
                     _row(
                         f"bn_relu_conv3d fp32 {name} {'train' if training else 'eval'} vs float64",
@@ -183,8 +207,7 @@ def _check_reduced_precision(dtype, channels_last: bool, device: str, g) -> dict
     compute = torch.float32 if dtype == "tf32" else dtype
     torch.backends.cudnn.allow_tf32 = dtype == "tf32"
     try:
-        x, params, conv = _dense_layer_case(*P3A_LAYER[:4], *P3A_LAYER[4:7], P3A_LAYER[7], P3A_LAYER[8],
-                                            device, compute, g, channels_last)  # fmt: skip
+        x, params, conv = _dense_layer_case(P3A_LAYER, device, compute, g, channels_last)
         ours, gy = _run_dense_layer(x, params, conv, True, "triton", compute)
         eager, _ = _run_dense_layer(x, params, conv, True, "torch", compute, gy)
     finally:
@@ -204,7 +227,7 @@ def _error_ratio_row(what: str, ours: dict, eager: dict, exact: dict, focus: str
         for k in exact
         if _rel(ours[k], exact[k]) > 1e-5
     } or {"y": 0.0}
-    worst = max(ratios, key=ratios.get)
+    worst = _worst(ratios)
     detail = f"worst {worst}: {ratios[worst]:.2f}x eager's error ({_rel(ours[worst], exact[worst]):.1e})"
     if focus:  # the tensor the case is about, whether or not it is the worst
         ratio = _rel(ours[focus], exact[focus]) / max(_rel(eager[focus], exact[focus]), 1e-30)
@@ -212,7 +235,7 @@ def _error_ratio_row(what: str, ours: dict, eager: dict, exact: dict, focus: str
     return _row(f"{what}: error / eager's error", ratios[worst] <= 2.0, detail)
 
 
-def check_bn_relu_conv3d_tiles(device: str = "cuda", layer=P3A_LAYER) -> list[dict]:
+def check_bn_relu_conv3d_tiles(device: str = "cuda", layer: DenseCase = P3A_LAYER) -> list[dict]:
     """Every tile a GPU's autotuner may choose (each kernel's tiles x warps, spilling ones included),
     pinned one kernel at a time (BucketedAutotuner.pin; the other two autotuned), at p3a's layer shape in
     bf16: its error against float64 within 2x eager's bf16 error. The interpreter checks the tiles'
@@ -220,13 +243,12 @@ def check_bn_relu_conv3d_tiles(device: str = "cuda", layer=P3A_LAYER) -> list[di
     from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
 
     g = torch.Generator().manual_seed(2)
-    x, params, conv = _dense_layer_case(*layer[:4], *layer[4:7], layer[7], layer[8], device, torch.bfloat16,
-                                        g, True)  # fmt: skip
-    out_size = conv_geometry((3, 3, 3), *conv).output_size(layer[3])  # conv: (stride, padding, dilation)
-    gy = torch.randn((layer[0], layer[2], *out_size), generator=g).to(device)  # not the global RNG's
+    x, params, conv = _dense_layer_case(layer, device, torch.bfloat16, g, True)
+    out_size = conv_geometry((3, 3, 3), *conv).output_size(layer.size)  # conv: (stride, padding, dilation)
+    gy = torch.randn((layer.n, layer.c_out, *out_size), generator=g).to(device)  # not the global RNG's
     eager, _ = _run_dense_layer(x, params, conv, True, "torch", torch.bfloat16, gy)
     exact, _ = _run_dense_layer(x, params, conv, True, "torch", torch.float64, gy)
-    shape = f"{layer[1]}ch {'x'.join(map(str, layer[3]))}"
+    shape = f"{layer.c_in}ch {'x'.join(map(str, layer.size))}"
     rows = []
     halo, direct = launchers.halo_kernels, launchers.direct_kernels  # whatever set_halo_kernels() chose
     plain, halo_ws = launchers.WARPS_STAGES, launchers.HALO_WARPS_STAGES
@@ -254,8 +276,7 @@ def _tf32_diagnostic(device: str, g) -> dict:
     """INFO, not a check: does eager (cuDNN) use TF32 in this layer's backward at all? Eager's error
     against float64 with cuDNN's TF32 flag on and off; equal errors mean that cuDNN picked no TF32
     algorithm there, and then "ours within 2x eager's TF32 error" compares TF32 against IEEE float32."""
-    x, params, conv = _dense_layer_case(*P3A_LAYER[:4], *P3A_LAYER[4:7], P3A_LAYER[7], P3A_LAYER[8],
-                                        device, torch.float32, g, True)  # fmt: skip
+    x, params, conv = _dense_layer_case(P3A_LAYER, device, torch.float32, g, True)
     errors = {}
     for tf32 in (True, False):
         torch.backends.cudnn.allow_tf32 = tf32
@@ -329,7 +350,7 @@ def check_dense_block(device: str = "cuda") -> list[dict]:
                 errs[name] = _rel(b, c)
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
-    worst = max(errs, key=errs.get)
+    worst = _worst(errs)
     return [
         _row(
             "DenseBlock3d (Triton, dropout 0.2, 2 steps) vs naive float64",
@@ -382,7 +403,7 @@ def check_depthwise(device: str = "cuda") -> list[dict]:
         ours, gy = _run_depthwise(x, w, b, stride, dilation, "triton", torch.float32)
         exact, _ = _run_depthwise(x, w, b, stride, dilation, "torch", torch.float64, gy)
         errs = {k: _rel(ours[k], v) for k, v in exact.items()}
-        worst = max(errs, key=errs.get)
+        worst = _worst(errs)
         rows.append(
             _row(
                 f"depthwise C={c} {size} stride {stride} dilation {dilation} vs float64",
@@ -411,7 +432,7 @@ def check_depthwise(device: str = "cuda") -> list[dict]:
     return rows
 
 
-def _run_depthwise(x, w, b, stride, dilation, backend: str, dtype, gy=None):
+def _run_depthwise(x, w, b, stride, dilation, backend: Backend, dtype, gy=None):
     """Output and gradients of the depthwise conv (padding = dilation) in dtype on `backend`, and the
     output gradient used (a random one when gy is None)."""
     xi, wi, bi = (t.detach().to(dtype).requires_grad_(True) for t in (x, w, b))
@@ -479,7 +500,8 @@ def check_export(device: str = "cuda") -> list[dict]:
     rows = []
     deeplab = {"width": 0.25, "middle_blocks": 1}
     # (network, its settings, --any-size, the windows the program runs on the device)
-    networks = (("tiramisu3d_tiny", {}, False, (3, 1, 16, 32, 32)), ("deeplabv3plus_3d", deeplab, False,
+    networks: tuple[tuple[str, dict, bool, tuple[int, ...]], ...] = (
+        ("tiramisu3d_tiny", {}, False, (3, 1, 16, 32, 32)), ("deeplabv3plus_3d", deeplab, False,
                 (3, 1, 16, 32, 32)), ("tiramisu3d_tiny", {}, True, (2, 1, 24, 48, 40)))  # fmt: skip
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
@@ -531,12 +553,14 @@ def check_info(device: str = "cuda") -> list[dict]:
 
 def check_determinism(
     device: str = "cuda",
-    layer=P3A_LAYER,
-    block=(48, 16, 4),  # DenseBlock3d's in_channels, growth rate, layers
-    block_size=(16, 64, 64),
+    layer: DenseCase = P3A_LAYER,
+    block: tuple[int, int, int] = (48, 16, 4),  # DenseBlock3d's in_channels, growth rate, layers
+    block_size: tuple[int, int, int] = (16, 64, 64),
     volume_size=(40, 96, 96),
     roi=(16, 48, 48),
-    models=(  # (name, overrides, patch, backend) of the training-step checks
+    models: tuple[
+        tuple[str, dict, tuple[int, int, int], Backend], ...
+    ] = (  # (name, overrides, patch, backend) of the training-step checks
         ("tiramisu3d_p3a", {}, (16, 64, 64), "triton"),
         ("deeplabv3plus_3d", {}, (16, 64, 64), "triton"),  # its resizes' backward: models/resize.py
     ),
@@ -552,10 +576,8 @@ def check_determinism(
     from prostate_kernels.nn import DenseBlock3d, DepthwiseConv3d
 
     g = torch.Generator().manual_seed(0)
-    x, params, conv = _dense_layer_case(
-        *layer[:4], *layer[4:7], layer[7], layer[8], device, torch.bfloat16, g
-    )
-    gy = torch.randn((layer[0], layer[2], *layer[3]), generator=g).to(device)
+    x, params, conv = _dense_layer_case(layer, device, torch.bfloat16, g)
+    gy = torch.randn((layer.n, layer.c_out, *layer.size), generator=g).to(device)
 
     def dense_layer():
         out, _ = _run_dense_layer(x, params, conv, True, "triton", torch.bfloat16, gy)
@@ -636,7 +658,9 @@ def _differing(expected: dict, got: dict) -> list[str]:
     return sorted(k for k, v in expected.items() if v is not None and not torch.equal(v, got[k]))
 
 
-def _training_repeats(device: str, name: str, overrides: dict, patch: tuple, backend: str) -> dict:
+def _training_repeats(
+    device: str, name: str, overrides: dict, patch: tuple[int, int, int], backend: Backend
+) -> dict:
     """Three Adam steps of a network (bf16 autocast on CUDA, dropout on) from the same seeds, twice, under
     train --deterministic's mode: the same weights to the bit, and how many PyTorch ops warned that they
     have no deterministic version."""
@@ -674,11 +698,17 @@ def _training_repeats(device: str, name: str, overrides: dict, patch: tuple, bac
 
 def check_cuda_graphs(
     device: str = "cuda",
-    layer=P3A_LAYER,
-    block=(48, 16, 4),  # DenseBlock3d's in_channels, growth rate, layers (dropout 0.2)
-    block_size=(16, 64, 64),
-    model=("tiramisu3d_p3a", (16, 64, 64), "auto"),  # (name, patch, backend) of the whole-step capture
-    train_case=("tiramisu3d_tiny", (16, 32, 32), 30),  # (name, patch, iterations) of train --cuda-graphs
+    layer: DenseCase = P3A_LAYER,
+    block: tuple[int, int, int] = (
+        48,
+        16,
+        4,
+    ),  # DenseBlock3d's in_channels, growth rate, layers (dropout 0.2)
+    block_size: tuple[int, int, int] = (16, 64, 64),
+    # (name, patch, backend) of the whole-step capture
+    model: tuple[str, tuple[int, int, int], Backend] = ("tiramisu3d_p3a", (16, 64, 64), "auto"),
+    # (name, patch, iterations) of train --cuda-graphs
+    train_case: tuple[str, tuple[int, int, int], int] = ("tiramisu3d_tiny", (16, 32, 32), 30),
 ) -> list[dict]:
     """Training steps captured in CUDA graphs (common.capture) give what eager gives: the fused layer
     (bf16, p3a's layer) and a dense block with dropout, forward + backward, bitwise; the dense block's
@@ -697,10 +727,8 @@ def check_cuda_graphs(
     dry = "" if device == "cuda" else " (dry run: not captured)"
     rows = []
     g = torch.Generator().manual_seed(0)
-    x, params, conv = _dense_layer_case(
-        *layer[:4], *layer[4:7], layer[7], layer[8], device, torch.bfloat16, g
-    )
-    gy = torch.randn((layer[0], layer[2], *layer[3]), generator=g).to(device)
+    x, params, conv = _dense_layer_case(layer, device, torch.bfloat16, g)
+    gy = torch.randn((layer.n, layer.c_out, *layer.size), generator=g).to(device)
     with warnings.catch_warnings(record=True) as said, use_backend("triton"):
         warnings.simplefilter("always")
         static: dict = {}
@@ -724,9 +752,12 @@ def check_cuda_graphs(
         drawn: list[torch.Tensor] = []  # the seeds of each call (in the graph: its static seeds tensor)
         draw = dense_module.draw_seeds
 
-        def recording(count, where):
-            drawn.append(draw(count, where))
+        def recording(count: int, device: torch.device | str = "cpu") -> torch.Tensor:  # draw_seeds's
+            drawn.append(draw(count, device))
             return drawn[-1]
+
+        def first_replay_seeds(count: int, device: torch.device | str = "cpu") -> torch.Tensor:
+            return first_seeds.clone()
 
         def block_step():
             xi = xb.detach().requires_grad_(True)
@@ -749,7 +780,7 @@ def check_cuda_graphs(
             replayed = {k: v.clone() for k, v in static.items()}
             replay()
             fresh = not torch.equal(drawn[-1], first_seeds) and not torch.equal(static["y"], replayed["y"])
-            dense_module.draw_seeds = lambda count, where: first_seeds.clone()
+            dense_module.draw_seeds = first_replay_seeds
             block_step()  # eager, with the first replay's seeds
         finally:
             dense_module.draw_seeds = draw
@@ -772,7 +803,9 @@ def check_cuda_graphs(
     return rows
 
 
-def _train_with_cuda_graphs(device: str, name: str, patch: tuple, iters: int, dry: str) -> dict:
+def _train_with_cuda_graphs(
+    device: str, name: str, patch: tuple[int, int, int], iters: int, dry: str
+) -> dict:
     """train() with cuda_graphs against train() without, from the same seed on 3 phantoms in memory
     (bf16 autocast on CUDA, dropout 0: eager cannot repeat a graph's draws): every iteration's loss
     within 1e-2 of the eager run's (relative), and both runs' time per iteration after the first (the
@@ -809,7 +842,9 @@ def _train_with_cuda_graphs(device: str, name: str, patch: tuple, iters: int, dr
                 f"{per_iteration[False] * 1e3:.1f}, graphs {per_iteration[True] * 1e3:.1f}")  # fmt: skip
 
 
-def _whole_step_graph(device: str, name: str, patch: tuple, backend: str, dry: str) -> dict:
+def _whole_step_graph(
+    device: str, name: str, patch: tuple[int, int, int], backend: Backend, dry: str
+) -> dict:
     """A whole training step (forward, BCE loss, backward, Adam) captured once and replayed on 3 batches
     copied into its static inputs, against 3 eager steps from the same weights and batches (dropout 0:
     eager cannot repeat the graph's draws). Autocast without its cast cache, as capture requires."""

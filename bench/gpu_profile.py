@@ -184,7 +184,8 @@ def python_profile(name: str, step, repeats: int = 50) -> list[dict]:
         step()
     profiler.disable()
     synchronize()
-    stats = pstats.Stats(profiler).stats  # (file, line, function) -> (calls, _, own s, cumulative s, _)
+    # (file, line, function) -> (calls, _, own s, cumulative s, _): the table print_stats reads, not typed
+    stats = pstats.Stats(profiler).stats  # type: ignore[attr-defined]
     total = sum(v[2] for v in stats.values())
     top = sorted(stats.items(), key=lambda kv: kv[1][2], reverse=True)[:TOP]
     return [

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,7 +69,7 @@ def finish_cache_warming(proc: subprocess.Popen, started: float) -> dict:
     return {"section": "warm Triton cache", "result": result, "detail": f"{time.time() - started:.0f} s"}
 
 
-def timing_sections(save_partial) -> list[tuple[str, object]]:
+def timing_sections(save_partial: Callable[[list], None]) -> list[tuple[str, Callable[[], list]]]:
     """(name, callable -> list[BenchResult]), most important first; save_partial(list[BenchResult]):
     a section's results so far, written beside the finished sections' (the patch ladder's rungs)."""
     import bench_bn_relu_conv3d
@@ -158,7 +159,9 @@ def run_check(name: str, check) -> list[dict]:
     return rows
 
 
-def run_checks(checks: list[tuple[str, object]], chosen: list[str], t0: float) -> dict[str, list[dict]]:
+def run_checks(
+    checks: Sequence[tuple[str, Callable[[str], list[dict]]]], chosen: list[str], t0: float
+) -> dict[str, list[dict]]:
     """The checks naming a word of `chosen` (all when it is empty), in order, each check's rows under its
     name. Right after the last check of CONV_CHECKS, a failure there may turn the halo kernels off
     (fall_back_to_direct_kernels), so the checks after it run what the timings will run."""
@@ -271,7 +274,7 @@ def main() -> None:
         print(summary[-1], flush=True)
 
     wanted = [w.strip() for w in args.only.split(",") if w.strip()]
-    results = []
+    results: list = []  # BenchResults
     stem = free_stem(env, args.out)  # this call's result files, rewritten after each section
 
     def save_partial(partial: list, done: list = results) -> None:  # done: extended in place below

@@ -29,8 +29,12 @@ import collections
 import functools
 import os
 import time
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:  # the package is imported after the fake driver is in place (below)
+    from prostate_kernels.backend import Backend
 
 
 def _allow_triton_on_cpu() -> None:
@@ -201,7 +205,7 @@ def measure(
     rounds: int,
     steps: int,
     stub: bool,
-    backend: str = "triton",
+    backend: Backend = "triton",
     autocast: bool = False,
 ) -> dict:
     """Best time per forward + backward (a random output gradient, into x and the parameters) over
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--plain measures a network: give --model NAME")
     what, module, x = _case(args)
     steps = 5 if args.model else 100
-    backend = "torch" if args.plain else "triton"
+    backend: Backend = "torch" if args.plain else "triton"
     result = measure(module, x, args.rounds, steps, args.stub_launches, backend, args.autocast)
     how = "launches stubbed" if args.stub_launches else "Triton's launch path up to the driver"
     how += ", bfloat16 autocast" if args.autocast else ""

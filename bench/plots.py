@@ -43,8 +43,8 @@ def speedup_plot(results: list[BenchResult], path: Path) -> Path | None:
         return None
     plt = _pyplot()
     fig, axes = plt.subplots(len(panels), 1, figsize=(9, 2.6 * len(panels)), squeeze=False)
-    for ax, (name, column, labels, values) in zip(axes[:, 0], panels, strict=True):
-        ax.barh(labels, values, color="tab:blue")
+    for ax, (name, column, bar_labels, values) in zip(axes[:, 0], panels, strict=True):
+        ax.barh(bar_labels, values, color="tab:blue")
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_title(f"{name}: {column}", fontsize=10)
         ax.tick_params(axis="y", labelsize=7)

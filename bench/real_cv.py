@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -54,22 +55,30 @@ def fold_of(index: int) -> int:
     return index // (N_CASES // FOLDS)
 
 
+def labelled_cases(data: Path) -> list[tuple[str, Path, Path]]:
+    """(name, image, mask) of the dataset's cases, by name (discover_cases refuses a case without a mask)."""
+    from prostate_kernels.data import discover_cases
+
+    cases = sorted(discover_cases(data, require_labels=True), key=lambda c: c.name)
+    return [(c.name, c.image, c.label) for c in cases if c.label is not None]
+
+
 # ------------------------------------------------------------------------------------------- pack
 
 
 def pack(data: Path, out: Path) -> None:
-    from prostate_kernels.data import discover_cases, read_mask, read_volume
+    from prostate_kernels.data import read_mask, read_volume
     from prostate_kernels.data.resample import resample_case
     from prostate_kernels.safe_files import refuse_existing
 
     refuse_existing([out], "pack writes a new file: remove it or choose another --out")
-    cases = sorted(discover_cases(data, require_labels=True), key=lambda c: c.name)
+    cases = labelled_cases(data)
     if len(cases) != N_CASES:
         raise SystemExit(f"real_cv: expected {N_CASES} cases in {data}, found {len(cases)}")
-    arrays = {"names": np.array([c.name for c in cases]), "spacing": np.array(SPACING)}
-    for i, case in enumerate(cases):
-        image = read_volume(case.image)
-        mask = read_mask(case.label, image)
+    arrays: dict[str, Any] = {"names": np.array([name for name, _, _ in cases]), "spacing": np.array(SPACING)}
+    for i, (_, image_path, mask_path) in enumerate(cases):
+        image = read_volume(image_path)
+        mask = read_mask(mask_path, image)
         image, mask = resample_case(image, mask, SPACING)  # as train --spacing does
         arrays[f"image{i}"] = image.array.astype(np.float32)
         arrays[f"mask{i}"] = mask.array.astype(np.uint8)
@@ -126,7 +135,7 @@ def step_seconds(model_name: str, patch, batch: int, model_kwargs: dict, steps: 
 def run(pack_path: Path, out: Path, models: list[str], budget_s: float, max_iters: int | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="real_cv_"))
-    report = {"spacing_mm": SPACING, "folds": FOLDS, "models": {}}
+    report: dict[str, Any] = {"spacing_mm": SPACING, "folds": FOLDS, "models": {}}
     t0 = time.time()
     for i, model in enumerate(models):
         patch, batch, most, weight = MODELS[model]
@@ -134,7 +143,7 @@ def run(pack_path: Path, out: Path, models: list[str], budget_s: float, max_iter
             variant: step_seconds(model, patch, batch, kwargs)
             for variant, kwargs in VARIANTS.get(model, {"default": {}}).items()
         }
-        variant = min(timed, key=timed.get)
+        variant = min(timed, key=lambda v: timed[v])
         seconds = timed[variant]
         left = budget_s - (time.time() - t0)
         share = left * weight / sum(MODELS[m][3] for m in models[i:])
@@ -153,7 +162,7 @@ def run(pack_path: Path, out: Path, models: list[str], budget_s: float, max_iter
         folds = [
             json.loads((work / f"{model}-fold{k}.json").read_text()) for k in range(FOLDS) if codes[k] == 0
         ]
-        merged = {}
+        merged: dict[str, Any] = {}
         for k in range(FOLDS):
             if codes[k] == 0:
                 with np.load(work / f"{model}-fold{k}.npz") as z:
@@ -191,7 +200,7 @@ def fold(pack_path: Path, model_name: str, k: int, iters: int, work: Path, model
     train_s = time.time() - start
     device = torch.device(device_name())
     model, state = load_trained_model(checkpoint, device)
-    probs = {}
+    probs: dict[str, Any] = {}  # name -> float16 probabilities
     for name, image in held:
         prob = predict_probabilities(model, zscore(image), patch, device=device, tta=True,
                                      amp_dtype=torch.bfloat16 if device.type == "cuda" else None)  # fmt: skip
@@ -213,31 +222,31 @@ def score(data: Path, predictions: Path, results: Path, readme: bool) -> Path:
 
     from common import environment, markdown_table, slug
 
-    from prostate_kernels.data import discover_cases, read_mask, read_volume
+    from prostate_kernels.data import read_mask, read_volume
     from prostate_kernels.data.resample import resample_onto, resample_to_spacing
     from prostate_kernels.metrics import promise12_measures
     from prostate_kernels.predict import largest_component
 
     report = json.loads((predictions / "real_cv.json").read_text())
-    cases = sorted(discover_cases(data, require_labels=True), key=lambda c: c.name)
+    cases = labelled_cases(data)
     columns = ("dice", "hd95_mm", "abd_mm", "rvd_percent", "abs_rvd_percent", "apex_dice", "base_dice")
     rows, summary = [], []
     for model, info in report["models"].items():
         with np.load(predictions / f"real_cv-{model}.npz") as z:
             probs = {name: z[name].astype(np.float32) for name in z.files}
         model_rows = []
-        for i, case in enumerate(cases):
-            image = read_volume(case.image)
-            reference = read_mask(case.label, image)
-            if case.name in probs:
+        for i, (case_name, image_path, mask_path) in enumerate(cases):
+            image = read_volume(image_path)
+            reference = read_mask(mask_path, image)
+            if case_name in probs:
                 grid = resample_to_spacing(image, tuple(report["spacing_mm"]))
-                prob = resample_onto(grid.like(probs[case.name]), image)
+                prob = resample_onto(grid.like(probs[case_name]), image)
                 predicted = largest_component((prob > 0.5).astype(np.uint8)).astype(bool)
                 status = "ok" if predicted.any() else "empty"
             else:  # a fold that failed: its cases are scored as empty predictions, never dropped
                 predicted, status = np.zeros(reference.array.shape, bool), "missing"
             m = promise12_measures(predicted, reference.array, reference.spacing_zyx, reference.direction)
-            model_rows.append({"model": model, "fold": fold_of(i), "case": case.name, "status": status,
+            model_rows.append({"model": model, "fold": fold_of(i), "case": case_name, "status": status,
                                **{c: f"{m[c]:.3f}" for c in columns}})  # fmt: skip
         rows += model_rows
         for name, reduce in (("mean", statistics.mean), ("median", statistics.median), ("min", min),

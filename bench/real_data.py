@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -75,13 +76,15 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     train_cases, held_out = split(args.data)
     train_dir = link_dataset(train_cases, work / "train")
     held_dir = link_dataset(held_out, work / "held_out")
+    given: dict[str, Any] = {  # the flags given; TrainConfig's defaults for the rest
+        k: (tuple(v) if isinstance(v, list) else v)
+        for k, v in (("patch", args.patch), ("batch", args.batch), ("loss", args.loss), ("lr", args.lr),
+                     ("spacing", args.spacing)) if v is not None
+    }  # fmt: skip
     config = TrainConfig(
         data=train_dir, out=work / "run", model=args.model, iters=args.iters, val_cases=0,
         val_every=max(1, args.iters // 10), progress=False, seed=args.seed, augment=args.augment,
-        schedule=args.schedule,
-        **{k: (tuple(v) if isinstance(v, list) else v)
-           for k, v in (("patch", args.patch), ("batch", args.batch), ("loss", args.loss), ("lr", args.lr),
-                        ("spacing", args.spacing)) if v is not None},
+        schedule=args.schedule, **given,
     )  # fmt: skip
     check_config(config)
     start = time.time()

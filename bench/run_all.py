@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ from common import RESULTS_DIR, BenchResult, environment, free_stem, markdown_ta
 from plots import ladder_plot, speedup_plot  # noqa: E402
 
 
-def benchmarks(device: str) -> dict[str, object]:
+def benchmarks(device: str) -> dict[str, Callable[[], list[BenchResult]]]:
     """name -> callable returning that benchmark's BenchResults, in the order they run."""
     cuda = device == "cuda"
     return {

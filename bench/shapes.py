@@ -22,6 +22,12 @@ class DenseLayerShape:
         return f"{self.block}.{self.layer} C_in={self.c_in} {self.size[0]}x{self.size[1]}x{self.size[2]}"
 
 
+def halved(size: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The resolution after a transition down (2x2x2 pooling, floor)."""
+    d, h, w = size
+    return d // 2, h // 2, w // 2
+
+
 def tiramisu_dense_layers(
     layers: tuple[int, ...] = TIRAMISU_P3A_LAYERS, patch: tuple[int, int, int] = PATCH
 ) -> list[DenseLayerShape]:
@@ -38,7 +44,7 @@ def tiramisu_dense_layers(
             shapes.append(DenseLayerShape(f"down{i + 1}", j, channels + j * GROWTH, size))
         channels += layers[i] * GROWTH
         skips.append((channels, size))
-        size = tuple(s // 2 for s in size)
+        size = halved(size)
     for j in range(layers[n_pool]):
         shapes.append(DenseLayerShape("bottleneck", j, channels + j * GROWTH, size))
     new_features = layers[n_pool] * GROWTH

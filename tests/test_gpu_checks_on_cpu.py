@@ -15,6 +15,11 @@ if not BENCH.is_dir():
 sys.path.insert(0, str(BENCH))
 
 
+def tiny_layer(gpu_checks):
+    """A 20-channel slice at 2x3x4, batch 1: the checks' p3a layer, shrunk for the interpreter."""
+    return gpu_checks.DenseCase(1, 20, 16, (2, 3, 4), 1, 1, 1, False, True)
+
+
 @pytest.fixture
 def halo_turned_off(monkeypatch):
     """set_halo_kernels(False) for the test, as bench/gpu_suite.py sets it after the halo kernels fail
@@ -44,7 +49,7 @@ def test_every_pinned_tile_passes_the_gpu_check_on_a_tiny_layer(halo_turned_off)
 
     from prostate_kernels.ops import bn_relu_conv3d_triton as launchers
 
-    rows = gpu_checks.check_bn_relu_conv3d_tiles("cpu", layer=(1, 20, 16, (2, 3, 4), 1, 1, 1, False, True))
+    rows = gpu_checks.check_bn_relu_conv3d_tiles("cpu", layer=tiny_layer(gpu_checks))
     assert halo_turned_off() == ["forward", "input grad", "weight grad"]
     tiles = len(launchers.FWD_TILES) + len(launchers.DGRAD_TILES) + len(launchers.WGRAD_TILES)
     halo = (len(launchers.HALO_TILES) + 2) * len(launchers.HALO_WARPS_STAGES)  # + both gradients' tiles
@@ -114,7 +119,7 @@ def test_the_determinism_check_runs_and_passes_on_a_tiny_case():
     import gpu_checks
 
     tiny = {
-        "layer": (1, 20, 16, (2, 3, 4), 1, 1, 1, False, True),
+        "layer": tiny_layer(gpu_checks),
         "block": (8, 4, 2),
         "block_size": (2, 3, 4),
         "volume_size": (4, 6, 7),
@@ -137,7 +142,7 @@ def test_the_determinism_check_runs_and_passes_on_a_tiny_case():
 def _tiny_cuda_graph_check(gpu_checks) -> list[dict]:
     return gpu_checks.check_cuda_graphs(
         "cpu",
-        layer=(1, 20, 16, (2, 3, 4), 1, 1, 1, False, True),
+        layer=tiny_layer(gpu_checks),
         block=(8, 4, 2),
         block_size=(2, 3, 4),
         model=("tiramisu3d_tiny", (8, 16, 16), "torch"),

@@ -193,7 +193,8 @@ def run_workloads(paths=DOT_PATHS, log=print) -> None:
         for layout in (torch.contiguous_format, torch.channels_last_3d):
             for model in networks.values():
                 for dtype in dtypes:
-                    model = model.to(dtype=dtype, memory_format=layout)
+                    # Module.to takes memory_format (documented); torch's stubs leave it out
+                    model = model.to(dtype=dtype, memory_format=layout)  # type: ignore[call-overload]
                     x = torch.empty(2, 1, *PATCH, device="meta", dtype=dtype).to(memory_format=layout)
                     with _dot_settings(path):
                         for forward_kernel in FORWARD_KERNELS:
@@ -433,7 +434,7 @@ def write_report(results: list[Result], out: Path, quick: bool, seconds: float) 
         f"# Triton compile report ({'quick: default configs, sm_90a' if quick else 'full sweep'})",
         "",
         f"`python tools/gpu_compile.py{' --quick' if quick else ''}` on {platform.node()} (no GPU: Triton's "
-        f"compiler and bundled ptxas), {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
+        f"compiler and bundled ptxas), {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
         f"torch {torch.__version__}, triton {triton.__version__}, git {sha or 'unknown'}; {seconds:.0f} s.",
         "",
         f"**Summary: {summary(results)}.**",

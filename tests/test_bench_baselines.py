@@ -1,0 +1,35 @@
+"""The benchmarks' baselines compute what ours computes: a ratio against another function means nothing."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import bench_dense_block  # noqa: E402
+
+from prostate_kernels import use_backend  # noqa: E402
+
+
+def test_the_dense_block_benchmarks_variants_are_one_block():
+    """ours, naive (torch.cat) and checkpoint (efficient_densenet's recipe) from the same weights: the same
+    output and input gradient in float64 (dropout 0: the checkpoint variant draws torch's masks, not ours)."""
+    variants = bench_dense_block.variants(8, 2, True, "cpu", torch.float64)
+    for module in variants.values():
+        block = module.block if isinstance(module, bench_dense_block.CheckpointedBlock) else module
+        block.dropout = 0.0
+    x = torch.randn((1, 8, 4, 5, 6), dtype=torch.float64, requires_grad=True)
+    gy = torch.randn((1, 8 + 2 * 16, 4, 5, 6), dtype=torch.float64)
+    results = {}
+    with use_backend("torch"):
+        for name, module in variants.items():
+            y = module(x)
+            y.backward(gy)
+            results[name] = (y.detach(), x.grad)
+            x.grad = None
+    y_ours, grad_ours = results.pop("ours")
+    for name, (y, grad) in results.items():
+        torch.testing.assert_close(y, y_ours, rtol=1e-12, atol=1e-12, msg=name)
+        torch.testing.assert_close(grad, grad_ours, rtol=1e-12, atol=1e-12, msg=name)
