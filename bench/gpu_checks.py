@@ -162,9 +162,8 @@ DENSE_CASES = [  # (name, DenseCase)
 ]
 
 
-P3A_LAYER = DenseCase(
-    2, 112, 16, (16, 64, 64), 1, 1, 1, False, True
-)  # Tiramisu p3a, first block's last layer
+# Tiramisu p3a's first block's last layer
+P3A_LAYER = DenseCase(2, 112, 16, (16, 64, 64), 1, 1, 1, False, True)
 
 
 def check_bn_relu_conv3d(device: str = "cuda") -> list[dict]:
@@ -501,8 +500,10 @@ def check_export(device: str = "cuda") -> list[dict]:
     deeplab = {"width": 0.25, "middle_blocks": 1}
     # (network, its settings, --any-size, the windows the program runs on the device)
     networks: tuple[tuple[str, dict, bool, tuple[int, ...]], ...] = (
-        ("tiramisu3d_tiny", {}, False, (3, 1, 16, 32, 32)), ("deeplabv3plus_3d", deeplab, False,
-                (3, 1, 16, 32, 32)), ("tiramisu3d_tiny", {}, True, (2, 1, 24, 48, 40)))  # fmt: skip
+        ("tiramisu3d_tiny", {}, False, (3, 1, 16, 32, 32)),
+        ("deeplabv3plus_3d", deeplab, False, (3, 1, 16, 32, 32)),
+        ("tiramisu3d_tiny", {}, True, (2, 1, 24, 48, 40)),
+    )
     tf32 = torch.backends.cudnn.allow_tf32
     torch.backends.cudnn.allow_tf32 = False
     try:
@@ -558,9 +559,8 @@ def check_determinism(
     block_size: tuple[int, int, int] = (16, 64, 64),
     volume_size=(40, 96, 96),
     roi=(16, 48, 48),
-    models: tuple[
-        tuple[str, dict, tuple[int, int, int], Backend], ...
-    ] = (  # (name, overrides, patch, backend) of the training-step checks
+    # (name, overrides, patch, backend) of the training-step checks
+    models: tuple[tuple[str, dict, tuple[int, int, int], Backend], ...] = (
         ("tiramisu3d_p3a", {}, (16, 64, 64), "triton"),
         ("deeplabv3plus_3d", {}, (16, 64, 64), "triton"),  # its resizes' backward: models/resize.py
     ),
@@ -699,11 +699,8 @@ def _training_repeats(
 def check_cuda_graphs(
     device: str = "cuda",
     layer: DenseCase = P3A_LAYER,
-    block: tuple[int, int, int] = (
-        48,
-        16,
-        4,
-    ),  # DenseBlock3d's in_channels, growth rate, layers (dropout 0.2)
+    # DenseBlock3d's in_channels, growth rate, layers (dropout 0.2)
+    block: tuple[int, int, int] = (48, 16, 4),
     block_size: tuple[int, int, int] = (16, 64, 64),
     # (name, patch, backend) of the whole-step capture
     model: tuple[str, tuple[int, int, int], Backend] = ("tiramisu3d_p3a", (16, 64, 64), "auto"),
