@@ -3,8 +3,11 @@
 Public API (importing is cheap: no Triton compilation, no SimpleITK, no GPU query at import time):
     sliding_window_inference   overlap-weighted sliding-window inference (C++ / Triton stitching)
     RoiTooLargeError           a roi_size padding inputs past their device's memory (ValueError, MemoryError)
-    nn.BNReLUConv3d            fused BatchNorm -> ReLU -> Conv3d (the dense layer), drop-in module
-    functional                 the ops as functions (bn_relu_conv3d, window_* stitching ops)
+    nn                         drop-in modules: BNReLUConv3d (fused BatchNorm -> ReLU -> Conv3d, the dense
+                               layer), DenseBlock3d, BottleneckDenseLayer3d, DepthwiseConv3d,
+                               SeparableConv3d, ASPP3d
+    functional                 the ops as functions (bn_relu_conv3d, depthwise_conv3d, window_* stitching)
+    models                     the paper's networks (import prostate_kernels.models; build_model(name))
     set_backend, get_backend, use_backend   choose Triton kernels, the PyTorch twin, or "auto"
     HAS_EXT                    whether the C++ extension prostate_kernels._C loaded
     optimize                   swap the library's layers into any model (MONAI DenseNet, Sequentials, ...)
