@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except OSError as exc:  # a file system refusal (read-only, full, not a directory): one line
         where = f"{exc.filename}: " if exc.filename else ""
-        print(f"error: {where}{exc.strerror or exc}", file=sys.stderr)
+        print(f"error: {where}{exc.strerror or exc}{_resume_hint(args)}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -62,12 +62,16 @@ _MEMORY_HINTS = {
 
 
 def _memory_hint(args: argparse.Namespace) -> str:
-    """What to change after running out of memory; for train, whether --resume has a checkpoint to go on
-    from (a run that ran out at its first step has none)."""
-    hint = _MEMORY_HINTS[args.command]
+    """What to change after running out of memory (and for train, _resume_hint)."""
+    return _MEMORY_HINTS[args.command] + _resume_hint(args)
+
+
+def _resume_hint(args: argparse.Namespace) -> str:
+    """For a train that failed, whether --resume has a checkpoint to go on from (a run that failed before
+    its first checkpoint has none; a failed checkpoint write leaves the one before it whole)."""
     if args.command == "train" and (Path(args.out) / "checkpoint.pt").is_file():
-        hint += " (the last checkpoint is intact: --resume continues)"
-    return hint
+        return " (the last checkpoint is intact: --resume continues)"
+    return ""
 
 
 def _out_of_memory(exc: BaseException) -> bool:

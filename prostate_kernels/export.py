@@ -23,6 +23,7 @@ and the difference reported).
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from dataclasses import dataclass
@@ -107,8 +108,12 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, any_size: bool = 
                                     f"{difference:.3g} (largest logit {scale:.3g}): not written")  # fmt: skip
     metadata = _metadata(state, checkpoint, window, multiple, __version__)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out, "wb") as f:  # a killed export leaves no half-written program
-        torch.export.save(program, f, extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
+    # The program is packed in memory, then written: torch's pt2 writer, when a write under it failed (a
+    # full disk), threw from a C++ destructor later and the process aborted (status 134, a C++ trace).
+    packed = io.BytesIO()
+    torch.export.save(program, packed, extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
+    with atomic_write(out, "wb") as f:  # a killed or failed export leaves no half-written program
+        f.write(packed.getbuffer())
     return Exported(out, metadata, difference)
 
 

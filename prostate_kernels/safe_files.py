@@ -23,6 +23,7 @@ so the rule "a command never overwrites what it did not create" (DESIGN.md secti
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import socket
@@ -109,18 +110,42 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[I
         tmp.unlink(missing_ok=True)  # only left behind if the write failed
 
 
+# A write that fails with one of these and no file name (a full disk under a file object's write) failed
+# on the file being written.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
+
+
 @contextlib.contextmanager
 def staging_errors_named(path: Path) -> Iterator[None]:
     """Re-raises an OSError about `path`'s staging file or directory (temporary_path), or a file in it, as
     one about `path`, the file the user named: export's "--out /proc/x.pt2" failed as
-    "/proc/.x.pt2.tmp-5292@vm: No such file or directory"."""
+    "/proc/.x.pt2.tmp-5292@vm: No such file or directory". So is a write error that names no file (a
+    full disk), also where another exception hides it: torch.save's zip writer, closing after a failed
+    write, raised "RuntimeError: ... unexpected pos 281856 vs 281748" over the "No space left on device"."""
     try:
         yield
-    except OSError as exc:
-        staging = temporary_path(path).name
-        if exc.filename is None or staging not in Path(os.fsdecode(exc.filename)).parts:
+    except Exception as exc:
+        failure = _os_error_in(exc)
+        if failure is None:
             raise
-        raise type(exc)(exc.errno, exc.strerror, str(path)) from None
+        if failure.filename is None:
+            if failure.errno not in _WRITE_ERRNOS:
+                raise
+        elif temporary_path(path).name not in Path(os.fsdecode(failure.filename)).parts:
+            raise
+        raise type(failure)(failure.errno, failure.strerror, str(path)) from None
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """exc if it is an OSError, else the first OSError among the exceptions it was raised while handling
+    (its __context__ chain, a few deep), else None."""
+    for _ in range(4):
+        if isinstance(exc, OSError):
+            return exc
+        if exc.__context__ is None:
+            return None
+        exc = exc.__context__
+    return None
 
 
 @contextlib.contextmanager

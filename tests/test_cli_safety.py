@@ -6,6 +6,7 @@ issue (data loss 1-4, crashes 6-7, leftovers 16).
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
@@ -14,15 +15,18 @@ import sys
 import pytest
 import torch
 from cli_helpers import (
+    TESTS,
     assert_one_line_error,
     console_script,
     dead_pid,
+    full_disk_open,
     make_phantoms,
     run_cli,
     snapshot,
     train_args,
 )
 
+from prostate_kernels import safe_files
 from prostate_kernels.checkpoint import load_checkpoint, save_checkpoint
 from prostate_kernels.cli import main
 from prostate_kernels.safe_files import LOCK_NAME
@@ -345,6 +349,71 @@ def test_resume_removes_temporaries_of_a_killed_checkpoint_write(data, tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "removed .checkpoint.pt.tmp-99999" in result.stdout
     assert not list(run.glob(".*.tmp-*"))
+
+
+def _disk_full_from_now_on(monkeypatch) -> None:
+    """Every later atomic write (checkpoints, CSVs, pictures) stages into a file on a full disk."""
+    monkeypatch.setattr(safe_files, "open", full_disk_open, raising=False)  # shadows the builtin there
+
+
+def test_a_checkpoint_write_on_a_full_disk_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    """torch.save's zip writer, closing after the failed write, raised "RuntimeError: [enforce fail at
+    inline_container.cc:672] . unexpected pos 768 vs 662" over the ENOSPC: the CLI printed a traceback."""
+    path = save_checkpoint({"weights": torch.arange(4.0)}, tmp_path / "checkpoint.pt")
+    _disk_full_from_now_on(monkeypatch)
+    with pytest.raises(OSError) as raised:
+        save_checkpoint({"weights": torch.zeros(100_000)}, path)
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(path)
+    assert torch.equal(load_checkpoint(path)["weights"], torch.arange(4.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no staging file left
+
+
+def test_training_onto_a_full_disk_is_one_line_and_resume_continues(data, tmp_path, monkeypatch, capsys):
+    """The disk fills after the first checkpoint: the next write fails in one line naming the file, and
+    the first checkpoint is what --resume continues from."""
+    run = tmp_path / "run"
+    save = safe_files.atomic_write
+
+    def first_write_then_full(path, mode="w", **kwargs):
+        if path.name == "checkpoint.pt" and path.exists():
+            _disk_full_from_now_on(monkeypatch)
+        return save(path, mode, **kwargs)
+
+    monkeypatch.setattr("prostate_kernels.checkpoint.atomic_write", first_write_then_full)
+    assert main(train_args(data, run, 4)) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {run / 'checkpoint.pt'}: No space left on device (the last checkpoint is intact: "
+                   "--resume continues)\n")  # fmt: skip
+    assert load_checkpoint(run / "checkpoint.pt")["iteration"] == 2
+    assert not list(run.glob(".*.tmp-*"))
+
+
+def test_export_onto_a_full_disk_is_one_line_not_an_abort(trained, tmp_path):
+    """torch's pt2 writer, after a failed write under it, threw from a C++ destructor at exit: the process
+    aborted (status 134) with a C++ trace after the error line. In a process of its own, for that reason."""
+    driver = tmp_path / "export_onto_a_full_disk.py"
+    driver.write_text(
+        "import sys\n"
+        "from cli_helpers import full_disk_open\n"
+        "from prostate_kernels import safe_files\n"
+        "from prostate_kernels.cli import main\n"
+        "safe_files.open = full_disk_open\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    out = tmp_path / "p3a.pt2"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    command = [
+        sys.executable,
+        str(driver),
+        "export",
+        "--checkpoint",
+        str(trained / "best.pt"),
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert (result.returncode, result.stderr) == (2, f"error: {out}: No space left on device\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [driver.name]
 
 
 def test_predict_and_evaluate_remove_what_killed_writes_left_and_nothing_else(data, trained, tmp_path):
