@@ -107,7 +107,11 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[I
                 os.fsync(f.fileno())
             os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)  # only left behind if the write failed
+        # only left behind if the write failed. A read-only file system refuses even the unlink of a file
+        # that is not there (EROFS), which must not replace the error that ended the write: evaluate and
+        # export named their staging file (".NAME.tmp-PID@HOST: Read-only file system") instead of NAME.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
 
 
 # A write that fails with one of these and no file name (a full disk under a file object's write) failed

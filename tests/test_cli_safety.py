@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -386,6 +387,21 @@ def test_training_onto_a_full_disk_is_one_line_and_resume_continues(data, tmp_pa
                    "--resume continues)\n")  # fmt: skip
     assert load_checkpoint(run / "checkpoint.pt")["iteration"] == 2
     assert not list(run.glob(".*.tmp-*"))
+
+
+def test_a_write_on_a_read_only_file_system_names_the_file_asked_for(tmp_path, monkeypatch):
+    """A read-only file system refuses even the unlink of a file that is not there: the clean-up of the
+    staging file raised EROFS over the named error, so evaluate and export said
+    ".NAME.tmp-PID@HOST: Read-only file system" (seen on a read-only tmpfs)."""
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(args[0]))
+
+    monkeypatch.setattr(safe_files, "open", read_only, raising=False)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    with pytest.raises(OSError) as raised, safe_files.atomic_write(tmp_path / "evaluation.csv") as f:
+        f.write("case,dice\n")
+    assert (raised.value.errno, raised.value.filename) == (errno.EROFS, str(tmp_path / "evaluation.csv"))
 
 
 def test_export_onto_a_full_disk_is_one_line_not_an_abort(trained, tmp_path):

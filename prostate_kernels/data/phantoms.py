@@ -10,6 +10,7 @@ bias field; Rician noise; anisotropic spacing around 0.6 x 0.6 x 3.6 mm. The mas
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -118,7 +119,8 @@ def write_phantoms(out_dir: str | Path, n: int = 8, seed: int = 0, shape=DEFAULT
                 write_volume(volume, path)
     except DataError:
         for path in written:  # this call's own files only
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the DataError is the one to report
+                path.unlink(missing_ok=True)
         raise
     return images
 
