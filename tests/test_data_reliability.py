@@ -10,6 +10,7 @@ import math
 import os
 import re
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -271,6 +272,31 @@ def test_a_volume_write_that_fails_half_way_leaves_the_earlier_file_whole(tmp_pa
     assert read_volume(target).array.min() == 1
     write_volume(Volume(np.zeros((4, 5, 6), np.uint8), *grid), target)  # a whole write replaces it
     assert read_volume(target).array.max() == 0 and {p.name for p in tmp_path.iterdir()} == set(before)
+
+
+def test_an_image_write_onto_a_full_disk_says_so_and_names_the_file_asked_for(tmp_path, monkeypatch):
+    """On a full tmpfs ITK said only "M_WriteElementsData: file stream is fail after write; File cannot be
+    written: DIR/.NAME.tmp-PID@HOST/NAME": the likely cause leads now, and ITK's text names NAME."""
+    import shutil
+
+    import SimpleITK as sitk
+
+    def full_disk(image, path, *args, **kwargs):
+        raise RuntimeError(f"MetaImage: M_WriteElementsData: file stream is fail after write\n"
+                           f"File cannot be written: {path}")  # fmt: skip
+
+    monkeypatch.setattr(sitk, "WriteImage", full_disk)
+    monkeypatch.setattr(
+        shutil, "disk_usage", lambda path: SimpleNamespace(total=10**9, used=10**9 - 100, free=100)
+    )
+    target = tmp_path / "Case00_segmentation.mhd"
+    with pytest.raises(DataError) as raised:
+        write_volume(volume(np.zeros((4, 5, 6), np.uint8)), target)
+    assert str(raised.value) == (
+        f"{target}: no space left on its file system (100 bytes free, 120 to write): cannot write image "
+        f"(MetaImage: M_WriteElementsData: file stream is fail after write; File cannot be written: {target})"
+    )
+    assert list(tmp_path.iterdir()) == []  # no staging directory left
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes are a POSIX thing")

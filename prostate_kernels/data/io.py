@@ -165,12 +165,29 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
     try:
         staged = staging / path.name
         compress = path.name.endswith(".gz")
-        itk_call("write", path, lambda: sitk.WriteImage(image, str(staged), useCompression=compress))
+        try:
+            itk_call("write", path, lambda: sitk.WriteImage(image, str(staged), useCompression=compress))
+        except DataError as exc:
+            raise _write_failure(exc, path, staged, volume.array.nbytes) from None
         for written in sorted(staging.iterdir(), key=lambda f: f.name == path.name):  # `path` last
             os.replace(written, path.parent / written.name)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
+
+
+def _write_failure(error: DataError, path: Path, staged: Path, nbytes: int) -> DataError:
+    """ITK's write error about `path`, said of `path` (not of the staging copy that ITK was writing), and
+    led by the likely cause when the file system has less room than the voxels take (ITK says only "file
+    stream is fail after write" when the disk is full)."""
+    problem = error.problem.replace(str(staged), str(path))
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:  # no answer: the message stays ITK's
+        return DataError(path, problem)
+    if free < nbytes:
+        problem = f"no space left on its file system ({free} bytes free, {nbytes} to write): {problem}"
+    return DataError(path, problem)
 
 
 LABEL_MAP_MAX_VALUES = 16  # an image of whole numbers with at most this many values is taken for a mask
