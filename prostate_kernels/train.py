@@ -11,7 +11,9 @@ iteration) lets `--resume` continue exactly where training stopped: the batches 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import itertools
 import math
 import os
@@ -717,31 +719,39 @@ class _MetricsLog:
             raise DataError(path, f"not a regular file: {fix}")
         try:
             with path.open(newline="", encoding="utf-8") as f:
-                reader = csv.DictReader(f)
-                if tuple(reader.fieldnames or ()) != cls.COLUMNS:
-                    raise DataError(path, f"header {reader.fieldnames} is not {list(cls.COLUMNS)}: {fix}")
-                rows = []
-                for row in reader:
-                    # DictReader files extra values under the key None and fills missing ones with None
-                    if None in row or None in row.values() or not row["iteration"].isdigit():
-                        what = f"{len(cls.COLUMNS)} values starting with an iteration number"
-                        raise DataError(path, f"line {reader.line_num} is not a row of {what}: {fix}")
-                    rows.append(row)
+                text = f.read()
         except UnicodeDecodeError as exc:
             raise DataError(path, f"not UTF-8 text (byte {exc.start}): {fix}") from None
+        # a last line without its newline is an append cut short (a kill, a full disk): not an error
+        cut_short_line = text.count("\n") + 1 if text and not text.endswith("\n") else None
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if tuple(reader.fieldnames or ()) != cls.COLUMNS:
+            raise DataError(path, f"header {reader.fieldnames} is not {list(cls.COLUMNS)}: {fix}")
+        rows = []
+        for row in reader:
+            # DictReader files extra values under the key None and fills missing ones with None
+            if None in row or None in row.values() or not row["iteration"].isdigit():
+                if reader.line_num == cut_short_line:
+                    break  # its iteration is after the checkpoint's (rows are written after it): redone
+                what = f"{len(cls.COLUMNS)} values starting with an iteration number"
+                raise DataError(path, f"line {reader.line_num} is not a row of {what}: {fix}")
+            rows.append(row)
         return [r for r in rows if int(r["iteration"]) <= start]
 
     def write(self, it: int, loss: float, lr: float, val_dice: float | None, seconds: float) -> None:
-        with self.path.open("a", newline="") as f:
-            csv.writer(f).writerow(
-                [
-                    it,
-                    f"{loss:.6f}",
-                    f"{lr:.3e}",
-                    "" if val_dice is None else f"{val_dice:.4f}",
-                    f"{seconds:.1f}",
-                ]
-            )
+        """Appends one row, whole or not at all: an append that fails (a full disk) is cut back to the rows
+        before it and raised as an OSError naming the file (a part of a row would stop --resume)."""
+        row = io.StringIO(newline="")
+        val = "" if val_dice is None else f"{val_dice:.4f}"
+        csv.writer(row).writerow([it, f"{loss:.6f}", f"{lr:.3e}", val, f"{seconds:.1f}"])
+        size = self.path.stat().st_size
+        try:
+            with self.path.open("a", newline="") as f:
+                f.write(row.getvalue())
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.truncate(self.path, size)
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
 
 
 __all__ = ["PAPER", "PaperSettings", "TrainConfig", "check_config", "train", "validate"]

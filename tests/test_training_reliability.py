@@ -3,6 +3,7 @@ reliability issue)."""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -316,6 +317,54 @@ def test_resume_keeps_the_rows_up_to_the_checkpoint_across_blank_lines(data, tmp
     lines = (run / "metrics.csv").read_text().splitlines()
     assert lines[:3] == [header.strip(), "1,0.5,1e-3,,1.0", "2,0.4,1e-3,0.5,1.0"]  # row 3 is redone
     assert len(lines) == 4 and lines[3].startswith("3,")
+
+
+def test_resume_redoes_a_row_whose_append_was_cut_short(data, tmp_path):
+    """A kill or a full disk in the middle of an append leaves a last line without its newline: it is the
+    row of an iteration after the checkpoint (rows are written before it), so resume redoes it; it said
+    the file was damaged and to move it away."""
+    run = tmp_path / "run"
+    train(config(data, run, iters=2))
+    header = "iteration,loss,lr,val_dice,seconds\n"
+    (run / "metrics.csv").write_text(header + "1,0.5,1e-3,,1.0\n2,0.4,1e-3,0.5,1.0\n3,0.3,1e")
+    train(config(data, run, iters=3, resume=True))
+    lines = (run / "metrics.csv").read_text().splitlines()
+    assert lines[:3] == [header.strip(), "1,0.5,1e-3,,1.0", "2,0.4,1e-3,0.5,1.0"]
+    assert len(lines) == 4 and lines[3].startswith("3,") and lines[3] != "3,0.3,1e"
+
+
+def test_a_metrics_row_that_cannot_be_appended_is_not_half_written(tmp_path, monkeypatch):
+    """On a full disk the append's error named no file, and a part of the row could stay behind."""
+    path = tmp_path / "metrics.csv"
+    log = training._MetricsLog(path, 0)
+    log.write(1, 0.5, 1e-3, None, 1.0)
+    before = path.read_bytes()
+    real_open = Path.open
+
+    class FullAfterSixBytes:
+        def __init__(self, file):
+            self.file = file
+
+        def __enter__(self):
+            return self
+
+        def write(self, text):
+            self.file.write(text[:6])
+            self.file.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+    def full_on_append(self, mode="r", **kwargs):
+        opened = real_open(self, mode, **kwargs)
+        return FullAfterSixBytes(opened) if mode == "a" else opened
+
+    monkeypatch.setattr(Path, "open", full_on_append)
+    with pytest.raises(OSError) as raised:
+        log.write(2, 0.4, 1e-3, 0.5, 1.0)
+    assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, str(path))
+    assert path.read_bytes() == before
 
 
 def test_a_run_that_fails_before_writing_leaves_no_directory_it_created(data, tmp_path):
