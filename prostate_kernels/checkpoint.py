@@ -34,8 +34,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if path.is_dir():
         raise DataError(path, "is a directory, expected a checkpoint file (such as RUN/best.pt)")
-    if not path.is_file():
+    if not path.exists():
         raise DataError(path, "checkpoint not found")
+    if not path.is_file():  # reading a named pipe would wait forever, a device forever or in vain
+        raise DataError(path, "not a regular file (a pipe, socket or device), expected a checkpoint file")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a truncated one has no directory
         raise DataError(path, "not a checkpoint: not a file torch.save wrote, or one cut short")
     try:

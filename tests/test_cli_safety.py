@@ -136,7 +136,9 @@ def test_predict_names_what_is_wrong_with_a_checkpoint_that_is_not_one(data, tra
     garbage.write_text("not a checkpoint")
     cut.write_bytes((trained / "checkpoint.pt").read_bytes()[:5000])  # a copy cut short
     for checkpoint, said in ((garbage, "not a file torch.save wrote"), (cut, "not a file torch.save wrote"),
-                             (trained, "is a directory, expected a checkpoint file")):  # fmt: skip
+                             (trained, "is a directory, expected a checkpoint file"),
+                             (tmp_path / "none.pt", "checkpoint not found"),
+                             ("/dev/null", "not a regular file (a pipe, socket or device)")):  # fmt: skip
         result = run_cli("predict", "--checkpoint", checkpoint, "--input", data, "--output", tmp_path / "p")
         assert_one_line_error(result, str(checkpoint), said)
 
