@@ -136,6 +136,27 @@ def test_a_multi_label_mask_without_label_is_refused_with_its_labels(tmp_path):
     assert read_mask(path, label=2).array.sum() == 8
 
 
+def test_a_mask_of_nan_or_fractions_is_refused_as_such_not_as_labels(tmp_path):
+    """NaN was listed as a label ("mask holds 2 labels (1, nan): pass --label"), and so was each value of a
+    mask resampled with linear interpolation."""
+    mask = np.zeros((4, 5, 6), np.float32)
+    mask[1:3, 1:4, 1:5] = 1.0
+    whole = write_volume(volume(mask), tmp_path / "whole.nii.gz")
+    assert read_mask(whole).array.sum() == 24  # float labels that are whole numbers are labels
+    mask[1, 1, 1:3] = 0.25, 0.75  # a border blurred by interpolation
+    blurred = write_volume(volume(mask), tmp_path / "blurred.nii.gz")
+    with pytest.raises(
+        DataError, match=re.escape("holds values that are not whole numbers (0.25, 0.75): a label")
+    ):
+        read_mask(blurred)
+    mask[0, 0, 0] = np.nan
+    broken = write_volume(volume(mask), tmp_path / "nan.mhd")  # ITK's NIfTI reader reads NaN as 0
+    with pytest.raises(DataError, match="mask contains NaN or infinite values"):
+        read_mask(broken)
+    with pytest.raises(DataError, match="prediction contains NaN or infinite values"):
+        check_binary(read_volume(broken))
+
+
 def test_evaluate_against_a_multi_label_reference_needs_label(tmp_path):
     labels = np.zeros((6, 8, 8), np.uint8)
     labels[1:4, 2:6, 2:6], labels[4, 2:6, 2:6] = 1, 2

@@ -233,6 +233,13 @@ def read_mask(
     if image is not None:
         check_same_grid(image, mask)
     values = mask.array
+    _check_finite(mask, "mask")
+    if values.dtype.kind == "f":
+        fractional = values[values != np.round(values)]
+        if fractional.size:
+            raise DataError(path, f"holds values that are not whole numbers ({_some_values(fractional)}): "
+                                  "a label mask holds whole numbers (a probability map, or a mask resampled "
+                                  "with linear interpolation?)")  # fmt: skip
     if labels is None:
         present = np.unique(values)
         present = present[present != 0]
@@ -290,12 +297,20 @@ def check_binary(prediction: Volume) -> None:
     """DataError if a predicted mask holds more than one non-zero value (evaluation scores its non-zero
     voxels as the gland, which for a probability map, an image or a multi-label map means nothing)."""
     values = prediction.array
+    _check_finite(prediction, "prediction")
     foreground = values[values != 0]
     if foreground.size and (foreground != foreground.flat[0]).any():
         present = np.unique(foreground)  # sorted, no 0; _some_values of it shows the first ones
         raise DataError(prediction.path, f"holds {present.size} different non-zero values "
                                          f"({_some_values(present)}): a prediction must be a binary mask "
                                          "(0 and one label), not a probability map or an image")  # fmt: skip
+
+
+def _check_finite(volume: Volume, what: str) -> None:
+    """DataError if a mask's or a prediction's voxels hold NaN or infinite values (NaN was listed as a
+    label: "mask holds 2 labels (1, nan)")."""
+    if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
+        raise DataError(volume.path, f"{what} contains NaN or infinite values")
 
 
 def check_same_grid(image: Volume, mask: Volume, of: str = "image") -> None:
