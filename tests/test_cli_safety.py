@@ -419,7 +419,9 @@ def test_export_onto_a_full_disk_is_one_line_not_an_abort(trained, tmp_path):
         "sys.exit(main(sys.argv[1:]))\n"
     )
     out = tmp_path / "p3a.pt2"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    # no empty entry (the current directory: the source tree under CI, which has no models subpackage)
+    paths = [str(TESTS), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     command = [
         sys.executable,
         str(driver),
@@ -429,7 +431,7 @@ def test_export_onto_a_full_disk_is_one_line_not_an_abort(trained, tmp_path):
         "--out",
         str(out),
     ]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert (result.returncode, result.stderr) == (2, f"error: {out}: No space left on device\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == [driver.name]
 
