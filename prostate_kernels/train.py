@@ -732,7 +732,7 @@ class _MetricsLog:
             # DictReader files extra values under the key None and fills missing ones with None
             if None in row or None in row.values() or not row["iteration"].isdigit():
                 if reader.line_num == cut_short_line:
-                    break  # its iteration is after the checkpoint's (rows are written after it): redone
+                    break  # a row is written before its iteration's checkpoint: this one is redone
                 what = f"{len(cls.COLUMNS)} values starting with an iteration number"
                 raise DataError(path, f"line {reader.line_num} is not a row of {what}: {fix}")
             rows.append(row)

@@ -199,8 +199,7 @@ def check_image(volume: Volume) -> None:
     the real T2 cases of ../shared/data all 256; a mask 2, a multi-label one a few). Segmenting a mask
     gave a mask of nothing, or training learnt to copy one, without a word."""
     array = volume.array
-    if not np.isfinite(array).all():
-        raise DataError(volume.path, "image contains NaN or infinite values")
+    _check_finite(volume, "image")
     if array.max() == array.min():
         raise DataError(volume.path, f"image has constant intensity {array.min()}: nothing to segment")
     values = _few_whole_values(array, LABEL_MAP_MAX_VALUES)
@@ -307,8 +306,8 @@ def check_binary(prediction: Volume) -> None:
 
 
 def _check_finite(volume: Volume, what: str) -> None:
-    """DataError if a mask's or a prediction's voxels hold NaN or infinite values (NaN was listed as a
-    label: "mask holds 2 labels (1, nan)")."""
+    """DataError if the voxels of `what` (an image, a mask, a prediction) hold NaN or infinite values (in a
+    mask NaN was listed as a label: "mask holds 2 labels (1, nan)"); integer voxels always are finite."""
     if volume.array.dtype.kind == "f" and not np.isfinite(volume.array).all():
         raise DataError(volume.path, f"{what} contains NaN or infinite values")
 
