@@ -20,7 +20,7 @@ from prostate_kernels.devices import available_cores, memory_bytes, native_bf16
 from prostate_kernels.ops.depthwise_conv3d import TRITON_FROM_ELEMENTS
 
 # distributions reported (the import name differs from some of them; metadata needs no import)
-DEPENDENCIES = ("torch", "triton", "numpy", "SimpleITK", "tqdm", "matplotlib", "monai")
+DEPENDENCIES = ("torch", "triton", "numpy", "SimpleITK", "nibabel", "tqdm", "matplotlib", "monai")
 _NAMES = {"triton": "Triton kernels", "torch": "PyTorch twin", "cpp": "C++ extension"}
 
 

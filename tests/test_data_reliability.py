@@ -9,6 +9,8 @@ import gzip
 import math
 import os
 import re
+import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,7 +25,7 @@ from cli_helpers import (
     train_args,
 )
 
-from prostate_kernels.data import DataError, Volume, read_mask, read_volume, write_volume
+from prostate_kernels.data import DataError, Volume, read_channels, read_mask, read_volume, write_volume
 from prostate_kernels.data.integrity import itk_reason
 from prostate_kernels.data.io import check_binary
 from prostate_kernels.data.sampling import zscore
@@ -150,11 +152,75 @@ def test_a_mask_of_nan_or_fractions_is_refused_as_such_not_as_labels(tmp_path):
     ):
         read_mask(blurred)
     mask[0, 0, 0] = np.nan
-    broken = write_volume(volume(mask), tmp_path / "nan.mhd")  # ITK's NIfTI reader reads NaN as 0
+    broken = write_volume(volume(mask), tmp_path / "nan.mhd")  # NIfTI: the tests below
     with pytest.raises(DataError, match="mask contains NaN or infinite values"):
         read_mask(broken)
     with pytest.raises(DataError, match="prediction contains NaN or infinite values"):
         check_binary(read_volume(broken))
+
+
+@pytest.mark.parametrize("name", ["image.nii.gz", "image.nii", "image.hdr"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_voxels_of_a_nifti_file_are_refused_not_read_as_zeros(tmp_path, name, bad):
+    """SimpleITK 2.5 (ITK 5) reads a NIfTI file's NaN and infinite voxels as 0, without a word: an image
+    with NaN outside its field of view trained as zeros, a mask with NaN scored them as background."""
+    array = np.random.default_rng(0).random((4, 5, 6)).astype(np.float32)
+    array[1, 2, 3] = bad
+    path = write_volume(volume(array), tmp_path / name)
+    message = f"{path}: contains NaN or infinite values (1 of 120 voxels"
+    with pytest.raises(DataError, match=re.escape(message)):
+        read_volume(path)
+    with pytest.raises(DataError, match=re.escape(message)):
+        read_mask(path)
+    array[1, 2, 3] = 0.5
+    assert np.array_equal(read_volume(write_volume(volume(array), tmp_path / name)).array, array)
+
+
+def test_a_vector_nifti_with_nan_in_one_channel_is_refused(tmp_path):
+    import SimpleITK as sitk
+
+    t2, adc = np.ones((4, 5, 6), np.float32), np.ones((4, 5, 6), np.float32)
+    adc[0, 0, 0] = np.nan
+    path = tmp_path / "t2-adc.nii.gz"
+    sitk.WriteImage(sitk.Compose(sitk.GetImageFromArray(t2), sitk.GetImageFromArray(adc)), str(path))
+    with pytest.raises(DataError, match=re.escape("contains NaN or infinite values (1 of 240 voxels")):
+        read_channels(path, [0])
+
+
+def test_integer_niftis_are_not_read_twice(tmp_path, monkeypatch):
+    """Only float voxels can hold NaN: an int16 image (most MRI) is read by ITK alone."""
+    import nibabel
+
+    path = write_volume(volume(np.arange(120, dtype=np.int16).reshape(4, 5, 6)), tmp_path / "a.nii.gz")
+    monkeypatch.setattr(nibabel, "load", lambda *_: pytest.fail("an integer image was read again"))
+    assert read_volume(path).array.dtype == np.int16
+
+
+def test_without_nibabel_a_warning_says_the_nifti_nan_check_is_off(tmp_path, monkeypatch):
+    from prostate_kernels.data import nifti_nonfinite
+
+    array = np.ones((4, 5, 6), np.float32)
+    array[0, 0, 0] = np.nan
+    path = write_volume(volume(array), tmp_path / "a.nii.gz")
+    monkeypatch.setitem(sys.modules, "nibabel", None)  # `import nibabel` raises ImportError
+    monkeypatch.setattr(nifti_nonfinite, "_warned_without_nibabel", False)
+    with pytest.warns(UserWarning, match="nibabel is not installed: NaN and infinite voxels"):
+        assert read_volume(path).array[0, 0, 0] == 0  # what ITK 5 reads
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_volume(path)  # once per process
+
+
+def test_evaluate_names_a_reference_mask_with_nan_in_nifti(data, tmp_path):
+    """The CLI: a reference mask of NaN outside the gland (a resampled mask) is a failed case, named."""
+    ref, pred = tmp_path / "ref", tmp_path / "pred"
+    mask = read_volume(data / "Case00_segmentation.mhd")
+    values = mask.array.astype(np.float32)
+    values[0] = np.nan
+    write_volume(mask.like(values), ref / "Case00_segmentation.nii.gz")
+    write_volume(mask, pred / "Case00.nii.gz")
+    result = run_cli("evaluate", "--pred", pred, "--ref", ref, "--out", tmp_path / "eval")
+    assert_one_line_error(result, "Case00_segmentation.nii.gz: contains NaN or infinite values (1024 of")
 
 
 def test_evaluate_against_a_multi_label_reference_needs_label(tmp_path):

@@ -18,6 +18,7 @@ import numpy as np
 from prostate_kernels.data.dicom import read_series
 from prostate_kernels.data.errors import ConfigError, DataError
 from prostate_kernels.data.integrity import captured_stderr, check_complete, check_regular, itk_reason
+from prostate_kernels.data.nifti_nonfinite import check_nifti_finite
 from prostate_kernels.safe_files import staging_errors_named, temporary_path
 
 GEOMETRY_TOLERANCE = 1e-4  # relative, on spacing/origin/direction, when comparing an image with its mask
@@ -103,7 +104,9 @@ def _read_image(path: Path):
         return itk_call("read", path, lambda: read_series(path))
     check_regular(path)
     check_complete(path)
-    return itk_call("read", path, lambda: sitk.ReadImage(str(path)))
+    image = itk_call("read", path, lambda: sitk.ReadImage(str(path)))
+    check_nifti_finite(image, path)  # ITK 5 reads a NIfTI file's NaN voxels as 0
+    return image
 
 
 def _volume(image, path: Path) -> Volume:
