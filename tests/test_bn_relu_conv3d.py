@@ -346,6 +346,26 @@ def test_state_dict_loads_both_ways_and_cpu_path_equals_sequential():
     assert torch.equal(fused(x), seq(x))
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("training", [True, False])
+def test_an_empty_batch_is_what_the_sequential_gives(backend, training):
+    """N = 0 (the last, empty shard of a batch): the eager Sequential gives an empty output, keeps its
+    running statistics and backpropagates zero gradients; ours refused it ("batch statistics need more
+    than 1 value per channel")."""
+    torch.manual_seed(9)
+    seq = _sequential(padding=1, bias=True).train(training)
+    fused = BNReLUConv3d.from_sequential(seq)
+    x = torch.randn(0, 6, 4, 5, 6, requires_grad=True)
+    expected = seq(x)
+    with use_backend(backend):
+        got = fused(x)
+        got.sum().backward()
+    assert got.shape == expected.shape == (0, 16, 4, 5, 6)
+    assert torch.equal(fused.norm.running_mean, seq.norm.running_mean)
+    assert torch.equal(fused.norm.running_var, seq.norm.running_var)
+    assert fused.conv.weight.grad is not None and not fused.conv.weight.grad.any()
+
+
 def test_from_sequential_copies_weights_settings_and_mode():
     torch.manual_seed(6)
     seq = _sequential(padding=2, dilation=2, bias=True).eval()

@@ -60,7 +60,7 @@ def bn_relu_conv3d(
         stride, padding, dilation,
     )  # fmt: skip
     batch_stats = training or running_mean is None
-    if backend.resolve(x.device) == "triton":
+    if backend.resolve(x.device) == "triton" and x.shape[0] > 0:  # an empty batch: the twin, as torch does it
         from prostate_kernels.ops import bn_relu_conv3d_triton as triton_side
 
         # autocast as the eager Sequential does it: BatchNorm and ReLU in x's dtype, the conv's operands
@@ -149,7 +149,7 @@ def _check_bn_relu_conv3d_args(
     check_batch_norm_settings("bn_relu_conv3d", eps, momentum)
     geometry = conv_geometry(weight.shape[2:], stride, padding, dilation)
     geometry.output_size(x.shape[2:])
-    if (training or running_mean is None) and x.numel() // max(c_in, 1) <= 1:
+    if (training or running_mean is None) and x.shape[0] > 0 and x.numel() // max(c_in, 1) <= 1:
         raise ValueError(
             "bn_relu_conv3d: batch statistics need more than 1 value per channel, "
             f"got x of shape {tuple(x.shape)}"
