@@ -12,10 +12,13 @@ import torch
 from cli_helpers import copy_dataset, make_phantoms, run_cli, train_args
 
 import prostate_kernels.train as training
+import prostate_kernels.train_config as train_config
 from prostate_kernels.checkpoint import load_checkpoint, save_checkpoint
 from prostate_kernels.data import DataError
+from prostate_kernels.metrics_log import MetricsLog
 from prostate_kernels.safe_files import LOCK_NAME
 from prostate_kernels.train import TrainConfig, train
+from prostate_kernels.train_state import resume_differences
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +33,7 @@ def config(data: Path, out: Path, **overrides) -> TrainConfig:
 
 
 def test_a_non_finite_loss_stops_training_and_keeps_the_last_finite_checkpoint(data, tmp_path, monkeypatch):
-    real_loss = training._loss
+    real_loss = training.loss_function
 
     def nan_from_the_third_call(name):
         loss_fn, calls = real_loss(name), []
@@ -42,7 +45,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_finite_checkpoint(d
 
         return loss
 
-    monkeypatch.setattr(training, "_loss", nan_from_the_third_call)
+    monkeypatch.setattr(training, "loss_function", nan_from_the_third_call)
     with pytest.raises(DataError, match=r"loss is nan at iteration 3: training stopped") as caught:
         train(config(data, tmp_path / "run"))
     assert "keeps the last checkpoint" in str(caught.value)
@@ -55,7 +58,7 @@ def test_a_non_finite_loss_stops_training_and_keeps_the_last_finite_checkpoint(d
 
 
 def test_nan_at_the_first_iteration_says_that_no_checkpoint_exists(data, tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "_loss", lambda name: lambda logits, y: logits.sum() * float("nan"))
+    monkeypatch.setattr(training, "loss_function", lambda name: lambda logits, y: logits.sum() * float("nan"))
     with pytest.raises(DataError, match=r"iteration 1: .*no checkpoint was written"):
         train(config(data, tmp_path / "run"))
 
@@ -117,7 +120,7 @@ def test_resume_takes_an_older_checkpoints_single_label_for_that_label_and_names
     saved = {"patch": list(settings.patch), "config": {"label": 5, "channel": None}}
 
     def differences():
-        return training._resume_differences(saved, now, settings.patch, settings.batch, settings.lr, 1)
+        return resume_differences(saved, now, settings.patch, settings.batch, settings.lr, 1)
 
     assert differences() == ["--channel (1,) (was None)"]
     now.label, now.channel = (5, 6), None
@@ -201,24 +204,24 @@ def test_the_batch_check_refuses_exactly_past_its_bounds(data, tmp_path, monkeyp
     assert step.largest_tensor >= 3 * patch[-2] * patch[-1] * 4  # at least one feature map of the batch
     assert step.peak > 2 * step.largest_tensor  # the forward keeps many maps for the backward
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    monkeypatch.setattr(training, "memory_bytes", lambda device: step.peak)
+    monkeypatch.setattr(train_config, "memory_bytes", lambda device: step.peak)
     check_batch_fits(run, cpu)
-    monkeypatch.setattr(training, "memory_bytes", lambda device: step.peak - 1)
+    monkeypatch.setattr(train_config, "memory_bytes", lambda device: step.peak - 1)
     with pytest.raises(ConfigError, match=f"one training step of {model} \\(forward and backward\\) holds"):
         check_batch_fits(run, cpu)
     check_batch_fits(run, gpu)
-    monkeypatch.setattr(training, "memory_bytes", lambda device: step.largest_tensor)
+    monkeypatch.setattr(train_config, "memory_bytes", lambda device: step.largest_tensor)
     check_batch_fits(run, gpu)
-    monkeypatch.setattr(training, "memory_bytes", lambda device: step.largest_tensor - 1)
+    monkeypatch.setattr(train_config, "memory_bytes", lambda device: step.largest_tensor - 1)
     with pytest.raises(ConfigError, match="at most 2 patches fit that bound"):
         check_batch_fits(run, gpu)
-    monkeypatch.setattr(training, "memory_bytes", lambda device: None)
+    monkeypatch.setattr(train_config, "memory_bytes", lambda device: None)
     check_batch_fits(run, cpu)
     # torchrun's processes on one machine share its memory: 2 need twice the step
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    monkeypatch.setattr(training, "memory_bytes", lambda device: 2 * step.peak)
+    monkeypatch.setattr(train_config, "memory_bytes", lambda device: 2 * step.peak)
     check_batch_fits(run, cpu)
-    monkeypatch.setattr(training, "memory_bytes", lambda device: 2 * step.peak - 1)
+    monkeypatch.setattr(train_config, "memory_bytes", lambda device: 2 * step.peak - 1)
     with pytest.raises(ConfigError, match=f"the training steps of {model} .* of the 2 processes on this "):
         check_batch_fits(run, cpu)
     check_batch_fits(run, gpu)  # one GPU each
@@ -232,7 +235,7 @@ def test_a_batch_the_cpu_cannot_hold_for_its_backward_is_refused_before_anything
     left its metrics.csv. Memory set here to 24 GiB, whatever this machine has."""
     from prostate_kernels.train import ConfigError
 
-    monkeypatch.setattr(training, "memory_bytes", lambda device: 24 * 2**30)
+    monkeypatch.setattr(train_config, "memory_bytes", lambda device: 24 * 2**30)
     with pytest.raises(ConfigError) as info:
         train(config(data, tmp_path / "run", batch=64, patch=(8, 256, 256)))
     message = str(info.value)
@@ -334,7 +337,7 @@ def test_resume_keeps_the_rows_up_to_the_checkpoint_and_redoes_the_rest(data, tm
 def test_a_metrics_row_that_cannot_be_appended_is_not_half_written(tmp_path, monkeypatch):
     """On a full disk the append's error named no file, and a part of the row could stay behind."""
     path = tmp_path / "metrics.csv"
-    log = training._MetricsLog(path, 0)
+    log = MetricsLog(path, 0)
     log.write(1, 0.5, 1e-3, None, 1.0)
     before = path.read_bytes()
     real_open = Path.open
