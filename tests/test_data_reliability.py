@@ -187,6 +187,16 @@ def test_a_vector_nifti_with_nan_in_one_channel_is_refused(tmp_path):
         read_channels(path, [0])
 
 
+def test_a_nifti_header_that_nibabel_refuses_is_read_as_itk_reads_it(tmp_path):
+    """nibabel raises HeaderDataError ("Valid slope but invalid intercept inf") where ITK reads the file (as
+    float, the intercept taken as 0): that ended read_volume in a traceback."""
+    path = write_volume(volume(np.arange(120, dtype=np.int16).reshape(4, 5, 6)), tmp_path / "a.nii")
+    header = bytearray(path.read_bytes())
+    header[112:120] = np.array([2.0, np.inf], "<f4").tobytes()  # NIfTI-1 scl_slope, scl_inter
+    path.write_bytes(bytes(header))
+    assert read_volume(path).array.max() == 238.0
+
+
 def test_integer_niftis_are_not_read_twice(tmp_path, monkeypatch):
     """Only float voxels can hold NaN: an int16 image (most MRI) is read by ITK alone."""
     import nibabel

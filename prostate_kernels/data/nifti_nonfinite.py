@@ -30,6 +30,8 @@ def check_nifti_finite(image, path: Path) -> None:
         return
     try:
         import nibabel
+        from nibabel.filebasedimages import ImageFileError
+        from nibabel.spatialimages import HeaderDataError
     except ImportError:
         _warn_without_nibabel()
         return
@@ -41,8 +43,8 @@ def check_nifti_finite(image, path: Path) -> None:
         if not isinstance(proxy, nibabel.arrayproxy.ArrayProxy):
             return
         voxels = np.asanyarray(proxy.get_unscaled())  # (x, y, z, ...) as stored, no scaling
-    except (nibabel.filebasedimages.ImageFileError, OSError, ValueError, EOFError):
-        return  # a file ITK reads but nibabel cannot: nothing to compare it with
+    except (ImageFileError, HeaderDataError, OSError, ValueError, EOFError):
+        return  # a file ITK reads but nibabel refuses (an infinite scl_inter, say): nothing to compare with
     bad = int(voxels.size - np.count_nonzero(np.isfinite(voxels)))
     if bad:
         raise DataError(path, f"contains NaN or infinite values ({bad} of {voxels.size} voxels; "
