@@ -9,6 +9,7 @@ import gzip
 import math
 import os
 import re
+import struct
 import sys
 import warnings
 from pathlib import Path
@@ -66,6 +67,30 @@ def test_a_nifti_cut_inside_its_gzip_stream_but_closed_properly_is_reported(tmp_
     path.write_bytes(gzip.compress(raw[: len(raw) - 1000]))
     with pytest.raises(DataError, match=r"truncated file: \d+ bytes of NIfTI data, its header needs \d+"):
         read_volume(path)
+
+
+@pytest.mark.parametrize(
+    "edit, said",
+    [
+        ((44, "<h", 0), "corrupt NIfTI header: dim[2] is 0, not a size >= 1"),  # read as 4x1x6
+        ((44, "<h", -3), "corrupt NIfTI header: dim[2] is -3, not a size >= 1"),  # read as 4x1x6
+        ((0, "<i", 349), "corrupt NIfTI header: its size field is 349, not 348 (NIfTI-1) or 540"),
+        ((70, "<h", 64), "truncated file: 832 bytes of NIfTI data, its header needs 1312"),  # float64 voxels
+    ],
+)
+@pytest.mark.parametrize("ext", [".nii", ".nii.gz"])
+def test_a_nifti_header_itk_reads_into_another_image_is_refused(tmp_path, edit, said, ext):
+    """Headers found by flipping header bytes of a 4x5x6 float32 file, which SimpleITK read without a word:
+    a dimension of 0 or -3 as 1 (a 4x1x6 image), a bad size field with its dimensions as they stood, and a
+    float64 datatype (bitpix still 32) past the file's end, where the size check counted bitpix."""
+    path = write_volume(volume(np.ones((4, 5, 6), np.float32)), tmp_path / "a.nii")
+    raw = bytearray(path.read_bytes())
+    offset, layout, value = edit
+    raw[offset : offset + struct.calcsize(layout)] = struct.pack(layout, value)
+    target = tmp_path / f"b{ext}"
+    target.write_bytes(gzip.compress(bytes(raw)) if ext == ".nii.gz" else bytes(raw))
+    with pytest.raises(DataError, match=re.escape(f"{target}: {said}")):
+        read_volume(target)
 
 
 def test_a_truncated_training_image_is_skipped_with_its_name(data, tmp_path):
@@ -195,6 +220,18 @@ def test_a_nifti_header_that_nibabel_refuses_is_read_as_itk_reads_it(tmp_path):
     header[112:120] = np.array([2.0, np.inf], "<f4").tobytes()  # NIfTI-1 scl_slope, scl_inter
     path.write_bytes(bytes(header))
     assert read_volume(path).array.max() == 238.0
+
+
+def test_the_nifti_nan_check_prints_nothing_of_its_own(tmp_path, capfd):
+    """nibabel logs its notes on odd headers to stderr ("vox offset (=352.5) not divisible by 16, ...");
+    its LoggingOutputSuppressor removes the handlers and Python's last-resort handler prints them anyway."""
+    path = write_volume(volume(np.ones((4, 5, 6), np.float32)), tmp_path / "a.nii")
+    raw = bytearray(path.read_bytes())
+    raw[108:112] = struct.pack("<f", 352.5)  # vox_offset
+    path.write_bytes(bytes(raw))
+    read_volume(path)
+    out, err = capfd.readouterr()
+    assert out + err == ""
 
 
 def test_integer_niftis_are_not_read_twice(tmp_path, monkeypatch):

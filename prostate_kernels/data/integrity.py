@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import math
 import os
 import re
 import struct
@@ -74,38 +75,57 @@ def check_complete(path: Path) -> None:
     except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise DataError(path, f"truncated or corrupt gzip stream ({exc})") from None
     if name.endswith(_NIFTI_SUFFIXES):
-        needed = _nifti_bytes(head)
+        needed = _nifti_bytes(head, path)
         if needed is not None and size < needed:
             raise DataError(path, f"truncated file: {size} bytes of NIfTI data, its header needs {needed}")
 
 
-def _nifti_bytes(head: bytes) -> int | None:
-    """vox_offset + voxels * bytes per voxel from a NIfTI-1 or NIfTI-2 header; None if not NIfTI."""
+# bytes per voxel of each NIfTI datatype code (nifti1.h): what ITK reads a voxel as, whatever bitpix says
+_DATATYPE_BYTES = {2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2, 768: 4, 1024: 8, 1280: 8,
+                   1536: 16, 1792: 16, 2048: 32, 2304: 4}  # fmt: skip
+
+
+def _nifti_bytes(head: bytes, path: Path) -> int | None:
+    """vox_offset + voxels * bytes per voxel from a NIfTI-1 or NIfTI-2 header; None when the file is too
+    short to hold one (ITK says so). DataError for a header no NIfTI writer makes, which ITK read anyway
+    into another image: a size field other than 348 or 540 (with its sizes read as they stood: 4x49x6
+    voxels from a file of 4x5x6, past its end), or a dimension of 0 or less (read as 1: a 4x5x6 image came
+    back 4x1x6)."""
     if len(head) < 348:
         return None
     for order in "<>":
         (sizeof_hdr,) = struct.unpack(order + "i", head[:4])
-        if sizeof_hdr == 348:  # NIfTI-1: dim int16[8] at 40, bitpix int16 at 72, vox_offset float32 at 108
+        if (
+            sizeof_hdr == 348
+        ):  # NIfTI-1: dim int16[8] at 40, datatype, bitpix int16 at 70, 72, offset float at 108
             dims = struct.unpack(order + "8h", head[40:56])
-            (bitpix,) = struct.unpack(order + "h", head[72:74])
+            datatype, bitpix = struct.unpack(order + "2h", head[70:74])
             (offset,) = struct.unpack(order + "f", head[108:112])
-            return _needed(dims, bitpix, int(offset))
-        if sizeof_hdr == 540 and len(head) >= 540:  # NIfTI-2: bitpix at 14, dim int64[8] at 16, offset 168
-            (bitpix,) = struct.unpack(order + "h", head[14:16])
+            return _needed(dims, datatype, bitpix, int(offset), path)
+        if sizeof_hdr == 540:  # NIfTI-2: datatype, bitpix int16 at 12, 14, dim int64[8] at 16, offset at 168
+            if len(head) < 540:
+                return None
+            datatype, bitpix = struct.unpack(order + "2h", head[12:16])
             dims = struct.unpack(order + "8q", head[16:80])
             (offset,) = struct.unpack(order + "q", head[168:176])
-            return _needed(dims, bitpix, offset)
-    return None
+            return _needed(dims, datatype, bitpix, offset, path)
+    (stated,) = struct.unpack("<i", head[:4])
+    raise DataError(
+        path, f"corrupt NIfTI header: its size field is {stated}, not 348 (NIfTI-1) or 540 (NIfTI-2)"
+    )
 
 
-def _needed(dims: tuple[int, ...], bitpix: int, offset: int) -> int | None:
+def _needed(dims: tuple[int, ...], datatype: int, bitpix: int, offset: int, path: Path) -> int | None:
     rank = dims[0]
-    if not 1 <= rank <= 7 or bitpix <= 0 or any(d < 1 for d in dims[1 : rank + 1]):
-        return None  # a header ITK will reject with its own message
-    voxels = 1
-    for d in dims[1 : rank + 1]:
-        voxels *= d
-    return max(offset, 348) + voxels * bitpix // 8
+    if not 1 <= rank <= 7:
+        return None  # ITK refuses it with its own message ("bad dim[0]")
+    for axis, size in enumerate(dims[1 : rank + 1], start=1):
+        if size < 1:
+            raise DataError(path, f"corrupt NIfTI header: dim[{axis}] is {size}, not a size >= 1")
+    voxel_bytes = _DATATYPE_BYTES.get(datatype, bitpix // 8 if bitpix > 0 else 0)
+    if voxel_bytes <= 0:
+        return None  # a datatype ITK refuses with its own message
+    return max(offset, 348) + math.prod(dims[1 : rank + 1]) * voxel_bytes
 
 
 def itk_reason(message: str, printed: str = "") -> str:

@@ -11,7 +11,10 @@ well-kept NIfTI library, and refuses the file the same way.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,18 +34,23 @@ def check_nifti_finite(image, path: Path) -> None:
     try:
         import nibabel
         from nibabel.filebasedimages import ImageFileError
+        from nibabel.imageglobals import logger
         from nibabel.spatialimages import HeaderDataError
     except ImportError:
         _warn_without_nibabel()
         return
     try:
-        stored = nibabel.load(path)  # NIfTI-1/2 or Analyze, one file or a pair: an AnalyzeImage
-        if not isinstance(stored, nibabel.analyze.AnalyzeImage) or stored.get_data_dtype().kind not in "fc":
-            return  # integer voxels (scaled to float or not) are always finite
-        proxy = stored.dataobj  # the file's voxels, read when asked
-        if not isinstance(proxy, nibabel.arrayproxy.ArrayProxy):
-            return
-        voxels = np.asanyarray(proxy.get_unscaled())  # (x, y, z, ...) as stored, no scaling
+        with _silenced(logger):  # its notes on odd headers ("vox offset ... not divisible by 16")
+            stored = nibabel.load(path, mmap=False)  # NIfTI-1/2 or Analyze, one file or a pair: AnalyzeImage
+            if (
+                not isinstance(stored, nibabel.analyze.AnalyzeImage)
+                or stored.get_data_dtype().kind not in "fc"
+            ):
+                return  # integer voxels (scaled to float or not) are always finite
+            proxy = stored.dataobj  # the file's voxels, read when asked
+            if not isinstance(proxy, nibabel.arrayproxy.ArrayProxy):
+                return
+            voxels = np.asanyarray(proxy.get_unscaled())  # (x, y, z, ...) as stored, no scaling
     except (ImageFileError, HeaderDataError, OSError, ValueError, EOFError):
         return  # a file ITK reads but nibabel refuses (an infinite scl_inter, say): nothing to compare with
     bad = int(voxels.size - np.count_nonzero(np.isfinite(voxels)))
@@ -60,6 +68,17 @@ def _zeroes_nonfinite(image, path: Path) -> bool:
         and image.GetPixelIDTypeAsString() in _FLOAT_PIXELS
         and sitk.ImageFileReader.GetImageIOFromFileName(str(path)) == "NiftiImageIO"
     )
+
+
+@contextlib.contextmanager
+def _silenced(logger: logging.Logger) -> Iterator[None]:
+    """`logger` says nothing in the block (nibabel's own LoggingOutputSuppressor removes the handlers, and
+    Python's last-resort handler then prints its warnings to stderr anyway)."""
+    disabled, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = disabled
 
 
 def _warn_without_nibabel() -> None:
