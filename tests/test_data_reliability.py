@@ -10,7 +10,9 @@ import math
 import os
 import re
 import struct
+import subprocess
 import sys
+import textwrap
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -91,6 +93,41 @@ def test_a_nifti_header_itk_reads_into_another_image_is_refused(tmp_path, edit, 
     target.write_bytes(gzip.compress(bytes(raw)) if ext == ".nii.gz" else bytes(raw))
     with pytest.raises(DataError, match=re.escape(f"{target}: {said}")):
         read_volume(target)
+
+
+def test_a_metaimage_header_that_crashes_itk_is_refused(tmp_path):
+    """SimpleITK 2.5.7 ended the process on these NDims (a segmentation fault for -1 and 1e9, a heap
+    corruption abort for 100: nothing to catch, a training lost). Read in a process of its own, so that a
+    crash fails this test instead of ending the test run."""
+    driver = tmp_path / "read_each.py"
+    driver.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            from pathlib import Path
+            import numpy as np
+            from prostate_kernels.data import DataError, Volume, read_volume, write_volume
+
+            for ext in (".mhd", ".mha"):
+                good = write_volume(Volume(np.ones((4, 5, 6), np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0),
+                                           (1, 0, 0, 0, 1, 0, 0, 0, 1)), Path(sys.argv[1]) / f"good{ext}")
+                for ndims in ("-1", "100", "1e9"):
+                    bad = good.with_name(f"bad{ext}")
+                    bad.write_bytes(good.read_bytes().replace(b"NDims = 3", b"NDims = " + ndims.encode(), 1))
+                    try:
+                        read_volume(bad)
+                    except DataError as exc:
+                        print(exc, flush=True)
+            """
+        )
+    )
+    result = subprocess.run([sys.executable, str(driver), str(tmp_path)], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    lines = result.stdout.splitlines()
+    assert len(lines) == 6, result.stdout
+    for line, ndims in zip(lines, ["-1", "100", "1e9"] * 2, strict=True):
+        assert f"corrupt MetaImage header: NDims = '{ndims}' is not a whole number from 1 to 5" in line
 
 
 def test_a_truncated_training_image_is_skipped_with_its_name(data, tmp_path):

@@ -46,16 +46,40 @@ def check_regular(path: Path) -> None:
 def _metaimage_data_file(header: Path) -> Path | None:
     """The one voxel file a MetaImage header names (ElementDataFile), or None for LOCAL data, a LIST or a
     numbered pattern of files, or a header that names none."""
+    value = _metaimage_fields(header).get("ElementDataFile", "")
+    if not value or value in ("LOCAL", "LIST") or value.startswith("LIST") or " " in value:
+        return None
+    return header.parent / value
+
+
+_METAIMAGE_SUFFIXES = (".mhd", ".mha")
+MAX_METAIMAGE_DIMENSIONS = 5  # ITK's image IO reads at most 5 dimensions ("maximum supported IO dimension")
+
+
+def check_metaimage_header(path: Path) -> None:
+    """DataError for a MetaImage header (.mhd, .mha) whose NDims is not a whole number from 1 to
+    MAX_METAIMAGE_DIMENSIONS: ITK's MetaIO (SimpleITK 2.5.7) ended the whole process on such headers,
+    a segmentation fault for NDims = -1 or 1e9, a heap-corruption abort for 100, with no error to catch."""
+    if not path.name.lower().endswith(_METAIMAGE_SUFFIXES):
+        return
+    stated = _metaimage_fields(path).get("NDims")
+    if stated is not None and not (stated.isdigit() and 1 <= int(stated) <= MAX_METAIMAGE_DIMENSIONS):
+        raise DataError(path, f"corrupt MetaImage header: NDims = {stated!r} is not a whole number from 1 to "
+                              f"{MAX_METAIMAGE_DIMENSIONS}")  # fmt: skip
+
+
+def _metaimage_fields(header: Path) -> dict[str, str]:
+    """A MetaImage header's "Key = value" fields (the first of each key), up to ElementDataFile, the last
+    (an .mha's voxels follow it)."""
     with open(header, "rb") as f:
         text = f.read(1 << 16).decode("latin-1")
+    fields: dict[str, str] = {}
     for line in text.splitlines():
         key, _, value = line.partition("=")
+        fields.setdefault(key.strip(), value.strip())
         if key.strip() == "ElementDataFile":
-            value = value.strip()
-            if not value or value in ("LOCAL", "LIST") or value.startswith("LIST") or " " in value:
-                return None
-            return header.parent / value
-    return None
+            break
+    return fields
 
 
 def check_complete(path: Path) -> None:

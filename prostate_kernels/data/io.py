@@ -17,7 +17,13 @@ import numpy as np
 
 from prostate_kernels.data.dicom import read_series
 from prostate_kernels.data.errors import ConfigError, DataError
-from prostate_kernels.data.integrity import captured_stderr, check_complete, check_regular, itk_reason
+from prostate_kernels.data.integrity import (
+    captured_stderr,
+    check_complete,
+    check_metaimage_header,
+    check_regular,
+    itk_reason,
+)
 from prostate_kernels.data.nifti_nonfinite import check_nifti_finite
 from prostate_kernels.safe_files import staging_errors_named, temporary_path
 
@@ -103,6 +109,7 @@ def _read_image(path: Path):
     if path.is_dir():  # a DICOM series' slices
         return itk_call("read", path, lambda: read_series(path))
     check_regular(path)
+    check_metaimage_header(path)  # before ITK reads it: a bad NDims ends the process
     check_complete(path)
     image = itk_call("read", path, lambda: sitk.ReadImage(str(path)))
     check_nifti_finite(image, path)  # ITK 5 reads a NIfTI file's NaN voxels as 0
