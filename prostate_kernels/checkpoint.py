@@ -38,7 +38,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise DataError(path, "checkpoint not found")
     if not path.is_file():  # reading a named pipe would wait forever, a device forever or in vain
         raise DataError(path, "not a regular file (a pipe, socket or device), expected a checkpoint file")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a truncated one has no directory
+    if not _is_zip_archive(path):  # torch.save writes a zip archive; a truncated one has no directory
         raise DataError(path, "not a checkpoint: not a file torch.save wrote, or one cut short")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
@@ -48,6 +48,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise DataError(path, f"not a prostate_kernels checkpoint (expected format {FORMAT!r})")
     return state
+
+
+def _is_zip_archive(path: Path) -> bool:
+    """zipfile.is_zipfile, which raises BadZipFile itself for an end record of a ZIP64 archive that names
+    several disks (a damaged checkpoint ended predict in that traceback)."""
+    try:
+        return zipfile.is_zipfile(path)
+    except zipfile.BadZipFile:
+        return False
 
 
 def load_model_weights(model: torch.nn.Module, state_dict: object, path: str | Path, name: str) -> None:

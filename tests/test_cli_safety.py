@@ -172,10 +172,16 @@ def test_evaluate_refuses_to_score_references_against_themselves(data, tmp_path)
 
 
 def test_predict_names_what_is_wrong_with_a_checkpoint_that_is_not_one(data, trained, tmp_path):
-    garbage, cut = tmp_path / "garbage.pt", tmp_path / "cut.pt"
+    garbage, cut, disks = tmp_path / "garbage.pt", tmp_path / "cut.pt", tmp_path / "disks.pt"
     garbage.write_text("not a checkpoint")
-    cut.write_bytes((trained / "checkpoint.pt").read_bytes()[:5000])  # a copy cut short
+    whole = (trained / "checkpoint.pt").read_bytes()
+    cut.write_bytes(whole[:5000])  # a copy cut short
+    # its ZIP64 end locator's disk count damaged: zipfile.is_zipfile raised BadZipFile ("zipfiles that span
+    # multiple disks are not supported") itself, a traceback (found by flipping bytes of a checkpoint)
+    locator = whole.rindex(b"PK\x06\x07")
+    disks.write_bytes(whole[: locator + 16] + (2).to_bytes(4, "little") + whole[locator + 20 :])
     for checkpoint, said in ((garbage, "not a file torch.save wrote"), (cut, "not a file torch.save wrote"),
+                             (disks, "not a file torch.save wrote"),
                              (trained, "is a directory, expected a checkpoint file"),
                              (tmp_path / "none.pt", "checkpoint not found"),
                              ("/dev/null", "not a regular file (a pipe, socket or device)")):  # fmt: skip
