@@ -18,9 +18,8 @@ from prostate_kernels.data.cases import IMAGE_SUFFIXES, discover_cases, is_image
 from prostate_kernels.metrics import promise12_measures
 from prostate_kernels.prediction_record import PredictionRecord
 from prostate_kernels.safe_files import (
-    RunLock,
     atomic_write,
-    created_directory,
+    output_directory,
     refuse_existing,
     remove_dead_temporaries,
 )
@@ -109,30 +108,15 @@ def evaluate_files(
     if images is not None and not Path(images).is_dir():
         raise DataError(images, "--images: no such directory")
     out = Path(out) if out is not None else (pred if pred.is_dir() else pred.parent)
+    rows, failures, missing = [], [], []
     pairs = _pairs(pred, ref)
     beside = ref if ref.is_dir() else ref.parent
     decathlon = beside / "imagesTr" if beside.name != "labelsTr" else beside.parent / "imagesTr"
     image_folders = (images, beside, decathlon)  # a Decathlon dataset's images are in imagesTr/
     image_of = {case: _image_for(p, *image_folders) for case, _, p in pairs if p is not None}  # for overlays
-    # One command at a time writes into `out` (its lock): two evaluations at once replaced each other's
-    # files, and an evaluation into a predict's --output (the default) would score a half-written one.
-    with created_directory(out, "--out"), RunLock(out):  # the directory removed if nothing was written
-        _check_evaluation_targets(image_of, out, overwrite)
+    _check_evaluation_targets(image_of, out, overwrite)
+    if out.is_dir():
         remove_dead_temporaries(out)
-        return _score(pairs, image_of, pred, out, label)
-
-
-def _score(
-    pairs: list[tuple[str, Path, Path | None]],
-    image_of: dict[str, Path | None],
-    pred: Path,
-    out: Path,
-    label: int | Sequence[int] | None,
-) -> tuple[list[str], list[str]]:
-    """evaluate_files' scoring of each (case, reference, prediction or None) pair and its files in `out`."""
-    rows: list[dict] = []
-    failures: list[str] = []
-    missing: list[str] = []
     mixed = _mixed_settings([p for _, _, p in pairs if p is not None])
     if mixed:
         print(mixed)
@@ -168,6 +152,7 @@ def _score(
         if extra:
             print(f"not scored (no reference): {', '.join(extra)}")
     if rows:
+        output_directory(out, "--out")
         _write_csv(rows, out / "evaluation.csv")
         print(summary_table(rows))
         print(f"\nper-case measures: {out / 'evaluation.csv'}")
@@ -232,6 +217,7 @@ def _overlay(
     except DataError as exc:
         failures.append(f"{exc} (no overlay for {case})")
         return
+    output_directory(out, "--out")
     plot_overlay(image.array, predicted, reference.array, _overlay_path(out, case),
                  title=f"{case}: Dice {dice:.3f}")  # fmt: skip
 

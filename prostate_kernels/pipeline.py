@@ -41,7 +41,6 @@ from prostate_kernels.prediction_record import (
     prediction_settings,
 )
 from prostate_kernels.safe_files import (
-    RunLock,
     companions,
     created_directory,
     refuse_existing,
@@ -217,31 +216,28 @@ def predict_files(
         raise ConfigError(str(exc)) from None
     images = list_images(inputs)
     targets = {path: _targets(path, Path(output), save_probabilities) for path in images}
-    # One predict at a time writes into `output` (its lock, taken before the targets are checked): two at
-    # once both found no file there, then each replaced the other's cases and its record of them.
-    with created_directory(output, "--output"), RunLock(output):  # the directory removed if none written
-        _check_targets(targets, Path(inputs), overwrite or continue_prediction)  # inputs, references refused
-        checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
-        ensemble = [load_trained_model(path, dev, channels_last) for path in checkpoints]
-        for path, (model, state) in zip(checkpoints, ensemble, strict=True):
-            check_window(window, state, model, path)
-        channels = [
-            _channels_to_read(channel, state, path)
-            for path, (_, state) in zip(checkpoints, ensemble, strict=True)
-        ]
-        amp = torch.bfloat16 if dev.type == "cuda" else None
-        record = PredictionRecord(Path(output))
-        settings = prediction_settings(checkpoints, window, overlap, mode, tta, largest, channels)
-        done = _already_predicted(images, targets, record, settings, output) if continue_prediction else []
-        failures = []
+    _check_targets(targets, Path(inputs), overwrite or continue_prediction)  # inputs, references refused
+    checkpoints = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    ensemble = [load_trained_model(path, dev, channels_last) for path in checkpoints]
+    for path, (model, state) in zip(checkpoints, ensemble, strict=True):
+        check_window(window, state, model, path)
+    channels = [
+        _channels_to_read(channel, state, path)
+        for path, (_, state) in zip(checkpoints, ensemble, strict=True)
+    ]
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+    record = PredictionRecord(Path(output))
+    settings = prediction_settings(checkpoints, window, overlap, mode, tta, largest, channels)
+    done = _already_predicted(images, targets, record, settings, output) if continue_prediction else []
+    failures = []
+    with created_directory(output, "--output"), deterministic_mode(deterministic):  # removed if none written
         remove_dead_temporaries(Path(output))
-        with deterministic_mode(deterministic):
-            for path in (image for image in images if image not in done):
-                failed = _predict_case(path, ensemble, channels, targets[path], dev, overlap, mode, tta,
-                                       largest, amp, progress, window)  # fmt: skip
-                if not failed:
-                    record.add(targets[path][0].name, settings)
-                failures += failed
+        for path in (image for image in images if image not in done):
+            failed = _predict_case(path, ensemble, channels, targets[path], dev, overlap, mode, tta, largest,
+                                   amp, progress, window)  # fmt: skip
+            if not failed:
+                record.add(targets[path][0].name, settings)
+            failures += failed
     return failures
 
 

@@ -228,8 +228,7 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
 
 
 class RunLock:
-    """Exclusive lock on an output directory (train's run, predict's --output): the file LOCK_NAME
-    created with O_EXCL, holding "pid host".
+    """Exclusive lock on a run directory: the file LOCK_NAME created with O_EXCL, holding "pid host".
 
     Held: DataError naming the holder. Left by a process that is no longer running on this host: taken
     over with a warning. Released (the file removed) on exit if it is still ours.
@@ -248,7 +247,7 @@ class RunLock:
                 self._take_over_if_stale()
                 continue
             except OSError as exc:
-                reason = f"cannot write into the directory ({exc.strerror})"
+                reason = f"cannot write into the run directory ({exc.strerror})"
                 raise DataError(self.path.parent, reason) from None
             with os.fdopen(fd, "w") as f:
                 f.write(self.me + "\n")
@@ -277,8 +276,7 @@ class RunLock:
                 self.path.unlink()
             return
         who = f"process {pid} on {host}" if pid is not None else "another process"
-        lock = self.path.name
-        raise DataError(self.path.parent, f"in use by {who}, which writes into it (lock file {lock}; "
+        raise DataError(self.path.parent, f"run directory is in use by {who} (lock file {self.path.name}; "
                                           "delete it if that process is gone)")  # fmt: skip
 
 

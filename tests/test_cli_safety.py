@@ -122,46 +122,6 @@ def test_two_trainings_into_one_directory_at_once(data, tmp_path):
     assert load_checkpoint(run / "checkpoint.pt")["iteration"] == 2
 
 
-def test_two_predictions_into_one_directory_at_once(data, trained, tmp_path):
-    """Both found no file in --output, then each wrote every case, the second replacing the first's files
-    and its record of them (both with status 0); now one predicts, the other is refused."""
-    pred = tmp_path / "pred"
-    args = ["predict", "--checkpoint", str(trained / "checkpoint.pt"), "--input", str(data), "--output",
-            str(pred), "--no-progress"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([*console_script(), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for _ in range(2)]  # fmt: skip
-    results = [(p.wait(timeout=300), p.stdout.read() + p.stderr.read()) for p in procs]
-    assert sorted(code for code, _ in results) == [0, 2], results
-    refused = next(said for code, said in results if code == 2)
-    assert "in use by process" in refused or "exists already" in refused, refused
-    predicted = next(said for code, said in results if code == 0)
-    assert predicted.count("voxels segmented") == 3
-    assert not (pred / LOCK_NAME).exists()
-
-
-def test_evaluate_into_a_directory_in_use_is_refused(data, trained, tmp_path):
-    """evaluate's default --out is the predictions' directory: it would score a prediction still being
-    written, and two evaluations replaced each other's files."""
-    pred = tmp_path / "pred"
-    assert main(["predict", "--checkpoint", str(trained / "checkpoint.pt"), "--input", str(data),
-                 "--output", str(pred), "--no-progress"]) == 0  # fmt: skip
-    before = snapshot(pred)
-    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    try:
-        (pred / LOCK_NAME).write_text(f"{holder.pid} {os.uname().nodename}\n")
-        result = run_cli("evaluate", "--pred", pred, "--ref", data)
-        assert_one_line_error(result, f"{pred}: in use by process {holder.pid} on ", "which writes into it")
-    finally:
-        holder.kill()
-        holder.wait()
-    (pred / LOCK_NAME).unlink()
-    assert snapshot(pred) == before
-    result = run_cli("evaluate", "--pred", pred, "--ref", data)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert (pred / "evaluation.csv").exists() and not (pred / LOCK_NAME).exists()
-
-
 def test_evaluate_refuses_to_score_references_against_themselves(data, tmp_path):
     result = run_cli("evaluate", "--pred", data, "--ref", data, "--out", tmp_path / "ev")
     assert_one_line_error(result, "--pred and --ref name the same files", "Case00")
