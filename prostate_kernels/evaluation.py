@@ -144,7 +144,7 @@ def evaluate_files(
         measures = promise12_measures(predicted, reference.array, reference.spacing_zyx, reference.direction)
         rows.append({"case": case, "status": status, **measures})
         if prediction is not None:
-            _overlay(case, predicted, reference, image_of[case], out, measures["dice"], failures)
+            _overlay(case, predicted, reference, image_of[case], out, measures["dice"], failures, overwrite)
     if pred.is_dir() and rows:
         scored = {prediction.resolve() for _, _, prediction in pairs if prediction is not None}
         extra = [p.name for p in sorted(pred.iterdir())
@@ -153,7 +153,7 @@ def evaluate_files(
             print(f"not scored (no reference): {', '.join(extra)}")
     if rows:
         output_directory(out, "--out")
-        _write_csv(rows, out / "evaluation.csv")
+        _write_csv(rows, out / "evaluation.csv", replace=overwrite)
         print(summary_table(rows))
         print(f"\nper-case measures: {out / 'evaluation.csv'}")
     return failures, missing
@@ -205,8 +205,10 @@ def _overlay(
     out: Path,
     dice: float,
     failures: list[str],
+    replace: bool,
 ) -> None:
-    """An overlay PNG when the case's image was found (image_path) and lies on the reference's grid."""
+    """An overlay PNG when the case's image was found (image_path) and lies on the reference's grid;
+    replace=False: not over a file that appeared since _check_evaluation_targets looked (a failure)."""
     from prostate_kernels.plots import plot_overlay
 
     if image_path is None:
@@ -218,13 +220,16 @@ def _overlay(
         failures.append(f"{exc} (no overlay for {case})")
         return
     output_directory(out, "--out")
-    plot_overlay(image.array, predicted, reference.array, _overlay_path(out, case),
-                 title=f"{case}: Dice {dice:.3f}")  # fmt: skip
+    try:
+        plot_overlay(image.array, predicted, reference.array, _overlay_path(out, case),
+                     title=f"{case}: Dice {dice:.3f}", replace=replace)  # fmt: skip
+    except DataError as exc:
+        failures.append(str(exc))
 
 
-def _write_csv(rows: list[dict], path: Path) -> None:
+def _write_csv(rows: list[dict], path: Path, replace: bool) -> None:
     columns = list(rows[0])
-    with atomic_write(path, "w", newline="") as f:
+    with atomic_write(path, "w", newline="", replace=replace) as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:

@@ -112,7 +112,9 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, any_size: bool = 
     # full disk), threw from a C++ destructor later and the process aborted (status 134, a C++ trace).
     packed = io.BytesIO()
     torch.export.save(program, packed, extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
-    with atomic_write(out, "wb") as f:  # a killed or failed export leaves no half-written program
+    # a killed or failed export leaves no half-written program; a file that appeared at `out` meanwhile
+    # (refuse_existing looked before the export) is left as it is
+    with atomic_write(out, "wb", replace=False) as f:
         f.write(packed.getbuffer())
     return Exported(out, metadata, difference)
 

@@ -232,9 +232,10 @@ def predict_files(
     failures = []
     with created_directory(output, "--output"), deterministic_mode(deterministic):  # removed if none written
         remove_dead_temporaries(Path(output))
+        replace = overwrite or continue_prediction  # else a file that appeared meanwhile fails its case
         for path in (image for image in images if image not in done):
             failed = _predict_case(path, ensemble, channels, targets[path], dev, overlap, mode, tta, largest,
-                                   amp, progress, window)  # fmt: skip
+                                   amp, progress, window, replace)  # fmt: skip
             if not failed:
                 record.add(targets[path][0].name, settings)
             failures += failed
@@ -354,11 +355,12 @@ def _channels_to_read(channel: int | Sequence[int] | None, state: dict, checkpoi
 
 
 def _predict_case(
-    path, ensemble, channels, targets, dev, overlap, mode, tta, largest, amp, progress, window
+    path, ensemble, channels, targets, dev, overlap, mode, tta, largest, amp, progress, window, replace: bool
 ) -> list[str]:
     """Segments one image into its targets (segmentation path, probabilities path or None), each network
     of the ensemble on its channels of it (`channels`: a tuple or None per network); returns [] or [the
-    case's failure]."""
+    case's failure]. replace=False: a target that another run wrote since _check_targets looked is the
+    case's failure, left as it is."""
     try:
         start = time.time()
         seen = {}  # channels: those channels of the image (3-D Volumes), read and checked once
@@ -377,9 +379,9 @@ def _predict_case(
         if largest:
             mask = largest_component(mask)
         segmentation, probabilities = targets
-        write_volume(image.like(mask), segmentation)
+        write_volume(image.like(mask), segmentation, replace)
         if probabilities is not None:
-            write_volume(image.like(prob.astype(np.float32)), probabilities)
+            write_volume(image.like(prob.astype(np.float32)), probabilities, replace)
         print(f"{path.name}: {int(mask.sum())} voxels segmented in {time.time() - start:.1f} s")
     except DataError as exc:
         return [str(exc)]

@@ -43,8 +43,16 @@ def plot_training_curve(metrics_csv: str | Path, out_png: str | Path) -> Path:
     return Path(out_png)
 
 
-def plot_overlay(image: np.ndarray, prediction: np.ndarray, reference: np.ndarray | None, out_png, title=""):
-    """Centre slice of the gland: image, reference (green), prediction (red), side by side."""
+def plot_overlay(
+    image: np.ndarray,
+    prediction: np.ndarray,
+    reference: np.ndarray | None,
+    out_png,
+    title: str = "",
+    replace: bool = True,
+) -> Path:
+    """Centre slice of the gland: image, reference (green), prediction (red), side by side. replace=False:
+    DataError where `out_png` exists when it is placed (safe_files.place)."""
     plt = _pyplot()
     mask = reference if reference is not None else prediction
     slices = np.flatnonzero(mask.any(axis=(1, 2)))
@@ -61,15 +69,15 @@ def plot_overlay(image: np.ndarray, prediction: np.ndarray, reference: np.ndarra
         ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
-    save_figure(fig, out_png, dpi=100)
+    save_figure(fig, out_png, dpi=100, replace=replace)
     return Path(out_png)
 
 
-def save_figure(fig, out_png: str | Path, dpi: int) -> None:
+def save_figure(fig, out_png: str | Path, dpi: int, replace: bool = True) -> None:
     """`fig` as a PNG written whole or not at all (an earlier picture is never left half replaced), then
-    closed."""
+    closed. replace=False: atomic_write's."""
     try:
-        with atomic_write(out_png, "wb") as f:
+        with atomic_write(out_png, "wb", replace=replace) as f:
             fig.savefig(f, format="png", dpi=dpi)
     finally:
         _pyplot().close(fig)

@@ -10,6 +10,8 @@ so the rule "a command never overwrites what it did not create" (DESIGN.md secti
 - `refuse_existing`: the files a command is about to write must not exist yet.
 - `atomic_write`: a file written whole or not at all (temporary file, fsync, rename), so a killed or
   failed write never leaves a truncated checkpoint, CSV or picture where the old one was.
+- `place`: the last step of such a write; unless told to replace, it never puts a file where one has
+  appeared since `refuse_existing` looked (another run writing the same file at the same time).
 - `temporary_path` / `remove_dead_temporaries`: where such writes stage (`.NAME.tmp-PID@HOST`, or
   `.NAME.tmp-PID-THREAD@HOST` from a thread other than the main one), and the sweep of what writes
   killed half way left there; `staging_errors_named`: an error about a staging file names the file the
@@ -91,11 +93,12 @@ def refuse_existing(paths: Iterable[Path], hint: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[IO]:
+def atomic_write(path: str | Path, mode: str = "w", replace: bool = True, **open_kwargs) -> Iterator[IO]:
     """An open file whose content replaces `path` only when the block ends without an exception.
 
     Written to temporary_path(path), synced to disk, then renamed over `path`: readers see the old file
-    or the new one, never a part of it.
+    or the new one, never a part of it. replace=False: `path` must not exist when the file is placed
+    (`place`), else a DataError and `path` is left as it is.
     """
     path = Path(path)
     tmp = temporary_path(path)
@@ -105,13 +108,43 @@ def atomic_write(path: str | Path, mode: str = "w", **open_kwargs) -> Iterator[I
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            place(tmp, path, replace)
     finally:
         # only left behind if the write failed. A read-only file system refuses even the unlink of a file
         # that is not there (EROFS), which must not replace the error that ended the write: evaluate and
         # export named their staging file (".NAME.tmp-PID@HOST: Read-only file system") instead of NAME.
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
+
+
+# link() refused by the file system (FAT, some network and FUSE file systems have no hard links)
+_NO_HARD_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS}
+
+
+def place(staged: Path, path: Path, replace: bool = True) -> None:
+    """Moves the finished file `staged` to `path` (same directory). replace: os.replace. Otherwise only
+    where `path` does not exist at that moment: a hard link, which fails if it does, then the staged
+    name removed, so that two runs that both found `path` missing never replace each other's file (two
+    predicts of one case into one --output each wrote it and both said status 0; the second now fails
+    that case). Where the file system has no hard links, an existence check just before the rename."""
+    if replace:
+        os.replace(staged, path)
+        return
+    try:
+        os.link(staged, path)
+        linked = True
+    except FileExistsError:
+        linked = False
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        if not path.exists():
+            os.replace(staged, path)
+            return
+        linked = False
+    if not linked:  # raised outside the except block: no FileExistsError under it to be re-read as the error
+        raise DataError(path, "exists already: another run wrote it meanwhile; it was left as it is")
+    os.unlink(staged)
 
 
 # A write that fails with one of these and no file name (a full disk under a file object's write) failed
@@ -128,6 +161,8 @@ def staging_errors_named(path: Path) -> Iterator[None]:
     write, raised "RuntimeError: ... unexpected pos 281856 vs 281748" over the "No space left on device"."""
     try:
         yield
+    except DataError:
+        raise  # names its file already
     except Exception as exc:
         failure = _os_error_in(exc)
         if failure is None:

@@ -30,6 +30,7 @@ from cli_helpers import (
 from prostate_kernels import safe_files
 from prostate_kernels.checkpoint import load_checkpoint, save_checkpoint
 from prostate_kernels.cli import main
+from prostate_kernels.data import DataError
 from prostate_kernels.safe_files import LOCK_NAME
 
 
@@ -410,6 +411,38 @@ def test_a_write_on_a_read_only_file_system_names_the_file_asked_for(tmp_path, m
     with pytest.raises(OSError) as raised, safe_files.atomic_write(tmp_path / "evaluation.csv") as f:
         f.write("case,dice\n")
     assert (raised.value.errno, raised.value.filename) == (errno.EROFS, str(tmp_path / "evaluation.csv"))
+
+
+def test_a_write_that_must_not_replace_leaves_a_file_that_appeared_meanwhile(tmp_path):
+    """export, evaluate and predict look for existing files before their work and write after it: a file
+    that appeared in between (another run writing the same name) was replaced by the final rename."""
+    target = tmp_path / "evaluation.csv"
+    with pytest.raises(DataError, match="evaluation.csv: exists already: another run wrote it meanwhile"):
+        with safe_files.atomic_write(target, replace=False) as f:
+            f.write("case,dice\n")
+            target.write_text("another run's table")  # appears while this write is under way
+    assert target.read_text() == "another run's table"
+    assert [p.name for p in tmp_path.iterdir()] == ["evaluation.csv"]  # no staging file left
+    with safe_files.atomic_write(tmp_path / "new.csv", replace=False) as f:
+        f.write("case,dice\n")
+    assert (tmp_path / "new.csv").read_text() == "case,dice\n"
+
+
+def test_evaluate_leaves_a_table_another_run_wrote_meanwhile(data, trained, tmp_path, monkeypatch):
+    from prostate_kernels import evaluation
+
+    pred = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(trained / "checkpoint.pt"), "--input", str(data),
+                 "--output", str(pred), "--no-progress"]) == 0  # fmt: skip
+    check_targets = evaluation._check_evaluation_targets
+
+    def another_evaluation_writes_meanwhile(image_of, out, overwrite):
+        check_targets(image_of, out, overwrite)
+        (out / "evaluation.csv").write_text("another run's table")
+
+    monkeypatch.setattr(evaluation, "_check_evaluation_targets", another_evaluation_writes_meanwhile)
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(data)]) == 2
+    assert (pred / "evaluation.csv").read_text() == "another run's table"
 
 
 def test_export_onto_a_full_disk_is_one_line_not_an_abort(trained, tmp_path):

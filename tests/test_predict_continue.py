@@ -187,3 +187,44 @@ def test_two_runs_into_one_directory_keep_each_others_entries(tmp_path):
     for run in runs:
         run.join()
     assert len(PredictionRecord(tmp_path).cases) == 2 + 3 * 40
+
+
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_a_case_another_run_wrote_meanwhile_is_left_as_it_is(
+    trained, tmp_path, monkeypatch, capsys, hard_links
+):
+    """Two predicts of the same cases into one --output both found the files missing, then each replaced
+    the other's (both with status 0). Now a file that appears after the check fails its case, unchanged;
+    where the file system has no hard links (link() refused), by a check just before the rename."""
+    import errno
+    import os
+
+    from prostate_kernels import pipeline
+
+    checkpoint, data = trained
+    out = tmp_path / "out"
+    theirs = {
+        out / "Case01_segmentation.mhd": b"another run's header",
+        out / "Case01_segmentation.raw": b"voxels",
+    }
+    check_targets = pipeline._check_targets
+
+    def another_run_writes_case01_meanwhile(*args, **kwargs):
+        check_targets(*args, **kwargs)  # nothing there yet
+        out.mkdir(exist_ok=True)
+        for path, content in theirs.items():
+            path.write_bytes(content)
+
+    monkeypatch.setattr(pipeline, "_check_targets", another_run_writes_case01_meanwhile)
+    if not hard_links:
+
+        def no_link(*_):
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "link", no_link)
+    assert _predict(checkpoint, data, out) == 2
+    said = capsys.readouterr()
+    assert "Case01_segmentation.raw: exists already: another run wrote it meanwhile" in said.err + said.out
+    assert all(path.read_bytes() == content for path, content in theirs.items())
+    assert (out / "Case00_segmentation.mhd").exists() and (out / "Case02_segmentation.mhd").exists()
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]  # no staging left behind

@@ -6,7 +6,6 @@ Arrays are (D, H, W) = (slices, rows, columns); spacing, origin and direction ar
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -25,7 +24,7 @@ from prostate_kernels.data.integrity import (
     itk_reason,
 )
 from prostate_kernels.data.nifti_nonfinite import check_nifti_finite
-from prostate_kernels.safe_files import staging_errors_named, temporary_path
+from prostate_kernels.safe_files import place, staging_errors_named, temporary_path
 
 GEOMETRY_TOLERANCE = 1e-4  # relative, on spacing/origin/direction, when comparing an image with its mask
 
@@ -154,8 +153,10 @@ def _one_channel(image, path: Path, channel: int | None, mask: bool):
     return sitk.VectorIndexSelectionCast(image, channel) if components > 1 else image
 
 
-def write_volume(volume: Volume, path: str | Path) -> Path:
+def write_volume(volume: Volume, path: str | Path, replace: bool = True) -> Path:
     """Writes `volume` with its geometry (compressed for .gz); creates the parent directory.
+    replace=False: DataError, and nothing replaced, where one of its files exists when it is placed
+    (safe_files.place: a file another run wrote since the caller checked).
 
     Whole or not at all: SimpleITK writes into a hidden staging directory beside `path` under the final
     file names, whose files are then renamed into place, a MetaImage header after its voxel file (so a
@@ -180,7 +181,7 @@ def write_volume(volume: Volume, path: str | Path) -> Path:
         except DataError as exc:
             raise _write_failure(exc, path, staged, volume.array.nbytes) from None
         for written in sorted(staging.iterdir(), key=lambda f: f.name == path.name):  # `path` last
-            os.replace(written, path.parent / written.name)
+            place(written, path.parent / written.name, replace)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path
