@@ -65,9 +65,8 @@ def resolve(device: torch.device, has_cpu_extension: bool = False) -> str:
     letting Triton fail later with "0 active drivers".
     """
     backend = get_backend()
-    if (
-        backend == "torch" or device.type == "meta"
-    ):  # meta: train's simulated step under set_backend("triton")
+    # meta: no kernel runs there (train's simulated step under set_backend("triton") failed on it)
+    if backend == "torch" or device.type == "meta":
         return "torch"
     if backend == "triton":
         if device.type != "cuda" and not triton_interpreting():

@@ -132,19 +132,20 @@ def place(staged: Path, path: Path, replace: bool = True) -> None:
         return
     try:
         os.link(staged, path)
-        linked = True
     except FileExistsError:
-        linked = False
+        pass
     except OSError as exc:
         if exc.errno not in _NO_HARD_LINKS:
             raise
         if not path.exists():
             os.replace(staged, path)
             return
-        linked = False
-    if not linked:  # raised outside the except block: no FileExistsError under it to be re-read as the error
-        raise DataError(path, "exists already: another run wrote it meanwhile; it was left as it is")
-    os.unlink(staged)
+    else:
+        os.unlink(staged)
+        return
+    # `path` exists. Raised here, outside the except clauses: a FileExistsError under the DataError would
+    # be taken by staging_errors_named for the error (about the staging file, renamed to `path`)
+    raise DataError(path, "exists already: another run wrote it meanwhile; it was left as it is")
 
 
 # A write that fails with one of these and no file name (a full disk under a file object's write) failed

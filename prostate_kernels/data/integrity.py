@@ -119,14 +119,14 @@ def _nifti_bytes(head: bytes, path: Path) -> int | None:
         return None
     for order in "<>":
         (sizeof_hdr,) = struct.unpack(order + "i", head[:4])
-        if (
-            sizeof_hdr == 348
-        ):  # NIfTI-1: dim int16[8] at 40, datatype, bitpix int16 at 70, 72, offset float at 108
+        # NIfTI-1: dim int16[8] at 40, datatype and bitpix int16 at 70 and 72, vox_offset float32 at 108
+        if sizeof_hdr == 348:
             dims = struct.unpack(order + "8h", head[40:56])
             datatype, bitpix = struct.unpack(order + "2h", head[70:74])
             (offset,) = struct.unpack(order + "f", head[108:112])
             return _needed(dims, datatype, bitpix, int(offset), path)
-        if sizeof_hdr == 540:  # NIfTI-2: datatype, bitpix int16 at 12, 14, dim int64[8] at 16, offset at 168
+        # NIfTI-2: datatype and bitpix int16 at 12 and 14, dim int64[8] at 16, vox_offset int64 at 168
+        if sizeof_hdr == 540:
             if len(head) < 540:
                 return None
             datatype, bitpix = struct.unpack(order + "2h", head[12:16])

@@ -21,7 +21,6 @@ import numpy as np
 
 from prostate_kernels.data.errors import DataError
 
-_FLOAT_PIXELS = ("32-bit float", "64-bit float", "vector of 32-bit float", "vector of 64-bit float")
 _warned_without_nibabel = False
 
 
@@ -63,9 +62,10 @@ def _zeroes_nonfinite(image, path: Path) -> bool:
     """Whether SimpleITK read `image` from `path` with an ITK NIfTI reader that zeroes non-finite floats."""
     import SimpleITK as sitk
 
+    floats = (sitk.sitkFloat32, sitk.sitkFloat64, sitk.sitkVectorFloat32, sitk.sitkVectorFloat64)
     return (
         sitk.Version.ITKMajorVersion() < 6
-        and image.GetPixelIDTypeAsString() in _FLOAT_PIXELS
+        and image.GetPixelID() in floats
         and sitk.ImageFileReader.GetImageIOFromFileName(str(path)) == "NiftiImageIO"
     )
 
