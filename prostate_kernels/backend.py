@@ -7,9 +7,6 @@
            (TRITON_INTERPRET=1 in the environment before Triton is first imported); the tests run so.
 "torch"  : always the PyTorch twin (the test oracle and the benchmark baseline).
 
-Tensors on the meta device (shapes, no values: memory_bound's simulated training steps) take the PyTorch
-twin whatever the backend: no kernel runs on them.
-
 The choice is process-wide; `use_backend` changes it for a `with` block and restores it afterwards.
 """
 
@@ -65,8 +62,7 @@ def resolve(device: torch.device, has_cpu_extension: bool = False) -> str:
     letting Triton fail later with "0 active drivers".
     """
     backend = get_backend()
-    # meta: no kernel runs there (train's simulated step under set_backend("triton") failed on it)
-    if backend == "torch" or device.type == "meta":
+    if backend == "torch":
         return "torch"
     if backend == "triton":
         if device.type != "cuda" and not triton_interpreting():

@@ -112,23 +112,6 @@ def test_auto_backend_resolution():
         assert backend.resolve(torch.device("cuda")) == "torch"
 
 
-@pytest.mark.parametrize("name", ["auto", "triton", "torch"])
-def test_meta_tensors_take_the_pytorch_twin_on_every_backend(name):
-    """train's batch check simulates a step on the meta device: under set_backend("triton") it raised
-    "Cannot copy out of meta tensor" (the interpreter), or on a GPU "Triton runs on the CPU only through
-    its interpreter", and so did a user's own meta forward through the layers."""
-    from prostate_kernels.models import build_model
-
-    from prostate_kernels.memory_bound import step_memory
-
-    with torch.device("meta"):
-        model = build_model("tiramisu3d_tiny")
-    with prostate_kernels.use_backend(name):
-        assert backend.resolve(torch.device("meta")) == "torch"
-        step = step_memory(model.train(), torch.empty((2, 1, 16, 32, 32), device="meta"))
-    assert step.peak > step.largest_tensor > 0
-
-
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     result = run_python(
         """
