@@ -23,6 +23,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from prostate_kernels.backend import use_backend
+
 
 @dataclass(frozen=True)
 class StepMemory:
@@ -67,7 +69,8 @@ class _LiveStorages(TorchDispatchMode):
 def step_memory(model: nn.Module, inputs: torch.Tensor) -> StepMemory:
     """model(inputs), then the backward of its output's sum when the output needs a gradient (not under
     torch.no_grad(): an inference call), model and inputs on the meta device (ValueError otherwise: on a
-    real device the step would compute). The mode the model is in (train or eval) is the one measured.
+    real device the step would compute), through the PyTorch twins of the library's ops on any backend.
+    The mode the model is in (train or eval) is the one measured.
     The parameters' gradients stay alive after the step, as in training."""
     devices = {inputs.device.type, *(p.device.type for p in model.parameters())}
     if devices != {"meta"}:
@@ -76,7 +79,10 @@ def step_memory(model: nn.Module, inputs: torch.Tensor) -> StepMemory:
     for tensor in (*model.parameters(), *model.buffers(), inputs):
         mode.count(tensor)
     mode.largest = 0  # allocations of the step only
-    with mode:
+    # the PyTorch twins, whatever the process's backend: under set_backend("triton") the step failed, on a
+    # GPU with "Triton runs on the CPU only through its interpreter", under the interpreter with "Cannot
+    # copy out of meta tensor" (the compile gate runs the kernels on meta tensors its own way)
+    with use_backend("torch"), mode:
         output = model(inputs)
         if output.requires_grad:
             output.float().sum().backward()

@@ -244,6 +244,26 @@ def test_a_batch_the_cpu_cannot_hold_for_its_backward_is_refused_before_anything
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("name", ["triton", "torch"])
+def test_the_step_memory_simulates_the_pytorch_path_on_any_backend(name):
+    """Under set_backend("triton") the batch check's simulated step failed: "Cannot copy out of meta
+    tensor" under the interpreter, "Triton runs on the CPU only through its interpreter" on a GPU."""
+    from prostate_kernels.models import build_model
+
+    from prostate_kernels import use_backend
+    from prostate_kernels.memory_bound import step_memory
+
+    def simulated_step():
+        torch.manual_seed(0)
+        with torch.device("meta"):
+            model = build_model("tiramisu3d_tiny").train()
+        return step_memory(model, torch.empty((2, 1, 16, 32, 32), device="meta"))
+
+    with use_backend(name):
+        step = simulated_step()
+    assert step == simulated_step()  # the "auto" backend's, the PyTorch path on meta tensors
+
+
 def test_the_step_memory_counts_allocations_until_freed_not_views():
     from prostate_kernels.memory_bound import step_memory
 
