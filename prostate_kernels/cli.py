@@ -30,6 +30,7 @@ CHANNELS_LAST_HELP = ("run the network channels-last (NDHWC strides): the same m
 
 
 def main(argv: list[str] | None = None) -> int:
+    _escape_unprintable_output()
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -59,6 +60,15 @@ _MEMORY_HINTS = {
     "evaluate": "the volumes do not fit in this machine's memory",
     "demo": "the demo does not fit in this machine's memory",
 }
+
+
+def _escape_unprintable_output() -> None:
+    """stdout and stderr escape what their encoding cannot hold instead of raising: a file name that is
+    not UTF-8 (Python keeps its bytes as surrogates) ended a message in UnicodeEncodeError where the
+    streams are strict (an en_US.UTF-8 locale: `predict` printed a traceback instead of its line)."""
+    for stream in (sys.stdout, sys.stderr):
+        if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
 
 
 def _memory_hint(args: argparse.Namespace) -> str:

@@ -22,7 +22,14 @@ from prostate_kernels.data import (
     read_channels,
     write_volume,
 )
-from prostate_kernels.data.cases import IMAGE_SUFFIXES, discover_cases, is_image_file, stem, suffix
+from prostate_kernels.data.cases import (
+    IMAGE_SUFFIXES,
+    discover_cases,
+    is_image_file,
+    passed_over,
+    stem,
+    suffix,
+)
 from prostate_kernels.data.dicom import series_directories
 from prostate_kernels.data.io import as_channels, channel_count, check_channels
 from prostate_kernels.data.resample import resample_image, resample_onto
@@ -63,7 +70,7 @@ def list_images(path: Path) -> list[Path]:
     if not path.is_dir():
         raise DataError(path, "not a regular file or a directory (a pipe, socket or device)")
     try:
-        return [case.image for case in discover_cases(path)]
+        cases = discover_cases(path)
     except DataError:
         files = [p for p in sorted(path.iterdir()) if is_image_file(p)]
         images = [p for p in files if "_segmentation" not in p.name] or series_directories(path)
@@ -73,6 +80,11 @@ def list_images(path: Path) -> list[Path]:
                 path, f"no images ({', '.join(IMAGE_SUFFIXES)}, DICOM series) found{masks}"
             ) from None
         return images
+    unused = passed_over(path, cases)
+    if unused:
+        print(f"not predicted (not named CaseNN like the {len(cases)} case(s) beside them): "
+              f"{', '.join(p.name for p in unused)}; give a file's own path to predict it")  # fmt: skip
+    return [case.image for case in cases]
 
 
 def load_trained_model(

@@ -33,6 +33,7 @@ from prostate_kernels.data import (
     read_channels,
     read_mask,
 )
+from prostate_kernels.data.cases import passed_over
 from prostate_kernels.data.io import as_channels
 from prostate_kernels.data.resample import resample_case, resample_image
 from prostate_kernels.data.sampling import IterationDataset, PatchSampler, training_case, zscore_channels
@@ -75,6 +76,10 @@ def load_cases(config: TrainConfig, log, arrays: list | None = None) -> tuple[li
     files (no resampling: they are taken to be at the training resolution already); an image is (D, H, W)
     or (C, D, H, W) for a run on C channels."""
     cases = [] if arrays is not None else discover_cases(config.data, require_labels=True)
+    unused = [] if arrays is not None else passed_over(config.data, cases)
+    if unused:
+        log(f"not used (not named CaseNN like the {len(cases)} case(s) beside them): "
+            f"{', '.join(p.name for p in unused)}")  # fmt: skip
     loaded, problems = list(arrays or []), []
     for case in cases:
         try:

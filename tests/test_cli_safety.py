@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from cli_helpers import (
     TESTS,
     assert_one_line_error,
     console_script,
+    copy_dataset,
     dead_pid,
     full_disk_open,
     make_phantoms,
@@ -47,6 +49,36 @@ def trained(data, tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------- data loss (1-4)
+
+
+def test_images_not_named_like_the_cases_are_named_not_passed_over(data, trained, tmp_path):
+    """A directory of CaseNN images with others beside them (Patient7.mhd, a Latin-1 name): predict and
+    train used the CaseNN ones and said nothing of the rest, status 0. With strict output streams (an
+    en_US.UTF-8 locale) the Latin-1 name in a message was a UnicodeEncodeError traceback."""
+    from prostate_kernels.train import TrainConfig, load_cases
+
+    copy = copy_dataset(data, tmp_path / "data")
+    latin1 = os.fsdecode(b"Patient-M\xfcller.mhd")
+    try:
+        shutil.copy(copy / "Case00.mhd", copy / latin1)  # its voxel file is Case00.raw
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    shutil.copy(copy / "Case01.mhd", copy / "Patient7.mhd")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONIOENCODING": "utf-8:strict"}
+    result = subprocess.run([*console_script(), "predict", "--checkpoint", str(trained / "checkpoint.pt"),
+                             "--input", str(copy), "--output", str(tmp_path / "pred"), "--no-progress"],
+                            capture_output=True, text=True, timeout=300, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    said = "(not named CaseNN like the 3 case(s) beside them): Patient-M\\udcfcller.mhd, Patient7.mhd"
+    assert f"not predicted {said}" in result.stdout, result.stdout  # the Latin-1 byte escaped
+    logged: list[str] = []
+    load_cases(
+        TrainConfig(data=copy, out=tmp_path / "run", model="tiramisu3d_tiny", val_cases=1), logged.append
+    )
+    assert (
+        "not used (not named CaseNN like the 3 case(s) beside them): Patient-M\udcfcller.mhd, Patient7.mhd"
+        in logged
+    )
 
 
 def test_predict_into_the_dataset_never_replaces_its_references(data, trained):

@@ -130,6 +130,51 @@ def test_a_metaimage_header_that_crashes_itk_is_refused(tmp_path):
         assert f"corrupt MetaImage header: NDims = '{ndims}' is not a whole number from 1 to 5" in line
 
 
+def test_file_names_that_are_not_utf8_are_refused_not_a_crash(tmp_path):
+    """SimpleITK aborted the process (std::logic_error "basic_string::_S_construct null not valid", status
+    134) on a path that is not UTF-8: a Latin-1 name, which Python keeps as surrogates. Read in a process
+    of its own, so that a crash fails this test instead of ending the test run."""
+    latin1 = os.fsdecode(b"Patient-M\xfcller.mhd")  # 'ü' in Latin-1: not UTF-8
+    try:
+        (tmp_path / latin1).write_bytes(b"")
+    except OSError:
+        pytest.skip("this file system refuses names that are not UTF-8")
+    (tmp_path / latin1).unlink()
+    driver = tmp_path / "each_reader.py"
+    driver.write_text(
+        textwrap.dedent(
+            """
+            import os, shutil, sys
+            from pathlib import Path
+            import numpy as np
+            from prostate_kernels.data import DataError, Volume, read_volume, write_volume
+
+            root = Path(sys.argv[1])
+            name = os.fsdecode(b"Patient-M\\xfcller")
+            volume = Volume(np.ones((4, 5, 6), np.float32), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0),
+                            (1, 0, 0, 0, 1, 0, 0, 0, 1))
+            good = write_volume(volume, root / "good.mhd")
+            shutil.copy(good, root / f"{name}.mhd")  # its voxel file is good.raw
+            series = root / f"{name}-series"
+            series.mkdir()
+            shutil.copy(good, series / "slice.mhd")
+            for call in (lambda: read_volume(root / f"{name}.mhd"), lambda: read_volume(series),
+                         lambda: write_volume(volume, root / f"{name}-out.nii.gz")):
+                try:
+                    call()
+                except DataError as exc:
+                    print(str(exc).encode("utf-8", "backslashreplace").decode(), flush=True)
+            """
+        )
+    )
+    result = subprocess.run([sys.executable, str(driver), str(tmp_path)], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3, result.stdout
+    assert all("its name is not UTF-8 text, which SimpleITK cannot open" in line for line in lines)
+
+
 def test_a_truncated_training_image_is_skipped_with_its_name(data, tmp_path):
     copy = copy_dataset(data, tmp_path / "data")
     image = read_volume(copy / "Case01.mhd")

@@ -61,6 +61,18 @@ def discover_cases(directory: str | Path, require_labels: bool = False) -> list[
     return cases
 
 
+def passed_over(directory: str | Path, cases: list[Case]) -> list[Path]:
+    """Image files directly in a PROMISE12-style `directory` that are neither one of `cases`' images nor
+    its reference: files not named CaseNN (Patient7.mhd, Case50b.nii.gz), which discover_cases leaves
+    out. train and predict name them; they went unused without a word, with status 0. Empty for the
+    Decathlon layout (its cases are every image of imagesTr/ and imagesTs/)."""
+    directory = Path(directory)
+    if (directory / "imagesTr").is_dir():
+        return []
+    known = {c.image.resolve() for c in cases} | {c.label.resolve() for c in cases if c.label is not None}
+    return [p for p in sorted(directory.iterdir()) if is_image_file(p) and p.resolve() not in known]
+
+
 def _promise12(directory: Path) -> list[Case]:
     cases = []
     for path in sorted(directory.iterdir()):

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from prostate_kernels.data.errors import DataError
-from prostate_kernels.data.integrity import captured_stderr
+from prostate_kernels.data.integrity import captured_stderr, itk_path
 
 
 @contextlib.contextmanager
@@ -34,12 +34,14 @@ def series_ids(directory: Path) -> tuple[str, ...]:
     so a pipe, socket or device among them is a DataError first (reading one could wait forever)."""
     import SimpleITK as sitk
 
+    itk_path(directory)
     for entry in directory.iterdir():
+        itk_path(entry)  # GDCM opens every file there
         if not (entry.is_file() or entry.is_dir()):
             raise DataError(entry, "not a regular file (a pipe, socket or device): reading it could wait "
                                    "forever")  # fmt: skip
     with captured_stderr(), kept_locale():  # GDCM warns "No Series were found" there
-        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory)))
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(itk_path(directory)))
 
 
 def series_directories(directory: Path) -> list[Path]:
@@ -62,7 +64,7 @@ def read_series(directory: Path):
         named = ", ".join(ids[:3]) + (", ..." if len(ids) > 3 else "")
         raise DataError(directory, f"holds {len(ids)} DICOM series ({named}): give a directory of one series")
     with captured_stderr(), kept_locale():
-        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(directory), ids[0])
+        files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(itk_path(directory), ids[0])
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     reader.MetaDataDictionaryArrayUpdateOn()  # each slice's tags, for its position

@@ -29,6 +29,19 @@ _SOURCE_LOCATION = re.compile(r"^\S+\.(cxx|cpp|h|hxx):\d+:?$")
 _ITK_PREFIX = re.compile(r"^(ITK ERROR|sitk::ERROR|ERROR):\s*(\w+\(0x[0-9a-fA-F]+\):\s*)?", re.IGNORECASE)
 
 
+def itk_path(path: Path) -> str:
+    """`path` as the string handed to SimpleITK; DataError when it is not UTF-8 (a name in another
+    encoding, Latin-1 say, which Python keeps as surrogates): SimpleITK's string conversion fails there
+    and its C++ aborts the whole process ("basic_string::_S_construct null not valid", status 134)."""
+    text = str(path)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(path, "its name is not UTF-8 text, which SimpleITK cannot open (it ends the "
+                              "process): rename it") from None  # fmt: skip
+    return text
+
+
 def check_regular(path: Path) -> None:
     """DataError unless `path`, and a MetaImage header's voxel file, are regular files: reading a named
     pipe (a FIFO called Case05.mhd, say) waits for a writer forever, and `train` hung on one."""

@@ -21,6 +21,7 @@ from prostate_kernels.data.integrity import (
     check_complete,
     check_metaimage_header,
     check_regular,
+    itk_path,
     itk_reason,
 )
 from prostate_kernels.data.nifti_nonfinite import check_nifti_finite
@@ -105,12 +106,13 @@ def _read_image(path: Path):
     if not path.exists():
         raise DataError(path, "file not found")
     sitk = simpleitk()
-    if path.is_dir():  # a DICOM series' slices
+    if path.is_dir():  # a DICOM series' slices (read_series checks the names)
         return itk_call("read", path, lambda: read_series(path))
     check_regular(path)
     check_metaimage_header(path)  # before ITK reads it: a bad NDims ends the process
     check_complete(path)
-    image = itk_call("read", path, lambda: sitk.ReadImage(str(path)))
+    name = itk_path(path)
+    image = itk_call("read", path, lambda: sitk.ReadImage(name))
     check_nifti_finite(image, path)  # ITK 5 reads a NIfTI file's NaN voxels as 0
     return image
 
@@ -167,6 +169,7 @@ def write_volume(volume: Volume, path: str | Path, replace: bool = True) -> Path
     """
     sitk = simpleitk()
     path = Path(path)
+    itk_path(path)  # before anything is created for it
     path.parent.mkdir(parents=True, exist_ok=True)
     image = to_sitk(volume)
     staging = temporary_path(path)
@@ -177,7 +180,7 @@ def write_volume(volume: Volume, path: str | Path, replace: bool = True) -> Path
         staged = staging / path.name
         compress = path.name.endswith(".gz")
         try:
-            itk_call("write", path, lambda: sitk.WriteImage(image, str(staged), useCompression=compress))
+            itk_call("write", path, lambda: sitk.WriteImage(image, itk_path(staged), useCompression=compress))
         except DataError as exc:
             raise _write_failure(exc, path, staged, volume.array.nbytes) from None
         for written in sorted(staging.iterdir(), key=lambda f: f.name == path.name):  # `path` last
