@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import threading
 from pathlib import Path
 
@@ -109,6 +110,15 @@ def run_probe(name: str) -> dict:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def run_script(directory: Path, source: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`source` (dedented) run as a script of its own in `directory`, which it gets as sys.argv[1]: for
+    reads that crashed the process (a signal then fails the test instead of ending the test run)."""
+    script = directory / "script.py"
+    script.write_text(textwrap.dedent(source))
+    return subprocess.run([sys.executable, str(script), str(directory)], capture_output=True, text=True,
+                          timeout=timeout, cwd=directory)  # fmt: skip
 
 
 def write_dicom_series(image_path: Path, directory: Path, uid: str) -> Path:

@@ -10,9 +10,7 @@ import math
 import os
 import re
 import struct
-import subprocess
 import sys
-import textwrap
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,6 +22,7 @@ from cli_helpers import (
     copy_dataset,
     make_phantoms,
     run_cli,
+    run_script,
     run_without_waiting_on,
     train_args,
 )
@@ -99,10 +98,9 @@ def test_a_metaimage_header_that_crashes_itk_is_refused(tmp_path):
     """SimpleITK 2.5.7 ended the process on these NDims (a segmentation fault for -1 and 1e9, a heap
     corruption abort for 100: nothing to catch, a training lost). Read in a process of its own, so that a
     crash fails this test instead of ending the test run."""
-    driver = tmp_path / "read_each.py"
-    driver.write_text(
-        textwrap.dedent(
-            """
+    result = run_script(
+        tmp_path,
+        """
             import sys
             from pathlib import Path
             import numpy as np
@@ -118,11 +116,8 @@ def test_a_metaimage_header_that_crashes_itk_is_refused(tmp_path):
                         read_volume(bad)
                     except DataError as exc:
                         print(exc, flush=True)
-            """
-        )
+            """,
     )
-    result = subprocess.run([sys.executable, str(driver), str(tmp_path)], capture_output=True, text=True,
-                            timeout=120, cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     lines = result.stdout.splitlines()
     assert len(lines) == 6, result.stdout
@@ -140,10 +135,9 @@ def test_file_names_that_are_not_utf8_are_refused_not_a_crash(tmp_path):
     except OSError:
         pytest.skip("this file system refuses names that are not UTF-8")
     (tmp_path / latin1).unlink()
-    driver = tmp_path / "each_reader.py"
-    driver.write_text(
-        textwrap.dedent(
-            """
+    result = run_script(
+        tmp_path,
+        """
             import os, shutil, sys
             from pathlib import Path
             import numpy as np
@@ -164,11 +158,8 @@ def test_file_names_that_are_not_utf8_are_refused_not_a_crash(tmp_path):
                     call()
                 except DataError as exc:
                     print(str(exc).encode("utf-8", "backslashreplace").decode(), flush=True)
-            """
-        )
+            """,
     )
-    result = subprocess.run([sys.executable, str(driver), str(tmp_path)], capture_output=True, text=True,
-                            timeout=120, cwd=tmp_path)  # fmt: skip
     assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
     lines = result.stdout.splitlines()
     assert len(lines) == 3, result.stdout

@@ -109,7 +109,7 @@ def _read_image(path: Path):
     if path.is_dir():  # a DICOM series' slices (read_series checks the names)
         return itk_call("read", path, lambda: read_series(path))
     check_regular(path)
-    check_metaimage_header(path)  # before ITK reads it: a bad NDims ends the process
+    check_metaimage_header(path)  # before ITK reads it: a bad NDims ends the process, a pipe waits forever
     check_complete(path)
     name = itk_path(path)
     image = itk_call("read", path, lambda: sitk.ReadImage(name))
@@ -169,7 +169,7 @@ def write_volume(volume: Volume, path: str | Path, replace: bool = True) -> Path
     """
     sitk = simpleitk()
     path = Path(path)
-    itk_path(path)  # before anything is created for it
+    itk_path(path)  # before anything is created for it (the staging name beside it is then UTF-8 too)
     path.parent.mkdir(parents=True, exist_ok=True)
     image = to_sitk(volume)
     staging = temporary_path(path)
@@ -180,7 +180,7 @@ def write_volume(volume: Volume, path: str | Path, replace: bool = True) -> Path
         staged = staging / path.name
         compress = path.name.endswith(".gz")
         try:
-            itk_call("write", path, lambda: sitk.WriteImage(image, itk_path(staged), useCompression=compress))
+            itk_call("write", path, lambda: sitk.WriteImage(image, str(staged), useCompression=compress))
         except DataError as exc:
             raise _write_failure(exc, path, staged, volume.array.nbytes) from None
         for written in sorted(staging.iterdir(), key=lambda f: f.name == path.name):  # `path` last
