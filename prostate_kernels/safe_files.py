@@ -148,6 +148,25 @@ def place(staged: Path, path: Path, replace: bool = True) -> None:
     raise DataError(path, "exists already: another run wrote it meanwhile; it was left as it is")
 
 
+def place_together(staged: list[Path], directory: Path, replace: bool = True) -> None:
+    """place()s the finished files `staged` (in this order) into `directory` under their names, whole or
+    not at all: where one cannot be placed (replace=False and it exists), those placed before it are
+    removed again, if they are still the files placed (same inode), and its DataError raised. A MetaImage
+    header refused after its voxel file left that voxel file behind, beside another run's header."""
+    placed: list[tuple[Path, int]] = []  # (file, inode) this call put in place
+    try:
+        for file in staged:
+            target = directory / file.name
+            place(file, target, replace)
+            placed.append((target, target.stat().st_ino))
+    except BaseException:
+        for target, inode in placed:
+            with contextlib.suppress(OSError):  # the error that stopped the placing is the one to report
+                if target.stat().st_ino == inode:
+                    target.unlink()
+        raise
+
+
 # A write that fails with one of these and no file name (a full disk under a file object's write) failed
 # on the file being written.
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}

@@ -460,6 +460,24 @@ def test_a_write_that_must_not_replace_leaves_a_file_that_appeared_meanwhile(tmp
     assert (tmp_path / "new.csv").read_text() == "case,dice\n"
 
 
+def test_a_header_that_appeared_meanwhile_leaves_no_voxel_file_of_this_write_beside_it(tmp_path):
+    """A MetaImage's voxel file is placed before its header: where the header then exists (another run
+    wrote it), the voxel file this write had placed stayed behind, beside the other run's header."""
+    import numpy as np
+
+    from prostate_kernels.data import Volume, write_volume
+
+    header = tmp_path / "Case01_segmentation.mhd"
+    header.write_text("another run's header")
+    volume = Volume(
+        np.zeros((2, 3, 4), np.uint8), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)
+    )
+    with pytest.raises(DataError, match="Case01_segmentation.mhd: exists already: another run wrote it"):
+        write_volume(volume, header, replace=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Case01_segmentation.mhd"]
+    assert header.read_text() == "another run's header"
+
+
 def test_evaluate_leaves_a_table_another_run_wrote_meanwhile(data, trained, tmp_path, monkeypatch):
     from prostate_kernels import evaluation
 

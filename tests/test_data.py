@@ -260,6 +260,34 @@ def test_phantoms_too_small_to_hold_background_are_refused_leaving_no_file(tmp_p
     assert not any(p.is_file() for p in tmp_path.rglob("*"))  # Case00 and Case01 of "small" removed again
 
 
+def test_phantoms_never_replace_a_file(tmp_path, monkeypatch):
+    """write_phantoms(dir) into a directory of the user's own CaseNN files replaced them (the CLI refuses
+    a non-empty --out; the library call did not); and its clean-up after a refusal would have removed a
+    file that another run wrote meanwhile."""
+    from prostate_kernels.data import phantoms
+
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "Case01_segmentation.raw").write_bytes(b"the user's mask")
+    with pytest.raises(DataError, match=r"Case01_segmentation.raw: exists already: phantoms never replace"):
+        write_phantoms(own, n=3, shape=(6, 24, 24))
+    assert [p.name for p in own.iterdir()] == ["Case01_segmentation.raw"]  # nothing written
+    assert (own / "Case01_segmentation.raw").read_bytes() == b"the user's mask"
+
+    make = phantoms.make_phantom
+
+    def another_run_writes_case01_meanwhile(seed, shape):
+        if seed == 1:
+            (tmp_path / "race" / "Case01.mhd").write_text("another run's header")
+        return make(seed, shape)
+
+    monkeypatch.setattr(phantoms, "make_phantom", another_run_writes_case01_meanwhile)
+    with pytest.raises(DataError, match=r"Case01.mhd: exists already: another run wrote it meanwhile"):
+        write_phantoms(tmp_path / "race", n=3, shape=(6, 24, 24))
+    assert [p.name for p in (tmp_path / "race").iterdir()] == ["Case01.mhd"]  # Case00's removed, not it
+    assert (tmp_path / "race" / "Case01.mhd").read_text() == "another run's header"
+
+
 def _sampler(**kwargs) -> PatchSampler:
     ph = make_phantom(1, (12, 40, 40))
     case = training_case(ph.image.array, ph.mask.array, "c")

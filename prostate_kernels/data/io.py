@@ -25,7 +25,7 @@ from prostate_kernels.data.integrity import (
     itk_reason,
 )
 from prostate_kernels.data.nifti_nonfinite import check_nifti_finite
-from prostate_kernels.safe_files import place, staging_errors_named, temporary_path
+from prostate_kernels.safe_files import place_together, staging_errors_named, temporary_path
 
 GEOMETRY_TOLERANCE = 1e-4  # relative, on spacing/origin/direction, when comparing an image with its mask
 
@@ -157,8 +157,8 @@ def _one_channel(image, path: Path, channel: int | None, mask: bool):
 
 def write_volume(volume: Volume, path: str | Path, replace: bool = True) -> Path:
     """Writes `volume` with its geometry (compressed for .gz); creates the parent directory.
-    replace=False: DataError, and nothing replaced, where one of its files exists when it is placed
-    (safe_files.place: a file another run wrote since the caller checked).
+    replace=False: DataError, nothing replaced and none of its files left, where one of its files exists
+    when it is placed (safe_files.place_together: a file another run wrote since the caller checked).
 
     Whole or not at all: SimpleITK writes into a hidden staging directory beside `path` under the final
     file names, whose files are then renamed into place, a MetaImage header after its voxel file (so a
@@ -183,8 +183,8 @@ def write_volume(volume: Volume, path: str | Path, replace: bool = True) -> Path
             itk_call("write", path, lambda: sitk.WriteImage(image, str(staged), useCompression=compress))
         except DataError as exc:
             raise _write_failure(exc, path, staged, volume.array.nbytes) from None
-        for written in sorted(staging.iterdir(), key=lambda f: f.name == path.name):  # `path` last
-            place(written, path.parent / written.name, replace)
+        # `path` last: a header is in place only once its voxel file is
+        place_together(sorted(staging.iterdir(), key=lambda f: f.name == path.name), path.parent, replace)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return path

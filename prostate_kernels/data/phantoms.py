@@ -98,31 +98,45 @@ def make_phantom(seed: int, shape: tuple[int, int, int] = DEFAULT_SHAPE) -> Phan
 
 def write_phantoms(out_dir: str | Path, n: int = 8, seed: int = 0, shape=DEFAULT_SHAPE) -> list[Path]:
     """n phantoms as out_dir/CaseNN.mhd (+ .raw) and CaseNN_segmentation.mhd; returns the image paths.
+    Files are never replaced: DataError naming one that exists (before anything is written, or when
+    another run wrote it meanwhile).
 
     DataError, with none of this call's files left, when a phantom would be unusable: a volume smaller
     than the gland (a few cm across) can come out all gland, or of one intensity."""
     out_dir = Path(out_dir)
-    _check_disk(out_dir, n, shape)
+    _check_disk(out_dir, n, shape)  # first: --n 10**20 names are not listed
+    names = [f"Case{i:02d}" for i in range(n)]
+    _check_none_exist(out_dir, names)
     images: list[Path] = []
-    written: list[Path] = []  # headers and their voxel files, to remove again after a refusal
+    written: list[Path] = []  # headers and their voxel files this call wrote, to remove after a refusal
     try:
-        for i in range(n):
+        for i, name in enumerate(names):
             phantom = make_phantom(seed * 100_003 + i, shape)
-            name = f"Case{i:02d}"
             _check_usable(phantom, out_dir, name, shape)
             images.append(out_dir / f"{name}.mhd")
             for volume, path in (
                 (phantom.image, images[-1]),
                 (phantom.mask, out_dir / f"{name}_segmentation.mhd"),
             ):
+                write_volume(volume, path, replace=False)  # whole or not at all
                 written += companions(path)
-                write_volume(volume, path)
     except DataError:
         for path in written:  # this call's own files only
             with contextlib.suppress(OSError):  # the DataError is the one to report
                 path.unlink(missing_ok=True)
         raise
     return images
+
+
+def _check_none_exist(out_dir: Path, names: list[str]) -> None:
+    """DataError naming the first of the phantoms' files (CaseNN.mhd/.raw and the masks') that exists in
+    out_dir: write_phantoms(dir) into a dataset of the user's own replaced its Case00.mhd."""
+    for name in names:
+        for header in (f"{name}.mhd", f"{name}_segmentation.mhd"):
+            for path in companions(out_dir / header):
+                if path.exists():
+                    raise DataError(path, "exists already: phantoms never replace a file; choose a directory "
+                                          "without CaseNN files")  # fmt: skip
 
 
 def _check_usable(phantom: Phantom, out_dir: Path, name: str, shape: tuple[int, int, int]) -> None:
