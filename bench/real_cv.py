@@ -182,9 +182,9 @@ def fold(pack_path: Path, model_name: str, k: int, iters: int, work: Path, model
     import torch
 
     from prostate_kernels.data.sampling import zscore
-    from prostate_kernels.pipeline import load_trained_model
     from prostate_kernels.predict import predict_probabilities
     from prostate_kernels.train import TrainConfig, train
+    from prostate_kernels.trained_model import load_trained_model
 
     torch.set_num_threads(3)
     names, images, masks = load_pack(pack_path)

@@ -412,7 +412,7 @@ def _export(args) -> int:
 
 
 def _demo(args) -> int:
-    from prostate_kernels.pipeline import run_demo
+    from prostate_kernels.demo import run_demo
 
     return _report(run_demo(args.out, args.model, args.iters, args.channels_last))
 

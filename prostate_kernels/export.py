@@ -61,7 +61,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, any_size: bool = 
     the network (any_size: with free sizes), the program calls one of this library's operators, or its
     logits differ from the network's by more than TOLERANCE (nothing is written then)."""
     from prostate_kernels import __version__
-    from prostate_kernels.pipeline import load_trained_model, window_shape
+    from prostate_kernels.trained_model import load_trained_model, window_shape
 
     checkpoint, out = Path(checkpoint), Path(out)
     refuse_existing([out], "export never replaces a file: choose another --out")

@@ -1,6 +1,7 @@
-"""The end-to-end steps behind the CLI: predicting files and the demo (evaluation.py scores them).
+"""`prostate-kernels predict`: the images of a file or directory segmented by trained checkpoints, each
+case written whole beside a record of the settings (evaluation.py scores them, demo.py runs it all).
 
-Each step works case by case: a bad case is recorded (returned as a message) and the others go on.
+It works case by case: a bad case is recorded (returned as a message) and the others go on.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from prostate_kernels.checkpoint import load_checkpoint, load_model_weights
 from prostate_kernels.data import (
     ConfigError,
     DataError,
@@ -36,10 +36,8 @@ from prostate_kernels.data.resample import resample_image, resample_onto
 from prostate_kernels.data.sampling import zscore_channels
 from prostate_kernels.determinism import deterministic_mode
 from prostate_kernels.devices import available_device, memory_bytes
-from prostate_kernels.evaluation import evaluate_files
-from prostate_kernels.layout import model_in_layout
 from prostate_kernels.memory_bound import step_memory
-from prostate_kernels.models import build_model, downsampling
+from prostate_kernels.models import downsampling
 from prostate_kernels.predict import PATCH_WINDOWS_PER_CALL, largest_component, predict_probabilities
 from prostate_kernels.prediction_record import (
     RECORD_NAME,
@@ -52,11 +50,9 @@ from prostate_kernels.safe_files import (
     created_directory,
     refuse_existing,
     remove_dead_temporaries,
-    require_empty_directory,
 )
+from prostate_kernels.trained_model import build_network, load_trained_model, window_shape
 from prostate_kernels.windows import WHOLE
-
-# --------------------------------------------------------------------------------------- predict
 
 
 def list_images(path: Path) -> list[Path]:
@@ -85,100 +81,6 @@ def list_images(path: Path) -> list[Path]:
         print(f"not predicted (not named CaseNN like the {len(cases)} case(s) beside them): "
               f"{', '.join(p.name for p in unused)}; give a file's own path to predict it")  # fmt: skip
     return [case.image for case in cases]
-
-
-def load_trained_model(
-    checkpoint: Path, device: torch.device, channels_last: bool = False
-) -> tuple[torch.nn.Module, dict]:
-    """(the checkpoint's network in eval mode on device, in the layout asked for, its state)."""
-    state = load_checkpoint(checkpoint, map_location=device)
-    for key in ("model", "state_dict", "patch"):
-        if key not in state:
-            raise DataError(checkpoint, f"checkpoint lacks {key!r}")
-    _check_recorded_settings(state, checkpoint)
-    _check_window_fits_model(state, checkpoint, device)  # before any weight is allocated
-    model = _build_network(state, checkpoint)
-    load_model_weights(model, state["state_dict"], checkpoint, state["model"])
-    return model_in_layout(model.to(device), channels_last).eval(), state
-
-
-def _check_recorded_settings(state: dict, checkpoint: Path) -> None:
-    """A checkpoint's patch is 3 positive ints, its slices an int >= 0, its spacing (if any) 3 sizes > 0
-    and its channel (if any) an int >= 0 or a list of different ones: else a DataError."""
-    patch, slices = state["patch"], state.get("slices", 0)
-    if (
-        not isinstance(patch, (list, tuple))
-        or len(patch) != 3
-        or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in patch)
-    ):
-        raise DataError(checkpoint, f"malformed checkpoint: patch {patch!r} is not 3 positive ints")
-    if not isinstance(slices, int) or isinstance(slices, bool) or slices < 0:
-        raise DataError(checkpoint, f"malformed checkpoint: slices {slices!r} is not an int >= 0")
-    spacing = state.get("spacing")
-    if spacing is not None and (
-        not isinstance(spacing, (list, tuple))
-        or len(spacing) != 3
-        or not all(_positive_number(v) for v in spacing)
-    ):
-        raise DataError(checkpoint, f"malformed checkpoint: spacing {spacing!r} is not 3 sizes > 0 (mm)")
-    channel = state.get("channel")
-    channels = [channel] if isinstance(channel, int) else channel
-    if channel is not None and (
-        not isinstance(channels, (list, tuple))
-        or not channels
-        or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in channels)
-        or len(set(channels)) != len(channels)
-    ):
-        raise DataError(
-            checkpoint,
-            f"malformed checkpoint: channel {channel!r} is not an int >= 0 or a list of different ones",
-        )
-
-
-def window_shape(state: dict, window: Sequence[int] | None = None) -> tuple[int, ...]:
-    """One input window of a checkpoint's network: (1, C, *window) for C image channels; a 2-D network's
-    slice stacks (window (k, h, w)): (1, C * k, h, w). window: (D, H, W), default its training patch."""
-    patch, slices, channels = (
-        tuple(state["patch"] if window is None else window),
-        state.get("slices", 0),
-        channel_count(state.get("channel")),
-    )
-    return (1, channels * slices, *patch[1:]) if slices else (1, channels, *patch)
-
-
-def _build_network(state: dict, checkpoint: Path) -> torch.nn.Module:
-    """The checkpoint's network, untrained, on the default device; DataError when it cannot be built."""
-    try:
-        return build_model(state["model"], **state.get("model_kwargs", {}))
-    except (ValueError, TypeError) as exc:
-        raise DataError(checkpoint, f"cannot build its model ({exc})") from None
-
-
-def _check_window_fits_model(state: dict, checkpoint: Path, device: torch.device) -> None:
-    """DataError unless one window of the checkpoint's patch (its slices as channels for a 2-D network)
-    fits the device's memory and is an input its network takes: checked by a forward of the network
-    built on the meta device (shapes only, no values), whose models name what they expected. A patch or
-    slices that disagreed with the network ended predict in the network's ValueError traceback."""
-    patch, slices, window = tuple(state["patch"]), state.get("slices", 0), window_shape(state)
-    need, total = math.prod(window) * 4, memory_bytes(device)
-    if total is not None and need > total:
-        raise DataError(checkpoint, f"malformed checkpoint: one window of its patch {list(patch)} takes "
-                                    f"{need / 2**30:.3g} GiB in float32, more than the {total / 2**30:.3g} "
-                                    f"GiB of memory of {device}")  # fmt: skip
-    with torch.device("meta"):
-        network = _build_network(state, checkpoint).eval()
-        try:
-            with torch.no_grad():
-                network(torch.empty(window))
-        except ValueError as exc:
-            raise DataError(checkpoint, f"malformed checkpoint: its patch {list(patch)} and slices {slices} "
-                                        f"do not make an input of its network ({exc})") from None  # fmt: skip
-
-
-def _positive_number(value: object) -> bool:
-    return (
-        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
-    )
 
 
 def predict_files(
@@ -341,7 +243,7 @@ def _check_call_fits(state: dict, roi: tuple[int, int, int], per_call: int, imag
     key = (state["model"], repr(state.get("model_kwargs", {})), shape)
     if key not in _CALL_PEAKS:
         with torch.device("meta"), torch.no_grad():
-            network = _build_network(state, image).eval()
+            network = build_network(state, image).eval()
             _CALL_PEAKS[key] = step_memory(network, torch.empty(shape)).peak
     need, total = _CALL_PEAKS[key], memory_bytes(torch.device("cpu"))
     if total is not None and need > total:
@@ -454,49 +356,3 @@ def _check_targets(targets: dict[Path, tuple[Path, Path | None]], inputs: Path, 
     if not overwrite:
         refuse_existing(files, "predict never replaces existing files: choose a new --output directory, "
                                "or pass --overwrite to replace an earlier prediction")  # fmt: skip
-
-
-# ------------------------------------------------------------------------------------------ demo
-
-
-DEMO_ITERS = {"tiramisu3d_tiny": 480}  # ~2.5 min on 2 CPU cores channels-last (~4.5 min NCDHW)
-DEMO_MARKER = ".prostate-kernels-demo"  # says "a demo wrote this directory" (make demo may replace it)
-
-
-def run_demo(
-    out: Path, model: str = "tiramisu3d_tiny", iters: int | None = None, channels_last: bool | None = None
-) -> list[str]:
-    """Phantoms -> training -> prediction of held-out phantoms -> PROMISE12 evaluation, all in `out`;
-    channels_last: train and predict in that layout (layout.py); None: on the CPU only, where the demo
-    measured 1.37x faster in it (docs/memory-layout.md); a GPU's is not measured yet."""
-    from prostate_kernels.data.phantoms import write_phantoms
-    from prostate_kernels.plots import plot_training_curve
-    from prostate_kernels.train import TrainConfig, check_config, train
-
-    out = Path(out)
-    start = time.time()
-    train_dir, test_dir = out / "data" / "train", out / "data" / "test"
-    iters = iters if iters is not None else DEMO_ITERS.get(model, 1000)
-    channels_last = not torch.cuda.is_available() if channels_last is None else channels_last
-    config = TrainConfig(data=train_dir, out=out / "run", model=model, iters=iters, loss="bce+dice",
-                         val_every=max(1, iters // 6), channels_last=channels_last)  # fmt: skip
-    check_config(config)  # before anything is written
-    require_empty_directory(out, "--out")
-    (out / DEMO_MARKER).write_text("written by prostate-kernels demo: this directory is its output\n")
-    write_phantoms(train_dir, n=10, seed=1)
-    write_phantoms(test_dir, n=3, seed=2)
-    print(f"[demo] phantoms: 10 for training (2 of them for validation), 3 held out -> {out / 'data'}")
-    checkpoint = train(config)
-    best = out / "run" / "best.pt"
-    checkpoint = best if best.exists() else checkpoint
-    plot_training_curve(out / "run" / "metrics.csv", out / "training_curve.png")
-    layout = "channels-last" if channels_last else "NCDHW"
-    print(f"[demo] trained {model} ({layout}) for {iters} iterations; using {checkpoint.name}")
-    failures = predict_files(
-        checkpoint, test_dir, out / "predictions", largest=True, channels_last=channels_last
-    )
-    failures += evaluate_files(out / "predictions", test_dir, None, None, out)[0]
-    print(
-        f"[demo] done in {time.time() - start:.0f} s: overlays, training_curve.png, evaluation.csv in {out}"
-    )
-    return failures

@@ -16,7 +16,7 @@ from prostate_kernels.checkpoint import save_checkpoint
 from prostate_kernels.cli import main
 from prostate_kernels.data import DataError
 from prostate_kernels.export import export_checkpoint, read_metadata
-from prostate_kernels.pipeline import load_trained_model
+from prostate_kernels.trained_model import load_trained_model
 
 # Loads the program and runs it in a process where importing prostate_kernels fails.
 RUN_WITHOUT_THE_LIBRARY = """

@@ -18,9 +18,9 @@ from prostate_kernels import use_backend
 from prostate_kernels.checkpoint import load_checkpoint
 from prostate_kernels.layout import grad_like, in_layout, keep_grads_in_param_strides, model_in_layout
 from prostate_kernels.nn import BNReLUConv3d, DenseBlock3d, DepthwiseConv3d
-from prostate_kernels.pipeline import load_trained_model
 from prostate_kernels.predict import predict_probabilities
 from prostate_kernels.train import TrainConfig, train
+from prostate_kernels.trained_model import load_trained_model
 
 CL = torch.channels_last_3d
 

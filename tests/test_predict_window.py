@@ -13,7 +13,8 @@ from cli_helpers import assert_one_line_error, make_phantoms, run_cli, train_arg
 from prostate_kernels.cli import main
 from prostate_kernels.data import read_volume
 from prostate_kernels.data.sampling import zscore
-from prostate_kernels.pipeline import inference_window, load_trained_model
+from prostate_kernels.pipeline import inference_window
+from prostate_kernels.trained_model import load_trained_model
 
 
 @pytest.fixture(scope="module")

@@ -72,7 +72,7 @@ def test_a_model_trained_at_1_5_mm_predicts_on_the_inputs_own_grid(tmp_path, tra
 @pytest.mark.parametrize("spacing", [[1.5, 1.5], [1.5, -1.0, 1.5], "1.5"])
 def test_a_checkpoint_with_a_malformed_spacing_is_refused(tmp_path, spacing):
     from prostate_kernels.data import DataError
-    from prostate_kernels.pipeline import _check_recorded_settings
+    from prostate_kernels.trained_model import _check_recorded_settings
 
     with pytest.raises(DataError, match="malformed checkpoint: spacing"):
         _check_recorded_settings({"patch": [8, 8, 8], "slices": 0, "spacing": spacing}, tmp_path / "c.pt")

@@ -9,7 +9,7 @@ exits 1. How each kind of file is damaged:
   wrong type, other files);
 - nrrd: the same for the fields of a .nrrd header;
 - checkpoint: 1 to 6 random bytes of a tiny Tiramisu's checkpoint, mostly in the zip structures at either
-  end, loaded as predict loads one (pipeline.load_trained_model).
+  end, loaded as predict loads one (trained_model.load_trained_model).
 
     python tools/fuzz_readers.py --kind metaimage --n 1500 --seed 2 [--keep DIR]
 
@@ -131,7 +131,7 @@ def read(kind: str, path: Path) -> None:
     if kind == "checkpoint":
         import torch
 
-        from prostate_kernels.pipeline import load_trained_model
+        from prostate_kernels.trained_model import load_trained_model
 
         load_trained_model(path, torch.device("cpu"))
     else:
