@@ -23,6 +23,10 @@ TESTS = Path(__file__).resolve().parent
 SHAPE = ("8", "32", "32")
 PATCH = ["--patch", "8", "32", "32"]
 
+sys.path.insert(0, str(TESTS.parent / "tools"))  # tools/ is not part of an installed package
+# its DICOM series serve the tests too (named here for them: an explicit re-export)
+from fuzz_readers import write_dicom_series as write_dicom_series  # noqa: E402
+
 
 def console_script() -> list[str]:
     """The installed console script beside this Python (a venv's bin/), else `python -m prostate_kernels`."""
@@ -119,32 +123,6 @@ def run_script(directory: Path, source: str, timeout: float = 120) -> subprocess
     script.write_text(textwrap.dedent(source))
     return subprocess.run([sys.executable, str(script), str(directory)], capture_output=True, text=True,
                           timeout=timeout, cwd=directory)  # fmt: skip
-
-
-def write_dicom_series(image_path: Path, directory: Path, uid: str) -> Path:
-    """The 3-D image at image_path as a DICOM series in `directory` (int16 MR slices named IM0000...,
-    without a suffix, as scanners export them), its geometry in each slice's position and orientation."""
-    import SimpleITK as sitk
-
-    from prostate_kernels.data.dicom import kept_locale
-
-    image = sitk.Cast(sitk.ReadImage(str(image_path)), sitk.sitkInt16)
-    d = image.GetDirection()
-    orientation = "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7])))
-    directory.mkdir(parents=True)
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    writer.SetImageIO("GDCMImageIO")
-    for k in range(image.GetDepth()):
-        slice_ = image[:, :, k]
-        for tag, value in (("0020|000e", uid), ("0008|0060", "MR"), ("0020|0037", orientation),
-                           ("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k))))),
-                           ("0020|0013", str(k))):  # fmt: skip
-            slice_.SetMetaData(tag, value)
-        writer.SetFileName(str(directory / f"IM{k:04d}"))
-        with kept_locale():  # GDCM's writer sets the process's locale to "C"
-            writer.Execute(slice_)
-    return directory
 
 
 def run_without_waiting_on(fifo: Path, call):

@@ -150,6 +150,27 @@ def test_a_directory_of_one_dicom_series_reads_as_its_volume(tmp_path):
         run_without_waiting_on(series / "pipe", lambda: read_volume(series))
 
 
+def test_a_series_whose_first_or_last_slice_is_damaged_is_refused_not_read_a_slice_short(tmp_path):
+    """GDCM passes over a slice it cannot parse: a series with its last slice cut short (an interrupted
+    copy) read as a volume one slice short, without a word (a missing middle slice is refused for the
+    uneven spacing it leaves). Files that are not DICOM beside the slices are still left alone."""
+    from cli_helpers import write_dicom_series
+
+    base = Volume(np.arange(5 * 6 * 7, dtype=np.int16).reshape(5, 6, 7), (0.6, 0.6, 3.6), (0.0, 0.0, 0.0),
+                  (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))  # fmt: skip
+    series = write_dicom_series(write_volume(base, tmp_path / "t2.nii.gz"), tmp_path / "series", "1.2.3.9")
+    (series / "README.txt").write_text("exported by the scanner")
+    (series / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)  # an index, not a slice
+    assert read_volume(series).array.shape == (5, 6, 7)
+    for damaged in ("IM0004", "IM0000"):
+        good = (series / damaged).read_bytes()
+        (series / damaged).write_bytes(good[: len(good) // 2])
+        said = r": is marked as a DICOM file but GDCM could not read it into the series of the 4 slice\(s\) "
+        with pytest.raises(DataError, match=damaged + said + r"beside it \(cut short or damaged\?\)"):
+            read_volume(series)
+        (series / damaged).write_bytes(good)
+
+
 def test_a_mask_of_several_labels_joins_the_labels_asked_for(tmp_path):
     zones = np.zeros((3, 4, 5), np.uint8)
     zones[1, 1:3, 1:3], zones[2, 1:3, 1:3] = 1, 2  # the Decathlon's peripheral and transition zones

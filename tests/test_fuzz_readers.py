@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 fuzz_readers = pytest.importorskip("fuzz_readers")  # tools/ is not part of an installed package
 
 
-@pytest.mark.parametrize("kind", ["nifti", "metaimage", "nrrd", "checkpoint"])
+@pytest.mark.parametrize("kind", ["nifti", "metaimage", "nrrd", "checkpoint", "dicom"])
 def test_damaged_files_are_read_or_refused_never_a_traceback_or_a_crash(kind, tmp_path):
     counts = fuzz_readers.fuzz(kind, 60, seed=7, keep=tmp_path / "bugs")
     assert sum(counts.values()) == 60

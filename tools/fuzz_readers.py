@@ -9,7 +9,9 @@ exits 1. How each kind of file is damaged:
   wrong type, other files);
 - nrrd: the same for the fields of a .nrrd header;
 - checkpoint: 1 to 6 random bytes of a tiny Tiramisu's checkpoint, mostly in the zip structures at either
-  end, loaded as predict loads one (trained_model.load_trained_model).
+  end, loaded as predict loads one (trained_model.load_trained_model);
+- dicom: one slice of a 4-slice MR series (GDCM's files, as scanners export them): 1 to 6 random bytes,
+  mostly in its first 2 KiB (the tags before the pixels), or the file cut short; the directory read.
 
     python tools/fuzz_readers.py --kind metaimage --n 1500 --seed 2 [--keep DIR]
 
@@ -25,6 +27,7 @@ import argparse
 import collections
 import contextlib
 import faulthandler
+import functools
 import os
 import random
 import shutil
@@ -63,6 +66,38 @@ def _volume(path: Path) -> Path:
     return write_volume(Volume(voxels, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1)), path)
 
 
+def write_dicom_series(image_path: Path, directory: Path, uid: str) -> Path:
+    """The 3-D image at image_path as a DICOM series in `directory` (int16 MR slices named IM0000...,
+    without a suffix, as scanners export them), its geometry in each slice's position and orientation."""
+    import SimpleITK as sitk
+
+    from prostate_kernels.data.dicom import kept_locale
+
+    image = sitk.Cast(sitk.ReadImage(str(image_path)), sitk.sitkInt16)
+    d = image.GetDirection()
+    orientation = "\\".join(map(str, (d[0], d[3], d[6], d[1], d[4], d[7])))
+    directory.mkdir(parents=True)
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetImageIO("GDCMImageIO")
+    for k in range(image.GetDepth()):
+        slice_ = image[:, :, k]
+        for tag, value in (("0020|000e", uid), ("0008|0060", "MR"), ("0020|0037", orientation),
+                           ("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k))))),
+                           ("0020|0013", str(k))):  # fmt: skip
+            slice_.SetMetaData(tag, value)
+        writer.SetFileName(str(directory / f"IM{k:04d}"))
+        with kept_locale():  # GDCM's writer sets the process's locale to "C"
+            writer.Execute(slice_)
+    return directory
+
+
+def _dicom_slices(work: Path) -> dict[str, bytes]:
+    """The files of a 4-slice int16 MR series of the 4x5x6 volume, by name."""
+    series = write_dicom_series(_volume(work / "good.nii"), work / "good-series", "1.2.3.4")
+    return {f.name: f.read_bytes() for f in sorted(series.iterdir())}
+
+
 def _flip_bytes(good: bytes, rng: random.Random, positions: Callable[[], int], most: int) -> bytes:
     damaged = bytearray(good)
     for _ in range(rng.randint(1, most)):
@@ -83,7 +118,8 @@ def _set_fields(lines: list[str], rng: random.Random, separator: str) -> list[st
 
 
 def variants(kind: str, work: Path, rng: random.Random):
-    """(file name, bytes) of damaged files of `kind`, endlessly; the reader to call on a path."""
+    """(name, content) of damaged files of `kind`, endlessly: a file's bytes, or a directory's files by
+    name (a DICOM series)."""
     if kind == "nifti":
         good = _volume(work / "good.nii").read_bytes()
         while True:
@@ -111,6 +147,17 @@ def variants(kind: str, work: Path, rng: random.Random):
 
         while True:
             yield "v.pt", _flip_bytes(good, rng, position, 6)
+    if kind == "dicom":
+        slices = _dicom_slices(work)
+        while True:
+            name = rng.choice(sorted(slices))
+            good = slices[name]
+            if rng.random() < 0.15:  # cut short (a copy that was interrupted)
+                damaged = good[: rng.randrange(len(good))]
+            else:  # mostly the tags
+                span = min(2048, len(good)) if rng.random() < 0.8 else len(good)
+                damaged = _flip_bytes(good, rng, functools.partial(rng.randrange, span), 6)
+            yield "v-series", {**slices, name: damaged}
     raise ValueError(f"unknown kind {kind!r}")
 
 
@@ -175,6 +222,18 @@ def outcome_of_a_read(kind: str, path: Path) -> str:
     return OUTCOMES.get(os.WEXITSTATUS(status), f"exit status {os.WEXITSTATUS(status)} (bug)")
 
 
+def _written(path: Path, content: bytes | dict[str, bytes]) -> Path:
+    """`path` holding `content`: the bytes of a file, or a new directory of these files."""
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+        return path
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir()
+    for name, data in content.items():
+        (path / name).write_bytes(data)
+    return path
+
+
 def fuzz(kind: str, n: int, seed: int, keep: Path | None) -> collections.Counter:
     """The outcome counts of n damaged variants of `kind` (random.Random(seed)); bugs copied into keep."""
     rng = random.Random(seed)
@@ -186,19 +245,21 @@ def fuzz(kind: str, n: int, seed: int, keep: Path | None) -> collections.Counter
         made = variants(kind, work, rng)
         for i in range(n):
             name, content = next(made)
-            path = work / name
-            path.write_bytes(content)
+            path = _written(work / name, content)
             outcome = outcome_of_a_read(kind, path)
             counts[outcome] += 1
             if outcome.endswith("(bug)") and keep is not None:
                 keep.mkdir(parents=True, exist_ok=True)
-                shutil.copy(path, keep / f"{kind}-{seed}-{i}-{name}")
+                copy = shutil.copytree if path.is_dir() else shutil.copy
+                copy(path, keep / f"{kind}-{seed}-{i}-{name}")
     return counts
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kind", choices=("nifti", "metaimage", "nrrd", "checkpoint"), required=True)
+    parser.add_argument(
+        "--kind", choices=("nifti", "metaimage", "nrrd", "checkpoint", "dicom"), required=True
+    )
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, help="directory for the variants that found a bug")
