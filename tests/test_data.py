@@ -150,7 +150,9 @@ def test_a_directory_of_one_dicom_series_reads_as_its_volume(tmp_path):
         run_without_waiting_on(series / "pipe", lambda: read_volume(series))
 
 
-def test_a_series_whose_first_or_last_slice_is_damaged_is_refused_not_read_a_slice_short(tmp_path):
+def test_a_series_whose_first_or_last_slice_is_damaged_is_refused_not_read_a_slice_short(
+    tmp_path, monkeypatch
+):
     """GDCM passes over a slice it cannot parse: a series with its last slice cut short (an interrupted
     copy) read as a volume one slice short, without a word (a missing middle slice is refused for the
     uneven spacing it leaves). Files that are not DICOM beside the slices are still left alone."""
@@ -169,6 +171,18 @@ def test_a_series_whose_first_or_last_slice_is_damaged_is_refused_not_read_a_sli
         with pytest.raises(DataError, match=damaged + said + r"beside it \(cut short or damaged\?\)"):
             read_volume(series)
         (series / damaged).write_bytes(good)
+    from prostate_kernels.data import dicom
+
+    def unreadable_readme(path, *args):  # (as root, a file's mode does not stop a read)
+        if Path(path).name == "README.txt":
+            raise PermissionError(13, "Permission denied", str(path))
+        return open(path, *args)
+
+    monkeypatch.setattr(dicom, "open", unreadable_readme, raising=False)
+    with pytest.raises(
+        DataError, match=r"README.txt: cannot be read \(Permission denied\), so the series beside"
+    ):
+        read_volume(series)
 
 
 def test_a_mask_of_several_labels_joins_the_labels_asked_for(tmp_path):

@@ -90,8 +90,13 @@ def _check_no_dicom_file_passed_over(directory: Path, series_files: tuple[str, .
     for entry in sorted(directory.iterdir()):
         if entry.name in read or entry.name.upper() == "DICOMDIR" or not entry.is_file():
             continue
-        with open(entry, "rb") as file:
-            marked = file.read(132)[128:] == b"DICM"
+        try:
+            with open(entry, "rb") as file:
+                marked = file.read(132)[128:] == b"DICM"
+        except OSError as exc:  # GDCM passed over it too
+            raise DataError(
+                entry, f"cannot be read ({exc.strerror}), so the series beside it may lack it"
+            ) from None
         if marked:
             raise DataError(entry, f"is marked as a DICOM file but GDCM could not read it into the series of "
                                    f"the {len(read)} slice(s) beside it (cut short or damaged?): the volume "
