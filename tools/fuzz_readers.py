@@ -18,7 +18,9 @@ exits 1. How each kind of file is damaged:
 The runs of 2026-12-05 found with it: NIfTI headers SimpleITK read into another image (a dimension of 0
 or less read as 1, a bad size field, a datatype read past the file's end), a nibabel OverflowError,
 MetaImage NDims values that crashed the process (SIGSEGV, SIGABRT) and a checkpoint that ended predict in
-a BadZipFile traceback; all fixed, and reruns of every kind found none.
+a BadZipFile traceback; all fixed, and reruns of every kind found none. The tool sees tracebacks and
+crashes only: a DICOM series read one slice short (GDCM passing over a damaged first or last slice) was
+found by comparing its reads with the undamaged series' by hand, and is refused since.
 """
 
 from __future__ import annotations
