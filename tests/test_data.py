@@ -49,8 +49,11 @@ def test_read_errors_name_the_file_and_the_problem(tmp_path):
     with pytest.raises(DataError, match="is a directory"):
         read_volume(tmp_path)
     corrupt = tmp_path / "corrupt.mhd"
-    corrupt.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 4\nElementType = MET_NOPE\n")
-    with pytest.raises(DataError, match=r"corrupt\.mhd: cannot read image"):
+    corrupt.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 4 4\nElementType = MET_NOPE\n")
+    with pytest.raises(DataError, match=r"corrupt\.mhd: cannot read image"):  # ITK's own error, one line
+        read_volume(corrupt)
+    corrupt.write_text("ObjectType = Image\nNDims = 3\nDimSize = 4 4\nElementType = MET_UCHAR\n")
+    with pytest.raises(DataError, match=r"corrupt\.mhd: corrupt MetaImage header: DimSize = '4 4' is not 3 "):
         read_volume(corrupt)
     import SimpleITK as sitk
 

@@ -94,6 +94,101 @@ def test_a_nifti_header_itk_reads_into_another_image_is_refused(tmp_path, edit, 
         read_volume(target)
 
 
+def _metaimage(tmp_path: Path, name: str, compress: bool) -> tuple[Path, Path, np.ndarray]:
+    """A 4x5x6 float32 MetaImage written by SimpleITK: (header, voxel file, voxels)."""
+    voxels = np.arange(120, dtype=np.float32).reshape(4, 5, 6)
+    header = tmp_path / f"{name}.mhd"
+    image = Volume(voxels, (1.0, 1.0, 2.0), (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0, 0, 0, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        write_volume(image, header) if not compress else None
+    if compress:
+        import SimpleITK as sitk
+
+        itk = sitk.GetImageFromArray(voxels)
+        itk.SetSpacing((1.0, 1.0, 2.0))
+        sitk.WriteImage(itk, str(header), useCompression=True)
+    data = header.with_suffix(".zraw" if compress else ".raw")
+    return header, data, voxels
+
+
+@pytest.mark.parametrize(
+    "field, edited, said",
+    [
+        ("", "",  # 80 bytes more voxels
+         "the voxels of a.raw take 560 bytes, its header describes 480 (DimSize 6 x 5 x 4, MET_FLOAT, 1 "
+         "channel(s)): the header and the voxels disagree"),
+        ("ElementType = MET_FLOAT", "ElementType = MET_UCHAR",
+         "the voxels of a.raw take 480 bytes, its header describes 120 (DimSize 6 x 5 x 4, MET_UCHAR"),
+        ("DimSize = 6 5 4", "DimSize = 3 5 4",
+         "the voxels of a.raw take 480 bytes, its header describes 240 (DimSize 3 x 5 x 4"),
+        ("CompressedData = False", "CompressedData = True",
+         "the voxels of a.raw are not the compressed data its header says (CompressedData = True): Error -3"),
+        ("ElementSpacing = 1 1 2", "ElementSpacing = 1 -1 2",
+         "corrupt MetaImage header: ElementSpacing = '1 -1 2' is not 3 sizes > 0 (NDims = 3)"),
+        ("Offset = 0 0 0", "Offset = 1 0 0 0 1 0 0 0 0",
+         "corrupt MetaImage header: Offset = '1 0 0 0 1 0 0 0 0' is not 3 finite numbers (NDims = 3)"),
+    ],
+)  # fmt: skip
+def test_a_metaimage_whose_voxels_disagree_with_its_header_is_refused(tmp_path, field, edited, said):
+    """SimpleITK 2.5.7 read these without a word: the first bytes of a longer voxel file as the image (the
+    header of another image, an edited ElementType or DimSize), raw voxels said to be compressed as values
+    such as 1e+14 and 7e-45, a negative spacing as its absolute value, the first 3 of 9 origin values."""
+    header, data, _ = _metaimage(tmp_path, "a", compress=False)
+    if field:
+        assert field in header.read_text()
+        header.write_text(header.read_text().replace(field, edited))
+    else:
+        data.write_bytes(data.read_bytes() + b"\0" * 80)
+    with pytest.raises(DataError, match=re.escape(f"{header}: {said}")):
+        read_volume(header)
+
+
+def test_a_compressed_metaimage_cut_short_or_of_other_voxels_is_refused(tmp_path):
+    """A compressed stream cut short read with its missing voxels as zeros, or as whatever memory ITK
+    reused held (the voxels of the image read before it); a stream of fewer voxels the same. (Where the
+    header has a CompressedDataSize, as SimpleITK writes, ITK refuses a stream of another length itself;
+    without one, which MetaIO reads as "to the end of the file", it did not.)"""
+    import zlib
+
+    header, data, voxels = _metaimage(tmp_path, "z", compress=True)
+    header.write_text(re.sub(r"CompressedDataSize = \d+\n", "", header.read_text()))
+    assert np.array_equal(read_volume(header).array, voxels)  # as written: read, and right
+    whole = data.read_bytes()
+    data.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match=r"z.mhd: the voxels of z.zraw inflate to \d+ bytes, not the 480 its "
+                       r"header describes \(DimSize 6 x 5 x 4, MET_FLOAT, 1 channel\(s\)\), the compressed "
+                       "stream is cut short"):  # fmt: skip
+        read_volume(header)
+    data.write_bytes(zlib.compress(voxels.tobytes()[:240]))
+    with pytest.raises(DataError, match=r"inflate to 240 bytes, not the 480 its header describes"):
+        read_volume(header)
+    data.write_bytes(zlib.compress(voxels.tobytes() * 2))
+    with pytest.raises(DataError, match=r"inflate to more than the 480 its header describes"):
+        read_volume(header)
+    data.write_bytes(gzip.compress(voxels.tobytes()))  # a gzip stream, which MetaIO reads too
+    assert np.array_equal(read_volume(header).array, voxels)
+
+
+def test_metaimages_of_every_element_type_with_header_sizes_still_read(tmp_path):
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.float64):
+        voxels = (rng.random((3, 4, 5)) * 100).astype(dtype)
+        for name, compress in (("a.mhd", False), ("b.mhd", True), ("c.mha", False), ("d.mha", True)):
+            path = tmp_path / f"{np.dtype(dtype).name}-{name}"
+            sitk.WriteImage(sitk.GetImageFromArray(voxels), str(path), useCompression=compress)
+            assert np.array_equal(read_volume(path).array, voxels), path
+    header, data, voxels = _metaimage(tmp_path, "h", compress=False)
+    data.write_bytes(b"h" * 80 + data.read_bytes())  # 80 bytes of another header before the voxels
+    text = header.read_text()
+    header.write_text(text.replace("ElementSpacing", "HeaderSize = 80\nElementSpacing"))
+    assert np.array_equal(read_volume(header).array, voxels)
+    header.write_text(text.replace("ElementSpacing", "HeaderSize = -1\nElementSpacing"))  # the last bytes
+    assert np.array_equal(read_volume(header).array, voxels)
+
+
 def test_a_metaimage_header_that_crashes_itk_is_refused(tmp_path):
     """SimpleITK 2.5.7 ended the process on these NDims (a segmentation fault for -1 and 1e9, a heap
     corruption abort for 100: nothing to catch, a training lost). Read in a process of its own, so that a

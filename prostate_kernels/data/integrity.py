@@ -44,58 +44,10 @@ def itk_path(path: Path) -> str:
 
 def check_regular(path: Path) -> None:
     """DataError unless `path` is a regular file: reading a named pipe (a FIFO called Case05.mhd, say)
-    waits for a writer forever, and `train` hung on one. check_metaimage_header does the same for the
+    waits for a writer forever, and `train` hung on one. metaimage.check_metaimage_header does so for the
     voxel file a MetaImage header names."""
     if not path.is_file():
         raise DataError(path, "not a regular file (a pipe, socket or device): reading it could wait forever")
-
-
-_METAIMAGE_SUFFIXES = (".mhd", ".mha")
-MAX_METAIMAGE_DIMENSIONS = 5  # ITK's image IO reads at most 5 dimensions ("maximum supported IO dimension")
-
-
-def check_metaimage_header(path: Path) -> None:
-    """DataError, before ITK reads the MetaImage header `path` (.mhd, .mha), for
-    - an NDims that is not a whole number from 1 to MAX_METAIMAGE_DIMENSIONS: ITK's MetaIO (SimpleITK
-      2.5.7) ended the whole process on such headers, a segmentation fault for NDims = -1 or 1e9, a
-      heap-corruption abort for 100, with no error to catch;
-    - a voxel file (ElementDataFile) that is a directory, a pipe, a socket or a device (reading a pipe
-      waits for a writer forever)."""
-    if not path.name.lower().endswith(_METAIMAGE_SUFFIXES):
-        return
-    fields = _metaimage_fields(path)
-    stated = fields.get("NDims")
-    if stated is not None and not (stated.isdigit() and 1 <= int(stated) <= MAX_METAIMAGE_DIMENSIONS):
-        raise DataError(path, f"corrupt MetaImage header: NDims = {stated!r} is not a whole number from 1 to "
-                              f"{MAX_METAIMAGE_DIMENSIONS}")  # fmt: skip
-    data = _metaimage_data_file(path, fields.get("ElementDataFile", ""))
-    if data is not None and data.exists() and not data.is_file():
-        if data.is_dir():
-            raise DataError(path, f"its voxel file {data} (ElementDataFile) is a directory")
-        raise DataError(path, f"its voxel file {data} is not a regular file (a pipe, socket or device): "
-                              "reading it could wait forever")  # fmt: skip
-
-
-def _metaimage_data_file(header: Path, value: str) -> Path | None:
-    """The one voxel file a header's ElementDataFile `value` names, or None for LOCAL data (an .mha), a
-    LIST or a numbered pattern of files, or none."""
-    if not value or value in ("LOCAL", "LIST") or value.startswith("LIST") or " " in value:
-        return None
-    return header.parent / value
-
-
-def _metaimage_fields(header: Path) -> dict[str, str]:
-    """A MetaImage header's "Key = value" fields (the first of each key), up to ElementDataFile, the last
-    (an .mha's voxels follow it)."""
-    with open(header, "rb") as f:
-        text = f.read(1 << 16).decode("latin-1")
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        key, _, value = line.partition("=")
-        fields.setdefault(key.strip(), value.strip())
-        if key.strip() == "ElementDataFile":
-            break
-    return fields
 
 
 def check_complete(path: Path) -> None:

@@ -19,11 +19,11 @@ from prostate_kernels.data.errors import ConfigError, DataError
 from prostate_kernels.data.integrity import (
     captured_stderr,
     check_complete,
-    check_metaimage_header,
     check_regular,
     itk_path,
     itk_reason,
 )
+from prostate_kernels.data.metaimage import check_metaimage_header
 from prostate_kernels.data.nifti_nonfinite import check_nifti_finite
 from prostate_kernels.safe_files import place_together, staging_errors_named, temporary_path
 
