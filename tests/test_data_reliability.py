@@ -189,6 +189,31 @@ def test_metaimages_of_every_element_type_with_header_sizes_still_read(tmp_path)
     assert np.array_equal(read_volume(header).array, voxels)
 
 
+def test_an_nrrd_file_with_more_voxels_than_its_header_describes_is_refused(tmp_path):
+    """ITK's NRRD reader read the first bytes of the voxels as the image: `type: uchar` over float32
+    voxels came back as a uint8 image of 120 of their 480 bytes, raw or gzip, without a word."""
+    import SimpleITK as sitk
+
+    voxels = np.arange(120, dtype=np.float32).reshape(4, 5, 6)
+    for compress, said in ((False, "its voxels take 480 bytes, its header describes 120 (sizes 6 x 5 x 4, "
+                                   "type uchar): the header and the voxels disagree"),
+                           (True, "its voxels inflate to more than the 120 bytes its header describes (sizes "
+                                  "6 x 5 x 4, type uchar)")):  # fmt: skip
+        path = tmp_path / f"{compress}.nrrd"
+        sitk.WriteImage(sitk.GetImageFromArray(voxels), str(path), useCompression=compress)
+        assert np.array_equal(read_volume(path).array, voxels)
+        path.write_bytes(path.read_bytes().replace(b"type: float", b"type: uchar", 1))
+        with pytest.raises(DataError, match=re.escape(f"{path}: {said}")):
+            read_volume(path)
+    rng = np.random.default_rng(0)  # every type SimpleITK writes, raw and gzip, still reads
+    for dtype in (np.uint8, np.int8, np.int16, np.uint16, np.int32, np.uint32, np.int64, np.float64):
+        voxels = (rng.random((3, 4, 5)) * 100).astype(dtype)
+        for compress in (False, True):
+            path = tmp_path / f"{np.dtype(dtype).name}-{compress}.nrrd"
+            sitk.WriteImage(sitk.GetImageFromArray(voxels), str(path), useCompression=compress)
+            assert np.array_equal(read_volume(path).array, voxels), path
+
+
 def test_a_metaimage_header_that_crashes_itk_is_refused(tmp_path):
     """SimpleITK 2.5.7 ended the process on these NDims (a segmentation fault for -1 and 1e9, a heap
     corruption abort for 100: nothing to catch, a training lost). Read in a process of its own, so that a

@@ -25,6 +25,7 @@ from prostate_kernels.data.integrity import (
 )
 from prostate_kernels.data.metaimage import check_metaimage_header
 from prostate_kernels.data.nifti_nonfinite import check_nifti_finite
+from prostate_kernels.data.nrrd import check_nrrd_voxels
 from prostate_kernels.safe_files import place_together, staging_errors_named, temporary_path
 
 GEOMETRY_TOLERANCE = 1e-4  # relative, on spacing/origin/direction, when comparing an image with its mask
@@ -110,6 +111,7 @@ def _read_image(path: Path):
         return itk_call("read", path, lambda: read_series(path))
     check_regular(path)
     check_metaimage_header(path)  # before ITK reads it: a bad NDims ends the process, a pipe waits forever
+    check_nrrd_voxels(path)
     check_complete(path)
     name = itk_path(path)
     image = itk_call("read", path, lambda: sitk.ReadImage(name))

@@ -1,0 +1,115 @@
+"""NRRD files (.nrrd, the voxels after the header) checked before ITK reads them: ITK's NRRD reader (teem,
+SimpleITK 2.5.7) read a file whose voxels are more than its header describes as their first bytes,
+without a word (measured: `type: uchar` over float32 voxels came back as 120 bytes of them). Fewer voxels
+than described it refuses itself, raw or gzip. Only what can be told without reading the format's every
+option is checked: voxels in the file itself (no `data file`), raw or gzip, no line or byte skip.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from pathlib import Path
+
+from prostate_kernels.data.errors import DataError
+
+# bytes per value of NRRD's types, under each of their names (teem's nrrdTypeStr and its synonyms)
+_TYPE_BYTES = {
+    **dict.fromkeys(("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t"), 1),
+    **dict.fromkeys(
+        (
+            "short",
+            "short int",
+            "signed short",
+            "signed short int",
+            "int16",
+            "int16_t",
+            "ushort",
+            "unsigned short",
+            "unsigned short int",
+            "uint16",
+            "uint16_t",
+        ),
+        2,
+    ),  # fmt: skip
+    **dict.fromkeys(
+        ("int", "signed int", "int32", "int32_t", "uint", "unsigned int", "uint32", "uint32_t", "float"), 4
+    ),  # fmt: skip
+    **dict.fromkeys(
+        (
+            "longlong",
+            "long long",
+            "long long int",
+            "signed long long",
+            "signed long long int",
+            "int64",
+            "int64_t",
+            "ulonglong",
+            "unsigned long long",
+            "unsigned long long int",
+            "uint64",
+            "uint64_t",
+            "double",
+        ),
+        8,
+    ),  # fmt: skip
+}
+_CHUNK = 1 << 20
+
+
+def check_nrrd_voxels(path: Path) -> None:
+    """DataError when the voxels of the .nrrd file `path` are more bytes than its header's sizes x type
+    (raw), or inflate to more (gzip): the header of another image, or an edited type or sizes."""
+    if not path.name.lower().endswith(".nrrd"):
+        return
+    fields, offset = _nrrd_fields(path)
+    if fields is None or any(key in fields for key in ("data file", "datafile", "line skip", "byte skip")):
+        return
+    try:
+        sizes = [int(v) for v in fields["sizes"].split()]
+        element = _TYPE_BYTES[fields["type"]]
+    except (KeyError, ValueError):
+        return  # teem's own checks stand
+    needed, encoding = math.prod(sizes) * element, fields.get("encoding", "")
+    what = f"sizes {' x '.join(map(str, sizes))}, type {fields['type']}"
+    if encoding == "raw":
+        held = path.stat().st_size - offset
+        if held > needed:
+            raise DataError(path, f"its voxels take {held} bytes, its header describes {needed} ({what}): "
+                                  "the header and the voxels disagree")  # fmt: skip
+    elif encoding in ("gzip", "gz"):
+        inflated = _inflated_bytes(path, offset, needed + 1)
+        if inflated is not None and inflated > needed:
+            raise DataError(path, f"its voxels inflate to more than the {needed} bytes its header describes "
+                                  f"({what}): the header and the voxels disagree")  # fmt: skip
+
+
+def _nrrd_fields(path: Path) -> tuple[dict[str, str] | None, int]:
+    """(the "key: value" fields of the header, the byte offset of the voxels after its blank line), or
+    (None, 0) when no blank line ends a header in the first 64 KiB (teem then says what is wrong)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16).decode("latin-1")  # one byte per character: offsets are byte offsets
+    fields: dict[str, str] = {}
+    offset = 0
+    for line in head.splitlines(keepends=True):
+        offset += len(line)
+        if not line.strip():
+            return fields, offset
+        key, colon, value = line.partition(":")
+        if colon and not value.startswith("="):  # "key:=value" pairs are the user's, not the format's
+            fields.setdefault(key.strip(), value.strip())
+    return None, 0
+
+
+def _inflated_bytes(path: Path, offset: int, most: int) -> int | None:
+    """Bytes the gzip stream from `offset` inflates to, counted up to `most`; None for a stream that zlib
+    cannot read (teem refuses it itself, or reads it as raw bytes: both leave this check nothing to add)."""
+    inflate, inflated = zlib.decompressobj(wbits=47), 0
+    try:
+        with open(path, "rb") as stream:
+            stream.seek(offset)
+            while not inflate.eof and inflated < most and (chunk := stream.read(_CHUNK)):
+                inflated += len(inflate.decompress(chunk, most - inflated))
+    except zlib.error:
+        return None
+    return inflated
