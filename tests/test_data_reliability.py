@@ -77,6 +77,11 @@ def test_a_nifti_cut_inside_its_gzip_stream_but_closed_properly_is_reported(tmp_
         ((44, "<h", -3), "corrupt NIfTI header: dim[2] is -3, not a size >= 1"),  # read as 4x1x6
         ((0, "<i", 349), "corrupt NIfTI header: its size field is 349, not 348 (NIfTI-1) or 540"),
         ((70, "<h", 64), "truncated file: 832 bytes of NIfTI data, its header needs 1312"),  # float64 voxels
+        # voxels read from the header's own bytes (each shifted, the first ones garbage)
+        ((108, "<f", 146.0), "corrupt NIfTI header: vox_offset is 146, inside its 352-byte header"),
+        ((108, "<f", 348.0), "corrupt NIfTI header: vox_offset is 348, inside its 352-byte header"),
+        ((108, "<f", math.nan), "corrupt NIfTI header: vox_offset is nan, not a byte offset"),  # a ValueError
+        ((108, "<f", -math.inf), "corrupt NIfTI header: vox_offset is -inf, not a byte offset"),
     ],
 )
 @pytest.mark.parametrize("ext", [".nii", ".nii.gz"])

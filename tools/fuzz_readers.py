@@ -3,7 +3,10 @@ crash (a signal, which ends the process with nothing to catch) is counted, not s
 
 What a reader must do with any file: read it, or raise a DataError naming it. A variant that ends in
 another exception (a traceback for the user) or a signal is a bug; the tool saves it under --keep and
-exits 1. How each kind of file is damaged:
+exits 1. A read is also compared with the undamaged file's (voxels, dtype, spacing, origin, direction):
+"read as another image" is not a bug by itself (a header may say another spacing or byte order), but
+it is where silent misreads hide; --keep-another saves those variants to look at. How each kind of file
+is damaged:
 - nifti: 1 to 4 random bytes of a 4x5x6 float32 .nii's 352-byte header;
 - metaimage: 1 or 2 fields of a .mhd header set to values from a hostile list (negative, huge, empty,
   wrong type, other files);
@@ -58,7 +61,15 @@ HOSTILE_VALUES = (
     + ["4 5", "6 5 4 3", "6 5 0", "6 -5 4", "6 50 4", "0 0 0", "-1 -1 -1", "99999 99999 99999"]  # sizes
     + ["(0,0,0) (0,0,0) (0,0,0)", "(nan,0,0) (0,1,0) (0,0,2)", "1 0 0 0 1 0 0 0 0"]  # directions
 )
-OUTCOMES = {0: "read", 3: "refused (DataError)", 4: "other exception (bug)", 5: "MemoryError"}
+OUTCOMES = {
+    0: "read",
+    3: "refused (DataError)",
+    4: "other exception (bug)",
+    5: "MemoryError",
+    6: "read as another image",
+}
+# the undamaged file each kind's variants are made from (what a read of a variant is compared with)
+GOOD = {"nifti": "good.nii", "metaimage": "good.mhd", "nrrd": "good.nrrd", "dicom": "good-series"}
 
 
 def _volume(path: Path) -> Path:
@@ -176,17 +187,25 @@ def _checkpoint(work: Path) -> Path:
     return train(config, log=lambda *_: None, arrays=arrays)
 
 
-def read(kind: str, path: Path) -> None:
+def read(kind: str, path: Path) -> bool:
+    """Reads `path` as predict would; whether it read as the undamaged file does (always, for a
+    checkpoint: its weights are not compared)."""
     if kind == "checkpoint":
         import torch
 
         from prostate_kernels.trained_model import load_trained_model
 
         load_trained_model(path, torch.device("cpu"))
-    else:
-        from prostate_kernels.data import read_volume
+        return True
+    from prostate_kernels.data import read_volume
 
-        read_volume(path)
+    got, good = read_volume(path), read_volume(path.parent / GOOD[kind])
+    return (
+        got.array.dtype == good.array.dtype
+        and np.array_equal(got.array, good.array)
+        and all(np.allclose(a, b) for a, b in ((got.spacing, good.spacing), (got.origin, good.origin),
+                                                (got.direction, good.direction)))
+    )  # fmt: skip
 
 
 def outcome_of_a_read(kind: str, path: Path) -> str:
@@ -210,7 +229,7 @@ def outcome_of_a_read(kind: str, path: Path) -> str:
         signal.alarm(60)
         code = 0
         try:
-            read(kind, path)
+            code = 0 if read(kind, path) else 6
         except DataError:
             code = 3
         except MemoryError:
@@ -236,8 +255,11 @@ def _written(path: Path, content: bytes | dict[str, bytes]) -> Path:
     return path
 
 
-def fuzz(kind: str, n: int, seed: int, keep: Path | None) -> collections.Counter:
-    """The outcome counts of n damaged variants of `kind` (random.Random(seed)); bugs copied into keep."""
+def fuzz(
+    kind: str, n: int, seed: int, keep: Path | None, keep_another: Path | None = None
+) -> collections.Counter:
+    """The outcome counts of n damaged variants of `kind` (random.Random(seed)); bugs copied into keep,
+    variants read as another image than the undamaged file's into keep_another."""
     rng = random.Random(seed)
     counts: collections.Counter = collections.Counter()
     with contextlib.suppress(ImportError):  # imported once here, not in every child
@@ -250,10 +272,11 @@ def fuzz(kind: str, n: int, seed: int, keep: Path | None) -> collections.Counter
             path = _written(work / name, content)
             outcome = outcome_of_a_read(kind, path)
             counts[outcome] += 1
-            if outcome.endswith("(bug)") and keep is not None:
-                keep.mkdir(parents=True, exist_ok=True)
+            into = keep if outcome.endswith("(bug)") else keep_another if outcome == OUTCOMES[6] else None
+            if into is not None:
+                into.mkdir(parents=True, exist_ok=True)
                 copy = shutil.copytree if path.is_dir() else shutil.copy
-                copy(path, keep / f"{kind}-{seed}-{i}-{name}")
+                copy(path, into / f"{kind}-{seed}-{i}-{name}")
     return counts
 
 
@@ -265,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, help="directory for the variants that found a bug")
+    parser.add_argument("--keep-another", type=Path, help="directory for the variants read as another image")
     args = parser.parse_args(argv)
-    counts = fuzz(args.kind, args.n, args.seed, args.keep)
+    counts = fuzz(args.kind, args.n, args.seed, args.keep, args.keep_another)
     print(
         f"{args.kind}, {args.n} variants, seed {args.seed}: "
         + ", ".join(f"{k} {v}" for k, v in counts.items())

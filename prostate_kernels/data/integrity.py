@@ -92,6 +92,7 @@ def _nifti_bytes(head: bytes, path: Path) -> int | None:
             dims = struct.unpack(order + "8h", head[40:56])
             datatype, bitpix = struct.unpack(order + "2h", head[70:74])
             (offset,) = struct.unpack(order + "f", head[108:112])
+            _check_voxel_offset(offset, head[344:348] == b"n+1\0", 352, path)
             return _needed(dims, datatype, bitpix, int(offset), path)
         # NIfTI-2: datatype and bitpix int16 at 12 and 14, dim int64[8] at 16, vox_offset int64 at 168
         if sizeof_hdr == 540:
@@ -100,11 +101,24 @@ def _nifti_bytes(head: bytes, path: Path) -> int | None:
             datatype, bitpix = struct.unpack(order + "2h", head[12:16])
             dims = struct.unpack(order + "8q", head[16:80])
             (offset,) = struct.unpack(order + "q", head[168:176])
+            _check_voxel_offset(offset, head[4:8] == b"n+2\0", 544, path)
             return _needed(dims, datatype, bitpix, offset, path)
     (stated,) = struct.unpack("<i", head[:4])
     raise DataError(
         path, f"corrupt NIfTI header: its size field is {stated}, not 348 (NIfTI-1) or 540 (NIfTI-2)"
     )
+
+
+def _check_voxel_offset(offset: float, single_file: bool, header_bytes: int, path: Path) -> None:
+    """DataError for a vox_offset that is not a finite number >= 0, or that starts a one-file NIfTI's
+    voxels inside its header (352 bytes for NIfTI-1, 544 for NIfTI-2, extension flags included): ITK read
+    the header's own bytes as the first voxels (146, 0 or 348: each voxel shifted, the first ones
+    garbage), and a NaN or infinite one ended the size check in a ValueError traceback."""
+    if not math.isfinite(offset) or offset < 0:
+        raise DataError(path, f"corrupt NIfTI header: vox_offset is {offset}, not a byte offset")
+    if single_file and offset < header_bytes:
+        raise DataError(path, f"corrupt NIfTI header: vox_offset is {offset:g}, inside its {header_bytes}-"
+                              "byte header (a one-file NIfTI's voxels start after it)")  # fmt: skip
 
 
 def _needed(dims: tuple[int, ...], datatype: int, bitpix: int, offset: int, path: Path) -> int | None:
