@@ -192,6 +192,10 @@ def test_metaimages_of_every_element_type_with_header_sizes_still_read(tmp_path)
     assert np.array_equal(read_volume(header).array, voxels)
     header.write_text(text.replace("ElementSpacing", "HeaderSize = -1\nElementSpacing"))  # the last bytes
     assert np.array_equal(read_volume(header).array, voxels)
+    text = text.replace("BinaryData = True", "BinaryData = False")  # voxels as text: not counted in bytes
+    header.write_text(text.replace("MET_FLOAT", "MET_SHORT"))
+    data.write_text(" ".join(str(v) for v in range(120)) + "\n")
+    assert np.array_equal(read_volume(header).array, np.arange(120).reshape(4, 5, 6))
 
 
 def test_an_nrrd_file_with_more_voxels_than_its_header_describes_is_refused(tmp_path):

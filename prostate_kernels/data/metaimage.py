@@ -139,7 +139,8 @@ def _check_voxel_bytes(header: Path, fields: dict[str, str], data: Path, offset:
     describes: more of them uncompressed, or a compressed stream that is corrupt, cut short, or of
     another size once inflated (read in chunks, stopped as soon as it is too long)."""
     described = _voxel_bytes(fields)
-    if described is None or offset is None:
+    binary = fields.get("BinaryData", "True")[:1] in ("T", "t", "1")  # False: voxels as text numbers
+    if described is None or offset is None or not binary:
         return
     needed, what = described
     compressed = fields.get("CompressedData", "False")[:1] in ("T", "t", "1")  # as MetaIO parses it
