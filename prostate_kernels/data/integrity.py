@@ -72,6 +72,18 @@ def check_complete(path: Path) -> None:
             raise DataError(path, f"truncated file: {size} bytes of NIfTI data, its header needs {needed}")
 
 
+def inflated_size(path: Path, offset: int, most: int) -> tuple[int, bool]:
+    """(bytes the zlib or gzip stream in `path` from byte `offset` inflates to, counted up to `most` in
+    chunks, so that a stream of more costs no more; whether the stream ended). zlib.error for bytes that
+    are not such a stream."""
+    inflate, inflated = zlib.decompressobj(wbits=47), 0  # 47: a zlib or a gzip header, told apart
+    with open(path, "rb") as stream:
+        stream.seek(offset)
+        while not inflate.eof and inflated < most and (chunk := stream.read(_CHUNK)):
+            inflated += len(inflate.decompress(chunk, most - inflated))
+    return inflated, inflate.eof
+
+
 # bytes per voxel of each NIfTI datatype code (nifti1.h): what ITK reads a voxel as, whatever bitpix says
 _DATATYPE_BYTES = {2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2, 768: 4, 1024: 8, 1280: 8,
                    1536: 16, 1792: 16, 2048: 32, 2304: 4}  # fmt: skip

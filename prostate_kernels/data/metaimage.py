@@ -16,13 +16,13 @@ import zlib
 from pathlib import Path
 
 from prostate_kernels.data.errors import DataError
+from prostate_kernels.data.integrity import inflated_size
 
 _METAIMAGE_SUFFIXES = (".mhd", ".mha")
 MAX_METAIMAGE_DIMENSIONS = 5  # ITK's image IO reads at most 5 dimensions ("maximum supported IO dimension")
 # bytes per value of MetaIO's element types (metaTypes.h); MET_LONG and MET_ULONG are left unchecked
 ELEMENT_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
                  "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_FLOAT": 4, "MET_DOUBLE": 8}  # fmt: skip
-_CHUNK = 1 << 20
 
 
 def check_metaimage_header(path: Path) -> None:
@@ -151,19 +151,13 @@ def _check_voxel_bytes(header: Path, fields: dict[str, str], data: Path, offset:
             raise DataError(header, f"{voxels} take {held} bytes, its header describes {needed} ({what}): "
                                     "the header and the voxels disagree")  # fmt: skip
         return
-    inflate, inflated = zlib.decompressobj(wbits=47), 0  # 47: a zlib or a gzip stream, as MetaIO takes
     try:
-        with open(data, "rb") as stream:
-            stream.seek(offset)
-            while not inflate.eof and (chunk := stream.read(_CHUNK)):
-                inflated += len(inflate.decompress(chunk, needed + 1 - inflated))
-                if inflated > needed:
-                    break
+        inflated, ended = inflated_size(data, offset, needed + 1)  # a zlib or a gzip stream, as MetaIO takes
     except zlib.error as exc:
         raise DataError(header, f"{voxels} are not the compressed data its header says (CompressedData = "
                                 f"{fields['CompressedData']}): {exc}") from None  # fmt: skip
     if inflated != needed:
-        cut = ", the compressed stream is cut short" if not inflate.eof and inflated < needed else ""
+        cut = ", the compressed stream is cut short" if not ended and inflated < needed else ""
         size = "more than" if inflated > needed else f"{inflated} bytes, not"
         raise DataError(header, f"{voxels} inflate to {size} the {needed} its header describes ({what})"
                                 f"{cut}")  # fmt: skip

@@ -12,49 +12,18 @@ import zlib
 from pathlib import Path
 
 from prostate_kernels.data.errors import DataError
+from prostate_kernels.data.integrity import inflated_size
 
 # bytes per value of NRRD's types, under each of their names (teem's nrrdTypeStr and its synonyms)
-_TYPE_BYTES = {
-    **dict.fromkeys(("signed char", "int8", "int8_t", "uchar", "unsigned char", "uint8", "uint8_t"), 1),
-    **dict.fromkeys(
-        (
-            "short",
-            "short int",
-            "signed short",
-            "signed short int",
-            "int16",
-            "int16_t",
-            "ushort",
-            "unsigned short",
-            "unsigned short int",
-            "uint16",
-            "uint16_t",
-        ),
-        2,
-    ),  # fmt: skip
-    **dict.fromkeys(
-        ("int", "signed int", "int32", "int32_t", "uint", "unsigned int", "uint32", "uint32_t", "float"), 4
-    ),  # fmt: skip
-    **dict.fromkeys(
-        (
-            "longlong",
-            "long long",
-            "long long int",
-            "signed long long",
-            "signed long long int",
-            "int64",
-            "int64_t",
-            "ulonglong",
-            "unsigned long long",
-            "unsigned long long int",
-            "uint64",
-            "uint64_t",
-            "double",
-        ),
-        8,
-    ),  # fmt: skip
+_TYPE_NAMES = {
+    1: "signed char, int8, int8_t, uchar, unsigned char, uint8, uint8_t",
+    2: "short, short int, signed short, signed short int, int16, int16_t, ushort, unsigned short, "
+    "unsigned short int, uint16, uint16_t",
+    4: "int, signed int, int32, int32_t, uint, unsigned int, uint32, uint32_t, float",
+    8: "longlong, long long, long long int, signed long long, signed long long int, int64, int64_t, "
+    "ulonglong, unsigned long long, unsigned long long int, uint64, uint64_t, double",
 }
-_CHUNK = 1 << 20
+_TYPE_BYTES = {name.strip(): size for size, names in _TYPE_NAMES.items() for name in names.split(",")}
 
 
 def check_nrrd_voxels(path: Path) -> None:
@@ -78,8 +47,11 @@ def check_nrrd_voxels(path: Path) -> None:
             raise DataError(path, f"its voxels take {held} bytes, its header describes {needed} ({what}): "
                                   "the header and the voxels disagree")  # fmt: skip
     elif encoding in ("gzip", "gz"):
-        inflated = _inflated_bytes(path, offset, needed + 1)
-        if inflated is not None and inflated > needed:
+        try:
+            inflated, _ = inflated_size(path, offset, needed + 1)
+        except zlib.error:  # not a gzip stream: teem refuses it, or reads it as raw bytes (zlib's gzread)
+            return
+        if inflated > needed:
             raise DataError(path, f"its voxels inflate to more than the {needed} bytes its header describes "
                                   f"({what}): the header and the voxels disagree")  # fmt: skip
 
@@ -99,17 +71,3 @@ def _nrrd_fields(path: Path) -> tuple[dict[str, str] | None, int]:
         if colon and not value.startswith("="):  # "key:=value" pairs are the user's, not the format's
             fields.setdefault(key.strip(), value.strip())
     return None, 0
-
-
-def _inflated_bytes(path: Path, offset: int, most: int) -> int | None:
-    """Bytes the gzip stream from `offset` inflates to, counted up to `most`; None for a stream that zlib
-    cannot read (teem refuses it itself, or reads it as raw bytes: both leave this check nothing to add)."""
-    inflate, inflated = zlib.decompressobj(wbits=47), 0
-    try:
-        with open(path, "rb") as stream:
-            stream.seek(offset)
-            while not inflate.eof and inflated < most and (chunk := stream.read(_CHUNK)):
-                inflated += len(inflate.decompress(chunk, most - inflated))
-    except zlib.error:
-        return None
-    return inflated
