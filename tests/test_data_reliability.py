@@ -99,6 +99,32 @@ def test_a_nifti_header_itk_reads_into_another_image_is_refused(tmp_path, edit, 
         read_volume(target)
 
 
+def test_a_nifti_pair_whose_img_is_not_the_size_its_hdr_describes_is_refused(tmp_path):
+    """ITK read a NIfTI pair's short .img with its missing voxels as zeros, a vox_offset past the .img's
+    end as all zeros, and an edited datatype (uint8 over float32 voxels) as the .img's first bytes."""
+    voxels = np.arange(120, dtype=np.float32).reshape(4, 5, 6)
+    header = write_volume(volume(voxels), tmp_path / "p.hdr")
+    img = tmp_path / "p.img"
+    good_header, good_img = header.read_bytes(), img.read_bytes()
+    assert np.array_equal(read_volume(header).array, voxels)
+    assert np.array_equal(read_volume(img).array, voxels)  # ITK reads a pair by either name
+    img.write_bytes(good_img[:-80])
+    with pytest.raises(DataError, match=r"p.hdr: truncated pair: its voxel file p.img holds 400 bytes, its "
+                       r"header needs 480"):  # fmt: skip
+        read_volume(header)
+    img.write_bytes(good_img)
+    for offset, layout, value, said in (
+        (108, "<f", (80.0,), "truncated pair: its voxel file p.img holds 480 bytes, its header needs 560"),
+        (70, "<2h", (2, 8), "its voxel file p.img holds 480 bytes, its header describes 120: the header and "
+                            "the voxels disagree"),
+    ):  # fmt: skip
+        edited = bytearray(good_header)
+        edited[offset : offset + struct.calcsize(layout)] = struct.pack(layout, *value)
+        header.write_bytes(bytes(edited))
+        with pytest.raises(DataError, match=re.escape(f"p.hdr: {said}")):
+            read_volume(header)
+
+
 def _metaimage(tmp_path: Path, name: str, compress: bool) -> tuple[Path, Path, np.ndarray]:
     """A 4x5x6 float32 MetaImage written by SimpleITK: (header, voxel file, voxels)."""
     voxels = np.arange(120, dtype=np.float32).reshape(4, 5, 6)

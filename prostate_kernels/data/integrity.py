@@ -51,9 +51,13 @@ def check_regular(path: Path) -> None:
 
 
 def check_complete(path: Path) -> None:
-    """DataError if `path` is a gzip file that ends early or is corrupt, or a NIfTI file (plain or
-    gzipped) holding fewer bytes than its header's voxel data needs."""
+    """DataError if `path` is a gzip file that ends early or is corrupt, a NIfTI file (plain or
+    gzipped) holding fewer bytes than its header's voxel data needs, or a NIfTI pair whose .img is not
+    the size its .hdr describes."""
     name = path.name.lower()
+    if name.endswith((".hdr", ".img")):
+        _check_nifti_pair(path.with_suffix(".hdr"), path.with_suffix(".img"))
+        return
     if not name.endswith(".gz") and not name.endswith(_NIFTI_SUFFIXES):
         return
     opener = gzip.open if name.endswith(".gz") else open
@@ -70,6 +74,27 @@ def check_complete(path: Path) -> None:
         needed = _nifti_bytes(head, path)
         if needed is not None and size < needed:
             raise DataError(path, f"truncated file: {size} bytes of NIfTI data, its header needs {needed}")
+
+
+def _check_nifti_pair(header: Path, voxels: Path) -> None:
+    """DataError when the .img of a NIfTI-1 pair (magic "ni1") holds fewer or more bytes than its .hdr's
+    vox_offset + voxels x bytes per voxel: ITK read a short .img's missing voxels, or all of them for a
+    vox_offset past its end, as zeros, and a longer one (an edited datatype) as its first bytes, each
+    without a word. Analyze 7.5 headers (no magic) and missing files are left to ITK."""
+    if not (header.is_file() and voxels.is_file()):
+        return
+    with open(header, "rb") as f:
+        head = f.read(348)
+    if len(head) < 348 or head[344:348] != b"ni1\0":
+        return
+    needed = _nifti_bytes(head, header, header_floor=0)
+    held = voxels.stat().st_size
+    if needed is not None and held < needed:
+        raise DataError(header, f"truncated pair: its voxel file {voxels.name} holds {held} bytes, its "
+                                f"header needs {needed}")  # fmt: skip
+    if needed is not None and held > needed:
+        raise DataError(header, f"its voxel file {voxels.name} holds {held} bytes, its header describes "
+                                f"{needed}: the header and the voxels disagree")  # fmt: skip
 
 
 def inflated_size(path: Path, offset: int, most: int) -> tuple[int, bool]:
@@ -89,9 +114,10 @@ _DATATYPE_BYTES = {2: 1, 4: 2, 8: 4, 16: 4, 32: 8, 64: 8, 128: 3, 256: 1, 512: 2
                    1536: 16, 1792: 16, 2048: 32, 2304: 4}  # fmt: skip
 
 
-def _nifti_bytes(head: bytes, path: Path) -> int | None:
-    """vox_offset + voxels * bytes per voxel from a NIfTI-1 or NIfTI-2 header; None when the file is too
-    short to hold one (ITK says so). DataError for a header no NIfTI writer makes, which ITK read anyway
+def _nifti_bytes(head: bytes, path: Path, header_floor: int = 348) -> int | None:
+    """max(vox_offset, header_floor) + voxels * bytes per voxel from a NIfTI-1 or NIfTI-2 header (the
+    bytes of a one-file NIfTI, or of a pair's .img with header_floor 0); None when the file is too short
+    to hold one (ITK says so). DataError for a header no NIfTI writer makes, which ITK read anyway
     into another image: a size field other than 348 or 540 (with its sizes read as they stood: 4x49x6
     voxels from a file of 4x5x6, past its end), or a dimension of 0 or less (read as 1: a 4x5x6 image came
     back 4x1x6)."""
@@ -105,7 +131,7 @@ def _nifti_bytes(head: bytes, path: Path) -> int | None:
             datatype, bitpix = struct.unpack(order + "2h", head[70:74])
             (offset,) = struct.unpack(order + "f", head[108:112])
             _check_voxel_offset(offset, head[344:348] == b"n+1\0", 352, path)
-            return _needed(dims, datatype, bitpix, int(offset), path)
+            return _needed(dims, datatype, bitpix, max(int(offset), header_floor), path)
         # NIfTI-2: datatype and bitpix int16 at 12 and 14, dim int64[8] at 16, vox_offset int64 at 168
         if sizeof_hdr == 540:
             if len(head) < 540:
@@ -114,7 +140,7 @@ def _nifti_bytes(head: bytes, path: Path) -> int | None:
             dims = struct.unpack(order + "8q", head[16:80])
             (offset,) = struct.unpack(order + "q", head[168:176])
             _check_voxel_offset(offset, head[4:8] == b"n+2\0", 544, path)
-            return _needed(dims, datatype, bitpix, offset, path)
+            return _needed(dims, datatype, bitpix, max(offset, header_floor), path)
     (stated,) = struct.unpack("<i", head[:4])
     raise DataError(
         path, f"corrupt NIfTI header: its size field is {stated}, not 348 (NIfTI-1) or 540 (NIfTI-2)"
@@ -143,7 +169,7 @@ def _needed(dims: tuple[int, ...], datatype: int, bitpix: int, offset: int, path
     voxel_bytes = _DATATYPE_BYTES.get(datatype, bitpix // 8 if bitpix > 0 else 0)
     if voxel_bytes <= 0:
         return None  # a datatype ITK refuses with its own message
-    return max(offset, 348) + math.prod(dims[1 : rank + 1]) * voxel_bytes
+    return offset + math.prod(dims[1 : rank + 1]) * voxel_bytes
 
 
 def itk_reason(message: str, printed: str = "") -> str:
