@@ -34,14 +34,14 @@ def series_ids(directory: Path) -> tuple[str, ...]:
     so a pipe, socket or device among them is a DataError first (reading one could wait forever)."""
     import SimpleITK as sitk
 
-    itk_path(directory)
+    name = itk_path(directory)
     for entry in directory.iterdir():
         itk_path(entry)  # GDCM opens every file there
         if not (entry.is_file() or entry.is_dir()):
             raise DataError(entry, "not a regular file (a pipe, socket or device): reading it could wait "
                                    "forever")  # fmt: skip
     with captured_stderr(), kept_locale():  # GDCM warns "No Series were found" there
-        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(itk_path(directory)))
+        return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(name))
 
 
 def series_directories(directory: Path) -> list[Path]:

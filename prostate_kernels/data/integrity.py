@@ -97,6 +97,17 @@ def _check_nifti_pair(header: Path, voxels: Path) -> None:
                                 f"{needed}: the header and the voxels disagree")  # fmt: skip
 
 
+def header_lines(path: Path) -> Iterator[tuple[str, int]]:
+    """The lines of a text header at the start of `path` (its first 64 KiB, one byte per character), each
+    with the byte offset just after it: where the voxels start, after the header's last line."""
+    with open(path, "rb") as f:
+        text = f.read(1 << 16).decode("latin-1")
+    offset = 0
+    for line in text.splitlines(keepends=True):
+        offset += len(line)
+        yield line, offset
+
+
 def inflated_size(path: Path, offset: int, most: int) -> tuple[int, bool]:
     """(bytes the zlib or gzip stream in `path` from byte `offset` inflates to, counted up to `most` in
     chunks, so that a stream of more costs no more; whether the stream ended). zlib.error for bytes that

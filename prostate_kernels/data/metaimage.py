@@ -16,7 +16,7 @@ import zlib
 from pathlib import Path
 
 from prostate_kernels.data.errors import DataError
-from prostate_kernels.data.integrity import inflated_size
+from prostate_kernels.data.integrity import header_lines, inflated_size
 
 _METAIMAGE_SUFFIXES = (".mhd", ".mha")
 MAX_METAIMAGE_DIMENSIONS = 5  # ITK's image IO reads at most 5 dimensions ("maximum supported IO dimension")
@@ -97,18 +97,14 @@ def _metaimage_data_file(header: Path, value: str) -> Path | None:
 
 def _metaimage_fields(header: Path) -> tuple[dict[str, str], int]:
     """A MetaImage header's "Key = value" fields (the first of each key), up to ElementDataFile, the last;
-    and the byte offset just after that line (where an .mha's voxels start)."""
-    with open(header, "rb") as f:
-        text = f.read(1 << 16).decode("latin-1")  # one byte per character: offsets are byte offsets
+    and the byte offset just after that line (where an .mha's voxels start; 0 without one)."""
     fields: dict[str, str] = {}
-    offset = 0
-    for line in text.splitlines(keepends=True):
-        offset += len(line)
+    for line, after in header_lines(header):
         key, _, value = line.partition("=")
         fields.setdefault(key.strip(), value.strip())
         if key.strip() == "ElementDataFile":
-            break
-    return fields, offset
+            return fields, after
+    return fields, 0
 
 
 def _header_size(fields: dict[str, str]) -> int | None:

@@ -12,7 +12,7 @@ import zlib
 from pathlib import Path
 
 from prostate_kernels.data.errors import DataError
-from prostate_kernels.data.integrity import inflated_size
+from prostate_kernels.data.integrity import header_lines, inflated_size
 
 # bytes per value of NRRD's types, under each of their names (teem's nrrdTypeStr and its synonyms)
 _TYPE_NAMES = {
@@ -59,12 +59,8 @@ def check_nrrd_voxels(path: Path) -> None:
 def _nrrd_fields(path: Path) -> tuple[dict[str, str] | None, int]:
     """(the "key: value" fields of the header, the byte offset of the voxels after its blank line), or
     (None, 0) when no blank line ends a header in the first 64 KiB (teem then says what is wrong)."""
-    with open(path, "rb") as f:
-        head = f.read(1 << 16).decode("latin-1")  # one byte per character: offsets are byte offsets
     fields: dict[str, str] = {}
-    offset = 0
-    for line in head.splitlines(keepends=True):
-        offset += len(line)
+    for line, offset in header_lines(path):
         if not line.strip():
             return fields, offset
         key, colon, value = line.partition(":")
