@@ -192,9 +192,10 @@ def fold(pack_path: Path, model_name: str, k: int, iters: int, work: Path, model
     training = [case for i, case in enumerate(cases) if fold_of(i) != k]
     held = [(name, image) for i, (name, image, _) in enumerate(cases) if fold_of(i) == k]
     patch, batch = MODELS[model_name][:2]
+    # orientation None: pack keeps each file's own axes, and score resamples back onto them
     config = TrainConfig(data=pack_path, out=work / f"{model_name}-fold{k}", model=model_name, patch=patch,
                          batch=batch, iters=iters, val_cases=0, val_every=max(1, iters // 5), progress=False,
-                         seed=k, model_kwargs=model_kwargs)  # fmt: skip
+                         seed=k, model_kwargs=model_kwargs, orientation=None)  # fmt: skip
     start = time.time()
     checkpoint = train(config, log=lambda *a: None, arrays=training)
     train_s = time.time() - start

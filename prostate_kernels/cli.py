@@ -17,12 +17,14 @@ from prostate_kernels.cli_args import (
     device_name,
     non_negative_float,
     non_negative_int,
+    orientation_code,
     overlap_fraction,
     positive_float,
     positive_int,
     window_size,
 )
 from prostate_kernels.data.errors import DataError, first_line
+from prostate_kernels.data.orientation import DEFAULT_ORIENTATION
 
 EXIT_USER_ERROR = 2
 CHANNELS_LAST_HELP = ("run the network channels-last (NDHWC strides): the same math in other kernels, "
@@ -166,6 +168,10 @@ def _parser() -> argparse.ArgumentParser:
                    "the checkpoint for predict")  # fmt: skip
     p.add_argument("--spacing", type=positive_float, nargs=3, metavar=("Z", "Y", "X"), default=None,
                    help="resample every case to this spacing (mm) first; predict does too")  # fmt: skip
+    p.add_argument("--orientation", type=orientation_code, default=DEFAULT_ORIENTATION, metavar="CODE",
+                   help="permute and flip every case's voxel axes to this orientation first (default LPS: "
+                   "axial slices, x toward the left, y toward the back), or 'stored': as each file stores "
+                   "them; predict does the same for each input")  # fmt: skip
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="seed of the weights, the patches and the augmentation (default 0)")  # fmt: skip
     p.add_argument("--deterministic", action="store_true",
@@ -345,6 +351,7 @@ def _train(args) -> int:
         label=tuple(args.label) if args.label else None,
         channel=tuple(args.channel) if args.channel else None,
         spacing=tuple(args.spacing) if args.spacing else None,
+        orientation=args.orientation,
         seed=args.seed,
         deterministic=args.deterministic,
         cuda_graphs=args.cuda_graphs,

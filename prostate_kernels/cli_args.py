@@ -85,6 +85,17 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
+def orientation_code(text: str) -> str | None:
+    """--orientation: an orientation code (upper case), or None for "stored" (data/orientation.py)."""
+    from prostate_kernels.data.errors import ConfigError
+    from prostate_kernels.data.orientation import check_orientation
+
+    try:
+        return check_orientation(text, what="")
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def window_size(text: str) -> int | str:
     """One word of --window: a size >= 1, or "whole"."""
     return WHOLE if text == WHOLE else positive_int(text)

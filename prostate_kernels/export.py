@@ -15,10 +15,10 @@ side is free too: any multiple of the network's downsampling up to MAX_SIZE voxe
 padded to such a multiple, in one call where memory allows).
 
 What a caller needs to make those windows is stored in the file itself, as the extra file METADATA_FILE
-(JSON): the image channels, the spacing the network was trained at, the z-score (each channel over its
-whole volume), the patch and slices. Before writing, the program is run on a batch of two windows and
-on one (any_size: also at the patch and at a third size), and must give the network's logits (checked,
-and the difference reported).
+(JSON): the image channels, the orientation and the spacing the network was trained at, the z-score
+(each channel over its whole volume), the patch and slices. Before writing, the program is run on a batch
+of two windows and on one (any_size: also at the patch and at a third size), and must give the network's
+logits (checked, and the difference reported).
 """
 
 from __future__ import annotations
@@ -190,6 +190,9 @@ def _metadata(
         "input_dtype": "float32",
         "image_channels": list(channels) if channels is not None else None,  # None: single-channel images
         "normalisation": "each image channel z-scored over its whole volume: (v - mean) / std",
+        # the images' voxel axes permuted and flipped to this SimpleITK orientation code first
+        # (SimpleITK.DICOMOrient(image, code)); None: as each file stores them
+        "orientation": state.get("orientation"),
         "spacing_zyx_mm": list(spacing) if spacing is not None else None,  # None: the images' own
         "patch": list(state["patch"]),
         "slices": state.get("slices", 0),  # > 0: a 2-D network on stacks of this many slices per channel

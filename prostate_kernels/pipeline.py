@@ -32,6 +32,7 @@ from prostate_kernels.data.cases import (
 )
 from prostate_kernels.data.dicom import series_directories
 from prostate_kernels.data.io import as_channels, channel_count, check_channels
+from prostate_kernels.data.orientation import back_onto, reoriented
 from prostate_kernels.data.resample import resample_image, resample_onto
 from prostate_kernels.data.sampling import zscore_channels
 from prostate_kernels.determinism import deterministic_mode
@@ -306,10 +307,12 @@ def _model_probabilities(
     model, state: dict, images, device, overlap, mode, tta, amp, progress, window=None
 ) -> np.ndarray:
     """Probabilities on the images' own grid (`images`: the network's channels, 3-D Volumes on one grid);
-    a model trained at a spacing sees them resampled to it, and its probabilities are resampled back
-    (linearly) onto their grid. window: as predict_files'."""
+    a model trained in an orientation sees them reoriented to it (axes permuted and flipped), one trained
+    at a spacing then resampled to it; its probabilities go back the same way (resampled linearly, then
+    reoriented exactly) onto the images' own grid. window: as predict_files'."""
+    oriented = [reoriented(image, state.get("orientation")) for image in images]
     spacing = state.get("spacing")
-    grids = [resample_image(image, spacing) for image in images] if spacing is not None else images
+    grids = [resample_image(image, spacing) for image in oriented] if spacing is not None else oriented
     slices = int(state.get("slices", 0))
     channels = zscore_channels(np.stack([grid.array for grid in grids]))  # (C, D, H, W)
     roi = inference_window(state, model, window, channels.shape[1:])
@@ -318,7 +321,9 @@ def _model_probabilities(
         _check_call_fits(state, roi, per_call, images[0].path)
     prob = predict_probabilities(model, channels, roi, slices, device, overlap, mode, tta, per_call, amp,
                                  progress)  # fmt: skip
-    return resample_onto(grids[0].like(prob), images[0]) if spacing is not None else prob
+    if spacing is not None:
+        prob = resample_onto(grids[0].like(prob), oriented[0])
+    return back_onto(oriented[0].like(prob), images[0]) if oriented[0] is not images[0] else prob
 
 
 def _targets(image: Path, output: Path, save_probabilities: bool) -> tuple[Path, Path | None]:

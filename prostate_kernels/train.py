@@ -35,6 +35,7 @@ from prostate_kernels.data import (
 )
 from prostate_kernels.data.cases import passed_over
 from prostate_kernels.data.io import as_channels
+from prostate_kernels.data.orientation import reoriented
 from prostate_kernels.data.resample import resample_case, resample_image
 from prostate_kernels.data.sampling import IterationDataset, PatchSampler, training_case, zscore_channels
 from prostate_kernels.determinism import deterministic_mode
@@ -73,8 +74,8 @@ def load_cases(config: TrainConfig, log, arrays: list | None = None) -> tuple[li
     """(training cases, held-out cases); unreadable cases are reported and skipped.
 
     arrays: (name, image, mask) triples already in memory, used as they are instead of config.data's
-    files (no resampling: they are taken to be at the training resolution already); an image is (D, H, W)
-    or (C, D, H, W) for a run on C channels."""
+    files (no reorienting or resampling: they are taken to be in config.orientation and at the training
+    resolution already); an image is (D, H, W) or (C, D, H, W) for a run on C channels."""
     cases = [] if arrays is not None else discover_cases(config.data, require_labels=True)
     unused = [] if arrays is not None else passed_over(config.data, cases)
     if unused:
@@ -87,7 +88,9 @@ def load_cases(config: TrainConfig, log, arrays: list | None = None) -> tuple[li
             for image in images:
                 check_image(image)
             assert case.label is not None  # discover_cases(require_labels=True)
-            mask = read_mask(case.label, images[0], config.label)
+            mask = read_mask(case.label, images[0], config.label)  # on the image's grid, as stored
+            images = [reoriented(image, config.orientation) for image in images]
+            mask = reoriented(mask, config.orientation)
             if config.spacing is not None:  # images linearly, masks by nearest neighbour
                 images[0], mask = resample_case(images[0], mask, config.spacing)  # the mask once
                 images[1:] = [resample_image(image, config.spacing) for image in images[1:]]

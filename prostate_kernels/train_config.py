@@ -18,6 +18,7 @@ import torch
 
 from prostate_kernels.data import ConfigError
 from prostate_kernels.data.io import as_channels, channel_count, check_channels
+from prostate_kernels.data.orientation import DEFAULT_ORIENTATION, check_orientation
 from prostate_kernels.devices import available_cores, memory_bytes
 from prostate_kernels.memory_bound import step_memory
 from prostate_kernels.models import build_model, downsampling
@@ -71,6 +72,9 @@ class TrainConfig:
     # channels, in this order (the Decathlon's prostate task: (0, 1), T2 and ADC)
     channel: int | tuple[int, ...] | None = None
     spacing: tuple[float, float, float] | None = None  # (Z, Y, X) mm: resample every case to it first
+    # every case's voxel axes permuted and flipped to this orientation first (data/orientation.py);
+    # None: as each file stores them
+    orientation: str | None = DEFAULT_ORIENTATION
     seed: int = 0
     workers: int = 0
     flips: bool = True
@@ -125,6 +129,7 @@ def check_config(config: TrainConfig) -> None:
         len(config.spacing) != 3 or not all(math.isfinite(s) and s > 0 for s in config.spacing)
     ):
         raise ConfigError(f"--spacing {tuple(config.spacing)} must be 3 finite sizes > 0 (Z Y X, mm)")
+    check_orientation(config.orientation)
     if not (math.isfinite(config.weight_decay) and 0 <= config.weight_decay <= FLOAT32_MAX):
         raise ConfigError(
             f"--weight-decay {config.weight_decay} must be a finite number in [0, {FLOAT32_MAX:.4g}]"

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from prostate_kernels.checkpoint import load_checkpoint, load_model_weights
 from prostate_kernels.data import DataError
 from prostate_kernels.data.io import as_channels, as_labels
+from prostate_kernels.data.orientation import STORED
 from prostate_kernels.train_config import TrainConfig, model_kwargs
 
 
@@ -44,9 +45,9 @@ def checkpoint_state(
     patch: tuple[int, int, int],
 ) -> dict:
     """What a checkpoint of iteration `it` holds: the network's name and build arguments, its patch,
-    slices, spacing, label(s) and channel(s) (all that `predict` needs), the weights, the optimizer,
-    scheduler and scaler states, every rank's RNG states (`rng`: gather_rng's), the best validation Dice
-    so far and the run's settings (what `resume_differences` compares)."""
+    slices, spacing, orientation, label(s) and channel(s) (all that `predict` needs), the weights, the
+    optimizer, scheduler and scaler states, every rank's RNG states (`rng`: gather_rng's), the best
+    validation Dice so far and the run's settings (what `resume_differences` compares)."""
     settings = config.settings()
     return {
         "model": config.model,
@@ -54,6 +55,7 @@ def checkpoint_state(
         "patch": list(patch),
         "slices": settings.slices,
         "spacing": list(config.spacing) if config.spacing is not None else None,
+        "orientation": config.orientation,
         "label": list(as_labels(config.label)) if config.label is not None else None,
         "channel": list(as_channels(config.channel)) if config.channel is not None else None,
         "iteration": it,
@@ -71,9 +73,13 @@ def checkpoint_state(
 # nn.Dropout draws its masks in memory order, so the two layouts drop other voxels.
 RESUME_SETTINGS = (("loss", "--loss"), ("weight_decay", "--weight-decay"), ("schedule", "--schedule"),
                    ("amp", "--amp"), ("seed", "--seed"), ("flips", "flips"), ("augment", "--augment"),
-                   ("spacing", "--spacing"), ("label", "--label"), ("channel", "--channel"),
+                   ("spacing", "--spacing"), ("orientation", "--orientation"), ("label", "--label"),
+                   ("channel", "--channel"),
                    ("val_cases", "--val-cases"),
                    ("deterministic", "--deterministic"), ("channels_last", "--channels-last"))  # fmt: skip
+# What a run that did not record a setting used: runs before orientations were recorded kept each file's
+# axes (None), so resuming one under the default LPS is a change worth the warning.
+UNRECORDED = {"orientation": None}
 
 
 def resume_differences(
@@ -82,7 +88,7 @@ def resume_differences(
     """'--flag NEW (was OLD)' for each setting of this run that differs from the checkpoint's (`saved`:
     the checkpoint's state; patch, batch and lr as resolved for this run, defaults filled in; world: the
     processes training now, against the ranks whose RNG states it holds). A setting the checkpoint does
-    not record is not compared; None (no --spacing, no --label) is a value."""
+    not record is not compared (except UNRECORDED's); None (no --spacing, no --label) is a value."""
     before = saved.get("config") or {}
     settings = config.settings()
 
@@ -90,14 +96,19 @@ def resume_differences(
         return tuple(value) if isinstance(value, list) else value
 
     def setting(name: str, value):  # one int is that label or channel, as checkpoints before lists record
-        readers: dict[str, Callable[[Any], object]] = {"label": as_labels, "channel": as_channels}
+        readers: dict[str, Callable[[Any], object]] = {
+            "label": as_labels,
+            "channel": as_channels,
+            "orientation": lambda code: code or STORED,
+        }
         return readers.get(name, plain)(value)
 
     pairs = [("--patch", tuple(patch), plain(saved.get("patch", tuple(patch)))),
              ("--batch", batch, before.get("batch") or settings.batch),
              ("--lr", lr, before["lr"] if before.get("lr") is not None else settings.lr)]  # fmt: skip
-    pairs += [(flag, setting(name, getattr(config, name)), setting(name, before[name]))
-              for name, flag in RESUME_SETTINGS if name in before]  # fmt: skip
+    recorded = {**UNRECORDED, **before} if before else before
+    pairs += [(flag, setting(name, getattr(config, name)), setting(name, recorded[name]))
+              for name, flag in RESUME_SETTINGS if name in recorded]  # fmt: skip
     if "rng" in saved:  # each rank draws its own patches and dropout: another count draws other ones
         pairs.append(("torchrun --nproc-per-node", world, len(saved["rng"]["ranks"])))
     return [f"{flag} {now} (was {was})" for flag, now, was in pairs if now != was]

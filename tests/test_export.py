@@ -73,6 +73,7 @@ def test_the_program_runs_without_the_library_and_gives_the_networks_logits(trai
     meta = read_metadata(out)
     assert meta["input_shape"] == ["N", 1, 8, 32, 32] and meta["patch"] == [8, 32, 32]
     assert meta["image_channels"] is None and meta["slices"] == 0 and meta["spacing_zyx_mm"] is None
+    assert meta["orientation"] == "LPS"  # train's default: the caller reorients its images so first
     assert_device_free(torch.export.load(str(out)))
     x = torch.randn(3, 1, 8, 32, 32)  # a batch size the export did not see
     torch.save(x, tmp_path / "x.pt")
@@ -99,6 +100,7 @@ def test_a_2d_network_on_two_channels_exports_its_slice_stacks_and_channels(tmp_
     meta = exported.metadata
     assert meta["input_shape"] == ["N", 26, 32, 32] and meta["image_channels"] == [0, 1]
     assert meta["slices"] == 13 and meta["spacing_zyx_mm"] == [3.0, 0.6, 0.6]
+    assert meta["orientation"] is None  # a checkpoint that records none: each file's own axes
     program = torch.export.load(str(tmp_path / "d.pt2")).module()
     x = torch.randn(5, 26, 32, 32)
     with torch.no_grad():

@@ -117,7 +117,8 @@ def test_resume_takes_an_older_checkpoints_single_label_for_that_label_and_names
     or channel is no change."""
     now = TrainConfig(data=Path("d"), out=Path("o"), model="tiramisu3d_tiny", label=(5,), channel=1)
     settings = now.settings()
-    saved = {"patch": list(settings.patch), "config": {"label": 5, "channel": None}}
+    # (orientation recorded: a checkpoint without it differs in that too, test_orientation.py)
+    saved = {"patch": list(settings.patch), "config": {"label": 5, "channel": None, "orientation": "LPS"}}
 
     def differences():
         return resume_differences(saved, now, settings.patch, settings.batch, settings.lr, 1)
