@@ -15,7 +15,7 @@ import itertools
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +89,10 @@ def load_cases(config: TrainConfig, log, arrays: list | None = None) -> tuple[li
                 check_image(image)
             assert case.label is not None  # discover_cases(require_labels=True)
             mask = read_mask(case.label, images[0], config.label)  # on the image's grid, as stored
+            # the mask on the image's exact geometry (equal within GEOMETRY_TOLERANCE), so both take the
+            # same axes even for a direction midway between two orientations
+            mask = reoriented(replace(images[0].like(mask.array), path=mask.path), config.orientation)
             images = [reoriented(image, config.orientation) for image in images]
-            mask = reoriented(mask, config.orientation)
             if config.spacing is not None:  # images linearly, masks by nearest neighbour
                 images[0], mask = resample_case(images[0], mask, config.spacing)  # the mask once
                 images[1:] = [resample_image(image, config.spacing) for image in images[1:]]

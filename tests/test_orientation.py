@@ -116,6 +116,25 @@ def test_training_reads_the_same_arrays_whatever_axes_the_cases_are_stored_in(tm
     assert as_stored[0][1].shape != arrays(phantoms, None)[0][1].shape
 
 
+def test_a_mask_takes_its_images_axes_when_their_directions_straddle_two_orientations(tmp_path, phantoms):
+    """An image at 45 degrees minus 1e-5 about z is nearest LPS, its mask at 45 plus 1e-5 nearest PRS
+    (the same grid within GEOMETRY_TOLERANCE): reoriented each by its own direction, the mask's in-plane
+    axes were swapped against the image's (the phantoms' 32x32 slices: a mask turned by 90 degrees)."""
+
+    def about_z(angle: float) -> tuple[float, ...]:
+        c, s = float(np.cos(angle)), float(np.sin(angle))
+        return (c, -s, 0.0, s, c, 0.0, 0.0, 0.0, 1.0)
+
+    data = tmp_path / "data"
+    for name, angle in (("Case00.mhd", np.pi / 4 - 1e-5), ("Case00_segmentation.mhd", np.pi / 4 + 1e-5)):
+        write_volume(replace(read_volume(phantoms / name), direction=about_z(angle)), data / name)
+    assert orientation_of(read_volume(data / "Case00.mhd")) == "LPS"
+    assert orientation_of(read_volume(data / "Case00_segmentation.mhd")) == "PRS"
+    config = TrainConfig(data=data, out=tmp_path / "run", model="tiramisu3d_tiny", val_cases=0)
+    (case,), _ = load_cases(config, lambda *_: None)
+    assert np.array_equal(case.mask, read_volume(phantoms / "Case00_segmentation.mhd").array)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, phantoms) -> Path:
     run = tmp_path_factory.mktemp("orientation-run") / "run"
