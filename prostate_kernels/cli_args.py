@@ -86,14 +86,14 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def orientation_code(text: str) -> str | None:
-    """--orientation: an orientation code (upper case), or None for "stored" (data/orientation.py)."""
-    from prostate_kernels.data.errors import ConfigError
-    from prostate_kernels.data.orientation import check_orientation
+    """--orientation: an orientation code in either case (data/orientation.py), or None for "stored"."""
+    from prostate_kernels.data.orientation import CODE_RULE, ORIENTATION_CODES, STORED
 
-    try:
-        return check_orientation(text, what="")
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+    if text == STORED:
+        return None
+    if text.upper() not in ORIENTATION_CODES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an orientation: {CODE_RULE}, or {STORED!r}")
+    return text.upper()
 
 
 def window_size(text: str) -> int | str:

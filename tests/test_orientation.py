@@ -14,6 +14,7 @@ from cli_helpers import assert_one_line_error, make_phantoms, run_cli, train_arg
 
 from prostate_kernels.checkpoint import load_checkpoint, save_checkpoint
 from prostate_kernels.cli import main
+from prostate_kernels.cli_args import orientation_code
 from prostate_kernels.data import ConfigError, DataError, Volume, read_volume, write_volume
 from prostate_kernels.data.io import to_sitk
 from prostate_kernels.data.orientation import (
@@ -69,16 +70,19 @@ def test_reoriented_keeps_each_voxel_at_its_physical_point():
 
 def test_orientation_codes_and_what_is_refused():
     assert len(ORIENTATION_CODES) == 48 and {"LPS", "RAS", "PIL", "LIP"} <= ORIENTATION_CODES
-    assert check_orientation("ras") == "RAS" and check_orientation("stored") is None
-    assert check_orientation(None) is None
-    for bad in ("LPX", "LLS", "LP", "LPSI", "", 3):
+    assert check_orientation("RAS") == "RAS" and check_orientation(None) is None
+    # TrainConfig takes the codes themselves (a lower-case one was recorded so and refused by predict)
+    for bad in ("LPX", "LLS", "LP", "LPSI", "", 3, "ras", "stored"):
         with pytest.raises(ConfigError, match=rf"--orientation {bad!r} is not an orientation: three letters"):
             check_orientation(bad)
+    assert orientation_code("ras") == "RAS" and orientation_code("stored") is None  # the command line's
 
 
 def test_train_refuses_an_orientation_that_is_not_a_code(tmp_path):
     result = run_cli("train", "--data", str(tmp_path), "--out", str(tmp_path / "run"), "--orientation", "LPX")
-    assert_one_line_error(result, "argument --orientation", "'LPX' is not an orientation", "one of R/L")
+    assert_one_line_error(
+        result, "argument --orientation", "'LPX' is not an orientation", "one of R/L", "stored"
+    )
 
 
 def _rewrite(data: Path, out: Path, code: str) -> Path:

@@ -34,23 +34,18 @@ ORIENTATION_CODES = frozenset(
     "".join(letters[i] for letters, i in zip(axes, flips, strict=True))
     for axes in itertools.permutations(("RL", "AP", "SI"))
     for flips in itertools.product((0, 1), repeat=3)
-)  # the 48 codes: 6 axis orders x 8 sign choices
-
-
-NOT_AN_ORIENTATION = (
-    "is not an orientation: three letters, one of R/L, one of A/P and one of S/I (LPS: x toward the left, "
-    f"y toward the back, z toward the head), or {STORED!r}"
+)  # the 48 codes, upper case: 6 axis orders x 8 sign choices
+CODE_RULE = (
+    "three letters, one of R/L, one of A/P and one of S/I (LPS: x toward the left, y toward the back, z "
+    "toward the head)"
 )
 
 
-def check_orientation(code: object, what: str = "--orientation") -> str | None:
-    """`code` as an orientation (upper case), or None for STORED / None; ConfigError naming `what` for
-    anything else."""
-    if code is None or code == STORED:
-        return None
-    if isinstance(code, str) and code.upper() in ORIENTATION_CODES:
-        return code.upper()
-    raise ConfigError(f"{what + ' ' if what else ''}{code!r} {NOT_AN_ORIENTATION}")
+def check_orientation(code: object) -> str | None:
+    """`code` itself when it is None or one of ORIENTATION_CODES; else a ConfigError naming it."""
+    if code is None or (isinstance(code, str) and code in ORIENTATION_CODES):
+        return code
+    raise ConfigError(f"--orientation {code!r} is not an orientation: {CODE_RULE}, in upper case, or None")
 
 
 def orientation_of(volume: Volume) -> str:
@@ -101,6 +96,7 @@ def back_onto(oriented: Volume, original: Volume) -> np.ndarray:
 
 
 __all__ = [
+    "CODE_RULE",
     "DEFAULT_ORIENTATION",
     "ORIENTATION_CODES",
     "STORED",
