@@ -37,6 +37,7 @@ from prostate_kernels.data.io import as_channels
 from prostate_kernels.models import downsampling
 from prostate_kernels.nn import DenseBlock3d
 from prostate_kernels.safe_files import atomic_write, refuse_existing
+from prostate_kernels.trained_spacing import RANGE_KEY
 
 METADATA_FILE = "prostate_kernels.json"  # the extra file of the .pt2 that says how to feed the program
 MAX_BATCH = 1024  # the largest batch of windows the program takes (its batch dimension is symbolic)
@@ -194,6 +195,8 @@ def _metadata(
         # (SimpleITK.DICOMOrient(image, code)); None: as each file stores them
         "orientation": state.get("orientation"),
         "spacing_zyx_mm": list(spacing) if spacing is not None else None,  # None: the images' own
+        # the voxel sizes the network saw: [[min Z, Y, X], [max Z, Y, X]] mm (None: not recorded)
+        RANGE_KEY: state.get(RANGE_KEY),
         "patch": list(state["patch"]),
         "slices": state.get("slices", 0),  # > 0: a 2-D network on stacks of this many slices per channel
         "output": "logits (N, 1, *spatial); foreground probability = sigmoid(logits)",

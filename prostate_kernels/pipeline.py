@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,6 +54,7 @@ from prostate_kernels.safe_files import (
     remove_dead_temporaries,
 )
 from prostate_kernels.trained_model import build_network, load_trained_model, window_shape
+from prostate_kernels.trained_spacing import spacing_warning
 from prostate_kernels.windows import WHOLE
 
 
@@ -311,6 +313,9 @@ def _model_probabilities(
     at a spacing then resampled to it; its probabilities go back the same way (resampled linearly, then
     reoriented exactly) onto the images' own grid. window: as predict_files'."""
     oriented = [reoriented(image, state.get("orientation")) for image in images]
+    warning = spacing_warning(oriented[0].spacing_zyx, state)
+    if warning:
+        print(f"{images[0].path.name if images[0].path else 'image'}: {warning}", file=sys.stderr)
     spacing = state.get("spacing")
     grids = [resample_image(image, spacing) for image in oriented] if spacing is not None else oriented
     slices = int(state.get("slices", 0))

@@ -56,6 +56,7 @@ from prostate_kernels.train_config import (
 )
 from prostate_kernels.train_recipe import PolyDecay, amp_dtype_for, loss_function, lr_schedule
 from prostate_kernels.train_state import checkpoint_state, gather_rng, restore, resume_differences
+from prostate_kernels.trained_spacing import spacing_range
 
 RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.csv", "training_curve.png")  # what a run writes
 
@@ -82,6 +83,7 @@ def load_cases(config: TrainConfig, log, arrays: list | None = None) -> tuple[li
         log(f"not used (not named CaseNN like the {len(cases)} case(s) beside them): "
             f"{', '.join(p.name for p in unused)}")  # fmt: skip
     loaded, problems = list(arrays or []), []
+    spacings: list = [None] * len(loaded)  # (Z, Y, X) mm of the voxels the network sees, per loaded case
     for case in cases:
         try:
             images = read_channels(case.image, as_channels(config.channel))  # one 3-D Volume per channel
@@ -99,6 +101,7 @@ def load_cases(config: TrainConfig, log, arrays: list | None = None) -> tuple[li
             if mask.array.all():
                 raise DataError(case.label, "mask covers every voxel: no background to learn from")
             loaded.append((case.name, np.stack([image.array for image in images]), mask.array))
+            spacings.append(images[0].spacing_zyx)
         except DataError as exc:
             problems.append(str(exc))
     for problem in problems:
@@ -108,7 +111,8 @@ def load_cases(config: TrainConfig, log, arrays: list | None = None) -> tuple[li
             config.data, f"{len(loaded)} usable cases, need more than --val-cases {config.val_cases}"
         )
     n_train = len(loaded) - config.val_cases
-    train = [training_case(img, msk, name) for name, img, msk in loaded[:n_train]]
+    train = [training_case(img, msk, name, spacing) for (name, img, msk), spacing
+             in zip(loaded[:n_train], spacings[:n_train], strict=True)]  # fmt: skip
     held = [HeldOut(name, zscore_channels(img), msk) for name, img, msk in loaded[n_train:]]
     return train, held
 
@@ -246,8 +250,9 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
         rng = gather_rng(world) if periodic else None  # a collective: every rank takes part
         if rank == 0 and (periodic or is_best):
             _check_finite_weights(model, it, ckpt_path)
+            seen = spacing_range([case.spacing_zyx for case in train_cases])
             state = checkpoint_state(
-                config, model, optimizer, scheduler, scaler, rng or gather_rng(1), it, best, patch
+                config, model, optimizer, scheduler, scaler, rng or gather_rng(1), it, best, patch, seen
             )
             if periodic:
                 save_checkpoint(state, ckpt_path)

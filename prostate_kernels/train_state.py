@@ -18,6 +18,7 @@ from prostate_kernels.data import DataError
 from prostate_kernels.data.io import as_channels, as_labels
 from prostate_kernels.data.orientation import STORED
 from prostate_kernels.train_config import TrainConfig, model_kwargs
+from prostate_kernels.trained_spacing import RANGE_KEY
 
 
 def gather_rng(world: int) -> dict:
@@ -43,11 +44,13 @@ def checkpoint_state(
     it: int,
     best: float,
     patch: tuple[int, int, int],
+    spacing_range: list | None = None,
 ) -> dict:
     """What a checkpoint of iteration `it` holds: the network's name and build arguments, its patch,
     slices, spacing, orientation, label(s) and channel(s) (all that `predict` needs), the weights, the
     optimizer, scheduler and scaler states, every rank's RNG states (`rng`: gather_rng's), the best
-    validation Dice so far and the run's settings (what `resume_differences` compares)."""
+    validation Dice so far and the run's settings (what `resume_differences` compares). spacing_range: the
+    voxel sizes the network was trained on (trained_spacing.spacing_range), for predict's warning."""
     settings = config.settings()
     return {
         "model": config.model,
@@ -56,6 +59,7 @@ def checkpoint_state(
         "slices": settings.slices,
         "spacing": list(config.spacing) if config.spacing is not None else None,
         "orientation": config.orientation,
+        RANGE_KEY: spacing_range,
         "label": list(as_labels(config.label)) if config.label is not None else None,
         "channel": list(as_channels(config.channel)) if config.channel is not None else None,
         "iteration": it,

@@ -17,6 +17,7 @@ from prostate_kernels.data.orientation import ORIENTATION_CODES
 from prostate_kernels.devices import memory_bytes
 from prostate_kernels.layout import model_in_layout
 from prostate_kernels.models import build_model
+from prostate_kernels.trained_spacing import RANGE_KEY, check_range
 
 
 def load_trained_model(
@@ -59,6 +60,9 @@ def _check_recorded_settings(state: dict, checkpoint: Path) -> None:
         raise DataError(
             checkpoint, f"malformed checkpoint: orientation {orientation!r} is not an orientation code (LPS)"
         )
+    if not check_range(state.get(RANGE_KEY)):
+        raise DataError(checkpoint, f"malformed checkpoint: {RANGE_KEY} {state.get(RANGE_KEY)!r} is not "
+                                    "[[min Z, Y, X], [max Z, Y, X]] of sizes > 0 (mm)")  # fmt: skip
     channel = state.get("channel")
     channels = [channel] if isinstance(channel, int) else channel
     if channel is not None and (

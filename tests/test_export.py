@@ -74,6 +74,8 @@ def test_the_program_runs_without_the_library_and_gives_the_networks_logits(trai
     assert meta["input_shape"] == ["N", 1, 8, 32, 32] and meta["patch"] == [8, 32, 32]
     assert meta["image_channels"] is None and meta["slices"] == 0 and meta["spacing_zyx_mm"] is None
     assert meta["orientation"] == "LPS"  # train's default: the caller reorients its images so first
+    low, high = meta["trained_spacing_range"]  # the phantoms' voxels, about 3.6 x 0.6 x 0.6 mm
+    assert 3 < low[0] <= high[0] < 4.1 and 0.5 < low[2] <= high[2] < 0.7
     assert_device_free(torch.export.load(str(out)))
     x = torch.randn(3, 1, 8, 32, 32)  # a batch size the export did not see
     torch.save(x, tmp_path / "x.pt")

@@ -50,11 +50,16 @@ class TrainingCase:
     mask: np.ndarray  # (D, H, W) uint8 0/1
     foreground: np.ndarray  # flat indices of mask voxels
     name: str = ""
+    spacing_zyx: tuple[float, float, float] | None = None  # mm, the voxels' (None: not known)
 
 
-def training_case(image: np.ndarray, mask: np.ndarray, name: str = "") -> TrainingCase:
+def training_case(
+    image: np.ndarray, mask: np.ndarray, name: str = "", spacing_zyx: tuple[float, float, float] | None = None
+) -> TrainingCase:
     """image: (D, H, W), or (C, D, H, W) for several channels; mask (D, H, W) on the same grid."""
-    return TrainingCase(zscore_channels(image), mask.astype(np.uint8), np.flatnonzero(mask), name)
+    return TrainingCase(
+        zscore_channels(image), mask.astype(np.uint8), np.flatnonzero(mask), name, spacing_zyx
+    )
 
 
 class PatchSampler:
