@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 
 from prostate_kernels.checkpoint import load_checkpoint, load_model_weights
-from prostate_kernels.data import DataError
+from prostate_kernels.data import ConfigError, DataError
 from prostate_kernels.data.io import channel_count
-from prostate_kernels.data.orientation import ORIENTATION_CODES
+from prostate_kernels.data.orientation import check_orientation
 from prostate_kernels.devices import memory_bytes
 from prostate_kernels.layout import model_in_layout
 from prostate_kernels.models import build_model
@@ -37,8 +37,8 @@ def load_trained_model(
 
 def _check_recorded_settings(state: dict, checkpoint: Path) -> None:
     """A checkpoint's patch is 3 positive ints, its slices an int >= 0, its spacing (if any) 3 sizes > 0,
-    its orientation (if any) a code and its channel (if any) an int >= 0 or a list of different ones: else
-    a DataError."""
+    its orientation (if any) a code, its trained_spacing_range (if any) well formed and its channel (if
+    any) an int >= 0 or a list of different ones: else a DataError."""
     patch, slices = state["patch"], state.get("slices", 0)
     if (
         not isinstance(patch, (list, tuple))
@@ -55,11 +55,11 @@ def _check_recorded_settings(state: dict, checkpoint: Path) -> None:
         or not all(_positive_number(v) for v in spacing)
     ):
         raise DataError(checkpoint, f"malformed checkpoint: spacing {spacing!r} is not 3 sizes > 0 (mm)")
-    orientation = state.get("orientation")  # absent (checkpoints before it was recorded): None
-    if orientation is not None and (not isinstance(orientation, str) or orientation not in ORIENTATION_CODES):
-        raise DataError(
-            checkpoint, f"malformed checkpoint: orientation {orientation!r} is not an orientation code (LPS)"
-        )
+    try:  # absent (checkpoints before it was recorded): None
+        check_orientation(state.get("orientation"))
+    except ConfigError:
+        raise DataError(checkpoint, f"malformed checkpoint: orientation {state.get('orientation')!r} is not "
+                                    "an orientation code (LPS)") from None  # fmt: skip
     if not check_range(state.get(RANGE_KEY)):
         raise DataError(checkpoint, f"malformed checkpoint: {RANGE_KEY} {state.get(RANGE_KEY)!r} is not "
                                     "[[min Z, Y, X], [max Z, Y, X]] of sizes > 0 (mm)")  # fmt: skip
