@@ -15,6 +15,7 @@ import numpy as np
 
 from prostate_kernels.data import DataError, Volume, check_binary, check_same_grid, read_mask, read_volume
 from prostate_kernels.data.cases import IMAGE_SUFFIXES, discover_cases, is_image_file, stem, suffix
+from prostate_kernels.data.orientation import DEFAULT_ORIENTATION, reoriented
 from prostate_kernels.metrics import promise12_measures
 from prostate_kernels.prediction_record import PredictionRecord
 from prostate_kernels.safe_files import (
@@ -208,7 +209,10 @@ def _overlay(
     replace: bool,
 ) -> None:
     """An overlay PNG when the case's image was found (image_path) and lies on the reference's grid;
-    replace=False: not over a file that appeared since _check_evaluation_targets looked (a failure)."""
+    replace=False: not over a file that appeared since _check_evaluation_targets looked (a failure).
+    Drawn in the default orientation (LPS): an axial slice seen from the feet, front at the top, the
+    patient's left on the right, whatever axes the files store (a RAS file's slices were drawn upside
+    down and mirrored, a sagittal series' sagittally)."""
     from prostate_kernels.plots import plot_overlay
 
     if image_path is None:
@@ -221,7 +225,12 @@ def _overlay(
         return
     output_directory(out, "--out")
     try:
-        plot_overlay(image.array, predicted, reference.array, _overlay_path(out, case),
+        # image, prediction and reference on the reference's grid (checked), so all take the same axes
+        axial_image, axial_prediction, axial_reference = (
+            reoriented(reference.like(array), DEFAULT_ORIENTATION).array
+            for array in (image.array, predicted, reference.array)
+        )
+        plot_overlay(axial_image, axial_prediction, axial_reference, _overlay_path(out, case),
                      title=f"{case}: Dice {dice:.3f}", replace=replace)  # fmt: skip
     except DataError as exc:
         failures.append(str(exc))

@@ -199,3 +199,25 @@ def test_a_checkpoint_with_a_malformed_orientation_is_refused(tmp_path, orientat
     state = {"patch": [8, 8, 8], "slices": 0, "orientation": orientation}
     with pytest.raises(DataError, match="malformed checkpoint: orientation"):
         _check_recorded_settings(state, tmp_path / "c.pt")
+
+
+def test_overlays_show_the_same_axial_slice_whatever_axes_the_files_store(tmp_path, phantoms):
+    """evaluate's overlay of one case stored as LPS, RAS and as a sagittal series: the same picture (an
+    axial slice, front at the top); before, the RAS file's slice was drawn upside down and mirrored and
+    the sagittal one's sagittally."""
+    import matplotlib.image
+
+    pictures = {}
+    for code in ("LPS", "RAS", "PIL"):
+        ref, pred = tmp_path / code / "ref", tmp_path / code / "pred"
+        for name in ("Case02.mhd", "Case02_segmentation.mhd"):
+            write_volume(reoriented(read_volume(phantoms / name), code), ref / name)
+        write_volume(read_volume(ref / "Case02_segmentation.mhd"), pred / "Case02_segmentation.mhd")
+        assert (
+            main(["evaluate", "--pred", str(pred), "--ref", str(ref), "--out", str(tmp_path / code / "o")])
+            == 0
+        )
+        pictures[code] = matplotlib.image.imread(tmp_path / code / "o" / "Case02_overlay.png")
+    assert np.array_equal(pictures["RAS"], pictures["LPS"]) and np.array_equal(
+        pictures["PIL"], pictures["LPS"]
+    )
