@@ -221,3 +221,22 @@ def test_overlays_show_the_same_axial_slice_whatever_axes_the_files_store(tmp_pa
     assert np.array_equal(pictures["RAS"], pictures["LPS"]) and np.array_equal(
         pictures["PIL"], pictures["LPS"]
     )
+
+
+PELVIS = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "hipmri-case018-week7"
+
+
+@pytest.mark.parametrize("stored", ["LPS", "RAS", "PIL"])
+def test_lps_arrays_put_the_head_up_the_back_down_and_the_left_right_on_a_real_pelvis(stored):
+    """The convention orientation.py states, on a real scan whose header matches its anatomy (labels 3
+    bladder, 4 rectum, 5 prostate), whatever axes it is stored in: in LPS arrays (z, y, x) the bladder
+    lies at a larger z than the prostate (toward the head), the rectum at a larger y (toward the back:
+    drawn below it), both near the prostate's x (the midline)."""
+    if not PELVIS.is_dir():
+        pytest.skip(f"real data not found at {PELVIS} (../shared/data, see its README)")
+    labels = read_volume(PELVIS / "Case_018_Week7_SEMANTIC_LFOV.nii.gz")
+    lps = reoriented(reoriented(labels, stored), "LPS").array
+    centre = {label: np.argwhere(lps == label).mean(axis=0) for label in (3, 4, 5)}  # (z, y, x)
+    bladder, rectum, prostate = centre[3], centre[4], centre[5]
+    assert bladder[0] > prostate[0] + 5 and rectum[1] > prostate[1] + 5
+    assert abs(rectum[2] - prostate[2]) < 10 and abs(bladder[2] - prostate[2]) < 10
