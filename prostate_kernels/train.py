@@ -172,6 +172,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
     ckpt_every = config.checkpoint_every or config.val_every
 
     train_cases, held_out = load_cases(config, log if rank == 0 else (lambda *_: None), arrays)
+    seen = spacing_range([case.spacing_zyx for case in train_cases])  # recorded in every checkpoint
     torch.manual_seed(config.seed * 1000 + rank)
     model = model_in_layout(
         build_model(config.model, **model_kwargs(config)).to(device), config.channels_last
@@ -250,7 +251,6 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
         rng = gather_rng(world) if periodic else None  # a collective: every rank takes part
         if rank == 0 and (periodic or is_best):
             _check_finite_weights(model, it, ckpt_path)
-            seen = spacing_range([case.spacing_zyx for case in train_cases])
             state = checkpoint_state(
                 config, model, optimizer, scheduler, scaler, rng or gather_rng(1), it, best, patch, seen
             )

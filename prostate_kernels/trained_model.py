@@ -17,7 +17,7 @@ from prostate_kernels.data.orientation import check_orientation
 from prostate_kernels.devices import memory_bytes
 from prostate_kernels.layout import model_in_layout
 from prostate_kernels.models import build_model
-from prostate_kernels.trained_spacing import RANGE_KEY, check_range
+from prostate_kernels.trained_spacing import RANGE_KEY
 
 
 def load_trained_model(
@@ -60,7 +60,14 @@ def _check_recorded_settings(state: dict, checkpoint: Path) -> None:
     except ConfigError:
         raise DataError(checkpoint, f"malformed checkpoint: orientation {state.get('orientation')!r} is not "
                                     "an orientation code (LPS)") from None  # fmt: skip
-    if not check_range(state.get(RANGE_KEY)):
+    seen = state.get(RANGE_KEY)  # None, or [[min Z, Y, X], [max Z, Y, X]] with min <= max
+    if seen is not None and (
+        not isinstance(seen, (list, tuple))
+        or len(seen) != 2
+        or not all(isinstance(row, (list, tuple)) and len(row) == 3 for row in seen)
+        or not all(_positive_number(v) for row in seen for v in row)
+        or not all(low <= high for low, high in zip(seen[0], seen[1], strict=True))
+    ):
         raise DataError(checkpoint, f"malformed checkpoint: {RANGE_KEY} {state.get(RANGE_KEY)!r} is not "
                                     "[[min Z, Y, X], [max Z, Y, X]] of sizes > 0 (mm)")  # fmt: skip
     channel = state.get("channel")

@@ -27,23 +27,6 @@ def spacing_range(spacings: Sequence[Sequence[float] | None]) -> list[list[float
             [float(max(axis)) for axis in zip(*spacings, strict=True)]]  # fmt: skip
 
 
-def check_range(value: object) -> bool:
-    """Whether a checkpoint's RANGE_KEY value is well formed: None, or two lists of 3 sizes > 0 with
-    min <= max on each axis."""
-    if value is None:
-        return True
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        return False
-    if not all(isinstance(row, (list, tuple)) and len(row) == 3 for row in value):
-        return False
-    numbers = [v for row in value for v in row]
-    if not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf") for v in numbers
-    ):
-        return False
-    return all(low <= high for low, high in zip(value[0], value[1], strict=True))
-
-
 def spacing_warning(spacing_zyx: Sequence[float], state: dict) -> str | None:
     """A warning when a network that sees inputs on their own grid (no recorded "spacing") gets voxels of
     `spacing_zyx` (Z, Y, X mm, in the network's orientation) outside its recorded range widened by
@@ -71,4 +54,4 @@ def spacing_warning(spacing_zyx: Sequence[float], state: dict) -> str | None:
     )
 
 
-__all__ = ["RANGE_KEY", "SPACING_TOLERANCE", "check_range", "spacing_range", "spacing_warning"]
+__all__ = ["RANGE_KEY", "SPACING_TOLERANCE", "spacing_range", "spacing_warning"]
