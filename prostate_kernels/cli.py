@@ -241,6 +241,10 @@ def _parser() -> argparse.ArgumentParser:
         help="torch.use_deterministic_algorithms (warn-only), untimed kernel tiles, windows summed in "
         "batch order: a rerun on the same GPU model repeats the probabilities bit for bit",
     )
+    p.add_argument("--keep-voxel-size", action="store_true",
+                   help="a checkpoint trained without --spacing sees every input on its own grid, even one "
+                   "whose voxels are over 1.25x outside the sizes it was trained on (warned); by default "
+                   "such an input is resampled into that range, the result back onto its grid")  # fmt: skip
     p.add_argument("--channels-last", action="store_true", help=CHANNELS_LAST_HELP)
     p.add_argument("--no-progress", action="store_true", help="no bar over each case's windows or slices")
     p.set_defaults(run=_predict)
@@ -384,6 +388,7 @@ def _predict(args) -> int:
         channel=tuple(args.channel) if args.channel else None,
         window=args.window,
         continue_prediction=args.continue_prediction,
+        keep_voxel_size=args.keep_voxel_size,
     )
     return _report(failures)
 

@@ -34,7 +34,7 @@ from prostate_kernels.data.cases import (
 from prostate_kernels.data.dicom import series_directories
 from prostate_kernels.data.io import as_channels, channel_count, check_channels
 from prostate_kernels.data.orientation import back_onto, reoriented
-from prostate_kernels.data.resample import resample_image, resample_onto
+from prostate_kernels.data.resample import PREDICT_HINT, resample_image, resample_onto
 from prostate_kernels.data.sampling import zscore_channels
 from prostate_kernels.determinism import deterministic_mode
 from prostate_kernels.devices import available_device, memory_bytes
@@ -54,7 +54,12 @@ from prostate_kernels.safe_files import (
     remove_dead_temporaries,
 )
 from prostate_kernels.trained_model import build_network, load_trained_model, window_shape
-from prostate_kernels.trained_spacing import spacing_warning
+from prostate_kernels.trained_spacing import (
+    network_spacing,
+    resamples_into_range,
+    spacing_note,
+    spacing_warning,
+)
 from prostate_kernels.windows import WHOLE
 
 
@@ -103,6 +108,7 @@ def predict_files(
     channel: int | Sequence[int] | None = None,
     window: tuple[int, int, int] | str | None = None,
     continue_prediction: bool = False,
+    keep_voxel_size: bool = False,
 ) -> list[str]:
     """Writes <name>_segmentation (and <name>_probabilities) with each input's geometry; returns failures.
 
@@ -122,6 +128,9 @@ def predict_files(
     checkpoints and settings is skipped; one with only some of its files, or without a record, is
     predicted again and its files replaced; ConfigError, before anything is written, when a finished
     case was predicted with other checkpoints or settings.
+    keep_voxel_size: a network trained without --spacing sees every input on its own grid (warned when
+    its voxels are far from the training ones); by default such an input is resampled into the recorded
+    training range and back (trained_spacing.network_spacing).
     Every case written is recorded in `output`'s prediction_record.RECORD_NAME.
     """
     if continue_prediction and overwrite:
@@ -144,7 +153,8 @@ def predict_files(
     ]
     amp = torch.bfloat16 if dev.type == "cuda" else None
     record = PredictionRecord(Path(output))
-    settings = prediction_settings(checkpoints, window, overlap, mode, tta, largest, channels)
+    into_range = not keep_voxel_size and any(resamples_into_range(state) for _, state in ensemble)
+    settings = prediction_settings(checkpoints, window, overlap, mode, tta, largest, channels, into_range)
     done = _already_predicted(images, targets, record, settings, output) if continue_prediction else []
     failures = []
     with created_directory(output, "--output"), deterministic_mode(deterministic):  # removed if none written
@@ -152,7 +162,7 @@ def predict_files(
         replace = overwrite or continue_prediction  # else a file that appeared meanwhile fails its case
         for path in (image for image in images if image not in done):
             failed = _predict_case(path, ensemble, channels, targets[path], dev, overlap, mode, tta, largest,
-                                   amp, progress, window, replace)  # fmt: skip
+                                   amp, progress, window, replace, keep_voxel_size)  # fmt: skip
             if not failed:
                 record.add(targets[path][0].name, settings)
             failures += failed
@@ -272,12 +282,13 @@ def _channels_to_read(channel: int | Sequence[int] | None, state: dict, checkpoi
 
 
 def _predict_case(
-    path, ensemble, channels, targets, dev, overlap, mode, tta, largest, amp, progress, window, replace: bool
-) -> list[str]:
+    path, ensemble, channels, targets, dev, overlap, mode, tta, largest, amp, progress, window, replace: bool,
+    keep_voxel_size: bool,
+) -> list[str]:  # fmt: skip
     """Segments one image into its targets (segmentation path, probabilities path or None), each network
     of the ensemble on its channels of it (`channels`: a tuple or None per network); returns [] or [the
     case's failure]. replace=False: a target that another run wrote since _check_targets looked is the
-    case's failure, left as it is."""
+    case's failure, left as it is. What the networks say of its voxel size goes to stderr, each line once."""
     try:
         start = time.time()
         seen = {}  # channels: those channels of the image (3-D Volumes), read and checked once
@@ -287,10 +298,13 @@ def _predict_case(
                 for volume in seen[read]:
                     check_image(volume)
         image = seen[channels[0]][0]  # the channels share the image's 3-D grid
-        probs = [
-            _model_probabilities(model, state, seen[read], dev, overlap, mode, tta, amp, progress, window)
-            for (model, state), read in zip(ensemble, channels, strict=True)
-        ]
+        notes: list[str] = []
+        probs = []
+        for (model, state), read in zip(ensemble, channels, strict=True):
+            probs.append(_model_probabilities(model, state, seen[read], dev, overlap, mode, tta, amp,
+                                              progress, window, keep_voxel_size, notes))  # fmt: skip
+        for note in dict.fromkeys(notes):  # an ensemble's networks trained alike say it once
+            print(f"{path.name}: {note}", file=sys.stderr)
         prob = np.stack(probs).mean(axis=0, dtype=np.float32)
         mask = (prob > 0.5).astype(np.uint8)
         if largest:
@@ -306,18 +320,26 @@ def _predict_case(
 
 
 def _model_probabilities(
-    model, state: dict, images, device, overlap, mode, tta, amp, progress, window=None
-) -> np.ndarray:
+    model, state: dict, images, device, overlap, mode, tta, amp, progress, window=None,
+    keep_voxel_size: bool = False, notes: list[str] | None = None,
+) -> np.ndarray:  # fmt: skip
     """Probabilities on the images' own grid (`images`: the network's channels, 3-D Volumes on one grid);
-    a model trained in an orientation sees them reoriented to it (axes permuted and flipped), one trained
-    at a spacing then resampled to it; its probabilities go back the same way (resampled linearly, then
-    reoriented exactly) onto the images' own grid. window: as predict_files'."""
+    a model trained in an orientation sees them reoriented to it (axes permuted and flipped), then
+    resampled to the voxel size trained_spacing.network_spacing gives (its --spacing, or for voxels far
+    outside its training range the range's nearest end); its probabilities go back the same way
+    (resampled linearly, then reoriented exactly) onto the images' own grid. window: as predict_files';
+    notes: collects what is said of the voxel size (a resampling into the range, or under
+    keep_voxel_size the warning)."""
     oriented = [reoriented(image, state.get("orientation")) for image in images]
-    warning = spacing_warning(oriented[0].spacing_zyx, state)
-    if warning:
-        print(f"{images[0].path.name if images[0].path else 'image'}: {warning}", file=sys.stderr)
-    spacing = state.get("spacing")
-    grids = [resample_image(image, spacing) for image in oriented] if spacing is not None else oriented
+    own = oriented[0].spacing_zyx
+    spacing = network_spacing(own, state, keep_voxel_size)
+    if keep_voxel_size:
+        said = spacing_warning(own, state)
+    else:
+        said = spacing_note(own, spacing, state) if spacing and resamples_into_range(state) else None
+    if said and notes is not None:
+        notes.append(said)
+    grids = [resample_image(image, spacing, PREDICT_HINT) for image in oriented] if spacing else oriented
     slices = int(state.get("slices", 0))
     channels = zscore_channels(np.stack([grid.array for grid in grids]))  # (C, D, H, W)
     roi = inference_window(state, model, window, channels.shape[1:])

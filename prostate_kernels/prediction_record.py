@@ -1,7 +1,10 @@
 """Which settings predicted each case of an output directory, so that `predict --continue` never mixes.
 
 `predict` records, for every case it writes, a digest of what decides its segmentation: the checkpoints'
-contents (SHA-256), the window, overlap, blending mode, mirroring, largest-component filter and channels.
+contents (SHA-256), the window, overlap, blending mode, mirroring, largest-component filter, channels,
+and whether inputs far from a network's training voxel size are resampled into its range (recorded only
+where a checkpoint of the run can do so: a run of an earlier version, or with --keep-voxel-size, has the
+same digest as before the setting existed).
 The record is one JSON file in the output directory (RECORD_NAME), rewritten atomically after each case:
 
     {"format": 1, "settings": {digest: {setting: value, ...}}, "cases": {segmentation file name: digest}}
@@ -32,6 +35,7 @@ from prostate_kernels.safe_files import atomic_write, locked_directory
 
 RECORD_NAME = ".prostate-kernels-prediction.json"
 FORMAT = 1
+RESAMPLED_INTO_RANGE = "resampled into the training range when far outside it"
 _CHUNK = 2**22  # bytes read at a time while hashing a checkpoint
 
 
@@ -46,6 +50,7 @@ class PredictionSettings:
     mirroring: bool
     largest_component: bool
     channels: tuple[str, ...]  # per network: the channels read, e.g. "0,2", or "single" (a 1-channel image)
+    voxel_size: str | None = None  # RESAMPLED_INTO_RANGE, or None: every input on its own grid
 
     def as_dict(self) -> dict:
         return {
@@ -56,7 +61,7 @@ class PredictionSettings:
             "mirroring": self.mirroring,
             "largest component": self.largest_component,
             "channels": list(self.channels),
-        }
+        } | ({"voxel size": self.voxel_size} if self.voxel_size is not None else {})
 
     @functools.cached_property
     def digest(self) -> str:
@@ -73,8 +78,10 @@ def prediction_settings(
     mirroring: bool,
     largest_component: bool,
     channels: Sequence[tuple[int, ...] | None],
+    into_range: bool = False,
 ) -> PredictionSettings:
-    """The settings of one predict run (channels: what each network reads, None: a single channel)."""
+    """The settings of one predict run (channels: what each network reads, None: a single channel;
+    into_range: inputs far from a network's training voxel size are resampled into its range)."""
     if window is None:
         window_text = "patch"
     elif isinstance(window, str):
@@ -89,6 +96,7 @@ def prediction_settings(
         mirroring=bool(mirroring),
         largest_component=bool(largest_component),
         channels=tuple("single" if c is None else ",".join(map(str, c)) for c in channels),
+        voxel_size=RESAMPLED_INTO_RANGE if into_range else None,
     )
 
 
@@ -136,10 +144,11 @@ class PredictionRecord:
         `other`: a run's settings, or the name of another recorded case."""
         recorded = self.settings[self.cases[case]]
         now = other.as_dict() if isinstance(other, PredictionSettings) else self.settings[self.cases[other]]
+        keys = [*now, *(key for key in recorded if key not in now)]  # a setting only one of them records
         return [
-            f"{key} {recorded.get(key)} -> {value}"
-            for key, value in now.items()
-            if recorded.get(key) != value
+            f"{key} {recorded.get(key, '(none)')} -> {now.get(key, '(none)')}"
+            for key in keys
+            if recorded.get(key) != now.get(key)
         ]
 
     def add(self, case: str, settings: PredictionSettings) -> None:

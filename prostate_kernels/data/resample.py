@@ -16,12 +16,16 @@ import numpy as np
 from prostate_kernels.data.errors import DataError
 from prostate_kernels.data.io import Volume, itk_call, simpleitk, to_sitk
 
+TRAINING_HINT = "choose a coarser --spacing (Z Y X, mm)"  # what to do when a resampled grid is too large
+PREDICT_HINT = "the network sees voxels of that size (its checkpoint): is the file's voxel size right?"
+
 
 def resample_to_spacing(
-    volume: Volume, spacing_zyx: tuple[float, float, float], nearest: bool = False
+    volume: Volume, spacing_zyx: tuple[float, float, float], nearest: bool = False, hint: str = TRAINING_HINT
 ) -> Volume:
     """`volume` on a grid of `spacing_zyx` covering the same extent (same origin and direction; each size
-    rounded, at least 1). Linear interpolation (float32), or nearest neighbour (masks, dtype kept)."""
+    rounded, at least 1). Linear interpolation (float32), or nearest neighbour (masks, dtype kept).
+    hint: what the DataError for a grid too large to allocate tells the user to do."""
     sitk = simpleitk()
     target = (float(spacing_zyx[2]), float(spacing_zyx[1]), float(spacing_zyx[0]))  # (x, y, z)
     dtype = volume.array.dtype if nearest else np.float32
@@ -31,20 +35,22 @@ def resample_to_spacing(
         for n, s, t in zip(image.GetSize(), image.GetSpacing(), target, strict=True)
     ]
     interpolator = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
-    out = _resample(volume, size, np.dtype(dtype).itemsize, lambda: sitk.Resample(
+    out = _resample(volume, size, np.dtype(dtype).itemsize, hint, lambda: sitk.Resample(
         image, size, sitk.Transform(), interpolator, image.GetOrigin(), target, image.GetDirection(), 0.0,
         image.GetPixelID(),
     ))  # fmt: skip
     return replace(volume, array=sitk.GetArrayFromImage(out), spacing=target)
 
 
-def resample_image(image: Volume, spacing_zyx: tuple[float, float, float]) -> Volume:
+def resample_image(
+    image: Volume, spacing_zyx: tuple[float, float, float], hint: str = TRAINING_HINT
+) -> Volume:
     """resample_to_spacing for an image about to be z-scored (linear, float32).
 
     DataError when the resampled image is constant: a spacing coarser than the image's extent leaves a
     grid of one voxel (or of one value), which has no standard deviation to z-score by; its division by
     zero would give a NaN image and silently empty predictions."""
-    out = resample_to_spacing(image, spacing_zyx)
+    out = resample_to_spacing(image, spacing_zyx, hint=hint)
     values = out.array
     if values.max() == values.min():
         raise DataError(
@@ -92,16 +98,17 @@ def resample_onto(volume: Volume, grid: Volume) -> np.ndarray:
     sitk = simpleitk()
     empty = Volume(np.zeros(grid.array.shape, np.uint8), grid.spacing, grid.origin, grid.direction)
     reference = to_sitk(empty)
-    out = _resample(volume, list(reference.GetSize()), 4, lambda: sitk.Resample(
+    out = _resample(volume, list(reference.GetSize()), 4, PREDICT_HINT, lambda: sitk.Resample(
         to_sitk(volume, np.float32), reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32
     ))  # fmt: skip
     return sitk.GetArrayFromImage(out)
 
 
-def _resample(volume: Volume, size_xyz: list[int], itemsize: int, call):
+def _resample(volume: Volume, size_xyz: list[int], itemsize: int, hint: str, call):
     """call() (a SimpleITK Resample to size_xyz): ITK's errors become one DataError naming the volume's
-    file; an allocation ITK could not make names the size that was asked for (a --spacing far finer than
-    the image's: 0.001 mm made a 10^14-voxel grid, and ITK's RuntimeError ended the command)."""
+    file; an allocation ITK could not make names the size that was asked for, and the hint (a --spacing
+    far finer than the image's: 0.001 mm made a 10^14-voxel grid, and ITK's RuntimeError ended the
+    command)."""
     try:
         return itk_call("resample", volume.path, call)
     except DataError as exc:
@@ -111,6 +118,5 @@ def _resample(volume: Volume, size_xyz: list[int], itemsize: int, call):
         raise DataError(
             volume.path,
             f"resampled from spacing {tuple(round(s, 4) for s in volume.spacing[::-1])} mm it would have "
-            f"{tuple(size_xyz[::-1])} voxels ({gib:.3g} GiB), more than this machine can allocate: "
-            "choose a coarser --spacing (Z Y X, mm)",
+            f"{tuple(size_xyz[::-1])} voxels ({gib:.3g} GiB), more than this machine can allocate: {hint}",
         ) from None
