@@ -86,8 +86,21 @@ def test_a_spacing_too_fine_to_allocate_names_the_size_instead_of_itks_error(tmp
     with pytest.raises(DataError) as info:
         resample_to_spacing(volume, (1e-4, 1e-4, 1e-4))
     message = str(info.value)
-    assert message.startswith(f"{path}: resampled from spacing (2.0, 1.0, 1.0) mm it would have")
+    assert message.startswith(f"{path}: resampled from spacing (2, 1, 1) mm to (0.0001, 0.0001, 0.0001) mm")
     assert "(80000, 60000, 80000) voxels" in message and "choose a coarser --spacing" in message
+
+
+def test_a_size_past_simpleitks_uint32_sizes_is_refused_like_an_allocation(tmp_path):
+    """A file whose slices are 10^10 mm thick, resampled to 3 mm: 3x10^9 slices per input slice, past
+    the uint32 sizes SimpleITK takes (its TypeError ended predict in a traceback)."""
+    grid = Volume(
+        np.zeros((4, 6, 8), np.float32), (3.0, 3.0, 1e10), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel())
+    )
+    volume = read_volume(write_volume(grid, tmp_path / "case.nii.gz"))
+    with pytest.raises(DataError) as info:
+        resample_image(volume, (3.0, 3.0, 3.0), hint="is the file's voxel size right?")
+    message = str(info.value)
+    assert "(13333333333, 6, 8) voxels" in message and message.endswith("is the file's voxel size right?")
 
 
 def _ramp(shape, spacing_xyz=(1.0, 1.0, 1.0)) -> Volume:

@@ -16,8 +16,9 @@ import numpy as np
 from prostate_kernels.data.errors import DataError
 from prostate_kernels.data.io import Volume, itk_call, simpleitk, to_sitk
 
+_LARGEST_SIZE = 2**32 - 1  # voxels along one axis: SimpleITK sizes are uint32
 TRAINING_HINT = "choose a coarser --spacing (Z Y X, mm)"  # what to do when a resampled grid is too large
-PREDICT_HINT = "the network sees voxels of that size (its checkpoint): is the file's voxel size right?"
+PREDICT_HINT = "the network sees voxels of that size (its checkpoint's): is the file's voxel size right?"
 
 
 def resample_to_spacing(
@@ -35,7 +36,7 @@ def resample_to_spacing(
         for n, s, t in zip(image.GetSize(), image.GetSpacing(), target, strict=True)
     ]
     interpolator = sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear
-    out = _resample(volume, size, np.dtype(dtype).itemsize, hint, lambda: sitk.Resample(
+    out = _resample(volume, size, target, np.dtype(dtype).itemsize, hint, lambda: sitk.Resample(
         image, size, sitk.Transform(), interpolator, image.GetOrigin(), target, image.GetDirection(), 0.0,
         image.GetPixelID(),
     ))  # fmt: skip
@@ -98,25 +99,30 @@ def resample_onto(volume: Volume, grid: Volume) -> np.ndarray:
     sitk = simpleitk()
     empty = Volume(np.zeros(grid.array.shape, np.uint8), grid.spacing, grid.origin, grid.direction)
     reference = to_sitk(empty)
-    out = _resample(volume, list(reference.GetSize()), 4, PREDICT_HINT, lambda: sitk.Resample(
+    out = _resample(volume, list(reference.GetSize()), grid.spacing, 4, PREDICT_HINT, lambda: sitk.Resample(
         to_sitk(volume, np.float32), reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32
     ))  # fmt: skip
     return sitk.GetArrayFromImage(out)
 
 
-def _resample(volume: Volume, size_xyz: list[int], itemsize: int, hint: str, call):
-    """call() (a SimpleITK Resample to size_xyz): ITK's errors become one DataError naming the volume's
-    file; an allocation ITK could not make names the size that was asked for, and the hint (a --spacing
-    far finer than the image's: 0.001 mm made a 10^14-voxel grid, and ITK's RuntimeError ended the
-    command)."""
+def _resample(volume: Volume, size_xyz: list[int], spacing_xyz, itemsize: int, hint: str, call):
+    """call() (a SimpleITK Resample to size_xyz voxels of spacing_xyz mm): ITK's errors become one DataError
+    naming the volume's file; an allocation ITK could not make names the size that was asked for, and the
+    hint (a --spacing far finer than the image's: 0.001 mm made a 10^14-voxel grid, and ITK's RuntimeError
+    ended the command). A size past SimpleITK's uint32 sizes is refused the same way before the call (its
+    TypeError ended predict on a file whose slices were 10^9 mm thick)."""
+    gib = math.prod(size_xyz) * itemsize / 2**30
+    too_large = DataError(
+        volume.path,
+        f"resampled from spacing {_mm(volume.spacing[::-1])} mm to {_mm(spacing_xyz[::-1])} mm (Z Y X) it "
+        f"would have {tuple(size_xyz[::-1])} voxels ({gib:.3g} GiB), more than this machine can allocate: "
+        f"{hint}",
+    )
+    if max(size_xyz) > _LARGEST_SIZE:
+        raise too_large
     try:
         return itk_call("resample", volume.path, call)
     except DataError as exc:
         if "allocate" not in str(exc):
             raise
-        gib = math.prod(size_xyz) * itemsize / 2**30
-        raise DataError(
-            volume.path,
-            f"resampled from spacing {tuple(round(s, 4) for s in volume.spacing[::-1])} mm it would have "
-            f"{tuple(size_xyz[::-1])} voxels ({gib:.3g} GiB), more than this machine can allocate: {hint}",
-        ) from None
+        raise too_large from None
