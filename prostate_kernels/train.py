@@ -56,7 +56,7 @@ from prostate_kernels.train_config import (
 )
 from prostate_kernels.train_recipe import PolyDecay, amp_dtype_for, loss_function, lr_schedule
 from prostate_kernels.train_state import checkpoint_state, gather_rng, restore, resume_differences
-from prostate_kernels.trained_spacing import spacing_range
+from prostate_kernels.trained_spacing import spacing_range, spread_note
 
 RUN_FILES = ("checkpoint.pt", "best.pt", "metrics.csv", "training_curve.png")  # what a run writes
 
@@ -173,6 +173,9 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
 
     train_cases, held_out = load_cases(config, log if rank == 0 else (lambda *_: None), arrays)
     seen = spacing_range([case.spacing_zyx for case in train_cases])  # recorded in every checkpoint
+    spread = spread_note([case.spacing_zyx for case in train_cases])  # None at a --spacing: one size
+    if spread and rank == 0:
+        log(spread)
     torch.manual_seed(config.seed * 1000 + rank)
     model = model_in_layout(
         build_model(config.model, **model_kwargs(config)).to(device), config.channels_last

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 SPACING_TOLERANCE = 1.25  # act beyond: 1.2x from the training voxels cost 0.009 Dice, 1.33x 0.05-0.08
 RANGE_KEY = "trained_spacing_range"  # in a checkpoint: [[min Z, min Y, min X], [max Z, max Y, max X]] mm
 
@@ -28,6 +30,25 @@ def spacing_range(spacings: Sequence[Sequence[float] | None]) -> list[list[float
         return None
     return [[float(min(axis)) for axis in zip(*spacings, strict=True)],
             [float(max(axis)) for axis in zip(*spacings, strict=True)]]  # fmt: skip
+
+
+def spread_note(spacings: Sequence[Sequence[float] | None]) -> str | None:
+    """train's note when the training cases' (Z, Y, X) voxel sizes, trained without --spacing, span more
+    than SPACING_TOLERANCE on an axis (PROMISE12's: 0.27-0.75 mm in-plane); None otherwise, and when a
+    case's is unknown. Such a network learns the anatomy at several scales: a U-Net 3D trained on the 40
+    real training cases, every other one resampled from 1.5 to 3 mm, scored a held-out Dice of 0.526 at
+    1.5 mm and 0.759 at 3 mm, where the same network trained at --spacing 3 3 3 scored 0.856 at both."""
+    seen = spacing_range(spacings)
+    if seen is None or all(most <= least * SPACING_TOLERANCE for least, most in zip(*seen, strict=True)):
+        return None
+    spread = max(most / least for least, most in zip(*seen, strict=True))
+    median = [float(np.median(axis)) for axis in zip(*spacings, strict=True)]
+    return (
+        f"note: the training cases' voxels span {_trained({RANGE_KEY: seen})} mm (Z Y X; {spread:.2g}x on an "
+        "axis), so the network learns the anatomy at several scales (README, Orientation and voxel size: "
+        "0.53-0.76 held-out Dice against 0.86 at one spacing); --spacing "
+        f"{' '.join(f'{s:.3g}' for s in median)} (their median) trains it at one"
+    )
 
 
 def resamples_into_range(state: dict) -> bool:
@@ -112,4 +133,5 @@ __all__ = [
     "spacing_note",
     "spacing_range",
     "spacing_warning",
+    "spread_note",
 ]

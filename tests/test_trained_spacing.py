@@ -25,6 +25,7 @@ from prostate_kernels.trained_spacing import (
     spacing_note,
     spacing_range,
     spacing_warning,
+    spread_note,
 )
 
 
@@ -47,6 +48,15 @@ def test_the_warning_names_the_voxels_the_range_and_the_scale():
     assert "trained on 2.2-4x0.27-0.75x0.27-0.75 mm" in spacing_warning((3.0, 1.5, 1.5), ranged)
     assert spacing_warning((1.5, 1.5, 1.5), {**state, "spacing": [3.0, 3.0, 3.0]}) is None  # resampled
     assert spacing_warning((1.5, 1.5, 1.5), {"spacing": None}) is None  # checkpoints before the record
+
+
+def test_train_notes_voxel_sizes_that_span_more_than_the_tolerance_and_names_their_median():
+    promise12_like = [(3.0, 0.27, 0.27), (3.6, 0.6, 0.6), (2.2, 0.75, 0.75)]
+    said = spread_note(promise12_like)
+    assert said is not None and "span 2.2-3.6x0.27-0.75x0.27-0.75 mm (Z Y X; 2.8x on an axis)" in said
+    assert "--spacing 3 0.6 0.6 (their median)" in said
+    assert spread_note([(3.0, 0.5, 0.5), (3.0 * SPACING_TOLERANCE * 0.999, 0.5, 0.55)]) is None  # one scale
+    assert spread_note([(3.0, 0.5, 0.5), None]) is None and spread_note([]) is None  # unknown: nothing
 
 
 def test_only_the_axes_far_outside_the_range_move_to_its_nearest_end():
