@@ -44,7 +44,7 @@ def spread_note(spacings: Sequence[Sequence[float] | None]) -> str | None:
     spread = max(most / least for least, most in zip(*seen, strict=True))
     median = [float(np.median(axis)) for axis in zip(*spacings, strict=True)]
     return (
-        f"note: the training cases' voxels span {_trained({RANGE_KEY: seen})} mm (Z Y X; {spread:.2g}x on an "
+        f"note: the training cases' voxels span {_range_text(seen)} mm (Z Y X; {spread:.2g}x on an "
         "axis), so the network learns the anatomy at several scales (README, Orientation and voxel size: "
         "0.53-0.76 held-out Dice against 0.86 at one spacing); --spacing "
         f"{' '.join(f'{s:.3g}' for s in median)} (their median) trains it at one"
@@ -67,7 +67,7 @@ def network_spacing(
     if state.get("spacing") is not None:
         z, y, x = (float(s) for s in state["spacing"])
         return z, y, x
-    if keep_voxel_size or not resamples_into_range(state) or not _scale_offs(spacing_zyx, state):
+    if keep_voxel_size or not resamples_into_range(state) or not _times_outside(spacing_zyx, state):
         return None
     low, high = state[RANGE_KEY]
     z, y, x = (
@@ -80,9 +80,9 @@ def network_spacing(
 def spacing_note(spacing_zyx: Sequence[float], target_zyx: Sequence[float], state: dict) -> str:
     """What predict says on stderr when network_spacing moved an input's voxels into the training range."""
     return (
-        f"voxels of {_mm(spacing_zyx)} mm (Z Y X) are outside the {_trained(state)} mm the network was "
-        f"trained on (without --spacing): predicted resampled to {_mm(target_zyx)} mm, the probabilities "
-        "resampled back onto the input's grid (--keep-voxel-size: predict on its own grid)"
+        f"voxels of {_mm(spacing_zyx)} mm (Z Y X) are outside the {_range_text(state[RANGE_KEY])} mm the "
+        f"network was trained on (without --spacing): predicted resampled to {_mm(target_zyx)} mm, the "
+        "probabilities resampled back onto the input's grid (--keep-voxel-size: predict on its own grid)"
     )
 
 
@@ -92,19 +92,20 @@ def spacing_warning(spacing_zyx: Sequence[float], state: dict) -> str | None:
     SPACING_TOLERANCE; None otherwise, and for checkpoints that record no range or a --spacing."""
     if not resamples_into_range(state):
         return None
-    off = _scale_offs(spacing_zyx, state)
+    off = _times_outside(spacing_zyx, state)
     if not off:
         return None
     return (
         f"warning: voxels of {_mm(spacing_zyx)} mm (Z Y X), where the network was trained on "
-        f"{_trained(state)} mm and predicts on each input's own grid (--keep-voxel-size): it sees the "
-        f"anatomy at up to {max(off):.2g}x another scale, and its masks can be far off (README, Orientation "
-        "and voxel size)"
+        f"{_range_text(state[RANGE_KEY])} mm and predicts on each input's own grid (--keep-voxel-size): it "
+        f"sees the anatomy at up to {max(off):.2g}x another scale, and its masks can be far off (README, "
+        "Orientation and voxel size)"
     )
 
 
-def _scale_offs(spacing_zyx: Sequence[float], state: dict) -> list[float]:
-    """Per axis outside the recorded range widened by SPACING_TOLERANCE, how many times off it is."""
+def _times_outside(spacing_zyx: Sequence[float], state: dict) -> list[float]:
+    """For each axis outside the recorded range widened by SPACING_TOLERANCE, how many times outside the
+    range (not the widened one) its voxel size is."""
     low, high = state[RANGE_KEY]
     return [
         (s / most if s > most else least / s)
@@ -113,11 +114,11 @@ def _scale_offs(spacing_zyx: Sequence[float], state: dict) -> list[float]:
     ]
 
 
-def _trained(state: dict) -> str:
-    """The recorded range as text: 3x3x3, or 2.2-4x0.27-0.75x0.27-0.75 (Z Y X)."""
+def _range_text(seen: Sequence[Sequence[float]]) -> str:
+    """A range [[min Z, Y, X], [max Z, Y, X]] as text: 3x3x3, or 2.2-4x0.27-0.75x0.27-0.75."""
     return "x".join(
         f"{least:.3g}" if least == most else f"{least:.3g}-{most:.3g}"
-        for least, most in zip(*state[RANGE_KEY], strict=True)
+        for least, most in zip(*seen, strict=True)
     )
 
 
