@@ -35,7 +35,9 @@ from prostate_kernels.safe_files import atomic_write, locked_directory
 
 RECORD_NAME = ".prostate-kernels-prediction.json"
 FORMAT = 1
-RESAMPLED_INTO_RANGE = "resampled into the training range when far outside it"
+RESAMPLED_INTO_RANGE = (
+    "inputs far outside the training voxel sizes resampled into them (not under --keep-voxel-size)"
+)
 _CHUNK = 2**22  # bytes read at a time while hashing a checkpoint
 
 

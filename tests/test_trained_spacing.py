@@ -157,4 +157,7 @@ def test_predict_resamples_voxels_far_outside_the_training_range_into_it(
     args = ["predict", "--checkpoint", str(checkpoint), "--input", str(finer), "--output",
             str(tmp_path / "own"), "--no-tta", "--no-progress", "--continue"]  # fmt: skip
     assert main(args) != 0  # predicted on its own grid: the default's setting differs, not mixed
-    assert "voxel size (none) -> resampled into the training range" in capsys.readouterr().err
+    assert (
+        "voxel size (none) -> inputs far outside the training voxel sizes resampled into them (not under "
+        "--keep-voxel-size)" in capsys.readouterr().err
+    )
