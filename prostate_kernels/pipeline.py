@@ -54,12 +54,7 @@ from prostate_kernels.safe_files import (
     remove_dead_temporaries,
 )
 from prostate_kernels.trained_model import build_network, load_trained_model, window_shape
-from prostate_kernels.trained_spacing import (
-    network_spacing,
-    resamples_into_range,
-    spacing_note,
-    spacing_warning,
-)
+from prostate_kernels.trained_spacing import network_spacing, resamples_into_range, spacing_message
 from prostate_kernels.windows import WHOLE
 
 
@@ -298,12 +293,13 @@ def _predict_case(
                 for volume in seen[read]:
                     check_image(volume)
         image = seen[channels[0]][0]  # the channels share the image's 3-D grid
-        notes: list[str] = []
-        probs = []
+        probs, said = [], []  # said: each network's message on the voxel size, or None
         for (model, state), read in zip(ensemble, channels, strict=True):
-            probs.append(_model_probabilities(model, state, seen[read], dev, overlap, mode, tta, amp,
-                                              progress, window, keep_voxel_size, notes))  # fmt: skip
-        for note in dict.fromkeys(notes):  # an ensemble's networks trained alike say it once
+            prob, message = _model_probabilities(model, state, seen[read], dev, overlap, mode, tta, amp,
+                                                 progress, window, keep_voxel_size)  # fmt: skip
+            probs.append(prob)
+            said.append(message)
+        for note in dict.fromkeys(s for s in said if s):  # an ensemble's networks trained alike say it once
             print(f"{path.name}: {note}", file=sys.stderr)
         prob = np.stack(probs).mean(axis=0, dtype=np.float32)
         mask = (prob > 0.5).astype(np.uint8)
@@ -321,24 +317,17 @@ def _predict_case(
 
 def _model_probabilities(
     model, state: dict, images, device, overlap, mode, tta, amp, progress, window=None,
-    keep_voxel_size: bool = False, notes: list[str] | None = None,
-) -> np.ndarray:  # fmt: skip
+    keep_voxel_size: bool = False,
+) -> tuple[np.ndarray, str | None]:  # fmt: skip
     """Probabilities on the images' own grid (`images`: the network's channels, 3-D Volumes on one grid);
     a model trained in an orientation sees them reoriented to it (axes permuted and flipped), then
     resampled to the voxel size trained_spacing.network_spacing gives (its --spacing, or for voxels far
     outside its training range the range's nearest end); its probabilities go back the same way
-    (resampled linearly, then reoriented exactly) onto the images' own grid. window: as predict_files';
-    notes: collects what is said of the voxel size (a resampling into the range, or under
-    keep_voxel_size the warning)."""
+    (resampled linearly, then reoriented exactly) onto the images' own grid. window: as predict_files'.
+    Returns (probabilities, trained_spacing.spacing_message: what to say of the voxel size, or None)."""
     oriented = [reoriented(image, state.get("orientation")) for image in images]
     own = oriented[0].spacing_zyx
     spacing = network_spacing(own, state, keep_voxel_size)
-    if keep_voxel_size:
-        said = spacing_warning(own, state)
-    else:
-        said = spacing_note(own, spacing, state) if spacing and resamples_into_range(state) else None
-    if said and notes is not None:
-        notes.append(said)
     grids = [resample_image(image, spacing, PREDICT_HINT) for image in oriented] if spacing else oriented
     slices = int(state.get("slices", 0))
     channels = zscore_channels(np.stack([grid.array for grid in grids]))  # (C, D, H, W)
@@ -350,7 +339,9 @@ def _model_probabilities(
                                  progress)  # fmt: skip
     if spacing is not None:
         prob = resample_onto(grids[0].like(prob), oriented[0])
-    return back_onto(oriented[0].like(prob), images[0]) if oriented[0] is not images[0] else prob
+    if oriented[0] is not images[0]:
+        prob = back_onto(oriented[0].like(prob), images[0])
+    return prob, spacing_message(own, state, keep_voxel_size)
 
 
 def _targets(image: Path, output: Path, save_probabilities: bool) -> tuple[Path, Path | None]:

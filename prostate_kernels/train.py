@@ -172,8 +172,9 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
     ckpt_every = config.checkpoint_every or config.val_every
 
     train_cases, held_out = load_cases(config, log if rank == 0 else (lambda *_: None), arrays)
-    seen = spacing_range([case.spacing_zyx for case in train_cases])  # recorded in every checkpoint
-    spread = spread_note([case.spacing_zyx for case in train_cases])  # None at a --spacing: one size
+    spacings = [case.spacing_zyx for case in train_cases]
+    seen = spacing_range(spacings)  # recorded in every checkpoint
+    spread = spread_note(spacings)  # None at a --spacing: one size
     if spread and rank == 0:
         log(spread)
     torch.manual_seed(config.seed * 1000 + rank)

@@ -77,6 +77,16 @@ def network_spacing(
     return z, y, x
 
 
+def spacing_message(spacing_zyx: Sequence[float], state: dict, keep_voxel_size: bool = False) -> str | None:
+    """What predict says on stderr of an input of `spacing_zyx` voxels: under keep_voxel_size the warning
+    (spacing_warning), else the note when network_spacing moves it into the training range
+    (spacing_note); None when neither applies (inside the range, a --spacing checkpoint, no range)."""
+    if keep_voxel_size:
+        return spacing_warning(spacing_zyx, state)
+    target = network_spacing(spacing_zyx, state)
+    return spacing_note(spacing_zyx, target, state) if target and resamples_into_range(state) else None
+
+
 def spacing_note(spacing_zyx: Sequence[float], target_zyx: Sequence[float], state: dict) -> str:
     """What predict says on stderr when network_spacing moved an input's voxels into the training range."""
     return (
@@ -132,6 +142,7 @@ __all__ = [
     "network_spacing",
     "resamples_into_range",
     "spacing_note",
+    "spacing_message",
     "spacing_range",
     "spacing_warning",
     "spread_note",
