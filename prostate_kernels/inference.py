@@ -2,7 +2,9 @@
 
 Same arguments and the same window placement as MONAI's `sliding_window_inference`, so the same call
 gives the same result; the stitching (window gather, weighting, accumulation, normalisation) runs in
-the C++ extension on the CPU and in Triton kernels on CUDA, always accumulating in float32.
+the C++ extension on the CPU and in Triton kernels on CUDA, always accumulating in float32. The
+predictor may return several outputs (a list, tuple or dict), each at its own resolution, as in MONAI
+(predictor_outputs.py).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -20,11 +22,48 @@ import torch.nn.functional as F
 from prostate_kernels.devices import available_device, memory_bytes
 from prostate_kernels.integers import as_int
 from prostate_kernels.ops.window_ops import check_starts, window_ops_for
+from prostate_kernels.predictor_outputs import OutputForm, OutputLayout, Outputs, checked_outputs, flatten
 from prostate_kernels.progress import progress_bar
 from prostate_kernels.windows import MODES, importance_map, window_starts
 
-Predictor = Callable[[torch.Tensor], torch.Tensor]
+Predictor = Callable[[torch.Tensor], Outputs]
 PADDING_MODES = ("constant", "reflect", "replicate", "circular")
+
+
+@overload
+def sliding_window_inference(
+    inputs: torch.Tensor,
+    roi_size: Sequence[int | None] | int,
+    sw_batch_size: int,
+    predictor: Callable[[torch.Tensor], torch.Tensor],
+    overlap: Sequence[float] | float = ...,
+    mode: str = ...,
+    sigma_scale: Sequence[float] | float = ...,
+    padding_mode: str = ...,
+    cval: float = ...,
+    sw_device: torch.device | str | None = ...,
+    device: torch.device | str | None = ...,
+    progress: bool = ...,
+    flip_axes: Sequence[int] | int = ...,
+) -> torch.Tensor: ...
+
+
+@overload
+def sliding_window_inference(
+    inputs: torch.Tensor,
+    roi_size: Sequence[int | None] | int,
+    sw_batch_size: int,
+    predictor: Predictor,
+    overlap: Sequence[float] | float = ...,
+    mode: str = ...,
+    sigma_scale: Sequence[float] | float = ...,
+    padding_mode: str = ...,
+    cval: float = ...,
+    sw_device: torch.device | str | None = ...,
+    device: torch.device | str | None = ...,
+    progress: bool = ...,
+    flip_axes: Sequence[int] | int = ...,
+) -> Outputs: ...
 
 
 def sliding_window_inference(
@@ -41,7 +80,7 @@ def sliding_window_inference(
     device: torch.device | str | None = None,
     progress: bool = False,
     flip_axes: Sequence[int] | int = (),
-) -> torch.Tensor:
+) -> Outputs:
     """Runs `predictor` on overlapping windows of `inputs` and blends the window predictions.
 
     Args:
@@ -53,8 +92,11 @@ def sliding_window_inference(
             result is cropped back; "reflect" and "circular" padding wider than the volume itself are
             applied in steps (each step at most the current size - 1, as numpy.pad does).
         sw_batch_size: windows per predictor call (windows of different images may share a call).
-        predictor: maps (B, C, *roi) windows to (B, K, *roi) predictions (any float dtype). The windows
-            tensor it receives is a buffer reused for the next batch: clone it to keep it.
+        predictor: maps (B, C, *roi) windows to (B, K, *roi) predictions (any float dtype), or to a list,
+            tuple or dict of such tensors, each with its own K and its own spatial size S: an S other
+            than roi is that output at another resolution (zoom S / roi per axis; its windows go to
+            int(start * zoom), as in MONAI). The windows tensor it receives is a buffer reused for
+            the next batch: clone it to keep it.
         overlap: fraction of the window shared by neighbours along each axis, in [0, 1).
         mode: "constant" (equal weights) or "gaussian" (sigma = sigma_scale * roi, minimum clamped).
         sigma_scale: Gaussian sigma as a fraction of the window, one value or one per axis.
@@ -71,6 +113,8 @@ def sliding_window_inference(
     Returns:
         (N, K, D, H, W) float32 on `device`: sum over windows of prediction x importance, divided by
         the sum of importances at each voxel. Runs under torch.no_grad(): the result has no gradient.
+        For several outputs, one such tensor each (of size int(D * zoom), ...), in the predictor's
+        form: a tuple for a list or tuple (its tensor for one element), a dict with sorted keys.
     """
     _check_inputs(inputs)
     spatial_dims = inputs.dim() - 2
@@ -85,8 +129,8 @@ def sliding_window_inference(
     if flips:
         predictor = _mirrored(predictor, flips, plan.sw_batch_size)
     with torch.no_grad():
-        result = _stitch(inputs, predictor, plan)
-    return result.squeeze(2) if spatial_dims == 2 else result
+        form, results = _stitch(inputs, predictor, plan)
+    return form.pack([r.squeeze(2) for r in results] if spatial_dims == 2 else results)
 
 
 @dataclass(frozen=True)
@@ -149,8 +193,10 @@ def _plan(
     )
 
 
-def _stitch(inputs: torch.Tensor, predictor: Predictor, plan: _Plan) -> torch.Tensor:
-    """The 3-D sliding-window loop: gather -> predict -> weighted accumulate -> normalise -> crop."""
+def _stitch(inputs: torch.Tensor, predictor: Predictor, plan: _Plan) -> tuple[OutputForm, list[torch.Tensor]]:
+    """The 3-D sliding-window loop: gather -> predict -> weighted accumulate -> normalise -> crop.
+
+    Returns the predictor's output form and one stitched (N, K, *size) float32 tensor per output."""
     roi, device = plan.roi, plan.device
     padded, crop = _pad_to_roi(inputs, roi, plan.padding_mode, plan.cval)
     batch, padded_size = padded.shape[0], tuple(padded.shape[2:])
@@ -161,7 +207,7 @@ def _stitch(inputs: torch.Tensor, predictor: Predictor, plan: _Plan) -> torch.Te
     # every window's bounds checked once here, on the host: the ops in the loop skip that check, which
     # on a GPU would wait for the device twice per batch of windows
     check_starts("sliding_window_inference", starts, (batch, 1, *padded_size), roi)
-    starts_in, starts_out = starts.to(padded.device), starts.to(device)
+    starts_in = starts.to(padded.device)
     gather_ops = window_ops_for(padded.device, starts_checked=True)
     stitch_ops = window_ops_for(device, starts_checked=True)
     importance = importance_map(roi, plan.mode, plan.sigmas, device=device)
@@ -169,25 +215,91 @@ def _stitch(inputs: torch.Tensor, predictor: Predictor, plan: _Plan) -> torch.Te
     # One window buffer serves every batch (fresh multi-MB buffers cost page faults on each batch);
     # the predictor must not keep its input past the call.
     buffer = padded.new_empty((min(plan.sw_batch_size, num_windows), padded.shape[1], *roi))
-    output = None
+    layout: OutputLayout | None = None  # the first batch's; every later batch must repeat it
+    grids: list[_OutputGrid] = []  # one per predictor output, made for the first batch
     # closed however the loop ends (an out-of-memory error here is retried on the CPU with a new bar)
     with progress_bar(num_windows, "sliding window", "win", enabled=plan.progress) as bar:
         for first in range(0, num_windows, plan.sw_batch_size):
             last = min(first + plan.sw_batch_size, num_windows)
             windows = gather_ops.gather(padded, starts_in[first:last], list(roi), buffer[: last - first])
-            prediction = _checked_prediction(predictor(windows.to(plan.sw_device)), last - first, roi)
-            if output is None:
-                output = torch.zeros(
-                    (batch, prediction.shape[1], *padded_size), dtype=torch.float32, device=device
-                )
-            stitch_ops.accumulate_(
-                output, None, prediction.to(device).contiguous(), starts_out[first:last], importance
+            layout, outputs = checked_outputs(
+                predictor(windows.to(plan.sw_device)), last - first, roi, layout
             )
+            if not grids:
+                grids = [_OutputGrid.make(shape, batch, padded_size, roi, starts, importance, device)
+                         for shape in layout.shapes]  # fmt: skip
+            for grid, output in zip(grids, outputs, strict=True):
+                stitch_ops.accumulate_(
+                    grid.output,
+                    None,
+                    output.to(device).contiguous(),
+                    grid.starts[first:last],
+                    grid.importance,
+                )
             bar.update(last - first)
-    assert output is not None  # made by the first batch: there is at least one window
-    # Every image has the same windows, so the division by the weight map needs only their positions.
-    stitch_ops.normalize_by_positions_(output, per_image.to(device), importance)
-    return output[(slice(None), slice(None)) + crop]  # mypy reads [(a, b, *crop)] as 3.11 syntax
+    assert layout is not None  # made by the first batch: there is at least one window
+    results = []
+    for grid in grids:
+        # Every image has the same windows, so the division by the weight map needs only their positions.
+        stitch_ops.normalize_by_positions_(grid.output, grid.scaled(per_image).to(device), grid.importance)
+        results.append(grid.output[(slice(None), slice(None)) + grid.cropped(crop)])
+    return layout.form, results
+
+
+@dataclass(frozen=True)
+class _OutputGrid:
+    """Where one predictor output is stitched: at the input's resolution times `zoom` per axis.
+
+    An output of spatial size S for windows of size roi has zoom S / roi (1 for most predictors): its
+    buffer is int(padded size * zoom) voxels, a window starting at s goes to int(s * zoom) and its
+    importance map is the roi's resized to S (nearest-exact), as MONAI places and weights it."""
+
+    zoom: tuple[float, ...]
+    output: torch.Tensor  # (N, K, *int(padded size * zoom)) float32, the running weighted sum
+    starts: torch.Tensor  # (N*W, 4) n, z, y, x of every window in output voxels, on the output's device
+    importance: torch.Tensor  # (S_z, S_y, S_x) float32
+
+    @staticmethod
+    def make(
+        shape: tuple[int, ...],
+        batch: int,
+        padded_size: tuple[int, ...],
+        roi: tuple[int, ...],
+        starts: torch.Tensor,
+        importance: torch.Tensor,
+        device: torch.device,
+    ) -> _OutputGrid:
+        """The grid of an output of (K, *S) = shape per window, for windows at starts (N*W, 4)."""
+        channels, size = shape[0], shape[1:]
+        zoom = tuple(
+            s / float(r) for s, r in zip(size, roi, strict=True)
+        )  # MONAI's z_scale, as it computes it
+        grid_size = tuple(int(p * z) for p, z in zip(padded_size, zoom, strict=True))
+        if size != roi:
+            importance = F.interpolate(importance[None, None], size=size, mode="nearest-exact")[
+                0, 0
+            ].contiguous()
+        grid = _OutputGrid(zoom, torch.empty(0), starts, importance)
+        scaled = starts
+        if size != roi:  # (the input's windows were checked against the padded input already)
+            scaled = torch.cat([starts[:, :1], grid.scaled(starts[:, 1:])], dim=1)
+            check_starts("sliding_window_inference", scaled, (batch, 1, *grid_size), size)
+        output = torch.zeros((batch, channels, *grid_size), dtype=torch.float32, device=device)
+        return replace(grid, output=output, starts=scaled.to(device))
+
+    def scaled(self, positions: torch.Tensor) -> torch.Tensor:
+        """(W, 3) window starts in input voxels -> in this output's voxels: int(start * zoom)."""
+        if all(z == 1.0 for z in self.zoom):
+            return positions
+        rows = [[int(p * z) for p, z in zip(row, self.zoom, strict=True)] for row in positions.tolist()]
+        return torch.tensor(rows, dtype=positions.dtype).reshape(positions.shape)
+
+    def cropped(self, crop: tuple[slice, ...]) -> tuple[slice, ...]:
+        """The input's crop of the padding (input voxels) in this output's voxels, rounded as MONAI."""
+        return tuple(
+            slice(int(round(c.start * z)), int(round(c.stop * z)))
+            for c, z in zip(crop, self.zoom, strict=True)
+        )
 
 
 def _check_inputs(inputs: object) -> None:
@@ -315,23 +427,6 @@ def _pad_in_steps(inputs: torch.Tensor, before_after: list[tuple[int, int]], mod
     return padded
 
 
-def _checked_prediction(prediction: object, windows: int, roi: tuple[int, ...]) -> torch.Tensor:
-    if not isinstance(prediction, torch.Tensor):
-        raise TypeError(f"predictor must return a torch.Tensor, got {type(prediction).__name__}")
-    expected = f"({windows}, K, {', '.join(map(str, roi))})"
-    if (
-        prediction.dim() != 2 + len(roi)
-        or prediction.shape[0] != windows
-        or tuple(prediction.shape[2:]) != roi
-    ):
-        raise ValueError(
-            f"predictor returned shape {tuple(prediction.shape)} for {windows} windows; expected {expected}"
-        )
-    if not prediction.is_floating_point():
-        raise TypeError(f"predictor must return a floating-point tensor, got {prediction.dtype}")
-    return prediction
-
-
 def _mirrored(predictor: Predictor, flip_axes: tuple[int, ...], windows_per_call: int) -> Predictor:
     """Averages predictor over the input and its mirror images along every combination of flip_axes.
 
@@ -343,27 +438,29 @@ def _mirrored(predictor: Predictor, flip_axes: tuple[int, ...], windows_per_call
     dims = [a + 2 for a in flip_axes]  # spatial axis -> tensor axis of (B, C, D, H, W)
     combos = [()] + [c for r in range(1, len(dims) + 1) for c in itertools.combinations(dims, r)]
 
-    def predict(windows: torch.Tensor) -> torch.Tensor:
+    def predict(windows: torch.Tensor) -> Outputs:
         count, roi = windows.shape[0], tuple(windows.shape[2:])
         images_per_call = max(windows_per_call // count, 1)
-        total = None  # (B, K, *roi) float32: the sum of the mirror images' predictions, flipped back
+        layout: OutputLayout | None = None  # the unmirrored call's; the mirrored calls must repeat it
+        totals: list[
+            torch.Tensor
+        ] = []  # per output, (B, K, *S) float32: the mirror images' sum, flipped back
         for first in range(0, len(combos), images_per_call):
             group = combos[first : first + images_per_call]
             flipped = [torch.flip(windows, axes) if axes else windows for axes in group]
             batch = flipped[0] if len(flipped) == 1 else torch.cat(flipped)  # (len(group) * B, C, *roi)
-            prediction = _checked_prediction(predictor(batch), len(group) * count, roi)
-            if total is not None and prediction.shape[1] != total.shape[1]:
-                raise ValueError(f"predictor returned {prediction.shape[1]} channels for windows mirrored "
-                                 f"along {group[0]}, {total.shape[1]} for the unmirrored ones")  # fmt: skip
+            context = f" (the unmirrored windows; these mirrored along {group[0]})" if layout else ""
+            layout, outputs = checked_outputs(predictor(batch), len(group) * count, roi, layout, context)
             for image, axes in enumerate(group):
-                part = prediction[image * count : (image + 1) * count]
-                part = torch.flip(part, axes) if axes else part
-                if total is None:
-                    total = part.to(torch.float32, copy=True)
-                else:
-                    total += part
-        assert total is not None  # combos holds at least the unmirrored windows
-        return total / len(combos)
+                for index, output in enumerate(outputs):
+                    part = output[image * count : (image + 1) * count]
+                    part = torch.flip(part, axes) if axes else part
+                    if index == len(totals):
+                        totals.append(part.to(torch.float32, copy=True))
+                    else:
+                        totals[index] += part
+        assert layout is not None  # combos holds at least the unmirrored windows
+        return layout.form.rebuild([total / len(combos) for total in totals])
 
     return predict
 
@@ -371,8 +468,9 @@ def _mirrored(predictor: Predictor, flip_axes: tuple[int, ...], windows_per_call
 def _lift_2d(predictor: Predictor) -> Predictor:
     """A 2-D predictor seen as a 3-D one whose first spatial axis has size 1."""
 
-    def predict(windows: torch.Tensor) -> torch.Tensor:
-        prediction = predictor(windows.squeeze(2))
-        return prediction.unsqueeze(2) if isinstance(prediction, torch.Tensor) else prediction
+    def predict(windows: torch.Tensor) -> Outputs:
+        form, outputs = flatten(predictor(windows.squeeze(2)))
+        lifted = [o.unsqueeze(2) if isinstance(o, torch.Tensor) else o for o in outputs]
+        return form.rebuild(cast(list[torch.Tensor], lifted))  # checked_outputs names any non-tensor
 
     return predict

@@ -157,7 +157,10 @@ def test_a_mirrored_prediction_of_the_wrong_shape_is_reported():
         return windows if len(calls) % 2 else torch.cat([windows, windows], 1)
 
     calls.clear()
-    with pytest.raises(ValueError, match="2 channels for windows mirrored along"):
+    mirrored = r"shape \(1, 2, 4, 4, 4\) for 1 windows; earlier windows gave \(1, 1, 4, 4, 4\)"
+    with pytest.raises(
+        ValueError, match=mirrored + r" \(the unmirrored windows; these mirrored along \(2,\)\)"
+    ):
         sliding_window_inference(
             torch.randn(1, 1, 4, 4, 4), 4, 1, changes_channels_when_mirrored, flip_axes=(0,)
         )
