@@ -53,6 +53,17 @@ def check_sliding_window(device: str = "cuda") -> list[dict]:
         rows.append(
             _row(f"sliding_window {mode} (Triton) vs PyTorch twin", err < 1e-5, f"max abs err {err:.1e}")
         )
+
+    def heads(w):  # two outputs, the second at half the window's resolution (deep-supervision-like)
+        return torch.sigmoid(w[:, :1]), torch.nn.functional.avg_pool3d(w, 2)
+
+    ours_heads = sliding_window_inference(x, (8, 16, 16), 3, heads, overlap=0.5, mode="gaussian")
+    with use_backend("torch"):
+        expected_heads = sliding_window_inference(x, (8, 16, 16), 3, heads, overlap=0.5, mode="gaussian")
+    assert isinstance(ours_heads, tuple) and isinstance(expected_heads, tuple)
+    err = max((a - b).abs().max().item() for a, b in zip(ours_heads, expected_heads, strict=True))
+    rows.append(_row("sliding_window two outputs, one at half resolution (Triton) vs PyTorch twin",
+                     err < 1e-5, f"max abs err {err:.1e}"))  # fmt: skip
     rng = random.Random(0)
     ops, worst = window_ops_for(torch.device(device)), 0.0
     for _ in range(50):
