@@ -115,8 +115,12 @@ def sliding_window_inference(
         the sum of importances at each voxel. Runs under torch.no_grad(): the result has no gradient.
         For several outputs, one such tensor each (of size int(D * zoom), ...), in the predictor's
         form: a tuple for a list or tuple (its tensor for one element), a dict with sorted keys.
+        For a MONAI MetaTensor input, MetaTensors carrying its meta data, as MONAI returns them.
     """
     _check_inputs(inputs)
+    meta = _monai_meta(inputs)
+    if meta is not None:  # stitched as a plain tensor: MetaTensor's bookkeeping on every op costs host time
+        inputs = inputs.as_subclass(torch.Tensor)
     spatial_dims = inputs.dim() - 2
     if not callable(predictor):
         raise TypeError(f"predictor must be callable, got {type(predictor).__name__}")
@@ -130,7 +134,23 @@ def sliding_window_inference(
         predictor = _mirrored(predictor, flips, plan.sw_batch_size)
     with torch.no_grad():
         form, results = _stitch(inputs, predictor, plan)
-    return form.pack([r.squeeze(2) for r in results] if spatial_dims == 2 else results)
+    stitched = form.pack([r.squeeze(2) for r in results] if spatial_dims == 2 else results)
+    if meta is None:
+        return stitched
+    from monai.utils import convert_to_dst_type  # present: the inputs are one of its MetaTensors
+
+    return convert_to_dst_type(stitched, meta, device=plan.device)[0]  # as MONAI's, which does the same
+
+
+def _monai_meta(inputs: torch.Tensor) -> torch.Tensor | None:
+    """For a MONAI MetaTensor, an empty MetaTensor holding its meta data (affine, file name, ...), which
+    the result takes as MONAI's sliding_window_inference gives it (so that MONAI's transforms that
+    follow, SaveImage, Invertd, still know where the voxels lie); None for any other tensor."""
+    if not type(inputs).__module__.startswith("monai."):
+        return None
+    from monai.data import MetaTensor
+
+    return MetaTensor([]).copy_meta_from(inputs, copy_attr=False) if isinstance(inputs, MetaTensor) else None
 
 
 @dataclass(frozen=True)

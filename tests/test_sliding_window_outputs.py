@@ -192,3 +192,37 @@ def test_a_predictor_that_changes_its_outputs_between_calls_is_named(first, late
     with pytest.raises(ValueError) as info:
         sliding_window_inference(torch.zeros(1, 1, 8, 8, 8), 4, 2, predictor, overlap=0.5)
     assert needle in str(info.value)
+
+
+def test_a_monai_metatensor_comes_back_with_its_meta_data_as_from_monai():
+    """MONAI pipelines hand MetaTensors (LoadImage) to sliding_window_inference and save or invert its
+    result by the affine it carries: a plain tensor would lose where the voxels lie."""
+    monai_data = pytest.importorskip("monai.data")
+    affine = torch.tensor(
+        [[0.0, 0.0, 3.0, -40.0], [0.0, 0.6, 0.0, 12.0], [-0.6, 0.0, 0.0, 7.0], [0, 0, 0, 1.0]]
+    )
+    x = monai_data.MetaTensor(
+        torch.randn((1, 1, 9, 21, 17), generator=torch.Generator().manual_seed(13)),
+        affine=affine,
+        meta={"filename_or_obj": "Case07.mhd"},
+    )
+    seen = []
+
+    def predictor(windows):
+        seen.append(type(windows))
+        return segmentation(windows)
+
+    ours = sliding_window_inference(x, (4, 8, 8), 3, predictor, mode="gaussian")
+    theirs = monai_sliding_window(x, (4, 8, 8), 3, segmentation, overlap=0.5, mode="gaussian")
+    assert type(ours) is type(theirs) is monai_data.MetaTensor
+    assert torch.equal(ours.affine, theirs.affine) and torch.equal(ours.affine, affine.double())
+    assert ours.meta["filename_or_obj"] == theirs.meta["filename_or_obj"] == "Case07.mhd"
+    assert (ours.as_tensor() - theirs.as_tensor()).abs().max().item() < ATOL
+    assert set(seen) == {torch.Tensor}  # stitched as a plain tensor: no MetaTensor bookkeeping per op
+    heads = sliding_window_inference(x, (4, 8, 8), 3, lambda w: {"logits": segmentation(w), "pool": half(w)})
+    their_heads = monai_sliding_window(
+        x, (4, 8, 8), 3, lambda w: {"logits": segmentation(w), "pool": half(w)}, overlap=0.5
+    )
+    assert {k: type(v) for k, v in heads.items()} == {k: type(v) for k, v in their_heads.items()}
+    plain = sliding_window_inference(x.as_tensor(), (4, 8, 8), 3, segmentation, mode="gaussian")
+    assert type(plain) is torch.Tensor and torch.equal(plain, ours.as_tensor())
