@@ -16,10 +16,12 @@ import torch
 from prostate_kernels import backend, reference
 from prostate_kernels.ops.batch_norm import update_running_stats_
 from prostate_kernels.ops.conv_geometry import ConvGeometry, conv_geometry
+from prostate_kernels.ops.tensor_subclasses import takes_tensor_subclasses
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton kernels take
 
 
+@takes_tensor_subclasses
 def bn_relu_conv3d(
     x: torch.Tensor,
     weight: torch.Tensor,

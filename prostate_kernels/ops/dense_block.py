@@ -47,6 +47,7 @@ from prostate_kernels.ops.seeded_dropout import (
     dropout_uniform,
     scale_from_uniform_,
 )
+from prostate_kernels.ops.tensor_subclasses import takes_tensor_subclasses
 
 GEOMETRY = conv_geometry((3, 3, 3), 1, 1, 1)  # every layer's (last) conv: 3x3x3, padding 1
 BOTTLENECK_GEOMETRY = conv_geometry((1, 1, 1), 1, 0, 1)  # a DenseNet-BC layer's first conv
@@ -139,6 +140,7 @@ class BlockSpec:
         )
 
 
+@takes_tensor_subclasses
 def dense_block(
     x: torch.Tensor,
     growth: int,

@@ -15,6 +15,7 @@ import torch
 from prostate_kernels import backend, reference
 from prostate_kernels.ops.bn_relu_conv3d import KERNEL_DTYPES
 from prostate_kernels.ops.conv_geometry import ConvGeometry, conv_geometry
+from prostate_kernels.ops.tensor_subclasses import takes_tensor_subclasses
 
 # the CPU's PyTorch path runs channels-last inputs this wide NCDHW (_pytorch_depthwise says why)
 CPU_NCDHW_FROM_CHANNELS = 1024
@@ -30,6 +31,7 @@ CPU_NCDHW_FROM_CHANNELS = 1024
 TRITON_FROM_ELEMENTS = 2**23
 
 
+@takes_tensor_subclasses
 def depthwise_conv3d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -145,6 +147,7 @@ def fused_separable_applies(x: torch.Tensor, pointwise_weight: torch.Tensor) -> 
     )
 
 
+@takes_tensor_subclasses
 def separable_inference(
     x: torch.Tensor,
     depthwise_weight: torch.Tensor,
