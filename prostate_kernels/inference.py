@@ -291,28 +291,21 @@ class _OutputGrid:
     ) -> _OutputGrid:
         """The grid of an output of (K, *S) = shape per window, for windows at starts (N*W, 4)."""
         channels, size = shape[0], shape[1:]
-        zoom = tuple(
-            s / float(r) for s, r in zip(size, roi, strict=True)
-        )  # MONAI's z_scale, as it computes it
+        # MONAI's z_scale, computed as it computes it (the float product decides int(start * zoom))
+        zoom = tuple(s / float(r) for s, r in zip(size, roi, strict=True))
         grid_size = tuple(int(p * z) for p, z in zip(padded_size, zoom, strict=True))
-        if size != roi:
-            importance = F.interpolate(importance[None, None], size=size, mode="nearest-exact")[
-                0, 0
-            ].contiguous()
-        grid = _OutputGrid(zoom, torch.empty(0), starts, importance)
         scaled = starts
         if size != roi:  # (the input's windows were checked against the padded input already)
-            scaled = torch.cat([starts[:, :1], grid.scaled(starts[:, 1:])], dim=1)
+            resized = F.interpolate(importance[None, None], size=size, mode="nearest-exact")
+            importance = resized[0, 0].contiguous()
+            scaled = torch.cat([starts[:, :1], _scaled(starts[:, 1:], zoom)], dim=1)
             check_starts("sliding_window_inference", scaled, (batch, 1, *grid_size), size)
         output = torch.zeros((batch, channels, *grid_size), dtype=torch.float32, device=device)
-        return replace(grid, output=output, starts=scaled.to(device))
+        return _OutputGrid(zoom, output, scaled.to(device), importance)
 
     def scaled(self, positions: torch.Tensor) -> torch.Tensor:
-        """(W, 3) window starts in input voxels -> in this output's voxels: int(start * zoom)."""
-        if all(z == 1.0 for z in self.zoom):
-            return positions
-        rows = [[int(p * z) for p, z in zip(row, self.zoom, strict=True)] for row in positions.tolist()]
-        return torch.tensor(rows, dtype=positions.dtype).reshape(positions.shape)
+        """(W, 3) window starts in input voxels -> in this output's voxels."""
+        return _scaled(positions, self.zoom)
 
     def cropped(self, crop: tuple[slice, ...]) -> tuple[slice, ...]:
         """The input's crop of the padding (input voxels) in this output's voxels, rounded as MONAI."""
@@ -320,6 +313,14 @@ class _OutputGrid:
             slice(int(round(c.start * z)), int(round(c.stop * z)))
             for c, z in zip(crop, self.zoom, strict=True)
         )
+
+
+def _scaled(positions: torch.Tensor, zoom: tuple[float, ...]) -> torch.Tensor:
+    """(W, 3) window starts in input voxels -> int(start * zoom) per axis (MONAI's _compute_coords)."""
+    if all(z == 1.0 for z in zoom):
+        return positions
+    rows = [[int(p * z) for p, z in zip(row, zoom, strict=True)] for row in positions.tolist()]
+    return torch.tensor(rows, dtype=positions.dtype).reshape(positions.shape)
 
 
 def _check_inputs(inputs: object) -> None:
