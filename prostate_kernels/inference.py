@@ -14,7 +14,7 @@ import math
 import numbers
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import cast, overload
+from typing import Any, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +24,10 @@ from prostate_kernels.integers import as_int
 from prostate_kernels.ops.window_ops import check_starts, window_ops_for
 from prostate_kernels.predictor_outputs import OutputForm, OutputLayout, Outputs, checked_outputs, flatten
 from prostate_kernels.progress import progress_bar
+from prostate_kernels.window_batch import BatchPredictor, WindowBatch, calling
 from prostate_kernels.windows import MODES, importance_map, window_starts
 
-Predictor = Callable[[torch.Tensor], Outputs]
+Predictor = Callable[..., Outputs]  # (windows[, coords], *args, **kwargs) -> outputs, as MONAI calls it
 PADDING_MODES = ("constant", "reflect", "replicate", "circular")
 
 
@@ -35,7 +36,7 @@ def sliding_window_inference(
     inputs: torch.Tensor,
     roi_size: Sequence[int | None] | int,
     sw_batch_size: int,
-    predictor: Callable[[torch.Tensor], torch.Tensor],
+    predictor: Callable[..., torch.Tensor],
     overlap: Sequence[float] | float = ...,
     mode: str = ...,
     sigma_scale: Sequence[float] | float = ...,
@@ -44,7 +45,14 @@ def sliding_window_inference(
     sw_device: torch.device | str | None = ...,
     device: torch.device | str | None = ...,
     progress: bool = ...,
+    roi_weight_map: torch.Tensor | None = ...,
+    process_fn: Callable | None = ...,
+    buffer_steps: int | None = ...,
+    buffer_dim: int = ...,
+    with_coord: bool = ...,
+    *args: Any,
     flip_axes: Sequence[int] | int = ...,
+    **kwargs: Any,
 ) -> torch.Tensor: ...
 
 
@@ -62,7 +70,14 @@ def sliding_window_inference(
     sw_device: torch.device | str | None = ...,
     device: torch.device | str | None = ...,
     progress: bool = ...,
+    roi_weight_map: torch.Tensor | None = ...,
+    process_fn: Callable | None = ...,
+    buffer_steps: int | None = ...,
+    buffer_dim: int = ...,
+    with_coord: bool = ...,
+    *args: Any,
     flip_axes: Sequence[int] | int = ...,
+    **kwargs: Any,
 ) -> Outputs: ...
 
 
@@ -79,7 +94,14 @@ def sliding_window_inference(
     sw_device: torch.device | str | None = None,
     device: torch.device | str | None = None,
     progress: bool = False,
+    roi_weight_map: torch.Tensor | None = None,
+    process_fn: Callable | None = None,
+    buffer_steps: int | None = None,
+    buffer_dim: int = -1,
+    with_coord: bool = False,
+    *args: Any,
     flip_axes: Sequence[int] | int = (),
+    **kwargs: Any,
 ) -> Outputs:
     """Runs `predictor` on overlapping windows of `inputs` and blends the window predictions.
 
@@ -104,9 +126,22 @@ def sliding_window_inference(
         sw_device: device the predictor runs on (default: inputs' device).
         device: device of the stitched output (default: inputs' device).
         progress: show a tqdm bar over windows.
-        flip_axes: spatial axis or axes (0 = first spatial axis) to mirror for test-time augmentation: every
-            non-empty combination of them is predicted too (flipped in, flipped back) and all
-            predictions are averaged, as nnU-Net does; () disables it. A batch of fewer than
+        roi_weight_map: a weight map of the window's size ((*roi) or (1, 1, *roi)), finite and >= 0, used
+            instead of the one `mode` makes (as MONAI); every voxel of the result must get some weight
+            from a window (else ValueError naming the voxel, where MONAI gives NaN there).
+        process_fn: not supported (TypeError when given): MONAI normalises its per-window weights
+            by the first window batch's.
+        buffer_steps, buffer_dim: accepted and checked as MONAI checks them; they change nothing here
+            (MONAI buffers windows on sw_device to copy fewer, larger pieces to `device`; here each
+            batch's predictions are accumulated into the output on `device` as they come).
+        with_coord: call predictor(windows, coords, *args, **kwargs), coords holding every window's
+            slices into the padded inputs, [slice(n, n + 1), slice(None), slice(z, z + rd), ...], as MONAI.
+        *args, **kwargs: passed on to the predictor, as MONAI; a keyword argument `condition` (a tensor of
+            the inputs' batch and spatial size) is padded and cut into the same windows as the inputs
+            (and mirrored with them).
+        flip_axes (keyword only): spatial axis or axes (0 = first spatial axis) to mirror for test-time
+            augmentation: every non-empty combination of them is predicted too (flipped in, flipped
+            back) and all predictions are averaged, as nnU-Net does; () disables it. A batch of fewer than
             sw_batch_size windows shares predictor calls with its mirror images (still at most
             sw_batch_size windows per call).
 
@@ -124,16 +159,27 @@ def sliding_window_inference(
     spatial_dims = inputs.dim() - 2
     if not callable(predictor):
         raise TypeError(f"predictor must be callable, got {type(predictor).__name__}")
+    if process_fn is not None:
+        raise TypeError(
+            f"process_fn {process_fn!r} is not supported: MONAI weighs each window batch by the weights "
+            "process_fn returns but divides every voxel by the first batch's; predict, then process"
+        )
+    _check_buffering(buffer_steps, buffer_dim, spatial_dims)
     flips = _check_flip_axes(flip_axes, spatial_dims)
+    condition = _checked_condition(kwargs.pop("condition", None), inputs)
     plan = _plan(inputs, roi_size, sw_batch_size, overlap, mode, sigma_scale, padding_mode, cval,
-                 sw_device, device, progress)  # fmt: skip
+                 sw_device, device, progress, roi_weight_map, bool(with_coord))  # fmt: skip
+    call = calling(predictor, plan.with_coord, args, kwargs)
     if spatial_dims == 2:  # 2-D runs as 3-D with a unit first axis: the same windows and weights
-        plan = replace(plan, roi=(1, *plan.roi), overlaps=(0.0, *plan.overlaps), sigmas=(1.0, *plan.sigmas))
-        inputs, predictor, flips = inputs.unsqueeze(2), _lift_2d(predictor), tuple(a + 1 for a in flips)
+        weights = None if plan.weights is None else plan.weights[None]
+        plan = replace(plan, roi=(1, *plan.roi), overlaps=(0.0, *plan.overlaps), sigmas=(1.0, *plan.sigmas),
+                       weights=weights)  # fmt: skip
+        inputs, call, flips = inputs.unsqueeze(2), _lift_2d(call), tuple(a + 1 for a in flips)
+        condition = None if condition is None else condition.unsqueeze(2)
     if flips:
-        predictor = _mirrored(predictor, flips, plan.sw_batch_size)
+        call = _mirrored(call, flips, plan.sw_batch_size)
     with torch.no_grad():
-        form, results = _stitch(inputs, predictor, plan)
+        form, results = _stitch(inputs, call, plan, condition)
     stitched = form.pack([r.squeeze(2) for r in results] if spatial_dims == 2 else results)
     if meta is None:
         return stitched
@@ -167,6 +213,8 @@ class _Plan:
     sw_device: torch.device
     device: torch.device
     progress: bool
+    weights: torch.Tensor | None = None  # roi_weight_map: (*roi) float32 on `device`, finite, >= 0
+    with_coord: bool = False
 
 
 def _plan(
@@ -181,6 +229,8 @@ def _plan(
     sw_device: torch.device | str | None,
     device: torch.device | str | None,
     progress: bool,
+    roi_weight_map: object = None,
+    with_coord: bool = False,
 ) -> _Plan:
     """Checks the arguments (ValueError naming the value) and expands them per spatial axis."""
     spatial_dims = inputs.dim() - 2
@@ -199,6 +249,8 @@ def _plan(
     batch = as_int(sw_batch_size)
     if batch is None or batch < 1:
         raise ValueError(f"sw_batch_size {sw_batch_size!r} must be a positive int")
+    out_device = available_device(device, "device") if device is not None else inputs.device
+    weights = None if roi_weight_map is None else _checked_weights(roi_weight_map, roi, out_device)
     return _Plan(
         roi=roi,
         sw_batch_size=batch,
@@ -208,17 +260,78 @@ def _plan(
         padding_mode=padding_mode,
         cval=float(cval),
         sw_device=available_device(sw_device, "sw_device") if sw_device is not None else inputs.device,
-        device=available_device(device, "device") if device is not None else inputs.device,
+        device=out_device,
         progress=progress,
+        weights=weights,
+        with_coord=with_coord,
     )
 
 
-def _stitch(inputs: torch.Tensor, predictor: Predictor, plan: _Plan) -> tuple[OutputForm, list[torch.Tensor]]:
+def _checked_weights(roi_weight_map: object, roi: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """roi_weight_map as a (*roi) float32 tensor on device, or ValueError/TypeError naming it: of shape
+    roi or (1, 1, *roi) (MONAI's two forms), real, finite, >= 0 and not all 0."""
+    if not isinstance(roi_weight_map, torch.Tensor) and not hasattr(roi_weight_map, "__array__"):
+        raise TypeError(f"roi_weight_map must be a tensor of the window's size {roi}, got "
+                        f"{type(roi_weight_map).__name__}")  # fmt: skip
+    weights = torch.as_tensor(roi_weight_map)
+    shape = tuple(weights.shape)
+    if shape not in (roi, (1, 1, *roi)):
+        raise ValueError(
+            f"roi_weight_map has shape {shape}; expected the window's size {roi} or {(1, 1, *roi)}"
+        )
+    if weights.dtype == torch.bool or weights.is_complex() or weights.device.type == "meta":
+        raise TypeError(f"roi_weight_map must hold real numbers, got {weights.dtype} on {weights.device}")
+    weights = weights.reshape(roi).to(device=device, dtype=torch.float32)
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        bad = (~torch.isfinite(weights) | (weights < 0)).nonzero()[0].tolist()
+        raise ValueError(f"roi_weight_map must be finite and >= 0: it holds {weights[tuple(bad)].item()} at "
+                         f"{tuple(bad)}")  # fmt: skip
+    if not bool((weights > 0).any()):
+        raise ValueError("roi_weight_map is 0 everywhere: no window would count anywhere")
+    return weights.contiguous()
+
+
+def _check_buffering(buffer_steps: object, buffer_dim: object, spatial_dims: int) -> None:
+    """MONAI's checks of buffer_steps and buffer_dim (which change nothing here): buffer_steps None or an
+    int and, when buffering (buffer_steps > 0), buffer_dim a spatial axis in [-spatial_dims, spatial_dims)."""
+    steps = as_int(buffer_steps)
+    if buffer_steps is not None and steps is None:
+        raise TypeError(f"buffer_steps {buffer_steps!r} must be None or an int")
+    dim = as_int(buffer_dim)
+    if dim is None:
+        raise TypeError(f"buffer_dim {buffer_dim!r} must be an int")
+    if steps is not None and steps > 0 and not -spatial_dims <= dim < spatial_dims:
+        raise ValueError(f"buffer_dim {buffer_dim} must be in [{-spatial_dims}, {spatial_dims})")
+
+
+def _checked_condition(condition: object, inputs: torch.Tensor) -> torch.Tensor | None:
+    """The `condition` keyword argument as a plain tensor of the inputs' batch and spatial size, or a
+    ValueError/TypeError naming its shape."""
+    if condition is None:
+        return None
+    if not isinstance(condition, torch.Tensor):
+        raise TypeError(f"condition must be a torch.Tensor, got {type(condition).__name__}")
+    condition = condition.as_subclass(torch.Tensor)
+    if condition.dim() != inputs.dim() or condition.shape[0] != inputs.shape[0] or \
+            condition.shape[2:] != inputs.shape[2:] or condition.shape[1] == 0:  # fmt: skip
+        raise ValueError(
+            f"condition has shape {tuple(condition.shape)}; expected (N, C', *spatial) = "
+            f"({inputs.shape[0]}, C' >= 1, {', '.join(map(str, inputs.shape[2:]))}) like the inputs"
+        )
+    return condition
+
+
+def _stitch(
+    inputs: torch.Tensor, predictor: BatchPredictor, plan: _Plan, condition: torch.Tensor | None
+) -> tuple[OutputForm, list[torch.Tensor]]:
     """The 3-D sliding-window loop: gather -> predict -> weighted accumulate -> normalise -> crop.
 
+    condition: None or (N, C', D, H, W), cut into the same windows as the inputs.
     Returns the predictor's output form and one stitched (N, K, *size) float32 tensor per output."""
     roi, device = plan.roi, plan.device
     padded, crop = _pad_to_roi(inputs, roi, plan.padding_mode, plan.cval)
+    if condition is not None:
+        condition = _pad_to_roi(condition, roi, plan.padding_mode, plan.cval)[0]
     batch, padded_size = padded.shape[0], tuple(padded.shape[2:])
     per_image = window_starts(padded_size, roi, plan.overlaps)  # (W, 3) z, y, x
     num_windows = per_image.shape[0] * batch
@@ -230,7 +343,11 @@ def _stitch(inputs: torch.Tensor, predictor: Predictor, plan: _Plan) -> tuple[Ou
     starts_in = starts.to(padded.device)
     gather_ops = window_ops_for(padded.device, starts_checked=True)
     stitch_ops = window_ops_for(device, starts_checked=True)
-    importance = importance_map(roi, plan.mode, plan.sigmas, device=device)
+    importance = (
+        plan.weights
+        if plan.weights is not None
+        else importance_map(roi, plan.mode, plan.sigmas, device=device)
+    )
 
     # One window buffer serves every batch (fresh multi-MB buffers cost page faults on each batch);
     # the predictor must not keep its input past the call.
@@ -242,12 +359,15 @@ def _stitch(inputs: torch.Tensor, predictor: Predictor, plan: _Plan) -> tuple[Ou
         for first in range(0, num_windows, plan.sw_batch_size):
             last = min(first + plan.sw_batch_size, num_windows)
             windows = gather_ops.gather(padded, starts_in[first:last], list(roi), buffer[: last - first])
-            layout, outputs = checked_outputs(
-                predictor(windows.to(plan.sw_device)), last - first, roi, layout
-            )
+            call = WindowBatch(windows.to(plan.sw_device))
+            if plan.with_coord or condition is not None:  # (most calls need neither: no host work for them)
+                call = WindowBatch.cut(call.windows, starts[first:last], roi, plan.with_coord, condition)
+            layout, outputs = checked_outputs(predictor(call), last - first, roi, layout)
             if not grids:
                 grids = [_OutputGrid.make(shape, batch, padded_size, roi, starts, importance, device)
                          for shape in layout.shapes]  # fmt: skip
+                for index, grid in enumerate(grids):
+                    grid.check_covered(per_image, crop, layout.form.name(index))
             for grid, output in zip(grids, outputs, strict=True):
                 stitch_ops.accumulate_(
                     grid.output,
@@ -302,6 +422,24 @@ class _OutputGrid:
             check_starts("sliding_window_inference", scaled, (batch, 1, *grid_size), size)
         output = torch.zeros((batch, channels, *grid_size), dtype=torch.float32, device=device)
         return _OutputGrid(zoom, output, scaled.to(device), importance)
+
+    def check_covered(self, positions: torch.Tensor, crop: tuple[slice, ...], name: str) -> None:
+        """ValueError naming the first voxel of the result that no window at positions (W, 3) weighs
+        (an roi_weight_map with zeros): its sum of weights would be 0 (MONAI gives NaN there)."""
+        positive = (self.importance > 0).cpu()
+        if bool(positive.all()):
+            return
+        covered = torch.zeros(self.output.shape[2:], dtype=torch.bool)
+        for z, y, x in self.scaled(positions).tolist():
+            covered[z : z + positive.shape[0], y : y + positive.shape[1], x : x + positive.shape[2]] |= (
+                positive
+            )
+        uncovered = (~covered[self.cropped(crop)]).nonzero()
+        if len(uncovered):
+            raise ValueError(
+                f"roi_weight_map is 0 wherever the windows cover voxel (z, y, x) = "
+                f"{tuple(uncovered[0].tolist())} of {name}'s result: no weight to divide by there"
+            )
 
     def scaled(self, positions: torch.Tensor) -> torch.Tensor:
         """(W, 3) window starts in input voxels -> in this output's voxels."""
@@ -448,7 +586,7 @@ def _pad_in_steps(inputs: torch.Tensor, before_after: list[tuple[int, int]], mod
     return padded
 
 
-def _mirrored(predictor: Predictor, flip_axes: tuple[int, ...], windows_per_call: int) -> Predictor:
+def _mirrored(predictor: BatchPredictor, flip_axes: tuple[int, ...], windows_per_call: int) -> BatchPredictor:
     """Averages predictor over the input and its mirror images along every combination of flip_axes.
 
     The B windows it is given and their mirror images share predictor calls of up to windows_per_call
@@ -459,8 +597,8 @@ def _mirrored(predictor: Predictor, flip_axes: tuple[int, ...], windows_per_call
     dims = [a + 2 for a in flip_axes]  # spatial axis -> tensor axis of (B, C, D, H, W)
     combos = [()] + [c for r in range(1, len(dims) + 1) for c in itertools.combinations(dims, r)]
 
-    def predict(windows: torch.Tensor) -> Outputs:
-        count, roi = windows.shape[0], tuple(windows.shape[2:])
+    def predict(windows: WindowBatch) -> Outputs:
+        count, roi = windows.windows.shape[0], tuple(windows.windows.shape[2:])
         images_per_call = max(windows_per_call // count, 1)
         layout: OutputLayout | None = None  # the unmirrored call's; the mirrored calls must repeat it
         totals: list[
@@ -468,8 +606,7 @@ def _mirrored(predictor: Predictor, flip_axes: tuple[int, ...], windows_per_call
         ] = []  # per output, (B, K, *S) float32: the mirror images' sum, flipped back
         for first in range(0, len(combos), images_per_call):
             group = combos[first : first + images_per_call]
-            flipped = [torch.flip(windows, axes) if axes else windows for axes in group]
-            batch = flipped[0] if len(flipped) == 1 else torch.cat(flipped)  # (len(group) * B, C, *roi)
+            batch = WindowBatch.joined([windows.flipped(axes) for axes in group])  # len(group) * B windows
             context = f" (the unmirrored windows; these mirrored along {group[0]})" if layout else ""
             layout, outputs = checked_outputs(predictor(batch), len(group) * count, roi, layout, context)
             for image, axes in enumerate(group):
@@ -486,11 +623,11 @@ def _mirrored(predictor: Predictor, flip_axes: tuple[int, ...], windows_per_call
     return predict
 
 
-def _lift_2d(predictor: Predictor) -> Predictor:
+def _lift_2d(predictor: BatchPredictor) -> BatchPredictor:
     """A 2-D predictor seen as a 3-D one whose first spatial axis has size 1."""
 
-    def predict(windows: torch.Tensor) -> Outputs:
-        form, outputs = flatten(predictor(windows.squeeze(2)))
+    def predict(windows: WindowBatch) -> Outputs:
+        form, outputs = flatten(predictor(windows.without_axis(2)))
         lifted = [o.unsqueeze(2) if isinstance(o, torch.Tensor) else o for o in outputs]
         return form.rebuild(cast(list[torch.Tensor], lifted))  # checked_outputs names any non-tensor
 
