@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 
@@ -63,6 +63,23 @@ def check_sliding_window(device: str = "cuda") -> list[dict]:
     assert isinstance(ours_heads, tuple) and isinstance(expected_heads, tuple)
     err = max((a - b).abs().max().item() for a, b in zip(ours_heads, expected_heads, strict=True))
     rows.append(_row("sliding_window two outputs, one at half resolution (Triton) vs PyTorch twin",
+                     err < 1e-5, f"max abs err {err:.1e}"))  # fmt: skip
+
+    def conditioned(w, coords, condition):  # MONAI's with_coord and condition arguments
+        z = torch.tensor([float(c[2].start) for c in coords], device=w.device).reshape(-1, 1, 1, 1, 1)
+        return torch.sigmoid(w * condition) + z
+
+    extras: dict[str, Any] = {
+        "roi_weight_map": torch.rand((8, 16, 16), generator=g).to(device) + 0.1,
+        "with_coord": True,
+        "condition": torch.randn(x.shape, generator=g).to(device),
+        "flip_axes": (2,),
+    }
+    ours_extras = sliding_window_inference(x, (8, 16, 16), 3, conditioned, 0.5, **extras)
+    with use_backend("torch"):
+        expected_extras = sliding_window_inference(x, (8, 16, 16), 3, conditioned, 0.5, **extras)
+    err = (ours_extras - expected_extras).abs().max().item()
+    rows.append(_row("sliding_window weight map, coordinates, condition, mirroring (Triton) vs PyTorch twin",
                      err < 1e-5, f"max abs err {err:.1e}"))  # fmt: skip
     rng = random.Random(0)
     ops, worst = window_ops_for(torch.device(device)), 0.0
