@@ -2,6 +2,7 @@
 
 Public API (importing is cheap: no Triton compilation, no SimpleITK, no GPU query at import time):
     sliding_window_inference   overlap-weighted sliding-window inference (C++ / Triton stitching)
+    SlidingWindowInferer       its settings held in an object, as MONAI's (for MONAI's evaluators, bundles)
     RoiTooLargeError           a roi_size padding inputs past their device's memory (ValueError, MemoryError)
     nn                         drop-in modules: BNReLUConv3d (fused BatchNorm -> ReLU -> Conv3d, the dense
                                layer), DenseBlock3d, BottleneckDenseLayer3d, DepthwiseConv3d,
@@ -17,6 +18,7 @@ from prostate_kernels import functional, nn
 from prostate_kernels._ext import HAS_EXT
 from prostate_kernels.backend import get_backend, set_backend, use_backend
 from prostate_kernels.inference import RoiTooLargeError, sliding_window_inference
+from prostate_kernels.inferer import SlidingWindowInferer
 from prostate_kernels.swap import optimize
 
 __version__ = "0.1.0"
@@ -24,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "HAS_EXT",
     "RoiTooLargeError",
+    "SlidingWindowInferer",
     "__version__",
     "functional",
     "get_backend",

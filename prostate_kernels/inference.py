@@ -239,13 +239,10 @@ def _plan(
     overlaps = _per_axis(overlap, spatial_dims, "overlap")
     if not all(0.0 <= o < 1.0 for o in overlaps):
         raise ValueError(f"overlap {overlap} must be in [0, 1) on every axis")
-    if mode not in MODES:
-        raise ValueError(f"mode {mode!r} is not one of {MODES}")
+    check_modes(mode, padding_mode)
     sigmas = _per_axis(sigma_scale, spatial_dims, "sigma_scale")
     if mode == "gaussian" and not all(s > 0 for s in sigmas):
         raise ValueError(f"sigma_scale {sigma_scale} must be > 0 on every axis")
-    if padding_mode not in PADDING_MODES:
-        raise ValueError(f"padding_mode {padding_mode!r} is not one of {PADDING_MODES}")
     batch = as_int(sw_batch_size)
     if batch is None or batch < 1:
         raise ValueError(f"sw_batch_size {sw_batch_size!r} must be a positive int")
@@ -265,6 +262,14 @@ def _plan(
         weights=weights,
         with_coord=with_coord,
     )
+
+
+def check_modes(mode: object, padding_mode: object) -> None:
+    """ValueError naming a blending mode or padding mode that is not one of those known."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of {MODES}")
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"padding_mode {padding_mode!r} is not one of {PADDING_MODES}")
 
 
 def _checked_weights(roi_weight_map: object, roi: tuple[int, ...], device: torch.device) -> torch.Tensor:
