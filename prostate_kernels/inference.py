@@ -162,7 +162,8 @@ def sliding_window_inference(
     if process_fn is not None:
         raise TypeError(
             f"process_fn {process_fn!r} is not supported: MONAI weighs each window batch by the weights "
-            "process_fn returns but divides every voxel by the first batch's; predict, then process"
+            "process_fn returns but divides every voxel by the first batch's; process the outputs inside "
+            "the predictor instead, and fixed window weights as roi_weight_map"
         )
     _check_buffering(buffer_steps, buffer_dim, spatial_dims)
     flips = _check_flip_axes(flip_axes, spatial_dims)
