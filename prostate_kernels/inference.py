@@ -174,7 +174,7 @@ def sliding_window_inference(
     if spatial_dims == 2:  # 2-D runs as 3-D with a unit first axis: the same windows and weights
         weights = None if plan.weights is None else plan.weights[None]
         plan = replace(plan, roi=(1, *plan.roi), overlaps=(0.0, *plan.overlaps), sigmas=(1.0, *plan.sigmas),
-                       weights=weights)  # fmt: skip
+                       weights=weights, lifted_2d=True)  # fmt: skip
         inputs, call, flips = inputs.unsqueeze(2), _lift_2d(call), tuple(a + 1 for a in flips)
         condition = None if condition is None else condition.unsqueeze(2)
     if flips:
@@ -216,6 +216,7 @@ class _Plan:
     progress: bool
     weights: torch.Tensor | None = None  # roi_weight_map: (*roi) float32 on `device`, finite, >= 0
     with_coord: bool = False
+    lifted_2d: bool = False  # a 2-D input run as 3-D with a unit first axis
 
 
 def _plan(
@@ -373,7 +374,7 @@ def _stitch(
                 grids = [_OutputGrid.make(shape, batch, padded_size, roi, starts, importance, device)
                          for shape in layout.shapes]  # fmt: skip
                 for index, grid in enumerate(grids):
-                    grid.check_covered(per_image, crop, layout.form.name(index))
+                    grid.check_covered(per_image, crop, layout.form.name(index), plan.lifted_2d)
             for grid, output in zip(grids, outputs, strict=True):
                 stitch_ops.accumulate_(
                     grid.output,
@@ -429,9 +430,12 @@ class _OutputGrid:
         output = torch.zeros((batch, channels, *grid_size), dtype=torch.float32, device=device)
         return _OutputGrid(zoom, output, scaled.to(device), importance)
 
-    def check_covered(self, positions: torch.Tensor, crop: tuple[slice, ...], name: str) -> None:
+    def check_covered(
+        self, positions: torch.Tensor, crop: tuple[slice, ...], name: str, lifted_2d: bool
+    ) -> None:
         """ValueError naming the first voxel of the result that no window at positions (W, 3) weighs
-        (an roi_weight_map with zeros): its sum of weights would be 0 (MONAI gives NaN there)."""
+        (an roi_weight_map with zeros): its sum of weights would be 0 (MONAI gives NaN there). The voxel
+        is named (y, x) for a 2-D input (lifted_2d)."""
         positive = (self.importance > 0).cpu()
         if bool(positive.all()):
             return
@@ -442,9 +446,12 @@ class _OutputGrid:
             )
         uncovered = (~covered[self.cropped(crop)]).nonzero()
         if len(uncovered):
+            voxel, axes = tuple(uncovered[0].tolist()), "(z, y, x)"
+            if lifted_2d:
+                voxel, axes = voxel[1:], "(y, x)"
             raise ValueError(
-                f"roi_weight_map is 0 wherever the windows cover voxel (z, y, x) = "
-                f"{tuple(uncovered[0].tolist())} of {name}'s result: no weight to divide by there"
+                f"roi_weight_map is 0 wherever the windows cover voxel {axes} = {voxel} of {name}'s result: "
+                "no weight to divide by there"
             )
 
     def scaled(self, positions: torch.Tensor) -> torch.Tensor:

@@ -93,6 +93,9 @@ def test_roi_weight_map_leaving_a_voxel_without_weight_is_refused_where_monai_gi
         sliding_window_inference(x, roi, 2, net, 0.5, roi_weight_map=weights)
     theirs = monai_sliding_window(x, roi, 2, net, 0.5, roi_weight_map=weights)
     assert torch.isnan(theirs[0, 0, 0, 0, 0]) and not torch.isnan(theirs[..., 1:]).any()
+    # 2-D: the voxel named by its two axes
+    with pytest.raises(ValueError, match=r"cover voxel \(y, x\) = \(0, 0\) of predictor's result"):
+        sliding_window_inference(x[:, :, 0], roi[1:], 2, net, 0.5, roi_weight_map=weights[0])
 
 
 BAD_WEIGHTS = [
