@@ -96,7 +96,8 @@ def timing_sections(save_partial: Callable[[list], None]) -> list[tuple[str, Cal
         ("dense_block", lambda: [bench_dense_block.run("cuda")]),
         ("depthwise", lambda: [bench_depthwise.run("cuda", quick=True)]),
         ("models", lambda: bench_models.run("cuda", ("tiramisu3d_p3a",), ("ours", "eager"), ladder=False)),
-        ("optimize", lambda: [bench_optimize.run("cuda")]),  # needs MONAI: carry its wheel
+        # needs MONAI: carry its wheel
+        ("optimize", lambda: [bench_optimize.run("cuda"), bench_optimize.run("cuda", model="highresnet")]),
         ("patch_ladder", lambda: bench_models.run(
             "cuda", (), ladder=True, on_ladder_row=lambda partial: save_partial([partial]))),
         ("memory_format", lambda: [bench_memory_format.run("cuda")]),

@@ -375,3 +375,76 @@ def test_an_optimized_monai_densenet_compiles_without_graph_breaks():
 def test_not_a_module_raises():
     with pytest.raises(TypeError, match="optimize expects an nn.Module, got dict"):
         prostate_kernels.optimize({})
+
+
+def test_monai_highresnet_blocks_are_fused_across_its_adn_and_convolution_sequentials():
+    """MONAI's HighResNet puts each BatchNorm3d -> ReLU in an ADN and the dilated Conv3d after it in a
+    Convolution, both plain nn.Sequential subclasses inside its blocks' `layers` Sequential: the runs span
+    them, 2 per block, 18 in all."""
+    from monai.networks.nets import HighResNet
+
+    torch.manual_seed(6)
+    original = HighResNet(spatial_dims=3, in_channels=1, out_channels=2).double()
+    model = copy.deepcopy(original)
+    params_before = [id(p) for p in model.parameters()]
+    optimized, report = prostate_kernels.optimize(model)
+    assert optimized is model and report.left == []
+    assert [(r.path, r.detail) for r in report.replaced] == [
+        (f"blocks.{i}.layers", "(0.N, 0.A, 1.conv) fused; (2.N, 2.A, 3.conv) fused") for i in range(1, 10)
+    ]
+    assert isinstance(model.blocks[4].layers, FusedSequential)
+    assert [id(p) for p in model.parameters()] == params_before
+    assert list(model.state_dict()) == list(original.state_dict())
+    fused_calls = []
+    real = prostate_kernels.swap.fused_sequential.run_bn_relu_conv
+    with patch("prostate_kernels.swap.fused_sequential.run_bn_relu_conv",
+               lambda modules, x: fused_calls.append(modules[2].dilation) or real(modules, x)):  # fmt: skip
+        _assert_same_training(original, model, torch.randn((2, 1, 10, 12, 9), dtype=torch.float64))
+    # every block's two convs ran fused, at the dilations 1, 2, 4 of its three stages, in each forward
+    assert fused_calls[:18] == [(d, d, d) for d in (1, 2, 4) for _ in range(6)]
+    assert len(fused_calls) == 3 * 18  # two training steps and the eval forward
+
+
+class _Residual(nn.Sequential):
+    """A Sequential subclass with its own forward: its children are not applied as a chain."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + super().forward(x)
+
+
+def test_nested_plain_sequentials_are_opened_and_others_are_not():
+    torch.manual_seed(7)
+
+    def conv() -> nn.Conv3d:
+        return nn.Conv3d(4, 4, 3, padding=1)
+
+    norm_relu = nn.Sequential(nn.BatchNorm3d(4), nn.ReLU())
+    original = nn.Sequential(OrderedDict(
+        a=norm_relu, b=nn.Sequential(nn.Sequential(conv())),  # a run across two nested chains
+        c=_Residual(nn.BatchNorm3d(4), nn.ReLU(), conv()),  # its own forward: fused inside, not opened
+        d=nn.Sequential(nn.BatchNorm3d(4)), e=nn.ReLU(), f=conv(),
+    )).double()  # fmt: skip
+    model = copy.deepcopy(original)
+    optimized, report = prostate_kernels.optimize(model)
+    assert [(r.path, r.now, r.detail) for r in report.replaced] == [
+        ("", "FusedSequential", "(a.0, a.1, b.0.0) fused; (d.0, e, f) fused"),
+    ]
+    assert [(s.path, s.reason) for s in report.left] == [
+        ("c.0", "children of _Residual, whose forward is not known to apply them one after the other"),
+    ]
+    assert type(optimized.a) is nn.Sequential and type(optimized.b[0]) is nn.Sequential  # not replaced
+    _assert_same_training(original, optimized, torch.randn((2, 4, 5, 6, 7), dtype=torch.float64))
+    _, dry = prostate_kernels.optimize(copy.deepcopy(original), dry_run=True)
+    assert [(r.path, r.detail) for r in dry.replaced] == [(r.path, r.detail) for r in report.replaced]
+
+
+def test_a_nested_sequential_with_hooks_is_not_opened():
+    torch.manual_seed(8)
+    inner = nn.Sequential(nn.ReLU(), nn.Conv3d(4, 4, 3, padding=1))
+    calls = []
+    inner.register_forward_hook(lambda *args: calls.append(1))
+    original = nn.Sequential(nn.BatchNorm3d(4), inner).double()
+    optimized, report = prostate_kernels.optimize(original)
+    assert report.replaced == [] and optimized is original
+    original(torch.randn((2, 4, 3, 4, 5), dtype=torch.float64))
+    assert calls == [1]

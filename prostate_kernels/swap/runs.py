@@ -83,10 +83,10 @@ def _separable_at(modules: list[nn.Module], i: int) -> tuple[int, bool] | None:
 
 def _triple_at(modules: list[nn.Module], i: int) -> bool:
     part = modules[i : i + 3]
-    return len(part) == 3 and is_triple(*part) and unsupported(*_as_triple(part)) is None
+    return len(part) == 3 and is_triple(*part) and unsupported(*as_triple(part)) is None
 
 
-def _as_triple(modules: list[nn.Module]) -> tuple[nn.BatchNorm3d, nn.ReLU, nn.Conv3d]:
+def as_triple(modules: list[nn.Module]) -> tuple[nn.BatchNorm3d, nn.ReLU, nn.Conv3d]:
     """The three modules of a run is_triple matched, typed as what it matched."""
     norm, relu, conv = modules
     assert isinstance(norm, nn.BatchNorm3d) and isinstance(relu, nn.ReLU) and isinstance(conv, nn.Conv3d)
@@ -111,7 +111,7 @@ def find_runs(modules: list[nn.Module], separable: bool = True) -> list[Run]:
 
 
 def run_bn_relu_conv(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    norm, _, conv = _as_triple(modules)
+    norm, _, conv = as_triple(modules)
     return apply_bn_relu_conv(norm, conv, x)
 
 
@@ -135,4 +135,4 @@ def try_separable(modules: list[nn.Module], x: torch.Tensor) -> torch.Tensor | N
     )
 
 
-__all__ = ["Run", "find_runs", "is_triple", "run_bn_relu_conv", "try_separable", "unsupported"]
+__all__ = ["Run", "as_triple", "find_runs", "is_triple", "run_bn_relu_conv", "try_separable", "unsupported"]

@@ -16,7 +16,7 @@ from prostate_kernels.swap.dense_blocks import (
     match_dense_block,
     probe_error,
 )
-from prostate_kernels.swap.fused_sequential import FusedSequential, overrides_forward
+from prostate_kernels.swap.fused_sequential import FusedSequential, chained, overrides_forward
 from prostate_kernels.swap.report import LeftAlone, OptimizeReport, Replacement, has_hooks
 
 # Already the library's: left as they are, not entered.
@@ -29,7 +29,8 @@ def optimize(model: nn.Module, dry_run: bool = False) -> tuple[nn.Module, Optimi
     - a 3D DenseNet-BC dense block (MONAI's DenseNet121/169/201/264 with spatial_dims=3, or torchvision's
       layout in 3D) -> AdoptedDenseBlock3d: the memory-efficient block (one shared buffer, statistics
       computed once, nothing kept per layer); checked by a float64 probe before it is swapped;
-    - BatchNorm3d -> ReLU -> Conv3d, consecutive in an nn.Sequential -> one fused op (FusedSequential);
+    - BatchNorm3d -> ReLU -> Conv3d, consecutive in an nn.Sequential (nested plain Sequentials, such as
+      MONAI's ADN and Convolution blocks, opened up) -> one fused op (FusedSequential);
     - Conv3d(groups == in == out channels) -> DepthwiseConv3d.
 
     Every replacement holds the original modules' own Parameters and buffers under the same names: the
@@ -99,34 +100,41 @@ def _adopt_dense_block(module, match, path, kind, report, dry_run) -> nn.Module 
 
 
 def _fuse_sequential(module, path, kind, report, dry_run) -> nn.Module:
-    """A FusedSequential over module's children if it is an nn.Sequential with a run (swap/runs.py); the
-    BatchNorm3d -> ReLU -> Conv3d runs it cannot fuse (and runs among a non-Sequential's children) are
-    reported."""
+    """A FusedSequential over module's children if it is an nn.Sequential applying them in order with a
+    run (swap/runs.py) among the modules it applies (chained(): nested plain Sequentials opened up) that
+    is not inside one child (a run inside one child is that child's: it is fused and reported there);
+    the BatchNorm3d -> ReLU -> Conv3d runs it cannot fuse (and runs among a non-Sequential's children)
+    are reported."""
     if isinstance(module, FusedSequential):  # an earlier optimize's
         return module
+    sequential = isinstance(module, nn.Sequential) and not overrides_forward(module)
     # every entry, in order: named_children() lists a module held under two names once, and a
     # Sequential built from it would silently skip the second application
     entries = [(name, child) for name, child in module._modules.items() if child is not None]
-    names, children = [name for name, _ in entries], [child for _, child in entries]
+    applied = chained(module) if sequential else entries
+    names, children = [name for name, _ in applied], [child for _, child in applied]
 
     def where(i: int) -> str:
         return f"{path}.{names[i]}" if path else names[i]
 
-    triples = [i for i in range(len(children) - 2) if runs.is_triple(*children[i : i + 3])]
-    if triples and (not isinstance(module, nn.Sequential) or overrides_forward(module)):
+    def across_children(start: int, length: int) -> bool:
+        return len({name.split(".")[0] for name in names[start : start + length]}) > 1
+
+    triples = [
+        i for i in range(len(children) - 2) if runs.is_triple(*children[i : i + 3]) and across_children(i, 3)
+    ]
+    if not sequential:
         for i in triples:
             report.left.append(LeftAlone(
                 where(i), "BatchNorm3d -> ReLU -> Conv3d",
                 f"children of {kind}, whose forward is not known to apply them one after the other",
             ))  # fmt: skip
         return module
-    if not isinstance(module, nn.Sequential):
-        return module
     for i in triples:
-        reason = runs.unsupported(*children[i : i + 3])
+        reason = runs.unsupported(*runs.as_triple(children[i : i + 3]))
         if reason:
             report.left.append(LeftAlone(where(i), "BatchNorm3d -> ReLU -> Conv3d", reason))
-    found = runs.find_runs(children)
+    found = [run for run in runs.find_runs(children) if across_children(run.start, run.length)]
     if not found:
         return module
     if has_hooks(module):
