@@ -86,8 +86,17 @@ def calling(
 
     def call(batch: WindowBatch) -> Outputs:
         extra = kwargs if batch.condition is None else {**kwargs, "condition": batch.condition}
-        if with_coord:
-            return predictor(batch.windows, batch.coords, *args, **extra)
-        return predictor(batch.windows, *args, **extra)
+        try:
+            if with_coord:
+                return predictor(batch.windows, batch.coords, *args, **extra)
+            return predictor(batch.windows, *args, **extra)
+        except TypeError as error:  # with extra arguments, most likely one sliding_window_inference lacks
+            if not (args or kwargs):
+                raise
+            raise TypeError(
+                f"{error} (sliding_window_inference passed the predictor {len(args)} extra positional "
+                f"argument(s) and the keyword argument(s) {sorted(kwargs)}, as MONAI does with arguments it "
+                "does not take itself)"
+            ) from error
 
     return call

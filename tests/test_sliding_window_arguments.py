@@ -204,6 +204,14 @@ def test_extra_positional_and_keyword_arguments_reach_the_predictor_as_in_monai(
     assert_close(ours, sliding_window_inference(x, roi, 2, net, 0.25, "gaussian") * 3 + 0.5)
 
 
+def test_a_misspelt_argument_reaching_the_predictor_is_named_in_its_error() -> None:
+    """Arguments sliding_window_inference does not take go to the predictor (as in MONAI): the
+    predictor's TypeError says which ones it was given."""
+    message = r"unexpected keyword argument 'overlaps' .*the keyword argument\(s\) \['overlaps'\]"
+    with pytest.raises(TypeError, match=message):
+        sliding_window_inference(torch.randn(1, 1, 6, 6, 6), 4, 2, net, overlaps=0.5)
+
+
 def conditioned(windows, condition):
     return net(windows) * (1 + condition.float())
 
