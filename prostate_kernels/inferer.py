@@ -65,7 +65,7 @@ class SlidingWindowInferer:
         self.buffer_dim = buffer_dim
         self.with_coord = with_coord
         self.flip_axes = flip_axes
-        self.cache_roi_weight_map = bool(cache_roi_weight_map)
+        del cache_roi_weight_map  # MONAI's argument, taken and unused (the docstring says why)
 
     def __call__(
         self, inputs: torch.Tensor, network: Callable[..., Outputs], *args: Any, **kwargs: Any
