@@ -549,6 +549,19 @@ def test_a_multi_label_prediction_is_refused_with_its_non_zero_values():
     check_binary(volume((labels > 1).astype(np.uint8) * 7))  # one value other than 1: a binary mask
 
 
+@pytest.mark.parametrize("value", [0.7, 1.5, -0.25])
+def test_a_prediction_whose_one_non_zero_value_is_a_fraction_is_refused(value):
+    """A mask of 0 and 0.7 (probabilities cut at a threshold but not set to 1, a mask rescaled) was
+    scored as a binary mask: a fraction is no label. Whole float values stay labels, as in read_mask."""
+    mask = np.zeros((4, 5, 6), np.float32)
+    mask[1:3, 1:4, 1:5] = value
+    with pytest.raises(DataError, match=re.escape(f"its non-zero value {value:g} is not a whole number: ")):
+        check_binary(volume(mask))
+    mask[1:3, 1:4, 1:5] = 1.0
+    check_binary(volume(mask))
+    check_binary(volume(np.zeros((4, 5, 6), np.float32)))  # all zeros: an empty mask, scored as such
+
+
 def test_a_binary_prediction_with_another_label_value_is_scored(data, tmp_path):
     pred = tmp_path / "pred"
     for case in ("Case00", "Case01", "Case02"):

@@ -249,12 +249,11 @@ def read_mask(
         check_same_grid(image, mask)
     values = mask.array
     _check_finite(mask, "mask")
-    if values.dtype.kind == "f":
-        fractional = values[values != np.round(values)]
-        if fractional.size:
-            raise DataError(path, f"holds values that are not whole numbers ({_some_values(fractional)}): "
-                                  "a label mask holds whole numbers (a probability map, or a mask resampled "
-                                  "with linear interpolation?)")  # fmt: skip
+    fractional = _fractions(values)
+    if fractional.size:
+        raise DataError(path, f"holds values that are not whole numbers ({_some_values(fractional)}): "
+                              "a label mask holds whole numbers (a probability map, or a mask resampled "
+                              "with linear interpolation?)")  # fmt: skip
     if labels is None:
         present = np.unique(values)
         present = present[present != 0]
@@ -309,8 +308,9 @@ def _int_tuple(value: int | Sequence[int] | None) -> tuple[int, ...] | None:
 
 
 def check_binary(prediction: Volume) -> None:
-    """DataError if a predicted mask holds more than one non-zero value (evaluation scores its non-zero
-    voxels as the gland, which for a probability map, an image or a multi-label map means nothing)."""
+    """DataError if a predicted mask holds more than one non-zero value, or one that is not a whole number
+    (evaluation scores its non-zero voxels as the gland, which for a probability map, an image or a
+    multi-label map means nothing, and a fraction is no label)."""
     values = prediction.array
     _check_finite(prediction, "prediction")
     foreground = values[values != 0]
@@ -319,6 +319,18 @@ def check_binary(prediction: Volume) -> None:
         raise DataError(prediction.path, f"holds {present.size} different non-zero values "
                                          f"({_some_values(present)}): a prediction must be a binary mask "
                                          "(0 and one label), not a probability map or an image")  # fmt: skip
+    fractional = _fractions(foreground[:1])  # one non-zero value left: a label only if a whole number
+    if fractional.size:
+        raise DataError(prediction.path, f"its non-zero value {_some_values(fractional)} is not a whole "
+                                         "number: a prediction must be a binary mask (0 and one label), "
+                                         "not probabilities or a rescaled mask")  # fmt: skip
+
+
+def _fractions(values: np.ndarray) -> np.ndarray:
+    """The voxel values that are not whole numbers (float voxels only; finite: _check_finite first).
+    Labels are whole numbers: a fraction means a probability map, or a mask resampled with linear
+    interpolation, whose blurred border would otherwise count as labels."""
+    return values[values != np.round(values)] if values.dtype.kind == "f" else values[:0]
 
 
 def _check_finite(volume: Volume, what: str) -> None:
