@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -186,6 +187,40 @@ def test_a_series_whose_first_or_last_slice_is_damaged_is_refused_not_read_a_sli
         DataError, match=r"README.txt: cannot be read \(Permission denied\), so the series beside"
     ):
         read_volume(series)
+
+
+def test_a_dicom_file_meta_element_declaring_more_bytes_than_the_file_is_refused_before_gdcm(tmp_path):
+    """One byte of a slice's (0002,0001) length changed (2 -> 0xE2000002) made GDCM allocate the declared
+    3.8 GB while scanning the directory: a 4-slice series read took 7.7 GB and 22 s before the slice was
+    refused, and a machine with less memory would kill the process. It is now refused from its bytes."""
+    from cli_helpers import write_dicom_series
+
+    base = Volume(np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6), (0.6, 0.6, 3.6), (0.0, 0.0, 0.0),
+                  (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))  # fmt: skip
+    series = write_dicom_series(write_volume(base, tmp_path / "t2.nii.gz"), tmp_path / "series", "1.2.3.7")
+    slice_ = series / "IM0002"
+    good = slice_.read_bytes()
+    version = good.index(b"\x02\x00\x01\x00OB\x00\x00")  # (0002,0001) OB, reserved, 4-byte length
+    assert good[128:132] == b"DICM" and good[version + 8 : version + 12] == b"\x02\x00\x00\x00"
+    damaged = bytearray(good)
+    damaged[version + 11] = 0xE2
+    slice_.write_bytes(bytes(damaged))
+    said = (f"IM0002: damaged DICOM file: its File Meta element (0002,0001) OB declares a value of "
+            f"3791650818 bytes, past the end of the {len(good)}-byte file")  # fmt: skip
+    for path in (series, slice_):  # the series' directory, and the slice read as an image file
+        with pytest.raises(DataError, match=re.escape(said)):
+            read_volume(path)
+    slice_.write_bytes(good[: version + 30])  # cut in the group (an interrupted copy): refused alike
+    with pytest.raises(
+        DataError, match=r"IM0002: damaged DICOM file: its File Meta element \(0002,0002\) UI"
+    ):
+        read_volume(series)
+    # cut inside the 4-byte length (the walk raised a struct.error there): left to GDCM, which refuses it
+    slice_.write_bytes(good[: version + 10])
+    with pytest.raises(DataError, match=r"IM0002: is marked as a DICOM file but GDCM could not read it"):
+        read_volume(series)
+    slice_.write_bytes(good)
+    assert np.array_equal(read_volume(series).array, base.array)
 
 
 def test_a_mask_of_several_labels_joins_the_labels_asked_for(tmp_path):

@@ -14,7 +14,7 @@ from typing import overload
 
 import numpy as np
 
-from prostate_kernels.data.dicom import read_series
+from prostate_kernels.data.dicom import check_file_meta, read_series
 from prostate_kernels.data.errors import ConfigError, DataError
 from prostate_kernels.data.integrity import (
     captured_stderr,
@@ -110,6 +110,7 @@ def _read_image(path: Path):
     if path.is_dir():  # a DICOM series' slices (read_series checks the names)
         return itk_call("read", path, lambda: read_series(path))
     check_regular(path)
+    check_file_meta(path)  # a DICOM file's damaged meta element length: GDCM would allocate gigabytes
     check_metaimage_header(path)  # before ITK reads it: a bad NDims ends the process, a pipe waits forever
     check_nrrd_voxels(path)
     check_complete(path)
