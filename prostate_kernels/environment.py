@@ -54,6 +54,11 @@ def report_lines(devices: list[torch.device]) -> list[str]:
 
 
 def _version(distribution: str) -> str:
+    """The distribution's version; torch's as the imported build states it (torch.__version__: the wheels
+    on PyPI record "2.11.0" in their metadata where the build says "2.11.0+cu130", and the local label
+    tells a CUDA build from a CPU one)."""
+    if distribution == "torch":
+        return torch.__version__
     try:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
