@@ -48,6 +48,16 @@ def series_ids(directory: Path) -> tuple[str, ...]:
         return tuple(sitk.ImageSeriesReader.GetGDCMSeriesIDs(name))
 
 
+# A DICOM Part 10 file: a 128-byte preamble, the marker "DICM", then the File Meta group (PS3.10 7.1).
+_MARKER, _META_START = b"DICM", 132
+
+
+def _marked_dicom(file) -> bool:
+    """Whether the open binary `file`, read from its start, carries the DICOM marker (leaves the file
+    positioned at the File Meta group)."""
+    return file.read(_META_START)[_META_START - len(_MARKER) :] == _MARKER
+
+
 # Value representations (DICOM PS3.5 6.2) whose explicit-VR elements have a 2-byte reserved field and a
 # 4-byte length (PS3.5 7.1.2); the other known ones have a 2-byte length.
 _FOUR_BYTE_LENGTH = frozenset(vr.encode() for vr in "OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
@@ -67,7 +77,7 @@ def check_file_meta(path: Path) -> None:
     without the marker, and a group whose bytes stop making sense (an unknown VR), are left to GDCM."""
     try:
         with open(path, "rb") as file:
-            if file.read(132)[128:] != b"DICM":
+            if not _marked_dicom(file):
                 return
             size = os.fstat(file.fileno()).st_size
             for tag, vr, length, end in _file_meta_elements(file, size):
@@ -81,9 +91,9 @@ def check_file_meta(path: Path) -> None:
 
 def _file_meta_elements(file, size: int) -> Iterator[tuple[str, str, int, int]]:
     """(tag "(0002,0001)", VR, declared length, where its value would end) of each File Meta element of an
-    open Part 10 file of `size` bytes, from byte 132 on, until the group ends, an element has an undefined
+    open Part 10 file of `size` bytes, from _META_START on, until the group ends, an element has an undefined
     length (0xFFFFFFFF) or the bytes are no element (an unknown VR: left to GDCM)."""
-    at = 132
+    at = _META_START
     while at + 8 <= size:
         file.seek(at)
         head = file.read(12)
@@ -151,7 +161,7 @@ def _check_no_dicom_file_passed_over(directory: Path, series_files: tuple[str, .
             continue
         try:
             with open(entry, "rb") as file:
-                marked = file.read(132)[128:] == b"DICM"
+                marked = _marked_dicom(file)
         except OSError as exc:  # GDCM passed over it too
             raise DataError(
                 entry, f"cannot be read ({exc.strerror}), so the series beside it may lack it"
