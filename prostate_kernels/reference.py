@@ -94,6 +94,31 @@ def bn_relu_conv3d(
     return torch.nn.functional.conv3d(torch.relu(z), weight, bias, stride, padding, dilation)
 
 
+def bn_relu_conv3d_given_stats(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bn_weight: torch.Tensor | None,
+    bn_bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    eps: float,
+    stride: Sequence[int],
+    padding: Sequence[int] | str,
+    dilation: Sequence[int],
+) -> torch.Tensor:
+    """conv3d(relu(batch_norm(x))) normalised with the given (C,) mean and biased variance, differentiable
+    with respect to them (F.batch_norm is not, w.r.t. running statistics): synchronised BatchNorm's
+    normalisation. BatchNorm in mean's dtype (float32, or float64), the conv in x's, as F.batch_norm does."""
+    channel = (1, -1, 1, 1, 1)
+    z = (x.to(mean.dtype) - mean.view(channel)) * torch.rsqrt(var + eps).view(channel)
+    if bn_weight is not None:
+        z = z * bn_weight.to(mean.dtype).view(channel)
+    if bn_bias is not None:
+        z = z + bn_bias.to(mean.dtype).view(channel)
+    return torch.nn.functional.conv3d(torch.relu(z).to(x.dtype), weight, bias, stride, padding, dilation)
+
+
 # ---------------------------------------------------------------------------------------------
 # Depthwise and separable convolution (DeepLabv3+ SepConv), as the eager layers compute them.
 # ---------------------------------------------------------------------------------------------

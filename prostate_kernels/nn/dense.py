@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple, cast
@@ -17,6 +18,7 @@ from prostate_kernels.ops.bn_relu_conv3d import check_batch_norm_settings
 from prostate_kernels.ops.conv_geometry import conv_geometry, triple
 from prostate_kernels.ops.dense_block import UnitParams, UnitSpec, dense_block
 from prostate_kernels.ops.seeded_dropout import draw_seeds, dropout_scale
+from prostate_kernels.ops.sync_batch_norm import sync_group
 
 __all__ = [
     "BNReLUConv3d",
@@ -83,12 +85,17 @@ def _step_of(norm: nn.BatchNorm3d) -> BatchNormStep:
 
 def apply_bn_relu_conv(norm: nn.BatchNorm3d, conv: nn.Conv3d, x: torch.Tensor) -> torch.Tensor:
     """conv(relu(norm(x))) as one fused op, with norm's and conv's parameters and settings and
-    nn.BatchNorm3d's bookkeeping (running statistics, num_batches_tracked)."""
-    bn = batch_norm_step(norm)
+    nn.BatchNorm3d's bookkeeping (running statistics, num_batches_tracked); an nn.SyncBatchNorm norm
+    (torch.nn.SyncBatchNorm.convert_sync_batchnorm) takes its batch statistics over its process group."""
+    return _fused_unit(norm, conv, x, batch_norm_step(norm))
+
+
+def _fused_unit(norm: nn.BatchNorm3d, conv: nn.Conv3d, x: torch.Tensor, bn: BatchNormStep) -> torch.Tensor:
+    """apply_bn_relu_conv with this forward's bookkeeping `bn` already counted."""
     return functional.bn_relu_conv3d(
         x, conv.weight, conv.bias, norm.weight, norm.bias, bn.running_mean, bn.running_var,
         training=bn.batch_stats, momentum=bn.momentum, eps=norm.eps, stride=conv.stride,
-        padding=conv.padding, dilation=conv.dilation,
+        padding=conv.padding, dilation=conv.dilation, process_group=sync_group(norm),
     )  # fmt: skip
 
 
@@ -308,7 +315,16 @@ class DenseBlock3d(nn.Module):
         # on x's device: no host draw or copy in the step (CUDA graphs replay device draws afresh)
         seeds = draw_seeds(len(layers), x.device) if p > 0 else None
         # An empty batch takes the naive path, as nn.BatchNorm3d does: an empty output, statistics untouched.
-        if self.memory_efficient and x.shape[0] > 0:
+        # So do units whose nn.SyncBatchNorm synchronises (the shared-buffer engine takes local statistics).
+        synced = any(sync_group(unit.norm) is not None for units in layers for unit in units)
+        if synced and self.memory_efficient:
+            warnings.warn(
+                "DenseBlock3d: its BatchNorms are nn.SyncBatchNorm over a process group; the memory-efficient"
+                " engine does not synchronise batch statistics, so this block runs layer by layer"
+                " (torch.cat, the fused layer per unit, synchronised statistics): the naive block's memory",
+                stacklevel=2,
+            )
+        if self.memory_efficient and x.shape[0] > 0 and not synced:
             if seeds is None:  # the op takes a seed tensor always; unread when p == 0
                 seeds = torch.zeros(len(layers), dtype=torch.int64, device=x.device)
             out = self._efficient(x, layers, steps, seeds, p)  # the whole buffer: input + new features
@@ -345,11 +361,16 @@ class DenseBlock3d(nn.Module):
         seeds: torch.Tensor | None,
         p: float,
     ) -> torch.Tensor:
-        """torch.cat at every layer, eager BN -> ReLU -> conv per unit, the same seeded dropout masks."""
+        """torch.cat at every layer, eager BN -> ReLU -> conv per unit, the same seeded dropout masks (a
+        unit whose nn.SyncBatchNorm synchronises: the fused layer's op, which takes the group's
+        statistics)."""
         features = [x]
         for layer, (units, unit_steps) in enumerate(zip(layers, steps, strict=True)):
             y = torch.cat(features, dim=1)
             for (norm, conv), step in zip(units, unit_steps, strict=True):
+                if sync_group(norm) is not None:
+                    y = _fused_unit(norm, conv, y, step)
+                    continue
                 y = reference.bn_relu_conv3d(
                     y, conv.weight, conv.bias, norm.weight, norm.bias, step.running_mean, step.running_var,
                     step.batch_stats, step.momentum, norm.eps, conv.stride, conv.padding, conv.dilation,

@@ -12,10 +12,12 @@ import numbers
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 
 from prostate_kernels import backend, reference
 from prostate_kernels.ops.batch_norm import update_running_stats_
 from prostate_kernels.ops.conv_geometry import ConvGeometry, conv_geometry
+from prostate_kernels.ops.sync_batch_norm import synced_batch_stats
 from prostate_kernels.ops.tensor_subclasses import takes_tensor_subclasses
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the Triton kernels take
@@ -36,6 +38,8 @@ def bn_relu_conv3d(
     stride: int | Sequence[int] = 1,
     padding: int | Sequence[int] | str = 1,
     dilation: int | Sequence[int] = 1,
+    *,
+    process_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """conv3d(relu(batch_norm(x)), weight, bias): the dense layer BN -> ReLU -> Conv3d in one op.
 
@@ -56,39 +60,23 @@ def bn_relu_conv3d(
         running_mean, running_var: (C_in,) or None (then batch statistics are always used).
         training: normalise with the batch's statistics and update the running ones (F.batch_norm's
             `training`; nn.BNReLUConv3d passes what nn.BatchNorm3d would: see its batch_norm_step).
+        process_group: with batch statistics, take them over the batches of every process of this
+            torch.distributed group together, as nn.SyncBatchNorm does (the input gradient flows through
+            them on every process; ops/sync_batch_norm.py). Every process of the group must call the op
+            alike. None: this process's batch. nn.BNReLUConv3d passes its norm's group when the norm is an
+            nn.SyncBatchNorm in training (sync_batch_norm.sync_group).
     """
     geometry = _check_bn_relu_conv3d_args(
         x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
-        stride, padding, dilation,
+        stride, padding, dilation, process_group,
     )  # fmt: skip
     batch_stats = training or running_mean is None
+    if batch_stats and process_group is not None:
+        return _synced(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum, eps,
+                       geometry, process_group)  # fmt: skip
     if backend.resolve(x.device) == "triton" and x.shape[0] > 0:  # an empty batch: the twin, as torch does it
-        from prostate_kernels.ops import bn_relu_conv3d_triton as triton_side
-
-        # autocast as the eager Sequential does it: BatchNorm and ReLU in x's dtype, the conv's operands
-        # and output in the autocast dtype. The weight goes in as it is: its relayout for the kernels
-        # (weight_taps) casts it in the same copy, and its gradient is summed in float32 and kept in the
-        # parameter's dtype (no bfloat16 copy of the weight to save, no cast of its gradient back); the
-        # bias is added in float32.
-        compute_dtype = backend.autocast_dtype(x.device) or x.dtype
-        with backend.autocast_off(x.device):
-            conv = (list(geometry.stride), list(geometry.padding), list(geometry.dilation), compute_dtype)
-            inputs = (
-                x,
-                weight,
-                bias,
-                bn_weight,
-                bn_bias,
-                running_mean,
-                running_var,
-                batch_stats,
-                float(eps),
-                *conv,
-            )
-            if torch.compiler.is_compiling():  # the custom op: an opaque node torch.compile can trace
-                y, stats = triton_side.bn_relu_conv3d_forward(*inputs)
-            else:  # eager: the same functions with less dispatch on the host
-                y, stats = triton_side.FusedBNReLUConv3d.apply(*inputs)
+        y, stats = _triton(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps,
+                           geometry)  # fmt: skip
         if batch_stats and running_mean is not None:
             mean, var, *_ = stats.unbind(0)
             update_running_stats_([(running_mean, running_var, mean, var)], x.numel() // x.shape[1], momentum)
@@ -99,9 +87,45 @@ def bn_relu_conv3d(
     )  # fmt: skip
 
 
+def _triton(x, weight, bias, bn_weight, bn_bias, mean, var, batch_stats, eps, geometry):
+    """(y, stats (5, C_in)) from the Triton kernels: batch statistics, or normalised with the given
+    (mean, var) (running statistics, or synchronised batch ones: then differentiable w.r.t. them)."""
+    from prostate_kernels.ops import bn_relu_conv3d_triton as triton_side
+
+    # autocast as the eager Sequential does it: BatchNorm and ReLU in x's dtype, the conv's operands
+    # and output in the autocast dtype. The weight goes in as it is: its relayout for the kernels
+    # (weight_taps) casts it in the same copy, and its gradient is summed in float32 and kept in the
+    # parameter's dtype (no bfloat16 copy of the weight to save, no cast of its gradient back); the
+    # bias is added in float32.
+    compute_dtype = backend.autocast_dtype(x.device) or x.dtype
+    with backend.autocast_off(x.device):
+        conv = (list(geometry.stride), list(geometry.padding), list(geometry.dilation), compute_dtype)
+        inputs = (x, weight, bias, bn_weight, bn_bias, mean, var, batch_stats, float(eps), *conv)
+        if torch.compiler.is_compiling():  # the custom op: an opaque node torch.compile can trace
+            return triton_side.bn_relu_conv3d_forward(*inputs)
+        return triton_side.FusedBNReLUConv3d.apply(*inputs)  # eager: less dispatch on the host
+
+
+def _synced(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, momentum, eps, geometry, group):
+    """The op in training mode with batch statistics over `group` (nn.SyncBatchNorm's): the statistics
+    from sync_batch_norm (differentiable w.r.t. x), the running ones updated with them, then the fused
+    op normalising with them as given, differentiable w.r.t. them (the twin for an empty local batch or
+    off the Triton engine; both engines make the same collectives)."""
+    mean, var, count = synced_batch_stats(x, group)
+    if running_mean is not None:
+        update_running_stats_([(running_mean, running_var, mean.detach(), var.detach())], count, momentum)
+    if backend.resolve(x.device) == "triton" and x.shape[0] > 0:
+        y, _ = _triton(x, weight, bias, bn_weight, bn_bias, mean, var, False, eps, geometry)
+        return y
+    return reference.bn_relu_conv3d_given_stats(
+        x, weight, bias, bn_weight, bn_bias, mean, var, eps, geometry.stride, geometry.padding,
+        geometry.dilation,
+    )  # fmt: skip
+
+
 def _check_bn_relu_conv3d_args(
     x, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, momentum, eps,
-    stride, padding, dilation,
+    stride, padding, dilation, process_group,
 ) -> ConvGeometry:  # fmt: skip
     """ValueError/TypeError naming the offending argument; returns the conv geometry."""
     for name, value in (("x", x), ("weight", weight)):
@@ -151,7 +175,14 @@ def _check_bn_relu_conv3d_args(
     check_batch_norm_settings("bn_relu_conv3d", eps, momentum)
     geometry = conv_geometry(weight.shape[2:], stride, padding, dilation)
     geometry.output_size(x.shape[2:])
-    if (training or running_mean is None) and x.shape[0] > 0 and x.numel() // max(c_in, 1) <= 1:
+    if process_group is not None and not isinstance(process_group, dist.ProcessGroup):
+        raise TypeError(
+            "bn_relu_conv3d: process_group must be a torch.distributed ProcessGroup or None, got "
+            f"{type(process_group).__name__}"
+        )
+    # synchronised statistics count every process's values: checked over the group once gathered
+    local_stats = (training or running_mean is None) and process_group is None
+    if local_stats and x.shape[0] > 0 and x.numel() // max(c_in, 1) <= 1:
         raise ValueError(
             "bn_relu_conv3d: batch statistics need more than 1 value per channel, "
             f"got x of shape {tuple(x.shape)}"

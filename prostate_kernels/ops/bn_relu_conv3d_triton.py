@@ -681,18 +681,23 @@ def _(x, weight, bias, bn_weight, bn_bias, running_mean, running_var, batch_stat
 
 def backward_impl(gy, x, weight, stats, batch_stats, stride, padding, dilation, compute_dtype, has_bias,
                   bn_dtype, needs) -> list[torch.Tensor | None]:  # fmt: skip
-    """[grad x, grad weight, grad bias, grad bn weight, grad bn bias], None where needs[i] is False (needs:
-    those five, in that order) or where there is no such parameter. stats: the forward's (5, C_in)."""
+    """[grad x, grad weight, grad bias, grad bn weight, grad bn bias, grad mean, grad var], None where
+    needs[i] is False (needs: those seven, in that order) or where there is no such parameter; stats: the
+    forward's (5, C_in). The last two are the gradients w.r.t. statistics given to normalise with
+    (batch_stats False: running statistics, or a synchronised BatchNorm's batch ones, ops/sync_batch_norm.py):
+    z = gamma * (x - mean) * rstd + beta, so dL/dmean = -scale * sum(gz), dL/dvar = -scale * rstd / 2 *
+    sum(gz * xhat), from the same per-channel sums as the BatchNorm parameters' gradients (float32)."""
     mean, _, scale, shift, rstd = stats.unbind(0)
     geometry = ConvGeometry.of_weight(weight, stride, padding, dilation)
-    grads: list[torch.Tensor | None] = [None] * 5
+    grads: list[torch.Tensor | None] = [None] * 7
+    stats_grads = not batch_stats and (needs[5] or needs[6])
     if needs[1] or needs[2]:
         gw, gb = conv_weight_grad(x, gy, scale, shift, geometry, compute_dtype, has_bias)
         if needs[1]:
             grads[1] = grad_like(gw, weight)
         if needs[2] and gb is not None:
             grads[2] = gb.to(weight.dtype)
-    if needs[0] or needs[3] or needs[4]:
+    if needs[0] or needs[3] or needs[4] or stats_grads:
         gx, dgamma, dbeta = conv_input_grad(x, gy, weight, scale, shift, mean, rstd, geometry, compute_dtype,
                                             batch_stats)  # fmt: skip
         if needs[0]:
@@ -701,7 +706,17 @@ def backward_impl(gy, x, weight, stats, batch_stats, stride, padding, dilation, 
             grads[3] = dgamma.to(bn_dtype)
         if needs[4]:
             grads[4] = dbeta.to(bn_dtype)
+        if stats_grads and needs[5]:
+            grads[5] = -scale * dbeta
+        if stats_grads and needs[6]:
+            grads[6] = -0.5 * scale * rstd * dgamma
     return grads
+
+
+# x, weight, bias, bn weight, bn bias, given mean, given var (custom ops infer their schema from this)
+_SevenGrads = tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
+]
 
 
 def _backward_op_impl(
@@ -717,13 +732,13 @@ def _backward_op_impl(
     has_bias: bool,
     bn_dtype: torch.dtype,
     needs: list[bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> _SevenGrads:
     """backward_impl as a custom op: each missing gradient an empty tensor (custom ops return no None),
     distinct ones, since a custom op's outputs never alias."""
     grads = backward_impl(gy, x, weight, stats, batch_stats, stride, padding, dilation, compute_dtype,
                           has_bias, bn_dtype, needs)  # fmt: skip
     filled = tuple(g if g is not None else x.new_empty((0,)) for g in grads)
-    return cast(tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], filled)
+    return cast(_SevenGrads, filled)
 
 
 bn_relu_conv3d_backward = torch.library.custom_op(
@@ -741,6 +756,8 @@ def _(gy, x, weight, stats, batch_stats, stride, padding, dilation, compute_dtyp
         weight.new_empty((c_out if has_bias else 0,)),
         x.new_empty((c_in,), dtype=bn_dtype),
         x.new_empty((c_in,), dtype=bn_dtype),
+        x.new_empty((c_in,), dtype=torch.float32),  # the given statistics' gradients
+        x.new_empty((c_in,), dtype=torch.float32),
     )
     return tuple(t if need else x.new_empty((0,)) for t, need in zip(wanted, needs, strict=True))
 
@@ -761,9 +778,9 @@ def _gradients(ctx, gy, backward) -> tuple:
     if gy is None:  # y took no part in what backward differentiates (gradients are not materialised)
         return _NO_GRADS
     x, weight, stats = ctx.saved_tensors
-    needs = list(ctx.needs_input_grad[:5])
+    needs = list(ctx.needs_input_grad[:7])  # x, weight, bias, bn weight and bias, given mean and var
     grads = backward(gy, x, weight, stats, *ctx.settings, needs)
-    return (*(g if need else None for g, need in zip(grads, needs, strict=True)), *([None] * 8))
+    return (*(g if need else None for g, need in zip(grads, needs, strict=True)), *([None] * 6))
 
 
 def _backward(ctx, gy, _stats):

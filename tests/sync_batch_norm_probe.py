@@ -1,0 +1,133 @@
+"""Run by test_sync_batch_norm.py under torchrun (2 processes, Gloo, CPU): each process runs the fused
+layers on its share of one batch with BatchNorm statistics synchronised over the group, and saves what
+it computed (outputs, every gradient, running statistics) as OUT/rank<r>.pt. The test compares them with
+one process running the whole batch in float64 (make_case builds the same inputs for both).
+
+Usage: torchrun --nproc-per-node 2 sync_batch_norm_probe.py OUT
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+if "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"  # before any kernel module is imported (no GPU here)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+SHARES = (slice(0, 2), slice(2, 3))  # uneven: rank 0 holds 2 samples, rank 1 one
+EMPTY_SHARES = (slice(0, 3), slice(3, 3))  # rank 1 holds none (its collectives still meet rank 0's)
+BATCH = 3
+CASES = {  # name: (what runs, engine, dtype of the processes)
+    "op_torch_float64": ("op", "torch", torch.float64),
+    "op_triton_float32": ("op", "triton", torch.float32),
+    "layer_triton_float32": ("layer", "triton", torch.float32),
+    "layer_triton_float32_compiled": ("layer", "triton", torch.float32),  # torch.compile: the custom ops
+    "block_triton_float32": ("block", "triton", torch.float32),
+    "layer_triton_float32_empty": ("layer", "triton", torch.float32),  # rank 1: the twin, as torch does
+    "tiramisu_torch_float64": ("model", "torch", torch.float64),  # tiny Tiramisu 3D: 12 BatchNorms
+}
+
+
+def shares(name: str) -> tuple[slice, slice]:
+    """The samples of the whole batch that each rank holds in case `name`."""
+    return EMPTY_SHARES if name.endswith("empty") else SHARES
+
+
+def make_case(name: str) -> tuple[torch.nn.Module | dict, torch.Tensor]:
+    """(the float64 module, or the op's tensors, and the whole batch x (BATCH, C, D, H, W)), the same in
+    every process for a name."""
+    from prostate_kernels.models import build_model
+
+    from prostate_kernels import nn as pk_nn
+
+    torch.manual_seed(sum(map(ord, name)))
+    kind = CASES[name][0]
+    if kind == "op":
+        x = torch.randn(BATCH, 4, 5, 4, 6, dtype=torch.float64) * 2 + 0.5
+        tensors = {
+            "weight": torch.randn(3, 4, 3, 3, 3, dtype=torch.float64) * 0.2,
+            "bias": torch.randn(3, dtype=torch.float64),
+            "bn_weight": torch.rand(4, dtype=torch.float64) + 0.5,
+            "bn_bias": torch.randn(4, dtype=torch.float64) * 0.3,
+            "running_mean": torch.randn(4, dtype=torch.float64),
+            "running_var": torch.rand(4, dtype=torch.float64) + 0.5,
+        }
+        return tensors, x
+    if kind == "layer":
+        module: torch.nn.Module = pk_nn.BNReLUConv3d(3, 4, stride=(1, 2, 1))
+        x = torch.randn(BATCH, 3, 5, 6, 4, dtype=torch.float64) - 0.3
+    elif kind == "model":  # no dropout: its masks would differ between one process and two
+        module = build_model("tiramisu3d_tiny", dropout=0.0)
+        x = torch.randn(BATCH, 1, 16, 16, 16, dtype=torch.float64)
+    else:
+        module = pk_nn.DenseBlock3d(3, growth_rate=2, num_layers=2, dropout=0.0)
+        x = torch.randn(BATCH, 3, 4, 5, 3, dtype=torch.float64) + 0.2
+    for p in module.parameters():  # BatchNorm's 1 and 0 would hide a mix-up of gamma and beta
+        if p.dim() == 1:
+            p.data.uniform_(0.5, 1.5)
+    return module.double(), x
+
+
+def run_op(tensors: dict, x: torch.Tensor, dtype: torch.dtype, group) -> tuple:
+    """(y, x, parameters, buffers, warned) of the functional op on x with the case's tensors in dtype."""
+    from prostate_kernels import functional
+
+    params = {k: v.to(dtype).requires_grad_() for k, v in tensors.items() if not k.startswith("running")}
+    buffers = {k: v.to(dtype) for k, v in tensors.items() if k.startswith("running")}
+    x = x.to(dtype).requires_grad_(True)
+    y = functional.bn_relu_conv3d(
+        x, params["weight"], params["bias"], params["bn_weight"], params["bn_bias"], buffers["running_mean"],
+        buffers["running_var"], training=True, momentum=0.3, eps=1e-4, process_group=group,
+    )  # fmt: skip
+    return y, x, params, buffers, False
+
+
+def run_module(module: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, compiled: bool) -> tuple:
+    """(y, x, parameters, buffers, warned) of the module, its BatchNorms converted to nn.SyncBatchNorm
+    (compiled: through torch.compile, aot_eager: the graphs as traced, with no code generation)."""
+    module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module.to(dtype))
+    x = x.to(dtype).requires_grad_(True)
+    run = torch.compile(module, backend="aot_eager") if compiled else module
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        y = run(x)
+    warned = any("SyncBatchNorm" in str(w.message) for w in caught)
+    return y, x, dict(module.named_parameters()), dict(module.named_buffers()), warned
+
+
+def main() -> None:
+    from prostate_kernels import use_backend
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    saved = {}
+    for name, (kind, engine, dtype) in CASES.items():
+        share = shares(name)[rank]
+        built, x = make_case(name)
+        with use_backend(engine):
+            if kind == "op":
+                y, x_in, params, buffers, warned = run_op(built, x[share], dtype, dist.group.WORLD)
+            else:
+                y, x_in, params, buffers, warned = run_module(
+                    built, x[share], dtype, name.endswith("compiled")
+                )
+            torch.manual_seed(1)  # the same output gradient everywhere, each process its share of it
+            gy = torch.randn((BATCH, *y.shape[1:]), dtype=torch.float64)[share].to(dtype)
+            (y * gy).sum().backward()
+        saved[name] = {
+            "y": y.detach(),
+            "grad_x": x_in.grad,
+            "grads": {k: p.grad for k, p in params.items()},
+            "buffers": {k: b.clone() for k, b in buffers.items()},
+            "warned": warned,
+        }
+    torch.save(saved, os.path.join(sys.argv[1], f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

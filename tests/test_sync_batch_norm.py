@@ -1,0 +1,111 @@
+"""BatchNorm statistics synchronised over a process group (nn.SyncBatchNorm) in the fused layers.
+
+Two Gloo processes under torchrun run each case on their shares of one batch (2 samples and 1); one
+process here runs the whole batch in float64 with plain BatchNorm. nn.SyncBatchNorm's definition is that
+the two agree: each process's output and input gradient are its rows of the whole batch's, the parameter
+gradients of the processes add up to the whole batch's (DDP averages them), and every process's running
+statistics are the whole batch's. Before, a converted layer normalised each process by its own batch.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from prostate_kernels import functional, use_backend
+from prostate_kernels import nn as pk_nn
+from prostate_kernels.ops.sync_batch_norm import sync_group
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import sync_batch_norm_probe as probe  # noqa: E402
+
+TOLERANCE = {torch.float64: {"rtol": 1e-9, "atol": 1e-10}, torch.float32: {"rtol": 2e-4, "atol": 2e-4}}
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("sync_bn")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           str(Path(probe.__file__)), str(out)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=out)
+    assert result.returncode == 0, result.stderr[-6000:]
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def reference(name: str) -> dict:
+    """What the processes' results must add up to: the whole batch in one process, float64, plain BN."""
+    built, x = probe.make_case(name)
+    x = x.clone().requires_grad_(True)
+    with use_backend("torch"):
+        if isinstance(built, dict):
+            params = {k: v.clone().requires_grad_() for k, v in built.items() if not k.startswith("running")}
+            buffers = {k: v.clone() for k, v in built.items() if k.startswith("running")}
+            z = F.batch_norm(x, buffers["running_mean"], buffers["running_var"], params["bn_weight"],
+                             params["bn_bias"], True, 0.3, 1e-4)  # fmt: skip
+            y = F.conv3d(torch.relu(z), params["weight"], params["bias"], padding=1)
+        else:
+            y = built(x)
+            params, buffers = dict(built.named_parameters()), dict(built.named_buffers())
+        torch.manual_seed(1)
+        gy = torch.randn(y.shape, dtype=torch.float64)
+        (y * gy).sum().backward()
+    return {"y": y.detach(), "grad_x": x.grad, "grads": {k: p.grad for k, p in params.items()},
+            "buffers": buffers}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", list(probe.CASES))
+def test_each_process_computes_its_share_of_the_whole_batch(ranks, name):
+    dtype = probe.CASES[name][2]
+    want = reference(name)
+
+    def close(got, expected, what):
+        torch.testing.assert_close(
+            got.double(), expected.double(), **TOLERANCE[dtype], msg=lambda m: f"{what}: {m}"
+        )
+
+    for rank, share in enumerate(probe.shares(name)):
+        got = ranks[rank][name]
+        close(got["y"], want["y"][share], f"rank {rank} output")
+        close(got["grad_x"], want["grad_x"][share], f"rank {rank} input gradient")
+        assert got["buffers"].keys() == want["buffers"].keys()
+        for key, value in want["buffers"].items():  # running statistics: the whole batch's, on every process
+            close(got["buffers"][key], value, f"rank {rank} {key}")
+    assert ranks[0][name]["grads"].keys() == want["grads"].keys()
+    for key, value in want["grads"].items():  # local parameter gradients: they add up to the whole batch's
+        close(ranks[0][name]["grads"][key] + ranks[1][name]["grads"][key], value, f"gradient of {key}")
+
+
+def test_the_dense_block_says_it_runs_layer_by_layer_and_the_layer_does_not_warn(ranks):
+    assert [ranks[r]["block_triton_float32"]["warned"] for r in range(2)] == [True, True]
+    assert [ranks[r]["layer_triton_float32"]["warned"] for r in range(2)] == [False, False]
+
+
+def test_without_a_process_group_a_sync_batchnorm_layer_is_a_batchnorm_layer():
+    """Outside torch.distributed (or in eval mode) nn.SyncBatchNorm is plain BatchNorm, as torch's is."""
+    torch.manual_seed(0)
+    layer = pk_nn.BNReLUConv3d(3, 2).double()
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(pk_nn.BNReLUConv3d(3, 2).double())
+    synced.load_state_dict(layer.state_dict())
+    assert isinstance(synced.norm, torch.nn.SyncBatchNorm) and sync_group(synced.norm) is None
+    x = torch.randn(2, 3, 4, 4, 4, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(synced(x), layer(x))
+    torch.testing.assert_close(synced.norm.running_var, layer.norm.running_var)
+
+
+def test_a_process_group_of_another_type_is_refused():
+    x = torch.randn(2, 3, 4, 4, 4)
+    weight = torch.randn(2, 3, 3, 3, 3)
+    with pytest.raises(
+        TypeError, match="process_group must be a torch.distributed ProcessGroup or None, got str"
+    ):
+        functional.bn_relu_conv3d(x, weight, None, None, None, None, None, True, process_group="world")
