@@ -283,6 +283,21 @@ def test_sequentials_and_depthwise_convs():
     _assert_same_training(original, optimized, torch.randn((2, 6, 5, 6, 7), dtype=torch.float64))
 
 
+def test_sync_batchnorm_runs_are_fused():
+    """convert_sync_batchnorm before optimize (MONAI's DDP recipe) left every run unfused, unreported; the
+    fused layer takes a SyncBatchNorm's group statistics (tests/test_sync_batch_norm.py)."""
+    torch.manual_seed(5)
+    original = nn.Sequential(OrderedDict(
+        norm=nn.BatchNorm3d(3), relu=nn.ReLU(), conv=nn.Conv3d(3, 4, 3, padding=1),
+    )).double()  # fmt: skip
+    synced = nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(original))
+    optimized, report = prostate_kernels.optimize(synced)
+    assert [(r.path, r.now) for r in report.replaced] == [("", "FusedSequential")]
+    assert type(optimized.norm) is nn.SyncBatchNorm and not report.left
+    # one process, no torch.distributed: SyncBatchNorm is BatchNorm, as torch's own is
+    _assert_same_training(original, optimized, torch.randn((2, 3, 5, 6, 7), dtype=torch.float64))
+
+
 def test_a_module_repeated_in_a_sequential_keeps_every_position():
     """nn.Sequential(bn, relu, conv, bn, ...) applies one BatchNorm twice. named_children() lists it once,
     and optimize built its FusedSequential from that: the second application was dropped (a different

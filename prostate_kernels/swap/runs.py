@@ -1,6 +1,7 @@
 """Runs of consecutive nn.Sequential children that one of the library's ops computes at once.
 
-  bn_relu_conv   BatchNorm3d -> ReLU -> Conv3d                       -> the fused layer (train and eval)
+  bn_relu_conv   BatchNorm3d -> ReLU -> Conv3d                       -> the fused layer (train and eval;
+                 a SyncBatchNorm too: the fused layer synchronises its statistics as it would)
   separable      depthwise Conv3d -> BatchNorm3d -> ReLU -> Conv3d 1x1x1 -> BatchNorm3d -> ReLU, or
                  ReLU -> depthwise Conv3d -> BatchNorm3d -> Conv3d 1x1x1 -> BatchNorm3d
                  (DeepLabv3+'s SepConv_BN, depth_activation True / False: SeparableConv3d's computation)
@@ -30,8 +31,12 @@ class Run(NamedTuple):
 
 
 def is_triple(norm: nn.Module, relu: nn.Module, conv: nn.Module) -> bool:
-    """The three modules are exactly BatchNorm3d, ReLU, Conv3d."""
-    return type(norm) is nn.BatchNorm3d and type(relu) is nn.ReLU and type(conv) is nn.Conv3d
+    """The three modules are exactly BatchNorm3d (or SyncBatchNorm, as convert_sync_batchnorm leaves it:
+    the fused layer takes its process group's statistics), ReLU, Conv3d."""
+    return type(norm) in _NORMS and type(relu) is nn.ReLU and type(conv) is nn.Conv3d
+
+
+_NORMS = (nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 def unsupported(norm: nn.BatchNorm3d, relu: nn.ReLU, conv: nn.Conv3d) -> str | None:
@@ -87,10 +92,11 @@ def _triple_at(modules: list[nn.Module], i: int) -> bool:
 
 
 def as_triple(modules: list[nn.Module]) -> tuple[nn.BatchNorm3d, nn.ReLU, nn.Conv3d]:
-    """The three modules of a run is_triple matched, typed as what it matched."""
+    """The three modules of a run is_triple matched, typed as what it matched (a SyncBatchNorm as the
+    BatchNorm3d it stands for: the same attributes)."""
     norm, relu, conv = modules
-    assert isinstance(norm, nn.BatchNorm3d) and isinstance(relu, nn.ReLU) and isinstance(conv, nn.Conv3d)
-    return norm, relu, conv
+    assert isinstance(norm, _NORMS) and isinstance(relu, nn.ReLU) and isinstance(conv, nn.Conv3d)
+    return cast(nn.BatchNorm3d, norm), relu, conv
 
 
 def find_runs(modules: list[nn.Module], separable: bool = True) -> list[Run]:
