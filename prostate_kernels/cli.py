@@ -181,6 +181,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="replay the network's forward and backward from CUDA graphs (one CUDA device, no "
                    "torchrun): far fewer host launches per step (docs/cuda-graphs.md)")  # fmt: skip
     p.add_argument("--channels-last", action="store_true", help=CHANNELS_LAST_HELP)
+    p.add_argument("--sync-batchnorm", action="store_true",
+                   help="under torchrun on GPUs: every BatchNorm normalises with all processes' batches "
+                   "together (nn.SyncBatchNorm)")  # fmt: skip
     p.add_argument("--workers", type=non_negative_int, default=0,
                    help="data-loading processes (default 0: patches drawn in the training "
                    "process)")  # fmt: skip
@@ -360,6 +363,7 @@ def _train(args) -> int:
         deterministic=args.deterministic,
         cuda_graphs=args.cuda_graphs,
         channels_last=args.channels_last,
+        sync_batchnorm=args.sync_batchnorm,
         workers=args.workers,
         progress=not args.no_progress,
     )

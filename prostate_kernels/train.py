@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from prostate_kernels import cuda_graph_training
+from prostate_kernels import cuda_graph_training, sync_training
 from prostate_kernels.checkpoint import save_checkpoint
 from prostate_kernels.data import (
     ConfigError,
@@ -136,6 +136,7 @@ def train(config: TrainConfig, log: Callable[[str], object] = print, arrays: lis
         raise DataError(out, "--out is an existing file, expected a run directory")
     rank, world, device = _setup_distributed()
     refused = config.cuda_graphs and cuda_graph_training.refusal(device, world)
+    refused = refused or (config.sync_batchnorm and sync_training.refusal(device, world))
     if refused:
         raise ConfigError(refused)
     check_batch_fits(config, device)
@@ -181,6 +182,10 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
     model = model_in_layout(
         build_model(config.model, **model_kwargs(config)).to(device), config.channels_last
     )
+    if config.sync_batchnorm and world > 1:
+        model = sync_training.synchronised(model)
+    elif config.sync_batchnorm and rank == 0:
+        log("--sync-batchnorm: one process, so BatchNorm's batch is this process's as without it")
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
     decay = ("poly", 0.9, config.iters) if config.schedule == "poly" else settings.decay
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule(decay))

@@ -82,6 +82,7 @@ class TrainConfig:
     deterministic: bool = False  # torch.use_deterministic_algorithms for the run (deterministic_mode)
     cuda_graphs: bool = False  # forward and backward replayed from CUDA graphs (cuda_graph_training.py)
     channels_last: bool = False  # the model's weights and each batch channels-last (layout.py)
+    sync_batchnorm: bool = False  # under torchrun: BatchNorm over every process's batch (sync_training.py)
     progress: bool = True
     model_kwargs: dict = field(default_factory=dict)
 

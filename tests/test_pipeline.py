@@ -103,6 +103,28 @@ def test_ddp_with_two_gloo_processes(phantoms, tmp_path, layout):
     assert not torch.equal(state["rng"]["ranks"][0]["cpu"], state["rng"]["ranks"][1]["cpu"])
 
 
+def test_sync_batchnorm_is_refused_under_torchrun_on_the_cpu(phantoms, tmp_path):
+    """DDP refuses nn.SyncBatchNorm layers on the CPU ("SyncBatchNorm layers only work with GPU modules",
+    a traceback from every rank once the model was built): refused in one line before anything is
+    written."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = train_args(phantoms, tmp_path / "run", 1, "--sync-batchnorm")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "prostate_kernels",
+           *args]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    ranks = result.stderr.split("torch/distributed/elastic")[0]  # before the launcher's report of the exit
+    want = "error: --sync-batchnorm needs CUDA devices; this run is on cpu"
+    assert ranks.count(want) == 2 and "Traceback" not in ranks, head_and_tail(result.stderr)
+    assert result.returncode != 0 and "exitcode: 2" in result.stderr  # the one-line user error's status
+    assert not (tmp_path / "run").exists()
+
+
+def test_sync_batchnorm_in_one_process_says_it_changes_nothing(phantoms, tmp_path, capsys):
+    assert main(train_args(phantoms, tmp_path / "run", 1, "--sync-batchnorm")) == 0
+    assert "--sync-batchnorm: one process" in capsys.readouterr().out
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["config"]["sync_batchnorm"] is True
+
+
 # ------------------------------------------------------------------------------------ bad input
 
 

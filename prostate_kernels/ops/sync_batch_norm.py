@@ -64,15 +64,12 @@ def _local_stats(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, tor
 
 
 def _gather(row: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """(world, len(row)): every process's `row`, in rank order (Gloo has no all_gather_into_tensor)."""
-    world = dist.get_world_size(group)
-    if dist.get_backend(group) == "gloo":
-        rows = [torch.empty_like(row) for _ in range(world)]
-        dist.all_gather(rows, row, group)
-        return torch.stack(rows)
-    out = row.new_empty((world, row.numel()))
+    """(world, len(row)): every process's `row`, in rank order. One all_gather_into_tensor into a flat
+    output, the form NCCL and Gloo both take (Gloo refuses the stacked (world, len) one; torch 2.11 and
+    2.13 checked with Gloo, which torch's own SyncBatchNorm still gathers as a list for)."""
+    out = row.new_empty((dist.get_world_size(group) * row.numel(),))
     dist.all_gather_into_tensor(out, row, group)
-    return out
+    return out.view(-1, row.numel())
 
 
 class _SyncedBatchStats(torch.autograd.Function):
