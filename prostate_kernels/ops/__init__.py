@@ -24,6 +24,7 @@ shared helpers (one per concept)
     triton_index.py          tile offsets, voxel decode, offset widths (in the kernels)
     dot_operands.py          tl.dot operands (TF32 rounding)
     seeded_dropout.py        dropout masks regenerated from a seed
+    sync_batch_norm.py       batch statistics over a process group (nn.SyncBatchNorm's, for the fused op)
     (window starts of shared positions: windows.starts_of_positions)
 
 prostate_kernels.swap (optimize) is not an op: it swaps these ops' modules into other models.

@@ -75,7 +75,7 @@ def _gather(row: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 class _SyncedBatchStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup):
-        n, c = x.shape[:2]
+        c = x.shape[1]
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
         local_count = x.numel() // c if c else 0
         mean, var = _local_stats(x, dtype)
