@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from prostate_kernels.ops.batch_norm import fold_batch_norm
+
 # ---------------------------------------------------------------------------------------------
 # Sliding-window stitching. Shapes: volume/output (N, C, D, H, W); weight (N, 1, D, H, W) float32;
 # windows (B, C, rd, rh, rw); starts (B, 4) int64 rows (n, z, y, x); importance (rd, rh, rw) float32.
@@ -109,13 +111,12 @@ def bn_relu_conv3d_given_stats(
 ) -> torch.Tensor:
     """conv3d(relu(batch_norm(x))) normalised with the given (C,) mean and biased variance, differentiable
     with respect to them (F.batch_norm is not, w.r.t. running statistics): synchronised BatchNorm's
-    normalisation. BatchNorm in mean's dtype (float32, or float64), the conv in x's, as F.batch_norm does."""
+    normalisation, folded as every engine folds it (batch_norm.fold_batch_norm, torch ops that autograd
+    differentiates). BatchNorm in mean's dtype (float32, or float64), the conv in x's, as F.batch_norm
+    does."""
+    scale, shift, _ = fold_batch_norm(mean, var, bn_weight, bn_bias, eps)
     channel = (1, -1, 1, 1, 1)
-    z = (x.to(mean.dtype) - mean.view(channel)) * torch.rsqrt(var + eps).view(channel)
-    if bn_weight is not None:
-        z = z * bn_weight.to(mean.dtype).view(channel)
-    if bn_bias is not None:
-        z = z + bn_bias.to(mean.dtype).view(channel)
+    z = x.to(mean.dtype) * scale.view(channel) + shift.view(channel)
     return torch.nn.functional.conv3d(torch.relu(z).to(x.dtype), weight, bias, stride, padding, dilation)
 
 
