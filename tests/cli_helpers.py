@@ -37,6 +37,14 @@ def console_script() -> list[str]:
     return [found] if found else [sys.executable, "-m", "prostate_kernels"]
 
 
+def torchrun(nproc: int, *args: str) -> list[str]:
+    """`torchrun --standalone --nproc-per-node nproc args...` run by this Python. Standalone: the launcher's
+    rendezvous takes a free port, where torch 2.11's default binds 29500, so two launches at once (tests on
+    parallel pytest workers) never meet."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+            *args]  # fmt: skip
+
+
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """The command run outside the source tree (the installed package is what runs)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

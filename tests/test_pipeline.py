@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import torchrun
 
 from prostate_kernels.checkpoint import load_checkpoint, save_checkpoint
 from prostate_kernels.cli import main
@@ -93,8 +94,7 @@ def test_ddp_with_two_gloo_processes(phantoms, tmp_path, layout):
     # gradients for channels-last 1x1x1 weights, which keep_grads_in_param_strides restrides for DDP
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     extra = ["--channels-last"] if layout == "channels_last" else []
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "prostate_kernels",
-           *train_args(phantoms, tmp_path, 2, *extra)]  # fmt: skip
+    cmd = torchrun(2, "-m", "prostate_kernels", *train_args(phantoms, tmp_path, 2, *extra))
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, head_and_tail(result.stderr)
     assert "Grad strides do not match bucket view strides" not in result.stderr
@@ -109,8 +109,7 @@ def test_sync_batchnorm_is_refused_under_torchrun_on_the_cpu(phantoms, tmp_path)
     written."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = train_args(phantoms, tmp_path / "run", 1, "--sync-batchnorm")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "prostate_kernels",
-           *args]  # fmt: skip
+    cmd = torchrun(2, "-m", "prostate_kernels", *args)
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     ranks = result.stderr.split("torch/distributed/elastic")[0]  # before the launcher's report of the exit
     want = "error: --sync-batchnorm needs CUDA devices; this run is on cpu"

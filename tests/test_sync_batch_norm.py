@@ -25,6 +25,7 @@ from prostate_kernels.ops.sync_batch_norm import sync_group
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sync_batch_norm_probe as probe  # noqa: E402
+from cli_helpers import torchrun  # noqa: E402
 
 TOLERANCE = {torch.float64: {"rtol": 1e-9, "atol": 1e-10}, torch.float32: {"rtol": 2e-4, "atol": 2e-4}}
 
@@ -33,8 +34,7 @@ TOLERANCE = {torch.float64: {"rtol": 1e-9, "atol": 1e-10}, torch.float32: {"rtol
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("sync_bn")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           str(Path(probe.__file__)), str(out)]  # fmt: skip
+    cmd = torchrun(2, str(Path(probe.__file__)), str(out))
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=out)
     assert result.returncode == 0, result.stderr[-6000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
