@@ -26,10 +26,20 @@ CASES = {  # name: (what runs, engine, dtype of the processes)
     "op_triton_float32": ("op", "triton", torch.float32),
     "layer_triton_float32": ("layer", "triton", torch.float32),
     "layer_triton_float32_compiled": ("layer", "triton", torch.float32),  # torch.compile: the custom ops
-    "block_triton_float32": ("block", "triton", torch.float32),
     "layer_triton_float32_empty": ("layer", "triton", torch.float32),  # rank 1: the twin, as torch does
+    # the memory-efficient dense block (its shared buffer), plain and bottleneck (DenseNet-BC) layers
+    "block_torch_float64": ("block", "torch", torch.float64),
+    "block_triton_float32": ("block", "triton", torch.float32),
+    "bottleneck_block_torch_float64": ("bottleneck_block", "torch", torch.float64),
+    "bottleneck_block_triton_float32": ("bottleneck_block", "triton", torch.float32),
+    "block_triton_float32_compiled": ("block", "triton", torch.float32),  # a graph break around the block
+    "bottleneck_block_triton_float32_empty": ("bottleneck_block", "triton", torch.float32),
+    "naive_block_torch_float64": ("naive_block", "torch", torch.float64),  # memory_efficient=False
     "tiramisu_torch_float64": ("model", "torch", torch.float64),  # tiny Tiramisu 3D: 12 BatchNorms
 }
+# a block whose first unit keeps a plain BatchNorm3d: it warns and runs layer by layer (its output is not
+# the whole batch's, since that unit normalises each process by its own batch, as the user asked)
+MIXED = "mixed_block_triton_float32"
 
 
 def shares(name: str) -> tuple[slice, slice]:
@@ -64,7 +74,9 @@ def make_case(name: str) -> tuple[torch.nn.Module | dict, torch.Tensor]:
         module = build_model("tiramisu3d_tiny", dropout=0.0)
         x = torch.randn(BATCH, 1, 16, 16, 16, dtype=torch.float64)
     else:
-        module = pk_nn.DenseBlock3d(3, growth_rate=2, num_layers=2, dropout=0.0)
+        bn_size = 2 if kind == "bottleneck_block" else 0
+        module = pk_nn.DenseBlock3d(3, growth_rate=2, num_layers=3, dropout=0.0, bn_size=bn_size,
+                                    memory_efficient=kind != "naive_block")  # fmt: skip
         x = torch.randn(BATCH, 3, 4, 5, 3, dtype=torch.float64) + 0.2
     for p in module.parameters():  # BatchNorm's 1 and 0 would hide a mix-up of gamma and beta
         if p.dim() == 1:
@@ -87,16 +99,44 @@ def run_op(tensors: dict, x: torch.Tensor, dtype: torch.dtype, group) -> tuple:
 
 
 def run_module(module: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, compiled: bool) -> tuple:
-    """(y, x, parameters, buffers, warned) of the module, its BatchNorms converted to nn.SyncBatchNorm
-    (compiled: through torch.compile, aot_eager: the graphs as traced, with no code generation)."""
+    """(y, x, parameters, buffers, warned, shared-buffer blocks run) of the module, its BatchNorms
+    converted to nn.SyncBatchNorm (compiled: through torch.compile, aot_eager: the graphs as traced, with no
+    code generation)."""
+    from prostate_kernels.nn import dense
+
     module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module.to(dtype))
     x = x.to(dtype).requires_grad_(True)
     run = torch.compile(module, backend="aot_eager") if compiled else module
-    with warnings.catch_warnings(record=True) as caught:
+    calls = []
+    shared_buffer_block = dense.dense_block
+
+    def counted(*args, **kwargs):  # a DenseBlock3d's memory-efficient engine (ops/dense_block.py)
+        calls.append(kwargs.get("process_group"))
+        return shared_buffer_block(*args, **kwargs)
+
+    dense.dense_block = counted
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            y = run(x)
+    finally:
+        dense.dense_block = shared_buffer_block
+    warned = any("runs layer by layer" in str(w.message) for w in caught)
+    synced_blocks = sum(group is dist.group.WORLD for group in calls)
+    return y, x, dict(module.named_parameters()), dict(module.named_buffers()), warned, synced_blocks
+
+
+def mixed_block_warns() -> bool:
+    """Whether a converted block whose first unit's norm is a plain BatchNorm3d again warns (and runs)."""
+    from prostate_kernels import nn as pk_nn
+    from prostate_kernels import use_backend
+
+    block = torch.nn.SyncBatchNorm.convert_sync_batchnorm(pk_nn.DenseBlock3d(3, growth_rate=2, num_layers=2))
+    block.layers[0].norm = torch.nn.BatchNorm3d(3)
+    with use_backend("triton"), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        y = run(x)
-    warned = any("SyncBatchNorm" in str(w.message) for w in caught)
-    return y, x, dict(module.named_parameters()), dict(module.named_buffers()), warned
+        block(torch.randn(2, 3, 4, 4, 4)).sum().backward()
+    return any("runs layer by layer" in str(w.message) for w in caught)
 
 
 def main() -> None:
@@ -111,8 +151,9 @@ def main() -> None:
         with use_backend(engine):
             if kind == "op":
                 y, x_in, params, buffers, warned = run_op(built, x[share], dtype, dist.group.WORLD)
+                synced_blocks = 0
             else:
-                y, x_in, params, buffers, warned = run_module(
+                y, x_in, params, buffers, warned, synced_blocks = run_module(
                     built, x[share], dtype, name.endswith("compiled")
                 )
             torch.manual_seed(1)  # the same output gradient everywhere, each process its share of it
@@ -124,7 +165,9 @@ def main() -> None:
             "grads": {k: p.grad for k, p in params.items()},
             "buffers": {k: b.clone() for k, b in buffers.items()},
             "warned": warned,
+            "synced_blocks": synced_blocks,
         }
+    saved[MIXED] = {"warned": mixed_block_warns()}
     torch.save(saved, os.path.join(sys.argv[1], f"rank{rank}.pt"))
     dist.destroy_process_group()
 

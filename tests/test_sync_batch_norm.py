@@ -21,7 +21,11 @@ import torch.nn.functional as F
 
 from prostate_kernels import functional, use_backend
 from prostate_kernels import nn as pk_nn
-from prostate_kernels.ops.sync_batch_norm import sync_group
+from prostate_kernels.ops.sync_batch_norm import (
+    add_input_grad_through_stats_,
+    input_grad_through_stats,
+    sync_group,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sync_batch_norm_probe as probe  # noqa: E402
@@ -83,9 +87,21 @@ def test_each_process_computes_its_share_of_the_whole_batch(ranks, name):
         close(ranks[0][name]["grads"][key] + ranks[1][name]["grads"][key], value, f"gradient of {key}")
 
 
-def test_the_dense_block_says_it_runs_layer_by_layer_and_the_layer_does_not_warn(ranks):
-    assert [ranks[r]["block_triton_float32"]["warned"] for r in range(2)] == [True, True]
-    assert [ranks[r]["layer_triton_float32"]["warned"] for r in range(2)] == [False, False]
+def test_only_a_block_of_mixed_norms_warns_that_it_runs_layer_by_layer(ranks):
+    """The memory-efficient block synchronises over its units' one group (no warning, its own buffer);
+    one whose units do not all share a group warns and runs layer by layer."""
+    for name in ("block_triton_float32", "bottleneck_block_torch_float64", "layer_triton_float32"):
+        assert [ranks[r][name]["warned"] for r in range(2)] == [False, False], name
+    assert [ranks[r][probe.MIXED]["warned"] for r in range(2)] == [True, True]
+
+
+def test_memory_efficient_blocks_run_their_shared_buffer_engine_over_the_group(ranks):
+    """Every memory-efficient block ran ops/dense_block.py with the group, on both processes (the one
+    with no samples too); the naive block did not (tiny Tiramisu 3D: its 5 dense blocks)."""
+    expected = {"block": 1, "bottleneck_block": 1, "naive_block": 0, "model": 5}
+    for name, (kind, _, _) in probe.CASES.items():
+        if kind in expected:
+            assert [ranks[r][name]["synced_blocks"] for r in range(2)] == [expected[kind]] * 2, name
 
 
 def test_without_a_process_group_a_sync_batchnorm_layer_is_a_batchnorm_layer():
@@ -109,3 +125,17 @@ def test_a_process_group_of_another_type_is_refused():
         TypeError, match="process_group must be a torch.distributed ProcessGroup or None, got str"
     ):
         functional.bn_relu_conv3d(x, weight, None, None, None, None, None, True, process_group="world")
+
+
+def test_the_gradient_through_the_statistics_is_added_the_same_a_slice_of_channels_at_a_time():
+    """The dense block adds it into its shared gradient buffer in slices of channels (temporaries near
+    chunk_bytes): 2 channels a slice here, the last slice 1 channel, a channels-last buffer."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 7, 3, 4, 5, dtype=torch.float64)
+    mean, g_mean, g_var = torch.randn(3, 7, dtype=torch.float64)
+    start = torch.randn_like(x).contiguous(memory_format=torch.channels_last_3d)
+    whole = start + input_grad_through_stats(x, mean, g_mean, g_var, 99)
+    sliced = start.clone()
+    add_input_grad_through_stats_(sliced, x, mean, g_mean, g_var, 99, chunk_bytes=2 * 2 * 60 * 8)
+    assert torch.equal(sliced, whole)
+    assert not torch.equal(start, whole)

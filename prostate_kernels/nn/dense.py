@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, cast
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from prostate_kernels import functional, reference
@@ -97,6 +98,17 @@ def _fused_unit(norm: nn.BatchNorm3d, conv: nn.Conv3d, x: torch.Tensor, bn: Batc
         training=bn.batch_stats, momentum=bn.momentum, eps=norm.eps, stride=conv.stride,
         padding=conv.padding, dilation=conv.dilation, process_group=sync_group(norm),
     )  # fmt: skip
+
+
+def _one_group(
+    groups: list[dist.ProcessGroup | None], steps: list[BatchNormStep]
+) -> dist.ProcessGroup | None:
+    """The process group that every unit normalising with batch statistics synchronises over (sync_group
+    of each unit's norm, in order with their steps), else None (none does, or they differ)."""
+    used = [g for g, step in zip(groups, steps, strict=True) if step.batch_stats]
+    if not used or any(g is None or g is not used[0] for g in used):
+        return None
+    return used[0]
 
 
 def fusion_mismatch(norm: nn.BatchNorm3d, conv: nn.Conv3d) -> str | None:
@@ -269,6 +281,10 @@ class DenseBlock3d(nn.Module):
     output is recomputed; see ops/dense_block.py); memory_efficient=False is the naive torch.cat block
     (the reference and the benchmark baseline). Both have the same state_dict and, given the same torch
     seed, the same dropout masks.
+
+    After torch.nn.SyncBatchNorm.convert_sync_batchnorm, in training under torch.distributed, both take
+    their batch statistics over the units' process group (the shared buffer kept; units that do not all
+    share one group: a warning, and the block runs layer by layer).
     """
 
     def __init__(
@@ -314,20 +330,29 @@ class DenseBlock3d(nn.Module):
         p = self.dropout if self.training else 0.0
         # on x's device: no host draw or copy in the step (CUDA graphs replay device draws afresh)
         seeds = draw_seeds(len(layers), x.device) if p > 0 else None
-        # An empty batch takes the naive path, as nn.BatchNorm3d does: an empty output, statistics untouched.
-        # So do units whose nn.SyncBatchNorm synchronises (the shared-buffer engine takes local statistics).
-        synced = any(sync_group(unit.norm) is not None for units in layers for unit in units)
-        if synced and self.memory_efficient:
+        # nn.SyncBatchNorm units (convert_sync_batchnorm) that synchronise: the shared-buffer engine takes
+        # the statistics over their group when every unit with batch statistics shares one group
+        groups = [sync_group(unit.norm) for units in layers for unit in units]
+        synced = any(g is not None for g in groups)
+        group = _one_group(groups, [s for unit_steps in steps for s in unit_steps])
+        if synced and group is None and self.memory_efficient:
             warnings.warn(
-                "DenseBlock3d: its BatchNorms are nn.SyncBatchNorm over a process group; the memory-efficient"
-                " engine does not synchronise batch statistics, so this block runs layer by layer"
-                " (torch.cat, the fused layer per unit, synchronised statistics): the naive block's memory",
+                "DenseBlock3d: its BatchNorms synchronise over different process groups, or only some of them"
+                " do; the memory-efficient engine takes one group for the whole block, so this block runs"
+                " layer by layer (torch.cat, the fused layer per unit, each unit's statistics): the naive"
+                " block's memory",
                 stacklevel=2,
             )
-        if self.memory_efficient and x.shape[0] > 0 and not synced:
+        # An empty batch takes the naive path, as nn.BatchNorm3d does: an empty output, statistics untouched;
+        # a synchronised block's does not: every process of the group makes the same collectives.
+        if (
+            self.memory_efficient
+            and (x.shape[0] > 0 or group is not None)
+            and (group is not None or not synced)
+        ):
             if seeds is None:  # the op takes a seed tensor always; unread when p == 0
                 seeds = torch.zeros(len(layers), dtype=torch.int64, device=x.device)
-            out = self._efficient(x, layers, steps, seeds, p)  # the whole buffer: input + new features
+            out = self._efficient(x, layers, steps, seeds, p, group)  # the whole buffer: input + new features
             return out if self.return_input else out[:, self.in_channels :]
         # no seed tensor when p == 0: an exported (eval) program would keep an unused one made on the
         # device it was traced on
@@ -340,6 +365,7 @@ class DenseBlock3d(nn.Module):
         steps: list[tuple[BatchNormStep, ...]],
         seeds: torch.Tensor,
         p: float,
+        group: dist.ProcessGroup | None,
     ) -> torch.Tensor:
         pairs = [
             (u, s) for units, ss in zip(layers, steps, strict=True) for u, s in zip(units, ss, strict=True)
@@ -351,7 +377,9 @@ class DenseBlock3d(nn.Module):
         specs = [
             UnitSpec(s.batch_stats, s.momentum, u.norm.eps, s.running_mean is not None) for u, s in pairs
         ]
-        return dense_block(x, self.growth_rate, params, specs, p, seeds, self.bottleneck_channels)
+        return dense_block(
+            x, self.growth_rate, params, specs, p, seeds, self.bottleneck_channels, process_group=group
+        )
 
     def _naive(
         self,

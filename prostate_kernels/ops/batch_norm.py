@@ -32,6 +32,16 @@ def fold_batch_norm(
     return scale, shift, rstd
 
 
+def given_stats_grads(
+    scale: torch.Tensor, rstd: torch.Tensor, sum_gz_xhat: torch.Tensor, sum_gz: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dL/dmean, dL/dvar) (C,) for a BatchNorm that normalised with statistics given to it (a
+    synchronised BatchNorm's group statistics, ops/sync_batch_norm.py): z = scale * (x - mean) + beta with
+    scale = gamma * rstd, rstd = 1 / sqrt(var + eps), so dL/dmean = -scale * sum(gz) and dL/dvar = -scale *
+    rstd / 2 * sum(gz * xhat), from the per-channel sums that the BatchNorm parameters' gradients are."""
+    return -scale * sum_gz, -0.5 * scale * rstd * sum_gz_xhat
+
+
 def update_running_stats_(
     updates: Sequence[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]],
     count: int,
@@ -53,4 +63,4 @@ def update_running_stats_(
         torch._foreach_add_(running, means + list(unbiased), alpha=momentum)
 
 
-__all__ = ["STATS_ROWS", "fold_batch_norm", "update_running_stats_"]
+__all__ = ["STATS_ROWS", "fold_batch_norm", "given_stats_grads", "update_running_stats_"]

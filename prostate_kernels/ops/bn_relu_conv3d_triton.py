@@ -24,6 +24,7 @@ import triton.language as tl
 from prostate_kernels.layout import contiguous_in, grad_like
 from prostate_kernels.ops import bn_relu_conv3d_halo_kernels as halo_jit
 from prostate_kernels.ops import bn_relu_conv3d_kernels as kernels
+from prostate_kernels.ops.batch_norm import given_stats_grads
 from prostate_kernels.ops.channel_stats import batch_norm_stats, fold_batch_norm_into
 from prostate_kernels.ops.conv_geometry import ConvGeometry
 from prostate_kernels.ops.launch import (
@@ -685,8 +686,7 @@ def backward_impl(gy, x, weight, stats, batch_stats, stride, padding, dilation, 
     needs[i] is False (needs: those seven, in that order) or where there is no such parameter; stats: the
     forward's (5, C_in). The last two are the gradients w.r.t. statistics given to normalise with
     (batch_stats False: running statistics, or a synchronised BatchNorm's batch ones, ops/sync_batch_norm.py):
-    z = gamma * (x - mean) * rstd + beta, so dL/dmean = -scale * sum(gz), dL/dvar = -scale * rstd / 2 *
-    sum(gz * xhat), from the same per-channel sums as the BatchNorm parameters' gradients (float32)."""
+    batch_norm.given_stats_grads of the same per-channel sums as the BatchNorm parameters' gradients."""
     mean, _, scale, shift, rstd = stats.unbind(0)
     geometry = ConvGeometry.of_weight(weight, stride, padding, dilation)
     grads: list[torch.Tensor | None] = [None] * 7
@@ -706,10 +706,9 @@ def backward_impl(gy, x, weight, stats, batch_stats, stride, padding, dilation, 
             grads[3] = dgamma.to(bn_dtype)
         if needs[4]:
             grads[4] = dbeta.to(bn_dtype)
-        if stats_grads and needs[5]:
-            grads[5] = -scale * dbeta
-        if stats_grads and needs[6]:
-            grads[6] = -0.5 * scale * rstd * dgamma
+        if stats_grads:
+            g_mean, g_var = given_stats_grads(scale, rstd, dgamma, dbeta)
+            grads[5], grads[6] = (g_mean if needs[5] else None), (g_var if needs[6] else None)
     return grads
 
 

@@ -23,22 +23,28 @@ normalised activation is recomputed inside the conv tiles, so backward needs no 
 PyTorch twin (CPU and fallback: backward recomputes one unit's BN -> ReLU at a time and takes the conv's
 gradients from aten's convolution_backward).
 
+With a process group (nn.SyncBatchNorm), every statistics of the walk is the group's (one all_gather
+each, ops/sync_batch_norm.py), and backward adds each unit's gradient through them (one all_reduce per
+unit) to G: GroupSync, _unit_backward.
+
 Entry: dense_block() (input checks: nn/arguments.py's check_input, called by nn.DenseBlock3d before it
 touches any running statistic); it picks the engine (backend.resolve) and the convolutions' dtype (autocast).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from prostate_kernels import backend
 from prostate_kernels.layout import grad_like
-from prostate_kernels.ops.batch_norm import fold_batch_norm, update_running_stats_
+from prostate_kernels.ops.batch_norm import fold_batch_norm, given_stats_grads, update_running_stats_
 from prostate_kernels.ops.conv_geometry import ConvGeometry, conv_geometry
 from prostate_kernels.ops.once_differentiable import once_differentiable
 from prostate_kernels.ops.seeded_dropout import (
@@ -46,6 +52,13 @@ from prostate_kernels.ops.seeded_dropout import (
     check_seeds,
     dropout_uniform,
     scale_from_uniform_,
+)
+from prostate_kernels.ops.sync_batch_norm import (
+    add_input_grad_through_stats_,
+    combine_over_group,
+    group_count,
+    local_stats,
+    reduce_stats_grads,
 )
 from prostate_kernels.ops.tensor_subclasses import takes_tensor_subclasses
 
@@ -80,6 +93,19 @@ def units_per_layer(bottleneck: int) -> int:
 
 
 @dataclass(frozen=True)
+class GroupSync:
+    """Batch statistics over the processes of `group` (nn.SyncBatchNorm's): every unit with batch
+    statistics normalises with those of the group's batches together, and its input gradient flows
+    through them on every process. count: the values per channel behind them (every process's N * D * H
+    * W summed). Every process of the group runs the block alike: the same collectives in the same order
+    (forward: one all_reduce of the count, then one all_gather per statistics computed, with no read on
+    the host; backward: one all_reduce per such unit)."""
+
+    group: dist.ProcessGroup
+    count: int
+
+
+@dataclass(frozen=True)
 class BlockSpec:
     """What the block's forward and backward compute (the running-statistics updates are the entry's).
     Units are listed layer by layer: (bottleneck unit, unit) per layer when bottleneck > 0, else (unit,)."""
@@ -93,6 +119,7 @@ class BlockSpec:
     seeds: torch.Tensor  # (L,) int64 on the block's device: one dropout seed per layer (seeded_dropout)
     engine: str  # "triton" | "torch"
     compute_dtype: torch.dtype  # dtype of the convolutions' operands (the autocast dtype under autocast)
+    sync: GroupSync | None = None  # batch statistics over a process group (nn.SyncBatchNorm), else local
 
     @property
     def units_per_layer(self) -> int:
@@ -149,14 +176,23 @@ def dense_block(
     dropout: float,
     seeds: torch.Tensor,
     bottleneck: int = 0,
+    *,
+    process_group: dist.ProcessGroup | None = None,
 ) -> torch.Tensor:
     """The whole memory-efficient block (N, C0 + L*k, D, H, W) on the backend's engine, the convolutions
     in the autocast dtype when autocast is on; each unit's running statistics updated once (specs).
     x: checked by nn/arguments.py's check_input; units/specs: layer by layer, 2 per layer when
     bottleneck (W) > 0, else 1;
     dropout: 0 in eval mode; seeds: (L,) int64, one dropout seed per layer (seeded_dropout.draw_seeds on
-    x's device keeps the step free of host copies, which a CUDA graph capture needs)."""
+    x's device keeps the step free of host copies, which a CUDA graph capture needs);
+    process_group: units with batch statistics take them over the batches of every process of this
+    torch.distributed group together, as nn.SyncBatchNorm does (GroupSync; every process of the group must
+    call the block alike, an empty local batch included). Runs eagerly (a graph break under torch.compile).
+    None: this process's batch."""
     check_seeds("dense_block", seeds)
+    if process_group is not None and torch.compiler.is_compiling():  # collectives and host reads: eager
+        return _dense_block_eagerly(x, growth, units, specs, dropout, seeds, bottleneck,
+                                    process_group=process_group)  # fmt: skip
     per_layer = units_per_layer(bottleneck)
     if len(units) != len(specs) or len(units) != per_layer * seeds.numel():
         raise ValueError(
@@ -164,7 +200,12 @@ def dense_block(
             f"({per_layer} per layer with bottleneck={bottleneck})"
         )
     seeds = seeds.to(x.device)  # the masks are drawn where x is (no copy when the seeds are there already)
-    engine = "triton" if backend.resolve(x.device) == "triton" else "torch"
+    sync = None
+    if process_group is not None and any(s.batch_stats for s in specs):
+        count = group_count(x.numel() // x.shape[1], process_group, x.device, tuple(x.shape))
+        sync = GroupSync(process_group, count)
+    # an empty batch (a synchronised block's process with no samples) takes the twin, as the fused layer does
+    engine = "triton" if backend.resolve(x.device) == "triton" and x.shape[0] > 0 else "torch"
     compute_dtype = backend.autocast_dtype(x.device) or x.dtype
     # absent tensors (no affine parameters, untracked running statistics) travel as empty placeholders: a
     # None inside a list argument makes torch.library's autograd flatten the inputs and their gradients
@@ -172,12 +213,13 @@ def dense_block(
     params = [t if t is not None else x.new_empty((0,), dtype=torch.float32) for unit in units for t in unit]
     batch_stats, eps = [s.batch_stats for s in specs], [float(s.eps) for s in specs]
     with backend.autocast_off(x.device):  # compute_dtype already says what autocast wants
-        if torch.compiler.is_compiling():  # the custom op: an opaque node torch.compile can trace
+        # compiling: the custom op, an opaque node torch.compile traces (the synchronised block is eager)
+        if torch.compiler.is_compiling() and sync is None:
             buffer, b_stats, t_stats, _ = dense_block_forward(
                 x, params, growth, bottleneck, batch_stats, eps, float(dropout), seeds, engine, compute_dtype
             )
-        else:  # eager: the same functions with less dispatch on the host
-            settings = (growth, bottleneck, batch_stats, eps, float(dropout), engine, compute_dtype)
+        else:  # eager: the same functions with less dispatch on the host (and the one path taking a group)
+            settings = (growth, bottleneck, batch_stats, eps, float(dropout), engine, compute_dtype, sync)
             buffer, b_stats, t_stats, _ = DenseBlockFunction.apply(x, seeds, settings, *params)
     updates: dict[float, list] = {}  # momentum -> the units' (running mean, running var, batch mean, var)
     for index, (unit, spec) in enumerate(zip(units, specs, strict=True)):
@@ -191,10 +233,14 @@ def dense_block(
         updates.setdefault(spec.momentum, []).append(
             (unit.running_mean, unit.running_var, batch_mean, batch_var)
         )
+    count = sync.count if sync is not None else x.numel() // x.shape[1]
     for momentum, group in updates.items():
-        update_running_stats_(group, x.numel() // x.shape[1], momentum)
+        update_running_stats_(group, count, momentum)
     return buffer
 
+
+# the synchronised block under torch.compile: a graph break around it (torch.compiler.disable)
+_dense_block_eagerly = torch.compiler.disable(dense_block)
 
 _WIDTH = len(UnitParams._fields)  # tensors per unit in the custom ops' flat parameter list
 
@@ -212,10 +258,12 @@ def _present(t: torch.Tensor | None) -> torch.Tensor | None:
     return None if t is None or t.numel() == 0 else t
 
 
-def _spec(in_channels, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype):
+def _spec(
+    in_channels, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype, sync=None
+):
     return BlockSpec(
         in_channels, growth, bottleneck, tuple(batch_stats), tuple(eps), dropout, seeds, engine,
-        compute_dtype,
+        compute_dtype, sync,
     )  # fmt: skip
 
 
@@ -246,7 +294,18 @@ def _forward_op_impl(
     mean and biased variance of B's channels that layers read, t_stats (2, L*W) those of every layer's T
     (each empty when no unit uses them); folds each unit's BatchNorm as (scale, shift, rstd), flat, units
     in order (BlockSpec.fold_offsets): backward reuses them instead of folding again."""
-    spec = _spec(x.shape[1], growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype)
+    return _forward_outputs(x, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine,
+                            compute_dtype)  # fmt: skip
+
+
+def _forward_outputs(
+    x, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype,
+    sync: GroupSync | None = None,
+):  # fmt: skip
+    """_forward_op_impl's outputs, the statistics over sync's group when given (the eager block's path)."""
+    spec = _spec(
+        x.shape[1], growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype, sync
+    )
     buffer, stats = _forward(x, spec, params)
     empty = x.new_empty((0,), dtype=torch.float32)
     b_stats, t_stats, folds = (s if s is not None else empty.clone() for s in stats)
@@ -291,8 +350,19 @@ def _backward_op_impl(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(grad x, [grad weight, grad bn weight, grad bn bias] per unit), each missing one empty.
     stats: the forward's (b_stats, t_stats, folds)."""
+    return _backward_outputs(grad_output, buffer, stats, params, growth, bottleneck, batch_stats, eps,
+                             dropout, seeds, engine, compute_dtype)  # fmt: skip
+
+
+def _backward_outputs(
+    grad_output, buffer, stats, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine,
+    compute_dtype, sync: GroupSync | None = None,
+):  # fmt: skip
+    """_backward_op_impl's outputs, through the group's statistics when sync is given (the eager block)."""
     in_channels = buffer.shape[1] - len(eps) // units_per_layer(bottleneck) * growth
-    spec = _spec(in_channels, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype)
+    spec = _spec(
+        in_channels, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype, sync
+    )
     present = [s if s.numel() else None for s in stats]
     grad_x, grads = _backward(grad_output, spec, buffer, present, params)
     empty = buffer.new_empty((0,))
@@ -366,11 +436,12 @@ dense_block_forward.register_autograd(_backward_autograd, setup_context=_setup_c
 class DenseBlockFunction(torch.autograd.Function):
     """The block for eager execution, as FusedBNReLUConv3d is for the fused layer: the same forward and
     backward implementations without the custom ops' dispatch (list arguments go through pytree there).
-    apply(x, seeds, (growth, bottleneck, batch_stats, eps, dropout, engine, compute_dtype), *params)."""
+    apply(x, seeds, (growth, bottleneck, batch_stats, eps, dropout, engine, compute_dtype, sync), *params);
+    sync: a GroupSync (statistics over a process group, which the custom ops cannot take) or None."""
 
     @staticmethod
     def forward(ctx, x, seeds, settings, *params):
-        growth, bottleneck, batch_stats, eps, dropout, engine, compute_dtype = settings
+        growth, bottleneck, batch_stats, eps, dropout, engine, compute_dtype, sync = settings
         inputs = (
             x,
             list(params),
@@ -383,8 +454,9 @@ class DenseBlockFunction(torch.autograd.Function):
             engine,
             compute_dtype,
         )
-        outputs = _forward_op_impl(*inputs)
+        outputs = _forward_outputs(*inputs, sync=sync)
         _setup_context(ctx, inputs, outputs)
+        ctx.sync = sync
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
 
@@ -394,7 +466,9 @@ class DenseBlockFunction(torch.autograd.Function):
         "DenseBlock3d(..., memory_efficient=False), the torch.cat block, can be differentiated twice",
     )
     def backward(ctx, grad_output, *_grad_stats):
-        grad_x, param_grads = _gradients(ctx, grad_output, _backward_op_impl)
+        grad_x, param_grads = _gradients(
+            ctx, grad_output, functools.partial(_backward_outputs, sync=ctx.sync)
+        )
         return grad_x, None, None, *param_grads
 
 
@@ -466,13 +540,35 @@ def _unit_backward(
     grad_input, accumulate: bool,
 ):  # fmt: skip
     """[grad weight, grad bn weight, grad bn bias] of `unit` (fold: its forward's (scale, shift, rstd));
-    its input gradient written (accumulate: added) into grad_input."""
+    its input gradient written (accumulate: added) into grad_input.
+
+    With spec.sync, a unit with batch statistics normalised with the group's: the engine differentiates
+    with those held fixed, and the gradient through them (summed over the group: one all_reduce, which
+    every process makes, one with an empty batch too) is added to grad_input."""
     weight, gamma, beta, _, _ = _unit(params, unit)
     mean, var = _normalising(spec, params, unit, batch_mean, batch_var)
-    return engine.layer_backward(
-        x, grad_out, weight, gamma, beta, mean, var, spec.eps[unit], fold, spec.batch_stats[unit], geometry,
-        spec.compute_dtype, grad_input, accumulate,
-    )  # fmt: skip
+    synced = spec.sync is not None and spec.batch_stats[unit]
+    if x.shape[0] > 0:
+        grad_w, sum_gz_xhat, sum_gz = engine.layer_backward(
+            x, grad_out, weight, gamma, beta, mean, var, spec.eps[unit], fold,
+            spec.batch_stats[unit] and not synced, geometry, spec.compute_dtype, grad_input, accumulate,
+            sums=(synced or gamma is not None, synced or beta is not None),
+        )  # fmt: skip
+    else:  # an empty batch (aten's BatchNorm backward faults on one): nothing flows, nothing is summed
+        grad_w, sum_gz_xhat, sum_gz = torch.zeros_like(weight), torch.zeros_like(mean), torch.zeros_like(mean)
+    if synced:
+        assert spec.sync is not None and sum_gz_xhat is not None and sum_gz is not None
+        scale, _, rstd = fold
+        g_mean, g_var = reduce_stats_grads(
+            *given_stats_grads(scale, rstd, sum_gz_xhat, sum_gz), spec.sync.group
+        )
+        if x.shape[0] > 0:
+            add_input_grad_through_stats_(grad_input, x, mean, g_mean, g_var, spec.sync.count)
+    return [
+        grad_like(grad_w, weight),
+        sum_gz_xhat.to(gamma.dtype) if gamma is not None else None,
+        sum_gz.to(beta.dtype) if beta is not None else None,
+    ]
 
 
 def _bottleneck(
@@ -486,6 +582,21 @@ def _bottleneck(
     _unit_forward(engine, spec, params, spec.unit(layer, 0), inputs, batch_mean, batch_var,
                   BOTTLENECK_GEOMETRY, out=t, fold=fold, folded=folded)  # fmt: skip
     return t
+
+
+def _batch_stats(
+    engine, spec: BlockSpec, x: torch.Tensor, out: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased variance) of x's channels (N, C, D, H, W), written into out's rows (2, C): this
+    process's batch, or with spec.sync that of the group's batches together (one all_gather)."""
+    if spec.sync is None:
+        return engine.stats(x, out=out)
+    mean, var = local_stats(x, out.dtype)
+    count, group = x.numel() // x.shape[1], spec.sync.group
+    mean, var, _ = combine_over_group(mean, var, count, group, tuple(x.shape), total=spec.sync.count)
+    out[0].copy_(mean)
+    out[1].copy_(var)
+    return out[0], out[1]
 
 
 def _forward(x: torch.Tensor, spec: BlockSpec, params) -> tuple[torch.Tensor, _Stats]:
@@ -507,7 +618,7 @@ def _forward(x: torch.Tensor, spec: BlockSpec, params) -> tuple[torch.Tensor, _S
     offsets = spec.fold_offsets()
     stats = _Stats(b, t, torch.empty((offsets[-1],), dtype=dtype, device=x.device))
     if b is not None:
-        engine.stats(x, out=b[:, :c0])
+        _batch_stats(engine, spec, x, out=b[:, :c0])
     for layer in range(spec.layers):
         c_l = spec.width(layer)
         inputs = buffer[:, :c_l]
@@ -520,7 +631,9 @@ def _forward(x: torch.Tensor, spec: BlockSpec, params) -> tuple[torch.Tensor, _S
             batch_mean, batch_var = (None, None)
             if t is not None:
                 w = spec.bottleneck
-                batch_mean, batch_var = engine.stats(inputs, out=t[:, layer * w : (layer + 1) * w])
+                batch_mean, batch_var = _batch_stats(
+                    engine, spec, inputs, out=t[:, layer * w : (layer + 1) * w]
+                )
         new = buffer[:, c_l : c_l + spec.growth]
         unit = spec.unit(layer, spec.units_per_layer - 1)
         dropout = None
@@ -530,7 +643,7 @@ def _forward(x: torch.Tensor, spec: BlockSpec, params) -> tuple[torch.Tensor, _S
                       fold=stats.fold_rows(offsets, unit), folded=False, dropout=dropout)  # fmt: skip
         del inputs  # a bottleneck layer's T is freed here and recomputed in backward
         if b is not None and layer + 1 < spec.layers:
-            engine.stats(new, out=b[:, c_l : c_l + spec.growth])
+            _batch_stats(engine, spec, new, out=b[:, c_l : c_l + spec.growth])
     return buffer, stats
 
 
@@ -608,21 +721,19 @@ class _TritonEngine:
     @staticmethod
     def layer_backward(
         x, grad_out, weight, gamma, beta, mean, var, eps, fold, batch_stats, geometry, compute_dtype,
-        grad_input, accumulate,
+        grad_input, accumulate, sums,
     ):  # fmt: skip
+        """(grad weight, sum of gz * xhat, sum of gz) (the sums (C,) float32, made whichever `sums` asks
+        for), the input gradient written (accumulate: added) into grad_input."""
         from prostate_kernels.ops.bn_relu_conv3d_triton import conv_input_grad, conv_weight_grad
 
         scale, shift, rstd = fold
         g_w, _ = conv_weight_grad(x, grad_out, scale, shift, geometry, compute_dtype, with_bias=False)
-        _, d_gamma, d_beta = conv_input_grad(
+        _, sum_gz_xhat, sum_gz = conv_input_grad(
             x, grad_out, weight, scale, shift, mean, rstd, geometry, compute_dtype, batch_stats,
             grad_input=grad_input, accumulate=accumulate,
         )  # fmt: skip
-        return [
-            grad_like(g_w, weight),
-            d_gamma.to(gamma.dtype) if gamma is not None else None,
-            d_beta.to(beta.dtype) if beta is not None else None,
-        ]
+        return g_w, sum_gz_xhat, sum_gz
 
 
 class _TorchEngine:
@@ -674,8 +785,10 @@ class _TorchEngine:
     @staticmethod
     def layer_backward(
         x, grad_out, weight, gamma, beta, mean, var, eps, fold, batch_stats, geometry, compute_dtype,
-        grad_input, accumulate,
+        grad_input, accumulate, sums,
     ):  # fmt: skip
+        """(grad weight, sum of gz * xhat, sum of gz) (the sums (C,) in mean's dtype; sums: which to make,
+        else None), the input gradient written (accumulate: added) into grad_input."""
         # The BatchNorm -> ReLU backward by aten's kernels (this runs inside a custom op, where autograd does
         # not record): a = ReLU(BN(x)) as in forward, grad_z = grad_a where a > 0 (threshold_backward), then
         # BatchNorm's own backward, through the batch statistics (mean, rstd) when they normalised x, else
@@ -696,15 +809,10 @@ class _TorchEngine:
         _, _, rstd = fold
         grad_x, d_gamma, d_beta = torch.ops.aten.native_batch_norm_backward(
             grad_z, xs, gamma_s, None if batch_stats else mean, None if batch_stats else var,
-            mean if batch_stats else None, rstd if batch_stats else None, batch_stats, eps,
-            [True, gamma is not None, beta is not None],
+            mean if batch_stats else None, rstd if batch_stats else None, batch_stats, eps, [True, *sums],
         )  # fmt: skip
         grad_input.add_(grad_x) if accumulate else grad_input.copy_(grad_x)
-        return [
-            grad_like(grad_w, weight),
-            d_gamma.to(gamma.dtype) if gamma is not None else None,
-            d_beta.to(beta.dtype) if beta is not None else None,
-        ]
+        return grad_w, d_gamma, d_beta
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.Tensor:

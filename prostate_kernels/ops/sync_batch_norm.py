@@ -14,6 +14,10 @@ through those shared statistics. The fused layers take that in two parts:
   the fused op normalising with those statistics as given, differentiable with respect to them
       (ops/bn_relu_conv3d.py).
 
+The memory-efficient dense block (ops/dense_block.py) runs its own walk with the same pieces, without
+autograd: group_count, combine_over_group for each statistics it computes, and in backward
+reduce_stats_grads and add_input_grad_through_stats_ per unit.
+
 Both collectives are the same whatever engine a process runs (Triton or the PyTorch twin), so that the
 processes of a group always meet in the same calls. Weight and bias gradients stay local: DDP averages
 them, as it does nn.SyncBatchNorm's.
@@ -48,7 +52,7 @@ def synced_batch_stats(x: torch.Tensor, group: dist.ProcessGroup) -> tuple[torch
     return mean, var, int(count)
 
 
-def _local_stats(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def local_stats(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, biased variance) (C,) of x in dtype: the Triton statistics kernel where x takes the Triton
     engine, torch.var_mean otherwise and while torch.compile traces (which would trace into the kernel's
     launch); zeros for an empty batch (it counts 0 in the combination)."""
@@ -72,48 +76,130 @@ def _gather(row: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return out.view(-1, row.numel())
 
 
+def combine_over_group(
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    count: int,
+    group: dist.ProcessGroup,
+    shape: tuple[int, ...],
+    total: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(mean, biased variance, count) of the group's batches together, from this process's (mean, var)
+    (C,) over `count` values per channel (0: an empty batch, its statistics unread): one all_gather of
+    every process's (count, mean, var), combined in float64 (Chan's formula), returned in mean's dtype.
+    Every process of the group must call it alike. shape: this process's input's, for the error; total:
+    the group's count when known already (group_count), which saves reading the gathered counts on the
+    host."""
+    c = mean.shape[0]
+    # (1 + 2C) float64: count, mean, var (float64 keeps counts past 2^24 voxels exact)
+    row = torch.cat([mean.new_full((1,), float(count)), mean, var]).to(torch.float64)
+    gathered = _gather(row, group)  # (world, 1 + 2C)
+    counts, means, variances = gathered[:, :1], gathered[:, 1 : 1 + c], gathered[:, 1 + c :]
+    if total is None:
+        total = _checked_total(float(counts.sum()), shape)  # one host sync: it sizes update and gradient
+    global_mean = (counts * means).sum(0) / total
+    # Chan's combination: each process's variance plus its mean's deviation from the global one
+    global_var = (counts * (variances + (means - global_mean) ** 2)).sum(0) / total
+    return global_mean.to(mean.dtype), global_var.to(mean.dtype), total
+
+
+def group_count(count: int, group: dist.ProcessGroup, device: torch.device, shape: tuple[int, ...]) -> int:
+    """The values per channel of the group's batches together, from this process's `count` (one
+    all_reduce on `device`, the one its backend takes x's tensors on). Every process must call it alike.
+    shape: this process's input's, for the error."""
+    total = torch.tensor([float(count)], dtype=torch.float64, device=device)
+    dist.all_reduce(total, dist.ReduceOp.SUM, group)
+    return _checked_total(float(total), shape)
+
+
+def _checked_total(total: float, shape: tuple[int, ...]) -> int:
+    """total as an int; a ValueError unless it is more than 1 (a variance needs two values)."""
+    if total <= 1:
+        raise ValueError(
+            f"synchronised BatchNorm: batch statistics need more than 1 value per channel over the "
+            f"process group, got {total:.0f} (this process's x has shape {shape})"
+        )
+    return int(total)
+
+
+def reduce_stats_grads(
+    g_mean: torch.Tensor, g_var: torch.Tensor, group: dist.ProcessGroup
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradients (C,) of the loss w.r.t. the group's statistics, summed over the group (every
+    process's loss reads the same statistics): one all_reduce. Every process must call it alike."""
+    c = g_mean.shape[0]
+    summed = torch.cat([g_mean, g_var.to(g_mean.dtype)])
+    dist.all_reduce(summed, dist.ReduceOp.SUM, group)
+    g_mean, g_var = summed.split(c)
+    return g_mean, g_var
+
+
+def input_grad_through_stats(
+    x: torch.Tensor, mean: torch.Tensor, g_mean: torch.Tensor, g_var: torch.Tensor, total: float
+) -> torch.Tensor:
+    """dL/dx through the group's statistics, in mean's dtype, shaped like x (N, C, D, H, W): d mean / dx =
+    1 / total and d var / dx = 2 (x - mean) / total, g_mean and g_var (C,) already summed over the group
+    (reduce_stats_grads)."""
+    c = mean.shape[0]
+    g_mean, g_var, mean = (t.view(1, c, 1, 1, 1) for t in (g_mean, g_var, mean))
+    return (g_mean + 2 * (x.to(mean.dtype) - mean) * g_var) / total
+
+
+# bytes of the float temporaries add_input_grad_through_stats_ makes at a time (a slice of channels)
+CHUNK_BYTES = 1 << 26
+
+
+def add_input_grad_through_stats_(
+    grad_input: torch.Tensor,
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    g_mean: torch.Tensor,
+    g_var: torch.Tensor,
+    total: float,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> None:
+    """grad_input += input_grad_through_stats(x, ...), a slice of channels at a time so that its
+    temporaries stay near chunk_bytes whatever x's size (the memory-efficient dense block adds it into
+    its shared gradient buffer, which it keeps small)."""
+    per_channel = max(1, x.numel() // max(1, x.shape[1]) * mean.element_size())
+    step = max(1, chunk_bytes // per_channel)
+    for start in range(0, x.shape[1], step):
+        c = slice(start, start + step)
+        grad_input[:, c].add_(input_grad_through_stats(x[:, c], mean[c], g_mean[c], g_var[c], total))
+
+
 class _SyncedBatchStats(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup):
         c = x.shape[1]
         dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        local_count = x.numel() // c if c else 0
-        mean, var = _local_stats(x, dtype)
-        # (1 + 2C) float64: count, mean, var (float64 keeps counts past 2^24 voxels exact)
-        row = torch.cat([mean.new_full((1,), float(local_count)), mean, var]).to(torch.float64)
-        gathered = _gather(row, group)  # (world, 1 + 2C)
-        counts, means, variances = gathered[:, :1], gathered[:, 1 : 1 + c], gathered[:, 1 + c :]
-        total = float(counts.sum())  # one host sync: the count sizes the update and the gradient
-        if total <= 1:
-            raise ValueError(
-                f"synchronised BatchNorm: batch statistics need more than 1 value per channel over the "
-                f"process group, got {total:.0f} (this process's x has shape {tuple(x.shape)})"
-            )
-        global_mean = (counts * means).sum(0) / total
-        # Chan's combination: each process's variance plus its mean's deviation from the global one
-        global_var = (counts * (variances + (means - global_mean) ** 2)).sum(0) / total
-        global_mean, global_var = global_mean.to(dtype), global_var.to(dtype)
-        ctx.save_for_backward(x, global_mean)
+        mean, var = local_stats(x, dtype)
+        mean, var, total = combine_over_group(mean, var, x.numel() // c if c else 0, group, tuple(x.shape))
+        ctx.save_for_backward(x, mean)
         ctx.group, ctx.total = group, total
         count = torch.tensor(total, dtype=torch.float64)
         ctx.mark_non_differentiable(count)
-        return global_mean, global_var, count
+        return mean, var, count
 
     @staticmethod
     def backward(ctx, g_mean, g_var, _g_count):
         x, mean = ctx.saved_tensors
-        c = mean.shape[0]
-        g_mean = g_mean if g_mean is not None else mean.new_zeros((c,))
-        g_var = g_var if g_var is not None else mean.new_zeros((c,))
-        # every process's loss reads the same statistics: their gradients add up over the group
-        summed = torch.cat([g_mean, g_var]).to(mean.dtype)
-        dist.all_reduce(summed, dist.ReduceOp.SUM, ctx.group)
-        g_mean, g_var = (t.view(1, c, 1, 1, 1) for t in summed.split(c))
+        g_mean = g_mean if g_mean is not None else torch.zeros_like(mean)
+        g_var = g_var if g_var is not None else torch.zeros_like(mean)
+        # before the exits below: every process takes part in the all_reduce
+        g_mean, g_var = reduce_stats_grads(g_mean.to(mean.dtype), g_var, ctx.group)
         if x.numel() == 0 or not ctx.needs_input_grad[0]:
             return None, None
-        # d mean / dx = 1 / count; d var / dx = 2 (x - mean) / count
-        gx = (g_mean + 2 * (x.to(mean.dtype) - mean.view(1, c, 1, 1, 1)) * g_var) / ctx.total
-        return gx.to(x.dtype), None
+        return input_grad_through_stats(x, mean, g_mean, g_var, ctx.total).to(x.dtype), None
 
 
-__all__ = ["sync_group", "synced_batch_stats"]
+__all__ = [
+    "add_input_grad_through_stats_",
+    "combine_over_group",
+    "group_count",
+    "input_grad_through_stats",
+    "local_stats",
+    "reduce_stats_grads",
+    "sync_group",
+    "synced_batch_stats",
+]
