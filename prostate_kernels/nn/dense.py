@@ -345,11 +345,7 @@ class DenseBlock3d(nn.Module):
             )
         # An empty batch takes the naive path, as nn.BatchNorm3d does: an empty output, statistics untouched;
         # a synchronised block's does not: every process of the group makes the same collectives.
-        if (
-            self.memory_efficient
-            and (x.shape[0] > 0 or group is not None)
-            and (group is not None or not synced)
-        ):
+        if self.memory_efficient and (group is not None if synced else x.shape[0] > 0):
             if seeds is None:  # the op takes a seed tensor always; unread when p == 0
                 seeds = torch.zeros(len(layers), dtype=torch.int64, device=x.device)
             out = self._efficient(x, layers, steps, seeds, p, group)  # the whole buffer: input + new features
