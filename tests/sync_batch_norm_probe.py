@@ -139,6 +139,23 @@ def mixed_block_warns() -> bool:
     return any("runs layer by layer" in str(w.message) for w in caught)
 
 
+def saved_for_backward() -> dict[str, int]:
+    """Bytes autograd keeps for backward of a 4-layer memory-efficient block (bench/common.saved_bytes),
+    converted to nn.SyncBatchNorm and not: the synchronised walk keeps no more than the local one."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "bench"))
+    from common import saved_bytes
+
+    from prostate_kernels import nn as pk_nn
+    from prostate_kernels import use_backend
+
+    torch.manual_seed(0)
+    block = pk_nn.DenseBlock3d(6, growth_rate=4, num_layers=4, dropout=0.0)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(pk_nn.DenseBlock3d(6, 4, 4, dropout=0.0))
+    x = torch.randn(1, 6, 4, 8, 8, requires_grad=True)
+    with use_backend("torch"):
+        return {"plain": saved_bytes(block, x), "synced": saved_bytes(synced, x)}
+
+
 def main() -> None:
     from prostate_kernels import use_backend
 
@@ -168,6 +185,7 @@ def main() -> None:
             "synced_blocks": synced_blocks,
         }
     saved[MIXED] = {"warned": mixed_block_warns()}
+    saved["saved_for_backward"] = saved_for_backward()
     torch.save(saved, os.path.join(sys.argv[1], f"rank{rank}.pt"))
     dist.destroy_process_group()
 

@@ -127,6 +127,14 @@ def test_a_process_group_of_another_type_is_refused():
         functional.bn_relu_conv3d(x, weight, None, None, None, None, None, True, process_group="world")
 
 
+def test_a_synchronised_memory_efficient_block_keeps_what_an_unsynchronised_one_keeps(ranks):
+    """Bytes autograd keeps for backward (a 4-layer block): the same with nn.SyncBatchNorm as without, on
+    both processes; the layer-by-layer walk the block used to fall back to kept several times more."""
+    for r in range(2):
+        kept = ranks[r]["saved_for_backward"]
+        assert kept["synced"] == kept["plain"] > 0, kept
+
+
 def test_the_gradient_through_the_statistics_is_added_the_same_a_slice_of_channels_at_a_time():
     """The dense block adds it into its shared gradient buffer in slices of channels (temporaries near
     chunk_bytes): 2 channels a slice here, the last slice 1 channel, a channels-last buffer."""
