@@ -190,9 +190,11 @@ def dense_block(
     call the block alike, an empty local batch included). Runs eagerly (a graph break under torch.compile).
     None: this process's batch."""
     check_seeds("dense_block", seeds)
-    if process_group is not None and torch.compiler.is_compiling():  # collectives and host reads: eager
-        return _dense_block_eagerly(x, growth, units, specs, dropout, seeds, bottleneck,
-                                    process_group=process_group)  # fmt: skip
+    if process_group is not None and torch.compiler.is_compiling():
+        # collectives and host reads: run eagerly, a graph break (made here, where torch.compile is loaded
+        # already: torch.compiler.disable imports torch._dynamo, which `import prostate_kernels` must not)
+        eager = torch.compiler.disable(dense_block)
+        return eager(x, growth, units, specs, dropout, seeds, bottleneck, process_group=process_group)
     per_layer = units_per_layer(bottleneck)
     if len(units) != len(specs) or len(units) != per_layer * seeds.numel():
         raise ValueError(
@@ -238,9 +240,6 @@ def dense_block(
         update_running_stats_(group, count, momentum)
     return buffer
 
-
-# the synchronised block under torch.compile: a graph break around it (torch.compiler.disable)
-_dense_block_eagerly = torch.compiler.disable(dense_block)
 
 _WIDTH = len(UnitParams._fields)  # tensors per unit in the custom ops' flat parameter list
 
