@@ -44,12 +44,13 @@ def given_stats_grads(
 
 def update_running_stats_(
     updates: Sequence[tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]],
-    count: int,
+    count: int | torch.Tensor,
     momentum: float,
 ) -> None:
     """running = (1 - momentum) * running + momentum * batch, with the unbiased batch variance, for each
     (running_mean, running_var, batch mean, batch biased variance) of `updates` (a None running tensor is
-    skipped); count: values per channel behind the batch statistics. Three foreach ops update them all
+    skipped); count: values per channel behind the batch statistics (an int, or a 0-d tensor on
+    the statistics' device: a synchronised count under torch.compile). Three foreach ops update them all
     (a dense block's units at once): on a GPU each torch op costs host time, and the layers are
     host-bound below the largest shapes. Per element the same arithmetic as nn.BatchNorm3d's update."""
     running = [r for r, _, _, _ in updates if r is not None] + [r for _, r, _, _ in updates if r is not None]

@@ -59,6 +59,7 @@ from prostate_kernels.ops.sync_batch_norm import (
     group_count,
     local_stats,
     reduce_stats_grads,
+    resolve_group,
 )
 from prostate_kernels.ops.tensor_subclasses import takes_tensor_subclasses
 
@@ -187,14 +188,9 @@ def dense_block(
     x's device keeps the step free of host copies, which a CUDA graph capture needs);
     process_group: units with batch statistics take them over the batches of every process of this
     torch.distributed group together, as nn.SyncBatchNorm does (GroupSync; every process of the group must
-    call the block alike, an empty local batch included). Runs eagerly (a graph break under torch.compile).
-    None: this process's batch."""
+    call the block alike, an empty local batch included; under torch.compile the custom ops take the
+    group by name and run its collectives, no graph break). None: this process's batch."""
     check_seeds("dense_block", seeds)
-    if process_group is not None and torch.compiler.is_compiling():
-        # collectives and host reads: run eagerly, a graph break (made here, where torch.compile is loaded
-        # already: torch.compiler.disable imports torch._dynamo, which `import prostate_kernels` must not)
-        eager = torch.compiler.disable(dense_block)
-        return eager(x, growth, units, specs, dropout, seeds, bottleneck, process_group=process_group)
     per_layer = units_per_layer(bottleneck)
     if len(units) != len(specs) or len(units) != per_layer * seeds.numel():
         raise ValueError(
@@ -202,10 +198,6 @@ def dense_block(
             f"({per_layer} per layer with bottleneck={bottleneck})"
         )
     seeds = seeds.to(x.device)  # the masks are drawn where x is (no copy when the seeds are there already)
-    sync = None
-    if process_group is not None and any(s.batch_stats for s in specs):
-        count = group_count(x.numel() // x.shape[1], process_group, x.device, tuple(x.shape))
-        sync = GroupSync(process_group, count)
     # an empty batch (a synchronised block's process with no samples) takes the twin, as the fused layer does
     engine = "triton" if backend.resolve(x.device) == "triton" and x.shape[0] > 0 else "torch"
     compute_dtype = backend.autocast_dtype(x.device) or x.dtype
@@ -214,15 +206,20 @@ def dense_block(
     # differently (the backward then fails)
     params = [t if t is not None else x.new_empty((0,), dtype=torch.float32) for unit in units for t in unit]
     batch_stats, eps = [s.batch_stats for s in specs], [float(s.eps) for s in specs]
+    synced_over = process_group if any(batch_stats) else None  # running statistics alone need no collective
+    count: int | torch.Tensor = x.numel() // x.shape[1]  # values per channel behind the batch statistics
     with backend.autocast_off(x.device):  # compute_dtype already says what autocast wants
-        # compiling: the custom op, an opaque node torch.compile traces (the synchronised block is eager)
-        if torch.compiler.is_compiling() and sync is None:
-            buffer, b_stats, t_stats, _ = dense_block_forward(
-                x, params, growth, bottleneck, batch_stats, eps, float(dropout), seeds, engine, compute_dtype
-            )
-        else:  # eager: the same functions with less dispatch on the host (and the one path taking a group)
+        if torch.compiler.is_compiling():  # the custom op, an opaque node torch.compile traces
+            buffer, b_stats, t_stats, _, group_total = dense_block_forward(
+                x, params, growth, bottleneck, batch_stats, eps, float(dropout), seeds, engine, compute_dtype,
+                synced_over.group_name if synced_over is not None else "",
+            )  # fmt: skip
+            count = group_total if synced_over is not None else count
+        else:  # eager: the same functions with less dispatch on the host, the group itself in GroupSync
+            sync = _group_sync(synced_over, x) if synced_over is not None else None
             settings = (growth, bottleneck, batch_stats, eps, float(dropout), engine, compute_dtype, sync)
             buffer, b_stats, t_stats, _ = DenseBlockFunction.apply(x, seeds, settings, *params)
+            count = sync.count if sync is not None else count
     updates: dict[float, list] = {}  # momentum -> the units' (running mean, running var, batch mean, var)
     for index, (unit, spec) in enumerate(zip(units, specs, strict=True)):
         if not (spec.batch_stats and spec.update_running):
@@ -235,10 +232,23 @@ def dense_block(
         updates.setdefault(spec.momentum, []).append(
             (unit.running_mean, unit.running_var, batch_mean, batch_var)
         )
-    count = sync.count if sync is not None else x.numel() // x.shape[1]
     for momentum, group in updates.items():
         update_running_stats_(group, count, momentum)
     return buffer
+
+
+def _group_sync(group: dist.ProcessGroup, x: torch.Tensor) -> GroupSync:
+    """GroupSync over `group` for a block whose input (or buffer) is x: the group's count, one
+    all_reduce (a host read of its result), which every process of the group makes alike."""
+    return GroupSync(group, group_count(x.numel() // x.shape[1], group, x.device, tuple(x.shape)))
+
+
+def _named_group_sync(group_name: str, x: torch.Tensor, batch_stats: Sequence[bool]) -> GroupSync | None:
+    """The custom ops' GroupSync: over the group named group_name ("": none) when a unit takes batch
+    statistics, else None."""
+    if not group_name or not any(batch_stats):
+        return None
+    return _group_sync(resolve_group(group_name), x)
 
 
 _WIDTH = len(UnitParams._fields)  # tensors per unit in the custom ops' flat parameter list
@@ -274,7 +284,9 @@ def _fake_stats_dtype(x: torch.Tensor, any_batch_stats: bool) -> torch.dtype:
 # The block as torch.library custom ops (forward, backward, fake kernels, autograd), so that torch.compile
 # traces through a Tiramisu: opaque nodes in its graph. Functional: the forward returns the per-channel
 # batch statistics and the entry updates the running ones from them. Parameters travel as one flat list
-# (UnitParams per unit); gradients that do not exist come back as empty tensors.
+# (UnitParams per unit); gradients that do not exist come back as empty tensors. A process group
+# travels by name (group_name, "" for none): each op makes the group's count itself (one all_reduce; the
+# backward's repeats the forward's, which saves passing it as a tensor), then the walk's collectives.
 
 
 def _forward_op_impl(
@@ -288,13 +300,22 @@ def _forward_op_impl(
     seeds: torch.Tensor,
     engine: str,
     compute_dtype: torch.dtype,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(buffer B, b_stats, t_stats, folds): B (N, C0 + L*k, D, H, W); b_stats (2, C0 + (L-1)*k) the batch
-    mean and biased variance of B's channels that layers read, t_stats (2, L*W) those of every layer's T
-    (each empty when no unit uses them); folds each unit's BatchNorm as (scale, shift, rstd), flat, units
-    in order (BlockSpec.fold_offsets): backward reuses them instead of folding again."""
-    return _forward_outputs(x, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine,
-                            compute_dtype)  # fmt: skip
+    group_name: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(buffer B, b_stats, t_stats, folds, count): B (N, C0 + L*k, D, H, W); b_stats (2, C0 + (L-1)*k) the
+    batch mean and biased variance of B's channels that layers read, t_stats (2, L*W) those of every
+    layer's T (each empty when no unit uses them); folds each unit's BatchNorm as (scale, shift, rstd),
+    flat, units in order (BlockSpec.fold_offsets): backward reuses them instead of folding again; count:
+    with a group, the values per channel behind the statistics (0-d float64 on x's device), else empty."""
+    sync = _named_group_sync(group_name, x, batch_stats)
+    outputs = _forward_outputs(x, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine,
+                               compute_dtype, sync)  # fmt: skip
+    count = (
+        torch.tensor(float(sync.count), dtype=torch.float64, device=x.device)
+        if sync
+        else x.new_empty((0,), dtype=torch.float64)
+    )
+    return *outputs, count
 
 
 def _forward_outputs(
@@ -317,7 +338,7 @@ dense_block_forward = torch.library.custom_op(
 
 
 @dense_block_forward.register_fake
-def _(x, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype):
+def _(x, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype, group_name):
     n, c0, *size = x.shape
     layers = len(eps) // units_per_layer(bottleneck)
     spec = _spec(c0, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype)
@@ -330,6 +351,7 @@ def _(x, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, c
         x.new_empty(b, dtype=_fake_stats_dtype(x, spec.b_stats)),
         x.new_empty(t, dtype=_fake_stats_dtype(x, spec.t_stats)),
         x.new_empty((spec.fold_offsets()[-1],), dtype=_fake_stats_dtype(x, True)),
+        x.new_empty(() if group_name and any(batch_stats) else (0,), dtype=torch.float64),
     )
 
 
@@ -346,11 +368,13 @@ def _backward_op_impl(
     seeds: torch.Tensor,
     engine: str,
     compute_dtype: torch.dtype,
+    group_name: str,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(grad x, [grad weight, grad bn weight, grad bn bias] per unit), each missing one empty.
     stats: the forward's (b_stats, t_stats, folds)."""
+    sync = _named_group_sync(group_name, buffer, batch_stats)
     return _backward_outputs(grad_output, buffer, stats, params, growth, bottleneck, batch_stats, eps,
-                             dropout, seeds, engine, compute_dtype)  # fmt: skip
+                             dropout, seeds, engine, compute_dtype, sync)  # fmt: skip
 
 
 def _backward_outputs(
@@ -376,7 +400,7 @@ dense_block_backward = torch.library.custom_op(
 @dense_block_backward.register_fake
 def _(
     grad_output, buffer, stats, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine,
-    compute_dtype,
+    compute_dtype, group_name,
 ):  # fmt: skip
     n, c, *size = buffer.shape
     layers = len(eps) // units_per_layer(bottleneck)
@@ -391,8 +415,9 @@ def _(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype = inputs
-    buffer, *stats = output
+    """For the custom op (inputs end with group_name, outputs with count) and DenseBlockFunction alike."""
+    x, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype, *group = inputs
+    buffer, *stats = output[:4]
     # a unit normalised by batch statistics needs no running statistics in backward; they are not saved
     # (the entry updates them in place after this op)
     params = [
@@ -402,6 +427,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.present = [p is not None for p in params]
     ctx.settings = (growth, bottleneck, batch_stats, eps, dropout)
     ctx.engine, ctx.compute_dtype = engine, compute_dtype
+    ctx.group_name = group[0] if group else ""
     ctx.set_materialize_grads(False)  # no zero gradients made for the statistics and folds (3 torch ops)
 
 
@@ -425,8 +451,9 @@ def _gradients(ctx, grad_output, backward) -> tuple[torch.Tensor | None, list[to
 
 
 def _backward_autograd(ctx, grad_output, *_grad_stats):
-    grad_x, param_grads = _gradients(ctx, grad_output, torch.ops.prostate_kernels.dense_block_backward)
-    return grad_x, param_grads, *([None] * 8)
+    backward = functools.partial(torch.ops.prostate_kernels.dense_block_backward, group_name=ctx.group_name)
+    grad_x, param_grads = _gradients(ctx, grad_output, backward)
+    return grad_x, param_grads, *([None] * 9)
 
 
 dense_block_forward.register_autograd(_backward_autograd, setup_context=_setup_context)
@@ -436,7 +463,7 @@ class DenseBlockFunction(torch.autograd.Function):
     """The block for eager execution, as FusedBNReLUConv3d is for the fused layer: the same forward and
     backward implementations without the custom ops' dispatch (list arguments go through pytree there).
     apply(x, seeds, (growth, bottleneck, batch_stats, eps, dropout, engine, compute_dtype, sync), *params);
-    sync: a GroupSync (statistics over a process group, which the custom ops cannot take) or None."""
+    sync: a GroupSync (statistics over a process group, the group object itself) or None."""
 
     @staticmethod
     def forward(ctx, x, seeds, settings, *params):

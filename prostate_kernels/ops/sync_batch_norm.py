@@ -6,9 +6,11 @@ Under nn.SyncBatchNorm every process normalises with the mean and biased varianc
 through those shared statistics. The fused layers take that in two parts:
 
   synced_batch_stats(x, group) -> (mean, var, count): the global statistics, a differentiable function
-      of the local x. Forward: one all_gather of each process's (count, mean, var), combined exactly in
-      float64 (counts may differ between processes, an empty local batch counts 0). Backward: one
-      all_reduce (sum) of the statistics' gradients over the group, then
+      of the local x (an autograd.Function in eager mode; under torch.compile the custom ops
+      prostate_kernels::synced_batch_stats and its backward, which take the group by name, so that the
+      layer stays in the graph). Forward: one all_gather of each process's (count, mean, var),
+      combined exactly in float64 (counts may differ between processes, an empty local batch counts 0).
+      Backward: one all_reduce (sum) of the statistics' gradients over the group, then
       dx = (g_mean + 2 (x - mean) g_var) / count, which is nn.SyncBatchNorm's input gradient once the
       normalisation's own gradient (the fused op's, with the statistics held fixed) is added to it.
   the fused op normalising with those statistics as given, differentiable with respect to them
@@ -44,12 +46,54 @@ def sync_group(norm: nn.Module) -> dist.ProcessGroup | None:
     return group if dist.get_world_size(group) > 1 else None
 
 
-def synced_batch_stats(x: torch.Tensor, group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor, int]:
+def synced_batch_stats(
+    x: torch.Tensor, group: dist.ProcessGroup
+) -> tuple[torch.Tensor, torch.Tensor, int | torch.Tensor]:
     """(mean, biased variance, count) per channel of the batch of every process of `group` together:
     mean and var (C,) float32 (float64 for a float64 x), differentiable with respect to x (N, C, D, H, W);
-    count: the values per channel behind them (every process's N * D * H * W summed)."""
+    count: the values per channel behind them (every process's N * D * H * W summed), an int in eager
+    mode, a 0-d float64 tensor on x's device under torch.compile (the graph holds no host read)."""
+    if torch.compiler.is_compiling():
+        return _synced_batch_stats_op(x, group.group_name)
     mean, var, count = _SyncedBatchStats.apply(x, group)
     return mean, var, int(count)
+
+
+def resolve_group(group_name: str) -> dist.ProcessGroup:
+    """The process group registered as `group_name` (ProcessGroup.group_name): how the custom ops take a
+    group, since their schemas have no ProcessGroup type (torch's functional collectives do the same)."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name)  # type: ignore[arg-type]  # GroupName: a str NewType
+
+
+def _group_stats(x: torch.Tensor, group: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(mean, biased variance, count) of the group's batches together (synced_batch_stats' forward)."""
+    c = x.shape[1]
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mean, var = local_stats(x, dtype)
+    return combine_over_group(mean, var, x.numel() // c if c else 0, group, tuple(x.shape))
+
+
+def _grad_through_group_stats(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    g_mean: torch.Tensor | None,
+    g_var: torch.Tensor | None,
+    total: float | torch.Tensor,
+    group: dist.ProcessGroup,
+    needed: bool = True,
+) -> torch.Tensor | None:
+    """synced_batch_stats' backward: dL/dx (x's dtype) through the group's statistics, from this process's
+    gradients w.r.t. them (None: zero), summed over the group first (every process makes that
+    all_reduce, one with an empty batch too); None for an empty x or when not `needed`."""
+    g_mean = g_mean if g_mean is not None else torch.zeros_like(mean)
+    g_var = g_var if g_var is not None else torch.zeros_like(mean)
+    # before the exits below: every process takes part in the all_reduce
+    g_mean, g_var = reduce_stats_grads(g_mean.to(mean.dtype), g_var, group)
+    if x.numel() == 0 or not needed:
+        return None
+    return input_grad_through_stats(x, mean, g_mean, g_var, total).to(x.dtype)
 
 
 def local_stats(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,11 +179,15 @@ def reduce_stats_grads(
 
 
 def input_grad_through_stats(
-    x: torch.Tensor, mean: torch.Tensor, g_mean: torch.Tensor, g_var: torch.Tensor, total: float
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    g_mean: torch.Tensor,
+    g_var: torch.Tensor,
+    total: float | torch.Tensor,
 ) -> torch.Tensor:
     """dL/dx through the group's statistics, in mean's dtype, shaped like x (N, C, D, H, W): d mean / dx =
     1 / total and d var / dx = 2 (x - mean) / total, g_mean and g_var (C,) already summed over the group
-    (reduce_stats_grads)."""
+    (reduce_stats_grads); total: a number, or a 0-d tensor on x's device (under torch.compile)."""
     c = mean.shape[0]
     g_mean, g_var, mean = (t.view(1, c, 1, 1, 1) for t in (g_mean, g_var, mean))
     return (g_mean + 2 * (x.to(mean.dtype) - mean) * g_var) / total
@@ -169,12 +217,11 @@ def add_input_grad_through_stats_(
 
 
 class _SyncedBatchStats(torch.autograd.Function):
+    """synced_batch_stats in eager mode: the group object itself, no custom-op dispatch."""
+
     @staticmethod
     def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup):
-        c = x.shape[1]
-        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-        mean, var = local_stats(x, dtype)
-        mean, var, total = combine_over_group(mean, var, x.numel() // c if c else 0, group, tuple(x.shape))
+        mean, var, total = _group_stats(x, group)
         ctx.save_for_backward(x, mean)
         ctx.group, ctx.total = group, total
         count = torch.tensor(total, dtype=torch.float64)
@@ -184,13 +231,74 @@ class _SyncedBatchStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_mean, g_var, _g_count):
         x, mean = ctx.saved_tensors
-        g_mean = g_mean if g_mean is not None else torch.zeros_like(mean)
-        g_var = g_var if g_var is not None else torch.zeros_like(mean)
-        # before the exits below: every process takes part in the all_reduce
-        g_mean, g_var = reduce_stats_grads(g_mean.to(mean.dtype), g_var, ctx.group)
-        if x.numel() == 0 or not ctx.needs_input_grad[0]:
-            return None, None
-        return input_grad_through_stats(x, mean, g_mean, g_var, ctx.total).to(x.dtype), None
+        grad = _grad_through_group_stats(
+            x, mean, g_mean, g_var, ctx.total, ctx.group, ctx.needs_input_grad[0]
+        )
+        return grad, None
+
+
+# synced_batch_stats under torch.compile: custom ops, opaque nodes in the graph that run the collectives
+# when the graph runs; the group travels by name. count comes back as a 0-d float64 tensor on x's device,
+# and the backward divides by it there (no host read in either).
+
+
+def _stats_op_impl(x: torch.Tensor, group_name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean, var, count): synced_batch_stats' forward over the group named group_name."""
+    mean, var, total = _group_stats(x, resolve_group(group_name))
+    return mean, var, torch.tensor(float(total), dtype=torch.float64, device=x.device)
+
+
+_synced_batch_stats_op = torch.library.custom_op(
+    "prostate_kernels::synced_batch_stats", _stats_op_impl, mutates_args=()
+)
+
+
+@_synced_batch_stats_op.register_fake
+def _(x, group_name):
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    c = x.shape[1]
+    return (
+        x.new_empty((c,), dtype=dtype),
+        x.new_empty((c,), dtype=dtype),
+        x.new_empty((), dtype=torch.float64),
+    )
+
+
+def _stats_backward_op_impl(
+    x: torch.Tensor, mean: torch.Tensor, g_mean: torch.Tensor, g_var: torch.Tensor, count: torch.Tensor,
+    group_name: str,
+) -> torch.Tensor:  # fmt: skip
+    """dL/dx through the statistics (zeros for an empty x)."""
+    grad = _grad_through_group_stats(x, mean, g_mean, g_var, count, resolve_group(group_name))
+    return grad if grad is not None else torch.zeros_like(x)
+
+
+_synced_batch_stats_backward_op = torch.library.custom_op(
+    "prostate_kernels::synced_batch_stats_backward", _stats_backward_op_impl, mutates_args=()
+)
+
+
+@_synced_batch_stats_backward_op.register_fake
+def _(x, mean, g_mean, g_var, count, group_name):
+    return torch.empty_like(x)
+
+
+def _stats_setup_context(ctx, inputs, output) -> None:
+    x, group_name = inputs
+    mean, _, count = output
+    ctx.save_for_backward(x, mean, count)
+    ctx.group_name = group_name
+    ctx.mark_non_differentiable(count)
+
+
+def _stats_backward(ctx, g_mean, g_var, _g_count):
+    x, mean, count = ctx.saved_tensors
+    g_mean = g_mean if g_mean is not None else torch.zeros_like(mean)
+    g_var = g_var if g_var is not None else torch.zeros_like(mean)
+    return _synced_batch_stats_backward_op(x, mean, g_mean, g_var, count, ctx.group_name), None
+
+
+_synced_batch_stats_op.register_autograd(_stats_backward, setup_context=_stats_setup_context)
 
 
 __all__ = [
@@ -200,6 +308,7 @@ __all__ = [
     "input_grad_through_stats",
     "local_stats",
     "reduce_stats_grads",
+    "resolve_group",
     "sync_group",
     "synced_batch_stats",
 ]
