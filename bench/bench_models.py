@@ -48,14 +48,17 @@ TARGET_VOXELS_VS_NAIVE = 8
 def variant(
     name: str, kind: str, device: str, channels_last: bool = False
 ) -> tuple[torch.nn.Module, Backend]:
-    """(model, backend): "ours" the library's layers, "eager" plain PyTorch, "compile" torch.compile of it;
+    """(model, backend): "ours" the library's layers, "eager" plain PyTorch, "compile" torch.compile of it
+    (Inductor), "ours_compile" torch.compile of ours (the code around our custom ops compiled);
     channels_last: its weights in that layout (layout.py)."""
     torch.manual_seed(0)
-    kwargs = {} if kind == "ours" or not name.startswith("tiramisu") else {"memory_efficient": False}
+    ours = kind in ("ours", "ours_compile")
+    kwargs = {} if ours or not name.startswith("tiramisu") else {"memory_efficient": False}
     model = model_in_layout(build_model(name, **kwargs).to(device), channels_last)
-    if kind == "compile":  # torch.compile of a Module is an OptimizedModule (a Module), typed as a callable
-        return cast(torch.nn.Module, torch.compile(model)), "torch"
-    return model, ("auto" if kind == "ours" else "torch")
+    if kind in ("compile", "ours_compile"):
+        # torch.compile of a Module is an OptimizedModule (a Module), typed as a callable
+        model = cast(torch.nn.Module, torch.compile(model))
+    return model, ("auto" if ours else "torch")
 
 
 def train_step_fn(model, backend: Backend, x: torch.Tensor, y: torch.Tensor, amp_dtype=torch.bfloat16):

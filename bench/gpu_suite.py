@@ -104,7 +104,8 @@ def timing_sections(save_partial: Callable[[list], None]) -> list[tuple[str, Cal
         ("sliding_window", lambda: [bench_sliding_window.run("cuda", rounds=10)]),
         ("dense_layer_fp32", dense_layer_fp32),
         ("models_compile", lambda: renamed(
-            bench_models.run("cuda", ("tiramisu3d_p3a",), ("compile",), ladder=False), "models_compile")),
+            bench_models.run("cuda", ("tiramisu3d_p3a",), ("compile", "ours_compile"), ladder=False),
+            "models_compile")),
         ("models_all", lambda: renamed(
             bench_models.run("cuda", tuple(bench_models.PAPER_PATCH)[:3], ladder=False), "models_others")),
     ]  # fmt: skip

@@ -25,8 +25,8 @@ CASES = {  # name: (what runs, engine, dtype of the processes)
     "op_torch_float64": ("op", "torch", torch.float64),
     "op_triton_float32": ("op", "triton", torch.float32),
     "layer_triton_float32": ("layer", "triton", torch.float32),
-    # "_compiled": torch.compile(fullgraph=True), the custom ops taking the group by name (a graph break
-    # fails the probe)
+    # "_compiled": torch.compile(fullgraph=True, aot_eager), the custom ops taking the group by name (a
+    # graph break fails the probe); "_inductor": the same with Inductor, torch.compile's default
     "layer_triton_float32_compiled": ("layer", "triton", torch.float32),
     "layer_triton_float32_empty": ("layer", "triton", torch.float32),  # rank 1: the twin, as torch does
     # the memory-efficient dense block (its shared buffer), plain and bottleneck (DenseNet-BC) layers
@@ -37,6 +37,7 @@ CASES = {  # name: (what runs, engine, dtype of the processes)
     "block_triton_float32_compiled": ("block", "triton", torch.float32),
     "bottleneck_block_triton_float32_empty": ("bottleneck_block", "triton", torch.float32),
     "bottleneck_block_torch_float64_compiled_empty": ("bottleneck_block", "torch", torch.float64),
+    "bottleneck_block_torch_float64_inductor": ("bottleneck_block", "torch", torch.float64),
     "naive_block_torch_float64": ("naive_block", "torch", torch.float64),  # memory_efficient=False
     "tiramisu_torch_float64": ("model", "torch", torch.float64),  # tiny Tiramisu 3D: 12 BatchNorms
     "tiramisu_torch_float64_compiled": ("model", "torch", torch.float64),
@@ -51,9 +52,9 @@ def shares(name: str) -> tuple[slice, slice]:
     return EMPTY_SHARES if name.endswith("empty") else SHARES
 
 
-def is_compiled(name: str) -> bool:
-    """Whether case `name` runs through torch.compile."""
-    return "_compiled" in name
+def compile_backend(name: str) -> str | None:
+    """The torch.compile backend case `name` runs through, or None (eager)."""
+    return "aot_eager" if "_compiled" in name else "inductor" if "_inductor" in name else None
 
 
 def make_case(name: str) -> tuple[torch.nn.Module | dict, torch.Tensor]:
@@ -107,15 +108,15 @@ def run_op(tensors: dict, x: torch.Tensor, dtype: torch.dtype, group) -> tuple:
     return y, x, params, buffers, False
 
 
-def run_module(module: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, compiled: bool) -> tuple:
+def run_module(module: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, backend: str | None) -> tuple:
     """(y, x, parameters, buffers, warned, shared-buffer blocks run) of the module, its BatchNorms
-    converted to nn.SyncBatchNorm (compiled: through torch.compile in one graph, fullgraph=True, aot_eager:
-    the graphs as traced, with no code generation)."""
+    converted to nn.SyncBatchNorm (backend: through torch.compile with it in one graph, fullgraph=True;
+    aot_eager runs the graphs as traced, Inductor generates code around the custom ops)."""
     from prostate_kernels.nn import dense
 
     module = torch.nn.SyncBatchNorm.convert_sync_batchnorm(module.to(dtype))
     x = x.to(dtype).requires_grad_(True)
-    run = torch.compile(module, backend="aot_eager", fullgraph=True) if compiled else module
+    run = torch.compile(module, backend=backend, fullgraph=True) if backend else module
     calls = []
     shared_buffer_block = dense.dense_block
 
@@ -180,7 +181,7 @@ def main() -> None:
                 synced_blocks = 0
             else:
                 y, x_in, params, buffers, warned, synced_blocks = run_module(
-                    built, x[share], dtype, is_compiled(name)
+                    built, x[share], dtype, compile_backend(name)
                 )
             torch.manual_seed(1)  # the same output gradient everywhere, each process its share of it
             gy = torch.randn((BATCH, *y.shape[1:]), dtype=torch.float64)[share].to(dtype)

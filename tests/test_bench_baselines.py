@@ -33,3 +33,25 @@ def test_the_dense_block_benchmarks_variants_are_one_block():
     for name, (y, grad) in results.items():
         torch.testing.assert_close(y, y_ours, rtol=1e-12, atol=1e-12, msg=name)
         torch.testing.assert_close(grad, grad_ours, rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_the_model_benchmarks_variants_are_one_network():
+    """bench_models.variant: ours, plain PyTorch (eager), and each through torch.compile (Inductor), built
+    from the same weights, compute the same network (eval mode: no dropout draws); ours_compile is ours,
+    compiled."""
+    import bench_models
+
+    from prostate_kernels.nn import DenseBlock3d
+
+    x = torch.randn((1, 1, 8, 16, 16), generator=torch.Generator().manual_seed(0))
+    outputs = {}
+    with torch._inductor.config.patch(force_disable_caches=True), torch.no_grad():
+        for kind in ("ours", "eager", "compile", "ours_compile"):
+            model, backend = bench_models.variant("tiramisu3d_tiny", kind, "cpu")
+            blocks = [m for m in model.modules() if isinstance(m, DenseBlock3d)]
+            assert blocks and all(b.memory_efficient == kind.startswith("ours") for b in blocks), kind
+            assert isinstance(model, torch._dynamo.eval_frame.OptimizedModule) == kind.endswith("compile")
+            with use_backend(backend):
+                outputs[kind] = model.eval()(x)
+    for kind, y in outputs.items():
+        torch.testing.assert_close(y, outputs["ours"], rtol=1e-4, atol=1e-4, msg=kind)

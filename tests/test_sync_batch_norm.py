@@ -37,7 +37,13 @@ TOLERANCE = {torch.float64: {"rtol": 1e-9, "atol": 1e-10}, torch.float32: {"rtol
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     out = tmp_path_factory.mktemp("sync_bn")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    # no cached Inductor graph: a stale one keeps the strides of an older fake kernel
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TRITON_INTERPRET": "1",
+        "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1",
+    }
     cmd = torchrun(2, str(Path(probe.__file__)), str(out))
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=out)
     assert result.returncode == 0, result.stderr[-6000:]

@@ -3,8 +3,9 @@ with fake kernels and autograd, checked by torch.library.opcheck, and a model bu
 with fullgraph=True, no graph break, and computes exactly what eager does (outputs, gradients, running
 stats: the same kernels run in both).
 
-On the CPU the Triton kernels run in the interpreter (backend "triton"); the compiled graphs use the
-aot_eager backend, which runs the ops' real kernels (Inductor would need a C++ compiler for its own code).
+On the CPU the Triton kernels run in the interpreter (backend "triton"); most compiled graphs use the
+aot_eager backend, which runs the ops' real kernels as traced and so allows exact comparisons; one test
+runs Inductor, torch.compile's default, which compiles the code around the ops with the C++ compiler.
 """
 
 from __future__ import annotations
@@ -50,6 +51,89 @@ def test_depthwise_conv3d_op_passes_opcheck(requires_grad):
     torch.library.opcheck(
         torch.ops.prostate_kernels.depthwise_conv3d_forward.default,
         (x, weight, bias, [1, 2, 1], [2, 1, 1], [2, 1, 1]),
+    )
+
+
+def _input_in_layout(layout: str, channels: int, g: torch.Generator) -> torch.Tensor:
+    """x (2, channels, 3, 4, 5): NCDHW, or a channel slice of a larger channels-last buffer (how a dense
+    layer reads its input in place)."""
+    if layout == "ncdhw":
+        return torch.randn((2, channels, 3, 4, 5), generator=g)
+    buffer = torch.randn((2, channels + 3, 3, 4, 5), generator=g).contiguous(
+        memory_format=torch.channels_last_3d
+    )
+    return buffer[:, :channels]
+
+
+@pytest.mark.parametrize("layout", ["ncdhw", "channels_last_slice"])
+@pytest.mark.parametrize("batch_stats", [True, False])
+def test_bn_relu_conv3d_backward_op_passes_opcheck(layout, batch_stats):
+    """The backward op itself (what a compiled graph's backward calls), whose fake kernel must give the
+    real gradients' strides and offsets: Inductor assumes them."""
+    g = torch.Generator().manual_seed(7)
+    x = _input_in_layout(layout, 4, g)
+    weight, bias = torch.randn((5, 4, 3, 3, 3), generator=g) / 10, torch.randn(5, generator=g)
+    bn = (1 + torch.rand(4, generator=g), torch.randn(4, generator=g))
+    running = (torch.randn(4, generator=g), 1 + torch.rand(4, generator=g))
+    conv = ([1, 1, 1], [1, 1, 1], [1, 1, 1], torch.float32)
+    _, stats = torch.ops.prostate_kernels.bn_relu_conv3d_forward(
+        x, weight, bias, *bn, *running, batch_stats, 1e-5, *conv
+    )
+    gy = torch.randn((2, 5, 3, 4, 5), generator=g)
+    needs = [True] * 5 + [not batch_stats] * 2  # the given statistics' gradients with running ones
+    torch.library.opcheck(
+        torch.ops.prostate_kernels.bn_relu_conv3d_backward.default,
+        (gy, x, weight, stats, batch_stats, *conv, True, torch.float32, needs),
+    )
+
+
+@pytest.mark.parametrize("layout", ["ncdhw", "channels_last_slice"])
+def test_depthwise_conv3d_backward_op_passes_opcheck(layout):
+    g = torch.Generator().manual_seed(8)
+    x = _input_in_layout(layout, 4, g)
+    weight, bias = torch.randn((4, 1, 3, 3, 3), generator=g), torch.randn(4, generator=g)
+    conv = ([1, 2, 1], [2, 1, 1], [2, 1, 1])
+    y = torch.ops.prostate_kernels.depthwise_conv3d_forward(x, weight, bias, *conv)
+    torch.library.opcheck(
+        torch.ops.prostate_kernels.depthwise_conv3d_backward.default,
+        (torch.randn(y.shape, generator=g), x, weight, *conv, True, [True, True, True]),
+    )
+
+
+def _dense_block_args(engine: str, bottleneck: int, g: torch.Generator) -> tuple:
+    """The forward op's arguments for a 2-layer block (3 input channels, growth 2), every unit with batch
+    statistics, no dropout, no process group."""
+    units = []  # (C_in, C_out, kernel) per unit
+    for layer in range(2):
+        c_l = 3 + 2 * layer
+        units += [(c_l, bottleneck, 1), (bottleneck, 2, 3)] if bottleneck else [(c_l, 2, 3)]
+    params = []
+    for c_in, c_out, k in units:
+        params += [torch.randn((c_out, c_in, k, k, k), generator=g) / 5, 1 + torch.rand(c_in, generator=g),
+                   torch.randn(c_in, generator=g), torch.zeros(c_in), torch.ones(c_in)]  # fmt: skip
+    x = torch.randn((2, 3, 3, 4, 5), generator=g)
+    return (x, params, 2, bottleneck, [True] * len(units), [1e-5] * len(units), 0.0, torch.tensor([1, 2]),
+            engine, torch.float32, "")  # fmt: skip
+
+
+@pytest.mark.parametrize("engine", ["torch", "triton"])
+@pytest.mark.parametrize("bottleneck", [0, 4])
+def test_dense_block_ops_pass_opcheck(engine, bottleneck):
+    """Forward and backward op of the shared-buffer block. The backward's input gradient is a view of its
+    gradient buffer, which the fake kernel once returned as a dense tensor: Inductor then failed in the
+    first backward of any model with a DenseBlock3d (see test_inductor_compiles_a_training_step_...)."""
+    g = torch.Generator().manual_seed(9)
+    args = _dense_block_args(engine, bottleneck, g)
+    x, params, *settings = args
+    # each unit's weight, bn weight and bn bias train; its running statistics do not
+    trained = [p.clone().requires_grad_(i % 5 < 3) for i, p in enumerate(params)]
+    with_grad = (x.clone().requires_grad_(True), trained, *settings)
+    torch.library.opcheck(torch.ops.prostate_kernels.dense_block_forward.default, with_grad)
+    buffer, b_stats, t_stats, folds, _ = torch.ops.prostate_kernels.dense_block_forward(*args)
+    grad_output = torch.randn(buffer.shape, generator=g)
+    torch.library.opcheck(
+        torch.ops.prostate_kernels.dense_block_backward.default,
+        (grad_output, buffer, [b_stats, t_stats, folds], params, *settings),
     )
 
 
@@ -124,6 +208,38 @@ def test_a_compiled_tiramisu_trains_like_eager(backend):
         torch.testing.assert_close(p_c.grad, p_e.grad, rtol=0, atol=0, msg=name)
     for (name, b_e), b_c in zip(eager.named_buffers(), compiled.buffers(), strict=True):
         torch.testing.assert_close(b_c, b_e, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_inductor_compiles_a_training_step_through_the_ops(backend):
+    """torch.compile's default backend (Inductor generates C++ for the code around the ops here) checks
+    each custom op's real output strides against its fake kernel's: the dense block's input gradient is
+    a view of its gradient buffer, which a fake kernel returning a dense tensor contradicted (an
+    AssertionError in the first backward). A small Tiramisu 3D (every kind of block and layer), a
+    DenseNet-BC block and a depthwise conv: one training step gives eager's results to float32's
+    rounding (Inductor fuses the ops around ours differently)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(
+        Tiramisu3D((1, 1, 1), growth_rate=4, first_conv_filters=8, dropout=0.0),
+        DenseBlock3d(1, growth_rate=2, num_layers=2, dropout=0.0, bn_size=2),
+        DepthwiseConv3d(5, 3, padding=2, dilation=2),
+    )
+    compiled = copy.deepcopy(eager)
+    x = torch.randn((2, 1, 4, 6, 8), generator=torch.Generator().manual_seed(6))
+    x_eager, x_compiled = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    # no cached graph: a stale one keeps the strides of an older fake kernel
+    with use_backend(backend), torch._inductor.config.patch(force_disable_caches=True):
+        y_eager = eager(x_eager)
+        y_eager.square().mean().backward()
+        y_compiled = torch.compile(compiled, fullgraph=True)(x_compiled)
+        y_compiled.square().mean().backward()
+    torch.testing.assert_close(y_compiled, y_eager)
+    torch.testing.assert_close(x_compiled.grad, x_eager.grad)
+    for (name, p_e), p_c in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(p_c.grad, p_e.grad, msg=name)
+    for (name, b_e), b_c in zip(eager.named_buffers(), compiled.buffers(), strict=True):
+        torch.testing.assert_close(b_c, b_e, msg=name)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

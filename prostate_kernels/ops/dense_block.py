@@ -404,8 +404,11 @@ def _(
 ):  # fmt: skip
     n, c, *size = buffer.shape
     layers = len(eps) // units_per_layer(bottleneck)
-    grad_x = torch.empty((n, c - layers * growth, *size), dtype=buffer.dtype, device=buffer.device,
-                         memory_format=_ENGINES[engine].buffer_format)  # fmt: skip
+    # grad x is the input's channels of the gradient buffer G, a view with G's strides (no copy), which
+    # Inductor checks against these
+    grad_buffer = torch.empty((n, c, *size), dtype=buffer.dtype, device=buffer.device,
+                              memory_format=_ENGINES[engine].buffer_format)  # fmt: skip
+    grad_x = grad_buffer[:, : c - layers * growth]
     grads = []
     for unit in range(len(eps)):
         weight, gamma, beta, _, _ = _unit(params, unit)

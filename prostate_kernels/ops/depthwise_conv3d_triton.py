@@ -304,16 +304,11 @@ def depthwise_conv3d_backward(
     needs: list[bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """backward_impl as a custom op: (grad x, grad weight, grad bias), each empty where needs[i] is False;
-    grad weight and grad bias copied when they share the sum's storage (a custom op's outputs never
-    alias)."""
+    grad bias copied out of the weight's sums, whose last row it is (a custom op's outputs never alias,
+    and each starts its own storage, as its fake kernel's do: torch.library.opcheck compares offsets)."""
     grads = backward_impl(gy, x, weight, stride, padding, dilation, has_bias, needs)
-    gw, gb = grads[1], grads[2]
-    if (
-        gw is not None
-        and gb is not None
-        and gw.untyped_storage().data_ptr() == gb.untyped_storage().data_ptr()
-    ):
-        grads[2] = gb.clone()
+    if grads[2] is not None:
+        grads[2] = grads[2].clone()
     filled = tuple(g if g is not None else x.new_empty((0,)) for g in grads)
     return cast(tuple[torch.Tensor, torch.Tensor, torch.Tensor], filled)
 
