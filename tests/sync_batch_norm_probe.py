@@ -166,6 +166,30 @@ def saved_for_backward() -> dict[str, int]:
         return {"plain": saved_bytes(block, x), "synced": saved_bytes(synced, x)}
 
 
+def opchecks(group) -> dict[str, str]:
+    """torch.library.opcheck of the synchronised statistics' custom ops (what a compiled fused layer
+    calls) on x in NCDHW and as a channel slice of a channels-last buffer: case -> "passed" or the error.
+    Every process runs the same checks (each runs the ops' collectives)."""
+    g = torch.Generator().manual_seed(11)
+    buffer = torch.randn((2, 7, 3, 4, 5), generator=g).contiguous(memory_format=torch.channels_last_3d)
+    inputs = {"ncdhw": torch.randn((2, 4, 3, 4, 5), generator=g), "channels_last_slice": buffer[:, :4]}
+    results = {}
+    for layout, x in inputs.items():
+        vectors = [torch.randn(4, generator=g) for _ in range(3)]  # mean, g_mean, g_var
+        count = torch.tensor(float(2 * x[0, 0].numel()), dtype=torch.float64)
+        cases = {
+            "synced_batch_stats": (x.detach().requires_grad_(True), group.group_name),
+            "synced_batch_stats_backward": (x, *vectors, count, group.group_name),
+        }
+        for op, args in cases.items():
+            try:
+                torch.library.opcheck(getattr(torch.ops.prostate_kernels, op).default, args)
+                results[f"{op} {layout}"] = "passed"
+            except Exception as error:  # reported by the test, with the case's name
+                results[f"{op} {layout}"] = f"{type(error).__name__}: {error}"[:2000]
+    return results
+
+
 def main() -> None:
     from prostate_kernels import use_backend
 
@@ -196,6 +220,7 @@ def main() -> None:
         }
     saved[MIXED] = {"warned": mixed_block_warns()}
     saved["saved_for_backward"] = saved_for_backward()
+    saved["opcheck"] = opchecks(dist.group.WORLD)
     torch.save(saved, os.path.join(sys.argv[1], f"rank{rank}.pt"))
     dist.destroy_process_group()
 

@@ -110,6 +110,15 @@ def test_memory_efficient_blocks_run_their_shared_buffer_engine_over_the_group(r
             assert [ranks[r][name]["synced_blocks"] for r in range(2)] == [expected[kind]] * 2, name
 
 
+def test_the_synchronised_statistics_ops_pass_opcheck(ranks):
+    """The custom ops a compiled synchronised layer calls: schema, fake kernels (strides and offsets of
+    NCDHW and channel-slice inputs), autograd registration, on both processes."""
+    for rank in range(2):
+        results = ranks[rank]["opcheck"]
+        assert len(results) == 4, results
+        assert all(result == "passed" for result in results.values()), (rank, results)
+
+
 def test_without_a_process_group_a_sync_batchnorm_layer_is_a_batchnorm_layer():
     """Outside torch.distributed (or in eval mode) nn.SyncBatchNorm is plain BatchNorm, as torch's is."""
     torch.manual_seed(0)
