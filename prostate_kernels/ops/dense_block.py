@@ -243,12 +243,10 @@ def _group_sync(group: dist.ProcessGroup, x: torch.Tensor) -> GroupSync:
     return GroupSync(group, group_count(x.numel() // x.shape[1], group, x.device, tuple(x.shape)))
 
 
-def _named_group_sync(group_name: str, x: torch.Tensor, batch_stats: Sequence[bool]) -> GroupSync | None:
-    """The custom ops' GroupSync: over the group named group_name ("": none) when a unit takes batch
-    statistics, else None."""
-    if not group_name or not any(batch_stats):
-        return None
-    return _group_sync(resolve_group(group_name), x)
+def _named_group_sync(group_name: str, x: torch.Tensor) -> GroupSync | None:
+    """The custom ops' GroupSync: over the group named group_name, or None for "" (the entry passes a
+    name only when some unit takes batch statistics)."""
+    return _group_sync(resolve_group(group_name), x) if group_name else None
 
 
 _WIDTH = len(UnitParams._fields)  # tensors per unit in the custom ops' flat parameter list
@@ -307,7 +305,7 @@ def _forward_op_impl(
     layer's T (each empty when no unit uses them); folds each unit's BatchNorm as (scale, shift, rstd),
     flat, units in order (BlockSpec.fold_offsets): backward reuses them instead of folding again; count:
     with a group, the values per channel behind the statistics (0-d float64 on x's device), else empty."""
-    sync = _named_group_sync(group_name, x, batch_stats)
+    sync = _named_group_sync(group_name, x)
     outputs = _forward_outputs(x, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine,
                                compute_dtype, sync)  # fmt: skip
     count = (
@@ -351,7 +349,7 @@ def _(x, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, c
         x.new_empty(b, dtype=_fake_stats_dtype(x, spec.b_stats)),
         x.new_empty(t, dtype=_fake_stats_dtype(x, spec.t_stats)),
         x.new_empty((spec.fold_offsets()[-1],), dtype=_fake_stats_dtype(x, True)),
-        x.new_empty(() if group_name and any(batch_stats) else (0,), dtype=torch.float64),
+        x.new_empty(() if group_name else (0,), dtype=torch.float64),
     )
 
 
@@ -372,7 +370,7 @@ def _backward_op_impl(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(grad x, [grad weight, grad bn weight, grad bn bias] per unit), each missing one empty.
     stats: the forward's (b_stats, t_stats, folds)."""
-    sync = _named_group_sync(group_name, buffer, batch_stats)
+    sync = _named_group_sync(group_name, buffer)
     return _backward_outputs(grad_output, buffer, stats, params, growth, bottleneck, batch_stats, eps,
                              dropout, seeds, engine, compute_dtype, sync)  # fmt: skip
 
