@@ -114,9 +114,11 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, any_size: bool = 
     packed = io.BytesIO()
     torch.export.save(program, packed, extra_files={METADATA_FILE: json.dumps(metadata, indent=1)})
     # a killed or failed export leaves no half-written program; a file that appeared at `out` meanwhile
-    # (refuse_existing looked before the export) is left as it is
-    with atomic_write(out, "wb", replace=False) as f:
-        f.write(packed.getbuffer())
+    # (refuse_existing looked before the export) is left as it is. The view of `packed` is released by its
+    # `with`: left to the garbage collector in a failed write's traceback cycle, CPython 3.12.1 crashed
+    # collecting it (a segfault at exit after the error line; CPython gh-111049).
+    with atomic_write(out, "wb", replace=False) as f, packed.getbuffer() as view:
+        f.write(view)
     return Exported(out, metadata, difference)
 
 
