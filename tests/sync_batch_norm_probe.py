@@ -121,7 +121,10 @@ def run_module(module: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, bac
     shared_buffer_block = dense.dense_block
 
     def counted(*args, **kwargs):  # a DenseBlock3d's memory-efficient engine (ops/dense_block.py)
-        calls.append(kwargs.get("process_group"))
+        # the group's name, not the group: under torch.compile this list's appends are replayed after the
+        # graph, and torch 2.11's Dynamo cannot rebuild a ProcessGroup there ("Reconstruction failure")
+        group = kwargs.get("process_group")
+        calls.append(None if group is None else group.group_name)
         return shared_buffer_block(*args, **kwargs)
 
     dense.dense_block = counted
@@ -132,7 +135,7 @@ def run_module(module: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, bac
     finally:
         dense.dense_block = shared_buffer_block
     warned = any("runs layer by layer" in str(w.message) for w in caught)
-    synced_blocks = sum(group is dist.group.WORLD for group in calls)
+    synced_blocks = sum(name == dist.group.WORLD.group_name for name in calls)
     return y, x, dict(module.named_parameters()), dict(module.named_buffers()), warned, synced_blocks
 
 
