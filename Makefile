@@ -7,6 +7,8 @@
 #                other 10 -> bench/results/<date>-real-<device>.md (skips when ../shared is absent)
 #   make gpu-compile  every Triton kernel x autotune config x dot path compiled for sm_90a and sm_80 (no GPU
 #                needed): registers, spills, shared memory -> bench/results/<date>-compile-report.md
+#   make test-gpu-versions  the suite on the GPU machine's Python 3.12 and torch 2.11.0, on this CPU (its
+#                own venv, .venv-gpu-versions)
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -17,7 +19,7 @@ PIP    := $(PY) -m pip -q --disable-pip-version-check
 CUDA_TORCH := $(shell $(PYTHON) -c "import sys, torch; sys.exit(0 if torch.version.cuda and torch.cuda.is_available() else 1)" >/dev/null 2>&1 && echo yes)
 SOURCES    := $(shell find prostate_kernels models csrc -name '*.py' -o -name '*.cpp' -o -name '*.h') setup.py pyproject.toml
 
-.PHONY: setup demo test lint compile-gate gpu-compile bench real clean
+.PHONY: setup demo test test-gpu-versions lint compile-gate gpu-compile bench real clean
 
 setup: $(VENV)/.installed
 
@@ -64,6 +66,19 @@ TEST_WORKERS ?= 2
 test: lint compile-gate
 	TRITON_INTERPRET=1 $(VENV)/bin/pytest -q -n $(TEST_WORKERS)
 
+# The suite again on the lent GPU machine's Python and torch (Python 3.12, torch 2.11.0, triton 3.6.0), on
+# this CPU, in a venv of its own: what breaks only on those versions is found before device time is spent.
+# Not part of `make test` (a 5 GB CUDA build of torch, and the suite's 25 minutes again).
+# GPU_PYTHON: pyenv's 3.12 where there is one (its python3.12 shim answers only inside that version)
+GPU_PYTHON   ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) python3.12)
+GPU_VERSIONS := .venv-gpu-versions
+test-gpu-versions:
+	@$(GPU_PYTHON) -c "import sys; sys.exit(sys.version_info[:2] != (3, 12))" 2>/dev/null || { echo "GPU_PYTHON=$(GPU_PYTHON) is not a Python 3.12: make test-gpu-versions GPU_PYTHON=/path/to/python3.12"; exit 1; }
+	test -x $(GPU_VERSIONS)/bin/python || $(GPU_PYTHON) -m venv $(GPU_VERSIONS)
+	$(GPU_VERSIONS)/bin/python -m pip -q --disable-pip-version-check install -r requirements/gpu-versions.txt -r requirements/dev.txt
+	$(GPU_VERSIONS)/bin/python -m pip -q --disable-pip-version-check install --no-build-isolation --no-deps .
+	TRITON_INTERPRET=1 $(GPU_VERSIONS)/bin/pytest -q -n $(TEST_WORKERS)
+
 real: setup
 	$(PY) bench/real_data.py
 
@@ -74,4 +89,4 @@ bench: setup
 	$(PY) bench/run_all.py
 
 clean:
-	rm -rf build *.egg-info $(VENV) demo_out .pytest_cache .ruff_cache .mypy_cache
+	rm -rf build *.egg-info $(VENV) $(GPU_VERSIONS) demo_out .pytest_cache .ruff_cache .mypy_cache
