@@ -11,10 +11,12 @@ iteration) lets `--resume` continue exactly where training stopped: the batches 
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import itertools
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -134,25 +136,25 @@ def train(config: TrainConfig, log: Callable[[str], object] = print, arrays: lis
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise DataError(out, "--out is an existing file, expected a run directory")
-    rank, world, device = _setup_distributed()
-    refused = config.cuda_graphs and cuda_graph_training.refusal(device, world)
-    refused = refused or (config.sync_batchnorm and sync_training.refusal(device, world))
-    if refused:
-        raise ConfigError(refused)
-    check_batch_fits(config, device)
-    if rank != 0:
-        _check_run_directory(out, config.resume)
-        with deterministic_mode(config.deterministic):
-            return _train(config, rank, world, device, log, arrays)
-    with created_directory(out, "--out"), RunLock(out):
-        _check_run_directory(out, config.resume)
-        for tmp in remove_stale_temporaries(out):
-            log(f"removed {tmp.name}, left by a checkpoint write that was killed")
-        with deterministic_mode(config.deterministic):
-            if config.deterministic:
-                log("deterministic algorithms on: the library's kernels take untimed tiles; a PyTorch op "
-                    "without a deterministic version warns and runs (docs/determinism.md)")  # fmt: skip
-            return _train(config, rank, world, device, log, arrays)
+    with _joined_process_group() as (rank, world, device):
+        refused = config.cuda_graphs and cuda_graph_training.refusal(device, world)
+        refused = refused or (config.sync_batchnorm and sync_training.refusal(device, world))
+        if refused:
+            raise ConfigError(refused)
+        check_batch_fits(config, device)
+        if rank != 0:
+            _check_run_directory(out, config.resume)
+            with deterministic_mode(config.deterministic):
+                return _train(config, rank, world, device, log, arrays)
+        with created_directory(out, "--out"), RunLock(out):
+            _check_run_directory(out, config.resume)
+            for tmp in remove_stale_temporaries(out):
+                log(f"removed {tmp.name}, left by a checkpoint write that was killed")
+            with deterministic_mode(config.deterministic):
+                if config.deterministic:
+                    log("deterministic algorithms on: the library's kernels take untimed tiles; a PyTorch op "
+                        "without a deterministic version warns and runs (docs/determinism.md)")  # fmt: skip
+                return _train(config, rank, world, device, log, arrays)
 
 
 def _check_run_directory(out: Path, resume: bool) -> None:
@@ -280,8 +282,6 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
         from prostate_kernels.plots import plot_training_curve
 
         plot_training_curve(out / "metrics.csv", out / "training_curve.png")
-    if world > 1:
-        dist.destroy_process_group()
     return ckpt_path
 
 
@@ -339,20 +339,32 @@ def validate(
     return float(np.mean(dices))
 
 
-def _setup_distributed() -> tuple[int, int, torch.device]:
-    """(rank, world size, device) of this process: under torchrun (WORLD_SIZE > 1) it joins the process
-    group (NCCL on CUDA, gloo on the CPU) and takes its LOCAL_RANK's GPU."""
+@contextlib.contextmanager
+def _joined_process_group() -> Iterator[tuple[int, int, torch.device]]:
+    """(rank, world size, device) of this process for the `with` block: under torchrun (WORLD_SIZE > 1)
+    it joins the process group (NCCL on CUDA, gloo on the CPU), takes its LOCAL_RANK's GPU, and leaves
+    the group when the block ends, an error included. A group left alive is torn down at interpreter exit
+    (if at all), where a Gloo worker thread that needs the GIL aborts the process (pytorch/pytorch#179291;
+    the likely cause of one CI run's rank ending in "terminate called without an active exception")."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+    if world == 1:
+        yield 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return
+    # DDP's first use imports this module, whose defaults (group=group.WORLD) are bound at import: after
+    # init_process_group they would hold the group for good and destroy_process_group would free nothing
+    importlib.import_module("torch.distributed.nn.functional")
+
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
         rank = dist.get_rank()
         if torch.cuda.is_available():
             local = int(os.environ.get("LOCAL_RANK", rank))
             torch.cuda.set_device(local)
-            return rank, world, torch.device("cuda", local)
-        return rank, world, torch.device("cpu")
-    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            yield rank, world, torch.device("cuda", local)
+        else:
+            yield rank, world, torch.device("cpu")
+    finally:
+        dist.destroy_process_group()
 
 
 def _barrier(world: int) -> None:

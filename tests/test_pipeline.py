@@ -6,6 +6,7 @@ import csv
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -91,8 +92,9 @@ def head_and_tail(stderr: str, head: int = 4000, tail: int = 2000) -> str:
 @pytest.mark.parametrize("layout", ["ncdhw", "channels_last"])
 def test_ddp_with_two_gloo_processes(phantoms, tmp_path, layout):
     # one thread per process (torchrun's default): PyTorch's CPU conv3d then returns NCDHW-strided
-    # gradients for channels-last 1x1x1 weights, which keep_grads_in_param_strides restrides for DDP
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # gradients for channels-last 1x1x1 weights, which keep_grads_in_param_strides restrides for DDP.
+    # PYTHONFAULTHANDLER: a rank killed by a signal shows its Python stacks in the failure's message
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     extra = ["--channels-last"] if layout == "channels_last" else []
     cmd = torchrun(2, "-m", "prostate_kernels", *train_args(phantoms, tmp_path, 2, *extra))
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
@@ -101,6 +103,36 @@ def test_ddp_with_two_gloo_processes(phantoms, tmp_path, layout):
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["iteration"] == 2 and len(state["rng"]["ranks"]) == 2
     assert not torch.equal(state["rng"]["ranks"][0]["cpu"], state["rng"]["ranks"][1]["cpu"])
+
+
+THREADS_AFTER_MAIN = """
+    import os, sys
+    from prostate_kernels.cli import main
+    status = main(sys.argv[1:])
+    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
+    print(f"rank {os.environ['RANK']} status {status} threads {sorted(names)}", file=sys.stderr)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the threads from Linux's /proc")
+@pytest.mark.parametrize("ending", ["trained", "refused"])
+def test_train_under_torchrun_leaves_no_process_group_behind(phantoms, tmp_path, ending):
+    """When `train` returns, on success or on an error, its process group is gone and with it Gloo's
+    threads (pt_gloo_runloop, gloo_tcp_loop). A group still alive is torn down at interpreter exit, where a
+    Gloo thread that needs the GIL aborts the process (the likely cause of a rank's "terminate called
+    without an active exception" in one CI run of test_ddp_with_two_gloo_processes). Two ways kept it:
+    DDP's first use imports torch.distributed.nn.functional, whose defaults (group=group.WORLD) hold the
+    group for good; an error (here the refused --sync-batchnorm) skipped destroy_process_group."""
+    script = tmp_path / "threads_after_main.py"
+    script.write_text(textwrap.dedent(THREADS_AFTER_MAIN))
+    extra = ["--sync-batchnorm"] if ending == "refused" else []
+    cmd = torchrun(2, str(script), *train_args(phantoms, tmp_path / "run", 1, *extra))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    reports = [line for line in result.stderr.splitlines() if line.startswith("rank ")]
+    assert len(reports) == 2, head_and_tail(result.stderr)
+    status = "status 2" if ending == "refused" else "status 0"
+    assert all(status in line and "gloo" not in line for line in reports), reports
 
 
 def test_sync_batchnorm_is_refused_under_torchrun_on_the_cpu(phantoms, tmp_path):
