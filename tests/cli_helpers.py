@@ -62,10 +62,11 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     return lines[0]
 
 
-def train_args(data: Path, out: Path, iters: int, *extra: str) -> list[str]:
+def train_args(data: Path, out: Path, iters: int, *extra: str, val_every: int = 2) -> list[str]:
+    """`train` of the tiny Tiramisu 3D on a tiny dataset, one held-out case, no progress bar."""
     return ["train", "--data", str(data), "--out", str(out), "--model", "tiramisu3d_tiny", *PATCH,
-            "--batch", "2", "--iters", str(iters), "--val-every", "2", "--val-cases", "1", "--no-progress",
-            *extra]  # fmt: skip
+            "--batch", "2", "--iters", str(iters), "--val-every", str(val_every), "--val-cases", "1",
+            "--no-progress", *extra]  # fmt: skip
 
 
 def make_phantoms(out: Path, n: int = 3) -> Path:

@@ -5,29 +5,26 @@ from __future__ import annotations
 import csv
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
+import cli_helpers
 import numpy as np
 import pytest
 import torch
-from cli_helpers import torchrun
+from cli_helpers import SHAPE, run_cli, torchrun
 
 from prostate_kernels.checkpoint import load_checkpoint, save_checkpoint
 from prostate_kernels.cli import main
 from prostate_kernels.data import Volume, read_volume, write_volume
 from prostate_kernels.plots import plot_overlay
 
-SHAPE = ("8", "32", "32")
-PATCH = ["--patch", "8", "32", "32"]
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "hipmri-case018-week7"
 
 
 def train_args(data: Path, out: Path, iters: int, *extra: str) -> list[str]:
-    return ["train", "--data", str(data), "--out", str(out), "--model", "tiramisu3d_tiny", *PATCH,
-            "--batch", "2", "--iters", str(iters), "--val-every", "3", "--val-cases", "1", "--no-progress",
-            "--loss", "bce+dice", *extra]  # fmt: skip
+    """The pipeline's runs: validated every 3 iterations, with the paper's loss."""
+    return cli_helpers.train_args(data, out, iters, "--loss", "bce+dice", *extra, val_every=3)
 
 
 @pytest.fixture(scope="module")
@@ -157,12 +154,6 @@ def test_sync_batchnorm_in_one_process_says_it_changes_nothing(phantoms, tmp_pat
 
 
 # ------------------------------------------------------------------------------------ bad input
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    # run outside the source tree: `python -m` puts the current directory first on sys.path
-    return subprocess.run([sys.executable, "-m", "prostate_kernels", *args], capture_output=True, text=True,
-                          timeout=300, cwd=Path(__file__).resolve().parent)  # fmt: skip
 
 
 def test_predict_shows_a_bar_over_each_cases_windows_unless_told_not_to(phantoms, trained, tmp_path, capsys):
