@@ -103,11 +103,27 @@ def test_ddp_with_two_gloo_processes(phantoms, tmp_path, layout):
 
 
 THREADS_AFTER_MAIN = """
-    import os, sys
+    import os, sys, time
+    import torch.distributed as dist
     from prostate_kernels.cli import main
+
+    def threads():
+        return sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+
+    alive, init_process_group = [], dist.init_process_group
+
+    def joined(*args, **kwargs):  # the control: a live group's threads, as this torch names them
+        init_process_group(*args, **kwargs)
+        for _ in range(100):  # a new thread names itself once it runs
+            alive[:] = threads()
+            if any("gloo" in name for name in alive):
+                break
+            time.sleep(0.1)
+
+    dist.init_process_group = joined
     status = main(sys.argv[1:])
-    names = [open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task")]
-    print(f"rank {os.environ['RANK']} status {status} threads {sorted(names)}", file=sys.stderr)
+    left = threads()
+    print(f"rank {os.environ['RANK']} status {status} threads {left} alive {alive}", file=sys.stderr)
 """
 
 
@@ -119,7 +135,9 @@ def test_train_under_torchrun_leaves_no_process_group_behind(phantoms, tmp_path,
     Gloo thread that needs the GIL aborts the process (the likely cause of a rank's "terminate called
     without an active exception" in one CI run of test_ddp_with_two_gloo_processes). Two ways kept it:
     DDP's first use imports torch.distributed.nn.functional, whose defaults (group=group.WORLD) hold the
-    group for good; an error (here the refused --sync-batchnorm) skipped destroy_process_group."""
+    group for good; an error (here the refused --sync-batchnorm) skipped destroy_process_group. The
+    threads just after init_process_group are the control: they must hold "gloo" (a torch that renamed
+    its threads would otherwise pass unseen)."""
     script = tmp_path / "threads_after_main.py"
     script.write_text(textwrap.dedent(THREADS_AFTER_MAIN))
     extra = ["--sync-batchnorm"] if ending == "refused" else []
@@ -129,7 +147,9 @@ def test_train_under_torchrun_leaves_no_process_group_behind(phantoms, tmp_path,
     reports = [line for line in result.stderr.splitlines() if line.startswith("rank ")]
     assert len(reports) == 2, head_and_tail(result.stderr)
     status = "status 2" if ending == "refused" else "status 0"
-    assert all(status in line and "gloo" not in line for line in reports), reports
+    for line in reports:
+        left, alive = line.split(" alive ")
+        assert status in left and "gloo" not in left and "gloo" in alive, reports
 
 
 def test_sync_batchnorm_is_refused_under_torchrun_on_the_cpu(phantoms, tmp_path):
