@@ -8,6 +8,7 @@ Usage: torchrun --nproc-per-node 2 sync_batch_norm_probe.py OUT
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import warnings
@@ -139,6 +140,32 @@ def run_module(module: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype, bac
     return y, x, dict(module.named_parameters()), dict(module.named_buffers()), warned, synced_blocks
 
 
+COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "all_gather", "broadcast")
+
+
+@contextlib.contextmanager
+def counted_collectives():
+    """Counts the torch.distributed collectives called inside the block, by name, into the dict it yields
+    (each wrapped in the module torch.distributed, where the library's ops look them up at call time)."""
+    counts = dict.fromkeys(COLLECTIVES, 0)
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def counting(name):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return originals[name](*args, **kwargs)
+
+        return call
+
+    for name in COLLECTIVES:
+        setattr(dist, name, counting(name))
+    try:
+        yield counts
+    finally:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+
 def mixed_block_warns() -> bool:
     """Whether a converted block whose first unit's norm is a plain BatchNorm3d again warns (and runs)."""
     from prostate_kernels import nn as pk_nn
@@ -212,7 +239,8 @@ def main() -> None:
                 )
             torch.manual_seed(1)  # the same output gradient everywhere, each process its share of it
             gy = torch.randn((BATCH, *y.shape[1:]), dtype=torch.float64)[share].to(dtype)
-            (y * gy).sum().backward()
+            with counted_collectives() as backward_collectives:
+                (y * gy).sum().backward()
         saved[name] = {
             "y": y.detach(),
             "grad_x": x_in.grad,
@@ -220,6 +248,7 @@ def main() -> None:
             "buffers": {k: b.clone() for k, b in buffers.items()},
             "warned": warned,
             "synced_blocks": synced_blocks,
+            "backward_collectives": backward_collectives,
         }
     saved[MIXED] = {"warned": mixed_block_warns()}
     saved["saved_for_backward"] = saved_for_backward()

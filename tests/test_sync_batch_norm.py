@@ -110,6 +110,23 @@ def test_memory_efficient_blocks_run_their_shared_buffer_engine_over_the_group(r
             assert [ranks[r][name]["synced_blocks"] for r in range(2)] == [expected[kind]] * 2, name
 
 
+def test_a_compiled_case_makes_the_collectives_of_its_eager_twin_in_backward(ranks):
+    """The backward of a block takes the group's count from its forward: one all_reduce per unit with
+    batch statistics (its gradient through them) and nothing more, compiled or not. The compiled block's
+    backward op once made the count's all_reduce again (one more per block)."""
+    twins = {name: name.replace("_compiled", "").replace("_inductor", "") for name in probe.CASES}
+    twins = {name: eager for name, eager in twins.items() if eager != name and eager in probe.CASES}
+    assert len(twins) == 4, twins  # a layer, a block, a bottleneck block (Inductor), the tiny Tiramisu
+    for rank in range(2):
+        for name, eager in twins.items():
+            got, want = (ranks[rank][case]["backward_collectives"] for case in (name, eager))
+            assert got == want, (rank, name, got, want)
+        # 3 layers: 3 units, with bottlenecks 6, each normalised by the batch's statistics
+        for name, units in (("block_triton_float32", 3), ("bottleneck_block_torch_float64", 6)):
+            got = ranks[rank][name]["backward_collectives"]
+            assert got == {**dict.fromkeys(probe.COLLECTIVES, 0), "all_reduce": units}, (rank, name, got)
+
+
 def test_the_synchronised_statistics_ops_pass_opcheck(ranks):
     """The custom ops a compiled synchronised layer calls: schema, fake kernels (strides and offsets of
     NCDHW and channel-slice inputs), autograd registration, on both processes."""

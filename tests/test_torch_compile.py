@@ -129,11 +129,12 @@ def test_dense_block_ops_pass_opcheck(engine, bottleneck):
     trained = [p.clone().requires_grad_(i % 5 < 3) for i, p in enumerate(params)]
     with_grad = (x.clone().requires_grad_(True), trained, *settings)
     torch.library.opcheck(torch.ops.prostate_kernels.dense_block_forward.default, with_grad)
-    buffer, b_stats, t_stats, folds, _ = torch.ops.prostate_kernels.dense_block_forward(*args)
+    buffer, b_stats, t_stats, folds, count = torch.ops.prostate_kernels.dense_block_forward(*args)
     grad_output = torch.randn(buffer.shape, generator=g)
+    *settings, group_name = settings
     torch.library.opcheck(
         torch.ops.prostate_kernels.dense_block_backward.default,
-        (grad_output, buffer, [b_stats, t_stats, folds], params, *settings),
+        (grad_output, buffer, [b_stats, t_stats, folds], params, *settings, count, group_name),
     )
 
 

@@ -283,8 +283,8 @@ def _fake_stats_dtype(x: torch.Tensor, any_batch_stats: bool) -> torch.dtype:
 # traces through a Tiramisu: opaque nodes in its graph. Functional: the forward returns the per-channel
 # batch statistics and the entry updates the running ones from them. Parameters travel as one flat list
 # (UnitParams per unit); gradients that do not exist come back as empty tensors. A process group
-# travels by name (group_name, "" for none): each op makes the group's count itself (one all_reduce; the
-# backward's repeats the forward's, which saves passing it as a tensor), then the walk's collectives.
+# travels by name (group_name, "" for none): the forward makes the group's count (one all_reduce) and
+# returns it, and the backward takes it back (no collective of its own for it), then the walk's collectives.
 
 
 def _forward_op_impl(
@@ -366,20 +366,23 @@ def _backward_op_impl(
     seeds: torch.Tensor,
     engine: str,
     compute_dtype: torch.dtype,
+    count: torch.Tensor,
     group_name: str,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """(grad x, [grad weight, grad bn weight, grad bn bias] per unit), each missing one empty.
-    stats: the forward's (b_stats, t_stats, folds)."""
-    sync = _named_group_sync(group_name, buffer)
+    stats: the forward's (b_stats, t_stats, folds); count: the forward's (the group's values per channel,
+    0-d float64, read here on the host; empty without a group)."""
+    sync = GroupSync(resolve_group(group_name), int(count.item())) if group_name else None
     return _backward_outputs(grad_output, buffer, stats, params, growth, bottleneck, batch_stats, eps,
-                             dropout, seeds, engine, compute_dtype, sync)  # fmt: skip
+                             dropout, seeds, engine, compute_dtype, sync=sync)  # fmt: skip
 
 
 def _backward_outputs(
     grad_output, buffer, stats, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine,
-    compute_dtype, sync: GroupSync | None = None,
+    compute_dtype, count=None, *, sync: GroupSync | None = None,
 ):  # fmt: skip
-    """_backward_op_impl's outputs, through the group's statistics when sync is given (the eager block)."""
+    """_backward_op_impl's outputs, through the group's statistics when sync is given (the eager block).
+    count: the op's argument, unread (sync holds the group's count)."""
     in_channels = buffer.shape[1] - len(eps) // units_per_layer(bottleneck) * growth
     spec = _spec(
         in_channels, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype, sync
@@ -398,7 +401,7 @@ dense_block_backward = torch.library.custom_op(
 @dense_block_backward.register_fake
 def _(
     grad_output, buffer, stats, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine,
-    compute_dtype, group_name,
+    compute_dtype, count, group_name,
 ):  # fmt: skip
     n, c, *size = buffer.shape
     layers = len(eps) // units_per_layer(bottleneck)
@@ -416,9 +419,10 @@ def _(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    """For the custom op (inputs end with group_name, outputs with count) and DenseBlockFunction alike."""
+    """For the custom op (inputs end with group_name) and DenseBlockFunction alike; output: (buffer,
+    b_stats, t_stats, folds, count), count empty without a group (the backward op takes it back)."""
     x, params, growth, bottleneck, batch_stats, eps, dropout, seeds, engine, compute_dtype, *group = inputs
-    buffer, *stats = output[:4]
+    buffer, *stats = output
     # a unit normalised by batch statistics needs no running statistics in backward; they are not saved
     # (the entry updates them in place after this op)
     params = [
@@ -438,10 +442,10 @@ def _gradients(ctx, grad_output, backward) -> tuple[torch.Tensor | None, list[to
     if grad_output is None:  # the buffer took no part in what backward differentiates
         return None, [None] * len(ctx.present)
     buffer, seeds, *rest = ctx.saved_tensors
-    stats, saved = rest[:3], iter(rest[3:])
+    stats, count, saved = rest[:3], rest[3], iter(rest[4:])
     params = [next(saved) if present else None for present in ctx.present]
     grad_x, grads = backward(
-        grad_output, buffer, stats, params, *ctx.settings, seeds, ctx.engine, ctx.compute_dtype
+        grad_output, buffer, stats, params, *ctx.settings, seeds, ctx.engine, ctx.compute_dtype, count
     )
     param_grads: list[torch.Tensor | None] = [None] * len(params)
     for unit in range(len(ctx.settings[3])):
@@ -482,7 +486,7 @@ class DenseBlockFunction(torch.autograd.Function):
             compute_dtype,
         )
         outputs = _forward_outputs(*inputs, sync=sync)
-        _setup_context(ctx, inputs, outputs)
+        _setup_context(ctx, inputs, (*outputs, x.new_empty((0,), dtype=torch.float64)))
         ctx.sync = sync
         ctx.mark_non_differentiable(*outputs[1:])
         return outputs
