@@ -136,12 +136,15 @@ def train(config: TrainConfig, log: Callable[[str], object] = print, arrays: lis
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise DataError(out, "--out is an existing file, expected a run directory")
-    with _joined_process_group() as (rank, world, device):
-        refused = config.cuda_graphs and cuda_graph_training.refusal(device, world)
-        refused = refused or (config.sync_batchnorm and sync_training.refusal(device, world))
-        if refused:
-            raise ConfigError(refused)
-        check_batch_fits(config, device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # processes torchrun started; 1 without it
+    device = _process_device(world)
+    # refused before any process joins the group: every one says the same line and none waits on another
+    refused = config.cuda_graphs and cuda_graph_training.refusal(device, world)
+    refused = refused or (config.sync_batchnorm and sync_training.refusal(device, world))
+    if refused:
+        raise ConfigError(refused)
+    check_batch_fits(config, device)
+    with _joined_process_group(world, device) as rank:
         if rank != 0:
             _check_run_directory(out, config.resume)
             with deterministic_mode(config.deterministic):
@@ -339,30 +342,40 @@ def validate(
     return float(np.mean(dices))
 
 
-@contextlib.contextmanager
-def _joined_process_group() -> Iterator[tuple[int, int, torch.device]]:
-    """(rank, world size, device) of this process for the `with` block: under torchrun (WORLD_SIZE > 1)
-    it joins the process group (NCCL on CUDA, gloo on the CPU), takes its LOCAL_RANK's GPU, and leaves
-    the group when the block ends, an error included. A group left alive is torn down at interpreter exit
-    (if at all), where a Gloo worker thread that needs the GIL aborts the process (pytorch/pytorch#179291;
-    the likely cause of one CI run's rank ending in "terminate called without an active exception")."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+def _process_device(world: int) -> torch.device:
+    """This process's device: under torchrun (world > 1) with CUDA its LOCAL_RANK's GPU, made current
+    (before the group is joined, as NCCL wants), else the one GPU or the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
     if world == 1:
-        yield 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))))
+    torch.cuda.set_device(device)
+    return device
+
+
+@contextlib.contextmanager
+def _joined_process_group(world: int, device: torch.device) -> Iterator[int]:
+    """This process's rank for the `with` block: under torchrun (world > 1) it joins the process group
+    (NCCL on CUDA, gloo on the CPU) and leaves it when the block ends, an error included.
+    - A group left alive is torn down at interpreter exit (if at all), where a Gloo worker thread that
+      needs the GIL aborts the process (pytorch/pytorch#179291; the likely cause of one CI run's rank
+      ending in "terminate called without an active exception").
+    - init_process_group can return on one process while another still connects to it: one that then
+      failed at once and left the group ended the other's init in "Connection closed by peer" (a Gloo
+      traceback beside the one-line error). A barrier after joining: every process has joined before
+      any can leave."""
+    if world == 1:
+        yield 0
         return
     # DDP's first use imports this module, whose defaults (group=group.WORLD) are bound at import: after
     # init_process_group they would hold the group for good and destroy_process_group would free nothing
     importlib.import_module("torch.distributed.nn.functional")
 
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     try:
-        rank = dist.get_rank()
-        if torch.cuda.is_available():
-            local = int(os.environ.get("LOCAL_RANK", rank))
-            torch.cuda.set_device(local)
-            yield rank, world, torch.device("cuda", local)
-        else:
-            yield rank, world, torch.device("cpu")
+        _barrier(world)
+        yield dist.get_rank()
     finally:
         dist.destroy_process_group()
 

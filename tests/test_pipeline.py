@@ -123,33 +123,47 @@ THREADS_AFTER_MAIN = """
     dist.init_process_group = joined
     status = main(sys.argv[1:])
     left = threads()
-    print(f"rank {os.environ['RANK']} status {status} threads {left} alive {alive}", file=sys.stderr)
+    # one write of one line: the two processes share the pipe, and print's two writes once interleaved
+    os.write(2, f"rank {os.environ['RANK']} status {status} threads {left} alive {alive}\\n".encode())
 """
 
 
+# ending: (train's extra arguments, status of main, whether the group was joined)
+ENDINGS = {
+    "trained": ([], 0, True),
+    "earlier_run": ([], 2, True),  # --out holds a run's metrics.csv: refused at once, in the group
+    "refused": (["--sync-batchnorm"], 2, False),  # refused on the CPU before the group is joined
+}
+
+
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the threads from Linux's /proc")
-@pytest.mark.parametrize("ending", ["trained", "refused"])
+@pytest.mark.parametrize("ending", list(ENDINGS))
 def test_train_under_torchrun_leaves_no_process_group_behind(phantoms, tmp_path, ending):
     """When `train` returns, on success or on an error, its process group is gone and with it Gloo's
     threads (pt_gloo_runloop, gloo_tcp_loop). A group still alive is torn down at interpreter exit, where a
     Gloo thread that needs the GIL aborts the process (the likely cause of a rank's "terminate called
     without an active exception" in one CI run of test_ddp_with_two_gloo_processes). Two ways kept it:
     DDP's first use imports torch.distributed.nn.functional, whose defaults (group=group.WORLD) hold the
-    group for good; an error (here the refused --sync-batchnorm) skipped destroy_process_group. The
-    threads just after init_process_group are the control: they must hold "gloo" (a torch that renamed
-    its threads would otherwise pass unseen)."""
+    group for good; an error skipped destroy_process_group. The threads just after init_process_group
+    are the control: they must hold "gloo" (a torch that renamed its threads would otherwise pass unseen).
+    A refusal of the arguments comes before the group is joined; an error just after joining (an earlier
+    run in --out) comes after a barrier. Either way both processes report it: once, the other process's
+    init ended in "Connection closed by peer" when one failed and left at once."""
+    extra, want_status, joins = ENDINGS[ending]
     script = tmp_path / "threads_after_main.py"
     script.write_text(textwrap.dedent(THREADS_AFTER_MAIN))
-    extra = ["--sync-batchnorm"] if ending == "refused" else []
+    if ending == "earlier_run":
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / "metrics.csv").write_text("iteration,loss\n")
     cmd = torchrun(2, str(script), *train_args(phantoms, tmp_path / "run", 1, *extra))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     reports = [line for line in result.stderr.splitlines() if line.startswith("rank ")]
-    assert len(reports) == 2, head_and_tail(result.stderr)
-    status = "status 2" if ending == "refused" else "status 0"
+    assert len(reports) == 2 and "Traceback" not in result.stderr, head_and_tail(result.stderr)
     for line in reports:
         left, alive = line.split(" alive ")
-        assert status in left and "gloo" not in left and "gloo" in alive, reports
+        assert f"status {want_status}" in left and "gloo" not in left, reports
+        assert ("gloo" in alive) if joins else alive == "[]", reports
 
 
 def test_sync_batchnorm_is_refused_under_torchrun_on_the_cpu(phantoms, tmp_path):
