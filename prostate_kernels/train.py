@@ -344,12 +344,19 @@ def validate(
 
 def _process_device(world: int) -> torch.device:
     """This process's device: under torchrun (world > 1) with CUDA its LOCAL_RANK's GPU, made current
-    (before the group is joined, as NCCL wants), else the one GPU or the CPU."""
+    (before the group is joined, as NCCL wants), else the one GPU or the CPU. ConfigError when the
+    machine has no GPU for this process (more processes per node than GPUs: NCCL takes one per process)."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
     if world == 1:
         return torch.device("cuda")
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))))
+    local, gpus = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))), torch.cuda.device_count()
+    if local >= gpus:
+        raise ConfigError(
+            f"torchrun started this process as LOCAL_RANK {local}, and this machine has {gpus} CUDA "
+            f"device(s) it can see: start at most {gpus} process(es) per node (--nproc-per-node), one per GPU"
+        )
+    device = torch.device("cuda", local)
     torch.cuda.set_device(device)
     return device
 

@@ -166,6 +166,21 @@ def test_train_under_torchrun_leaves_no_process_group_behind(phantoms, tmp_path,
         assert ("gloo" in alive) if joins else alive == "[]", reports
 
 
+def test_more_processes_per_node_than_gpus_is_refused_in_one_line(phantoms, tmp_path, monkeypatch, capsys):
+    """A process of torchrun --nproc-per-node 2 on a machine with one GPU (LOCAL_RANK 1): set_device(1)
+    ended in "invalid device ordinal" (a traceback); now one line, before the group is joined (here CUDA
+    is claimed by patching torch.cuda: the refusal comes before any CUDA call)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail(f"set_device({device})"))
+    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(name, value)
+    assert main(train_args(phantoms, tmp_path / "run", 1)) == 2
+    err = capsys.readouterr().err
+    assert "LOCAL_RANK 1, and this machine has 1 CUDA device(s)" in err and "--nproc-per-node" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_sync_batchnorm_is_refused_under_torchrun_on_the_cpu(phantoms, tmp_path):
     """DDP refuses nn.SyncBatchNorm layers on the CPU ("SyncBatchNorm layers only work with GPU modules",
     a traceback from every rank once the model was built): refused in one line before anything is
