@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import itertools
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -36,6 +35,7 @@ from prostate_kernels.data import (
     read_mask,
 )
 from prostate_kernels.data.cases import passed_over
+from prostate_kernels.data.errors import first_line
 from prostate_kernels.data.io import as_channels
 from prostate_kernels.data.orientation import reoriented
 from prostate_kernels.data.resample import resample_case, resample_image
@@ -47,6 +47,7 @@ from prostate_kernels.models import build_model
 from prostate_kernels.predict import predict_probabilities
 from prostate_kernels.progress import progress_bar
 from prostate_kernels.safe_files import RunLock, created_directory, remove_stale_temporaries
+from prostate_kernels.torchrun_env import ProcessLayout, process_layout
 from prostate_kernels.train_config import (
     PAPER,
     PaperSettings,
@@ -129,35 +130,66 @@ def train(config: TrainConfig, log: Callable[[str], object] = print, arrays: lis
     config.data (bench/real_cv.py: cases packed once, on a machine without SimpleITK).
 
     config.out must hold no earlier run (RUN_FILES; other files are left alone), or (with config.resume) be
-    an earlier run's directory; rank 0 holds
-    an exclusive lock on it for the whole run, so two trainings never write into one directory.
+    an earlier run's directory; rank 0 holds an exclusive lock on it for the whole run, so two trainings
+    never write into one directory (under torchrun every rank stops when rank 0 is refused it).
     """
     check_config(config)
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise DataError(out, "--out is an existing file, expected a run directory")
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # processes torchrun started; 1 without it
-    device = _process_device(world)
+    layout = process_layout()  # torchrun's environment, checked: one process without it
+    world, device = layout.world, _process_device(layout)
     # refused before any process joins the group: every one says the same line and none waits on another
     refused = config.cuda_graphs and cuda_graph_training.refusal(device, world)
     refused = refused or (config.sync_batchnorm and sync_training.refusal(device, world))
     if refused:
         raise ConfigError(refused)
     check_batch_fits(config, device)
-    with _joined_process_group(world, device) as rank:
-        if rank != 0:
-            _check_run_directory(out, config.resume)
-            with deterministic_mode(config.deterministic):
-                return _train(config, rank, world, device, log, arrays)
-        with created_directory(out, "--out"), RunLock(out):
-            _check_run_directory(out, config.resume)
-            for tmp in remove_stale_temporaries(out):
-                log(f"removed {tmp.name}, left by a checkpoint write that was killed")
-            with deterministic_mode(config.deterministic):
-                if config.deterministic:
-                    log("deterministic algorithms on: the library's kernels take untimed tiles; a PyTorch op "
-                        "without a deterministic version warns and runs (docs/determinism.md)")  # fmt: skip
-                return _train(config, rank, world, device, log, arrays)
+    with _joined_process_group(world, device) as rank, _run_directory(out, config.resume, rank, world, log):
+        with deterministic_mode(config.deterministic):
+            if config.deterministic and rank == 0:
+                log("deterministic algorithms on: the library's kernels take untimed tiles; a PyTorch op "
+                    "without a deterministic version warns and runs (docs/determinism.md)")  # fmt: skip
+            return _train(config, rank, world, device, log, arrays)
+
+
+@contextlib.contextmanager
+def _run_directory(out: Path, resume: bool, rank: int, world: int, log) -> Iterator[None]:
+    """The run directory for the `with` block: rank 0 creates it, holds its RunLock and checks that it
+    holds no earlier run (unless resuming); the other ranks write nothing there and wait for rank 0's
+    verdict. When rank 0 fails, every rank raises: rank 0 its own error, the others a DataError with its
+    line. (Before, a rank 0 refused by the lock of a training running there left the group at once, and
+    the other ranks met its exit at DDP's first collective: a Gloo "Connection closed by peer" traceback.)"""
+    with contextlib.ExitStack() as held:
+        failure = None
+        if rank == 0:
+            try:
+                held.enter_context(created_directory(out, "--out"))
+                held.enter_context(RunLock(out))
+                _check_run_directory(out, resume)
+                for tmp in remove_stale_temporaries(out):
+                    log(f"removed {tmp.name}, left by a checkpoint write that was killed")
+            except Exception as exc:
+                failure = exc
+        verdict = _rank_zero_verdict(failure, world)
+        if failure is not None:
+            raise failure
+        if verdict is not None:
+            raise DataError(None, verdict)
+        yield
+
+
+def _rank_zero_verdict(failure: Exception | None, world: int) -> str | None:
+    """Rank 0's failure as one line, sent to every rank; None when it succeeded. A collective under
+    torchrun: every rank calls it, rank 0 with its failure (the others' argument is unused)."""
+    if world == 1:
+        return None  # rank 0 alone raises its own failure
+    line = str(failure) if isinstance(failure, DataError) else None
+    if failure is not None and line is None:
+        line = f"rank 0 could not prepare the run directory ({type(failure).__name__}: {first_line(failure)})"
+    shared = [line]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
 def _check_run_directory(out: Path, resume: bool) -> None:
@@ -342,15 +374,15 @@ def validate(
     return float(np.mean(dices))
 
 
-def _process_device(world: int) -> torch.device:
+def _process_device(layout: ProcessLayout) -> torch.device:
     """This process's device: under torchrun (world > 1) with CUDA its LOCAL_RANK's GPU, made current
     (before the group is joined, as NCCL wants), else the one GPU or the CPU. ConfigError when the
     machine has no GPU for this process (more processes per node than GPUs: NCCL takes one per process)."""
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    if world == 1:
+    if layout.world == 1:
         return torch.device("cuda")
-    local, gpus = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))), torch.cuda.device_count()
+    local, gpus = layout.local_rank, torch.cuda.device_count()
     if local >= gpus:
         raise ConfigError(
             f"torchrun started this process as LOCAL_RANK {local}, and this machine has {gpus} CUDA "

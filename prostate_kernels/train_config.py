@@ -9,7 +9,6 @@ only, for the training loop, the checkpoint's record and the batch-size check al
 from __future__ import annotations
 
 import math
-import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from prostate_kernels.data.orientation import DEFAULT_ORIENTATION, check_orienta
 from prostate_kernels.devices import available_cores, memory_bytes
 from prostate_kernels.memory_bound import step_memory
 from prostate_kernels.models import build_model, downsampling
+from prostate_kernels.torchrun_env import process_layout
 from prostate_kernels.train_recipe import amp_dtype_for
 
 
@@ -192,7 +192,7 @@ def check_batch_fits(config: TrainConfig, device: torch.device) -> None:
         refuse(f"one training step of {config.model} makes a {{}} tensor", largest)
     if device.type != "cpu":
         return
-    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's processes share this machine's memory
+    ranks = process_layout().local_world  # torchrun's processes share this machine's memory
     if peak * ranks > total:
         what = (f"the training steps of {config.model} (forward and backward) of the {ranks} processes on "
                 "this machine hold {} at once" if ranks > 1 else

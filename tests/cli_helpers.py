@@ -45,6 +45,16 @@ def torchrun(nproc: int, *args: str) -> list[str]:
             *args]  # fmt: skip
 
 
+def torchrun_environment(monkeypatch, rank: int, world: int = 2, local_world: int = 2) -> None:
+    """This process's environment as torchrun writes it for process `rank` of `world`, `local_world` of
+    them on this machine (nothing is joined: the variables alone)."""
+    variables = {"WORLD_SIZE": world, "RANK": rank, "LOCAL_RANK": rank % local_world,
+                 "LOCAL_WORLD_SIZE": local_world, "MASTER_ADDR": "localhost",
+                 "MASTER_PORT": 29500}  # fmt: skip
+    for name, value in variables.items():
+        monkeypatch.setenv(name, str(value))
+
+
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """The command run outside the source tree (the installed package is what runs)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

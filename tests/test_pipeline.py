@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import socket
 import subprocess
 import textwrap
 from pathlib import Path
@@ -18,6 +19,7 @@ from prostate_kernels.checkpoint import load_checkpoint, save_checkpoint
 from prostate_kernels.cli import main
 from prostate_kernels.data import Volume, read_volume, write_volume
 from prostate_kernels.plots import plot_overlay
+from prostate_kernels.safe_files import LOCK_NAME
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "hipmri-case018-week7"
 
@@ -132,8 +134,21 @@ THREADS_AFTER_MAIN = """
 ENDINGS = {
     "trained": ([], 0, True),
     "earlier_run": ([], 2, True),  # --out holds a run's metrics.csv: refused at once, in the group
+    "locked": ([], 2, True),  # a training running in --out holds its lock: rank 0 refused, in the group
     "refused": (["--sync-batchnorm"], 2, False),  # refused on the CPU before the group is joined
 }
+
+
+def run_directory_before(ending: str, run: Path) -> dict[str, bytes]:
+    """--out as the ending finds it: an earlier run's metrics.csv, or the lock of a training alive in it
+    (this test's process, on this host); the files that `train` must leave as they were."""
+    if ending in ("earlier_run", "locked"):
+        run.mkdir()
+    if ending == "earlier_run":
+        (run / "metrics.csv").write_text("iteration,loss\n")
+    if ending == "locked":
+        (run / LOCK_NAME).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    return cli_helpers.snapshot(run) if run.exists() else {}
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads the threads from Linux's /proc")
@@ -148,13 +163,13 @@ def test_train_under_torchrun_leaves_no_process_group_behind(phantoms, tmp_path,
     are the control: they must hold "gloo" (a torch that renamed its threads would otherwise pass unseen).
     A refusal of the arguments comes before the group is joined; an error just after joining (an earlier
     run in --out) comes after a barrier. Either way both processes report it: once, the other process's
-    init ended in "Connection closed by peer" when one failed and left at once."""
+    init ended in "Connection closed by peer" when one failed and left at once. A lock held in --out
+    refuses rank 0 alone, which tells the others: they met its exit at DDP's first collective before (a
+    Gloo traceback). A refused run leaves --out's files as they were."""
     extra, want_status, joins = ENDINGS[ending]
     script = tmp_path / "threads_after_main.py"
     script.write_text(textwrap.dedent(THREADS_AFTER_MAIN))
-    if ending == "earlier_run":
-        (tmp_path / "run").mkdir()
-        (tmp_path / "run" / "metrics.csv").write_text("iteration,loss\n")
+    before = run_directory_before(ending, tmp_path / "run")
     cmd = torchrun(2, str(script), *train_args(phantoms, tmp_path / "run", 1, *extra))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
@@ -164,6 +179,9 @@ def test_train_under_torchrun_leaves_no_process_group_behind(phantoms, tmp_path,
         left, alive = line.split(" alive ")
         assert f"status {want_status}" in left and "gloo" not in left, reports
         assert ("gloo" in alive) if joins else alive == "[]", reports
+    if want_status != 0:  # refused: --out as it was (the refused case's never existed)
+        run = tmp_path / "run"
+        assert (cli_helpers.snapshot(run) if run.exists() else {}) == before
 
 
 def test_more_processes_per_node_than_gpus_is_refused_in_one_line(phantoms, tmp_path, monkeypatch, capsys):
@@ -173,8 +191,7 @@ def test_more_processes_per_node_than_gpus_is_refused_in_one_line(phantoms, tmp_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail(f"set_device({device})"))
-    for name, value in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}.items():
-        monkeypatch.setenv(name, value)
+    cli_helpers.torchrun_environment(monkeypatch, rank=1)
     assert main(train_args(phantoms, tmp_path / "run", 1)) == 2
     err = capsys.readouterr().err
     assert "LOCAL_RANK 1, and this machine has 1 CUDA device(s)" in err and "--nproc-per-node" in err, err

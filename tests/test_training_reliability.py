@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_helpers import copy_dataset, make_phantoms, run_cli, train_args
+from cli_helpers import copy_dataset, make_phantoms, run_cli, torchrun_environment, train_args
 
 import prostate_kernels.train as training
 import prostate_kernels.train_config as train_config
@@ -219,7 +219,7 @@ def test_the_batch_check_refuses_exactly_past_its_bounds(data, tmp_path, monkeyp
     monkeypatch.setattr(train_config, "memory_bytes", lambda device: None)
     check_batch_fits(run, cpu)
     # torchrun's processes on one machine share its memory: 2 need twice the step
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    torchrun_environment(monkeypatch, rank=0)
     monkeypatch.setattr(train_config, "memory_bytes", lambda device: 2 * step.peak)
     check_batch_fits(run, cpu)
     monkeypatch.setattr(train_config, "memory_bytes", lambda device: 2 * step.peak - 1)
