@@ -12,7 +12,6 @@ iteration) lets `--resume` continue exactly where training stopped: the batches 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -35,7 +34,6 @@ from prostate_kernels.data import (
     read_mask,
 )
 from prostate_kernels.data.cases import passed_over
-from prostate_kernels.data.errors import first_line
 from prostate_kernels.data.io import as_channels
 from prostate_kernels.data.orientation import reoriented
 from prostate_kernels.data.resample import resample_case, resample_image
@@ -45,9 +43,10 @@ from prostate_kernels.layout import in_layout, keep_grads_in_param_strides, mode
 from prostate_kernels.metrics_log import MetricsLog
 from prostate_kernels.models import build_model
 from prostate_kernels.predict import predict_probabilities
+from prostate_kernels.process_group import joined_process_group, process_device, rank_zero_work
 from prostate_kernels.progress import progress_bar
 from prostate_kernels.safe_files import RunLock, created_directory, remove_stale_temporaries
-from prostate_kernels.torchrun_env import ProcessLayout, process_layout
+from prostate_kernels.torchrun_env import process_layout
 from prostate_kernels.train_config import (
     PAPER,
     PaperSettings,
@@ -138,14 +137,14 @@ def train(config: TrainConfig, log: Callable[[str], object] = print, arrays: lis
     if out.exists() and not out.is_dir():
         raise DataError(out, "--out is an existing file, expected a run directory")
     layout = process_layout()  # torchrun's environment, checked: one process without it
-    world, device = layout.world, _process_device(layout)
+    world, device = layout.world, process_device(layout)
     # refused before any process joins the group: every one says the same line and none waits on another
     refused = config.cuda_graphs and cuda_graph_training.refusal(device, world)
     refused = refused or (config.sync_batchnorm and sync_training.refusal(device, world))
     if refused:
         raise ConfigError(refused)
     check_batch_fits(config, device)
-    with _joined_process_group(world, device) as rank, _run_directory(out, config.resume, rank, world, log):
+    with joined_process_group(world, device) as rank, _run_directory(out, config.resume, rank, world, log):
         with deterministic_mode(config.deterministic):
             if config.deterministic and rank == 0:
                 log("deterministic algorithms on: the library's kernels take untimed tiles; a PyTorch op "
@@ -156,40 +155,17 @@ def train(config: TrainConfig, log: Callable[[str], object] = print, arrays: lis
 @contextlib.contextmanager
 def _run_directory(out: Path, resume: bool, rank: int, world: int, log) -> Iterator[None]:
     """The run directory for the `with` block: rank 0 creates it, holds its RunLock and checks that it
-    holds no earlier run (unless resuming); the other ranks write nothing there and wait for rank 0's
-    verdict. When rank 0 fails, every rank raises: rank 0 its own error, the others a DataError with its
-    line. (Before, a rank 0 refused by the lock of a training running there left the group at once, and
-    the other ranks met its exit at DDP's first collective: a Gloo "Connection closed by peer" traceback.)"""
+    holds no earlier run (unless resuming); the other ranks write nothing there. A failure of rank 0's
+    (the lock of a training running there, an earlier run) stops every rank (rank_zero_work)."""
     with contextlib.ExitStack() as held:
-        failure = None
-        if rank == 0:
-            try:
+        with rank_zero_work(world):
+            if rank == 0:
                 held.enter_context(created_directory(out, "--out"))
                 held.enter_context(RunLock(out))
                 _check_run_directory(out, resume)
                 for tmp in remove_stale_temporaries(out):
                     log(f"removed {tmp.name}, left by a checkpoint write that was killed")
-            except Exception as exc:
-                failure = exc
-        verdict = _rank_zero_verdict(failure, world)
-        if failure is not None:
-            raise failure
-        if verdict is not None:
-            raise DataError(None, verdict)
         yield
-
-
-def _rank_zero_verdict(failure: Exception | None, world: int) -> str | None:
-    """Rank 0's failure as one line, sent to every rank; None when it succeeded. A collective under
-    torchrun: every rank calls it, rank 0 with its failure (the others' argument is unused)."""
-    if world == 1:
-        return None  # rank 0 alone raises its own failure
-    line = str(failure) if isinstance(failure, DataError) else None
-    if failure is not None and line is None:
-        line = f"rank 0 could not prepare the run directory ({type(failure).__name__}: {first_line(failure)})"
-    shared = [line]
-    dist.broadcast_object_list(shared, src=0)
-    return shared[0]
 
 
 def _check_run_directory(out: Path, resume: bool) -> None:
@@ -282,30 +258,34 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
         scaler.update()
         scheduler.step()
         window.append(loss.item())
+        validating = bool(held_out) and (it % config.val_every == 0 or it == config.iters)
+        periodic = it % ckpt_every == 0 or it == config.iters
         val_dice = None
-        if held_out and (it % config.val_every == 0 or it == config.iters):
-            if rank == 0:
-                val_dice = validate(model, held_out, patch, settings.slices, device, amp_dtype)
-            _barrier(world)
-        if metrics is not None and (it % log_every == 0 or val_dice is not None):  # metrics: rank 0's
-            lr_now = float(scheduler.get_last_lr()[0])
-            metrics.write(it, float(np.mean(window)), lr_now, val_dice, time.time() - tic)
+        # rank 0 alone validates and writes metrics.csv and the checkpoints; each rank_zero_work block is
+        # entered by every rank at the same iterations, and rank 0's failure there stops them all
+        if validating or it % log_every == 0:
+            with rank_zero_work(world):
+                if rank == 0 and validating:
+                    val_dice = validate(model, held_out, patch, settings.slices, device, amp_dtype)
+                if metrics is not None:  # rank 0's
+                    lr_now = float(scheduler.get_last_lr()[0])
+                    metrics.write(it, float(np.mean(window)), lr_now, val_dice, time.time() - tic)
             window = []
         is_best = val_dice is not None and val_dice > best  # (val_dice exists on rank 0 only)
         best = max(best, val_dice) if val_dice is not None else best
-        periodic = it % ckpt_every == 0 or it == config.iters
         rng = gather_rng(world) if periodic else None  # a collective: every rank takes part
-        if rank == 0 and (periodic or is_best):
-            _check_finite_weights(model, it, ckpt_path)
-            state = checkpoint_state(
-                config, model, optimizer, scheduler, scaler, rng or gather_rng(1), it, best, patch, seen
-            )
-            if periodic:
-                save_checkpoint(state, ckpt_path)
-            if is_best:
-                save_checkpoint(state, out / "best.pt")
-        if periodic:
-            _barrier(world)
+        if periodic or validating:  # (is_best only where validating)
+            with rank_zero_work(world):
+                if rank == 0 and (periodic or is_best):
+                    _check_finite_weights(model, it, ckpt_path)
+                    rngs = rng or gather_rng(1)  # best.pt alone (no gather this iteration): rank 0's
+                    state = checkpoint_state(
+                        config, model, optimizer, scheduler, scaler, rngs, it, best, patch, seen
+                    )
+                    if periodic:
+                        save_checkpoint(state, ckpt_path)
+                    if is_best:
+                        save_checkpoint(state, out / "best.pt")
         if bar is not None:
             bar.update(1)
             bar.set_postfix(
@@ -372,56 +352,6 @@ def validate(
         pred, ref = prob > 0.5, case.mask.astype(bool)
         dices.append(2 * (pred & ref).sum() / max(pred.sum() + ref.sum(), 1))
     return float(np.mean(dices))
-
-
-def _process_device(layout: ProcessLayout) -> torch.device:
-    """This process's device: under torchrun (world > 1) with CUDA its LOCAL_RANK's GPU, made current
-    (before the group is joined, as NCCL wants), else the one GPU or the CPU. ConfigError when the
-    machine has no GPU for this process (more processes per node than GPUs: NCCL takes one per process)."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    if layout.world == 1:
-        return torch.device("cuda")
-    local, gpus = layout.local_rank, torch.cuda.device_count()
-    if local >= gpus:
-        raise ConfigError(
-            f"torchrun started this process as LOCAL_RANK {local}, and this machine has {gpus} CUDA "
-            f"device(s) it can see: start at most {gpus} process(es) per node (--nproc-per-node), one per GPU"
-        )
-    device = torch.device("cuda", local)
-    torch.cuda.set_device(device)
-    return device
-
-
-@contextlib.contextmanager
-def _joined_process_group(world: int, device: torch.device) -> Iterator[int]:
-    """This process's rank for the `with` block: under torchrun (world > 1) it joins the process group
-    (NCCL on CUDA, gloo on the CPU) and leaves it when the block ends, an error included.
-    - A group left alive is torn down at interpreter exit (if at all), where a Gloo worker thread that
-      needs the GIL aborts the process (pytorch/pytorch#179291; the likely cause of one CI run's rank
-      ending in "terminate called without an active exception").
-    - init_process_group can return on one process while another still connects to it: one that then
-      failed at once and left the group ended the other's init in "Connection closed by peer" (a Gloo
-      traceback beside the one-line error). A barrier after joining: every process has joined before
-      any can leave."""
-    if world == 1:
-        yield 0
-        return
-    # DDP's first use imports this module, whose defaults (group=group.WORLD) are bound at import: after
-    # init_process_group they would hold the group for good and destroy_process_group would free nothing
-    importlib.import_module("torch.distributed.nn.functional")
-
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    try:
-        _barrier(world)
-        yield dist.get_rank()
-    finally:
-        dist.destroy_process_group()
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        dist.barrier()
 
 
 # TrainConfig and its checks live in train_config.py; they are named here too, where callers import them

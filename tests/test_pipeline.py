@@ -184,6 +184,55 @@ def test_train_under_torchrun_leaves_no_process_group_behind(phantoms, tmp_path,
         assert (cli_helpers.snapshot(run) if run.exists() else {}) == before
 
 
+RANK_0_FAILS = """
+    import errno, os, sys
+    import torch
+    import prostate_kernels.train as training
+    from prostate_kernels.cli import main
+
+    def full_disk(state, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    if os.environ["RANK"] == "0":
+        setattr(training, os.environ["FAILS"], {"save_checkpoint": full_disk, "validate": out_of_memory}[
+            os.environ["FAILS"]])
+    status = main(sys.argv[1:])
+    os.write(2, f"rank {os.environ['RANK']} status {status}\\n".encode())
+"""
+
+# what fails on rank 0 alone: (the function of train.py, the line rank 0 prints, the other rank's)
+RANK_0_FAILURES = {
+    "save_checkpoint": (
+        "checkpoint.pt: No space left on device",
+        "error: rank 0 stopped (OSError: [Errno 28] No space left on device",
+    ),  # fmt: skip
+    "validate": (
+        "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)",
+        "error: rank 0 stopped (OutOfMemoryError: CUDA out of memory",
+    ),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("fails", list(RANK_0_FAILURES))
+def test_a_failure_of_rank_0s_own_work_stops_every_rank_in_one_line(phantoms, tmp_path, fails):
+    """Rank 0 alone validates and writes metrics.csv and the checkpoints. When that failed (a full disk,
+    the GPU's memory), rank 0 said so in one line and left the group, and the other rank met its exit at
+    its next collective: a Gloo "Connection closed by peer" traceback. Now every rank stops with a line."""
+    script = tmp_path / "rank_0_fails.py"
+    script.write_text(textwrap.dedent(RANK_0_FAILS))
+    cmd = torchrun(2, str(script), *train_args(phantoms, tmp_path / "run", 3))  # validates at 3
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAILS": fails}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    reports = sorted(line for line in result.stderr.splitlines() if line.startswith("rank "))
+    assert reports == ["rank 0 status 2", "rank 1 status 2"], head_and_tail(result.stderr)
+    assert "Traceback" not in result.stderr, head_and_tail(result.stderr)
+    own, other = RANK_0_FAILURES[fails]
+    assert own in result.stderr and other in result.stderr, head_and_tail(result.stderr)
+
+
 def test_more_processes_per_node_than_gpus_is_refused_in_one_line(phantoms, tmp_path, monkeypatch, capsys):
     """A process of torchrun --nproc-per-node 2 on a machine with one GPU (LOCAL_RANK 1): set_device(1)
     ended in "invalid device ordinal" (a traceback); now one line, before the group is joined (here CUDA
