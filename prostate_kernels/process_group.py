@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import time
 from collections.abc import Iterator
 
 import torch
@@ -17,6 +18,8 @@ import torch.distributed as dist
 from prostate_kernels.data import ConfigError, DataError
 from prostate_kernels.data.errors import first_line
 from prostate_kernels.torchrun_env import ProcessLayout
+
+GLOO_SETTLE_S = 0.2  # a pause without the GIL before the group is torn down (joined_process_group)
 
 
 def process_device(layout: ProcessLayout) -> torch.device:
@@ -48,7 +51,14 @@ def joined_process_group(world: int, device: torch.device) -> Iterator[int]:
     - init_process_group can return on one process while another still connects to it: one that then
       failed at once and left the group ended the other's init in "Connection closed by peer" (a Gloo
       traceback beside the one-line error). A barrier after joining: every process has joined before
-      any can leave."""
+      any can leave.
+    - Gloo's worker threads release a collective's tensors after its wait() has returned, and need the
+      GIL for it (the tensors' Python objects); the group's destructor joins those threads while holding
+      the GIL, from whatever dropped the group last (destroy_process_group, or DDP's Reducer kept alive by
+      an exception's traceback). A worker still releasing then deadlocks the process: seen in 10 of 36
+      runs of a rank-0 failure after a broadcast (gdb: the main thread in ~ProcessGroupGloo's join, a
+      pt_gloo_runloop thread in ~AsyncBroadcastWork waiting for the GIL; torch 2.13 and 2.11). A pause
+      without the GIL before leaving lets them finish (GLOO_SETTLE_S: once per run)."""
     if world == 1:
         yield 0
         return
@@ -61,6 +71,8 @@ def joined_process_group(world: int, device: torch.device) -> Iterator[int]:
         dist.barrier()
         yield dist.get_rank()
     finally:
+        if device.type != "cuda":
+            time.sleep(GLOO_SETTLE_S)
         dist.destroy_process_group()
 
 
