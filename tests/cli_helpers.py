@@ -45,6 +45,27 @@ def torchrun(nproc: int, *args: str) -> list[str]:
             *args]  # fmt: skip
 
 
+def run_torchrun(
+    nproc: int, *args: str, env: dict, cwd: Path, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """torchrun(nproc, *args) run to its end, its output captured. Past `timeout` the launcher is asked to
+    stop (SIGTERM: it stops its workers, then exits) before TimeoutExpired is raised; subprocess.run's
+    SIGKILL ended the launcher alone, and a hung worker (each runs in a session of its own) lived on after
+    the test (seen with a deadlocked rank)."""
+    with subprocess.Popen(torchrun(nproc, *args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env, cwd=cwd) as launcher:  # fmt: skip
+        try:
+            out, err = launcher.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            launcher.terminate()
+            try:
+                launcher.communicate(timeout=60)
+            finally:
+                launcher.kill()
+            raise
+    return subprocess.CompletedProcess(launcher.args, launcher.returncode, out, err)
+
+
 def torchrun_environment(monkeypatch, rank: int, world: int = 2, local_world: int = 2) -> None:
     """This process's environment as torchrun writes it for process `rank` of `world`, `local_world` of
     them on this machine (nothing is joined: the variables alone)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import os
 import socket
-import subprocess
 import textwrap
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import cli_helpers
 import numpy as np
 import pytest
 import torch
-from cli_helpers import SHAPE, run_cli, torchrun
+from cli_helpers import SHAPE, run_cli, run_torchrun
 
 from prostate_kernels.checkpoint import load_checkpoint, save_checkpoint
 from prostate_kernels.cli import main
@@ -95,8 +94,9 @@ def test_ddp_with_two_gloo_processes(phantoms, tmp_path, layout):
     # PYTHONFAULTHANDLER: a rank killed by a signal shows its Python stacks in the failure's message
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     extra = ["--channels-last"] if layout == "channels_last" else []
-    cmd = torchrun(2, "-m", "prostate_kernels", *train_args(phantoms, tmp_path, 2, *extra))
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    result = run_torchrun(
+        2, "-m", "prostate_kernels", *train_args(phantoms, tmp_path, 2, *extra), env=env, cwd=tmp_path
+    )
     assert result.returncode == 0, head_and_tail(result.stderr)
     assert "Grad strides do not match bucket view strides" not in result.stderr
     state = load_checkpoint(tmp_path / "checkpoint.pt")
@@ -170,9 +170,10 @@ def test_train_under_torchrun_leaves_no_process_group_behind(phantoms, tmp_path,
     script = tmp_path / "threads_after_main.py"
     script.write_text(textwrap.dedent(THREADS_AFTER_MAIN))
     before = run_directory_before(ending, tmp_path / "run")
-    cmd = torchrun(2, str(script), *train_args(phantoms, tmp_path / "run", 1, *extra))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    result = run_torchrun(
+        2, str(script), *train_args(phantoms, tmp_path / "run", 1, *extra), env=env, cwd=tmp_path
+    )
     reports = [line for line in result.stderr.splitlines() if line.startswith("rank ")]
     assert len(reports) == 2 and "Traceback" not in result.stderr, head_and_tail(result.stderr)
     for line in reports:
@@ -223,9 +224,9 @@ def test_a_failure_of_rank_0s_own_work_stops_every_rank_in_one_line(phantoms, tm
     its next collective: a Gloo "Connection closed by peer" traceback. Now every rank stops with a line."""
     script = tmp_path / "rank_0_fails.py"
     script.write_text(textwrap.dedent(RANK_0_FAILS))
-    cmd = torchrun(2, str(script), *train_args(phantoms, tmp_path / "run", 3))  # validates at 3
     env = {**os.environ, "OMP_NUM_THREADS": "1", "FAILS": fails}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    args = train_args(phantoms, tmp_path / "run", 3)  # validates at 3
+    result = run_torchrun(2, str(script), *args, env=env, cwd=tmp_path)
     reports = sorted(line for line in result.stderr.splitlines() if line.startswith("rank "))
     assert reports == ["rank 0 status 2", "rank 1 status 2"], head_and_tail(result.stderr)
     assert "Traceback" not in result.stderr, head_and_tail(result.stderr)
@@ -253,8 +254,7 @@ def test_sync_batchnorm_is_refused_under_torchrun_on_the_cpu(phantoms, tmp_path)
     written."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = train_args(phantoms, tmp_path / "run", 1, "--sync-batchnorm")
-    cmd = torchrun(2, "-m", "prostate_kernels", *args)
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    result = run_torchrun(2, "-m", "prostate_kernels", *args, env=env, cwd=tmp_path)
     ranks = result.stderr.split("torch/distributed/elastic")[0]  # before the launcher's report of the exit
     want = "error: --sync-batchnorm needs CUDA devices; this run is on cpu"
     assert ranks.count(want) == 2 and "Traceback" not in ranks, head_and_tail(result.stderr)

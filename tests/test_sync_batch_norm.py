@@ -10,7 +10,6 @@ statistics are the whole batch's. Before, a converted layer normalised each proc
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -29,7 +28,7 @@ from prostate_kernels.ops.sync_batch_norm import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import sync_batch_norm_probe as probe  # noqa: E402
-from cli_helpers import torchrun  # noqa: E402
+from cli_helpers import run_torchrun  # noqa: E402
 
 TOLERANCE = {torch.float64: {"rtol": 1e-9, "atol": 1e-10}, torch.float32: {"rtol": 2e-4, "atol": 2e-4}}
 
@@ -44,8 +43,7 @@ def ranks(tmp_path_factory) -> list[dict]:
         "TRITON_INTERPRET": "1",
         "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1",
     }
-    cmd = torchrun(2, str(Path(probe.__file__)), str(out))
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=out)
+    result = run_torchrun(2, str(Path(probe.__file__)), str(out), env=env, cwd=out, timeout=600)
     assert result.returncode == 0, result.stderr[-6000:]
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 
