@@ -66,12 +66,13 @@ def joined_process_group(world: int, device: torch.device) -> Iterator[int]:
     # init_process_group they would hold the group for good and destroy_process_group would free nothing
     importlib.import_module("torch.distributed.nn.functional")
 
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend)
     try:
         dist.barrier()
         yield dist.get_rank()
     finally:
-        if device.type != "cuda":
+        if backend == "gloo":
             time.sleep(GLOO_SETTLE_S)
         dist.destroy_process_group()
 
@@ -101,8 +102,10 @@ def _rank_zero_verdict(failure: Exception | None, world: int) -> str | None:
     torchrun: every rank calls it (only rank 0's `failure` is sent)."""
     if world == 1:
         return None  # rank 0 alone raises its own failure
-    line = str(failure) if isinstance(failure, DataError) else None
-    if failure is not None and line is None:
+    line = None
+    if isinstance(failure, DataError):
+        line = str(failure)  # the one line that rank 0 prints
+    elif failure is not None:
         line = f"rank 0 stopped ({type(failure).__name__}: {first_line(failure)})"
     shared = [line]
     dist.broadcast_object_list(shared, src=0)
