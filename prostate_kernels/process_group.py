@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import re
 import time
 from collections.abc import Iterator
 
@@ -20,6 +21,10 @@ from prostate_kernels.data.errors import first_line
 from prostate_kernels.torchrun_env import ProcessLayout
 
 GLOO_SETTLE_S = 0.2  # a pause without the GIL before the group is torn down (joined_process_group)
+
+# a Gloo transport error names its source file first: "[.../gloo/transport/tcp/pair.cc:553] Connection
+# closed by peer [127.0.0.1]:15788. This is typically caused by a remote worker crashing. ..."
+_GLOO_TRANSPORT_ERROR = re.compile(r"^\[[^\]]*gloo/transport/[^\]]*\]\s*(?P<what>.+?)(?:\.\s|\.?$)")
 
 
 def process_device(layout: ProcessLayout) -> torch.device:
@@ -58,7 +63,11 @@ def joined_process_group(world: int, device: torch.device) -> Iterator[int]:
       an exception's traceback). A worker still releasing then deadlocks the process: seen in 10 of 36
       runs of a rank-0 failure after a broadcast (gdb: the main thread in ~ProcessGroupGloo's join, a
       pt_gloo_runloop thread in ~AsyncBroadcastWork waiting for the GIL; torch 2.13 and 2.11). A pause
-      without the GIL before leaving lets them finish (GLOO_SETTLE_S: once per run)."""
+      without the GIL before leaving lets them finish (GLOO_SETTLE_S: once per run).
+    - A process that stops alone (its forward or backward out of memory, a bug, a kill) leaves the others
+      at their next collective, where Gloo raises "Connection closed by peer": that becomes a DataError
+      saying so in one line (lost_process_line), beside the stopped process's own line, where it was a
+      traceback of this process's that hid the cause. (NCCL notices nothing: torchrun stops the others.)"""
     if world == 1:
         yield 0
         return
@@ -71,10 +80,35 @@ def joined_process_group(world: int, device: torch.device) -> Iterator[int]:
     try:
         dist.barrier()
         yield dist.get_rank()
+    except RuntimeError as exc:
+        lost = lost_process_line(exc)
+        if lost is None:
+            raise
+        raise DataError(None, lost) from exc
     finally:
         if backend == "gloo":
             time.sleep(GLOO_SETTLE_S)
         dist.destroy_process_group()
+
+
+def lost_process_line(exc: BaseException) -> str | None:
+    """The one line for a collective that failed because the group lost a process (a Gloo transport error:
+    the peer's connection closed or reset; torch's DistNetworkError), else None (any other error)."""
+    if isinstance(exc, dist.DistNetworkError):
+        what = first_line(exc)
+    else:
+        match = (
+            _GLOO_TRANSPORT_ERROR.match(first_line(exc, limit=1000))
+            if isinstance(exc, RuntimeError)
+            else None
+        )
+        if match is None:
+            return None
+        what = f"Gloo: {match['what']}"
+    return (
+        f"another process of this training left the process group ({what}), so this one stops too: "
+        "the line of the process that stopped first says why"
+    )
 
 
 @contextlib.contextmanager

@@ -209,11 +209,11 @@ RANK_0_FAILURES = {
     "save_checkpoint": (
         "checkpoint.pt: No space left on device",
         "error: rank 0 stopped (OSError: [Errno 28] No space left on device",
-    ),  # fmt: skip
+    ),
     "validate": (
         "error: out of memory (CUDA out of memory. Tried to allocate 2.00 GiB)",
         "error: rank 0 stopped (OutOfMemoryError: CUDA out of memory",
-    ),  # fmt: skip
+    ),
 }
 
 
@@ -232,6 +232,58 @@ def test_a_failure_of_rank_0s_own_work_stops_every_rank_in_one_line(phantoms, tm
     assert "Traceback" not in result.stderr, head_and_tail(result.stderr)
     own, other = RANK_0_FAILURES[fails]
     assert own in result.stderr and other in result.stderr, head_and_tail(result.stderr)
+
+
+RANK_1_FAILS = """
+    import os, sys
+    import torch
+    import prostate_kernels.train as training
+    from prostate_kernels.cli import main
+
+    class OutOfMemoryInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, grad):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.00 GiB")
+
+    def loss_failing_at_iteration_2(name, loss_function=training.loss_function):
+        loss, calls = loss_function(name), []
+
+        def failing(logits, target):
+            calls.append(1)
+            if len(calls) == 2 and os.environ["FAILS"] == "forward":
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            if len(calls) == 2:
+                logits = OutOfMemoryInBackward.apply(logits)
+            return loss(logits, target)
+        return failing
+
+    if os.environ["RANK"] == "1":
+        training.loss_function = loss_failing_at_iteration_2
+    status = main(sys.argv[1:])
+    os.write(2, f"rank {os.environ['RANK']} status {status}\\n".encode())
+"""
+
+
+@pytest.mark.parametrize("fails", ["forward", "backward"])
+def test_a_failure_of_another_rank_stops_rank_0_in_one_line(phantoms, tmp_path, fails):
+    """Rank 1 runs out of memory alone at iteration 2 (in its forward, or in its backward, where DDP's
+    all_reduce is under way). Rank 0 met its exit at its next collective: a Gloo "Connection closed by
+    peer" traceback that hid the cause (rank 1's line, printed just before). Now rank 0 says in one line
+    that another process left the group and stopped it, and both return 2."""
+    script = tmp_path / "rank_1_fails.py"
+    script.write_text(textwrap.dedent(RANK_1_FAILS))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAILS": fails}
+    result = run_torchrun(2, str(script), *train_args(phantoms, tmp_path / "run", 3), env=env, cwd=tmp_path)
+    reports = sorted(line for line in result.stderr.splitlines() if line.startswith("rank "))
+    assert reports == ["rank 0 status 2", "rank 1 status 2"], head_and_tail(result.stderr)
+    assert "Traceback" not in result.stderr, head_and_tail(result.stderr)
+    assert "error: out of memory (CUDA out of memory. Tried to allocate" in result.stderr
+    want = "error: another process of this training left the process group (Gloo: Connection "
+    assert want in result.stderr, head_and_tail(result.stderr)
 
 
 def test_more_processes_per_node_than_gpus_is_refused_in_one_line(phantoms, tmp_path, monkeypatch, capsys):
