@@ -8,6 +8,7 @@ stop the others.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from prostate_kernels.cli_args import (
 )
 from prostate_kernels.data.errors import DataError, first_line
 from prostate_kernels.data.orientation import DEFAULT_ORIENTATION
+from prostate_kernels.stop_requests import TrainingInterrupted
 
 EXIT_USER_ERROR = 2
 CHANNELS_LAST_HELP = ("run the network channels-last (NDHWC strides): the same math in other kernels, "
@@ -44,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"error: {where}{exc.strerror or exc}{_resume_hint(args)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except TrainingInterrupted as exc:  # train stopped on a signal, its checkpoint written
+        print(str(exc), file=sys.stderr)
+        return 128 + (exc.signum or signal.SIGTERM)  # a shell's status for a process ended by that signal
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -46,6 +46,7 @@ from prostate_kernels.predict import predict_probabilities
 from prostate_kernels.process_group import joined_process_group, process_device, rank_zero_work
 from prostate_kernels.progress import progress_bar
 from prostate_kernels.safe_files import RunLock, created_directory, remove_stale_temporaries
+from prostate_kernels.stop_requests import StopRequests, TrainingInterrupted, ignore_stop_signals
 from prostate_kernels.torchrun_env import process_layout
 from prostate_kernels.train_config import (
     PAPER,
@@ -131,6 +132,9 @@ def train(config: TrainConfig, log: Callable[[str], object] = print, arrays: lis
     config.out must hold no earlier run (RUN_FILES; other files are left alone), or (with config.resume) be
     an earlier run's directory; rank 0 holds an exclusive lock on it for the whole run, so two trainings
     never write into one directory (under torchrun every rank stops when rank 0 is refused it).
+
+    SIGINT or SIGTERM during the iterations ends the one in progress, writes checkpoint.pt at it and raises
+    TrainingInterrupted (stop_requests.py); a second signal acts at once, as without this.
     """
     check_config(config)
     out = Path(config.out)
@@ -231,7 +235,7 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
     )
     loader = torch.utils.data.DataLoader(
         IterationDataset(sampler, start, config.iters), batch_size=None, num_workers=config.workers,
-        pin_memory=device.type == "cuda",
+        pin_memory=device.type == "cuda", worker_init_fn=ignore_stop_signals,
         generator=torch.Generator().manual_seed(config.seed),  # its seed draw must not touch the global RNG
     )  # fmt: skip
     metrics = MetricsLog(out / "metrics.csv", start) if rank == 0 else None
@@ -242,55 +246,64 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
     if config.cuda_graphs:
         batches = _graphed(model, iter(loader), device, amp_dtype, config.channels_last, log)
     tic = time.time()
-    for it, (x, y) in enumerate(batches, start=start + 1):
-        x, y = (
-            in_layout(x.to(device, non_blocking=True), config.channels_last),
-            y.to(device, non_blocking=True),
-        )
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = loss_fn(net(x).float(), y)
-        if not _finite_on_every_rank(loss, world):
-            stopped = f"loss is {loss.item()} at iteration {it}: training stopped (a smaller --lr may help)"
-            raise TrainingStopped(f"{stopped}; {_last_checkpoint(ckpt_path)}")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        window.append(loss.item())
-        validating = bool(held_out) and (it % config.val_every == 0 or it == config.iters)
-        periodic = it % ckpt_every == 0 or it == config.iters
-        val_dice = None
-        # rank 0 alone validates and writes metrics.csv and the checkpoints; each rank_zero_work block is
-        # entered by every rank at the same iterations, and rank 0's failure there stops them all
-        if validating or it % log_every == 0:
-            with rank_zero_work(world):
-                if rank == 0 and validating:
-                    val_dice = validate(model, held_out, patch, settings.slices, device, amp_dtype)
-                if metrics is not None:  # rank 0's
-                    lr_now = float(scheduler.get_last_lr()[0])
-                    metrics.write(it, float(np.mean(window)), lr_now, val_dice, time.time() - tic)
-            window = []
-        is_best = val_dice is not None and val_dice > best  # (val_dice exists on rank 0 only)
-        best = max(best, val_dice) if val_dice is not None else best
-        rng = gather_rng(world) if periodic else None  # a collective: every rank takes part
-        if periodic or validating:  # (is_best only where validating)
-            with rank_zero_work(world):
-                if rank == 0 and (periodic or is_best):
-                    _check_finite_weights(model, it, ckpt_path)
-                    rngs = rng or gather_rng(1)  # best.pt alone (no gather this iteration): rank 0's
-                    state = checkpoint_state(
-                        config, model, optimizer, scheduler, scaler, rngs, it, best, patch, seen
-                    )
-                    if periodic:
-                        save_checkpoint(state, ckpt_path)
-                    if is_best:
-                        save_checkpoint(state, out / "best.pt")
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(
-                loss=f"{loss.item():.4f}", **({"dice": f"{val_dice:.3f}"} if val_dice is not None else {})
+    with StopRequests() as stop:  # Ctrl-C, SIGTERM: this iteration ends, with checkpoint.pt at it
+        for it, (x, y) in enumerate(batches, start=start + 1):
+            x, y = (
+                in_layout(x.to(device, non_blocking=True), config.channels_last),
+                y.to(device, non_blocking=True),
             )
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                loss = loss_fn(net(x).float(), y)
+            finite, stopping = _agreed_on_every_rank(loss, stop.signum is not None, world)
+            if not finite:
+                stopped = (
+                    f"loss is {loss.item()} at iteration {it}: training stopped (a smaller --lr may help)"
+                )
+                raise TrainingStopped(f"{stopped}; {_last_checkpoint(ckpt_path)}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            window.append(loss.item())
+            stopping = stopping and it < config.iters  # (the last iteration ends the run anyway)
+            validating = bool(held_out) and (it % config.val_every == 0 or it == config.iters)
+            periodic = it % ckpt_every == 0 or it == config.iters or stopping
+            val_dice = None
+            # rank 0 alone validates and writes metrics.csv and the checkpoints; each rank_zero_work block is
+            # entered by every rank at the same iterations, and rank 0's failure there stops them all
+            if validating or it % log_every == 0 or stopping:
+                with rank_zero_work(world):
+                    if rank == 0 and validating:
+                        val_dice = validate(model, held_out, patch, settings.slices, device, amp_dtype)
+                    if metrics is not None:  # rank 0's
+                        lr_now = float(scheduler.get_last_lr()[0])
+                        metrics.write(it, float(np.mean(window)), lr_now, val_dice, time.time() - tic)
+                window = []
+            is_best = val_dice is not None and val_dice > best  # (val_dice exists on rank 0 only)
+            best = max(best, val_dice) if val_dice is not None else best
+            rng = gather_rng(world) if periodic else None  # a collective: every rank takes part
+            if periodic or validating:  # (is_best only where validating)
+                with rank_zero_work(world):
+                    if rank == 0 and (periodic or is_best):
+                        _check_finite_weights(model, it, ckpt_path)
+                        rngs = rng or gather_rng(1)  # best.pt alone (no gather this iteration): rank 0's
+                        state = checkpoint_state(
+                            config, model, optimizer, scheduler, scaler, rngs, it, best, patch, seen
+                        )
+                        if periodic:
+                            save_checkpoint(state, ckpt_path)
+                        if is_best:
+                            save_checkpoint(state, out / "best.pt")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{loss.item():.4f}", **({"dice": f"{val_dice:.3f}"} if val_dice is not None else {})
+                )
+            if stopping:
+                if bar is not None:
+                    bar.close()
+                raise TrainingInterrupted(it, stop.signum, ckpt_path.name)
     if bar is not None:
         bar.close()
     if rank == 0 and (out / "metrics.csv").exists():
@@ -314,12 +327,15 @@ def _graphed(model, batches, device, amp_dtype, channels_last: bool, log):
     return itertools.chain([first], batches)
 
 
-def _finite_on_every_rank(loss: torch.Tensor, world: int) -> bool:
-    """Whether the loss is finite on every rank (a collective when world > 1: all ranks stop together)."""
+def _agreed_on_every_rank(loss: torch.Tensor, stop_asked: bool, world: int) -> tuple[bool, bool]:
+    """(whether the loss is finite on every rank, whether any rank was asked to stop): one collective when
+    world > 1, so that all ranks stop after the same iteration."""
     finite = torch.isfinite(loss.detach()).to(torch.float32)
+    flags = torch.stack([finite, finite.new_full((), float(not stop_asked))])  # (2,): 1 = go on
     if world > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    return bool(finite.item())
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    all_finite, none_asked = flags.tolist()
+    return all_finite == 1.0, none_asked == 0.0
 
 
 def _check_finite_weights(model: torch.nn.Module, it: int, ckpt_path: Path) -> None:

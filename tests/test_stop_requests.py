@@ -1,0 +1,152 @@
+"""train asked to stop (Ctrl-C, SIGTERM) ends its iteration, writes checkpoint.pt at it and exits with
+128 + the signal, and --resume goes on as the unbroken run; a second signal stops at once
+(prostate_kernels/stop_requests.py). Before, the iterations since the last periodic checkpoint were lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cli_helpers
+import pytest
+import torch
+from cli_helpers import torchrun, train_args
+
+from prostate_kernels.checkpoint import load_checkpoint
+from prostate_kernels.cli import main
+from prostate_kernels.data.sampling import PatchSampler
+from prostate_kernels.stop_requests import StopRequests
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    return cli_helpers.make_phantoms(tmp_path_factory.mktemp("phantoms"))
+
+
+@pytest.fixture(scope="module")
+def unbroken(phantoms, tmp_path_factory) -> dict:
+    run = tmp_path_factory.mktemp("unbroken")
+    assert main(train_args(phantoms, run, 6, val_every=3)) == 0
+    return load_checkpoint(run / "checkpoint.pt")["state_dict"]
+
+
+def signal_while_drawing(monkeypatch, iteration: int, *signals: signal.Signals) -> None:
+    """This process sends itself `signals` while it draws the batch of iteration `iteration` (--workers 0:
+    the batches are drawn in this process, just before their iteration)."""
+    draw = PatchSampler.draw
+
+    def signalling(self, index):
+        if index + 1 == iteration:  # draw(i) makes the batch of iteration i + 1
+            for sig in signals:
+                os.kill(os.getpid(), sig)
+        return draw(self, index)
+
+    monkeypatch.setattr(PatchSampler, "draw", signalling)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_ends_the_iteration_with_its_checkpoint_and_resume_goes_on_exactly(
+    phantoms, unbroken, tmp_path, monkeypatch, capfd, sig
+):
+    """Asked to stop during iteration 2 of 6 (checkpoints at 3 and 6): before, Ctrl-C ended the run with
+    no checkpoint at all and SIGTERM killed it; now checkpoint.pt holds iteration 2, and resuming from it
+    ends with the unbroken run's weights."""
+    handlers_before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    draw = PatchSampler.draw
+    signal_while_drawing(monkeypatch, 2, sig)
+    assert main(train_args(phantoms, tmp_path, 6, val_every=3)) == 128 + sig
+    err = capfd.readouterr().err
+    assert f"{sig.name}: finishing this iteration, then writing the checkpoint" in err, err
+    assert f"asked to stop ({sig.name}): stopped after iteration 2, and checkpoint.pt holds it" in err, err
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["iteration"] == 2
+    assert {s: signal.getsignal(s) for s in handlers_before} == handlers_before  # put back
+    monkeypatch.setattr(PatchSampler, "draw", draw)
+    assert main(train_args(phantoms, tmp_path, 6, "--resume", val_every=3)) == 0
+    resumed = load_checkpoint(tmp_path / "checkpoint.pt")["state_dict"]
+    assert resumed.keys() == unbroken.keys() and all(torch.equal(resumed[k], unbroken[k]) for k in unbroken)
+
+
+def test_a_second_signal_stops_at_once(phantoms, tmp_path, monkeypatch, capfd):
+    """The first Ctrl-C asks; the second (here at once) is Ctrl-C as before: no checkpoint is written."""
+    signal_while_drawing(monkeypatch, 2, signal.SIGINT, signal.SIGINT)
+    assert main(train_args(phantoms, tmp_path, 6, val_every=3)) == 130
+    err = capfd.readouterr().err
+    assert "SIGINT: finishing this iteration" in err and err.rstrip().endswith("interrupted"), err
+    assert not (tmp_path / "checkpoint.pt").exists()  # the first periodic one comes at iteration 3
+
+
+def test_outside_the_main_thread_nothing_is_asked():
+    """signal.signal refuses any other thread: the signals keep their handlers there."""
+    before, seen = signal.getsignal(signal.SIGINT), []
+
+    def in_a_thread():
+        with StopRequests() as stop:
+            seen.append((stop.signum, signal.getsignal(signal.SIGINT)))
+
+    thread = threading.Thread(target=in_a_thread)
+    thread.start()
+    thread.join()
+    assert seen == [(None, before)]
+
+
+def wait_for_rows(metrics: Path, rows: int, process: subprocess.Popen, timeout: float = 240) -> None:
+    """Until metrics.csv holds `rows` rows (the training loop runs, its handlers set)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) > rows:
+            return
+        time.sleep(0.05)
+    process.kill()
+    pytest.fail(f"no {rows} rows in {metrics} (status {process.poll()}): {process.communicate()[1][-3000:]}")
+
+
+def test_sigterm_to_the_process_group_with_dataloader_workers(phantoms, tmp_path):
+    """A cluster's SIGTERM reaches every process of the job, the DataLoader's workers too: a worker killed
+    by it would end the main process's next batch in an error. The workers ignore it; the main process
+    writes its checkpoint after the iteration it is in and exits 143. Before, the run was killed (status
+    -15) with no checkpoint before iteration 20."""
+    run = tmp_path / "run"
+    args = train_args(phantoms, run, 200, "--workers", "1", val_every=20)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prostate_kernels", *args], cwd=tmp_path, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    wait_for_rows(run / "metrics.csv", 1, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=240)
+    assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "asked to stop (SIGTERM): stopped after iteration" in err, err[-3000:]
+    stopped = int(err.split("stopped after iteration ")[1].split(",")[0])
+    assert 0 < stopped < 200 and load_checkpoint(run / "checkpoint.pt")["iteration"] == stopped
+
+
+def test_sigterm_to_torchrun_stops_every_rank_after_the_same_iteration(phantoms, tmp_path):
+    """torchrun's agent passes its SIGTERM on to each worker's process group: every rank stops after the
+    same iteration (the decision is part of the collective that checks the loss), rank 0 writes the
+    checkpoint, and each says so in one line. Before, the workers died with no checkpoint."""
+    run = tmp_path / "run"
+    args = train_args(phantoms, run, 200, "--workers", "1", val_every=20)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        torchrun(2, "-m", "prostate_kernels", *args), cwd=tmp_path, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for_rows(run / "metrics.csv", 1, process)
+        process.send_signal(signal.SIGTERM)  # to the agent alone
+        _, err = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    lines = [line for line in err.splitlines() if line.startswith("asked to stop (SIGTERM)")]
+    assert len(lines) == 2 and lines[0] == lines[1], err[-3000:]
+    # the one traceback is the agent's own: it ends its run on the signal by raising SignalException
+    assert err.count("Traceback") == err.count("SignalException: Process") <= 1, err[-3000:]
+    stopped = int(lines[0].split("stopped after iteration ")[1].split(",")[0])
+    assert 0 < stopped < 200 and load_checkpoint(run / "checkpoint.pt")["iteration"] == stopped
