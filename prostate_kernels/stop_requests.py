@@ -13,6 +13,14 @@ collective that checks the loss), so all of them stop after the same iteration, 
 torchrun's agent sends its signal to each worker's process group, DataLoader workers included, and kills
 what is left after 30 s: the DataLoader workers ignore both signals (ignore_stop_signals), since their
 death would end the main process's next batch in an error (they still leave when their parent does).
+
+Python runs a signal's handler in the main thread between two bytecodes, so a main thread blocked in one
+long C++ call would never answer: a collective whose peer died (NCCL waits for it for good), a device
+sync behind it. SIGTERM killed such a process; held, it would ignore every signal but SIGKILL. So a
+watcher thread hears each signal as it comes (signal.set_wakeup_fd, written by Python's C-level handler
+at once) and, when the handler has not run within ANSWER_WITHIN_S, ends the process at once
+(os._exit(128 + signal)), as the signal did before; what was written stays (the checkpoints are atomic, a
+dead process's lock is taken over).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ import threading
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+ANSWER_WITHIN_S = 10.0  # the main thread's handler runs within this after a signal, or the process ends
 
 
 class TrainingInterrupted(Exception):
@@ -51,17 +60,51 @@ class StopRequests:
     def __init__(self) -> None:
         self.signum: int | None = None
         self._earlier: dict[int, object] = {}
+        self._answered = threading.Event()  # set by the handler: the main thread runs Python code
+        self._watcher: threading.Thread | None = None
+        self._pipe: tuple[int, int] = (-1, -1)  # (read, write): the signals' numbers, a byte each
+        self._earlier_wakeup_fd = -1
 
     def __enter__(self) -> StopRequests:
-        if threading.current_thread() is threading.main_thread():
-            self._earlier = {sig: signal.signal(sig, self._asked) for sig in STOP_SIGNALS}
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        read, write = self._pipe = os.pipe()
+        os.set_blocking(write, False)  # set_wakeup_fd's condition: a signal never waits on it
+        self._earlier_wakeup_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        self._earlier = {sig: signal.signal(sig, self._asked) for sig in STOP_SIGNALS}
+        self._watcher = threading.Thread(target=self._watch, args=(read,), name="stop-requests", daemon=True)
+        self._watcher.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self._restore()
+        if self._watcher is not None:
+            self._answered.set()  # the main thread runs Python again: a signal still pending is handled
+            signal.set_wakeup_fd(self._earlier_wakeup_fd)
+            os.close(self._pipe[1])  # the watcher reads the end of the pipe and returns
+            self._watcher.join()
+            os.close(self._pipe[0])
+            self._watcher = None
+
+    def _watch(self, read: int) -> None:
+        """The watcher thread: at the first stop signal, waits ANSWER_WITHIN_S for the main thread's
+        handler and ends the process when it has not run. Other signals' bytes (SIGCHLD, for the
+        DataLoader's handler) pass."""
+        while data := os.read(read, 64):
+            signum = next((sig for sig in data if sig in STOP_SIGNALS), None)
+            if signum is None:
+                continue
+            if not self._answered.wait(ANSWER_WITHIN_S):
+                name = signal.Signals(signum).name
+                os.write(2, f"\n{name}: the training did not answer within {ANSWER_WITHIN_S:g} s (blocked in "
+                         "one call: a collective whose peer stopped, a device): stopped at once; the "
+                         "checkpoints written so far stay\n".encode())  # fmt: skip
+                os._exit(128 + signum)
+            return  # answered: the handlers that were there before act on any later signal
 
     def _asked(self, signum: int, frame: FrameType | None) -> None:
         self.signum = signum
+        self._answered.set()
         self._restore()
         # os.write: a print here could land inside a print of the interrupted code (a reentrant write)
         os.write(2, f"\n{signal.Signals(signum).name}: finishing this iteration, then writing the "

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from pathlib import Path
@@ -150,3 +151,47 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_iteration(phantoms,
     assert err.count("Traceback") == err.count("SignalException: Process") <= 1, err[-3000:]
     stopped = int(lines[0].split("stopped after iteration ")[1].split(",")[0])
     assert 0 < stopped < 200 and load_checkpoint(run / "checkpoint.pt")["iteration"] == stopped
+
+
+BLOCKED_IN_ONE_CALL = """
+    import datetime, os, signal, sys, threading
+    import torch.distributed as dist
+    import prostate_kernels.stop_requests as stop_requests
+    import prostate_kernels.train as training
+    from prostate_kernels.cli import main
+
+    stop_requests.ANSWER_WITHIN_S = 2.0
+    store = dist.TCPStore("127.0.0.1", 0, 1, True)
+
+    def loss_blocked_at_iteration_2(name, loss_function=training.loss_function):
+        loss, calls = loss_function(name), []
+
+        def blocked(logits, target):
+            calls.append(1)
+            if len(calls) == 2:  # a SIGTERM comes while this thread waits in C++ (as on a dead peer)
+                threading.Timer(1.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+                store.wait(["a key nobody sets"], datetime.timedelta(seconds=90))
+            return loss(logits, target)
+        return blocked
+
+    training.loss_function = loss_blocked_at_iteration_2
+    sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_process_blocked_in_one_call_still_ends_on_sigterm(phantoms, tmp_path):
+    """Python runs a handler only between bytecodes: a main thread blocked in one C++ call (here a
+    TCPStore wait, as a collective whose peer died) never answered, and SIGTERM, which killed it before,
+    did nothing. The watcher thread ends it once ANSWER_WITHIN_S (2 s here) have passed, status 143."""
+    script = tmp_path / "blocked.py"
+    script.write_text(textwrap.dedent(BLOCKED_IN_ONE_CALL))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, str(script), *train_args(phantoms, tmp_path / "run", 6, val_every=3)],
+        cwd=tmp_path, env=env, text=True, capture_output=True, timeout=240,
+    )  # fmt: skip
+    took = time.monotonic() - start
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-3000:]
+    assert "SIGTERM: the training did not answer within 2 s" in result.stderr, result.stderr[-3000:]
+    assert took < 60, took  # the store's wait lasts 90 s
