@@ -8,7 +8,6 @@ stop the others.
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from pathlib import Path
 
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USER_ERROR
     except TrainingInterrupted as exc:  # train stopped on a signal, its checkpoint written
         print(str(exc), file=sys.stderr)
-        return 128 + (exc.signum or signal.SIGTERM)  # a shell's status for a process ended by that signal
+        return exc.status  # 128 + the signal: a shell's status for a process ended by it
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

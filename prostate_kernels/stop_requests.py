@@ -34,21 +34,29 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 ANSWER_WITHIN_S = 10.0  # the main thread's handler runs within this after a signal, or the process ends
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(SystemExit):
     """The training stopped on request after `iteration`, with checkpoint.pt written at it. signum: the
-    signal this process got (None: another process of the group got it); the CLI exits with 128 + it."""
+    signal this process got (None: another process of the group got it). A SystemExit, as a signal's end
+    is (Lightning's SIGTERMException is one too): an `except Exception` around train() (a benchmark's
+    per-check handler) does not swallow it and run on, and left uncaught it ends the process with its
+    code, 128 + the signal (143 when another process got it), as the CLI does after printing it."""
 
     def __init__(self, iteration: int, signum: int | None, checkpoint: str) -> None:
         self.iteration, self.signum = iteration, signum
+        self.status = 128 + (signum or signal.SIGTERM)  # SystemExit's code
+        super().__init__(self.status)
         asked = (
             f"asked to stop ({signal.Signals(signum).name})"
             if signum
             else "another process was asked to stop"
         )
-        super().__init__(
+        self.message = (
             f"{asked}: stopped after iteration {iteration}, and {checkpoint} holds it "
             "(`train ... --resume` with the same --out goes on from there)"
         )
+
+    def __str__(self) -> str:
+        return self.message
 
 
 class StopRequests:

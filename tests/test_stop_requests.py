@@ -21,7 +21,8 @@ from cli_helpers import torchrun, train_args
 from prostate_kernels.checkpoint import load_checkpoint
 from prostate_kernels.cli import main
 from prostate_kernels.data.sampling import PatchSampler
-from prostate_kernels.stop_requests import StopRequests
+from prostate_kernels.stop_requests import StopRequests, TrainingInterrupted
+from prostate_kernels.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,21 @@ def test_a_second_signal_stops_at_once(phantoms, tmp_path, monkeypatch, capfd):
     err = capfd.readouterr().err
     assert "SIGINT: finishing this iteration" in err and err.rstrip().endswith("interrupted"), err
     assert not (tmp_path / "checkpoint.pt").exists()  # the first periodic one comes at iteration 3
+
+
+def test_an_except_exception_around_train_does_not_swallow_the_stop(phantoms, tmp_path, monkeypatch):
+    """TrainingInterrupted is a SystemExit (as KeyboardInterrupt is no Exception): a caller's generic
+    handler (bench/gpu_checks.py reports any Exception of a check as a row and runs on) lets it through,
+    and left uncaught it ends the process with status 128 + the signal."""
+    signal_while_drawing(monkeypatch, 2, signal.SIGTERM)
+    config = TrainConfig(data=phantoms, out=tmp_path / "run", model="tiramisu3d_tiny", patch=(8, 32, 32),
+                         batch=2, iters=6, val_cases=1, val_every=3, progress=False)  # fmt: skip
+    with pytest.raises(TrainingInterrupted) as stopped:
+        try:
+            train(config, log=lambda *a: None)
+        except Exception as exc:  # noqa: BLE001 - what such a caller does
+            pytest.fail(f"caught as an Exception: {exc!r}")
+    assert stopped.value.code == 128 + signal.SIGTERM and stopped.value.iteration == 2
 
 
 def test_outside_the_main_thread_nothing_is_asked():
