@@ -31,6 +31,7 @@ import threading
 from types import FrameType
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_LEAVE = 0  # the byte that ends the watcher (no signal has number 0)
 ANSWER_WITHIN_S = 10.0  # the main thread's handler runs within this after a signal, or the process ends
 
 
@@ -89,8 +90,11 @@ class StopRequests:
         if self._watcher is not None:
             self._answered.set()  # the main thread runs Python again: a signal still pending is handled
             signal.set_wakeup_fd(self._earlier_wakeup_fd)
-            os.close(self._pipe[1])  # the watcher reads the end of the pipe and returns
+            # a byte, not the pipe's end: a child forked meanwhile (a DataLoader worker, which may
+            # outlive this block) holds a copy of the write end, so the end would come only with it
+            os.write(self._pipe[1], bytes([_LEAVE]))
             self._watcher.join()
+            os.close(self._pipe[1])
             os.close(self._pipe[0])
             self._watcher = None
 
@@ -98,7 +102,7 @@ class StopRequests:
         """The watcher thread: at the first stop signal, waits ANSWER_WITHIN_S for the main thread's
         handler and ends the process when it has not run. Other signals' bytes (SIGCHLD, for the
         DataLoader's handler) pass."""
-        while data := os.read(read, 64):
+        while (data := os.read(read, 64)) and _LEAVE not in data:
             signum = next((sig for sig in data if sig in STOP_SIGNALS), None)
             if signum is None:
                 continue
@@ -126,6 +130,8 @@ class StopRequests:
 
 def ignore_stop_signals(worker_id: int) -> None:
     """A DataLoader worker's start (worker_init_fn): SIGINT and SIGTERM sent to the whole process group
-    (Ctrl-C in a terminal, torchrun's agent) leave it running, for the main process to stop in order."""
+    (Ctrl-C in a terminal, torchrun's agent) leave it running, for the main process to stop in order.
+    Its signals no longer write into the watcher's pipe, which the fork copied."""
+    signal.set_wakeup_fd(-1)
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)

@@ -111,6 +111,34 @@ def test_outside_the_main_thread_nothing_is_asked():
     assert seen == [(None, before)]
 
 
+def test_leaving_does_not_wait_for_forked_children():
+    """A process forked while StopRequests is held (a DataLoader worker) holds a copy of the watcher's pipe:
+    leaving waited for the pipe's end, which came only when every such child had exited. The loop's
+    DataLoader iterator is dropped before the block ends, but --cuda-graphs keeps it (and its workers)
+    in a chain that outlives an error in the loop. Here a child that sleeps must not keep the block from
+    ending (an alarm ends a wait that hangs: 10 s, then TimeoutError, on the code before)."""
+    import multiprocessing
+
+    def timed_out(signum, frame):
+        raise TimeoutError("StopRequests.__exit__ waited for the forked child")
+
+    earlier = signal.signal(signal.SIGALRM, timed_out)
+    child = None
+    try:
+        signal.alarm(10)
+        with StopRequests():
+            child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+            child.start()
+        signal.alarm(0)
+        assert child.is_alive()  # it still holds its copy of the pipe
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, earlier)
+        if child is not None:
+            child.kill()  # (it has the block's handlers: SIGTERM would only ask it)
+            child.join()
+
+
 def wait_for_rows(metrics: Path, rows: int, process: subprocess.Popen, timeout: float = 240) -> None:
     """Until metrics.csv holds `rows` rows (the training loop runs, its handlers set)."""
     end = time.monotonic() + timeout
