@@ -63,8 +63,9 @@ class TrainingInterrupted(SystemExit):
 class StopRequests:
     """While held (`with StopRequests() as stop:`), SIGINT and SIGTERM set `stop.signum` (the first signal's
     number) instead of ending the process; the first one puts the earlier handlers back, so a second one
-    acts as before. Outside the main thread, where Python lets no one set a handler, it asks nothing
-    (`signum` stays None) and the signals act as before."""
+    acts as before. A signal that the process ignores stays ignored (SIGINT in a job that a script started
+    with `&`, `nohup`'s...). Outside the main thread, where Python lets no one set a handler, it asks
+    nothing (`signum` stays None) and the signals act as before."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -80,7 +81,11 @@ class StopRequests:
         read, write = self._pipe = os.pipe()
         os.set_blocking(write, False)  # set_wakeup_fd's condition: a signal never waits on it
         self._earlier_wakeup_fd = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
-        self._earlier = {sig: signal.signal(sig, self._asked) for sig in STOP_SIGNALS}
+        self._earlier = {
+            sig: signal.signal(sig, self._asked)
+            for sig in STOP_SIGNALS
+            if signal.getsignal(sig) is not signal.SIG_IGN  # an ignored signal stays ignored
+        }
         self._watcher = threading.Thread(target=self._watch, args=(read,), name="stop-requests", daemon=True)
         self._watcher.start()
         return self

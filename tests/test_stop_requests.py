@@ -37,6 +37,15 @@ def unbroken(phantoms, tmp_path_factory) -> dict:
     return load_checkpoint(run / "checkpoint.pt")["state_dict"]
 
 
+@pytest.fixture
+def interactive_sigint():
+    """SIGINT as in a terminal (Python's KeyboardInterrupt), whatever this process was started with: a job
+    that a script starts with `&` ignores SIGINT, and an ignored signal stays ignored under StopRequests."""
+    earlier = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, earlier)
+
+
 def signal_while_drawing(monkeypatch, iteration: int, *signals: signal.Signals) -> None:
     """This process sends itself `signals` while it draws the batch of iteration `iteration` (--workers 0:
     the batches are drawn in this process, just before their iteration)."""
@@ -53,7 +62,7 @@ def signal_while_drawing(monkeypatch, iteration: int, *signals: signal.Signals) 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_ends_the_iteration_with_its_checkpoint_and_resume_goes_on_exactly(
-    phantoms, unbroken, tmp_path, monkeypatch, capfd, sig
+    phantoms, unbroken, tmp_path, monkeypatch, capfd, sig, interactive_sigint
 ):
     """Asked to stop during iteration 2 of 6 (checkpoints at 3 and 6): before, Ctrl-C ended the run with
     no checkpoint at all and SIGTERM killed it; now checkpoint.pt holds iteration 2, and resuming from it
@@ -73,7 +82,7 @@ def test_a_signal_ends_the_iteration_with_its_checkpoint_and_resume_goes_on_exac
     assert resumed.keys() == unbroken.keys() and all(torch.equal(resumed[k], unbroken[k]) for k in unbroken)
 
 
-def test_a_second_signal_stops_at_once(phantoms, tmp_path, monkeypatch, capfd):
+def test_a_second_signal_stops_at_once(phantoms, tmp_path, monkeypatch, capfd, interactive_sigint):
     """The first Ctrl-C asks; the second (here at once) is Ctrl-C as before: no checkpoint is written."""
     signal_while_drawing(monkeypatch, 2, signal.SIGINT, signal.SIGINT)
     assert main(train_args(phantoms, tmp_path, 6, val_every=3)) == 130
@@ -95,6 +104,20 @@ def test_an_except_exception_around_train_does_not_swallow_the_stop(phantoms, tm
         except Exception as exc:  # noqa: BLE001 - what such a caller does
             pytest.fail(f"caught as an Exception: {exc!r}")
     assert stopped.value.code == 128 + signal.SIGTERM and stopped.value.iteration == 2
+
+
+def test_an_ignored_signal_stays_ignored(monkeypatch):
+    """A job started with `&` by a script ignores SIGINT (so does Python in it): StopRequests must not
+    give it a handler, which would make a Ctrl-C meant for the shell stop the training."""
+    earlier = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with StopRequests() as stop:
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == stop._asked  # SIGTERM's is taken as before
+            os.kill(os.getpid(), signal.SIGINT)
+        assert stop.signum is None
+    finally:
+        signal.signal(signal.SIGINT, earlier)
 
 
 def test_outside_the_main_thread_nothing_is_asked():
