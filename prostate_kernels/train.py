@@ -242,9 +242,11 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
     bar = progress_bar(config.iters, "train", "it", initial=start) if rank == 0 and config.progress else None
     loss_fn = loss_function(config.loss)
     window, log_every = [], max(1, config.val_every // 5)
-    batches = loader
+    # the DataLoader's workers are forked here, before StopRequests' watcher thread starts: a fork of a
+    # process with threads may deadlock its child (Python 3.12 warns), and the child would copy its pipe
+    batches = iter(loader)
     if config.cuda_graphs:
-        batches = _graphed(model, iter(loader), device, amp_dtype, config.channels_last, log)
+        batches = _graphed(model, batches, device, amp_dtype, config.channels_last, log)
     tic = time.time()
     with StopRequests() as stop:  # Ctrl-C, SIGTERM: this iteration ends, with checkpoint.pt at it
         for it, (x, y) in enumerate(batches, start=start + 1):

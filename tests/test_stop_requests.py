@@ -162,6 +162,22 @@ def test_leaving_does_not_wait_for_forked_children():
             child.join()
 
 
+def test_the_dataloader_workers_are_forked_before_the_watcher_thread(phantoms, tmp_path):
+    """A fork of a process with threads may deadlock its child (Python 3.12 warns "This process is
+    multi-threaded, use of fork() may lead to deadlocks in the child"), and the child copies the
+    watcher's pipe: the loader's workers start before StopRequests' thread does."""
+    threads_at_fork, recording = [], [True]
+    os.register_at_fork(  # (a callback cannot be unregistered: it records while the flag is set)
+        before=lambda: recording[0] and threads_at_fork.append([t.name for t in threading.enumerate()])
+    )
+    try:
+        assert main(train_args(phantoms, tmp_path, 2, "--workers", "1", val_every=2)) == 0
+    finally:
+        recording[0] = False
+    assert threads_at_fork, "the loader forked no worker"
+    assert not any("stop-requests" in names for names in threads_at_fork), threads_at_fork
+
+
 def wait_for_rows(metrics: Path, rows: int, process: subprocess.Popen, timeout: float = 240) -> None:
     """Until metrics.csv holds `rows` rows (the training loop runs, its handlers set)."""
     end = time.monotonic() + timeout
