@@ -95,8 +95,9 @@ class StopRequests:
         if self._watcher is not None:
             self._answered.set()  # the main thread runs Python again: a signal still pending is handled
             signal.set_wakeup_fd(self._earlier_wakeup_fd)
-            # a byte, not the pipe's end: a child forked meanwhile (a DataLoader worker, which may
-            # outlive this block) holds a copy of the write end, so the end would come only with it
+            # a byte, not the pipe's end: a child forked while the block is held keeps a copy of the
+            # write end, so the end would come only with that child (train forks its DataLoader's
+            # workers before the block; another fork in it may still happen)
             os.write(self._pipe[1], bytes([_LEAVE]))
             self._watcher.join()
             os.close(self._pipe[1])
@@ -135,8 +136,6 @@ class StopRequests:
 
 def ignore_stop_signals(worker_id: int) -> None:
     """A DataLoader worker's start (worker_init_fn): SIGINT and SIGTERM sent to the whole process group
-    (Ctrl-C in a terminal, torchrun's agent) leave it running, for the main process to stop in order.
-    Its signals no longer write into the watcher's pipe, which the fork copied."""
-    signal.set_wakeup_fd(-1)
+    (Ctrl-C in a terminal, torchrun's agent) leave it running, for the main process to stop in order."""
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
