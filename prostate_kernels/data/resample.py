@@ -3,6 +3,10 @@
 Training at a fixed spacing (`train --spacing Z Y X`) resamples images linearly and masks by nearest
 neighbour; prediction resamples each input to the checkpoint's spacing and the probabilities back onto
 the input's own grid, so the output keeps the input's size, spacing, origin and direction exactly.
+Each resampling runs with the grids moved so that the target grid's origin is 0 (a translation of both
+grids changes nothing but ITK's arithmetic): ITK maps every voxel through physical points, origin + D x
+(index x spacing), and an origin far from 0 rounds that sum away (at 1e16 mm float64 steps are 2 mm, so
+every voxel of a 0.6 mm image met the same point and the output was garbage, silently).
 Spacings here are in array order (Z, Y, X) mm, as on the command line; Volume keeps SimpleITK's (x, y, z).
 """
 
@@ -19,6 +23,7 @@ from prostate_kernels.data.io import Volume, itk_call, simpleitk, to_sitk
 _LARGEST_SIZE = 2**32 - 1  # voxels along one axis: SimpleITK sizes are uint32
 TRAINING_HINT = "choose a coarser --spacing (Z Y X, mm)"  # what to do when a resampled grid is too large
 PREDICT_HINT = "the network sees voxels of that size (its checkpoint's): is the file's voxel size right?"
+_AT_ZERO = (0.0, 0.0, 0.0)  # the origin each resampling runs at (the module's docstring says why)
 
 
 def resample_to_spacing(
@@ -30,7 +35,7 @@ def resample_to_spacing(
     sitk = simpleitk()
     target = (float(spacing_zyx[2]), float(spacing_zyx[1]), float(spacing_zyx[0]))  # (x, y, z)
     dtype = volume.array.dtype if nearest else np.float32
-    image = to_sitk(volume, dtype)
+    image = to_sitk(replace(volume, origin=_AT_ZERO), dtype)  # the output keeps volume's origin
     size = [
         max(1, int(round(n * s / t)))
         for n, s, t in zip(image.GetSize(), image.GetSpacing(), target, strict=True)
@@ -97,10 +102,12 @@ def _extent_zyx(volume: Volume) -> tuple[float, ...]:
 def resample_onto(volume: Volume, grid: Volume) -> np.ndarray:
     """`volume`'s values (float32, linear) at the voxel centres of `grid`: an array of grid's shape."""
     sitk = simpleitk()
-    empty = Volume(np.zeros(grid.array.shape, np.uint8), grid.spacing, grid.origin, grid.direction)
+    empty = Volume(np.zeros(grid.array.shape, np.uint8), grid.spacing, _AT_ZERO, grid.direction)
     reference = to_sitk(empty)
+    x, y, z = (float(a - b) for a, b in zip(volume.origin, grid.origin, strict=True))
+    moved = replace(volume, origin=(x, y, z))  # volume, translated as grid is to _AT_ZERO
     out = _resample(volume, list(reference.GetSize()), grid.spacing, 4, PREDICT_HINT, lambda: sitk.Resample(
-        to_sitk(volume, np.float32), reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32
+        to_sitk(moved, np.float32), reference, sitk.Transform(), sitk.sitkLinear, 0.0, sitk.sitkFloat32
     ))  # fmt: skip
     return sitk.GetArrayFromImage(out)
 
