@@ -184,6 +184,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cuda-graphs", action="store_true",
                    help="replay the network's forward and backward from CUDA graphs (one CUDA device, no "
                    "torchrun): far fewer host launches per step (docs/cuda-graphs.md)")  # fmt: skip
+    p.add_argument("--compile", action="store_true",
+                   help="run the training step's forward and backward through torch.compile (Inductor; "
+                   "the first iteration compiles it, minutes on a CPU); validation runs the model "
+                   "eagerly (docs/torch-compile.md)")  # fmt: skip
     p.add_argument("--channels-last", action="store_true", help=CHANNELS_LAST_HELP)
     p.add_argument("--sync-batchnorm", action="store_true",
                    help="under torchrun on GPUs: every BatchNorm normalises with all processes' batches "
@@ -366,6 +370,7 @@ def _train(args) -> int:
         seed=args.seed,
         deterministic=args.deterministic,
         cuda_graphs=args.cuda_graphs,
+        compile=args.compile,
         channels_last=args.channels_last,
         sync_batchnorm=args.sync_batchnorm,
         workers=args.workers,

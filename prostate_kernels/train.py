@@ -229,6 +229,8 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
     if world > 1:
         keep_grads_in_param_strides(model)  # DDP's buckets have each parameter's exact strides
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    # the training step's module: validation and the checkpoints use `model` itself (eager, its own keys)
+    step = torch.compile(net) if config.compile else net
 
     sampler = PatchSampler(
         train_cases, patch, batch, config.seed, rank, config.flips, settings.slices, config.augment
@@ -248,14 +250,15 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
     if config.cuda_graphs:
         batches = _graphed(model, batches, device, amp_dtype, config.channels_last, log)
     tic = time.time()
-    with StopRequests() as stop:  # Ctrl-C, SIGTERM: this iteration ends, with checkpoint.pt at it
+    # StopRequests: Ctrl-C or SIGTERM ends this iteration, with checkpoint.pt at it
+    with StopRequests() as stop, _named_compile_failure(config.compile):
         for it, (x, y) in enumerate(batches, start=start + 1):
             x, y = (
                 in_layout(x.to(device, non_blocking=True), config.channels_last),
                 y.to(device, non_blocking=True),
             )
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                loss = loss_fn(net(x).float(), y)
+                loss = loss_fn(step(x).float(), y)
             finite, stopping = _agreed_on_every_rank(loss, stop.signum is not None, world)
             if not finite:
                 stopped = (
@@ -268,6 +271,8 @@ def _train(config: TrainConfig, rank: int, world: int, device: torch.device, log
             scaler.update()
             scheduler.step()
             window.append(loss.item())
+            if config.compile and it == start + 1 and rank == 0:
+                log(f"--compile: the first iteration (compiling the step) took {time.time() - tic:.1f} s")
             stopping = stopping and it < config.iters  # (the last iteration ends the run anyway)
             validating = bool(held_out) and (it % config.val_every == 0 or it == config.iters)
             periodic = it % ckpt_every == 0 or it == config.iters or stopping
@@ -327,6 +332,24 @@ def _graphed(model, batches, device, amp_dtype, channels_last: bool, log):
     cuda_graph_training.capture_training_step(model, sample, amp_dtype)
     log(f"--cuda-graphs: forward and backward captured in {time.time() - start:.1f} s (autotuning included)")
     return itertools.chain([first], batches)
+
+
+@contextlib.contextmanager
+def _named_compile_failure(compiling: bool) -> Iterator[None]:
+    """torch.compile's failure to compile the training step (no working C++ compiler, an Inductor fault)
+    as one ConfigError naming --compile, where the compiler's traceback ended the run. Without --compile
+    (`compiling` False) every exception passes untouched, and torch._dynamo is not imported."""
+    if not compiling:
+        yield
+        return
+    from torch._dynamo.exc import BackendCompilerFailed  # (torch.compile has imported it already)
+
+    try:
+        yield
+    except BackendCompilerFailed as exc:
+        cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"--compile: torch.compile could not compile the training step ({cause}); "
+                          "train without --compile") from exc  # fmt: skip
 
 
 def _agreed_on_every_rank(loss: torch.Tensor, stop_asked: bool, world: int) -> tuple[bool, bool]:

@@ -81,6 +81,7 @@ class TrainConfig:
     augment: bool = True  # rotation, scaling and intensity augmentation (data/sampling.py)
     deterministic: bool = False  # torch.use_deterministic_algorithms for the run (deterministic_mode)
     cuda_graphs: bool = False  # forward and backward replayed from CUDA graphs (cuda_graph_training.py)
+    compile: bool = False  # the training step's forward and backward through torch.compile (Inductor)
     channels_last: bool = False  # the model's weights and each batch channels-last (layout.py)
     sync_batchnorm: bool = False  # under torchrun: BatchNorm over every process's batch (sync_training.py)
     progress: bool = True
@@ -131,6 +132,9 @@ def check_config(config: TrainConfig) -> None:
     ):
         raise ConfigError(f"--spacing {tuple(config.spacing)} must be 3 finite sizes > 0 (Z Y X, mm)")
     check_orientation(config.orientation)
+    if config.compile and config.cuda_graphs:
+        raise ConfigError("--compile and --cuda-graphs: choose one (each replaces the eager training step; "
+                          "torch.compile's own CUDA graphs are its mode 'reduce-overhead')")  # fmt: skip
     if not (math.isfinite(config.weight_decay) and 0 <= config.weight_decay <= FLOAT32_MAX):
         raise ConfigError(
             f"--weight-decay {config.weight_decay} must be a finite number in [0, {FLOAT32_MAX:.4g}]"

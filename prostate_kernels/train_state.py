@@ -81,7 +81,8 @@ RESUME_SETTINGS = (("loss", "--loss"), ("weight_decay", "--weight-decay"), ("sch
                    ("channel", "--channel"),
                    ("val_cases", "--val-cases"),
                    ("deterministic", "--deterministic"), ("channels_last", "--channels-last"),
-                   ("sync_batchnorm", "--sync-batchnorm"))  # fmt: skip
+                   ("sync_batchnorm", "--sync-batchnorm"),
+                   ("compile", "--compile"))  # fmt: skip
 # What a run that did not record a setting used: runs before orientations were recorded kept each file's
 # axes (None), so resuming one under the default LPS is a change worth the warning.
 UNRECORDED = {"orientation": None}
