@@ -189,6 +189,11 @@ def wait_for_rows(metrics: Path, rows: int, process: subprocess.Popen, timeout: 
     pytest.fail(f"no {rows} rows in {metrics} (status {process.poll()}): {process.communicate()[1][-3000:]}")
 
 
+def stopped_iteration(said: str) -> int:
+    """N of the first "stopped after iteration N," in `said` (the stop's line, or a whole stderr)."""
+    return int(said.split("stopped after iteration ")[1].split(",")[0])
+
+
 def test_sigterm_to_the_process_group_with_dataloader_workers(phantoms, tmp_path):
     """A cluster's SIGTERM reaches every process of the job, the DataLoader's workers too: a worker killed
     by it would end the main process's next batch in an error. The workers ignore it; the main process
@@ -201,12 +206,16 @@ def test_sigterm_to_the_process_group_with_dataloader_workers(phantoms, tmp_path
         [sys.executable, "-m", "prostate_kernels", *args], cwd=tmp_path, env=env, text=True,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
-    wait_for_rows(run / "metrics.csv", 1, process)
-    os.killpg(process.pid, signal.SIGTERM)
-    _, err = process.communicate(timeout=240)
+    try:
+        wait_for_rows(run / "metrics.csv", 1, process)
+        os.killpg(process.pid, signal.SIGTERM)
+        _, err = process.communicate(timeout=240)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "Traceback" not in err and "asked to stop (SIGTERM): stopped after iteration" in err, err[-3000:]
-    stopped = int(err.split("stopped after iteration ")[1].split(",")[0])
+    stopped = stopped_iteration(err)
     assert 0 < stopped < 200 and load_checkpoint(run / "checkpoint.pt")["iteration"] == stopped
 
 
@@ -232,7 +241,7 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_iteration(phantoms,
     assert len(lines) == 2 and lines[0] == lines[1], err[-3000:]
     # the one traceback is the agent's own: it ends its run on the signal by raising SignalException
     assert err.count("Traceback") == err.count("SignalException: Process") <= 1, err[-3000:]
-    stopped = int(lines[0].split("stopped after iteration ")[1].split(",")[0])
+    stopped = stopped_iteration(lines[0])
     assert 0 < stopped < 200 and load_checkpoint(run / "checkpoint.pt")["iteration"] == stopped
 
 
