@@ -143,7 +143,8 @@ def _parser() -> argparse.ArgumentParser:
                    "intensity scaling/shift, besides the flips (on by default: +0.04 held-out Dice on "
                    "real MRI)")  # fmt: skip
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "off"),
-                   help="mixed precision (default auto: bf16 on CUDA, off on the CPU)")  # fmt: skip
+                   help="mixed precision (default auto: bf16 on CUDA, off on the CPU; bf16 on a CPU whose "
+                   "bf16 conv3d backward is wrong is refused: README, bf16 on the CPU)")  # fmt: skip
     p.add_argument("--val-every", type=positive_int, default=100,
                    help="score the held-out cases every N steps, keeping the best as best.pt "
                    "(default 100)")  # fmt: skip

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from prostate_kernels import _ext, backend
+from prostate_kernels.cpu_bf16 import bf16_training_verdict
 from prostate_kernels.devices import available_cores, memory_bytes, native_bf16
 from prostate_kernels.ops.depthwise_conv3d import TRITON_FROM_ELEMENTS
 
@@ -83,7 +84,7 @@ def _device_description(device: torch.device) -> str:
     total = memory_bytes(device)
     memory = f", {total / 2**30:.1f} GiB" if total else ""
     if device.type == "cpu":
-        return f"{available_cores()} core(s) for this process{memory}"
+        return f"{available_cores()} core(s) for this process{memory}, {bf16_training_verdict()}"
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         bf16 = "bf16 in hardware" if native_bf16(device) else "no bf16 in hardware"

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from prostate_kernels import cuda_graph_training, sync_training
 from prostate_kernels.checkpoint import save_checkpoint
+from prostate_kernels.cpu_bf16 import check_bf16_training
 from prostate_kernels.data import (
     ConfigError,
     DataError,
@@ -147,6 +148,7 @@ def train(config: TrainConfig, log: Callable[[str], object] = print, arrays: lis
     refused = refused or (config.sync_batchnorm and sync_training.refusal(device, world))
     if refused:
         raise ConfigError(refused)
+    check_bf16_training(amp_dtype_for(config.amp, device), device)  # a CPU whose bf16 conv3d is wrong
     check_batch_fits(config, device)
     with joined_process_group(world, device) as rank, _run_directory(out, config.resume, rank, world, log):
         with deterministic_mode(config.deterministic):
