@@ -46,13 +46,14 @@ def probe_error() -> float:
     x = torch.randn(PROBE_INPUT, generator=g)
     weight = (torch.randn((PROBE_OUT_CHANNELS, PROBE_INPUT[1], 3, 3, 3), generator=g) * 0.1).requires_grad_()
     grad_y = torch.randn((PROBE_INPUT[0], PROBE_OUT_CHANNELS, *PROBE_INPUT[2:]), generator=g)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = torch.nn.functional.conv3d(x, weight, padding=1)
-    (grad_weight,) = torch.autograd.grad(y, weight, grad_y.to(y.dtype))
-    x64, w64 = (t.detach().to(torch.bfloat16).double() for t in (x, weight))
-    w64.requires_grad_()
-    y64 = torch.nn.functional.conv3d(x64, w64, padding=1)
-    (exact,) = torch.autograd.grad(y64, w64, grad_y.to(torch.bfloat16).double())
+    with torch.enable_grad():  # (a caller under torch.no_grad still gets its answer)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = torch.nn.functional.conv3d(x, weight, padding=1)
+        (grad_weight,) = torch.autograd.grad(y, weight, grad_y.to(y.dtype))
+        x64, w64 = (t.detach().to(torch.bfloat16).double() for t in (x, weight))
+        w64.requires_grad_()
+        y64 = torch.nn.functional.conv3d(x64, w64, padding=1)
+        (exact,) = torch.autograd.grad(y64, w64, grad_y.to(torch.bfloat16).double())
     error = ((grad_weight.double() - exact).abs().max() / exact.abs().max()).item()
     return error if math.isfinite(error) else math.inf
 
