@@ -577,7 +577,22 @@ def check_info(device: str = "cuda") -> list[dict]:
             detail += f" (eager PyTorch's {r.eager_error:.1e})"
         rows.append(_row(f"info --check: {r.check}, {r.precision} ({r.implementation})", r.passed,
                          f"{detail}, {r.seconds:.1f} s"))  # fmt: skip
-    return rows
+    return rows + [_eager_bf16_conv3d_diagnostic(device)]
+
+
+def _eager_bf16_conv3d_diagnostic(device: str) -> dict:
+    """INFO, not a check: the error of eager PyTorch's own bf16 conv3d weight gradient for an input 2
+    slices deep on `device` (cpu_bf16's probe; oneDNN's is garbage on the CPUs it was written on). The
+    plain networks' layers, and the eager baselines of the bf16 checks, run there."""
+    from prostate_kernels.cpu_bf16 import PROBE_INPUT, TOLERANCE, probe_error
+
+    error = probe_error(device)
+    verdict, shape = "right" if error <= TOLERANCE else "WRONG", "x".join(map(str, PROBE_INPUT))
+    return {
+        "check": f"eager bf16 conv3d weight gradient, input {shape} (2 slices deep)",
+        "result": "INFO",
+        "detail": f"{verdict}: rel error {error:.2g} vs float64 (bf16's rounding: about 4e-3)",
+    }
 
 
 def check_determinism(

@@ -38,18 +38,22 @@ def bf16_conv3d_weight_grad_error() -> float:
     return probe_error()
 
 
-def probe_error() -> float:
-    """Largest error of conv3d's weight gradient under CPU bf16 autocast on PROBE_INPUT, relative to the
-    largest value of the exact gradient (float64 on the same bf16-rounded operands); inf when it is not
-    finite. A few milliseconds (0.5 s when it is the process's first oneDNN convolution)."""
+def probe_error(device: str | torch.device = "cpu") -> float:
+    """Largest error of conv3d's weight gradient under bf16 autocast on PROBE_INPUT on `device` (the CPU;
+    the GPU suite asks CUDA's too, for its record), relative to the largest value of the exact gradient
+    (float64 on the same bf16-rounded operands, on the CPU); inf when it is not finite. A few milliseconds
+    (0.5 s when it is the process's first oneDNN convolution)."""
+    device = torch.device(device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(PROBE_INPUT, generator=g)
-    weight = (torch.randn((PROBE_OUT_CHANNELS, PROBE_INPUT[1], 3, 3, 3), generator=g) * 0.1).requires_grad_()
+    weight = torch.randn((PROBE_OUT_CHANNELS, PROBE_INPUT[1], 3, 3, 3), generator=g) * 0.1
     grad_y = torch.randn((PROBE_INPUT[0], PROBE_OUT_CHANNELS, *PROBE_INPUT[2:]), generator=g)
     with torch.enable_grad():  # (a caller under torch.no_grad still gets its answer)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            y = torch.nn.functional.conv3d(x, weight, padding=1)
-        (grad_weight,) = torch.autograd.grad(y, weight, grad_y.to(y.dtype))
+        x_on, weight_on = x.to(device), weight.to(device).requires_grad_()
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            y = torch.nn.functional.conv3d(x_on, weight_on, padding=1)
+        (grad_weight,) = torch.autograd.grad(y, weight_on, grad_y.to(device, y.dtype))
+        grad_weight = grad_weight.cpu()
         x64, w64 = (t.detach().to(torch.bfloat16).double() for t in (x, weight))
         w64.requires_grad_()
         y64 = torch.nn.functional.conv3d(x64, w64, padding=1)
