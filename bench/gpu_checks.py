@@ -584,12 +584,12 @@ def _eager_bf16_conv3d_diagnostic(device: str) -> dict:
     """INFO, not a check: the error of eager PyTorch's own bf16 conv3d weight gradient for an input 2
     slices deep on `device` (cpu_bf16's probe; oneDNN's is garbage on the CPUs it was written on). The
     plain networks' layers, and the eager baselines of the bf16 checks, run there."""
-    from prostate_kernels.cpu_bf16 import PROBE_INPUT, TOLERANCE, probe_error
+    from prostate_kernels.cpu_bf16 import PROBE_TEXT, is_faulty, probe_error
 
     error = probe_error(device)
-    verdict, shape = "right" if error <= TOLERANCE else "WRONG", "x".join(map(str, PROBE_INPUT))
+    verdict = "WRONG" if is_faulty(error) else "right"
     return {
-        "check": f"eager bf16 conv3d weight gradient, input {shape} (2 slices deep)",
+        "check": f"eager bf16 conv3d weight gradient, input {PROBE_TEXT} (2 slices deep)",
         "result": "INFO",
         "detail": f"{verdict}: rel error {error:.2g} vs float64 (bf16's rounding: about 4e-3)",
     }

@@ -30,6 +30,12 @@ PROBE_OUT_CHANNELS = 16
 # relative to the gradient's largest value: right kernels err by bf16's output rounding (about 4e-3 on
 # this probe); the faulty one by 1 or more
 TOLERANCE = 0.05
+PROBE_TEXT = "x".join(map(str, PROBE_INPUT))  # how messages name the probe: 2x24x2x8x8
+
+
+def is_faulty(error: float) -> bool:
+    """Whether a probe_error is past bf16's rounding: the convolution is wrong."""
+    return error > TOLERANCE
 
 
 @functools.cache
@@ -65,7 +71,7 @@ def probe_error(device: str | torch.device = "cpu") -> float:
 def bf16_training_verdict() -> str:
     """The probe's verdict in a phrase, for `prostate-kernels info`'s CPU line."""
     error = bf16_conv3d_weight_grad_error()
-    if error > TOLERANCE:
+    if is_faulty(error):
         return f"bf16 conv3d weight gradients wrong (a probe off by {error:.3g}: train refuses --amp bf16)"
     return f"bf16 conv3d weight gradients right (a probe off by {error:.2g}, bf16's rounding)"
 
@@ -76,20 +82,22 @@ def check_bf16_training(amp_dtype: torch.dtype | None, device: torch.device) -> 
     if amp_dtype != torch.bfloat16 or device.type != "cpu":
         return
     error = bf16_conv3d_weight_grad_error()
-    if error > TOLERANCE:
+    if is_faulty(error):
         raise ConfigError(
             f"--amp bf16 on this CPU: its PyTorch ({torch.__version__}) computes wrong bf16 conv3d weight "
             f"gradients for inputs 2 slices deep (the networks' deepest features at the paper's patches; a "
-            f"probe of {'x'.join(map(str, PROBE_INPUT))} voxels was off by {error:.3g} of the gradient's "
+            f"probe of {PROBE_TEXT} voxels was off by {error:.3g} of the gradient's "
             "largest value; oneDNN's bf16 convolution): train with --amp off on the CPU"
         )
 
 
 __all__ = [
     "PROBE_INPUT",
+    "PROBE_TEXT",
     "TOLERANCE",
     "bf16_conv3d_weight_grad_error",
     "bf16_training_verdict",
     "check_bf16_training",
+    "is_faulty",
     "probe_error",
 ]
